@@ -1,0 +1,106 @@
+//! `riftmesh agent`: start a node, the API and /metrics listeners, and run
+//! until SIGINT/SIGTERM.
+
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::config::{AgentConfig, LogFormat};
+use crate::node::{write_private, Node};
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,libp2p_gossipsub=warn,libp2p_mdns=warn,libp2p_kad=error",
+        )
+    });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let api_listener = tokio::net::TcpListener::bind(cfg.api).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for the local API on {}: {e} (set --api)",
+            cfg.api
+        )
+    })?;
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for /metrics on {}: {e} (set --metrics)",
+                cfg.metrics
+            )
+        })?;
+    let node = Node::start(cfg.clone(), &mut registry)?;
+    let api_addr = api_listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    if !api_addr.ip().is_loopback() {
+        tracing::warn!(%api_addr, "the local API listens on a non-loopback address: anyone who can reach it can publish and consume");
+    }
+    tracing::info!(
+        name = %cfg.name,
+        peer_id = %node.peer_id,
+        data_dir = %cfg.data_dir.display(),
+        api = %format!("http://{api_addr}"),
+        metrics = %format!("http://{metrics_addr}/metrics"),
+        listen = ?cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        bootstrap = ?cfg.bootstrap.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        mdns = cfg.mdns,
+        "riftmesh agent started"
+    );
+    // Where everything is, for scripts and tests (ports may have been 0).
+    let info = json!({
+        "name": cfg.name,
+        "peer_id": node.peer_id,
+        "pid": std::process::id(),
+        "api": api_addr.to_string(),
+        "metrics": metrics_addr.to_string(),
+    });
+    let info_path = cfg.data_dir.join("agent.json");
+    write_private(&info_path, info.to_string().as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", info_path.display()))?;
+
+    let registry = Arc::new(registry);
+    tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(metrics_listener, registry).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    let app = crate::api::router(node.clone());
+    let server = axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal());
+    server.await?;
+    tracing::info!("riftmesh agent stopping");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

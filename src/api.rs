@@ -1,0 +1,887 @@
+//! The local HTTP/JSON API (server) and the client the CLI uses.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::{request::Parts, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::event::{self, Draft, Event, TypePattern};
+use crate::metrics::label;
+use crate::node::{Node, NodeError};
+use crate::store::{Appended, StartAt, StoreError, Stored};
+
+// ---------------------------------------------------------------- errors
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Event(e) => ApiError::bad(e.to_string()),
+            NodeError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+            NodeError::Store(s) => s.into(),
+            other => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::UnknownConsumer(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            StoreError::BeyondHead { .. } | StoreError::Event(_) => ApiError::bad(e.to_string()),
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        }
+    }
+}
+
+/// `Json<T>` whose rejections are our JSON errors with a clear message.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+{
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) => Err(ApiError::new(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// `Query<T>` with our JSON errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(q) => Ok(ApiQuery(q.0)),
+            Err(r) => {
+                let r: QueryRejection = r;
+                Err(ApiError::new(r.status(), r.body_text()))
+            }
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+type AppState = Arc<Node>;
+
+// ---------------------------------------------------------------- views
+
+/// An event as the API shows it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct EventView {
+    pub seq: u64,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub source: String,
+    pub origin: Option<String>,
+    pub source_seq: u64,
+    pub ts_ms: u64,
+    pub time: String,
+    pub received_ms: u64,
+    pub correlation_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub payload: Value,
+    pub hash: String,
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+impl EventView {
+    pub fn new(seq: u64, s: &Stored) -> Self {
+        let e: &Event = &s.event;
+        EventView {
+            seq,
+            id: e.id.clone(),
+            event_type: e.event_type.clone(),
+            source: e.source.clone(),
+            origin: e.origin.clone(),
+            source_seq: e.seq,
+            ts_ms: e.ts_ms,
+            time: rfc3339(e.ts_ms),
+            received_ms: s.received_ms,
+            correlation_id: e.correlation_id.clone(),
+            parent_id: e.parent_id.clone(),
+            payload: e.payload_value(),
+            hash: e.hash_hex(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- requests
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PublishReq {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(default)]
+    pub payload: Option<Value>,
+    #[serde(default)]
+    pub origin: Option<String>,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub parent_id: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BatchReq {
+    pub events: Vec<PublishReq>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PublishResp {
+    pub id: String,
+    pub hash: String,
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub duplicate: bool,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerReq {
+    /// Type patterns; none means every type.
+    #[serde(default)]
+    pub types: Option<Vec<String>>,
+    /// Replay from the oldest retained event.
+    #[serde(default)]
+    pub from_start: bool,
+    /// Replay from a time: RFC 3339, or a duration ago ("10m").
+    #[serde(default)]
+    pub since: Option<String>,
+    /// Continue after this log sequence number.
+    #[serde(default)]
+    pub after_seq: Option<u64>,
+    /// Skip to the end: only events from now on.
+    #[serde(default)]
+    pub from_now: bool,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FetchQuery {
+    #[serde(default)]
+    pub max: Option<usize>,
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct AckReq {
+    pub seq: u64,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct NackReq {
+    pub seq: u64,
+    pub reason: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    #[serde(default)]
+    pub after: Option<u64>,
+    #[serde(default)]
+    pub since: Option<String>,
+    /// Comma-separated type patterns.
+    #[serde(default)]
+    pub types: Option<String>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct FetchResp {
+    pub consumer: String,
+    pub events: Vec<EventView>,
+    /// Events removed by retention before this consumer acknowledged them.
+    pub missed: u64,
+    pub cursor: u64,
+    pub head: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ConsumerView {
+    pub name: String,
+    pub types: Vec<String>,
+    pub cursor: u64,
+    pub lag: u64,
+    pub dead_letters: u64,
+    pub created: String,
+    pub last_ack: Option<String>,
+}
+
+const MAX_FETCH: usize = 1000;
+const MAX_WAIT_MS: u64 = 60_000;
+const MAX_SCAN: usize = 50_000;
+
+fn valid_consumer(name: &str) -> ApiResult<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ApiError::bad(format!(
+            "consumer name {name:?} is invalid: use 1-64 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    Ok(())
+}
+
+fn patterns(list: &[String]) -> ApiResult<Vec<TypePattern>> {
+    list.iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| TypePattern::parse(s).map_err(|e| ApiError::bad(format!("type pattern: {e}"))))
+        .collect()
+}
+
+/// A time as RFC 3339, milliseconds since the epoch, or a duration ago.
+pub fn parse_since(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0));
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(event::now_ms().saturating_sub(d.as_millis() as u64));
+    }
+    Err(format!("since {s:?}: write an RFC 3339 time (2026-11-23T10:00:00Z), milliseconds since the epoch, or a duration ago (10m)"))
+}
+
+fn draft(r: PublishReq) -> ApiResult<Draft> {
+    let payload = r.payload.unwrap_or_else(|| json!({}));
+    Ok(Draft::new(
+        &r.event_type,
+        &payload,
+        r.origin,
+        r.correlation_id,
+        r.parent_id,
+    )
+    .map_err(|e| ApiError::bad(e.to_string()))?)
+}
+
+fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishResp {
+    match a {
+        Appended::New { seq, event } => PublishResp {
+            id: event.id.clone(),
+            hash: event.hash_hex(),
+            seq: *seq,
+            event_type: event.event_type.clone(),
+            duplicate: false,
+        },
+        Appended::Duplicate { seq, id } => PublishResp {
+            id: id.clone(),
+            hash: hex::encode(hash),
+            seq: *seq,
+            event_type: event_type.to_string(),
+            duplicate: true,
+        },
+    }
+}
+
+// ---------------------------------------------------------------- handlers
+
+async fn publish(
+    State(node): State<AppState>,
+    ApiJson(req): ApiJson<PublishReq>,
+) -> ApiResult<Json<PublishResp>> {
+    let d = draft(req)?;
+    let (t, h) = (d.event_type.clone(), d.hash);
+    let out = node.publish(vec![d]).await?;
+    Ok(Json(publish_resp(&out[0], &t, &h)))
+}
+
+async fn publish_batch(
+    State(node): State<AppState>,
+    ApiJson(req): ApiJson<BatchReq>,
+) -> ApiResult<Json<Value>> {
+    if req.events.is_empty() {
+        return Err(ApiError::bad("events is empty"));
+    }
+    if req.events.len() > node.cfg.max_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "batch of {} events exceeds max_batch = {}",
+                req.events.len(),
+                node.cfg.max_batch
+            ),
+        ));
+    }
+    // Validate everything before writing anything.
+    let drafts = req
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| draft(r).map_err(|e| ApiError::bad(format!("events[{i}]: {}", e.message))))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let keys: Vec<(String, event::Hash)> = drafts
+        .iter()
+        .map(|d| (d.event_type.clone(), d.hash))
+        .collect();
+    let out = node.publish(drafts).await?;
+    let results: Vec<PublishResp> = out
+        .iter()
+        .zip(&keys)
+        .map(|(a, (t, h))| publish_resp(a, t, h))
+        .collect();
+    Ok(Json(json!({ "results": results })))
+}
+
+async fn history(
+    State(node): State<AppState>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> ApiResult<Json<Value>> {
+    let pats = patterns(
+        &q.types
+            .map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    )?;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_FETCH);
+    let after = match (q.after, q.since) {
+        (Some(a), _) => a,
+        (None, Some(s)) => node
+            .store
+            .seq_before_time(parse_since(&s).map_err(ApiError::bad)?)?,
+        (None, None) => node.store.first().saturating_sub(1),
+    };
+    let store = node.store.clone();
+    let (events, last) =
+        tokio::task::spawn_blocking(move || store.read_after(after, limit, MAX_SCAN, &pats))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let views: Vec<EventView> = events.iter().map(|(s, e)| EventView::new(*s, e)).collect();
+    Ok(Json(
+        json!({ "events": views, "next_after": last, "head": node.store.head() }),
+    ))
+}
+
+async fn get_event(
+    State(node): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<EventView>> {
+    match node.store.get_by_id(&id)? {
+        Some((seq, s)) => Ok(Json(EventView::new(seq, &s))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no event with id {id:?} is retained here"),
+        )),
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TraceNode {
+    pub depth: usize,
+    pub event: EventView,
+}
+
+/// Order events as a tree by parent id, depth-first, roots first by time.
+/// An event whose parent is not among them is a root.
+pub fn trace_tree(mut events: Vec<EventView>) -> Vec<TraceNode> {
+    events.sort_by_key(|e| e.seq);
+    let ids: std::collections::HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    let mut children: HashMap<Option<String>, Vec<EventView>> = HashMap::new();
+    for e in events {
+        let parent = e
+            .parent_id
+            .clone()
+            .filter(|p| ids.contains(p) && *p != e.id);
+        children.entry(parent).or_default().push(e);
+    }
+    let mut out = Vec::new();
+    let mut stack: Vec<(usize, EventView)> = children
+        .remove(&None)
+        .unwrap_or_default()
+        .into_iter()
+        .rev()
+        .map(|e| (0, e))
+        .collect();
+    while let Some((depth, e)) = stack.pop() {
+        if let Some(kids) = children.remove(&Some(e.id.clone())) {
+            stack.extend(kids.into_iter().rev().map(|k| (depth + 1, k)));
+        }
+        out.push(TraceNode { depth, event: e });
+    }
+    out
+}
+
+async fn trace(State(node): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let Some((seq, s)) = node.store.get_by_id(&id)? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no event with id {id:?} is retained here"),
+        ));
+    };
+    let corr = s
+        .event
+        .correlation_id
+        .clone()
+        .unwrap_or_else(|| s.event.id.clone());
+    let mut found: HashMap<String, EventView> = HashMap::new();
+    found.insert(s.event.id.clone(), EventView::new(seq, &s));
+    if let Some((rs, r)) = node.store.get_by_id(&corr)? {
+        found.insert(r.event.id.clone(), EventView::new(rs, &r));
+    }
+    for (sq, e) in node.store.by_correlation(&corr)? {
+        found.insert(e.event.id.clone(), EventView::new(sq, &e));
+    }
+    // Follow parent links upwards from the asked event too.
+    let mut cur = s.event.parent_id.clone();
+    let mut hops = 0;
+    while let (Some(p), true) = (cur.clone(), hops < 64) {
+        hops += 1;
+        match node.store.get_by_id(&p)? {
+            Some((ps, pe)) => {
+                cur = pe.event.parent_id.clone();
+                found.insert(pe.event.id.clone(), EventView::new(ps, &pe));
+            }
+            None => break,
+        }
+    }
+    let tree = trace_tree(found.into_values().collect());
+    Ok(Json(json!({ "correlation_id": corr, "events": tree })))
+}
+
+async fn upsert_consumer(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<ConsumerView>> {
+    valid_consumer(&name)?;
+    // An empty body keeps or creates the consumer with its defaults.
+    let req: ConsumerReq = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        ConsumerReq::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("invalid consumer request: {e}")))?
+    };
+    let starts = [
+        req.from_start,
+        req.since.is_some(),
+        req.after_seq.is_some(),
+        req.from_now,
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if starts > 1 {
+        return Err(ApiError::bad(
+            "give at most one of from_start, since, after_seq, from_now",
+        ));
+    }
+    let types = match req.types {
+        Some(t) => Some(
+            patterns(&t)?
+                .iter()
+                .map(|p| p.as_str().to_string())
+                .collect(),
+        ),
+        None => None,
+    };
+    let start = if req.from_start {
+        Some(StartAt::Start)
+    } else if let Some(s) = req.since {
+        Some(StartAt::Since(parse_since(&s).map_err(ApiError::bad)?))
+    } else if let Some(a) = req.after_seq {
+        Some(StartAt::After(a))
+    } else if req.from_now {
+        Some(StartAt::New)
+    } else {
+        None
+    };
+    let rec = node.store.upsert_consumer(&name, types, start).await?;
+    node.scan_hints.lock().map(|mut h| h.remove(&name)).ok();
+    Ok(Json(consumer_view(&node, &rec)))
+}
+
+fn consumer_view(node: &Node, c: &crate::store::ConsumerRec) -> ConsumerView {
+    ConsumerView {
+        name: c.name.clone(),
+        types: c.types.clone(),
+        cursor: c.cursor,
+        lag: node.store.head().saturating_sub(c.cursor),
+        dead_letters: c.dead_letters,
+        created: rfc3339(c.created_ms),
+        last_ack: (c.acked_ms > 0).then(|| rfc3339(c.acked_ms)),
+    }
+}
+
+fn unknown_consumer(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("unknown consumer {name:?}: create it first with PUT /v1/consumers/{name}"),
+    )
+}
+
+async fn fetch(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<FetchQuery>,
+) -> ApiResult<Json<FetchResp>> {
+    valid_consumer(&name)?;
+    let max = q.max.unwrap_or(100).clamp(1, MAX_FETCH);
+    let deadline = Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
+    let mut watch = node.store.watch_head();
+    loop {
+        watch.borrow_and_update();
+        let rec = node
+            .store
+            .consumer(&name)?
+            .ok_or_else(|| unknown_consumer(&name))?;
+        let pats = patterns(&rec.types)?;
+        let first = node.store.first();
+        let missed = (first.saturating_sub(1)).saturating_sub(rec.cursor);
+        let mut from = rec.cursor.max(first.saturating_sub(1));
+        if let Ok(h) = node.scan_hints.lock() {
+            if let Some((c, scanned)) = h.get(&name) {
+                if *c == rec.cursor {
+                    from = from.max(*scanned);
+                }
+            }
+        }
+        let store = node.store.clone();
+        let (events, last) =
+            tokio::task::spawn_blocking(move || store.read_after(from, max, MAX_SCAN, &pats))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        let scanned_to = events.first().map(|(s, _)| s - 1).unwrap_or(last);
+        if let Ok(mut h) = node.scan_hints.lock() {
+            h.insert(name.clone(), (rec.cursor, scanned_to));
+        }
+        if !events.is_empty() || Instant::now() >= deadline {
+            return Ok(Json(FetchResp {
+                consumer: name,
+                events: events.iter().map(|(s, e)| EventView::new(*s, e)).collect(),
+                missed,
+                cursor: rec.cursor,
+                head: node.store.head(),
+            }));
+        }
+        let _ = tokio::time::timeout_at(deadline.into(), watch.changed()).await;
+    }
+}
+
+async fn ack(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<AckReq>,
+) -> ApiResult<Json<ConsumerView>> {
+    valid_consumer(&name)?;
+    let rec = node.store.ack(&name, req.seq).await.map_err(|e| match e {
+        StoreError::UnknownConsumer(_) => unknown_consumer(&name),
+        e => e.into(),
+    })?;
+    Ok(Json(consumer_view(&node, &rec)))
+}
+
+async fn nack(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<NackReq>,
+) -> ApiResult<Json<ConsumerView>> {
+    valid_consumer(&name)?;
+    if req.reason.len() > 4096 {
+        return Err(ApiError::bad("reason is longer than 4096 bytes"));
+    }
+    if node.store.get(req.seq)?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no event at seq {} is retained", req.seq),
+        ));
+    }
+    let rec = node
+        .store
+        .nack(&name, req.seq, req.reason)
+        .await
+        .map_err(|e| match e {
+            StoreError::UnknownConsumer(_) => unknown_consumer(&name),
+            e => e.into(),
+        })?;
+    Ok(Json(consumer_view(&node, &rec)))
+}
+
+async fn dead_letters(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    valid_consumer(&name)?;
+    node.store
+        .consumer(&name)?
+        .ok_or_else(|| unknown_consumer(&name))?;
+    let mut out = Vec::new();
+    for d in node.store.dead_letters(&name)? {
+        let ev = node.store.get(d.seq)?.map(|s| EventView::new(d.seq, &s));
+        out.push(json!({ "seq": d.seq, "reason": d.reason, "at": rfc3339(d.at_ms), "event": ev }));
+    }
+    Ok(Json(json!({ "consumer": name, "dead_letters": out })))
+}
+
+async fn list_consumers(State(node): State<AppState>) -> ApiResult<Json<Vec<ConsumerView>>> {
+    Ok(Json(
+        node.store
+            .consumers()?
+            .iter()
+            .map(|c| consumer_view(&node, c))
+            .collect(),
+    ))
+}
+
+async fn delete_consumer(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ConsumerView>> {
+    valid_consumer(&name)?;
+    let rec = node
+        .store
+        .delete_consumer(&name)
+        .await
+        .map_err(|e| match e {
+            StoreError::UnknownConsumer(_) => unknown_consumer(&name),
+            e => e.into(),
+        })?;
+    Ok(Json(consumer_view(&node, &rec)))
+}
+
+async fn peers(State(node): State<AppState>) -> ApiResult<Json<Value>> {
+    let peers = node
+        .net
+        .peers()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(json!({ "peer_id": node.peer_id, "peers": peers })))
+}
+
+async fn status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
+    let peers = node
+        .net
+        .peers()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let listen = node.net.listen_addrs().await.unwrap_or_default();
+    let consumers: Vec<ConsumerView> = node
+        .store
+        .consumers()?
+        .iter()
+        .map(|c| consumer_view(&node, c))
+        .collect();
+    Ok(Json(json!({
+        "name": node.cfg.name,
+        "peer_id": node.peer_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": node.started.elapsed().as_secs(),
+        "listen_addrs": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "data_dir": node.cfg.data_dir.display().to_string(),
+        "mdns": node.cfg.mdns,
+        "bootstrap": node.cfg.bootstrap.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "connected_peers": peers.len(),
+        "peers": peers.iter().map(|p| p.peer_id.clone()).collect::<Vec<_>>(),
+        "store": {
+            "events": node.store.len(),
+            "first_seq": node.store.first(),
+            "head_seq": node.store.head(),
+            "size_bytes": node.store.size_on_disk(),
+            "source_seq": node.store.source_seq(),
+            "path": node.store.path().display().to_string(),
+        },
+        "consumers": consumers,
+        "max_event_bytes": node.max_event_size(),
+    })))
+}
+
+async fn types() -> Json<Value> {
+    let list: Vec<Value> = event::CATALOG
+        .iter()
+        .map(|t| json!({ "name": t.name, "category": t.category, "aliases": t.aliases, "description": t.description }))
+        .collect();
+    Json(json!({ "types": list }))
+}
+
+async fn count_errors(
+    State(node): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let s = resp.status();
+    if s.is_client_error() || s.is_server_error() {
+        node.metrics
+            .api_errors
+            .get_or_create(&label("code", s.as_u16().to_string()))
+            .inc();
+    }
+    resp
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    let limit = node.cfg.api_max_body_bytes;
+    Router::new()
+        .route("/v1/health", get(|| async { Json(json!({ "ok": true })) }))
+        .route("/v1/events", post(publish).get(history))
+        .route("/v1/events/batch", post(publish_batch))
+        .route("/v1/events/{id}", get(get_event))
+        .route("/v1/trace/{id}", get(trace))
+        .route("/v1/consumers", get(list_consumers))
+        .route(
+            "/v1/consumers/{name}",
+            axum::routing::put(upsert_consumer).delete(delete_consumer),
+        )
+        .route("/v1/consumers/{name}/events", get(fetch))
+        .route("/v1/consumers/{name}/ack", post(ack))
+        .route("/v1/consumers/{name}/nack", post(nack))
+        .route("/v1/consumers/{name}/dead-letters", get(dead_letters))
+        .route("/v1/peers", get(peers))
+        .route("/v1/status", get(status))
+        .route("/v1/types", get(types))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see proto-notes/api.md",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            count_errors,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(node)
+}
+
+// ---------------------------------------------------------------- client
+
+/// The client the CLI uses.
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the riftmesh agent at {addr}: {reason} (is it running? point --api or RIFTMESH_API at it)")]
+    Unreachable { addr: String, reason: String },
+    #[error("the agent refused the request ({status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("unexpected answer from the agent: {0}")]
+    Protocol(String),
+}
+
+impl Client {
+    pub fn new(api: &str) -> Self {
+        let base = if api.starts_with("http://") || api.starts_with("https://") {
+            api.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{api}")
+        };
+        Client {
+            base,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            addr: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        let status = resp.status();
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if !status.is_success() {
+            let message = body
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no message")
+                .to_string();
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(body)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn get_query(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Value, ClientError> {
+        self.send(self.http.get(format!("{}{path}", self.base)).query(query))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ClientError> {
+    serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
+}

@@ -1,0 +1,448 @@
+//! Agent configuration: embedded defaults, then a TOML file (`--config`), then
+//! `RIFTMESH_*` environment variables, then flags; later wins. Every value is
+//! checked at start and a bad one is reported with the key and where it came from.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use libp2p::Multiaddr;
+use serde::Deserialize;
+
+pub const DEFAULT_API: &str = "127.0.0.1:7411";
+pub const DEFAULT_METRICS: &str = "0.0.0.0:9464";
+pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4001";
+pub const DEFAULT_DATA_DIR: &str = "./riftmesh-data";
+
+/// Flags of `riftmesh agent`. Each also reads `RIFTMESH_<NAME>`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct AgentArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "RIFTMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This host's name in the cluster [default: the hostname].
+    #[arg(long, env = "RIFTMESH_NAME")]
+    pub name: Option<String>,
+    /// Data directory (identity, swarm key, event store) [default: ./riftmesh-data].
+    #[arg(long, env = "RIFTMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Multiaddr to listen on for peers; repeatable [default: /ip4/0.0.0.0/tcp/4001].
+    #[arg(long, env = "RIFTMESH_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// Multiaddr of a peer to join through; repeatable.
+    #[arg(long, env = "RIFTMESH_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<String>,
+    /// Swarm key file (go-libp2p /key/swarm/psk/1.0.0/ format) [default: <data-dir>/swarm.key, created if missing].
+    #[arg(long, env = "RIFTMESH_SWARM_KEY")]
+    pub swarm_key: Option<PathBuf>,
+    /// Local HTTP API address [default: 127.0.0.1:7411].
+    #[arg(long, env = "RIFTMESH_API")]
+    pub api: Option<String>,
+    /// Prometheus /metrics address [default: 0.0.0.0:9464].
+    #[arg(long, env = "RIFTMESH_METRICS")]
+    pub metrics: Option<String>,
+    /// Turn off mDNS discovery on the local network.
+    #[arg(long, env = "RIFTMESH_NO_MDNS")]
+    pub no_mdns: bool,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "RIFTMESH_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file. Every key is optional; unknown keys are an error.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<Vec<String>>,
+    pub bootstrap: Option<Vec<String>>,
+    pub swarm_key: Option<PathBuf>,
+    pub api: Option<String>,
+    pub metrics: Option<String>,
+    pub mdns: Option<bool>,
+    pub log_format: Option<String>,
+    pub max_event_bytes: Option<usize>,
+    pub api_max_body_bytes: Option<usize>,
+    pub dedup_window: Option<String>,
+    pub dedup_max_entries: Option<u64>,
+    pub retention_age: Option<String>,
+    pub retention_max_events: Option<u64>,
+    pub retention_max_bytes: Option<u64>,
+    pub inbound_queue: Option<usize>,
+    pub max_batch: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The resolved configuration of one agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub swarm_key: Option<PathBuf>,
+    pub api: SocketAddr,
+    pub metrics: SocketAddr,
+    pub mdns: bool,
+    pub log_format: LogFormat,
+    /// Largest gossip frame; an event must fit in it.
+    pub max_event_bytes: usize,
+    pub api_max_body_bytes: usize,
+    pub dedup_window: Duration,
+    pub dedup_max_entries: u64,
+    pub retention_age: Duration,
+    pub retention_max_events: u64,
+    pub retention_max_bytes: u64,
+    pub inbound_queue: usize,
+    /// Most events in one batch publish.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key} = {value:?} (from {origin}): {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub value: String,
+    pub origin: String,
+    pub reason: String,
+}
+
+fn origin_of(m: Option<&ArgMatches>, id: &str, env: &str) -> String {
+    match m.and_then(|m| m.value_source(id)) {
+        Some(ValueSource::EnvVariable) => format!("environment {env}"),
+        Some(ValueSource::CommandLine) => format!("flag --{}", id.replace('_', "-")),
+        _ => "command line".into(),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "riftmesh".into())
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (write e.g. 30s, 10m, 24h, 7d)"))
+}
+
+impl AgentConfig {
+    /// Resolve from flags/env (`args`, with `matches` to tell which was which),
+    /// the TOML file they name, and the defaults.
+    pub fn resolve(args: &AgentArgs, matches: Option<&ArgMatches>) -> Result<Self, ConfigError> {
+        let err = |key: &str, value: &str, origin: String, reason: String| ConfigError {
+            key: key.into(),
+            value: value.into(),
+            origin,
+            reason,
+        };
+        let (file, file_origin) = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    err(
+                        "config",
+                        &path.display().to_string(),
+                        origin_of(matches, "config", "RIFTMESH_CONFIG"),
+                        e.to_string(),
+                    )
+                })?;
+                let f: FileConfig = toml::from_str(&text).map_err(|e| {
+                    err(
+                        "config",
+                        &path.display().to_string(),
+                        format!("file {}", path.display()),
+                        e.message().to_string()
+                            + &e.span()
+                                .map(|s| format!(" (at byte {})", s.start))
+                                .unwrap_or_default(),
+                    )
+                })?;
+                (f, format!("file {}", path.display()))
+            }
+            None => (FileConfig::default(), String::new()),
+        };
+        // Pick flag/env, then file, then default, and remember where it came from.
+        macro_rules! pick {
+            ($key:literal, $env:literal, $arg:expr, $file:expr, $default:expr) => {
+                match ($arg, $file) {
+                    (Some(v), _) => (v, origin_of(matches, $key, $env)),
+                    (None, Some(v)) => (v, file_origin.clone()),
+                    (None, None) => ($default, "default".to_string()),
+                }
+            };
+        }
+        let (name, name_o) = pick!(
+            "name",
+            "RIFTMESH_NAME",
+            args.name.clone(),
+            file.name,
+            hostname()
+        );
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(err(
+                "name",
+                &name,
+                name_o,
+                "use 1-64 letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        let (data_dir, _) = pick!(
+            "data_dir",
+            "RIFTMESH_DATA_DIR",
+            args.data_dir.clone(),
+            file.data_dir,
+            PathBuf::from(DEFAULT_DATA_DIR)
+        );
+        let (listen, listen_o) = pick!(
+            "listen",
+            "RIFTMESH_LISTEN",
+            (!args.listen.is_empty()).then(|| args.listen.clone()),
+            file.listen,
+            vec![DEFAULT_LISTEN.to_string()]
+        );
+        let listen = listen
+            .iter()
+            .map(|s| {
+                s.trim()
+                    .parse::<Multiaddr>()
+                    .map_err(|e| err("listen", s, listen_o.clone(), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if listen.is_empty() {
+            return Err(err(
+                "listen",
+                "",
+                listen_o,
+                "at least one address is needed".into(),
+            ));
+        }
+        let (bootstrap, boot_o) = pick!(
+            "bootstrap",
+            "RIFTMESH_BOOTSTRAP",
+            (!args.bootstrap.is_empty()).then(|| args.bootstrap.clone()),
+            file.bootstrap,
+            Vec::new()
+        );
+        let bootstrap = bootstrap
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim()
+                    .parse::<Multiaddr>()
+                    .map_err(|e| err("bootstrap", s, boot_o.clone(), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let swarm_key = args.swarm_key.clone().or(file.swarm_key);
+        let (api, api_o) = pick!(
+            "api",
+            "RIFTMESH_API",
+            args.api.clone(),
+            file.api,
+            DEFAULT_API.to_string()
+        );
+        let api: SocketAddr = api.parse().map_err(|e: std::net::AddrParseError| {
+            err(
+                "api",
+                &api,
+                api_o,
+                format!("{e} (write host:port, e.g. 127.0.0.1:7411)"),
+            )
+        })?;
+        let (metrics, m_o) = pick!(
+            "metrics",
+            "RIFTMESH_METRICS",
+            args.metrics.clone(),
+            file.metrics,
+            DEFAULT_METRICS.to_string()
+        );
+        let metrics: SocketAddr = metrics.parse().map_err(|e: std::net::AddrParseError| {
+            err(
+                "metrics",
+                &metrics,
+                m_o,
+                format!("{e} (write host:port, e.g. 0.0.0.0:9464)"),
+            )
+        })?;
+        let mdns = if args.no_mdns {
+            false
+        } else {
+            file.mdns.unwrap_or(true)
+        };
+        let (lf, lf_o) = pick!(
+            "log_format",
+            "RIFTMESH_LOG_FORMAT",
+            args.log_format.clone(),
+            file.log_format,
+            "text".to_string()
+        );
+        let log_format = match lf.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err(err("log_format", &lf, lf_o, "use text or json".into())),
+        };
+        let dur =
+            |key: &str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(s) => parse_duration(&s).map_err(|r| err(key, &s, file_origin.clone(), r)),
+                }
+            };
+        let positive = |key: &str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
+            match v {
+                Some(0) => Err(err(
+                    key,
+                    "0",
+                    file_origin.clone(),
+                    "must be greater than 0".into(),
+                )),
+                Some(v) => Ok(v),
+                None => Ok(default),
+            }
+        };
+        let max_event_bytes = positive(
+            "max_event_bytes",
+            file.max_event_bytes.map(|v| v as u64),
+            256 * 1024,
+        )? as usize;
+        if !(4096..=8 << 20).contains(&max_event_bytes) {
+            return Err(err(
+                "max_event_bytes",
+                &max_event_bytes.to_string(),
+                file_origin,
+                "must be between 4096 and 8388608".into(),
+            ));
+        }
+        Ok(AgentConfig {
+            name,
+            data_dir,
+            listen,
+            bootstrap,
+            swarm_key,
+            api,
+            metrics,
+            mdns,
+            log_format,
+            max_event_bytes,
+            api_max_body_bytes: positive(
+                "api_max_body_bytes",
+                file.api_max_body_bytes.map(|v| v as u64),
+                8 << 20,
+            )? as usize,
+            dedup_window: dur(
+                "dedup_window",
+                file.dedup_window,
+                Duration::from_secs(24 * 3600),
+            )?,
+            dedup_max_entries: positive("dedup_max_entries", file.dedup_max_entries, 5_000_000)?,
+            retention_age: dur(
+                "retention_age",
+                file.retention_age,
+                Duration::from_secs(7 * 24 * 3600),
+            )?,
+            retention_max_events: positive(
+                "retention_max_events",
+                file.retention_max_events,
+                10_000_000,
+            )?,
+            retention_max_bytes: positive(
+                "retention_max_bytes",
+                file.retention_max_bytes,
+                4 << 30,
+            )?,
+            inbound_queue: positive("inbound_queue", file.inbound_queue.map(|v| v as u64), 8192)?
+                as usize,
+            max_batch: positive("max_batch", file.max_batch.map(|v| v as u64), 1000)? as usize,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve() {
+        let c = AgentConfig::resolve(&AgentArgs::default(), None).unwrap();
+        assert_eq!(c.api.to_string(), DEFAULT_API);
+        assert_eq!(c.listen[0].to_string(), DEFAULT_LISTEN);
+        assert!(c.mdns);
+        assert_eq!(c.dedup_window, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn file_then_flags_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "name = \"gpu-01\"\napi = \"127.0.0.1:9000\"\nmdns = false\nretention_age = \"2d\"\n",
+        )
+        .unwrap();
+        let args = AgentArgs {
+            config: Some(p.clone()),
+            api: Some("127.0.0.1:9001".into()),
+            ..Default::default()
+        };
+        let c = AgentConfig::resolve(&args, None).unwrap();
+        assert_eq!(c.name, "gpu-01");
+        assert_eq!(c.api.port(), 9001);
+        assert!(!c.mdns);
+        assert_eq!(c.retention_age, Duration::from_secs(2 * 86400));
+
+        std::fs::write(&p, "api = \"nonsense\"\n").unwrap();
+        let e = AgentConfig::resolve(
+            &AgentArgs {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "api");
+        assert!(e.to_string().contains("api"), "{e}");
+        std::fs::write(&p, "apii = \"x\"\n").unwrap();
+        let e = AgentConfig::resolve(
+            &AgentArgs {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("apii"), "{e}");
+        std::fs::write(&p, "dedup_window = \"soon\"\n").unwrap();
+        let e = AgentConfig::resolve(
+            &AgentArgs {
+                config: Some(p),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "dedup_window");
+        let e = AgentConfig::resolve(
+            &AgentArgs {
+                listen: vec!["/ip4/x".into()],
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "listen");
+    }
+}

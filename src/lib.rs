@@ -1,0 +1,12 @@
+//! riftmesh: a peer-to-peer cluster agent for GPU training fleets.
+//! See ARCHITECTURE (shared) and proto-notes/ for the shape and the wire.
+
+pub mod agent;
+pub mod api;
+pub mod codec;
+pub mod config;
+pub mod event;
+pub mod metrics;
+pub mod net;
+pub mod node;
+pub mod store;

@@ -1,0 +1,430 @@
+//! The `riftmesh` command line: parsing only; everything else is in the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use riftmesh::api::{self, Client, EventView, FetchResp, TraceNode};
+use riftmesh::config::{AgentArgs, AgentConfig, DEFAULT_API};
+
+#[derive(Parser)]
+#[command(
+    name = "riftmesh",
+    version,
+    about = "Peer-to-peer cluster agent for GPU training fleets"
+)]
+struct Cli {
+    /// Address of the local agent's API (for every command but agent and keygen).
+    #[arg(long, global = true, env = "RIFTMESH_API", default_value = DEFAULT_API)]
+    api: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (one per host).
+    Agent(AgentArgs),
+    /// Write a new swarm key (go-libp2p /key/swarm/psk/1.0.0/ format).
+    Keygen {
+        /// Where to write it; standard output if absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Publish an event through the local agent.
+    Publish {
+        /// Event type; any spelling of a catalog name, or a custom UPPER_SNAKE name.
+        #[arg(name = "TYPE")]
+        event_type: String,
+        /// JSON payload (an object, usually).
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        #[arg(long)]
+        correlation_id: Option<String>,
+        #[arg(long)]
+        parent_id: Option<String>,
+        /// Name of the publishing process.
+        #[arg(long)]
+        origin: Option<String>,
+    },
+    /// Read events: as a durable named consumer (acknowledging each batch), or the history.
+    Events {
+        /// Durable consumer name; without it, the history is printed and nothing is acknowledged.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Type pattern (TRAINING_*, training.*); repeatable.
+        #[arg(long = "type")]
+        types: Vec<String>,
+        /// Keep streaming new events.
+        #[arg(long)]
+        follow: bool,
+        /// Replay from the oldest retained event.
+        #[arg(long, conflicts_with = "since")]
+        from_start: bool,
+        /// Replay from a time (RFC 3339) or a duration ago (10m).
+        #[arg(long)]
+        since: Option<String>,
+        /// Most events per batch.
+        #[arg(long, default_value_t = 100)]
+        max: usize,
+    },
+    /// Peers this agent is connected to.
+    Peers,
+    /// The agent's view of itself, the mesh, its store and consumers.
+    Status,
+    /// The chain of events linked to ID by correlation and parent ids, as a tree.
+    Trace { id: String },
+    /// The catalog of known event types and their aliases.
+    Types,
+}
+
+#[tokio::main]
+async fn main() {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let result = match cli.cmd {
+        Cmd::Agent(ref args) => {
+            let sub = matches.subcommand_matches("agent");
+            match AgentConfig::resolve(args, sub) {
+                Ok(cfg) => {
+                    riftmesh::agent::init_logging(cfg.log_format);
+                    riftmesh::agent::run(cfg).await
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        _ => run_client(cli).await,
+    };
+    if let Err(e) = result {
+        eprintln!("riftmesh: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn event_line(e: &EventView) -> String {
+    let src: String = e
+        .source
+        .chars()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!(
+        "{:>8}  {}  {:<24} {}  src=…{}{}  {}",
+        e.seq,
+        e.time,
+        e.event_type,
+        e.id,
+        src,
+        e.origin
+            .as_ref()
+            .map(|o| format!(" origin={o}"))
+            .unwrap_or_default(),
+        e.payload
+    )
+}
+
+async fn run_client(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.api);
+    match cli.cmd {
+        Cmd::Agent(_) => unreachable!("handled in main"),
+        Cmd::Keygen { out, force } => {
+            let text = riftmesh::net::generate_psk().to_string();
+            match out {
+                None => print!("{text}"),
+                Some(path) => {
+                    if path.exists() && !force {
+                        bail!("{} exists; pass --force to overwrite it", path.display());
+                    }
+                    riftmesh::node::write_private(&path, text.as_bytes())
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "wrote swarm key to {} (copy it to every host)",
+                        path.display()
+                    );
+                }
+            }
+        }
+        Cmd::Publish {
+            event_type,
+            payload,
+            correlation_id,
+            parent_id,
+            origin,
+        } => {
+            let payload: Value =
+                serde_json::from_str(&payload).context("--payload is not valid JSON")?;
+            let body = json!({
+                "type": event_type, "payload": payload, "correlation_id": correlation_id,
+                "parent_id": parent_id, "origin": origin,
+            });
+            let r: api::PublishResp = api::decode(client.post("/v1/events", &body).await?)?;
+            if cli.json {
+                print_json(&r)?;
+            } else if r.duplicate {
+                println!("duplicate of {} ({}), hash {}", r.id, r.event_type, r.hash);
+            } else {
+                println!("published {} id {} hash {}", r.event_type, r.id, r.hash);
+            }
+        }
+        Cmd::Events {
+            consumer,
+            types,
+            follow,
+            from_start,
+            since,
+            max,
+        } => match consumer {
+            None => history(&client, cli.json, types, follow, from_start, since, max).await?,
+            Some(name) => {
+                consume(
+                    &client, cli.json, &name, types, follow, from_start, since, max,
+                )
+                .await?
+            }
+        },
+        Cmd::Peers => {
+            let v = client.get("/v1/peers").await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            let peers = v["peers"].as_array().cloned().unwrap_or_default();
+            println!(
+                "{} peer(s) connected to {}",
+                peers.len(),
+                v["peer_id"].as_str().unwrap_or("?")
+            );
+            for p in peers {
+                println!(
+                    "  {}  {}  rtt={}  up {}s  {}",
+                    p["peer_id"].as_str().unwrap_or("?"),
+                    p["agent_version"].as_str().unwrap_or("-"),
+                    p["rtt_ms"]
+                        .as_f64()
+                        .map(|r| format!("{r:.1}ms"))
+                        .unwrap_or_else(|| "-".into()),
+                    p["connected_secs"],
+                    p["addresses"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(","))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Cmd::Status => {
+            let v = client.get("/v1/status").await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            println!("name       {}", v["name"].as_str().unwrap_or("?"));
+            println!("peer id    {}", v["peer_id"].as_str().unwrap_or("?"));
+            println!(
+                "version    {}   up {}s",
+                v["version"].as_str().unwrap_or("?"),
+                v["uptime_secs"]
+            );
+            println!("listening  {}", v["listen_addrs"]);
+            println!("peers      {} connected", v["connected_peers"]);
+            let s = &v["store"];
+            println!(
+                "store      {} events (seq {}..{}), {} bytes at {}",
+                s["events"],
+                s["first_seq"],
+                s["head_seq"],
+                s["size_bytes"],
+                s["path"].as_str().unwrap_or("?")
+            );
+            let consumers = v["consumers"].as_array().cloned().unwrap_or_default();
+            println!("consumers  {}", consumers.len());
+            for c in consumers {
+                println!(
+                    "  {:<20} lag {:<8} cursor {:<8} dead letters {:<4} types {}",
+                    c["name"].as_str().unwrap_or("?"),
+                    c["lag"],
+                    c["cursor"],
+                    c["dead_letters"],
+                    c["types"]
+                );
+            }
+        }
+        Cmd::Trace { id } => {
+            let v = client.get(&format!("/v1/trace/{id}")).await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            let nodes: Vec<TraceNode> = api::decode(v["events"].clone())?;
+            println!(
+                "correlation {}",
+                v["correlation_id"].as_str().unwrap_or("?")
+            );
+            for n in nodes {
+                let mark = if n.event.id == id { "  <=" } else { "" };
+                println!(
+                    "{}{} {} {} {}{}",
+                    "  ".repeat(n.depth),
+                    if n.depth > 0 { "└─" } else { "●" },
+                    n.event.event_type,
+                    n.event.id,
+                    n.event.payload,
+                    mark
+                );
+            }
+        }
+        Cmd::Types => {
+            let v = client.get("/v1/types").await.or_else(|_| -> anyhow::Result<Value> {
+                // The catalog is compiled in: answer without an agent too.
+                Ok(json!({ "types": riftmesh::event::CATALOG.iter().map(|t| json!({"name": t.name, "category": t.category, "aliases": t.aliases, "description": t.description})).collect::<Vec<_>>() }))
+            })?;
+            if cli.json {
+                return print_json(&v);
+            }
+            for t in v["types"].as_array().cloned().unwrap_or_default() {
+                let aliases: Vec<&str> = t["aliases"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                println!(
+                    "{:<28} {:<20} {}{}",
+                    t["name"].as_str().unwrap_or(""),
+                    t["category"].as_str().unwrap_or(""),
+                    t["description"].as_str().unwrap_or(""),
+                    if aliases.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  (also {})", aliases.join(", "))
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn emit(json_out: bool, events: &[EventView]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for e in events {
+        if json_out {
+            writeln!(out, "{}", serde_json::to_string(e)?)?;
+        } else {
+            writeln!(out, "{}", event_line(e))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn history(
+    client: &Client,
+    json_out: bool,
+    types: Vec<String>,
+    follow: bool,
+    from_start: bool,
+    since: Option<String>,
+    max: usize,
+) -> anyhow::Result<()> {
+    let mut q: Vec<(&str, String)> = vec![("limit", max.to_string())];
+    if !types.is_empty() {
+        q.push(("types", types.join(",")));
+    }
+    let mut after: Option<u64> = None;
+    if let Some(s) = since {
+        q.push(("since", s));
+    } else if !from_start {
+        // Without a start, show the latest `max` events.
+        let st = client.get("/v1/status").await?;
+        let head = st["store"]["head_seq"].as_u64().unwrap_or(0);
+        after = Some(head.saturating_sub(max as u64));
+    }
+    loop {
+        let mut query = q.clone();
+        if let Some(a) = after {
+            query.retain(|(k, _)| *k != "since");
+            query.push(("after", a.to_string()));
+        }
+        let v = client.get_query("/v1/events", &query).await?;
+        let events: Vec<EventView> = api::decode(v["events"].clone())?;
+        emit(json_out, &events)?;
+        let next = v["next_after"].as_u64().unwrap_or(0);
+        let head = v["head"].as_u64().unwrap_or(0);
+        after = Some(next.max(after.unwrap_or(0)));
+        if next >= head {
+            if !follow {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume(
+    client: &Client,
+    json_out: bool,
+    name: &str,
+    types: Vec<String>,
+    follow: bool,
+    from_start: bool,
+    since: Option<String>,
+    max: usize,
+) -> anyhow::Result<()> {
+    let mut body = json!({});
+    if !types.is_empty() {
+        body["types"] = json!(types);
+    }
+    if from_start {
+        body["from_start"] = json!(true);
+    }
+    if let Some(s) = since {
+        body["since"] = json!(s);
+    }
+    client.put(&format!("/v1/consumers/{name}"), &body).await?;
+    let wait = if follow { 25_000 } else { 0 };
+    loop {
+        let v = client
+            .get_query(
+                &format!("/v1/consumers/{name}/events"),
+                &[("max", max.to_string()), ("wait_ms", wait.to_string())],
+            )
+            .await?;
+        let r: FetchResp = api::decode(v)?;
+        if r.missed > 0 {
+            eprintln!("riftmesh: consumer {name} missed {} event(s) removed by retention before they were acknowledged", r.missed);
+        }
+        emit(json_out, &r.events)?;
+        // Acknowledge only after the batch is written out.
+        if let Some(last) = r.events.last() {
+            client
+                .post(
+                    &format!("/v1/consumers/{name}/ack"),
+                    &json!({ "seq": last.seq }),
+                )
+                .await?;
+        }
+        if r.events.is_empty() && !follow {
+            return Ok(());
+        }
+    }
+}

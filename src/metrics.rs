@@ -1,0 +1,148 @@
+//! The Prometheus registry (prometheus-client, also fed by libp2p-metrics) and
+//! the `/metrics` listener. Only metric families live here, no business logic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::{http::header, routing::get, Router};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub type Labels = Vec<(&'static str, String)>;
+
+pub fn label(k: &'static str, v: impl Into<String>) -> Labels {
+    vec![(k, v.into())]
+}
+
+/// riftmesh's own families. Cheap to clone (every family is an Arc inside).
+#[derive(Clone)]
+pub struct Metrics {
+    pub events_published: Counter,
+    pub events_received: Family<Labels, Counter>,
+    pub events_duplicate: Family<Labels, Counter>,
+    pub events_rejected: Family<Labels, Counter>,
+    pub inbound_dropped: Family<Labels, Counter>,
+    pub consumer_lag: Family<Labels, Gauge>,
+    pub store_bytes: Gauge,
+    pub store_events: Gauge,
+    pub connected_peers: Gauge,
+    pub remote_latency: Histogram,
+    pub api_errors: Family<Labels, Counter>,
+    pub commit_batch: Histogram,
+}
+
+impl Metrics {
+    pub fn register(reg: &mut Registry) -> Self {
+        let m = Metrics {
+            events_published: Counter::default(),
+            events_received: Family::default(),
+            events_duplicate: Family::default(),
+            events_rejected: Family::default(),
+            inbound_dropped: Family::default(),
+            consumer_lag: Family::default(),
+            store_bytes: Gauge::default(),
+            store_events: Gauge::default(),
+            connected_peers: Gauge::default(),
+            remote_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            api_errors: Family::default(),
+            commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+        };
+        let r = reg.sub_registry_with_prefix("riftmesh");
+        r.register(
+            "events_published",
+            "Events published by local processes and accepted into the log",
+            m.events_published.clone(),
+        );
+        r.register(
+            "events_received",
+            "Events from peers accepted into the log, by path",
+            m.events_received.clone(),
+        );
+        r.register(
+            "events_duplicate",
+            "Events dropped as duplicates of an accepted content hash, by path",
+            m.events_duplicate.clone(),
+        );
+        r.register(
+            "events_rejected",
+            "Events or messages refused, by reason (decode, version, too_large, hash, signature, invalid)",
+            m.events_rejected.clone(),
+        );
+        r.register(
+            "inbound_dropped",
+            "Valid inbound messages dropped because a bounded queue was full, by queue",
+            m.inbound_dropped.clone(),
+        );
+        r.register(
+            "consumer_lag",
+            "Log entries after a durable consumer's acknowledged cursor",
+            m.consumer_lag.clone(),
+        );
+        r.register(
+            "store_size_bytes",
+            "Bytes the event store uses on disk",
+            m.store_bytes.clone(),
+        );
+        r.register(
+            "store_events",
+            "Events retained in the local log",
+            m.store_events.clone(),
+        );
+        r.register(
+            "connected_peers",
+            "Peers with an open connection",
+            m.connected_peers.clone(),
+        );
+        r.register(
+            "remote_event_latency_seconds",
+            "Time from publish at the source to acceptance here, for events from peers",
+            m.remote_latency.clone(),
+        );
+        r.register(
+            "api_errors",
+            "Local API requests answered with an error, by status code",
+            m.api_errors.clone(),
+        );
+        r.register(
+            "store_commit_events",
+            "Events written per group commit",
+            m.commit_batch.clone(),
+        );
+        m
+    }
+}
+
+/// Serve `GET /metrics` on its own listener until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                if encode(&mut body, &registry).is_err() {
+                    body.clear();
+                }
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+pub fn local_addr(l: &tokio::net::TcpListener) -> Option<SocketAddr> {
+    l.local_addr().ok()
+}

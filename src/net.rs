@@ -1,0 +1,724 @@
+//! The libp2p side: one task owns the Swarm; the rest of the agent talks to it
+//! through [`NetHandle`] (commands with replies) and receives verified events on
+//! a bounded channel. Wire frames are defined in [`wire`].
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::transport::upgrade::Version;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, Transport,
+};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::Event;
+use crate::metrics::{label, Metrics};
+
+pub const EVENTS_TOPIC: &str = "riftmesh/events/1";
+pub const IDENTIFY_PROTOCOL: &str = "/riftmesh/id/1.0.0";
+pub const KAD_PROTOCOL: &str = "/riftmesh/kad/1.0.0";
+pub const AGENT_VERSION: &str = concat!("riftmesh/", env!("CARGO_PKG_VERSION"));
+
+/// Gossip frames: `[version][kind][payload]`.
+pub mod wire {
+    use crate::codec;
+    use crate::event::Event;
+
+    pub const VERSION: u8 = 1;
+    pub const KIND_EVENT: u8 = 1;
+    /// Bytes before the bincode body of an event frame.
+    pub const EVENT_HEADER: usize = 2 + 32;
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum WireError {
+        #[error("empty or truncated frame")]
+        Truncated,
+        #[error("unsupported wire version {0}")]
+        Version(u8),
+        #[error("unknown message kind {0}")]
+        Kind(u8),
+        #[error("{0}")]
+        Codec(#[from] codec::CodecError),
+        #[error("header hash differs from the event's")]
+        HeaderHash,
+    }
+
+    impl WireError {
+        pub fn reason(&self) -> &'static str {
+            match self {
+                WireError::Truncated | WireError::Kind(_) | WireError::HeaderHash => "decode",
+                WireError::Version(_) => "version",
+                WireError::Codec(codec::CodecError::TooLarge { .. }) => "too_large",
+                WireError::Codec(_) => "decode",
+            }
+        }
+    }
+
+    /// Event frame: version, kind, the 32-byte content hash (the gossipsub
+    /// message id), then the bincode-encoded [`Event`].
+    pub fn encode_event(ev: &Event) -> Vec<u8> {
+        let body = codec::encode(ev).unwrap_or_default();
+        let mut out = Vec::with_capacity(EVENT_HEADER + body.len());
+        out.push(VERSION);
+        out.push(KIND_EVENT);
+        out.extend_from_slice(&ev.hash);
+        out.extend(body);
+        out
+    }
+
+    /// Decode a gossip frame of at most `limit` bytes.
+    pub fn decode_event(data: &[u8], limit: usize) -> Result<Event, WireError> {
+        if data.len() < EVENT_HEADER {
+            return Err(WireError::Truncated);
+        }
+        if data[0] != VERSION {
+            return Err(WireError::Version(data[0]));
+        }
+        if data[1] != KIND_EVENT {
+            return Err(WireError::Kind(data[1]));
+        }
+        let ev: Event = codec::decode(&data[EVENT_HEADER..], limit)?;
+        if ev.hash[..] != data[2..EVENT_HEADER] {
+            return Err(WireError::HeaderHash);
+        }
+        Ok(ev)
+    }
+
+    /// The gossipsub message id: the content hash from the header, or for a
+    /// frame that has none, SHA-256 of the frame (so garbage is deduped too).
+    pub fn message_id(data: &[u8]) -> Vec<u8> {
+        if data.len() >= EVENT_HEADER && data[0] == VERSION && data[1] == KIND_EVENT {
+            data[2..EVENT_HEADER].to_vec()
+        } else {
+            use sha2::Digest;
+            sha2::Sha256::digest(data).to_vec()
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub psk: PreSharedKey,
+    /// Largest gossip message (whole frame).
+    pub max_message_bytes: usize,
+    /// Capacity of the queue of verified inbound events.
+    pub inbound_queue: usize,
+    /// How often to redial bootstrap peers and refresh the DHT.
+    pub maintain_every: Duration,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub addresses: Vec<String>,
+    pub agent_version: Option<String>,
+    pub listen_addrs: Vec<String>,
+    pub connected_secs: u64,
+    pub rtt_ms: Option<f64>,
+    pub gossip_subscribed: bool,
+}
+
+/// A verified event from gossip.
+pub struct Inbound {
+    pub event: Event,
+    pub from: PeerId,
+}
+
+enum Command {
+    Publish {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial(Multiaddr),
+}
+
+#[derive(Clone)]
+pub struct NetHandle {
+    tx: mpsc::Sender<Command>,
+    pub local_peer_id: PeerId,
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("network task stopped")]
+    Closed,
+    #[error("{0}")]
+    Publish(String),
+    #[error("cannot build the network: {0}")]
+    Build(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+}
+
+impl NetHandle {
+    /// Publish a raw gossip frame on the events topic.
+    pub async fn publish_frame(&self, data: Vec<u8>) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Publish { data, reply })
+            .await
+            .map_err(|_| NetError::Closed)?;
+        rx.await
+            .map_err(|_| NetError::Closed)?
+            .map_err(NetError::Publish)
+    }
+
+    pub async fn publish_event(&self, ev: &Event) -> Result<(), NetError> {
+        self.publish_frame(wire::encode_event(ev)).await
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Peers(reply))
+            .await
+            .map_err(|_| NetError::Closed)?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::ListenAddrs(reply))
+            .await
+            .map_err(|_| NetError::Closed)?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Dial(addr))
+            .await
+            .map_err(|_| NetError::Closed)
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+struct PeerState {
+    addresses: HashSet<Multiaddr>,
+    since: Instant,
+    agent_version: Option<String>,
+    listen_addrs: Vec<Multiaddr>,
+    rtt: Option<Duration>,
+    subscribed: bool,
+}
+
+/// Build the swarm, start listening, and spawn the task that owns it.
+/// Returns the handle and the receiver of verified inbound events.
+pub fn start(
+    key: Keypair,
+    cfg: NetConfig,
+    registry: &mut Registry,
+    metrics: Metrics,
+) -> Result<(NetHandle, mpsc::Receiver<Inbound>), NetError> {
+    let local_peer_id = key.public().to_peer_id();
+    let psk = cfg.psk;
+    let max_msg = cfg.max_message_bytes;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key)?;
+            let transport = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default());
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(transport)
+        })
+        .map_err(|e| NetError::Build(e.to_string()))?
+        .with_bandwidth_metrics(registry)
+        .with_behaviour(
+            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let peer_id = key.public().to_peer_id();
+                let gcfg = gossipsub::ConfigBuilder::default()
+                    .validation_mode(gossipsub::ValidationMode::Strict)
+                    .validate_messages()
+                    .message_id_fn(|m: &gossipsub::Message| {
+                        MessageId::new(&wire::message_id(&m.data))
+                    })
+                    .max_transmit_size(max_msg)
+                    .heartbeat_interval(Duration::from_millis(700))
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let mut gossipsub = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gcfg,
+                )?;
+                let topic = IdentTopic::new(EVENTS_TOPIC);
+                let mut params = gossipsub::PeerScoreParams::default();
+                params.topics.insert(
+                    topic.hash(),
+                    gossipsub::TopicScoreParams {
+                        invalid_message_deliveries_weight: -10.0,
+                        invalid_message_deliveries_decay: 0.9,
+                        ..Default::default()
+                    },
+                );
+                gossipsub.with_peer_score(params, gossipsub::PeerScoreThresholds::default())?;
+                let identify = identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_agent_version(AGENT_VERSION.into())
+                        .with_push_listen_addr_updates(true),
+                );
+                let mut kcfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+                kcfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+                let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kcfg);
+                kad.set_mode(Some(kad::Mode::Server));
+                let mdns = if cfg.mdns {
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config::default(),
+                        peer_id,
+                    )?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    gossipsub,
+                    identify,
+                    ping: ping::Behaviour::new(ping::Config::new()),
+                    kad,
+                    mdns: mdns.into(),
+                })
+            },
+        )
+        .map_err(|e| NetError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+
+    let topic = IdentTopic::new(EVENTS_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(|e| NetError::Build(e.to_string()))?;
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let p2p_metrics = libp2p::metrics::Metrics::new(registry);
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let (in_tx, in_rx) = mpsc::channel(cfg.inbound_queue);
+    let handle = NetHandle {
+        tx: cmd_tx,
+        local_peer_id,
+        max_message_bytes: max_msg,
+    };
+    let event_loop = EventLoop {
+        swarm,
+        topic,
+        cmd_rx,
+        in_tx,
+        metrics,
+        p2p_metrics,
+        peers: HashMap::new(),
+        bootstrap: cfg.bootstrap,
+        maintain_every: cfg.maintain_every,
+        max_msg,
+    };
+    tokio::spawn(event_loop.run());
+    Ok((handle, in_rx))
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    topic: IdentTopic,
+    cmd_rx: mpsc::Receiver<Command>,
+    in_tx: mpsc::Sender<Inbound>,
+    metrics: Metrics,
+    p2p_metrics: libp2p::metrics::Metrics,
+    peers: HashMap<PeerId, PeerState>,
+    bootstrap: Vec<Multiaddr>,
+    maintain_every: Duration,
+    max_msg: usize,
+}
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.maintain_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = self.cmd_rx.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                _ = tick.tick() => self.maintain(),
+            }
+        }
+    }
+
+    fn maintain(&mut self) {
+        // Bootstrap addresses we are not connected to are dialed again, so an
+        // agent that restarted or a healed partition reconnects by itself.
+        let connected_addrs: HashSet<Multiaddr> = self
+            .peers
+            .values()
+            .flat_map(|p| p.addresses.iter().cloned())
+            .collect();
+        for addr in self.bootstrap.clone() {
+            if let Some(peer) = peer_of(&addr) {
+                if self.peers.contains_key(&peer) || peer == *self.swarm.local_peer_id() {
+                    continue;
+                }
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                let _ = self.swarm.dial(opts);
+            } else if !connected_addrs.contains(&addr) {
+                let _ = self.swarm.dial(addr);
+            }
+        }
+        if !self.peers.is_empty() {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Publish { data, reply } => {
+                let r = match self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), data)
+                {
+                    Ok(_) => Ok(()),
+                    // Alone, or peers not subscribed yet: the event is durable here and
+                    // reaches the others through catch-up; not an error for the caller.
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
+                    | Err(gossipsub::PublishError::Duplicate) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Peers(reply) => {
+                let subscribed: HashSet<PeerId> = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.iter().any(|t| **t == self.topic.hash()))
+                    .map(|(p, _)| *p)
+                    .collect();
+                let mut out: Vec<PeerInfo> = self
+                    .peers
+                    .iter()
+                    .map(|(id, p)| PeerInfo {
+                        peer_id: id.to_base58(),
+                        addresses: p.addresses.iter().map(|a| a.to_string()).collect(),
+                        agent_version: p.agent_version.clone(),
+                        listen_addrs: p.listen_addrs.iter().map(|a| a.to_string()).collect(),
+                        connected_secs: p.since.elapsed().as_secs(),
+                        rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                        gossip_subscribed: subscribed.contains(id),
+                    })
+                    .collect();
+                out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let _ = reply.send(out);
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                }
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.p2p_metrics.record(&ev);
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, peer_id = %self.swarm.local_peer_id(), "listening for peers");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                let addr = endpoint.get_remote_address().clone();
+                let new = !self.peers.contains_key(&peer_id);
+                let st = self.peers.entry(peer_id).or_insert_with(|| PeerState {
+                    addresses: HashSet::new(),
+                    since: Instant::now(),
+                    agent_version: None,
+                    listen_addrs: Vec::new(),
+                    rtt: None,
+                    subscribed: false,
+                });
+                st.addresses.insert(addr.clone());
+                if new {
+                    tracing::info!(peer = %peer_id, %addr, "peer connected");
+                    if endpoint.is_dialer() {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+                self.metrics.connected_peers.set(self.peers.len() as i64);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                endpoint,
+                num_established,
+                cause,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.peers.remove(&peer_id);
+                    tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
+                } else if let Some(st) = self.peers.get_mut(&peer_id) {
+                    st.addresses.remove(endpoint.get_remote_address());
+                }
+                self.metrics.connected_peers.set(self.peers.len() as i64);
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(%send_back_addr, %error, "incoming connection failed");
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
+        use libp2p::metrics::Recorder;
+        match ev {
+            BehaviourEvent::Gossipsub(ev) => {
+                self.p2p_metrics.record(&ev);
+                self.on_gossip(ev);
+            }
+            BehaviourEvent::Identify(ev) => {
+                self.p2p_metrics.record(&ev);
+                if let identify::Event::Received { peer_id, info, .. } = ev {
+                    for addr in &info.listen_addrs {
+                        if is_dialable(addr) {
+                            self.swarm
+                                .behaviour_mut()
+                                .kad
+                                .add_address(&peer_id, addr.clone());
+                        }
+                    }
+                    if let Some(st) = self.peers.get_mut(&peer_id) {
+                        st.agent_version = Some(info.agent_version);
+                        st.listen_addrs = info.listen_addrs;
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ev) => {
+                self.p2p_metrics.record(&ev);
+                if let (Ok(rtt), Some(st)) = (ev.result, self.peers.get_mut(&ev.peer)) {
+                    st.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Kad(ev) => {
+                self.p2p_metrics.record(&ev);
+                if let kad::Event::RoutingUpdated {
+                    peer, addresses, ..
+                } = ev
+                {
+                    // Peers learned from peers: connect to every member we hear of.
+                    if !self.peers.contains_key(&peer) && peer != *self.swarm.local_peer_id() {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(addresses.into_vec())
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    tracing::debug!(%peer, %addr, "mDNS discovered");
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.peers.contains_key(&peer) {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(_) => {}
+        }
+    }
+
+    fn on_gossip(&mut self, ev: gossipsub::Event) {
+        match ev {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let verdict = match wire::decode_event(&message.data, self.max_msg) {
+                    Err(e) => Err((e.reason(), e.to_string())),
+                    Ok(event) => match event.verify() {
+                        Err(e) => {
+                            let reason = match e {
+                                crate::event::EventError::HashMismatch => "hash",
+                                crate::event::EventError::BadSignature
+                                | crate::event::EventError::BadSource(_) => "signature",
+                                _ => "invalid",
+                            };
+                            Err((reason, e.to_string()))
+                        }
+                        Ok(()) => Ok(event),
+                    },
+                };
+                let gs = &mut self.swarm.behaviour_mut().gossipsub;
+                match verdict {
+                    Ok(event) => {
+                        gs.report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Accept,
+                        );
+                        let inbound = Inbound {
+                            event,
+                            from: propagation_source,
+                        };
+                        if self.in_tx.try_send(inbound).is_err() {
+                            self.metrics
+                                .inbound_dropped
+                                .get_or_create(&label("queue", "gossip"))
+                                .inc();
+                            tracing::warn!("inbound event queue full; event left to catch-up");
+                        }
+                    }
+                    Err((reason, detail)) => {
+                        gs.report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Reject,
+                        );
+                        self.metrics
+                            .events_rejected
+                            .get_or_create(&label("reason", reason))
+                            .inc();
+                        tracing::warn!(peer = %propagation_source, reason, %detail, bytes = message.data.len(), "gossip message refused");
+                    }
+                }
+            }
+            gossipsub::Event::Subscribed { peer_id, .. } => {
+                if let Some(st) = self.peers.get_mut(&peer_id) {
+                    st.subscribed = true;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn is_dialable(addr: &Multiaddr) -> bool {
+    // Skip unspecified addresses a peer may report.
+    !addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// Parse a go-libp2p swarm key file (`/key/swarm/psk/1.0.0/`).
+pub fn parse_psk(text: &str) -> Result<PreSharedKey, String> {
+    text.parse::<PreSharedKey>().map_err(|e| e.to_string())
+}
+
+/// A fresh random swarm key in the go-libp2p text format.
+pub fn generate_psk() -> PreSharedKey {
+    PreSharedKey::new(rand::random::<[u8; 32]>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire::*;
+    use crate::event::Draft;
+    use libp2p::identity::Keypair;
+
+    #[test]
+    fn frames_roundtrip_and_refuse_damage() {
+        let key = Keypair::generate_ed25519();
+        let ev = Draft::new(
+            "TRAINING_COMPLETED",
+            &serde_json::json!({"a": 1}),
+            None,
+            None,
+            None,
+        )
+        .unwrap()
+        .seal(&key, 1, 5)
+        .unwrap();
+        let f = encode_event(&ev);
+        assert_eq!(message_id(&f), ev.hash.to_vec());
+        assert_eq!(decode_event(&f, 1 << 20).unwrap(), ev);
+        let mut g = f.clone();
+        g[0] = 9;
+        assert_eq!(decode_event(&g, 1 << 20).unwrap_err().reason(), "version");
+        let mut g = f.clone();
+        g[5] ^= 1;
+        assert!(decode_event(&g, 1 << 20).is_err());
+        assert_eq!(decode_event(&f, 10).unwrap_err().reason(), "too_large");
+        assert!(decode_event(&f[..f.len() - 3], 1 << 20).is_err());
+        assert!(decode_event(&[1, 1], 1 << 20).is_err());
+        // Garbage still gets a deterministic id.
+        assert_eq!(message_id(b"xyz").len(), 32);
+    }
+
+    #[test]
+    fn psk_text_format_roundtrips() {
+        let k = super::generate_psk();
+        let text = k.to_string();
+        assert!(text.starts_with("/key/swarm/psk/1.0.0/\n/base16/\n"));
+        assert_eq!(
+            super::parse_psk(&text).unwrap().fingerprint().to_string(),
+            k.fingerprint().to_string()
+        );
+    }
+}

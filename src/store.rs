@@ -1,0 +1,917 @@
+//! The durable local queue on sled: the event log, the dedup index, consumer
+//! cursors and dead letters. One writer thread owns every mutation and group
+//! commits: all requests waiting when a commit starts share one flush + fsync.
+//!
+//! Layout (one sled tree, one-byte key prefixes, so a batch is atomic):
+//! - `l` seq:u64be                 → Stored (bincode)
+//! - `h` hash:32                   → (seq, accepted_ms)
+//! - `x` accepted_ms:u64be hash:32 → ()            dedup expiry order
+//! - `i` event-id                  → seq
+//! - `k` correlation 0x00 seq      → ()            trace index
+//! - `c` consumer-name             → ConsumerRec
+//! - `d` consumer 0x00 seq         → DeadLetter
+//! - `m` name                      → counters (u64be)
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::codec;
+use crate::event::{self, Draft, Event, Hash, TypePattern};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store at {path} is in use by another process (is another riftmesh agent running with this data directory?)")]
+    Locked { path: PathBuf },
+    #[error("the store at {path} cannot be opened: {reason}. It may be damaged; stop the agent, move the directory aside (mv {path} {path}.damaged) and start again: events are fetched again from peers, local consumer cursors start over")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("store I/O error at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("record {key} is unreadable: {source}")]
+    Corrupt {
+        key: String,
+        source: codec::CodecError,
+    },
+    #[error("unknown consumer {0:?}")]
+    UnknownConsumer(String),
+    #[error("sequence {seq} is beyond the end of the log ({head})")]
+    BeyondHead { seq: u64, head: u64 },
+    #[error("{0}")]
+    Event(#[from] event::EventError),
+    #[error("the store writer has stopped")]
+    Closed,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Dedup window: a content hash accepted within it is refused again.
+    pub dedup_window: Duration,
+    /// Most dedup entries kept; the oldest go first beyond it.
+    pub dedup_max_entries: u64,
+    /// Events older than this (by receipt) are removed.
+    pub retention_age: Duration,
+    /// Most events kept in the log.
+    pub retention_max_events: u64,
+    /// Most bytes of encoded events kept in the log.
+    pub retention_max_bytes: u64,
+    /// sled page cache.
+    pub cache_bytes: u64,
+    /// Most requests folded into one group commit.
+    pub max_group: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            dedup_window: Duration::from_secs(24 * 3600),
+            dedup_max_entries: 5_000_000,
+            retention_age: Duration::from_secs(7 * 24 * 3600),
+            retention_max_events: 10_000_000,
+            retention_max_bytes: 4 << 30,
+            cache_bytes: 32 << 20,
+            max_group: 4096,
+        }
+    }
+}
+
+/// An event as the log holds it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stored {
+    pub received_ms: u64,
+    pub event: Event,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ConsumerRec {
+    pub name: String,
+    pub types: Vec<String>,
+    /// Every log entry at or below this sequence is acknowledged.
+    pub cursor: u64,
+    pub created_ms: u64,
+    pub acked_ms: u64,
+    pub dead_letters: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// Where a consumer (re)starts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StartAt {
+    /// Only events appended after now.
+    New,
+    /// The oldest retained event.
+    Start,
+    /// The first event received at or after this time (ms since epoch).
+    Since(u64),
+    /// After this log sequence number.
+    After(u64),
+}
+
+#[derive(Clone, Debug)]
+pub enum Appended {
+    New { seq: u64, event: Arc<Event> },
+    Duplicate { seq: u64, id: String },
+}
+
+enum Item {
+    Local(Draft),
+    Remote(Event),
+}
+
+enum Op {
+    Append {
+        items: Vec<Item>,
+        reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    },
+    Consumer {
+        name: String,
+        change: ConsumerChange,
+        reply: oneshot::Sender<Result<ConsumerRec, StoreError>>,
+    },
+    Prune,
+}
+
+enum ConsumerChange {
+    Upsert {
+        types: Option<Vec<String>>,
+        start: Option<StartAt>,
+    },
+    Ack(u64),
+    Nack {
+        seq: u64,
+        reason: String,
+    },
+    Delete,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    tree: sled::Db,
+    path: PathBuf,
+    tx: mpsc::Sender<Op>,
+    head: watch::Receiver<u64>,
+    first: Arc<AtomicU64>,
+}
+
+const M_NEXT: &[u8] = b"mnext_seq";
+const M_SRC: &[u8] = b"msource_seq";
+const M_BYTES: &[u8] = b"mlog_bytes";
+const M_DEDUP: &[u8] = b"mdedup_count";
+
+fn key_l(seq: u64) -> [u8; 9] {
+    let mut k = [b'l'; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+fn key_h(h: &Hash) -> [u8; 33] {
+    let mut k = [b'h'; 33];
+    k[1..].copy_from_slice(h);
+    k
+}
+fn key_x(ms: u64, h: &Hash) -> [u8; 41] {
+    let mut k = [b'x'; 41];
+    k[1..9].copy_from_slice(&ms.to_be_bytes());
+    k[9..].copy_from_slice(h);
+    k
+}
+fn key_i(id: &str) -> Vec<u8> {
+    [b"i", id.as_bytes()].concat()
+}
+fn key_k(corr: &str, seq: u64) -> Vec<u8> {
+    [b"k", corr.as_bytes(), b"\0", &seq.to_be_bytes()].concat()
+}
+fn key_c(name: &str) -> Vec<u8> {
+    [b"c", name.as_bytes()].concat()
+}
+fn key_d(name: &str, seq: u64) -> Vec<u8> {
+    [b"d", name.as_bytes(), b"\0", &seq.to_be_bytes()].concat()
+}
+fn be(v: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = v.len().min(8);
+    b[..n].copy_from_slice(&v[..n]);
+    u64::from_be_bytes(b)
+}
+fn seq_of(key: &[u8]) -> u64 {
+    be(&key[key.len().saturating_sub(8)..])
+}
+
+fn decode_at<T: serde::de::DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    codec::decode(v, codec::MAX_DECODE).map_err(|source| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+impl Store {
+    /// Open (or create) the store under `dir`. Starts the writer thread.
+    pub fn open(dir: &Path, cfg: StoreConfig, key: Keypair) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.to_path_buf();
+        let conf = sled::Config::new()
+            .path(&path)
+            .cache_capacity(cfg.cache_bytes)
+            .flush_every_ms(Some(1000));
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conf.open()));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(sled::Error::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(StoreError::Locked { path })
+            }
+            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("lock") => {
+                return Err(StoreError::Locked { path })
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Damaged {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(StoreError::Damaged {
+                    path,
+                    reason: "the storage engine panicked while recovering".into(),
+                })
+            }
+        };
+        // The file sled writes its log to; fsynced at every group commit since
+        // sled 0.34's flush uses sync_file_range, which leaves the disk cache.
+        let data_file = File::open(path.join("db")).map_err(|source| StoreError::Io {
+            path: path.join("db"),
+            source,
+        })?;
+        let get =
+            |k: &[u8]| -> Result<u64, StoreError> { Ok(db.get(k)?.map(|v| be(&v)).unwrap_or(0)) };
+        let mut next_seq = get(M_NEXT)?.max(1);
+        // The counter is written in the same batch as the entries; trust the log too.
+        if let Some((k, _)) = db.scan_prefix(b"l").next_back().transpose()? {
+            next_seq = next_seq.max(seq_of(&k) + 1);
+        }
+        let first_seq = match db.scan_prefix(b"l").next().transpose()? {
+            Some((k, _)) => seq_of(&k),
+            None => next_seq,
+        };
+        // Make sure the latest record decodes: a store that opens but whose tail is
+        // garbage is reported now, not on the first read.
+        if let Some((k, v)) = db.scan_prefix(b"l").next_back().transpose()? {
+            decode_at::<Stored>(&k, &v).map_err(|e| StoreError::Damaged {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let (head_tx, head_rx) = watch::channel(next_seq - 1);
+        let first = Arc::new(AtomicU64::new(first_seq));
+        let (tx, rx) = mpsc::channel(cfg.max_group * 2);
+        let mut writer = Writer {
+            db: db.clone(),
+            data_file,
+            key,
+            cfg,
+            next_seq,
+            source_seq: get(M_SRC)?,
+            log_bytes: get(M_BYTES)?,
+            dedup_count: get(M_DEDUP)?,
+            last_received: 0,
+            head: head_tx,
+            first: first.clone(),
+        };
+        std::thread::Builder::new()
+            .name("riftmesh-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Store {
+            tree: db,
+            path,
+            tx,
+            head: head_rx,
+            first,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Seal, dedup and durably append local drafts. Returns once on disk.
+    pub async fn append_local(&self, drafts: Vec<Draft>) -> Result<Vec<Appended>, StoreError> {
+        let items = drafts.into_iter().map(Item::Local).collect();
+        self.call(|reply| Op::Append { items, reply }).await
+    }
+
+    /// Dedup and durably append verified events from peers.
+    pub async fn append_remote(&self, events: Vec<Event>) -> Result<Vec<Appended>, StoreError> {
+        let items = events.into_iter().map(Item::Remote).collect();
+        self.call(|reply| Op::Append { items, reply }).await
+    }
+
+    pub async fn upsert_consumer(
+        &self,
+        name: &str,
+        types: Option<Vec<String>>,
+        start: Option<StartAt>,
+    ) -> Result<ConsumerRec, StoreError> {
+        let name = name.to_string();
+        self.call(|reply| Op::Consumer {
+            name,
+            change: ConsumerChange::Upsert { types, start },
+            reply,
+        })
+        .await
+    }
+
+    pub async fn ack(&self, name: &str, seq: u64) -> Result<ConsumerRec, StoreError> {
+        let name = name.to_string();
+        self.call(|reply| Op::Consumer {
+            name,
+            change: ConsumerChange::Ack(seq),
+            reply,
+        })
+        .await
+    }
+
+    pub async fn nack(
+        &self,
+        name: &str,
+        seq: u64,
+        reason: String,
+    ) -> Result<ConsumerRec, StoreError> {
+        let name = name.to_string();
+        self.call(|reply| Op::Consumer {
+            name,
+            change: ConsumerChange::Nack { seq, reason },
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delete_consumer(&self, name: &str) -> Result<ConsumerRec, StoreError> {
+        let name = name.to_string();
+        self.call(|reply| Op::Consumer {
+            name,
+            change: ConsumerChange::Delete,
+            reply,
+        })
+        .await
+    }
+
+    /// Ask the writer to apply retention and expire dedup entries.
+    pub async fn prune(&self) {
+        let _ = self.tx.send(Op::Prune).await;
+    }
+
+    /// Highest sequence number in the log (0 when empty).
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Lowest retained sequence number (head + 1 when empty).
+    pub fn first(&self) -> u64 {
+        self.first.load(Ordering::Acquire)
+    }
+
+    /// Changes of the head, for long-polling readers.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+
+    pub fn consumer(&self, name: &str) -> Result<Option<ConsumerRec>, StoreError> {
+        let k = key_c(name);
+        self.tree.get(&k)?.map(|v| decode_at(&k, &v)).transpose()
+    }
+
+    pub fn consumers(&self) -> Result<Vec<ConsumerRec>, StoreError> {
+        self.tree
+            .scan_prefix(b"c")
+            .map(|r| {
+                let (k, v) = r?;
+                decode_at(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        let prefix = [b"d", name.as_bytes(), b"\0"].concat();
+        self.tree
+            .scan_prefix(prefix)
+            .map(|r| {
+                let (k, v) = r?;
+                decode_at(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn get(&self, seq: u64) -> Result<Option<Stored>, StoreError> {
+        let k = key_l(seq);
+        self.tree.get(k)?.map(|v| decode_at(&k, &v)).transpose()
+    }
+
+    pub fn get_by_id(&self, id: &str) -> Result<Option<(u64, Stored)>, StoreError> {
+        let Some(v) = self.tree.get(key_i(id))? else {
+            return Ok(None);
+        };
+        let seq = be(&v);
+        Ok(self.get(seq)?.map(|s| (seq, s)))
+    }
+
+    /// Sequence number of the event already accepted with this content hash.
+    pub fn seq_of_hash(&self, h: &Hash) -> Result<Option<u64>, StoreError> {
+        Ok(self.tree.get(key_h(h))?.map(|v| be(&v)))
+    }
+
+    /// Every retained event with this correlation id, in log order.
+    pub fn by_correlation(&self, corr: &str) -> Result<Vec<(u64, Stored)>, StoreError> {
+        let prefix = [b"k", corr.as_bytes(), b"\0"].concat();
+        let mut out = Vec::new();
+        for r in self.tree.scan_prefix(&prefix) {
+            let (k, _) = r?;
+            if k.len() != prefix.len() + 8 {
+                continue;
+            }
+            let seq = seq_of(&k);
+            if let Some(s) = self.get(seq)? {
+                out.push((seq, s));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` events after `after` whose type matches, scanning at most
+    /// `max_scan` entries. Returns them and the last sequence scanned.
+    pub fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+        max_scan: usize,
+        patterns: &[TypePattern],
+    ) -> Result<(Vec<(u64, Stored)>, u64), StoreError> {
+        let mut out = Vec::new();
+        let mut last = after;
+        for (scanned, r) in self
+            .tree
+            .range(key_l(after.saturating_add(1))..key_l(u64::MAX))
+            .enumerate()
+        {
+            if out.len() >= limit || scanned >= max_scan {
+                break;
+            }
+            let (k, v) = r?;
+            let seq = seq_of(&k);
+            last = seq;
+            let s: Stored = decode_at(&k, &v)?;
+            if event::matches_any(patterns, &s.event.event_type) {
+                out.push((seq, s));
+            }
+        }
+        Ok((out, last))
+    }
+
+    /// Sequence just before the first event received at or after `ms`.
+    pub fn seq_before_time(&self, ms: u64) -> Result<u64, StoreError> {
+        seq_before_time(&self.tree, self.first(), self.head() + 1, ms)
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.tree.size_on_disk().unwrap_or(0)
+    }
+
+    /// Number of retained events.
+    pub fn len(&self) -> u64 {
+        (self.head() + 1).saturating_sub(self.first())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Source sequence numbers this agent has handed out.
+    pub fn source_seq(&self) -> u64 {
+        self.tree
+            .get(M_SRC)
+            .ok()
+            .flatten()
+            .map(|v| be(&v))
+            .unwrap_or(0)
+    }
+}
+
+/// Bisect the log in [first, end) for the first entry received at or after
+/// `ms` (receipt times never decrease along the log) and return the sequence
+/// just before it.
+fn seq_before_time(tree: &sled::Tree, first: u64, end: u64, ms: u64) -> Result<u64, StoreError> {
+    let (mut lo, mut hi) = (first, end);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match tree.range(key_l(mid)..key_l(u64::MAX)).next().transpose()? {
+            Some((k, v)) if seq_of(&k) < hi => {
+                let s: Stored = decode_at(&k, &v)?;
+                if s.received_ms < ms {
+                    lo = seq_of(&k) + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            _ => hi = mid,
+        }
+    }
+    Ok(lo.saturating_sub(1))
+}
+
+struct Writer {
+    db: sled::Db,
+    data_file: File,
+    key: Keypair,
+    cfg: StoreConfig,
+    next_seq: u64,
+    source_seq: u64,
+    log_bytes: u64,
+    dedup_count: u64,
+    last_received: u64,
+    head: watch::Sender<u64>,
+    first: Arc<AtomicU64>,
+}
+
+/// Outcome of one group before it is durable.
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+impl Writer {
+    fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
+        while let Some(op) = rx.blocking_recv() {
+            let mut ops = vec![op];
+            let mut n_items = 0usize;
+            while n_items < self.cfg.max_group {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        if let Op::Append { items, .. } = &op {
+                            n_items += items.len();
+                        } else {
+                            n_items += 1;
+                        }
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(ops);
+        }
+        let _ = self.db.flush();
+    }
+
+    fn commit_group(&mut self, ops: Vec<Op>) {
+        let mut batch = sled::Batch::default();
+        let mut replies: Vec<Reply> = Vec::new();
+        // Hashes and consumers written earlier in this same group.
+        let mut hashes: HashMap<Hash, (u64, String)> = HashMap::new();
+        let mut consumers: HashMap<String, Option<ConsumerRec>> = HashMap::new();
+        let (saved_next, saved_src, saved_bytes, saved_dedup) = (
+            self.next_seq,
+            self.source_seq,
+            self.log_bytes,
+            self.dedup_count,
+        );
+        let mut prune = false;
+        let mut dirty = false;
+        for op in ops {
+            match op {
+                Op::Append { items, reply } => {
+                    let r = self.stage_append(items, &mut batch, &mut hashes);
+                    dirty = true;
+                    match r {
+                        Ok(out) => replies.push(Box::new(move |err| {
+                            let _ = reply.send(match err {
+                                None => Ok(out),
+                                Some(e) => Err(StoreError::Damaged {
+                                    path: PathBuf::new(),
+                                    reason: e.to_string(),
+                                }),
+                            });
+                        })),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Op::Consumer {
+                    name,
+                    change,
+                    reply,
+                } => {
+                    let r = self.stage_consumer(&name, change, &mut batch, &mut consumers);
+                    dirty = true;
+                    match r {
+                        Ok(rec) => replies.push(Box::new(move |err| {
+                            let _ = reply.send(match err {
+                                None => Ok(rec),
+                                Some(e) => Err(StoreError::Damaged {
+                                    path: PathBuf::new(),
+                                    reason: e.to_string(),
+                                }),
+                            });
+                        })),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Op::Prune => prune = true,
+            }
+        }
+        if dirty {
+            batch.insert(M_NEXT, &self.next_seq.to_be_bytes());
+            batch.insert(M_SRC, &self.source_seq.to_be_bytes());
+            batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
+            batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
+            let res = self.db.apply_batch(batch).and_then(|_| self.sync());
+            if let Err(e) = &res {
+                tracing::error!(error = %e, "store commit failed; the group is refused");
+                self.next_seq = saved_next;
+                self.source_seq = saved_src;
+                self.log_bytes = saved_bytes;
+                self.dedup_count = saved_dedup;
+            } else {
+                self.head.send_replace(self.next_seq - 1);
+            }
+            let err = res.err().map(StoreError::from);
+            for r in replies {
+                r(err.as_ref());
+            }
+        }
+        if prune {
+            if let Err(e) = self.prune() {
+                tracing::warn!(error = %e, "retention pass failed");
+            }
+        }
+    }
+
+    fn sync(&self) -> sled::Result<()> {
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
+    }
+
+    fn stage_append(
+        &mut self,
+        items: Vec<Item>,
+        batch: &mut sled::Batch,
+        hashes: &mut HashMap<Hash, (u64, String)>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let now = event::now_ms();
+        // Receipt times never go backwards along the log, so time seeks can bisect.
+        let received_ms = now.max(self.last_received);
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let h = match &item {
+                Item::Local(d) => d.hash,
+                Item::Remote(e) => e.hash,
+            };
+            if let Some((seq, id)) = hashes.get(&h) {
+                out.push(Appended::Duplicate {
+                    seq: *seq,
+                    id: id.clone(),
+                });
+                continue;
+            }
+            if let Some(v) = self.db.get(key_h(&h))? {
+                let seq = be(&v);
+                let id = self
+                    .db
+                    .get(key_l(seq))?
+                    .and_then(|v| codec::decode::<Stored>(&v, codec::MAX_DECODE).ok())
+                    .map(|s| s.event.id)
+                    .unwrap_or_default();
+                out.push(Appended::Duplicate { seq, id });
+                continue;
+            }
+            let event = match item {
+                Item::Local(d) => {
+                    let ev = d.seal(&self.key, self.source_seq + 1, now)?;
+                    self.source_seq += 1;
+                    ev
+                }
+                Item::Remote(e) => e,
+            };
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let stored = Stored { received_ms, event };
+            let bytes = codec::encode(&stored).map_err(|source| StoreError::Corrupt {
+                key: format!("l{seq}"),
+                source,
+            })?;
+            self.log_bytes += bytes.len() as u64;
+            batch.insert(&key_l(seq), bytes);
+            let mut hv = seq.to_be_bytes().to_vec();
+            hv.extend(received_ms.to_be_bytes());
+            batch.insert(key_h(&h).as_slice(), hv);
+            batch.insert(key_x(received_ms, &h).as_slice(), &[]);
+            self.dedup_count += 1;
+            batch.insert(key_i(&stored.event.id), &seq.to_be_bytes());
+            if let Some(c) = &stored.event.correlation_id {
+                batch.insert(key_k(c, seq), &[]);
+            }
+            hashes.insert(h, (seq, stored.event.id.clone()));
+            out.push(Appended::New {
+                seq,
+                event: Arc::new(stored.event),
+            });
+        }
+        self.last_received = received_ms;
+        Ok(out)
+    }
+
+    fn stage_consumer(
+        &mut self,
+        name: &str,
+        change: ConsumerChange,
+        batch: &mut sled::Batch,
+        consumers: &mut HashMap<String, Option<ConsumerRec>>,
+    ) -> Result<ConsumerRec, StoreError> {
+        let current = match consumers.get(name) {
+            Some(c) => c.clone(),
+            None => {
+                let k = key_c(name);
+                self.db.get(&k)?.map(|v| decode_at(&k, &v)).transpose()?
+            }
+        };
+        let head = self.next_seq - 1;
+        let now = event::now_ms();
+        let check = |seq: u64| {
+            if seq > head {
+                Err(StoreError::BeyondHead { seq, head })
+            } else {
+                Ok(())
+            }
+        };
+        let rec = match change {
+            ConsumerChange::Upsert { types, start } => {
+                let mut rec = current.unwrap_or_else(|| ConsumerRec {
+                    name: name.to_string(),
+                    types: Vec::new(),
+                    cursor: head,
+                    created_ms: now,
+                    acked_ms: 0,
+                    dead_letters: 0,
+                });
+                if let Some(t) = types {
+                    rec.types = t;
+                }
+                match start {
+                    None => {}
+                    Some(StartAt::New) => rec.cursor = head,
+                    Some(StartAt::Start) => {
+                        rec.cursor = self.first.load(Ordering::Acquire).saturating_sub(1)
+                    }
+                    Some(StartAt::After(s)) => {
+                        check(s)?;
+                        rec.cursor = s;
+                    }
+                    Some(StartAt::Since(ms)) => {
+                        rec.cursor = seq_before_time(
+                            &self.db,
+                            self.first.load(Ordering::Acquire),
+                            self.next_seq,
+                            ms,
+                        )?
+                    }
+                }
+                rec
+            }
+            ConsumerChange::Ack(seq) => {
+                let mut rec = current.ok_or_else(|| StoreError::UnknownConsumer(name.into()))?;
+                check(seq)?;
+                rec.cursor = rec.cursor.max(seq);
+                rec.acked_ms = now;
+                rec
+            }
+            ConsumerChange::Nack { seq, reason } => {
+                let mut rec = current.ok_or_else(|| StoreError::UnknownConsumer(name.into()))?;
+                check(seq)?;
+                let dl = DeadLetter {
+                    seq,
+                    reason,
+                    at_ms: now,
+                };
+                let v = codec::encode(&dl).map_err(|source| StoreError::Corrupt {
+                    key: format!("d{name}"),
+                    source,
+                })?;
+                batch.insert(key_d(name, seq), v);
+                rec.dead_letters += 1;
+                rec.cursor = rec.cursor.max(seq);
+                rec.acked_ms = now;
+                rec
+            }
+            ConsumerChange::Delete => {
+                let rec = current.ok_or_else(|| StoreError::UnknownConsumer(name.into()))?;
+                batch.remove(key_c(name));
+                for r in self.db.scan_prefix([b"d", name.as_bytes(), b"\0"].concat()) {
+                    batch.remove(r?.0);
+                }
+                consumers.insert(name.to_string(), None);
+                return Ok(rec);
+            }
+        };
+        let v = codec::encode(&rec).map_err(|source| StoreError::Corrupt {
+            key: format!("c{name}"),
+            source,
+        })?;
+        batch.insert(key_c(name), v);
+        consumers.insert(name.to_string(), Some(rec.clone()));
+        Ok(rec)
+    }
+
+    /// Retention by age, count and bytes; dedup expiry by window and count.
+    /// Bounded work per pass; each pass is one durable batch.
+    fn prune(&mut self) -> Result<(), StoreError> {
+        const MAX_WORK: usize = 20_000;
+        let now = event::now_ms();
+        let age_cut = now.saturating_sub(self.cfg.retention_age.as_millis() as u64);
+        let mut batch = sled::Batch::default();
+        let mut first = self.first.load(Ordering::Acquire);
+        let mut work = 0;
+        for r in self.db.scan_prefix(b"l") {
+            if work >= MAX_WORK {
+                break;
+            }
+            let (k, v) = r?;
+            let count = self.next_seq - first;
+            let s: Stored = decode_at(&k, &v)?;
+            let over = s.received_ms < age_cut
+                || count > self.cfg.retention_max_events
+                || self.log_bytes > self.cfg.retention_max_bytes;
+            if !over {
+                break;
+            }
+            let seq = seq_of(&k);
+            batch.remove(&*k);
+            batch.remove(key_i(&s.event.id));
+            if let Some(c) = &s.event.correlation_id {
+                batch.remove(key_k(c, seq));
+            }
+            self.log_bytes = self.log_bytes.saturating_sub(v.len() as u64);
+            first = seq + 1;
+            work += 1;
+        }
+        let dedup_cut = now.saturating_sub(self.cfg.dedup_window.as_millis() as u64);
+        for r in self.db.scan_prefix(b"x") {
+            if work >= MAX_WORK {
+                break;
+            }
+            let (k, _) = r?;
+            let ms = be(&k[1..9]);
+            if ms >= dedup_cut && self.dedup_count <= self.cfg.dedup_max_entries {
+                break;
+            }
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&k[9..41]);
+            batch.remove(&*k);
+            batch.remove(key_h(&h).as_slice());
+            self.dedup_count = self.dedup_count.saturating_sub(1);
+            work += 1;
+        }
+        if work == 0 {
+            return Ok(());
+        }
+        batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
+        batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
+        self.db.apply_batch(batch)?;
+        self.sync()?;
+        self.first.store(first, Ordering::Release);
+        tracing::debug!(removed = work, first, "retention pass");
+        Ok(())
+    }
+}
