@@ -1,1 +1,1101 @@
-fn main() {}
+//! Queue benchmark: `cargo bench --bench queue`.
+//!
+//! (a) Durable queue throughput: the riftmesh store against an SQLite WAL queue
+//!     of the old design (synchronous=NORMAL and =FULL), same workload.
+//! (b) Publish → remote consumer latency across 5 real agents on loopback.
+//! (c) Resident memory of an idle agent in that mesh.
+//!
+//! Prints one plain-text table and writes a JSON copy to target/bench-queue.json.
+//! Environment: RIFTMESH_BENCH_EVENTS (events per throughput measurement,
+//! default 20000), RIFTMESH_BENCH_MAX_SECS (time cap per throughput
+//! measurement, default 8; a measurement that hits it reports the events it
+//! completed in that time).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::identity::Keypair;
+use riftmesh::event::{self, Draft};
+use riftmesh::store::{Appended, StartAt, Store, StoreConfig};
+use rusqlite::{params, Connection, TransactionBehavior};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+const EVENT_TYPE: &str = "BENCH_QUEUE";
+const PUBLISHERS: u64 = 8;
+const BATCH: u64 = 100;
+const AGENTS: usize = 5;
+const LATENCY_EVENTS: usize = 500;
+const WARMUP_EVENTS: usize = 20;
+
+// ---------------------------------------------------------------- workload
+
+/// The same event body for both queues: ~120 bytes of canonical JSON with a
+/// counter, so every event has distinct content.
+fn payload(i: u64) -> Value {
+    json!({
+        "job": "selfplay/hex8_2p",
+        "host": "gpu-node-07",
+        "games": 256,
+        "model": "hex8_2p-v0042",
+        "batch": format!("b-{i:010}"),
+        "i": i,
+    })
+}
+
+fn draft(i: u64) -> Draft {
+    Draft::new(EVENT_TYPE, &payload(i), None, None, None).expect("valid draft")
+}
+
+/// What the old design stored per event: type, payload text, content hash.
+fn sqlite_row(i: u64) -> (String, String) {
+    let text = event::canonical_json(&payload(i));
+    let hash = hex::encode(event::content_hash(EVENT_TYPE, &text));
+    (text, hash)
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Events completed in a measurement and the time they took.
+#[derive(Clone, Copy, Debug)]
+struct Tput {
+    events: u64,
+    secs: f64,
+    /// Stopped by the time cap before all N events were done.
+    capped: bool,
+}
+
+impl Tput {
+    fn new(events: u64, started: Instant, n: u64) -> Self {
+        Tput {
+            events,
+            secs: started.elapsed().as_secs_f64(),
+            capped: events < n,
+        }
+    }
+    fn rate(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.events as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+    fn json(&self) -> Value {
+        json!({ "events": self.events, "secs": self.secs, "events_per_sec": self.rate(), "capped": self.capped })
+    }
+}
+
+struct Env {
+    root: PathBuf,
+    n: u64,
+    cap: Duration,
+    /// Every temporary directory lives until the end, so no store's threads
+    /// are still flushing into a directory being removed.
+    keep: Mutex<Vec<TempDir>>,
+}
+
+impl Env {
+    fn tempdir(&self, prefix: &str) -> PathBuf {
+        let d = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&self.root)
+            .expect("tempdir in target/");
+        let p = d.path().to_path_buf();
+        self.keep.lock().unwrap().push(d);
+        p
+    }
+}
+
+// ---------------------------------------------------------------- riftmesh store
+
+fn open_store(dir: &Path) -> Store {
+    Store::open(dir, StoreConfig::default(), Keypair::generate_ed25519()).expect("open store")
+}
+
+fn expect_new(out: &[Appended]) {
+    for a in out {
+        if let Appended::Duplicate { seq, .. } = a {
+            panic!("event deduplicated as a copy of seq {seq}: the workload must be distinct");
+        }
+    }
+}
+
+/// Let the writer thread and sled's flusher of a dropped store wind down, so
+/// they do not take I/O from the next measurement.
+async fn settle(store: Store) {
+    drop(store);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+async fn rm_sequential(env: &Env) -> Tput {
+    let store = open_store(&env.tempdir("rm-seq-"));
+    let deadline = Instant::now() + env.cap;
+    let t0 = Instant::now();
+    let mut done = 0;
+    for i in 0..env.n {
+        if Instant::now() >= deadline {
+            break;
+        }
+        expect_new(&store.append_local(vec![draft(i)]).await.expect("append"));
+        done += 1;
+    }
+    let t = Tput::new(done, t0, env.n);
+    settle(store).await;
+    t
+}
+
+async fn rm_concurrent(env: &Env) -> Tput {
+    let store = open_store(&env.tempdir("rm-conc-"));
+    let deadline = Instant::now() + env.cap;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let store = store.clone();
+        let n = env.n;
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            // Publisher p takes every PUBLISHERS-th counter.
+            for i in (p..n).step_by(PUBLISHERS as usize) {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                expect_new(&store.append_local(vec![draft(i)]).await.expect("append"));
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.expect("publisher task");
+    }
+    let t = Tput::new(done, t0, env.n);
+    settle(store).await;
+    t
+}
+
+async fn rm_batches(env: &Env) -> Tput {
+    let store = open_store(&env.tempdir("rm-batch-"));
+    let deadline = Instant::now() + env.cap;
+    let t0 = Instant::now();
+    let mut done = 0;
+    let mut i = 0;
+    while i < env.n && Instant::now() < deadline {
+        let end = (i + BATCH).min(env.n);
+        let drafts: Vec<Draft> = (i..end).map(draft).collect();
+        expect_new(&store.append_local(drafts).await.expect("append"));
+        done += end - i;
+        i = end;
+    }
+    let t = Tput::new(done, t0, env.n);
+    settle(store).await;
+    t
+}
+
+async fn rm_consume(env: &Env) -> Tput {
+    let store = open_store(&env.tempdir("rm-consume-"));
+    // Fill (not timed).
+    let mut i = 0;
+    while i < env.n {
+        let end = (i + 1000).min(env.n);
+        expect_new(
+            &store
+                .append_local((i..end).map(draft).collect())
+                .await
+                .expect("fill"),
+        );
+        i = end;
+    }
+    let deadline = Instant::now() + env.cap;
+    let t0 = Instant::now();
+    let rec = store
+        .upsert_consumer("bench", None, Some(StartAt::Start))
+        .await
+        .expect("consumer");
+    let mut cursor = rec.cursor;
+    let mut done = 0u64;
+    while Instant::now() < deadline {
+        let (events, _scanned) = store
+            .read_after(cursor, 100, 50_000, &[])
+            .expect("read_after");
+        let Some(&(last_seq, _)) = events.last() else {
+            break;
+        };
+        done += events.len() as u64;
+        store.ack("bench", last_seq).await.expect("ack");
+        cursor = last_seq;
+    }
+    let t = Tput::new(done, t0, env.n);
+    settle(store).await;
+    t
+}
+
+// ---------------------------------------------------------------- SQLite, old design
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum SyncMode {
+    Normal,
+    Full,
+}
+
+impl SyncMode {
+    fn pragma(self) -> &'static str {
+        match self {
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Full => "FULL",
+        }
+    }
+}
+
+const SQL_INSERT: &str =
+    "INSERT OR IGNORE INTO events(type, payload, hash, created) VALUES (?1, ?2, ?3, ?4)";
+
+fn sqlite_open(path: &Path, sync: SyncMode) -> Connection {
+    let conn = Connection::open(path).expect("open sqlite");
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .expect("journal_mode");
+    assert_eq!(mode.to_lowercase(), "wal");
+    conn.execute_batch(&format!("PRAGMA synchronous={}", sync.pragma()))
+        .expect("synchronous");
+    conn.busy_timeout(Duration::from_millis(5000))
+        .expect("busy_timeout");
+    conn
+}
+
+/// A fresh database with the old schema.
+fn sqlite_create(env: &Env, prefix: &str) -> PathBuf {
+    let path = env.tempdir(prefix).join("events.db");
+    let conn = sqlite_open(&path, SyncMode::Full);
+    conn.execute_batch(
+        "CREATE TABLE events(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, payload TEXT, hash TEXT UNIQUE, created REAL);
+         CREATE TABLE acks(consumer TEXT, event_id INTEGER, PRIMARY KEY(consumer, event_id));",
+    )
+    .expect("schema");
+    path
+}
+
+/// One publish: one transaction with one insert.
+fn sqlite_publish_one(conn: &mut Connection, i: u64) {
+    let (text, hash) = sqlite_row(i);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .expect("begin");
+    tx.prepare_cached(SQL_INSERT)
+        .and_then(|mut s| s.execute(params![EVENT_TYPE, text, hash, now_secs()]))
+        .expect("insert");
+    tx.commit().expect("commit");
+}
+
+fn sqlite_sequential(env: &Env, sync: SyncMode) -> Tput {
+    let path = sqlite_create(env, "sq-seq-");
+    let mut conn = sqlite_open(&path, sync);
+    let deadline = Instant::now() + env.cap;
+    let t0 = Instant::now();
+    let mut done = 0;
+    for i in 0..env.n {
+        if Instant::now() >= deadline {
+            break;
+        }
+        sqlite_publish_one(&mut conn, i);
+        done += 1;
+    }
+    Tput::new(done, t0, env.n)
+}
+
+fn sqlite_concurrent(env: &Env, sync: SyncMode) -> Tput {
+    let path = sqlite_create(env, "sq-conc-");
+    let start = Barrier::new(PUBLISHERS as usize + 1);
+    let n = env.n;
+    let cap = env.cap;
+    let (done, t0) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..PUBLISHERS)
+            .map(|p| {
+                let (path, start) = (&path, &start);
+                s.spawn(move || {
+                    let mut conn = sqlite_open(path, sync);
+                    start.wait();
+                    let deadline = Instant::now() + cap;
+                    let mut done = 0u64;
+                    for i in (p..n).step_by(PUBLISHERS as usize) {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        sqlite_publish_one(&mut conn, i);
+                        done += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        start.wait();
+        let t0 = Instant::now();
+        let done: u64 = handles
+            .into_iter()
+            .map(|h| h.join().expect("publisher thread"))
+            .sum();
+        (done, t0)
+    });
+    Tput::new(done, t0, env.n)
+}
+
+fn sqlite_insert_batch(conn: &mut Connection, range: std::ops::Range<u64>) {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .expect("begin");
+    {
+        let mut stmt = tx.prepare_cached(SQL_INSERT).expect("prepare");
+        for i in range {
+            let (text, hash) = sqlite_row(i);
+            stmt.execute(params![EVENT_TYPE, text, hash, now_secs()])
+                .expect("insert");
+        }
+    }
+    tx.commit().expect("commit");
+}
+
+fn sqlite_batches(env: &Env, sync: SyncMode) -> Tput {
+    let path = sqlite_create(env, "sq-batch-");
+    let mut conn = sqlite_open(&path, sync);
+    let deadline = Instant::now() + env.cap;
+    let t0 = Instant::now();
+    let mut i = 0;
+    while i < env.n && Instant::now() < deadline {
+        let end = (i + BATCH).min(env.n);
+        sqlite_insert_batch(&mut conn, i..end);
+        i = end;
+    }
+    Tput::new(i, t0, env.n)
+}
+
+fn sqlite_consume(env: &Env, sync: SyncMode) -> Tput {
+    let path = sqlite_create(env, "sq-consume-");
+    let mut conn = sqlite_open(&path, sync);
+    // Fill (not timed).
+    let mut i = 0;
+    while i < env.n {
+        let end = (i + 1000).min(env.n);
+        sqlite_insert_batch(&mut conn, i..end);
+        i = end;
+    }
+    let deadline = Instant::now() + env.cap;
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    while Instant::now() < deadline {
+        let batch: Vec<(i64, String, String, String, f64)> = {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, type, payload, hash, created FROM events
+                     WHERE id NOT IN (SELECT event_id FROM acks WHERE consumer = ?1)
+                     ORDER BY id LIMIT 100",
+                )
+                .expect("prepare poll");
+            let rows = stmt
+                .query_map(["bench"], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .expect("poll");
+            rows.collect::<Result<_, _>>().expect("rows")
+        };
+        if batch.is_empty() {
+            break;
+        }
+        done += batch.len() as u64;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .expect("begin");
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT INTO acks(consumer, event_id) VALUES (?1, ?2)")
+                .expect("prepare ack");
+            for row in &batch {
+                stmt.execute(params!["bench", row.0]).expect("ack");
+            }
+        }
+        tx.commit().expect("commit acks");
+    }
+    Tput::new(done, t0, env.n)
+}
+
+// ---------------------------------------------------------------- agents
+
+/// Kills every agent it holds when dropped, panics included.
+struct Agents {
+    children: Vec<Child>,
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_agent(
+    bin: &str,
+    root: &Path,
+    name: &str,
+    bootstrap: Option<&str>,
+) -> anyhow::Result<Child> {
+    let data = root.join(name);
+    std::fs::create_dir_all(&data)?;
+    let log = File::create(root.join(format!("{name}.log")))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("agent")
+        .args(["--name", name])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--api", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .arg("--swarm-key")
+        .arg(root.join("swarm.key"))
+        .arg("--no-mdns")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log));
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    // Only the flags above configure the agents.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RIFTMESH_") {
+            cmd.env_remove(k);
+        }
+    }
+    Ok(cmd.spawn()?)
+}
+
+fn log_tail(root: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(root.join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Wait for `<data-dir>/agent.json`; returns (peer_id, api address).
+async fn wait_agent_json(
+    child: &mut Child,
+    root: &Path,
+    name: &str,
+    deadline: Instant,
+) -> anyhow::Result<(String, String)> {
+    let path = root.join(name).join("agent.json");
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                if let (Some(p), Some(a)) = (v["peer_id"].as_str(), v["api"].as_str()) {
+                    return Ok((p.to_string(), a.to_string()));
+                }
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "agent {name} exited ({status}) before writing agent.json:\n{}",
+                log_tail(root, name)
+            );
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "agent {name} did not write {} in time:\n{}",
+                path.display(),
+                log_tail(root, name)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn http_json(req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let resp = req.send().await?;
+    let status = resp.status();
+    let body: Value = resp.json().await?;
+    if !status.is_success() {
+        anyhow::bail!("HTTP {status}: {body}");
+    }
+    Ok(body)
+}
+
+#[derive(Default)]
+struct Receiver {
+    warm: AtomicUsize,
+    got: Mutex<Vec<(usize, Instant)>>,
+}
+
+/// Long-poll a consumer, acknowledging each batch, and note when each
+/// BENCH_LATENCY event arrived.
+async fn receive(client: reqwest::Client, api: String, st: Arc<Receiver>) -> anyhow::Result<()> {
+    let fetch = format!("http://{api}/v1/consumers/lat/events?max=100&wait_ms=20000");
+    let ack = format!("http://{api}/v1/consumers/lat/ack");
+    loop {
+        let v = http_json(client.get(&fetch)).await?;
+        let now = Instant::now();
+        let mut last = None;
+        for e in v["events"].as_array().into_iter().flatten() {
+            last = e["seq"].as_u64().or(last);
+            match e["type"].as_str() {
+                Some("BENCH_LATENCY") => {
+                    if let Some(i) = e["payload"]["i"].as_u64() {
+                        st.got.lock().unwrap().push((i as usize, now));
+                    }
+                }
+                Some("BENCH_WARMUP") => {
+                    st.warm.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        if let Some(seq) = last {
+            http_json(client.post(&ack).json(&json!({ "seq": seq }))).await?;
+        }
+        if st.got.lock().unwrap().len() >= LATENCY_EVENTS {
+            return Ok(());
+        }
+    }
+}
+
+struct MeshResult {
+    connect_secs: f64,
+    /// Milliseconds, one per (receiver, event); infinite when never received.
+    latencies: Vec<f64>,
+    delivered: usize,
+    expected: usize,
+    rss_mb: Vec<f64>,
+}
+
+fn vm_rss_kb(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
+    let bin = env!("CARGO_BIN_EXE_riftmesh");
+    let root = env.tempdir("mesh-");
+    let st = Command::new(bin)
+        .arg("keygen")
+        .arg("--out")
+        .arg(root.join("swarm.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "riftmesh keygen failed ({st})");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let mut agents = Agents {
+        children: Vec::new(),
+    };
+    let names: Vec<String> = (1..=AGENTS).map(|i| format!("b{i}")).collect();
+    let t_start = Instant::now();
+
+    // Agent 1, then its address for the others.
+    agents
+        .children
+        .push(spawn_agent(bin, &root, &names[0], None)?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (peer1, api1) =
+        wait_agent_json(&mut agents.children[0], &root, &names[0], deadline).await?;
+    let listen = loop {
+        let v = http_json(client.get(format!("http://{api1}/v1/status"))).await?;
+        let addrs: Vec<String> = v["listen_addrs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect();
+        if let Some(a) = addrs.first() {
+            break a.clone();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "agent b1 reports no listen address"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let bootstrap = format!("{listen}/p2p/{peer1}");
+    let mut apis = vec![api1];
+    for name in &names[1..] {
+        agents
+            .children
+            .push(spawn_agent(bin, &root, name, Some(&bootstrap))?);
+    }
+    for (k, name) in names.iter().enumerate().skip(1) {
+        let (_, api) = wait_agent_json(&mut agents.children[k], &root, name, deadline).await?;
+        apis.push(api);
+    }
+
+    // Full mesh: every agent connected to the 4 others, and subscribed to the
+    // events topic as they see it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut ready = true;
+        let mut seen = Vec::new();
+        for api in &apis {
+            let (count, subscribed) =
+                match http_json(client.get(format!("http://{api}/v1/peers"))).await {
+                    Ok(v) => {
+                        let peers = v["peers"].as_array().cloned().unwrap_or_default();
+                        let sub = peers
+                            .iter()
+                            .filter(|p| p["gossip_subscribed"].as_bool() == Some(true))
+                            .count();
+                        (peers.len(), sub)
+                    }
+                    Err(_) => (0, 0),
+                };
+            seen.push(format!("{count}/{subscribed}"));
+            ready &= count >= AGENTS - 1 && subscribed >= AGENTS - 1;
+        }
+        if ready {
+            break;
+        }
+        for (k, c) in agents.children.iter_mut().enumerate() {
+            if let Some(status) = c.try_wait()? {
+                anyhow::bail!(
+                    "agent {} exited ({status}):\n{}",
+                    names[k],
+                    log_tail(&root, &names[k])
+                );
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "mesh not formed within 60 s (peers/subscribed per agent: {seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let connect_secs = t_start.elapsed().as_secs_f64();
+
+    // Consumers and their long-poll loops on agents 2..5.
+    let mut receivers = Vec::new();
+    let mut tasks = Vec::new();
+    for api in &apis[1..] {
+        http_json(
+            client
+                .put(format!("http://{api}/v1/consumers/lat"))
+                .json(&json!({})),
+        )
+        .await?;
+        let st = Arc::new(Receiver::default());
+        receivers.push(st.clone());
+        tasks.push(tokio::spawn(receive(client.clone(), api.clone(), st)));
+    }
+
+    let publish_url = format!("http://{}/v1/events", apis[0]);
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    // Warm-up: gossip mesh, connections of the HTTP pool, the long-polls.
+    for i in 0..WARMUP_EVENTS {
+        tick.tick().await;
+        http_json(
+            client
+                .post(&publish_url)
+                .json(&json!({ "type": "BENCH_WARMUP", "payload": { "i": i } })),
+        )
+        .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while receivers
+        .iter()
+        .any(|r| r.warm.load(Ordering::Relaxed) < WARMUP_EVENTS)
+    {
+        if Instant::now() >= deadline {
+            let warm: Vec<usize> = receivers
+                .iter()
+                .map(|r| r.warm.load(Ordering::Relaxed))
+                .collect();
+            eprintln!("warning: warm-up events not all delivered within 15 s: {warm:?} of {WARMUP_EVENTS}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The measured run.
+    let mut sent = Vec::with_capacity(LATENCY_EVENTS);
+    tick.reset();
+    for i in 0..LATENCY_EVENTS {
+        tick.tick().await;
+        sent.push(Instant::now());
+        http_json(
+            client
+                .post(&publish_url)
+                .json(&json!({ "type": "BENCH_LATENCY", "payload": { "i": i } })),
+        )
+        .await?;
+    }
+    let all = futures::future::join_all(tasks.iter_mut());
+    match tokio::time::timeout(Duration::from_secs(20), all).await {
+        Ok(results) => {
+            for r in results {
+                r??;
+            }
+        }
+        Err(_) => {
+            eprintln!("warning: not every receiver had every event 20 s after the last publish");
+            for t in &tasks {
+                t.abort();
+            }
+        }
+    }
+    let mut latencies = Vec::new();
+    let mut delivered = 0;
+    for r in &receivers {
+        let mut at: Vec<Option<Instant>> = vec![None; LATENCY_EVENTS];
+        for &(i, t) in r.got.lock().unwrap().iter() {
+            if i < LATENCY_EVENTS && at[i].is_none() {
+                at[i] = Some(t);
+                delivered += 1;
+            }
+        }
+        for (i, t) in at.iter().enumerate() {
+            latencies.push(match t {
+                Some(t) => t.saturating_duration_since(sent[i]).as_secs_f64() * 1000.0,
+                None => f64::INFINITY,
+            });
+        }
+    }
+
+    // Idle memory: long-polls are done or aborted; let the agents sit.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut rss_mb = Vec::new();
+    for (k, c) in agents.children.iter().enumerate() {
+        let kb = vm_rss_kb(c.id())
+            .ok_or_else(|| anyhow::anyhow!("cannot read VmRSS of agent {}", names[k]))?;
+        rss_mb.push(kb as f64 / 1024.0);
+    }
+    drop(agents);
+    Ok(MeshResult {
+        connect_secs,
+        latencies,
+        delivered,
+        expected: LATENCY_EVENTS * (AGENTS - 1),
+        rss_mb,
+    })
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ---------------------------------------------------------------- report
+
+struct Row {
+    name: String,
+    riftmesh: String,
+    normal: String,
+    full: String,
+    ratio_normal: String,
+    ratio_full: String,
+    target: String,
+    result: String,
+    json: Value,
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "met" } else { "missed" }.to_string()
+}
+
+fn rate_cell(t: &Tput) -> String {
+    format!("{:.0}{}", t.rate(), if t.capped { "*" } else { "" })
+}
+
+fn ratio(a: &Tput, b: &Tput) -> f64 {
+    a.rate() / b.rate()
+}
+
+fn ms(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2} ms")
+    } else {
+        "never".to_string()
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let headers = [
+        "measurement",
+        "riftmesh",
+        "sqlite NORMAL",
+        "sqlite FULL",
+        "rm/NORMAL",
+        "rm/FULL",
+        "target",
+        "result",
+    ];
+    let cells: Vec<[&str; 8]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.as_str(),
+                r.riftmesh.as_str(),
+                r.normal.as_str(),
+                r.full.as_str(),
+                r.ratio_normal.as_str(),
+                r.ratio_full.as_str(),
+                r.target.as_str(),
+                r.result.as_str(),
+            ]
+        })
+        .collect();
+    let mut width = headers.map(|h| h.chars().count());
+    for c in &cells {
+        for (w, s) in width.iter_mut().zip(c) {
+            *w = (*w).max(s.chars().count());
+        }
+    }
+    let line = |c: &[&str; 8]| {
+        let mut out = String::new();
+        for (k, s) in c.iter().enumerate() {
+            let pad = width[k] - s.chars().count();
+            if k == 0 || k >= 6 {
+                out.push_str(s);
+                out.push_str(&" ".repeat(pad));
+            } else {
+                out.push_str(&" ".repeat(pad));
+                out.push_str(s);
+            }
+            if k < 7 {
+                out.push_str("  ");
+            }
+        }
+        out.trim_end().to_string()
+    };
+    let rule = "-".repeat(width.iter().sum::<usize>() + 2 * 7);
+    println!("{}", line(&headers));
+    println!("{rule}");
+    for c in &cells {
+        println!("{}", line(c));
+    }
+    println!("{rule}");
+}
+
+fn main() {
+    let n: u64 = std::env::var("RIFTMESH_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(20_000);
+    let cap_secs: f64 = std::env::var("RIFTMESH_BENCH_MAX_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v: &f64| *v > 0.0)
+        .unwrap_or(8.0);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::create_dir_all(&root).expect("target dir");
+    let env = Env {
+        root: root.clone(),
+        n,
+        cap: Duration::from_secs_f64(cap_secs),
+        keep: Mutex::new(Vec::new()),
+    };
+    let payload_bytes = event::canonical_json(&payload(n / 2)).len();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let started = Instant::now();
+
+    eprintln!("(a) durable queue throughput, N = {n}, payload {payload_bytes} bytes");
+    let step = |what: &str| eprintln!("    {what} ...");
+    step("riftmesh, 1 publisher");
+    let rm_seq = rt.block_on(rm_sequential(&env));
+    step("riftmesh, 8 publishers");
+    let rm_conc = rt.block_on(rm_concurrent(&env));
+    step("riftmesh, batches of 100");
+    let rm_batch = rt.block_on(rm_batches(&env));
+    step("riftmesh, consume+ack");
+    let rm_cons = rt.block_on(rm_consume(&env));
+    let mut sq = Vec::new();
+    for sync in [SyncMode::Normal, SyncMode::Full] {
+        let p = sync.pragma();
+        step(&format!("sqlite {p}, 1 publisher"));
+        let seq = sqlite_sequential(&env, sync);
+        step(&format!("sqlite {p}, 8 publishers"));
+        let conc = sqlite_concurrent(&env, sync);
+        step(&format!("sqlite {p}, batches of 100"));
+        let batch = sqlite_batches(&env, sync);
+        step(&format!("sqlite {p}, consume+ack"));
+        let cons = sqlite_consume(&env, sync);
+        sq.push([seq, conc, batch, cons]);
+    }
+    let (normal, full) = (sq[0], sq[1]);
+
+    eprintln!("(b, c) {AGENTS} agents on loopback");
+    let mesh = rt.block_on(mesh(&env));
+
+    let mut rows = Vec::new();
+    let names = [
+        "(a) 1 publisher, events/s",
+        "(a) 8 publishers, events/s",
+        "(a) batches of 100, events/s",
+        "(a) consume+ack, events/s",
+    ];
+    let rm = [rm_seq, rm_conc, rm_batch, rm_cons];
+    for k in 0..4 {
+        let (r, a, b) = (&rm[k], &normal[k], &full[k]);
+        let (rn, rf) = (ratio(r, a), ratio(r, b));
+        let (target, ok) = match k {
+            0 => ("rm >= sqlite FULL".to_string(), Some(rf >= 1.0)),
+            1 | 2 => ("rm >= 10x sqlite NORMAL".to_string(), Some(rn >= 10.0)),
+            _ => ("-".to_string(), None),
+        };
+        rows.push(Row {
+            name: names[k].to_string(),
+            riftmesh: rate_cell(r),
+            normal: rate_cell(a),
+            full: rate_cell(b),
+            ratio_normal: format!("{rn:.2}x"),
+            ratio_full: format!("{rf:.2}x"),
+            target: target.clone(),
+            result: ok.map(verdict).unwrap_or_else(|| "-".into()),
+            json: json!({
+                "riftmesh": r.json(), "sqlite_normal": a.json(), "sqlite_full": b.json(),
+                "ratio_vs_normal": rn, "ratio_vs_full": rf,
+                "target": target, "met": ok,
+            }),
+        });
+    }
+    let dash = || "-".to_string();
+    let plain = |name: &str, value: String, target: &str, ok: Option<bool>, json: Value| Row {
+        name: name.to_string(),
+        riftmesh: value,
+        normal: dash(),
+        full: dash(),
+        ratio_normal: dash(),
+        ratio_full: dash(),
+        target: target.to_string(),
+        result: ok.map(verdict).unwrap_or_else(dash),
+        json,
+    };
+    let mut mesh_json = json!(null);
+    match &mesh {
+        Ok(m) => {
+            let mut sorted = m.latencies.clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            let (p50, p99, max) = (
+                percentile(&sorted, 50.0),
+                percentile(&sorted, 99.0),
+                sorted.last().copied().unwrap_or(f64::NAN),
+            );
+            let finite = |v: f64| if v.is_finite() { json!(v) } else { json!(null) };
+            rows.push(plain(
+                "(b) delivered to 4 remote consumers",
+                format!("{}/{}", m.delivered, m.expected),
+                "-",
+                None,
+                json!({ "delivered": m.delivered, "expected": m.expected }),
+            ));
+            rows.push(plain(
+                "(b) publish->remote consumer p50",
+                ms(p50),
+                "-",
+                None,
+                json!({ "ms": finite(p50) }),
+            ));
+            rows.push(plain(
+                "(b) publish->remote consumer p99",
+                ms(p99),
+                "< 20 ms",
+                Some(p99 < 20.0),
+                json!({ "ms": finite(p99), "target_ms": 20, "met": p99 < 20.0 }),
+            ));
+            rows.push(plain(
+                "(b) publish->remote consumer max",
+                ms(max),
+                "-",
+                None,
+                json!({ "ms": finite(max) }),
+            ));
+            let rss_max = m.rss_mb.iter().copied().fold(0.0, f64::max);
+            let rss_mean = m.rss_mb.iter().sum::<f64>() / m.rss_mb.len().max(1) as f64;
+            rows.push(plain(
+                "(c) idle agent RSS, max",
+                format!("{rss_max:.1} MB"),
+                "< 20 MB",
+                Some(rss_max < 20.0),
+                json!({ "mb": rss_max, "target_mb": 20, "met": rss_max < 20.0 }),
+            ));
+            rows.push(plain(
+                "(c) idle agent RSS, mean",
+                format!("{rss_mean:.1} MB"),
+                "-",
+                None,
+                json!({ "mb": rss_mean }),
+            ));
+            mesh_json = json!({
+                "agents": AGENTS, "events": LATENCY_EVENTS, "pace_ms": 5,
+                "mesh_ready_secs": m.connect_secs, "rss_mb_per_agent": m.rss_mb,
+            });
+        }
+        Err(e) => {
+            let err = format!("failed: {e:#}");
+            eprintln!("mesh run {err}");
+            for (name, target) in [
+                ("(b) publish->remote consumer p99", "< 20 ms"),
+                ("(c) idle agent RSS, max", "< 20 MB"),
+            ] {
+                rows.push(plain(
+                    name,
+                    "error".into(),
+                    target,
+                    Some(false),
+                    json!({ "error": err }),
+                ));
+            }
+        }
+    }
+
+    println!();
+    println!(
+        "riftmesh queue bench: N = {n} events per throughput cell, payload {payload_bytes} bytes, \
+         time cap {cap_secs} s per cell; {AGENTS} agents, {LATENCY_EVENTS} events paced 5 ms"
+    );
+    print_table(&rows);
+    println!("* hit the time cap: rate over the events done before it (counts in the JSON copy).");
+    println!(
+        "riftmesh appends return after flush + fsync (= sqlite FULL durability); sqlite NORMAL in WAL \
+         mode does not fsync at commit. MB = 2^20 bytes."
+    );
+    if let Ok(m) = &mesh {
+        println!(
+            "mesh of {AGENTS} agents fully connected after {:.1} s.",
+            m.connect_secs
+        );
+    }
+    println!("total bench time {:.0} s", started.elapsed().as_secs_f64());
+
+    let out = json!({
+        "events": n,
+        "payload_bytes": payload_bytes,
+        "time_cap_secs": cap_secs,
+        "rows": rows.iter().map(|r| json!({ "name": r.name, "data": r.json })).collect::<Vec<_>>(),
+        "mesh": mesh_json,
+        "total_secs": started.elapsed().as_secs_f64(),
+    });
+    let path = root.join("bench-queue.json");
+    match std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&out).unwrap_or_default(),
+    ) {
+        Ok(()) => println!("JSON copy: {}", path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+    }
+    drop(rt);
+}

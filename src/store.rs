@@ -168,8 +168,11 @@ pub struct Store {
     tx: mpsc::Sender<Op>,
     head: watch::Receiver<u64>,
     first: Arc<AtomicU64>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
+/// File beside sled's holding a committed head, to detect a store that lost data.
+const HEAD_MARK: &str = "riftmesh.head";
 const M_NEXT: &[u8] = b"mnext_seq";
 const M_SRC: &[u8] = b"msource_seq";
 const M_BYTES: &[u8] = b"mlog_bytes";
@@ -279,6 +282,23 @@ impl Store {
                 reason: e.to_string(),
             })?;
         }
+        // The head mark is written after commits, so it never exceeds what was
+        // durable. A store that opens with less than it lost data.
+        let mark_path = path.join(HEAD_MARK);
+        if let Some(mark) = std::fs::read_to_string(&mark_path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+        {
+            if next_seq - 1 < mark {
+                return Err(StoreError::Damaged {
+                    path,
+                    reason: format!(
+                        "the log ends at sequence {} but sequence {mark} was committed before (recorded in {HEAD_MARK}): data was lost",
+                        next_seq - 1
+                    ),
+                });
+            }
+        }
         let (head_tx, head_rx) = watch::channel(next_seq - 1);
         let first = Arc::new(AtomicU64::new(first_seq));
         let (tx, rx) = mpsc::channel(cfg.max_group * 2);
@@ -292,10 +312,12 @@ impl Store {
             log_bytes: get(M_BYTES)?,
             dedup_count: get(M_DEDUP)?,
             last_received: 0,
+            mark_path,
+            mark_written: None,
             head: head_tx,
             first: first.clone(),
         };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("riftmesh-store".into())
             .spawn(move || writer.run(rx))
             .map_err(|source| StoreError::Io {
@@ -308,7 +330,22 @@ impl Store {
             tx,
             head: head_rx,
             first,
+            writer: Arc::new(std::sync::Mutex::new(Some(handle))),
         })
+    }
+
+    /// Stop the writer and release the store's lock. Waits for pending writes.
+    /// Every other clone of this Store must be dropped first.
+    pub fn close(self) {
+        let Store {
+            tx, tree, writer, ..
+        } = self;
+        drop(tx);
+        drop(tree);
+        let handle = writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -562,6 +599,8 @@ struct Writer {
     log_bytes: u64,
     dedup_count: u64,
     last_received: u64,
+    mark_path: PathBuf,
+    mark_written: Option<std::time::Instant>,
     head: watch::Sender<u64>,
     first: Arc<AtomicU64>,
 }
@@ -588,8 +627,27 @@ impl Writer {
                 }
             }
             self.commit_group(ops);
+            if self
+                .mark_written
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                self.write_mark();
+            }
         }
-        let _ = self.db.flush();
+        if self.db.flush().is_ok() {
+            self.write_mark();
+        }
+    }
+
+    fn write_mark(&mut self) {
+        let tmp = self.mark_path.with_extension("tmp");
+        let head = self.next_seq - 1;
+        if std::fs::write(&tmp, head.to_string())
+            .and_then(|_| std::fs::rename(&tmp, &self.mark_path))
+            .is_ok()
+        {
+            self.mark_written = Some(std::time::Instant::now());
+        }
     }
 
     fn commit_group(&mut self, ops: Vec<Op>) {

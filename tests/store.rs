@@ -1,0 +1,226 @@
+//! The durable queue on a real sled store: dedup across restarts, consumer
+//! cursors, dead letters, time seeks, and damaged or locked data directories.
+
+use std::path::Path;
+
+use libp2p::identity::Keypair;
+use riftmesh::event::{Draft, TypePattern};
+use riftmesh::store::{Appended, StartAt, Store, StoreConfig, StoreError};
+use serde_json::json;
+
+fn draft(t: &str, i: u64) -> Draft {
+    Draft::new(t, &json!({ "i": i }), None, None, None).unwrap()
+}
+
+fn open(dir: &Path, key: &Keypair) -> Store {
+    Store::open(dir, StoreConfig::default(), key.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_and_sequences_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keypair::generate_ed25519();
+    let s = open(dir.path(), &key);
+    let out = s
+        .append_local(vec![
+            draft("TRAINING_COMPLETED", 1),
+            draft("TRAINING_COMPLETED", 2),
+        ])
+        .await
+        .unwrap();
+    let Appended::New { seq: 1, event: e1 } = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(e1.seq, 1);
+    e1.verify().unwrap();
+    // Same content within one batch and across calls is a duplicate.
+    let out = s
+        .append_local(vec![
+            draft("training.complete", 3),
+            draft("TRAINING_COMPLETED", 3),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Appended::New { seq: 3, .. }));
+    assert!(matches!(&out[1], Appended::Duplicate { seq: 3, .. }));
+    s.close();
+
+    let s = open(dir.path(), &key);
+    assert_eq!(s.head(), 3);
+    let out = s
+        .append_local(vec![
+            draft("TRAINING_COMPLETED", 1),
+            draft("TRAINING_COMPLETED", 4),
+        ])
+        .await
+        .unwrap();
+    match &out[0] {
+        Appended::Duplicate { seq, id } => {
+            assert_eq!(*seq, 1);
+            assert_eq!(id, &e1.id);
+        }
+        other => panic!("expected duplicate, got {other:?}"),
+    }
+    // The per-source sequence continues without a gap after the duplicate.
+    let Appended::New { seq: 4, event } = &out[1] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(event.seq, 4);
+    // A remote copy of a known fact is dropped too.
+    let other = Keypair::generate_ed25519();
+    let remote = draft("TRAINING_COMPLETED", 2).seal(&other, 1, 1).unwrap();
+    assert!(matches!(
+        s.append_remote(vec![remote]).await.unwrap()[0],
+        Appended::Duplicate { seq: 2, .. }
+    ));
+    s.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_ack_nack_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keypair::generate_ed25519();
+    let s = open(dir.path(), &key);
+    s.append_local((0..5).map(|i| draft("SELFPLAY_COMPLETED", i)).collect())
+        .await
+        .unwrap();
+    // A new consumer starts at the end unless told otherwise.
+    let c = s.upsert_consumer("late", None, None).await.unwrap();
+    assert_eq!(c.cursor, 5);
+    let c = s
+        .upsert_consumer(
+            "eval",
+            Some(vec!["TRAINING_*".into()]),
+            Some(StartAt::Start),
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.cursor, 0);
+    s.append_local((10..13).map(|i| draft("TRAINING_COMPLETED", i)).collect())
+        .await
+        .unwrap();
+    let pats: Vec<TypePattern> = c
+        .types
+        .iter()
+        .map(|t| TypePattern::parse(t).unwrap())
+        .collect();
+    let (got, _) = s.read_after(c.cursor, 100, 1000, &pats).unwrap();
+    assert_eq!(
+        got.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        vec![6, 7, 8]
+    );
+    s.ack("eval", 6).await.unwrap();
+    s.nack("eval", 7, "bad model path".into()).await.unwrap();
+    assert!(matches!(
+        s.ack("nobody", 1).await,
+        Err(StoreError::UnknownConsumer(_))
+    ));
+    assert!(matches!(
+        s.ack("eval", 99).await,
+        Err(StoreError::BeyondHead { .. })
+    ));
+    s.close();
+
+    let s = open(dir.path(), &key);
+    let c = s.consumer("eval").unwrap().unwrap();
+    assert_eq!(c.cursor, 7);
+    assert_eq!(c.dead_letters, 1);
+    let dl = s.dead_letters("eval").unwrap();
+    assert_eq!((dl[0].seq, dl[0].reason.as_str()), (7, "bad model path"));
+    let pats: Vec<TypePattern> = c
+        .types
+        .iter()
+        .map(|t| TypePattern::parse(t).unwrap())
+        .collect();
+    let (got, _) = s.read_after(c.cursor, 100, 1000, &pats).unwrap();
+    assert_eq!(got.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![8]);
+    // Time seek: everything was received now, so "since an hour ago" is the start.
+    let hour_ago = riftmesh::event::now_ms() - 3_600_000;
+    let c = s
+        .upsert_consumer("eval", None, Some(StartAt::Since(hour_ago)))
+        .await
+        .unwrap();
+    assert_eq!(c.cursor, 0);
+    let future = riftmesh::event::now_ms() + 3_600_000;
+    let c = s
+        .upsert_consumer("eval", None, Some(StartAt::Since(future)))
+        .await
+        .unwrap();
+    assert_eq!(c.cursor, 8);
+    s.delete_consumer("eval").await.unwrap();
+    assert!(s.consumer("eval").unwrap().is_none());
+    assert!(s.dead_letters("eval").unwrap().is_empty());
+    s.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_oldest_and_reports_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keypair::generate_ed25519();
+    let cfg = StoreConfig {
+        retention_max_events: 10,
+        ..Default::default()
+    };
+    let s = Store::open(dir.path(), cfg, key).unwrap();
+    s.upsert_consumer("slow", None, Some(StartAt::Start))
+        .await
+        .unwrap();
+    s.append_local((0..25).map(|i| draft("CUSTOM_THING", i)).collect())
+        .await
+        .unwrap();
+    s.prune().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(5));
+    while s.first() != 16 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not run: first = {}",
+            s.first()
+        );
+        poll.tick().await;
+    }
+    assert_eq!(s.len(), 10);
+    assert!(s.get(15).unwrap().is_none());
+    assert!(s.get(16).unwrap().is_some());
+    s.close();
+}
+
+#[test]
+fn damaged_and_locked_stores_are_reported_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keypair::generate_ed25519();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = Store::open(dir.path(), StoreConfig::default(), key.clone()).unwrap();
+    rt.block_on(s.append_local(vec![draft("CUSTOM_THING", 1)]))
+        .unwrap();
+    match Store::open(dir.path(), StoreConfig::default(), key.clone()) {
+        Err(e @ StoreError::Locked { .. }) => {
+            assert!(e.to_string().contains(&dir.path().display().to_string()))
+        }
+        Err(e) => panic!("expected Locked, got {e}"),
+        Ok(_) => panic!("a second open of a locked store succeeded"),
+    }
+    s.close();
+
+    // Overwrite the middle of sled's data file with garbage.
+    let db = dir.path().join("db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let n = bytes.len();
+    for b in bytes.iter_mut().take(n).skip(16) {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    std::fs::remove_file(dir.path().join("conf")).ok();
+    match Store::open(dir.path(), StoreConfig::default(), key) {
+        Err(e @ StoreError::Damaged { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+        }
+        Err(e) => panic!("expected Damaged, got {e}"),
+        Ok(s) => panic!("a garbled store opened silently with head {}", s.head()),
+    }
+}
