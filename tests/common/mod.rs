@@ -1,0 +1,293 @@
+//! Test harness: real `riftmesh agent` processes on loopback, each with its own
+//! data directory; ports are chosen by the OS and read back from agent.json.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_riftmesh");
+
+/// Poll `f` until it returns Some, failing with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+    }
+}
+
+pub fn keygen(path: &Path) {
+    let st = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    pub swarm_key: PathBuf,
+    pub bootstrap: Vec<String>,
+    pub extra: Vec<String>,
+    pub api: String,
+    pub metrics: String,
+    pub peer_id: String,
+    child: Option<Child>,
+    pub http: reqwest::Client,
+}
+
+impl Agent {
+    pub async fn start(root: &Path, name: &str, swarm_key: &Path, bootstrap: &[String]) -> Agent {
+        let mut a = Agent {
+            name: name.into(),
+            dir: root.join(name),
+            swarm_key: swarm_key.into(),
+            bootstrap: bootstrap.to_vec(),
+            extra: Vec::new(),
+            api: String::new(),
+            metrics: String::new(),
+            peer_id: String::new(),
+            child: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        };
+        a.spawn().await;
+        a
+    }
+
+    pub async fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let info = self.dir.join("agent.json");
+        let _ = std::fs::remove_file(&info);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("agent")
+            .args(["--name", &self.name])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+                "--no-mdns",
+            ])
+            .arg("--swarm-key")
+            .arg(&self.swarm_key)
+            .args(&self.extra)
+            .env("RUST_LOG", "info,riftmesh=debug")
+            .env_remove("RIFTMESH_API")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for b in &self.bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        self.child = Some(child);
+        let v: Value = wait_for(
+            &format!("{} to start", self.name),
+            Duration::from_secs(60),
+            || {
+                let info = info.clone();
+                async move {
+                    let v: Value =
+                        serde_json::from_str(&std::fs::read_to_string(&info).ok()?).ok()?;
+                    (v["pid"].as_u64() == Some(pid as u64)).then_some(v)
+                }
+            },
+        )
+        .await;
+        self.api = format!("http://{}", v["api"].as_str().unwrap());
+        self.metrics = format!("http://{}/metrics", v["metrics"].as_str().unwrap());
+        self.peer_id = v["peer_id"].as_str().unwrap().into();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    /// A dialable address of this agent, with its peer id.
+    pub async fn p2p_addr(&self) -> String {
+        let addrs: Vec<String> = wait_for("listen address", Duration::from_secs(30), || async {
+            let st = self.get("/v1/status").await.ok()?;
+            let a: Vec<String> = st["listen_addrs"]
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            (!a.is_empty()).then_some(a)
+        })
+        .await;
+        format!("{}/p2p/{}", addrs[0], self.peer_id)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, String> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = r.status();
+        let v: Value = r.json().await.map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(v)
+        } else {
+            Err(format!("{status}: {v}"))
+        }
+    }
+
+    /// Send JSON; returns (status, body).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<(u16, Value), String> {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.api))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.map_err(|e| e.to_string())?;
+        Ok((status, v))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
+        match self.send(reqwest::Method::POST, path, body).await? {
+            (200, v) => Ok(v),
+            (s, v) => Err(format!("{s}: {v}")),
+        }
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> Result<Value, String> {
+        match self.send(reqwest::Method::PUT, path, body).await? {
+            (200, v) => Ok(v),
+            (s, v) => Err(format!("{s}: {v}")),
+        }
+    }
+
+    pub async fn publish(&self, t: &str, payload: Value) -> Result<Value, String> {
+        self.post(
+            "/v1/events",
+            &serde_json::json!({ "type": t, "payload": payload }),
+        )
+        .await
+    }
+
+    pub async fn connected_peers(&self) -> usize {
+        self.get("/v1/status")
+            .await
+            .ok()
+            .and_then(|v| v["connected_peers"].as_u64())
+            .unwrap_or(0) as usize
+    }
+
+    /// Every retained event (history), in log order.
+    pub async fn all_events(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let v = self
+                .get(&format!("/v1/events?after={after}&limit=1000"))
+                .await
+                .unwrap();
+            let evs = v["events"].as_array().unwrap().clone();
+            let next = v["next_after"].as_u64().unwrap();
+            out.extend(evs);
+            if next == after || next >= v["head"].as_u64().unwrap() {
+                return out;
+            }
+            after = next;
+        }
+    }
+
+    /// Value of a metric line (name with labels, exact prefix), summed.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = match self.http.get(&self.metrics).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => return 0.0,
+        };
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Start `n` agents sharing one swarm key, all bootstrapped to the first, and
+/// wait until each sees every other.
+pub async fn mesh(root: &Path, n: usize) -> Vec<Agent> {
+    let key = root.join("swarm.key");
+    keygen(&key);
+    let first = Agent::start(root, "a0", &key, &[]).await;
+    let boot = vec![first.p2p_addr().await];
+    let mut agents = vec![first];
+    for i in 1..n {
+        agents.push(Agent::start(root, &format!("a{i}"), &key, &boot).await);
+    }
+    for a in &agents {
+        wait_for(
+            &format!("{} to see {} peers", a.name, n - 1),
+            Duration::from_secs(60),
+            || async {
+                let v = a.get("/v1/peers").await.ok()?;
+                let subscribed = v["peers"]
+                    .as_array()?
+                    .iter()
+                    .filter(|p| p["gossip_subscribed"] == true)
+                    .count();
+                (subscribed >= n - 1).then_some(())
+            },
+        )
+        .await;
+    }
+    agents
+}
