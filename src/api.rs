@@ -303,14 +303,14 @@ pub fn parse_since(s: &str) -> Result<u64, String> {
 
 fn draft(r: PublishReq) -> ApiResult<Draft> {
     let payload = r.payload.unwrap_or_else(|| json!({}));
-    Ok(Draft::new(
+    Draft::new(
         &r.event_type,
         &payload,
         r.origin,
         r.correlation_id,
         r.parent_id,
     )
-    .map_err(|e| ApiError::bad(e.to_string()))?)
+    .map_err(|e| ApiError::bad(e.to_string()))
 }
 
 fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishResp {

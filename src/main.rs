@@ -17,14 +17,19 @@ use riftmesh::config::{AgentArgs, AgentConfig, DEFAULT_API};
     about = "Peer-to-peer cluster agent for GPU training fleets"
 )]
 struct Cli {
-    /// Address of the local agent's API (for every command but agent and keygen).
-    #[arg(long, global = true, env = "RIFTMESH_API", default_value = DEFAULT_API)]
-    api: String,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How a client command finds the local agent.
+#[derive(clap::Args, Clone)]
+struct Conn {
+    /// Address of the local agent's API.
+    #[arg(long, env = "RIFTMESH_API", default_value = DEFAULT_API)]
+    api: String,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +60,8 @@ enum Cmd {
         /// Name of the publishing process.
         #[arg(long)]
         origin: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Read events: as a durable named consumer (acknowledging each batch), or the history.
     Events {
@@ -76,15 +83,30 @@ enum Cmd {
         /// Most events per batch.
         #[arg(long, default_value_t = 100)]
         max: usize,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Peers this agent is connected to.
-    Peers,
+    Peers {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The agent's view of itself, the mesh, its store and consumers.
-    Status,
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The chain of events linked to ID by correlation and parent ids, as a tree.
-    Trace { id: String },
+    Trace {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The catalog of known event types and their aliases.
-    Types,
+    Types {
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[tokio::main]
@@ -144,7 +166,16 @@ fn event_line(e: &EventView) -> String {
 }
 
 async fn run_client(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(&cli.api);
+    let api = match &cli.cmd {
+        Cmd::Publish { conn, .. }
+        | Cmd::Events { conn, .. }
+        | Cmd::Peers { conn }
+        | Cmd::Status { conn }
+        | Cmd::Trace { conn, .. }
+        | Cmd::Types { conn } => conn.api.clone(),
+        Cmd::Agent(_) | Cmd::Keygen { .. } => DEFAULT_API.to_string(),
+    };
+    let client = Client::new(&api);
     match cli.cmd {
         Cmd::Agent(_) => unreachable!("handled in main"),
         Cmd::Keygen { out, force } => {
@@ -170,6 +201,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             correlation_id,
             parent_id,
             origin,
+            ..
         } => {
             let payload: Value =
                 serde_json::from_str(&payload).context("--payload is not valid JSON")?;
@@ -193,6 +225,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             from_start,
             since,
             max,
+            ..
         } => match consumer {
             None => history(&client, cli.json, types, follow, from_start, since, max).await?,
             Some(name) => {
@@ -202,7 +235,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 .await?
             }
         },
-        Cmd::Peers => {
+        Cmd::Peers { .. } => {
             let v = client.get("/v1/peers").await?;
             if cli.json {
                 return print_json(&v);
@@ -234,7 +267,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Status => {
+        Cmd::Status { .. } => {
             let v = client.get("/v1/status").await?;
             if cli.json {
                 return print_json(&v);
@@ -270,7 +303,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Trace { id } => {
+        Cmd::Trace { id, .. } => {
             let v = client.get(&format!("/v1/trace/{id}")).await?;
             if cli.json {
                 return print_json(&v);
@@ -293,7 +326,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Types => {
+        Cmd::Types { .. } => {
             let v = client.get("/v1/types").await.or_else(|_| -> anyhow::Result<Value> {
                 // The catalog is compiled in: answer without an agent too.
                 Ok(json!({ "types": riftmesh::event::CATALOG.iter().map(|t| json!({"name": t.name, "category": t.category, "aliases": t.aliases, "description": t.description})).collect::<Vec<_>>() }))

@@ -236,13 +236,14 @@ async fn kill9_during_publish_burst_loses_nothing_acknowledged() {
     loop {
         let evs = fetch(&agent, "c1", 0).await;
         let Some(last) = evs.last() else { break };
-        let mut a = acked.lock().unwrap();
-        for e in &evs {
-            let id = e["id"].as_str().unwrap().to_string();
-            assert!(!a.contains(&id), "event {id} delivered again after its ack");
-            a.insert(id);
+        {
+            let mut a = acked.lock().unwrap();
+            for e in &evs {
+                let id = e["id"].as_str().unwrap().to_string();
+                assert!(!a.contains(&id), "event {id} delivered again after its ack");
+                a.insert(id);
+            }
         }
-        drop(a);
         agent
             .post("/v1/consumers/c1/ack", &json!({ "seq": last["seq"] }))
             .await
@@ -545,4 +546,152 @@ async fn hostile_gossip_is_refused_and_counted() {
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert_eq!(evs[0]["id"], good.id.as_str());
     a.publish("CUSTOM_AFTER", json!({})).await.unwrap();
+}
+
+fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(common::BIN)
+        .args(args)
+        .env("RIFTMESH_API", api.trim_start_matches("http://"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_publishes_consumes_durably_and_traces() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = mesh(root.path(), 2).await;
+    let (a, b) = (&agents[0], &agents[1]);
+    // Create the consumer on b before anything is published.
+    let (ok, _, err) = cli(
+        &b.api,
+        &["events", "--consumer", "trainer", "--type", "TRAINING_*"],
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(
+        &a.api,
+        &[
+            "publish",
+            "TRAINING_COMPLETED",
+            "--json",
+            "--payload",
+            r#"{"config":"hex8_2p","model_path":"models/hex8_2p.pth"}"#,
+        ],
+    );
+    assert!(ok, "{err}");
+    let root_ev: Value = serde_json::from_str(&out).unwrap();
+    let root_id = root_ev["id"].as_str().unwrap().to_string();
+    assert_eq!(root_ev["hash"].as_str().unwrap().len(), 64);
+    let (ok, out, _) = cli(
+        &a.api,
+        &[
+            "publish",
+            "evaluation.completed",
+            "--json",
+            "--payload",
+            r#"{"elo":1612}"#,
+            "--correlation-id",
+            &root_id,
+            "--parent-id",
+            &root_id,
+        ],
+    );
+    assert!(ok);
+    let child: Value = serde_json::from_str(&out).unwrap();
+    let (ok, out, _) = cli(
+        &a.api,
+        &[
+            "publish",
+            "TRAINING_STARTED",
+            "--payload",
+            "{}",
+            "--correlation-id",
+            &root_id,
+            "--parent-id",
+            child["id"].as_str().unwrap(),
+        ],
+    );
+    assert!(ok);
+    assert!(out.starts_with("published TRAINING_STARTED"), "{out}");
+    let (ok, out, _) = cli(
+        &a.api,
+        &[
+            "publish",
+            "TRAINING_COMPLETED",
+            "--payload",
+            r#"{"model_path":"models/hex8_2p.pth","config":"hex8_2p"}"#,
+        ],
+    );
+    assert!(ok);
+    assert!(out.starts_with("duplicate of"), "{out}");
+    let (ok, _, err) = cli(&a.api, &["publish", "X", "--payload", "{nope"]);
+    assert!(!ok && err.contains("--payload"), "{err}");
+
+    // b's durable consumer gets both TRAINING_* events once, across CLI runs.
+    let seen: Arc<Mutex<Vec<Value>>> = Default::default();
+    wait_for("both training events on b", LONG, || {
+        let api = b.api.clone();
+        let seen = seen.clone();
+        async move {
+            let (ok, out, err) = cli(&api, &["events", "--consumer", "trainer", "--json"]);
+            assert!(ok, "{err}");
+            let mut seen = seen.lock().unwrap();
+            seen.extend(
+                out.lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+            );
+            (seen.len() >= 2).then_some(())
+        }
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen
+        .iter()
+        .all(|e| e["type"].as_str().unwrap().starts_with("TRAINING_")));
+    let (ok, out, _) = cli(&b.api, &["events", "--consumer", "trainer", "--json"]);
+    assert!(ok && out.is_empty(), "acked events came back: {out}");
+    // Replay from the start on demand.
+    let (ok, out, _) = cli(
+        &b.api,
+        &["events", "--consumer", "trainer", "--from-start", "--json"],
+    );
+    assert!(ok);
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    // The trace tree: root, its child, the grandchild.
+    let (ok, out, err) = cli(&b.api, &["trace", &root_id]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].contains("TRAINING_COMPLETED")
+            && lines[1].contains("EVALUATION_COMPLETED")
+            && lines[2].contains("TRAINING_STARTED"),
+        "{out}"
+    );
+    assert!(lines[2].starts_with("    "), "grandchild not nested: {out}");
+
+    let (ok, out, _) = cli(&b.api, &["status", "--json"]);
+    assert!(ok);
+    let st: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["consumers"][0]["name"], "trainer");
+    assert_eq!(st["connected_peers"], 1);
+    let (ok, out, _) = cli(&b.api, &["peers", "--json"]);
+    assert!(ok);
+    let p: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(p["peers"][0]["peer_id"], a.peer_id.as_str());
+    let (ok, out, _) = cli(&b.api, &["types"]);
+    assert!(
+        ok && out.contains("TRAINING_COMPLETED") && out.contains("TRAINING_COMPLETE"),
+        "{out}"
+    );
+    // An agent that is not there is named in the error.
+    let (ok, _, err) = cli("127.0.0.1:1", &["status"]);
+    assert!(!ok && err.contains("127.0.0.1:1"), "{err}");
 }
