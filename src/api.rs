@@ -498,9 +498,10 @@ async fn trace(State(node): State<AppState>, Path(id): Path<String>) -> ApiResul
 async fn upsert_consumer(
     State(node): State<AppState>,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
     // An empty body keeps or creates the consumer with its defaults.
     let req: ConsumerReq = if body.iter().all(|b| b.is_ascii_whitespace()) {
         ConsumerReq::default()
@@ -737,7 +738,8 @@ async fn status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
             "path": node.store.path().display().to_string(),
         },
         "consumers": consumers,
-        "max_event_bytes": node.max_event_size(),
+        "max_event_bytes": node.cfg.max_event_bytes,
+        "max_event_payload_bytes": node.max_event_size(),
     })))
 }
 

@@ -32,7 +32,6 @@ pub struct Metrics {
     pub connected_peers: Gauge,
     pub remote_latency: Histogram,
     pub api_errors: Family<Labels, Counter>,
-    pub commit_batch: Histogram,
 }
 
 impl Metrics {
@@ -49,7 +48,6 @@ impl Metrics {
             connected_peers: Gauge::default(),
             remote_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             api_errors: Family::default(),
-            commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
         };
         let r = reg.sub_registry_with_prefix("riftmesh");
         r.register(
@@ -106,11 +104,6 @@ impl Metrics {
             "api_errors",
             "Local API requests answered with an error, by status code",
             m.api_errors.clone(),
-        );
-        r.register(
-            "store_commit_events",
-            "Events written per group commit",
-            m.commit_batch.clone(),
         );
         m
     }

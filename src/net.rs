@@ -422,7 +422,8 @@ impl EventLoop {
                 {
                     Ok(_) => Ok(()),
                     // Alone, or peers not subscribed yet: the event is durable here and
-                    // reaches the others through catch-up; not an error for the caller.
+                    // peers that connect later do not get it until catch-up exists (issue 3);
+                    // not an error for the caller.
                     Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
                     | Err(gossipsub::PublishError::Duplicate) => Ok(()),
                     Err(e) => Err(e.to_string()),
@@ -630,14 +631,21 @@ impl EventLoop {
                                 .inbound_dropped
                                 .get_or_create(&label("queue", "gossip"))
                                 .inc();
-                            tracing::warn!("inbound event queue full; event left to catch-up");
+                            tracing::warn!("inbound event queue full; event dropped here (counted in riftmesh_inbound_dropped_total)");
                         }
                     }
                     Err((reason, detail)) => {
+                        // A newer wire version is not misbehaviour (rolling upgrades):
+                        // ignore it without penalty; anything else costs the sender score.
+                        let verdict = if reason == "version" {
+                            MessageAcceptance::Ignore
+                        } else {
+                            MessageAcceptance::Reject
+                        };
                         gs.report_message_validation_result(
                             &message_id,
                             &propagation_source,
-                            MessageAcceptance::Reject,
+                            verdict,
                         );
                         self.metrics
                             .events_rejected

@@ -23,13 +23,13 @@ pub const ENVELOPE_ALLOWANCE: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Event(#[from] event::EventError),
     #[error("event of about {size} bytes exceeds the limit of {limit} bytes (max_event_bytes minus {ENVELOPE_ALLOWANCE} bytes of envelope); send large data as a blob")]
     TooLarge { size: usize, limit: usize },
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Net(#[from] net::NetError),
     #[error("{what} at {path}: {reason}")]
     File {
@@ -198,7 +198,7 @@ impl Node {
                 Appended::New { event, .. } => {
                     self.metrics.events_published.inc();
                     if let Err(e) = self.net.publish_event(event).await {
-                        tracing::warn!(id = %event.id, error = %e, "gossip publish failed; the event is stored and left to catch-up");
+                        tracing::warn!(id = %event.id, error = %e, "gossip publish failed; the event is stored here only; peers lack it until catch-up (a later protocol) exists");
                     }
                 }
                 Appended::Duplicate { .. } => {

@@ -30,7 +30,7 @@ use crate::event::{self, Draft, Event, Hash, TypePattern};
 pub enum StoreError {
     #[error("the store at {path} is in use by another process (is another riftmesh agent running with this data directory?)")]
     Locked { path: PathBuf },
-    #[error("the store at {path} cannot be opened: {reason}. It may be damaged; stop the agent, move the directory aside (mv {path} {path}.damaged) and start again: events are fetched again from peers, local consumer cursors start over")]
+    #[error("the store at {path} cannot be opened: {reason}. It may be damaged; stop the agent, move the directory aside (mv {path} {path}.damaged) and start again: the agent starts with an empty log (events published from now on arrive; older ones are not fetched again yet) and consumer cursors start over")]
     Damaged { path: PathBuf, reason: String },
     #[error("store I/O error at {path}: {source}")]
     Io {
@@ -52,6 +52,24 @@ pub enum StoreError {
     Event(#[from] event::EventError),
     #[error("the store writer has stopped")]
     Closed,
+    #[error("writing the store at {path} failed: {reason}; nothing of this request is guaranteed durable")]
+    CommitFailed { path: PathBuf, reason: String },
+}
+
+impl StoreError {
+    /// A copy of a commit failure for each waiting request.
+    fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::CommitFailed { path, reason } => StoreError::CommitFailed {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            other => StoreError::CommitFailed {
+                path: PathBuf::new(),
+                reason: other.to_string(),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -276,11 +294,13 @@ impl Store {
         };
         // Make sure the latest record decodes: a store that opens but whose tail is
         // garbage is reported now, not on the first read.
+        let mut last_received = 0;
         if let Some((k, v)) = db.scan_prefix(b"l").next_back().transpose()? {
-            decode_at::<Stored>(&k, &v).map_err(|e| StoreError::Damaged {
+            let last = decode_at::<Stored>(&k, &v).map_err(|e| StoreError::Damaged {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
+            last_received = last.received_ms;
         }
         // The head mark is written after commits, so it never exceeds what was
         // durable. A store that opens with less than it lost data.
@@ -311,9 +331,10 @@ impl Store {
             source_seq: get(M_SRC)?,
             log_bytes: get(M_BYTES)?,
             dedup_count: get(M_DEDUP)?,
-            last_received: 0,
+            last_received,
             mark_path,
             mark_written: None,
+            synced_blobs: Default::default(),
             head: head_tx,
             first: first.clone(),
         };
@@ -601,6 +622,7 @@ struct Writer {
     last_received: u64,
     mark_path: PathBuf,
     mark_written: Option<std::time::Instant>,
+    synced_blobs: std::collections::HashSet<std::ffi::OsString>,
     head: watch::Sender<u64>,
     first: Arc<AtomicU64>,
 }
@@ -673,10 +695,7 @@ impl Writer {
                         Ok(out) => replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
                                 None => Ok(out),
-                                Some(e) => Err(StoreError::Damaged {
-                                    path: PathBuf::new(),
-                                    reason: e.to_string(),
-                                }),
+                                Some(e) => Err(e.duplicate()),
                             });
                         })),
                         Err(e) => {
@@ -695,10 +714,7 @@ impl Writer {
                         Ok(rec) => replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
                                 None => Ok(rec),
-                                Some(e) => Err(StoreError::Damaged {
-                                    path: PathBuf::new(),
-                                    reason: e.to_string(),
-                                }),
+                                Some(e) => Err(e.duplicate()),
                             });
                         })),
                         Err(e) => {
@@ -714,17 +730,30 @@ impl Writer {
             batch.insert(M_SRC, &self.source_seq.to_be_bytes());
             batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
             batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
-            let res = self.db.apply_batch(batch).and_then(|_| self.sync());
-            if let Err(e) = &res {
-                tracing::error!(error = %e, "store commit failed; the group is refused");
-                self.next_seq = saved_next;
-                self.source_seq = saved_src;
-                self.log_bytes = saved_bytes;
-                self.dedup_count = saved_dedup;
-            } else {
-                self.head.send_replace(self.next_seq - 1);
-            }
-            let err = res.err().map(StoreError::from);
+            let res = match self.db.apply_batch(batch) {
+                Err(e) => {
+                    // Nothing applied: the sequence numbers are free again.
+                    self.next_seq = saved_next;
+                    self.source_seq = saved_src;
+                    self.log_bytes = saved_bytes;
+                    self.dedup_count = saved_dedup;
+                    Err(e)
+                }
+                // Applied in memory: keep the counters so no sequence is reused,
+                // even if making it durable failed.
+                Ok(()) => {
+                    let r = self.sync();
+                    self.head.send_replace(self.next_seq - 1);
+                    r
+                }
+            };
+            let err = res.err().map(|e| {
+                tracing::error!(error = %e, path = %self.mark_path.display(), "store commit failed");
+                StoreError::CommitFailed {
+                    path: self.mark_path.with_file_name(""),
+                    reason: e.to_string(),
+                }
+            });
             for r in replies {
                 r(err.as_ref());
             }
@@ -736,9 +765,39 @@ impl Writer {
         }
     }
 
-    fn sync(&self) -> sled::Result<()> {
+    fn sync(&mut self) -> sled::Result<()> {
         self.db.flush()?;
         self.data_file.sync_data()?;
+        self.sync_blobs()?;
+        Ok(())
+    }
+
+    /// sled writes large pages to files under `blobs/` without fsync; sync
+    /// the ones this writer has not synced yet, and the directory.
+    fn sync_blobs(&mut self) -> std::io::Result<()> {
+        let dir = self.mark_path.with_file_name("blobs");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut present = std::collections::HashSet::new();
+        let mut new = false;
+        for e in entries {
+            let name = e?.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match File::open(dir.join(&name)) {
+                    Ok(f) => f.sync_data()?,
+                    // Collected by sled between listing and opening.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            File::open(&dir)?.sync_all()?;
+        }
+        self.synced_blobs = present;
         Ok(())
     }
 
@@ -921,6 +980,7 @@ impl Writer {
         let mut batch = sled::Batch::default();
         let mut first = self.first.load(Ordering::Acquire);
         let mut work = 0;
+        let saved = (self.log_bytes, self.dedup_count);
         for r in self.db.scan_prefix(b"l") {
             if work >= MAX_WORK {
                 break;
@@ -966,7 +1026,10 @@ impl Writer {
         }
         batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
         batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
-        self.db.apply_batch(batch)?;
+        if let Err(e) = self.db.apply_batch(batch) {
+            (self.log_bytes, self.dedup_count) = saved;
+            return Err(e.into());
+        }
         self.sync()?;
         self.first.store(first, Ordering::Release);
         tracing::debug!(removed = work, first, "retention pass");
