@@ -793,6 +793,12 @@ pub fn router(node: Arc<Node>) -> Router {
                 "no such endpoint; see proto-notes/api.md",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint; see proto-notes/api.md",
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(
             node.clone(),
             count_errors,

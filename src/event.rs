@@ -588,9 +588,16 @@ mod tests {
     #[test]
     fn floats_survive_the_receivers_canonical_check() {
         let key = Keypair::generate_ed25519();
-        for v in [json!({"eps": 1e-30}), json!({"x": 1e-24, "y": 0.1, "z": -0.0, "w": 1e16, "big": 1.7976931348623157e308})] {
-            let ev = Draft::new("CUSTOM_FLOAT", &v, None, None, None).unwrap().seal(&key, 1, 1).unwrap();
-            ev.verify().unwrap_or_else(|e| panic!("{v}: {e} ({})", ev.payload));
+        for v in [
+            json!({"eps": 1e-30}),
+            json!({"x": 1e-24, "y": 0.1, "z": -0.0, "w": 1e16, "big": 1.7976931348623157e308}),
+        ] {
+            let ev = Draft::new("CUSTOM_FLOAT", &v, None, None, None)
+                .unwrap()
+                .seal(&key, 1, 1)
+                .unwrap();
+            ev.verify()
+                .unwrap_or_else(|e| panic!("{v}: {e} ({})", ev.payload));
         }
     }
 

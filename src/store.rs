@@ -672,7 +672,8 @@ impl Writer {
         }
     }
 
-    fn commit_group(&mut self, ops: Vec<Op>) {
+    /// Returns false when the group could not be made durable.
+    fn commit_group(&mut self, ops: Vec<Op>) -> bool {
         let mut batch = sled::Batch::default();
         let mut replies: Vec<Reply> = Vec::new();
         // Hashes and consumers written earlier in this same group.
@@ -685,6 +686,7 @@ impl Writer {
             self.dedup_count,
         );
         let mut prune = false;
+        let mut durable = true;
         let mut dirty = false;
         for op in ops {
             match op {
@@ -754,6 +756,7 @@ impl Writer {
                     reason: e.to_string(),
                 }
             });
+            durable = err.is_none();
             for r in replies {
                 r(err.as_ref());
             }
@@ -763,6 +766,7 @@ impl Writer {
                 tracing::warn!(error = %e, "retention pass failed");
             }
         }
+        durable
     }
 
     fn sync(&mut self) -> sled::Result<()> {
