@@ -110,10 +110,22 @@ impl Draft {
 
     /// Assign id, sequence and time, and sign.
     pub fn seal(self, key: &Keypair, seq: u64, now_ms: u64) -> Result<Event, EventError> {
+        let source = key.public().to_peer_id().to_base58();
+        self.seal_as(key, &source, seq, now_ms)
+    }
+
+    /// [`Draft::seal`] with the source's peer id text already computed.
+    pub fn seal_as(
+        self,
+        key: &Keypair,
+        source: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<Event, EventError> {
         let mut ev = Event {
             id: new_event_id(now_ms),
             event_type: self.event_type,
-            source: key.public().to_peer_id().to_base58(),
+            source: source.to_string(),
             origin: self.origin,
             seq,
             ts_ms: now_ms,

@@ -223,9 +223,9 @@ async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
                 Err(_) => break,
             }
         }
-        let now = event::now_ms();
         match node.store.append_remote(batch).await {
             Ok(out) => {
+                let now = event::now_ms();
                 for a in out {
                     match a {
                         Appended::New { event, .. } => {

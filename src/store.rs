@@ -325,6 +325,7 @@ impl Store {
         let mut writer = Writer {
             db: db.clone(),
             data_file,
+            source: key.public().to_peer_id().to_base58(),
             key,
             cfg,
             next_seq,
@@ -614,6 +615,8 @@ struct Writer {
     db: sled::Db,
     data_file: File,
     key: Keypair,
+    /// This agent's peer id text, the `source` of its events.
+    source: String,
     cfg: StoreConfig,
     next_seq: u64,
     source_seq: u64,
@@ -745,7 +748,12 @@ impl Writer {
                 // even if making it durable failed.
                 Ok(()) => {
                     let r = self.sync();
-                    self.head.send_replace(self.next_seq - 1);
+                    if r.is_ok() {
+                        // Wake long-polls only when the log grew (not on acks).
+                        let head = self.next_seq - 1;
+                        self.head
+                            .send_if_modified(|h| std::mem::replace(h, head) != head);
+                    }
                     r
                 }
             };
@@ -840,7 +848,7 @@ impl Writer {
             }
             let event = match item {
                 Item::Local(d) => {
-                    let ev = d.seal(&self.key, self.source_seq + 1, now)?;
+                    let ev = d.seal_as(&self.key, &self.source, self.source_seq + 1, now)?;
                     self.source_seq += 1;
                     ev
                 }
