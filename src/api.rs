@@ -60,7 +60,7 @@ impl From<NodeError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::UnknownConsumer(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            StoreError::UnknownConsumer(name) => unknown_consumer(&name),
             StoreError::BeyondHead { .. } | StoreError::Event(_) => ApiError::bad(e.to_string()),
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
@@ -621,10 +621,7 @@ async fn ack(
     ApiJson(req): ApiJson<AckReq>,
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
-    let rec = node.store.ack(&name, req.seq).await.map_err(|e| match e {
-        StoreError::UnknownConsumer(_) => unknown_consumer(&name),
-        e => e.into(),
-    })?;
+    let rec = node.store.ack(&name, req.seq).await?;
     Ok(Json(consumer_view(&node, &rec)))
 }
 
@@ -643,14 +640,7 @@ async fn nack(
             format!("no event at seq {} is retained", req.seq),
         ));
     }
-    let rec = node
-        .store
-        .nack(&name, req.seq, req.reason)
-        .await
-        .map_err(|e| match e {
-            StoreError::UnknownConsumer(_) => unknown_consumer(&name),
-            e => e.into(),
-        })?;
+    let rec = node.store.nack(&name, req.seq, req.reason).await?;
     Ok(Json(consumer_view(&node, &rec)))
 }
 
@@ -685,14 +675,7 @@ async fn delete_consumer(
     Path(name): Path<String>,
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
-    let rec = node
-        .store
-        .delete_consumer(&name)
-        .await
-        .map_err(|e| match e {
-            StoreError::UnknownConsumer(_) => unknown_consumer(&name),
-            e => e.into(),
-        })?;
+    let rec = node.store.delete_consumer(&name).await?;
     Ok(Json(consumer_view(&node, &rec)))
 }
 
