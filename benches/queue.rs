@@ -1115,6 +1115,23 @@ fn main() {
         }
     }
 
+    // Cost floors that bound the (a) rows on this machine, measured here.
+    let (sign_us, commit_us) = floors();
+    rows.push(plain(
+        "(a) floor: ed25519 sign per event",
+        format!("{sign_us:.1} us"),
+        "-",
+        None,
+        json!({ "us": sign_us, "max_events_per_sec_per_core": 1e6 / sign_us }),
+    ));
+    rows.push(plain(
+        "(a) floor: empty sled commit",
+        format!("{commit_us:.0} us"),
+        "-",
+        None,
+        json!({ "us": commit_us, "max_commits_per_sec": 1e6 / commit_us }),
+    ));
+
     println!();
     println!(
         "riftmesh queue bench: N = {n} events per throughput cell, payload {payload_bytes} bytes, \
@@ -1166,4 +1183,31 @@ fn main() {
         Err(e) => eprintln!("cannot write {}: {e}", path.display()),
     }
     drop(rt);
+}
+
+/// Two floors under the durable publish rows: the Ed25519 signature every
+/// local event carries, and one sled commit of a single small key (apply,
+/// sled flush, fdatasync of its file) as the store does per group.
+fn floors() -> (f64, f64) {
+    let key = Keypair::generate_ed25519();
+    let msg = vec![5u8; 400];
+    let n = 5000;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(key.sign(&msg).expect("sign"));
+    }
+    let sign_us = t.elapsed().as_secs_f64() / n as f64 * 1e6;
+
+    let dir = tempfile::tempdir_in("target").expect("tempdir");
+    let db = sled::Config::new().path(dir.path()).open().expect("sled");
+    let file = std::fs::File::open(dir.path().join("db")).expect("db file");
+    let commits = 1000u64;
+    let t = Instant::now();
+    for i in 0..commits {
+        db.insert(i.to_be_bytes(), &[1u8; 64][..]).expect("insert");
+        db.flush().expect("flush");
+        file.sync_data().expect("fsync");
+    }
+    let commit_us = t.elapsed().as_secs_f64() / commits as f64 * 1e6;
+    (sign_us, commit_us)
 }
