@@ -329,6 +329,14 @@ fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishRe
             event_type: event_type.to_string(),
             duplicate: true,
         },
+        // Only peers' envelopes can be held already; kept for completeness.
+        Appended::Held => PublishResp {
+            id: String::new(),
+            hash: hex::encode(hash),
+            seq: 0,
+            event_type: event_type.to_string(),
+            duplicate: true,
+        },
     }
 }
 

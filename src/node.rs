@@ -198,10 +198,10 @@ impl Node {
                 Appended::New { event, .. } => {
                     self.metrics.events_published.inc();
                     if let Err(e) = self.net.publish_event(event).await {
-                        tracing::warn!(id = %event.id, error = %e, "gossip publish failed; the event is stored here only; peers lack it until catch-up (a later protocol) exists");
+                        tracing::warn!(id = %event.id, error = %e, "gossip publish failed; peers get the event through catch-up");
                     }
                 }
-                Appended::Duplicate { .. } => {
+                Appended::Duplicate { .. } | Appended::Held => {
                     self.metrics
                         .events_duplicate
                         .get_or_create(&label("via", "api"))
@@ -237,7 +237,7 @@ async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
                                 .remote_latency
                                 .observe(now.saturating_sub(event.ts_ms) as f64 / 1000.0);
                         }
-                        Appended::Duplicate { .. } => {
+                        Appended::Duplicate { .. } | Appended::Held => {
                             node.metrics
                                 .events_duplicate
                                 .get_or_create(&label("via", "gossip"))

@@ -8,6 +8,8 @@
 //! - `x` accepted_ms:u64be hash:32 → ()            dedup expiry order
 //! - `i` event-id                  → seq
 //! - `k` correlation 0x00 seq      → ()            trace index
+//! - `o` len:u8 source seq:u64be   → log seq       per-source index (catch-up)
+//! - `s` source                    → SourceMark    per-source version vector
 //! - `c` consumer-name             → ConsumerRec
 //! - `d` consumer 0x00 seq         → DeadLetter
 //! - `m` name                      → counters (u64be)
@@ -23,6 +25,7 @@ use libp2p::identity::Keypair;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::catchup::SourceMark;
 use crate::codec;
 use crate::event::{self, Draft, Event, Hash, TypePattern};
 
@@ -109,6 +112,9 @@ impl Default for StoreConfig {
 pub struct Stored {
     pub received_ms: u64,
     pub event: Event,
+    /// Set when this envelope repeats a fact already in the log (same content
+    /// hash, another source or sequence): kept for catch-up, never delivered.
+    pub dup_of: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -144,8 +150,17 @@ pub enum StartAt {
 
 #[derive(Clone, Debug)]
 pub enum Appended {
-    New { seq: u64, event: Arc<Event> },
-    Duplicate { seq: u64, id: String },
+    New {
+        seq: u64,
+        event: Arc<Event>,
+    },
+    /// The content hash was already accepted: `seq` and `id` are the first copy's.
+    Duplicate {
+        seq: u64,
+        id: String,
+    },
+    /// This very envelope (source, sequence) is already held.
+    Held,
 }
 
 enum Item {
@@ -164,6 +179,12 @@ enum Op {
         reply: oneshot::Sender<Result<ConsumerRec, StoreError>>,
     },
     Prune,
+    /// Give up on a source's events up to `to` (gone past retention at peers).
+    SkipTo {
+        source: String,
+        to: u64,
+        reply: oneshot::Sender<Result<SourceMark, StoreError>>,
+    },
 }
 
 enum ConsumerChange {
@@ -217,6 +238,23 @@ fn key_i(id: &str) -> Vec<u8> {
 }
 fn key_k(corr: &str, seq: u64) -> Vec<u8> {
     [b"k", corr.as_bytes(), b"\0", &seq.to_be_bytes()].concat()
+}
+fn key_o(source: &str, seq: u64) -> Vec<u8> {
+    let b = source.as_bytes();
+    let mut k = Vec::with_capacity(2 + b.len() + 8);
+    k.push(b'o');
+    k.push(b.len().min(255) as u8);
+    k.extend_from_slice(&b[..b.len().min(255)]);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+fn prefix_o(source: &str) -> Vec<u8> {
+    let mut k = key_o(source, 0);
+    k.truncate(k.len() - 8);
+    k
+}
+fn key_s(source: &str) -> Vec<u8> {
+    [b"s", source.as_bytes()].concat()
 }
 fn key_c(name: &str) -> Vec<u8> {
     [b"c", name.as_bytes()].concat()
@@ -321,11 +359,18 @@ impl Store {
         }
         let (head_tx, head_rx) = watch::channel(next_seq - 1);
         let first = Arc::new(AtomicU64::new(first_seq));
+        let mut sources = HashMap::new();
+        for r in db.scan_prefix(b"s") {
+            let (k, v) = r?;
+            let m: SourceMark = decode_at(&k, &v)?;
+            sources.insert(m.source.clone(), m);
+        }
         let (tx, rx) = mpsc::channel(cfg.max_group * 2);
         let mut writer = Writer {
             db: db.clone(),
             data_file,
             source: key.public().to_peer_id().to_base58(),
+            sources,
             key,
             cfg,
             next_seq,
@@ -552,7 +597,7 @@ impl Store {
             let seq = seq_of(&k);
             last = seq;
             let s: Stored = decode_at(&k, &v)?;
-            if event::matches_any(patterns, &s.event.event_type) {
+            if s.dup_of.is_none() && event::matches_any(patterns, &s.event.event_type) {
                 out.push((seq, s));
             }
         }
@@ -576,6 +621,60 @@ impl Store {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The version vector: what this agent holds of every source it knows.
+    pub fn version_vector(&self) -> Result<Vec<SourceMark>, StoreError> {
+        self.tree
+            .scan_prefix(b"s")
+            .map(|r| {
+                let (k, v) = r?;
+                decode_at(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Envelopes of `source` from sequence `from` on, in order, at most
+    /// `max_events` of them or about `max_bytes`. Also returns the lowest
+    /// sequence of this source still held (or None if none is).
+    pub fn source_events(
+        &self,
+        source: &str,
+        from: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Event>, Option<u64>), StoreError> {
+        let prefix = prefix_o(source);
+        let floor = self
+            .tree
+            .scan_prefix(&prefix)
+            .next()
+            .transpose()?
+            .map(|(k, _)| seq_of(&k));
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let end = [prefix.as_slice(), &[0xff; 9]].concat();
+        for r in self.tree.range(key_o(source, from)..end) {
+            let (_, v) = r?;
+            let k = key_l(be(&v));
+            let Some(raw) = self.tree.get(k)? else {
+                continue;
+            };
+            bytes += raw.len();
+            let st: Stored = decode_at(&k, &raw)?;
+            out.push(st.event);
+            if out.len() >= max_events || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok((out, floor))
+    }
+
+    /// Give up on `source`'s events up to `to` (they are gone past retention
+    /// at the peers that could have had them).
+    pub async fn skip_to(&self, source: &str, to: u64) -> Result<SourceMark, StoreError> {
+        let source = source.to_string();
+        self.call(|reply| Op::SkipTo { source, to, reply }).await
     }
 
     /// Source sequence numbers this agent has handed out.
@@ -617,6 +716,8 @@ struct Writer {
     key: Keypair,
     /// This agent's peer id text, the `source` of its events.
     source: String,
+    /// Per-source marks (the version vector), persisted under `s`.
+    sources: HashMap<String, SourceMark>,
     cfg: StoreConfig,
     next_seq: u64,
     source_seq: u64,
@@ -628,6 +729,14 @@ struct Writer {
     synced_blobs: std::collections::HashSet<std::ffi::OsString>,
     head: watch::Sender<u64>,
     first: Arc<AtomicU64>,
+}
+
+/// What earlier requests of the same group staged.
+struct Group<'a> {
+    batch: &'a mut sled::Batch,
+    hashes: &'a mut HashMap<Hash, (u64, String)>,
+    held: &'a mut std::collections::HashSet<(String, u64)>,
+    touched: &'a mut std::collections::HashSet<String>,
 }
 
 /// Outcome of one group before it is durable.
@@ -681,7 +790,10 @@ impl Writer {
         let mut replies: Vec<Reply> = Vec::new();
         // Hashes and consumers written earlier in this same group.
         let mut hashes: HashMap<Hash, (u64, String)> = HashMap::new();
+        let mut held: std::collections::HashSet<(String, u64)> = Default::default();
+        let mut touched: std::collections::HashSet<String> = Default::default();
         let mut consumers: HashMap<String, Option<ConsumerRec>> = HashMap::new();
+        let saved_sources = self.sources.clone();
         let (saved_next, saved_src, saved_bytes, saved_dedup) = (
             self.next_seq,
             self.source_seq,
@@ -694,7 +806,13 @@ impl Writer {
         for op in ops {
             match op {
                 Op::Append { items, reply } => {
-                    let r = self.stage_append(items, &mut batch, &mut hashes);
+                    let mut g = Group {
+                        batch: &mut batch,
+                        hashes: &mut hashes,
+                        held: &mut held,
+                        touched: &mut touched,
+                    };
+                    let r = self.stage_append(items, &mut g);
                     dirty = true;
                     match r {
                         Ok(out) => replies.push(Box::new(move |err| {
@@ -728,9 +846,34 @@ impl Writer {
                     }
                 }
                 Op::Prune => prune = true,
+                Op::SkipTo { source, to, reply } => {
+                    dirty = true;
+                    let r = self.advance_source(&source, to, true, &held).map(|()| {
+                        touched.insert(source.clone());
+                        self.sources.get(&source).cloned().unwrap_or_default()
+                    });
+                    match r {
+                        Ok(m) => replies.push(Box::new(move |err| {
+                            let _ = reply.send(match err {
+                                None => Ok(m),
+                                Some(e) => Err(e.duplicate()),
+                            });
+                        })),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
             }
         }
         if dirty {
+            for src in &touched {
+                if let Some(m) = self.sources.get(src) {
+                    if let Ok(v) = codec::encode(m) {
+                        batch.insert(key_s(src), v);
+                    }
+                }
+            }
             batch.insert(M_NEXT, &self.next_seq.to_be_bytes());
             batch.insert(M_SRC, &self.source_seq.to_be_bytes());
             batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
@@ -742,6 +885,7 @@ impl Writer {
                     self.source_seq = saved_src;
                     self.log_bytes = saved_bytes;
                     self.dedup_count = saved_dedup;
+                    self.sources = saved_sources;
                     Err(e)
                 }
                 // Applied in memory: keep the counters so no sequence is reused,
@@ -816,63 +960,93 @@ impl Writer {
     fn stage_append(
         &mut self,
         items: Vec<Item>,
-        batch: &mut sled::Batch,
-        hashes: &mut HashMap<Hash, (u64, String)>,
+        g: &mut Group,
     ) -> Result<Vec<Appended>, StoreError> {
         let now = event::now_ms();
         // Receipt times never go backwards along the log, so time seeks can bisect.
         let received_ms = now.max(self.last_received);
         let mut out = Vec::with_capacity(items.len());
         for item in items {
+            if let Item::Remote(e) = &item {
+                let k = (e.source.clone(), e.seq);
+                if g.held.contains(&k) || self.db.contains_key(key_o(&e.source, e.seq))? {
+                    out.push(Appended::Held);
+                    continue;
+                }
+            }
             let h = match &item {
                 Item::Local(d) => d.hash,
                 Item::Remote(e) => e.hash,
             };
-            if let Some((seq, id)) = hashes.get(&h) {
-                out.push(Appended::Duplicate {
-                    seq: *seq,
-                    id: id.clone(),
-                });
-                continue;
-            }
-            if let Some(v) = self.db.get(key_h(&h))? {
-                let seq = be(&v);
-                let id = self
-                    .db
-                    .get(key_l(seq))?
-                    .and_then(|v| codec::decode::<Stored>(&v, codec::MAX_DECODE).ok())
-                    .map(|s| s.event.id)
-                    .unwrap_or_default();
-                out.push(Appended::Duplicate { seq, id });
-                continue;
-            }
-            let event = match item {
-                Item::Local(d) => {
+            let first_copy = match g.hashes.get(&h) {
+                Some((seq, id)) => Some((*seq, id.clone())),
+                None => match self.db.get(key_h(&h))? {
+                    Some(v) => {
+                        let seq = be(&v);
+                        let id = self
+                            .db
+                            .get(key_l(seq))?
+                            .and_then(|v| codec::decode::<Stored>(&v, codec::MAX_DECODE).ok())
+                            .map(|s| s.event.id)
+                            .unwrap_or_default();
+                        Some((seq, id))
+                    }
+                    None => None,
+                },
+            };
+            let event = match (item, &first_copy) {
+                // A local duplicate gets no sequence number: nothing to store.
+                (Item::Local(_), Some((seq, id))) => {
+                    out.push(Appended::Duplicate {
+                        seq: *seq,
+                        id: id.clone(),
+                    });
+                    continue;
+                }
+                (Item::Local(d), None) => {
                     let ev = d.seal_as(&self.key, &self.source, self.source_seq + 1, now)?;
                     self.source_seq += 1;
                     ev
                 }
-                Item::Remote(e) => e,
+                (Item::Remote(e), _) => e,
             };
             let seq = self.next_seq;
             self.next_seq += 1;
-            let stored = Stored { received_ms, event };
+            let (source, source_seq) = (event.source.clone(), event.seq);
+            let stored = Stored {
+                received_ms,
+                event,
+                dup_of: first_copy.as_ref().map(|(s, _)| *s),
+            };
             let bytes = codec::encode(&stored).map_err(|source| StoreError::Corrupt {
                 key: format!("l{seq}"),
                 source,
             })?;
             self.log_bytes += bytes.len() as u64;
-            batch.insert(&key_l(seq), bytes);
+            g.batch.insert(&key_l(seq), bytes);
+            g.batch
+                .insert(key_o(&source, source_seq), &seq.to_be_bytes());
+            g.held.insert((source.clone(), source_seq));
+            self.advance_source(&source, source_seq, false, g.held)?;
+            if let Some(m) = self.sources.get_mut(&source) {
+                m.last_ms = received_ms;
+            }
+            g.touched.insert(source);
+            if let Some((first, id)) = first_copy {
+                // Another envelope of a fact we hold: kept for catch-up only.
+                out.push(Appended::Duplicate { seq: first, id });
+                continue;
+            }
             let mut hv = seq.to_be_bytes().to_vec();
             hv.extend(received_ms.to_be_bytes());
-            batch.insert(key_h(&h).as_slice(), hv);
-            batch.insert(key_x(received_ms, &h).as_slice(), &[]);
+            g.batch.insert(key_h(&h).as_slice(), hv);
+            g.batch.insert(key_x(received_ms, &h).as_slice(), &[]);
             self.dedup_count += 1;
-            batch.insert(key_i(&stored.event.id), &seq.to_be_bytes());
+            g.batch.insert(key_i(&stored.event.id), &seq.to_be_bytes());
             if let Some(c) = &stored.event.correlation_id {
-                batch.insert(key_k(c, seq), &[]);
+                g.batch.insert(key_k(c, seq), &[]);
             }
-            hashes.insert(h, (seq, stored.event.id.clone()));
+            g.hashes.insert(h, (seq, stored.event.id.clone()));
             out.push(Appended::New {
                 seq,
                 event: Arc::new(stored.event),
@@ -880,6 +1054,42 @@ impl Writer {
         }
         self.last_received = received_ms;
         Ok(out)
+    }
+
+    /// Record that `seq` of `source` is now held (`skip`: or given up, with
+    /// everything before it), then move the contiguous mark over every
+    /// sequence held after it.
+    fn advance_source(
+        &mut self,
+        source: &str,
+        seq: u64,
+        skip: bool,
+        held: &std::collections::HashSet<(String, u64)>,
+    ) -> Result<(), StoreError> {
+        let m = self
+            .sources
+            .entry(source.to_string())
+            .or_insert_with(|| SourceMark {
+                source: source.to_string(),
+                ..Default::default()
+            });
+        m.max_seen = m.max_seen.max(seq);
+        if seq == m.contiguous + 1 || (skip && seq > m.contiguous) {
+            m.contiguous = seq;
+        } else {
+            return Ok(());
+        }
+        loop {
+            let next = m.contiguous + 1;
+            if held.contains(&(source.to_string(), next))
+                || self.db.contains_key(key_o(source, next))?
+            {
+                m.contiguous = next;
+                m.max_seen = m.max_seen.max(next);
+            } else {
+                return Ok(());
+            }
+        }
     }
 
     fn stage_consumer(
@@ -1008,6 +1218,7 @@ impl Writer {
             }
             let seq = seq_of(&k);
             batch.remove(&*k);
+            batch.remove(key_o(&s.event.source, s.event.seq));
             batch.remove(key_i(&s.event.id));
             if let Some(c) = &s.event.correlation_id {
                 batch.remove(key_k(c, seq));
@@ -1032,6 +1243,21 @@ impl Writer {
             batch.remove(key_h(&h).as_slice());
             self.dedup_count = self.dedup_count.saturating_sub(1);
             work += 1;
+        }
+        // A source not heard from within retention, with nothing left in the
+        // log, is forgotten.
+        let forget: Vec<String> = self
+            .sources
+            .values()
+            .filter(|m| m.last_ms < age_cut && m.source != self.source)
+            .map(|m| m.source.clone())
+            .collect();
+        for src in forget {
+            if self.db.scan_prefix(prefix_o(&src)).next().is_none() {
+                batch.remove(key_s(&src));
+                self.sources.remove(&src);
+                work += 1;
+            }
         }
         if work == 0 {
             return Ok(());

@@ -224,3 +224,66 @@ fn damaged_and_locked_stores_are_reported_by_path() {
         Ok(s) => panic!("a garbled store opened silently with head {}", s.head()),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_vector_tracks_each_source_and_serves_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = Keypair::generate_ed25519();
+    let peer = Keypair::generate_ed25519();
+    let peer_id = peer.public().to_peer_id().to_base58();
+    let s = open(dir.path(), &me);
+    s.append_local(vec![draft("CUSTOM_A", 1), draft("CUSTOM_A", 2)])
+        .await
+        .unwrap();
+    let ev = |n: u64| draft("CUSTOM_B", n).seal(&peer, n, 1).unwrap();
+    // 1, 2, then 4 (a gap at 3), then 4 again.
+    let out = s
+        .append_remote(vec![ev(1), ev(2), ev(4), ev(4)])
+        .await
+        .unwrap();
+    assert!(matches!(out[3], Appended::Held), "{out:?}");
+    let vv = s.version_vector().unwrap();
+    let mark = vv.iter().find(|m| m.source == peer_id).unwrap();
+    assert_eq!((mark.contiguous, mark.max_seen), (2, 4));
+    let mine = vv.iter().find(|m| m.source != peer_id).unwrap();
+    assert_eq!(mine.contiguous, 2);
+    // Filling the gap moves the mark over everything held after it.
+    s.append_remote(vec![ev(3)]).await.unwrap();
+    let vv = s.version_vector().unwrap();
+    assert_eq!(
+        vv.iter().find(|m| m.source == peer_id).unwrap().contiguous,
+        4
+    );
+    let (evs, floor) = s.source_events(&peer_id, 2, 2, 1 << 20).unwrap();
+    assert_eq!(evs.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(floor, Some(1));
+    for e in &evs {
+        e.verify().unwrap();
+    }
+    // The same fact from another source is kept for catch-up but not delivered twice.
+    let other = Keypair::generate_ed25519();
+    let copy = draft("CUSTOM_B", 1).seal(&other, 1, 1).unwrap();
+    assert!(matches!(
+        s.append_remote(vec![copy]).await.unwrap()[0],
+        Appended::Duplicate { .. }
+    ));
+    let other_id = other.public().to_peer_id().to_base58();
+    assert_eq!(
+        s.source_events(&other_id, 1, 10, 1 << 20).unwrap().0.len(),
+        1
+    );
+    let (visible, _) = s.read_after(0, 100, 1000, &[]).unwrap();
+    assert_eq!(visible.len(), 6, "the repeated fact must not be delivered");
+    // Giving up on a gap moves the mark past it.
+    s.append_remote(vec![ev(7)]).await.unwrap();
+    let m = s.skip_to(&peer_id, 6).await.unwrap();
+    assert_eq!(m.contiguous, 7);
+    s.close();
+    let s = open(dir.path(), &me);
+    let vv = s.version_vector().unwrap();
+    assert_eq!(
+        vv.iter().find(|m| m.source == peer_id).unwrap().contiguous,
+        7
+    );
+    s.close();
+}

@@ -1,0 +1,328 @@
+//! Catch-up between agents, as plain state machines fed with inputs and a
+//! `now` (no I/O): per-source version vectors, what to fetch from a peer, and
+//! the reorder buffer that keeps each source's events in sequence order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Event;
+
+/// What an agent holds of one source: every sequence number up to
+/// `contiguous` (less those removed by retention), and nothing above `max_seen`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceMark {
+    pub source: String,
+    pub contiguous: u64,
+    pub max_seen: u64,
+    /// When an event of this source was last accepted (ms since epoch); local only,
+    /// not sent on the wire meaningfully (receivers ignore it).
+    pub last_ms: u64,
+}
+
+/// Ranges to ask a peer for: for every source the peer holds further than we
+/// do, start right after our contiguous mark. One entry per source.
+pub fn wants(local: &[SourceMark], remote: &[SourceMark]) -> Vec<(String, u64)> {
+    let mine: HashMap<&str, u64> = local
+        .iter()
+        .map(|m| (m.source.as_str(), m.contiguous))
+        .collect();
+    let mut out: Vec<(String, u64)> = remote
+        .iter()
+        .filter_map(|r| {
+            let have = mine.get(r.source.as_str()).copied().unwrap_or(0);
+            (r.contiguous > have).then(|| (r.source.clone(), have + 1))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[derive(Clone, Debug)]
+pub struct ReorderConfig {
+    /// How long an event waits for a missing earlier one of its source,
+    /// counted from the last progress on that source.
+    pub hold: Duration,
+    /// Most events held across all sources; beyond it the oldest gap gives way.
+    pub max_held: usize,
+}
+
+impl Default for ReorderConfig {
+    fn default() -> Self {
+        Self {
+            hold: Duration::from_secs(10),
+            max_held: 100_000,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Next sequence number this source may append.
+    next: u64,
+    held: BTreeMap<u64, Event>,
+    /// Last time this source made progress (an event released or arrived in order).
+    progress: Option<Instant>,
+}
+
+/// What the reorder buffer decided for one input.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// Events to append, in order.
+    pub ready: Vec<Event>,
+    /// Gaps to fetch: (source, from, to) inclusive.
+    pub gaps: Vec<(String, u64, u64)>,
+    /// Sources whose gap was given up (hold expired or buffer full).
+    pub skipped: Vec<(String, u64, u64)>,
+}
+
+/// Holds a source's event n+1 until its event n is appended, for at most
+/// `hold` after the source last made progress.
+pub struct Reorder {
+    cfg: ReorderConfig,
+    sources: HashMap<String, Pending>,
+    held: usize,
+}
+
+impl Reorder {
+    pub fn new(cfg: ReorderConfig) -> Self {
+        Self {
+            cfg,
+            sources: HashMap::new(),
+            held: 0,
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Whether this source is known to the buffer (its next sequence set).
+    pub fn knows(&self, source: &str) -> bool {
+        self.sources.contains_key(source)
+    }
+
+    /// Tell the buffer that everything up to `contiguous` of `source` is stored.
+    pub fn set_contiguous(
+        &mut self,
+        source: &str,
+        contiguous: u64,
+        now: Instant,
+        out: &mut Released,
+    ) {
+        let p = self.sources.entry(source.to_string()).or_default();
+        if contiguous + 1 > p.next {
+            p.next = contiguous + 1;
+            p.progress = Some(now);
+        }
+        Self::drain(p, source, &mut self.held, out);
+    }
+
+    /// Offer one verified event. Earlier-than-expected events pass through (the
+    /// store drops what it already holds, and keeps a late one rather than lose it).
+    pub fn offer(&mut self, ev: Event, now: Instant, out: &mut Released) {
+        let source = ev.source.clone();
+        let p = self
+            .sources
+            .entry(source.clone())
+            .or_insert_with(|| Pending {
+                next: 1,
+                ..Default::default()
+            });
+        if ev.seq < p.next {
+            out.ready.push(ev);
+            return;
+        }
+        if ev.seq == p.next {
+            p.next += 1;
+            p.progress = Some(now);
+            out.ready.push(ev);
+            Self::drain(p, &source, &mut self.held, out);
+            return;
+        }
+        // A gap: hold it and ask for what is missing.
+        let from = p.next;
+        let first_hold = p.held.is_empty();
+        if p.held.insert(ev.seq, ev).is_none() {
+            self.held += 1;
+        }
+        if p.progress.is_none() {
+            p.progress = Some(now);
+        }
+        let to = *p.held.keys().next().unwrap_or(&from) - 1;
+        if first_hold || to >= from {
+            out.gaps.push((source, from, to));
+        }
+        while self.held > self.cfg.max_held {
+            if !self.give_up_oldest(out) {
+                break;
+            }
+        }
+    }
+
+    /// Release sources whose hold expired.
+    pub fn tick(&mut self, now: Instant, out: &mut Released) {
+        let hold = self.cfg.hold;
+        let expired: Vec<String> = self
+            .sources
+            .iter()
+            .filter(|(_, p)| {
+                !p.held.is_empty() && p.progress.is_none_or(|t| now.duration_since(t) >= hold)
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in expired {
+            self.skip_gap(&s, now, out);
+        }
+    }
+
+    fn give_up_oldest(&mut self, out: &mut Released) -> bool {
+        let oldest = self
+            .sources
+            .iter()
+            .filter(|(_, p)| !p.held.is_empty())
+            .min_by_key(|(_, p)| p.progress)
+            .map(|(s, p)| (s.clone(), p.progress));
+        match oldest {
+            Some((s, progress)) => {
+                self.skip_gap(&s, progress.unwrap_or_else(Instant::now), out);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Give up on the first gap of `source`: jump to its first held event.
+    fn skip_gap(&mut self, source: &str, now: Instant, out: &mut Released) {
+        let Some(p) = self.sources.get_mut(source) else {
+            return;
+        };
+        let Some(&first) = p.held.keys().next() else {
+            return;
+        };
+        out.skipped.push((source.to_string(), p.next, first - 1));
+        p.next = first;
+        p.progress = Some(now);
+        Self::drain(p, source, &mut self.held, out);
+    }
+
+    fn drain(p: &mut Pending, _source: &str, held: &mut usize, out: &mut Released) {
+        // Drop held events the store already has, then release the run that follows.
+        while let Some((&s, _)) = p.held.first_key_value() {
+            if s < p.next {
+                if let Some((_, ev)) = p.held.pop_first() {
+                    *held -= 1;
+                    out.ready.push(ev);
+                }
+            } else if s == p.next {
+                if let Some((_, ev)) = p.held.pop_first() {
+                    *held -= 1;
+                    p.next += 1;
+                    out.ready.push(ev);
+                }
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Draft;
+    use libp2p::identity::Keypair;
+
+    fn ev(key: &Keypair, seq: u64) -> Event {
+        Draft::new(
+            "CUSTOM_T",
+            &serde_json::json!({ "n": seq }),
+            None,
+            None,
+            None,
+        )
+        .unwrap()
+        .seal(key, seq, 1)
+        .unwrap()
+    }
+
+    #[test]
+    fn later_event_waits_for_earlier_then_both_go_in_order() {
+        let k = Keypair::generate_ed25519();
+        let mut r = Reorder::new(ReorderConfig::default());
+        let t0 = Instant::now();
+        let mut out = Released::default();
+        r.offer(ev(&k, 1), t0, &mut out);
+        r.offer(ev(&k, 3), t0, &mut out);
+        r.offer(ev(&k, 4), t0, &mut out);
+        assert_eq!(out.ready.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(out.gaps[0].1..=out.gaps[0].2, 2..=2);
+        assert_eq!(r.held(), 2);
+        let mut out = Released::default();
+        r.offer(ev(&k, 2), t0, &mut out);
+        assert_eq!(
+            out.ready.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(r.held(), 0);
+        // A copy of an old one passes through to the store (which drops it).
+        let mut out = Released::default();
+        r.offer(ev(&k, 2), t0, &mut out);
+        assert_eq!(out.ready.len(), 1);
+    }
+
+    #[test]
+    fn hold_expires_and_the_gap_is_skipped_in_order() {
+        let k = Keypair::generate_ed25519();
+        let mut r = Reorder::new(ReorderConfig {
+            hold: Duration::from_secs(10),
+            max_held: 100,
+        });
+        let t0 = Instant::now();
+        let mut out = Released::default();
+        r.set_contiguous(&k.public().to_peer_id().to_base58(), 5, t0, &mut out);
+        r.offer(ev(&k, 8), t0, &mut out);
+        r.offer(ev(&k, 7), t0, &mut out);
+        assert!(out.ready.is_empty());
+        r.tick(t0 + Duration::from_secs(9), &mut out);
+        assert!(out.ready.is_empty());
+        r.tick(t0 + Duration::from_secs(10), &mut out);
+        assert_eq!(
+            out.ready.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![7, 8]
+        );
+        assert_eq!(out.skipped[0].1..=out.skipped[0].2, 6..=6);
+    }
+
+    #[test]
+    fn buffer_bound_gives_way() {
+        let k = Keypair::generate_ed25519();
+        let mut r = Reorder::new(ReorderConfig {
+            hold: Duration::from_secs(600),
+            max_held: 3,
+        });
+        let t0 = Instant::now();
+        let mut out = Released::default();
+        for s in [10, 11, 12, 13] {
+            r.offer(ev(&k, s), t0, &mut out);
+        }
+        assert!(r.held() <= 3);
+        assert_eq!(
+            out.ready.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![10, 11, 12, 13]
+        );
+    }
+
+    #[test]
+    fn wants_asks_only_for_what_the_peer_has_beyond_us() {
+        let m = |s: &str, c: u64| SourceMark {
+            source: s.into(),
+            contiguous: c,
+            max_seen: c,
+            last_ms: 0,
+        };
+        let w = wants(&[m("a", 5), m("b", 9)], &[m("a", 7), m("b", 3), m("c", 2)]);
+        assert_eq!(w, vec![("a".to_string(), 6), ("c".to_string(), 1)]);
+    }
+}
