@@ -734,6 +734,34 @@ async fn status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     })))
 }
 
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BlockReq {
+    pub peers: Vec<String>,
+    /// false to accept them again.
+    #[serde(default = "yes")]
+    pub block: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Fault injection: cut this agent off from peers (a partition, from this side).
+async fn debug_block(
+    State(node): State<AppState>,
+    ApiJson(req): ApiJson<BlockReq>,
+) -> ApiResult<Json<Value>> {
+    if !node.cfg.fault_injection {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "fault injection is off; start the agent with --fault-injection (tests and testnet only)",
+        ));
+    }
+    let n = node.block_peers(&req.peers, req.block).await?;
+    Ok(Json(json!({ "peers": n, "blocked": req.block })))
+}
+
 async fn types() -> Json<Value> {
     let list: Vec<Value> = event::CATALOG
         .iter()
@@ -778,6 +806,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/peers", get(peers))
         .route("/v1/status", get(status))
         .route("/v1/types", get(types))
+        .route("/v1/debug/block", post(debug_block))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

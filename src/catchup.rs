@@ -161,6 +161,20 @@ impl Reorder {
         }
     }
 
+    /// Sources waiting on a gap, and how long the oldest has waited.
+    pub fn open_gaps(&self, now: Instant) -> (usize, Duration) {
+        let waiting = self.sources.values().filter(|p| !p.held.is_empty());
+        let mut n = 0;
+        let mut age = Duration::ZERO;
+        for p in waiting {
+            n += 1;
+            if let Some(t) = p.progress {
+                age = age.max(now.duration_since(t));
+            }
+        }
+        (n, age)
+    }
+
     /// Release sources whose hold expired.
     pub fn tick(&mut self, now: Instant, out: &mut Released) {
         let hold = self.cfg.hold;

@@ -46,6 +46,9 @@ pub struct AgentArgs {
     /// Turn off mDNS discovery on the local network.
     #[arg(long, env = "RIFTMESH_NO_MDNS")]
     pub no_mdns: bool,
+    /// Accept fault-injection calls (/v1/debug/*) on the local API; for tests and testnet only.
+    #[arg(long, env = "RIFTMESH_FAULT_INJECTION")]
+    pub fault_injection: bool,
     /// Log format: text or json [default: text].
     #[arg(long, env = "RIFTMESH_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -73,6 +76,10 @@ pub struct FileConfig {
     pub retention_max_bytes: Option<u64>,
     pub inbound_queue: Option<usize>,
     pub max_batch: Option<usize>,
+    pub order_hold: Option<String>,
+    pub order_max_held: Option<usize>,
+    pub summary_every_secs: Option<u64>,
+    pub fault_injection: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +111,14 @@ pub struct AgentConfig {
     pub inbound_queue: usize,
     /// Most events in one batch publish.
     pub max_batch: usize,
+    /// How long a source's later event waits for a missing earlier one.
+    pub order_hold: Duration,
+    /// Most events held waiting for earlier ones, all sources together.
+    pub order_max_held: usize,
+    /// Seconds between version-vector summaries with a random peer.
+    pub summary_every_secs: u64,
+    /// Accept fault-injection calls on the local API (tests, testnet).
+    pub fault_injection: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -367,6 +382,14 @@ impl AgentConfig {
             inbound_queue: positive("inbound_queue", file.inbound_queue.map(|v| v as u64), 8192)?
                 as usize,
             max_batch: positive("max_batch", file.max_batch.map(|v| v as u64), 1000)? as usize,
+            order_hold: dur("order_hold", file.order_hold, Duration::from_secs(10))?,
+            order_max_held: positive(
+                "order_max_held",
+                file.order_max_held.map(|v| v as u64),
+                100_000,
+            )? as usize,
+            summary_every_secs: positive("summary_every_secs", file.summary_every_secs, 5)?,
+            fault_injection: args.fault_injection || file.fault_injection.unwrap_or(false),
         })
     }
 }

@@ -32,6 +32,12 @@ pub struct Metrics {
     pub connected_peers: Gauge,
     pub remote_latency: Histogram,
     pub api_errors: Family<Labels, Counter>,
+    pub catchup_events: Counter,
+    pub catchup_bytes: Counter,
+    pub summary_exchanges: Counter,
+    pub gaps_open: Gauge,
+    pub gap_age: Gauge,
+    pub order_skipped: Counter,
 }
 
 impl Metrics {
@@ -48,6 +54,12 @@ impl Metrics {
             connected_peers: Gauge::default(),
             remote_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             api_errors: Family::default(),
+            catchup_events: Counter::default(),
+            catchup_bytes: Counter::default(),
+            summary_exchanges: Counter::default(),
+            gaps_open: Gauge::default(),
+            gap_age: Gauge::default(),
+            order_skipped: Counter::default(),
         };
         let r = reg.sub_registry_with_prefix("riftmesh");
         r.register(
@@ -104,6 +116,36 @@ impl Metrics {
             "api_errors",
             "Local API requests answered with an error, by status code",
             m.api_errors.clone(),
+        );
+        r.register(
+            "catchup_events",
+            "Verified events fetched from peers by catch-up",
+            m.catchup_events.clone(),
+        );
+        r.register(
+            "catchup_bytes",
+            "Approximate bytes of envelopes fetched by catch-up",
+            m.catchup_bytes.clone(),
+        );
+        r.register(
+            "summary_exchanges",
+            "Version-vector summaries sent to peers",
+            m.summary_exchanges.clone(),
+        );
+        r.register(
+            "order_gaps_open",
+            "Sources whose later events wait for a missing earlier one",
+            m.gaps_open.clone(),
+        );
+        r.register(
+            "order_gap_age_seconds",
+            "How long the oldest open gap has waited",
+            m.gap_age.clone(),
+        );
+        r.register(
+            "order_gaps_skipped",
+            "Gaps given up (hold expired, buffer full, or gone past retention at peers)",
+            m.order_skipped.clone(),
         );
         m
     }

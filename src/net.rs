@@ -16,7 +16,8 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, Transport,
+    identify, mdns, noise, ping, request_response, tcp, yamux, Multiaddr, PeerId, StreamProtocol,
+    Swarm, Transport,
 };
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -95,6 +96,79 @@ pub mod wire {
         Ok(ev)
     }
 
+    /// One source's mark in a summary.
+    #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+    pub struct Mark {
+        pub source: String,
+        pub contiguous: u64,
+        pub max_seen: u64,
+    }
+
+    /// Requests of `/riftmesh/events/1`.
+    #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+    pub enum SyncRequest {
+        /// "This is what I hold"; answered with the responder's summary.
+        Summary { marks: Vec<Mark> },
+        /// Envelopes of `source` from sequence `from` on, at most `max_events`.
+        Fetch {
+            source: String,
+            from: u64,
+            max_events: u32,
+        },
+    }
+
+    /// Responses of `/riftmesh/events/1`.
+    #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+    pub enum SyncResponse {
+        Summary {
+            marks: Vec<Mark>,
+        },
+        /// In sequence order. `floor`: the lowest sequence of the source the
+        /// responder still holds (None: none), so a requester asking below it
+        /// learns those are gone past retention there.
+        Events {
+            events: Vec<Event>,
+            floor: Option<u64>,
+        },
+        Refused {
+            reason: String,
+        },
+    }
+
+    /// Largest request frame body.
+    pub const MAX_SYNC_REQUEST: usize = 1 << 20;
+    /// Largest response frame body.
+    pub const MAX_SYNC_RESPONSE: usize = 8 << 20;
+
+    /// Frame: version byte, body length as u32 big-endian, bincode body.
+    pub fn encode_frame<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, WireError> {
+        let body = codec::encode(v)?;
+        let mut out = Vec::with_capacity(5 + body.len());
+        out.push(VERSION);
+        out.extend((body.len() as u32).to_be_bytes());
+        out.extend(body);
+        Ok(out)
+    }
+
+    /// Check a frame header; returns the body length if acceptable.
+    pub fn frame_len(header: &[u8; 5], limit: usize) -> Result<usize, WireError> {
+        if header[0] != VERSION {
+            return Err(WireError::Version(header[0]));
+        }
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if len > limit {
+            return Err(WireError::Codec(codec::CodecError::TooLarge { len, limit }));
+        }
+        Ok(len)
+    }
+
+    pub fn decode_body<T: serde::de::DeserializeOwned>(
+        body: &[u8],
+        limit: usize,
+    ) -> Result<T, WireError> {
+        Ok(codec::decode(body, limit)?)
+    }
+
     /// The gossipsub message id: the content hash from the header, or for a
     /// frame that has none, SHA-256 of the frame (so garbage is deduped too).
     pub fn message_id(data: &[u8]) -> Vec<u8> {
@@ -132,10 +206,87 @@ pub struct PeerInfo {
     pub gossip_subscribed: bool,
 }
 
-/// A verified event from gossip.
-pub struct Inbound {
-    pub event: Event,
-    pub from: PeerId,
+/// What the network hands to the node.
+pub enum Inbound {
+    /// A verified event from gossip.
+    Gossip { event: Event, from: PeerId },
+    /// A catch-up request to answer with [`NetHandle::respond`].
+    Request {
+        peer: PeerId,
+        request: wire::SyncRequest,
+        channel: request_response::ResponseChannel<wire::SyncResponse>,
+    },
+    /// A peer connected (first connection).
+    Connected(PeerId),
+}
+
+pub const SYNC_PROTOCOL: &str = "/riftmesh/events/1";
+
+/// bincode frames for `/riftmesh/events/1`, size-limited before decoding.
+#[derive(Clone, Default)]
+pub struct SyncCodec;
+
+async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + Unpin + Send>(
+    io: &mut R,
+    limit: usize,
+) -> std::io::Result<T> {
+    use futures::AsyncReadExt;
+    let bad =
+        |e: wire::WireError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+    let mut header = [0u8; 5];
+    io.read_exact(&mut header).await?;
+    let len = wire::frame_len(&header, limit).map_err(bad)?;
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    wire::decode_body(&body, limit).map_err(bad)
+}
+
+async fn write_frame<T: serde::Serialize, W: futures::AsyncWrite + Unpin + Send>(
+    io: &mut W,
+    v: &T,
+) -> std::io::Result<()> {
+    use futures::AsyncWriteExt;
+    let frame = wire::encode_frame(v)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    io.write_all(&frame).await?;
+    io.close().await
+}
+
+impl request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = wire::SyncRequest;
+    type Response = wire::SyncResponse;
+
+    async fn read_request<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Self::Request> {
+        read_frame(io, wire::MAX_SYNC_REQUEST).await
+    }
+    async fn read_response<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Self::Response> {
+        read_frame(io, wire::MAX_SYNC_RESPONSE).await
+    }
+    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Self::Request,
+    ) -> std::io::Result<()> {
+        write_frame(io, &req).await
+    }
+    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Self::Response,
+    ) -> std::io::Result<()> {
+        write_frame(io, &res).await
+    }
 }
 
 enum Command {
@@ -146,6 +297,18 @@ enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr),
+    Request {
+        peer: PeerId,
+        request: wire::SyncRequest,
+        reply: oneshot::Sender<Result<wire::SyncResponse, String>>,
+    },
+    Respond {
+        channel: request_response::ResponseChannel<wire::SyncResponse>,
+        response: wire::SyncResponse,
+    },
+    /// Fault injection: refuse and drop connections to these peers.
+    Block(Vec<PeerId>),
+    Unblock(Vec<PeerId>),
 }
 
 #[derive(Clone)]
@@ -202,6 +365,47 @@ impl NetHandle {
         rx.await.map_err(|_| NetError::Closed)
     }
 
+    /// Send a catch-up request and wait for the answer.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: wire::SyncRequest,
+    ) -> Result<wire::SyncResponse, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Request {
+                peer,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Closed)?;
+        rx.await
+            .map_err(|_| NetError::Closed)?
+            .map_err(NetError::Publish)
+    }
+
+    pub async fn respond(
+        &self,
+        channel: request_response::ResponseChannel<wire::SyncResponse>,
+        response: wire::SyncResponse,
+    ) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Respond { channel, response })
+            .await
+            .map_err(|_| NetError::Closed)
+    }
+
+    /// Fault injection: cut this agent off from `peers` (and accept them again).
+    pub async fn block(&self, peers: Vec<PeerId>, block: bool) -> Result<(), NetError> {
+        let cmd = if block {
+            Command::Block(peers)
+        } else {
+            Command::Unblock(peers)
+        };
+        self.tx.send(cmd).await.map_err(|_| NetError::Closed)
+    }
+
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         self.tx
             .send(Command::Dial(addr))
@@ -217,6 +421,8 @@ struct Behaviour {
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    sync: request_response::Behaviour<SyncCodec>,
+    blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
 }
 
 struct PeerState {
@@ -297,12 +503,24 @@ pub fn start(
                 } else {
                     None
                 };
+                let sync = request_response::Behaviour::with_codec(
+                    SyncCodec,
+                    [(
+                        StreamProtocol::new(SYNC_PROTOCOL),
+                        request_response::ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(30))
+                        .with_max_concurrent_streams(64),
+                );
                 Ok(Behaviour {
                     gossipsub,
                     identify,
                     ping: ping::Behaviour::new(ping::Config::new()),
                     kad,
                     mdns: mdns.into(),
+                    sync,
+                    blocked: Default::default(),
                 })
             },
         )
@@ -343,6 +561,7 @@ pub fn start(
         bootstrap: cfg.bootstrap,
         maintain_every: cfg.maintain_every,
         max_msg,
+        pending: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((handle, in_rx))
@@ -359,6 +578,10 @@ struct EventLoop {
     bootstrap: Vec<Multiaddr>,
     maintain_every: Duration,
     max_msg: usize,
+    pending: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<wire::SyncResponse, String>>,
+    >,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -458,6 +681,34 @@ impl EventLoop {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                // The requester may have gone; nothing to do then.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, response);
+            }
+            Command::Block(peers) => {
+                for p in peers {
+                    self.swarm.behaviour_mut().blocked.block_peer(p);
+                    tracing::warn!(peer = %p, "fault injection: peer blocked");
+                }
+            }
+            Command::Unblock(peers) => {
+                for p in peers {
+                    self.swarm.behaviour_mut().blocked.unblock_peer(p);
+                    tracing::warn!(peer = %p, "fault injection: peer unblocked");
+                }
+            }
             Command::Dial(addr) => {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     tracing::debug!(%addr, error = %e, "dial failed");
@@ -489,6 +740,7 @@ impl EventLoop {
                 st.addresses.insert(addr.clone());
                 if new {
                     tracing::info!(peer = %peer_id, %addr, "peer connected");
+                    let _ = self.in_tx.try_send(Inbound::Connected(peer_id));
                     if endpoint.is_dialer() {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
@@ -589,6 +841,8 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Mdns(_) => {}
+            BehaviourEvent::Sync(ev) => self.on_sync(ev),
+            BehaviourEvent::Blocked(v) => match v {},
         }
     }
 
@@ -622,7 +876,7 @@ impl EventLoop {
                             &propagation_source,
                             MessageAcceptance::Accept,
                         );
-                        let inbound = Inbound {
+                        let inbound = Inbound::Gossip {
                             event,
                             from: propagation_source,
                         };
@@ -661,6 +915,61 @@ impl EventLoop {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+impl EventLoop {
+    fn on_sync(&mut self, ev: request_response::Event<wire::SyncRequest, wire::SyncResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message { peer, message, .. } => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    let msg = Inbound::Request {
+                        peer,
+                        request,
+                        channel,
+                    };
+                    if self.in_tx.try_send(msg).is_err() {
+                        self.metrics
+                            .inbound_dropped
+                            .get_or_create(&label("queue", "sync"))
+                            .inc();
+                    }
+                }
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "catch-up request failed");
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                // Malformed or oversized frames end here: counted and logged.
+                if matches!(error, request_response::InboundFailure::Io(_)) {
+                    self.metrics
+                        .events_rejected
+                        .get_or_create(&label("reason", "sync_frame"))
+                        .inc();
+                    tracing::warn!(%peer, %error, "catch-up request refused");
+                }
+            }
+            Event::ResponseSent { .. } => {}
         }
     }
 }

@@ -12,9 +12,14 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
 use crate::config::AgentConfig;
-use crate::event::{self, Draft};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use libp2p::PeerId;
+
+use crate::catchup::{self, Released, Reorder, ReorderConfig, SourceMark};
+use crate::event::{self, Draft, Event, EventError};
 use crate::metrics::{label, Metrics};
-use crate::net::{self, Inbound, NetConfig, NetHandle};
+use crate::net::{self, wire, Inbound, NetConfig, NetHandle};
 use crate::store::{Appended, Store, StoreConfig, StoreError};
 
 /// Room left in a gossip frame for the envelope around the payload
@@ -178,6 +183,22 @@ impl Node {
         self.cfg.max_event_bytes.saturating_sub(ENVELOPE_ALLOWANCE)
     }
 
+    /// Fault injection: refuse and drop connections to these peers (or accept
+    /// them again). Returns how many were named.
+    pub async fn block_peers(&self, peers: &[String], block: bool) -> Result<usize, NodeError> {
+        let ids = peers
+            .iter()
+            .map(|p| {
+                p.parse::<PeerId>().map_err(|e| {
+                    NodeError::Event(event::EventError::BadSource(format!("{p}: {e}")))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = ids.len();
+        self.net.block(ids, block).await?;
+        Ok(n)
+    }
+
     /// Accept local events: size check, durable append (dedup by content hash),
     /// then gossip the new ones.
     pub async fn publish(&self, drafts: Vec<Draft>) -> Result<Vec<Appended>, NodeError> {
@@ -213,40 +234,414 @@ impl Node {
     }
 }
 
-/// Verified events from gossip → the store, in batches.
+/// Events from peers → the store: gossip and catch-up both pass through the
+/// reorder buffer, so each source's events are appended in sequence order.
+struct Ingest {
+    node: Arc<Node>,
+    reorder: Reorder,
+    /// Peers with a fetch in flight (one at a time per peer: pacing).
+    busy: HashSet<PeerId>,
+    /// What to fetch from each peer next: (source, from).
+    queue: HashMap<PeerId, VecDeque<(String, u64)>>,
+    done_tx: mpsc::Sender<Done>,
+    ready: Vec<Event>,
+}
+
+enum Done {
+    Summary(PeerId, Vec<wire::Mark>),
+    Fetch {
+        peer: PeerId,
+        source: String,
+        from: u64,
+        result: Result<Fetched, String>,
+    },
+}
+
+struct Fetched {
+    events: Vec<Event>,
+    floor: Option<u64>,
+    rejected: Vec<&'static str>,
+    bytes: usize,
+    full: bool,
+}
+
+/// Events asked for in one fetch.
+pub const FETCH_BATCH: u32 = 1000;
+/// Bytes of envelopes answered in one fetch, about.
+pub const FETCH_BYTES: usize = 4 << 20;
+
+fn marks(vv: Vec<SourceMark>) -> Vec<wire::Mark> {
+    vv.into_iter()
+        .map(|m| wire::Mark {
+            source: m.source,
+            contiguous: m.contiguous,
+            max_seen: m.max_seen,
+        })
+        .collect()
+}
+
+fn from_wire(m: &[wire::Mark]) -> Vec<SourceMark> {
+    m.iter()
+        .map(|m| SourceMark {
+            source: m.source.clone(),
+            contiguous: m.contiguous,
+            max_seen: m.max_seen,
+            last_ms: 0,
+        })
+        .collect()
+}
+
 async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first.event];
-        while batch.len() < 512 {
-            match rx.try_recv() {
-                Ok(i) => batch.push(i.event),
-                Err(_) => break,
+    let (done_tx, mut done_rx) = mpsc::channel(256);
+    let mut ing = Ingest {
+        reorder: Reorder::new(ReorderConfig {
+            hold: node.cfg.order_hold,
+            max_held: node.cfg.order_max_held,
+        }),
+        node,
+        busy: HashSet::new(),
+        queue: HashMap::new(),
+        done_tx,
+        ready: Vec::new(),
+    };
+    let now = Instant::now();
+    let mut out = Released::default();
+    for m in ing.node.store.version_vector().unwrap_or_default() {
+        ing.reorder
+            .set_contiguous(&m.source, m.contiguous, now, &mut out);
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    loop {
+        let mut out = Released::default();
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                ing.on_inbound(msg, &mut out);
+                // Take what else is waiting, up to a batch.
+                for _ in 0..512 {
+                    match rx.try_recv() {
+                        Ok(m) => ing.on_inbound(m, &mut out),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Some(done) = done_rx.recv() => ing.on_done(done, &mut out).await,
+            _ = tick.tick() => {
+                ticks += 1;
+                ing.reorder.tick(Instant::now(), &mut out);
+                if ticks % ing.node.cfg.summary_every_secs.max(1) == 0 {
+                    ing.summary_with_random_peer().await;
+                }
+                let (gaps, age) = ing.reorder.open_gaps(Instant::now());
+                ing.node.metrics.gaps_open.set(gaps as i64);
+                ing.node.metrics.gap_age.set(age.as_secs() as i64);
             }
         }
-        match node.store.append_remote(batch).await {
-            Ok(out) => {
+        ing.apply(out).await;
+    }
+}
+
+impl Ingest {
+    fn on_inbound(&mut self, msg: Inbound, out: &mut Released) {
+        match msg {
+            Inbound::Gossip { event, from } => {
+                let gaps_before = out.gaps.len();
+                self.reorder.offer(event, Instant::now(), out);
+                // Ask the peer that relayed it for what is missing.
+                let new_gaps: Vec<(String, u64)> = out.gaps[gaps_before..]
+                    .iter()
+                    .map(|(s, f, _)| (s.clone(), *f))
+                    .collect();
+                for (s, f) in new_gaps {
+                    self.want(from, s, f);
+                }
+            }
+            Inbound::Connected(peer) => self.start_summary(peer),
+            Inbound::Request {
+                peer,
+                request,
+                channel,
+            } => {
+                let node = self.node.clone();
+                let done = self.done_tx.clone();
+                tokio::spawn(async move {
+                    let response = answer(&node, request, peer, &done).await;
+                    let _ = node.net.respond(channel, response).await;
+                });
+            }
+        }
+    }
+
+    fn want(&mut self, peer: PeerId, source: String, from: u64) {
+        let q = self.queue.entry(peer).or_default();
+        if let Some(w) = q.iter_mut().find(|(s, _)| *s == source) {
+            w.1 = w.1.min(from);
+        } else {
+            q.push_back((source, from));
+        }
+        self.pump(peer);
+    }
+
+    fn start_summary(&self, peer: PeerId) {
+        let node = self.node.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let ours = marks(node.store.version_vector().unwrap_or_default());
+            node.metrics.summary_exchanges.inc();
+            match node
+                .net
+                .request(peer, wire::SyncRequest::Summary { marks: ours })
+                .await
+            {
+                Ok(wire::SyncResponse::Summary { marks }) => {
+                    let _ = done.send(Done::Summary(peer, marks)).await;
+                }
+                Ok(_) => tracing::warn!(%peer, "peer answered a summary with something else"),
+                Err(e) => tracing::debug!(%peer, error = %e, "summary exchange failed"),
+            }
+        });
+    }
+
+    async fn summary_with_random_peer(&self) {
+        let Ok(peers) = self.node.net.peers().await else {
+            return;
+        };
+        if peers.is_empty() {
+            return;
+        }
+        let pick = &peers[rand::random::<usize>() % peers.len()];
+        if let Ok(p) = pick.peer_id.parse::<PeerId>() {
+            self.start_summary(p);
+        }
+    }
+
+    /// Start the next fetch from `peer` if none is in flight.
+    fn pump(&mut self, peer: PeerId) {
+        if self.busy.contains(&peer) {
+            return;
+        }
+        let Some((source, from)) = self.queue.get_mut(&peer).and_then(|q| q.pop_front()) else {
+            return;
+        };
+        self.busy.insert(peer);
+        let node = self.node.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let req = wire::SyncRequest::Fetch {
+                source: source.clone(),
+                from,
+                max_events: FETCH_BATCH,
+            };
+            let result = match node.net.request(peer, req).await {
+                Ok(wire::SyncResponse::Events { events, floor }) => {
+                    let full = events.len() as u32 >= FETCH_BATCH;
+                    let want = source.clone();
+                    tokio::task::spawn_blocking(move || verify_batch(events, &want, floor, full))
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Ok(wire::SyncResponse::Refused { reason }) => Err(reason),
+                Ok(_) => Err("unexpected answer to a fetch".into()),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = done
+                .send(Done::Fetch {
+                    peer,
+                    source,
+                    from,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    async fn on_done(&mut self, done: Done, out: &mut Released) {
+        match done {
+            Done::Summary(peer, theirs) => {
+                let ours = self.node.store.version_vector().unwrap_or_default();
+                for (source, from) in catchup::wants(&ours, &from_wire(&theirs)) {
+                    self.want(peer, source, from);
+                }
+            }
+            Done::Fetch {
+                peer,
+                source,
+                from,
+                result,
+            } => {
+                self.busy.remove(&peer);
+                match result {
+                    Err(e) => tracing::debug!(%peer, %source, error = %e, "fetch failed"),
+                    Ok(f) => {
+                        let m = &self.node.metrics;
+                        for reason in &f.rejected {
+                            m.events_rejected
+                                .get_or_create(&label("reason", *reason))
+                                .inc();
+                        }
+                        if !f.rejected.is_empty() {
+                            tracing::warn!(%peer, %source, refused = f.rejected.len(), "catch-up answer held events that fail verification");
+                        }
+                        m.catchup_events.inc_by(f.events.len() as u64);
+                        m.catchup_bytes.inc_by(f.bytes as u64);
+                        let first = f.events.first().map(|e| e.seq);
+                        let last = f.events.last().map(|e| e.seq);
+                        // Below the peer's floor, the source's events are gone past
+                        // retention there: stop waiting for them.
+                        if let Some(floor) = f.floor {
+                            if floor > from && first.is_none_or(|s| s > from) {
+                                match self.node.store.skip_to(&source, floor - 1).await {
+                                    Ok(mark) => {
+                                        self.reorder.set_contiguous(
+                                            &source,
+                                            mark.contiguous,
+                                            Instant::now(),
+                                            out,
+                                        );
+                                        m.order_skipped.inc();
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "cannot record a retention gap")
+                                    }
+                                }
+                            }
+                        }
+                        let now = Instant::now();
+                        for ev in f.events {
+                            self.reorder.offer(ev, now, out);
+                        }
+                        if f.full {
+                            if let Some(last) = last {
+                                self.queue
+                                    .entry(peer)
+                                    .or_default()
+                                    .push_front((source, last + 1));
+                            }
+                        }
+                    }
+                }
+                self.pump(peer);
+            }
+        }
+    }
+
+    /// Append what the reorder buffer released; record given-up gaps.
+    async fn apply(&mut self, out: Released) {
+        for (source, from, to) in out.skipped {
+            tracing::warn!(%source, from, to, "gave up waiting for missing events of a source; later ones go ahead");
+            self.node.metrics.order_skipped.inc();
+            if let Err(e) = self.node.store.skip_to(&source, to).await {
+                tracing::warn!(error = %e, "cannot record a skipped gap");
+            }
+        }
+        self.ready.extend(out.ready);
+        if self.ready.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.ready);
+        match self.node.store.append_remote(batch).await {
+            Ok(res) => {
                 let now = event::now_ms();
-                for a in out {
+                for a in res {
                     match a {
                         Appended::New { event, .. } => {
-                            node.metrics
+                            self.node
+                                .metrics
                                 .events_received
-                                .get_or_create(&label("via", "gossip"))
+                                .get_or_create(&label("via", "peers"))
                                 .inc();
-                            node.metrics
+                            self.node
+                                .metrics
                                 .remote_latency
                                 .observe(now.saturating_sub(event.ts_ms) as f64 / 1000.0);
                         }
                         Appended::Duplicate { .. } | Appended::Held => {
-                            node.metrics
+                            self.node
+                                .metrics
                                 .events_duplicate
-                                .get_or_create(&label("via", "gossip"))
+                                .get_or_create(&label("via", "peers"))
                                 .inc();
                         }
                     }
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot store events from peers"),
+        }
+    }
+}
+
+/// Check every envelope of a fetch answer: of the asked source, in order,
+/// hash and signature. The bad ones are dropped and their reasons returned.
+fn verify_batch(events: Vec<Event>, source: &str, floor: Option<u64>, full: bool) -> Fetched {
+    let mut ok = Vec::with_capacity(events.len());
+    let mut rejected = Vec::new();
+    let mut bytes = 0;
+    let mut last = 0;
+    for ev in events {
+        bytes += ev.payload.len() + ev.signature.len() + ev.id.len() + ev.source.len() + 64;
+        if ev.source != source || ev.seq <= last {
+            rejected.push("invalid");
+            continue;
+        }
+        match ev.verify() {
+            Ok(()) => {
+                last = ev.seq;
+                ok.push(ev);
+            }
+            Err(EventError::HashMismatch) => rejected.push("hash"),
+            Err(EventError::BadSignature | EventError::BadSource(_)) => rejected.push("signature"),
+            Err(_) => rejected.push("invalid"),
+        }
+    }
+    Fetched {
+        events: ok,
+        floor,
+        rejected,
+        bytes,
+        full,
+    }
+}
+
+/// Answer a catch-up request from `peer`.
+async fn answer(
+    node: &Arc<Node>,
+    request: wire::SyncRequest,
+    peer: PeerId,
+    done: &mpsc::Sender<Done>,
+) -> wire::SyncResponse {
+    match request {
+        wire::SyncRequest::Summary { marks: theirs } => {
+            // Their summary also tells us what to fetch from them.
+            let _ = done.send(Done::Summary(peer, theirs)).await;
+            match node.store.version_vector() {
+                Ok(vv) => wire::SyncResponse::Summary { marks: marks(vv) },
+                Err(e) => wire::SyncResponse::Refused {
+                    reason: e.to_string(),
+                },
+            }
+        }
+        wire::SyncRequest::Fetch {
+            source,
+            from,
+            max_events,
+        } => {
+            let store = node.store.clone();
+            let max = (max_events as usize).clamp(1, FETCH_BATCH as usize);
+            let r = tokio::task::spawn_blocking(move || {
+                store.source_events(&source, from, max, FETCH_BYTES)
+            })
+            .await;
+            match r {
+                Ok(Ok((events, floor))) => wire::SyncResponse::Events { events, floor },
+                Ok(Err(e)) => wire::SyncResponse::Refused {
+                    reason: e.to_string(),
+                },
+                Err(e) => wire::SyncResponse::Refused {
+                    reason: e.to_string(),
+                },
+            }
         }
     }
 }
