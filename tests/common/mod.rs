@@ -54,12 +54,22 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(root: &Path, name: &str, swarm_key: &Path, bootstrap: &[String]) -> Agent {
+        Self::start_with(root, name, swarm_key, bootstrap, &[]).await
+    }
+
+    pub async fn start_with(
+        root: &Path,
+        name: &str,
+        swarm_key: &Path,
+        bootstrap: &[String],
+        extra: &[String],
+    ) -> Agent {
         let mut a = Agent {
             name: name.into(),
             dir: root.join(name),
             swarm_key: swarm_key.into(),
             bootstrap: bootstrap.to_vec(),
-            extra: Vec::new(),
+            extra: extra.to_vec(),
             api: String::new(),
             metrics: String::new(),
             peer_id: String::new(),
@@ -265,13 +275,19 @@ impl Drop for Agent {
 /// Start `n` agents sharing one swarm key, all bootstrapped to the first, and
 /// wait until each sees every other.
 pub async fn mesh(root: &Path, n: usize) -> Vec<Agent> {
+    mesh_with(root, n, &[]).await
+}
+
+/// [`mesh`] with extra agent flags.
+pub async fn mesh_with(root: &Path, n: usize, extra: &[&str]) -> Vec<Agent> {
     let key = root.join("swarm.key");
     keygen(&key);
-    let first = Agent::start(root, "a0", &key, &[]).await;
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let first = Agent::start_with(root, "a0", &key, &[], &extra).await;
     let boot = vec![first.p2p_addr().await];
     let mut agents = vec![first];
     for i in 1..n {
-        agents.push(Agent::start(root, &format!("a{i}"), &key, &boot).await);
+        agents.push(Agent::start_with(root, &format!("a{i}"), &key, &boot, &extra).await);
     }
     for a in &agents {
         wait_for(
