@@ -35,6 +35,7 @@ pub struct Metrics {
     pub catchup_events: Counter,
     pub catchup_bytes: Counter,
     pub summary_exchanges: Counter,
+    pub summary_bytes: Counter,
     pub gaps_open: Gauge,
     pub gap_age: Gauge,
     pub order_skipped: Counter,
@@ -57,6 +58,7 @@ impl Metrics {
             catchup_events: Counter::default(),
             catchup_bytes: Counter::default(),
             summary_exchanges: Counter::default(),
+            summary_bytes: Counter::default(),
             gaps_open: Gauge::default(),
             gap_age: Gauge::default(),
             order_skipped: Counter::default(),
@@ -131,6 +133,11 @@ impl Metrics {
             "summary_exchanges",
             "Version-vector summaries sent to peers",
             m.summary_exchanges.clone(),
+        );
+        r.register(
+            "summary_bytes",
+            "Bytes of version-vector summaries sent and received (anti-entropy traffic)",
+            m.summary_bytes.clone(),
         );
         r.register(
             "order_gaps_open",

@@ -280,6 +280,13 @@ fn marks(vv: Vec<SourceMark>) -> Vec<wire::Mark> {
         .collect()
 }
 
+/// Bytes of a summary on the wire (frame header included).
+fn summary_size(m: &[wire::Mark]) -> u64 {
+    wire::encode_frame(&wire::SyncRequest::Summary { marks: m.to_vec() })
+        .map(|f| f.len() as u64)
+        .unwrap_or(0)
+}
+
 fn from_wire(m: &[wire::Mark]) -> Vec<SourceMark> {
     m.iter()
         .map(|m| SourceMark {
@@ -613,10 +620,15 @@ async fn answer(
 ) -> wire::SyncResponse {
     match request {
         wire::SyncRequest::Summary { marks: theirs } => {
+            node.metrics.summary_bytes.inc_by(summary_size(&theirs));
             // Their summary also tells us what to fetch from them.
             let _ = done.send(Done::Summary(peer, theirs)).await;
             match node.store.version_vector() {
-                Ok(vv) => wire::SyncResponse::Summary { marks: marks(vv) },
+                Ok(vv) => {
+                    let ours = marks(vv);
+                    node.metrics.summary_bytes.inc_by(summary_size(&ours));
+                    wire::SyncResponse::Summary { marks: ours }
+                }
                 Err(e) => wire::SyncResponse::Refused {
                     reason: e.to_string(),
                 },
