@@ -81,6 +81,41 @@ async fn agent_down_during_publishes_catches_up_on_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_during_a_publish_burst_catches_up() {
+    let root = tempfile::tempdir().unwrap();
+    let mut agents = mesh(root.path(), 3).await;
+    let (api, http) = (agents[0].api.clone(), agents[0].http.clone());
+    let burst = tokio::spawn(async move {
+        for b in 0..20 {
+            let events: Vec<Value> = (0..50)
+                .map(|i| json!({ "type": "CUSTOM_BURST", "payload": { "b": b, "i": i } }))
+                .collect();
+            let r = http
+                .post(format!("{api}/v1/events/batch"))
+                .json(&json!({ "events": events }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    });
+    let a2 = &agents[2];
+    wait_for("part of the burst to reach a2", LONG, || async {
+        (!held(a2, "CUSTOM_BURST").await.is_empty()).then_some(())
+    })
+    .await;
+    agents[2].kill9();
+    agents[2].spawn().await;
+    burst.await.unwrap();
+    for a in &agents {
+        wait_for("every agent to hold the whole burst", LONG, || async {
+            (held(a, "CUSTOM_BURST").await.len() == 1000).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_then_heal_every_agent_holds_every_event_once_in_order() {
     let root = tempfile::tempdir().unwrap();
     let agents = mesh_with(root.path(), 5, &["--fault-injection"]).await;
