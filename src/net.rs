@@ -562,6 +562,7 @@ pub fn start(
         maintain_every: cfg.maintain_every,
         max_msg,
         pending: HashMap::new(),
+        last_bootstrap: None,
     };
     tokio::spawn(event_loop.run());
     Ok((handle, in_rx))
@@ -582,7 +583,11 @@ struct EventLoop {
         request_response::OutboundRequestId,
         oneshot::Sender<Result<wire::SyncResponse, String>>,
     >,
+    last_bootstrap: Option<Instant>,
 }
+
+/// Least time between two DHT bootstrap rounds started by new connections.
+const DHT_BOOTSTRAP_GAP: Duration = Duration::from_secs(10);
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
@@ -629,8 +634,16 @@ impl EventLoop {
                 let _ = self.swarm.dial(addr);
             }
         }
-        if !self.peers.is_empty() {
-            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+    }
+
+    /// A DHT lookup round to learn peers from peers, at most every
+    /// `DHT_BOOTSTRAP_GAP` (kad also runs one every 60 s by itself).
+    fn bootstrap_dht(&mut self) {
+        if self.last_bootstrap.is_some_and(|t| t.elapsed() < DHT_BOOTSTRAP_GAP) {
+            return;
+        }
+        if self.swarm.behaviour_mut().kad.bootstrap().is_ok() {
+            self.last_bootstrap = Some(Instant::now());
         }
     }
 
@@ -744,7 +757,7 @@ impl EventLoop {
                     if endpoint.is_dialer() {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
-                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    self.bootstrap_dht();
                 }
                 self.metrics.connected_peers.set(self.peers.len() as i64);
             }
