@@ -639,7 +639,10 @@ impl EventLoop {
     /// A DHT lookup round to learn peers from peers, at most every
     /// `DHT_BOOTSTRAP_GAP` (kad also runs one every 60 s by itself).
     fn bootstrap_dht(&mut self) {
-        if self.last_bootstrap.is_some_and(|t| t.elapsed() < DHT_BOOTSTRAP_GAP) {
+        if self
+            .last_bootstrap
+            .is_some_and(|t| t.elapsed() < DHT_BOOTSTRAP_GAP)
+        {
             return;
         }
         if self.swarm.behaviour_mut().kad.bootstrap().is_ok() {

@@ -244,11 +244,24 @@ struct Ingest {
     /// What to fetch from each peer next: (source, from).
     queue: HashMap<PeerId, VecDeque<(String, u64)>>,
     done_tx: mpsc::Sender<Done>,
-    ready: Vec<Event>,
+    /// Sources being fetched, and from which peer (one peer per source).
+    fetching: HashMap<String, PeerId>,
+    /// Released catch-up events waiting for the store, committed a chunk at a
+    /// time so live events are never queued behind a whole catch-up.
+    bulk: VecDeque<Event>,
+    /// Per source, how many of its events are in `bulk` (its later events queue behind).
+    bulk_sources: HashMap<String, usize>,
+    bulk_inflight: bool,
 }
+
+/// Catch-up events per store commit.
+const BULK_CHUNK: usize = 256;
+/// Stop fetching while this many fetched events wait for the store.
+const BULK_HIGH: usize = 8 * FETCH_BATCH as usize;
 
 enum Done {
     Summary(PeerId, Vec<wire::Mark>),
+    BulkCommitted,
     Fetch {
         peer: PeerId,
         source: String,
@@ -309,7 +322,10 @@ async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
         busy: HashSet::new(),
         queue: HashMap::new(),
         done_tx,
-        ready: Vec::new(),
+        fetching: HashMap::new(),
+        bulk: VecDeque::new(),
+        bulk_sources: HashMap::new(),
+        bulk_inflight: false,
     };
     let now = Instant::now();
     let mut out = Released::default();
@@ -322,6 +338,7 @@ async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
     let mut ticks: u64 = 0;
     loop {
         let mut out = Released::default();
+        let mut bulk = false;
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
@@ -334,7 +351,10 @@ async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
                     }
                 }
             }
-            Some(done) = done_rx.recv() => ing.on_done(done, &mut out).await,
+            Some(done) = done_rx.recv() => {
+                bulk = true;
+                ing.on_done(done, &mut out).await
+            }
             _ = tick.tick() => {
                 ticks += 1;
                 ing.reorder.tick(Instant::now(), &mut out);
@@ -346,7 +366,7 @@ async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
                 ing.node.metrics.gap_age.set(age.as_secs() as i64);
             }
         }
-        ing.apply(out).await;
+        ing.apply(out, bulk).await;
     }
 }
 
@@ -382,6 +402,10 @@ impl Ingest {
     }
 
     fn want(&mut self, peer: PeerId, source: String, from: u64) {
+        // One peer at a time per source: asking two for the same range doubles the work.
+        if self.fetching.get(&source).is_some_and(|p| *p != peer) {
+            return;
+        }
         let q = self.queue.entry(peer).or_default();
         if let Some(w) = q.iter_mut().find(|(s, _)| *s == source) {
             w.1 = w.1.min(from);
@@ -426,12 +450,16 @@ impl Ingest {
 
     /// Start the next fetch from `peer` if none is in flight.
     fn pump(&mut self, peer: PeerId) {
-        if self.busy.contains(&peer) {
+        if self.busy.contains(&peer) || self.bulk.len() >= BULK_HIGH {
             return;
         }
         let Some((source, from)) = self.queue.get_mut(&peer).and_then(|q| q.pop_front()) else {
             return;
         };
+        if self.fetching.get(&source).is_some_and(|p| *p != peer) {
+            return self.pump(peer);
+        }
+        self.fetching.insert(source.clone(), peer);
         self.busy.insert(peer);
         let node = self.node.clone();
         let done = self.done_tx.clone();
@@ -472,6 +500,15 @@ impl Ingest {
                     self.want(peer, source, from);
                 }
             }
+            Done::BulkCommitted => {
+                self.bulk_inflight = false;
+                if self.bulk.len() < BULK_HIGH {
+                    let peers: Vec<PeerId> = self.queue.keys().copied().collect();
+                    for p in peers {
+                        self.pump(p);
+                    }
+                }
+            }
             Done::Fetch {
                 peer,
                 source,
@@ -479,6 +516,7 @@ impl Ingest {
                 result,
             } => {
                 self.busy.remove(&peer);
+                self.fetching.remove(&source);
                 match result {
                     Err(e) => tracing::debug!(%peer, %source, error = %e, "fetch failed"),
                     Ok(f) => {
@@ -521,6 +559,7 @@ impl Ingest {
                         }
                         if f.full {
                             if let Some(last) = last {
+                                self.fetching.insert(source.clone(), peer);
                                 self.queue
                                     .entry(peer)
                                     .or_default()
@@ -534,8 +573,10 @@ impl Ingest {
         }
     }
 
-    /// Append what the reorder buffer released; record given-up gaps.
-    async fn apply(&mut self, out: Released) {
+    /// Append what the reorder buffer released; record given-up gaps. Live
+    /// events go to the store at once; catch-up events (`bulk`), and any later
+    /// event of a source that still has some waiting, go a chunk at a time.
+    async fn apply(&mut self, out: Released, bulk: bool) {
         for (source, from, to) in out.skipped {
             tracing::warn!(%source, from, to, "gave up waiting for missing events of a source; later ones go ahead");
             self.node.metrics.order_skipped.inc();
@@ -543,39 +584,83 @@ impl Ingest {
                 tracing::warn!(error = %e, "cannot record a skipped gap");
             }
         }
-        self.ready.extend(out.ready);
-        if self.ready.is_empty() {
+        let mut live = Vec::new();
+        for ev in out.ready {
+            if bulk || self.bulk_sources.contains_key(&ev.source) {
+                *self.bulk_sources.entry(ev.source.clone()).or_default() += 1;
+                self.bulk.push_back(ev);
+            } else {
+                live.push(ev);
+            }
+        }
+        if !live.is_empty() {
+            self.commit(live, false).await;
+        }
+        self.pump_bulk().await;
+    }
+
+    async fn pump_bulk(&mut self) {
+        if self.bulk_inflight || self.bulk.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.ready);
-        match self.node.store.append_remote(batch).await {
-            Ok(res) => {
-                let now = event::now_ms();
-                for a in res {
-                    match a {
-                        Appended::New { event, .. } => {
-                            self.node
-                                .metrics
-                                .events_received
-                                .get_or_create(&label("via", "peers"))
-                                .inc();
-                            self.node
-                                .metrics
-                                .remote_latency
-                                .observe(now.saturating_sub(event.ts_ms) as f64 / 1000.0);
-                        }
-                        Appended::Duplicate { .. } | Appended::Held => {
-                            self.node
-                                .metrics
-                                .events_duplicate
-                                .get_or_create(&label("via", "peers"))
-                                .inc();
+        let n = self.bulk.len().min(BULK_CHUNK);
+        let chunk: Vec<Event> = self.bulk.drain(..n).collect();
+        for ev in &chunk {
+            if let Some(c) = self.bulk_sources.get_mut(&ev.source) {
+                *c -= 1;
+                if *c == 0 {
+                    self.bulk_sources.remove(&ev.source);
+                }
+            }
+        }
+        self.bulk_inflight = true;
+        self.commit(chunk, true).await;
+    }
+
+    /// Queue events on the store (in order) and account for the outcome in a
+    /// task of its own, so this loop goes on.
+    async fn commit(&mut self, events: Vec<Event>, bulk: bool) {
+        let rx = match self.node.store.append_remote_queued(events).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store events from peers");
+                if bulk {
+                    self.bulk_inflight = false;
+                }
+                return;
+            }
+        };
+        let node = self.node.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            match rx.await {
+                Ok(Ok(res)) => {
+                    let now = event::now_ms();
+                    let m = &node.metrics;
+                    for a in res {
+                        match a {
+                            Appended::New { event, .. } => {
+                                m.events_received
+                                    .get_or_create(&label("via", "peers"))
+                                    .inc();
+                                m.remote_latency
+                                    .observe(now.saturating_sub(event.ts_ms) as f64 / 1000.0);
+                            }
+                            Appended::Duplicate { .. } | Appended::Held => {
+                                m.events_duplicate
+                                    .get_or_create(&label("via", "peers"))
+                                    .inc();
+                            }
                         }
                     }
                 }
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot store events from peers"),
+                Err(_) => tracing::error!("the store writer stopped"),
             }
-            Err(e) => tracing::error!(error = %e, "cannot store events from peers"),
-        }
+            if bulk {
+                let _ = done.send(Done::BulkCommitted).await;
+            }
+        });
     }
 }
 

@@ -443,6 +443,21 @@ impl Store {
         self.call(|reply| Op::Append { items, reply }).await
     }
 
+    /// Queue an append of peers' events and return at once with a receiver of
+    /// its outcome. Appends are committed in the order they are queued.
+    pub async fn append_remote_queued(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<oneshot::Receiver<Result<Vec<Appended>, StoreError>>, StoreError> {
+        let items = events.into_iter().map(Item::Remote).collect();
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Append { items, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
     pub async fn upsert_consumer(
         &self,
         name: &str,
