@@ -115,6 +115,9 @@ pub mod wire {
             from: u64,
             max_events: u32,
         },
+        /// SHA-256 of the sender's summary (see [`marks_digest`]): answered
+        /// with `Same`, or with the responder's summary when they differ.
+        Digest { digest: [u8; 32] },
     }
 
     /// Responses of `/riftmesh/events/1`.
@@ -133,6 +136,20 @@ pub mod wire {
         Refused {
             reason: String,
         },
+        /// The digests match: nothing to exchange.
+        Same,
+    }
+
+    /// Digest of a summary: SHA-256 over the bincode of each mark, sorted by source.
+    pub fn marks_digest(marks: &[Mark]) -> [u8; 32] {
+        use sha2::Digest;
+        let mut sorted: Vec<&Mark> = marks.iter().collect();
+        sorted.sort_by(|a, b| a.source.cmp(&b.source));
+        let mut h = sha2::Sha256::new();
+        for m in sorted {
+            h.update(codec::encode(m).unwrap_or_default());
+        }
+        h.finalize().into()
     }
 
     /// Largest request frame body.

@@ -293,6 +293,9 @@ fn marks(vv: Vec<SourceMark>) -> Vec<wire::Mark> {
         .collect()
 }
 
+/// Bytes of a digest request or a `Same` answer on the wire, about.
+const DIGEST_BYTES: u64 = 38;
+
 /// Bytes of a summary on the wire (frame header included).
 fn summary_size(m: &[wire::Mark]) -> u64 {
     wire::encode_frame(&wire::SyncRequest::Summary { marks: m.to_vec() })
@@ -385,7 +388,7 @@ impl Ingest {
                     self.want(from, s, f);
                 }
             }
-            Inbound::Connected(peer) => self.start_summary(peer),
+            Inbound::Connected(peer) => self.start_summary(peer, false),
             Inbound::Request {
                 peer,
                 request,
@@ -415,18 +418,46 @@ impl Ingest {
         self.pump(peer);
     }
 
-    fn start_summary(&self, peer: PeerId) {
+    /// Exchange summaries with `peer`. With `digest_only`, first only the
+    /// digests (about 40 bytes each way); the full summaries follow if they differ.
+    fn start_summary(&self, peer: PeerId, digest_only: bool) {
         let node = self.node.clone();
         let done = self.done_tx.clone();
         tokio::spawn(async move {
             let ours = marks(node.store.version_vector().unwrap_or_default());
-            node.metrics.summary_exchanges.inc();
+            let m = &node.metrics;
+            m.summary_exchanges.inc();
+            if digest_only {
+                let digest = wire::marks_digest(&ours);
+                m.summary_bytes.inc_by(DIGEST_BYTES);
+                match node
+                    .net
+                    .request(peer, wire::SyncRequest::Digest { digest })
+                    .await
+                {
+                    Ok(wire::SyncResponse::Same) => {
+                        m.summary_bytes.inc_by(DIGEST_BYTES);
+                        return;
+                    }
+                    Ok(wire::SyncResponse::Summary { marks }) => {
+                        m.summary_bytes.inc_by(summary_size(&marks));
+                        let _ = done.send(Done::Summary(peer, marks)).await;
+                        // Then send ours, so the peer can fetch from us too.
+                    }
+                    Ok(_) => {
+                        return tracing::warn!(%peer, "peer answered a digest with something else")
+                    }
+                    Err(e) => return tracing::debug!(%peer, error = %e, "digest exchange failed"),
+                }
+            }
+            m.summary_bytes.inc_by(summary_size(&ours));
             match node
                 .net
                 .request(peer, wire::SyncRequest::Summary { marks: ours })
                 .await
             {
                 Ok(wire::SyncResponse::Summary { marks }) => {
+                    m.summary_bytes.inc_by(summary_size(&marks));
                     let _ = done.send(Done::Summary(peer, marks)).await;
                 }
                 Ok(_) => tracing::warn!(%peer, "peer answered a summary with something else"),
@@ -444,7 +475,7 @@ impl Ingest {
         }
         let pick = &peers[rand::random::<usize>() % peers.len()];
         if let Ok(p) = pick.peer_id.parse::<PeerId>() {
-            self.start_summary(p);
+            self.start_summary(p, true);
         }
     }
 
@@ -713,6 +744,24 @@ async fn answer(
                     let ours = marks(vv);
                     node.metrics.summary_bytes.inc_by(summary_size(&ours));
                     wire::SyncResponse::Summary { marks: ours }
+                }
+                Err(e) => wire::SyncResponse::Refused {
+                    reason: e.to_string(),
+                },
+            }
+        }
+        wire::SyncRequest::Digest { digest } => {
+            node.metrics.summary_bytes.inc_by(DIGEST_BYTES);
+            match node.store.version_vector() {
+                Ok(vv) => {
+                    let ours = marks(vv);
+                    if wire::marks_digest(&ours) == digest {
+                        node.metrics.summary_bytes.inc_by(DIGEST_BYTES);
+                        wire::SyncResponse::Same
+                    } else {
+                        node.metrics.summary_bytes.inc_by(summary_size(&ours));
+                        wire::SyncResponse::Summary { marks: ours }
+                    }
                 }
                 Err(e) => wire::SyncResponse::Refused {
                     reason: e.to_string(),
