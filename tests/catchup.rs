@@ -296,9 +296,11 @@ async fn altered_events_in_a_catch_up_answer_are_refused() {
         } = msg
         {
             let response = match request {
-                wire::SyncRequest::Summary { .. } => wire::SyncResponse::Summary {
-                    marks: vec![mark.clone()],
-                },
+                wire::SyncRequest::Summary { .. } | wire::SyncRequest::Digest { .. } => {
+                    wire::SyncResponse::Summary {
+                        marks: vec![mark.clone()],
+                    }
+                }
                 wire::SyncRequest::Fetch { from, .. } => {
                     let set = if answered_altered { &genuine } else { &altered };
                     answered_altered = true;
@@ -355,6 +357,9 @@ async fn a_sources_order_holds_when_the_earlier_event_arrives_last() {
                             )
                             .await;
                         return;
+                    }
+                    wire::SyncRequest::Digest { .. } => {
+                        let _ = evil.respond(channel, wire::SyncResponse::Same).await;
                     }
                     wire::SyncRequest::Summary { .. } => {
                         let _ = evil
