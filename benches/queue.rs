@@ -11,9 +11,9 @@
 //! measurement, default 15; a measurement that hits it reports the events it
 //! completed in that time).
 
-use std::fs::File;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +24,11 @@ use riftmesh::store::{Appended, StartAt, Store, StoreConfig};
 use rusqlite::{params, Connection, TransactionBehavior};
 use serde_json::{json, Value};
 use tempfile::TempDir;
+
+use common::{
+    http_json, keygen, log_tail, percentile, spawn_agent, verdict, vm_rss_kb, wait_agent_json,
+    Agents,
+};
 
 const EVENT_TYPE: &str = "BENCH_QUEUE";
 const PUBLISHERS: u64 = 8;
@@ -452,103 +457,6 @@ fn sqlite_consume(env: &Env, sync: SyncMode) -> Tput {
 
 // ---------------------------------------------------------------- agents
 
-/// Kills every agent it holds when dropped, panics included.
-struct Agents {
-    children: Vec<Child>,
-}
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn_agent(
-    bin: &str,
-    root: &Path,
-    name: &str,
-    bootstrap: Option<&str>,
-) -> anyhow::Result<Child> {
-    let data = root.join(name);
-    std::fs::create_dir_all(&data)?;
-    let log = File::create(root.join(format!("{name}.log")))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("agent")
-        .args(["--name", name])
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-        .args(["--api", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-        .arg("--swarm-key")
-        .arg(root.join("swarm.key"))
-        .arg("--no-mdns")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log));
-    if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", b]);
-    }
-    // Only the flags above configure the agents.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("RIFTMESH_") {
-            cmd.env_remove(k);
-        }
-    }
-    Ok(cmd.spawn()?)
-}
-
-fn log_tail(root: &Path, name: &str) -> String {
-    let text = std::fs::read_to_string(root.join(format!("{name}.log"))).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// Wait for `<data-dir>/agent.json`; returns (peer_id, api address).
-async fn wait_agent_json(
-    child: &mut Child,
-    root: &Path,
-    name: &str,
-    deadline: Instant,
-) -> anyhow::Result<(String, String)> {
-    let path = root.join(name).join("agent.json");
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                if let (Some(p), Some(a)) = (v["peer_id"].as_str(), v["api"].as_str()) {
-                    return Ok((p.to_string(), a.to_string()));
-                }
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!(
-                "agent {name} exited ({status}) before writing agent.json:\n{}",
-                log_tail(root, name)
-            );
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!(
-                "agent {name} did not write {} in time:\n{}",
-                path.display(),
-                log_tail(root, name)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn http_json(req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-    let resp = req.send().await?;
-    let status = resp.status();
-    let body: Value = resp.json().await?;
-    if !status.is_success() {
-        anyhow::bail!("HTTP {status}: {body}");
-    }
-    Ok(body)
-}
-
 #[derive(Default)]
 struct Receiver {
     warm: AtomicUsize,
@@ -598,23 +506,10 @@ struct MeshResult {
     rss_mb: Vec<f64>,
 }
 
-fn vm_rss_kb(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
     let bin = env!("CARGO_BIN_EXE_riftmesh");
     let root = env.tempdir("mesh-");
-    let st = Command::new(bin)
-        .arg("keygen")
-        .arg("--out")
-        .arg(root.join("swarm.key"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    anyhow::ensure!(st.success(), "riftmesh keygen failed ({st})");
+    keygen(bin, &root.join("swarm.key"))?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
@@ -824,15 +719,6 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
     })
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 // ---------------------------------------------------------------- report
 
 struct Row {
@@ -845,10 +731,6 @@ struct Row {
     target: String,
     result: String,
     json: Value,
-}
-
-fn verdict(ok: bool) -> String {
-    if ok { "met" } else { "missed" }.to_string()
 }
 
 fn rate_cell(t: &Tput) -> String {
