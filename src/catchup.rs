@@ -98,6 +98,11 @@ impl Reorder {
         self.held
     }
 
+    /// The next sequence of `source` the buffer expects (1 if unknown).
+    pub fn next_expected(&self, source: &str) -> u64 {
+        self.sources.get(source).map_or(1, |p| p.next)
+    }
+
     /// Whether this source is known to the buffer (its next sequence set).
     pub fn knows(&self, source: &str) -> bool {
         self.sources.contains_key(source)

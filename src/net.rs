@@ -580,6 +580,8 @@ pub fn start(
         max_msg,
         pending: HashMap::new(),
         last_bootstrap: None,
+        lost: HashMap::new(),
+        ticks: 0,
     };
     tokio::spawn(event_loop.run());
     Ok((handle, in_rx))
@@ -601,7 +603,17 @@ struct EventLoop {
         oneshot::Sender<Result<wire::SyncResponse, String>>,
     >,
     last_bootstrap: Option<Instant>,
+    /// Peers whose last connection closed: their addresses and since when.
+    lost: HashMap<PeerId, (Vec<Multiaddr>, Instant)>,
+    ticks: u64,
 }
+
+/// Lost peers are redialed at every maintenance tick for this long,
+const LOST_FAST: Duration = Duration::from_secs(300);
+/// then at every this many ticks,
+const LOST_SLOW_EVERY: u64 = 15;
+/// and forgotten after this long.
+const LOST_FORGET: Duration = Duration::from_secs(3600);
 
 /// Least time between two DHT bootstrap rounds started by new connections.
 const DHT_BOOTSTRAP_GAP: Duration = Duration::from_secs(10);
@@ -630,6 +642,27 @@ impl EventLoop {
     }
 
     fn maintain(&mut self) {
+        // Peers we lost: every tick for LOST_FAST, then every LOST_SLOW_EVERY
+        // ticks, and forgotten after LOST_FORGET.
+        self.ticks += 1;
+        let now = Instant::now();
+        self.lost
+            .retain(|_, (_, since)| now.duration_since(*since) < LOST_FORGET);
+        let redial: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .lost
+            .iter()
+            .filter(|(_, (_, since))| {
+                now.duration_since(*since) < LOST_FAST || self.ticks % LOST_SLOW_EVERY == 0
+            })
+            .map(|(p, (a, _))| (*p, a.clone()))
+            .collect();
+        for (peer, addrs) in redial {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
         // Bootstrap addresses we are not connected to are dialed again, so an
         // agent that restarted or a healed partition reconnects by itself.
         let connected_addrs: HashSet<Multiaddr> = self
@@ -762,6 +795,7 @@ impl EventLoop {
             } => {
                 let addr = endpoint.get_remote_address().clone();
                 let new = !self.peers.contains_key(&peer_id);
+                self.lost.remove(&peer_id);
                 let st = self.peers.entry(peer_id).or_insert_with(|| PeerState {
                     addresses: HashSet::new(),
                     since: Instant::now(),
@@ -789,7 +823,18 @@ impl EventLoop {
                 ..
             } => {
                 if num_established == 0 {
-                    self.peers.remove(&peer_id);
+                    if let Some(st) = self.peers.remove(&peer_id) {
+                        // Keep dialing it for a while: a healed partition or a
+                        // restarted peer reconnects without waiting for the DHT.
+                        let mut addrs: Vec<Multiaddr> =
+                            st.listen_addrs.into_iter().filter(is_dialable).collect();
+                        if endpoint.is_dialer() {
+                            addrs.push(endpoint.get_remote_address().clone());
+                        }
+                        if !addrs.is_empty() {
+                            self.lost.insert(peer_id, (addrs, Instant::now()));
+                        }
+                    }
                     tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
                 } else if let Some(st) = self.peers.get_mut(&peer_id) {
                     st.addresses.remove(endpoint.get_remote_address());

@@ -154,7 +154,7 @@ impl Node {
                 psk,
                 max_message_bytes: cfg.max_event_bytes,
                 inbound_queue: cfg.inbound_queue,
-                maintain_every: Duration::from_secs(5),
+                maintain_every: Duration::from_secs(2),
             },
             registry,
             metrics.clone(),
@@ -405,10 +405,12 @@ impl Ingest {
     }
 
     fn want(&mut self, peer: PeerId, source: String, from: u64) {
-        // One peer at a time per source: asking two for the same range doubles the work.
-        if self.fetching.get(&source).is_some_and(|p| *p != peer) {
+        // One fetch chain per source: a chain continues by itself while answers
+        // are full, and asking two peers for the same range doubles the work.
+        if self.fetching.contains_key(&source) {
             return;
         }
+        let from = from.max(self.reorder.next_expected(&source));
         let q = self.queue.entry(peer).or_default();
         if let Some(w) = q.iter_mut().find(|(s, _)| *s == source) {
             w.1 = w.1.min(from);
@@ -490,6 +492,8 @@ impl Ingest {
         if self.fetching.get(&source).is_some_and(|p| *p != peer) {
             return self.pump(peer);
         }
+        // What arrived since this want was queued is not asked for again.
+        let from = from.max(self.reorder.next_expected(&source));
         self.fetching.insert(source.clone(), peer);
         self.busy.insert(peer);
         let node = self.node.clone();
@@ -617,7 +621,19 @@ impl Ingest {
         }
         let mut live = Vec::new();
         for ev in out.ready {
-            if bulk || self.bulk_sources.contains_key(&ev.source) {
+            let waiting = self.bulk_sources.get(&ev.source).copied().unwrap_or(0);
+            if !bulk && waiting > 0 && waiting <= BULK_CHUNK {
+                // A live event whose source has a few fetched events still
+                // queued: take those along rather than wait behind the backlog.
+                let (mine, rest): (VecDeque<Event>, VecDeque<Event>) =
+                    std::mem::take(&mut self.bulk)
+                        .into_iter()
+                        .partition(|e| e.source == ev.source);
+                self.bulk = rest;
+                self.bulk_sources.remove(&ev.source);
+                live.extend(mine);
+                live.push(ev);
+            } else if bulk || waiting > 0 {
                 *self.bulk_sources.entry(ev.source.clone()).or_default() += 1;
                 self.bulk.push_back(ev);
             } else {
