@@ -255,7 +255,7 @@ struct Ingest {
 }
 
 /// Catch-up events per store commit.
-const BULK_CHUNK: usize = 256;
+const BULK_CHUNK: usize = 128;
 /// Stop fetching while this many fetched events wait for the store.
 const BULK_HIGH: usize = 8 * FETCH_BATCH as usize;
 
