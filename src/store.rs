@@ -213,6 +213,9 @@ pub struct Store {
 /// File beside sled's holding a committed head, to detect a store that lost data.
 const HEAD_MARK: &str = "riftmesh.head";
 const M_NEXT: &[u8] = b"mnext_seq";
+/// On-disk layout version; a store of another version is refused by path.
+const M_FORMAT: &[u8] = b"mformat";
+const STORE_FORMAT: u64 = 1;
 const M_SRC: &[u8] = b"msource_seq";
 const M_BYTES: &[u8] = b"mlog_bytes";
 const M_DEDUP: &[u8] = b"mdedup_count";
@@ -319,6 +322,18 @@ impl Store {
             path: path.join("db"),
             source,
         })?;
+        let unversioned = match db.get(M_FORMAT)?.map(|v| be(&v)) {
+            Some(STORE_FORMAT) => false,
+            Some(other) => {
+                return Err(StoreError::Damaged {
+                    path,
+                    reason: format!(
+                        "store layout version {other}, this agent reads version {STORE_FORMAT}"
+                    ),
+                })
+            }
+            None => true,
+        };
         let get =
             |k: &[u8]| -> Result<u64, StoreError> { Ok(db.get(k)?.map(|v| be(&v)).unwrap_or(0)) };
         let mut next_seq = get(M_NEXT)?.max(1);
@@ -356,6 +371,9 @@ impl Store {
                     ),
                 });
             }
+        }
+        if unversioned {
+            db.insert(M_FORMAT, &STORE_FORMAT.to_be_bytes())?;
         }
         let (head_tx, head_rx) = watch::channel(next_seq - 1);
         let first = Arc::new(AtomicU64::new(first_seq));
