@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{mesh, mesh_with, wait_for, Agent};
 use libp2p::identity::Keypair;
 use riftmesh::event::{content_hash, Draft, Event};
-use riftmesh::net::{self, wire, Inbound, NetConfig};
+use riftmesh::net::{wire, Inbound};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -186,48 +186,6 @@ async fn partition_then_heal_every_agent_holds_every_event_once_in_order() {
     );
 }
 
-/// A peer with the swarm key that answers catch-up requests itself.
-async fn hostile_peer(
-    a: &Agent,
-    key_path: &std::path::Path,
-) -> (
-    net::NetHandle,
-    tokio::sync::mpsc::Receiver<Inbound>,
-    Keypair,
-) {
-    let psk = net::parse_psk(&std::fs::read_to_string(key_path).unwrap()).unwrap();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = riftmesh::metrics::Metrics::register(&mut registry);
-    let key = Keypair::generate_ed25519();
-    let boot: libp2p::Multiaddr = a.p2p_addr().await.parse().unwrap();
-    let (h, rx) = net::start(
-        key.clone(),
-        NetConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap: vec![boot.clone()],
-            mdns: false,
-            psk,
-            max_message_bytes: 1 << 20,
-            inbound_queue: 1024,
-            maintain_every: Duration::from_secs(1),
-        },
-        &mut registry,
-        metrics,
-    )
-    .unwrap();
-    h.dial(boot).await.unwrap();
-    wait_for("the peer to join the topic", LONG, || async {
-        h.peers()
-            .await
-            .ok()?
-            .iter()
-            .any(|p| p.gossip_subscribed)
-            .then_some(())
-    })
-    .await;
-    (h, rx, key)
-}
-
 fn seal(key: &Keypair, seq: u64) -> Event {
     Draft::new(
         "MODEL_PROMOTED",
@@ -247,7 +205,7 @@ async fn altered_events_in_a_catch_up_answer_are_refused() {
     let key_path = root.path().join("swarm.key");
     common::keygen(&key_path);
     let a = Agent::start(root.path(), "target", &key_path, &[]).await;
-    let (evil, mut rx, _) = hostile_peer(&a, &key_path).await;
+    let (evil, mut rx, _) = common::hostile_peer(&a, &key_path).await;
     // Events of a third agent that the hostile peer relays, altered.
     let victim = Keypair::generate_ed25519();
     let victim_id = victim.public().to_peer_id().to_base58();
@@ -333,7 +291,7 @@ async fn a_sources_order_holds_when_the_earlier_event_arrives_last() {
     let key_path = root.path().join("swarm.key");
     common::keygen(&key_path);
     let a = Agent::start(root.path(), "target", &key_path, &[]).await;
-    let (evil, mut rx, key) = hostile_peer(&a, &key_path).await;
+    let (evil, mut rx, key) = common::hostile_peer(&a, &key_path).await;
     let evs: Vec<Event> = (1..=3).map(|n| seal(&key, n)).collect();
     // 3 and 2 first; the agent must hold them and ask for 1, which we do not
     // answer: 1 arrives by gossip last.

@@ -438,40 +438,14 @@ async fn malformed_api_requests_get_4xx_and_write_nothing() {
 async fn hostile_gossip_is_refused_and_counted() {
     use libp2p::identity::Keypair;
     use riftmesh::event::{content_hash, Draft};
-    use riftmesh::net::{self, wire, NetConfig};
+    use riftmesh::net::wire;
 
     let root = tempfile::tempdir().unwrap();
     let key = root.path().join("swarm.key");
     keygen(&key);
     let a = Agent::start(root.path(), "target", &key, &[]).await;
-    let boot: libp2p::Multiaddr = a.p2p_addr().await.parse().unwrap();
-
     // A peer with the right swarm key speaking our protocol, but hostile.
-    let psk = net::parse_psk(&std::fs::read_to_string(&key).unwrap()).unwrap();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = riftmesh::metrics::Metrics::register(&mut registry);
-    let evil_key = Keypair::generate_ed25519();
-    let (evil, _inbound) = net::start(
-        evil_key.clone(),
-        NetConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap: vec![boot.clone()],
-            mdns: false,
-            psk,
-            max_message_bytes: 1 << 20,
-            inbound_queue: 64,
-            maintain_every: Duration::from_secs(1),
-        },
-        &mut registry,
-        metrics,
-    )
-    .unwrap();
-    evil.dial(boot).await.unwrap();
-    wait_for("the hostile peer to join the topic", LONG, || async {
-        let peers = evil.peers().await.ok()?;
-        peers.iter().any(|p| p.gossip_subscribed).then_some(())
-    })
-    .await;
+    let (evil, _inbound, evil_key) = common::hostile_peer(&a, &key).await;
 
     // A valid event from this peer is accepted (it is a member).
     let good = Draft::new("CUSTOM_GOOD", &json!({ "n": 1 }), None, None, None)

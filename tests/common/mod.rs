@@ -307,3 +307,51 @@ pub async fn mesh_with(root: &Path, n: usize, extra: &[&str]) -> Vec<Agent> {
     }
     agents
 }
+
+/// A libp2p peer of our own protocol with the right swarm key, joined to `a`
+/// and subscribed, driven by the test (it may be hostile). Returns its handle,
+/// what it receives, and its key.
+pub async fn hostile_peer(
+    a: &Agent,
+    key_path: &std::path::Path,
+) -> (
+    riftmesh::net::NetHandle,
+    tokio::sync::mpsc::Receiver<riftmesh::net::Inbound>,
+    libp2p::identity::Keypair,
+) {
+    let psk = riftmesh::net::parse_psk(&std::fs::read_to_string(key_path).unwrap()).unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = riftmesh::metrics::Metrics::register(&mut registry);
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let boot: libp2p::Multiaddr = a.p2p_addr().await.parse().unwrap();
+    let (h, rx) = riftmesh::net::start(
+        key.clone(),
+        riftmesh::net::NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap: vec![boot.clone()],
+            mdns: false,
+            psk,
+            max_message_bytes: 1 << 20,
+            inbound_queue: 1024,
+            maintain_every: Duration::from_secs(1),
+        },
+        &mut registry,
+        metrics,
+    )
+    .unwrap();
+    h.dial(boot).await.unwrap();
+    wait_for(
+        "the peer to join the topic",
+        Duration::from_secs(90),
+        || async {
+            h.peers()
+                .await
+                .ok()?
+                .iter()
+                .any(|p| p.gossip_subscribed)
+                .then_some(())
+        },
+    )
+    .await;
+    (h, rx, key)
+}
