@@ -76,7 +76,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     });
     let app = crate::api::router(node.clone());
-    let server = axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal());
+    let n = node.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {
+                // SIGTERM / Ctrl-C: a graceful leave, so peers mark us `left`
+                // at once instead of suspecting us.
+                tracing::info!("stop signal: leaving the cluster");
+                if tokio::time::timeout(std::time::Duration::from_secs(5), n.membership.leave()).await.is_err() {
+                    tracing::warn!("leave did not finish in 5 s; stopping anyway");
+                }
+            }
+            _ = n.stop.notified() => {}
+        }
+    };
+    let server = axum::serve(api_listener, app).with_graceful_shutdown(shutdown);
     server.await?;
     tracing::info!("riftmesh agent stopping");
     Ok(())

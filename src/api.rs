@@ -734,6 +734,57 @@ async fn status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     })))
 }
 
+async fn members(State(node): State<AppState>) -> ApiResult<Json<Value>> {
+    let listen: Vec<String> = node
+        .net
+        .listen_addrs()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let mut list = node.membership.members(&listen);
+    if let Some(me) = list.first_mut() {
+        me.peer_id = node.peer_id.clone();
+    }
+    Ok(Json(json!({ "self": node.peer_id, "members": list })))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct JobsReq {
+    /// Counter name → value (a number), or null to remove it.
+    pub jobs: std::collections::BTreeMap<String, Option<f64>>,
+    /// Drop these counters after this many seconds unless reported again.
+    pub ttl_secs: Option<u64>,
+}
+
+/// Job counters and gauges reported by local processes; they travel with
+/// this host's health record.
+async fn set_jobs(
+    State(node): State<AppState>,
+    ApiJson(req): ApiJson<JobsReq>,
+) -> ApiResult<Json<Value>> {
+    let ttl = req.ttl_secs.map(Duration::from_secs);
+    let jobs = node
+        .membership
+        .set_jobs(req.jobs, ttl)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(Json(json!({ "jobs": jobs })))
+}
+
+/// Graceful leave: tell the cluster, then stop the agent.
+async fn leave(State(node): State<AppState>) -> ApiResult<Json<Value>> {
+    let report = node.membership.leave().await.ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "membership is not running")
+    })?;
+    node.stop.notify_one();
+    Ok(Json(
+        json!({ "left": true, "incarnation": report.incarnation, "peers_told": report.peers_told, "peers_acked": report.peers_acked, "stopping": true }),
+    ))
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct BlockReq {
@@ -804,6 +855,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/consumers/{name}/nack", post(nack))
         .route("/v1/consumers/{name}/dead-letters", get(dead_letters))
         .route("/v1/peers", get(peers))
+        .route("/v1/members", get(members))
+        .route("/v1/jobs", post(set_jobs))
+        .route("/v1/leave", post(leave))
         .route("/v1/status", get(status))
         .route("/v1/types", get(types))
         .route("/v1/debug/block", post(debug_block))

@@ -80,6 +80,16 @@ pub struct FileConfig {
     pub order_max_held: Option<usize>,
     pub summary_every_secs: Option<u64>,
     pub fault_injection: Option<bool>,
+    pub tags: Option<std::collections::BTreeMap<String, String>>,
+    pub health_interval: Option<String>,
+    pub ping_interval: Option<String>,
+    pub suspect_after: Option<String>,
+    pub probe_timeout: Option<String>,
+    pub indirect_probes: Option<usize>,
+    pub suspect_min: Option<String>,
+    pub suspect_max: Option<String>,
+    pub member_forget_after: Option<String>,
+    pub nvidia_smi: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +129,16 @@ pub struct AgentConfig {
     pub summary_every_secs: u64,
     /// Accept fault-injection calls on the local API (tests, testnet).
     pub fault_injection: bool,
+    /// This host's tags (`role = "training"`), carried in its health record.
+    pub tags: Vec<(String, String)>,
+    /// How often health is sampled and exchanged with every peer.
+    pub health_interval: Duration,
+    /// libp2p ping interval on every connection.
+    pub ping_interval: Duration,
+    /// Failure detector thresholds: the same on every node (see proto-notes/membership.md).
+    pub detector: crate::membership::detector::DetectorConfig,
+    /// Command that reports GPUs ("" to not look for GPUs).
+    pub nvidia_smi: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +362,78 @@ impl AgentConfig {
                 "must be between 4096 and 8388608".into(),
             ));
         }
+        let mut tags = Vec::new();
+        for (k, v) in file.tags.unwrap_or_default() {
+            let ok = |t: &str| {
+                !t.is_empty()
+                    && t.len() <= 64
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c))
+            };
+            if !ok(&k) || !ok(&v) {
+                return Err(err(
+                    "tags",
+                    &format!("{k} = {v}"),
+                    file_origin.clone(),
+                    "tag names and values are 1-64 letters, digits or -_./:".into(),
+                ));
+            }
+            tags.push((k, v));
+        }
+        let health_interval = dur(
+            "health_interval",
+            file.health_interval,
+            Duration::from_secs(5),
+        )?;
+        let ping_interval = dur("ping_interval", file.ping_interval, Duration::from_secs(2))?;
+        let dflt = crate::membership::detector::DetectorConfig::default();
+        let detector = crate::membership::detector::DetectorConfig {
+            suspect_after: dur("suspect_after", file.suspect_after, dflt.suspect_after)?,
+            probe_timeout: dur("probe_timeout", file.probe_timeout, dflt.probe_timeout)?,
+            indirect_probes: positive(
+                "indirect_probes",
+                file.indirect_probes.map(|v| v as u64),
+                dflt.indirect_probes as u64,
+            )? as usize,
+            suspect_min: dur("suspect_min", file.suspect_min, dflt.suspect_min)?,
+            suspect_max: dur("suspect_max", file.suspect_max, dflt.suspect_max)?,
+            forget_after: dur(
+                "member_forget_after",
+                file.member_forget_after,
+                dflt.forget_after,
+            )?,
+            tick: dflt.tick,
+        };
+        for (key, d) in [
+            ("health_interval", health_interval),
+            ("ping_interval", ping_interval),
+            ("probe_timeout", detector.probe_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(err(
+                    key,
+                    &format!("{d:?}"),
+                    file_origin.clone(),
+                    "must be at least 100ms".into(),
+                ));
+            }
+        }
+        if detector.suspect_after <= ping_interval {
+            return Err(err(
+                "suspect_after",
+                &format!("{:?}", detector.suspect_after),
+                file_origin.clone(),
+                format!("must be longer than ping_interval ({ping_interval:?}), or every pause between pings looks like a failure"),
+            ));
+        }
+        if detector.suspect_max < detector.suspect_min {
+            return Err(err(
+                "suspect_max",
+                &format!("{:?}", detector.suspect_max),
+                file_origin.clone(),
+                "must be at least suspect_min".into(),
+            ));
+        }
         Ok(AgentConfig {
             name,
             data_dir,
@@ -390,6 +482,11 @@ impl AgentConfig {
             )? as usize,
             summary_every_secs: positive("summary_every_secs", file.summary_every_secs, 5)?,
             fault_injection: args.fault_injection || file.fault_injection.unwrap_or(false),
+            tags,
+            health_interval,
+            ping_interval,
+            detector,
+            nvidia_smi: file.nvidia_smi.unwrap_or_else(|| "nvidia-smi".into()),
         })
     }
 }

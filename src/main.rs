@@ -91,6 +91,26 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Every host this agent knows: state, incarnation, health, jobs, tags.
+    Members {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Report job counters or gauges of this host (NAME=VALUE; NAME= removes one).
+    Report {
+        #[arg(name = "NAME=VALUE", required = true)]
+        values: Vec<String>,
+        /// Drop them unless reported again within this time (e.g. 60s).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Leave the cluster gracefully and stop the local agent.
+    Leave {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The agent's view of itself, the mesh, its store and consumers.
     Status {
         #[command(flatten)]
@@ -140,6 +160,90 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn fmt_bytes(b: u64) -> String {
+    const G: f64 = 1024.0 * 1024.0 * 1024.0;
+    format!("{:.1}G", b as f64 / G)
+}
+
+fn print_members(v: &Value) {
+    let members = v["members"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<16} {:<8} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} jobs / tags",
+        "NAME", "STATE", "HEARD", "RTT", "CPUS", "CPU%", "MEM used/tot", "DISK free/tot", "GPU"
+    );
+    for m in members {
+        let h = &m["health"];
+        let heard = match m["last_heard_ms_ago"].as_u64() {
+            _ if m["is_self"].as_bool() == Some(true) => "self".to_string(),
+            Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
+            None => "-".into(),
+        };
+        let rtt = m["rtt_ms"]
+            .as_f64()
+            .map(|r| format!("{r:.1}ms"))
+            .unwrap_or_else(|| "-".into());
+        let gpu = match (&h["gpu"]["present"], &h["gpu"]["absent"]) {
+            (Value::Array(g), _) if !g.is_empty() => format!(
+                "{}x {} {}%",
+                g.len(),
+                g[0]["name"].as_str().unwrap_or("?"),
+                g.iter()
+                    .filter_map(|x| x["util_pct"].as_f64())
+                    .map(|u| format!("{u:.0}"))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            ),
+            (_, Value::String(why)) => format!("none ({why})"),
+            _ => "-".into(),
+        };
+        let kv = |o: &Value| {
+            o.as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| {
+                            format!(
+                                "{k}={}",
+                                v.as_str()
+                                    .map(String::from)
+                                    .unwrap_or_else(|| v.to_string())
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
+        };
+        println!(
+            "{:<16} {:<8} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} {} {}",
+            m["name"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            heard,
+            rtt,
+            h["cpu_count"]
+                .as_u64()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            h["cpu_use_pct"]
+                .as_f64()
+                .map(|c| format!("{c:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            format!(
+                "{}/{}",
+                fmt_bytes(h["mem_used_bytes"].as_u64().unwrap_or(0)),
+                fmt_bytes(h["mem_total_bytes"].as_u64().unwrap_or(0))
+            ),
+            format!(
+                "{}/{}",
+                fmt_bytes(h["disk_free_bytes"].as_u64().unwrap_or(0)),
+                fmt_bytes(h["disk_total_bytes"].as_u64().unwrap_or(0))
+            ),
+            gpu,
+            kv(&m["jobs"]),
+            kv(&m["tags"]),
+        );
+    }
+}
+
 fn event_line(e: &EventView) -> String {
     let src: String = e
         .source
@@ -170,6 +274,9 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
         Cmd::Publish { conn, .. }
         | Cmd::Events { conn, .. }
         | Cmd::Peers { conn }
+        | Cmd::Members { conn }
+        | Cmd::Report { conn, .. }
+        | Cmd::Leave { conn }
         | Cmd::Status { conn }
         | Cmd::Trace { conn, .. }
         | Cmd::Types { conn } => conn.api.clone(),
@@ -266,6 +373,56 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 );
             }
+        }
+        Cmd::Members { .. } => {
+            let v = client.get("/v1/members").await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            print_members(&v);
+        }
+        Cmd::Report { values, ttl, .. } => {
+            let mut jobs = serde_json::Map::new();
+            for kv in values {
+                let Some((k, v)) = kv.split_once('=') else {
+                    bail!("{kv:?}: write NAME=VALUE (or NAME= to remove)");
+                };
+                let value = if v.trim().is_empty() {
+                    Value::Null
+                } else {
+                    let n: f64 = v
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("{kv:?}: the value is not a number"))?;
+                    json!(n)
+                };
+                jobs.insert(k.trim().to_string(), value);
+            }
+            let ttl_secs = match ttl {
+                Some(t) => Some(
+                    riftmesh::config::parse_duration(&t)
+                        .map_err(|e| anyhow::anyhow!("--ttl {t:?}: {e}"))?
+                        .as_secs(),
+                ),
+                None => None,
+            };
+            let v = client
+                .post("/v1/jobs", &json!({ "jobs": jobs, "ttl_secs": ttl_secs }))
+                .await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            println!("jobs now: {}", v["jobs"]);
+        }
+        Cmd::Leave { .. } => {
+            let v = client.post("/v1/leave", &json!({})).await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            println!(
+                "left the cluster at incarnation {} ({} of {} peers acknowledged); the agent is stopping",
+                v["incarnation"], v["peers_acked"], v["peers_told"]
+            );
         }
         Cmd::Status { .. } => {
             let v = client.get("/v1/status").await?;

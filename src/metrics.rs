@@ -11,6 +11,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+pub type FGauge = Gauge<f64, AtomicU64>;
 
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -39,6 +42,22 @@ pub struct Metrics {
     pub gaps_open: Gauge,
     pub gap_age: Gauge,
     pub order_skipped: Counter,
+    pub members: Family<Labels, Gauge>,
+    pub member_last_heard: Family<Labels, FGauge>,
+    pub member_rtt: Family<Labels, FGauge>,
+    pub member_transitions: Family<Labels, Counter>,
+    pub incarnation: Gauge,
+    pub detector_stalls: Gauge,
+    pub host_cpu_use: FGauge,
+    pub host_load1: FGauge,
+    pub host_mem_used: Gauge,
+    pub host_mem_total: Gauge,
+    pub host_disk_free: Gauge,
+    pub host_disk_total: Gauge,
+    pub host_gpu_util: Family<Labels, FGauge>,
+    pub host_gpu_temp: Family<Labels, FGauge>,
+    pub host_gpu_mem_used: Family<Labels, FGauge>,
+    pub host_jobs: Family<Labels, FGauge>,
 }
 
 impl Metrics {
@@ -62,6 +81,22 @@ impl Metrics {
             gaps_open: Gauge::default(),
             gap_age: Gauge::default(),
             order_skipped: Counter::default(),
+            members: Family::default(),
+            member_last_heard: Family::default(),
+            member_rtt: Family::default(),
+            member_transitions: Family::default(),
+            incarnation: Gauge::default(),
+            detector_stalls: Gauge::default(),
+            host_cpu_use: FGauge::default(),
+            host_load1: FGauge::default(),
+            host_mem_used: Gauge::default(),
+            host_mem_total: Gauge::default(),
+            host_disk_free: Gauge::default(),
+            host_disk_total: Gauge::default(),
+            host_gpu_util: Family::default(),
+            host_gpu_temp: Family::default(),
+            host_gpu_mem_used: Family::default(),
+            host_jobs: Family::default(),
         };
         let r = reg.sub_registry_with_prefix("riftmesh");
         r.register(
@@ -154,6 +189,27 @@ impl Metrics {
             "Gaps given up (hold expired, buffer full, or gone past retention at peers)",
             m.order_skipped.clone(),
         );
+        macro_rules! reg {
+            ($($n:literal, $h:literal, $m:expr;)*) => { $( r.register($n, $h, $m.clone()); )* };
+        }
+        reg! {
+            "members", "Known members by state (this agent counts as alive)", m.members;
+            "member_last_heard_seconds", "Seconds since this agent last heard directly from a member", m.member_last_heard;
+            "member_rtt_seconds", "Last ping round-trip time to a member", m.member_rtt;
+            "member_transitions", "Failure-detector state changes, by from and to state", m.member_transitions;
+            "incarnation", "This agent's incarnation (raised at each start and each refutation)", m.incarnation;
+            "detector_stalls", "Times this agent found itself stalled and gave every member grace", m.detector_stalls;
+            "host_cpu_use_ratio", "Host CPU use, 0-1", m.host_cpu_use;
+            "host_load1", "Host 1-minute load average", m.host_load1;
+            "host_memory_used_bytes", "Host memory in use", m.host_mem_used;
+            "host_memory_total_bytes", "Host memory", m.host_mem_total;
+            "host_disk_free_bytes", "Free bytes on the filesystem of the data directory", m.host_disk_free;
+            "host_disk_total_bytes", "Size of the filesystem of the data directory", m.host_disk_total;
+            "host_gpu_utilization_ratio", "GPU utilization, 0-1, by GPU index", m.host_gpu_util;
+            "host_gpu_temperature_celsius", "GPU temperature, by GPU index", m.host_gpu_temp;
+            "host_gpu_memory_used_bytes", "GPU memory in use, by GPU index", m.host_gpu_mem_used;
+            "host_jobs", "Job counters reported by local processes, by job", m.host_jobs;
+        }
         m
     }
 }

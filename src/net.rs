@@ -152,6 +152,73 @@ pub mod wire {
         h.finalize().into()
     }
 
+    /// The static part of a member's record: sent when it changed, or to a
+    /// peer that does not hold this `version` yet.
+    #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+    pub struct MemberInfo {
+        /// Bumped by the member whenever a field below changes.
+        pub version: u64,
+        pub name: String,
+        pub agent_version: String,
+        /// Unix ms when the agent started.
+        pub started_ms: u64,
+        pub addrs: Vec<String>,
+        pub tags: Vec<(String, String)>,
+        /// SHA-256 of the member's voter list, if it has one.
+        pub voters_hash: Option<[u8; 32]>,
+    }
+
+    /// The changing part, sent at every exchange.
+    #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+    pub struct Heartbeat {
+        pub incarnation: u64,
+        /// The version of the sender's [`MemberInfo`].
+        pub info_version: u64,
+        pub health: crate::membership::health::Health,
+        /// Job counters and gauges reported by local processes.
+        pub jobs: Vec<(String, f64)>,
+    }
+
+    /// Requests of `/riftmesh/member/1`.
+    #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+    pub enum MemberRequest {
+        /// "Here is my record"; answered with the responder's. `have_yours`:
+        /// the version of the responder's info the sender holds (0: none).
+        Exchange {
+            beat: Box<Heartbeat>,
+            info: Option<Box<MemberInfo>>,
+            have_yours: u64,
+        },
+        /// A direct probe.
+        Ping { incarnation: u64 },
+        /// Probe `target` (peer id bytes) for me and tell me if it answered.
+        ProbeFor { target: Vec<u8> },
+        /// The sender is leaving the cluster for good (until it restarts).
+        Leave { incarnation: u64 },
+    }
+
+    /// Responses of `/riftmesh/member/1`.
+    #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+    pub enum MemberResponse {
+        Exchange {
+            beat: Box<Heartbeat>,
+            info: Option<Box<MemberInfo>>,
+        },
+        Pong {
+            incarnation: u64,
+        },
+        Probed {
+            reached: bool,
+        },
+        Done,
+        Refused {
+            reason: String,
+        },
+    }
+
+    /// Largest member message body either way.
+    pub const MAX_MEMBER_MESSAGE: usize = 64 << 10;
+
     /// Largest request frame body.
     pub const MAX_SYNC_REQUEST: usize = 1 << 20;
     /// Largest response frame body.
@@ -210,6 +277,8 @@ pub struct NetConfig {
     pub inbound_queue: usize,
     /// How often to redial bootstrap peers and refresh the DHT.
     pub maintain_every: Duration,
+    /// libp2p ping interval on every connection (liveness and round-trip time).
+    pub ping_interval: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -237,11 +306,63 @@ pub enum Inbound {
     Connected(PeerId),
 }
 
+/// What the network hands to membership, on a channel of its own so liveness
+/// never waits behind a burst of events.
+pub enum MemberInbound {
+    /// First connection to a peer established.
+    Connected(PeerId),
+    /// Last connection to a peer closed.
+    Disconnected(PeerId),
+    /// A ping answered.
+    Rtt(PeerId, Duration),
+    /// A `/riftmesh/member/1` request to answer with [`NetHandle::member_respond`].
+    Request {
+        peer: PeerId,
+        request: wire::MemberRequest,
+        channel: request_response::ResponseChannel<wire::MemberResponse>,
+    },
+}
+
+/// Why a request to a peer got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("cannot connect to the peer: {0}")]
+    Dial(String),
+    #[error("no answer in time")]
+    Timeout,
+    #[error("{0}")]
+    Other(String),
+}
+
 pub const SYNC_PROTOCOL: &str = "/riftmesh/events/1";
 
-/// bincode frames for `/riftmesh/events/1`, size-limited before decoding.
-#[derive(Clone, Default)]
-pub struct SyncCodec;
+pub const MEMBER_PROTOCOL: &str = "/riftmesh/member/1";
+
+/// bincode frames for a request-response protocol, size-limited before decoding.
+pub struct FrameCodec<Req, Resp> {
+    req_limit: usize,
+    resp_limit: usize,
+    _types: std::marker::PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp> FrameCodec<Req, Resp> {
+    pub fn new(req_limit: usize, resp_limit: usize) -> Self {
+        FrameCodec {
+            req_limit,
+            resp_limit,
+            _types: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::new(self.req_limit, self.resp_limit)
+    }
+}
+
+pub type SyncCodec = FrameCodec<wire::SyncRequest, wire::SyncResponse>;
+pub type MemberCodec = FrameCodec<wire::MemberRequest, wire::MemberResponse>;
 
 async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + Unpin + Send>(
     io: &mut R,
@@ -269,24 +390,28 @@ async fn write_frame<T: serde::Serialize, W: futures::AsyncWrite + Unpin + Send>
     io.close().await
 }
 
-impl request_response::Codec for SyncCodec {
+impl<Req, Resp> request_response::Codec for FrameCodec<Req, Resp>
+where
+    Req: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+    Resp: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
     type Protocol = StreamProtocol;
-    type Request = wire::SyncRequest;
-    type Response = wire::SyncResponse;
+    type Request = Req;
+    type Response = Resp;
 
     async fn read_request<T: futures::AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
     ) -> std::io::Result<Self::Request> {
-        read_frame(io, wire::MAX_SYNC_REQUEST).await
+        read_frame(io, self.req_limit).await
     }
     async fn read_response<T: futures::AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
     ) -> std::io::Result<Self::Response> {
-        read_frame(io, wire::MAX_SYNC_RESPONSE).await
+        read_frame(io, self.resp_limit).await
     }
     async fn write_request<T: futures::AsyncWrite + Unpin + Send>(
         &mut self,
@@ -322,6 +447,15 @@ enum Command {
     Respond {
         channel: request_response::ResponseChannel<wire::SyncResponse>,
         response: wire::SyncResponse,
+    },
+    MemberRequest {
+        peer: PeerId,
+        request: wire::MemberRequest,
+        reply: oneshot::Sender<Result<wire::MemberResponse, RequestError>>,
+    },
+    MemberRespond {
+        channel: request_response::ResponseChannel<wire::MemberResponse>,
+        response: wire::MemberResponse,
     },
     /// Fault injection: refuse and drop connections to these peers.
     Block(Vec<PeerId>),
@@ -413,6 +547,36 @@ impl NetHandle {
             .map_err(|_| NetError::Closed)
     }
 
+    /// Send a `/riftmesh/member/1` request (dialing the peer if needed).
+    pub async fn member_request(
+        &self,
+        peer: PeerId,
+        request: wire::MemberRequest,
+    ) -> Result<wire::MemberResponse, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::MemberRequest {
+                peer,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| RequestError::Other("network task stopped".into()))?;
+        rx.await
+            .map_err(|_| RequestError::Other("network task stopped".into()))?
+    }
+
+    pub async fn member_respond(
+        &self,
+        channel: request_response::ResponseChannel<wire::MemberResponse>,
+        response: wire::MemberResponse,
+    ) {
+        let _ = self
+            .tx
+            .send(Command::MemberRespond { channel, response })
+            .await;
+    }
+
     /// Fault injection: cut this agent off from `peers` (and accept them again).
     pub async fn block(&self, peers: Vec<PeerId>, block: bool) -> Result<(), NetError> {
         let cmd = if block {
@@ -439,6 +603,7 @@ struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     sync: request_response::Behaviour<SyncCodec>,
+    member: request_response::Behaviour<MemberCodec>,
     blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
 }
 
@@ -458,10 +623,18 @@ pub fn start(
     cfg: NetConfig,
     registry: &mut Registry,
     metrics: Metrics,
-) -> Result<(NetHandle, mpsc::Receiver<Inbound>), NetError> {
+) -> Result<
+    (
+        NetHandle,
+        mpsc::Receiver<Inbound>,
+        mpsc::Receiver<MemberInbound>,
+    ),
+    NetError,
+> {
     let local_peer_id = key.public().to_peer_id();
     let psk = cfg.psk;
     let max_msg = cfg.max_message_bytes;
+    let ping_interval = cfg.ping_interval;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|key| {
@@ -520,8 +693,18 @@ pub fn start(
                 } else {
                     None
                 };
+                let member = request_response::Behaviour::with_codec(
+                    MemberCodec::new(wire::MAX_MEMBER_MESSAGE, wire::MAX_MEMBER_MESSAGE),
+                    [(
+                        StreamProtocol::new(MEMBER_PROTOCOL),
+                        request_response::ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(10))
+                        .with_max_concurrent_streams(256),
+                );
                 let sync = request_response::Behaviour::with_codec(
-                    SyncCodec,
+                    SyncCodec::new(wire::MAX_SYNC_REQUEST, wire::MAX_SYNC_RESPONSE),
                     [(
                         StreamProtocol::new(SYNC_PROTOCOL),
                         request_response::ProtocolSupport::Full,
@@ -533,10 +716,15 @@ pub fn start(
                 Ok(Behaviour {
                     gossipsub,
                     identify,
-                    ping: ping::Behaviour::new(ping::Config::new()),
+                    ping: ping::Behaviour::new(
+                        ping::Config::new()
+                            .with_interval(ping_interval)
+                            .with_timeout(ping_interval * 4),
+                    ),
                     kad,
                     mdns: mdns.into(),
                     sync,
+                    member,
                     blocked: Default::default(),
                 })
             },
@@ -562,6 +750,7 @@ pub fn start(
     let p2p_metrics = libp2p::metrics::Metrics::new(registry);
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (in_tx, in_rx) = mpsc::channel(cfg.inbound_queue);
+    let (member_tx, member_rx) = mpsc::channel(4096);
     let handle = NetHandle {
         tx: cmd_tx,
         local_peer_id,
@@ -572,6 +761,9 @@ pub fn start(
         topic,
         cmd_rx,
         in_tx,
+        member_tx,
+        member_pending: HashMap::new(),
+        local_addrs: Vec::new(),
         metrics,
         p2p_metrics,
         peers: HashMap::new(),
@@ -584,7 +776,7 @@ pub fn start(
         ticks: 0,
     };
     tokio::spawn(event_loop.run());
-    Ok((handle, in_rx))
+    Ok((handle, in_rx, member_rx))
 }
 
 struct EventLoop {
@@ -592,6 +784,13 @@ struct EventLoop {
     topic: IdentTopic,
     cmd_rx: mpsc::Receiver<Command>,
     in_tx: mpsc::Sender<Inbound>,
+    member_tx: mpsc::Sender<MemberInbound>,
+    member_pending: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<wire::MemberResponse, RequestError>>,
+    >,
+    /// Addresses we listen on, interfaces expanded.
+    local_addrs: Vec<Multiaddr>,
     metrics: Metrics,
     p2p_metrics: libp2p::metrics::Metrics,
     peers: HashMap<PeerId, PeerState>,
@@ -745,7 +944,12 @@ impl EventLoop {
                 let _ = reply.send(out);
             }
             Command::ListenAddrs(reply) => {
-                let _ = reply.send(self.swarm.listeners().cloned().collect());
+                let addrs = if self.local_addrs.is_empty() {
+                    self.swarm.listeners().cloned().collect()
+                } else {
+                    self.local_addrs.clone()
+                };
+                let _ = reply.send(addrs);
             }
             Command::Request {
                 peer,
@@ -761,6 +965,25 @@ impl EventLoop {
                     .swarm
                     .behaviour_mut()
                     .sync
+                    .send_response(channel, response);
+            }
+            Command::MemberRequest {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .member
+                    .send_request(&peer, request);
+                self.member_pending.insert(id, reply);
+            }
+            Command::MemberRespond { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .member
                     .send_response(channel, response);
             }
             Command::Block(peers) => {
@@ -787,7 +1010,13 @@ impl EventLoop {
         use libp2p::metrics::Recorder;
         self.p2p_metrics.record(&ev);
         match ev {
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.local_addrs.retain(|a| *a != address);
+            }
             SwarmEvent::NewListenAddr { address, .. } => {
+                if !self.local_addrs.contains(&address) {
+                    self.local_addrs.push(address.clone());
+                }
                 tracing::info!(%address, peer_id = %self.swarm.local_peer_id(), "listening for peers");
             }
             SwarmEvent::ConnectionEstablished {
@@ -808,6 +1037,7 @@ impl EventLoop {
                 if new {
                     tracing::info!(peer = %peer_id, %addr, "peer connected");
                     let _ = self.in_tx.try_send(Inbound::Connected(peer_id));
+                    self.send_member(MemberInbound::Connected(peer_id));
                     if endpoint.is_dialer() {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
@@ -836,6 +1066,7 @@ impl EventLoop {
                         }
                     }
                     tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
+                    self.send_member(MemberInbound::Disconnected(peer_id));
                 } else if let Some(st) = self.peers.get_mut(&peer_id) {
                     st.addresses.remove(endpoint.get_remote_address());
                 }
@@ -882,8 +1113,11 @@ impl EventLoop {
             }
             BehaviourEvent::Ping(ev) => {
                 self.p2p_metrics.record(&ev);
-                if let (Ok(rtt), Some(st)) = (ev.result, self.peers.get_mut(&ev.peer)) {
-                    st.rtt = Some(rtt);
+                if let Ok(rtt) = ev.result {
+                    if let Some(st) = self.peers.get_mut(&ev.peer) {
+                        st.rtt = Some(rtt);
+                    }
+                    self.send_member(MemberInbound::Rtt(ev.peer, rtt));
                 }
             }
             BehaviourEvent::Kad(ev) => {
@@ -920,6 +1154,7 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(_) => {}
             BehaviourEvent::Sync(ev) => self.on_sync(ev),
+            BehaviourEvent::Member(ev) => self.on_member(ev),
             BehaviourEvent::Blocked(v) => match v {},
         }
     }
@@ -998,6 +1233,63 @@ impl EventLoop {
 }
 
 impl EventLoop {
+    fn send_member(&mut self, msg: MemberInbound) {
+        if self.member_tx.try_send(msg).is_err() {
+            self.metrics
+                .inbound_dropped
+                .get_or_create(&label("queue", "member"))
+                .inc();
+        }
+    }
+
+    fn on_member(
+        &mut self,
+        ev: request_response::Event<wire::MemberRequest, wire::MemberResponse>,
+    ) {
+        use request_response::{Event, Message, OutboundFailure};
+        match ev {
+            Event::Message { peer, message, .. } => match message {
+                Message::Request {
+                    request, channel, ..
+                } => self.send_member(MemberInbound::Request {
+                    peer,
+                    request,
+                    channel,
+                }),
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.member_pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                let e = match &error {
+                    OutboundFailure::DialFailure => RequestError::Dial(error.to_string()),
+                    OutboundFailure::Timeout => RequestError::Timeout,
+                    other => RequestError::Other(other.to_string()),
+                };
+                if let Some(reply) = self.member_pending.remove(&request_id) {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                if matches!(error, request_response::InboundFailure::Io(_)) {
+                    self.metrics
+                        .events_rejected
+                        .get_or_create(&label("reason", "member_frame"))
+                        .inc();
+                    tracing::warn!(%peer, %error, "membership request refused");
+                }
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
     fn on_sync(&mut self, ev: request_response::Event<wire::SyncRequest, wire::SyncResponse>) {
         use request_response::{Event, Message};
         match ev {

@@ -51,6 +51,9 @@ pub struct Node {
     pub metrics: Metrics,
     pub peer_id: String,
     pub started: Instant,
+    pub membership: Arc<crate::membership::Membership>,
+    /// Notified when the agent should stop (after a leave through the API).
+    pub stop: tokio::sync::Notify,
     /// Per consumer: (cursor, last sequence scanned without a match), so
     /// long-polls do not rescan a run of non-matching events.
     pub scan_hints: Mutex<std::collections::HashMap<String, (u64, u64)>>,
@@ -144,8 +147,23 @@ impl Node {
             },
             key.clone(),
         )?;
-        let peer_id = key.public().to_peer_id().to_base58();
-        let (net, inbound) = net::start(
+        let local = key.public().to_peer_id();
+        let peer_id = local.to_base58();
+        let incarnation = crate::membership::next_incarnation(&cfg.data_dir).map_err(|e| {
+            file_err(
+                "cannot record the incarnation",
+                &cfg.data_dir.join("incarnation"),
+                e,
+            )
+        })?;
+        let membership = crate::membership::Membership::new(
+            local,
+            &cfg.name,
+            &cfg.tags,
+            incarnation,
+            cfg.detector.clone(),
+        );
+        let (net, inbound, member_inbound) = net::start(
             key,
             NetConfig {
                 listen: cfg.listen.clone(),
@@ -155,6 +173,7 @@ impl Node {
                 max_message_bytes: cfg.max_event_bytes,
                 inbound_queue: cfg.inbound_queue,
                 maintain_every: Duration::from_secs(2),
+                ping_interval: cfg.ping_interval,
             },
             registry,
             metrics.clone(),
@@ -171,10 +190,13 @@ impl Node {
             metrics,
             peer_id,
             started: Instant::now(),
+            membership,
+            stop: tokio::sync::Notify::new(),
             scan_hints: Mutex::new(Default::default()),
         });
         tokio::spawn(ingest(node.clone(), inbound));
         tokio::spawn(housekeeping(node.clone()));
+        tokio::spawn(crate::membership::run(node.clone(), member_inbound));
         Ok(node)
     }
 

@@ -145,6 +145,38 @@ impl Agent {
         }
     }
 
+    /// Send a signal by name (STOP, CONT, TERM) to the agent process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("agent running");
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} {pid}");
+    }
+
+    /// Wait for the agent process to exit by itself; its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        let st = wait_for(&format!("{} to exit", self.name), timeout, || {
+            let r = child.try_wait().ok().flatten();
+            async move { r }
+        })
+        .await;
+        st
+    }
+
+    /// This agent's view of member `name` (from /v1/members).
+    pub async fn member(&self, name: &str) -> Option<Value> {
+        let v = self.get("/v1/members").await.ok()?;
+        v["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
@@ -324,7 +356,7 @@ pub async fn hostile_peer(
     let metrics = riftmesh::metrics::Metrics::register(&mut registry);
     let key = libp2p::identity::Keypair::generate_ed25519();
     let boot: libp2p::Multiaddr = a.p2p_addr().await.parse().unwrap();
-    let (h, rx) = riftmesh::net::start(
+    let (h, rx, _member_rx) = riftmesh::net::start(
         key.clone(),
         riftmesh::net::NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
@@ -334,6 +366,7 @@ pub async fn hostile_peer(
             max_message_bytes: 1 << 20,
             inbound_queue: 1024,
             maintain_every: Duration::from_secs(1),
+            ping_interval: Duration::from_secs(2),
         },
         &mut registry,
         metrics,
