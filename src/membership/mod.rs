@@ -702,17 +702,22 @@ impl Task {
             .iter()
             .map(|a| a.to_string())
             .collect();
-        {
+        let significant = {
             let mut g = self.inner();
+            let mut changed = false;
             if !addrs.is_empty() && addrs != g.me.info.addrs {
                 g.me.info.addrs = addrs;
                 g.me.info.version += 1;
                 g.me.beat.info_version = g.me.info.version;
+                changed = true;
             }
+            changed |= significant_change(&g.me.beat.health, &h);
             g.me.beat.health = h;
-        }
+            changed
+        };
         self.update_host_metrics();
-        self.exchange_all(false);
+        // Periodic: one exchange per pair; a significant change: everyone now.
+        self.exchange_all(significant);
     }
 
     fn follow_log(&mut self) {
@@ -990,6 +995,37 @@ impl Task {
     }
 }
 
+/// A change worth telling every peer at once rather than at the next round:
+/// GPUs appearing or vanishing, CPU use moving by 25 points, memory by a
+/// tenth of the total, free disk by a twentieth.
+fn significant_change(old: &Health, new: &Health) -> bool {
+    if old.sampled_ms == 0 {
+        return true;
+    }
+    let gpus = |h: &Health| match &h.gpu {
+        GpuStatus::Present(g) => g.len(),
+        GpuStatus::Absent(_) => 0,
+    };
+    // |a - b| >= total / parts
+    let moved = |a: u64, b: u64, total: u64, parts: u64| {
+        total > 0 && u128::from(a.abs_diff(b)) * u128::from(parts) >= u128::from(total)
+    };
+    gpus(old) != gpus(new)
+        || (old.cpu_use_pct - new.cpu_use_pct).abs() >= 25.0
+        || moved(
+            old.mem_used_bytes,
+            new.mem_used_bytes,
+            new.mem_total_bytes,
+            10,
+        )
+        || moved(
+            old.disk_free_bytes,
+            new.disk_free_bytes,
+            new.disk_total_bytes,
+            20,
+        )
+}
+
 fn peer_labels(peer: &PeerId, name: &str) -> Vec<(&'static str, String)> {
     vec![("peer", peer.to_base58()), ("name", name.to_string())]
 }
@@ -1079,6 +1115,49 @@ mod tests {
         );
         assert!(parse_fact("HOST_LEFT", &far).is_err());
         assert_eq!(parse_fact("MODEL_PROMOTED", "{}"), Ok(None));
+    }
+
+    #[test]
+    fn significant_health_changes() {
+        let base = Health {
+            sampled_ms: 1,
+            cpu_use_pct: 10.0,
+            mem_total_bytes: 1000,
+            mem_used_bytes: 100,
+            disk_total_bytes: 1000,
+            disk_free_bytes: 500,
+            ..Default::default()
+        };
+        assert!(!significant_change(&base, &base.clone()));
+        let busy = Health {
+            cpu_use_pct: 40.0,
+            ..base.clone()
+        };
+        assert!(significant_change(&base, &busy));
+        let mem = Health {
+            mem_used_bytes: 200,
+            ..base.clone()
+        };
+        assert!(significant_change(&base, &mem));
+        let mem_small = Health {
+            mem_used_bytes: 150,
+            ..base.clone()
+        };
+        assert!(!significant_change(&base, &mem_small));
+        let disk = Health {
+            disk_free_bytes: 440,
+            ..base.clone()
+        };
+        assert!(significant_change(&base, &disk));
+        let gpu = Health {
+            gpu: GpuStatus::Present(vec![]),
+            ..base.clone()
+        };
+        assert!(!significant_change(&base, &gpu), "0 GPUs either way");
+        assert!(
+            significant_change(&Health::default(), &base),
+            "first sample"
+        );
     }
 
     #[test]
