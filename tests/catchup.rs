@@ -229,7 +229,9 @@ async fn altered_events_in_a_catch_up_answer_are_refused() {
             Instant::now() < deadline,
             "the agent never accepted the genuine events"
         );
-        if a.get("/v1/events?types=MODEL_PROMOTED&limit=10").await.unwrap()["events"]
+        if a.get("/v1/events?types=MODEL_PROMOTED&limit=10")
+            .await
+            .unwrap()["events"]
             .as_array()
             .unwrap()
             .len()
