@@ -12,7 +12,7 @@ use crate::node::{write_private, Node};
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "info,libp2p_gossipsub=warn,libp2p_mdns=warn,libp2p_kad=error",
+            "info,libp2p_gossipsub=warn,libp2p_mdns=warn,libp2p_kad=error,openraft=warn,openraft::core=off,openraft::replication=off",
         )
     });
     let b = tracing_subscriber::fmt()

@@ -90,6 +90,8 @@ pub struct FileConfig {
     pub suspect_max: Option<String>,
     pub member_forget_after: Option<String>,
     pub nvidia_smi: Option<String>,
+    pub voters: Option<Vec<String>>,
+    pub election_timeout: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +141,12 @@ pub struct AgentConfig {
     pub detector: crate::membership::detector::DetectorConfig,
     /// Command that reports GPUs ("" to not look for GPUs).
     pub nvidia_smi: String,
+    /// Names of the hosts that elect the leader (3 or 5), the same list on
+    /// every host; empty: this cluster has no leader.
+    pub voters: Vec<String>,
+    /// Raft election timeout, low end (the high end is twice it; heartbeats
+    /// every third of it). The leader's lease is this long.
+    pub election_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +442,41 @@ impl AgentConfig {
                 "must be at least suspect_min".into(),
             ));
         }
+        let voters = file.voters.unwrap_or_default();
+        {
+            let mut seen = std::collections::HashSet::new();
+            for v in &voters {
+                if !seen.insert(v.as_str()) {
+                    return Err(err(
+                        "voters",
+                        v,
+                        file_origin.clone(),
+                        "a voter is named twice".into(),
+                    ));
+                }
+            }
+            if voters.len() > 9 {
+                return Err(err(
+                    "voters",
+                    &voters.len().to_string(),
+                    file_origin.clone(),
+                    "name 3 or 5 stable hosts (at most 9)".into(),
+                ));
+            }
+        }
+        let election_timeout = dur(
+            "election_timeout",
+            file.election_timeout,
+            Duration::from_millis(350),
+        )?;
+        if election_timeout < Duration::from_millis(150) {
+            return Err(err(
+                "election_timeout",
+                &format!("{election_timeout:?}"),
+                file_origin.clone(),
+                "must be at least 150ms".into(),
+            ));
+        }
         Ok(AgentConfig {
             name,
             data_dir,
@@ -487,6 +530,8 @@ impl AgentConfig {
             ping_interval,
             detector,
             nvidia_smi: file.nvidia_smi.unwrap_or_else(|| "nvidia-smi".into()),
+            voters,
+            election_timeout,
         })
     }
 }

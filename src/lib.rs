@@ -7,6 +7,7 @@ pub mod catchup;
 pub mod codec;
 pub mod config;
 pub mod event;
+pub mod leader;
 pub mod membership;
 pub mod metrics;
 pub mod net;

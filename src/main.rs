@@ -106,6 +106,26 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The leader: name, peer id, term (the fencing token), since when, and whether it is this agent.
+    Leader {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cluster-wide locks with fencing tokens.
+    Lock {
+        #[command(subcommand)]
+        op: LockOp,
+    },
+    /// Run CMD only while this agent is the leader (stopped on losing leadership).
+    Run {
+        /// Required: run only while this agent leads.
+        #[arg(long, required = true)]
+        if_leader: bool,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Leave the cluster gracefully and stop the local agent.
     Leave {
         #[command(flatten)]
@@ -127,6 +147,187 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+#[derive(Subcommand)]
+enum LockOp {
+    /// Take the lock; prints the fencing token.
+    Acquire {
+        name: String,
+        /// Lease length; renew before it ends.
+        #[arg(long, default_value = "30s")]
+        ttl: String,
+        /// Who holds it [default: this agent's name].
+        #[arg(long)]
+        holder: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Extend the lease of a grant.
+    Renew {
+        name: String,
+        #[arg(long)]
+        token: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Give the lock back.
+    Release {
+        name: String,
+        #[arg(long)]
+        token: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Locks currently held.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Hold the lock while CMD runs: renewed every third of the TTL; CMD is
+    /// stopped if the lock is lost. The token is in RIFTMESH_LOCK_TOKEN.
+    Run {
+        name: String,
+        #[arg(long, default_value = "30s")]
+        ttl: String,
+        /// Wait for the lock instead of failing when it is held.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+impl LockOp {
+    fn conn(&self) -> &Conn {
+        match self {
+            LockOp::Acquire { conn, .. }
+            | LockOp::Renew { conn, .. }
+            | LockOp::Release { conn, .. }
+            | LockOp::List { conn }
+            | LockOp::Run { conn, .. } => conn,
+        }
+    }
+}
+
+fn secs(s: &str, what: &str) -> anyhow::Result<f64> {
+    Ok(riftmesh::config::parse_duration(s)
+        .map_err(|e| anyhow::anyhow!("{what} {s:?}: {e}"))?
+        .as_secs_f64())
+}
+
+/// Stop a child: SIGTERM, then SIGKILL after 10 s.
+async fn stop_child(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+    if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+fn spawn_cmd(cmd: &[String], env: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
+    let mut c = tokio::process::Command::new(&cmd[0]);
+    c.args(&cmd[1..]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn()
+        .with_context(|| format!("cannot start {:?}", cmd[0]))
+}
+
+async fn lock_run(
+    client: &Client,
+    name: &str,
+    ttl: f64,
+    wait: bool,
+    cmd: &[String],
+) -> anyhow::Result<i32> {
+    let path = format!("/v1/locks/{name}/acquire");
+    let grant = loop {
+        match client.post(&path, &json!({ "ttl_secs": ttl })).await {
+            Ok(v) => break v,
+            Err(api::ClientError::Refused { status: 409, .. }) if wait => {}
+            Err(api::ClientError::Refused { status: 503, .. }) if wait => {}
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs_f64(
+            (ttl / 6.0).clamp(0.2, 2.0),
+        ))
+        .await;
+    };
+    let token = grant["token"].as_u64().context("no token in the grant")?;
+    let mut expires = grant["expires_ms"].as_u64().unwrap_or(0);
+    eprintln!("riftmesh: holding lock {name} with token {token}");
+    let mut child = spawn_cmd(cmd, &[("RIFTMESH_LOCK_TOKEN", token.to_string())])?;
+    let mut renew = tokio::time::interval(std::time::Duration::from_secs_f64(ttl / 3.0));
+    renew.tick().await;
+    let code = loop {
+        tokio::select! {
+            st = child.wait() => break st?.code().unwrap_or(1),
+            _ = renew.tick() => {
+                match client.post(&format!("/v1/locks/{name}/renew"), &json!({ "token": token })).await {
+                    Ok(v) => expires = v["expires_ms"].as_u64().unwrap_or(expires),
+                    Err(e) => {
+                        let lost = matches!(e, api::ClientError::Refused { status: 409, .. })
+                            || riftmesh::event::now_ms() + (ttl * 1000.0 / 3.0) as u64 >= expires;
+                        if lost {
+                            eprintln!("riftmesh: lost lock {name} ({e}); stopping the command");
+                            stop_child(&mut child).await;
+                            return Ok(3);
+                        }
+                        eprintln!("riftmesh: cannot renew lock {name} yet ({e}); retrying");
+                    }
+                }
+            }
+        }
+    };
+    let _ = client
+        .post(
+            &format!("/v1/locks/{name}/release"),
+            &json!({ "token": token }),
+        )
+        .await;
+    Ok(code)
+}
+
+async fn run_if_leader(client: &Client, cmd: &[String]) -> anyhow::Result<i32> {
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
+    let mut child: Option<tokio::process::Child> = None;
+    loop {
+        poll.tick().await;
+        let lead = client.get("/v1/leader").await;
+        let is_leader = matches!(&lead, Ok(v) if v["is_self"] == true);
+        match (&mut child, is_leader) {
+            (None, true) => {
+                let term = lead
+                    .as_ref()
+                    .map(|v| v["term"].to_string())
+                    .unwrap_or_default();
+                eprintln!("riftmesh: this agent leads (term {term}); starting the command");
+                child = Some(spawn_cmd(cmd, &[("RIFTMESH_LEADER_TERM", term)])?);
+            }
+            (Some(c), false) => {
+                eprintln!("riftmesh: leadership lost; stopping the command");
+                stop_child(c).await;
+                child = None;
+            }
+            (Some(c), true) => {
+                if let Some(st) = c.try_wait()? {
+                    return Ok(st.code().unwrap_or(1));
+                }
+            }
+            (None, false) => {}
+        }
+    }
 }
 
 #[tokio::main]
@@ -277,9 +478,12 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
         | Cmd::Members { conn }
         | Cmd::Report { conn, .. }
         | Cmd::Leave { conn }
+        | Cmd::Leader { conn }
+        | Cmd::Run { conn, .. }
         | Cmd::Status { conn }
         | Cmd::Trace { conn, .. }
         | Cmd::Types { conn } => conn.api.clone(),
+        Cmd::Lock { op } => op.conn().api.clone(),
         Cmd::Agent(_) | Cmd::Keygen { .. } => DEFAULT_API.to_string(),
     };
     let client = Client::new(&api);
@@ -413,6 +617,122 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&v);
             }
             println!("jobs now: {}", v["jobs"]);
+        }
+        Cmd::Leader { .. } => {
+            let v = client.get("/v1/leader").await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            if let Some(note) = v["note"].as_str() {
+                println!("note       {note}");
+            }
+            match v["leader"].as_str() {
+                Some(l) => {
+                    println!(
+                        "leader     {l}{}",
+                        if v["is_self"] == true {
+                            "  (this agent)"
+                        } else {
+                            ""
+                        }
+                    );
+                    println!("peer id    {}", v["leader_peer_id"].as_str().unwrap_or("-"));
+                    println!("term       {}", v["term"]);
+                    if let Some(ms) = v["since_ms"].as_u64() {
+                        println!(
+                            "since      {}",
+                            humantime::format_rfc3339_millis(
+                                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+                            )
+                        );
+                    }
+                }
+                None => println!("leader     none known"),
+            }
+            println!(
+                "voters     {}   this agent: {}",
+                v["voters"],
+                v["role"].as_str().unwrap_or("?")
+            );
+            if v["voter_list_mismatch"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+            {
+                println!(
+                    "WARNING    members with another voter list: {}",
+                    v["voter_list_mismatch"]
+                );
+            }
+        }
+        Cmd::Lock { op } => match op {
+            LockOp::Acquire {
+                name, ttl, holder, ..
+            } => {
+                let mut body = json!({ "ttl_secs": secs(&ttl, "--ttl")? });
+                if let Some(h) = holder {
+                    body["holder"] = json!(h);
+                }
+                let v = client
+                    .post(&format!("/v1/locks/{name}/acquire"), &body)
+                    .await?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!("{}", v["token"]);
+            }
+            LockOp::Renew { name, token, .. } => {
+                let v = client
+                    .post(
+                        &format!("/v1/locks/{name}/renew"),
+                        &json!({ "token": token }),
+                    )
+                    .await?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!("renewed {name} (token {token}) until {}", v["expires_ms"]);
+            }
+            LockOp::Release { name, token, .. } => {
+                let v = client
+                    .post(
+                        &format!("/v1/locks/{name}/release"),
+                        &json!({ "token": token }),
+                    )
+                    .await?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                println!("released {name}");
+            }
+            LockOp::List { .. } => {
+                let v = client.get("/v1/locks").await?;
+                if cli.json {
+                    return print_json(&v);
+                }
+                for l in v["locks"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:<24} holder={} token={} expires_ms={}",
+                        l["name"].as_str().unwrap_or("?"),
+                        l["holder"].as_str().unwrap_or("?"),
+                        l["token"],
+                        l["expires_ms"]
+                    );
+                }
+            }
+            LockOp::Run {
+                name,
+                ttl,
+                wait,
+                cmd,
+                ..
+            } => {
+                let code = lock_run(&client, &name, secs(&ttl, "--ttl")?, wait, &cmd).await?;
+                std::process::exit(code);
+            }
+        },
+        Cmd::Run { cmd, .. } => {
+            let code = run_if_leader(&client, &cmd).await?;
+            std::process::exit(code);
         }
         Cmd::Leave { .. } => {
             let v = client.post("/v1/leave", &json!({})).await?;

@@ -58,6 +58,12 @@ pub struct Metrics {
     pub host_gpu_temp: Family<Labels, FGauge>,
     pub host_gpu_mem_used: Family<Labels, FGauge>,
     pub host_jobs: Family<Labels, FGauge>,
+    pub raft_term: Gauge,
+    pub is_leader: Gauge,
+    pub leader_changes: Counter,
+    pub election_seconds: Histogram,
+    pub lock_ops: Family<Labels, Counter>,
+    pub voter_mismatch: Gauge,
 }
 
 impl Metrics {
@@ -97,6 +103,12 @@ impl Metrics {
             host_gpu_temp: Family::default(),
             host_gpu_mem_used: Family::default(),
             host_jobs: Family::default(),
+            raft_term: Gauge::default(),
+            is_leader: Gauge::default(),
+            leader_changes: Counter::default(),
+            election_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 10)),
+            lock_ops: Family::default(),
+            voter_mismatch: Gauge::default(),
         };
         let r = reg.sub_registry_with_prefix("riftmesh");
         r.register(
@@ -209,6 +221,12 @@ impl Metrics {
             "host_gpu_temperature_celsius", "GPU temperature, by GPU index", m.host_gpu_temp;
             "host_gpu_memory_used_bytes", "GPU memory in use, by GPU index", m.host_gpu_mem_used;
             "host_jobs", "Job counters reported by local processes, by job", m.host_jobs;
+            "raft_term", "Current Raft term on this voter (the leadership fencing token)", m.raft_term;
+            "is_leader", "1 while this agent is the Raft leader", m.is_leader;
+            "leader_changes", "Times this voter saw a new leader", m.leader_changes;
+            "election_duration_seconds", "Time from losing a leader to knowing the next one", m.election_seconds;
+            "lock_ops", "Lock outcomes on the leader, by op (grant, deny, expired)", m.lock_ops;
+            "voter_list_mismatch", "Live members whose voter list differs from this agent's", m.voter_mismatch;
         }
         m
     }

@@ -363,6 +363,25 @@ impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
 
 pub type SyncCodec = FrameCodec<wire::SyncRequest, wire::SyncResponse>;
 pub type MemberCodec = FrameCodec<wire::MemberRequest, wire::MemberResponse>;
+/// `/riftmesh/raft/1` carries opaque bodies: the leader module owns their format.
+pub type RaftCodec = FrameCodec<Vec<u8>, Vec<u8>>;
+pub const RAFT_PROTOCOL: &str = "/riftmesh/raft/1";
+/// Largest `/riftmesh/raft/1` body either way.
+pub const MAX_RAFT_MESSAGE: usize = 4 << 20;
+
+/// A `/riftmesh/raft/1` request to answer with [`NetHandle::raft_respond`].
+pub struct RaftInbound {
+    pub peer: PeerId,
+    pub request: Vec<u8>,
+    pub channel: request_response::ResponseChannel<Vec<u8>>,
+}
+
+/// What the network hands to the rest of the agent.
+pub struct Inbox {
+    pub events: mpsc::Receiver<Inbound>,
+    pub member: mpsc::Receiver<MemberInbound>,
+    pub raft: mpsc::Receiver<RaftInbound>,
+}
 
 async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + Unpin + Send>(
     io: &mut R,
@@ -456,6 +475,15 @@ enum Command {
     MemberRespond {
         channel: request_response::ResponseChannel<wire::MemberResponse>,
         response: wire::MemberResponse,
+    },
+    RaftRequest {
+        peer: PeerId,
+        request: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, RequestError>>,
+    },
+    RaftRespond {
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        response: Vec<u8>,
     },
     /// Fault injection: refuse and drop connections to these peers.
     Block(Vec<PeerId>),
@@ -577,6 +605,36 @@ impl NetHandle {
             .await;
     }
 
+    /// Send a `/riftmesh/raft/1` request (dialing the peer if needed).
+    pub async fn raft_request(
+        &self,
+        peer: PeerId,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::RaftRequest {
+                peer,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| RequestError::Other("network task stopped".into()))?;
+        rx.await
+            .map_err(|_| RequestError::Other("network task stopped".into()))?
+    }
+
+    pub async fn raft_respond(
+        &self,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        response: Vec<u8>,
+    ) {
+        let _ = self
+            .tx
+            .send(Command::RaftRespond { channel, response })
+            .await;
+    }
+
     /// Fault injection: cut this agent off from `peers` (and accept them again).
     pub async fn block(&self, peers: Vec<PeerId>, block: bool) -> Result<(), NetError> {
         let cmd = if block {
@@ -604,6 +662,7 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     sync: request_response::Behaviour<SyncCodec>,
     member: request_response::Behaviour<MemberCodec>,
+    raft: request_response::Behaviour<RaftCodec>,
     blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
 }
 
@@ -623,14 +682,7 @@ pub fn start(
     cfg: NetConfig,
     registry: &mut Registry,
     metrics: Metrics,
-) -> Result<
-    (
-        NetHandle,
-        mpsc::Receiver<Inbound>,
-        mpsc::Receiver<MemberInbound>,
-    ),
-    NetError,
-> {
+) -> Result<(NetHandle, Inbox), NetError> {
     let local_peer_id = key.public().to_peer_id();
     let psk = cfg.psk;
     let max_msg = cfg.max_message_bytes;
@@ -703,6 +755,16 @@ pub fn start(
                         .with_request_timeout(Duration::from_secs(10))
                         .with_max_concurrent_streams(256),
                 );
+                let raft = request_response::Behaviour::with_codec(
+                    RaftCodec::new(MAX_RAFT_MESSAGE, MAX_RAFT_MESSAGE),
+                    [(
+                        StreamProtocol::new(RAFT_PROTOCOL),
+                        request_response::ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(10))
+                        .with_max_concurrent_streams(256),
+                );
                 let sync = request_response::Behaviour::with_codec(
                     SyncCodec::new(wire::MAX_SYNC_REQUEST, wire::MAX_SYNC_RESPONSE),
                     [(
@@ -725,6 +787,7 @@ pub fn start(
                     mdns: mdns.into(),
                     sync,
                     member,
+                    raft,
                     blocked: Default::default(),
                 })
             },
@@ -751,6 +814,7 @@ pub fn start(
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (in_tx, in_rx) = mpsc::channel(cfg.inbound_queue);
     let (member_tx, member_rx) = mpsc::channel(4096);
+    let (raft_tx, raft_rx) = mpsc::channel(1024);
     let handle = NetHandle {
         tx: cmd_tx,
         local_peer_id,
@@ -763,6 +827,8 @@ pub fn start(
         in_tx,
         member_tx,
         member_pending: HashMap::new(),
+        raft_tx,
+        raft_pending: HashMap::new(),
         local_addrs: Vec::new(),
         metrics,
         p2p_metrics,
@@ -776,7 +842,14 @@ pub fn start(
         ticks: 0,
     };
     tokio::spawn(event_loop.run());
-    Ok((handle, in_rx, member_rx))
+    Ok((
+        handle,
+        Inbox {
+            events: in_rx,
+            member: member_rx,
+            raft: raft_rx,
+        },
+    ))
 }
 
 struct EventLoop {
@@ -788,6 +861,11 @@ struct EventLoop {
     member_pending: HashMap<
         request_response::OutboundRequestId,
         oneshot::Sender<Result<wire::MemberResponse, RequestError>>,
+    >,
+    raft_tx: mpsc::Sender<RaftInbound>,
+    raft_pending: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<Vec<u8>, RequestError>>,
     >,
     /// Addresses we listen on, interfaces expanded.
     local_addrs: Vec<Multiaddr>,
@@ -986,6 +1064,21 @@ impl EventLoop {
                     .member
                     .send_response(channel, response);
             }
+            Command::RaftRequest {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().raft.send_request(&peer, request);
+                self.raft_pending.insert(id, reply);
+            }
+            Command::RaftRespond { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .raft
+                    .send_response(channel, response);
+            }
             Command::Block(peers) => {
                 for p in peers {
                     self.swarm.behaviour_mut().blocked.block_peer(p);
@@ -1155,6 +1248,7 @@ impl EventLoop {
             BehaviourEvent::Mdns(_) => {}
             BehaviourEvent::Sync(ev) => self.on_sync(ev),
             BehaviourEvent::Member(ev) => self.on_member(ev),
+            BehaviourEvent::Raft(ev) => self.on_raft(ev),
             BehaviourEvent::Blocked(v) => match v {},
         }
     }
@@ -1284,6 +1378,59 @@ impl EventLoop {
                         .get_or_create(&label("reason", "member_frame"))
                         .inc();
                     tracing::warn!(%peer, %error, "membership request refused");
+                }
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_raft(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
+        use request_response::{Event, Message, OutboundFailure};
+        match ev {
+            Event::Message { peer, message, .. } => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    let msg = RaftInbound {
+                        peer,
+                        request,
+                        channel,
+                    };
+                    if self.raft_tx.try_send(msg).is_err() {
+                        self.metrics
+                            .inbound_dropped
+                            .get_or_create(&label("queue", "raft"))
+                            .inc();
+                    }
+                }
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.raft_pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                let e = match &error {
+                    OutboundFailure::DialFailure => RequestError::Dial(error.to_string()),
+                    OutboundFailure::Timeout => RequestError::Timeout,
+                    other => RequestError::Other(other.to_string()),
+                };
+                if let Some(reply) = self.raft_pending.remove(&request_id) {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                if matches!(error, request_response::InboundFailure::Io(_)) {
+                    self.metrics
+                        .events_rejected
+                        .get_or_create(&label("reason", "raft_frame"))
+                        .inc();
+                    tracing::warn!(%peer, %error, "raft request refused");
                 }
             }
             Event::ResponseSent { .. } => {}

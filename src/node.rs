@@ -52,6 +52,7 @@ pub struct Node {
     pub peer_id: String,
     pub started: Instant,
     pub membership: Arc<crate::membership::Membership>,
+    pub leader: Arc<crate::leader::Leader>,
     /// Notified when the agent should stop (after a leave through the API).
     pub stop: tokio::sync::Notify,
     /// Per consumer: (cursor, last sequence scanned without a match), so
@@ -163,7 +164,9 @@ impl Node {
             incarnation,
             cfg.detector.clone(),
         );
-        let (net, inbound, member_inbound) = net::start(
+        let leader = crate::leader::Leader::new(&cfg.voters, &cfg.name, cfg.election_timeout);
+        membership.set_voters_hash(leader.voters_hash());
+        let (net, inbox) = net::start(
             key,
             NetConfig {
                 listen: cfg.listen.clone(),
@@ -191,12 +194,14 @@ impl Node {
             peer_id,
             started: Instant::now(),
             membership,
+            leader,
             stop: tokio::sync::Notify::new(),
             scan_hints: Mutex::new(Default::default()),
         });
-        tokio::spawn(ingest(node.clone(), inbound));
+        tokio::spawn(ingest(node.clone(), inbox.events));
         tokio::spawn(housekeeping(node.clone()));
-        tokio::spawn(crate::membership::run(node.clone(), member_inbound));
+        tokio::spawn(crate::membership::run(node.clone(), inbox.member));
+        crate::leader::start(node.clone(), inbox.raft);
         Ok(node)
     }
 

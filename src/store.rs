@@ -433,6 +433,12 @@ impl Store {
         }
     }
 
+    /// The sled database, for state kept beside the log in trees of its own
+    /// (the leader's Raft log and lock table).
+    pub fn sled_db(&self) -> &sled::Db {
+        &self.tree
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -246,6 +246,43 @@ impl Membership {
         rx.await.ok()
     }
 
+    /// Set the hash of this agent's voter list, carried in its info.
+    pub fn set_voters_hash(&self, h: Option<[u8; 32]>) {
+        let mut g = lock(&self.inner);
+        if g.me.info.voters_hash != h {
+            g.me.info.voters_hash = h;
+            g.me.info.version += 1;
+            g.me.beat.info_version = g.me.info.version;
+        }
+    }
+
+    /// The live member (alive or suspect) called `name`, at its highest incarnation.
+    pub fn peer_by_name(&self, name: &str) -> Option<PeerId> {
+        let g = lock(&self.inner);
+        g.det
+            .members()
+            .filter(|m| m.name.as_deref() == Some(name))
+            .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+            .max_by_key(|m| m.incarnation)
+            .map(|m| m.peer)
+    }
+
+    /// Names of live members whose voter list hash differs from `mine`.
+    pub fn voter_list_mismatch(&self, mine: Option<[u8; 32]>) -> Vec<String> {
+        let g = lock(&self.inner);
+        let mut out: Vec<String> = g
+            .det
+            .members()
+            .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+            .filter_map(|m| {
+                let info = g.recs.get(&m.peer)?.info.as_ref()?;
+                (info.voters_hash != mine).then(|| info.name.clone())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Every member this agent knows, itself first.
     pub fn members(&self, net_listen: &[String]) -> Vec<MemberView> {
         let g = lock(&self.inner);

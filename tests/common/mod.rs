@@ -356,7 +356,7 @@ pub async fn hostile_peer(
     let metrics = riftmesh::metrics::Metrics::register(&mut registry);
     let key = libp2p::identity::Keypair::generate_ed25519();
     let boot: libp2p::Multiaddr = a.p2p_addr().await.parse().unwrap();
-    let (h, rx, _member_rx) = riftmesh::net::start(
+    let (h, inbox) = riftmesh::net::start(
         key.clone(),
         riftmesh::net::NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
@@ -386,5 +386,5 @@ pub async fn hostile_peer(
         },
     )
     .await;
-    (h, rx, key)
+    (h, inbox.events, key)
 }

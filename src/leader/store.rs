@@ -1,0 +1,433 @@
+//! Raft's persistent state in our sled database (openraft storage-v2): the log
+//! (`raft_log`: big-endian index → bincode entry), vote / committed / purged
+//! (`raft_meta`), and the lock table, applied in memory and snapshotted to
+//! `raft_snapshot`. Every write that openraft must find after a crash is
+//! flushed (sled flush = write + fsync) before it is acknowledged.
+// openraft's traits fix the error type (StorageError, over 200 bytes).
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    Vote,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::{LockRequest, LockResponse, NodeId, PeerNode, TypeConfig};
+use crate::codec::{self, CodecError};
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
+    codec::encode(v)
+}
+/// Only our own bytes are decoded here; the limit is the codec's ceiling.
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, CodecError> {
+    codec::decode(b, codec::MAX_DECODE)
+}
+
+fn guard<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type SErr = StorageError<NodeId>;
+
+fn rd<E: std::error::Error + 'static>(e: E) -> SErr {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+fn wr<E: std::error::Error + 'static>(e: E) -> SErr {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+fn key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+// ----------------------------------------------------------------------------------------- log
+
+/// Log tree: key = big-endian index, value = bincode(Entry). Meta tree: "vote", "committed", "purged".
+#[derive(Clone)]
+pub struct LogStore {
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    pub fn open(db: &sled::Db) -> sled::Result<Self> {
+        Ok(Self {
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+        })
+    }
+    fn get_meta<T: DeserializeOwned>(&self, k: &str) -> Result<Option<T>, SErr> {
+        match self.meta.get(k).map_err(rd)? {
+            Some(v) => Ok(Some(decode(&v).map_err(rd)?)),
+            None => Ok(None),
+        }
+    }
+    async fn put_meta<T: Serialize>(&self, k: &str, v: &T) -> Result<(), SErr> {
+        self.meta.insert(k, encode(v).map_err(wr)?).map_err(wr)?;
+        self.meta.flush_async().await.map_err(wr)?; // durable before returning (required for vote)
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => *x + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for kv in self.log.range(key(start)..) {
+            let (k, v) = kv.map_err(rd)?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(decode(&v).map_err(rd)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore; // cheap clone of sled::Tree handles
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let last_purged: Option<LogId<NodeId>> = self.get_meta("purged")?;
+        let last = match self.log.last().map_err(rd)? {
+            Some((_, v)) => Some(decode::<Entry<TypeConfig>>(&v).map_err(rd)?.log_id),
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        self.put_meta("vote", vote).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
+        self.get_meta("vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        self.put_meta("committed", &committed).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&key(e.log_id.index), encode(&e).map_err(wr)?);
+        }
+        self.log.apply_batch(batch).map_err(wr)?; // readable now
+                                                  // Durable now; only then tell openraft (it acks AppendEntries / counts the leader's own vote
+                                                  // after the callback fires).
+        let res = self
+            .log
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(std::io::Error::other);
+        callback.log_io_completed(res);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        // delete [log_id.index, +inf)
+        let keys: Vec<_> = self
+            .log
+            .range(key(log_id.index)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(wr)?;
+        for k in keys {
+            self.log.remove(k).map_err(wr)?;
+        }
+        self.log.flush_async().await.map_err(wr)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        // record purged pointer first so get_log_state never sees a hole
+        self.put_meta("purged", &log_id).await?;
+        let keys: Vec<_> = self
+            .log
+            .range(..=key(log_id.index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(wr)?;
+        for k in keys {
+            self.log.remove(k).map_err(wr)?;
+        }
+        self.log.flush_async().await.map_err(wr)?;
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------ state machine
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    pub holder: String,
+    pub token: u64,
+    pub ttl_ms: u64,
+    pub expires_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LockState {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub last_membership: StoredMembership<NodeId, PeerNode>,
+    pub locks: BTreeMap<String, Lock>,
+}
+
+impl LockState {
+    /// Deterministic: time comes from the request (`now_ms`, stamped by the
+    /// leader that proposed it); the fencing token is the log index of the
+    /// granting entry, so tokens strictly increase across all locks and terms.
+    pub fn apply(&mut self, index: u64, req: &LockRequest) -> LockResponse {
+        match req {
+            LockRequest::Acquire {
+                name,
+                holder,
+                ttl_ms,
+                now_ms,
+            } => {
+                let mut expired = false;
+                if let Some(l) = self.locks.get(name) {
+                    if l.expires_ms > *now_ms {
+                        return LockResponse::Denied {
+                            holder: l.holder.clone(),
+                            token: l.token,
+                            expires_ms: l.expires_ms,
+                        };
+                    }
+                    expired = true;
+                }
+                let l = Lock {
+                    holder: holder.clone(),
+                    token: index,
+                    ttl_ms: *ttl_ms,
+                    expires_ms: now_ms.saturating_add(*ttl_ms),
+                };
+                let r = LockResponse::Granted {
+                    token: l.token,
+                    expires_ms: l.expires_ms,
+                    replaced_expired: expired,
+                };
+                self.locks.insert(name.clone(), l);
+                r
+            }
+            LockRequest::Renew {
+                name,
+                token,
+                now_ms,
+            } => match self.locks.get_mut(name) {
+                Some(l) if l.token == *token && l.expires_ms > *now_ms => {
+                    l.expires_ms = now_ms.saturating_add(l.ttl_ms);
+                    LockResponse::Granted {
+                        token: l.token,
+                        expires_ms: l.expires_ms,
+                        replaced_expired: false,
+                    }
+                }
+                _ => LockResponse::NotHolder,
+            },
+            LockRequest::Release { name, token } => match self.locks.get(name) {
+                Some(l) if l.token == *token => {
+                    self.locks.remove(name);
+                    LockResponse::Released
+                }
+                _ => LockResponse::NotHolder,
+            },
+        }
+    }
+}
+
+#[derive(Clone)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, PeerNode>,
+    data: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedSnapshot {
+    meta: SnapshotMeta<NodeId, PeerNode>,
+    data: Vec<u8>,
+}
+
+/// In-memory state machine. Clone = shared handle (also used as the snapshot builder).
+#[derive(Clone)]
+pub struct LockStateMachine {
+    pub state: Arc<Mutex<LockState>>,
+    snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
+    snap_tree: sled::Tree,
+}
+
+impl LockStateMachine {
+    pub fn open(db: &sled::Db) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let snap_tree = db.open_tree("raft_snapshot")?;
+        let mut state = LockState::default();
+        let mut snapshot = None;
+        if let Some(b) = snap_tree.get("current")? {
+            let p: PersistedSnapshot = decode(&b)?;
+            state = decode(&p.data)?;
+            snapshot = Some(StoredSnapshot {
+                meta: p.meta,
+                data: p.data,
+            });
+        }
+        Ok(Self {
+            state: Arc::new(Mutex::new(state)),
+            snapshot: Arc::new(Mutex::new(snapshot)),
+            snap_tree,
+        })
+    }
+
+    /// The lock table as applied here.
+    pub fn locks(&self) -> Vec<(String, Lock)> {
+        guard(&self.state)
+            .locks
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    async fn persist_snapshot(&self, s: &StoredSnapshot) -> Result<(), SErr> {
+        let sig = Some(s.meta.signature());
+        let bytes = encode(&PersistedSnapshot {
+            meta: s.meta.clone(),
+            data: s.data.clone(),
+        })
+        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), AnyError::new(&e)))?;
+        self.snap_tree
+            .insert("current", bytes)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), AnyError::new(&e)))?;
+        self.snap_tree
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(sig, AnyError::new(&e)))?;
+        *guard(&self.snapshot) = Some(s.clone());
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for LockStateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let (data, last_log_id, last_membership) = {
+            let st = guard(&self.state);
+            let data =
+                encode(&*st).map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
+            (data, st.last_applied, st.last_membership.clone())
+        };
+        let snapshot_id = match last_log_id {
+            Some(l) => format!("{}-{}", l.leader_id, l.index),
+            None => "empty".to_string(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        let s = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        self.persist_snapshot(&s).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for LockStateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, PeerNode>), SErr> {
+        let st = guard(&self.state);
+        Ok((st.last_applied, st.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<LockResponse>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut st = guard(&self.state);
+        let mut out = Vec::new();
+        for e in entries {
+            st.last_applied = Some(e.log_id);
+            out.push(match e.payload {
+                EntryPayload::Blank => LockResponse::Noop,
+                EntryPayload::Normal(ref req) => st.apply(e.log_id.index, req),
+                EntryPayload::Membership(m) => {
+                    st.last_membership = StoredMembership::new(Some(e.log_id), m);
+                    LockResponse::Noop
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, PeerNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        let data = snapshot.into_inner();
+        let new_state: LockState = decode(&data).map_err(|e| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        let s = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.persist_snapshot(&s).await?;
+        *guard(&self.state) = new_state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        Ok(guard(&self.snapshot).clone().map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
