@@ -270,9 +270,15 @@ async fn lock_run(
     let mut child = spawn_cmd(cmd, &[("RIFTMESH_LOCK_TOKEN", token.to_string())])?;
     let mut renew = tokio::time::interval(std::time::Duration::from_secs_f64(ttl / 3.0));
     renew.tick().await;
+    let stop = stop_signal();
+    tokio::pin!(stop);
     let code = loop {
         tokio::select! {
             st = child.wait() => break st?.code().unwrap_or(1),
+            _ = &mut stop => {
+                stop_child(&mut child).await;
+                break 143;
+            }
             _ = renew.tick() => {
                 match client.post(&format!("/v1/locks/{name}/renew"), &json!({ "token": token })).await {
                     Ok(v) => expires = v["expires_ms"].as_u64().unwrap_or(expires),
@@ -299,11 +305,33 @@ async fn lock_run(
     Ok(code)
 }
 
+/// SIGTERM or SIGINT.
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 async fn run_if_leader(client: &Client, cmd: &[String]) -> anyhow::Result<i32> {
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
     let mut child: Option<tokio::process::Child> = None;
+    let stop = stop_signal();
+    tokio::pin!(stop);
     loop {
-        poll.tick().await;
+        tokio::select! {
+            _ = poll.tick() => {}
+            _ = &mut stop => {
+                if let Some(c) = &mut child {
+                    stop_child(c).await;
+                }
+                return Ok(143);
+            }
+        }
         let lead = client.get("/v1/leader").await;
         let is_leader = matches!(&lead, Ok(v) if v["is_self"] == true);
         match (&mut child, is_leader) {

@@ -187,3 +187,174 @@ async fn a_cut_off_leader_stops_leading_and_grants_nothing() {
     assert_eq!(selves, vec![leader3.clone()], "one leader after healing");
     let _ = leader2;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lock_clients_never_overlap_and_tokens_increase() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = config(root.path());
+    let agents = mesh_with(root.path(), 4, &["--config", &cfg]).await;
+    let all: Vec<&Agent> = agents.iter().collect();
+    agreed_leader(&all, None).await;
+    // Four clients, one per agent, race for one lock for a while; each holds
+    // a grant to its expiry (no release), so validity windows are exact.
+    let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let mut tasks = Vec::new();
+    for i in 0..agents.len() {
+        let api = agents[i].api.clone();
+        let history = history.clone();
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while std::time::Instant::now() < deadline {
+                tick.tick().await;
+                let r = http
+                    .post(format!("{api}/v1/locks/race/acquire"))
+                    .json(&json!({ "ttl_secs": 0.3, "holder": format!("client{i}") }))
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 200 {
+                    let v: Value = r.json().await.unwrap();
+                    history.lock().unwrap().push((
+                        v["token"].as_u64().unwrap(),
+                        v["expires_ms"].as_u64().unwrap() - 300,
+                        v["expires_ms"].as_u64().unwrap(),
+                        i,
+                    ));
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut h = history.lock().unwrap().clone();
+    h.sort();
+    assert!(h.len() >= 3, "too few grants to check: {h:?}");
+    let holders: HashSet<usize> = h.iter().map(|g| g.3).collect();
+    assert!(holders.len() >= 2, "{h:?}");
+    for w in h.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        assert!(b.0 > a.0, "tokens strictly increase: {h:?}");
+        assert!(b.1 >= a.2, "grant {b:?} overlaps {a:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_voter_list_is_reported_and_never_leads() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = config(root.path());
+    let agents = mesh_with(root.path(), 3, &["--config", &cfg]).await;
+    let other = root.path().join("other.toml");
+    std::fs::write(&other, "voters = [\"a0\", \"a1\", \"odd\"]\n").unwrap();
+    let boot = vec![agents[0].p2p_addr().await];
+    let odd = Agent::start_with(
+        root.path(),
+        "odd",
+        &root.path().join("swarm.key"),
+        &boot,
+        &["--config".into(), other.display().to_string()],
+    )
+    .await;
+    wait_for("a0 to report odd's voter list", LONG, || async {
+        let v = agents[0].get("/v1/leader").await.ok()?;
+        (v["voter_list_mismatch"] == json!(["odd"])).then_some(())
+    })
+    .await;
+    let all: Vec<&Agent> = agents.iter().collect();
+    let (leader, _) = agreed_leader(&all, None).await;
+    assert_ne!(leader, "odd");
+    let v = odd.get("/v1/leader").await.unwrap();
+    assert_eq!(v["is_self"], false, "{v}");
+    wait_for("the mismatch metric", LONG, || async {
+        (agents[0].metric("riftmesh_voter_list_mismatch").await >= 1.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_run_and_run_if_leader_start_commands() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = config(root.path());
+    let agents = mesh_with(root.path(), 3, &["--config", &cfg]).await;
+    let all: Vec<&Agent> = agents.iter().collect();
+    let (leader, term) = agreed_leader(&all, None).await;
+    let li = agents.iter().position(|a| a.name == leader).unwrap();
+    let fi = (li + 1) % 3;
+    let out = |n: &str| root.path().join(n);
+    let api = |a: &Agent| a.api.trim_start_matches("http://").to_string();
+
+    // lock run: the command sees its fencing token; the lock is released after.
+    let st = std::process::Command::new(common::BIN)
+        .args([
+            "lock",
+            "run",
+            "job",
+            "--ttl",
+            "5s",
+            "--api",
+            &api(&agents[fi]),
+            "--",
+        ])
+        .args([
+            "sh",
+            "-c",
+            &format!("echo $RIFTMESH_LOCK_TOKEN > {}", out("token").display()),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{st:?}");
+    let token: u64 = std::fs::read_to_string(out("token"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(token > 0);
+    wait_for("the lock to be released", LONG, || async {
+        let v = agents[fi].get("/v1/locks").await.ok()?;
+        v["locks"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+
+    // run --if-leader: on the leader the command runs with the term; on a
+    // follower it does not start.
+    let run = |a: &Agent, file: std::path::PathBuf| {
+        std::process::Command::new(common::BIN)
+            .args(["run", "--if-leader", "--api", &api(a), "--"])
+            .args([
+                "sh",
+                "-c",
+                &format!(
+                    "echo $RIFTMESH_LEADER_TERM > {}; exec sleep 60",
+                    file.display()
+                ),
+            ])
+            .spawn()
+            .unwrap()
+    };
+    let mut on_follower = run(&agents[fi], out("follower"));
+    let mut on_leader = run(&agents[li], out("leader"));
+    let got = wait_for("the leader's command to start", LONG, || async {
+        std::fs::read_to_string(out("leader"))
+            .ok()
+            .filter(|s| !s.is_empty())
+    })
+    .await;
+    assert_eq!(got.trim(), term.to_string());
+    assert!(!out("follower").exists(), "a follower started its command");
+    assert!(on_follower.try_wait().unwrap().is_none());
+    // SIGTERM stops the runner and the command it started.
+    for c in [&mut on_follower, &mut on_leader] {
+        std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        let st = wait_for("the runner to stop", LONG, || {
+            let r = c.try_wait().unwrap();
+            async move { r }
+        })
+        .await;
+        assert!(!st.success());
+    }
+}

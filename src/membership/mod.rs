@@ -269,18 +269,7 @@ impl Membership {
 
     /// Names of live members whose voter list hash differs from `mine`.
     pub fn voter_list_mismatch(&self, mine: Option<[u8; 32]>) -> Vec<String> {
-        let g = lock(&self.inner);
-        let mut out: Vec<String> = g
-            .det
-            .members()
-            .filter(|m| matches!(m.state, State::Alive | State::Suspect))
-            .filter_map(|m| {
-                let info = g.recs.get(&m.peer)?.info.as_ref()?;
-                (info.voters_hash != mine).then(|| info.name.clone())
-            })
-            .collect();
-        out.sort();
-        out
+        mismatched(&lock(&self.inner), mine)
     }
 
     /// Every member this agent knows, itself first.
@@ -346,6 +335,21 @@ impl Membership {
         out.extend(rest);
         out
     }
+}
+
+/// Names of live members whose voter-list hash differs from `mine`, sorted.
+fn mismatched(g: &Inner, mine: Option<[u8; 32]>) -> Vec<String> {
+    let mut out: Vec<String> = g
+        .det
+        .members()
+        .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+        .filter_map(|m| {
+            let info = g.recs.get(&m.peer)?.info.as_ref()?;
+            (info.voters_hash != mine).then(|| info.name.clone())
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Drop expired jobs and copy the rest into the heartbeat. True if it changed.
@@ -937,6 +941,13 @@ impl Task {
             mx.members.get_or_create(&label("state", s)).set(n);
         }
         mx.incarnation.set(g.det.incarnation() as i64);
+        // Members with another voter list: reported loudly, every minute.
+        let odd = mismatched(&g, g.me.info.voters_hash);
+        mx.voter_mismatch.set(odd.len() as i64);
+        let every_minute = self.m.started.elapsed().as_secs() % 60 == 0;
+        if !odd.is_empty() && every_minute {
+            tracing::error!(members = ?odd, "these members have a different voter list than this agent: fix the config so every host has the same `voters`; raft traffic between different lists is refused");
+        }
         mx.detector_stalls.set(g.det.stalls as i64);
     }
 
