@@ -200,8 +200,8 @@ async fn concurrent_lock_clients_never_overlap_and_tokens_increase() {
     let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let deadline = std::time::Instant::now() + Duration::from_secs(6);
     let mut tasks = Vec::new();
-    for i in 0..agents.len() {
-        let api = agents[i].api.clone();
+    for (i, agent) in agents.iter().enumerate() {
+        let api = agent.api.clone();
         let history = history.clone();
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
