@@ -595,12 +595,15 @@ impl Detector {
         };
         let (asked, confirmed, evidence) = (asked.len(), *confirmed, m.evidence);
         let already = m.announced;
+        // The window runs from when this agent began to suspect (its direct
+        // probe failed), so the helpers' round counts towards it.
+        let since = m.since;
         if confirmed > 0 {
             let w = self.window(evidence, confirmed, asked);
             let m = self.members.get_mut(&target).expect("present");
             m.announced = Some(match already {
                 Some((at, old)) => (at, old.min(w)),
-                None => (now, w),
+                None => (since, w),
             });
             m.probe = Some(Phase::Wait { next });
             if already.is_none() {
@@ -825,15 +828,15 @@ mod tests {
             t.announced().is_empty(),
             "suspicion stays private until confirmed"
         );
-        t.d.indirect_result(x, h, Some(false), t.at(probed + 2000));
+        t.d.indirect_result(x, h, Some(false), t.at(probed + 1500));
         assert_eq!(t.announced(), vec![(FactKind::Suspect, x, 5)]);
         assert_eq!(t.state(&x), State::Suspect);
-        // suspect_min = 1 s after the confirmation.
-        t.d.heard(h, t.at(probed + 2500));
-        t.d.tick(t.at(probed + 2500));
+        // suspect_min = 1 s from the failed direct probe.
+        t.d.heard(h, t.at(probed + 1750));
+        t.d.tick(t.at(probed + 1750));
         assert_eq!(t.state(&x), State::Suspect);
-        t.d.heard(h, t.at(probed + 3000));
-        t.d.tick(t.at(probed + 3000));
+        t.d.heard(h, t.at(probed + 2000));
+        t.d.tick(t.at(probed + 2000));
         assert_eq!(t.state(&x), State::Dead);
         assert_eq!(t.announced(), vec![(FactKind::Offline, x, 5)]);
     }
