@@ -180,6 +180,15 @@ impl Reorder {
         (n, age)
     }
 
+    /// Sources holding events behind a gap, and the sequence they wait for.
+    pub fn gapped(&self) -> Vec<(String, u64)> {
+        self.sources
+            .iter()
+            .filter(|(_, p)| !p.held.is_empty())
+            .map(|(s, p)| (s.clone(), p.next))
+            .collect()
+    }
+
     /// Release sources whose hold expired.
     pub fn tick(&mut self, now: Instant, out: &mut Released) {
         let hold = self.cfg.hold;

@@ -305,6 +305,9 @@ struct Fetched {
     full: bool,
 }
 
+/// A fetch not answered in this time is given up (and asked again elsewhere).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Events asked for in one fetch.
 pub const FETCH_BATCH: u32 = 1000;
 /// Bytes of envelopes answered in one fetch, about.
@@ -388,6 +391,7 @@ async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
             _ = tick.tick() => {
                 ticks += 1;
                 ing.reorder.tick(Instant::now(), &mut out);
+                ing.refetch_gaps();
                 if ticks % ing.node.cfg.summary_every_secs.max(1) == 0 {
                     ing.summary_with_random_peer().await;
                 }
@@ -406,13 +410,21 @@ impl Ingest {
             Inbound::Gossip { event, from } => {
                 let gaps_before = out.gaps.len();
                 self.reorder.offer(event, Instant::now(), out);
-                // Ask the peer that relayed it for what is missing.
+                // Ask the source itself for what is missing when it is
+                // connected (it surely holds its own events; a relay may
+                // share the hole: gossipsub drops an envelope whose content
+                // it already saw from another source), else the relay.
                 let new_gaps: Vec<(String, u64)> = out.gaps[gaps_before..]
                     .iter()
                     .map(|(s, f, _)| (s.clone(), *f))
                     .collect();
                 for (s, f) in new_gaps {
-                    self.want(from, s, f);
+                    let peer = s
+                        .parse::<PeerId>()
+                        .ok()
+                        .filter(|p| self.node.membership.is_connected(p))
+                        .unwrap_or(from);
+                    self.want(peer, s, f);
                 }
             }
             Inbound::Connected(peer) => self.start_summary(peer, false),
@@ -428,6 +440,28 @@ impl Ingest {
                     let _ = node.net.respond(channel, response).await;
                 });
             }
+        }
+    }
+
+    /// Every second: a source still waiting behind a gap with no fetch under
+    /// way is asked again, of the source itself when connected, else of a
+    /// connected peer chosen at random (an earlier relay may have had the
+    /// same hole).
+    fn refetch_gaps(&mut self) {
+        let connected: Vec<PeerId> = self.node.membership.connected_peers();
+        if connected.is_empty() {
+            return;
+        }
+        for (source, next) in self.reorder.gapped() {
+            if self.fetching.contains_key(&source) {
+                continue;
+            }
+            let peer = source
+                .parse::<PeerId>()
+                .ok()
+                .filter(|p| connected.contains(p))
+                .unwrap_or_else(|| connected[rand::random::<usize>() % connected.len()]);
+            self.want(peer, source, next);
         }
     }
 
@@ -521,6 +555,7 @@ impl Ingest {
         }
         // What arrived since this want was queued is not asked for again.
         let from = from.max(self.reorder.next_expected(&source));
+        tracing::debug!(%peer, %source, from, "fetch");
         self.fetching.insert(source.clone(), peer);
         self.busy.insert(peer);
         let node = self.node.clone();
@@ -531,7 +566,12 @@ impl Ingest {
                 from,
                 max_events: FETCH_BATCH,
             };
-            let result = match node.net.request(peer, req).await {
+            // A fetch that hangs (a connection torn down under it) must not
+            // hold its source's chain for the whole request timeout.
+            let answer = tokio::time::timeout(FETCH_TIMEOUT, node.net.request(peer, req))
+                .await
+                .unwrap_or_else(|_| Err(net::NetError::Publish("fetch timed out".into())));
+            let result = match answer {
                 Ok(wire::SyncResponse::Events { events, floor }) => {
                     let full = events.len() as u32 >= FETCH_BATCH;
                     let want = source.clone();
@@ -591,13 +631,16 @@ impl Ingest {
                         if !f.rejected.is_empty() {
                             tracing::warn!(%peer, %source, refused = f.rejected.len(), "catch-up answer held events that fail verification");
                         }
+                        tracing::debug!(%peer, %source, from, got = f.events.len(), floor = ?f.floor, "fetched");
                         m.catchup_events.inc_by(f.events.len() as u64);
                         m.catchup_bytes.inc_by(f.bytes as u64);
                         let first = f.events.first().map(|e| e.seq);
                         let last = f.events.last().map(|e| e.seq);
-                        // Below the peer's floor, the source's events are gone past
-                        // retention there: stop waiting for them.
-                        if let Some(floor) = f.floor {
+                        // Below the source's own floor, its events are gone past
+                        // retention: stop waiting for them. Another peer's floor
+                        // may only mean that peer has a hole too.
+                        let from_source = source.parse::<PeerId>().ok() == Some(peer);
+                        if let (Some(floor), true) = (f.floor, from_source) {
                             if floor > from && first.is_none_or(|s| s > from) {
                                 match self.node.store.skip_to(&source, floor - 1).await {
                                     Ok(mark) => {

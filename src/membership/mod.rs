@@ -256,6 +256,24 @@ impl Membership {
         }
     }
 
+    /// Peers this agent holds a connection to.
+    pub fn connected_peers(&self) -> Vec<PeerId> {
+        lock(&self.inner)
+            .det
+            .members()
+            .filter(|m| m.connected)
+            .map(|m| m.peer)
+            .collect()
+    }
+
+    /// Whether this agent holds a connection to `peer`.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        lock(&self.inner)
+            .det
+            .member(peer)
+            .is_some_and(|m| m.connected)
+    }
+
     /// The live member (alive or suspect) called `name`, at its highest incarnation.
     pub fn peer_by_name(&self, name: &str) -> Option<PeerId> {
         let g = lock(&self.inner);
