@@ -173,3 +173,43 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub fn verdict(ok: bool) -> String {
     if ok { "met" } else { "missed" }.to_string()
 }
+
+/// Sum of a Prometheus metric's samples: lines named exactly `name` (any
+/// labels) whose text contains `filter`.
+pub fn metric(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                && l.contains(filter)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU time a process has used, user + system, in clock ticks (`/proc/<pid>/stat`).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) start at
+    // field 3 (state); utime and stime are fields 14 and 15.
+    let mut f = text.rsplit_once(')')?.1.split_whitespace().skip(11);
+    Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 when it cannot tell).
+pub fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Wall-clock time, unix milliseconds (the clock of the agents' `received_ms`).
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
