@@ -16,7 +16,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{keygen, percentile, spawn_agent_with, verdict, wait_agent_info, Agents};
+use common::{
+    keygen, percentile, spawn_agent_at, spawn_agent_with, verdict, wait_agent_info, Agents,
+};
 use serde_json::{json, Value};
 
 const POLL: Duration = Duration::from_millis(25);
@@ -33,6 +35,8 @@ struct Cluster {
     bin: &'static str,
     root: PathBuf,
     boot: String,
+    /// Each agent's listen address, kept across restarts.
+    listen: Vec<String>,
     extra: Vec<String>,
     agents: Agents,
     names: Vec<String>,
@@ -42,6 +46,7 @@ struct Cluster {
     http: reqwest::Client,
     /// term → agents that claimed leadership in it (the invariant).
     claims: BTreeMap<u64, HashSet<String>>,
+    reported_slow: bool,
 }
 
 impl Cluster {
@@ -67,6 +72,7 @@ impl Cluster {
             bin,
             root: root.to_path_buf(),
             boot: String::new(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into(); n],
             extra,
             agents: Agents {
                 children: Vec::new(),
@@ -79,6 +85,7 @@ impl Cluster {
                 .timeout(Duration::from_secs(5))
                 .build()?,
             claims: BTreeMap::new(),
+            reported_slow: false,
         };
         let extra = cl.extra.clone();
         let x: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -117,7 +124,21 @@ impl Cluster {
         .await?;
         self.apis[i] = format!("http://{}", v["api"].as_str().unwrap_or_default());
         self.peers[i] = v["peer_id"].as_str().unwrap_or_default().to_string();
-        Ok(())
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(v) = self.get(i, "/v1/status").await {
+                if let Some(a) = v["listen_addrs"][0].as_str() {
+                    self.listen[i] = a.to_string();
+                    return Ok(());
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} never listened",
+                self.names[i]
+            );
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     async fn get(&self, i: usize, path: &str) -> anyhow::Result<Value> {
@@ -196,7 +217,27 @@ impl Cluster {
                     None => all = false,
                 }
             }
+            if start.elapsed() > Duration::from_secs(3) && !self.reported_slow {
+                // Why is this slow? Name the agents that disagree, once per wait.
+                self.reported_slow = true;
+                let mut counts: HashMap<String, usize> = HashMap::new();
+                for (i, v) in views.iter().enumerate() {
+                    if skip.contains(&i) || self.down.contains(&i) {
+                        continue;
+                    }
+                    let key = match v {
+                        Some(v) => format!(
+                            "leader={} term={} note={}",
+                            v["leader"], v["term"], v["note"]
+                        ),
+                        None => "no answer".into(),
+                    };
+                    *counts.entry(key).or_default() += 1;
+                }
+                eprintln!("slow agreement after 3 s: {counts:?}");
+            }
             if all && seen.len() == 1 {
+                self.reported_slow = false;
                 let (l, t) = seen.into_iter().next().unwrap_or_default();
                 let li = self.names.iter().position(|n| *n == l);
                 if let Some(li) = li {
@@ -223,7 +264,20 @@ impl Cluster {
 
     async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         let x: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let c = spawn_agent_with(self.bin, &self.root, &self.names[i], Some(&self.boot), &x)?;
+        // Same address as before, and a live agent other than itself to join.
+        let j = (1..self.names.len())
+            .map(|k| (i + k) % self.names.len())
+            .find(|j| !self.down.contains(j))
+            .unwrap_or(0);
+        let boot = format!("{}/p2p/{}", self.listen[j], self.peers[j]);
+        let c = spawn_agent_at(
+            self.bin,
+            &self.root,
+            &self.names[i],
+            &self.listen[i],
+            Some(&boot),
+            &x,
+        )?;
         self.agents.children[i] = c;
         self.info(i).await?;
         self.down.remove(&i);
@@ -372,7 +426,11 @@ async fn main() {
         .expect("temp dir in target/");
     let started = Instant::now();
     let mut results = Vec::new();
-    for voters in [3, 5] {
+    let sets: Vec<usize> = std::env::var("RIFTMESH_BENCH_VOTERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![3, 5]);
+    for voters in sets {
         let mut r = Result1 {
             voters,
             ..Default::default()
@@ -491,6 +549,9 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     print!("{out}");
+    if std::env::var_os("RIFTMESH_BENCH_KEEP").is_some() {
+        println!("agents' data and logs kept in {}", dir.keep().display());
+    }
     let res = manifest.join("benches/results");
     let _ = std::fs::create_dir_all(&res);
     let _ = std::fs::write(res.join("leader.txt"), &out);

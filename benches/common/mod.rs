@@ -56,6 +56,19 @@ pub fn spawn_agent_with(
     bootstrap: Option<&str>,
     extra: &[&str],
 ) -> anyhow::Result<Child> {
+    spawn_agent_at(bin, root, name, "/ip4/127.0.0.1/tcp/0", bootstrap, extra)
+}
+
+/// [`spawn_agent_with`] listening on `listen` (a restarted host keeps its
+/// address, as a real one does).
+pub fn spawn_agent_at(
+    bin: &str,
+    root: &Path,
+    name: &str,
+    listen: &str,
+    bootstrap: Option<&str>,
+    extra: &[&str],
+) -> anyhow::Result<Child> {
     let data = root.join(name);
     std::fs::create_dir_all(&data)?;
     let log = OpenOptions::new()
@@ -67,7 +80,7 @@ pub fn spawn_agent_with(
         .args(["--name", name])
         .arg("--data-dir")
         .arg(&data)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--listen", listen])
         .args(["--api", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
         .arg("--swarm-key")
         .arg(root.join("swarm.key"))

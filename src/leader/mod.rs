@@ -213,6 +213,9 @@ pub struct Leader {
     raft: OnceCell<Raft>,
     sm: OnceCell<store::LockStateMachine>,
     known: Mutex<Known>,
+    /// Last time a leader's append was accepted here, or a vote granted:
+    /// the election timer counts from it (see [`elector`]).
+    heard: Mutex<Instant>,
 }
 
 fn lock_known(m: &Mutex<Known>) -> std::sync::MutexGuard<'_, Known> {
@@ -230,11 +233,20 @@ impl Leader {
             raft: OnceCell::new(),
             sm: OnceCell::new(),
             known: Mutex::new(Known::default()),
+            heard: Mutex::new(Instant::now()),
         })
     }
 
     pub fn voters_hash(&self) -> Option<[u8; 32]> {
         (!self.voters.is_empty()).then_some(self.hash)
+    }
+
+    fn heard_now(&self) {
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn heard(&self) -> Instant {
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn raft_view(&self) -> Option<(ServerState, u64, Option<NodeId>, bool)> {
@@ -464,8 +476,8 @@ impl Conn {
         let peer = self
             .node
             .upgrade()
-            .and_then(|n| n.membership.peer_by_name(&self.name))
-            .ok_or_else(|| unreachable(format!("voter {} is not a live member", self.name)))?;
+            .and_then(|n| n.membership.peer_for_name(&self.name))
+            .ok_or_else(|| unreachable(format!("voter {} is not a known member", self.name)))?;
         let body = codec::encode(&Envelope {
             voters_hash: self.hash,
             msg,
@@ -545,7 +557,8 @@ async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<RaftInbound>) {
             Ok((raft, sm)) => {
                 let _ = l.sm.set(sm);
                 let _ = l.raft.set(raft.clone());
-                tokio::spawn(watch_leadership(node.clone(), raft));
+                tokio::spawn(watch_leadership(node.clone(), raft.clone()));
+                tokio::spawn(elector(node.clone(), raft));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the leader election; this agent takes no part")
@@ -596,8 +609,20 @@ async fn serve(node: &Node, body: &[u8]) -> Reply {
         return Reply::NotVoter;
     };
     match env.msg {
-        Msg::Append(r) => Reply::Append(raft.append_entries(r).await),
-        Msg::Vote(r) => Reply::Vote(raft.vote(r).await),
+        Msg::Append(r) => {
+            let res = raft.append_entries(r).await;
+            if matches!(&res, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                l.heard_now();
+            }
+            Reply::Append(res)
+        }
+        Msg::Vote(r) => {
+            let res = raft.vote(r).await;
+            if matches!(&res, Ok(v) if v.vote_granted) {
+                l.heard_now();
+            }
+            Reply::Vote(res)
+        }
         Msg::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
         Msg::Lock(_) => Reply::NotVoter,
     }
@@ -609,9 +634,15 @@ async fn start_raft(node: &Arc<Node>) -> Result<(Raft, store::LockStateMachine),
     let et = node.cfg.election_timeout.as_millis() as u64;
     let config = openraft::Config {
         cluster_name: "riftmesh".into(),
-        heartbeat_interval: (et / 3).max(50),
+        // openraft ticks every 1.5 heartbeats; a fifth of the election
+        // timeout keeps that tick from adding much to a failover.
+        heartbeat_interval: (et / 5).max(20),
         election_timeout_min: et,
         election_timeout_max: et * 2,
+        // Elections are started by [`elector`], with a fresh random delay
+        // each time: openraft's own timer draws its delay once per process
+        // and fires on its tick, so two voters can collide round after round.
+        enable_elect: false,
         ..Default::default()
     }
     .validate()?;
@@ -638,6 +669,45 @@ async fn start_raft(node: &Arc<Node>) -> Result<(Raft, store::LockStateMachine),
         Err(e) => tracing::debug!(error = %e, "raft already initialized"),
     }
     Ok((raft, sm))
+}
+
+/// The election timer of a voter. An election starts when nothing was heard
+/// from a leader (and no vote granted) for the leader's lease (twice
+/// `election_timeout`) plus a delay drawn anew for every attempt from
+/// [`election_timeout`, 2 × `election_timeout`); a failed attempt is retried
+/// after a new draw. The other voters reject a vote request while their own
+/// lease runs, so this never unseats a leader that a majority still hears.
+async fn elector(node: Arc<Node>, raft: Raft) {
+    use rand::Rng;
+    let et = node.cfg.election_timeout;
+    let lease = et * 2;
+    let draw = || et + et.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+    let mut jitter = draw();
+    let mut attempt: Option<Instant> = None;
+    let step = (et / 10).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(step).await;
+        let state = raft.metrics().borrow().state;
+        if state == ServerState::Leader || state == ServerState::Shutdown {
+            if state == ServerState::Shutdown {
+                return;
+            }
+            attempt = None;
+            continue;
+        }
+        let heard = node.leader.heard();
+        let mut due = heard + lease + jitter;
+        if let Some(a) = attempt.filter(|a| *a > heard) {
+            due = due.max(a + jitter);
+        }
+        if Instant::now() >= due {
+            if raft.trigger().elect().await.is_err() {
+                return;
+            }
+            attempt = Some(Instant::now());
+            jitter = draw();
+        }
+    }
 }
 
 /// On every change of term or leader: metrics, and the new leader publishes

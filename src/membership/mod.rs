@@ -285,6 +285,23 @@ impl Membership {
             .map(|m| m.peer)
     }
 
+    /// The peer that goes by `name`, live or not: a live one first, else the
+    /// last one heard of. Peer ids survive restarts, so a member held dead
+    /// here can still be dialled; it is back as soon as a connection opens.
+    pub fn peer_for_name(&self, name: &str) -> Option<PeerId> {
+        let g = lock(&self.inner);
+        g.det
+            .members()
+            .filter(|m| m.name.as_deref() == Some(name))
+            .max_by_key(|m| {
+                (
+                    matches!(m.state, State::Alive | State::Suspect),
+                    m.incarnation,
+                )
+            })
+            .map(|m| m.peer)
+    }
+
     /// Names of live members whose voter list hash differs from `mine`.
     pub fn voter_list_mismatch(&self, mine: Option<[u8; 32]>) -> Vec<String> {
         mismatched(&lock(&self.inner), mine)
