@@ -976,6 +976,294 @@ async fn count_errors(
     resp
 }
 
+// ---------------------------------------------------------------- blobs
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlobAddReq {
+    /// Absolute path of a file the agent can read.
+    path: String,
+    name: String,
+    /// Naming event type [default: BLOB_PUBLISHED].
+    #[serde(default)]
+    event: Option<String>,
+}
+
+async fn blob_add(
+    State(node): State<AppState>,
+    ApiJson(req): ApiJson<BlobAddReq>,
+) -> ApiResult<Json<Value>> {
+    let path = std::path::PathBuf::from(&req.path);
+    if !path.is_absolute() {
+        return Err(ApiError::bad(format!(
+            "path {:?} must be absolute (the agent resolves it, not the caller's directory)",
+            req.path
+        )));
+    }
+    crate::blob::check_name(&req.name).map_err(ApiError::bad)?;
+    let ty = req.event.as_deref().unwrap_or("BLOB_PUBLISHED");
+    let ty = event::normalize_type(ty).map_err(|e| ApiError::bad(e.to_string()))?;
+    if !crate::blob::NAMING_TYPES.contains(&ty.as_str()) {
+        return Err(ApiError::bad(format!(
+            "event {ty} does not name blobs; use one of {:?}",
+            crate::blob::NAMING_TYPES
+        )));
+    }
+    let (added, appended) = crate::blob::add(&node, path, &req.name, &ty)
+        .await
+        .map_err(|e| {
+            if e.contains("cannot open") || e.contains("not a regular file") {
+                ApiError::bad(e)
+            } else {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)
+            }
+        })?;
+    let (event_id, duplicate) = match &appended {
+        Appended::New { event, .. } => (event.id.clone(), false),
+        Appended::Duplicate { id, .. } => (id.clone(), true),
+        Appended::Held => (String::new(), true),
+    };
+    Ok(Json(json!({
+        "blob": crate::blob::hex_id(&added.id),
+        "name": req.name,
+        "size": added.manifest.size,
+        "root": crate::blob::hex_id(&added.manifest.root()),
+        "chunk_size": added.manifest.chunk_size,
+        "chunks": added.manifest.chunks.len(),
+        "stored": if added.existing { "existing" } else { "new" },
+        "event": ty,
+        "event_id": event_id,
+        "event_duplicate": duplicate,
+    })))
+}
+
+fn store_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Value>> {
+    let store = node.blobs.store.clone();
+    let (blobs, names) = tokio::task::spawn_blocking(move || {
+        let blobs = store.list()?;
+        let names = store.names()?;
+        let mut out = Vec::new();
+        for (id, m) in blobs {
+            let have = if m.complete {
+                None
+            } else {
+                store.have(&id)?.map(|b| b.count())
+            };
+            let chunks = store.manifest(&id)?.map_or(0, |m| m.chunks.len());
+            out.push(json!({
+                "blob": crate::blob::hex_id(&id),
+                "size": m.size,
+                "state": if m.complete { "complete" } else { "partial" },
+                "chunks": chunks,
+                "chunks_have": have.unwrap_or(chunks),
+                "names": names.iter().filter(|(_, r)| r.blob == id).map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+                "added_ms": m.added_ms,
+                "unreferenced_since_ms": (m.released_ms > 0).then_some(m.released_ms),
+            }));
+        }
+        let names: Vec<Value> = names
+            .iter()
+            .map(|(n, r)| {
+                json!({
+                    "name": n,
+                    "blob": crate::blob::hex_id(&r.blob),
+                    "size": r.size,
+                    "updated_ms": r.ts_ms,
+                    "event_id": r.event_id,
+                    "event": r.event_type,
+                    "present": blobs_complete(&store, &r.blob),
+                })
+            })
+            .collect();
+        Ok::<_, crate::blob::store::BlobError>((out, names))
+    })
+    .await
+    .map_err(store_err)?
+    .map_err(store_err)?;
+    Ok(Json(json!({ "blobs": blobs, "names": names })))
+}
+
+fn blobs_complete(store: &crate::blob::BlobStore, id: &crate::blob::BlobId) -> bool {
+    store.is_complete(id).unwrap_or(false)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlobRef {
+    /// A blob id (64 hex digits) or a name.
+    #[serde(rename = "ref")]
+    r: String,
+}
+
+/// Resolve a reference to (id, the record of a name pointing at it).
+async fn resolve_ref(
+    node: &Node,
+    r: &str,
+) -> ApiResult<(crate::blob::BlobId, Option<crate::blob::NameRecord>)> {
+    let store = node.blobs.store.clone();
+    let r2 = r.to_string();
+    let found = tokio::task::spawn_blocking(move || -> Result<_, crate::blob::store::BlobError> {
+        if let Some(id) = crate::blob::parse_id(&r2) {
+            // A name that points at it gives the signed root to check against.
+            let rec = store
+                .names()?
+                .into_iter()
+                .map(|(_, rec)| rec)
+                .find(|rec| rec.blob == id);
+            let known = rec.is_some() || store.meta(&id)?.is_some();
+            return Ok(known.then_some((id, rec)));
+        }
+        Ok(store.name(&r2)?.map(|rec| (rec.blob, Some(rec))))
+    })
+    .await
+    .map_err(store_err)?
+    .map_err(store_err)?;
+    found.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no blob or name {r:?} is known here"),
+        )
+    })
+}
+
+async fn blob_fetch(
+    State(node): State<AppState>,
+    ApiJson(req): ApiJson<BlobRef>,
+) -> ApiResult<Json<Value>> {
+    let (id, rec) = resolve_ref(&node, &req.r).await?;
+    let store = node.blobs.store.clone();
+    let complete = tokio::task::spawn_blocking(move || store.is_complete(&id))
+        .await
+        .map_err(store_err)?
+        .map_err(store_err)?;
+    if complete {
+        return Ok(Json(
+            json!({ "blob": crate::blob::hex_id(&id), "state": "complete" }),
+        ));
+    }
+    let Some(rec) = rec else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no name points at this blob, so its signed manifest root is unknown; fetch it by name",
+        ));
+    };
+    let names: Vec<String> = if crate::blob::parse_id(&req.r).is_some() {
+        Vec::new()
+    } else {
+        vec![req.r.clone()]
+    };
+    crate::blob::want(&node, id, rec, names);
+    Ok(Json(
+        json!({ "blob": crate::blob::hex_id(&id), "state": "fetching" }),
+    ))
+}
+
+async fn blob_info(
+    State(node): State<AppState>,
+    ApiQuery(q): ApiQuery<BlobRef>,
+) -> ApiResult<Json<Value>> {
+    let (id, rec) = resolve_ref(&node, &q.r).await?;
+    let store = node.blobs.store.clone();
+    let (meta, have) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::blob::store::BlobError>((store.meta(&id)?, store.have(&id)?))
+    })
+    .await
+    .map_err(store_err)?
+    .map_err(store_err)?;
+    let hex = crate::blob::hex_id(&id);
+    let transfer = node.blobs.transfers().into_iter().find(|t| t.blob == hex);
+    let failure = node
+        .blobs
+        .failures()
+        .into_iter()
+        .rev()
+        .find(|f| f.blob == hex);
+    let state = match (&meta, &transfer) {
+        (Some(m), _) if m.complete => "complete",
+        (_, Some(_)) => "fetching",
+        (Some(_), None) => "partial",
+        (None, None) => "absent",
+    };
+    Ok(Json(json!({
+        "blob": hex,
+        "size": meta.as_ref().map(|m| m.size).or(rec.as_ref().map(|r| r.size)),
+        "state": state,
+        "chunks_have": have.map(|b| b.count()),
+        "transfer": transfer,
+        "last_failure": failure,
+    })))
+}
+
+/// The content of a complete blob, streamed.
+async fn blob_content(
+    State(node): State<AppState>,
+    ApiQuery(q): ApiQuery<BlobRef>,
+) -> ApiResult<Response> {
+    let (id, _) = resolve_ref(&node, &q.r).await?;
+    let store = node.blobs.store.clone();
+    let file = tokio::task::spawn_blocking(move || store.open_object(&id))
+        .await
+        .map_err(store_err)?
+        .map_err(|e| match e {
+            crate::blob::store::BlobError::NotHeld(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("{e}: fetch it first (POST /v1/blob/fetch)"),
+            ),
+            other => store_err(other),
+        })?;
+    let len = file.metadata().map_err(store_err)?.len();
+    let file = tokio::fs::File::from_std(file);
+    let stream = futures::stream::unfold(file, |mut f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 256 << 10];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (axum::http::header::CONTENT_LENGTH, len.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn sync_status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
+    let store = node.blobs.store.clone();
+    let used = tokio::task::spawn_blocking(move || store.used_bytes())
+        .await
+        .map_err(store_err)?
+        .map_err(store_err)?;
+    let c = &node.blobs.cfg;
+    Ok(Json(json!({
+        "transfers": node.blobs.transfers(),
+        "failures": node.blobs.failures(),
+        "wants": c.wants.iter().map(|w| json!({
+            "names": w.names, "place": w.place, "if_tags": w.if_tags,
+            "active": node.blobs.want_applies(w),
+        })).collect::<Vec<_>>(),
+        "store_bytes": used,
+        "budget_bytes": (c.budget > 0).then_some(c.budget),
+        "max_transfers": c.transfers,
+        "upload_rate": (c.upload_rate > 0).then_some(c.upload_rate),
+        "download_rate": (c.download_rate > 0).then_some(c.download_rate),
+    })))
+}
+
 pub fn router(node: Arc<Node>) -> Router {
     let limit = node.cfg.api_max_body_bytes;
     Router::new()
@@ -1002,6 +1290,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/locks/{name}/{op}", post(lock_op))
         .route("/v1/status", get(status))
         .route("/v1/types", get(types))
+        .route("/v1/blobs", post(blob_add).get(blob_list))
+        .route("/v1/blob", get(blob_info))
+        .route("/v1/blob/fetch", post(blob_fetch))
+        .route("/v1/blob/content", get(blob_content))
+        .route("/v1/sync", get(sync_status))
         .route("/v1/debug/block", post(debug_block))
         .fallback(|| async {
             ApiError::new(
@@ -1098,6 +1391,62 @@ impl Client {
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
+    }
+
+    /// Stream a GET answer into `out` atomically (temporary file, fsync,
+    /// rename). Returns the bytes written.
+    pub async fn download(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        out: &std::path::Path,
+    ) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let mut resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .query(query)
+            .timeout(Duration::from_secs(24 * 3600))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                addr: self.base.clone(),
+                reason: e.to_string(),
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                message: body["error"].as_str().unwrap_or("no message").to_string(),
+            });
+        }
+        let local = |e: std::io::Error| ClientError::Protocol(format!("{}: {e}", out.display()));
+        let tmp = out.with_file_name(format!(
+            ".{}.riftmesh-get",
+            out.file_name()
+                .map(|s| s.to_string_lossy())
+                .unwrap_or_default()
+        ));
+        let mut f = tokio::fs::File::create(&tmp).await.map_err(local)?;
+        let mut n = 0u64;
+        let res = async {
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
+                f.write_all(&chunk).await.map_err(local)?;
+                n += chunk.len() as u64;
+            }
+            f.sync_all().await.map_err(local)?;
+            tokio::fs::rename(&tmp, out).await.map_err(local)
+        }
+        .await;
+        if res.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        res.map(|_| n)
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {

@@ -92,6 +92,14 @@ pub struct FileConfig {
     pub nvidia_smi: Option<String>,
     pub voters: Option<Vec<String>>,
     pub election_timeout: Option<String>,
+    pub want: Option<Vec<crate::blob::Want>>,
+    pub blob_chunk_size: Option<String>,
+    pub blob_budget: Option<String>,
+    pub blob_reserve: Option<String>,
+    pub blob_retention: Option<String>,
+    pub sync_transfers: Option<usize>,
+    pub sync_upload_rate: Option<String>,
+    pub sync_download_rate: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,8 +153,10 @@ pub struct AgentConfig {
     /// every host; empty: this cluster has no leader.
     pub voters: Vec<String>,
     /// Raft election timeout, low end (the high end is twice it; heartbeats
-    /// every third of it). The leader's lease is this long.
+    /// every fifth of it). The leader's lease is this long.
     pub election_timeout: Duration,
+    /// Blob sync: wants, sizes, limits (proto-notes/sync.md).
+    pub sync: crate::blob::SyncConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +183,14 @@ fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "riftmesh".into())
+}
+
+/// A byte size: `1048576`, `512KiB`, `1MiB`, `500 GiB`, `2GB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{e} (write e.g. 1048576, 4MiB, 500GiB)"))
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -477,6 +495,48 @@ impl AgentConfig {
                 "must be at least 150ms".into(),
             ));
         }
+        let size = |key: &str, v: Option<String>, default: u64| -> Result<u64, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) => parse_size(&s).map_err(|r| err(key, &s, file_origin.clone(), r)),
+            }
+        };
+        let sd = crate::blob::SyncConfig::default();
+        let chunk = size(
+            "blob_chunk_size",
+            file.blob_chunk_size,
+            u64::from(sd.chunk_size),
+        )?;
+        if !(u64::from(crate::blob::store::MIN_CHUNK)..=u64::from(crate::blob::store::MAX_CHUNK))
+            .contains(&chunk)
+        {
+            return Err(err(
+                "blob_chunk_size",
+                &chunk.to_string(),
+                file_origin.clone(),
+                "must be between 64KiB and 8MiB".into(),
+            ));
+        }
+        let wants = file.want.unwrap_or_default();
+        for w in &wants {
+            w.check()
+                .map_err(|r| err("want", &w.names, file_origin.clone(), r))?;
+        }
+        let sync = crate::blob::SyncConfig {
+            wants,
+            chunk_size: chunk as u32,
+            budget: size("blob_budget", file.blob_budget, sd.budget)?,
+            reserve: size("blob_reserve", file.blob_reserve, sd.reserve)?,
+            transfers: positive(
+                "sync_transfers",
+                file.sync_transfers.map(|v| v as u64),
+                sd.transfers as u64,
+            )? as usize,
+            upload_rate: size("sync_upload_rate", file.sync_upload_rate, 0)?,
+            download_rate: size("sync_download_rate", file.sync_download_rate, 0)?,
+            retention: dur("blob_retention", file.blob_retention, sd.retention)?,
+            per_source: sd.per_source,
+        };
         Ok(AgentConfig {
             name,
             data_dir,
@@ -532,6 +592,7 @@ impl AgentConfig {
             nvidia_smi: file.nvidia_smi.unwrap_or_else(|| "nvidia-smi".into()),
             voters,
             election_timeout,
+            sync,
         })
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod blob;
 pub mod catchup;
 pub mod codec;
 pub mod config;

@@ -147,6 +147,58 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Content-addressed blobs (models, game data): add, list, get.
+    Blob {
+        #[command(subcommand)]
+        op: BlobOp,
+    },
+    /// Blob transfers in flight and recent failures.
+    Sync {
+        #[command(subcommand)]
+        op: SyncOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlobOp {
+    /// Store FILE as a blob (copied; the file may change afterwards) and point NAME at it.
+    Add {
+        file: PathBuf,
+        /// Name to publish, e.g. models/hex8_2p.
+        #[arg(long)]
+        name: String,
+        /// Naming event: BLOB_PUBLISHED, MODEL_PROMOTED or GAME_BATCH_READY.
+        #[arg(long, default_value = "BLOB_PUBLISHED")]
+        event: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Blobs held here and the names known.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write a blob (by id or name) to PATH, fetching it from peers if needed.
+    Get {
+        #[arg(name = "ID|NAME")]
+        r: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Give up waiting for a fetch after this long.
+        #[arg(long, default_value = "1h")]
+        timeout: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+enum SyncOp {
+    /// Transfers in flight (bytes, rate, sources, ETA) and recent failures.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -210,6 +262,99 @@ impl LockOp {
             | LockOp::Run { conn, .. } => conn,
         }
     }
+}
+
+async fn blob_cmd(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result<()> {
+    match op {
+        BlobOp::Add {
+            file, name, event, ..
+        } => {
+            let abs = std::path::absolute(&file)
+                .with_context(|| format!("cannot resolve {}", file.display()))?;
+            let v = client
+                .post(
+                    "/v1/blobs",
+                    &json!({ "path": abs.display().to_string(), "name": name, "event": event }),
+                )
+                .await?;
+            if json_out {
+                return print_json(&v);
+            }
+            println!("{}", v["blob"].as_str().unwrap_or(""));
+            eprintln!(
+                "{} -> {} bytes in {} chunks ({} in the store), {} {}",
+                v["name"].as_str().unwrap_or(""),
+                v["size"],
+                v["chunks"],
+                v["stored"].as_str().unwrap_or(""),
+                v["event"].as_str().unwrap_or(""),
+                v["event_id"].as_str().unwrap_or("")
+            );
+        }
+        BlobOp::List { .. } => {
+            let v = client.get("/v1/blobs").await?;
+            if json_out {
+                return print_json(&v);
+            }
+            for b in v["blobs"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{}  {:>14}  {:<8} {}/{}  {}",
+                    b["blob"].as_str().unwrap_or(""),
+                    b["size"],
+                    b["state"].as_str().unwrap_or(""),
+                    b["chunks_have"],
+                    b["chunks"],
+                    b["names"]
+                );
+            }
+            for n in v["names"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "name {} -> {} ({} bytes, {}){}",
+                    n["name"].as_str().unwrap_or(""),
+                    n["blob"].as_str().unwrap_or(""),
+                    n["size"],
+                    n["event"].as_str().unwrap_or(""),
+                    if n["present"] == true {
+                        ""
+                    } else {
+                        "  [not here]"
+                    }
+                );
+            }
+        }
+        BlobOp::Get {
+            r, out, timeout, ..
+        } => {
+            let deadline = std::time::Instant::now()
+                + riftmesh::config::parse_duration(&timeout)
+                    .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+            let v = client.post("/v1/blob/fetch", &json!({ "ref": r })).await?;
+            let mut state = v["state"].as_str().unwrap_or("").to_string();
+            while state != "complete" {
+                if std::time::Instant::now() > deadline {
+                    bail!("gave up waiting for {r} after {timeout}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let i = client.get_query("/v1/blob", &[("ref", r.clone())]).await?;
+                state = i["state"].as_str().unwrap_or("").to_string();
+                if state == "absent" || state == "partial" {
+                    if let Some(f) = i["last_failure"]["reason"].as_str() {
+                        bail!("fetch of {r} failed: {f}");
+                    }
+                }
+            }
+            let n = client
+                .download("/v1/blob/content", &[("ref", r.clone())], &out)
+                .await?;
+            if json_out {
+                return print_json(
+                    &json!({ "ref": r, "out": out.display().to_string(), "bytes": n }),
+                );
+            }
+            eprintln!("wrote {n} bytes to {}", out.display());
+        }
+    }
+    Ok(())
 }
 
 fn secs(s: &str, what: &str) -> anyhow::Result<f64> {
@@ -512,6 +657,12 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
         | Cmd::Trace { conn, .. }
         | Cmd::Types { conn } => conn.api.clone(),
         Cmd::Lock { op } => op.conn().api.clone(),
+        Cmd::Blob {
+            op: BlobOp::Add { conn, .. } | BlobOp::List { conn } | BlobOp::Get { conn, .. },
+        }
+        | Cmd::Sync {
+            op: SyncOp::Status { conn },
+        } => conn.api.clone(),
         Cmd::Agent(_) | Cmd::Keygen { .. } => DEFAULT_API.to_string(),
     };
     let client = Client::new(&api);
@@ -830,6 +981,60 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                     mark
                 );
             }
+        }
+        Cmd::Blob { op } => blob_cmd(&client, op, cli.json).await?,
+        Cmd::Sync {
+            op: SyncOp::Status { .. },
+        } => {
+            let v = client.get("/v1/sync").await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            let ts = v["transfers"].as_array().cloned().unwrap_or_default();
+            if ts.is_empty() {
+                println!("no transfers in flight");
+            }
+            for t in ts {
+                let size = t["size"].as_u64().unwrap_or(0);
+                let have = t["have_bytes"].as_u64().unwrap_or(0);
+                println!(
+                    "{}  {}  {} / {} bytes ({:.0}%)  {:.1} MB/s  eta {}  sources {}  [{}]",
+                    &t["blob"].as_str().unwrap_or("")
+                        [..12.min(t["blob"].as_str().unwrap_or("").len())],
+                    t["names"],
+                    have,
+                    size,
+                    if size > 0 {
+                        have as f64 * 100.0 / size as f64
+                    } else {
+                        100.0
+                    },
+                    t["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
+                    t["eta_secs"]
+                        .as_f64()
+                        .map(|s| format!("{s:.0}s"))
+                        .unwrap_or_else(|| "-".into()),
+                    t["sources"].as_array().map_or(0, Vec::len),
+                    t["state"].as_str().unwrap_or(""),
+                );
+            }
+            for f in v["failures"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "failed {} {}: {}",
+                    &f["blob"].as_str().unwrap_or("")
+                        [..12.min(f["blob"].as_str().unwrap_or("").len())],
+                    f["names"],
+                    f["reason"].as_str().unwrap_or("")
+                );
+            }
+            println!(
+                "store {} bytes{}",
+                v["store_bytes"],
+                v["budget_bytes"]
+                    .as_u64()
+                    .map(|b| format!(" of a {b}-byte budget"))
+                    .unwrap_or_default()
+            );
         }
         Cmd::Types { .. } => {
             let v = client.get("/v1/types").await.or_else(|_| -> anyhow::Result<Value> {

@@ -64,6 +64,13 @@ pub struct Metrics {
     pub election_seconds: Histogram,
     pub lock_ops: Family<Labels, Counter>,
     pub voter_mismatch: Gauge,
+    pub sync_transfers: Family<Labels, Counter>,
+    pub sync_bytes: Family<Labels, Counter>,
+    pub sync_active: Gauge,
+    pub sync_chunks_rejected: Family<Labels, Counter>,
+    pub sync_served: Family<Labels, Counter>,
+    pub blob_store_bytes: Gauge,
+    pub blob_store_blobs: Gauge,
 }
 
 impl Metrics {
@@ -109,6 +116,13 @@ impl Metrics {
             election_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 10)),
             lock_ops: Family::default(),
             voter_mismatch: Gauge::default(),
+            sync_transfers: Family::default(),
+            sync_bytes: Family::default(),
+            sync_active: Gauge::default(),
+            sync_chunks_rejected: Family::default(),
+            sync_served: Family::default(),
+            blob_store_bytes: Gauge::default(),
+            blob_store_blobs: Gauge::default(),
         };
         let r = reg.sub_registry_with_prefix("riftmesh");
         r.register(
@@ -227,6 +241,13 @@ impl Metrics {
             "election_duration_seconds", "Time from losing a leader to knowing the next one", m.election_seconds;
             "lock_ops", "Lock outcomes on the leader, by op (grant, deny, expired)", m.lock_ops;
             "voter_list_mismatch", "Live members whose voter list differs from this agent's", m.voter_mismatch;
+            "sync_transfers", "Blob fetches finished, by result (completed, failed)", m.sync_transfers;
+            "sync_bytes", "Blob chunk bytes moved, by direction (in, out)", m.sync_bytes;
+            "sync_active", "Blob fetches in progress", m.sync_active;
+            "sync_chunks_rejected", "Chunks received and thrown away, by reason (hash, size)", m.sync_chunks_rejected;
+            "sync_requests_served", "Blob sync requests answered, by kind and result", m.sync_served;
+            "blob_store_bytes", "Bytes of blobs held (complete and partial, at full size)", m.blob_store_bytes;
+            "blob_store_blobs", "Blobs held (complete and partial)", m.blob_store_blobs;
         }
         m
     }

@@ -253,15 +253,15 @@ pub mod wire {
         Ok(codec::decode(body, limit)?)
     }
 
-    /// The gossipsub message id: the content hash from the header, or for a
-    /// frame that has none, SHA-256 of the frame (so garbage is deduped too).
+    /// The gossipsub message id: SHA-256 of the whole frame, so one signed
+    /// envelope (one source position) is one message. The same content from
+    /// two sources travels as two messages and the store drops the second by
+    /// its content hash; an id made of the content hash alone would let
+    /// gossipsub drop the second copy and leave a hole in that source's
+    /// sequence (see proto-notes/events.md, section 10).
     pub fn message_id(data: &[u8]) -> Vec<u8> {
-        if data.len() >= EVENT_HEADER && data[0] == VERSION && data[1] == KIND_EVENT {
-            data[2..EVENT_HEADER].to_vec()
-        } else {
-            use sha2::Digest;
-            sha2::Sha256::digest(data).to_vec()
-        }
+        use sha2::Digest;
+        sha2::Sha256::digest(data).to_vec()
     }
 }
 
@@ -368,12 +368,126 @@ pub type RaftCodec = FrameCodec<Vec<u8>, Vec<u8>>;
 pub const RAFT_PROTOCOL: &str = "/riftmesh/raft/1";
 /// Largest `/riftmesh/raft/1` body either way.
 pub const MAX_RAFT_MESSAGE: usize = 4 << 20;
+/// Largest `/riftmesh/sync/1` request body.
+pub const MAX_BLOB_REQUEST: usize = 64 << 10;
+/// Largest `/riftmesh/sync/1` response body: the largest chunk or manifest
+/// plus framing.
+pub const MAX_BLOB_RESPONSE: usize = (8 << 20) + (64 << 10);
 
-/// A `/riftmesh/raft/1` request to answer with [`NetHandle::raft_respond`].
-pub struct RaftInbound {
+/// `/riftmesh/sync/1` (blob sync) carries raw frames: the blob module owns
+/// the body format; chunk data is never re-encoded on the way.
+pub type BlobCodec = RawCodec;
+pub const BLOB_PROTOCOL: &str = "/riftmesh/sync/1";
+
+/// A request on a protocol whose bodies another module owns (raft, blob
+/// sync), to answer with [`NetHandle::raft_respond`] / [`NetHandle::blob_respond`].
+pub struct OpaqueInbound {
     pub peer: PeerId,
     pub request: Vec<u8>,
     pub channel: request_response::ResponseChannel<Vec<u8>>,
+}
+pub type RaftInbound = OpaqueInbound;
+pub type BlobInbound = OpaqueInbound;
+
+type OpaqueReply = oneshot::Sender<Result<Vec<u8>, RequestError>>;
+
+/// The protocols with opaque bodies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Opaque {
+    Raft,
+    Blob,
+}
+
+impl Opaque {
+    fn name(self) -> &'static str {
+        match self {
+            Opaque::Raft => "raft",
+            Opaque::Blob => "blob",
+        }
+    }
+}
+
+/// Frames of a version byte, a u32 big-endian length checked against the
+/// limit before anything is read, and the body as raw bytes.
+#[derive(Clone)]
+pub struct RawCodec {
+    req_limit: usize,
+    resp_limit: usize,
+}
+
+impl RawCodec {
+    pub fn new(req_limit: usize, resp_limit: usize) -> Self {
+        RawCodec {
+            req_limit,
+            resp_limit,
+        }
+    }
+}
+
+async fn read_raw<R: futures::AsyncRead + Unpin + Send>(
+    io: &mut R,
+    limit: usize,
+) -> std::io::Result<Vec<u8>> {
+    use futures::AsyncReadExt;
+    let mut header = [0u8; 5];
+    io.read_exact(&mut header).await?;
+    let len = wire::frame_len(&header, limit)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+async fn write_raw<W: futures::AsyncWrite + Unpin + Send>(
+    io: &mut W,
+    body: &[u8],
+) -> std::io::Result<()> {
+    use futures::AsyncWriteExt;
+    let len = u32::try_from(body.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "body too large"))?;
+    let mut header = [0u8; 5];
+    header[0] = wire::VERSION;
+    header[1..].copy_from_slice(&len.to_be_bytes());
+    io.write_all(&header).await?;
+    io.write_all(body).await?;
+    io.close().await
+}
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
+        read_raw(io, self.req_limit).await
+    }
+    async fn read_response<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
+        read_raw(io, self.resp_limit).await
+    }
+    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()> {
+        write_raw(io, &req).await
+    }
+    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()> {
+        write_raw(io, &res).await
+    }
 }
 
 /// What the network hands to the rest of the agent.
@@ -381,6 +495,7 @@ pub struct Inbox {
     pub events: mpsc::Receiver<Inbound>,
     pub member: mpsc::Receiver<MemberInbound>,
     pub raft: mpsc::Receiver<RaftInbound>,
+    pub blob: mpsc::Receiver<BlobInbound>,
 }
 
 async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + Unpin + Send>(
@@ -476,12 +591,14 @@ enum Command {
         channel: request_response::ResponseChannel<wire::MemberResponse>,
         response: wire::MemberResponse,
     },
-    RaftRequest {
+    OpaqueRequest {
+        proto: Opaque,
         peer: PeerId,
         request: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, RequestError>>,
     },
-    RaftRespond {
+    OpaqueRespond {
+        proto: Opaque,
         channel: request_response::ResponseChannel<Vec<u8>>,
         response: Vec<u8>,
     },
@@ -605,15 +722,16 @@ impl NetHandle {
             .await;
     }
 
-    /// Send a `/riftmesh/raft/1` request (dialing the peer if needed).
-    pub async fn raft_request(
+    async fn opaque_request(
         &self,
+        proto: Opaque,
         peer: PeerId,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, RequestError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::RaftRequest {
+            .send(Command::OpaqueRequest {
+                proto,
                 peer,
                 request,
                 reply,
@@ -624,15 +742,54 @@ impl NetHandle {
             .map_err(|_| RequestError::Other("network task stopped".into()))?
     }
 
-    pub async fn raft_respond(
+    async fn opaque_respond(
         &self,
+        proto: Opaque,
         channel: request_response::ResponseChannel<Vec<u8>>,
         response: Vec<u8>,
     ) {
         let _ = self
             .tx
-            .send(Command::RaftRespond { channel, response })
+            .send(Command::OpaqueRespond {
+                proto,
+                channel,
+                response,
+            })
             .await;
+    }
+
+    /// Send a `/riftmesh/raft/1` request (dialing the peer if needed).
+    pub async fn raft_request(
+        &self,
+        peer: PeerId,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, RequestError> {
+        self.opaque_request(Opaque::Raft, peer, request).await
+    }
+
+    pub async fn raft_respond(
+        &self,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        response: Vec<u8>,
+    ) {
+        self.opaque_respond(Opaque::Raft, channel, response).await
+    }
+
+    /// Send a `/riftmesh/sync/1` request (dialing the peer if needed).
+    pub async fn blob_request(
+        &self,
+        peer: PeerId,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, RequestError> {
+        self.opaque_request(Opaque::Blob, peer, request).await
+    }
+
+    pub async fn blob_respond(
+        &self,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        response: Vec<u8>,
+    ) {
+        self.opaque_respond(Opaque::Blob, channel, response).await
     }
 
     /// Fault injection: cut this agent off from `peers` (and accept them again).
@@ -663,6 +820,7 @@ struct Behaviour {
     sync: request_response::Behaviour<SyncCodec>,
     member: request_response::Behaviour<MemberCodec>,
     raft: request_response::Behaviour<RaftCodec>,
+    blob: request_response::Behaviour<BlobCodec>,
     blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
 }
 
@@ -718,12 +876,26 @@ pub fn start(
                     gcfg,
                 )?;
                 let topic = IdentTopic::new(EVENTS_TOPIC);
-                let mut params = gossipsub::PeerScoreParams::default();
+                // Scoring punishes what harms us: invalid messages (our
+                // Reject verdicts) and protocol misbehaviour. Two default
+                // penalties are switched off, each of which graylisted every
+                // peer of a healthy cluster and left events to catch-up:
+                // - IP colocation: agents sharing an address (several on one
+                //   machine, hosts behind one NAT) are not Sybils in a
+                //   network closed by the swarm key;
+                // - mesh delivery deficits (P3, P3b): a quiet cluster does
+                //   not carry 20 messages per peer per decay interval.
+                let mut params = gossipsub::PeerScoreParams {
+                    ip_colocation_factor_weight: 0.0,
+                    ..Default::default()
+                };
                 params.topics.insert(
                     topic.hash(),
                     gossipsub::TopicScoreParams {
                         invalid_message_deliveries_weight: -10.0,
                         invalid_message_deliveries_decay: 0.9,
+                        mesh_message_deliveries_weight: 0.0,
+                        mesh_failure_penalty_weight: 0.0,
                         ..Default::default()
                     },
                 );
@@ -769,6 +941,18 @@ pub fn start(
                         .with_request_timeout(Duration::from_secs(10))
                         .with_max_concurrent_streams(256),
                 );
+                let blob = request_response::Behaviour::with_codec(
+                    BlobCodec::new(MAX_BLOB_REQUEST, MAX_BLOB_RESPONSE),
+                    [(
+                        StreamProtocol::new(BLOB_PROTOCOL),
+                        request_response::ProtocolSupport::Full,
+                    )],
+                    // A whole exchange is one chunk; the blob module keeps
+                    // its own, tighter, per-request clock.
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(60))
+                        .with_max_concurrent_streams(256),
+                );
                 let sync = request_response::Behaviour::with_codec(
                     SyncCodec::new(wire::MAX_SYNC_REQUEST, wire::MAX_SYNC_RESPONSE),
                     [(
@@ -792,6 +976,7 @@ pub fn start(
                     sync,
                     member,
                     raft,
+                    blob,
                     blocked: Default::default(),
                 })
             },
@@ -819,6 +1004,7 @@ pub fn start(
     let (in_tx, in_rx) = mpsc::channel(cfg.inbound_queue);
     let (member_tx, member_rx) = mpsc::channel(4096);
     let (raft_tx, raft_rx) = mpsc::channel(1024);
+    let (blob_tx, blob_rx) = mpsc::channel(1024);
     let handle = NetHandle {
         tx: cmd_tx,
         local_peer_id,
@@ -832,7 +1018,8 @@ pub fn start(
         member_tx,
         member_pending: HashMap::new(),
         raft_tx,
-        raft_pending: HashMap::new(),
+        blob_tx,
+        opaque_pending: HashMap::new(),
         local_addrs: Vec::new(),
         metrics,
         p2p_metrics,
@@ -852,6 +1039,7 @@ pub fn start(
             events: in_rx,
             member: member_rx,
             raft: raft_rx,
+            blob: blob_rx,
         },
     ))
 }
@@ -867,10 +1055,8 @@ struct EventLoop {
         oneshot::Sender<Result<wire::MemberResponse, RequestError>>,
     >,
     raft_tx: mpsc::Sender<RaftInbound>,
-    raft_pending: HashMap<
-        request_response::OutboundRequestId,
-        oneshot::Sender<Result<Vec<u8>, RequestError>>,
-    >,
+    blob_tx: mpsc::Sender<BlobInbound>,
+    opaque_pending: HashMap<(Opaque, request_response::OutboundRequestId), OpaqueReply>,
     /// Addresses we listen on, interfaces expanded.
     local_addrs: Vec<Multiaddr>,
     metrics: Metrics,
@@ -1068,20 +1254,29 @@ impl EventLoop {
                     .member
                     .send_response(channel, response);
             }
-            Command::RaftRequest {
+            Command::OpaqueRequest {
+                proto,
                 peer,
                 request,
                 reply,
             } => {
-                let id = self.swarm.behaviour_mut().raft.send_request(&peer, request);
-                self.raft_pending.insert(id, reply);
+                let b = self.swarm.behaviour_mut();
+                let id = match proto {
+                    Opaque::Raft => b.raft.send_request(&peer, request),
+                    Opaque::Blob => b.blob.send_request(&peer, request),
+                };
+                self.opaque_pending.insert((proto, id), reply);
             }
-            Command::RaftRespond { channel, response } => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .raft
-                    .send_response(channel, response);
+            Command::OpaqueRespond {
+                proto,
+                channel,
+                response,
+            } => {
+                let b = self.swarm.behaviour_mut();
+                let _ = match proto {
+                    Opaque::Raft => b.raft.send_response(channel, response),
+                    Opaque::Blob => b.blob.send_response(channel, response),
+                };
             }
             Command::Block(peers) => {
                 for p in peers {
@@ -1252,7 +1447,8 @@ impl EventLoop {
             BehaviourEvent::Mdns(_) => {}
             BehaviourEvent::Sync(ev) => self.on_sync(ev),
             BehaviourEvent::Member(ev) => self.on_member(ev),
-            BehaviourEvent::Raft(ev) => self.on_raft(ev),
+            BehaviourEvent::Raft(ev) => self.on_opaque(Opaque::Raft, ev),
+            BehaviourEvent::Blob(ev) => self.on_opaque(Opaque::Blob, ev),
             BehaviourEvent::Blocked(v) => match v {},
         }
     }
@@ -1388,22 +1584,26 @@ impl EventLoop {
         }
     }
 
-    fn on_raft(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_opaque(&mut self, proto: Opaque, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
         use request_response::{Event, Message, OutboundFailure};
         match ev {
             Event::Message { peer, message, .. } => match message {
                 Message::Request {
                     request, channel, ..
                 } => {
-                    let msg = RaftInbound {
+                    let msg = OpaqueInbound {
                         peer,
                         request,
                         channel,
                     };
-                    if self.raft_tx.try_send(msg).is_err() {
+                    let tx = match proto {
+                        Opaque::Raft => &self.raft_tx,
+                        Opaque::Blob => &self.blob_tx,
+                    };
+                    if tx.try_send(msg).is_err() {
                         self.metrics
                             .inbound_dropped
-                            .get_or_create(&label("queue", "raft"))
+                            .get_or_create(&label("queue", proto.name()))
                             .inc();
                     }
                 }
@@ -1411,7 +1611,7 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = self.raft_pending.remove(&request_id) {
+                    if let Some(reply) = self.opaque_pending.remove(&(proto, request_id)) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -1424,17 +1624,18 @@ impl EventLoop {
                     OutboundFailure::Timeout => RequestError::Timeout,
                     other => RequestError::Other(other.to_string()),
                 };
-                if let Some(reply) = self.raft_pending.remove(&request_id) {
+                if let Some(reply) = self.opaque_pending.remove(&(proto, request_id)) {
                     let _ = reply.send(Err(e));
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
                 if matches!(error, request_response::InboundFailure::Io(_)) {
+                    let reason = format!("{}_frame", proto.name());
                     self.metrics
                         .events_rejected
-                        .get_or_create(&label("reason", "raft_frame"))
+                        .get_or_create(&label("reason", &reason))
                         .inc();
-                    tracing::warn!(%peer, %error, "raft request refused");
+                    tracing::warn!(%peer, %error, protocol = proto.name(), "request refused");
                 }
             }
             Event::ResponseSent { .. } => {}
@@ -1534,7 +1735,21 @@ mod tests {
         .seal(&key, 1, 5)
         .unwrap();
         let f = encode_event(&ev);
-        assert_eq!(message_id(&f), ev.hash.to_vec());
+        // One envelope, one id; the same content from another source (or at
+        // another seq) is another message.
+        let other = Draft::new(
+            "TRAINING_COMPLETED",
+            &serde_json::json!({"a": 1}),
+            None,
+            None,
+            None,
+        )
+        .unwrap()
+        .seal(&key, 2, 5)
+        .unwrap();
+        assert_eq!(other.hash, ev.hash);
+        assert_eq!(message_id(&f), message_id(&encode_event(&ev)));
+        assert_ne!(message_id(&f), message_id(&encode_event(&other)));
         assert_eq!(decode_event(&f, 1 << 20).unwrap(), ev);
         let mut g = f.clone();
         g[0] = 9;

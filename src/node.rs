@@ -53,6 +53,7 @@ pub struct Node {
     pub started: Instant,
     pub membership: Arc<crate::membership::Membership>,
     pub leader: Arc<crate::leader::Leader>,
+    pub blobs: crate::blob::Blobs,
     /// Notified when the agent should stop (after a leave through the API).
     pub stop: tokio::sync::Notify,
     /// Per consumer: (cursor, last sequence scanned without a match), so
@@ -148,6 +149,17 @@ impl Node {
             },
             key.clone(),
         )?;
+        let blobs = crate::blob::Blobs::open(
+            &cfg.data_dir.join("blobs"),
+            store.sled_db(),
+            cfg.sync.clone(),
+            &cfg.tags,
+        )
+        .map_err(|e| NodeError::File {
+            what: "cannot open the blob store",
+            path: cfg.data_dir.join("blobs").display().to_string(),
+            reason: e.to_string(),
+        })?;
         let local = key.public().to_peer_id();
         let peer_id = local.to_base58();
         let incarnation = crate::membership::next_incarnation(&cfg.data_dir).map_err(|e| {
@@ -195,6 +207,7 @@ impl Node {
             started: Instant::now(),
             membership,
             leader,
+            blobs,
             stop: tokio::sync::Notify::new(),
             scan_hints: Mutex::new(Default::default()),
         });
@@ -202,6 +215,7 @@ impl Node {
         tokio::spawn(housekeeping(node.clone()));
         tokio::spawn(crate::membership::run(node.clone(), inbox.member));
         crate::leader::start(node.clone(), inbox.raft);
+        crate::blob::start(node.clone(), inbox.blob);
         Ok(node)
     }
 

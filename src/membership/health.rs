@@ -139,6 +139,18 @@ impl Sampler {
     }
 }
 
+/// Free bytes on the filesystem holding `dir` (None if unknown). Reads the
+/// mount table and one statvfs: call it off the async threads.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let dir = existing_canonical(dir)?;
+    let mut disks = Disks::new();
+    disks.refresh_specifics(true, DiskRefreshKind::nothing());
+    let i = pick_mount(&dir, disks.list().iter().map(|d| d.mount_point()))?;
+    let disk = disks.list_mut().get_mut(i)?;
+    disk.refresh_specifics(DiskRefreshKind::nothing().with_storage());
+    Some(disk.available_space())
+}
+
 /// The data directory, or its nearest existing ancestor, canonicalized.
 fn existing_canonical(dir: &Path) -> Option<PathBuf> {
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());

@@ -1,0 +1,1144 @@
+//! Blob sync: content-addressed files moved between agents over
+//! `/riftmesh/sync/1` (proto-notes/sync.md).
+//!
+//! - [`store`]: the files and their records (blocking; used off the async threads).
+//! - [`sched`]: which chunk to ask of which source next (sans-IO).
+//! - this module: names from events, wants, transfers, serving peers,
+//!   placement, garbage collection.
+
+pub mod sched;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::codec;
+use crate::event::{Draft, TypePattern};
+use crate::metrics::label;
+use crate::net::{BlobInbound, MAX_BLOB_REQUEST, MAX_BLOB_RESPONSE};
+use crate::node::Node;
+use sched::Sched;
+pub use store::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord};
+use store::{Bitmap, BlobError};
+
+/// Event types that point a name at a blob (payload [`Naming`]).
+pub const NAMING_TYPES: [&str; 3] = ["BLOB_PUBLISHED", "MODEL_PROMOTED", "GAME_BATCH_READY"];
+
+/// Payload of a naming event.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Naming {
+    pub name: String,
+    pub blob: String,
+    pub size: u64,
+    pub root: String,
+}
+
+/// One `want` entry of the configuration: names matching `names` are
+/// fetched (on hosts carrying every tag of `if_tags`) and, with `place`,
+/// copied to a path.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Want {
+    /// Name pattern, `*` matching any run of characters (`/` included).
+    pub names: String,
+    /// Where to put it: `{name}` is what `*` matched (the whole name if the
+    /// pattern has none), `{full}` the whole name, `{blob}` the hex id.
+    #[serde(default)]
+    pub place: Option<String>,
+    #[serde(default)]
+    pub if_tags: BTreeMap<String, String>,
+}
+
+impl Want {
+    pub fn check(&self) -> Result<(), String> {
+        check_name(&self.names.replace('*', "x"))?;
+        if let Some(p) = &self.place {
+            if !p.starts_with('/') {
+                return Err(format!("place {p:?} must be an absolute path"));
+            }
+        }
+        Ok(())
+    }
+
+    /// What `*` matched, if the name matches.
+    fn matches(&self, name: &str) -> Option<String> {
+        match self.names.split_once('*') {
+            None => (self.names == name).then(|| name.to_string()),
+            Some((pre, post)) => {
+                if !wildmatch::WildMatch::new(&self.names).matches(name) {
+                    return None;
+                }
+                let rest = name.strip_prefix(pre)?;
+                // With one '*' the match is what lies between; with more,
+                // everything after the prefix up to the final literal part.
+                let post_lit = post.rsplit('*').next().unwrap_or("");
+                Some(rest.strip_suffix(post_lit).unwrap_or(rest).to_string())
+            }
+        }
+    }
+
+    fn path_for(&self, name: &str, id: &BlobId) -> Option<PathBuf> {
+        let t = self.place.as_ref()?;
+        let m = self.matches(name)?;
+        Some(PathBuf::from(
+            t.replace("{name}", &m)
+                .replace("{full}", name)
+                .replace("{blob}", &hex_id(id)),
+        ))
+    }
+}
+
+/// Names: 1-256 bytes of letters, digits and `-_./:+`, no `..` segment, no
+/// leading `/`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && !name.starts_with('/')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:+".contains(c))
+        && !name
+            .split('/')
+            .any(|seg| seg == ".." || seg == "." || seg.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad blob name {name:?}: use 1-256 letters, digits and -_./:+ in non-empty segments, no '.' or '..' segments, no leading '/'"
+        ))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    pub wants: Vec<Want>,
+    /// Preferred chunk size (doubled for blobs that would need more than
+    /// 65,536 chunks).
+    pub chunk_size: u32,
+    /// Most bytes the blob store may hold (0: no limit but the disk's).
+    pub budget: u64,
+    /// Free bytes always left on the data directory's filesystem.
+    pub reserve: u64,
+    /// Fetches running at once.
+    pub transfers: usize,
+    /// Bytes per second, 0: unlimited.
+    pub upload_rate: u64,
+    pub download_rate: u64,
+    /// How long a blob no name points at is kept.
+    pub retention: Duration,
+    /// Chunk requests in flight per source.
+    pub per_source: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            wants: Vec::new(),
+            chunk_size: 1 << 20,
+            budget: 0,
+            reserve: 1 << 30,
+            transfers: 4,
+            upload_rate: 0,
+            download_rate: 0,
+            retention: Duration::from_secs(24 * 3600),
+            per_source: 8,
+        }
+    }
+}
+
+// ---- wire (`/riftmesh/sync/1`, bodies in raw frames, proto-notes/sync.md) ----
+
+/// Most blob ids in one `Have` request.
+pub const MAX_HAVE_IDS: usize = 256;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Which of these blobs do you hold, and which chunks?
+    Have {
+        blobs: Vec<BlobId>,
+    },
+    Manifest {
+        blob: BlobId,
+    },
+    Chunk {
+        blob: BlobId,
+        index: u32,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Held {
+    pub blob: BlobId,
+    /// None: the whole blob.
+    pub chunks: Option<Bitmap>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Response {
+    Have {
+        held: Vec<Held>,
+    },
+    Manifest(Manifest),
+    Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
+    NotFound,
+    /// Too many uploads at once here: ask again later or elsewhere.
+    Busy {
+        retry_ms: u32,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+// ---- status ----
+
+#[derive(Serialize, Clone, Debug)]
+pub struct TransferView {
+    pub blob: String,
+    pub names: Vec<String>,
+    pub size: u64,
+    pub have_bytes: u64,
+    pub chunks: usize,
+    pub chunks_have: usize,
+    pub rate_bytes_per_sec: f64,
+    pub eta_secs: Option<f64>,
+    pub sources: Vec<String>,
+    pub state: String,
+    pub started_ms: u64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct FailureView {
+    pub blob: String,
+    pub names: Vec<String>,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+struct Transfer {
+    names: Vec<String>,
+    size: u64,
+    root: [u8; 32],
+    view: TransferView,
+    started: Instant,
+    /// Someone waits for it (`blob get`), wanted or not.
+    wake: Arc<Notify>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A byte-rate limit: a token bucket of 1 KiB cells holding one second.
+pub struct Limiter {
+    bucket: governor::DefaultDirectRateLimiter,
+    burst: u32,
+}
+
+fn limiter(rate: u64) -> Option<Arc<Limiter>> {
+    let kib = u32::try_from(rate / 1024).unwrap_or(u32::MAX);
+    NonZeroU32::new(kib).map(|r| {
+        Arc::new(Limiter {
+            bucket: governor::RateLimiter::direct(governor::Quota::per_second(r)),
+            burst: r.get(),
+        })
+    })
+}
+
+/// Wait until `bytes` may pass.
+async fn take(l: &Option<Arc<Limiter>>, bytes: u64) {
+    let Some(l) = l else { return };
+    let mut kib = bytes.div_ceil(1024);
+    while kib > 0 {
+        let step = kib.min(u64::from(l.burst));
+        if let Some(n) = NonZeroU32::new(step as u32) {
+            if l.bucket.until_n_ready(n).await.is_err() {
+                return;
+            }
+        }
+        kib -= step;
+    }
+}
+
+/// Blob sync on one agent.
+pub struct Blobs {
+    pub store: Arc<BlobStore>,
+    pub cfg: SyncConfig,
+    transfers: Mutex<HashMap<BlobId, Transfer>>,
+    failures: Mutex<Vec<FailureView>>,
+    slots: Arc<Semaphore>,
+    uploads: Arc<Semaphore>,
+    up: Option<Arc<Limiter>>,
+    down: Option<Arc<Limiter>>,
+    my_tags: Vec<(String, String)>,
+}
+
+/// Most chunk uploads served at once; more get `Busy`.
+const MAX_UPLOADS: usize = 32;
+/// A chunk request not answered in this time counts as a failure of its source.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often a transfer asks its peers who holds what.
+const SOURCE_REFRESH: Duration = Duration::from_secs(2);
+/// A transfer with no source and nothing in flight for this long fails.
+const STALL: Duration = Duration::from_secs(60);
+/// How often verified chunks are made durable and recorded.
+const CHECKPOINT: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Blobs {
+    pub fn open(
+        dir: &Path,
+        db: &sled::Db,
+        cfg: SyncConfig,
+        tags: &[(String, String)],
+    ) -> Result<Blobs, BlobError> {
+        let store = Arc::new(BlobStore::open(dir, db)?);
+        Ok(Blobs {
+            store,
+            slots: Arc::new(Semaphore::new(cfg.transfers.max(1))),
+            uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
+            up: limiter(cfg.upload_rate),
+            down: limiter(cfg.download_rate),
+            cfg,
+            transfers: Mutex::new(HashMap::new()),
+            failures: Mutex::new(Vec::new()),
+            my_tags: tags.to_vec(),
+        })
+    }
+
+    /// Does this want apply to this host (its tags)?
+    pub fn want_applies(&self, w: &Want) -> bool {
+        w.if_tags
+            .iter()
+            .all(|(k, v)| self.my_tags.iter().any(|(a, b)| a == k && b == v))
+    }
+
+    /// The first want that covers `name` on this host.
+    pub fn want_for(&self, name: &str) -> Option<&Want> {
+        self.cfg
+            .wants
+            .iter()
+            .find(|w| w.matches(name).is_some() && self.want_applies(w))
+    }
+
+    pub fn transfers(&self) -> Vec<TransferView> {
+        let mut v: Vec<TransferView> = lock(&self.transfers)
+            .values()
+            .map(|t| t.view.clone())
+            .collect();
+        v.sort_by_key(|t| t.started_ms);
+        v
+    }
+
+    pub fn failures(&self) -> Vec<FailureView> {
+        lock(&self.failures).clone()
+    }
+
+    /// Resolve a blob id or a name.
+    pub fn resolve(&self, r: &str) -> Result<Option<(BlobId, Option<NameRecord>)>, BlobError> {
+        if let Some(id) = parse_id(r) {
+            return Ok(Some((id, None)));
+        }
+        Ok(self.store.name(r)?.map(|n| (n.blob, Some(n))))
+    }
+}
+
+// ---- serving peers ----
+
+pub async fn serve_peers(node: Arc<Node>, mut inbound: tokio::sync::mpsc::Receiver<BlobInbound>) {
+    while let Some(msg) = inbound.recv().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let resp = serve(&node, msg.peer, &msg.request).await;
+            let body = codec::encode(&resp).unwrap_or_default();
+            node.net.blob_respond(msg.channel, body).await;
+        });
+    }
+}
+
+async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Response {
+    let b = &node.blobs;
+    let served = |kind: &str, result: &str| {
+        node.metrics
+            .sync_served
+            .get_or_create(&vec![
+                ("kind", kind.to_string()),
+                ("result", result.to_string()),
+            ])
+            .inc();
+    };
+    let req: Request = match codec::decode(body, MAX_BLOB_REQUEST) {
+        Ok(r) => r,
+        Err(e) => {
+            node.metrics
+                .events_rejected
+                .get_or_create(&label("reason", "blob_decode"))
+                .inc();
+            tracing::warn!(%peer, error = %e, "blob sync request refused");
+            return Response::Refused {
+                reason: format!("undecodable request: {e}"),
+            };
+        }
+    };
+    match req {
+        Request::Have { blobs } => {
+            if blobs.len() > MAX_HAVE_IDS {
+                served("have", "refused");
+                return Response::Refused {
+                    reason: format!("at most {MAX_HAVE_IDS} ids per request"),
+                };
+            }
+            let store = b.store.clone();
+            let held = tokio::task::spawn_blocking(move || {
+                blobs
+                    .into_iter()
+                    .filter_map(|id| {
+                        let meta = store.meta(&id).ok()??;
+                        if meta.complete {
+                            Some(Held {
+                                blob: id,
+                                chunks: None,
+                            })
+                        } else {
+                            let have = store.have(&id).ok()??;
+                            (have.count() > 0).then_some(Held {
+                                blob: id,
+                                chunks: Some(have),
+                            })
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            served("have", "ok");
+            Response::Have { held }
+        }
+        Request::Manifest { blob } => {
+            let store = b.store.clone();
+            match tokio::task::spawn_blocking(move || store.manifest(&blob)).await {
+                Ok(Ok(Some(m))) => {
+                    served("manifest", "ok");
+                    Response::Manifest(m)
+                }
+                Ok(Ok(None)) => {
+                    served("manifest", "not_found");
+                    Response::NotFound
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read a manifest");
+                    Response::Refused {
+                        reason: "store error".into(),
+                    }
+                }
+                Err(_) => Response::Refused {
+                    reason: "store error".into(),
+                },
+            }
+        }
+        Request::Chunk { blob, index } => {
+            let Ok(_permit) = b.uploads.clone().try_acquire_owned() else {
+                served("chunk", "busy");
+                return Response::Busy { retry_ms: 200 };
+            };
+            let store = b.store.clone();
+            let res = tokio::task::spawn_blocking(move || store.read_chunk(&blob, index)).await;
+            match res {
+                Ok(Ok(data)) => {
+                    take(&b.up, data.len() as u64).await;
+                    node.metrics
+                        .sync_bytes
+                        .get_or_create(&label("direction", "out"))
+                        .inc_by(data.len() as u64);
+                    served("chunk", "ok");
+                    Response::Chunk(data)
+                }
+                Ok(Err(BlobError::NotHeld(_))) | Ok(Err(BlobError::Invalid(_))) => {
+                    served("chunk", "not_found");
+                    Response::NotFound
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read a chunk to serve");
+                    served("chunk", "error");
+                    Response::Refused {
+                        reason: "store error".into(),
+                    }
+                }
+                Err(_) => Response::Refused {
+                    reason: "store error".into(),
+                },
+            }
+        }
+    }
+}
+
+// ---- asking peers ----
+
+async fn ask(node: &Node, peer: PeerId, req: &Request) -> Result<Response, String> {
+    let body = codec::encode(req).map_err(|e| e.to_string())?;
+    let resp = node
+        .net
+        .blob_request(peer, body)
+        .await
+        .map_err(|e| e.to_string())?;
+    codec::decode::<Response>(&resp, MAX_BLOB_RESPONSE).map_err(|e| {
+        node.metrics
+            .events_rejected
+            .get_or_create(&label("reason", "blob_decode"))
+            .inc();
+        format!("undecodable answer: {e}")
+    })
+}
+
+/// Ask every connected peer which of `blobs` it holds.
+async fn who_has(node: &Node, blob: BlobId) -> Vec<(PeerId, Option<Bitmap>)> {
+    let peers = node.membership.connected_peers();
+    let req = Request::Have { blobs: vec![blob] };
+    let futs = peers.into_iter().map(|p| {
+        let req = req.clone();
+        async move {
+            let r = tokio::time::timeout(Duration::from_secs(5), ask(node, p, &req)).await;
+            match r {
+                Ok(Ok(Response::Have { held })) => held
+                    .into_iter()
+                    .find(|h| h.blob == blob)
+                    .map(|h| (p, h.chunks)),
+                _ => None,
+            }
+        }
+    });
+    futures::future::join_all(futs)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+// ---- names from events, wants, fetches ----
+
+/// Start blob sync: serving peers, following naming events, garbage collection.
+pub fn start(node: Arc<Node>, inbound: tokio::sync::mpsc::Receiver<BlobInbound>) {
+    tokio::spawn(serve_peers(node.clone(), inbound));
+    tokio::spawn(follow_names(node.clone()));
+    tokio::spawn(gc_loop(node));
+}
+
+async fn follow_names(node: Arc<Node>) {
+    let patterns: Vec<TypePattern> = NAMING_TYPES
+        .iter()
+        .filter_map(|t| TypePattern::parse(t).ok())
+        .collect();
+    let mut head = node.store.watch_head();
+    let mut cursor = 0;
+    // Names already recorded whose blob is missing or not placed (a restart).
+    resume_wants(&node).await;
+    loop {
+        loop {
+            let Ok((batch, last)) = node.store.read_after(cursor, 256, 20_000, &patterns) else {
+                break;
+            };
+            for (_, s) in batch {
+                let Ok(n) = serde_json::from_str::<Naming>(&s.event.payload) else {
+                    continue;
+                };
+                let (Some(blob), Some(root)) = (parse_id(&n.blob), parse_id(&n.root)) else {
+                    continue;
+                };
+                if check_name(&n.name).is_err() {
+                    continue;
+                }
+                let rec = NameRecord {
+                    blob,
+                    size: n.size,
+                    root,
+                    ts_ms: s.event.ts_ms,
+                    event_hash: s.event.hash,
+                    event_id: s.event.id.clone(),
+                    event_type: s.event.event_type.clone(),
+                    origin: s.event.origin.clone().unwrap_or_default(),
+                };
+                let store = node.blobs.store.clone();
+                let name = n.name.clone();
+                let r2 = rec.clone();
+                let changed = tokio::task::spawn_blocking(move || store.set_name(&name, &r2))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                if changed.is_some() {
+                    tracing::info!(name = %n.name, blob = %n.blob, size = n.size, "name updated");
+                    if node.blobs.want_for(&n.name).is_some() {
+                        want(&node, blob, rec, vec![n.name.clone()]);
+                    }
+                }
+            }
+            if last == cursor {
+                break;
+            }
+            cursor = last;
+        }
+        if head.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn resume_wants(node: &Arc<Node>) {
+    let store = node.blobs.store.clone();
+    let Ok(Ok(names)) = tokio::task::spawn_blocking(move || store.names()).await else {
+        return;
+    };
+    for (name, rec) in names {
+        if node.blobs.want_for(&name).is_some() {
+            want(node, rec.blob, rec, vec![name]);
+        }
+    }
+}
+
+/// Make sure `blob` is here and placed for `names`: fetch it if missing.
+/// Returns a notifier that fires when the transfer ends.
+pub fn want(node: &Arc<Node>, blob: BlobId, rec: NameRecord, names: Vec<String>) -> Arc<Notify> {
+    let b = &node.blobs;
+    let mut t = lock(&b.transfers);
+    if let Some(tr) = t.get_mut(&blob) {
+        for n in names {
+            if !tr.names.contains(&n) {
+                tr.names.push(n);
+            }
+        }
+        tr.view.names = tr.names.clone();
+        return tr.wake.clone();
+    }
+    let wake = Arc::new(Notify::new());
+    t.insert(
+        blob,
+        Transfer {
+            names: names.clone(),
+            size: rec.size,
+            root: rec.root,
+            view: TransferView {
+                blob: hex_id(&blob),
+                names,
+                size: rec.size,
+                have_bytes: 0,
+                chunks: 0,
+                chunks_have: 0,
+                rate_bytes_per_sec: 0.0,
+                eta_secs: None,
+                sources: Vec::new(),
+                state: "queued".into(),
+                started_ms: now_ms(),
+            },
+            started: Instant::now(),
+            wake: wake.clone(),
+        },
+    );
+    drop(t);
+    let node = node.clone();
+    tokio::spawn(async move {
+        let result = run_transfer(&node, blob).await;
+        finish(&node, blob, result).await;
+    });
+    wake
+}
+
+fn update_view(node: &Node, blob: &BlobId, f: impl FnOnce(&mut TransferView)) {
+    if let Some(t) = lock(&node.blobs.transfers).get_mut(blob) {
+        f(&mut t.view);
+    }
+}
+
+/// Fetch one blob (if not held) under the transfer limit.
+async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<(), String> {
+    let b = &node.blobs;
+    let store = b.store.clone();
+    let complete = tokio::task::spawn_blocking(move || store.is_complete(&blob))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if complete {
+        return Ok(());
+    }
+    let _slot = b
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| "shutting down".to_string())?;
+    let (size, root) = {
+        let t = lock(&b.transfers);
+        let tr = t.get(&blob).ok_or("transfer vanished")?;
+        (tr.size, tr.root)
+    };
+    node.metrics.sync_active.inc();
+    let r = fetch(node, blob, size, root).await;
+    node.metrics.sync_active.dec();
+    r
+}
+
+/// Check the disk budget and the free space for `size` more bytes.
+async fn check_space(node: &Node, blob: &BlobId, size: u64) -> Result<(), String> {
+    let b = &node.blobs;
+    let store = b.store.clone();
+    let id = *blob;
+    let (used, already) = tokio::task::spawn_blocking(move || {
+        let used = store.used_bytes().unwrap_or(0);
+        let already = store.meta(&id).ok().flatten().map_or(0, |m| m.size);
+        (used, already)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let need = size.saturating_sub(already);
+    if b.cfg.budget > 0 && used + need > b.cfg.budget {
+        return Err(format!(
+            "disk budget: {} bytes held + {} needed > blob_budget {}",
+            used, need, b.cfg.budget
+        ));
+    }
+    let dir = node.cfg.data_dir.clone();
+    let free = tokio::task::spawn_blocking(move || crate::membership::health::free_bytes(&dir))
+        .await
+        .ok()
+        .flatten();
+    if let Some(free) = free {
+        if free < need + b.cfg.reserve {
+            return Err(format!(
+                "disk space: {free} bytes free on the data directory's filesystem, {need} needed plus {} kept free (blob_reserve)",
+                b.cfg.reserve
+            ));
+        }
+    }
+    Ok(())
+}
+
+enum ChunkDone {
+    Ok,
+    Bad(&'static str),
+    Failed(String),
+    Busy,
+    Missing,
+}
+
+async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Result<(), String> {
+    let b = &node.blobs;
+    update_view(node, &blob, |v| v.state = "finding sources".into());
+    // Sources and the manifest.
+    let mut last_seen_source = Instant::now();
+    let (manifest, mut sources) = loop {
+        let found = who_has(node, blob).await;
+        let mut got = None;
+        for (p, _) in &found {
+            if let Ok(Response::Manifest(m)) = ask(node, *p, &Request::Manifest { blob }).await {
+                if m.root() == root && m.size == size && m.check().is_ok() {
+                    got = Some(m);
+                    break;
+                }
+                node.metrics
+                    .sync_chunks_rejected
+                    .get_or_create(&label("reason", "manifest"))
+                    .inc();
+                tracing::warn!(peer = %p, blob = %hex_id(&blob), "a peer served a manifest that does not match the signed root");
+            }
+        }
+        if let Some(m) = got {
+            break (m, found);
+        }
+        if !found.is_empty() {
+            last_seen_source = Instant::now();
+        }
+        if last_seen_source.elapsed() > STALL {
+            return Err(format!(
+                "no connected peer holds blob {} (asked for {}s)",
+                hex_id(&blob),
+                STALL.as_secs()
+            ));
+        }
+        tokio::time::sleep(SOURCE_REFRESH).await;
+    };
+    check_space(node, &blob, size).await?;
+    let store = b.store.clone();
+    let m2 = manifest.clone();
+    let have = tokio::task::spawn_blocking(move || store.begin_partial(&blob, &m2))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let n = manifest.chunks.len();
+    let mut sched = Sched::new(have.clone(), b.cfg.per_source, rand::random());
+    let mut durable = have;
+    let now = Instant::now();
+    for (p, chunks) in sources.drain(..) {
+        sched.source(p, chunks, now);
+    }
+    if sched.have().count() > 0 {
+        tracing::info!(blob = %hex_id(&blob), held = sched.have().count(), chunks = n, "resuming a fetch");
+    }
+    let manifest = Arc::new(manifest);
+    let mut inflight = FuturesUnordered::new();
+    let mut last_refresh = Instant::now();
+    let mut last_ckpt = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut window: Vec<(Instant, u64)> = Vec::new();
+    update_view(node, &blob, |v| {
+        v.state = "fetching".into();
+        v.chunks = n;
+    });
+    while !sched.have().is_full() {
+        let now = Instant::now();
+        for (peer, idx) in sched.assign(now) {
+            let node = node.clone();
+            let m = manifest.clone();
+            inflight.push(async move {
+                take(&node.blobs.down, m.chunk_len(idx)).await;
+                let r = tokio::time::timeout(
+                    CHUNK_TIMEOUT,
+                    ask(&node, peer, &Request::Chunk { blob, index: idx }),
+                )
+                .await;
+                let done = match r {
+                    Err(_) => ChunkDone::Failed("timed out".into()),
+                    Ok(Err(e)) => ChunkDone::Failed(e),
+                    Ok(Ok(Response::Chunk(data))) => {
+                        if data.len() as u64 != m.chunk_len(idx) {
+                            ChunkDone::Bad("size")
+                        } else {
+                            let store = node.blobs.store.clone();
+                            let want = m.chunks[idx as usize];
+                            let off = m.offset(idx);
+                            tokio::task::spawn_blocking(move || {
+                                if store::sha256(&data) != want {
+                                    return ChunkDone::Bad("hash");
+                                }
+                                match store.write_chunk(&blob, off, &data) {
+                                    Ok(()) => ChunkDone::Ok,
+                                    Err(e) => ChunkDone::Failed(format!("local write: {e}")),
+                                }
+                            })
+                            .await
+                            .unwrap_or_else(|e| ChunkDone::Failed(e.to_string()))
+                        }
+                    }
+                    Ok(Ok(Response::Busy { .. })) => ChunkDone::Busy,
+                    Ok(Ok(Response::NotFound)) => ChunkDone::Missing,
+                    Ok(Ok(other)) => ChunkDone::Failed(format!("unexpected answer {other:?}")),
+                };
+                (peer, idx, done)
+            });
+        }
+        let tick = tokio::time::sleep(Duration::from_millis(250));
+        tokio::select! {
+            Some((peer, idx, done)) = inflight.next(), if !inflight.is_empty() => {
+                let now = Instant::now();
+                match done {
+                    ChunkDone::Ok => {
+                        let len = manifest.chunk_len(idx);
+                        sched.on_ok(peer, idx);
+                        node.metrics.sync_bytes.get_or_create(&label("direction", "in")).inc_by(len);
+                        window.push((now, len));
+                        last_progress = now;
+                    }
+                    ChunkDone::Bad(reason) => {
+                        node.metrics.sync_chunks_rejected.get_or_create(&label("reason", reason)).inc();
+                        tracing::warn!(%peer, blob = %hex_id(&blob), chunk = idx, reason, "a peer served a chunk that fails verification; fetching it elsewhere");
+                        sched.on_bad(peer, idx, now);
+                    }
+                    ChunkDone::Failed(e) => {
+                        tracing::debug!(%peer, chunk = idx, error = %e, "chunk request failed");
+                        sched.on_fail(peer, idx, now);
+                    }
+                    ChunkDone::Busy => sched.on_busy(peer, idx, now),
+                    ChunkDone::Missing => sched.on_missing(peer, idx),
+                }
+            }
+            _ = tick => {}
+        }
+        let now = Instant::now();
+        if now.duration_since(last_ckpt) >= CHECKPOINT || sched.have().is_full() {
+            last_ckpt = now;
+            if durable.count() != sched.have().count() {
+                let store = b.store.clone();
+                let snap = sched.have().clone();
+                tokio::task::spawn_blocking(move || store.checkpoint(&blob, &snap))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                durable = sched.have().clone();
+            }
+            window.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(5));
+            let rate = window.iter().map(|(_, l)| *l).sum::<u64>() as f64 / 5.0;
+            let have_bytes: u64 = (0..n as u32)
+                .filter(|i| sched.have().get(*i))
+                .map(|i| manifest.chunk_len(i))
+                .sum();
+            let srcs = sched.usable_sources(now);
+            update_view(node, &blob, |v| {
+                v.have_bytes = have_bytes;
+                v.chunks_have = sched.have().count();
+                v.rate_bytes_per_sec = rate;
+                v.eta_secs = (rate > 0.0).then(|| (size - have_bytes) as f64 / rate);
+                v.sources = srcs.iter().map(|p| p.to_base58()).collect();
+            });
+        }
+        let starved = sched.usable_sources(now).is_empty() && inflight.is_empty();
+        let since = now.duration_since(last_refresh);
+        if since >= SOURCE_REFRESH || (starved && since >= Duration::from_millis(500)) {
+            last_refresh = now;
+            for (p, chunks) in who_has(node, blob).await {
+                sched.source(p, chunks, Instant::now());
+            }
+        }
+        if inflight.is_empty() && now.duration_since(last_progress) > STALL {
+            return Err(format!(
+                "no progress for {}s ({} of {} chunks; sources gone or failing)",
+                STALL.as_secs(),
+                sched.have().count(),
+                n
+            ));
+        }
+    }
+    update_view(node, &blob, |v| v.state = "verifying".into());
+    let store = b.store.clone();
+    let m = manifest.clone();
+    let ok = tokio::task::spawn_blocking(move || store.finish_partial(&blob, &m))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if !ok {
+        return Err("the whole file does not match the blob id (every chunk matched the manifest: the publisher's manifest is wrong)".into());
+    }
+    Ok(())
+}
+
+/// After a transfer: place for every name that wants it, and report.
+async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<(), String>) {
+    let b = &node.blobs;
+    let Some(tr) = lock(&b.transfers).remove(&blob) else {
+        return;
+    };
+    let secs = tr.started.elapsed().as_secs_f64();
+    let sources = tr.view.sources.clone();
+    match result {
+        Ok(()) => {
+            node.metrics
+                .sync_transfers
+                .get_or_create(&label("result", "completed"))
+                .inc();
+            for name in &tr.names {
+                // Only if the name still points here.
+                let store = b.store.clone();
+                let nm = name.clone();
+                let current = tokio::task::spawn_blocking(move || store.name(&nm))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                if current.as_ref().is_some_and(|c| c.blob != blob) {
+                    continue;
+                }
+                let mut path = None;
+                if let Some(p) = b.want_for(name).and_then(|w| w.path_for(name, &blob)) {
+                    let store = b.store.clone();
+                    let p2 = p.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        if store.placed(&p2)? == Some(blob) && p2.exists() {
+                            return Ok(false);
+                        }
+                        store.place(&blob, &p2).map(|_| true)
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(false)) => continue,
+                        Ok(Ok(true)) => path = Some(p),
+                        Ok(Err(e)) => {
+                            report_failure(
+                                node,
+                                blob,
+                                std::slice::from_ref(name),
+                                &format!("cannot place: {e}"),
+                            )
+                            .await;
+                            continue;
+                        }
+                        Err(e) => {
+                            report_failure(node, blob, std::slice::from_ref(name), &e.to_string())
+                                .await;
+                            continue;
+                        }
+                    }
+                } else if b.want_for(name).is_none() {
+                    continue;
+                }
+                let ty = if name.starts_with("models/") {
+                    "MODEL_DISTRIBUTED"
+                } else {
+                    "SYNC_COMPLETED"
+                };
+                let payload = json!({
+                    "name": name,
+                    "blob": hex_id(&blob),
+                    "size": tr.size,
+                    "host": node.cfg.name,
+                    "path": path.as_ref().map(|p| p.display().to_string()),
+                    "seconds": (secs * 1000.0).round() / 1000.0,
+                    "sources": sources.len(),
+                });
+                tracing::info!(%name, blob = %hex_id(&blob), path = ?path, secs, "blob arrived");
+                if let Ok(d) = Draft::new(ty, &payload, Some("riftmesh/sync".into()), None, None) {
+                    if let Err(e) = node.publish(vec![d]).await {
+                        tracing::warn!(error = %e, "cannot publish {ty}");
+                    }
+                }
+            }
+        }
+        Err(reason) => {
+            node.metrics
+                .sync_transfers
+                .get_or_create(&label("result", "failed"))
+                .inc();
+            report_failure(node, blob, &tr.names, &reason).await;
+        }
+    }
+    tr.wake.notify_waiters();
+    refresh_gauges(node).await;
+}
+
+async fn report_failure(node: &Arc<Node>, blob: BlobId, names: &[String], reason: &str) {
+    tracing::warn!(blob = %hex_id(&blob), ?names, reason, "blob sync failed");
+    {
+        let mut f = lock(&node.blobs.failures);
+        f.push(FailureView {
+            blob: hex_id(&blob),
+            names: names.to_vec(),
+            reason: reason.to_string(),
+            at_ms: now_ms(),
+        });
+        let len = f.len();
+        if len > 100 {
+            f.drain(..len - 100);
+        }
+    }
+    for name in names {
+        let payload = json!({
+            "name": name,
+            "blob": hex_id(&blob),
+            "host": node.cfg.name,
+            "reason": reason,
+        });
+        if let Ok(d) = Draft::new(
+            "SYNC_FAILED",
+            &payload,
+            Some("riftmesh/sync".into()),
+            None,
+            None,
+        ) {
+            let _ = node.publish(vec![d]).await;
+        }
+    }
+}
+
+async fn refresh_gauges(node: &Node) {
+    let store = node.blobs.store.clone();
+    if let Ok(Ok(list)) = tokio::task::spawn_blocking(move || store.list()).await {
+        node.metrics
+            .blob_store_bytes
+            .set(list.iter().map(|(_, m)| m.size as i64).sum());
+        node.metrics.blob_store_blobs.set(list.len() as i64);
+    }
+}
+
+// ---- garbage collection and retries ----
+
+async fn gc_loop(node: Arc<Node>) {
+    let every =
+        (node.blobs.cfg.retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if let Err(e) = gc_once(&node).await {
+            tracing::warn!(error = %e, "blob garbage collection failed");
+        }
+        // Wanted names whose blob is still missing (a failed fetch): again.
+        resume_wants(&node).await;
+        refresh_gauges(&node).await;
+    }
+}
+
+/// Remove blobs no name points at, unreferenced for longer than the
+/// retention, and not being fetched. Returns how many were removed.
+pub async fn gc_once(node: &Node) -> Result<usize, String> {
+    let b = &node.blobs;
+    let busy: HashSet<BlobId> = lock(&b.transfers).keys().copied().collect();
+    let store = b.store.clone();
+    let retention = b.cfg.retention;
+    tokio::task::spawn_blocking(move || -> Result<usize, BlobError> {
+        let named: HashSet<BlobId> = store.names()?.into_iter().map(|(_, r)| r.blob).collect();
+        let now = now_ms();
+        let mut removed = 0;
+        for (id, meta) in store.list()? {
+            if named.contains(&id) || busy.contains(&id) {
+                store.set_released(&id, 0)?;
+                continue;
+            }
+            if meta.released_ms == 0 {
+                store.set_released(&id, now)?;
+                continue;
+            }
+            if now.saturating_sub(meta.released_ms) >= retention.as_millis() as u64 {
+                store.remove(&id)?;
+                tracing::info!(blob = %hex_id(&id), size = meta.size, "removed a blob no name points at");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+/// Add a local file as a blob and publish `name` for it.
+pub async fn add(
+    node: &Arc<Node>,
+    path: PathBuf,
+    name: &str,
+    event_type: &str,
+) -> Result<(store::Added, crate::store::Appended), String> {
+    check_name(name)?;
+    let store = node.blobs.store.clone();
+    let chunk = node.blobs.cfg.chunk_size;
+    let added = tokio::task::spawn_blocking(move || store.add_file(&path, chunk))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let payload = Naming {
+        name: name.to_string(),
+        blob: hex_id(&added.id),
+        size: added.manifest.size,
+        root: hex_id(&added.manifest.root()),
+    };
+    let payload = serde_json::to_value(&payload).map_err(|e| e.to_string())?;
+    let d = Draft::new(
+        event_type,
+        &payload,
+        Some("riftmesh/blob".into()),
+        None,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = node.publish(vec![d]).await.map_err(|e| e.to_string())?;
+    refresh_gauges(node).await;
+    Ok((added, out.remove(0)))
+}

@@ -1,0 +1,376 @@
+//! Which chunk to ask of which source next: sans-IO, driven by the fetch
+//! loop with explicit times.
+//!
+//! - Chunks are taken in an order shuffled per transfer, so receivers of the
+//!   same blob hold different chunks early and serve each other.
+//! - Each source gets up to `per_source` requests in flight.
+//! - A failing source is skipped for a backoff that doubles per failure in a
+//!   row (1 s to 30 s): a circuit breaker; a success closes it.
+//! - A source that serves a chunk failing verification is dropped for this
+//!   transfer after the second such chunk.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::store::Bitmap;
+
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Bad chunks after which a source is dropped.
+const MAX_BAD: u32 = 2;
+
+#[derive(Debug)]
+struct Source {
+    /// None: holds the whole blob.
+    chunks: Option<Bitmap>,
+    inflight: usize,
+    fails: u32,
+    open_until: Option<Instant>,
+    bad: u32,
+    /// Position in `order` this source scans from.
+    cursor: usize,
+}
+
+impl Source {
+    fn holds(&self, i: u32) -> bool {
+        self.chunks.as_ref().is_none_or(|b| b.get(i))
+    }
+}
+
+pub struct Sched {
+    have: Bitmap,
+    order: Vec<u32>,
+    inflight: HashMap<u32, PeerId>,
+    /// Chunks to ask again (failed or bad), before the order.
+    retry: VecDeque<u32>,
+    sources: HashMap<PeerId, Source>,
+    per_source: usize,
+}
+
+impl Sched {
+    pub fn new(have: Bitmap, per_source: usize, seed: u64) -> Sched {
+        let mut order: Vec<u32> = (0..have.len).filter(|i| !have.get(*i)).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        Sched {
+            have,
+            order,
+            inflight: HashMap::new(),
+            retry: VecDeque::new(),
+            sources: HashMap::new(),
+            per_source: per_source.max(1),
+        }
+    }
+
+    pub fn have(&self) -> &Bitmap {
+        &self.have
+    }
+
+    /// A peer holds the blob (`None`) or these chunks. Ignored for a source
+    /// dropped for bad chunks, or with a bitmap of the wrong size.
+    pub fn source(&mut self, peer: PeerId, chunks: Option<Bitmap>, _now: Instant) {
+        if let Some(b) = &chunks {
+            if !b.fits(self.have.len as usize) {
+                return;
+            }
+        }
+        match self.sources.get_mut(&peer) {
+            Some(s) if s.bad >= MAX_BAD => {}
+            Some(s) => {
+                // New chunks may lie behind the cursor.
+                if s.chunks.is_some() && chunks != s.chunks {
+                    s.cursor = 0;
+                }
+                s.chunks = chunks;
+            }
+            None => {
+                self.sources.insert(
+                    peer,
+                    Source {
+                        chunks,
+                        inflight: 0,
+                        fails: 0,
+                        open_until: None,
+                        bad: 0,
+                        cursor: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn usable(s: &Source, now: Instant) -> bool {
+        s.bad < MAX_BAD && s.open_until.is_none_or(|t| now >= t)
+    }
+
+    /// Sources that may be asked now.
+    pub fn usable_sources(&self, now: Instant) -> Vec<PeerId> {
+        let mut v: Vec<PeerId> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| Self::usable(s, now))
+            .map(|(p, _)| *p)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn wanted(&self, i: u32) -> bool {
+        !self.have.get(i) && !self.inflight.contains_key(&i)
+    }
+
+    /// Requests to send now: (source, chunk), at most `per_source` in flight
+    /// per source.
+    pub fn assign(&mut self, now: Instant) -> Vec<(PeerId, u32)> {
+        let mut out = Vec::new();
+        let mut peers = self.usable_sources(now);
+        // Whole-blob holders last: partial holders' chunks are the scarce ones.
+        peers.sort_by_key(|p| self.sources[p].chunks.is_none());
+        for p in peers {
+            loop {
+                let s = &self.sources[&p];
+                if s.inflight >= self.per_source {
+                    break;
+                }
+                // Retries first (if this source holds one).
+                let pos = self
+                    .retry
+                    .iter()
+                    .position(|i| self.wanted(*i) && self.sources[&p].holds(*i));
+                let pick = if let Some(k) = pos {
+                    self.retry.remove(k)
+                } else {
+                    let mut c = s.cursor;
+                    let mut found = None;
+                    while c < self.order.len() {
+                        let i = self.order[c];
+                        c += 1;
+                        if self.wanted(i) && s.holds(i) {
+                            found = Some(i);
+                            break;
+                        }
+                    }
+                    // Skipped chunks are done, in flight elsewhere (a
+                    // failure puts them on `retry`) or not held here (a new
+                    // bitmap from this source rewinds its cursor).
+                    if let Some(s) = self.sources.get_mut(&p) {
+                        s.cursor = c;
+                    }
+                    found
+                };
+                let Some(i) = pick else { break };
+                self.inflight.insert(i, p);
+                if let Some(s) = self.sources.get_mut(&p) {
+                    s.inflight += 1;
+                }
+                out.push((p, i));
+            }
+        }
+        out
+    }
+
+    fn release(&mut self, peer: PeerId, i: u32) -> Option<&mut Source> {
+        if self.inflight.get(&i) == Some(&peer) {
+            self.inflight.remove(&i);
+        }
+        let s = self.sources.get_mut(&peer)?;
+        s.inflight = s.inflight.saturating_sub(1);
+        Some(s)
+    }
+
+    pub fn on_ok(&mut self, peer: PeerId, i: u32) {
+        self.have.set(i);
+        if let Some(s) = self.release(peer, i) {
+            s.fails = 0;
+            s.open_until = None;
+        }
+    }
+
+    /// The source failed to answer: open its breaker for a while.
+    pub fn on_fail(&mut self, peer: PeerId, i: u32, now: Instant) {
+        if let Some(s) = self.release(peer, i) {
+            s.fails += 1;
+            let back = BACKOFF_MIN
+                .saturating_mul(1 << (s.fails - 1).min(5))
+                .min(BACKOFF_MAX);
+            s.open_until = Some(now + back);
+            // Anything it still has in flight will come back on its own.
+        }
+        self.retry.push_back(i);
+    }
+
+    /// The source is busy: a short pause, no failure counted.
+    pub fn on_busy(&mut self, peer: PeerId, i: u32, now: Instant) {
+        if let Some(s) = self.release(peer, i) {
+            s.open_until = Some(now + Duration::from_millis(200));
+        }
+        self.retry.push_back(i);
+    }
+
+    /// The chunk failed verification: penalize, ask elsewhere.
+    pub fn on_bad(&mut self, peer: PeerId, i: u32, now: Instant) {
+        if let Some(s) = self.release(peer, i) {
+            s.bad += 1;
+            s.open_until = Some(now + BACKOFF_MIN);
+        }
+        self.retry.push_back(i);
+    }
+
+    /// The source says it does not hold the chunk (after all).
+    pub fn on_missing(&mut self, peer: PeerId, i: u32) {
+        let n = self.have.len as usize;
+        if let Some(s) = self.release(peer, i) {
+            if let Some(b) = s.chunks.as_mut() {
+                // Forget that it had it.
+                b.bits[(i / 8) as usize] &= !(1 << (i % 8));
+            } else {
+                // Claimed the whole blob, lacks a chunk: treat as partial
+                // knowledge until its next answer.
+                let mut b = Bitmap::full(n);
+                b.bits[(i / 8) as usize] &= !(1 << (i % 8));
+                s.chunks = Some(b);
+            }
+        }
+        self.retry.push_back(i);
+    }
+
+    pub fn is_dropped(&self, peer: &PeerId) -> bool {
+        self.sources.get(peer).is_some_and(|s| s.bad >= MAX_BAD)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerId {
+        PeerId::random()
+    }
+
+    fn drain(s: &mut Sched, now: Instant) -> usize {
+        let mut n = 0;
+        loop {
+            let a = s.assign(now);
+            if a.is_empty() {
+                return n;
+            }
+            for (p, i) in a {
+                s.on_ok(p, i);
+                n += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn fetches_every_missing_chunk_once() {
+        let mut have = Bitmap::new(100);
+        have.set(3);
+        let mut s = Sched::new(have, 4, 1);
+        let (a, b) = (peer(), peer());
+        let now = Instant::now();
+        s.source(a, None, now);
+        s.source(b, None, now);
+        let first = s.assign(now);
+        assert_eq!(first.len(), 8);
+        let mut seen: Vec<u32> = first.iter().map(|x| x.1).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 8);
+        assert!(!seen.contains(&3));
+        for (p, i) in first {
+            s.on_ok(p, i);
+        }
+        assert_eq!(drain(&mut s, now), 99 - 8);
+        assert!(s.have().is_full());
+    }
+
+    #[test]
+    fn partial_sources_get_only_what_they_hold() {
+        let mut s = Sched::new(Bitmap::new(10), 8, 2);
+        let p = peer();
+        let mut held = Bitmap::new(10);
+        held.set(2);
+        held.set(7);
+        let now = Instant::now();
+        s.source(p, Some(held.clone()), now);
+        let a = s.assign(now);
+        let mut got: Vec<u32> = a.iter().map(|x| x.1).collect();
+        got.sort();
+        assert_eq!(got, vec![2, 7]);
+        for (p, i) in a {
+            s.on_ok(p, i);
+        }
+        assert!(s.assign(now).is_empty());
+        // It got more chunks: new ones are found, even behind its cursor.
+        held.set(0);
+        held.set(9);
+        s.source(p, Some(held), now);
+        let mut got: Vec<u32> = s.assign(now).iter().map(|x| x.1).collect();
+        got.sort();
+        assert_eq!(got, vec![0, 9]);
+    }
+
+    #[test]
+    fn failing_source_backs_off_and_others_take_over() {
+        let mut s = Sched::new(Bitmap::new(4), 1, 3);
+        let (bad, good) = (peer(), peer());
+        let t0 = Instant::now();
+        s.source(bad, None, t0);
+        let a = s.assign(t0);
+        assert_eq!(a.len(), 1);
+        s.on_fail(bad, a[0].1, t0);
+        assert!(s.usable_sources(t0).is_empty());
+        s.source(good, None, t0);
+        let b = s.assign(t0);
+        assert_eq!(
+            b,
+            vec![(good, a[0].1)],
+            "the failed chunk is retried first, elsewhere"
+        );
+        s.on_ok(good, a[0].1);
+        // A second failure in a row doubles the pause.
+        let t1 = t0 + Duration::from_millis(1000);
+        assert!(s.usable_sources(t1).contains(&bad));
+        let c = s.assign(t1);
+        let (p, i) = *c.iter().find(|x| x.0 == bad).unwrap();
+        s.on_fail(p, i, t1);
+        assert!(!s
+            .usable_sources(t1 + Duration::from_millis(1500))
+            .contains(&bad));
+        assert!(s
+            .usable_sources(t1 + Duration::from_millis(2000))
+            .contains(&bad));
+    }
+
+    #[test]
+    fn a_source_serving_bad_chunks_is_dropped() {
+        let mut s = Sched::new(Bitmap::new(4), 1, 4);
+        let (liar, honest) = (peer(), peer());
+        let mut t = Instant::now();
+        s.source(liar, None, t);
+        for _ in 0..2 {
+            let a = s.assign(t);
+            let (p, i) = a[0];
+            assert_eq!(p, liar);
+            s.on_bad(p, i, t);
+            t += Duration::from_secs(2);
+        }
+        assert!(s.is_dropped(&liar));
+        assert!(s.assign(t).is_empty());
+        s.source(liar, None, t);
+        assert!(s.is_dropped(&liar), "its next Have does not bring it back");
+        s.source(honest, None, t);
+        assert_eq!(drain(&mut s, t), 4);
+    }
+
+    #[test]
+    fn wrong_size_bitmaps_are_ignored() {
+        let mut s = Sched::new(Bitmap::new(10), 1, 5);
+        let p = peer();
+        s.source(p, Some(Bitmap::new(11)), Instant::now());
+        assert!(s.usable_sources(Instant::now()).is_empty());
+    }
+}

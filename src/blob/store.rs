@@ -1,0 +1,820 @@
+//! The blob store: content-addressed files under `<data>/blobs/`, their
+//! manifests and chunk bitmaps in sled. Everything here blocks (file I/O,
+//! hashing): call it from `spawn_blocking`.
+//!
+//! Layout (proto-notes/sync.md):
+//! - `objects/<hex id>`: complete blobs, verified, read-only.
+//! - `partial/<hex id>`: blobs being fetched, full length, holes unfilled.
+//! - `tmp/`: files being added.
+//! - sled trees `blob_meta` (id → [`BlobMeta`]), `blob_manifest` (id →
+//!   [`Manifest`]), `blob_have` (id → bitmap of durable verified chunks of a
+//!   partial blob), `blob_names` (name → [`NameRecord`]), `blob_placed`
+//!   (path → id last placed there).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::codec;
+
+pub type BlobId = [u8; 32];
+
+/// Smallest and largest chunk a manifest may use.
+pub const MIN_CHUNK: u32 = 64 << 10;
+pub const MAX_CHUNK: u32 = 8 << 20;
+/// Most chunks in one manifest; the chunk size doubles until a blob fits.
+pub const MAX_CHUNKS: usize = 65_536;
+/// Largest manifest body (65,536 hashes plus framing).
+pub const MAX_MANIFEST_BYTES: usize = MAX_CHUNKS * 33 + 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("blob store database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("damaged blob store record {tree}/{key}: {reason}")]
+    Damaged {
+        tree: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("blob {0} is not held here")]
+    NotHeld(String),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BlobError + 'a {
+    move |source| BlobError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// How a blob is cut into chunks, with the SHA-256 of each. Its own hash
+/// (the root, [`Manifest::root`]) travels signed in the event that names the
+/// blob, so every chunk is checked against data the publisher signed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub size: u64,
+    pub chunk_size: u32,
+    pub chunks: Vec<[u8; 32]>,
+}
+
+impl Manifest {
+    /// SHA-256 over a domain tag and the bincode of the manifest.
+    pub fn root(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"riftmesh/manifest/1\0");
+        h.update(codec::encode(self).unwrap_or_default());
+        h.finalize().into()
+    }
+
+    /// Is it well formed: a chunk size within bounds, and exactly as many
+    /// chunk hashes as the size needs?
+    pub fn check(&self) -> Result<(), BlobError> {
+        if !(MIN_CHUNK..=MAX_CHUNK).contains(&self.chunk_size) {
+            return Err(BlobError::Invalid(format!(
+                "chunk size {} outside {MIN_CHUNK}..={MAX_CHUNK}",
+                self.chunk_size
+            )));
+        }
+        let want = chunk_count(self.size, self.chunk_size);
+        if self.chunks.len() != want || want > MAX_CHUNKS {
+            return Err(BlobError::Invalid(format!(
+                "{} chunk hashes for {} bytes in chunks of {} (want {want}, at most {MAX_CHUNKS})",
+                self.chunks.len(),
+                self.size,
+                self.chunk_size
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn chunk_len(&self, i: u32) -> u64 {
+        let start = u64::from(i) * u64::from(self.chunk_size);
+        self.size
+            .saturating_sub(start)
+            .min(u64::from(self.chunk_size))
+    }
+
+    pub fn offset(&self, i: u32) -> u64 {
+        u64::from(i) * u64::from(self.chunk_size)
+    }
+}
+
+pub fn chunk_count(size: u64, chunk: u32) -> usize {
+    size.div_ceil(u64::from(chunk.max(1))) as usize
+}
+
+/// The chunk size for a blob of `size` bytes: `preferred`, doubled until the
+/// blob fits in [`MAX_CHUNKS`] chunks.
+pub fn chunk_size_for(size: u64, preferred: u32) -> u32 {
+    let mut c = preferred.clamp(MIN_CHUNK, MAX_CHUNK);
+    while chunk_count(size, c) > MAX_CHUNKS && c < MAX_CHUNK {
+        c *= 2;
+    }
+    c
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// A set of chunk indexes, one bit each.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Bitmap {
+    pub len: u32,
+    #[serde(with = "serde_bytes")]
+    pub bits: Vec<u8>,
+}
+
+impl Bitmap {
+    pub fn new(len: usize) -> Bitmap {
+        Bitmap {
+            len: len as u32,
+            bits: vec![0; len.div_ceil(8)],
+        }
+    }
+    pub fn full(len: usize) -> Bitmap {
+        let mut b = Bitmap::new(len);
+        for i in 0..len {
+            b.set(i as u32);
+        }
+        b
+    }
+    pub fn get(&self, i: u32) -> bool {
+        i < self.len && self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+    pub fn set(&mut self, i: u32) {
+        if i < self.len {
+            self.bits[(i / 8) as usize] |= 1 << (i % 8);
+        }
+    }
+    pub fn count(&self) -> usize {
+        self.bits.iter().map(|b| b.count_ones() as usize).sum()
+    }
+    pub fn is_full(&self) -> bool {
+        self.count() == self.len as usize
+    }
+    /// Well formed for `len` chunks (from a peer: checked before use).
+    pub fn fits(&self, len: usize) -> bool {
+        self.len as usize == len && self.bits.len() == len.div_ceil(8)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BlobMeta {
+    pub size: u64,
+    pub root: [u8; 32],
+    pub complete: bool,
+    pub added_ms: u64,
+    /// When no name pointed at it any more (0: a name does); garbage
+    /// collection counts retention from here.
+    pub released_ms: u64,
+}
+
+/// What a name points at, from the newest event that named it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NameRecord {
+    pub blob: BlobId,
+    pub size: u64,
+    pub root: [u8; 32],
+    /// The naming event: its time (newest wins), id, type and source name.
+    pub ts_ms: u64,
+    pub event_hash: [u8; 32],
+    pub event_id: String,
+    pub event_type: String,
+    pub origin: String,
+}
+
+pub struct BlobStore {
+    dir: PathBuf,
+    meta: sled::Tree,
+    manifests: sled::Tree,
+    have: sled::Tree,
+    names: sled::Tree,
+    placed: sled::Tree,
+}
+
+pub fn hex_id(id: &BlobId) -> String {
+    hex::encode(id)
+}
+
+pub fn parse_id(s: &str) -> Option<BlobId> {
+    let v = hex::decode(s.trim()).ok()?;
+    v.try_into().ok()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One pass over a reader: the whole-content hash and the chunk hashes,
+/// optionally writing the bytes to `out`.
+pub fn hash_stream(
+    mut r: impl Read,
+    size_hint: u64,
+    preferred_chunk: u32,
+    mut out: Option<&mut File>,
+) -> std::io::Result<(BlobId, Manifest)> {
+    let chunk_size = chunk_size_for(size_hint, preferred_chunk);
+    let mut whole = Sha256::new();
+    let mut chunks = Vec::with_capacity(chunk_count(size_hint, chunk_size));
+    let mut buf = vec![0u8; chunk_size as usize];
+    let mut size = 0u64;
+    loop {
+        // Fill one chunk (short reads are allowed by Read).
+        let mut n = 0;
+        while n < buf.len() {
+            let k = r.read(&mut buf[n..])?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        if n == 0 {
+            break;
+        }
+        let data = &buf[..n];
+        whole.update(data);
+        chunks.push(sha256(data));
+        if let Some(f) = out.as_deref_mut() {
+            f.write_all(data)?;
+        }
+        size += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    let m = Manifest {
+        size,
+        chunk_size,
+        chunks,
+    };
+    if m.check().is_err() {
+        return Err(std::io::Error::other(format!(
+            "file of {size} bytes is too large for one blob ({MAX_CHUNKS} chunks of at most {MAX_CHUNK} bytes)"
+        )));
+    }
+    Ok((whole.finalize().into(), m))
+}
+
+fn decode_rec<T: serde::de::DeserializeOwned>(
+    tree: &'static str,
+    key: &[u8],
+    v: &[u8],
+) -> Result<T, BlobError> {
+    codec::decode(v, MAX_MANIFEST_BYTES + 1024).map_err(|e| BlobError::Damaged {
+        tree,
+        key: String::from_utf8(key.to_vec()).unwrap_or_else(|_| hex::encode(key)),
+        reason: e.to_string(),
+    })
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, BlobError> {
+    codec::encode(v).map_err(|e| BlobError::Invalid(e.to_string()))
+}
+
+/// What [`BlobStore::add_file`] did.
+pub struct Added {
+    pub id: BlobId,
+    pub manifest: Manifest,
+    /// The store held this content already (nothing new stored).
+    pub existing: bool,
+}
+
+impl BlobStore {
+    pub fn open(dir: &Path, db: &sled::Db) -> Result<BlobStore, BlobError> {
+        for sub in ["objects", "partial", "tmp"] {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(io("cannot create blob directory", &p))?;
+        }
+        // Leftovers of adds interrupted by a crash.
+        let tmp = dir.join("tmp");
+        if let Ok(rd) = std::fs::read_dir(&tmp) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(BlobStore {
+            dir: dir.to_path_buf(),
+            meta: db.open_tree("blob_meta")?,
+            manifests: db.open_tree("blob_manifest")?,
+            have: db.open_tree("blob_have")?,
+            names: db.open_tree("blob_names")?,
+            placed: db.open_tree("blob_placed")?,
+        })
+    }
+
+    pub fn object_path(&self, id: &BlobId) -> PathBuf {
+        self.dir.join("objects").join(hex_id(id))
+    }
+
+    pub fn partial_path(&self, id: &BlobId) -> PathBuf {
+        self.dir.join("partial").join(hex_id(id))
+    }
+
+    /// Copy `src` into the store while hashing it (one pass, memory bounded
+    /// by one chunk). The store's copy is its own: the producer may delete
+    /// or rewrite its file afterwards.
+    pub fn add_file(&self, src: &Path, preferred_chunk: u32) -> Result<Added, BlobError> {
+        let f = File::open(src).map_err(io("cannot open", src))?;
+        let md = f.metadata().map_err(io("cannot stat", src))?;
+        if !md.is_file() {
+            return Err(BlobError::Invalid(format!(
+                "{} is not a regular file",
+                src.display()
+            )));
+        }
+        let tmp = self
+            .dir
+            .join("tmp")
+            .join(format!("add-{}", uuid::Uuid::now_v7()));
+        let mut out = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        let res = hash_stream(
+            std::io::BufReader::with_capacity(1 << 20, f),
+            md.len(),
+            preferred_chunk,
+            Some(&mut out),
+        )
+        .map_err(io("cannot read", src))
+        .and_then(|r| {
+            out.sync_all().map_err(io("cannot sync", &tmp))?;
+            Ok(r)
+        });
+        let (id, manifest) = match res {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let existing = self.is_complete(&id)?;
+        if existing {
+            let _ = std::fs::remove_file(&tmp);
+        } else {
+            let dst = self.object_path(&id);
+            set_readonly(&tmp);
+            std::fs::rename(&tmp, &dst).map_err(io("cannot move into the store", &dst))?;
+            sync_dir(&dst);
+            self.commit_complete(&id, &manifest)?;
+            let _ = std::fs::remove_file(self.partial_path(&id));
+        }
+        Ok(Added {
+            id,
+            manifest,
+            existing,
+        })
+    }
+
+    fn commit_complete(&self, id: &BlobId, m: &Manifest) -> Result<(), BlobError> {
+        let prev = self.meta(id)?;
+        let meta = BlobMeta {
+            size: m.size,
+            root: m.root(),
+            complete: true,
+            added_ms: now_ms(),
+            released_ms: prev.map_or(0, |p| p.released_ms),
+        };
+        self.manifests.insert(id, enc(m)?)?;
+        self.meta.insert(id, enc(&meta)?)?;
+        self.have.remove(id)?;
+        self.meta.flush()?;
+        Ok(())
+    }
+
+    pub fn meta(&self, id: &BlobId) -> Result<Option<BlobMeta>, BlobError> {
+        self.meta
+            .get(id)?
+            .map(|v| decode_rec("blob_meta", id, &v))
+            .transpose()
+    }
+
+    pub fn is_complete(&self, id: &BlobId) -> Result<bool, BlobError> {
+        Ok(self.meta(id)?.is_some_and(|m| m.complete))
+    }
+
+    pub fn manifest(&self, id: &BlobId) -> Result<Option<Manifest>, BlobError> {
+        self.manifests
+            .get(id)?
+            .map(|v| decode_rec("blob_manifest", id, &v))
+            .transpose()
+    }
+
+    /// Every blob record: (id, meta).
+    pub fn list(&self) -> Result<Vec<(BlobId, BlobMeta)>, BlobError> {
+        let mut out = Vec::new();
+        for kv in self.meta.iter() {
+            let (k, v) = kv?;
+            let Ok(id) = <BlobId>::try_from(&k[..]) else {
+                continue;
+            };
+            out.push((id, decode_rec("blob_meta", &k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Chunks of a partial blob that are verified and durable.
+    pub fn have(&self, id: &BlobId) -> Result<Option<Bitmap>, BlobError> {
+        self.have
+            .get(id)?
+            .map(|v| decode_rec("blob_have", id, &v))
+            .transpose()
+    }
+
+    /// Start (or resume) a partial blob: manifest recorded, file of full
+    /// length. Returns the chunks already held.
+    pub fn begin_partial(&self, id: &BlobId, m: &Manifest) -> Result<Bitmap, BlobError> {
+        let p = self.partial_path(id);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io("cannot create", &p))?;
+        let len = f.metadata().map_err(io("cannot stat", &p))?.len();
+        let mut have = self.have(id)?.filter(|b| b.fits(m.chunks.len()));
+        if len != m.size {
+            f.set_len(m.size).map_err(io("cannot size", &p))?;
+            if len < m.size {
+                // A shorter file than recorded lost data: trust nothing.
+                if len != 0 {
+                    have = None;
+                }
+            }
+        }
+        let have = have.unwrap_or_else(|| Bitmap::new(m.chunks.len()));
+        if self.meta(id)?.is_none() {
+            let meta = BlobMeta {
+                size: m.size,
+                root: m.root(),
+                complete: false,
+                added_ms: now_ms(),
+                released_ms: 0,
+            };
+            self.manifests.insert(id, enc(m)?)?;
+            self.meta.insert(id, enc(&meta)?)?;
+        }
+        self.have.insert(id, enc(&have)?)?;
+        self.have.flush()?;
+        Ok(have)
+    }
+
+    /// Write a verified chunk of a partial blob (not yet durable).
+    pub fn write_chunk(&self, id: &BlobId, offset: u64, data: &[u8]) -> Result<(), BlobError> {
+        let p = self.partial_path(id);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io("cannot open", &p))?;
+        f.write_all_at(data, offset).map_err(io("cannot write", &p))
+    }
+
+    /// Make written chunks durable, then record them as held.
+    pub fn checkpoint(&self, id: &BlobId, have: &Bitmap) -> Result<(), BlobError> {
+        let p = self.partial_path(id);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io("cannot open", &p))?;
+        f.sync_data().map_err(io("cannot sync", &p))?;
+        self.have.insert(id, enc(have)?)?;
+        self.have.flush()?;
+        Ok(())
+    }
+
+    /// Check the whole partial file against the blob id, then make it a
+    /// complete object. A mismatch discards the partial file.
+    pub fn finish_partial(&self, id: &BlobId, m: &Manifest) -> Result<bool, BlobError> {
+        let p = self.partial_path(id);
+        let f = File::open(&p).map_err(io("cannot open", &p))?;
+        f.sync_all().map_err(io("cannot sync", &p))?;
+        let mut h = Sha256::new();
+        let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf).map_err(io("cannot read", &p))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let got: BlobId = h.finalize().into();
+        if got != *id {
+            let _ = std::fs::remove_file(&p);
+            self.have.remove(id)?;
+            return Ok(false);
+        }
+        let dst = self.object_path(id);
+        set_readonly(&p);
+        std::fs::rename(&p, &dst).map_err(io("cannot move into the store", &dst))?;
+        sync_dir(&dst);
+        self.commit_complete(id, m)?;
+        Ok(true)
+    }
+
+    /// Read a chunk of a complete blob, or of a partial one if held.
+    pub fn read_chunk(&self, id: &BlobId, index: u32) -> Result<Vec<u8>, BlobError> {
+        let meta = self
+            .meta(id)?
+            .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
+        if index as usize >= m.chunks.len() {
+            return Err(BlobError::Invalid(format!("no chunk {index}")));
+        }
+        let path = if meta.complete {
+            self.object_path(id)
+        } else {
+            if !self.have(id)?.is_some_and(|b| b.get(index)) {
+                return Err(BlobError::NotHeld(format!("{} chunk {index}", hex_id(id))));
+            }
+            self.partial_path(id)
+        };
+        let f = File::open(&path).map_err(io("cannot open", &path))?;
+        let mut buf = vec![0u8; m.chunk_len(index) as usize];
+        f.read_exact_at(&mut buf, m.offset(index))
+            .map_err(io("cannot read", &path))?;
+        Ok(buf)
+    }
+
+    /// Remove a blob (object or partial) and its records.
+    pub fn remove(&self, id: &BlobId) -> Result<(), BlobError> {
+        for p in [self.object_path(id), self.partial_path(id)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(BlobError::Io {
+                        what: "cannot remove",
+                        path: p.display().to_string(),
+                        source: e,
+                    })
+                }
+            }
+        }
+        self.meta.remove(id)?;
+        self.manifests.remove(id)?;
+        self.have.remove(id)?;
+        self.meta.flush()?;
+        Ok(())
+    }
+
+    pub fn set_released(&self, id: &BlobId, released_ms: u64) -> Result<(), BlobError> {
+        if let Some(mut m) = self.meta(id)? {
+            if m.released_ms != released_ms {
+                m.released_ms = released_ms;
+                self.meta.insert(id, enc(&m)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the store holds on disk (complete and partial blobs at full size).
+    pub fn used_bytes(&self) -> Result<u64, BlobError> {
+        Ok(self.list()?.iter().map(|(_, m)| m.size).sum())
+    }
+
+    pub fn name(&self, name: &str) -> Result<Option<NameRecord>, BlobError> {
+        self.names
+            .get(name.as_bytes())?
+            .map(|v| decode_rec("blob_names", name.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Point `name` at a blob if `rec` is newer than what it points at
+    /// (event time, then event hash). Returns the record it replaced, or
+    /// None if nothing changed.
+    pub fn set_name(
+        &self,
+        name: &str,
+        rec: &NameRecord,
+    ) -> Result<Option<Option<NameRecord>>, BlobError> {
+        let old = self.name(name)?;
+        if let Some(o) = &old {
+            if (o.ts_ms, o.event_hash) >= (rec.ts_ms, rec.event_hash) {
+                return Ok(None);
+            }
+        }
+        self.names.insert(name.as_bytes(), enc(rec)?)?;
+        self.names.flush()?;
+        Ok(Some(old))
+    }
+
+    pub fn names(&self) -> Result<Vec<(String, NameRecord)>, BlobError> {
+        let mut out = Vec::new();
+        for kv in self.names.iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            out.push((name, decode_rec("blob_names", &k, &v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn placed(&self, path: &Path) -> Result<Option<BlobId>, BlobError> {
+        Ok(self
+            .placed
+            .get(path.as_os_str().as_encoded_bytes())?
+            .and_then(|v| <BlobId>::try_from(&v[..]).ok()))
+    }
+
+    /// Copy a complete blob to `dst` atomically: a temporary file in the
+    /// same directory, fsync, rename, fsync of the directory.
+    pub fn place(&self, id: &BlobId, dst: &Path) -> Result<(), BlobError> {
+        let src = self.object_path(id);
+        let dir = dst
+            .parent()
+            .ok_or_else(|| BlobError::Invalid(format!("{} has no directory", dst.display())))?;
+        std::fs::create_dir_all(dir).map_err(io("cannot create directory", dir))?;
+        let fname = dst
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{fname}.riftmesh-{}", uuid::Uuid::now_v7()));
+        let res = (|| {
+            std::fs::copy(&src, &tmp).map_err(io("cannot copy to", &tmp))?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io("cannot sync", &tmp))?;
+            // The store's copy is read-only; the placed one belongs to its user.
+            let mut perm = std::fs::metadata(&tmp)
+                .map_err(io("cannot stat", &tmp))?
+                .permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+            let _ = std::fs::set_permissions(&tmp, perm);
+            std::fs::rename(&tmp, dst).map_err(io("cannot rename to", dst))
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res?;
+        sync_dir(dst);
+        self.placed
+            .insert(dst.as_os_str().as_encoded_bytes(), id.to_vec())?;
+        Ok(())
+    }
+
+    /// Copy a complete blob to any path (for `blob get --out`).
+    pub fn open_object(&self, id: &BlobId) -> Result<File, BlobError> {
+        if !self.is_complete(id)? {
+            return Err(BlobError::NotHeld(hex_id(id)));
+        }
+        let p = self.object_path(id);
+        File::open(&p).map_err(io("cannot open", &p))
+    }
+}
+
+fn set_readonly(p: &Path) {
+    if let Ok(md) = std::fs::metadata(p) {
+        let mut perm = md.permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o444);
+        let _ = std::fs::set_permissions(p, perm);
+    }
+}
+
+fn sync_dir(p: &Path) {
+    if let Some(d) = p.parent() {
+        if let Ok(f) = File::open(d) {
+            let _ = f.sync_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, sled::Db, BlobStore) {
+        let d = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(d.path().join("db"))
+            .open()
+            .unwrap();
+        let s = BlobStore::open(&d.path().join("blobs"), &db).unwrap();
+        (d, db, s)
+    }
+
+    #[test]
+    fn chunk_size_grows_to_fit() {
+        assert_eq!(chunk_size_for(10, 1 << 20), 1 << 20);
+        assert_eq!(chunk_size_for(64 << 30, 1 << 20), 1 << 20);
+        assert_eq!(chunk_size_for(65 << 30, 1 << 20), 2 << 20);
+        assert_eq!(chunk_size_for(10, 1), MIN_CHUNK);
+    }
+
+    #[test]
+    fn add_hashes_copies_and_dedups() {
+        let (d, _db, s) = store();
+        let src = d.path().join("f.bin");
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&src, &data).unwrap();
+        let a = s.add_file(&src, MIN_CHUNK).unwrap();
+        assert!(!a.existing);
+        assert_eq!(a.id, sha256(&data));
+        assert_eq!(a.manifest.chunks.len(), 4);
+        assert_eq!(a.manifest.chunks[3], sha256(&data[3 * 65536..]));
+        a.manifest.check().unwrap();
+        // The producer rewrites its file: the store's copy is untouched.
+        std::fs::write(&src, b"other").unwrap();
+        assert_eq!(std::fs::read(s.object_path(&a.id)).unwrap(), data);
+        std::fs::write(&src, &data).unwrap();
+        let b = s.add_file(&src, MIN_CHUNK).unwrap();
+        assert!(b.existing);
+        assert_eq!(s.read_chunk(&a.id, 1).unwrap(), &data[65536..131072]);
+        assert!(s.read_chunk(&a.id, 4).is_err());
+    }
+
+    #[test]
+    fn partial_resumes_from_durable_chunks_and_verifies_the_whole() {
+        let (d, db, s) = store();
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+        let (id, m) = hash_stream(&data[..], data.len() as u64, MIN_CHUNK, None).unwrap();
+        let mut have = s.begin_partial(&id, &m).unwrap();
+        assert_eq!(have.count(), 0);
+        s.write_chunk(&id, m.offset(0), &data[..65536]).unwrap();
+        have.set(0);
+        s.checkpoint(&id, &have).unwrap();
+        s.write_chunk(&id, m.offset(2), &data[131072..]).unwrap();
+        drop(s);
+        // Restart: only the checkpointed chunk counts.
+        let s = BlobStore::open(&d.path().join("blobs"), &db).unwrap();
+        let mut have = s.begin_partial(&id, &m).unwrap();
+        assert!(have.get(0) && !have.get(2));
+        assert_eq!(s.read_chunk(&id, 0).unwrap(), &data[..65536]);
+        assert!(matches!(s.read_chunk(&id, 2), Err(BlobError::NotHeld(_))));
+        for i in 1..3u32 {
+            let a = m.offset(i) as usize;
+            let b = a + m.chunk_len(i) as usize;
+            s.write_chunk(&id, m.offset(i), &data[a..b]).unwrap();
+            have.set(i);
+        }
+        s.checkpoint(&id, &have).unwrap();
+        assert!(s.finish_partial(&id, &m).unwrap());
+        assert!(s.is_complete(&id).unwrap());
+        assert_eq!(std::fs::read(s.object_path(&id)).unwrap(), data);
+        let out = d.path().join("placed/x.bin");
+        s.place(&id, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        assert_eq!(s.placed(&out).unwrap(), Some(id));
+    }
+
+    #[test]
+    fn a_wrong_whole_is_discarded() {
+        let (_d, _db, s) = store();
+        let data = vec![5u8; 70_000];
+        let (id, m) = hash_stream(&data[..], data.len() as u64, MIN_CHUNK, None).unwrap();
+        s.begin_partial(&id, &m).unwrap();
+        s.write_chunk(&id, 0, &vec![6u8; 70_000]).unwrap();
+        assert!(!s.finish_partial(&id, &m).unwrap());
+        assert!(!s.is_complete(&id).unwrap());
+        assert!(s.have(&id).unwrap().is_none());
+    }
+
+    #[test]
+    fn names_keep_the_newest_event() {
+        let (_d, _db, s) = store();
+        let rec = |ts, b: u8| NameRecord {
+            blob: [b; 32],
+            size: 1,
+            root: [0; 32],
+            ts_ms: ts,
+            event_hash: [b; 32],
+            event_id: String::new(),
+            event_type: "BLOB_PUBLISHED".into(),
+            origin: String::new(),
+        };
+        assert_eq!(s.set_name("models/a", &rec(10, 1)).unwrap(), Some(None));
+        assert_eq!(s.set_name("models/a", &rec(5, 2)).unwrap(), None);
+        assert_eq!(
+            s.set_name("models/a", &rec(20, 3)).unwrap(),
+            Some(Some(rec(10, 1)))
+        );
+        assert_eq!(s.name("models/a").unwrap().unwrap().blob, [3; 32]);
+    }
+
+    #[test]
+    fn bitmaps() {
+        let mut b = Bitmap::new(10);
+        b.set(0);
+        b.set(9);
+        b.set(10);
+        assert!(b.get(0) && b.get(9) && !b.get(5) && !b.get(10));
+        assert_eq!(b.count(), 2);
+        assert!(Bitmap::full(10).is_full());
+        assert!(b.fits(10) && !b.fits(11));
+    }
+}

@@ -1,0 +1,360 @@
+//! Blob sync between real agents on loopback: add, fetch by want, verify,
+//! place, dedup by content, resume after a crash, a corrupt source, the disk
+//! budget and garbage collection.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{keygen, wait_for, Agent, BIN};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const T: Duration = Duration::from_secs(90);
+
+fn random_file(path: &Path, len: usize, seed: u8) -> Vec<u8> {
+    // Deterministic, incompressible enough, different per seed.
+    let mut data = Vec::with_capacity(len);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(seed);
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+fn config(root: &Path, name: &str, body: &str) -> Vec<String> {
+    let p = root.join(format!("{name}.toml"));
+    std::fs::write(&p, format!("blob_chunk_size = \"256KiB\"\n{body}")).unwrap();
+    vec!["--config".into(), p.display().to_string()]
+}
+
+fn want_models(root: &Path, name: &str) -> String {
+    format!(
+        "[[want]]\nnames = \"models/*\"\nplace = \"{}/{{name}}.bin\"\n",
+        root.join(format!("{name}-placed")).display()
+    )
+}
+
+async fn start(root: &Path, name: &str, boot: &[String], body: &str) -> Agent {
+    let extra = config(root, name, body);
+    Agent::start_with(root, name, &root.join("swarm.key"), boot, &extra).await
+}
+
+fn cli(a: &Agent, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env("RIFTMESH_API", a.api.trim_start_matches("http://"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn events_of(a: &Agent, ty: &str) -> Vec<Value> {
+    a.all_events()
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == ty)
+        .collect()
+}
+
+fn payload(e: &Value) -> Value {
+    match &e["payload"] {
+        Value::String(s) => serde_json::from_str(s).unwrap_or(Value::Null),
+        v => v.clone(),
+    }
+}
+
+async fn wait_file(path: &Path, data: &[u8]) {
+    wait_for(
+        &format!("{} to hold the blob", path.display()),
+        T,
+        || async { (std::fs::read(path).ok()? == data).then_some(()) },
+    )
+    .await;
+}
+
+async fn blob_state(a: &Agent, r: &str) -> Value {
+    a.get(&format!("/v1/blob?ref={r}"))
+        .await
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_reach_every_wanting_agent_verified_placed_and_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    keygen(&root.join("swarm.key"));
+    let a0 = start(root, "a0", &[], "").await;
+    let boot = vec![a0.p2p_addr().await];
+    let a1 = start(root, "a1", &boot, &want_models(root, "a1")).await;
+    let a2 = start(root, "a2", &boot, &want_models(root, "a2")).await;
+    // a3 wants game data only as a training host, which it is not.
+    let a3 = start(
+        root,
+        "a3",
+        &boot,
+        "[[want]]\nnames = \"*\"\nif_tags = { role = \"training\" }\n",
+    )
+    .await;
+    for a in [&a0, &a1, &a2, &a3] {
+        wait_for("a full mesh", T, || async {
+            (a.connected_peers().await >= 3).then_some(())
+        })
+        .await;
+    }
+
+    let src = root.join("model.pth");
+    let data = random_file(&src, 5 * 1024 * 1024 + 1234, 1);
+    let (ok, out, err) = cli(
+        &a0,
+        &[
+            "blob",
+            "add",
+            src.to_str().unwrap(),
+            "--name",
+            "models/hex8_2p",
+            "--event",
+            "MODEL_PROMOTED",
+        ],
+    );
+    assert!(ok, "blob add failed: {err}");
+    let id = hex::encode(Sha256::digest(&data));
+    assert_eq!(out.trim(), id, "blob add prints the blob id");
+    // The producer may now rewrite its file without harm.
+    std::fs::write(&src, b"rewritten").unwrap();
+
+    for name in ["a1", "a2"] {
+        wait_file(&root.join(format!("{name}-placed/hex8_2p.bin")), &data).await;
+    }
+    // Each arrival is reported once, cluster-wide.
+    let reports = wait_for("MODEL_DISTRIBUTED from a1 and a2 on a0", T, || async {
+        let evs = events_of(&a0, "MODEL_DISTRIBUTED").await;
+        let hosts: Vec<String> = evs
+            .iter()
+            .map(|e| payload(e)["host"].as_str().unwrap_or("").to_string())
+            .collect();
+        (hosts.contains(&"a1".to_string()) && hosts.contains(&"a2".to_string())).then_some(evs)
+    })
+    .await;
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for r in &reports {
+        assert_eq!(payload(r)["blob"], id);
+    }
+    // a3 does not want it: it knows the name but holds nothing.
+    wait_for("a3 to learn the name", T, || async {
+        let v = a3.get("/v1/blobs").await.ok()?;
+        (v["names"][0]["name"] == "models/hex8_2p").then_some(())
+    })
+    .await;
+    assert_eq!(blob_state(&a3, &id).await["state"], "absent");
+
+    // The same content under a new name: placed again, not transferred again.
+    let in_before = a1
+        .metric("riftmesh_sync_bytes_total{direction=\"in\"}")
+        .await;
+    assert!(in_before >= data.len() as f64, "{in_before}");
+    std::fs::write(&src, &data).unwrap();
+    let v = a0
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src.display().to_string(), "name": "models/copy" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["blob"], id);
+    assert_eq!(v["stored"], "existing");
+    wait_file(&root.join("a1-placed/copy.bin"), &data).await;
+    assert_eq!(
+        a1.metric("riftmesh_sync_bytes_total{direction=\"in\"}")
+            .await,
+        in_before
+    );
+
+    // blob get on a host that does not want it: fetched on demand, written atomically.
+    let out_path = root.join("got.bin");
+    let (ok, _, err) = cli(
+        &a3,
+        &[
+            "blob",
+            "get",
+            "models/hex8_2p",
+            "--out",
+            out_path.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "blob get failed: {err}");
+    assert_eq!(std::fs::read(&out_path).unwrap(), data);
+
+    // Unknown references are clean 404s; a bad add is a 400.
+    let (s, v) = a3
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/blob/content?ref={}", "ab".repeat(32)),
+            &Value::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = a0
+        .send(
+            reqwest::Method::POST,
+            "/v1/blobs",
+            &json!({ "path": "relative/file", "name": "models/x" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = a0
+        .send(
+            reqwest::Method::POST,
+            "/v1/blobs",
+            &json!({ "path": src.display().to_string(), "name": "../etc/passwd" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 400);
+    let st = a1.get("/v1/sync").await.unwrap();
+    assert!(st["transfers"].as_array().unwrap().is_empty(), "{st}");
+    assert!(st["store_bytes"].as_u64().unwrap() >= data.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_resumes_after_a_crash_and_routes_around_a_corrupt_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    keygen(&root.join("swarm.key"));
+    let a0 = start(root, "a0", &[], "").await;
+    let boot = vec![a0.p2p_addr().await];
+    // a1 downloads at 1 MiB/s: slow enough to be killed half way.
+    let mut a1 = start(
+        root,
+        "a1",
+        &boot,
+        &format!("sync_download_rate = \"1MiB\"\n{}", want_models(root, "a1")),
+    )
+    .await;
+    wait_for("a1 connected", T, || async {
+        (a1.connected_peers().await >= 1).then_some(())
+    })
+    .await;
+    let src = root.join("big.pth");
+    let data = random_file(&src, 6 * 1024 * 1024, 2);
+    let id = hex::encode(Sha256::digest(&data));
+    a0.post(
+        "/v1/blobs",
+        &json!({ "path": src.display().to_string(), "name": "models/big", "event": "MODEL_PROMOTED" }),
+    )
+    .await
+    .unwrap();
+    let held = wait_for("a1 to hold some chunks durably", T, || async {
+        let v = blob_state(&a1, &id).await;
+        let n = v["chunks_have"].as_u64()?;
+        (n >= 4).then_some(n)
+    })
+    .await;
+    a1.kill9();
+    a1.spawn().await;
+    wait_file(&root.join("a1-placed/big.bin"), &data).await;
+    let fetched = a1
+        .metric("riftmesh_sync_bytes_total{direction=\"in\"}")
+        .await;
+    assert!(
+        fetched <= (data.len() - held as usize * 256 * 1024) as f64,
+        "after the restart only the missing chunks are fetched: {fetched} bytes, {held} chunks were held"
+    );
+
+    // Now a0's copy rots on disk; a2 must still get a verified file, from a1.
+    let obj = root.join("a0/blobs/objects").join(&id);
+    let mut perm = std::fs::metadata(&obj).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    std::fs::set_permissions(&obj, perm).unwrap();
+    let garbage: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+    std::fs::write(&obj, &garbage).unwrap();
+    let a2 = start(root, "a2", &boot, &want_models(root, "a2")).await;
+    wait_file(&root.join("a2-placed/big.bin"), &data).await;
+    let rejected = a2
+        .metric("riftmesh_sync_chunks_rejected_total{reason=\"hash\"}")
+        .await;
+    assert!(
+        rejected >= 1.0,
+        "a2 was served bad chunks by a0 and counted them"
+    );
+    // Everyone keeps running.
+    assert!(a0.get("/v1/health").await.is_ok());
+    drop(a2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_budget_refuses_and_unnamed_blobs_are_collected() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    keygen(&root.join("swarm.key"));
+    let a0 = start(root, "a0", &[], "blob_retention = \"2s\"\n").await;
+    let boot = vec![a0.p2p_addr().await];
+    let a1 = start(
+        root,
+        "a1",
+        &boot,
+        &format!("blob_budget = \"300KiB\"\n{}", want_models(root, "a1")),
+    )
+    .await;
+    wait_for("a1 connected", T, || async {
+        (a1.connected_peers().await >= 1).then_some(())
+    })
+    .await;
+    let src: PathBuf = root.join("m.pth");
+    let first = random_file(&src, 1024 * 1024, 3);
+    let v1 = a0
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src.display().to_string(), "name": "models/m" }),
+        )
+        .await
+        .unwrap();
+    let failed = wait_for("SYNC_FAILED from a1", T, || async {
+        events_of(&a0, "SYNC_FAILED").await.into_iter().next()
+    })
+    .await;
+    let p = payload(&failed);
+    assert_eq!(p["host"], "a1");
+    assert!(p["reason"].as_str().unwrap().contains("budget"), "{failed}");
+    assert!(!root.join("a1-placed/m.bin").exists());
+
+    // A new version of the name: the old blob is unnamed, then collected.
+    let second = random_file(&src, 100 * 1024, 4);
+    let v2 = a0
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src.display().to_string(), "name": "models/m" }),
+        )
+        .await
+        .unwrap();
+    assert_ne!(v1["blob"], v2["blob"]);
+    wait_for("the unnamed blob to be removed", T, || async {
+        let v = a0.get("/v1/blobs").await.ok()?;
+        let ids: Vec<&str> = v["blobs"]
+            .as_array()?
+            .iter()
+            .filter_map(|b| b["blob"].as_str())
+            .collect();
+        (ids == [v2["blob"].as_str().unwrap()]).then_some(())
+    })
+    .await;
+    assert!(!root
+        .join("a0/blobs/objects")
+        .join(v1["blob"].as_str().unwrap())
+        .exists());
+    // The small one fits a1's budget and arrives.
+    wait_file(&root.join("a1-placed/m.bin"), &second).await;
+    let _ = first;
+}
