@@ -1104,6 +1104,10 @@ async fn resolve_ref(
     node: &Node,
     r: &str,
 ) -> ApiResult<(crate::blob::BlobId, Option<crate::blob::NameRecord>)> {
+    if crate::blob::parse_id(r).is_none() {
+        crate::blob::check_name(r)
+            .map_err(|e| ApiError::bad(format!("{e} (or give a blob id: 64 hex digits)")))?;
+    }
     let store = node.blobs.store.clone();
     let r2 = r.to_string();
     let found = tokio::task::spawn_blocking(move || -> Result<_, crate::blob::store::BlobError> {

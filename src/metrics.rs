@@ -66,6 +66,8 @@ pub struct Metrics {
     pub voter_mismatch: Gauge,
     pub sync_transfers: Family<Labels, Counter>,
     pub sync_bytes: Family<Labels, Counter>,
+    pub sync_peer_bytes: Family<Labels, Counter>,
+    pub sync_seconds: Histogram,
     pub sync_active: Gauge,
     pub sync_chunks_rejected: Family<Labels, Counter>,
     pub sync_served: Family<Labels, Counter>,
@@ -118,6 +120,8 @@ impl Metrics {
             voter_mismatch: Gauge::default(),
             sync_transfers: Family::default(),
             sync_bytes: Family::default(),
+            sync_peer_bytes: Family::default(),
+            sync_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
             sync_active: Gauge::default(),
             sync_chunks_rejected: Family::default(),
             sync_served: Family::default(),
@@ -244,7 +248,9 @@ impl Metrics {
             "sync_transfers", "Blob fetches finished, by result (completed, failed)", m.sync_transfers;
             "sync_bytes", "Blob chunk bytes moved, by direction (in, out)", m.sync_bytes;
             "sync_active", "Blob fetches in progress", m.sync_active;
-            "sync_chunks_rejected", "Chunks received and thrown away, by reason (hash, size)", m.sync_chunks_rejected;
+            "sync_peer_bytes", "Blob chunk bytes moved, by peer and direction", m.sync_peer_bytes;
+            "sync_transfer_seconds", "Duration of completed blob fetches", m.sync_seconds;
+            "sync_chunks_rejected", "Chunks thrown away, by reason: hash or size (received), manifest, local_damage (a stored copy found damaged when serving)", m.sync_chunks_rejected;
             "sync_requests_served", "Blob sync requests answered, by kind and result", m.sync_served;
             "blob_store_bytes", "Bytes of blobs held (complete and partial, at full size)", m.blob_store_bytes;
             "blob_store_blobs", "Blobs held (complete and partial)", m.blob_store_blobs;

@@ -282,13 +282,33 @@ async fn a_fetch_resumes_after_a_crash_and_routes_around_a_corrupt_source() {
     std::fs::write(&obj, &garbage).unwrap();
     let a2 = start(root, "a2", &boot, &want_models(root, "a2")).await;
     wait_file(&root.join("a2-placed/big.bin"), &data).await;
-    let rejected = a2
-        .metric("riftmesh_sync_chunks_rejected_total{reason=\"hash\"}")
+    // a0 caught its damage when asked for a chunk and never served it...
+    let found = a0
+        .metric("riftmesh_sync_chunks_rejected_total{reason=\"local_damage\"}")
         .await;
-    assert!(
-        rejected >= 1.0,
-        "a2 was served bad chunks by a0 and counted them"
+    assert!(found >= 1.0, "a0 found its stored copy damaged");
+    assert_eq!(
+        a2.metric("riftmesh_sync_chunks_rejected_total{reason=\"hash\"}")
+            .await,
+        0.0,
+        "no damaged chunk reached a2"
     );
+    // ...and repaired it from a1.
+    wait_file(&obj, &data).await;
+    wait_for("a0's copy complete again", T, || async {
+        (blob_state(&a0, &id).await["state"] == "complete").then_some(())
+    })
+    .await;
+    // A path-like reference is refused, not looked up.
+    let (s, v) = a0
+        .send(
+            reqwest::Method::GET,
+            "/v1/blob/content?ref=../../etc/passwd",
+            &Value::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
     // Everyone keeps running.
     assert!(a0.get("/v1/health").await.is_ok());
     drop(a2);

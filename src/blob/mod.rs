@@ -456,16 +456,24 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Response {
                 return Response::Busy { retry_ms: 200 };
             };
             let store = b.store.clone();
-            let res = tokio::task::spawn_blocking(move || store.read_chunk(&blob, index)).await;
+            let res =
+                tokio::task::spawn_blocking(move || store.read_verified_chunk(&blob, index)).await;
             match res {
                 Ok(Ok(data)) => {
                     take(&b.up, data.len() as u64).await;
-                    node.metrics
-                        .sync_bytes
-                        .get_or_create(&label("direction", "out"))
-                        .inc_by(data.len() as u64);
+                    count_bytes(node, peer, "out", data.len() as u64);
                     served("chunk", "ok");
                     Response::Chunk(data)
+                }
+                Ok(Err(e @ BlobError::DamagedChunk { .. })) => {
+                    node.metrics
+                        .sync_chunks_rejected
+                        .get_or_create(&label("reason", "local_damage"))
+                        .inc();
+                    tracing::error!(error = %e, "a stored blob is damaged; not serving it, repairing it from peers");
+                    tokio::spawn(repair(node.clone(), blob));
+                    served("chunk", "damaged");
+                    Response::NotFound
                 }
                 Ok(Err(BlobError::NotHeld(_))) | Ok(Err(BlobError::Invalid(_))) => {
                     served("chunk", "not_found");
@@ -483,6 +491,66 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Response {
                 },
             }
         }
+    }
+}
+
+fn count_bytes(node: &Node, peer: PeerId, direction: &str, n: u64) {
+    node.metrics
+        .sync_bytes
+        .get_or_create(&label("direction", direction))
+        .inc_by(n);
+    node.metrics
+        .sync_peer_bytes
+        .get_or_create(&vec![
+            ("peer", peer.to_base58()),
+            ("direction", direction.to_string()),
+        ])
+        .inc_by(n);
+}
+
+/// A stored copy failed verification: find every damaged chunk, forget them,
+/// and fetch them again from peers (checked against our manifest, whose root
+/// was checked when the blob was stored).
+pub async fn repair(node: Arc<Node>, blob: BlobId) {
+    if lock(&node.blobs.transfers).contains_key(&blob) {
+        return;
+    }
+    let store = node.blobs.store.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {
+        let bad = store.scrub(&blob)?;
+        if !bad.is_empty() {
+            store.demote(&blob, &bad)?;
+        }
+        let meta = store.meta(&blob)?;
+        let names: Vec<String> = store
+            .names()?
+            .into_iter()
+            .filter(|(_, r)| r.blob == blob)
+            .map(|(n, _)| n)
+            .collect();
+        Ok((bad, meta, names))
+    })
+    .await;
+    match r {
+        Ok(Ok((bad, Some(meta), names))) if !bad.is_empty() => {
+            tracing::warn!(blob = %hex_id(&blob), chunks = ?bad, "damaged chunks forgotten; fetching them again");
+            let rec = NameRecord {
+                blob,
+                size: meta.size,
+                root: meta.root,
+                ts_ms: 0,
+                event_hash: [0; 32],
+                event_id: String::new(),
+                event_type: String::new(),
+                origin: "riftmesh/repair".into(),
+            };
+            want(&node, blob, rec, names);
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(blob = %hex_id(&blob), error = %e, "cannot repair a damaged blob")
+        }
+        Err(e) => tracing::error!(error = %e, "repair task failed"),
     }
 }
 
@@ -846,7 +914,7 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                     ChunkDone::Ok => {
                         let len = manifest.chunk_len(idx);
                         sched.on_ok(peer, idx);
-                        node.metrics.sync_bytes.get_or_create(&label("direction", "in")).inc_by(len);
+                        count_bytes(node, peer, "in", len);
                         window.push((now, len));
                         last_progress = now;
                     }
@@ -929,6 +997,9 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<(), String>) {
         return;
     };
     let secs = tr.started.elapsed().as_secs_f64();
+    if result.is_ok() {
+        node.metrics.sync_seconds.observe(secs);
+    }
     let sources = tr.view.sources.clone();
     match result {
         Ok(()) => {

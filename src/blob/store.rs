@@ -51,6 +51,8 @@ pub enum BlobError {
     Invalid(String),
     #[error("blob {0} is not held here")]
     NotHeld(String),
+    #[error("chunk {index} of {path} does not match its manifest: the stored copy is damaged")]
+    DamagedChunk { path: String, index: u32 },
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BlobError + 'a {
@@ -552,6 +554,79 @@ impl BlobStore {
         Ok(buf)
     }
 
+    /// Read a chunk and check it against the manifest: a stored copy that
+    /// rotted on disk is never served.
+    pub fn read_verified_chunk(&self, id: &BlobId, index: u32) -> Result<Vec<u8>, BlobError> {
+        let data = self.read_chunk(id, index)?;
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
+        if sha256(&data) != m.chunks[index as usize] {
+            let path = if self.is_complete(id)? {
+                self.object_path(id)
+            } else {
+                self.partial_path(id)
+            };
+            return Err(BlobError::DamagedChunk {
+                path: path.display().to_string(),
+                index,
+            });
+        }
+        Ok(data)
+    }
+
+    /// Check every held chunk of a blob; returns the damaged ones.
+    pub fn scrub(&self, id: &BlobId) -> Result<Vec<u32>, BlobError> {
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
+        let mut bad = Vec::new();
+        for i in 0..m.chunks.len() as u32 {
+            match self.read_chunk(id, i) {
+                Ok(d) if sha256(&d) == m.chunks[i as usize] => {}
+                Ok(_) | Err(BlobError::Io { .. }) => bad.push(i),
+                Err(BlobError::NotHeld(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Forget damaged chunks: a complete blob becomes a partial one holding
+    /// every other chunk, to be fetched again (repaired).
+    pub fn demote(&self, id: &BlobId, bad: &[u32]) -> Result<(), BlobError> {
+        let Some(mut meta) = self.meta(id)? else {
+            return Err(BlobError::NotHeld(hex_id(id)));
+        };
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
+        let mut have = if meta.complete {
+            let obj = self.object_path(id);
+            let part = self.partial_path(id);
+            if let Ok(md) = std::fs::metadata(&obj) {
+                let mut perm = md.permissions();
+                std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+                let _ = std::fs::set_permissions(&obj, perm);
+            }
+            std::fs::rename(&obj, &part).map_err(io("cannot move for repair", &obj))?;
+            Bitmap::full(m.chunks.len())
+        } else {
+            self.have(id)?
+                .unwrap_or_else(|| Bitmap::new(m.chunks.len()))
+        };
+        for i in bad {
+            if *i < have.len {
+                have.bits[(*i / 8) as usize] &= !(1 << (*i % 8));
+            }
+        }
+        meta.complete = false;
+        self.have.insert(id, enc(&have)?)?;
+        self.meta.insert(id, enc(&meta)?)?;
+        self.meta.flush()?;
+        Ok(())
+    }
+
     /// Remove a blob (object or partial) and its records.
     pub fn remove(&self, id: &BlobId) -> Result<(), BlobError> {
         for p in [self.object_path(id), self.partial_path(id)] {
@@ -770,6 +845,37 @@ mod tests {
         s.place(&id, &out).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data);
         assert_eq!(s.placed(&out).unwrap(), Some(id));
+    }
+
+    #[test]
+    fn damage_is_found_never_served_and_demotes_to_partial() {
+        let (d, _db, s) = store();
+        let src = d.path().join("f.bin");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&src, &data).unwrap();
+        let a = s.add_file(&src, MIN_CHUNK).unwrap();
+        let obj = s.object_path(&a.id);
+        let mut perm = std::fs::metadata(&obj).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+        std::fs::set_permissions(&obj, perm).unwrap();
+        let f = OpenOptions::new().write(true).open(&obj).unwrap();
+        f.write_all_at(&[0xff; 10], 65_536 * 2 + 5).unwrap();
+        assert!(s.read_verified_chunk(&a.id, 1).is_ok());
+        assert!(matches!(
+            s.read_verified_chunk(&a.id, 2),
+            Err(BlobError::DamagedChunk { index: 2, .. })
+        ));
+        assert_eq!(s.scrub(&a.id).unwrap(), vec![2]);
+        s.demote(&a.id, &[2]).unwrap();
+        assert!(!s.is_complete(&a.id).unwrap());
+        let have = s.have(&a.id).unwrap().unwrap();
+        assert!(have.get(1) && !have.get(2) && have.count() == a.manifest.chunks.len() - 1);
+        assert!(s.partial_path(&a.id).exists() && !obj.exists());
+        // Repaired: the good bytes written back, the whole checks out again.
+        s.write_chunk(&a.id, 65_536 * 2, &data[65_536 * 2..65_536 * 3])
+            .unwrap();
+        assert!(s.finish_partial(&a.id, &a.manifest).unwrap());
+        assert_eq!(std::fs::read(&obj).unwrap(), data);
     }
 
     #[test]
