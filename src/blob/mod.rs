@@ -292,7 +292,8 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(20);
 const SOURCE_REFRESH: Duration = Duration::from_secs(2);
 /// A transfer with no source and nothing in flight for this long fails.
 const STALL: Duration = Duration::from_secs(60);
-/// How often verified chunks are made durable and recorded.
+/// Longest time verified chunks wait to be made durable and recorded; also
+/// how often the transfer's status is refreshed.
 const CHECKPOINT: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -934,17 +935,24 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
             _ = tick => {}
         }
         let now = Instant::now();
+        // Verified chunks are made durable and recorded once a source
+        // window's worth has piled up (a crash loses at most that much
+        // received work), or every second.
+        let unrecorded = sched.have().count() - durable.count();
+        if unrecorded >= b.cfg.per_source
+            || (unrecorded > 0
+                && (now.duration_since(last_ckpt) >= CHECKPOINT || sched.have().is_full()))
+        {
+            let store = b.store.clone();
+            let snap = sched.have().clone();
+            tokio::task::spawn_blocking(move || store.checkpoint(&blob, &snap))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            durable = sched.have().clone();
+        }
         if now.duration_since(last_ckpt) >= CHECKPOINT || sched.have().is_full() {
             last_ckpt = now;
-            if durable.count() != sched.have().count() {
-                let store = b.store.clone();
-                let snap = sched.have().clone();
-                tokio::task::spawn_blocking(move || store.checkpoint(&blob, &snap))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                durable = sched.have().clone();
-            }
             window.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(5));
             let rate = window.iter().map(|(_, l)| *l).sum::<u64>() as f64 / 5.0;
             let have_bytes: u64 = (0..n as u32)

@@ -1,0 +1,536 @@
+//! Blob sync benchmark: `cargo bench --bench blob`.
+//!
+//! On this machine, in one run:
+//! (1) the disk: `dd if=/dev/zero bs=4M conv=fdatasync` of the blob's size;
+//! (2) `scp` of the same file over loopback to a throwaway `sshd` (when
+//!     openssh-server is installed; scp does not fsync);
+//! (3) `riftmesh blob add` of the file (hash + copy into the store);
+//! (4) one agent to another: from the naming event's publication until the
+//!     file is verified and placed at the receiver, with the receiver's
+//!     resident memory sampled every 50 ms;
+//! (5) `kill -9` of a third receiver at half way, restart, and how many
+//!     chunks it fetched again (received before the kill, not recorded).
+//!
+//! Environment: RIFTMESH_BENCH_BLOB_MIB (1024), RIFTMESH_BENCH_KEEP (keep
+//! the directory and logs). Writes benches/results/blob.txt and blob.json.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::{http_json, keygen, metric, spawn_agent_with, vm_rss_kb, wait_agent_info, Agents};
+
+const CHUNK: u64 = 1 << 20;
+
+fn env_num(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn write_random(path: &Path, bytes: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path)?);
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    f.get_ref().sync_all()
+}
+
+/// Log lines without terminal colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e6
+}
+
+/// Time `dd` writing `bytes` with fdatasync.
+fn dd(dir: &Path, bytes: u64) -> Option<f64> {
+    let out = dir.join("dd.bin");
+    let t = Instant::now();
+    let st = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", out.display()))
+        .arg("bs=4M")
+        .arg(format!("count={}", bytes.div_ceil(4 << 20)))
+        .arg("conv=fdatasync")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&out);
+    st.success().then_some(secs)
+}
+
+/// scp over loopback through a private sshd; Err says why not.
+fn scp(dir: &Path, src: &Path) -> Result<f64, String> {
+    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or("sshd not installed (apt-get install openssh-server)")?;
+    let d = dir.join("ssh");
+    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+    let keygen = |path: &Path| {
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(path)
+            .status()
+            .map_err(|e| e.to_string())
+    };
+    keygen(&d.join("host"))?;
+    keygen(&d.join("user"))?;
+    std::fs::copy(d.join("user.pub"), d.join("authorized_keys")).map_err(|e| e.to_string())?;
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let port = 22000 + (std::process::id() % 1000) as u16;
+    let mut server = Command::new(sshd)
+        .args(["-D", "-e", "-p", &port.to_string(), "-h"])
+        .arg(d.join("host"))
+        .arg("-o")
+        .arg(format!(
+            "AuthorizedKeysFile={}",
+            d.join("authorized_keys").display()
+        ))
+        .args([
+            "-o",
+            "ListenAddress=127.0.0.1",
+            "-o",
+            "PidFile=none",
+            "-o",
+            "StrictModes=no",
+            "-o",
+            "PermitRootLogin=yes",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let dst = dir.join("scp.bin");
+    let run = || {
+        Command::new("scp")
+            .args(["-q", "-P", &port.to_string(), "-i"])
+            .arg(d.join("user"))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+            ])
+            .arg(src)
+            .arg(format!("root@127.0.0.1:{}", dst.display()))
+            .status()
+    };
+    // sshd needs a moment to listen: retry a few times.
+    let mut res = Err("scp never ran".to_string());
+    for _ in 0..20 {
+        let t = Instant::now();
+        match run() {
+            Ok(st) if st.success() => {
+                res = Ok(t.elapsed().as_secs_f64());
+                break;
+            }
+            Ok(st) => res = Err(format!("scp failed: {st}")),
+            Err(e) => res = Err(e.to_string()),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_file(&dst);
+    res
+}
+
+struct Node {
+    name: String,
+    api: String,
+    metrics: String,
+    pid: u32,
+}
+
+async fn start(
+    bin: &str,
+    root: &Path,
+    name: &str,
+    boot: Option<&str>,
+    config: &str,
+    agents: &mut Agents,
+) -> anyhow::Result<(Node, String)> {
+    let cfg = root.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config)?;
+    let mut child = spawn_agent_with(
+        bin,
+        root,
+        name,
+        boot,
+        &["--config", cfg.to_str().unwrap_or("")],
+    )?;
+    let v = wait_agent_info(
+        &mut child,
+        root,
+        name,
+        Instant::now() + Duration::from_secs(60),
+        Duration::from_millis(50),
+    )
+    .await?;
+    let pid = child.id();
+    agents.children.push(child);
+    let api = format!("http://{}", v["api"].as_str().unwrap_or_default());
+    let http = reqwest::Client::new();
+    let addr = loop {
+        let st = http_json(http.get(format!("{api}/v1/status"))).await?;
+        if let Some(a) = st["listen_addrs"][0].as_str() {
+            break format!("{a}/p2p/{}", v["peer_id"].as_str().unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    Ok((
+        Node {
+            name: name.into(),
+            api,
+            metrics: format!(
+                "http://{}/metrics",
+                v["metrics"].as_str().unwrap_or_default()
+            ),
+            pid,
+        },
+        addr,
+    ))
+}
+
+fn want(root: &Path, name: &str) -> String {
+    format!(
+        "[[want]]\nnames = \"models/*\"\nplace = \"{}/{{name}}.bin\"\n",
+        root.join(format!("{name}-placed")).display()
+    )
+}
+
+async fn get(http: &reqwest::Client, url: String) -> Value {
+    http_json(http.get(url)).await.unwrap_or(Value::Null)
+}
+
+#[derive(Default)]
+struct Report {
+    bytes: u64,
+    dd_secs: Option<f64>,
+    scp: Option<Result<f64, String>>,
+    add_secs: f64,
+    transfer_secs: f64,
+    end_to_end_secs: f64,
+    rss_max_kb: u64,
+    rss_idle_kb: u64,
+    refetched_chunks: Option<f64>,
+    held_at_restart: Option<u64>,
+    in_flight_per_source: u64,
+    error: Option<String>,
+}
+
+async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
+    let bin = env!("CARGO_BIN_EXE_riftmesh");
+    let mut agents = Agents {
+        children: Vec::new(),
+    };
+    keygen(bin, &root.join("swarm.key"))?;
+    r.bytes = bytes;
+    r.in_flight_per_source = 8;
+    r.dd_secs = dd(root, bytes);
+    let src = root.join("model.bin");
+    write_random(&src, bytes)?;
+    r.scp = Some(scp(root, &src));
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    let (a0, boot) = start(bin, root, "a0", None, "", &mut agents).await?;
+    let (a1, _) = start(bin, root, "a1", Some(&boot), &want(root, "a1"), &mut agents).await?;
+    // Connected?
+    let t = Instant::now();
+    while get(&http, format!("{}/v1/status", a1.api)).await["connected_peers"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1
+    {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "a1 never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.rss_idle_kb = vm_rss_kb(a1.pid).unwrap_or(0);
+
+    // (3) add, (4) transfer.
+    let t0 = Instant::now();
+    let added = http_json(http.post(format!("{}/v1/blobs", a0.api)).json(&json!({
+        "path": src.display().to_string(), "name": "models/bench", "event": "MODEL_PROMOTED"
+    })))
+    .await?;
+    r.add_secs = t0.elapsed().as_secs_f64();
+    let id = added["blob"].as_str().unwrap_or_default().to_string();
+    let t1 = Instant::now();
+    let placed = root.join("a1-placed/bench.bin");
+    loop {
+        if let Some(kb) = vm_rss_kb(a1.pid) {
+            r.rss_max_kb = r.rss_max_kb.max(kb);
+        }
+        let v = get(&http, format!("{}/v1/blob?ref={id}", a1.api)).await;
+        if v["state"] == "complete" && placed.exists() {
+            break;
+        }
+        if let Some(f) = v["last_failure"]["reason"].as_str() {
+            anyhow::bail!("a1's fetch failed: {f}");
+        }
+        anyhow::ensure!(
+            t1.elapsed() < Duration::from_secs(900),
+            "a1 never got the blob"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.end_to_end_secs = t1.elapsed().as_secs_f64();
+    let evs = get(
+        &http,
+        format!("{}/v1/events?types=MODEL_DISTRIBUTED&limit=10", a1.api),
+    )
+    .await;
+    r.transfer_secs = evs["events"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["origin"] == "riftmesh/sync"))
+        .and_then(|e| {
+            let p: Value = match &e["payload"] {
+                Value::String(s) => serde_json::from_str(s).ok()?,
+                v => v.clone(),
+            };
+            p["seconds"].as_f64()
+        })
+        .unwrap_or(f64::NAN);
+
+    // (5) kill a receiver at half way.
+    let (a2, _) = start(bin, root, "a2", Some(&boot), &want(root, "a2"), &mut agents).await?;
+    let chunks = bytes.div_ceil(CHUNK);
+    let t2 = Instant::now();
+    loop {
+        let v = get(&http, format!("{}/v1/blob?ref={id}", a2.api)).await;
+        if v["chunks_have"].as_u64().unwrap_or(0) * 2 >= chunks {
+            break;
+        }
+        anyhow::ensure!(
+            t2.elapsed() < Duration::from_secs(900),
+            "a2 never got half way"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let idx = agents.children.len() - 1;
+    let _ = agents.children[idx].kill();
+    let _ = agents.children[idx].wait();
+    let cfg = root.join("a2.toml");
+    let mut child = spawn_agent_with(
+        bin,
+        root,
+        "a2",
+        Some(&boot),
+        &["--config", cfg.to_str().unwrap_or("")],
+    )?;
+    let v = wait_agent_info(
+        &mut child,
+        root,
+        "a2",
+        Instant::now() + Duration::from_secs(60),
+        Duration::from_millis(50),
+    )
+    .await?;
+    agents.children[idx] = child;
+    let a2 = Node {
+        api: format!("http://{}", v["api"].as_str().unwrap_or_default()),
+        metrics: format!(
+            "http://{}/metrics",
+            v["metrics"].as_str().unwrap_or_default()
+        ),
+        ..a2
+    };
+    let placed2 = root.join("a2-placed/bench.bin");
+    let t3 = Instant::now();
+    while !placed2.exists() {
+        anyhow::ensure!(
+            t3.elapsed() < Duration::from_secs(900),
+            "a2 never finished after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(root.join("a2.log")).unwrap_or_default();
+    let held = strip_ansi(&log)
+        .lines()
+        .rev()
+        .find(|l| l.contains("resuming a fetch"))
+        .and_then(|l| {
+            let s = l.split("held=").nth(1)?;
+            s.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+    r.held_at_restart = held;
+    let text = reqwest::get(&a2.metrics).await?.text().await?;
+    let fetched = metric(&text, "riftmesh_sync_bytes_total", "direction=\"in\"");
+    if let Some(h) = held {
+        let missing = bytes.saturating_sub(h * CHUNK) as f64;
+        r.refetched_chunks = Some(((fetched - missing) / CHUNK as f64).max(0.0));
+    }
+    let _ = (&a0.name, &a1.name, &a2.name);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let mib = env_num("RIFTMESH_BENCH_BLOB_MIB", 1024);
+    let bytes = mib << 20;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = manifest.join("target");
+    let _ = std::fs::create_dir_all(&target);
+    let dir = tempfile::Builder::new()
+        .prefix("bench-blob-")
+        .tempdir_in(&target)
+        .expect("temp dir in target/");
+    let started = Instant::now();
+    let mut r = Report::default();
+    if let Err(e) = run(dir.path(), bytes, &mut r).await {
+        r.error = Some(e.to_string());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = format!(
+        "riftmesh blob bench: {} MiB blob on loopback; {cpus} CPUs; {}\ncommand: RIFTMESH_BENCH_BLOB_MIB={mib} cargo bench --bench blob\n",
+        mib,
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+    );
+    out += &format!(
+        "{:<62} {:>22}  {:<24} {}\n",
+        "measurement", "value", "target", "result"
+    );
+    out += &format!("{}\n", "-".repeat(120));
+    let mut row = |m: &str, v: String, t: &str, ok: Option<bool>| {
+        out += &format!(
+            "{:<62} {:>22}  {:<24} {}\n",
+            m,
+            v,
+            t,
+            ok.map(common::verdict).unwrap_or_else(|| "-".into())
+        );
+    };
+    let rate = |s: f64| format!("{:.0} MB/s ({s:.2} s)", mbps(r.bytes, s));
+    let dd_rate = r.dd_secs.map(|s| mbps(r.bytes, s));
+    row(
+        "disk: dd bs=4M conv=fdatasync",
+        r.dd_secs.map_or("n/a".into(), rate),
+        "",
+        None,
+    );
+    let scp_rate = match &r.scp {
+        Some(Ok(s)) => {
+            row("scp over loopback (no fsync)", rate(*s), "", None);
+            Some(mbps(r.bytes, *s))
+        }
+        Some(Err(e)) => {
+            row("scp over loopback", format!("n/a: {e}"), "", None);
+            None
+        }
+        None => None,
+    };
+    row(
+        "blob add (hash + copy into the store)",
+        rate(r.add_secs),
+        "",
+        None,
+    );
+    let tr = mbps(r.bytes, r.transfer_secs);
+    let floor = [scp_rate, dd_rate.map(|d| d * 0.8)]
+        .into_iter()
+        .flatten()
+        .fold(f64::NAN, f64::max);
+    row(
+        "one agent to another: fetch + verify (MODEL_DISTRIBUTED)",
+        rate(r.transfer_secs),
+        ">= scp, >= 80% of disk",
+        (tr.is_finite() && floor.is_finite()).then_some(tr >= floor),
+    );
+    row(
+        "  from the naming event to the file placed (incl. copy out)",
+        rate(r.end_to_end_secs),
+        "",
+        None,
+    );
+    row(
+        "receiver resident memory, idle -> max during the transfer",
+        format!("{} -> {} MB", r.rss_idle_kb / 1024, r.rss_max_kb / 1024),
+        "< 100 MB",
+        Some(r.rss_max_kb > 0 && r.rss_max_kb < 100 * 1024),
+    );
+    row(
+        "kill -9 at half way: chunks received before, fetched again",
+        r.refetched_chunks.map_or("n/a".into(), |c| {
+            format!("{c:.0} (held {})", r.held_at_restart.unwrap_or(0))
+        }),
+        &format!("<= {} (in flight)", r.in_flight_per_source),
+        r.refetched_chunks
+            .map(|c| c <= r.in_flight_per_source as f64),
+    );
+    if let Some(e) = &r.error {
+        row("error", e.clone(), "", Some(false));
+    }
+    out += &format!("{}\n", "-".repeat(120));
+    out += "rates are the blob's size over the time; fetch + verify runs from the start of the receiver's transfer to its whole-file check.\n";
+    out += &format!(
+        "total bench time {:.0} s\n",
+        started.elapsed().as_secs_f64()
+    );
+    print!("{out}");
+    let res = manifest.join("benches/results");
+    let _ = std::fs::create_dir_all(&res);
+    let _ = std::fs::write(res.join("blob.txt"), &out);
+    let j = json!({
+        "bytes": r.bytes,
+        "dd_secs": r.dd_secs,
+        "scp_secs": r.scp.as_ref().and_then(|s| s.as_ref().ok()),
+        "add_secs": r.add_secs,
+        "transfer_secs": r.transfer_secs,
+        "end_to_end_secs": r.end_to_end_secs,
+        "rss_idle_kb": r.rss_idle_kb,
+        "rss_max_kb": r.rss_max_kb,
+        "refetched_chunks": r.refetched_chunks,
+        "error": r.error,
+    });
+    let _ = std::fs::write(
+        res.join("blob.json"),
+        serde_json::to_string_pretty(&j).unwrap_or_default(),
+    );
+    if std::env::var_os("RIFTMESH_BENCH_KEEP").is_some() || r.error.is_some() {
+        println!("kept {}", dir.keep().display());
+    }
+}
