@@ -216,6 +216,8 @@ pub struct Leader {
     /// Last time a leader's append was accepted here, or a vote granted:
     /// the election timer counts from it (see [`elector`]).
     heard: Mutex<Instant>,
+    /// No campaign before this: a voter with a longer log refused our vote.
+    aside_until: Mutex<Option<Instant>>,
 }
 
 fn lock_known(m: &Mutex<Known>) -> std::sync::MutexGuard<'_, Known> {
@@ -234,6 +236,7 @@ impl Leader {
             sm: OnceCell::new(),
             known: Mutex::new(Known::default()),
             heard: Mutex::new(Instant::now()),
+            aside_until: Mutex::new(None),
         })
     }
 
@@ -243,6 +246,17 @@ impl Leader {
 
     fn heard_now(&self) {
         *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn stand_aside(&self, d: Duration) {
+        *self.aside_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
+    }
+
+    fn aside(&self) -> bool {
+        self.aside_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
     }
 
     fn heard(&self) -> Instant {
@@ -478,6 +492,22 @@ impl Conn {
             .upgrade()
             .and_then(|n| n.membership.peer_for_name(&self.name))
             .ok_or_else(|| unreachable(format!("voter {} is not a known member", self.name)))?;
+        // Not connected (it restarted, or we lost its address when it died):
+        // dial the addresses it last reported and give the connection a
+        // moment, rather than fail on a peer the swarm cannot find.
+        if let Some(n) = self.node.upgrade() {
+            if !n.membership.is_connected(&peer) {
+                for a in n.membership.dial_addrs(&peer) {
+                    let _ = n.net.dial(a).await;
+                }
+                for _ in 0..10 {
+                    if n.membership.is_connected(&peer) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
         let body = codec::encode(&Envelope {
             voters_hash: self.hash,
             msg,
@@ -530,8 +560,16 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc: VoteRequest<NodeId>,
         _option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        let mine = rpc.last_log_id.map(|l| l.index);
         match self.call(Msg::Vote(rpc)).await? {
             Reply::Vote(r) => {
+                if let (Ok(v), Some(n)) = (&r, self.node.upgrade()) {
+                    // A voter with a longer log refused: ours is stale and
+                    // cannot win; stand aside so that one can.
+                    if !v.vote_granted && v.last_log_id.map(|l| l.index) > mine {
+                        n.leader.stand_aside(n.cfg.election_timeout * 4);
+                    }
+                }
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             _ => Err(bad_reply(&self.name)),
@@ -677,6 +715,10 @@ async fn start_raft(node: &Arc<Node>) -> Result<(Raft, store::LockStateMachine),
 /// [`election_timeout`, 2 × `election_timeout`); a failed attempt is retried
 /// after a new draw. The other voters reject a vote request while their own
 /// lease runs, so this never unseats a leader that a majority still hears.
+/// A leader campaigns too once no majority has acknowledged it for as long.
+/// A voter told by a voter with a longer log that its own is stale stands
+/// aside for 4 × `election_timeout` (openraft's own timer does the same), so
+/// a restarted voter cannot keep outbidding the one that can win.
 async fn elector(node: Arc<Node>, raft: Raft) {
     use rand::Rng;
     let et = node.cfg.election_timeout;
@@ -687,12 +729,28 @@ async fn elector(node: Arc<Node>, raft: Raft) {
     let step = (et / 10).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(step).await;
-        let state = raft.metrics().borrow().state;
-        if state == ServerState::Leader || state == ServerState::Shutdown {
-            if state == ServerState::Shutdown {
-                return;
+        let (state, acked_ms) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.state, m.millis_since_quorum_ack)
+        };
+        if state == ServerState::Shutdown {
+            return;
+        }
+        if state == ServerState::Leader {
+            // A leader that a majority acknowledges needs no election. One
+            // that none has (a voter restarted on a vote it had won, which
+            // openraft restores as leadership of that old term) would
+            // otherwise never campaign, and a voter with a shorter log could
+            // never win its vote: it campaigns like a follower.
+            let fresh = node.leader.voters.len() == 1
+                || acked_ms.is_some_and(|ms| u128::from(ms) < lease.as_millis());
+            if fresh {
+                attempt = None;
+                continue;
             }
-            attempt = None;
+        }
+        if node.leader.aside() {
             continue;
         }
         let heard = node.leader.heard();

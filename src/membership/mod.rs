@@ -274,6 +274,23 @@ impl Membership {
             .is_some_and(|m| m.connected)
     }
 
+    /// The listen addresses a member last reported, with its peer id
+    /// appended (ready to dial).
+    pub fn dial_addrs(&self, peer: &PeerId) -> Vec<libp2p::Multiaddr> {
+        let g = lock(&self.inner);
+        g.recs
+            .get(peer)
+            .and_then(|r| r.info.as_ref())
+            .map(|i| {
+                i.addrs
+                    .iter()
+                    .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
+                    .map(|a| a.with_p2p(*peer).unwrap_or_else(|a| a))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The live member (alive or suspect) called `name`, at its highest incarnation.
     pub fn peer_by_name(&self, name: &str) -> Option<PeerId> {
         let g = lock(&self.inner);
