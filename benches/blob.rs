@@ -255,6 +255,7 @@ struct Report {
     refetched_chunks: Option<f64>,
     held_at_restart: Option<u64>,
     in_flight_per_source: u64,
+    chunk: u64,
     error: Option<String>,
 }
 
@@ -274,7 +275,10 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;
-    let (a0, boot) = start(bin, root, "a0", None, "", &mut agents).await?;
+    let chunk_cfg = std::env::var("RIFTMESH_BENCH_CHUNK")
+        .map(|c| format!("blob_chunk_size = \"{c}\"\n"))
+        .unwrap_or_default();
+    let (a0, boot) = start(bin, root, "a0", None, &chunk_cfg, &mut agents).await?;
     let (a1, _) = start(bin, root, "a1", Some(&boot), &want(root, "a1"), &mut agents).await?;
     // Connected?
     let t = Instant::now();
@@ -296,6 +300,8 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
     .await?;
     r.add_secs = t0.elapsed().as_secs_f64();
     let id = added["blob"].as_str().unwrap_or_default().to_string();
+    let chunk = added["chunk_size"].as_u64().unwrap_or(CHUNK);
+    r.chunk = chunk;
     let t1 = Instant::now();
     let placed = root.join("a1-placed/bench.bin");
     loop {
@@ -335,7 +341,7 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
 
     // (5) kill a receiver at half way.
     let (a2, _) = start(bin, root, "a2", Some(&boot), &want(root, "a2"), &mut agents).await?;
-    let chunks = bytes.div_ceil(CHUNK);
+    let chunks = bytes.div_ceil(chunk);
     let t2 = Instant::now();
     loop {
         let v = get(&http, format!("{}/v1/blob?ref={id}", a2.api)).await;
@@ -401,8 +407,8 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
     let text = reqwest::get(&a2.metrics).await?.text().await?;
     let fetched = metric(&text, "riftmesh_sync_bytes_total", "direction=\"in\"");
     if let Some(h) = held {
-        let missing = bytes.saturating_sub(h * CHUNK) as f64;
-        r.refetched_chunks = Some(((fetched - missing) / CHUNK as f64).max(0.0));
+        let missing = bytes.saturating_sub(h * chunk) as f64;
+        r.refetched_chunks = Some(((fetched - missing) / chunk as f64).max(0.0));
     }
     let _ = (&a0.name, &a1.name, &a2.name);
     Ok(())
@@ -426,8 +432,9 @@ async fn main() {
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = format!(
-        "riftmesh blob bench: {} MiB blob on loopback; {cpus} CPUs; {}\ncommand: RIFTMESH_BENCH_BLOB_MIB={mib} cargo bench --bench blob\n",
+        "riftmesh blob bench: {} MiB blob in {} KiB chunks on loopback; {cpus} CPUs; {}\ncommand: RIFTMESH_BENCH_BLOB_MIB={mib} cargo bench --bench blob\n",
         mib,
+        r.chunk / 1024,
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
     );
     out += &format!(
