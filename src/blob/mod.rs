@@ -434,7 +434,7 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Response {
             match tokio::task::spawn_blocking(move || store.manifest(&blob)).await {
                 Ok(Ok(Some(m))) => {
                     served("manifest", "ok");
-                    Response::Manifest(m)
+                    Response::Manifest((*m).clone())
                 }
                 Ok(Ok(None)) => {
                     served("manifest", "not_found");

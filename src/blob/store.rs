@@ -15,6 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -200,7 +201,11 @@ pub struct NameRecord {
     pub origin: String,
 }
 
+/// Decoded manifests kept in memory.
+const MANIFEST_CACHE: usize = 8;
+
 pub struct BlobStore {
+    cache: std::sync::Mutex<Vec<(BlobId, Arc<Manifest>)>>,
     dir: PathBuf,
     meta: sled::Tree,
     manifests: sled::Tree,
@@ -312,6 +317,7 @@ impl BlobStore {
             }
         }
         Ok(BlobStore {
+            cache: std::sync::Mutex::new(Vec::new()),
             dir: dir.to_path_buf(),
             meta: db.open_tree("blob_meta")?,
             manifests: db.open_tree("blob_manifest")?,
@@ -391,6 +397,7 @@ impl BlobStore {
             added_ms: now_ms(),
             released_ms: prev.map_or(0, |p| p.released_ms),
         };
+        self.forget_manifest(id);
         self.manifests.insert(id, enc(m)?)?;
         self.meta.insert(id, enc(&meta)?)?;
         self.have.remove(id)?;
@@ -409,11 +416,33 @@ impl BlobStore {
         Ok(self.meta(id)?.is_some_and(|m| m.complete))
     }
 
-    pub fn manifest(&self, id: &BlobId) -> Result<Option<Manifest>, BlobError> {
-        self.manifests
-            .get(id)?
-            .map(|v| decode_rec("blob_manifest", id, &v))
-            .transpose()
+    /// A blob's manifest; the last few used are kept decoded (a 50 GB blob's
+    /// is 1.6 MB, and every chunk served or read needs it).
+    pub fn manifest(&self, id: &BlobId) -> Result<Option<Arc<Manifest>>, BlobError> {
+        {
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(k) = c.iter().position(|(i, _)| i == id) {
+                let e = c.remove(k);
+                let m = e.1.clone();
+                c.insert(0, e);
+                return Ok(Some(m));
+            }
+        }
+        let Some(v) = self.manifests.get(id)? else {
+            return Ok(None);
+        };
+        let m: Arc<Manifest> = Arc::new(decode_rec("blob_manifest", id, &v)?);
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.insert(0, (*id, m.clone()));
+        c.truncate(MANIFEST_CACHE);
+        Ok(Some(m))
+    }
+
+    fn forget_manifest(&self, id: &BlobId) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(i, _)| i != id);
     }
 
     /// Every blob record: (id, meta).
@@ -642,6 +671,7 @@ impl BlobStore {
                 }
             }
         }
+        self.forget_manifest(id);
         self.meta.remove(id)?;
         self.manifests.remove(id)?;
         self.have.remove(id)?;
