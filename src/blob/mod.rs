@@ -857,6 +857,10 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
     }
     let manifest = Arc::new(manifest);
     let mut inflight = FuturesUnordered::new();
+    // A checkpoint (fsync + bitmap) and a source refresh run beside the
+    // chunk pipeline, never in front of it.
+    let mut ckpt: Option<(tokio::task::JoinHandle<Result<(), BlobError>>, Bitmap)> = None;
+    let mut refresh: Option<tokio::task::JoinHandle<Sources>> = None;
     let mut last_refresh = Instant::now();
     let mut last_ckpt = Instant::now();
     let mut last_progress = Instant::now();
@@ -932,24 +936,36 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                     ChunkDone::Missing => sched.on_missing(peer, idx),
                 }
             }
+            r = join_opt(ckpt.as_mut().map(|c| &mut c.0)), if ckpt.is_some() => {
+                let snap = ckpt.take().map(|c| c.1).unwrap_or_default();
+                r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+                durable = snap;
+            }
+            r = join_opt(refresh.as_mut()), if refresh.is_some() => {
+                refresh = None;
+                for (p, chunks) in r.unwrap_or_default() {
+                    sched.source(p, chunks, Instant::now());
+                }
+            }
             _ = tick => {}
         }
         let now = Instant::now();
-        // Verified chunks are made durable and recorded once a source
-        // window's worth has piled up (a crash loses at most that much
-        // received work), or every second.
+        // Verified chunks are made durable and recorded once half a source
+        // window has piled up (a crash loses about a window of received
+        // work at most), or every second.
         let unrecorded = sched.have().count() - durable.count();
-        if unrecorded >= b.cfg.per_source
-            || (unrecorded > 0
-                && (now.duration_since(last_ckpt) >= CHECKPOINT || sched.have().is_full()))
+        if ckpt.is_none()
+            && (unrecorded >= (b.cfg.per_source / 2).max(1)
+                || (unrecorded > 0
+                    && (now.duration_since(last_ckpt) >= CHECKPOINT || sched.have().is_full())))
         {
             let store = b.store.clone();
             let snap = sched.have().clone();
-            tokio::task::spawn_blocking(move || store.checkpoint(&blob, &snap))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            durable = sched.have().clone();
+            let snap2 = snap.clone();
+            ckpt = Some((
+                tokio::task::spawn_blocking(move || store.checkpoint(&blob, &snap2)),
+                snap,
+            ));
         }
         if now.duration_since(last_ckpt) >= CHECKPOINT || sched.have().is_full() {
             last_ckpt = now;
@@ -970,11 +986,12 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
         }
         let starved = sched.usable_sources(now).is_empty() && inflight.is_empty();
         let since = now.duration_since(last_refresh);
-        if since >= SOURCE_REFRESH || (starved && since >= Duration::from_millis(500)) {
+        if refresh.is_none()
+            && (since >= SOURCE_REFRESH || (starved && since >= Duration::from_millis(500)))
+        {
             last_refresh = now;
-            for (p, chunks) in who_has(node, blob).await {
-                sched.source(p, chunks, Instant::now());
-            }
+            let n2 = node.clone();
+            refresh = Some(tokio::spawn(async move { who_has(&n2, blob).await }));
         }
         if inflight.is_empty() && now.duration_since(last_progress) > STALL {
             return Err(format!(
@@ -984,6 +1001,14 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                 n
             ));
         }
+    }
+    if let Some((h, _)) = ckpt.take() {
+        h.await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(h) = refresh.take() {
+        h.abort();
     }
     update_view(node, &blob, |v| v.state = "verifying".into());
     let store = b.store.clone();
@@ -996,6 +1021,20 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
         return Err("the whole file does not match the blob id (every chunk matched the manifest: the publisher's manifest is wrong)".into());
     }
     Ok(())
+}
+
+/// Who holds what: (peer, None for the whole blob or its chunks).
+type Sources = Vec<(PeerId, Option<Bitmap>)>;
+
+/// Await an optional task (pending forever when there is none; used behind
+/// a `select!` guard).
+async fn join_opt<T>(
+    h: Option<&mut tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// After a transfer: place for every name that wants it, and report.
