@@ -9,7 +9,10 @@
 //!     file is verified and placed at the receiver, with the receiver's
 //!     resident memory sampled every 50 ms;
 //! (5) `kill -9` of a third receiver at half way, restart, and how many
-//!     chunks it fetched again (received before the kill, not recorded).
+//!     chunks it fetched again (received before the kill, not recorded);
+//! (6) fan-out: a blob of a quarter the size to N fresh receivers at once
+//!     (RIFTMESH_BENCH_FANOUT, 9; 0 skips), and the share of the bytes the
+//!     origin served (the rest came from receivers serving each other).
 //!
 //! Environment: RIFTMESH_BENCH_BLOB_MIB (1024), RIFTMESH_BENCH_KEEP (keep
 //! the directory and logs). Writes benches/results/blob.txt and blob.json.
@@ -256,6 +259,10 @@ struct Report {
     held_at_restart: Option<u64>,
     in_flight_per_source: u64,
     chunk: u64,
+    fan: usize,
+    fan_bytes: u64,
+    fan_all_secs: f64,
+    fan_origin_share: f64,
     error: Option<String>,
 }
 
@@ -411,6 +418,75 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
         r.refetched_chunks = Some(((fetched - missing) / chunk as f64).max(0.0));
     }
     let _ = (&a0.name, &a1.name, &a2.name);
+
+    // (6) fan-out: a second blob from a0 to N fresh receivers at once.
+    let fan = env_num("RIFTMESH_BENCH_FANOUT", 9) as usize;
+    if fan > 0 {
+        let mut rx = Vec::new();
+        for i in 0..fan {
+            let name = format!("f{i}");
+            let (n, _) = start(
+                bin,
+                root,
+                &name,
+                Some(&boot),
+                &want(root, &name),
+                &mut agents,
+            )
+            .await?;
+            rx.push(n);
+        }
+        for n in &rx {
+            let t = Instant::now();
+            while get(&http, format!("{}/v1/status", n.api)).await["connected_peers"]
+                .as_u64()
+                .unwrap_or(0)
+                < fan as u64
+            {
+                anyhow::ensure!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "{} never joined the mesh",
+                    n.name
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let src2 = root.join("fan.bin");
+        let fbytes = bytes / 4;
+        write_random(&src2, fbytes)?;
+        let out_before = metric(
+            &reqwest::get(&a0.metrics).await?.text().await?,
+            "riftmesh_sync_bytes_total",
+            "direction=\"out\"",
+        );
+        http_json(http.post(format!("{}/v1/blobs", a0.api)).json(&json!({
+            "path": src2.display().to_string(), "name": "models/fan"
+        })))
+        .await?;
+        let t = Instant::now();
+        let mut done = vec![None; fan];
+        while done.iter().any(Option::is_none) {
+            for (i, n) in rx.iter().enumerate() {
+                if done[i].is_none() && root.join(format!("{}-placed/fan.bin", n.name)).exists() {
+                    done[i] = Some(t.elapsed().as_secs_f64());
+                }
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(900),
+                "fan-out never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let out_after = metric(
+            &reqwest::get(&a0.metrics).await?.text().await?,
+            "riftmesh_sync_bytes_total",
+            "direction=\"out\"",
+        );
+        r.fan = fan;
+        r.fan_bytes = fbytes;
+        r.fan_all_secs = done.iter().flatten().fold(0.0, |a: f64, b| a.max(*b));
+        r.fan_origin_share = (out_after - out_before) / (fbytes as f64 * fan as f64);
+    }
     Ok(())
 }
 
@@ -508,11 +584,35 @@ async fn main() {
         r.refetched_chunks
             .map(|c| c <= r.in_flight_per_source as f64),
     );
+    if r.fan > 0 {
+        let single = r.fan_bytes as f64 / (r.bytes as f64 / r.transfer_secs);
+        row(
+            &format!(
+                "fan-out of {} MiB to {} receivers at once: all placed",
+                r.fan_bytes >> 20,
+                r.fan
+            ),
+            format!(
+                "{:.2} s ({:.1}x one)",
+                r.fan_all_secs,
+                r.fan_all_secs / single
+            ),
+            "<= 2x one (tc-shaped)",
+            None,
+        );
+        row(
+            "  bytes the origin served / bytes the receivers needed",
+            format!("{:.0} %", r.fan_origin_share * 100.0),
+            "",
+            None,
+        );
+    }
     if let Some(e) = &r.error {
         row("error", e.clone(), "", Some(false));
     }
     out += &format!("{}\n", "-".repeat(120));
     out += "rates are the blob's size over the time; fetch + verify runs from the start of the receiver's transfer to its whole-file check.\n";
+    out += "fan-out: all agents share this machine's 2 CPUs and loopback (no link shaping), so it shows how the load spreads, not the shaped-link target; 'one' is the fetch time of that size at the one-to-one rate above.\n";
     out += &format!(
         "total bench time {:.0} s\n",
         started.elapsed().as_secs_f64()
@@ -531,6 +631,10 @@ async fn main() {
         "rss_idle_kb": r.rss_idle_kb,
         "rss_max_kb": r.rss_max_kb,
         "refetched_chunks": r.refetched_chunks,
+        "fanout": r.fan,
+        "fanout_bytes": r.fan_bytes,
+        "fanout_all_secs": r.fan_all_secs,
+        "fanout_origin_share": r.fan_origin_share,
         "error": r.error,
     });
     let _ = std::fs::write(
