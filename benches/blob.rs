@@ -235,8 +235,12 @@ async fn start(
 }
 
 fn want(root: &Path, name: &str) -> String {
+    want_of(root, name, "models/*")
+}
+
+fn want_of(root: &Path, name: &str, pattern: &str) -> String {
     format!(
-        "[[want]]\nnames = \"models/*\"\nplace = \"{}/{{name}}.bin\"\n",
+        "[[want]]\nnames = \"{pattern}\"\nplace = \"{}/{{name}}.bin\"\n",
         root.join(format!("{name}-placed")).display()
     )
 }
@@ -430,7 +434,8 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
                 root,
                 &name,
                 Some(&boot),
-                &want(root, &name),
+                // Only the fan-out blob, not the earlier ones under models/.
+                &want_of(root, &name, "fan/*"),
                 &mut agents,
             )
             .await?;
@@ -460,14 +465,14 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
             "direction=\"out\"",
         );
         http_json(http.post(format!("{}/v1/blobs", a0.api)).json(&json!({
-            "path": src2.display().to_string(), "name": "models/fan"
+            "path": src2.display().to_string(), "name": "fan/blob"
         })))
         .await?;
         let t = Instant::now();
         let mut done = vec![None; fan];
         while done.iter().any(Option::is_none) {
             for (i, n) in rx.iter().enumerate() {
-                if done[i].is_none() && root.join(format!("{}-placed/fan.bin", n.name)).exists() {
+                if done[i].is_none() && root.join(format!("{}-placed/blob.bin", n.name)).exists() {
                     done[i] = Some(t.elapsed().as_secs_f64());
                 }
             }
