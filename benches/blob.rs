@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{http_json, keygen, metric, spawn_agent_with, vm_rss_kb, wait_agent_info, Agents};
+use common::{
+    clock_ticks_per_sec, cpu_ticks, http_json, keygen, metric, spawn_agent_with, vm_rss_kb,
+    wait_agent_info, Agents,
+};
 
 const CHUNK: u64 = 1 << 20;
 
@@ -263,6 +266,8 @@ struct Report {
     held_at_restart: Option<u64>,
     in_flight_per_source: u64,
     chunk: u64,
+    cpu_sender: f64,
+    cpu_receiver: f64,
     fan: usize,
     fan_bytes: u64,
     fan_all_secs: f64,
@@ -314,6 +319,7 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
     let chunk = added["chunk_size"].as_u64().unwrap_or(CHUNK);
     r.chunk = chunk;
     let t1 = Instant::now();
+    let cpu0 = (cpu_ticks(a0.pid), cpu_ticks(a1.pid));
     let placed = root.join("a1-placed/bench.bin");
     loop {
         if let Some(kb) = vm_rss_kb(a1.pid) {
@@ -333,6 +339,12 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     r.end_to_end_secs = t1.elapsed().as_secs_f64();
+    let hz = clock_ticks_per_sec();
+    if let ((Some(s0), Some(r0)), Some(s1), Some(r1)) = (cpu0, cpu_ticks(a0.pid), cpu_ticks(a1.pid))
+    {
+        r.cpu_sender = (s1 - s0) as f64 / hz;
+        r.cpu_receiver = (r1 - r0) as f64 / hz;
+    }
     let evs = get(
         &http,
         format!("{}/v1/events?types=MODEL_DISTRIBUTED&limit=10", a1.api),
@@ -571,6 +583,12 @@ async fn main() {
     row(
         "  from the naming event to the file placed (incl. copy out)",
         rate(r.end_to_end_secs),
+        "",
+        None,
+    );
+    row(
+        "  CPU seconds during it: sender / receiver",
+        format!("{:.1} / {:.1} s", r.cpu_sender, r.cpu_receiver),
         "",
         None,
     );
