@@ -293,6 +293,10 @@ struct Ingest {
     /// Per source, how many of its events are in `bulk` (its later events queue behind).
     bulk_sources: HashMap<String, usize>,
     bulk_inflight: bool,
+    /// (peer, source) fetches that failed lately: a gap is then asked of
+    /// another peer (a fetch to one peer can hang after a connection was
+    /// cut and re-made; root cause not found).
+    fetch_failed: HashMap<(PeerId, String), Instant>,
 }
 
 /// Catch-up events per store commit.
@@ -321,6 +325,8 @@ struct Fetched {
 
 /// A fetch not answered in this time is given up (and asked again elsewhere).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed fetch, that peer is not asked for that source for this long.
+const FETCH_AVOID: Duration = Duration::from_secs(30);
 
 /// Events asked for in one fetch.
 pub const FETCH_BATCH: u32 = 1000;
@@ -373,6 +379,7 @@ async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
         bulk: VecDeque::new(),
         bulk_sources: HashMap::new(),
         bulk_inflight: false,
+        fetch_failed: HashMap::new(),
     };
     let now = Instant::now();
     let mut out = Released::default();
@@ -466,14 +473,22 @@ impl Ingest {
         if connected.is_empty() {
             return;
         }
+        let now = Instant::now();
+        self.fetch_failed
+            .retain(|_, at| now.duration_since(*at) < FETCH_AVOID);
         for (source, next) in self.reorder.gapped() {
             if self.fetching.contains_key(&source) {
                 continue;
             }
+            let ok = |p: &PeerId| !self.fetch_failed.contains_key(&(*p, source.clone()));
+            let others: Vec<PeerId> = connected.iter().copied().filter(|p| ok(p)).collect();
             let peer = source
                 .parse::<PeerId>()
                 .ok()
-                .filter(|p| connected.contains(p))
+                .filter(|p| connected.contains(p) && ok(p))
+                .or_else(|| {
+                    (!others.is_empty()).then(|| others[rand::random::<usize>() % others.len()])
+                })
                 .unwrap_or_else(|| connected[rand::random::<usize>() % connected.len()]);
             self.want(peer, source, next);
         }
@@ -634,7 +649,11 @@ impl Ingest {
                 self.busy.remove(&peer);
                 self.fetching.remove(&source);
                 match result {
-                    Err(e) => tracing::debug!(%peer, %source, error = %e, "fetch failed"),
+                    Err(e) => {
+                        tracing::debug!(%peer, %source, error = %e, "fetch failed");
+                        self.fetch_failed
+                            .insert((peer, source.clone()), Instant::now());
+                    }
                     Ok(f) => {
                         let m = &self.node.metrics;
                         for reason in &f.rejected {
