@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Testnet CI: 5 agents in network namespaces, one pipeline round with a kill -9,
+# a partition and a heal, every invariant checked; then Prometheus (Debian's
+# package, our own process) scrapes every agent, every target must be up, and
+# `promtool check metrics` must accept every agent's /metrics. Root, no stdin,
+# a fresh Debian machine. Everything is torn down on exit.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(dirname "$HERE")"
+export RIFTMESH_BIN="${RIFTMESH_BIN:-$REPO/target/release/riftmesh}"
+HOSTS="${TESTNET_CI_HOSTS:-5}"
+PROM_PORT="${TESTNET_CI_PROM_PORT:-19090}"
+T0=$(date +%s)
+
+WORK="$(mktemp -d /tmp/riftmesh-testnet-ci.XXXXXX)"
+STATE="$WORK/net"
+PROM_PID=""
+tn() { "$HERE/testnet" --state "$STATE" "$@"; }
+
+cleanup() {
+  rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$PROM_PID" ] && kill -0 "$PROM_PID" 2>/dev/null; then
+    kill "$PROM_PID" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$PROM_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$PROM_PID" 2>/dev/null || true
+  fi
+  tn down || rc=1
+  if [ "$rc" -ne 0 ] && [ -d "$STATE/hosts" ]; then
+    for log in "$STATE"/hosts/*/agent.log; do
+      echo "---- last lines of $log"; tail -n 20 "$log" || true
+    done
+  fi
+  rm -rf "$WORK"
+  echo "ci.sh: exit $rc after $(( $(date +%s) - T0 )) s"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ "$(id -u)" -ne 0 ]; then echo "ci.sh must run as root (network namespaces)"; exit 1; fi
+if [ ! -x "$RIFTMESH_BIN" ]; then echo "no riftmesh binary at $RIFTMESH_BIN (set RIFTMESH_BIN)"; exit 1; fi
+
+# ---- tools -------------------------------------------------------------------
+export DEBIAN_FRONTEND=noninteractive
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v tc >/dev/null || need+=(iproute2)
+command -v python3 >/dev/null || need+=(python3)
+command -v curl >/dev/null || need+=(curl)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+if [ "${#need[@]}" -gt 0 ]; then
+  # Keep the packaged services from starting during the install.
+  made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  timeout 300 apt-get update -q </dev/null
+  timeout 400 apt-get install -y -q "${need[@]}" </dev/null
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+# Whatever the package started (systemd or sysv), stop it: we run our own.
+if [ -d /run/systemd/system ]; then
+  systemctl stop prometheus.service prometheus-node-exporter.service 2>/dev/null || true
+elif [ -x /etc/init.d/prometheus ]; then
+  /etc/init.d/prometheus stop </dev/null >/dev/null 2>&1 || true
+fi
+prometheus --version 2>&1 | head -1
+
+# ---- testnet and scenario ------------------------------------------------------
+timeout 300 "$HERE/testnet" --state "$STATE" up --hosts "$HOSTS"
+timeout 60 "$HERE/testnet" --state "$STATE" check --wait 45
+timeout 420 "$HERE/testnet" --state "$STATE" scenario --faults kill,partition --deadline 300 \
+  --report "$WORK/scenario.json"
+echo "scenario report kept in the CI log above"
+
+# ---- Prometheus ----------------------------------------------------------------
+targets=$(tn status --json | python3 -c '
+import json, sys
+print(" ".join(h["metrics"] for h in json.load(sys.stdin)["hosts"]))')
+echo "metrics targets: $targets"
+
+rules=()
+if [ -d "$REPO/deploy/prometheus" ]; then
+  while IFS= read -r -d '' f; do
+    if promtool check rules "$f" >/dev/null 2>&1; then
+      rules+=("$f")
+    else
+      echo "note: $f does not pass promtool check rules; not loaded"
+    fi
+  done < <(find "$REPO/deploy/prometheus" -maxdepth 2 -type f \( -name '*rules*.yml' -o -name '*rules*.yaml' -o -name '*alert*.yml' -o -name '*alert*.yaml' \) -print0)
+fi
+
+mkdir -p "$WORK/prom-data"
+{
+  echo "global:"
+  echo "  scrape_interval: 2s"
+  echo "  scrape_timeout: 2s"
+  echo "  evaluation_interval: 5s"
+  if [ "${#rules[@]}" -gt 0 ]; then
+    echo "rule_files:"
+    for f in "${rules[@]}"; do echo "  - \"$f\""; done
+  fi
+  echo "scrape_configs:"
+  echo "  - job_name: riftmesh"
+  echo "    static_configs:"
+  echo "      - targets:"
+  for t in $targets; do echo "          - \"$t\""; done
+} > "$WORK/prometheus.yml"
+promtool check config "$WORK/prometheus.yml"
+
+# Bounded lifetime: at most 5 minutes, killed by cleanup before that.
+timeout 300 prometheus --config.file="$WORK/prometheus.yml" \
+  --storage.tsdb.path="$WORK/prom-data" \
+  --web.listen-address="127.0.0.1:$PROM_PORT" \
+  --storage.tsdb.retention.time=1h >"$WORK/prometheus.log" 2>&1 </dev/null &
+PROM_PID=$!
+
+echo "waiting for Prometheus to see every target up"
+python3 - "$PROM_PORT" "$HOSTS" "${#rules[@]}" <<'EOF'
+import json, sys, time, urllib.request
+port, want, nrules = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+deadline = time.monotonic() + 90
+last = None
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5) as r:
+            t = json.load(r)["data"]["activeTargets"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query=up", timeout=5) as r:
+            up = json.load(r)["data"]["result"]
+        last = [(x["scrapeUrl"], x["health"], x.get("lastError")) for x in t]
+        if len(t) == want and all(x["health"] == "up" for x in t) and \
+                len(up) == want and all(v["value"][1] == "1" for v in up):
+            for u, h, _ in last:
+                print(f"  up  {u}")
+            if nrules:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5) as r:
+                    groups = json.load(r)["data"]["groups"]
+                print(f"  {sum(len(g['rules']) for g in groups)} rules loaded from {nrules} files")
+            sys.exit(0)
+    except OSError as e:
+        last = str(e)
+    time.sleep(1)
+print("Prometheus targets not all up within 90 s:", last)
+sys.exit(1)
+EOF
+
+echo "promtool check metrics on every agent"
+for t in $targets; do
+  curl -sf --max-time 10 "http://$t/metrics" -o "$WORK/metrics.txt"
+  if ! promtool check metrics < "$WORK/metrics.txt"; then
+    echo "promtool check metrics failed for $t"
+    exit 1
+  fi
+  echo "  ok  $t ($(grep -c -v '^#' "$WORK/metrics.txt") samples)"
+done
+
+timeout 60 "$HERE/testnet" --state "$STATE" check --wait 30
+echo "ci.sh: all checks passed"

@@ -1,0 +1,379 @@
+"""testnet command line: one entry point, subcommands."""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from . import util
+from .util import TestnetError, Interrupted, log, run, wait_for
+from .cluster import Cluster, DEFAULT_ROLES, can_netns, default_bin, teardown
+from . import faults
+from .check import check
+
+DEFAULT_STATE = os.environ.get("TESTNET_STATE", "/tmp/riftmesh-testnet")
+
+# Default whole-command timeouts (seconds), overridable with --timeout.
+TIMEOUTS = {"up": 300, "down": 120, "check": 120, "scenario": 900, "fanout": 1200,
+            "restart": 120, "fill-disk": 120}
+
+
+def load(args):
+    c = Cluster(args.state)
+    if not c.exists():
+        raise TestnetError(f"no testnet in {c.dir}: run `testnet up` first")
+    return c.load()
+
+
+def up(args, tag="t", subnet="10.77.0", extra_wants=None, n=None):
+    c = Cluster(args.state)
+    if c.exists():
+        c.load()
+        if any(c.alive(h) for h in c.hosts.values()) or c.s["resources"]:
+            raise TestnetError(f"a testnet is already up in {c.dir}; `testnet down` first")
+        os.remove(c.path)
+    n = n or args.hosts
+    if not 1 <= n <= 30:
+        raise TestnetError("--hosts must be between 1 and 30")
+    binp = args.bin or default_bin()
+    if not os.access(binp, os.X_OK):
+        raise TestnetError(f"riftmesh binary {binp} not found or not executable "
+                           "(set RIFTMESH_BIN or --bin)")
+    mode = "netns" if can_netns() and not args.loopback else "loopback"
+    if mode == "loopback":
+        log("network namespaces cannot be made here (not root, or no `ip netns`): "
+            "falling back to loopback ports on 127.0.0.1 (no shaping; partitions through "
+            "/v1/debug/block)")
+    roles = args.roles.split(",") if args.roles else DEFAULT_ROLES
+    voters = min(args.voters, n)
+    c.init(n, voters, binp, tag, subnet, roles, args.blob_budget, extra_wants or [], mode)
+    ok = False
+    try:
+        run([binp, "keygen", "--out", os.path.join(c.dir, "swarm.key")], timeout=30)
+        c.write_configs()
+        c.make_network()
+        log(f"{mode}: {n} hosts, voters {','.join(c.s['voters'])}, state in {c.dir}")
+        for h in c.hosts.values():
+            c.start(h, wait=False)
+        deadline = time.monotonic() + args.ready_timeout
+        for h in c.hosts.values():
+            c.wait_ready(h, deadline)
+        log("every agent's API answers; waiting for full membership and a leader")
+        wait_for(lambda: _formed(c), deadline, 0.5, "every agent to see every other alive and agree on a leader")
+        ok = True
+        print_status(c)
+        return 0
+    finally:
+        if not ok:
+            log("up failed: tearing down what was made")
+            teardown(c.dir)
+
+
+def _formed(c):
+    lead = set()
+    for h in c.hosts.values():
+        m = c.api(h, "GET", "/v1/members", timeout=5)
+        if sum(1 for x in m["members"] if x["state"] == "alive") != len(c.hosts):
+            return False
+        l = c.api(h, "GET", "/v1/leader", timeout=5)
+        if not l.get("leader"):
+            return False
+        lead.add((l["leader"], l["term"]))
+    return len(lead) == 1
+
+
+def print_status(c, as_json=False):
+    rows = []
+    for h in c.hosts.values():
+        st = "paused" if h.get("paused") and c.alive(h) else ("running" if c.alive(h) else h["status"])
+        lead = ""
+        if st == "running":
+            try:
+                l = c.api(h, "GET", "/v1/leader", timeout=3)
+                lead = f"{l.get('role')} (leader {l.get('leader')}, term {l.get('term')})"
+            except (util.ApiError, OSError) as e:
+                lead = f"api error: {e}"
+        rows.append(dict(host=h["name"], state=st, pid=h.get("pid"), addr=h["addr"], api=h["api"],
+                         metrics=h["metrics"], role=h["role"], voter=h["voter"], leader=lead,
+                         shaped=any(r["kind"] == "qdisc" and r.get("host") == h["name"]
+                                    for r in c.s["resources"])))
+    if as_json:
+        print(json.dumps({"mode": c.mode, "state": c.dir, "partition": c.s.get("partition"),
+                          "hosts": rows}, indent=1))
+        return
+    print(f"testnet in {c.dir} ({c.mode}); partition: "
+          + (" | ".join(",".join(g) for g in c.s["partition"]["groups"]) if c.s.get("partition") else "none"))
+    print(f"{'host':5} {'state':8} {'pid':>7} {'api':18} {'role':9} {'voter':5} {'shaped':6} leader view")
+    for r in rows:
+        print(f"{r['host']:5} {r['state']:8} {str(r['pid'] or '-'):>7} {r['api']:18} {r['role']:9} "
+              f"{'yes' if r['voter'] else 'no':5} {'yes' if r['shaped'] else 'no':6} {r['leader']}")
+
+
+def cmd_up(args):
+    return up(args)
+
+
+def cmd_down(args):
+    ok = teardown(args.state, remove_dir=args.purge)
+    if ok:
+        log("down: every recorded process, qdisc, route, veth, namespace and bridge removed")
+    return 0 if ok else 1
+
+
+def cmd_status(args):
+    print_status(load(args), args.json)
+    return 0
+
+
+def cmd_check(args):
+    c = load(args)
+    ok, results, waited = check(c, wait=args.wait, quiet=args.json)
+    if args.json:
+        print(json.dumps({"ok": ok, "waited_s": round(waited, 1),
+                          "results": [r.as_dict() for r in results]}, indent=1))
+    else:
+        for r in results:
+            print(r.line())
+        print(f"{'ALL PASS' if ok else 'FAILED'} (after {waited:.1f}s)")
+    return 0 if ok else 1
+
+
+def cmd_kill(args):
+    c = load(args)
+    for name in args.host:
+        h = c.host(name)
+        if not c.alive(h):
+            log(f"{h['name']} is not running")
+            continue
+        c.kill(h)
+        c.add_fault("kill", host=h["name"])
+        log(f"killed {h['name']} (kill -9)")
+    return 0
+
+
+def restart(c, h, graceful=False, timeout=90):
+    if c.alive(h):
+        c.stop(h) if graceful else c.kill(h)
+    c.start(h, timeout=timeout)
+    faults.reapply_api_partition(c, h)
+    c.add_fault("restart", host=h["name"])
+    log(f"restarted {h['name']} (pid {h['pid']}, same data dir and address)")
+
+
+def cmd_restart(args):
+    c = load(args)
+    for name in args.host:
+        restart(c, c.host(name), args.graceful)
+    return 0
+
+
+def cmd_start(args):
+    return cmd_restart(args)
+
+
+def cmd_stop(args):
+    c = load(args)
+    for name in args.host:
+        c.stop(c.host(name))
+        c.add_fault("stop", host=name)
+    return 0
+
+
+def cmd_pause(args):
+    c = load(args)
+    for name in args.host:
+        c.pause(c.host(name))
+        c.add_fault("pause", host=name)
+        log(f"paused {name} (SIGSTOP)")
+    return 0
+
+
+def cmd_resume(args):
+    c = load(args)
+    for name in args.host:
+        c.resume(c.host(name))
+        c.add_fault("resume", host=name)
+        log(f"resumed {name} (SIGCONT)")
+    return 0
+
+
+def cmd_partition(args):
+    faults.partition(load(args), args.groups, args.method)
+    return 0
+
+
+def cmd_heal(args):
+    faults.heal(load(args))
+    return 0
+
+
+def cmd_shape(args):
+    c = load(args)
+    for name in args.host:
+        faults.shape(c, c.host(name), args.delay, args.loss, args.rate, args.jitter)
+    return 0
+
+
+def cmd_unshape(args):
+    c = load(args)
+    names = args.host or list(c.hosts)
+    for name in names:
+        faults.unshape(c, c.host(name))
+    return 0
+
+
+def cmd_fill_disk(args):
+    c = load(args)
+    faults.fill_disk(c, c.host(args.host), args.slack, args.undo)
+    return 0
+
+
+def cmd_scenario(args):
+    from .scenario import run_scenario
+    return run_scenario(args)
+
+
+def cmd_fanout(args):
+    from .fanout import run_fanout
+    return run_fanout(args)
+
+
+def cmd_logs(args):
+    c = load(args)
+    from .cluster import tail
+    print(tail(c.host(args.host)["log"], args.lines))
+    return 0
+
+
+def add_up_args(p):
+    p.add_argument("--hosts", "-n", type=int, default=5, help="number of agents (1-30, default 5)")
+    p.add_argument("--voters", type=int, default=3, help="voters: the first N hosts (default 3)")
+    p.add_argument("--roles", help="comma-separated role tags assigned in turn "
+                                   f"(default {','.join(DEFAULT_ROLES)})")
+    p.add_argument("--blob-budget", default="0", help="blob_budget of every host (default 0: no limit)")
+    p.add_argument("--bin", help="riftmesh binary (default $RIFTMESH_BIN, else <repo>/target/release/riftmesh)")
+    p.add_argument("--loopback", action="store_true", help="use loopback ports even as root")
+    p.add_argument("--ready-timeout", type=float, default=180,
+                   help="seconds for every agent to answer, see all others and agree on a leader")
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="testnet", description="A many-host riftmesh cluster on one machine.")
+    ap.add_argument("--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE}, or $TESTNET_STATE)")
+    ap.add_argument("--timeout", type=float, help="whole-command timeout in seconds (each command has a default)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("up", help="bring up N agents")
+    add_up_args(p)
+    p.set_defaults(fn=cmd_up)
+
+    p = sub.add_parser("down", help="stop everything and remove every namespace, link, qdisc, route, process")
+    p.add_argument("--purge", action="store_true", help="also delete the state directory (data, logs)")
+    p.set_defaults(fn=cmd_down)
+
+    p = sub.add_parser("status", help="hosts, processes, leader views")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("check", help="assert the cluster invariants")
+    p.add_argument("--wait", type=util.parse_duration, default=0,
+                   help="poll until every invariant holds or this many seconds pass (e.g. 60, 2m)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_check)
+
+    for name, fn, hlp in (("kill", cmd_kill, "kill -9"), ("restart", cmd_restart, "restart (kill -9 first if running)"),
+                          ("start", cmd_start, "start a stopped or killed host"),
+                          ("stop", cmd_stop, "SIGTERM (the agent leaves)"),
+                          ("pause", cmd_pause, "SIGSTOP"), ("resume", cmd_resume, "SIGCONT")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("host", nargs="+")
+        if name == "restart":
+            p.add_argument("--graceful", action="store_true", help="SIGTERM instead of kill -9 before starting")
+        else:
+            p.set_defaults(graceful=False)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("partition", help="split into groups: partition h01,h02 h03,h04,h05")
+    p.add_argument("groups", nargs="+")
+    p.add_argument("--method", choices=["auto", "route", "api"], default="auto",
+                   help="route: blackhole routes in the namespaces (netns default); api: POST /v1/debug/block")
+    p.set_defaults(fn=cmd_partition)
+
+    p = sub.add_parser("heal", help="remove the partition")
+    p.set_defaults(fn=cmd_heal)
+
+    p = sub.add_parser("shape", help="shape a host's link (both directions)")
+    p.add_argument("host", nargs="+")
+    p.add_argument("--delay", help="e.g. 50ms (netem)")
+    p.add_argument("--jitter", help="e.g. 10ms (netem, with --delay)")
+    p.add_argument("--loss", help="e.g. 1%% (netem)")
+    p.add_argument("--rate", help="e.g. 100mbit (tbf)")
+    p.set_defaults(fn=cmd_shape)
+
+    p = sub.add_parser("unshape", help="remove shaping (every host if none named)")
+    p.add_argument("host", nargs="*")
+    p.set_defaults(fn=cmd_unshape)
+
+    p = sub.add_parser("fill-disk", help="restart HOST with blob_budget = what it holds now (+ slack)")
+    p.add_argument("host")
+    p.add_argument("--slack", default="64KiB")
+    p.add_argument("--undo", action="store_true", help="restart with the original budget")
+    p.set_defaults(fn=cmd_fill_disk)
+
+    p = sub.add_parser("logs", help="tail a host's agent log")
+    p.add_argument("host")
+    p.add_argument("-n", "--lines", type=int, default=40)
+    p.set_defaults(fn=cmd_logs)
+
+    p = sub.add_parser("scenario", help="play a pipeline round with faults")
+    add_up_args(p)
+    p.add_argument("--deadline", type=util.parse_duration, default=600, help="whole scenario bound (s)")
+    p.add_argument("--batches", type=int, default=3, help="game batches per selfplay host")
+    p.add_argument("--batch-size", default="2MiB")
+    p.add_argument("--model-size", default="8MiB")
+    p.add_argument("--config-name", default="hex8_2p")
+    p.add_argument("--faults", default="kill,partition",
+                   help="comma list of kill, partition, pause, shape (default kill,partition)")
+    p.add_argument("--shape-delay", default="50ms")
+    p.add_argument("--shape-loss", default="1%")
+    p.add_argument("--shape-rate", default="100mbit")
+    p.add_argument("--keep", action="store_true", help="leave a testnet the scenario brought up running")
+    p.add_argument("--json", action="store_true", help="also write the report as JSON to stdout's end")
+    p.add_argument("--report", help="write the JSON report to this file")
+    p.set_defaults(fn=cmd_scenario)
+
+    p = sub.add_parser("fanout", help="blob fan-out benchmark: 1 source, 9 receivers, shaped links")
+    p.add_argument("--rate", default="200mbit", help="every host's link rate (tc tbf), both directions")
+    p.add_argument("--size", type=int, default=256, help="blob size in MiB (default 256)")
+    p.add_argument("--receivers", type=int, default=9)
+    p.add_argument("--bin")
+    p.add_argument("--fanout-state", help="state directory of the benchmark's own testnet "
+                                          "(default <state>-fanout)")
+    p.add_argument("--transfer-timeout", type=float, default=600)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--keep", action="store_true", help="leave its testnet up")
+    p.set_defaults(fn=cmd_fanout)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    util.VERBOSE = args.verbose
+    util.install_signal_handlers()
+    timeout = args.timeout or TIMEOUTS.get(args.cmd, 60)
+    if args.cmd == "scenario" and not args.timeout:
+        timeout = max(timeout, args.deadline + 300)
+    signal.alarm(int(timeout))
+    try:
+        return args.fn(args)
+    except TestnetError as e:
+        log(f"error: {e}")
+        return 2
+    except Interrupted as e:
+        log(f"stopped: {e}")
+        return 130
+    finally:
+        signal.alarm(0)
