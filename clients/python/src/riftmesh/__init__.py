@@ -1,0 +1,93 @@
+"""riftmesh: the Python client of the local riftmesh agent.
+
+::
+
+    from riftmesh import Client
+    mesh = Client()                 # RIFTMESH_API, else 127.0.0.1:7411
+    mesh.publish("TRAINING_COMPLETED", {"config": "hex8_2p"}, source="trainer")
+
+    @mesh.subscribe("TRAINING_*", consumer="evaluator")
+    def on_training(event): ...
+
+    mesh.run()
+
+Only the standard library is used. See README.md for the whole interface.
+"""
+
+from .client import Client, Handler, Subscription, TimeLike
+from .errors import (
+    AgentUnavailable,
+    ApiError,
+    BadRequest,
+    BlobFetchError,
+    ClientError,
+    Conflict,
+    LockHeld,
+    LockLost,
+    NotFound,
+    PayloadTooLarge,
+    RiftmeshError,
+    RiftmeshTimeout,
+    ServerError,
+    Unavailable,
+)
+from .event_types import ALIASES, CATEGORIES, DESCRIPTIONS, EventType
+from .lock import Lock
+from .models import (
+    Batch,
+    BlobAdded,
+    BlobInfo,
+    ConsumerInfo,
+    DeadLetter,
+    Event,
+    HistoryPage,
+    LeaderInfo,
+    LockInfo,
+    Member,
+    Published,
+    Trace,
+)
+from .patterns import TypePattern, normalize_pattern, normalize_type
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Handler",
+    "Subscription",
+    "TimeLike",
+    "EventType",
+    "ALIASES",
+    "CATEGORIES",
+    "DESCRIPTIONS",
+    "Lock",
+    "Event",
+    "Published",
+    "HistoryPage",
+    "Batch",
+    "ConsumerInfo",
+    "DeadLetter",
+    "Trace",
+    "Member",
+    "LeaderInfo",
+    "LockInfo",
+    "BlobAdded",
+    "BlobInfo",
+    "TypePattern",
+    "normalize_type",
+    "normalize_pattern",
+    "RiftmeshError",
+    "AgentUnavailable",
+    "RiftmeshTimeout",
+    "ApiError",
+    "ClientError",
+    "BadRequest",
+    "NotFound",
+    "Conflict",
+    "PayloadTooLarge",
+    "ServerError",
+    "Unavailable",
+    "LockHeld",
+    "LockLost",
+    "BlobFetchError",
+]

@@ -1,0 +1,1103 @@
+"""The client of the local riftmesh agent (HTTP/JSON API, proto-notes/api.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
+
+from ._transport import Abort, Aborted, Transport, format_address, quote, resolve_address
+from .errors import (
+    AgentUnavailable,
+    ApiError,
+    BlobFetchError,
+    ClientError,
+    NotFound,
+    RiftmeshError,
+    RiftmeshTimeout,
+    ServerError,
+)
+from .lock import Lock
+from .models import (
+    Batch,
+    BlobAdded,
+    BlobInfo,
+    ConsumerInfo,
+    DeadLetter,
+    Event,
+    HistoryPage,
+    LeaderInfo,
+    LockInfo,
+    Member,
+    Published,
+    Trace,
+)
+from .patterns import TypeLike, TypePattern, type_name
+
+__all__ = ["Client", "Handler", "TimeLike"]
+
+log = logging.getLogger("riftmesh")
+
+Handler = Callable[[Event], Union[None, Awaitable[None], Any]]
+"""A subscription handler: ``def h(event)`` or ``async def h(event)``."""
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+TimeLike = Union[datetime, timedelta, str, int, float]
+"""A point in time for ``since=``: a ``datetime`` (naive means local time), a
+``timedelta`` (that long ago), a number (Unix time in seconds, as
+``time.time()``), or a string the agent parses (``"10m"``, ``"2h"``,
+``"2026-11-23T10:00:00Z"``)."""
+
+# Longest long-poll the agent accepts.
+MAX_WAIT = 60.0
+# Largest nack reason the agent accepts, in bytes.
+MAX_REASON = 4096
+_CONSUMER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _since_param(since: TimeLike) -> Union[str, int]:
+    """``since`` as the agent takes it: ms since the epoch, or its own text."""
+    if isinstance(since, bool):
+        raise TypeError("since= takes a datetime, timedelta, number of seconds or string")
+    if isinstance(since, datetime):
+        return int(since.timestamp() * 1000)
+    if isinstance(since, timedelta):
+        return int((time.time() - since.total_seconds()) * 1000)
+    if isinstance(since, (int, float)):
+        return int(since * 1000)
+    if isinstance(since, str):
+        return since
+    raise TypeError(f"since= cannot be a {type(since).__name__}")
+
+
+def _patterns(args: Sequence[Union[TypeLike, Iterable[TypeLike]]]) -> List[str]:
+    out: List[str] = []
+    for a in args:
+        if isinstance(a, (str,)) or hasattr(a, "value"):
+            out.append(type_name(a))  # type: ignore[arg-type]
+        else:
+            out.extend(type_name(x) for x in a)  # type: ignore[union-attr]
+    return out
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    mod = getattr(fn, "__module__", None) or ""
+    qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    return f"{mod}.{qual}" if mod else qual
+
+
+def _default_consumer(fn: Callable[..., Any]) -> str:
+    """A stable consumer name from the handler's module and name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", _callable_name(fn)).strip("._-") or "handler"
+    if len(name) > 64:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = name[-55:].lstrip("._-") + "-" + digest
+    return name
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _event_body(
+    type: TypeLike,
+    payload: Any = None,
+    *,
+    source: Optional[str] = None,
+    correlation_id: Optional[str] = None,
+    parent_id: Optional[str] = None,
+    caused_by: Optional[Event] = None,
+) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"type": type_name(type)}
+    if payload is not None:
+        body["payload"] = payload
+    if caused_by is not None:
+        parent_id = parent_id or caused_by.id
+        correlation_id = correlation_id or caused_by.chain_id
+    if source is not None:
+        body["origin"] = source
+    if correlation_id is not None:
+        body["correlation_id"] = correlation_id
+    if parent_id is not None:
+        body["parent_id"] = parent_id
+    return body
+
+
+@dataclass
+class Subscription:
+    """One handler registered with :meth:`Client.subscribe`."""
+
+    handler: Callable[[Event], Any]
+    patterns: List[TypePattern]
+    consumer: str
+    priority: int
+    max_attempts: int
+    backoff: float
+    max_backoff: float
+    index: int
+    name: str = ""
+    is_async: bool = False
+
+    def matches(self, type_: str) -> bool:
+        return not self.patterns or any(p.matches(type_) for p in self.patterns)
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait before the retry that follows the ``failures``-th failure."""
+        return min(self.max_backoff, self.backoff * (2 ** (failures - 1)))
+
+
+@dataclass
+class _Start:
+    from_start: bool = False
+    since: Optional[Union[str, int]] = None
+    after_seq: Optional[int] = None
+
+    def body(self) -> Dict[str, Any]:
+        b: Dict[str, Any] = {}
+        if self.from_start:
+            b["from_start"] = True
+        if self.since is not None:
+            b["since"] = str(self.since)
+        if self.after_seq is not None:
+            b["after_seq"] = self.after_seq
+        return b
+
+
+@dataclass
+class _Group:
+    """The subscriptions that share one durable consumer."""
+
+    consumer: str
+    subs: List[Subscription] = field(default_factory=list)
+    start: Optional[_Start] = None
+    abort: Abort = field(default_factory=Abort)
+
+    def types(self) -> List[str]:
+        if any(not s.patterns for s in self.subs):
+            return []
+        out: List[str] = []
+        for s in self.subs:
+            for p in s.patterns:
+                if p.text not in out:
+                    out.append(p.text)
+        return out
+
+    def handlers_for(self, ev: Event) -> List[Subscription]:
+        hs = [s for s in self.subs if s.matches(ev.type)]
+        hs.sort(key=lambda s: (-s.priority, s.index))
+        return hs
+
+
+class _Outcome:
+    """What the runner does with an event after its handlers ran."""
+
+    def __init__(self) -> None:
+        self.failures: Dict[int, int] = {}
+        self.errors: Dict[int, BaseException] = {}
+        self.given_up: List[Subscription] = []
+        self.next_at: Dict[int, float] = {}
+
+    def reason(self, ev: Event) -> str:
+        parts = []
+        for s in self.given_up:
+            e = self.errors[s.index]
+            parts.append(
+                f"handler {s.name} failed {self.failures[s.index]} time(s) on {ev.type} "
+                f"{ev.id}: {type(e).__name__}: {e}"
+            )
+        return _truncate_utf8("; ".join(parts), MAX_REASON)
+
+
+class Client:
+    """A client of the local riftmesh agent.
+
+    ``api`` is ``HOST:PORT`` (or ``http://HOST:PORT``); without it the client
+    uses ``RIFTMESH_API``, else ``127.0.0.1:7411``. ``timeout`` bounds every
+    request (long polls get their wait on top). The subscription defaults
+    (``max_attempts``, ``backoff``, ``max_backoff``) apply to handlers that do
+    not set their own.
+    """
+
+    def __init__(
+        self,
+        api: Optional[str] = None,
+        *,
+        timeout: float = 30.0,
+        poll_wait: float = 25.0,
+        batch_size: int = 100,
+        max_attempts: int = 5,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+    ) -> None:
+        host, port = resolve_address(api)
+        self.address = format_address(host, port)
+        self.timeout = timeout
+        self.poll_wait = min(float(poll_wait), MAX_WAIT)
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._http = Transport(host, port, timeout)
+        self._subs: List[Subscription] = []
+        self._starts: Dict[str, _Start] = {}
+        self._stop = threading.Event()
+        self._async_stop: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = None
+        self._groups: List[_Group] = []
+        self._threads: List[threading.Thread] = []
+        self._errors: List[BaseException] = []
+        self._running = False
+
+    def __repr__(self) -> str:
+        return f"<riftmesh.Client {self.address}>"
+
+    # ================================================================ agent
+
+    def health(self) -> bool:
+        """True if the agent answers ``GET /v1/health``; raises if it does not."""
+        return bool(self._http.request("GET", "/v1/health").get("ok"))
+
+    def status(self) -> Dict[str, Any]:
+        """``GET /v1/status`` as the agent returns it."""
+        return self._http.request("GET", "/v1/status")  # type: ignore[no-any-return]
+
+    def peers(self) -> List[Dict[str, Any]]:
+        """The peers this agent is connected to (``GET /v1/peers``)."""
+        return list(self._http.request("GET", "/v1/peers")["peers"])
+
+    def members(self) -> List[Member]:
+        """Every host of the cluster as this agent knows it, itself first."""
+        v = self._http.request("GET", "/v1/members")
+        return [Member.from_json(m) for m in v["members"]]
+
+    def leader(self) -> LeaderInfo:
+        """The current leader and its term (the fencing token)."""
+        return LeaderInfo.from_json(self._http.request("GET", "/v1/leader"))
+
+    def types(self) -> List[Dict[str, Any]]:
+        """The agent's event type catalog (``GET /v1/types``)."""
+        return list(self._http.request("GET", "/v1/types")["types"])
+
+    def report_jobs(self, jobs: Mapping[str, Optional[float]], *, ttl: Optional[float] = None) -> Dict[str, float]:
+        """Set (or with ``None`` remove) this host's job counters; they travel with
+        its health record. With ``ttl`` they are dropped unless set again in time."""
+        body: Dict[str, Any] = {"jobs": dict(jobs)}
+        if ttl is not None:
+            body["ttl_secs"] = int(ttl)
+        return dict(self._http.request("POST", "/v1/jobs", body=body)["jobs"])
+
+    # ================================================================ publish
+
+    def publish(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+    ) -> Published:
+        """Publish one event; returns its id and whether it was a duplicate.
+
+        ``type`` is any accepted spelling or an :class:`~riftmesh.EventType`.
+        ``source`` names the publishing process (stored as the event's
+        ``origin``). ``correlation_id`` and ``parent_id`` link events into a
+        chain (:meth:`trace`); ``caused_by=event`` sets both from the event
+        that caused this one. The call returns once the event is on disk.
+        """
+        body = _event_body(
+            type,
+            payload,
+            source=source,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            caused_by=caused_by,
+        )
+        return Published.from_json(self._http.request("POST", "/v1/events", body=body))
+
+    def publish_batch(
+        self, events: Iterable[Union[Mapping[str, Any], Tuple[TypeLike, Any]]]
+    ) -> List[Published]:
+        """Publish many events in one request (all validated before any is written).
+
+        Each item is a ``(type, payload)`` pair or a mapping with the keyword
+        arguments of :meth:`publish` (``type``, ``payload``, ``source``,
+        ``correlation_id``, ``parent_id``, ``caused_by``). Results are in order.
+        """
+        items: List[Dict[str, Any]] = []
+        for e in events:
+            if isinstance(e, Mapping):
+                kw = dict(e)
+                unknown = set(kw) - {"type", "payload", "source", "correlation_id", "parent_id", "caused_by"}
+                if unknown:
+                    raise TypeError(f"unknown event fields {sorted(unknown)}")
+                items.append(_event_body(kw.pop("type"), kw.pop("payload", None), **kw))
+            else:
+                t, p = e
+                items.append(_event_body(t, p))
+        v = self._http.request("POST", "/v1/events/batch", body={"events": items})
+        return [Published.from_json(r) for r in v["results"]]
+
+    # ================================================================ history
+
+    def event(self, id: str) -> Event:
+        """One retained event by id (``NotFound`` otherwise)."""
+        return Event.from_json(self._http.request("GET", f"/v1/events/{quote(id)}"))
+
+    def trace(self, id: str) -> Trace:
+        """The chain of events linked to ``id`` (correlation and parent ids)."""
+        v = self._http.request("GET", f"/v1/trace/{quote(id)}")
+        return Trace(
+            correlation_id=str(v["correlation_id"]),
+            events=[(int(x["depth"]), Event.from_json(x["event"])) for x in v["events"]],
+        )
+
+    def history_page(
+        self,
+        types: Optional[Union[TypeLike, Iterable[TypeLike]]] = None,
+        *,
+        since: Optional[TimeLike] = None,
+        after: Optional[int] = None,
+        limit: int = 100,
+    ) -> HistoryPage:
+        """One page of ``GET /v1/events``."""
+        q: Dict[str, Any] = {"limit": limit}
+        if types is not None:
+            pats = _patterns([types])
+            if pats:
+                q["types"] = ",".join(pats)
+        if after is not None:
+            q["after"] = after
+        elif since is not None:
+            q["since"] = _since_param(since)
+        v = self._http.request("GET", "/v1/events", query=q)
+        return HistoryPage(
+            events=[Event.from_json(e) for e in v["events"]],
+            next_after=int(v["next_after"]),
+            head=int(v["head"]),
+        )
+
+    def history(
+        self,
+        types: Optional[Union[TypeLike, Iterable[TypeLike]]] = None,
+        *,
+        since: Optional[TimeLike] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+        page_size: int = 100,
+    ) -> Iterator[Event]:
+        """Retained events in local ``seq`` order, paged as needed; nothing is
+        acknowledged. ``after`` is a local sequence number (events after it),
+        ``since`` a time (events this agent received at or after it); with
+        neither, from the oldest retained event. ``types`` are patterns.
+        ``limit`` caps how many are yielded."""
+        count = 0
+        page = self.history_page(types, since=since, after=after, limit=page_size)
+        while True:
+            for ev in page.events:
+                if limit is not None and count >= limit:
+                    return
+                yield ev
+                count += 1
+            if page.next_after >= page.head:
+                return
+            page = self.history_page(types, after=page.next_after, limit=page_size)
+
+    # ================================================================ consumers
+
+    def consumers(self) -> List[ConsumerInfo]:
+        return [ConsumerInfo.from_json(c) for c in self._http.request("GET", "/v1/consumers")]
+
+    def consumer(self, name: str) -> Optional[ConsumerInfo]:
+        """The named durable consumer, or ``None`` if it does not exist."""
+        for c in self.consumers():
+            if c.name == name:
+                return c
+        return None
+
+    def create_consumer(
+        self,
+        name: str,
+        types: Optional[Union[TypeLike, Iterable[TypeLike]]] = None,
+        *,
+        from_start: bool = False,
+        since: Optional[TimeLike] = None,
+        after_seq: Optional[int] = None,
+        from_now: bool = False,
+    ) -> ConsumerInfo:
+        """Create or update a durable consumer (``PUT /v1/consumers/{name}``).
+
+        ``types=None`` keeps the current patterns (all types for a new one). A
+        start option moves the cursor every time it is given; without one a new
+        consumer starts at the head and an existing one keeps its cursor."""
+        body: Dict[str, Any] = {}
+        if types is not None:
+            body["types"] = _patterns([types])
+        if from_start:
+            body["from_start"] = True
+        if since is not None:
+            body["since"] = str(_since_param(since))
+        if after_seq is not None:
+            body["after_seq"] = after_seq
+        if from_now:
+            body["from_now"] = True
+        v = self._http.request("PUT", f"/v1/consumers/{quote(name)}", body=body)
+        return ConsumerInfo.from_json(v)
+
+    def replay(
+        self,
+        consumer: str,
+        *,
+        since: Optional[TimeLike] = None,
+        after_seq: Optional[int] = None,
+        from_start: bool = False,
+    ) -> ConsumerInfo:
+        """Move a durable consumer's cursor back so its handlers get those events
+        again: to just before ``since`` (a time), to ``after_seq`` (a local
+        sequence number), or to the oldest retained event."""
+        if sum(x is not None and x is not False for x in (since, after_seq, from_start or None)) != 1:
+            raise ValueError("replay() takes exactly one of since=, after_seq=, from_start=True")
+        return self.create_consumer(consumer, since=since, after_seq=after_seq, from_start=from_start)
+
+    def delete_consumer(self, name: str) -> ConsumerInfo:
+        """Remove a consumer and its dead letters."""
+        return ConsumerInfo.from_json(self._http.request("DELETE", f"/v1/consumers/{quote(name)}"))
+
+    def fetch(
+        self,
+        consumer: str,
+        *,
+        max: int = 100,
+        wait: float = 0.0,
+        timeout: Optional[float] = None,
+        _abort: Optional[Abort] = None,
+    ) -> Batch:
+        """Events after the consumer's cursor (fetching does not move it).
+
+        ``wait`` long-polls up to that many seconds (at most 60) for a first
+        event. ``timeout`` is the HTTP timeout; by default the client's plus
+        ``wait``."""
+        wait = min(max_wait(wait), MAX_WAIT)
+        t = timeout if timeout is not None else self.timeout + wait
+        v = self._http.request(
+            "GET",
+            f"/v1/consumers/{quote(consumer)}/events",
+            query={"max": max, "wait_ms": int(wait * 1000)},
+            timeout=t,
+            abort=_abort,
+        )
+        return Batch(
+            consumer=str(v["consumer"]),
+            events=[Event.from_json(e) for e in v["events"]],
+            missed=int(v.get("missed", 0)),
+            cursor=int(v["cursor"]),
+            head=int(v["head"]),
+        )
+
+    def ack(self, consumer: str, seq: int) -> ConsumerInfo:
+        """Acknowledge everything up to and including ``seq``."""
+        v = self._http.request("POST", f"/v1/consumers/{quote(consumer)}/ack", body={"seq": seq})
+        return ConsumerInfo.from_json(v)
+
+    def nack(self, consumer: str, seq: int, reason: str) -> ConsumerInfo:
+        """Dead-letter ``seq`` with ``reason`` (this also acknowledges up to it)."""
+        v = self._http.request(
+            "POST",
+            f"/v1/consumers/{quote(consumer)}/nack",
+            body={"seq": seq, "reason": _truncate_utf8(reason or "failed", MAX_REASON)},
+        )
+        return ConsumerInfo.from_json(v)
+
+    def dead_letters(self, consumer: str) -> List[DeadLetter]:
+        v = self._http.request("GET", f"/v1/consumers/{quote(consumer)}/dead-letters")
+        return [DeadLetter.from_json(d) for d in v["dead_letters"]]
+
+    # ================================================================ subscribe
+
+    def subscribe(
+        self,
+        *patterns: Union[TypeLike, Iterable[TypeLike]],
+        consumer: Optional[str] = None,
+        priority: int = 0,
+        max_attempts: Optional[int] = None,
+        backoff: Optional[float] = None,
+        max_backoff: Optional[float] = None,
+        from_start: bool = False,
+        since: Optional[TimeLike] = None,
+        after_seq: Optional[int] = None,
+    ) -> Callable[[H], H]:
+        """Register a handler for the events whose type matches one of ``patterns``
+        (none: every type). Use it as a decorator; the function is returned as is.
+
+        ``consumer`` names the durable consumer (cursor and dead letters kept by
+        the agent across restarts); by default the handler's module and name.
+        Handlers that share a consumer name share its cursor: each event runs
+        the matching handlers one after another, higher ``priority`` first,
+        and is acknowledged once they all returned. A handler that raises is
+        retried (``backoff`` seconds, doubling up to ``max_backoff``) without
+        running again the handlers that succeeded; after ``max_attempts`` runs
+        the event is dead-lettered with the error and the consumer moves on.
+
+        ``from_start``, ``since`` or ``after_seq`` say where a consumer that
+        does not exist yet starts (default: new events only). An existing
+        consumer always resumes after its last acknowledged event; use
+        :meth:`replay` to move it back.
+        """
+        pats = [TypePattern(p) for p in _patterns(patterns)]
+        start_opts = sum(x for x in (from_start, since is not None, after_seq is not None))
+        if start_opts > 1:
+            raise ValueError("give at most one of from_start=, since=, after_seq=")
+
+        def register(fn: H) -> H:
+            if not callable(fn):
+                raise TypeError("subscribe() decorates a callable")
+            name = consumer if consumer is not None else _default_consumer(fn)
+            if not _CONSUMER_NAME.match(name):
+                raise ValueError(f"consumer name {name!r}: use 1-64 of A-Z a-z 0-9 - _ .")
+            if start_opts:
+                st = _Start(
+                    from_start=from_start,
+                    since=_since_param(since) if since is not None else None,
+                    after_seq=after_seq,
+                )
+                old = self._starts.get(name)
+                if old is not None and old != st:
+                    raise ValueError(f"consumer {name!r} was given two different start options")
+                self._starts[name] = st
+            sub = Subscription(
+                handler=fn,
+                patterns=pats,
+                consumer=name,
+                priority=priority,
+                max_attempts=max(1, max_attempts if max_attempts is not None else self.max_attempts),
+                backoff=backoff if backoff is not None else self.backoff,
+                max_backoff=max_backoff if max_backoff is not None else self.max_backoff,
+                index=len(self._subs),
+                name=_callable_name(fn),
+                is_async=inspect.iscoroutinefunction(fn)
+                or inspect.iscoroutinefunction(getattr(fn, "__call__", None)),
+            )
+            self._subs.append(sub)
+            return fn
+
+        return register
+
+    @property
+    def subscriptions(self) -> List[Subscription]:
+        return list(self._subs)
+
+    def _make_groups(self) -> List[_Group]:
+        groups: Dict[str, _Group] = {}
+        for s in self._subs:
+            g = groups.get(s.consumer)
+            if g is None:
+                g = groups[s.consumer] = _Group(consumer=s.consumer, start=self._starts.get(s.consumer))
+            g.subs.append(s)
+        if not groups:
+            raise RuntimeError("nothing to run: register handlers with @client.subscribe(...) first")
+        return list(groups.values())
+
+    def _ensure_consumer(self, g: _Group) -> None:
+        exists = self.consumer(g.consumer) is not None
+        body: Dict[str, Any] = {"types": g.types()}
+        if not exists and g.start is not None:
+            body.update(g.start.body())
+        self._http.request("PUT", f"/v1/consumers/{quote(g.consumer)}", body=body)
+        log.info("consumer %s: types %s%s", g.consumer, body["types"] or "all", "" if exists else " (new)")
+
+    # ---------------------------------------------------------------- stop
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        """Stop the subscription runners: in-flight long polls are cut short, an
+        event whose handlers are running is finished first. Waits up to
+        ``timeout`` for :meth:`start`'s threads, then raises the error that
+        ended a runner, if any."""
+        self._stop.set()
+        for g in self._groups:
+            g.abort.abort()
+        a = self._async_stop
+        if a is not None:
+            loop, ev = a
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:
+                pass  # loop already closed
+        me = threading.current_thread()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in list(self._threads):
+            if t is me:
+                continue
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if all(not t.is_alive() for t in self._threads):
+            self._threads = []
+            self._running = False
+        self._raise_errors()
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            err = self._errors[0]
+            self._errors = []
+            raise err
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _begin(self) -> List[_Group]:
+        if self._running:
+            raise RuntimeError("this client is already running its subscriptions")
+        groups = self._make_groups()
+        self._stop.clear()
+        self._errors = []
+        self._groups = groups
+        self._running = True
+        return groups
+
+    # ---------------------------------------------------------------- sync runner
+
+    def start(self) -> None:
+        """Run the subscriptions in background threads (one per consumer) and
+        return at once; :meth:`stop` ends them."""
+        groups = self._begin()
+        self._threads = [
+            threading.Thread(
+                target=self._thread_main, args=(g,), name=f"riftmesh-{g.consumer}", daemon=True
+            )
+            for g in groups
+        ]
+        for t in self._threads:
+            t.start()
+
+    def run(self) -> None:
+        """Run the subscriptions until :meth:`stop` is called (from a handler,
+        another thread or a signal handler) or Ctrl-C. Async handlers run on an
+        event loop of their consumer's thread. Raises what ended a runner."""
+        self.start()
+        try:
+            while any(t.is_alive() for t in self._threads):
+                for t in self._threads:
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            log.info("interrupted: stopping")
+        finally:
+            self.stop(None)
+
+    def _thread_main(self, g: _Group) -> None:
+        loop: Optional[asyncio.AbstractEventLoop] = None
+        try:
+            if any(s.is_async for s in g.subs):
+                loop = asyncio.new_event_loop()
+            self._loop_sync(g, loop)
+        except BaseException as e:  # noqa: BLE001 - reported by run()/stop()
+            if not isinstance(e, Aborted):
+                log.error("consumer %s stopped: %s", g.consumer, e)
+                self._errors.append(e)
+            self._stop.set()
+            for other in self._groups:
+                other.abort.abort()
+        finally:
+            if loop is not None:
+                loop.close()
+
+    def _retry_wait(self, failures: int) -> float:
+        return min(10.0, 0.2 * (2 ** min(failures, 6)))
+
+    def _loop_sync(self, g: _Group, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        failures = 0
+        ensured = False
+        while not self._stop.is_set():
+            try:
+                if not ensured:
+                    self._ensure_consumer(g)
+                    ensured = True
+                batch = self.fetch(g.consumer, max=self.batch_size, wait=self.poll_wait, _abort=g.abort)
+                failures = 0
+            except Aborted:
+                return
+            except NotFound:
+                log.warning("consumer %s disappeared; creating it again", g.consumer)
+                ensured = False
+                continue
+            except (AgentUnavailable, RiftmeshTimeout, ServerError) as e:
+                failures += 1
+                wait = self._retry_wait(failures)
+                log.warning("consumer %s: %s; retrying in %.1f s", g.consumer, e, wait)
+                if self._stop.wait(wait):
+                    return
+                continue
+            self._note_missed(g, batch)
+            self._process_sync(g, batch, loop)
+
+    def _note_missed(self, g: _Group, batch: Batch) -> None:
+        if batch.missed:
+            log.warning(
+                "consumer %s: %d event(s) were removed by retention before they were acknowledged",
+                g.consumer,
+                batch.missed,
+            )
+
+    def _call_sync(self, s: Subscription, ev: Event, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        r = s.handler(ev)
+        if inspect.isawaitable(r):
+            if loop is None:
+                loop = asyncio.new_event_loop()
+                try:
+                    loop.run_until_complete(r)
+                finally:
+                    loop.close()
+            else:
+                loop.run_until_complete(r)
+
+    def _process_sync(self, g: _Group, batch: Batch, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        done = batch.cursor
+        acked = batch.cursor
+        for ev in batch.events:
+            if self._stop.is_set():
+                break
+            out = _Outcome()
+            pending = list(g.handlers_for(ev))
+            while pending:
+                now = time.monotonic()
+                due = [s for s in pending if out.next_at.get(s.index, 0.0) <= now]
+                for s in due:
+                    ev.attempt = out.failures.get(s.index, 0) + 1
+                    try:
+                        self._call_sync(s, ev, loop)
+                        pending.remove(s)
+                    except Exception as e:  # noqa: BLE001 - a handler's error is data
+                        self._handler_failed(g, s, ev, e, out, pending)
+                if pending:
+                    if done > acked:
+                        self._ack_quiet(g, done)
+                        acked = done
+                    wake = min(out.next_at[s.index] for s in pending)
+                    if self._stop.wait(max(0.0, wake - time.monotonic())):
+                        return  # not acknowledged: delivered again next time
+            if out.given_up:
+                self._nack_sync(g, ev, out.reason(ev))
+                acked = ev.seq
+            done = ev.seq
+        if done > acked:
+            self._ack_quiet(g, done)
+
+    def _handler_failed(
+        self,
+        g: _Group,
+        s: Subscription,
+        ev: Event,
+        e: BaseException,
+        out: _Outcome,
+        pending: List[Subscription],
+    ) -> None:
+        n = out.failures.get(s.index, 0) + 1
+        out.failures[s.index] = n
+        out.errors[s.index] = e
+        if n >= s.max_attempts:
+            pending.remove(s)
+            out.given_up.append(s)
+            log.error(
+                "consumer %s: handler %s failed %d time(s) on %s seq %d: %s: %s; dead-lettering it",
+                g.consumer, s.name, n, ev.type, ev.seq, type(e).__name__, e,
+            )
+        else:
+            d = s.delay(n)
+            out.next_at[s.index] = time.monotonic() + d
+            log.warning(
+                "consumer %s: handler %s failed on %s seq %d (attempt %d of %d): %s: %s; retrying in %.2f s",
+                g.consumer, s.name, ev.type, ev.seq, n, s.max_attempts, type(e).__name__, e, d,
+            )
+
+    def _ack_quiet(self, g: _Group, seq: int) -> None:
+        """Acknowledge, retrying while the agent is away (until stopped)."""
+        failures = 0
+        while True:
+            try:
+                self.ack(g.consumer, seq)
+                return
+            except (AgentUnavailable, RiftmeshTimeout, ServerError) as e:
+                failures += 1
+                if self._stop.is_set() or failures > 20:
+                    log.warning("consumer %s: ack of %d failed: %s; it will be delivered again", g.consumer, seq, e)
+                    return
+                time.sleep(self._retry_wait(failures))
+
+    def _nack_sync(self, g: _Group, ev: Event, reason: str) -> None:
+        failures = 0
+        while True:
+            try:
+                self.nack(g.consumer, ev.seq, reason)
+                return
+            except NotFound:
+                # Retention removed it meanwhile: nothing left to dead-letter.
+                log.warning("consumer %s: seq %d is no longer retained; acknowledging it", g.consumer, ev.seq)
+                self._ack_quiet(g, ev.seq)
+                return
+            except (AgentUnavailable, RiftmeshTimeout, ServerError) as e:
+                failures += 1
+                if self._stop.is_set() or failures > 20:
+                    raise RiftmeshError(f"could not dead-letter seq {ev.seq} of consumer {g.consumer}: {e}") from e
+                time.sleep(self._retry_wait(failures))
+
+    # ---------------------------------------------------------------- async runner
+
+    async def run_async(self) -> None:
+        """Run the subscriptions on the running event loop until :meth:`stop` or
+        cancellation. ``async def`` handlers are awaited on this loop; plain
+        handlers run in a worker thread so they do not block it."""
+        groups = self._begin()
+        loop = asyncio.get_running_loop()
+        stop_ev = asyncio.Event()
+        self._async_stop = (loop, stop_ev)
+        tasks = [asyncio.ensure_future(self._loop_async(g, stop_ev)) for g in groups]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            self._stop.set()
+            for g in groups:
+                g.abort.abort()
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._async_stop = None
+            self._running = False
+
+    async def _sleep_or_stop(self, stop_ev: asyncio.Event, seconds: float) -> bool:
+        """Sleep; True if stopped meanwhile."""
+        if self._stop.is_set():
+            return True
+        try:
+            await asyncio.wait_for(stop_ev.wait(), timeout=max(0.0, seconds))
+            return True
+        except asyncio.TimeoutError:
+            return self._stop.is_set()
+
+    async def _loop_async(self, g: _Group, stop_ev: asyncio.Event) -> None:
+        failures = 0
+        ensured = False
+        while not self._stop.is_set():
+            try:
+                if not ensured:
+                    await asyncio.to_thread(self._ensure_consumer, g)
+                    ensured = True
+                batch = await asyncio.to_thread(
+                    self.fetch, g.consumer, max=self.batch_size, wait=self.poll_wait, _abort=g.abort
+                )
+                failures = 0
+            except Aborted:
+                return
+            except NotFound:
+                log.warning("consumer %s disappeared; creating it again", g.consumer)
+                ensured = False
+                continue
+            except (AgentUnavailable, RiftmeshTimeout, ServerError) as e:
+                failures += 1
+                wait = self._retry_wait(failures)
+                log.warning("consumer %s: %s; retrying in %.1f s", g.consumer, e, wait)
+                if await self._sleep_or_stop(stop_ev, wait):
+                    return
+                continue
+            self._note_missed(g, batch)
+            await self._process_async(g, batch, stop_ev)
+
+    async def _call_async(self, s: Subscription, ev: Event) -> None:
+        if s.is_async:
+            await s.handler(ev)
+            return
+        r = await asyncio.to_thread(s.handler, ev)
+        if inspect.isawaitable(r):
+            await r
+
+    async def _process_async(self, g: _Group, batch: Batch, stop_ev: asyncio.Event) -> None:
+        done = batch.cursor
+        acked = batch.cursor
+        for ev in batch.events:
+            if self._stop.is_set():
+                break
+            out = _Outcome()
+            pending = list(g.handlers_for(ev))
+            while pending:
+                now = time.monotonic()
+                due = [s for s in pending if out.next_at.get(s.index, 0.0) <= now]
+                for s in due:
+                    ev.attempt = out.failures.get(s.index, 0) + 1
+                    try:
+                        await self._call_async(s, ev)
+                        pending.remove(s)
+                    except Exception as e:  # noqa: BLE001
+                        self._handler_failed(g, s, ev, e, out, pending)
+                if pending:
+                    if done > acked:
+                        await asyncio.to_thread(self._ack_quiet, g, done)
+                        acked = done
+                    wake = min(out.next_at[s.index] for s in pending)
+                    if await self._sleep_or_stop(stop_ev, wake - time.monotonic()):
+                        return
+            if out.given_up:
+                await asyncio.to_thread(self._nack_sync, g, ev, out.reason(ev))
+                acked = ev.seq
+            done = ev.seq
+        if done > acked:
+            await asyncio.to_thread(self._ack_quiet, g, done)
+
+    # ================================================================ locks
+
+    def lock(
+        self,
+        name: str,
+        ttl: float = 30.0,
+        *,
+        holder: Optional[str] = None,
+        wait: float = 0.0,
+        renew_every: Optional[float] = None,
+        timeout: float = 15.0,
+        on_lost: Optional[Callable[[Lock], Any]] = None,
+    ) -> Lock:
+        """A cluster lock for a ``with`` (or ``async with``) block.
+
+        Entering acquires it, waiting up to ``wait`` seconds while someone else
+        holds it (:class:`~riftmesh.LockHeld` after that) and up to ``timeout``
+        while no leader is known. It is renewed every ``ttl / 3`` in the
+        background and released at the end. ``lock.token`` is the fencing
+        token. ``holder`` defaults to ``<hostname>:<pid>``."""
+        return Lock(
+            self,
+            name,
+            ttl=ttl,
+            holder=holder if holder is not None else f"{socket.gethostname()}:{os.getpid()}",
+            wait=wait,
+            renew_every=renew_every,
+            timeout=timeout,
+            on_lost=on_lost,
+        )
+
+    def locks(self) -> List[LockInfo]:
+        """Every lock currently granted (read on the leader)."""
+        v = self._http.request("GET", "/v1/locks")
+        return [LockInfo.from_json(x) for x in v["locks"]]
+
+    # ================================================================ blobs
+
+    def blob_add(self, path: Union[str, "os.PathLike[str]"], *, name: str, event: Optional[TypeLike] = None) -> BlobAdded:
+        """Add a file to the agent's blob store under ``name`` and publish the
+        naming event (``event``: ``BLOB_PUBLISHED`` by default, or
+        ``MODEL_PROMOTED`` / ``GAME_BATCH_READY``). The agent reads the file
+        itself (it must be able to); the caller may delete it afterwards."""
+        body: Dict[str, Any] = {"path": os.path.abspath(os.fspath(path)), "name": name}
+        if event is not None:
+            body["event"] = type_name(event)
+        return BlobAdded.from_json(self._http.request("POST", "/v1/blobs", body=body))
+
+    def blobs(self) -> Dict[str, Any]:
+        """``GET /v1/blobs``: blobs held here and the names known."""
+        return self._http.request("GET", "/v1/blobs")  # type: ignore[no-any-return]
+
+    def blob_info(self, ref: str) -> BlobInfo:
+        """State of a blob (by id or name) on this agent."""
+        return BlobInfo.from_json(self._http.request("GET", "/v1/blob", query={"ref": ref}))
+
+    def blob_get(
+        self,
+        ref: str,
+        out: Optional[Union[str, "os.PathLike[str]"]] = None,
+        *,
+        timeout: float = 600.0,
+        poll: float = 0.25,
+    ) -> Union[Path, bytes]:
+        """The content of a blob, by id or name, fetched from peers if this agent
+        does not hold it yet (waiting up to ``timeout`` seconds).
+
+        With ``out`` the content is written there atomically (a temporary file
+        in the same directory, then renamed) and the path is returned; without
+        it the bytes are returned. The SHA-256 of what was read is checked
+        against the blob id."""
+        r = self._http.request("POST", "/v1/blob/fetch", body={"ref": ref})
+        blob_id = str(r["blob"])
+        state = str(r["state"])
+        deadline = time.monotonic() + timeout
+        while state != "complete":
+            if time.monotonic() > deadline:
+                raise RiftmeshTimeout(self.address, "GET", f"/v1/blob?ref={ref} (state {state})", timeout)
+            time.sleep(poll)
+            info = self.blob_info(ref)
+            state = info.state
+            if state in ("absent", "partial") and info.last_failure:
+                raise BlobFetchError(ref, str(info.last_failure.get("reason", info.last_failure)))
+        h = hashlib.sha256()
+        chunks: List[bytes] = []
+        tmp: Optional[str] = None
+        fh = None
+        try:
+            if out is not None:
+                target = Path(os.fspath(out))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=str(target.parent))
+                fh = os.fdopen(fd, "wb")
+            with self._http.stream("GET", "/v1/blob/content", query={"ref": blob_id}, timeout=max(self.timeout, 60.0)) as body:
+                while True:
+                    piece = body.read(1 << 20)
+                    if not piece:
+                        break
+                    h.update(piece)
+                    if fh is not None:
+                        fh.write(piece)
+                    else:
+                        chunks.append(piece)
+            if h.hexdigest() != blob_id:
+                raise BlobFetchError(ref, f"content read has SHA-256 {h.hexdigest()}, not {blob_id}")
+            if fh is not None and tmp is not None:
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+                fh = None
+                os.replace(tmp, target)
+                tmp = None
+                return target
+            return b"".join(chunks)
+        finally:
+            if fh is not None:
+                fh.close()
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+def max_wait(wait: float) -> float:
+    if wait < 0:
+        raise ValueError("wait must be >= 0")
+    return float(wait)
