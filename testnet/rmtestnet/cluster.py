@@ -297,6 +297,7 @@ class Cluster:
         logf.flush()
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
+        env.setdefault("NO_COLOR", "1")
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         logf.close()
