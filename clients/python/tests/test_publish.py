@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+
+from riftmesh import BadRequest, Client, EventType, PayloadTooLarge
+
+
+def test_publish_returns_id_and_duplicate(client: Client, uid: str) -> None:
+    payload = {"config": "hex8_2p", "model_path": f"models/{uid}.pth"}
+    first = client.publish("training.completed", payload, source="trainer")
+    assert not first.duplicate
+    assert first.id and first.seq > 0 and len(first.hash) == 64
+    assert first.type == "TRAINING_COMPLETED"  # normalised by the agent
+
+    again = client.publish(EventType.TRAINING_COMPLETED, dict(reversed(list(payload.items()))))
+    assert again.duplicate, "same type and payload (key order aside) is the same content"
+    assert (again.id, again.seq, again.hash) == (first.id, first.seq, first.hash)
+
+    other = client.publish("TRAINING_COMPLETED", {**payload, "attempt": 2})
+    assert not other.duplicate and other.id != first.id and other.seq > first.seq
+
+    ev = client.event(first.id)
+    assert ev.type == "TRAINING_COMPLETED"
+    assert ev.payload == payload
+    assert ev.origin == "trainer"
+    assert ev.seq == first.seq and ev.hash == first.hash
+    assert ev.source == client.status()["peer_id"]
+
+
+def test_batch_publish_in_order_with_duplicates(client: Client, uid: str) -> None:
+    t = f"T{uid}_BATCH"
+    results = client.publish_batch(
+        [
+            (t, {"n": 1}),
+            {"type": t, "payload": {"n": 2}, "source": "selfplay", "correlation_id": f"run-{uid}"},
+            (t, {"n": 1}),
+        ]
+    )
+    assert [r.duplicate for r in results] == [False, False, True]
+    assert results[2].id == results[0].id
+    assert results[0].seq < results[1].seq
+    evs = list(client.history(t))
+    assert [e.payload["n"] for e in evs] == [1, 2]
+    assert evs[1].origin == "selfplay" and evs[1].correlation_id == f"run-{uid}"
+
+
+def test_bad_batch_item_fails_the_whole_batch(client: Client, uid: str) -> None:
+    t = f"T{uid}_BADBATCH"
+    with pytest.raises(BadRequest) as ei:
+        client.publish_batch([(t, {"n": 1}), ("1abc", {"n": 2})])
+    assert ei.value.status == 400
+    assert "events[1]" in ei.value.message and "1abc" in ei.value.message
+    assert list(client.history(t)) == [], "nothing of a refused batch is written"
+
+
+def test_correlation_and_parent_ids_form_a_trace(client: Client, uid: str) -> None:
+    root = client.publish("TRAINING_COMPLETED", {"model": uid}, source="trainer")
+    root_ev = client.event(root.id)
+    child = client.publish("EVALUATION_COMPLETED", {"model": uid, "elo": 1502.5}, caused_by=root_ev)
+    child_ev = client.event(child.id)
+    assert child_ev.parent_id == root.id
+    assert child_ev.correlation_id == root.id, "the root has no correlation id: its id names the chain"
+    grand = client.publish("MODEL_PROMOTED", {"model": uid}, caused_by=child_ev)
+    grand_ev = client.event(grand.id)
+    assert grand_ev.parent_id == child.id and grand_ev.correlation_id == root.id
+
+    explicit = client.publish(
+        "EVALUATION_STARTED", {"model": uid}, correlation_id=f"run-{uid}", parent_id=root.id
+    )
+    ev = client.event(explicit.id)
+    assert (ev.correlation_id, ev.parent_id) == (f"run-{uid}", root.id)
+
+    tr = client.trace(grand.id)
+    assert tr.correlation_id == root.id
+    by_id = {e.id: depth for depth, e in tr.events}
+    assert set(by_id) == {root.id, child.id, grand.id}
+    assert by_id[root.id] < by_id[child.id] < by_id[grand.id]
+
+
+def test_too_large_event_is_refused_with_the_agents_message(client: Client, uid: str) -> None:
+    limit = client.status()["max_event_payload_bytes"]
+    with pytest.raises(PayloadTooLarge) as ei:
+        client.publish(f"T{uid}_BIG", {"blob": "x" * (limit + 10)})
+    assert ei.value.status == 413
+    assert "send large data as a blob" in ei.value.message
