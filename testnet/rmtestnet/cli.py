@@ -332,8 +332,8 @@ def parser():
     add_up_args(p)
     p.add_argument("--deadline", type=util.parse_duration, default=600, help="whole scenario bound (s)")
     p.add_argument("--batches", type=int, default=3, help="game batches per selfplay host")
-    p.add_argument("--batch-size", default="2MiB")
-    p.add_argument("--model-size", default="8MiB")
+    p.add_argument("--batch-size", default="4MiB")
+    p.add_argument("--model-size", default="16MiB")
     p.add_argument("--config-name", default="hex8_2p")
     p.add_argument("--faults", default="kill,partition",
                    help="comma list of kill, partition, pause, shape (default kill,partition)")

@@ -206,6 +206,14 @@ def play(r):
                 c.kill(victim)
                 r.fault("kill -9", host=victim["name"], note="training host, while batches are published")
                 r.cleanup.append(lambda v=victim: (not c.alive(v)) and c.start(v))
+                others = [h for h in r.live() if h is not victim]
+                try:
+                    wait_for(lambda: all(_state_of(r, h, victim["name"]) in ("dead", "left")
+                                         for h in others), r.left(30), 0.2,
+                             f"every other agent to declare {victim['name']} dead")
+                    r.fault("declared dead", host=victim["name"], note="by every other agent")
+                except TestnetError as e:
+                    r.notes.append(f"kill: {e}")
         if "shape" in want:
             shaped = next((h for h in sp if h is not leader0), sp[0])
             try:
