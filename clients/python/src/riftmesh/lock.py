@@ -68,6 +68,8 @@ class Lock:
         self.token: Optional[int] = None
         self.expires_ms: Optional[int] = None
         self.renewals = 0
+        # Acquire requests made by the last acquire() (it retries while held or leaderless).
+        self.attempts = 0
         self.lost_reason: Optional[str] = None
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -109,7 +111,9 @@ class Lock:
         if self.holder is not None:
             body["holder"] = self.holder
         start = time.monotonic()
+        self.attempts = 0
         while True:
+            self.attempts += 1
             try:
                 r = self.client._http.request("POST", self._path("acquire"), body=body)
                 break
@@ -220,5 +224,5 @@ class Lock:
         await asyncio.to_thread(self.release)
 
     def __repr__(self) -> str:
-        state = "lost" if self.lost else "held" if self.token is not None else "free"
+        state = "lost" if self.lost else "held" if self.held else "free"
         return f"<Lock {self.name} {state} token={self.token}>"
