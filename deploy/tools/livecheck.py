@@ -391,6 +391,17 @@ def run_prometheus(prom_bin, work, prom_config, rules, agents, dead_targets, exp
         log.close()
 
 
+def parse_size(v):
+    if isinstance(v, int):
+        return v
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(v))
+    if not m:
+        raise ValueError(f"size {v!r}")
+    mult = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)]
+    base = 1024 if m.group(3) or not m.group(2) else 1000
+    return int(float(m.group(1)) * base ** mult) if m.group(2) else int(float(m.group(1)))
+
+
 # --- commands ----------------------------------------------------------------------
 def keygen(bin_, work):
     key = os.path.join(work, "swarm.key")
@@ -532,10 +543,20 @@ def cmd_configs(a):
                     fail(f"{ag.path}: voters {ld.get('voters')} instead of {conf.get('voters')}")
                 sy = jget(ag.api + "/v1/sync")
                 wants = sy.get("wants", [])
-                if len(wants) != len(conf.get("want", [])):
-                    fail(f"{ag.path}: {len(wants)} wants active, config has {len(conf.get('want', []))}")
+                if [w["names"] for w in wants] != [w["names"] for w in conf.get("want", [])]:
+                    fail(f"{ag.path}: wants {[w['names'] for w in wants]}, config has "
+                         f"{[w['names'] for w in conf.get('want', [])]}")
+                for w in wants:  # if_tags: active exactly where every tag matches
+                    expect = all(tags.get(k) == v for k, v in w.get("if_tags", {}).items())
+                    if w.get("active") != expect:
+                        fail(f"{ag.path}: want {w['names']} active={w.get('active')}, expected {expect}")
+                for key, field in (("blob_budget", "budget_bytes"), ("sync_upload_rate", "upload_rate"),
+                                   ("sync_download_rate", "download_rate")):
+                    if key in conf and parse_size(conf[key]) != (sy.get(field) or 0):
+                        fail(f"{ag.path}: {key} = {conf[key]!r} but the agent has {field} = {sy.get(field)}")
+                active = sum(bool(w.get("active")) for w in wants)
                 info(f"  {ag.path}: ok (name {st['name']}, voter {ld.get('is_voter')}, "
-                     f"tags {tags}, {len(conf.get('want', []))} want tables, {len(wants)} apply here)")
+                     f"tags {tags}, {len(wants)} want tables, {active} active here)")
             except Exception as e:  # noqa: BLE001
                 fail(f"{ag.path}: {e}\n{ag.tail()}")
             finally:
