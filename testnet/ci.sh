@@ -71,7 +71,8 @@ fi
 prometheus --version 2>&1 | head -1
 
 # ---- testnet and scenario ------------------------------------------------------
-timeout 300 "$HERE/testnet" --state "$STATE" up --hosts "$HOSTS"
+timeout 300 "$HERE/testnet" --state "$STATE" up --hosts "$HOSTS" \
+  --net-tag c --subnet 10.77.2
 timeout 60 "$HERE/testnet" --state "$STATE" check --wait 45
 timeout 420 "$HERE/testnet" --state "$STATE" scenario --faults kill,partition --deadline 300 \
   --report "$WORK/scenario.json"
@@ -91,7 +92,7 @@ if [ -d "$REPO/deploy/prometheus" ]; then
     else
       echo "note: $f does not pass promtool check rules; not loaded"
     fi
-  done < <(find "$REPO/deploy/prometheus" -maxdepth 2 -type f \( -name '*rules*.yml' -o -name '*rules*.yaml' -o -name '*alert*.yml' -o -name '*alert*.yaml' \) -print0)
+  done < <(find "$REPO/deploy/prometheus" -maxdepth 1 -type f \( -name '*rules*.yml' -o -name '*rules*.yaml' -o -name '*alert*.yml' -o -name '*alert*.yaml' \) -print0)
 fi
 
 mkdir -p "$WORK/prom-data"
@@ -149,14 +150,21 @@ sys.exit(1)
 EOF
 
 echo "promtool check metrics on every agent"
+promtool_failed=()
 for t in $targets; do
   curl -sf --max-time 10 "http://$t/metrics" -o "$WORK/metrics.txt"
-  if ! promtool check metrics < "$WORK/metrics.txt"; then
-    echo "promtool check metrics failed for $t"
-    exit 1
+  if promtool check metrics < "$WORK/metrics.txt" > "$WORK/promtool.txt" 2>&1; then
+    echo "  ok    $t ($(grep -c -v '^#' "$WORK/metrics.txt") samples)"
+  else
+    echo "  FAIL  $t: promtool check metrics reports $(wc -l < "$WORK/promtool.txt") problems:"
+    sed 's/^/        /' "$WORK/promtool.txt"
+    promtool_failed+=("$t")
   fi
-  echo "  ok  $t ($(grep -c -v '^#' "$WORK/metrics.txt") samples)"
 done
 
 timeout 60 "$HERE/testnet" --state "$STATE" check --wait 30
+if [ "${#promtool_failed[@]}" -gt 0 ]; then
+  echo "ci.sh: promtool check metrics failed for ${promtool_failed[*]}"
+  exit 1
+fi
 echo "ci.sh: all checks passed"

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,13 +28,27 @@ def load(args):
     return c.load()
 
 
-def up(args, tag="t", subnet="10.77.0", extra_wants=None, n=None):
+def up(args, tag=None, subnet=None, extra_wants=None, n=None):
+    tag = tag or getattr(args, "net_tag", None) or "t"
+    subnet = subnet or getattr(args, "subnet", None) or "10.77.0"
+    if not (tag.isalnum() and tag.islower() and len(tag) <= 3):
+        raise TestnetError("--net-tag: 1-3 lowercase letters or digits")
+    parts = subnet.split(".")
+    if len(parts) != 3 or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
+        raise TestnetError("--subnet: the first three octets of a /24, e.g. 10.77.0")
     c = Cluster(args.state)
     if c.exists():
         c.load()
         if any(c.alive(h) for h in c.hosts.values()) or c.s["resources"]:
             raise TestnetError(f"a testnet is already up in {c.dir}; `testnet down` first")
         os.remove(c.path)
+    # A fresh testnet: data, logs and key of an earlier one (torn down) go.
+    for leftover in ("hosts", "scenario", "fanout", "swarm.key", "state.json.down"):
+        p = os.path.join(c.dir, leftover)
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
     n = n or args.hosts
     if not 1 <= n <= 30:
         raise TestnetError("--hosts must be between 1 and 30")
@@ -255,6 +270,10 @@ def add_up_args(p):
     p.add_argument("--blob-budget", default="0", help="blob_budget of every host (default 0: no limit)")
     p.add_argument("--bin", help="riftmesh binary (default $RIFTMESH_BIN, else <repo>/target/release/riftmesh)")
     p.add_argument("--loopback", action="store_true", help="use loopback ports even as root")
+    p.add_argument("--net-tag", default="t",
+                   help="names: namespaces rmt-<tag>NN, bridge rmt-<tag>br (default t); "
+                        "two testnets side by side need different tags, subnets and --state")
+    p.add_argument("--subnet", default="10.77.0", help="the /24 of the bridge (default 10.77.0)")
     p.add_argument("--ready-timeout", type=float, default=180,
                    help="seconds for every agent to answer, see all others and agree on a leader")
 

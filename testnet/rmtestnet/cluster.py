@@ -238,6 +238,19 @@ class Cluster:
         if self.mode != "netns":
             return
         br, subnet = self.s["bridge"], self.s["subnet"]
+        # Names in use belong to someone else (another testnet): refuse
+        # before recording anything, so our cleanup never touches them.
+        links = run(["ip", "-o", "link", "show"]).stdout
+        used = {l.split(":")[1].strip().split("@")[0] for l in links.splitlines() if ":" in l}
+        nss = {l.split()[0] for l in run(["ip", "netns", "list"]).stdout.splitlines() if l.strip()}
+        clash = sorted(({br} | {h["veth"] for h in self.hosts.values()}) & used) + \
+            sorted({h["ns"] for h in self.hosts.values()} & nss)
+        if clash:
+            raise TestnetError(f"already in use (another testnet? use --net-tag/--subnet/--state): "
+                               f"{', '.join(clash)}")
+        addrs = run(["ip", "-o", "-4", "addr", "show"]).stdout
+        if f" {subnet}." in addrs:
+            raise TestnetError(f"subnet {subnet}.0/24 is already on an interface here; use --subnet")
         self.record(kind="bridge", name=br)
         run(["ip", "link", "add", br, "type", "bridge"])
         run(["ip", "addr", "add", f"{self.s['bridge_addr']}/24", "dev", br])
