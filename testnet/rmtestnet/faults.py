@@ -48,11 +48,14 @@ def partition(c, specs, method="auto"):
     member_of = {n: i for i, g in enumerate(groups) for n in g}
     pairs = [(a, b) for a in member_of for b in member_of if member_of[a] != member_of[b]]
     if method == "route":
+        by_ns = {}
         for a, b in pairs:
-            ha, hb = c.host(a), c.host(b)
-            route = f"blackhole {hb['addr']}/32"
-            c.record(kind="route", ns=ha["ns"], route=route)
-            run(["ip", "-n", ha["ns"], "route", "replace"] + route.split())
+            by_ns.setdefault(c.host(a)["ns"], []).append(f"blackhole {c.host(b)['addr']}/32")
+        with c.locked():
+            for ns, routes in by_ns.items():
+                c.s["resources"] += [{"kind": "route", "ns": ns, "route": r} for r in routes]
+        for ns, routes in by_ns.items():   # one `ip -batch` per namespace
+            run(["ip", "-n", ns, "-batch", "-"], input="".join(f"route replace {r}\n" for r in routes))
     else:
         _api_block(c, groups, member_of, True)
     c.add_fault("partition", groups=groups, method=method)
@@ -78,8 +81,12 @@ def heal(c):
         log("heal: no partition in place")
         return
     if p["method"] == "route":
+        by_ns = {}
         for r in [r for r in c.s["resources"] if r["kind"] == "route"]:
-            run(["ip", "-n", r["ns"], "route", "del"] + r["route"].split(), check=False)
+            by_ns.setdefault(r["ns"], []).append(r["route"])
+        for ns, routes in by_ns.items():
+            run(["ip", "-force", "-n", ns, "-batch", "-"], check=False,
+                input="".join(f"route del {r}\n" for r in routes))
         c.forget(lambda r: r["kind"] == "route")
     else:
         groups = p["groups"]
