@@ -87,6 +87,10 @@ def jget(url, timeout=10):
     return json.loads(raw)
 
 
+class Exited(Exception):
+    """An agent that has exited: waiting longer will not help."""
+
+
 def wait_for(what, pred, timeout, step=0.2):
     end = time.time() + timeout
     last = None
@@ -95,6 +99,8 @@ def wait_for(what, pred, timeout, step=0.2):
             v = pred()
             if v:
                 return v
+        except Exited:
+            raise
         except Exception as e:  # noqa: BLE001 - anything means "not yet"
             last = e
         time.sleep(step)
@@ -129,7 +135,7 @@ class Agent:
 
     def healthy(self):
         if self.proc.poll() is not None:
-            raise RuntimeError(f"agent {self.name} exited with {self.proc.returncode}: {self.tail()}")
+            raise Exited(f"agent {self.name} exited with {self.proc.returncode}: {self.tail()}")
         return jget(self.api + "/v1/health", timeout=2).get("ok") is True
 
     def tail(self, n=15):
