@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import List
 
 import pytest
 
 from harness import Agent, wait_until
-from riftmesh import BadRequest, Client, EventType, NotFound
+from riftmesh import BadRequest, Client, Event, EventType, NotFound
 
 DEADLINE = 90.0
 
@@ -30,7 +31,7 @@ def test_blob_add_and_get(client: Client, uid: str, tmp_path: Path) -> None:
     src.unlink()  # the agent keeps its own copy
     assert client.blob_get(name) == data
     out = client.blob_get(added.blob, tmp_path / "out" / "copy.pth")
-    assert Path(out).read_bytes() == data
+    assert out.read_bytes() == data
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["copy.pth"], "no temporary file left"
     assert client.blob_info(name).state == "complete"
 
@@ -42,7 +43,11 @@ def test_blob_add_and_get(client: Client, uid: str, tmp_path: Path) -> None:
 
 def test_blob_errors(client: Client, uid: str, tmp_path: Path) -> None:
     with pytest.raises(NotFound, match=f"unknown-{uid}"):
-        client.blob_get(f"games/unknown-{uid}")
+        client.blob_get(f"games/unknown-{uid}", name_wait=0)
+    t0 = time.monotonic()
+    with pytest.raises(NotFound):
+        client.blob_get(f"games/unknown-{uid}", name_wait=0.5)
+    assert time.monotonic() - t0 >= 0.5
     with pytest.raises(BadRequest):
         client.blob_get("../etc/passwd")
     with pytest.raises(BadRequest, match="cannot open"):
@@ -59,9 +64,21 @@ def test_blob_fetched_from_another_agent(mesh2: List[Agent], uid: str, tmp_path:
     src = tmp_path / "games.db"
     src.write_bytes(data)
     name = f"games/hex8_2p/batch-{uid}"
-    added = a.blob_add(src, name=name, event="GAME_BATCH_READY")
-    # b learns the name from the signed naming event, then fetches the chunks from a.
-    wait_until("the naming event on b", lambda: any(e.id == added.event_id for e in b.history("GAME_BATCH_READY")), DEADLINE)
-    out = b.blob_get(name, tmp_path / "fetched.db", timeout=DEADLINE)
-    assert Path(out).read_bytes() == data
+    fetched: List[Path] = []
+
+    # The usual flow: a consumer on the other host gets the naming event and fetches the blob.
+    @b.subscribe(EventType.GAME_BATCH_READY, consumer=f"games-{uid}")
+    def on_batch(ev: Event) -> None:
+        if ev.payload["name"] == name:
+            fetched.append(b.blob_get(ev, tmp_path / "fetched.db", timeout=DEADLINE))
+
+    b.start()
+    try:
+        wait_until("the consumer on b", lambda: b.consumer(f"games-{uid}"), DEADLINE)
+        added = a.blob_add(src, name=name, event="GAME_BATCH_READY")
+        wait_until("the blob on b", lambda: fetched, DEADLINE)
+    finally:
+        b.stop()
+    assert fetched[0].read_bytes() == data
     assert b.blob_info(added.blob).state == "complete"
+    assert b.blob_get(name) == data

@@ -1,17 +1,18 @@
 from __future__ import annotations
 
 import time
+from typing import List
 from datetime import datetime, timedelta, timezone
 
 from harness import wait_until
 
-from riftmesh import Client
+from riftmesh import Client, Published
 
 
 def test_history_by_type_sequence_and_time(client: Client, uid: str) -> None:
     t = f"T{uid}_HIST"
     other = f"T{uid}_NOISE"
-    ps = []
+    ps: List[Published] = []
     for n in range(5):
         if n == 3:
             # A clean time boundary before n=3 (times have millisecond resolution).

@@ -316,3 +316,23 @@ def test_replay_moves_a_consumer_back(client: Client, uid: str) -> None:
     assert [e.id for e in client.fetch(name).events] == [ps[2].id]
     with pytest.raises(ValueError):
         client.replay(name)
+
+
+def test_a_client_can_run_again_after_stop(client: Client, uid: str) -> None:
+    t = f"T{uid}_AGAIN2"
+    got: List[int] = []
+
+    @client.subscribe(t, consumer=f"rerun-{uid}")
+    def h(ev: Event) -> None:
+        got.append(ev.payload["n"])
+        client.stop()  # stop from inside the handler
+
+    for n in range(2):
+        client.start()
+        wait_until("the consumer", lambda: client.consumer(f"rerun-{uid}"), DEADLINE)
+        client.publish(t, {"n": n})
+        wait_until(f"delivery {n}", lambda: len(got) > n, DEADLINE)
+        client.stop()
+    assert got == [0, 1]
+    with pytest.raises(RuntimeError, match="nothing to run"):
+        Client(client.address).start()

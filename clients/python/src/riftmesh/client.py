@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import math
 import os
 import re
 import socket
@@ -14,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import Enum
 from pathlib import Path
 from typing import (
     Any,
@@ -29,14 +31,13 @@ from typing import (
     Tuple,
     TypeVar,
     Union,
+    overload,
 )
 
 from ._transport import Abort, Aborted, Transport, format_address, quote, resolve_address
 from .errors import (
     AgentUnavailable,
-    ApiError,
     BlobFetchError,
-    ClientError,
     NotFound,
     RiftmeshError,
     RiftmeshTimeout,
@@ -99,10 +100,10 @@ def _since_param(since: TimeLike) -> Union[str, int]:
 def _patterns(args: Sequence[Union[TypeLike, Iterable[TypeLike]]]) -> List[str]:
     out: List[str] = []
     for a in args:
-        if isinstance(a, (str,)) or hasattr(a, "value"):
-            out.append(type_name(a))  # type: ignore[arg-type]
+        if isinstance(a, (str, Enum)):
+            out.append(type_name(a))
         else:
-            out.extend(type_name(x) for x in a)  # type: ignore[union-attr]
+            out.extend(type_name(x) for x in a)
     return out
 
 
@@ -172,7 +173,7 @@ class Subscription:
 
     def delay(self, failures: int) -> float:
         """Seconds to wait before the retry that follows the ``failures``-th failure."""
-        return min(self.max_backoff, self.backoff * (2 ** (failures - 1)))
+        return float(min(self.max_backoff, self.backoff * 2.0 ** (failures - 1)))
 
 
 @dataclass
@@ -311,7 +312,7 @@ class Client:
         its health record. With ``ttl`` they are dropped unless set again in time."""
         body: Dict[str, Any] = {"jobs": dict(jobs)}
         if ttl is not None:
-            body["ttl_secs"] = int(ttl)
+            body["ttl_secs"] = max(1, math.ceil(ttl))
         return dict(self._http.request("POST", "/v1/jobs", body=body)["jobs"])
 
     # ================================================================ publish
@@ -659,7 +660,6 @@ class Client:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if all(not t.is_alive() for t in self._threads):
             self._threads = []
-            self._running = False
         self._raise_errors()
 
     def _raise_errors(self) -> None:
@@ -672,14 +672,15 @@ class Client:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def _begin(self) -> List[_Group]:
-        if self._running:
+    def _begin(self, is_async: bool) -> List[_Group]:
+        if self._running or any(t.is_alive() for t in self._threads):
             raise RuntimeError("this client is already running its subscriptions")
         groups = self._make_groups()
         self._stop.clear()
         self._errors = []
         self._groups = groups
-        self._running = True
+        self._threads = []
+        self._running = is_async
         return groups
 
     # ---------------------------------------------------------------- sync runner
@@ -687,7 +688,7 @@ class Client:
     def start(self) -> None:
         """Run the subscriptions in background threads (one per consumer) and
         return at once; :meth:`stop` ends them."""
-        groups = self._begin()
+        groups = self._begin(False)
         self._threads = [
             threading.Thread(
                 target=self._thread_main, args=(g,), name=f"riftmesh-{g.consumer}", daemon=True
@@ -729,7 +730,7 @@ class Client:
                 loop.close()
 
     def _retry_wait(self, failures: int) -> float:
-        return min(10.0, 0.2 * (2 ** min(failures, 6)))
+        return float(min(10.0, 0.2 * 2.0 ** min(failures, 6)))
 
     def _loop_sync(self, g: _Group, loop: Optional[asyncio.AbstractEventLoop]) -> None:
         failures = 0
@@ -873,7 +874,7 @@ class Client:
         """Run the subscriptions on the running event loop until :meth:`stop` or
         cancellation. ``async def`` handlers are awaited on this loop; plain
         handlers run in a worker thread so they do not block it."""
-        groups = self._begin()
+        groups = self._begin(True)
         loop = asyncio.get_running_loop()
         stop_ev = asyncio.Event()
         self._async_stop = (loop, stop_ev)
@@ -1029,25 +1030,72 @@ class Client:
         """State of a blob (by id or name) on this agent."""
         return BlobInfo.from_json(self._http.request("GET", "/v1/blob", query={"ref": ref}))
 
+    @overload
     def blob_get(
         self,
-        ref: str,
+        ref: Union[str, Event],
+        out: None = None,
+        *,
+        timeout: float = ...,
+        name_wait: Optional[float] = ...,
+        poll: float = ...,
+    ) -> bytes: ...
+
+    @overload
+    def blob_get(
+        self,
+        ref: Union[str, Event],
+        out: Union[str, "os.PathLike[str]"],
+        *,
+        timeout: float = ...,
+        name_wait: Optional[float] = ...,
+        poll: float = ...,
+    ) -> Path: ...
+
+    def blob_get(
+        self,
+        ref: Union[str, Event],
         out: Optional[Union[str, "os.PathLike[str]"]] = None,
         *,
         timeout: float = 600.0,
+        name_wait: Optional[float] = None,
         poll: float = 0.25,
     ) -> Union[Path, bytes]:
-        """The content of a blob, by id or name, fetched from peers if this agent
-        does not hold it yet (waiting up to ``timeout`` seconds).
+        """The content of a blob, fetched from peers if this agent does not hold
+        it yet (waiting up to ``timeout`` seconds).
+
+        ``ref`` is a blob id, a name, or a naming event (``BLOB_PUBLISHED``,
+        ``MODEL_PROMOTED``, ``GAME_BATCH_READY``) as a handler receives it.
+        The agent records names from naming events shortly *after* the events
+        are in its log, so a name it does not know yet (404) is asked again
+        for up to ``name_wait`` seconds: 10 by default, ``timeout`` for an
+        event (its name is certain to come).
 
         With ``out`` the content is written there atomically (a temporary file
         in the same directory, then renamed) and the path is returned; without
         it the bytes are returned. The SHA-256 of what was read is checked
         against the blob id."""
-        r = self._http.request("POST", "/v1/blob/fetch", body={"ref": ref})
+        if isinstance(ref, Event):
+            payload = ref.payload if isinstance(ref.payload, dict) else {}
+            name = payload.get("name")
+            if not isinstance(name, str):
+                raise ValueError(f"event {ref.id} ({ref.type}) does not name a blob")
+            ref = name
+            grace = timeout if name_wait is None else name_wait
+        else:
+            grace = 10.0 if name_wait is None else name_wait
+        deadline = time.monotonic() + timeout
+        name_deadline = time.monotonic() + min(grace, timeout)
+        while True:
+            try:
+                r = self._http.request("POST", "/v1/blob/fetch", body={"ref": ref})
+                break
+            except NotFound:
+                if time.monotonic() >= name_deadline:
+                    raise
+                time.sleep(min(poll, 0.1))
         blob_id = str(r["blob"])
         state = str(r["state"])
-        deadline = time.monotonic() + timeout
         while state != "complete":
             if time.monotonic() > deadline:
                 raise RiftmeshTimeout(self.address, "GET", f"/v1/blob?ref={ref} (state {state})", timeout)

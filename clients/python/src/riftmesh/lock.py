@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Optional, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Type
 
 from .errors import (
     AgentUnavailable,
@@ -107,7 +107,7 @@ class Lock:
         (503) for up to ``timeout`` s, and while it is held for up to ``wait`` s."""
         if self.held:
             raise RuntimeError(f"lock {self.name} is already held by this object")
-        body: dict = {"ttl_secs": self.ttl}
+        body: Dict[str, Any] = {"ttl_secs": self.ttl}
         if self.holder is not None:
             body["holder"] = self.holder
         start = time.monotonic()
