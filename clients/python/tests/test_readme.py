@@ -81,8 +81,8 @@ class Daemon:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
 
-    def interrupt(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
+    def interrupt(self, sig: int = signal.SIGINT) -> int:
+        self.proc.send_signal(sig)
         rc = self.proc.wait(timeout=DEADLINE)
         self.reader.join(10)
         return rc
@@ -97,7 +97,8 @@ def test_every_readme_example_is_tested() -> None:
     assert set(examples()) == TESTED
 
 
-def test_quickstart(readme_agent: Agent, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_quickstart(readme_agent: Agent, tmp_path: Path, sig: int) -> None:
     mesh = Client(readme_agent.api)
     d = Daemon(readme_agent, "quickstart", tmp_path)
     try:
@@ -109,7 +110,7 @@ def test_quickstart(readme_agent: Agent, tmp_path: Path) -> None:
         path = f"models/{uuid.uuid4().hex}.pth"
         mesh.publish("training.completed", {"config": "hex8_2p", "model_path": path}, source="tests")
         wait_until("the handler's output", lambda: f"evaluating {path} from tests" in d.lines, DEADLINE)
-        rc = d.interrupt()
+        rc = d.interrupt(sig)
     finally:
         d.kill()
     assert rc == 0, "\n".join(d.lines)
@@ -133,10 +134,12 @@ def test_async_example(readme_agent: Agent, tmp_path: Path) -> None:
             DEADLINE,
         )
         assert int(line.rsplit(" ", 1)[1]) > 0
-        rc = d.interrupt()
+        rc = d.interrupt(signal.SIGTERM)  # how a service manager stops it
     finally:
         d.kill()
-    assert rc in (0, -signal.SIGINT), "\n".join(d.lines)
+    assert rc == 0, "\n".join(d.lines)
+    c = mesh.consumer("promoter")
+    assert c is not None and c.dead_letters == 0 and c.cursor >= list(mesh.history("EVALUATION_COMPLETED"))[-1].seq
 
 
 def test_publish_example(readme_agent: Agent, tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ class Abort:
     """Lets another thread cut an in-flight request short (used to stop long polls)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: abort() may run in a signal handler
         self._conn: Optional[http.client.HTTPConnection] = None
         self.aborted = False
 

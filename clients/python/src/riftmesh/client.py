@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import tempfile
 import threading
@@ -642,16 +643,7 @@ class Client:
         event whose handlers are running is finished first. Waits up to
         ``timeout`` for :meth:`start`'s threads, then raises the error that
         ended a runner, if any."""
-        self._stop.set()
-        for g in self._groups:
-            g.abort.abort()
-        a = self._async_stop
-        if a is not None:
-            loop, ev = a
-            try:
-                loop.call_soon_threadsafe(ev.set)
-            except RuntimeError:
-                pass  # loop already closed
+        self._request_stop()
         me = threading.current_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in list(self._threads):
@@ -698,19 +690,42 @@ class Client:
         for t in self._threads:
             t.start()
 
-    def run(self) -> None:
-        """Run the subscriptions until :meth:`stop` is called (from a handler,
-        another thread or a signal handler) or Ctrl-C. Async handlers run on an
-        event loop of their consumer's thread. Raises what ended a runner."""
-        self.start()
+    def _request_stop(self) -> None:
+        """Ask the runners to stop without waiting for them (safe in a signal handler)."""
+        self._stop.set()
+        for g in self._groups:
+            g.abort.abort()
+        a = self._async_stop
+        if a is not None:
+            loop, ev = a
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:
+                pass  # loop already closed
+
+    def run(self, *, handle_sigterm: bool = True) -> None:
+        """Run the subscriptions until :meth:`stop` is called (from a handler or
+        another thread), Ctrl-C, or SIGTERM (when called from the main thread and
+        ``handle_sigterm``): the events being handled are finished and
+        acknowledged first. Async handlers run on an event loop of their
+        consumer's thread. Raises what ended a runner."""
+        old: Any = None
+        in_main = threading.current_thread() is threading.main_thread()
+        if handle_sigterm and in_main:
+            old = signal.signal(signal.SIGTERM, lambda signum, frame: self._request_stop())
         try:
-            while any(t.is_alive() for t in self._threads):
-                for t in self._threads:
-                    t.join(0.5)
-        except KeyboardInterrupt:
-            log.info("interrupted: stopping")
+            self.start()
+            try:
+                while any(t.is_alive() for t in self._threads):
+                    for t in self._threads:
+                        t.join(0.5)
+            except KeyboardInterrupt:
+                log.info("interrupted: stopping")
+            finally:
+                self.stop(None)
         finally:
-            self.stop(None)
+            if handle_sigterm and in_main:
+                signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
 
     def _thread_main(self, g: _Group) -> None:
         loop: Optional[asyncio.AbstractEventLoop] = None
@@ -870,15 +885,23 @@ class Client:
 
     # ---------------------------------------------------------------- async runner
 
-    async def run_async(self) -> None:
-        """Run the subscriptions on the running event loop until :meth:`stop` or
-        cancellation. ``async def`` handlers are awaited on this loop; plain
-        handlers run in a worker thread so they do not block it."""
+    async def run_async(self, *, handle_sigterm: bool = True) -> None:
+        """Run the subscriptions on the running event loop until :meth:`stop`,
+        cancellation, or SIGTERM (on the main thread's loop, when
+        ``handle_sigterm``). ``async def`` handlers are awaited on this loop;
+        plain handlers run in a worker thread so they do not block it."""
         groups = self._begin(True)
         loop = asyncio.get_running_loop()
         stop_ev = asyncio.Event()
         self._async_stop = (loop, stop_ev)
         tasks = [asyncio.ensure_future(self._loop_async(g, stop_ev)) for g in groups]
+        sig = False
+        if handle_sigterm and threading.current_thread() is threading.main_thread():
+            try:
+                loop.add_signal_handler(signal.SIGTERM, self._request_stop)
+                sig = True
+            except (NotImplementedError, RuntimeError):
+                pass  # not on this platform or loop
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -893,6 +916,8 @@ class Client:
                 if not t.done():
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if sig:
+                loop.remove_signal_handler(signal.SIGTERM)
             self._async_stop = None
             self._running = False
 
