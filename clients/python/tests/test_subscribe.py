@@ -336,3 +336,39 @@ def test_a_client_can_run_again_after_stop(client: Client, uid: str) -> None:
     assert got == [0, 1]
     with pytest.raises(RuntimeError, match="nothing to run"):
         Client(client.address).start()
+
+
+def test_an_event_no_handler_matches_is_dead_lettered_not_skipped(client: Client, uid: str) -> None:
+    a, b = f"T{uid}_MINE", f"T{uid}_NOT_MINE"
+    name = f"unhandled-{uid}"
+    got: List[str] = []
+    client.subscribe(a, consumer=name)(lambda ev: got.append(ev.type))
+    client.start()
+    wait_until("the consumer", lambda: client.consumer(name), DEADLINE)
+    # Another process changes the consumer's types under this one.
+    client.create_consumer(name, [a, b])
+    pb = client.publish(b, {"n": 1})
+    pa = client.publish(a, {"n": 2})
+    wait_until("the handled event", lambda: got, DEADLINE)
+    wait_until("the ack", lambda: client.consumer(name).cursor >= pa.seq, DEADLINE)  # type: ignore[union-attr]
+    client.stop()
+    assert got == [a]
+    dead = client.dead_letters(name)
+    assert [d.seq for d in dead] == [pb.seq] and "no handler of this process matches" in dead[0].reason
+
+
+def test_dead_letter_reason_says_where_the_handler_failed(client: Client, uid: str) -> None:
+    t = f"T{uid}_WHERE"
+    name = f"where-{uid}"
+
+    @client.subscribe(t, consumer=name, max_attempts=1)
+    def explode(ev: Event) -> None:
+        {}["missing key"]
+
+    client.start()
+    wait_until("the consumer", lambda: client.consumer(name), DEADLINE)
+    client.publish(t, {"n": 1})
+    dead = wait_until("the dead letter", lambda: client.dead_letters(name), DEADLINE)
+    client.stop()
+    assert "KeyError: 'missing key' (at test_subscribe.py:" in dead[0].reason
+    assert "in explode)" in dead[0].reason

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -110,6 +111,9 @@ def _patterns(args: Sequence[Union[TypeLike, Iterable[TypeLike]]]) -> List[str]:
 
 def _callable_name(fn: Callable[..., Any]) -> str:
     mod = getattr(fn, "__module__", None) or ""
+    if mod == "__main__":
+        script = os.path.splitext(os.path.basename(sys.argv[0] if sys.argv else ""))[0]
+        mod = script if script and script != "-c" else "main"
     qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
     return f"{mod}.{qual}" if mod else qual
 
@@ -223,20 +227,41 @@ class _Outcome:
     """What the runner does with an event after its handlers ran."""
 
     def __init__(self) -> None:
+        self.unhandled = False
         self.failures: Dict[int, int] = {}
         self.errors: Dict[int, BaseException] = {}
         self.given_up: List[Subscription] = []
         self.next_at: Dict[int, float] = {}
 
     def reason(self, ev: Event) -> str:
+        if self.unhandled:
+            return (
+                f"no handler of this process matches {ev.type} {ev.id} (the consumer's "
+                "types were changed by another process, or this client's alias table is older than the agent's)"
+            )
         parts = []
         for s in self.given_up:
             e = self.errors[s.index]
             parts.append(
                 f"handler {s.name} failed {self.failures[s.index]} time(s) on {ev.type} "
-                f"{ev.id}: {type(e).__name__}: {e}"
+                f"{ev.id}: {type(e).__name__}: {e}{_where(e)}"
             )
         return _truncate_utf8("; ".join(parts), MAX_REASON)
+
+    @property
+    def dead(self) -> bool:
+        return self.unhandled or bool(self.given_up)
+
+
+def _where(e: BaseException) -> str:
+    """`` (at file:line in function)`` of the innermost frame of ``e``'s traceback."""
+    tb = e.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f" (at {os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name})"
 
 
 class Client:
@@ -801,6 +826,9 @@ class Client:
                 break
             out = _Outcome()
             pending = list(g.handlers_for(ev))
+            if not pending:
+                out.unhandled = True
+                log.warning("consumer %s: no handler matches %s seq %d; dead-lettering it", g.consumer, ev.type, ev.seq)
             while pending:
                 now = time.monotonic()
                 due = [s for s in pending if out.next_at.get(s.index, 0.0) <= now]
@@ -818,7 +846,7 @@ class Client:
                     wake = min(out.next_at[s.index] for s in pending)
                     if self._stop.wait(max(0.0, wake - time.monotonic())):
                         return  # not acknowledged: delivered again next time
-            if out.given_up:
+            if out.dead:
                 self._nack_sync(g, ev, out.reason(ev))
                 acked = ev.seq
             done = ev.seq
@@ -975,6 +1003,9 @@ class Client:
                 break
             out = _Outcome()
             pending = list(g.handlers_for(ev))
+            if not pending:
+                out.unhandled = True
+                log.warning("consumer %s: no handler matches %s seq %d; dead-lettering it", g.consumer, ev.type, ev.seq)
             while pending:
                 now = time.monotonic()
                 due = [s for s in pending if out.next_at.get(s.index, 0.0) <= now]
@@ -992,7 +1023,7 @@ class Client:
                     wake = min(out.next_at[s.index] for s in pending)
                     if await self._sleep_or_stop(stop_ev, wake - time.monotonic()):
                         return
-            if out.given_up:
+            if out.dead:
                 await asyncio.to_thread(self._nack_sync, g, ev, out.reason(ev))
                 acked = ev.seq
             done = ev.seq
