@@ -211,7 +211,7 @@ elif [ -f "$KEY_DST" ]; then
         note "fixed the mode and owner of $KEY_DST"
     fi
 elif [ "$GEN_KEY" -eq 1 ]; then
-    "$BINARY" keygen --out "$TMPD/swarm.key" >/dev/null
+    "$BINARY" keygen --out "$TMPD/swarm.key" >/dev/null 2>&1 || die "$BINARY keygen failed"
     check_key "$TMPD/swarm.key"
     put "$TMPD/swarm.key" "$KEY_DST" 0600 "$OWNER"
     note "generated a new swarm key: copy $KEY_DST to every other host (install.sh --swarm-key)"
@@ -272,7 +272,7 @@ if [ -n "$R" ]; then
     systemctl --root="$R" enable riftmesh.service >/dev/null 2>&1 \
         || { mkdir -p "$UNIT_DIR/multi-user.target.wants"
              ln -sfn /etc/systemd/system/riftmesh.service "$UNIT_DIR/multi-user.target.wants/riftmesh.service"; }
-    note "installed into $R (not started)"
+    note "staged in $R (not started)"
     exit 0
 fi
 

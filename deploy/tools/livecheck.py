@@ -24,6 +24,7 @@
 Only the standard library, plus PyYAML for the rules file.
 """
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -42,6 +43,14 @@ try:
 except ImportError:  # Python < 3.11
     tomllib = None
 
+# Label names of families that get samples only after rare events (a full
+# queue, a corrupt chunk), from their call sites in src/: used when the live
+# output has no sample of them.
+RARE_LABELS = {
+    "riftmesh_inbound_dropped_total": {"queue"},
+    "riftmesh_sync_chunks_rejected_total": {"reason"},
+    "riftmesh_events_rejected_total": {"reason"},
+}
 TARGET_LABELS = {"job", "instance", "host", "role", "provider", "le", "quantile"}
 FAILED = []
 
@@ -53,6 +62,14 @@ def fail(msg):
 
 def info(msg):
     print(msg, flush=True)
+
+
+def _die_with_parent():
+    """In the child: get SIGKILL when this checker dies, however it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_ports(n):
@@ -131,7 +148,7 @@ class Agent:
         e.update(env or {})
         self.log = open(os.path.join(self.dir, "agent.log"), "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=e, start_new_session=True)
+                                     env=e, preexec_fn=_die_with_parent)
 
     def healthy(self):
         if self.proc.poll() is not None:
@@ -279,7 +296,7 @@ def check_names(exprs, seen, registered):
         # Labels in by (...) / on (...) must exist on some metric of the expression.
         avail = set(TARGET_LABELS)
         for name, _ in selectors(expr):
-            for lab in seen.get(name, {}):
+            for lab in list(seen.get(name, {})) + sorted(RARE_LABELS.get(name, ())):
                 # a metric label that collides with a target label is renamed exported_<label>
                 avail.add("exported_" + lab if lab in ("job", "instance") else lab)
         native = {lab for name, _ in selectors(expr) for lab in seen.get(name, {})}
@@ -349,7 +366,8 @@ def run_prometheus(prom_bin, work, prom_config, rules, agents, dead_targets, exp
     proc = subprocess.Popen([prom_bin, f"--config.file={cfg_path}", f"--storage.tsdb.path={work}/tsdb",
                              f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h",
                              "--web.enable-lifecycle"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
     try:
         wait_for("prometheus ready", lambda: http("GET", base + "/-/ready", timeout=2)[0] == 200, 30)
 
@@ -475,6 +493,8 @@ def cmd_metrics(a):
         # v1 refuses w5's Raft messages (another voter list).
         wait_for("voter_list rejections", lambda: 'reason="voter_list"' in http("GET", v1.metrics)[1].decode(), 30,
                  step=0.5)
+        # consumer_lag is refreshed every 5 s by the housekeeping task.
+        wait_for("consumer_lag on v2", lambda: "riftmesh_consumer_lag{" in http("GET", v2.metrics)[1].decode(), 15)
         time.sleep(1.5)  # one more health round for the gauges
 
         seen = {}
@@ -515,11 +535,11 @@ def cmd_configs(a):
         sys.exit("configs needs Python 3.11 (tomllib)")
     os.makedirs(a.work, exist_ok=True)
     key = keygen(a.bin, a.work)
-    pending = list(a.files)
+    pending = list(enumerate(a.files))
     while pending:
         batch, pending = pending[:a.parallel], pending[a.parallel:]
         running = []
-        for path in batch:
+        for i, path in batch:
             with open(path, "rb") as f:
                 raw = f.read()
             try:
@@ -529,7 +549,7 @@ def cmd_configs(a):
                 continue
             name = conf.get("name") or "unnamed"
             text = raw.decode()
-            d = os.path.join(a.work, os.path.basename(path).replace(".toml", ""))
+            d = os.path.join(a.work, f"{i:02d}-" + os.path.basename(path).replace(".toml", ""))
             ag = Agent(a.bin, d, name, text, key=key)
             ag.path, ag.conf_data = path, conf
             running.append(ag)
@@ -556,13 +576,15 @@ def cmd_configs(a):
                     expect = all(tags.get(k) == v for k, v in w.get("if_tags", {}).items())
                     if w.get("active") != expect:
                         fail(f"{ag.path}: want {w['names']} active={w.get('active')}, expected {expect}")
-                for key, field in (("blob_budget", "budget_bytes"), ("sync_upload_rate", "upload_rate"),
-                                   ("sync_download_rate", "download_rate")):
-                    if key in conf and parse_size(conf[key]) != (sy.get(field) or 0):
-                        fail(f"{ag.path}: {key} = {conf[key]!r} but the agent has {field} = {sy.get(field)}")
+                for ckey, field in (("blob_budget", "budget_bytes"), ("sync_upload_rate", "upload_rate"),
+                                    ("sync_download_rate", "download_rate")):
+                    if ckey in conf and parse_size(conf[ckey]) != (sy.get(field) or 0):
+                        fail(f"{ag.path}: {ckey} = {conf[ckey]!r} but the agent has {field} = {sy.get(field)}")
                 active = sum(bool(w.get("active")) for w in wants)
                 info(f"  {ag.path}: ok (name {st['name']}, voter {ld.get('is_voter')}, "
                      f"tags {tags}, {len(wants)} want tables, {active} active here)")
+            except Exited as e:
+                fail(f"{ag.path}: {e}")
             except Exception as e:  # noqa: BLE001
                 fail(f"{ag.path}: {e}\n{ag.tail()}")
             finally:
@@ -582,12 +604,22 @@ def main():
     m.add_argument("--prom-config", required=True)
     m.add_argument("--prometheus")
     m.add_argument("--metrics-rs")
+    ap.add_argument("--time-limit", type=int, default=240, help="give up after this many seconds")
     c = sub.add_parser("configs")
     c.add_argument("--bin", required=True)
     c.add_argument("--work", required=True)
     c.add_argument("--parallel", type=int, default=6)
     c.add_argument("files", nargs="+")
     a = ap.parse_args()
+
+    def stop(signum, _frame):
+        raise SystemExit(f"stopped by signal {signum}")
+
+    def too_long(_signum, _frame):
+        raise TimeoutError(f"took more than {a.time_limit}s")
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(a.time_limit)
     try:
         {"metrics": cmd_metrics, "configs": cmd_configs}[a.cmd](a)
     except Exception as e:  # noqa: BLE001
