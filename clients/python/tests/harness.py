@@ -87,8 +87,10 @@ class Agent:
         bootstrap: Sequence[str] = (),
         config: Optional[str] = None,
         extra: Sequence[str] = (),
+        api: str = "127.0.0.1:0",
     ) -> None:
         self.name = name
+        self.api_arg = api
         self.dir = root / name
         self.swarm_key = swarm_key
         self.bootstrap = list(bootstrap)
@@ -113,7 +115,7 @@ class Agent:
             "--name", self.name,
             "--data-dir", str(self.dir),
             "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--api", "127.0.0.1:0",
+            "--api", self.api_arg,
             "--metrics", "127.0.0.1:0",
             "--no-mdns",
             "--swarm-key", str(self.swarm_key),

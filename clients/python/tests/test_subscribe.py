@@ -8,7 +8,7 @@ from typing import List, Tuple
 import pytest
 
 from harness import Agent, wait_until
-from riftmesh import Client, Event, normalize_pattern
+from riftmesh import AgentUnavailable, Client, Event, normalize_pattern
 
 DEADLINE = 60.0
 
@@ -372,3 +372,32 @@ def test_dead_letter_reason_says_where_the_handler_failed(client: Client, uid: s
     client.stop()
     assert "KeyError: 'missing key' (at test_subscribe.py:" in dead[0].reason
     assert "in explode)" in dead[0].reason
+
+
+def test_runner_survives_an_agent_restart(spawn_agent, uid: str) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    a: Agent = spawn_agent("py-bounce", api=f"127.0.0.1:{port}")  # a fixed port, kept across the restart
+    t = f"T{uid}_BOUNCE"
+    name = "bounce"
+    got: List[int] = []
+    c = Client(a.api, poll_wait=2)
+    c.subscribe(t, consumer=name)(lambda ev: got.append(ev.payload["n"]))
+    c.start()
+    try:
+        wait_until("the consumer", lambda: c.consumer(name), DEADLINE)
+        p0 = c.publish(t, {"n": 0})
+        wait_until("the first event acked", lambda: c.consumer(name).cursor >= p0.seq, DEADLINE)  # type: ignore[union-attr]
+        a.kill()
+        with pytest.raises(AgentUnavailable):
+            c.health()
+        a.start()  # same data dir, same API port
+        c.publish(t, {"n": 1})
+        wait_until("delivery after the restart", lambda: len(got) >= 2, DEADLINE)
+    finally:
+        c.stop()
+    assert got == [0, 1]
