@@ -731,7 +731,7 @@ class Client:
     def run(self, *, handle_sigterm: bool = True) -> None:
         """Run the subscriptions until :meth:`stop` is called (from a handler or
         another thread), Ctrl-C, or SIGTERM (when called from the main thread and
-        ``handle_sigterm``): the events being handled are finished and
+        ``handle_sigterm``): the event being handled is finished and
         acknowledged first. Async handlers run on an event loop of their
         consumer's thread. Raises what ended a runner."""
         old: Any = None
