@@ -260,7 +260,8 @@ def test_stop_cuts_a_long_poll_short(agent: Agent, uid: str) -> None:
     c.subscribe(f"T{uid}_IDLE", consumer=f"idle-{uid}")(lambda ev: None)
     c.start()
     wait_until("the consumer", lambda: c.consumer(f"idle-{uid}"), DEADLINE)
-    time.sleep(0.2)  # let the runner enter its 60 s long poll (only the stop latency is measured)
+    # The runner is inside its 60 s long poll once its request is attached to the abort handle.
+    wait_until("the long poll", lambda: c._groups[0].abort._conn is not None, DEADLINE, 0.01)
     t0 = time.monotonic()
     c.stop()
     assert time.monotonic() - t0 < 5
