@@ -83,7 +83,9 @@ def check_once(c, verify_files=True):
     # 2. Leader: exactly one, same name and term everywhere.
     views = {n: data[n]["leader"] for n in names}
     seen = {(v.get("leader"), v.get("term")) for v in views.values()}
-    selfs = sorted(n for n, v in views.items() if v.get("is_self") or v.get("role") == "leader")
+    # is_self is the claim; role stays "leader" on a cut-off leader that no
+    # longer claims (with a note), so it is not counted.
+    selfs = sorted(n for n, v in views.items() if v.get("is_self"))
     errs = {n: v["error"] for n, v in views.items() if "error" in v}
     ok = not errs and len(seen) == 1 and None not in next(iter(seen)) and len(selfs) == 1 \
         and selfs[0] == next(iter(seen))[0]

@@ -356,6 +356,8 @@ def parser():
     p.add_argument("--config-name", default="hex8_2p")
     p.add_argument("--faults", default="kill,partition",
                    help="comma list of kill, partition, pause, shape (default kill,partition)")
+    p.add_argument("--partition-method", choices=["auto", "route", "api"], default="auto",
+                   help="how the partition is made (see `partition --method`)")
     p.add_argument("--shape-delay", default="50ms")
     p.add_argument("--shape-loss", default="1%")
     p.add_argument("--shape-rate", default="100mbit")

@@ -252,9 +252,10 @@ def play(r):
             minority.pop()
         majority = [h for h in c.hosts.values() if h not in minority]
         part = (minority, majority)
-        F.partition(c, [",".join(h["name"] for h in minority), ",".join(h["name"] for h in majority)])
+        F.partition(c, [",".join(h["name"] for h in minority), ",".join(h["name"] for h in majority)],
+                    a.partition_method)
         r.fault("partition", groups=[[h["name"] for h in minority], [h["name"] for h in majority]],
-                note="leader and a training host cut off")
+                method=c.s["partition"]["method"], note="leader and a training host cut off")
         r.cleanup.append(lambda: c.s.get("partition") and F.heal(c))
 
     candidates = {}
