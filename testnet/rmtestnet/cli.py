@@ -28,7 +28,7 @@ def load(args):
     return c.load()
 
 
-def up(args, tag=None, subnet=None, extra_wants=None, n=None):
+def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True):
     tag = tag or getattr(args, "net_tag", None) or "t"
     subnet = subnet or getattr(args, "subnet", None) or "10.77.0"
     if not (tag.isalnum() and tag.islower() and len(tag) <= 3):
@@ -78,7 +78,8 @@ def up(args, tag=None, subnet=None, extra_wants=None, n=None):
         log("every agent's API answers; waiting for full membership and a leader")
         wait_for(lambda: _formed(c), deadline, 0.5, "every agent to see every other alive and agree on a leader")
         ok = True
-        print_status(c)
+        if show:
+            print_status(c)
         return 0
     finally:
         if not ok:

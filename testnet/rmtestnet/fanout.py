@@ -48,6 +48,13 @@ def _known(c, h, name):
         raise
 
 
+def _cpu():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v), idle
+
+
 def _transfer(c, src, receivers, name, path, size, timeout):
     write_random_file(path, size, seed=name + str(time.time()))
     res = c.api(src, "POST", "/v1/blobs", {"path": path, "name": name, "event": "BLOB_PUBLISHED"},
@@ -56,6 +63,7 @@ def _transfer(c, src, receivers, name, path, size, timeout):
     wait_for(lambda: all(_known(c, h, name) for h in receivers), time.monotonic() + 60, 0.2,
              f"every receiver to learn the name {name}")
     before = {h["name"]: sync_bytes(c, h) for h in [src] + receivers}
+    cpu0 = _cpu()
     t0 = time.monotonic()
     for h in receivers:
         c.api(h, "POST", "/v1/blob/fetch", {"ref": name})
@@ -69,13 +77,16 @@ def _transfer(c, src, receivers, name, path, size, timeout):
             raise TestnetError(f"{name}: only {sorted(done)} complete after {timeout}s")
         time.sleep(0.2)
     total = time.monotonic() - t0
+    cpu1 = _cpu()
+    busy = 1 - (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0])
     after = {h["name"]: sync_bytes(c, h) for h in [src] + receivers}
     origin_out = after[src["name"]]["out"] - before[src["name"]]["out"]
     recv_in = sum(after[h["name"]]["in"] - before[h["name"]]["in"] for h in receivers)
     return {"name": name, "blob": res["blob"], "seconds": round(total, 2),
             "per_receiver_s": {k: round(v, 2) for k, v in sorted(done.items())},
             "origin_out_bytes": int(origin_out), "receivers_in_bytes": int(recv_in),
-            "origin_share": round(origin_out / recv_in, 3) if recv_in else None}
+            "origin_share": round(origin_out / recv_in, 3) if recv_in else None,
+            "machine_cpu_busy": round(busy, 3), "cpus": os.cpu_count()}
 
 
 def run_fanout(args):
@@ -88,7 +99,7 @@ def run_fanout(args):
     from .cli import up
     c = None
     try:
-        up(up_args, tag="f", subnet="10.77.1", n=args.receivers + 1)
+        up(up_args, tag="f", subnet="10.77.1", n=args.receivers + 1, show=False)
         c = Cluster(state).load()
         if c.mode != "netns":
             raise TestnetError("fanout needs network namespaces (root) to shape links")
@@ -124,16 +135,18 @@ def print_table(rep):
     s, a = rep["single"], rep["all"]
     print()
     print(f"fan-out of a {mib} MiB blob, every link {rep['rate']} (tc tbf, both directions)")
-    print(f"  {'transfer':28} {'seconds':>8} {'MiB/s per recv':>15} {'origin served':>14}")
+    print(f"  {'transfer':28} {'seconds':>8} {'MiB/s per recv':>15} {'origin served':>14} {'CPU busy':>9}")
     print(f"  {'1 -> 1 receiver':28} {s['seconds']:8.1f} {mib / s['seconds']:15.1f} "
-          f"{_pct(s['origin_share']):>14}")
+          f"{_pct(s['origin_share']):>14} {_pct(s['machine_cpu_busy']):>9}")
     print(f"  {'1 -> ' + str(rep['receivers']) + ' receivers at once':28} {a['seconds']:8.1f} "
-          f"{mib / a['seconds']:15.1f} {_pct(a['origin_share']):>14}")
+          f"{mib / a['seconds']:15.1f} {_pct(a['origin_share']):>14} {_pct(a['machine_cpu_busy']):>9}")
     per = sorted(a["per_receiver_s"].values())
     print(f"  receivers finished between {per[0]:.1f}s and {per[-1]:.1f}s")
     print(f"  ratio all/single = {rep['ratio']:.2f} (target <= 2.0: {'met' if rep['target_met'] else 'MISSED'})")
     print(f"  origin sent {a['origin_out_bytes'] / 2**20:.0f} MiB of the {a['receivers_in_bytes'] / 2**20:.0f} MiB "
           f"the receivers got (riftmesh_sync_bytes_total)")
+    print(f"  CPU busy: the whole machine ({a['cpus']} CPUs) during each transfer, from /proc/stat; "
+          f"near 100 % means the figure is CPU-bound, not link-bound")
 
 
 def _pct(x):

@@ -153,6 +153,7 @@ def install_signal_handlers():
         # Further signals while cleaning up are ignored so cleanup finishes.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.alarm(0)   # cleanup is bounded by each step's own timeout
         name = signal.Signals(signum).name
         raise Interrupted(f"interrupted by {name}" if signum != signal.SIGALRM
                           else "command timeout reached")
