@@ -16,6 +16,7 @@ T0=$(date +%s)
 WORK="$(mktemp -d /tmp/riftmesh-testnet-ci.XXXXXX)"
 STATE="$WORK/net"
 PROM_PID=""
+made_policy=""
 tn() { "$HERE/testnet" --state "$STATE" "$@"; }
 
 cleanup() {
@@ -26,6 +27,7 @@ cleanup() {
     for _ in $(seq 1 50); do kill -0 "$PROM_PID" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$PROM_PID" 2>/dev/null || true
   fi
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
   tn down || rc=1
   if [ "$rc" -ne 0 ] && [ -d "$STATE/hosts" ]; then
     for log in "$STATE"/hosts/*/agent.log; do
@@ -52,29 +54,32 @@ command -v curl >/dev/null || need+=(curl)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 if [ "${#need[@]}" -gt 0 ]; then
   # Keep the packaged services from starting during the install.
-  made_policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
     chmod +x /usr/sbin/policy-rc.d
     made_policy=1
   fi
   timeout 300 apt-get update -q </dev/null
-  timeout 400 apt-get install -y -q "${need[@]}" </dev/null
-  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
-fi
-# Whatever the package started (systemd or sysv), stop it: we run our own.
-if [ -d /run/systemd/system ]; then
-  systemctl stop prometheus.service prometheus-node-exporter.service 2>/dev/null || true
-elif [ -x /etc/init.d/prometheus ]; then
-  /etc/init.d/prometheus stop </dev/null >/dev/null 2>&1 || true
+  timeout 400 apt-get install -y -q --no-install-recommends "${need[@]}" </dev/null
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; made_policy=""; fi
+  # If the package's service started anyway (systemd or sysv), stop it: we
+  # run our own Prometheus on another port. A Prometheus that was already
+  # installed and running before is left alone (no conflict: port differs).
+  if [[ " ${need[*]} " == *" prometheus "* ]]; then
+    if [ -d /run/systemd/system ]; then
+      systemctl stop prometheus.service 2>/dev/null || true
+    elif [ -x /etc/init.d/prometheus ]; then
+      /etc/init.d/prometheus stop </dev/null >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 prometheus --version 2>&1 | head -1
 
 # ---- testnet and scenario ------------------------------------------------------
-timeout 300 "$HERE/testnet" --state "$STATE" up --hosts "$HOSTS" \
+timeout --foreground -k 20 120 "$HERE/testnet" --state "$STATE" up --hosts "$HOSTS" \
   --net-tag c --subnet 10.77.2
-timeout 60 "$HERE/testnet" --state "$STATE" check --wait 45
-timeout 420 "$HERE/testnet" --state "$STATE" scenario --faults kill,partition --deadline 300 \
+timeout --foreground -k 20 60 "$HERE/testnet" --state "$STATE" check --wait 40
+timeout --foreground -k 20 240 "$HERE/testnet" --state "$STATE" scenario --faults kill,partition --deadline 180 \
   --report "$WORK/scenario.json"
 echo "scenario report kept in the CI log above"
 
@@ -124,7 +129,7 @@ echo "waiting for Prometheus to see every target up"
 python3 - "$PROM_PORT" "$HOSTS" "${#rules[@]}" <<'EOF'
 import json, sys, time, urllib.request
 port, want, nrules = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-deadline = time.monotonic() + 90
+deadline = time.monotonic() + 60
 last = None
 while time.monotonic() < deadline:
     try:
@@ -145,7 +150,7 @@ while time.monotonic() < deadline:
     except OSError as e:
         last = str(e)
     time.sleep(1)
-print("Prometheus targets not all up within 90 s:", last)
+print("Prometheus targets not all up within 60 s:", last)
 sys.exit(1)
 EOF
 
@@ -162,7 +167,7 @@ for t in $targets; do
   fi
 done
 
-timeout 60 "$HERE/testnet" --state "$STATE" check --wait 30
+timeout --foreground -k 30 60 "$HERE/testnet" --state "$STATE" check --wait 30
 if [ "${#promtool_failed[@]}" -gt 0 ]; then
   echo "ci.sh: promtool check metrics failed for ${promtool_failed[*]}"
   exit 1

@@ -275,7 +275,7 @@ def add_up_args(p):
                    help="names: namespaces rmt-<tag>NN, bridge rmt-<tag>br (default t); "
                         "two testnets side by side need different tags, subnets and --state")
     p.add_argument("--subnet", default="10.77.0", help="the /24 of the bridge (default 10.77.0)")
-    p.add_argument("--ready-timeout", type=float, default=180,
+    p.add_argument("--ready-timeout", type=float, default=150,
                    help="seconds for every agent to answer, see all others and agree on a leader")
 
 
