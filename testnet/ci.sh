@@ -80,6 +80,7 @@ timeout --foreground -k 20 120 "$HERE/testnet" --state "$STATE" up --hosts "$HOS
   --net-tag c --subnet 10.77.2
 timeout --foreground -k 20 60 "$HERE/testnet" --state "$STATE" check --wait 40
 timeout --foreground -k 20 240 "$HERE/testnet" --state "$STATE" scenario --faults kill,partition --deadline 180 \
+  --partition-method "${TESTNET_CI_PARTITION:-route}" \
   --report "$WORK/scenario.json"
 echo "scenario report kept in the CI log above"
 
