@@ -30,9 +30,15 @@ cleanup() {
   if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
   tn down || rc=1
   if [ "$rc" -ne 0 ] && [ -d "$STATE/hosts" ]; then
-    for log in "$STATE"/hosts/*/agent.log; do
-      echo "---- last lines of $log"; tail -n 20 "$log" || true
+    keep="/tmp/riftmesh-testnet-ci-failed.$(date +%Y%m%dT%H%M%S)"
+    mkdir -p "$keep"
+    for d in "$STATE"/hosts/*/; do
+      h=$(basename "$d")
+      cp "$d/agent.log" "$keep/$h.log" 2>/dev/null || true
+      echo "---- last lines of $h's agent log"; tail -n 20 "$d/agent.log" || true
     done
+    cp "$WORK"/scenario.json "$WORK"/prometheus.yml "$WORK"/prometheus.log "$keep/" 2>/dev/null || true
+    echo "agent logs and the scenario report kept in $keep"
   fi
   rm -rf "$WORK"
   echo "ci.sh: exit $rc after $(( $(date +%s) - T0 )) s"

@@ -296,7 +296,10 @@ def play(r):
                 st["detail"] = f"not observed within 45 s: {e}"
                 r.notes.append("partition: not every agent saw the other side go down within 45 s")
             try:
-                nl = wait_for(lambda: r.leader(majority), r.left(30), 0.5, "a leader in the majority")
+                def majority_leader():
+                    lt = r.leader([h for h in majority if c.alive(h)])
+                    return lt if lt and lt[0] in majority else None
+                nl = wait_for(majority_leader, r.left(30), 0.5, "a leader in the majority")
                 st["detail"] += f"; majority leader {nl[0]['name']} term {nl[1]}"
             except TestnetError:
                 st["detail"] += "; no leader agreed in the majority within 30 s"
@@ -420,6 +423,12 @@ def play(r):
             raise TestnetError(f"model placed everywhere but MODEL_DISTRIBUTED missing from {missing} "
                                f"(seen from {hs})")
     r.model_blob = model_blob
+    # Transfers that failed on the way (retried by the agents), for the report.
+    fails = r.api(ev, "GET", "/v1/events?types=SYNC_FAILED&limit=1000")["events"]
+    mine = [e["payload"] for e in fails if r.round in str(e["payload"].get("name", e["payload"].get("names", "")))
+            or e["payload"].get("blob") == model_blob]
+    for p in mine:
+        r.notes.append(f"SYNC_FAILED on {p.get('host')} for {p.get('name') or p.get('names')}: {p.get('reason')}")
 
 
 def _state_of(r, h, name):
