@@ -127,7 +127,7 @@ def run_fanout(args):
         return 0
     finally:
         if not args.keep:
-            teardown(state)
+            teardown(state, remove_dir=True)   # the blobs are large: data goes too
 
 
 def print_table(rep):
