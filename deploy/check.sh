@@ -100,7 +100,7 @@ log "promtool $(promtool --version 2>&1 | sed -n '1s/^promtool, version \([^ ]*\
 
 # --- 1. shellcheck ------------------------------------------------------------------
 step "shellcheck"
-shellcheck "$DEPLOY/install.sh" "$DEPLOY/check.sh" "$DEPLOY/examples/render.sh"
+shellcheck "$DEPLOY/install.sh" "$DEPLOY/check.sh" "$DEPLOY/examples/render.sh" "$DEPLOY/tools/boot-test.sh"
 
 # --- 2. systemd unit ----------------------------------------------------------------
 step "systemd-analyze verify"
