@@ -13,4 +13,5 @@ pub mod membership;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod privnet;
 pub mod store;

@@ -11,7 +11,7 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
-use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::pnet::PreSharedKey;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -833,6 +833,29 @@ struct PeerState {
     subscribed: bool,
 }
 
+/// The agent's transport, every layer required: TCP (nodelay), the private
+/// network handshake with the swarm key ([`crate::privnet`]),
+/// multistream-select, Noise, Yamux.
+/// Public so that the benchmark measures the same stack the agent runs.
+pub fn transport(
+    key: &Keypair,
+    psk: PreSharedKey,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    let noise = noise::Config::new(key)?;
+    Ok(
+        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+            .and_then(move |socket, _| crate::privnet::handshake(psk, socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(p, m), _| (p, libp2p::core::muxing::StreamMuxerBox::new(m)))
+            .boxed(),
+    )
+}
+
 /// Build the swarm, start listening, and spawn the task that owns it.
 /// Returns the handle and the receiver of verified inbound events.
 pub fn start(
@@ -847,15 +870,7 @@ pub fn start(
     let ping_interval = cfg.ping_interval;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|key| {
-            let noise = noise::Config::new(key)?;
-            let transport = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                .upgrade(Version::V1Lazy)
-                .authenticate(noise)
-                .multiplex(yamux::Config::default());
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(transport)
-        })
+        .with_other_transport(|key| transport(key, psk))
         .map_err(|e| NetError::Build(e.to_string()))?
         .with_bandwidth_metrics(registry)
         .with_behaviour(
