@@ -206,6 +206,10 @@ const MANIFEST_CACHE: usize = 8;
 
 pub struct BlobStore {
     cache: std::sync::Mutex<Vec<(BlobId, Arc<Manifest>)>>,
+    /// Cleared the first time the filesystem refuses `O_DIRECT` (tmpfs,
+    /// some network filesystems): chunks are then written through the page
+    /// cache.
+    direct: std::sync::atomic::AtomicBool,
     dir: PathBuf,
     meta: sled::Tree,
     manifests: sled::Tree,
@@ -227,6 +231,94 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Offsets, lengths and buffer addresses of `O_DIRECT` writes are
+/// multiples of this (the largest logical block size in common use).
+const DIRECT_ALIGN: usize = 4096;
+
+thread_local! {
+    /// One aligned staging buffer per blocking thread, reused chunk after
+    /// chunk (fresh pages are what made the page-cache copy slow).
+    static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn write_direct(p: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(p)?;
+    STAGING.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < data.len() + DIRECT_ALIGN {
+            *buf = vec![0u8; data.len() + DIRECT_ALIGN];
+        }
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let staged = &mut buf[start..start + data.len()];
+        staged.copy_from_slice(data);
+        f.write_all_at(staged, offset)
+    })
+}
+
+/// SHA-256 of a whole file. One thread reads (with `O_DIRECT` where the
+/// filesystem has it: the bytes were just written past the page cache, and
+/// reading them back through it cost a copy into fresh pages), the caller
+/// hashes, two buffers of 4 MiB between them.
+pub fn hash_file(p: &Path) -> std::io::Result<BlobId> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const BUF: usize = 4 << 20;
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(p)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => File::open(p)?,
+        Err(e) => return Err(e),
+    };
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize, usize)>(2);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    for _ in 0..2 {
+        let _ = free_tx.send(vec![0u8; BUF + DIRECT_ALIGN]);
+    }
+    std::thread::scope(|sc| {
+        let reader = sc.spawn(move || -> std::io::Result<()> {
+            let mut off = 0u64;
+            while let Ok(mut buf) = free_rx.recv() {
+                let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                let mut n = 0;
+                // Fill the whole buffer unless the file ends: a short read
+                // in the middle would misalign the next direct read.
+                while n < BUF {
+                    let r = f.read_at(&mut buf[start + n..start + BUF], off + n as u64)?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                off += n as u64;
+                let end = n < BUF;
+                if full_tx.send((buf, start, n)).is_err() || end {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let mut h = Sha256::new();
+        while let Ok((buf, start, n)) = full_rx.recv() {
+            h.update(&buf[start..start + n]);
+            let _ = free_tx.send(buf);
+            if n < BUF {
+                break;
+            }
+        }
+        drop(free_tx);
+        reader
+            .join()
+            .map_err(|_| std::io::Error::other("reader thread panicked"))??;
+        Ok(h.finalize().into())
+    })
 }
 
 /// One pass over a reader: the whole-content hash and the chunk hashes,
@@ -318,6 +410,7 @@ impl BlobStore {
         }
         Ok(BlobStore {
             cache: std::sync::Mutex::new(Vec::new()),
+            direct: std::sync::atomic::AtomicBool::new(true),
             dir: dir.to_path_buf(),
             meta: db.open_tree("blob_meta")?,
             manifests: db.open_tree("blob_manifest")?,
@@ -505,8 +598,28 @@ impl BlobStore {
     }
 
     /// Write a verified chunk of a partial blob (not yet durable).
+    ///
+    /// Whole aligned chunks go to the disk with `O_DIRECT`: on the receiving
+    /// side the copy into fresh page-cache pages was the largest single cost
+    /// of a transfer (see proto-notes/sync.md, "Throughput"). The tail
+    /// chunk, and filesystems without `O_DIRECT`, go through the page cache.
     pub fn write_chunk(&self, id: &BlobId, offset: u64, data: &[u8]) -> Result<(), BlobError> {
+        use std::sync::atomic::Ordering;
         let p = self.partial_path(id);
+        if self.direct.load(Ordering::Relaxed)
+            && offset % DIRECT_ALIGN as u64 == 0
+            && data.len() % DIRECT_ALIGN == 0
+            && !data.is_empty()
+        {
+            match write_direct(&p, offset, data) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(path = %p.display(), "the filesystem refuses O_DIRECT; chunks go through the page cache");
+                    self.direct.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(io("cannot write", &p)(e)),
+            }
+        }
         let f = OpenOptions::new()
             .write(true)
             .open(&p)
@@ -533,17 +646,8 @@ impl BlobStore {
         let p = self.partial_path(id);
         let f = File::open(&p).map_err(io("cannot open", &p))?;
         f.sync_all().map_err(io("cannot sync", &p))?;
-        let mut h = Sha256::new();
-        let mut r = std::io::BufReader::with_capacity(1 << 20, f);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = r.read(&mut buf).map_err(io("cannot read", &p))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        let got: BlobId = h.finalize().into();
+        drop(f);
+        let got = hash_file(&p).map_err(io("cannot read", &p))?;
         if got != *id {
             let _ = std::fs::remove_file(&p);
             self.have.remove(id)?;
