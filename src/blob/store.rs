@@ -563,6 +563,18 @@ impl BlobStore {
     /// length. Returns the chunks already held.
     pub fn begin_partial(&self, id: &BlobId, m: &Manifest) -> Result<Bitmap, BlobError> {
         let p = self.partial_path(id);
+        let obj = self.object_path(id);
+        let mut have = self.have(id)?.filter(|b| b.fits(m.chunks.len()));
+        if !p.exists() && obj.exists() {
+            // A finish interrupted between moving the file into place and
+            // recording the blob complete: the file goes back to being the
+            // partial one, every chunk held, and is checked again.
+            tracing::info!(path = %obj.display(), "an interrupted finish left the object unrecorded; checking it again");
+            set_writable(&obj);
+            std::fs::rename(&obj, &p).map_err(io("cannot move back", &obj))?;
+            have = Some(Bitmap::full(m.chunks.len()));
+        }
+        let existed = p.exists();
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -570,15 +582,13 @@ impl BlobStore {
             .open(&p)
             .map_err(io("cannot create", &p))?;
         let len = f.metadata().map_err(io("cannot stat", &p))?.len();
-        let mut have = self.have(id)?.filter(|b| b.fits(m.chunks.len()));
+        if !existed || len < m.size {
+            // No file, or a shorter one than recorded: its chunks are not
+            // here, whatever the bitmap says.
+            have = None;
+        }
         if len != m.size {
             f.set_len(m.size).map_err(io("cannot size", &p))?;
-            if len < m.size {
-                // A shorter file than recorded lost data: trust nothing.
-                if len != 0 {
-                    have = None;
-                }
-            }
         }
         let have = have.unwrap_or_else(|| Bitmap::new(m.chunks.len()));
         if self.meta(id)?.is_none() {
@@ -834,6 +844,19 @@ impl BlobStore {
         Ok(out)
     }
 
+    /// Record that the arrival of `blob` under `name` was announced; false
+    /// if it already was. Kept in the placement tree under a key no path
+    /// can have (paths are absolute).
+    pub fn announce(&self, name: &str, blob: &BlobId) -> Result<bool, BlobError> {
+        let key = [b"\0announced/".as_slice(), name.as_bytes()].concat();
+        if self.placed.get(&key)?.as_deref() == Some(&blob[..]) {
+            return Ok(false);
+        }
+        self.placed.insert(key, &blob[..])?;
+        self.placed.flush()?;
+        Ok(true)
+    }
+
     pub fn placed(&self, path: &Path) -> Result<Option<BlobId>, BlobError> {
         Ok(self
             .placed
@@ -891,6 +914,14 @@ fn set_readonly(p: &Path) {
     if let Ok(md) = std::fs::metadata(p) {
         let mut perm = md.permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o444);
+        let _ = std::fs::set_permissions(p, perm);
+    }
+}
+
+fn set_writable(p: &Path) {
+    if let Ok(md) = std::fs::metadata(p) {
+        let mut perm = md.permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
         let _ = std::fs::set_permissions(p, perm);
     }
 }
@@ -1010,6 +1041,77 @@ mod tests {
             .unwrap();
         assert!(s.finish_partial(&a.id, &a.manifest).unwrap());
         assert_eq!(std::fs::read(&obj).unwrap(), data);
+    }
+
+    #[test]
+    fn an_interrupted_finish_is_checked_again_and_recorded() {
+        let (d, db, s) = store();
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i % 241) as u8).collect();
+        let (id, m) = hash_stream(&data[..], data.len() as u64, MIN_CHUNK, None).unwrap();
+        s.begin_partial(&id, &m).unwrap();
+        s.write_chunk(&id, 0, &data).unwrap();
+        s.checkpoint(&id, &Bitmap::full(m.chunks.len())).unwrap();
+        // The crash: moved into place, never recorded complete.
+        set_readonly(&s.partial_path(&id));
+        std::fs::rename(s.partial_path(&id), s.object_path(&id)).unwrap();
+        drop(s);
+        let s = BlobStore::open(&d.path().join("blobs"), &db).unwrap();
+        assert!(!s.is_complete(&id).unwrap());
+        let have = s.begin_partial(&id, &m).unwrap();
+        assert!(have.is_full(), "the moved file holds every chunk");
+        assert!(s.finish_partial(&id, &m).unwrap());
+        assert!(s.is_complete(&id).unwrap());
+        assert_eq!(std::fs::read(s.object_path(&id)).unwrap(), data);
+    }
+
+    #[test]
+    fn a_recorded_bitmap_without_its_file_counts_nothing() {
+        let (d, db, s) = store();
+        let data = vec![9u8; 150_000];
+        let (id, m) = hash_stream(&data[..], data.len() as u64, MIN_CHUNK, None).unwrap();
+        let mut have = s.begin_partial(&id, &m).unwrap();
+        s.write_chunk(&id, 0, &data[..65536]).unwrap();
+        have.set(0);
+        s.checkpoint(&id, &have).unwrap();
+        std::fs::remove_file(s.partial_path(&id)).unwrap();
+        drop(s);
+        let s = BlobStore::open(&d.path().join("blobs"), &db).unwrap();
+        assert_eq!(s.begin_partial(&id, &m).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn arrival_is_announced_once_per_name_and_blob() {
+        let (_d, _db, s) = store();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(s.announce("games/x/1", &a).unwrap());
+        assert!(!s.announce("games/x/1", &a).unwrap());
+        assert!(s.announce("games/x/2", &a).unwrap());
+        assert!(s.announce("games/x/1", &b).unwrap());
+    }
+
+    /// The whole-file hash at the reader's buffer boundaries, on the
+    /// filesystems of the build directory and the temp directory (O_DIRECT
+    /// where they have it) and on tmpfs where there is one.
+    #[test]
+    fn whole_file_hash_at_buffer_boundaries() {
+        let in_target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        let _ = std::fs::create_dir_all(&in_target);
+        let mut dirs = vec![
+            tempfile::tempdir_in(&in_target).unwrap(),
+            tempfile::tempdir().unwrap(),
+        ];
+        // tmpfs refuses O_DIRECT: the buffered fallback.
+        if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+            dirs.push(shm);
+        }
+        for dir in dirs {
+            for len in [0usize, 1, 4095, 4 << 20, (4 << 20) + 1, (8 << 20) + 4096] {
+                let data: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
+                let p = dir.path().join("f");
+                std::fs::write(&p, &data).unwrap();
+                assert_eq!(hash_file(&p).unwrap(), sha256(&data), "{len} bytes");
+            }
+        }
     }
 
     #[test]
