@@ -1126,12 +1126,33 @@ async fn resolve_ref(
     .await
     .map_err(store_err)?
     .map_err(store_err)?;
-    found.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no blob or name {r:?} is known here"),
-        )
-    })
+    if let Some(f) = found {
+        return Ok(f);
+    }
+    // A naming event already in the log may not be recorded as a name yet:
+    // wait for the recorder to reach the log's head, then look again.
+    if crate::blob::parse_id(r).is_none() {
+        let head = *node.store.watch_head().borrow();
+        if node
+            .blobs
+            .names_caught_up(head, std::time::Duration::from_secs(5))
+            .await
+        {
+            let store = node.blobs.store.clone();
+            let r2 = r.to_string();
+            let again = tokio::task::spawn_blocking(move || store.name(&r2))
+                .await
+                .map_err(store_err)?
+                .map_err(store_err)?;
+            if let Some(rec) = again {
+                return Ok((rec.blob, Some(rec)));
+            }
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no blob or name {r:?} is known here"),
+    ))
 }
 
 async fn blob_fetch(

@@ -282,6 +282,10 @@ pub struct Blobs {
     up: Option<Arc<Limiter>>,
     down: Option<Arc<Limiter>>,
     my_tags: Vec<(String, String)>,
+    /// The log position up to which every naming event has been recorded
+    /// as a name (the API waits on it, so that a name is known as soon as
+    /// its event can be read).
+    names_seen: tokio::sync::watch::Sender<u64>,
 }
 
 /// Most chunk uploads served at once; more get `Busy`.
@@ -318,6 +322,7 @@ impl Blobs {
             transfers: Mutex::new(HashMap::new()),
             failures: Mutex::new(Vec::new()),
             my_tags: tags.to_vec(),
+            names_seen: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -347,6 +352,15 @@ impl Blobs {
 
     pub fn failures(&self) -> Vec<FailureView> {
         lock(&self.failures).clone()
+    }
+
+    /// Wait (at most `limit`) until every naming event up to log position
+    /// `seq` has been recorded as a name.
+    pub async fn names_caught_up(&self, seq: u64, limit: Duration) -> bool {
+        let mut rx = self.names_seen.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|s| *s >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Resolve a blob id or a name.
@@ -616,6 +630,7 @@ async fn follow_names(node: Arc<Node>) {
     // Names already recorded whose blob is missing or not placed (a restart).
     resume_wants(&node).await;
     loop {
+        let upto = *head.borrow_and_update();
         loop {
             let Ok((batch, last)) = node.store.read_after(cursor, 256, 20_000, &patterns) else {
                 break;
@@ -660,6 +675,11 @@ async fn follow_names(node: Arc<Node>) {
             }
             cursor = last;
         }
+        node.blobs.names_seen.send_if_modified(|s| {
+            let grew = upto > *s;
+            *s = (*s).max(upto);
+            grew
+        });
         if head.changed().await.is_err() {
             return;
         }
@@ -1098,6 +1118,15 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<(), String>) {
                     }
                 } else if b.want_for(name).is_none() {
                     continue;
+                } else {
+                    // Wanted with no place to put it: announced once per
+                    // (name, blob), not at every restart.
+                    let store = b.store.clone();
+                    let nm = name.clone();
+                    let r = tokio::task::spawn_blocking(move || store.announce(&nm, &blob)).await;
+                    if !matches!(r, Ok(Ok(true))) {
+                        continue;
+                    }
                 }
                 let ty = if name.starts_with("models/") {
                     "MODEL_DISTRIBUTED"
