@@ -276,7 +276,16 @@ fn valid_consumer(name: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// Most type patterns one request or consumer may carry.
+pub const MAX_PATTERNS: usize = 64;
+
 fn patterns(list: &[String]) -> ApiResult<Vec<TypePattern>> {
+    if list.len() > MAX_PATTERNS {
+        return Err(ApiError::bad(format!(
+            "{} type patterns given; at most {MAX_PATTERNS}",
+            list.len()
+        )));
+    }
     list.iter()
         .filter(|s| !s.trim().is_empty())
         .map(|s| TypePattern::parse(s).map_err(|e| ApiError::bad(format!("type pattern: {e}"))))
@@ -642,6 +651,11 @@ async fn nack(
     if req.reason.len() > 4096 {
         return Err(ApiError::bad("reason is longer than 4096 bytes"));
     }
+    if req.reason.trim().is_empty() {
+        return Err(ApiError::bad(
+            "reason is empty: say why the event failed (it is kept with the dead letter)",
+        ));
+    }
     if node.store.get(req.seq)?.is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -865,6 +879,11 @@ async fn lock_op(
     };
     let call = match op.as_str() {
         "acquire" => {
+            if let Some(h) = &req.holder {
+                if h.is_empty() || h.len() > 128 {
+                    return Err(ApiError::bad("holder: 1-128 bytes"));
+                }
+            }
             let ttl = req.ttl_secs.unwrap_or(30.0);
             if !(0.1..=86400.0).contains(&ttl) {
                 return Err(ApiError::new(
@@ -910,7 +929,7 @@ async fn lock_op(
             expires_ms,
         }) => (
             StatusCode::CONFLICT,
-            json!({"name": name, "granted": false, "error": format!("lock {name} is held by {holder} (token {token}) until {}", expires_ms), "holder": holder, "token": token, "expires_ms": expires_ms}),
+            json!({"name": name, "granted": false, "error": format!("lock {name} is held by {holder} (token {token}) until {}", rfc3339(expires_ms)), "holder": holder, "token": token, "expires_ms": expires_ms}),
         ),
         LockAnswer::One(LockResponse::NotHolder) => (
             StatusCode::CONFLICT,

@@ -430,6 +430,31 @@ async fn malformed_api_requests_get_4xx_and_write_nothing() {
         .await
         .unwrap();
     assert_eq!(s, 400);
+    // Bounds: too many patterns, a blank nack reason, an oversized holder.
+    let many: Vec<String> = (0..65).map(|i| format!("T{i}_*")).collect();
+    let (s, v) = a
+        .send(Method::PUT, "/v1/consumers/real", &json!({ "types": many }))
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = a
+        .send(
+            Method::POST,
+            "/v1/consumers/real/nack",
+            &json!({ "seq": 1, "reason": "  " }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = a
+        .send(
+            Method::POST,
+            "/v1/locks/x/acquire",
+            &json!({ "holder": "h".repeat(129) }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
     let (s, _) = a
         .send(Method::GET, "/v1/no-such-thing", &json!(null))
         .await
