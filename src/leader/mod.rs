@@ -614,6 +614,43 @@ async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<RaftInbound>) {
     }
 }
 
+/// Whether `body` decodes as a `/riftmesh/raft/1` request (the fuzz
+/// harness drives the decoder through this).
+#[doc(hidden)]
+pub fn decodes_as_envelope(body: &[u8]) -> bool {
+    codec::decode::<Envelope>(body, MAX_RAFT_MESSAGE).is_ok()
+}
+
+/// Encoded requests of every kind a voter sends, seeds for the fuzz harness.
+#[doc(hidden)]
+pub fn sample_envelopes() -> Vec<Vec<u8>> {
+    let vote = openraft::Vote::new(3, 1);
+    let msgs = vec![
+        Msg::Vote(VoteRequest::new(vote, None)),
+        Msg::Append(AppendEntriesRequest {
+            vote,
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        }),
+        Msg::Lock(LockCall::Acquire {
+            name: "promote".into(),
+            holder: "gpu-01".into(),
+            ttl_ms: 30_000,
+        }),
+        Msg::Lock(LockCall::List),
+    ];
+    msgs.into_iter()
+        .filter_map(|msg| {
+            codec::encode(&Envelope {
+                voters_hash: [4; 32],
+                msg,
+            })
+            .ok()
+        })
+        .collect()
+}
+
 async fn serve(node: &Node, body: &[u8]) -> Reply {
     let l = &node.leader;
     let env: Envelope = match codec::decode(body, MAX_RAFT_MESSAGE) {
