@@ -64,6 +64,39 @@ struct Pending {
     held: BTreeMap<u64, Event>,
     /// Last time this source made progress (an event released or arrived in order).
     progress: Option<Instant>,
+    /// Ranges (first → last, inclusive) that later events were released past
+    /// when the hold expired: still wanted, fetched and stored when they come.
+    missing: BTreeMap<u64, u64>,
+}
+
+impl Pending {
+    /// One missing event arrived.
+    fn arrived(&mut self, seq: u64) {
+        let Some((&first, &last)) = self.missing.range(..=seq).next_back() else {
+            return;
+        };
+        if seq > last {
+            return;
+        }
+        self.missing.remove(&first);
+        if first < seq {
+            self.missing.insert(first, seq - 1);
+        }
+        if seq < last {
+            self.missing.insert(seq + 1, last);
+        }
+    }
+
+    /// Everything up to `upto` is stored (or gone past retention).
+    fn settled(&mut self, upto: u64) {
+        let mut keep = self.missing.split_off(&upto.saturating_add(1));
+        if let Some((_, &last)) = self.missing.iter().next_back() {
+            if last > upto {
+                keep.insert(upto + 1, last);
+            }
+        }
+        self.missing = keep;
+    }
 }
 
 /// What the reorder buffer decided for one input.
@@ -73,7 +106,8 @@ pub struct Released {
     pub ready: Vec<Event>,
     /// Gaps to fetch: (source, from, to) inclusive.
     pub gaps: Vec<(String, u64, u64)>,
-    /// Sources whose gap was given up (hold expired or buffer full).
+    /// Gaps later events were released past (hold expired or buffer full):
+    /// (source, from, to) inclusive. The missing events are still wanted.
     pub skipped: Vec<(String, u64, u64)>,
 }
 
@@ -98,9 +132,21 @@ impl Reorder {
         self.held
     }
 
-    /// The next sequence of `source` the buffer expects (1 if unknown).
+    /// The lowest sequence of `source` still wanted (1 if unknown): the first
+    /// one released past and not yet arrived, else the next one expected.
     pub fn next_expected(&self, source: &str) -> u64 {
-        self.sources.get(source).map_or(1, |p| p.next)
+        self.sources.get(source).map_or(1, |p| {
+            p.missing.keys().next().map_or(p.next, |&m| m.min(p.next))
+        })
+    }
+
+    /// Sources with events released past and not yet arrived, and the first
+    /// such sequence.
+    pub fn missing(&self) -> Vec<(String, u64)> {
+        self.sources
+            .iter()
+            .filter_map(|(s, p)| p.missing.keys().next().map(|&m| (s.clone(), m)))
+            .collect()
     }
 
     /// Whether this source is known to the buffer (its next sequence set).
@@ -121,6 +167,7 @@ impl Reorder {
             p.next = contiguous + 1;
             p.progress = Some(now);
         }
+        p.settled(contiguous);
         Self::drain(p, source, &mut self.held, out);
     }
 
@@ -136,6 +183,7 @@ impl Reorder {
                 ..Default::default()
             });
         if ev.seq < p.next {
+            p.arrived(ev.seq);
             out.ready.push(ev);
             return;
         }
@@ -221,7 +269,9 @@ impl Reorder {
         }
     }
 
-    /// Give up on the first gap of `source`: jump to its first held event.
+    /// Stop holding back `source` behind its first gap: release its held
+    /// events from the first one on. The gap is remembered as missing, so it is
+    /// still fetched (and stored, after its successors, when it comes).
     fn skip_gap(&mut self, source: &str, now: Instant, out: &mut Released) {
         let Some(p) = self.sources.get_mut(source) else {
             return;
@@ -230,6 +280,7 @@ impl Reorder {
             return;
         };
         out.skipped.push((source.to_string(), p.next, first - 1));
+        p.missing.insert(p.next, first - 1);
         p.next = first;
         p.progress = Some(now);
         Self::drain(p, source, &mut self.held, out);
@@ -321,6 +372,43 @@ mod tests {
             vec![7, 8]
         );
         assert_eq!(out.skipped[0].1..=out.skipped[0].2, 6..=6);
+    }
+
+    #[test]
+    fn a_gap_released_past_is_still_wanted_until_it_arrives() {
+        let k = Keypair::generate_ed25519();
+        let src = k.public().to_peer_id().to_base58();
+        let mut r = Reorder::new(ReorderConfig {
+            hold: Duration::from_secs(10),
+            max_held: 100,
+        });
+        let t0 = Instant::now();
+        let mut out = Released::default();
+        r.set_contiguous(&src, 5, t0, &mut out);
+        r.offer(ev(&k, 9), t0, &mut out);
+        r.tick(t0 + Duration::from_secs(10), &mut out);
+        assert_eq!(out.skipped[0].1..=out.skipped[0].2, 6..=8);
+        // Released past, but still the first sequence to fetch.
+        assert_eq!(r.next_expected(&src), 6);
+        assert_eq!(r.missing(), vec![(src.clone(), 6)]);
+        let mut out = Released::default();
+        r.offer(ev(&k, 7), t0, &mut out);
+        assert_eq!(out.ready.len(), 1);
+        assert_eq!(r.next_expected(&src), 6);
+        r.offer(ev(&k, 6), t0, &mut out);
+        assert_eq!(r.next_expected(&src), 8);
+        r.offer(ev(&k, 8), t0, &mut out);
+        assert_eq!(r.next_expected(&src), 10);
+        assert!(r.missing().is_empty());
+        // The store's mark settles what it covers (e.g. a retention floor).
+        r.offer(ev(&k, 12), t0, &mut out);
+        r.tick(t0 + Duration::from_secs(30), &mut out);
+        assert_eq!(r.next_expected(&src), 10);
+        r.set_contiguous(&src, 10, t0, &mut out);
+        assert_eq!(r.next_expected(&src), 11);
+        r.set_contiguous(&src, 12, t0, &mut out);
+        assert_eq!(r.next_expected(&src), 13);
+        assert!(r.missing().is_empty());
     }
 
     #[test]

@@ -216,7 +216,7 @@ impl Metrics {
         );
         r.register(
             "order_gaps_skipped",
-            "Gaps given up (hold expired, buffer full, or gone past retention at peers)",
+            "Gaps later events were released past (hold expired or buffer full; the missing ones are still fetched), and ranges gone past the source's retention",
             m.order_skipped.clone(),
         );
         macro_rules! reg {

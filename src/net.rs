@@ -810,8 +810,17 @@ impl NetHandle {
     }
 }
 
+/// The derived behaviour asks each field in declaration order whether to
+/// accept a connection and stops at the first that denies it; the fields
+/// asked before have already taken it on. `request_response` records a
+/// connection as soon as it is asked (and is never told of the denial), so a
+/// denied connection would stay in its table: a later request to that peer
+/// can be sent to the phantom connection and hang without a timeout or a
+/// failure. The block list therefore comes first, so a blocked peer's
+/// connection is refused before any other behaviour sees it.
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -821,7 +830,6 @@ struct Behaviour {
     member: request_response::Behaviour<MemberCodec>,
     raft: request_response::Behaviour<RaftCodec>,
     blob: request_response::Behaviour<BlobCodec>,
-    blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
 }
 
 struct PeerState {

@@ -467,7 +467,9 @@ impl Ingest {
     /// Every second: a source still waiting behind a gap with no fetch under
     /// way is asked again, of the source itself when connected, else of a
     /// connected peer chosen at random (an earlier relay may have had the
-    /// same hole).
+    /// same hole). Events later ones were released past (the hold ended)
+    /// are asked of the source itself when connected; otherwise the summary
+    /// exchanges find the peers that hold them.
     fn refetch_gaps(&mut self) {
         let connected: Vec<PeerId> = self.node.membership.connected_peers();
         if connected.is_empty() {
@@ -491,6 +493,17 @@ impl Ingest {
                 })
                 .unwrap_or_else(|| connected[rand::random::<usize>() % connected.len()]);
             self.want(peer, source, next);
+        }
+        for (source, first) in self.reorder.missing() {
+            if self.fetching.contains_key(&source) {
+                continue;
+            }
+            let Some(peer) = source.parse::<PeerId>().ok().filter(|p| {
+                connected.contains(p) && !self.fetch_failed.contains_key(&(*p, source.clone()))
+            }) else {
+                continue;
+            };
+            self.want(peer, source, first);
         }
     }
 
@@ -715,12 +728,13 @@ impl Ingest {
     /// events go to the store at once; catch-up events (`bulk`), and any later
     /// event of a source that still has some waiting, go a chunk at a time.
     async fn apply(&mut self, out: Released, bulk: bool) {
+        // The hold ended: later events go ahead, but the missing ones stay
+        // wanted (the store's contiguous mark stays below them, so summaries
+        // and the gap refetch keep asking for them). Only a source's own
+        // retention floor gives events up (see on_done).
         for (source, from, to) in out.skipped {
-            tracing::warn!(%source, from, to, "gave up waiting for missing events of a source; later ones go ahead");
+            tracing::warn!(%source, from, to, "missing events of a source still not here after the order hold; later ones go ahead, the missing ones are still fetched");
             self.node.metrics.order_skipped.inc();
-            if let Err(e) = self.node.store.skip_to(&source, to).await {
-                tracing::warn!(error = %e, "cannot record a skipped gap");
-            }
         }
         let mut live = Vec::new();
         for ev in out.ready {
