@@ -24,7 +24,22 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// glibc's allocator serves the chunk-sized buffers of blob transfers
+/// (1-8 MiB) with fresh `mmap`s by default, so every chunk paid page faults
+/// and zeroing of new pages (~10 % of a receiver's CPU). Below 16 MiB they
+/// now come from the heap and are reused; the heap is trimmed beyond 32 MiB
+/// of free space.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called once at start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    tune_allocator();
     let mut registry = Registry::default();
     let api_listener = tokio::net::TcpListener::bind(cfg.api).await.map_err(|e| {
         anyhow::anyhow!(
