@@ -1081,6 +1081,7 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<(), String>) {
                         Ok(Ok(false)) => continue,
                         Ok(Ok(true)) => path = Some(p),
                         Ok(Err(e)) => {
+                            node.metrics.sync_place_failed.inc();
                             report_failure(
                                 node,
                                 blob,
@@ -1091,6 +1092,7 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<(), String>) {
                             continue;
                         }
                         Err(e) => {
+                            node.metrics.sync_place_failed.inc();
                             report_failure(node, blob, std::slice::from_ref(name), &e.to_string())
                                 .await;
                             continue;
