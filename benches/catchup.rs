@@ -10,7 +10,7 @@
 //!     while b publishes live events at ~50/s to a durable consumer on c
 //!     (latency from the POST on b to the long-poll answer on c).
 //! (3) Idle anti-entropy at 20 agents: bytes/s of version-vector summaries
-//!     (`riftmesh_summary_bytes_total`) and of all libp2p traffic
+//!     (`riftmesh_antientropy_bytes_total`) and of all libp2p traffic
 //!     (`libp2p_bandwidth_bytes_total`) per agent, and resident memory.
 //!
 //! Prints one plain-text table and writes a JSON copy to target/bench-catchup.json.
@@ -1041,9 +1041,9 @@ struct IdleResult {
     /// Peers each agent saw subscribed when the measurement started.
     peers_seen: Vec<usize>,
     window_secs: f64,
-    /// riftmesh_summary_bytes_total increase per agent, bytes/s.
+    /// riftmesh_antientropy_bytes_total increase per agent, bytes/s.
     summary_bps: Vec<f64>,
-    /// riftmesh_summary_exchanges_total increase per agent (summaries it started), per s.
+    /// riftmesh_antientropy_exchanges_total increase per agent (summaries it started), per s.
     exchanges_per_sec: Vec<f64>,
     /// libp2p_bandwidth_bytes_total increase per agent, bytes/s, in + out.
     bandwidth_bps: Vec<f64>,
@@ -1070,8 +1070,8 @@ async fn snapshot(b: &Bench, p: &Peer) -> anyhow::Result<Snapshot> {
     let m = b.metrics(p).await?;
     Ok(Snapshot {
         at: Instant::now(),
-        summary_bytes: metric(&m, "riftmesh_summary_bytes_total", ""),
-        exchanges: metric(&m, "riftmesh_summary_exchanges_total", ""),
+        summary_bytes: metric(&m, "riftmesh_antientropy_bytes_total", ""),
+        exchanges: metric(&m, "riftmesh_antientropy_exchanges_total", ""),
         bw_in: metric(&m, "libp2p_bandwidth_bytes_total", "direction=\"Inbound\""),
         bw_out: metric(&m, "libp2p_bandwidth_bytes_total", "direction=\"Outbound\""),
         kad_requests: metric(&m, "libp2p_kad_inbound_requests_total", ""),
@@ -1527,7 +1527,7 @@ fn idle_rows(rows: &mut Vec<Row>, r: &anyhow::Result<IdleResult>) {
         mean_max(&r.summary_bps),
         "<= 1 KB/s each",
         Some(ok),
-        json!({ "metric": "riftmesh_summary_bytes_total", "bytes_per_sec": r.summary_bps,
+        json!({ "metric": "riftmesh_antientropy_bytes_total", "bytes_per_sec": r.summary_bps,
                 "target": IDLE_TARGET_BPS, "met": ok, "window_secs": r.window_secs }),
     ));
     rows.push(row(
@@ -1535,7 +1535,7 @@ fn idle_rows(rows: &mut Vec<Row>, r: &anyhow::Result<IdleResult>) {
         format!("{:.2} per s", mean(&r.exchanges_per_sec)),
         "-",
         None,
-        json!({ "metric": "riftmesh_summary_exchanges_total", "per_sec": r.exchanges_per_sec }),
+        json!({ "metric": "riftmesh_antientropy_exchanges_total", "per_sec": r.exchanges_per_sec }),
     ));
     rows.push(row(
         "(3) libp2p bandwidth in+out per agent, mean / max",
@@ -1666,7 +1666,7 @@ fn main() {
     );
     println!(
         "(3) every agent published one event first, so each version vector names 20 sources (as in a running \
-         cluster). Anti-entropy = increase of riftmesh_summary_bytes_total (summaries and digests sent and \
+         cluster). Anti-entropy = increase of riftmesh_antientropy_bytes_total (summaries and digests sent and \
          received); libp2p = libp2p_bandwidth_bytes_total, both directions. KB = 1000 bytes, MB = 2^20 bytes."
     );
     println!("total bench time {:.0} s", started.elapsed().as_secs_f64());

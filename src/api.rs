@@ -698,6 +698,7 @@ async fn delete_consumer(
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
     let rec = node.store.delete_consumer(&name).await?;
+    node.metrics.consumer_lag.remove(&label("consumer", name));
     Ok(Json(consumer_view(&node, &rec)))
 }
 

@@ -4,12 +4,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::{http::header, routing::get, Router};
+pub mod classic;
+
+use axum::{
+    http::{header, HeaderMap},
+    routing::get,
+    Router,
+};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -37,12 +44,13 @@ pub struct Metrics {
     pub api_errors: Family<Labels, Counter>,
     pub catchup_events: Counter,
     pub catchup_bytes: Counter,
-    pub summary_exchanges: Counter,
-    pub summary_bytes: Counter,
+    pub antientropy_exchanges: Counter,
+    pub antientropy_bytes: Counter,
     pub gaps_open: Gauge,
     pub gap_age: Gauge,
     pub order_skipped: Counter,
     pub members: Family<Labels, Gauge>,
+    pub member_state: Family<Labels, Gauge>,
     pub member_last_heard: Family<Labels, FGauge>,
     pub member_rtt: Family<Labels, FGauge>,
     pub member_transitions: Family<Labels, Counter>,
@@ -59,12 +67,14 @@ pub struct Metrics {
     pub host_gpu_mem_used: Family<Labels, FGauge>,
     pub host_jobs: Family<Labels, FGauge>,
     pub raft_term: Gauge,
+    pub leader_term: Gauge,
     pub is_leader: Gauge,
     pub leader_changes: Counter,
     pub election_seconds: Histogram,
     pub lock_ops: Family<Labels, Counter>,
     pub voter_mismatch: Gauge,
     pub sync_transfers: Family<Labels, Counter>,
+    pub sync_place_failed: Counter,
     pub sync_bytes: Family<Labels, Counter>,
     pub sync_peer_bytes: Family<Labels, Counter>,
     pub sync_seconds: Histogram,
@@ -91,12 +101,13 @@ impl Metrics {
             api_errors: Family::default(),
             catchup_events: Counter::default(),
             catchup_bytes: Counter::default(),
-            summary_exchanges: Counter::default(),
-            summary_bytes: Counter::default(),
+            antientropy_exchanges: Counter::default(),
+            antientropy_bytes: Counter::default(),
             gaps_open: Gauge::default(),
             gap_age: Gauge::default(),
             order_skipped: Counter::default(),
             members: Family::default(),
+            member_state: Family::default(),
             member_last_heard: Family::default(),
             member_rtt: Family::default(),
             member_transitions: Family::default(),
@@ -113,12 +124,14 @@ impl Metrics {
             host_gpu_mem_used: Family::default(),
             host_jobs: Family::default(),
             raft_term: Gauge::default(),
+            leader_term: Gauge::default(),
             is_leader: Gauge::default(),
             leader_changes: Counter::default(),
             election_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 10)),
             lock_ops: Family::default(),
             voter_mismatch: Gauge::default(),
             sync_transfers: Family::default(),
+            sync_place_failed: Counter::default(),
             sync_bytes: Family::default(),
             sync_peer_bytes: Family::default(),
             sync_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
@@ -195,14 +208,14 @@ impl Metrics {
             m.catchup_bytes.clone(),
         );
         r.register(
-            "summary_exchanges",
-            "Version-vector summaries sent to peers",
-            m.summary_exchanges.clone(),
+            "antientropy_exchanges",
+            "Anti-entropy rounds started with a peer (a version-vector digest or summary sent)",
+            m.antientropy_exchanges.clone(),
         );
         r.register(
-            "summary_bytes",
-            "Bytes of version-vector summaries sent and received (anti-entropy traffic)",
-            m.summary_bytes.clone(),
+            "antientropy_bytes",
+            "Bytes of version-vector digests and summaries sent and received (anti-entropy traffic)",
+            m.antientropy_bytes.clone(),
         );
         r.register(
             "order_gaps_open",
@@ -224,6 +237,7 @@ impl Metrics {
         }
         reg! {
             "members", "Known members by state (this agent counts as alive)", m.members;
+            "member_state", "1 for each known member (this agent too) in its current state, by peer, name and state", m.member_state;
             "member_last_heard_seconds", "Seconds since this agent last heard directly from a member", m.member_last_heard;
             "member_rtt_seconds", "Last ping round-trip time to a member", m.member_rtt;
             "member_transitions", "Failure-detector state changes, by from and to state", m.member_transitions;
@@ -238,14 +252,16 @@ impl Metrics {
             "host_gpu_utilization_ratio", "GPU utilization, 0-1, by GPU index", m.host_gpu_util;
             "host_gpu_temperature_celsius", "GPU temperature, by GPU index", m.host_gpu_temp;
             "host_gpu_memory_used_bytes", "GPU memory in use, by GPU index", m.host_gpu_mem_used;
-            "host_jobs", "Job counters reported by local processes, by job", m.host_jobs;
+            "host_jobs", "Job counters reported by local processes, by kind (the counter's name)", m.host_jobs;
             "raft_term", "Current Raft term on this voter (the leadership fencing token)", m.raft_term;
+            "leader_term", "Term of the newest LEADER_ELECTED event this agent holds (every agent, voter or not)", m.leader_term;
             "is_leader", "1 while this agent is the Raft leader", m.is_leader;
             "leader_changes", "Times this voter saw a new leader", m.leader_changes;
             "election_duration_seconds", "Time from losing a leader to knowing the next one", m.election_seconds;
             "lock_ops", "Lock outcomes on the leader, by op (grant, deny, expired)", m.lock_ops;
             "voter_list_mismatch", "Live members whose voter list differs from this agent's", m.voter_mismatch;
             "sync_transfers", "Blob fetches finished, by result (completed, failed)", m.sync_transfers;
+            "sync_place_failed", "Failed attempts to place a held blob at a want's `place` path, per name (retried every 30 s)", m.sync_place_failed;
             "sync_bytes", "Blob chunk bytes moved, by direction (in, out)", m.sync_bytes;
             "sync_active", "Blob fetches in progress", m.sync_active;
             "sync_peer_bytes", "Blob chunk bytes moved, by peer and direction", m.sync_peer_bytes;
@@ -259,6 +275,36 @@ impl Metrics {
     }
 }
 
+/// `riftmesh_agent_info{name, peer_id, version} 1`: who answers on this
+/// listener (an OpenMetrics info family).
+pub fn register_agent_info(reg: &mut Registry, name: &str, peer_id: &str) {
+    let labels: Labels = vec![
+        ("name", name.to_string()),
+        ("peer_id", peer_id.to_string()),
+        ("version", env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    reg.sub_registry_with_prefix("riftmesh").register(
+        "agent",
+        "This agent's name, peer id and version (value 1)",
+        Info::new(labels),
+    );
+}
+
+/// The body and content type of `/metrics` for a request's `Accept` header:
+/// OpenMetrics when asked for (Prometheus does), else the classic 0.0.4 text
+/// format (`promtool check metrics`, curl).
+pub fn render(registry: &Registry, accept: Option<&str>) -> (&'static str, String) {
+    let mut body = String::new();
+    if encode(&mut body, registry).is_err() {
+        body.clear();
+    }
+    if classic::wants_openmetrics(accept) {
+        (classic::OPENMETRICS_CONTENT_TYPE, body)
+    } else {
+        (classic::CONTENT_TYPE, classic::from_openmetrics(&body))
+    }
+}
+
 /// Serve `GET /metrics` on its own listener until the process ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -266,18 +312,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: HeaderMap| {
             let registry = registry.clone();
             async move {
-                let mut body = String::new();
-                if encode(&mut body, &registry).is_err() {
-                    body.clear();
-                }
+                let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                let (ctype, body) = render(&registry, accept);
                 (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
+                    [(header::CONTENT_TYPE, ctype), (header::VARY, "Accept")],
                     body,
                 )
             }

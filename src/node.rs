@@ -162,6 +162,7 @@ impl Node {
         })?;
         let local = key.public().to_peer_id();
         let peer_id = local.to_base58();
+        crate::metrics::register_agent_info(registry, &cfg.name, &peer_id);
         let incarnation = crate::membership::next_incarnation(&cfg.data_dir).map_err(|e| {
             file_err(
                 "cannot record the incarnation",
@@ -531,21 +532,21 @@ impl Ingest {
         tokio::spawn(async move {
             let ours = marks(node.store.version_vector().unwrap_or_default());
             let m = &node.metrics;
-            m.summary_exchanges.inc();
+            m.antientropy_exchanges.inc();
             if digest_only {
                 let digest = wire::marks_digest(&ours);
-                m.summary_bytes.inc_by(DIGEST_BYTES);
+                m.antientropy_bytes.inc_by(DIGEST_BYTES);
                 match node
                     .net
                     .request(peer, wire::SyncRequest::Digest { digest })
                     .await
                 {
                     Ok(wire::SyncResponse::Same) => {
-                        m.summary_bytes.inc_by(DIGEST_BYTES);
+                        m.antientropy_bytes.inc_by(DIGEST_BYTES);
                         return;
                     }
                     Ok(wire::SyncResponse::Summary { marks }) => {
-                        m.summary_bytes.inc_by(summary_size(&marks));
+                        m.antientropy_bytes.inc_by(summary_size(&marks));
                         let _ = done.send(Done::Summary(peer, marks)).await;
                         // Then send ours, so the peer can fetch from us too.
                     }
@@ -555,14 +556,14 @@ impl Ingest {
                     Err(e) => return tracing::debug!(%peer, error = %e, "digest exchange failed"),
                 }
             }
-            m.summary_bytes.inc_by(summary_size(&ours));
+            m.antientropy_bytes.inc_by(summary_size(&ours));
             match node
                 .net
                 .request(peer, wire::SyncRequest::Summary { marks: ours })
                 .await
             {
                 Ok(wire::SyncResponse::Summary { marks }) => {
-                    m.summary_bytes.inc_by(summary_size(&marks));
+                    m.antientropy_bytes.inc_by(summary_size(&marks));
                     let _ = done.send(Done::Summary(peer, marks)).await;
                 }
                 Ok(_) => tracing::warn!(%peer, "peer answered a summary with something else"),
@@ -869,13 +870,13 @@ async fn answer(
 ) -> wire::SyncResponse {
     match request {
         wire::SyncRequest::Summary { marks: theirs } => {
-            node.metrics.summary_bytes.inc_by(summary_size(&theirs));
+            node.metrics.antientropy_bytes.inc_by(summary_size(&theirs));
             // Their summary also tells us what to fetch from them.
             let _ = done.send(Done::Summary(peer, theirs)).await;
             match node.store.version_vector() {
                 Ok(vv) => {
                     let ours = marks(vv);
-                    node.metrics.summary_bytes.inc_by(summary_size(&ours));
+                    node.metrics.antientropy_bytes.inc_by(summary_size(&ours));
                     wire::SyncResponse::Summary { marks: ours }
                 }
                 Err(e) => wire::SyncResponse::Refused {
@@ -884,15 +885,15 @@ async fn answer(
             }
         }
         wire::SyncRequest::Digest { digest } => {
-            node.metrics.summary_bytes.inc_by(DIGEST_BYTES);
+            node.metrics.antientropy_bytes.inc_by(DIGEST_BYTES);
             match node.store.version_vector() {
                 Ok(vv) => {
                     let ours = marks(vv);
                     if wire::marks_digest(&ours) == digest {
-                        node.metrics.summary_bytes.inc_by(DIGEST_BYTES);
+                        node.metrics.antientropy_bytes.inc_by(DIGEST_BYTES);
                         wire::SyncResponse::Same
                     } else {
-                        node.metrics.summary_bytes.inc_by(summary_size(&ours));
+                        node.metrics.antientropy_bytes.inc_by(summary_size(&ours));
                         wire::SyncResponse::Summary { marks: ours }
                     }
                 }
@@ -929,6 +930,7 @@ async fn answer(
 async fn housekeeping(node: Arc<Node>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut n: u64 = 0;
+    let mut lagging: HashSet<String> = HashSet::new();
     loop {
         tick.tick().await;
         if n % 6 == 0 {
@@ -941,12 +943,21 @@ async fn housekeeping(node: Arc<Node>) {
             .store_bytes
             .set(node.store.size_on_disk() as i64);
         if let Ok(consumers) = node.store.consumers() {
+            // A deleted consumer's series goes too (the API removes it at
+            // once; this catches a delete racing this loop).
+            let now: HashSet<String> = consumers.iter().map(|c| c.name.clone()).collect();
+            for gone in lagging.difference(&now) {
+                node.metrics
+                    .consumer_lag
+                    .remove(&label("consumer", gone.clone()));
+            }
             for c in consumers {
                 node.metrics
                     .consumer_lag
                     .get_or_create(&label("consumer", c.name))
                     .set(head.saturating_sub(c.cursor) as i64);
             }
+            lagging = now;
         }
     }
 }

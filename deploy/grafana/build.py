@@ -130,15 +130,15 @@ panels += row("Cluster", [
         P("stat", "Leader", [target(f'max by (instance) (riftmesh_is_leader{{{SEL}}}) == 1', "{{instance}}", instant=True)], 4, 4,
           desc="The voter that claims leadership (only voters export riftmesh_is_leader).",
           options={"textMode": "name"}),
-        P("stat", "Term", [target(f'max(riftmesh_raft_term{{{SEL}}})', instant=True)], 3, 4,
-          desc="Raft term: the fencing token. It rises at every election."),
+        P("stat", "Term", [target(f'max(riftmesh_leader_term{{{SEL}}})', instant=True)], 3, 4,
+          desc="Term of the newest elected leader (LEADER_ELECTED, known to every agent): the fencing token. It rises at every election."),
         P("stat", "Voter list mismatches", [target(f'max(riftmesh_voter_list_mismatch{{{SEL}}})', instant=True)], 5, 4,
           desc="Members whose `voters` list differs; must be 0.", thresholds=GREEN_RED),
     ),
     line(
         P("timeseries", "Members by state", [target(f'max by (state) (riftmesh_members{{{SEL}}})', "{{state}}")], 8),
-        P("timeseries", "Raft term and leader", targets(
-            (f'max(riftmesh_raft_term{{{SEL}}})', "term"),
+        P("timeseries", "Leader term and leader", targets(
+            (f'max(riftmesh_leader_term{{{SEL}}})', "term"),
             (f'riftmesh_is_leader{{{SEL}}} == 1', "leader: {{instance}}")), 8),
         P("timeseries", "Election duration (p50, p99)", targets(
             (f'histogram_quantile(0.5, sum by (le) (rate(riftmesh_election_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p50"),
@@ -155,9 +155,12 @@ panels += row("Cluster", [
     ),
     line(
         P("timeseries", "Round-trip time to members (p. observer, max)", [target(
-            f'max by (name) (riftmesh_member_rtt_seconds{{{SEL}}})', "{{name}}")], 12, unit="s"),
+            f'max by (name) (riftmesh_member_rtt_seconds{{{SEL}}})', "{{name}}")], 8, unit="s"),
         P("timeseries", "Lock operations (on the leader)", [target(
-            f'sum by (op) (rate(riftmesh_lock_ops_total{{{SEL}}}[$__rate_interval]))', "{{op}}")], 12, unit="ops"),
+            f'sum by (op) (rate(riftmesh_lock_ops_total{{{SEL}}}[$__rate_interval]))', "{{op}}")], 8, unit="ops"),
+        P("table", "Members not alive (by name, observers counted)", [target(
+            f'count by (name, peer, state) (riftmesh_member_state{{{SEL}, state!="alive"}})', "", instant=True, fmt="table")], 8,
+          desc="Members some agent sees suspect, dead or left, and how many agents see them so."),
     ),
 ])
 panels += row("Hosts", [
@@ -179,8 +182,8 @@ panels += row("Hosts", [
         P("timeseries", "GPU memory used", [target(
             f'sum by (instance) (riftmesh_host_gpu_memory_used_bytes{{{SEL}}})', "{{instance}}")], 8, unit="bytes"),
         P("timeseries", "Job counters (riftmesh report)", [target(
-            f'sum by (exported_job) (riftmesh_host_jobs{{{SEL}}})', "{{exported_job}}")], 8,
-          desc="Counters local processes report (`riftmesh report selfplay_jobs=6`), summed over hosts. The agent's label is `job`; Prometheus renames it exported_job."),
+            f'sum by (kind) (riftmesh_host_jobs{{{SEL}}})', "{{kind}}")], 8,
+          desc="Counters local processes report (`riftmesh report selfplay_jobs=6`), summed over hosts, by kind (the counter's name)."),
         P("table", "GPUs per host", [target(
             f'count by (instance) (riftmesh_host_gpu_utilization_ratio{{{SEL}}})', "", instant=True, fmt="table")], 8),
     ),
@@ -209,7 +212,7 @@ panels += row("Events", [
         P("timeseries", "Catch-up: events fetched", [target(
             f'sum by (instance) (rate(riftmesh_catchup_events_total{{{SEL}}}[$__rate_interval]))', "{{instance}}")], 8, unit="ops"),
         P("timeseries", "Anti-entropy traffic", [target(
-            f'sum by (instance) (rate(riftmesh_summary_bytes_total{{{SEL}}}[$__rate_interval]))', "{{instance}}")], 8, unit="Bps"),
+            f'sum by (instance) (rate(riftmesh_antientropy_bytes_total{{{SEL}}}[$__rate_interval]))', "{{instance}}")], 8, unit="Bps"),
         P("timeseries", "Order gaps open", [target(f'riftmesh_order_gaps_open{{{SEL}}}', "{{instance}}")], 8,
           desc="Sources whose later events wait for a missing earlier one (order_hold)."),
     ),
@@ -235,8 +238,9 @@ panels += row("Blob sync", [
             (f'sum by (instance) (rate(riftmesh_sync_bytes_total{{{SEL}, direction="in"}}[$__rate_interval]))', "in {{instance}}"),
             (f'-sum by (instance) (rate(riftmesh_sync_bytes_total{{{SEL}, direction="out"}}[$__rate_interval]))', "out {{instance}}")),
           12, unit="Bps", desc="Chunk bytes received (up) and served (down)."),
-        P("timeseries", "Fetches finished", [target(
-            f'sum by (result) (increase(riftmesh_sync_transfers_total{{{SEL}}}[$__rate_interval]))', "{{result}}")], 6),
+        P("timeseries", "Fetches finished, placements failed", targets(
+            (f'sum by (result) (increase(riftmesh_sync_transfers_total{{{SEL}}}[$__rate_interval]))', "{{result}}"),
+            (f'sum by (instance) (increase(riftmesh_sync_place_failed_total{{{SEL}}}[$__rate_interval]))', "place failed {{instance}}")), 6),
         P("timeseries", "Fetches in progress", [target(f'riftmesh_sync_active{{{SEL}}}', "{{instance}}")], 6),
     ),
     line(
@@ -296,7 +300,7 @@ dashboard = {
     ]},
     "annotations": {"list": [
         {"name": "Leader changes", "datasource": DS, "enable": True, "iconColor": "orange",
-         "expr": 'changes(max(riftmesh_raft_term{job="riftmesh"})[2m:15s]) > 0',
+         "expr": 'changes(max(riftmesh_leader_term{job="riftmesh"})[2m:15s]) > 0',
          "titleFormat": "new term", "step": "60s"},
     ]},
     "panels": panels,

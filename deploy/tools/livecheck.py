@@ -9,7 +9,9 @@
       and one that fails, a voter with a different voter list, a killed
       agent), then
         1. checks that every metric the alert rules and the dashboard use is
-           in the agents' /metrics output (with the label names they select);
+           in the agents' /metrics output (with the label names they select),
+           that this output (the classic text format) passes `promtool check
+           metrics`, and that no riftmesh label is called job or instance;
         2. runs Prometheus on 127.0.0.1 with the deploy scrape config's
            relabelling and the deploy alert rules, scraping the agents, and
            runs every dashboard query and every rule: none may fail.
@@ -262,7 +264,31 @@ def parse_metrics(text, seen):
             labels.setdefault(k, set()).add(v)
 
 
+def check_exposition(name, text):
+    """The classic text format must pass `promtool check metrics` (when
+    promtool is installed), and no riftmesh label may collide with a target
+    label Prometheus sets (job, instance)."""
+    for line in text.splitlines():
+        m = SAMPLE_RE.match(line)
+        if m and m.group(1).startswith("riftmesh_"):
+            for k, _ in LABEL_RE.findall(m.group(3) or ""):
+                if k in ("job", "instance"):
+                    fail(f"{name}: {m.group(1)} has a label {k!r}, which Prometheus renames exported_{k}")
+    promtool = shutil.which("promtool")
+    if not promtool:
+        info("  note: promtool not found: `promtool check metrics` skipped")
+        return
+    r = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
+    said = (r.stdout + r.stderr).decode().strip()
+    if r.returncode != 0 or said:
+        fail(f"{name}: promtool check metrics: {said}")
+
+
 def family_samples(fam, typ):
+    # OpenMetrics names a counter family without _total, the classic text
+    # format (what the agent serves without an Accept header) with it.
+    if typ == "counter" and fam.endswith("_total"):
+        return [fam]
     if typ == "counter":
         return [fam + "_total", fam + "_created"]
     if typ == "histogram":
@@ -504,6 +530,7 @@ def cmd_metrics(a):
             with open(os.path.join(ag.dir, "metrics.txt"), "wb") as f:
                 f.write(raw)
             parse_metrics(raw.decode(), seen)
+            check_exposition(ag.name, raw.decode())
         # Kill w5 without a leave: the others declare it dead.
         w5.stop(signal.SIGKILL)
         wait_for("w5 dead on v1", lambda: any(

@@ -751,8 +751,9 @@ fn update_view(node: &Node, blob: &BlobId, f: impl FnOnce(&mut TransferView)) {
     }
 }
 
-/// Fetch one blob (if not held) under the transfer limit.
-async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<(), String> {
+/// Fetch one blob (if not held) under the transfer limit. `Ok(true)`: it was
+/// fetched now; `Ok(false)`: it was here already (only placement is left).
+async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<bool, String> {
     let b = &node.blobs;
     let store = b.store.clone();
     let complete = tokio::task::spawn_blocking(move || store.is_complete(&blob))
@@ -760,7 +761,7 @@ async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     if complete {
-        return Ok(());
+        return Ok(false);
     }
     let _slot = b
         .slots
@@ -776,7 +777,7 @@ async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<(), String> {
     node.metrics.sync_active.inc();
     let r = fetch(node, blob, size, root).await;
     node.metrics.sync_active.dec();
-    r
+    r.map(|()| true)
 }
 
 /// Check the disk budget and the free space for `size` more bytes.
@@ -1057,23 +1058,27 @@ async fn join_opt<T>(
     }
 }
 
-/// After a transfer: place for every name that wants it, and report.
-async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<(), String>) {
+/// After a transfer: place for every name that wants it, and report. Only a
+/// blob fetched now counts as a completed fetch (wants of held blobs are
+/// resumed every 30 s to retry their placement).
+async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
     let b = &node.blobs;
     let Some(tr) = lock(&b.transfers).remove(&blob) else {
         return;
     };
     let secs = tr.started.elapsed().as_secs_f64();
-    if result.is_ok() {
+    if result == Ok(true) {
         node.metrics.sync_seconds.observe(secs);
     }
     let sources = tr.view.sources.clone();
     match result {
-        Ok(()) => {
-            node.metrics
-                .sync_transfers
-                .get_or_create(&label("result", "completed"))
-                .inc();
+        Ok(fetched) => {
+            if fetched {
+                node.metrics
+                    .sync_transfers
+                    .get_or_create(&label("result", "completed"))
+                    .inc();
+            }
             for name in &tr.names {
                 // Only if the name still points here.
                 let store = b.store.clone();
@@ -1101,6 +1106,7 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<(), String>) {
                         Ok(Ok(false)) => continue,
                         Ok(Ok(true)) => path = Some(p),
                         Ok(Err(e)) => {
+                            node.metrics.sync_place_failed.inc();
                             report_failure(
                                 node,
                                 blob,
@@ -1111,6 +1117,7 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<(), String>) {
                             continue;
                         }
                         Err(e) => {
+                            node.metrics.sync_place_failed.inc();
                             report_failure(node, blob, std::slice::from_ref(name), &e.to_string())
                                 .await;
                             continue;

@@ -885,6 +885,7 @@ async fn follow_elections(node: Arc<Node>) {
                 };
                 let mut k = lock_known(&node.leader.known);
                 if e.term > k.term {
+                    node.metrics.leader_term.set(e.term as i64);
                     *k = Known {
                         term: e.term,
                         leader: Some(e.leader),

@@ -7,7 +7,7 @@
 pub mod detector;
 pub mod health;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{self, Draft, TypePattern};
-use crate::metrics::label;
+use crate::metrics::{label, Labels};
 use crate::net::wire::{Heartbeat, MemberInfo, MemberRequest, MemberResponse};
 use crate::net::{MemberInbound, RequestError, AGENT_VERSION};
 use crate::node::{write_private, Node};
@@ -485,6 +485,10 @@ struct Task {
     internal: mpsc::UnboundedSender<Internal>,
     patterns: Vec<TypePattern>,
     cursor: u64,
+    /// Per member, the labels of its `riftmesh_member_state` series.
+    state_series: HashMap<PeerId, Labels>,
+    /// Job counters with a `riftmesh_host_jobs` series.
+    job_series: BTreeSet<String>,
 }
 
 /// Run membership until the node stops. `inbound` is the network's
@@ -523,6 +527,8 @@ pub async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<MemberInbound>) {
         me,
         internal,
         patterns,
+        state_series: HashMap::new(),
+        job_series: BTreeSet::new(),
     };
     // Members we cannot reach yet are learned from recent membership events.
     let head = node.store.head();
@@ -951,6 +957,7 @@ impl Task {
                             ("to", to.as_str().to_string()),
                         ])
                         .inc();
+                    self.update_member_state();
                 }
                 Action::Forget(peer) => {
                     let name = self
@@ -963,12 +970,49 @@ impl Task {
                     let l = peer_labels(&peer, &name);
                     self.node.metrics.member_last_heard.remove(&l);
                     self.node.metrics.member_rtt.remove(&l);
+                    self.update_member_state();
                 }
             }
         }
     }
 
-    fn update_metrics(&self) {
+    /// `riftmesh_member_state`: one series per member at 1, for its current
+    /// state and name; the series of an old state or name, or of a forgotten
+    /// member, is removed.
+    fn update_member_state(&mut self) {
+        let now: HashMap<PeerId, Labels> = {
+            let g = self.inner();
+            let row = |peer: &PeerId, name: &str, state: &str| -> Labels {
+                let mut l = peer_labels(peer, name);
+                l.push(("state", state.to_string()));
+                l
+            };
+            g.det
+                .members()
+                .map(|m| {
+                    let l = row(&m.peer, m.name.as_deref().unwrap_or(""), m.state.as_str());
+                    (m.peer, l)
+                })
+                .chain(std::iter::once((
+                    self.me,
+                    row(&self.me, &g.me.info.name, "alive"),
+                )))
+                .collect()
+        };
+        let mx = &self.node.metrics;
+        for (peer, old) in &self.state_series {
+            if now.get(peer) != Some(old) {
+                mx.member_state.remove(old);
+            }
+        }
+        for l in now.values() {
+            mx.member_state.get_or_create(l).set(1);
+        }
+        self.state_series = now;
+    }
+
+    fn update_metrics(&mut self) {
+        self.update_member_state();
         let g = self.inner();
         let now = Instant::now();
         let mut counts: HashMap<&'static str, i64> = HashMap::new();
@@ -1003,7 +1047,7 @@ impl Task {
         mx.detector_stalls.set(g.det.stalls as i64);
     }
 
-    fn update_host_metrics(&self) {
+    fn update_host_metrics(&mut self) {
         let g = self.inner();
         let h = &g.me.beat.health;
         let mx = &self.node.metrics;
@@ -1029,9 +1073,18 @@ impl Task {
                 }
             }
         }
-        for (k, v) in &g.me.beat.jobs {
-            mx.host_jobs.get_or_create(&label("job", k.clone())).set(*v);
+        // `kind`, not `job`: Prometheus' own `job` label would rename ours.
+        let jobs: BTreeSet<String> = g.me.beat.jobs.iter().map(|(k, _)| k.clone()).collect();
+        for gone in self.job_series.difference(&jobs) {
+            mx.host_jobs.remove(&label("kind", gone.clone()));
         }
+        for (k, v) in &g.me.beat.jobs {
+            mx.host_jobs
+                .get_or_create(&label("kind", k.clone()))
+                .set(*v);
+        }
+        drop(g);
+        self.job_series = jobs;
     }
 
     async fn leave(&mut self) -> LeaveReport {
