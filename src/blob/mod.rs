@@ -293,7 +293,7 @@ const MAX_UPLOADS: usize = 32;
 /// A chunk request not answered in this time counts as a failure of its source.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often a transfer asks its peers who holds what.
-const SOURCE_REFRESH: Duration = Duration::from_secs(2);
+const SOURCE_REFRESH: Duration = Duration::from_millis(500);
 /// A transfer with no source and nothing in flight for this long fails.
 const STALL: Duration = Duration::from_secs(60);
 /// Longest time verified chunks wait to be made durable and recorded; also
