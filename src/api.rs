@@ -277,7 +277,7 @@ fn valid_consumer(name: &str) -> ApiResult<()> {
 }
 
 /// Most type patterns one request or consumer may carry.
-pub const MAX_PATTERNS: usize = 64;
+pub const MAX_PATTERNS: usize = 256;
 
 fn patterns(list: &[String]) -> ApiResult<Vec<TypePattern>> {
     if list.len() > MAX_PATTERNS {

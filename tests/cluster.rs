@@ -431,7 +431,7 @@ async fn malformed_api_requests_get_4xx_and_write_nothing() {
         .unwrap();
     assert_eq!(s, 400);
     // Bounds: too many patterns, a blank nack reason, an oversized holder.
-    let many: Vec<String> = (0..65).map(|i| format!("T{i}_*")).collect();
+    let many: Vec<String> = (0..257).map(|i| format!("T{i}_*")).collect();
     let (s, v) = a
         .send(Method::PUT, "/v1/consumers/real", &json!({ "types": many }))
         .await
