@@ -218,8 +218,17 @@ async fn formats_and_operator_series() {
         .unwrap();
     assert_eq!(st, 200);
     assert!(!text(&v0).await.contains("consumer=\"trainer\""));
-    // Housekeeping runs every 5 s: it must not bring the series back.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // A housekeeping pass (every 5 s) must not bring the series back. Only
+    // that pass creates lag series, so a consumer made after the delete
+    // showing one proves a pass has run.
+    v0.put("/v1/consumers/witness", &json!({})).await.unwrap();
+    wait_for("a housekeeping pass after the delete", T, || async {
+        text(&v0)
+            .await
+            .contains("riftmesh_consumer_lag{consumer=\"witness\"}")
+            .then_some(())
+    })
+    .await;
     assert!(!text(&v0).await.contains("consumer=\"trainer\""));
 
     // A blob w1 fetches but cannot place is counted.
