@@ -2,7 +2,7 @@
 //! loopback with no disk and no hashing, one layer added at a time, so the
 //! cost of each layer shows as the difference between two rows:
 //!
-//! 1. plain TCP (tokio sockets, 1 MiB writes and reads);
+//! 1. plain TCP (1 MiB writes and reads);
 //! 2. TCP + the private-network layer (XSalsa20 both ways), ours
 //!    (`riftmesh::privnet`) and libp2p-pnet's for comparison;
 //! 3. TCP + pnet + Noise (ChaCha20-Poly1305 in 64 KiB frames);
@@ -26,7 +26,6 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, StreamProtocol};
 use riftmesh::privnet;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 const BUF: usize = 1 << 20;
@@ -61,6 +60,20 @@ async fn fill<W: futures::AsyncWrite + Unpin>(w: &mut W, bytes: u64) -> std::io:
     w.flush().await
 }
 
+/// Seconds to move `bytes` from `a` to `b` (writer on its own task).
+async fn time_transfer<A, B>(mut a: A, mut b: B, bytes: u64) -> anyhow::Result<f64>
+where
+    A: futures::AsyncWrite + Unpin + Send + 'static,
+    B: futures::AsyncRead + Unpin,
+{
+    let t = Instant::now();
+    let send = tokio::spawn(async move { fill(&mut a, bytes).await.map(|_| a) });
+    drain(&mut b, bytes).await?;
+    let secs = t.elapsed().as_secs_f64();
+    send.await??;
+    Ok(secs)
+}
+
 async fn pair() -> std::io::Result<(TcpStream, TcpStream)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
@@ -73,32 +86,14 @@ async fn pair() -> std::io::Result<(TcpStream, TcpStream)> {
 }
 
 /// Row 1: plain TCP.
-pub async fn tcp(bytes: u64) -> std::io::Result<f64> {
-    let (mut a, mut b) = pair().await?;
-    let t = Instant::now();
-    let send = tokio::spawn(async move {
-        let buf = vec![0x5au8; BUF];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(BUF as u64) as usize;
-            a.write_all(&buf[..n]).await?;
-            left -= n as u64;
-        }
-        a.flush().await?;
-        Ok::<_, std::io::Error>(a)
-    });
-    let mut buf = vec![0u8; BUF];
-    let mut got = 0u64;
-    while got < bytes {
-        let n = b.read(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        got += n as u64;
-    }
-    let secs = t.elapsed().as_secs_f64();
-    send.await.map_err(std::io::Error::other)??;
-    Ok(secs)
+pub async fn tcp(bytes: u64) -> anyhow::Result<f64> {
+    let (a, b) = pair().await?;
+    time_transfer(
+        libp2p::tcp::tokio::TcpStream(a),
+        libp2p::tcp::tokio::TcpStream(b),
+        bytes,
+    )
+    .await
 }
 
 /// Both ends of a TCP connection after the private-network handshake.
@@ -123,24 +118,13 @@ pub async fn libp2p_pnet(bytes: u64) -> anyhow::Result<f64> {
         libp2p::pnet::PnetConfig::new(k).handshake(libp2p::tcp::tokio::TcpStream(a)),
         libp2p::pnet::PnetConfig::new(k).handshake(libp2p::tcp::tokio::TcpStream(b)),
     );
-    let (mut a, mut b) = (a?, b?);
-    let t = Instant::now();
-    let send = tokio::spawn(async move { fill(&mut a, bytes).await.map(|_| a) });
-    drain(&mut b, bytes).await?;
-    let secs = t.elapsed().as_secs_f64();
-    send.await??;
-    Ok(secs)
+    time_transfer(a?, b?, bytes).await
 }
 
 /// Row 2: TCP + pnet.
 pub async fn pnet(bytes: u64) -> anyhow::Result<f64> {
-    let (mut a, mut b) = pnet_pair().await?;
-    let t = Instant::now();
-    let send = tokio::spawn(async move { fill(&mut a, bytes).await.map(|_| a) });
-    drain(&mut b, bytes).await?;
-    let secs = t.elapsed().as_secs_f64();
-    send.await??;
-    Ok(secs)
+    let (a, b) = pnet_pair().await?;
+    time_transfer(a, b, bytes).await
 }
 
 /// Row 3: TCP + pnet + Noise.
@@ -151,13 +135,8 @@ pub async fn pnet_noise(bytes: u64) -> anyhow::Result<f64> {
         noise::Config::new(&ka)?.upgrade_outbound(a, "/noise"),
         noise::Config::new(&kb)?.upgrade_inbound(b, "/noise"),
     );
-    let ((_, mut a), (_, mut b)) = (a?, b?);
-    let t = Instant::now();
-    let send = tokio::spawn(async move { fill(&mut a, bytes).await.map(|_| a) });
-    drain(&mut b, bytes).await?;
-    let secs = t.elapsed().as_secs_f64();
-    send.await??;
-    Ok(secs)
+    let ((_, a), (_, b)) = (a?, b?);
+    time_transfer(a, b, bytes).await
 }
 
 type Rr = request_response::Behaviour<riftmesh::net::RawCodec>;
