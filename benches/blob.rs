@@ -321,11 +321,35 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
     );
     let c = cpu_ticks(me);
     measure(
-        "  + Yamux: the agent's stack, request-response, 8 in flight",
-        stack::stack(bytes, CHUNK as usize, r.in_flight_per_source as usize).await?,
+        "  + Yamux, 16 KiB frames (libp2p-yamux), request-response",
+        stack::stack(
+            bytes,
+            CHUNK as usize,
+            r.in_flight_per_source as usize,
+            16 * 1024,
+        )
+        .await?,
+        c,
+    );
+    let c = cpu_ticks(me);
+    measure(
+        "  + Yamux, 60 KiB frames: the agent's stack",
+        stack::stack(
+            bytes,
+            CHUNK as usize,
+            r.in_flight_per_source as usize,
+            riftmesh::mux::DEFAULT_FRAME_BYTES,
+        )
+        .await?,
         c,
     );
     if std::env::var("RIFTMESH_BENCH_ONLY").as_deref() == Ok("stack") {
+        for (name, secs, cpu) in &r.ceiling {
+            println!(
+                "{name:<60} {:>6.0} MB/s  {cpu:.1} CPU-s",
+                mbps(r.bytes, *secs)
+            );
+        }
         return Ok(());
     }
     let src = root.join("model.bin");

@@ -2,7 +2,7 @@
 //! encoded here; every decode of bytes we did not produce ourselves carries a
 //! size limit, so a 9-byte message cannot make us allocate gigabytes.
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// bincode 2 `standard()` (varint) configuration with a decode limit.
 fn config<const N: usize>() -> impl bincode::config::Config {
@@ -42,6 +42,25 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Code
         });
     }
     let (value, used) = bincode::serde::decode_from_slice(bytes, config::<MAX_DECODE>())?;
+    if used != bytes.len() {
+        return Err(CodecError::Trailing(bytes.len() - used));
+    }
+    Ok(value)
+}
+
+/// [`decode`] for values that borrow from `bytes` (a `&[u8]` field is
+/// handed out as a slice of the input, not copied), with the same limits.
+pub fn decode_borrowed<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    limit: usize,
+) -> Result<T, CodecError> {
+    if bytes.len() > limit {
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit,
+        });
+    }
+    let (value, used) = bincode::serde::borrow_decode_from_slice(bytes, config::<MAX_DECODE>())?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }

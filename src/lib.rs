@@ -11,6 +11,7 @@ pub mod event;
 pub mod leader;
 pub mod membership;
 pub mod metrics;
+pub mod mux;
 pub mod net;
 pub mod node;
 pub mod privnet;

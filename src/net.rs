@@ -16,8 +16,8 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    identify, mdns, noise, ping, request_response, tcp, yamux, Multiaddr, PeerId, StreamProtocol,
-    Swarm, Transport,
+    identify, mdns, noise, ping, request_response, tcp, Multiaddr, PeerId, StreamProtocol, Swarm,
+    Transport,
 };
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -843,11 +843,24 @@ struct PeerState {
 
 /// The agent's transport, every layer required: TCP (nodelay), the private
 /// network handshake with the swarm key ([`crate::privnet`]),
-/// multistream-select, Noise, Yamux.
+/// multistream-select, Noise, Yamux ([`crate::mux`], 60 KiB data frames).
 /// Public so that the benchmark measures the same stack the agent runs.
 pub fn transport(
     key: &Keypair,
     psk: PreSharedKey,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    transport_with_frames(key, psk, crate::mux::DEFAULT_FRAME_BYTES)
+}
+
+/// [`transport`] with another Yamux data-frame size (the benchmark compares
+/// yamux's 16 KiB default with ours).
+pub fn transport_with_frames(
+    key: &Keypair,
+    psk: PreSharedKey,
+    frame_bytes: usize,
 ) -> Result<
     libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
     Box<dyn std::error::Error + Send + Sync>,
@@ -858,7 +871,7 @@ pub fn transport(
             .and_then(move |socket, _| crate::privnet::handshake(psk, socket))
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
-            .multiplex(yamux::Config::default())
+            .multiplex(crate::mux::Config::new(frame_bytes))
             .map(|(p, m), _| (p, libp2p::core::muxing::StreamMuxerBox::new(m)))
             .boxed(),
     )

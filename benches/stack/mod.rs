@@ -141,10 +141,10 @@ pub async fn pnet_noise(bytes: u64) -> anyhow::Result<f64> {
 
 type Rr = request_response::Behaviour<riftmesh::net::RawCodec>;
 
-fn swarm(key: Keypair, psk: PreSharedKey) -> anyhow::Result<libp2p::Swarm<Rr>> {
+fn swarm(key: Keypair, psk: PreSharedKey, frames: usize) -> anyhow::Result<libp2p::Swarm<Rr>> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|k| riftmesh::net::transport(k, psk))
+        .with_other_transport(|k| riftmesh::net::transport_with_frames(k, psk, frames))
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
@@ -167,11 +167,16 @@ fn swarm(key: Keypair, psk: PreSharedKey) -> anyhow::Result<libp2p::Swarm<Rr>> {
 }
 
 /// Row 4: the agent's stack under request-response, `chunk`-byte answers,
-/// `in_flight` requests outstanding.
-pub async fn stack(bytes: u64, chunk: usize, in_flight: usize) -> anyhow::Result<f64> {
+/// `in_flight` requests outstanding, Yamux data frames of `frames` bytes.
+pub async fn stack(
+    bytes: u64,
+    chunk: usize,
+    in_flight: usize,
+    frames: usize,
+) -> anyhow::Result<f64> {
     let k = psk();
-    let mut server = swarm(Keypair::generate_ed25519(), k)?;
-    let mut client = swarm(Keypair::generate_ed25519(), k)?;
+    let mut server = swarm(Keypair::generate_ed25519(), k, frames)?;
+    let mut client = swarm(Keypair::generate_ed25519(), k, frames)?;
     let server_id = *server.local_peer_id();
     server.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
     let addr = loop {

@@ -378,14 +378,32 @@ pub async fn serve_peers(node: Arc<Node>, mut inbound: tokio::sync::mpsc::Receiv
     while let Some(msg) = inbound.recv().await {
         let node = node.clone();
         tokio::spawn(async move {
-            let resp = serve(&node, msg.peer, &msg.request).await;
-            let body = codec::encode(&resp).unwrap_or_default();
+            let body = match serve(&node, msg.peer, &msg.request).await {
+                Served::Encoded(bytes) => bytes,
+                Served::Value(resp) => codec::encode(&resp).unwrap_or_default(),
+            };
             node.net.blob_respond(msg.channel, body).await;
         });
     }
 }
 
-async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Response {
+/// An answer to a peer: a value to encode, or a chunk answer already in its
+/// wire form (read from disk straight behind its header, so the megabyte is
+/// not copied again to encode it).
+enum Served {
+    Value(Response),
+    Encoded(Vec<u8>),
+}
+
+/// The encoding of `Response::Chunk` up to its data: the variant tag and
+/// the data's varint length (unit-tested against `codec::encode`).
+fn chunk_answer_header(len: usize) -> Vec<u8> {
+    let mut h = vec![CHUNK_TAG];
+    h.extend(codec::encode(&(len as u64)).unwrap_or_default());
+    h
+}
+
+async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
     let b = &node.blobs;
     let served = |kind: &str, result: &str| {
         node.metrics
@@ -404,18 +422,18 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Response {
                 .get_or_create(&label("reason", "blob_decode"))
                 .inc();
             tracing::warn!(%peer, error = %e, "blob sync request refused");
-            return Response::Refused {
+            return Served::Value(Response::Refused {
                 reason: format!("undecodable request: {e}"),
-            };
+            });
         }
     };
-    match req {
+    Served::Value(match req {
         Request::Have { blobs } => {
             if blobs.len() > MAX_HAVE_IDS {
                 served("have", "refused");
-                return Response::Refused {
+                return Served::Value(Response::Refused {
                     reason: format!("at most {MAX_HAVE_IDS} ids per request"),
-                };
+                });
             }
             let store = b.store.clone();
             let held = tokio::task::spawn_blocking(move || {
@@ -468,17 +486,19 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Response {
         Request::Chunk { blob, index } => {
             let Ok(_permit) = b.uploads.clone().try_acquire_owned() else {
                 served("chunk", "busy");
-                return Response::Busy { retry_ms: 200 };
+                return Served::Value(Response::Busy { retry_ms: 200 });
             };
             let store = b.store.clone();
-            let res =
-                tokio::task::spawn_blocking(move || store.read_verified_chunk(&blob, index)).await;
+            let res = tokio::task::spawn_blocking(move || {
+                store.read_verified_chunk_after(&blob, index, chunk_answer_header)
+            })
+            .await;
             match res {
-                Ok(Ok(data)) => {
-                    take(&b.up, data.len() as u64).await;
-                    count_bytes(node, peer, "out", data.len() as u64);
+                Ok(Ok((answer, data_len))) => {
+                    take(&b.up, data_len as u64).await;
+                    count_bytes(node, peer, "out", data_len as u64);
                     served("chunk", "ok");
-                    Response::Chunk(data)
+                    return Served::Encoded(answer);
                 }
                 Ok(Err(e @ BlobError::DamagedChunk { .. })) => {
                     node.metrics
@@ -506,7 +526,7 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Response {
                 },
             }
         }
-    }
+    })
 }
 
 fn count_bytes(node: &Node, peer: PeerId, direction: &str, n: u64) {
@@ -572,13 +592,46 @@ pub async fn repair(node: Arc<Node>, blob: BlobId) {
 // ---- asking peers ----
 
 async fn ask(node: &Node, peer: PeerId, req: &Request) -> Result<Response, String> {
+    match ask_raw(node, peer, req).await? {
+        Answer::Chunk(buf, range) => Ok(Response::Chunk(buf[range].to_vec())),
+        Answer::Other(r) => Ok(r),
+    }
+}
+
+/// An answer as it came off the wire: a chunk stays in the buffer the
+/// transport read it into (no copy of the megabyte), anything else decoded.
+enum Answer {
+    Chunk(Vec<u8>, std::ops::Range<usize>),
+    Other(Response),
+}
+
+/// `Response::Chunk`'s variant index, the first byte of its encoding.
+const CHUNK_TAG: u8 = 2;
+
+/// Decode an answer; a chunk answer is recognised by its tag and its bytes
+/// are located inside `buf` rather than copied out. The result is exactly
+/// what `codec::decode::<Response>` would give (unit-tested).
+fn decode_answer(buf: Vec<u8>) -> Result<Answer, codec::CodecError> {
+    #[derive(Deserialize)]
+    struct Data<'a>(#[serde(borrow)] &'a [u8]);
+    if buf.first() == Some(&CHUNK_TAG) {
+        let body = &buf[1..];
+        let Data(data) = codec::decode_borrowed::<Data>(body, MAX_BLOB_RESPONSE)?;
+        let start = data.as_ptr() as usize - buf.as_ptr() as usize;
+        let range = start..start + data.len();
+        return Ok(Answer::Chunk(buf, range));
+    }
+    codec::decode::<Response>(&buf, MAX_BLOB_RESPONSE).map(Answer::Other)
+}
+
+async fn ask_raw(node: &Node, peer: PeerId, req: &Request) -> Result<Answer, String> {
     let body = codec::encode(req).map_err(|e| e.to_string())?;
     let resp = node
         .net
         .blob_request(peer, body)
         .await
         .map_err(|e| e.to_string())?;
-    codec::decode::<Response>(&resp, MAX_BLOB_RESPONSE).map_err(|e| {
+    decode_answer(resp).map_err(|e| {
         node.metrics
             .events_rejected
             .get_or_create(&label("reason", "blob_decode"))
@@ -899,24 +952,25 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                 take(&node.blobs.down, m.chunk_len(idx)).await;
                 let r = tokio::time::timeout(
                     CHUNK_TIMEOUT,
-                    ask(&node, peer, &Request::Chunk { blob, index: idx }),
+                    ask_raw(&node, peer, &Request::Chunk { blob, index: idx }),
                 )
                 .await;
                 let done = match r {
                     Err(_) => ChunkDone::Failed("timed out".into()),
                     Ok(Err(e)) => ChunkDone::Failed(e),
-                    Ok(Ok(Response::Chunk(data))) => {
-                        if data.len() as u64 != m.chunk_len(idx) {
+                    Ok(Ok(Answer::Chunk(buf, range))) => {
+                        if range.len() as u64 != m.chunk_len(idx) {
                             ChunkDone::Bad("size")
                         } else {
                             let store = node.blobs.store.clone();
                             let want = m.chunks[idx as usize];
                             let off = m.offset(idx);
                             tokio::task::spawn_blocking(move || {
-                                if store::sha256(&data) != want {
+                                let data = &buf[range];
+                                if store::sha256(data) != want {
                                     return ChunkDone::Bad("hash");
                                 }
-                                match store.write_chunk(&blob, off, &data) {
+                                match store.write_chunk(&blob, off, data) {
                                     Ok(()) => ChunkDone::Ok,
                                     Err(e) => ChunkDone::Failed(format!("local write: {e}")),
                                 }
@@ -925,9 +979,11 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                             .unwrap_or_else(|e| ChunkDone::Failed(e.to_string()))
                         }
                     }
-                    Ok(Ok(Response::Busy { .. })) => ChunkDone::Busy,
-                    Ok(Ok(Response::NotFound)) => ChunkDone::Missing,
-                    Ok(Ok(other)) => ChunkDone::Failed(format!("unexpected answer {other:?}")),
+                    Ok(Ok(Answer::Other(Response::Busy { .. }))) => ChunkDone::Busy,
+                    Ok(Ok(Answer::Other(Response::NotFound))) => ChunkDone::Missing,
+                    Ok(Ok(Answer::Other(other))) => {
+                        ChunkDone::Failed(format!("unexpected answer {other:?}"))
+                    }
                 };
                 (peer, idx, done)
             });
@@ -1295,4 +1351,66 @@ pub async fn add(
     let mut out = node.publish(vec![d]).await.map_err(|e| e.to_string())?;
     refresh_gauges(node).await;
     Ok((added, out.remove(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_answer_is_located_in_place_and_equals_the_decoded_value() {
+        for len in [0usize, 1, 250, 251, 65_535, 65_536, 1 << 20, (1 << 20) + 7] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let wire = codec::encode(&Response::Chunk(data.clone())).unwrap();
+            // The header the server writes in front of the data is the
+            // encoder's own.
+            let h = chunk_answer_header(len);
+            assert_eq!(&wire[..h.len()], &h[..], "header for {len} bytes");
+            assert_eq!(wire.len(), h.len() + len);
+            match decode_answer(wire.clone()).unwrap() {
+                Answer::Chunk(buf, range) => assert_eq!(&buf[range], &data[..]),
+                Answer::Other(r) => panic!("chunk decoded as {r:?}"),
+            }
+            // Damaged framing fails the fast path exactly as the full decoder.
+            let mut short = wire.clone();
+            short.pop();
+            if len > 0 {
+                assert!(decode_answer(short.clone()).is_err());
+                assert!(codec::decode::<Response>(&short, MAX_BLOB_RESPONSE).is_err());
+            }
+            let mut long = wire;
+            long.push(0);
+            assert!(decode_answer(long.clone()).is_err());
+            assert!(codec::decode::<Response>(&long, MAX_BLOB_RESPONSE).is_err());
+        }
+    }
+
+    #[test]
+    fn other_answers_decode_as_before() {
+        for r in [
+            Response::NotFound,
+            Response::Busy { retry_ms: 200 },
+            Response::Refused {
+                reason: "store error".into(),
+            },
+            Response::Have { held: vec![] },
+        ] {
+            let wire = codec::encode(&r).unwrap();
+            assert_ne!(wire[0], CHUNK_TAG);
+            match decode_answer(wire).unwrap() {
+                Answer::Other(got) => assert_eq!(format!("{got:?}"), format!("{r:?}")),
+                Answer::Chunk(..) => panic!("{r:?} decoded as a chunk"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_oversized_chunk_answer_is_refused_before_decoding() {
+        let mut wire = chunk_answer_header(MAX_BLOB_RESPONSE);
+        wire.resize(wire.len() + MAX_BLOB_RESPONSE, 0);
+        assert!(matches!(
+            decode_answer(wire),
+            Err(codec::CodecError::TooLarge { .. })
+        ));
+    }
 }

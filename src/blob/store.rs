@@ -673,6 +673,18 @@ impl BlobStore {
 
     /// Read a chunk of a complete blob, or of a partial one if held.
     pub fn read_chunk(&self, id: &BlobId, index: u32) -> Result<Vec<u8>, BlobError> {
+        let (buf, _, _) = self.read_chunk_after(id, index, |_| Vec::new())?;
+        Ok(buf)
+    }
+
+    /// Read a chunk into a buffer that starts with `header(chunk_len)`;
+    /// returns the buffer, the chunk's length and its manifest hash.
+    fn read_chunk_after(
+        &self,
+        id: &BlobId,
+        index: u32,
+        header: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Result<(Vec<u8>, usize, [u8; 32]), BlobError> {
         let meta = self
             .meta(id)?
             .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
@@ -691,20 +703,32 @@ impl BlobStore {
             self.partial_path(id)
         };
         let f = File::open(&path).map_err(io("cannot open", &path))?;
-        let mut buf = vec![0u8; m.chunk_len(index) as usize];
-        f.read_exact_at(&mut buf, m.offset(index))
+        let len = m.chunk_len(index) as usize;
+        let mut buf = header(len);
+        let start = buf.len();
+        buf.resize(start + len, 0);
+        f.read_exact_at(&mut buf[start..], m.offset(index))
             .map_err(io("cannot read", &path))?;
-        Ok(buf)
+        Ok((buf, len, m.chunks[index as usize]))
     }
 
     /// Read a chunk and check it against the manifest: a stored copy that
     /// rotted on disk is never served.
     pub fn read_verified_chunk(&self, id: &BlobId, index: u32) -> Result<Vec<u8>, BlobError> {
-        let data = self.read_chunk(id, index)?;
-        let m = self
-            .manifest(id)?
-            .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
-        if sha256(&data) != m.chunks[index as usize] {
+        Ok(self.read_verified_chunk_after(id, index, |_| Vec::new())?.0)
+    }
+
+    /// [`Self::read_verified_chunk`] into a buffer that starts with
+    /// `header(chunk_len)` (a peer answer's wire header); returns the buffer
+    /// and the chunk's length.
+    pub fn read_verified_chunk_after(
+        &self,
+        id: &BlobId,
+        index: u32,
+        header: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Result<(Vec<u8>, usize), BlobError> {
+        let (buf, len, want) = self.read_chunk_after(id, index, header)?;
+        if sha256(&buf[buf.len() - len..]) != want {
             let path = if self.is_complete(id)? {
                 self.object_path(id)
             } else {
@@ -715,7 +739,7 @@ impl BlobStore {
                 index,
             });
         }
-        Ok(data)
+        Ok((buf, len))
     }
 
     /// Check every held chunk of a blob; returns the damaged ones.
