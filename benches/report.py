@@ -15,7 +15,9 @@ their JSON copies and writes benches/results/report.txt and report.json
 needs root for its network namespaces; without root its row says
 "skipped (needs root)". Each bench's own output goes to
 target/report/<run>.log. The exit code is 0 when every run completed (a
-missed target is reported, not an error), 1 when a run failed.
+missed target is reported, not an error), 1 when a run failed or a figure
+is missing from its JSON: `benches/report.py --quick` is the smoke test of
+the command and of every bench's parameters.
 """
 import argparse
 import datetime
@@ -651,7 +653,10 @@ def main():
         json.dump(rep, fh, indent=1, default=str)
         fh.write("\n")
     log(f"wrote {os.path.join(args.out_dir, 'report.txt')} and report.json")
-    return 1 if any(v["error"] for v in runner.runs.values()) else 0
+    broken = [r["measurement"] for r in t.rows if r["value"] == "missing" or r["value"].startswith("error")]
+    if broken:
+        log(f"no figure for: {'; '.join(broken)}")
+    return 1 if broken or any(v["error"] for v in runner.runs.values()) else 0
 
 
 if __name__ == "__main__":
