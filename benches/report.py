@@ -151,7 +151,8 @@ class Runner:
         if rc != 0 and not err:
             err = f"exit code {rc}"
         self.runs[run] = {"bench": bench, "command": shown.strip(), "secs": round(secs, 1),
-                          "rc": rc, "error": err, "log": os.path.relpath(logpath, REPO)}
+                          "rc": rc, "error": err, "log": os.path.relpath(logpath, REPO),
+                          "load1_after": round(os.getloadavg()[0], 1)}
         self._recall(run)
         log(f"{run}: {secs:.0f} s" + (f", FAILED: {err} (log {logpath})" if err else ""))
         return data
@@ -182,7 +183,8 @@ class Runner:
         if rc != 0 and not err:
             err = f"exit code {rc}"
         self.runs[run] = {"bench": "testnet fanout", "command": shown, "secs": round(secs, 1),
-                          "rc": rc, "error": err, "log": os.path.relpath(logpath, REPO)}
+                          "rc": rc, "error": err, "log": os.path.relpath(logpath, REPO),
+                          "load1_after": round(os.getloadavg()[0], 1)}
         self._recall(run)
         log(f"{run}: {secs:.0f} s" + (f", FAILED: {err} (log {logpath})" if err else ""))
         return data
@@ -192,6 +194,7 @@ class Runner:
         if self.reuse and prev:
             self.runs[run]["secs"] = prev.get("secs", 0)
             self.runs[run]["rc"] = prev.get("rc", 0)
+            self.runs[run]["load1_after"] = prev.get("load1_after")
             self.runs[run]["error"] = self.runs[run]["error"] or prev.get("error")
         if not self.reuse:
             with open(os.path.join(self.work, "runs.json"), "w") as f:
@@ -494,6 +497,7 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="use the release build as it is")
     ap.add_argument("--reuse", action="store_true",
                     help="run nothing: make the report again from the last run's files in target/report/")
+    ap.add_argument("--note", help="a line for the report's header (e.g. what else the machine was doing)")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "benches", "results"),
                     help="where report.txt and report.json go (default benches/results)")
     args = ap.parse_args()
@@ -607,13 +611,19 @@ def main():
         total = sum(v.get("secs", 0) for v in runner.runs.values())
     mtrials = ", ".join(f"{n} agents: {k} kill -9 / {s} SIGSTOP" for n, (k, s) in cfg["membership"].items() if n in sizes)
     ltrials = ", ".join(f"{n} agents: {k} kill -9 / {s} SIGSTOP, voters {v}" for n, (k, s, v) in cfg["leader"].items() if n in sizes)
+    loads = [v["load1_after"] for v in runner.runs.values() if v.get("load1_after") is not None]
     title = [
         f"riftmesh benchmark report{' (QUICK: tiny sizes, figures not meaningful)' if args.quick else ''}: "
         f"{cpus} CPUs, {platform.machine()}, {now}",
-        f"command: {command}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(a shared machine with other work running gives noisy figures)",
-        "",
+        f"command: {command}; 1-min load average after each run {fmt(min(loads, default=None), '.1f')} "
+        f"to {fmt(max(loads, default=None), '.1f')} on {cpus} CPUs "
+        "(above the CPU count: other work was running, the figures are noisy)",
     ]
+    if args.note:
+        title.append(f"note: {args.note}")
+    if args.reuse:
+        title.append("made again (--reuse) from the files of the last run in target/report/")
+    title.append("")
     foot = [
         "how each figure is measured (details in each bench's header comment and its own table in target/report/<run>.log):",
         "- queue: (a) the riftmesh store (append returns after flush + fsync) against an SQLite WAL queue of the old design "
