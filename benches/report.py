@@ -475,8 +475,9 @@ def render(title_lines, table, scaling, footnotes):
             "n/a" if not s.get("latency") else f"{s['latency']['p50']:.1f} / {s['latency']['p99']:.1f} ms",
             "n/a" if s.get("kill_p99_ms") is None else f"{s['kill_p50_ms']:.0f} / {s['kill_p99_ms']:.0f} ms",
             fmt(s.get("stop_p50_ms"), ".0f", " ms"),
-            "n/a" if s.get("leader_kill_p99_ms") is None
-            else f"{s['leader_kill_p50_ms']:.0f} / {s['leader_kill_p99_ms']:.0f} ms",
+            ("n/a" if s.get("leader_kill_p99_ms") is None
+             else f"{s['leader_kill_p50_ms']:.0f} / {s['leader_kill_p99_ms']:.0f} ms")
+            + (f" (failed after {s.get('leader_kills') or 0} trials)" if s.get("leader_error") else ""),
         ])
     sw = [max([len(c)] + [len(r[i]) for r in srows]) for i, c in enumerate(scols)]
     sl = lambda c: "  ".join(x.rjust(sw[i]) for i, x in enumerate(c))
@@ -571,8 +572,7 @@ def main():
     for n in lat_sizes:
         detection_rows(t, mem.get(n), n, runner, f"membership-{n}")
     for n in sizes:
-        if n == main_size or n == min(sizes):
-            leader_rows(t, lead.get(n), n, runner, f"leader-{n}")
+        leader_rows(t, lead.get(n), n, runner, f"leader-{n}")
     idle_rows(t, mem.get(main_size), main_size, runner, f"membership-{main_size}")
 
     # 3. Catch-up and anti-entropy.
@@ -599,6 +599,8 @@ def main():
         s["leader_voters"] = first.get("voters")
         s["leader_kill_p50_ms"] = first.get("kill_p50_ms")
         s["leader_kill_p99_ms"] = first.get("kill_p99_ms")
+        s["leader_kills"] = first.get("kills")
+        s["leader_error"] = first.get("error")
         scaling.append(s)
 
     total = time.monotonic() - started
@@ -612,12 +614,13 @@ def main():
     mtrials = ", ".join(f"{n} agents: {k} kill -9 / {s} SIGSTOP" for n, (k, s) in cfg["membership"].items() if n in sizes)
     ltrials = ", ".join(f"{n} agents: {k} kill -9 / {s} SIGSTOP, voters {v}" for n, (k, s, v) in cfg["leader"].items() if n in sizes)
     loads = [v["load1_after"] for v in runner.runs.values() if v.get("load1_after") is not None]
+    load_note = (f"1-min load average after each run {min(loads):.1f} to {max(loads):.1f} on {cpus} CPUs "
+                 "(above the CPU count: other work was running, the figures are noisy)") if loads else \
+        "load average not recorded"
     title = [
         f"riftmesh benchmark report{' (QUICK: tiny sizes, figures not meaningful)' if args.quick else ''}: "
         f"{cpus} CPUs, {platform.machine()}, {now}",
-        f"command: {command}; 1-min load average after each run {fmt(min(loads, default=None), '.1f')} "
-        f"to {fmt(max(loads, default=None), '.1f')} on {cpus} CPUs "
-        "(above the CPU count: other work was running, the figures are noisy)",
+        f"command: {command}; {load_note}",
     ]
     if args.note:
         title.append(f"note: {args.note}")
