@@ -730,7 +730,7 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     print!("{out}");
-    let res = manifest.join("benches/results");
+    let res = common::results_dir(manifest.join("benches/results"));
     let _ = std::fs::create_dir_all(&res);
     let _ = std::fs::write(res.join("blob.txt"), &out);
     let j = json!({

@@ -1684,7 +1684,8 @@ fn main() {
         "idle": match &idle { Ok(r) => json!(r), Err(e) => err(e) },
         "total_secs": started.elapsed().as_secs_f64(),
     });
-    let path = root.join("bench-catchup.json");
+    let path = common::results_dir(root.clone()).join("bench-catchup.json");
+    let _ = std::fs::create_dir_all(path.parent().unwrap_or(&root));
     match std::fs::write(
         &path,
         serde_json::to_string_pretty(&out).unwrap_or_default(),

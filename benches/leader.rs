@@ -552,7 +552,7 @@ async fn main() {
     if std::env::var_os("RIFTMESH_BENCH_KEEP").is_some() {
         println!("agents' data and logs kept in {}", dir.keep().display());
     }
-    let res = manifest.join("benches/results");
+    let res = common::results_dir(manifest.join("benches/results"));
     let _ = std::fs::create_dir_all(&res);
     let _ = std::fs::write(res.join("leader.txt"), &out);
     let mut m = HashMap::new();

@@ -1267,7 +1267,7 @@ fn main() {
     print!("{out}");
 
     let missed = rows.iter().any(|r| r.result == "missed");
-    let results = manifest.join("benches").join("results");
+    let results = common::results_dir(manifest.join("benches").join("results"));
     let report = json!({
         "machine": { "cpus": cpus, "model": cpu_model() },
         "date": date,

@@ -9,7 +9,15 @@
 //! Environment: RIFTMESH_BENCH_EVENTS (events per throughput measurement,
 //! default 20000), RIFTMESH_BENCH_MAX_SECS (time cap per throughput
 //! measurement, default 15; a measurement that hits it reports the events it
-//! completed in that time).
+//! completed in that time), RIFTMESH_BENCH_AGENTS (agents in the mesh of (b),
+//! default 5), RIFTMESH_BENCH_LATENCY_EVENTS (events timed in (b), default
+//! 500), RIFTMESH_BENCH_API_EVENTS (events per local API publish measurement
+//! (d), default 5000; 0 skips it), RIFTMESH_BENCH_ONLY=mesh (only (b), (c) and
+//! (d)), RIFTMESH_BENCH_RESULTS (directory of the JSON copy).
+//!
+//! (d) Local API publish throughput on agent 1 of that mesh (HTTP on
+//!     loopback, durable append, gossip to the others): one client, 8
+//!     clients, and batches of 100 (`POST /v1/events/batch`).
 
 mod common;
 
@@ -33,8 +41,9 @@ use common::{
 const EVENT_TYPE: &str = "BENCH_QUEUE";
 const PUBLISHERS: u64 = 8;
 const BATCH: u64 = 100;
-const AGENTS: usize = 5;
-const LATENCY_EVENTS: usize = 500;
+const DEFAULT_AGENTS: usize = 5;
+const DEFAULT_LATENCY_EVENTS: usize = 500;
+const DEFAULT_API_EVENTS: u64 = 5000;
 const WARMUP_EVENTS: usize = 20;
 
 // ---------------------------------------------------------------- workload
@@ -106,6 +115,12 @@ struct Env {
     root: PathBuf,
     n: u64,
     cap: Duration,
+    /// Agents in the mesh of (b).
+    agents: usize,
+    /// Events timed in (b).
+    latency_events: usize,
+    /// Events per API publish measurement (d); 0 skips (d).
+    api_events: u64,
     /// Every temporary directory is removed at the end of the run.
     keep: Mutex<Vec<TempDir>>,
 }
@@ -465,7 +480,12 @@ struct Receiver {
 
 /// Long-poll a consumer, acknowledging each batch, and note when each
 /// BENCH_LATENCY event arrived.
-async fn receive(client: reqwest::Client, api: String, st: Arc<Receiver>) -> anyhow::Result<()> {
+async fn receive(
+    client: reqwest::Client,
+    api: String,
+    st: Arc<Receiver>,
+    want: usize,
+) -> anyhow::Result<()> {
     let fetch = format!("http://{api}/v1/consumers/lat/events?max=100&wait_ms=20000");
     let ack = format!("http://{api}/v1/consumers/lat/ack");
     loop {
@@ -489,7 +509,7 @@ async fn receive(client: reqwest::Client, api: String, st: Arc<Receiver>) -> any
         if let Some(seq) = last {
             http_json(client.post(&ack).json(&json!({ "seq": seq }))).await?;
         }
-        if st.got.lock().unwrap().len() >= LATENCY_EVENTS {
+        if st.got.lock().unwrap().len() >= want {
             return Ok(());
         }
     }
@@ -504,9 +524,12 @@ struct MeshResult {
     /// Milliseconds each publish request took (durable append on agent 1).
     publish_ms: Vec<f64>,
     rss_mb: Vec<f64>,
+    /// (d): one client, 8 clients, batches of 100; None when skipped.
+    api: Option<[Tput; 3]>,
 }
 
 async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
+    let (agents_n, latency_events) = (env.agents, env.latency_events);
     let bin = env!("CARGO_BIN_EXE_riftmesh");
     let root = env.tempdir("mesh-");
     keygen(bin, &root.join("swarm.key"))?;
@@ -516,7 +539,7 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
     let mut agents = Agents {
         children: Vec::new(),
     };
-    let names: Vec<String> = (1..=AGENTS).map(|i| format!("b{i}")).collect();
+    let names: Vec<String> = (1..=agents_n).map(|i| format!("b{i}")).collect();
     let t_start = Instant::now();
 
     // Agent 1, then its address for the others.
@@ -555,7 +578,7 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
         apis.push(api);
     }
 
-    // Full mesh: every agent has the 4 others as connected peers (status), and
+    // Full mesh: every agent has the others as connected peers (status), and
     // sees them subscribed to the events topic (peers).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -566,7 +589,7 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
                 Ok(v) => v["connected_peers"].as_u64().unwrap_or(0) as usize,
                 Err(_) => 0,
             };
-            let subscribed = if count >= AGENTS - 1 {
+            let subscribed = if count >= agents_n - 1 {
                 match http_json(client.get(format!("http://{api}/v1/peers"))).await {
                     Ok(v) => v["peers"]
                         .as_array()
@@ -580,7 +603,7 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
                 0
             };
             seen.push(format!("{count}/{subscribed}"));
-            ready &= count >= AGENTS - 1 && subscribed >= AGENTS - 1;
+            ready &= count >= agents_n - 1 && subscribed >= agents_n - 1;
         }
         if ready {
             eprintln!(
@@ -618,7 +641,12 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
         .await?;
         let st = Arc::new(Receiver::default());
         receivers.push(st.clone());
-        tasks.push(tokio::spawn(receive(client.clone(), api.clone(), st)));
+        tasks.push(tokio::spawn(receive(
+            client.clone(),
+            api.clone(),
+            st,
+            latency_events,
+        )));
     }
 
     let publish_url = format!("http://{}/v1/events", apis[0]);
@@ -653,10 +681,10 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // The measured run.
-    let mut sent = Vec::with_capacity(LATENCY_EVENTS);
+    let mut sent = Vec::with_capacity(latency_events);
     tick.reset();
-    let mut publish_ms = Vec::with_capacity(LATENCY_EVENTS);
-    for i in 0..LATENCY_EVENTS {
+    let mut publish_ms = Vec::with_capacity(latency_events);
+    for i in 0..latency_events {
         tick.tick().await;
         let t = Instant::now();
         sent.push(t);
@@ -685,9 +713,9 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
     let mut latencies = Vec::new();
     let mut delivered = 0;
     for r in &receivers {
-        let mut at: Vec<Option<Instant>> = vec![None; LATENCY_EVENTS];
+        let mut at: Vec<Option<Instant>> = vec![None; latency_events];
         for &(i, t) in r.got.lock().unwrap().iter() {
-            if i < LATENCY_EVENTS && at[i].is_none() {
+            if i < latency_events && at[i].is_none() {
                 at[i] = Some(t);
                 delivered += 1;
             }
@@ -708,15 +736,80 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
             .ok_or_else(|| anyhow::anyhow!("cannot read VmRSS of agent {}", names[k]))?;
         rss_mb.push(kb as f64 / 1024.0);
     }
+    let api = if env.api_events > 0 {
+        eprintln!(
+            "(d) local API publish on b1, {} events each",
+            env.api_events
+        );
+        Some([
+            api_publish(env, &client, &apis[0], 1, 1).await?,
+            api_publish(env, &client, &apis[0], PUBLISHERS, 1).await?,
+            api_publish(env, &client, &apis[0], 1, BATCH).await?,
+        ])
+    } else {
+        None
+    };
     drop(agents);
     Ok(MeshResult {
         connect_secs,
         latencies,
         delivered,
-        expected: LATENCY_EVENTS * (AGENTS - 1),
+        expected: latency_events * (agents_n - 1),
         publish_ms,
         rss_mb,
+        api,
     })
+}
+
+/// (d) `env.api_events` distinct events published to the agent at `api` by
+/// `clients` concurrent HTTP clients, in requests of `batch` events (1: `POST
+/// /v1/events`, more: `POST /v1/events/batch`), each request answered after
+/// the durable append; stops at the time cap.
+async fn api_publish(
+    env: &Env,
+    client: &reqwest::Client,
+    api: &str,
+    clients: u64,
+    batch: u64,
+) -> anyhow::Result<Tput> {
+    let run = format!("c{clients}-b{batch}");
+    let deadline = Instant::now() + env.cap;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (client, run, n) = (client.clone(), run.clone(), env.api_events);
+        let url = if batch == 1 {
+            format!("http://{api}/v1/events")
+        } else {
+            format!("http://{api}/v1/events/batch")
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            // Client c takes every clients-th request of `batch` events.
+            let requests = n.div_ceil(batch);
+            for r in (c..requests).step_by(clients as usize) {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let range = r * batch..((r + 1) * batch).min(n);
+                let one =
+                    |i: u64| json!({ "type": "BENCH_API", "payload": { "run": run, "i": i } });
+                let body = if batch == 1 {
+                    one(range.start)
+                } else {
+                    json!({ "events": range.clone().map(one).collect::<Vec<_>>() })
+                };
+                http_json(client.post(&url).json(&body)).await?;
+                done += range.end - range.start;
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await??;
+    }
+    Ok(Tput::new(done, t0, env.api_events))
 }
 
 // ---------------------------------------------------------------- report
@@ -823,12 +916,29 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .filter(|v: &f64| *v > 0.0)
         .unwrap_or(15.0);
+    let num = |k: &str, default: u64| -> u64 {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let agents = (num("RIFTMESH_BENCH_AGENTS", DEFAULT_AGENTS as u64) as usize).max(2);
+    let latency_events = (num(
+        "RIFTMESH_BENCH_LATENCY_EVENTS",
+        DEFAULT_LATENCY_EVENTS as u64,
+    ) as usize)
+        .max(1);
+    let api_events = num("RIFTMESH_BENCH_API_EVENTS", DEFAULT_API_EVENTS);
+    let only_mesh = std::env::var("RIFTMESH_BENCH_ONLY").as_deref() == Ok("mesh");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     std::fs::create_dir_all(&root).expect("target dir");
     let env = Env {
         root: root.clone(),
         n,
         cap: Duration::from_secs_f64(cap_secs),
+        agents,
+        latency_events,
+        api_events,
         keep: Mutex::new(Vec::new()),
     };
     let payload_bytes = event::canonical_json(&payload(n / 2)).len();
@@ -849,6 +959,9 @@ fn main() {
     ];
     let (mut rm, mut normal, mut full) = (Vec::new(), Vec::new(), Vec::new());
     for (k, kind) in kinds.iter().enumerate() {
+        if only_mesh {
+            break;
+        }
         eprintln!("    riftmesh, {kind} ...");
         rm.push(rt.block_on(async {
             match k {
@@ -873,7 +986,7 @@ fn main() {
         }
     }
 
-    eprintln!("(b, c) {AGENTS} agents on loopback");
+    eprintln!("(b, c) {agents} agents on loopback");
     let mesh = rt.block_on(mesh(&env));
 
     let mut rows = Vec::new();
@@ -924,7 +1037,7 @@ fn main() {
             );
             let finite = |v: f64| if v.is_finite() { json!(v) } else { json!(null) };
             rows.push(plain(
-                "(b) delivered to 4 remote consumers",
+                &format!("(b) delivered to {} remote consumers", agents - 1),
                 format!("{}/{}", m.delivered, m.expected),
                 "-",
                 None,
@@ -967,6 +1080,36 @@ fn main() {
                 None,
                 json!({ "mb": rss_mean }),
             ));
+            for (k, t) in m.api.iter().flatten().enumerate() {
+                // Beside the SQLite cells and the store-direct rate of the
+                // same workload in (a), when (a) ran.
+                let (a, b, direct) = (normal.get(k), full.get(k), rm.get(k));
+                let cell = |x: Option<&Tput>| x.map(rate_cell).unwrap_or_else(dash);
+                let rat = |x: Option<&Tput>| {
+                    x.map(|x| format!("{:.2}x", ratio(t, x)))
+                        .unwrap_or_else(dash)
+                };
+                rows.push(Row {
+                    name: format!(
+                        "(d) API publish, {}, events/s",
+                        ["1 client", "8 clients", "batches of 100"][k]
+                    ),
+                    riftmesh: rate_cell(t),
+                    normal: cell(a),
+                    full: cell(b),
+                    ratio_normal: rat(a),
+                    ratio_full: rat(b),
+                    target: "-".into(),
+                    result: "-".into(),
+                    json: json!({
+                        "riftmesh": t.json(),
+                        "store_direct": direct.map(Tput::json),
+                        "sqlite_normal": a.map(Tput::json),
+                        "sqlite_full": b.map(Tput::json),
+                        "agents": agents,
+                    }),
+                });
+            }
             let mut pub_sorted = m.publish_ms.clone();
             pub_sorted.sort_by(|a, b| a.total_cmp(b));
             mesh_json = json!({
@@ -975,7 +1118,7 @@ fn main() {
                     "p99": percentile(&pub_sorted, 99.0),
                     "max": pub_sorted.last().copied().unwrap_or(f64::NAN),
                 },
-                "agents": AGENTS, "events": LATENCY_EVENTS, "pace_ms": 5,
+                "agents": agents, "events": latency_events, "pace_ms": 5,
                 "mesh_ready_secs": m.connect_secs, "rss_mb_per_agent": m.rss_mb,
             });
         }
@@ -998,26 +1141,28 @@ fn main() {
     }
 
     // Cost floors that bound the (a) rows on this machine, measured here.
-    let (sign_us, commit_us) = floors();
-    rows.push(plain(
-        "(a) floor: ed25519 sign per event",
-        format!("{sign_us:.1} us"),
-        "-",
-        None,
-        json!({ "us": sign_us, "max_events_per_sec_per_core": 1e6 / sign_us }),
-    ));
-    rows.push(plain(
-        "(a) floor: empty sled commit",
-        format!("{commit_us:.0} us"),
-        "-",
-        None,
-        json!({ "us": commit_us, "max_commits_per_sec": 1e6 / commit_us }),
-    ));
+    if !only_mesh {
+        let (sign_us, commit_us) = floors();
+        rows.push(plain(
+            "(a) floor: ed25519 sign per event",
+            format!("{sign_us:.1} us"),
+            "-",
+            None,
+            json!({ "us": sign_us, "max_events_per_sec_per_core": 1e6 / sign_us }),
+        ));
+        rows.push(plain(
+            "(a) floor: empty sled commit",
+            format!("{commit_us:.0} us"),
+            "-",
+            None,
+            json!({ "us": commit_us, "max_commits_per_sec": 1e6 / commit_us }),
+        ));
+    }
 
     println!();
     println!(
         "riftmesh queue bench: N = {n} events per throughput cell, payload {payload_bytes} bytes, \
-         time cap {cap_secs} s per cell; {AGENTS} agents, {LATENCY_EVENTS} events paced 5 ms"
+         time cap {cap_secs} s per cell; {agents} agents, {latency_events} events paced 5 ms"
     );
     print_table(&rows);
     let all: Vec<&Tput> = rm.iter().chain(&normal).chain(&full).collect();
@@ -1039,7 +1184,7 @@ fn main() {
         let mut p = m.publish_ms.clone();
         p.sort_by(|a, b| a.total_cmp(b));
         println!(
-            "mesh of {AGENTS} agents fully connected after {:.1} s; the publish requests to b1 \
+            "mesh of {agents} agents fully connected after {:.1} s; the publish requests to b1 \
              (durable append + gossip) took p50 {} / p99 {}.",
             m.connect_secs,
             ms(percentile(&p, 50.0)),
@@ -1056,7 +1201,8 @@ fn main() {
         "mesh": mesh_json,
         "total_secs": started.elapsed().as_secs_f64(),
     });
-    let path = root.join("bench-queue.json");
+    let path = common::results_dir(root.clone()).join("bench-queue.json");
+    let _ = std::fs::create_dir_all(path.parent().unwrap_or(&root));
     match std::fs::write(
         &path,
         serde_json::to_string_pretty(&out).unwrap_or_default(),

@@ -226,3 +226,14 @@ pub fn unix_ms() -> f64 {
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or(0.0)
 }
+
+/// The directory a bench writes its report files to: `RIFTMESH_BENCH_RESULTS`
+/// when set (the report runner, `benches/report.py`, points every bench at its
+/// own scratch directory so a short run does not replace the kept reports),
+/// else `default`.
+pub fn results_dir(default: std::path::PathBuf) -> std::path::PathBuf {
+    match std::env::var_os("RIFTMESH_BENCH_RESULTS") {
+        Some(d) if !d.is_empty() => std::path::PathBuf::from(d),
+        _ => default,
+    }
+}
