@@ -45,6 +45,20 @@ fn seal(key: &libp2p::identity::Keypair, t: &str, seq: u64) -> Event {
         .unwrap()
 }
 
+/// Wait until `peer` has `a` itself among its gossip peers (not only a
+/// relay), so what it publishes reaches `a` directly.
+async fn subscribed_to(peer: &riftmesh::net::NetHandle, a: &Agent) {
+    wait_for(&format!("a gossip link to {}", a.name), LONG, || async {
+        peer.peers()
+            .await
+            .ok()?
+            .iter()
+            .any(|p| p.peer_id == a.peer_id && p.gossip_subscribed)
+            .then_some(())
+    })
+    .await;
+}
+
 async fn copies(a: &Agent, id: &str) -> usize {
     a.all_events()
         .await
@@ -335,6 +349,7 @@ async fn a_replayed_gossip_message_is_stored_once_and_counted_as_duplicate() {
 
     // Replayed later by a fresh swarm (its own gossip cache knows nothing).
     let (replayer, _i, rep_key) = hostile_peer(&agents[0], &key).await;
+    subscribed_to(&replayer, &agents[0]).await;
     for f in &frames {
         replayer.publish_frame(f.clone()).await.unwrap();
     }
@@ -346,24 +361,28 @@ async fn a_replayed_gossip_message_is_stored_once_and_counted_as_duplicate() {
         assert_eq!(copies(&agents[0], id).await, 1, "{id}");
     }
 
-    // After the receiving agent restarts (gossipsub's seen-cache is gone),
-    // the store's persistent dedup index still knows them.
-    agents[0].restart().await;
+    // After an agent that holds them restarts (gossipsub's seen-cache is
+    // gone), the store's persistent dedup index still knows them. (The
+    // second agent restarts: it rejoins through its bootstrap address.)
+    arrives(&agents[1], &own.id).await;
+    agents[1].restart().await;
     wait_for("the restarted agent to rejoin", LONG, || async {
-        (agents[0].connected_peers().await >= 1).then_some(())
+        (agents[1].connected_peers().await >= 1).then_some(())
     })
     .await;
     let dup = r#"riftmesh_events_duplicate_total{via="peers"}"#;
-    let before = agents[0].metric(dup).await;
-    let (replayer2, _i2, rep2_key) = hostile_peer(&agents[0], &key).await;
+    let before = agents[1].metric(dup).await;
+    let (replayer2, _i2, rep2_key) = hostile_peer(&agents[1], &key).await;
+    subscribed_to(&replayer2, &agents[1]).await;
     for f in &frames {
         replayer2.publish_frame(f.clone()).await.unwrap();
     }
-    let marker2 = seal(&rep2_key, "CUSTOM_MARKER", 1);
+    // (Another type: the same content would itself be a duplicate.)
+    let marker2 = seal(&rep2_key, "CUSTOM_MARKER_AFTER_RESTART", 1);
     replayer2.publish_event(&marker2).await.unwrap();
-    arrives(&agents[0], &marker2.id).await;
+    arrives(&agents[1], &marker2.id).await;
     wait_for("the replays to be counted as duplicates", LONG, || async {
-        (agents[0].metric(dup).await >= before + 2.0).then_some(())
+        (agents[1].metric(dup).await >= before + 2.0).then_some(())
     })
     .await;
     for id in &ids {
@@ -372,8 +391,9 @@ async fn a_replayed_gossip_message_is_stored_once_and_counted_as_duplicate() {
     }
     // A replay is not misbehaviour the agent could tell from a slow relay:
     // no refusal, no warning per message.
-    let warned: Vec<String> = log_lines(&agents[0], &["WARN"])
-        .into_iter()
+    let warned: Vec<String> = [&agents[0], &agents[1]]
+        .iter()
+        .flat_map(|a| log_lines(a, &["WARN"]))
         .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
         .collect();
     assert!(warned.is_empty(), "{warned:#?}");
