@@ -100,6 +100,23 @@ pub struct FileConfig {
     pub sync_transfers: Option<usize>,
     pub sync_upload_rate: Option<String>,
     pub sync_download_rate: Option<String>,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_peer: Option<u32>,
+    pub max_pending_incoming: Option<u32>,
+    pub peer_request_rate: Option<RequestRatesFile>,
+    pub gossip_source_rate: Option<u32>,
+    pub gossip_source_burst: Option<u32>,
+}
+
+/// `peer_request_rate = { catchup = 500, member = 200, raft = 2000, blob = 5000 }`:
+/// inbound requests per second per peer, per protocol; omitted keys keep their default.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RequestRatesFile {
+    pub catchup: Option<u32>,
+    pub member: Option<u32>,
+    pub raft: Option<u32>,
+    pub blob: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +174,8 @@ pub struct AgentConfig {
     pub election_timeout: Duration,
     /// Blob sync: wants, sizes, limits (proto-notes/sync.md).
     pub sync: crate::blob::SyncConfig,
+    /// Connection limits and per-peer / per-source rates (proto-notes/security.md).
+    pub limits: crate::limits::NetLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -537,7 +556,59 @@ impl AgentConfig {
             retention: dur("blob_retention", file.blob_retention, sd.retention)?,
             per_source: sd.per_source,
         };
+        let limits = {
+            use crate::limits as l;
+            let n = |key: &str, v: Option<u32>, default: u32| -> Result<u32, ConfigError> {
+                Ok(
+                    positive(key, v.map(u64::from), u64::from(default))?.min(u64::from(u32::MAX))
+                        as u32,
+                )
+            };
+            let rr = file.peer_request_rate.unwrap_or_default();
+            l::NetLimits {
+                max_connections: n(
+                    "max_connections",
+                    file.max_connections,
+                    l::DEFAULT_MAX_CONNECTIONS,
+                )?,
+                max_connections_per_peer: n(
+                    "max_connections_per_peer",
+                    file.max_connections_per_peer,
+                    l::DEFAULT_MAX_CONNECTIONS_PER_PEER,
+                )?,
+                max_pending_incoming: n(
+                    "max_pending_incoming",
+                    file.max_pending_incoming,
+                    l::DEFAULT_MAX_PENDING_INCOMING,
+                )?,
+                request_rates: l::RequestRates {
+                    catchup: n(
+                        "peer_request_rate.catchup",
+                        rr.catchup,
+                        l::DEFAULT_RATE_CATCHUP,
+                    )?,
+                    member: n(
+                        "peer_request_rate.member",
+                        rr.member,
+                        l::DEFAULT_RATE_MEMBER,
+                    )?,
+                    raft: n("peer_request_rate.raft", rr.raft, l::DEFAULT_RATE_RAFT)?,
+                    blob: n("peer_request_rate.blob", rr.blob, l::DEFAULT_RATE_BLOB)?,
+                },
+                gossip_source_rate: n(
+                    "gossip_source_rate",
+                    file.gossip_source_rate,
+                    l::DEFAULT_GOSSIP_SOURCE_RATE,
+                )?,
+                gossip_source_burst: n(
+                    "gossip_source_burst",
+                    file.gossip_source_burst,
+                    l::DEFAULT_GOSSIP_SOURCE_BURST,
+                )?,
+            }
+        };
         Ok(AgentConfig {
+            limits,
             name,
             data_dir,
             listen,
@@ -608,6 +679,35 @@ mod tests {
         assert_eq!(c.listen[0].to_string(), DEFAULT_LISTEN);
         assert!(c.mdns);
         assert_eq!(c.dedup_window, Duration::from_secs(86400));
+        assert_eq!(c.limits, crate::limits::NetLimits::default());
+    }
+
+    #[test]
+    fn limits_from_the_file_and_zero_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "max_connections_per_peer = 3\npeer_request_rate = { catchup = 7 }\ngossip_source_rate = 50\n",
+        )
+        .unwrap();
+        let args = AgentArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let c = AgentConfig::resolve(&args, None).unwrap();
+        assert_eq!(c.limits.max_connections_per_peer, 3);
+        assert_eq!(c.limits.request_rates.catchup, 7);
+        assert_eq!(
+            c.limits.request_rates.raft,
+            crate::limits::DEFAULT_RATE_RAFT
+        );
+        assert_eq!(c.limits.gossip_source_rate, 50);
+        std::fs::write(&p, "peer_request_rate = { raft = 0 }\n").unwrap();
+        let e = AgentConfig::resolve(&args, None).unwrap_err();
+        assert_eq!(e.key, "peer_request_rate.raft");
+        std::fs::write(&p, "peer_request_rate = { gossip = 5 }\n").unwrap();
+        assert!(AgentConfig::resolve(&args, None).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod config;
 pub mod event;
 pub mod leader;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod mux;

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub events_duplicate: Family<Labels, Counter>,
     pub events_rejected: Family<Labels, Counter>,
     pub inbound_dropped: Family<Labels, Counter>,
+    pub rate_limited: Family<Labels, Counter>,
+    pub connections_refused: Family<Labels, Counter>,
     pub consumer_lag: Family<Labels, Gauge>,
     pub store_bytes: Gauge,
     pub store_events: Gauge,
@@ -93,6 +95,8 @@ impl Metrics {
             events_duplicate: Family::default(),
             events_rejected: Family::default(),
             inbound_dropped: Family::default(),
+            rate_limited: Family::default(),
+            connections_refused: Family::default(),
             consumer_lag: Family::default(),
             store_bytes: Gauge::default(),
             store_events: Gauge::default(),
@@ -166,6 +170,16 @@ impl Metrics {
             "inbound_dropped",
             "Valid inbound messages dropped because a bounded queue was full, by queue",
             m.inbound_dropped.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Inbound messages refused because their peer or source exceeded its rate, by protocol (gossip, catchup, member, raft, blob) and reason (source_rate, peer_rate)",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused by a connection limit, by limit (per_peer, total, pending_incoming, pending_outgoing) and direction (in, out)",
+            m.connections_refused.clone(),
         );
         r.register(
             "consumer_lag",

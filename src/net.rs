@@ -24,7 +24,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::Event;
-use crate::metrics::{label, Metrics};
+use crate::limits::{KeyedRate, Log, LogOnce, NetLimits};
+use crate::metrics::{label, Labels, Metrics};
 
 pub const EVENTS_TOPIC: &str = "riftmesh/events/1";
 pub const IDENTIFY_PROTOCOL: &str = "/riftmesh/id/1.0.0";
@@ -279,6 +280,8 @@ pub struct NetConfig {
     pub maintain_every: Duration,
     /// libp2p ping interval on every connection (liveness and round-trip time).
     pub ping_interval: Duration,
+    /// Connection limits and per-peer / per-source rates.
+    pub limits: NetLimits,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -335,6 +338,9 @@ pub enum RequestError {
 }
 
 pub const SYNC_PROTOCOL: &str = "/riftmesh/events/1";
+
+/// The `Refused` reason of a request over its peer's rate.
+pub const BUSY: &str = "busy: request rate exceeded";
 
 pub const MEMBER_PROTOCOL: &str = "/riftmesh/member/1";
 
@@ -817,10 +823,12 @@ impl NetHandle {
 /// denied connection would stay in its table: a later request to that peer
 /// can be sent to the phantom connection and hang without a timeout or a
 /// failure. The block list therefore comes first, so a blocked peer's
-/// connection is refused before any other behaviour sees it.
+/// connection is refused before any other behaviour sees it, and the
+/// connection limits right after it, for the same reason.
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
+    limits: libp2p::connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -889,6 +897,7 @@ pub fn start(
     let psk = cfg.psk;
     let max_msg = cfg.max_message_bytes;
     let ping_interval = cfg.ping_interval;
+    let limits = cfg.limits;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|key| transport(key, psk))
@@ -1014,6 +1023,7 @@ pub fn start(
                     raft,
                     blob,
                     blocked: Default::default(),
+                    limits: libp2p::connection_limits::Behaviour::new(limits.connection_limits()),
                 })
             },
         )
@@ -1067,6 +1077,9 @@ pub fn start(
         last_bootstrap: None,
         lost: HashMap::new(),
         ticks: 0,
+        rates: PeerRates::new(&limits),
+        gossip_rate: KeyedRate::new(limits.gossip_source_rate, limits.gossip_source_burst),
+        log_once: LogOnce::default(),
     };
     tokio::spawn(event_loop.run());
     Ok((
@@ -1109,7 +1122,45 @@ struct EventLoop {
     /// Peers whose last connection closed: their addresses and since when.
     lost: HashMap<PeerId, (Vec<Multiaddr>, Instant)>,
     ticks: u64,
+    /// Inbound requests per peer, per request-response protocol.
+    rates: PeerRates,
+    /// Gossip events per signing source.
+    gossip_rate: KeyedRate<String>,
+    /// First refusal per (peer, reason) warns; later ones are summarised.
+    log_once: LogOnce,
 }
+
+/// One token bucket per peer for each request-response protocol.
+struct PeerRates {
+    catchup: KeyedRate<PeerId>,
+    member: KeyedRate<PeerId>,
+    raft: KeyedRate<PeerId>,
+    blob: KeyedRate<PeerId>,
+}
+
+impl PeerRates {
+    fn new(l: &NetLimits) -> Self {
+        let r = l.request_rates;
+        let bucket = |rate: u32| KeyedRate::new(rate, rate.saturating_mul(2));
+        PeerRates {
+            catchup: bucket(r.catchup),
+            member: bucket(r.member),
+            raft: bucket(r.raft),
+            blob: bucket(r.blob),
+        }
+    }
+
+    fn forget_idle(&self) {
+        for r in [&self.catchup, &self.member, &self.raft, &self.blob] {
+            r.forget_idle();
+        }
+    }
+}
+
+/// Label of the catch-up protocol in the rate metrics.
+const CATCHUP: &str = "catchup";
+/// Label of the membership protocol in the rate metrics.
+const MEMBER: &str = "member";
 
 /// Lost peers are redialed at every maintenance tick for this long,
 const LOST_FAST: Duration = Duration::from_secs(300);
@@ -1145,10 +1196,15 @@ impl EventLoop {
     }
 
     fn maintain(&mut self) {
+        let now = Instant::now();
+        for s in self.log_once.due(now) {
+            tracing::warn!(peer = %s.who, what = s.reason, count = s.count, "refused again since the last report (counted in the metrics)");
+        }
+        self.rates.forget_idle();
+        self.gossip_rate.forget_idle();
         // Peers we lost: every tick for LOST_FAST, then every LOST_SLOW_EVERY
         // ticks, and forgotten after LOST_FORGET.
         self.ticks += 1;
-        let now = Instant::now();
         self.lost
             .retain(|_, (_, since)| now.duration_since(*since) < LOST_FORGET);
         let redial: Vec<(PeerId, Vec<Multiaddr>)> = self
@@ -1401,13 +1457,32 @@ impl EventLoop {
                 self.metrics.connected_peers.set(self.peers.len() as i64);
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let libp2p::swarm::DialError::Denied { cause } = &error {
+                    let who = peer_id.map(|p| p.to_base58()).unwrap_or_default();
+                    self.connection_denied(cause, "out", who);
+                }
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
                 error,
+                peer_id,
                 ..
             } => {
+                if let libp2p::swarm::ListenError::Denied { cause } = &error {
+                    // Before the handshake the peer is unknown: its IP address.
+                    let who = peer_id.map(|p| p.to_base58()).unwrap_or_else(|| {
+                        send_back_addr
+                            .iter()
+                            .find_map(|p| match p {
+                                Protocol::Ip4(ip) => Some(ip.to_string()),
+                                Protocol::Ip6(ip) => Some(ip.to_string()),
+                                _ => None,
+                            })
+                            .unwrap_or_default()
+                    });
+                    self.connection_denied(cause, "in", who);
+                }
                 tracing::debug!(%send_back_addr, %error, "incoming connection failed");
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
@@ -1486,6 +1561,7 @@ impl EventLoop {
             BehaviourEvent::Raft(ev) => self.on_opaque(Opaque::Raft, ev),
             BehaviourEvent::Blob(ev) => self.on_opaque(Opaque::Blob, ev),
             BehaviourEvent::Blocked(v) => match v {},
+            BehaviourEvent::Limits(v) => match v {},
         }
     }
 
@@ -1510,6 +1586,26 @@ impl EventLoop {
                         }
                         Ok(()) => Ok(event),
                     },
+                };
+                // Floods are limited per signing source, never per relay: a
+                // relay forwards everyone's events. The excess is ignored
+                // (not forwarded, not stored, no score penalty for the
+                // relays); catch-up fetches it later at its own paced rate.
+                let verdict = match verdict {
+                    Ok(event) if !self.gossip_rate.allow(&event.source) => {
+                        let source = event.source.clone();
+                        self.rate_limited("gossip", "source_rate", source);
+                        self.swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .report_message_validation_result(
+                                &message_id,
+                                &propagation_source,
+                                MessageAcceptance::Ignore,
+                            );
+                        return;
+                    }
+                    v => v,
                 };
                 let gs = &mut self.swarm.behaviour_mut().gossipsub;
                 match verdict {
@@ -1563,6 +1659,45 @@ impl EventLoop {
 }
 
 impl EventLoop {
+    /// Count a refusal by rate and log it once per (who, protocol).
+    fn rate_limited(&mut self, protocol: &'static str, reason: &'static str, who: String) {
+        let labels: Labels = vec![("protocol", protocol.into()), ("reason", reason.into())];
+        self.metrics.rate_limited.get_or_create(&labels).inc();
+        if self.log_once.note(&who, protocol, Instant::now()) == Log::First {
+            tracing::warn!(peer = %who, protocol, reason, "rate limit exceeded: message refused (counted in riftmesh_rate_limited_total; later refusals are summarised once a minute)");
+        }
+    }
+
+    /// Count a connection refused by a connection limit and log it once per
+    /// (who, limit).
+    fn connection_denied(
+        &mut self,
+        cause: &libp2p::swarm::ConnectionDenied,
+        direction: &'static str,
+        who: String,
+    ) {
+        let Some(exceeded) = cause.downcast_ref::<libp2p::connection_limits::Exceeded>() else {
+            return;
+        };
+        let text = exceeded.to_string();
+        let limit = crate::limits::connection_limit_kind(&text);
+        let labels: Labels = vec![("limit", limit.into()), ("direction", direction.into())];
+        self.metrics
+            .connections_refused
+            .get_or_create(&labels)
+            .inc();
+        let what = match limit {
+            "per_peer" => "connections_per_peer",
+            "total" => "connections_total",
+            "pending_incoming" => "connections_pending_incoming",
+            "pending_outgoing" => "connections_pending_outgoing",
+            _ => "connections_other",
+        };
+        if self.log_once.note(&who, what, Instant::now()) == Log::First {
+            tracing::warn!(peer = %who, limit, direction, detail = %text, "connection refused by a connection limit (counted in riftmesh_connections_refused_total; later refusals are summarised once a minute)");
+        }
+    }
+
     fn send_member(&mut self, msg: MemberInbound) {
         if self.member_tx.try_send(msg).is_err() {
             self.metrics
@@ -1581,11 +1716,23 @@ impl EventLoop {
             Event::Message { peer, message, .. } => match message {
                 Message::Request {
                     request, channel, ..
-                } => self.send_member(MemberInbound::Request {
-                    peer,
-                    request,
-                    channel,
-                }),
+                } => {
+                    if !self.rates.member.allow(&peer) {
+                        self.rate_limited(MEMBER, "peer_rate", peer.to_base58());
+                        let _ = self.swarm.behaviour_mut().member.send_response(
+                            channel,
+                            wire::MemberResponse::Refused {
+                                reason: BUSY.into(),
+                            },
+                        );
+                        return;
+                    }
+                    self.send_member(MemberInbound::Request {
+                        peer,
+                        request,
+                        channel,
+                    })
+                }
                 Message::Response {
                     request_id,
                     response,
@@ -1627,6 +1774,17 @@ impl EventLoop {
                 Message::Request {
                     request, channel, ..
                 } => {
+                    let allowed = match proto {
+                        Opaque::Raft => self.rates.raft.allow(&peer),
+                        Opaque::Blob => self.rates.blob.allow(&peer),
+                    };
+                    if !allowed {
+                        // The body format is the owning module's: the
+                        // stream is closed without an answer.
+                        self.rate_limited(proto.name(), "peer_rate", peer.to_base58());
+                        drop(channel);
+                        return;
+                    }
                     let msg = OpaqueInbound {
                         peer,
                         request,
@@ -1685,6 +1843,16 @@ impl EventLoop {
                 Message::Request {
                     request, channel, ..
                 } => {
+                    if !self.rates.catchup.allow(&peer) {
+                        self.rate_limited(CATCHUP, "peer_rate", peer.to_base58());
+                        let _ = self.swarm.behaviour_mut().sync.send_response(
+                            channel,
+                            wire::SyncResponse::Refused {
+                                reason: BUSY.into(),
+                            },
+                        );
+                        return;
+                    }
                     let msg = Inbound::Request {
                         peer,
                         request,

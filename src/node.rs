@@ -190,6 +190,7 @@ impl Node {
                 inbound_queue: cfg.inbound_queue,
                 maintain_every: Duration::from_secs(2),
                 ping_interval: cfg.ping_interval,
+                limits: cfg.limits,
             },
             registry,
             metrics.clone(),

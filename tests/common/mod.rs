@@ -351,6 +351,20 @@ pub async fn hostile_peer(
     tokio::sync::mpsc::Receiver<riftmesh::net::Inbound>,
     libp2p::identity::Keypair,
 ) {
+    hostile_peer_with(a, key_path, riftmesh::limits::NetLimits::default()).await
+}
+
+/// [`hostile_peer`] with its own connection and rate limits (a flooding peer
+/// lifts its own so that only the agent's hold it back).
+pub async fn hostile_peer_with(
+    a: &Agent,
+    key_path: &std::path::Path,
+    limits: riftmesh::limits::NetLimits,
+) -> (
+    riftmesh::net::NetHandle,
+    tokio::sync::mpsc::Receiver<riftmesh::net::Inbound>,
+    libp2p::identity::Keypair,
+) {
     let psk = riftmesh::net::parse_psk(&std::fs::read_to_string(key_path).unwrap()).unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = riftmesh::metrics::Metrics::register(&mut registry);
@@ -367,6 +381,7 @@ pub async fn hostile_peer(
             inbound_queue: 1024,
             maintain_every: Duration::from_secs(1),
             ping_interval: Duration::from_secs(2),
+            limits,
         },
         &mut registry,
         metrics,
@@ -387,4 +402,14 @@ pub async fn hostile_peer(
     )
     .await;
     (h, inbox.events, key)
+}
+
+/// Lines of the agent's log (all its runs) that contain every one of `needles`.
+pub fn log_lines(a: &Agent, needles: &[&str]) -> Vec<String> {
+    std::fs::read_to_string(a.dir.join("agent.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .map(String::from)
+        .collect()
 }
