@@ -211,6 +211,7 @@ def cmd_resume(args):
     c = load(args)
     for name in args.host:
         c.resume(c.host(name))
+        faults.reapply_api_partition(c, c.host(name))
         c.add_fault("resume", host=name)
         log(f"resumed {name} (SIGCONT)")
     return 0

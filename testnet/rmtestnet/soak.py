@@ -135,6 +135,7 @@ class Soak:
         self.blob_errors = []
         self.leader_views = {}     # (host, term, leader, is_self) -> first seen (s)
         self.leader_polls = 0
+        self.rss_track = []        # [t_s, min, mean, max] MiB
         self.unexpected_exits = []
         self.faults_done = []      # executed faults with times
         self.fault_counts = {}
@@ -201,6 +202,7 @@ class ConsumerClient:
         self.acks = 0
         self.errors = 0
         self.pending = None         # batch whose ack answer was lost
+        self.drained_head = None
         self.drained = threading.Event()
         self.drain = threading.Event()
         self.thread = None
@@ -240,9 +242,13 @@ class ConsumerClient:
                 self.fetches += 1
                 evs = b["events"]
                 if not evs:
-                    if self.drain.is_set():
+                    if self.drain.is_set() and not self.pending:
+                        # Nothing matching in (cursor, head]: the expected set
+                        # is the matching events up to this head; stop here so
+                        # nothing later is acked.
+                        self.drained_head = b["head"]
                         self.drained.set()
-                        time.sleep(0.5)
+                        return
                     continue
                 self.drained.clear()
                 for e in evs:
@@ -345,11 +351,17 @@ def blob_publisher(s, interval, work):
                 s.blob_errors.append({"name": name, "host": host, "t": t, "via": via, "error": str(e)[:200]})
 
 
-def watcher(s, interval=1.0):
+def watcher(s, interval=1.0, rss_every=15.0):
     """Poll every running agent's leader view; notice agents that exited
-    without being killed."""
+    without being killed; sample the agents' RSS every `rss_every` s."""
+    next_rss = time.monotonic()
     while not s.stop_watch.is_set():
         t_round = time.monotonic()
+        if t_round >= next_rss:
+            next_rss += rss_every
+            v = [x["rss"] >> 20 for x in sample_rss(s).values()]
+            if v:
+                s.rss_track.append([s.rel(), min(v), round(statistics.mean(v)), max(v)])
         for n in list(s.c.hosts):
             with s.lock:
                 st = s.state[n]
@@ -461,10 +473,16 @@ class FaultRunner:
                     c.start(h, timeout=90)
                     F.reapply_api_partition(c, h)
                 finally:
-                    self._set(h["name"], "running" if c.alive(h) else "crashed")
+                    up = c.alive(h)
+                    self._set(h["name"], "running" if up else "crashed")
+                    if not up:
+                        self.s.unexpected_exits.append({"host": h["name"], "pid": h.get("pid"),
+                                                        "at_s": self.s.rel(), "at": "restart",
+                                                        "log_tail": tail(h["log"], 20)})
         elif kind == "pause":
             for h in hs:
                 c.resume(h)
+                F.reapply_api_partition(c, h)
                 self._set(h["name"], "running")
         elif kind.startswith("partition"):
             F.heal(c)
@@ -496,7 +514,7 @@ class FaultRunner:
                 elif i in self.active:
                     self.end(self.active.pop(i))
                     log(f"soak @{s.rel():.0f}s: end of {f['kind']} {','.join(f['hosts'])}")
-            except TestnetError as e:
+            except (TestnetError, ApiError, OSError) as e:
                 s.notes.append(f"@{s.rel():.0f}s {what} of {f['kind']} {f['hosts']}: {e}")
                 log(f"soak: fault step failed: {e}")
                 self.active.pop(i, None) if what == "end" else None
@@ -506,7 +524,7 @@ class FaultRunner:
             f = self.active[i]
             try:
                 self.end(f)
-            except TestnetError as e:
+            except (TestnetError, ApiError, OSError) as e:
                 self.s.notes.append(f"undo {f['kind']} {f['hosts']}: {e}")
         self.active.clear()
         c = self.c
@@ -719,6 +737,10 @@ def final_report(s, schedule, netem, rss_start, conv_ok, conv_results, conv_s, t
         except (ApiError, OSError, ValueError) as e:
             bad.append(f"{cc.name}@{cc.host}: cannot read the log: {e}")
             continue
+        if cc.drained_head is None:
+            bad.append(f"{cc.name}@{cc.host}: did not drain (an empty fetch) before the end")
+            continue
+        exp = [e for e in exp if e["seq"] <= cc.drained_head]
         exp_seqs = {e["seq"] for e in exp}
         got = cc.acked
         missing = sorted(exp_seqs - set(got))
@@ -861,6 +883,7 @@ def final_report(s, schedule, netem, rss_start, conv_ok, conv_results, conv_s, t
                                      "same_process": bool(rss_start.get(n) and rss_end.get(n) and
                                                           rss_start[n]["pid"] == rss_end[n]["pid"])}
                                  for n in c.hosts}},
+        "rss_track_mib": s.rss_track,
         "leader_terms": len(terms), "unexpected_exits": s.unexpected_exits, "panics": panics,
         "notes": s.notes,
     }
@@ -896,5 +919,10 @@ def print_report(rep):
     r = rep["rss_mib"]
     print(f"RSS MiB start min/mean/max {r['start'].get('min')}/{r['start'].get('mean')}/{r['start'].get('max')}, "
           f"end {r['end'].get('min')}/{r['end'].get('mean')}/{r['end'].get('max')}")
+    tr = rep.get("rss_track_mib") or []
+    if tr:
+        step = max(1, len(tr) // 8)
+        print("RSS MiB over time (s: min/mean/max): "
+              + ", ".join(f"{x[0]:.0f}: {x[1]}/{x[2]}/{x[3]}" for x in tr[::step] + ([tr[-1]] if (len(tr) - 1) % step else [])))
     for n in rep["notes"]:
         print(f"note: {n}")
