@@ -381,7 +381,7 @@ def parser():
                    help="seconds of faults and clients (default 1800; CI uses 180)")
     p.add_argument("--seed", type=int, help="seed of the fault schedule (default: random, printed)")
     p.add_argument("--faults", help="comma list of kill, pause, partition-route, partition-api, shape, "
-                                    "netem (default all)")
+                                    "netem (default all; \"\" for none)")
     p.add_argument("--max-disturbed", type=int,
                    help="hosts disturbed at once (default hosts/5, at least 1, at most a minority)")
     p.add_argument("--publish-rate", type=float, default=5.0, help="events per second, all publishers")
@@ -389,8 +389,12 @@ def parser():
     p.add_argument("--lock-takers", type=int, default=3)
     p.add_argument("--lock-ttl", type=int, default=5, help="lock ttl in seconds (default 5)")
     p.add_argument("--blob-interval", type=float, default=10.0, help="seconds between blob publishes")
-    p.add_argument("--warmup", type=float, default=45.0,
-                   help="seconds before the start RSS sample (at most a third of the duration)")
+    p.add_argument("--warmup", type=float,
+                   help="seconds before the start RSS sample (default a third of the duration, "
+                        "at most 300)")
+    p.add_argument("--rss-factor", type=float, default=1.5,
+                   help="RSS bound at the end: start x this + --rss-extra-mib (default 1.5)")
+    p.add_argument("--rss-extra-mib", type=float, default=32.0, help="see --rss-factor (default 32)")
     p.add_argument("--converge-timeout", type=float, default=180.0,
                    help="seconds for the cluster to converge after the faults")
     p.add_argument("--keep", action="store_true", help="leave a testnet the soak brought up running")
