@@ -923,7 +923,7 @@ mod tests {
             va.partial_cmp(&vb).is_none(),
             "same-term votes for different candidates must be incomparable"
         );
-        assert!(!(vb > va) && !(va > vb));
+        assert!(vb.partial_cmp(&va).is_none(), "in either order");
         assert!(openraft::Vote::new(29, a) > vb, "a later term still wins");
         let mut committed = openraft::Vote::new(28, a);
         committed.commit();
