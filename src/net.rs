@@ -369,10 +369,10 @@ impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
 
 pub type SyncCodec = FrameCodec<wire::SyncRequest, wire::SyncResponse>;
 pub type MemberCodec = FrameCodec<wire::MemberRequest, wire::MemberResponse>;
-/// `/riftmesh/raft/1` carries opaque bodies: the leader module owns their format.
+/// `/riftmesh/raft/2` carries opaque bodies: the leader module owns their format.
 pub type RaftCodec = FrameCodec<Vec<u8>, Vec<u8>>;
-pub const RAFT_PROTOCOL: &str = "/riftmesh/raft/1";
-/// Largest `/riftmesh/raft/1` body either way.
+pub const RAFT_PROTOCOL: &str = "/riftmesh/raft/2";
+/// Largest `/riftmesh/raft/2` body either way.
 pub const MAX_RAFT_MESSAGE: usize = 4 << 20;
 /// Largest `/riftmesh/sync/1` request body.
 pub const MAX_BLOB_REQUEST: usize = 64 << 10;
@@ -764,7 +764,7 @@ impl NetHandle {
             .await;
     }
 
-    /// Send a `/riftmesh/raft/1` request (dialing the peer if needed).
+    /// Send a `/riftmesh/raft/2` request (dialing the peer if needed).
     pub async fn raft_request(
         &self,
         peer: PeerId,

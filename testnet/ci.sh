@@ -2,7 +2,8 @@
 # Testnet CI: 5 agents in network namespaces, one pipeline round with a kill -9,
 # a partition and a heal, every invariant checked; then Prometheus (Debian's
 # package, our own process) scrapes every agent, every target must be up, and
-# `promtool check metrics` must accept every agent's /metrics. Root, no stdin,
+# `promtool check metrics` must accept every agent's /metrics; then a 3-minute
+# soak of 20 agents under random faults (its own testnet). Root, no stdin,
 # a fresh Debian machine. Everything is torn down on exit.
 set -euo pipefail
 
@@ -15,6 +16,9 @@ T0=$(date +%s)
 
 WORK="$(mktemp -d /tmp/riftmesh-testnet-ci.XXXXXX)"
 STATE="$WORK/net"
+SOAK_STATE="$WORK/soak"
+SOAK_SECONDS="${TESTNET_CI_SOAK_SECONDS:-180}"
+SOAK_SEED="${TESTNET_CI_SOAK_SEED:-$(( $(date +%s) % 100000 ))}"
 PROM_PID=""
 made_policy=""
 tn() { "$HERE/testnet" --state "$STATE" "$@"; }
@@ -29,16 +33,24 @@ cleanup() {
   fi
   if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
   tn down || rc=1
-  if [ "$rc" -ne 0 ] && [ -d "$STATE/hosts" ]; then
+  "$HERE/testnet" --state "$SOAK_STATE" down || rc=1
+  if [ "$rc" -ne 0 ] && { [ -d "$STATE/hosts" ] || [ -d "$SOAK_STATE/hosts" ]; }; then
     keep="/tmp/riftmesh-testnet-ci-failed.$(date +%Y%m%dT%H%M%S)"
     mkdir -p "$keep"
     for d in "$STATE"/hosts/*/; do
+      [ -d "$d" ] || continue
       h=$(basename "$d")
       cp "$d/agent.log" "$keep/$h.log" 2>/dev/null || true
       echo "---- last lines of $h's agent log"; tail -n 20 "$d/agent.log" || true
     done
+    for d in "$SOAK_STATE"/hosts/*/; do
+      [ -d "$d" ] || continue
+      mkdir -p "$keep/soak"
+      cp "$d/agent.log" "$keep/soak/$(basename "$d").log" 2>/dev/null || true
+    done
+    cp "$SOAK_STATE"/soak-report-*.json "$keep/soak/" 2>/dev/null || true
     cp "$WORK"/scenario.json "$WORK"/prometheus.yml "$WORK"/prometheus.log "$keep/" 2>/dev/null || true
-    echo "agent logs and the scenario report kept in $keep"
+    echo "agent logs and the scenario and soak reports kept in $keep"
   fi
   rm -rf "$WORK"
   echo "ci.sh: exit $rc after $(( $(date +%s) - T0 )) s"
@@ -179,4 +191,15 @@ if [ "${#promtool_failed[@]}" -gt 0 ]; then
   echo "ci.sh: promtool check metrics failed for ${promtool_failed[*]}"
   exit 1
 fi
+
+# ---- soak ----------------------------------------------------------------------
+# The 5-host testnet goes first (CPU for the 20 agents); the soak brings up its
+# own testnet (names rmt-dNN, 10.77.3.0/24) and tears it down; the trap runs
+# `down` on it too in case the soak itself is killed.
+kill "$PROM_PID" 2>/dev/null || true
+tn down
+echo "soak: 20 agents, ${SOAK_SECONDS} s, seed $SOAK_SEED (TESTNET_CI_SOAK_SEED=$SOAK_SEED reproduces the schedule)"
+timeout --foreground -k 30 $(( SOAK_SECONDS + 300 )) "$HERE/testnet" --state "$SOAK_STATE" soak \
+  --hosts 20 --duration "$SOAK_SECONDS" --seed "$SOAK_SEED" --converge-timeout 120 \
+  --net-tag d --subnet 10.77.3
 echo "ci.sh: all checks passed"

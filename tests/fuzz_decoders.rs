@@ -1,6 +1,6 @@
 //! A mutation fuzzer on the stable toolchain for every decoder of bytes a
 //! peer sends: gossip event frames, `/riftmesh/events/1`,
-//! `/riftmesh/member/1`, `/riftmesh/sync/1` (blob), `/riftmesh/raft/1`, the
+//! `/riftmesh/member/1`, `/riftmesh/sync/1` (blob), `/riftmesh/raft/2`, the
 //! frame header; and for the type-name normaliser and pattern parser.
 //!
 //! Seeds: valid encodings built here, plus every file under

@@ -1,5 +1,5 @@
 //! Leader election and distributed locks: openraft 0.9 among the configured
-//! voters, over `/riftmesh/raft/1`, its state in our sled database. The Raft
+//! voters, over `/riftmesh/raft/2`, its state in our sled database. The Raft
 //! term is the fencing token users see for leadership; a lock grant's token is
 //! the log index of the entry that granted it. Agents that are not voters
 //! learn the leader from `LEADER_ELECTED` events and forward lock calls to it.
@@ -132,7 +132,7 @@ pub enum LockCall {
     List,
 }
 
-/// `/riftmesh/raft/1` bodies: every request carries the sender's voter-list
+/// `/riftmesh/raft/2` bodies: every request carries the sender's voter-list
 /// hash, and a voter answers only peers with the same list.
 #[derive(Serialize, Deserialize)]
 struct Envelope {
@@ -578,7 +578,7 @@ impl RaftNetwork<TypeConfig> for Conn {
 }
 
 /// Start the leader part: Raft on voters, and on every agent the server of
-/// `/riftmesh/raft/1` and the follower of `LEADER_ELECTED` events.
+/// `/riftmesh/raft/2` and the follower of `LEADER_ELECTED` events.
 pub fn start(node: Arc<Node>, inbound: mpsc::Receiver<RaftInbound>) {
     tokio::spawn(run(node, inbound));
 }
@@ -614,7 +614,7 @@ async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<RaftInbound>) {
     }
 }
 
-/// Whether `body` decodes as a `/riftmesh/raft/1` request (the fuzz
+/// Whether `body` decodes as a `/riftmesh/raft/2` request (the fuzz
 /// harness drives the decoder through this).
 #[doc(hidden)]
 pub fn decodes_as_envelope(body: &[u8]) -> bool {
@@ -907,6 +907,31 @@ async fn follow_elections(node: Arc<Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One leader per term: a voter that voted for one candidate in a term
+    /// must not grant another candidate of the same term. openraft's default
+    /// leader id orders same-term candidates by node id, so the second
+    /// candidate's vote compared greater and was granted, and a term could
+    /// have two leaders (seen in the testnet soak: two LEADER_ELECTED for one
+    /// term). The `single-term-leader` feature makes them incomparable.
+    #[test]
+    fn a_vote_in_a_term_excludes_other_candidates_of_that_term() {
+        let (a, b) = (node_id("gpu-01"), node_id("gpu-02"));
+        let va = openraft::Vote::new(28, a);
+        let vb = openraft::Vote::new(28, b);
+        assert!(
+            va.partial_cmp(&vb).is_none(),
+            "same-term votes for different candidates must be incomparable"
+        );
+        assert!(vb.partial_cmp(&va).is_none(), "in either order");
+        assert!(openraft::Vote::new(29, a) > vb, "a later term still wins");
+        let mut committed = openraft::Vote::new(28, a);
+        committed.commit();
+        assert!(
+            committed > va,
+            "the committed vote of the same leader is greater"
+        );
+    }
 
     #[test]
     fn node_ids_and_voter_hash_are_stable() {

@@ -1,7 +1,10 @@
 //! Raft's persistent state in our sled database (openraft storage-v2): the log
-//! (`raft_log`: big-endian index → bincode entry), vote / committed / purged
-//! (`raft_meta`), and the lock table, applied in memory and snapshotted to
-//! `raft_snapshot`. Every write that openraft must find after a crash is
+//! (`raft2_log`: big-endian index → bincode entry), vote / committed / purged
+//! (`raft2_meta`), and the lock table, applied in memory and snapshotted to
+//! `raft2_snapshot`. The `2` is the format: openraft with one leader per term
+//! (feature `single-term-leader`), whose votes and log ids encode differently
+//! from the earlier trees `raft_log`, `raft_meta`, `raft_snapshot`; those are
+//! dropped at open (their leases are short-lived; the voters form again). Every write that openraft must find after a crash is
 //! flushed (sled flush = write + fsync) before it is acknowledged.
 // openraft's traits fix the error type (StorageError, over 200 bytes).
 #![allow(clippy::result_large_err)]
@@ -56,11 +59,29 @@ pub struct LogStore {
     meta: sled::Tree,
 }
 
+/// Trees of the current format (see the module comment).
+pub const LOG_TREE: &str = "raft2_log";
+pub const META_TREE: &str = "raft2_meta";
+pub const SNAPSHOT_TREE: &str = "raft2_snapshot";
+/// Trees of the earlier format (openraft's default leader id), dropped at open.
+const OLD_TREES: [&str; 3] = ["raft_log", "raft_meta", "raft_snapshot"];
+
 impl LogStore {
     pub fn open(db: &sled::Db) -> sled::Result<Self> {
+        let names = db.tree_names();
+        for old in OLD_TREES {
+            if names.iter().any(|n| n.as_ref() == old.as_bytes()) {
+                db.drop_tree(old)?;
+                tracing::warn!(
+                    tree = old,
+                    "dropped Raft state of the earlier format (before one leader per term); \
+                     this voter rejoins with the current one"
+                );
+            }
+        }
         Ok(Self {
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
+            log: db.open_tree(LOG_TREE)?,
+            meta: db.open_tree(META_TREE)?,
         })
     }
     fn get_meta<T: DeserializeOwned>(&self, k: &str) -> Result<Option<T>, SErr> {
@@ -292,7 +313,7 @@ pub struct LockStateMachine {
 
 impl LockStateMachine {
     pub fn open(db: &sled::Db) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let snap_tree = db.open_tree("raft_snapshot")?;
+        let snap_tree = db.open_tree(SNAPSHOT_TREE)?;
         let mut state = LockState::default();
         let mut snapshot = None;
         if let Some(b) = snap_tree.get("current")? {

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -17,7 +18,7 @@ from .check import check
 DEFAULT_STATE = os.environ.get("TESTNET_STATE", "/tmp/riftmesh-testnet")
 
 # Default whole-command timeouts (seconds), overridable with --timeout.
-TIMEOUTS = {"up": 300, "down": 120, "check": 120, "scenario": 900, "fanout": 1200,
+TIMEOUTS = {"up": 300, "down": 120, "check": 120, "scenario": 900, "fanout": 1200, "soak": 2700,
             "restart": 120, "fill-disk": 120}
 
 
@@ -210,6 +211,7 @@ def cmd_resume(args):
     c = load(args)
     for name in args.host:
         c.resume(c.host(name))
+        faults.reapply_api_partition(c, c.host(name))
         c.add_fault("resume", host=name)
         log(f"resumed {name} (SIGCONT)")
     return 0
@@ -249,6 +251,11 @@ def cmd_fill_disk(args):
 def cmd_scenario(args):
     from .scenario import run_scenario
     return run_scenario(args)
+
+
+def cmd_soak(args):
+    from .soak import run_soak
+    return run_soak(args)
 
 
 def cmd_fanout(args):
@@ -367,6 +374,36 @@ def parser():
     p.add_argument("--report", help="write the JSON report to this file")
     p.set_defaults(fn=cmd_scenario)
 
+    p = sub.add_parser("soak", help="random faults for a long time with steady clients, then invariants")
+    add_up_args(p)
+    p.set_defaults(hosts=20, voters=5)
+    p.add_argument("--duration", type=util.parse_duration, default=1800,
+                   help="seconds of faults and clients (default 1800; CI uses 180)")
+    p.add_argument("--seed", type=int, help="seed of the fault schedule (default: random, printed)")
+    p.add_argument("--faults", help="comma list of kill, pause, partition-route, partition-api, shape, "
+                                    "netem (default all; \"\" for none)")
+    p.add_argument("--max-disturbed", type=int,
+                   help="hosts disturbed at once (default hosts/5, at least 1, at most a minority)")
+    p.add_argument("--publish-rate", type=float, default=5.0, help="events per second, all publishers")
+    p.add_argument("--consumers", type=int, default=4, help="hosts with a durable consumer (default 4)")
+    p.add_argument("--lock-takers", type=int, default=3)
+    p.add_argument("--lock-ttl", type=int, default=5, help="lock ttl in seconds (default 5)")
+    p.add_argument("--blob-interval", type=float, default=10.0, help="seconds between blob publishes")
+    p.add_argument("--warmup", type=float,
+                   help="seconds before the start RSS sample (default a third of the duration, "
+                        "at most 300)")
+    p.add_argument("--rss-factor", type=float, default=1.5,
+                   help="RSS bound at the end: start x this + --rss-extra-mib (default 1.5)")
+    p.add_argument("--rss-extra-mib", type=float, default=32.0, help="see --rss-factor (default 32)")
+    p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="glibc malloc of the agents the soak starts: tuned (MALLOC_ARENA_MAX=2, "
+                        "fixed mmap threshold; default) or glibc's defaults")
+    p.add_argument("--converge-timeout", type=float, default=180.0,
+                   help="seconds for the cluster to converge after the faults")
+    p.add_argument("--keep", action="store_true", help="leave a testnet the soak brought up running")
+    p.add_argument("--report", help="JSON report path (default <state>/soak-report-<seed>.json)")
+    p.set_defaults(fn=cmd_soak)
+
     p = sub.add_parser("fanout", help="blob fan-out benchmark: 1 source, 9 receivers, shaped links")
     p.add_argument("--rate", default="200mbit", help="every host's link rate (tc tbf), both directions")
     p.add_argument("--size", type=int, default=256, help="blob size in MiB (default 256)")
@@ -388,6 +425,11 @@ def main(argv=None):
     timeout = args.timeout or TIMEOUTS.get(args.cmd, 60)
     if args.cmd == "scenario" and not args.timeout:
         timeout = max(timeout, args.deadline + 300)
+    if args.cmd == "soak":
+        if args.seed is None:
+            args.seed = random.SystemRandom().randrange(1, 10**6)
+        if not args.timeout:
+            timeout = args.duration + args.converge_timeout + 600
     signal.alarm(int(timeout))
     try:
         return args.fn(args)

@@ -314,6 +314,11 @@ class Cluster:
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         logf.close()
+        # Until the child has exec'd, its command line is this script's and
+        # `alive` would call it gone: wait (bounded) for the exec or an exit.
+        exec_deadline = time.monotonic() + 10
+        while not self._cmdline_ok(h, p.pid) and p.poll() is None and time.monotonic() < exec_deadline:
+            time.sleep(0.01)
         with self.locked():
             hh = self.host(h["name"])
             hh.update(pid=p.pid, status="running", paused=False,

@@ -72,6 +72,17 @@ def _api_block(c, groups, member_of, block):
         if not c.alive(ha):
             log(f"warning: {a} is not running; its block list is not set (it starts unblocked)")
             continue
+        if ha.get("paused"):
+            # A SIGSTOPped agent cannot answer; the other side's block lists
+            # cut it off meanwhile, and `resume` sets (or clears) its own list.
+            log(f"warning: {a} is paused; its block list is {'set' if block else 'cleared'} "
+                "when it is resumed")
+            if not block:
+                with c.locked():
+                    c.s.setdefault("api_unblock", [])
+                    if a not in c.s["api_unblock"]:
+                        c.s["api_unblock"].append(a)
+            continue
         c.api(ha, "POST", "/v1/debug/block", {"peers": others, "block": block})
 
 
@@ -99,13 +110,22 @@ def heal(c):
 
 
 def reapply_api_partition(c, h):
-    """After a restart in api-partition mode, the restarted agent's block
-    list is empty: set it again."""
+    """After a restart (or a resume) in api-partition mode, the agent's block
+    list is empty (or was never set): set it again. A host that was paused
+    when an api partition was healed gets its list cleared on resume."""
     p = c.s.get("partition")
     if p and p["method"] == "api" and any(h["name"] in g for g in p["groups"]):
         member_of = {n: i for i, g in enumerate(p["groups"]) for n in g}
         others = [c.host(b)["peer_id"] for b in member_of if member_of[b] != member_of[h["name"]]]
         c.api(h, "POST", "/v1/debug/block", {"peers": others, "block": True})
+    elif h["name"] in c.s.get("api_unblock", []):
+        # Paused when an api partition was healed: clear its list now.
+        if h.get("paused") or not c.alive(h):
+            return
+        others = [o["peer_id"] for o in c.hosts.values() if o is not h and o.get("peer_id")]
+        c.api(h, "POST", "/v1/debug/block", {"peers": others, "block": False})
+        with c.locked():
+            c.s["api_unblock"] = [n for n in c.s["api_unblock"] if n != h["name"]]
 
 
 def _rate_bits(rate):
