@@ -29,17 +29,22 @@ pub fn init_logging(format: LogFormat) {
 /// and zeroing of new pages (~10 % of a receiver's CPU). Below 16 MiB they
 /// now come from the heap and are reused; the heap is trimmed beyond 32 MiB
 /// of free space.
-fn tune_allocator() {
+pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called once at start.
+    // SAFETY: mallopt only sets allocator parameters; called once at start,
+    // before the runtime's threads exist.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        // glibc gives each thread that contends its own arena (up to 8 per
+        // core), and each arena keeps up to the trim threshold of freed
+        // 1 MiB chunk buffers: a 20-host soak grew from 44 to 85 MiB mean
+        // in 180 s. Two arenas are enough for a tokio runtime.
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    tune_allocator();
     let mut registry = Registry::default();
     let api_listener = tokio::net::TcpListener::bind(cfg.api).await.map_err(|e| {
         anyhow::anyhow!(

@@ -503,8 +503,23 @@ async fn run_if_leader(client: &Client, cmd: &[String]) -> anyhow::Result<i32> {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Before any thread exists, so every thread gets the limited arenas.
+    riftmesh::agent::tune_allocator();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("riftmesh: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async_main());
+}
+
+async fn async_main() {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,

@@ -395,9 +395,6 @@ def parser():
     p.add_argument("--rss-factor", type=float, default=1.5,
                    help="RSS bound at the end: start x this + --rss-extra-mib (default 1.5)")
     p.add_argument("--rss-extra-mib", type=float, default=32.0, help="see --rss-factor (default 32)")
-    p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
-                   help="glibc malloc of the agents the soak starts: tuned (MALLOC_ARENA_MAX=2, "
-                        "fixed mmap threshold; default) or glibc's defaults")
     p.add_argument("--converge-timeout", type=float, default=180.0,
                    help="seconds for the cluster to converge after the faults")
     p.add_argument("--keep", action="store_true", help="leave a testnet the soak brought up running")

@@ -541,21 +541,9 @@ class FaultRunner:
 
 # ---- the run ---------------------------------------------------------------------
 
-# glibc malloc settings for the agents with `--malloc tuned` (the default):
-# two arenas and a fixed mmap threshold. With glibc's defaults (up to 8 arenas
-# per core, an mmap threshold that rises to the largest freed block), the 1 MiB
-# chunk buffers of blob transfers stay in the arenas after use, and RSS
-# measures glibc's retention rather than the agent's memory (seed 4, no faults,
-# 180 s: mean 44 -> 85 MiB with the defaults, 44 -> 55 MiB tuned).
-MALLOC_TUNED = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
 def run_soak(args):
     c = Cluster(args.state)
     started = False
-    if args.malloc == "tuned":
-        for k, v in MALLOC_TUNED.items():
-            os.environ.setdefault(k, v)
     if not (c.exists() and c.load() and c.live_hosts()):
         from .cli import up
         log(f"soak: bringing up {args.hosts} agents")
@@ -592,10 +580,6 @@ def soak(c, args):
     if "netem" in kinds and not netem:
         print("note: this kernel has no sch_netem: the scheduled delay/loss faults are skipped "
               "(link rate shaping with tbf still runs)", flush=True)
-    if args.malloc == "tuned":
-        print("note: agents run with " + " ".join(f"{k}={os.environ.get(k)}" for k in MALLOC_TUNED)
-              + " (glibc's own retention of freed blob buffers is not what the RSS bound judges; "
-              "`--malloc default` for glibc's defaults)", flush=True)
     s = Soak(c, args)
     work = os.path.join(c.dir, "soak", s.run_id)
     os.makedirs(work, exist_ok=True)
