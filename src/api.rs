@@ -774,12 +774,21 @@ pub struct JobsReq {
     pub ttl_secs: Option<u64>,
 }
 
+/// Longest job-counter lifetime a request may ask for (a larger one
+/// overflowed the expiry time and panicked the handler).
+pub const MAX_JOBS_TTL_SECS: u64 = 30 * 86400;
+
 /// Job counters and gauges reported by local processes; they travel with
 /// this host's health record.
 async fn set_jobs(
     State(node): State<AppState>,
     ApiJson(req): ApiJson<JobsReq>,
 ) -> ApiResult<Json<Value>> {
+    if req.ttl_secs.is_some_and(|t| t > MAX_JOBS_TTL_SECS) {
+        return Err(ApiError::bad(format!(
+            "ttl_secs must be at most {MAX_JOBS_TTL_SECS} (30 days)"
+        )));
+    }
     let ttl = req.ttl_secs.map(Duration::from_secs);
     let jobs = node
         .membership

@@ -644,7 +644,11 @@ impl Detector {
         }
         self.last_tick = Some(now);
         let in_grace = self.grace_until.is_some_and(|g| now < g);
-        let peers: Vec<PeerId> = self.members.keys().copied().collect();
+        // In a fixed order: one member's verdict can change another's (the
+        // helpers a suspect gets), and the same inputs must give the same
+        // decisions.
+        let mut peers: Vec<PeerId> = self.members.keys().copied().collect();
+        peers.sort();
         for peer in peers {
             let Some(m) = self.members.get_mut(&peer) else {
                 continue;
@@ -1068,5 +1072,42 @@ mod tests {
             t.announced().is_empty(),
             "a forgotten member rejoins as new"
         );
+    }
+
+    /// Regression (found by tests/properties.rs `detector_invariants`): the
+    /// tick walked members in hash-map order, so when several went silent
+    /// at once, who was already suspect when another asked for helpers
+    /// differed between two detectors fed the same inputs.
+    #[test]
+    fn same_inputs_same_decisions_when_several_go_silent() {
+        let me = pid();
+        let peers: Vec<PeerId> = (0..4).map(|_| pid()).collect();
+        let run = || {
+            let mut d = Detector::new(DetectorConfig::default(), me, "me".into(), 1, 9);
+            let t0 = Instant::now();
+            for (i, p) in peers.iter().enumerate() {
+                d.record(*p, &format!("h{i}"), 1, t0);
+                d.connected(*p, t0);
+            }
+            let mut log = Vec::new();
+            let mut now = t0;
+            for _ in 0..40 {
+                now += Duration::from_millis(250);
+                d.tick(now);
+                log.push(d.take_actions());
+            }
+            log
+        };
+        let first = run();
+        assert!(
+            first
+                .iter()
+                .flatten()
+                .any(|a| matches!(a, Action::ProbeIndirect { .. })),
+            "the members were never probed: {first:?}"
+        );
+        for _ in 0..16 {
+            assert_eq!(run(), first);
+        }
     }
 }
