@@ -548,8 +548,8 @@ async fn api_bodies_are_parsed_and_validated_or_refused() {
     }
     let seeded = plan.len();
     for k in 0..seeded + n {
-        let (ti, body) = if k < seeded {
-            plan[k].clone()
+        let (ti, body) = if let Some(p) = plan.get(k) {
+            p.clone()
         } else {
             let ti = r.gen_range(0..targets.len());
             let t = &targets[ti];
