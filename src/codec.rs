@@ -35,17 +35,7 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// Decode bytes that may come from anywhere. `limit` bounds the frame; the
 /// bincode limit bounds what the decoder may allocate.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
-    if bytes.len() > limit {
-        return Err(CodecError::TooLarge {
-            len: bytes.len(),
-            limit,
-        });
-    }
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config::<MAX_DECODE>())?;
-    if used != bytes.len() {
-        return Err(CodecError::Trailing(bytes.len() - used));
-    }
-    Ok(value)
+    decode_borrowed(bytes, limit)
 }
 
 /// [`decode`] for values that borrow from `bytes` (a `&[u8]` field is

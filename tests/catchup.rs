@@ -405,18 +405,7 @@ async fn block_list_partition_then_heal_loses_no_event() {
         let boot = [bare.clone()];
         agents.push(Agent::start_with(root.path(), &format!("a{i}"), &key, &boot, &extra).await);
     }
-    for a in &agents {
-        wait_for(&format!("{} to see 4 peers", a.name), LONG, || async {
-            let v = a.get("/v1/peers").await.ok()?;
-            let subscribed = v["peers"]
-                .as_array()?
-                .iter()
-                .filter(|p| p["gossip_subscribed"] == true)
-                .count();
-            (subscribed >= 4).then_some(())
-        })
-        .await;
-    }
+    common::wait_meshed(&agents, LONG).await;
     let (alone, rest) = agents.split_at(1);
     let ids = |g: &[Agent]| g.iter().map(|a| a.peer_id.clone()).collect::<Vec<_>>();
     block(&alone[0], ids(rest), true).await;

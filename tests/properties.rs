@@ -358,6 +358,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 fn fact_draft(k: u8) -> Draft {
     Draft::new("PROP_DEDUP", &json!({ "k": k }), None, None, None).unwrap()
 }
@@ -550,10 +557,18 @@ fn dedup_count_bound_drops_the_oldest() {
     };
     let mut store = open_store(&tmp.path().join("events"), &key, &cfg);
     for k in 0..5u8 {
-        rt.block_on(store.append_local(vec![fact_draft(k)]))
+        let out = rt
+            .block_on(store.append_local(vec![fact_draft(k)]))
             .unwrap();
-        // Distinct receipt times, so "oldest" is well defined.
-        std::thread::sleep(Duration::from_millis(3));
+        let Appended::New { seq, .. } = out[0] else {
+            panic!("{k}: {:?}", out[0]);
+        };
+        // Distinct receipt times, so "oldest" is well defined: the next
+        // append waits for the wall clock to pass this one's millisecond.
+        let received = store.get(seq).unwrap().unwrap().received_ms;
+        while now_ms() <= received {
+            std::thread::yield_now();
+        }
     }
     rt.block_on(store.prune());
     store.close();

@@ -321,10 +321,18 @@ pub async fn mesh_with(root: &Path, n: usize, extra: &[&str]) -> Vec<Agent> {
     for i in 1..n {
         agents.push(Agent::start_with(root, &format!("a{i}"), &key, &boot, &extra).await);
     }
-    for a in &agents {
+    wait_meshed(&agents, Duration::from_secs(60)).await;
+    agents
+}
+
+/// Wait (at most `deadline` per agent) until every agent sees all the
+/// others subscribed to the events topic.
+pub async fn wait_meshed(agents: &[Agent], deadline: Duration) {
+    let n = agents.len();
+    for a in agents {
         wait_for(
             &format!("{} to see {} peers", a.name, n - 1),
-            Duration::from_secs(60),
+            deadline,
             || async {
                 let v = a.get("/v1/peers").await.ok()?;
                 let subscribed = v["peers"]
@@ -337,7 +345,6 @@ pub async fn mesh_with(root: &Path, n: usize, extra: &[&str]) -> Vec<Agent> {
         )
         .await;
     }
-    agents
 }
 
 /// A libp2p peer of our own protocol with the right swarm key, joined to `a`
