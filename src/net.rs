@@ -863,6 +863,14 @@ pub fn transport(
     transport_with_frames(key, psk, crate::mux::DEFAULT_FRAME_BYTES)
 }
 
+/// A connection's whole handshake (private-network nonces, Noise, Yamux) must
+/// finish within this, in both directions: a peer that opens TCP connections
+/// and then stays silent holds a pending-connection slot until then (with
+/// `max_pending_incoming` of them it would otherwise lock every peer out).
+/// libp2p's swarm builder applies it to the whole transport; its default is
+/// the same 10 s, set here so that it is ours and documented.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// [`transport`] with another Yamux data-frame size (the benchmark compares
 /// yamux's 16 KiB default with ours).
 pub fn transport_with_frames(
@@ -1029,6 +1037,7 @@ pub fn start(
         )
         .map_err(|e| NetError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .with_connection_timeout(HANDSHAKE_TIMEOUT)
         .build();
 
     let topic = IdentTopic::new(EVENTS_TOPIC);

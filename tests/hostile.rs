@@ -9,11 +9,11 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{hostile_peer, hostile_peer_with, log_lines, mesh_with, wait_for, Agent};
+use common::{bare_peer, hostile_peer, hostile_peer_with, log_lines, mesh_with, wait_for, Agent};
 use libp2p::PeerId;
 use riftmesh::event::{now_ms, Draft, Event};
 use riftmesh::limits::NetLimits;
-use riftmesh::net::{wire, Inbound, BUSY};
+use riftmesh::net::{wire, Inbound, BUSY, HANDSHAKE_TIMEOUT};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -312,6 +312,147 @@ async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() {
             .iter()
             .any(|p| p["peer_id"] == b.peer_id.as_str()),
         "{peers}"
+    );
+    cluster_goes_on(a, b).await;
+    cluster_goes_on(b, a).await;
+}
+
+/// The agent's listen address without its `/p2p/` suffix.
+async fn tcp_addr(a: &Agent) -> libp2p::Multiaddr {
+    a.p2p_addr()
+        .await
+        .split("/p2p/")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Connections `a` holds, all peers together (one address per connection).
+async fn connections(a: &Agent) -> usize {
+    let v = a.get("/v1/peers").await.unwrap();
+    v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["addresses"].as_array().map_or(0, |a| a.len()))
+        .sum()
+}
+
+async fn holds_peer(a: &Agent, id: &str) -> bool {
+    let v = a.get("/v1/peers").await.unwrap();
+    v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["peer_id"] == id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_total_limit_are_refused_and_members_keep_theirs() {
+    const LIMIT: usize = 4;
+    const PEERS: usize = 8;
+    let root = tempfile::tempdir().unwrap();
+    let cfg = config(root.path(), &format!("max_connections = {LIMIT}\n"));
+    let agents = mesh_with(root.path(), 2, &["--config", &cfg]).await;
+    let (a, b) = (&agents[0], &agents[1]);
+    let addr = tcp_addr(a).await;
+
+    // Eight strangers with the swarm key (eight identities) each dial once.
+    let key_path = root.path().join("swarm.key");
+    let mut strangers = Vec::new();
+    for _ in 0..PEERS {
+        let (h, inbox, key) = bare_peer(&key_path, lifted(), vec![]);
+        h.dial(addr.clone()).await.unwrap();
+        strangers.push((h, inbox, key.public().to_peer_id().to_base58()));
+    }
+    // `a` already holds `b`, so at least PEERS + 1 - LIMIT are refused.
+    let metric = r#"riftmesh_connections_refused_total{limit="total",direction="in"}"#;
+    let refused = wait_for("refusals to be counted", LONG, || async {
+        let r = a.metric(metric).await;
+        (r >= (PEERS + 1 - LIMIT) as f64).then_some(r)
+    })
+    .await;
+    assert!(refused <= PEERS as f64, "{refused}");
+    let held = connections(a).await;
+    assert!(held <= LIMIT, "{held} connections held, limit {LIMIT}");
+    assert!(
+        holds_peer(a, &b.peer_id).await,
+        "the member lost its connection"
+    );
+
+    // Each refused stranger is logged at most once, and at least one is.
+    let mut logged = 0;
+    for (_, _, id) in &strangers {
+        let n = log_lines(a, &[CONN_LOG, id]).len();
+        assert!(n <= 1, "{id} logged {n} times");
+        logged += n;
+    }
+    assert!(logged >= 1);
+    assert!(log_lines(b, &[CONN_LOG]).is_empty());
+    cluster_goes_on(a, b).await;
+    cluster_goes_on(b, a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_refused_beyond_the_pending_limit_and_closed_at_the_handshake_timeout(
+) {
+    use tokio::io::AsyncReadExt;
+    const PENDING: usize = 2;
+    const SILENT: usize = 6;
+    let root = tempfile::tempdir().unwrap();
+    let cfg = config(root.path(), &format!("max_pending_incoming = {PENDING}\n"));
+    let agents = mesh_with(root.path(), 2, &["--config", &cfg]).await;
+    let (a, b) = (&agents[0], &agents[1]);
+    let addr = tcp_addr(a).await;
+    let port = addr
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap();
+
+    // TCP connections that never send the private-network nonce: each holds
+    // a pending slot until the handshake times out.
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let metric = r#"riftmesh_connections_refused_total{limit="pending_incoming",direction="in"}"#;
+    let refused = wait_for("refusals to be counted", LONG, || async {
+        let r = a.metric(metric).await;
+        (r >= (SILENT - PENDING) as f64).then_some(r)
+    })
+    .await;
+    assert!(refused <= SILENT as f64, "{refused}");
+    // Logged once for that address, not per connection.
+    let lines = log_lines(a, &[CONN_LOG, "pending_incoming"]);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+
+    // The agent closes every silent connection: the refused at once, the
+    // pending ones at the handshake timeout (at most the nonce arrives).
+    let started = Instant::now();
+    for mut s in silent {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(HANDSHAKE_TIMEOUT + LONG, s.read_to_end(&mut buf))
+            .await
+            .expect("the agent closes a silent connection");
+        if let Ok(n) = read {
+            assert!(n <= 24, "{n} bytes on a connection that never answered");
+        }
+    }
+    assert!(started.elapsed() < HANDSHAKE_TIMEOUT + LONG);
+
+    // The slots are free again: a new peer joins, and the member never left.
+    let (_peer, _inbox, _key) = hostile_peer(a, &root.path().join("swarm.key")).await;
+    assert!(
+        holds_peer(a, &b.peer_id).await,
+        "the member lost its connection"
     );
     cluster_goes_on(a, b).await;
     cluster_goes_on(b, a).await;

@@ -361,27 +361,26 @@ pub async fn hostile_peer(
     hostile_peer_with(a, key_path, riftmesh::limits::NetLimits::default()).await
 }
 
-/// [`hostile_peer`] with its own connection and rate limits (a flooding peer
-/// lifts its own so that only the agent's hold it back).
-pub async fn hostile_peer_with(
-    a: &Agent,
+/// A libp2p peer speaking our protocols with the swarm key and its own
+/// limits, not yet connected to anyone (the caller dials).
+pub fn bare_peer(
     key_path: &std::path::Path,
     limits: riftmesh::limits::NetLimits,
+    bootstrap: Vec<libp2p::Multiaddr>,
 ) -> (
     riftmesh::net::NetHandle,
-    tokio::sync::mpsc::Receiver<riftmesh::net::Inbound>,
+    riftmesh::net::Inbox,
     libp2p::identity::Keypair,
 ) {
     let psk = riftmesh::net::parse_psk(&std::fs::read_to_string(key_path).unwrap()).unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = riftmesh::metrics::Metrics::register(&mut registry);
     let key = libp2p::identity::Keypair::generate_ed25519();
-    let boot: libp2p::Multiaddr = a.p2p_addr().await.parse().unwrap();
     let (h, inbox) = riftmesh::net::start(
         key.clone(),
         riftmesh::net::NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap: vec![boot.clone()],
+            bootstrap,
             mdns: false,
             psk,
             max_message_bytes: 1 << 20,
@@ -394,6 +393,22 @@ pub async fn hostile_peer_with(
         metrics,
     )
     .unwrap();
+    (h, inbox, key)
+}
+
+/// [`hostile_peer`] with its own connection and rate limits (a flooding peer
+/// lifts its own so that only the agent's hold it back).
+pub async fn hostile_peer_with(
+    a: &Agent,
+    key_path: &std::path::Path,
+    limits: riftmesh::limits::NetLimits,
+) -> (
+    riftmesh::net::NetHandle,
+    tokio::sync::mpsc::Receiver<riftmesh::net::Inbound>,
+    libp2p::identity::Keypair,
+) {
+    let boot: libp2p::Multiaddr = a.p2p_addr().await.parse().unwrap();
+    let (h, inbox, key) = bare_peer(key_path, limits, vec![boot.clone()]);
     h.dial(boot).await.unwrap();
     wait_for(
         "the peer to join the topic",
