@@ -291,6 +291,16 @@ class Cluster:
             return False
         return self._cmdline_ok(h, pid)
 
+    def _exists(self, pid):
+        """The process is there and not a zombie (whatever its command line)."""
+        if not pid:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
     def _reap(self, pid):
         try:
             os.waitpid(pid, os.WNOHANG)
@@ -331,7 +341,9 @@ class Cluster:
 
     def wait_ready(self, h, deadline):
         def ready():
-            if not self.alive(h):
+            # Only a process that is gone has exited: under load the check
+            # of its command line can run before its exec.
+            if not self.alive(h) and not self._exists(h.get("pid")):
                 raise TestnetError(f"{h['name']} exited at start; see {h['log']}:\n"
                                    + tail(h["log"], 15))
             st = self.api(h, "GET", "/v1/status", timeout=5)
