@@ -373,7 +373,9 @@ async fn connections_beyond_the_total_limit_are_refused_and_members_keep_theirs(
         (r >= (PEERS + 1 - LIMIT) as f64).then_some(r)
     })
     .await;
-    assert!(refused <= PEERS as f64, "{refused}");
+    // No upper bound on the count: the member's own bootstrap redials are
+    // refused too while the agent is full (it keeps the connection it has).
+    assert!(refused >= (PEERS + 1 - LIMIT) as f64, "{refused}");
     let held = connections(a).await;
     assert!(held <= LIMIT, "{held} connections held, limit {LIMIT}");
     assert!(
