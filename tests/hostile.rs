@@ -267,14 +267,7 @@ async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() {
     let (evil, _inbox, evil_key) =
         hostile_peer_with(a, &root.path().join("swarm.key"), lifted()).await;
     let evil_id = evil_key.public().to_peer_id().to_base58();
-    let addr: libp2p::Multiaddr = a
-        .p2p_addr()
-        .await
-        .split("/p2p/")
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = tcp_addr(a).await;
 
     // Ten more connections from the same peer, each dialed anew.
     for _ in 0..10 {
@@ -368,14 +361,13 @@ async fn connections_beyond_the_total_limit_are_refused_and_members_keep_theirs(
     }
     // `a` already holds `b`, so at least PEERS + 1 - LIMIT are refused.
     let metric = r#"riftmesh_connections_refused_total{limit="total",direction="in"}"#;
-    let refused = wait_for("refusals to be counted", LONG, || async {
+    wait_for("refusals to be counted", LONG, || async {
         let r = a.metric(metric).await;
         (r >= (PEERS + 1 - LIMIT) as f64).then_some(r)
     })
     .await;
     // No upper bound on the count: the member's own bootstrap redials are
     // refused too while the agent is full (it keeps the connection it has).
-    assert!(refused >= (PEERS + 1 - LIMIT) as f64, "{refused}");
     let held = connections(a).await;
     assert!(held <= LIMIT, "{held} connections held, limit {LIMIT}");
     assert!(

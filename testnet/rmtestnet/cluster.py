@@ -281,25 +281,24 @@ class Cluster:
         pid = h.get("pid")
         if not pid:
             return False
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                st = f.read().rsplit(")", 1)[1].split()[0]
-            if st == "Z":
-                self._reap(pid)
-                return False
-        except OSError:
+        st = self._state(pid)
+        if st == "Z":
+            self._reap(pid)
+        if st in (None, "Z"):
             return False
         return self._cmdline_ok(h, pid)
 
-    def _exists(self, pid):
-        """The process is there and not a zombie (whatever its command line)."""
-        if not pid:
-            return False
+    def _state(self, pid):
+        """The process's state letter from /proc (None when it is gone)."""
         try:
             with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+                return f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
-            return False
+            return None
+
+    def _exists(self, pid):
+        """The process is there and not a zombie (whatever its command line)."""
+        return bool(pid) and self._state(pid) not in (None, "Z")
 
     def _reap(self, pid):
         try:
