@@ -10,6 +10,14 @@ use serde_json::{json, Value};
 use riftmesh::api::{self, Client, EventView, FetchResp, TraceNode};
 use riftmesh::config::{AgentArgs, AgentConfig, DEFAULT_API};
 
+/// jemalloc instead of glibc's malloc: under a steady event load the agent's
+/// live heap levels off near 50 MiB, but glibc's arenas kept growing the
+/// resident size (77 MB held for 54 MB in use after 11 min of a 20-agent
+/// soak) by fragmentation; jemalloc returns freed pages to the system.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "riftmesh",
