@@ -260,14 +260,11 @@ async fn a_request_flood_from_one_member_is_refused_and_others_are_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() {
     const LIMIT: usize = 3;
-    let root = tempfile::tempdir().unwrap();
-    let cfg = config(root.path(), "max_connections_per_peer = 3\n");
-    let agents = mesh_with(root.path(), 2, &["--config", &cfg]).await;
+    let (root, agents, addr) = limited_pair("max_connections_per_peer = 3\n").await;
     let (a, b) = (&agents[0], &agents[1]);
     let (evil, _inbox, evil_key) =
         hostile_peer_with(a, &root.path().join("swarm.key"), lifted()).await;
     let evil_id = evil_key.public().to_peer_id().to_base58();
-    let addr = tcp_addr(a).await;
 
     // Ten more connections from the same peer, each dialed anew.
     for _ in 0..10 {
@@ -297,14 +294,24 @@ async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(log_lines(a, &[CONN_LOG, &b.peer_id]).is_empty());
     assert!(log_lines(b, &[CONN_LOG]).is_empty());
-    let peers = a.get("/v1/peers").await.unwrap();
+    member_stays(a, b).await;
+}
+
+/// Two meshed agents with `limits` in their config, and the first one's
+/// TCP listen address.
+async fn limited_pair(limits: &str) -> (tempfile::TempDir, Vec<Agent>, libp2p::Multiaddr) {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = config(root.path(), limits);
+    let agents = mesh_with(root.path(), 2, &["--config", &cfg]).await;
+    let addr = tcp_addr(&agents[0]).await;
+    (root, agents, addr)
+}
+
+/// `a` still holds the member `b`, and events flow both ways.
+async fn member_stays(a: &Agent, b: &Agent) {
     assert!(
-        peers["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["peer_id"] == b.peer_id.as_str()),
-        "{peers}"
+        holds_peer(a, &b.peer_id).await,
+        "the member lost its connection"
     );
     cluster_goes_on(a, b).await;
     cluster_goes_on(b, a).await;
@@ -345,11 +352,8 @@ async fn holds_peer(a: &Agent, id: &str) -> bool {
 async fn connections_beyond_the_total_limit_are_refused_and_members_keep_theirs() {
     const LIMIT: usize = 4;
     const PEERS: usize = 8;
-    let root = tempfile::tempdir().unwrap();
-    let cfg = config(root.path(), &format!("max_connections = {LIMIT}\n"));
-    let agents = mesh_with(root.path(), 2, &["--config", &cfg]).await;
+    let (root, agents, addr) = limited_pair(&format!("max_connections = {LIMIT}\n")).await;
     let (a, b) = (&agents[0], &agents[1]);
-    let addr = tcp_addr(a).await;
 
     // Eight strangers with the swarm key (eight identities) each dial once.
     let key_path = root.path().join("swarm.key");
@@ -384,8 +388,7 @@ async fn connections_beyond_the_total_limit_are_refused_and_members_keep_theirs(
     }
     assert!(logged >= 1);
     assert!(log_lines(b, &[CONN_LOG]).is_empty());
-    cluster_goes_on(a, b).await;
-    cluster_goes_on(b, a).await;
+    member_stays(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,11 +397,8 @@ async fn silent_connections_are_refused_beyond_the_pending_limit_and_closed_at_t
     use tokio::io::AsyncReadExt;
     const PENDING: usize = 2;
     const SILENT: usize = 6;
-    let root = tempfile::tempdir().unwrap();
-    let cfg = config(root.path(), &format!("max_pending_incoming = {PENDING}\n"));
-    let agents = mesh_with(root.path(), 2, &["--config", &cfg]).await;
+    let (root, agents, addr) = limited_pair(&format!("max_pending_incoming = {PENDING}\n")).await;
     let (a, b) = (&agents[0], &agents[1]);
-    let addr = tcp_addr(a).await;
     let port = addr
         .iter()
         .find_map(|p| match p {
@@ -444,12 +444,7 @@ async fn silent_connections_are_refused_beyond_the_pending_limit_and_closed_at_t
 
     // The slots are free again: a new peer joins, and the member never left.
     let (_peer, _inbox, _key) = hostile_peer(a, &root.path().join("swarm.key")).await;
-    assert!(
-        holds_peer(a, &b.peer_id).await,
-        "the member lost its connection"
-    );
-    cluster_goes_on(a, b).await;
-    cluster_goes_on(b, a).await;
+    member_stays(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
