@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod blob;
+pub mod bufpool;
 pub mod catchup;
 pub mod codec;
 pub mod config;

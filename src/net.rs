@@ -439,7 +439,9 @@ async fn read_raw<R: futures::AsyncRead + Unpin + Send>(
     io.read_exact(&mut header).await?;
     let len = wire::frame_len(&header, limit)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut body = vec![0u8; len];
+    // Chunk-sized bodies come from the pool and go back to it once used.
+    let mut body = crate::bufpool::CHUNKS.take(len);
+    body.resize(len, 0);
     io.read_exact(&mut body).await?;
     Ok(body)
 }
@@ -484,7 +486,9 @@ impl request_response::Codec for RawCodec {
         io: &mut T,
         req: Vec<u8>,
     ) -> std::io::Result<()> {
-        write_raw(io, &req).await
+        let r = write_raw(io, &req).await;
+        crate::bufpool::CHUNKS.give(req);
+        r
     }
     async fn write_response<T: futures::AsyncWrite + Unpin + Send>(
         &mut self,
@@ -492,7 +496,9 @@ impl request_response::Codec for RawCodec {
         io: &mut T,
         res: Vec<u8>,
     ) -> std::io::Result<()> {
-        write_raw(io, &res).await
+        let r = write_raw(io, &res).await;
+        crate::bufpool::CHUNKS.give(res);
+        r
     }
 }
 

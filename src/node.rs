@@ -937,6 +937,7 @@ async fn housekeeping(node: Arc<Node>) {
         if n % 6 == 0 {
             node.store.prune().await;
         }
+        crate::bufpool::CHUNKS.trim(Instant::now());
         n += 1;
         let head = node.store.head();
         node.metrics.store_events.set(node.store.len() as i64);

@@ -398,7 +398,9 @@ enum Served {
 /// The encoding of `Response::Chunk` up to its data: the variant tag and
 /// the data's varint length (unit-tested against `codec::encode`).
 fn chunk_answer_header(len: usize) -> Vec<u8> {
-    let mut h = vec![CHUNK_TAG];
+    // Room for the data too (the store appends it): tag, varint, chunk.
+    let mut h = crate::bufpool::CHUNKS.take(len + 10);
+    h.push(CHUNK_TAG);
     h.extend(codec::encode(&(len as u64)).unwrap_or_default());
     h
 }
@@ -593,7 +595,11 @@ pub async fn repair(node: Arc<Node>, blob: BlobId) {
 
 async fn ask(node: &Node, peer: PeerId, req: &Request) -> Result<Response, String> {
     match ask_raw(node, peer, req).await? {
-        Answer::Chunk(buf, range) => Ok(Response::Chunk(buf[range].to_vec())),
+        Answer::Chunk(buf, range) => {
+            let data = buf[range].to_vec();
+            crate::bufpool::CHUNKS.give(buf);
+            Ok(Response::Chunk(data))
+        }
         Answer::Other(r) => Ok(r),
     }
 }
@@ -967,13 +973,16 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                             let off = m.offset(idx);
                             tokio::task::spawn_blocking(move || {
                                 let data = &buf[range];
-                                if store::sha256(data) != want {
-                                    return ChunkDone::Bad("hash");
-                                }
-                                match store.write_chunk(&blob, off, data) {
-                                    Ok(()) => ChunkDone::Ok,
-                                    Err(e) => ChunkDone::Failed(format!("local write: {e}")),
-                                }
+                                let done = if store::sha256(data) != want {
+                                    ChunkDone::Bad("hash")
+                                } else {
+                                    match store.write_chunk(&blob, off, data) {
+                                        Ok(()) => ChunkDone::Ok,
+                                        Err(e) => ChunkDone::Failed(format!("local write: {e}")),
+                                    }
+                                };
+                                crate::bufpool::CHUNKS.give(buf);
+                                done
                             })
                             .await
                             .unwrap_or_else(|e| ChunkDone::Failed(e.to_string()))
