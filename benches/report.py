@@ -615,7 +615,8 @@ def main():
     ltrials = ", ".join(f"{n} agents: {k} kill -9 / {s} SIGSTOP, voters {v}" for n, (k, s, v) in cfg["leader"].items() if n in sizes)
     loads = [v["load1_after"] for v in runner.runs.values() if v.get("load1_after") is not None]
     load_note = (f"1-min load average after each run {min(loads):.1f} to {max(loads):.1f} on {cpus} CPUs "
-                 "(above the CPU count: other work was running, the figures are noisy)") if loads else \
+                 "(the benches' own agents, up to the largest size, load the machine too; "
+                 "a load far above that points at other work and noisy figures)") if loads else \
         "load average not recorded"
     title = [
         f"riftmesh benchmark report{' (QUICK: tiny sizes, figures not meaningful)' if args.quick else ''}: "
