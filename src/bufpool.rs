@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 pub const MIN_POOLED: usize = 64 * 1024;
 /// At most this many bytes of capacity wait in the pool.
 pub const MAX_POOLED_BYTES: usize = 16 << 20;
-/// A buffer not taken again within this long is freed (by [`trim`]).
+/// A buffer not taken again within this long is freed (by [`BufPool::trim`]).
 pub const IDLE: Duration = Duration::from_secs(10);
 
 struct Inner {
@@ -97,40 +97,35 @@ mod tests {
     #[test]
     fn buffers_are_reused_bounded_in_bytes_and_freed_when_idle() {
         let pool = BufPool::new();
-        let (take, give, trim) = (
-            |n: usize| pool.take(n),
-            |b: Vec<u8>| pool.give(b),
-            |t: Instant| pool.trim(t),
-        );
         // Small buffers are neither pooled nor taken from the pool.
-        give(Vec::with_capacity(100));
-        assert_eq!(trim(Instant::now()), 0);
+        pool.give(Vec::with_capacity(100));
+        assert_eq!(pool.trim(Instant::now()), 0);
 
         // A chunk-sized buffer comes back, emptied, with its allocation.
-        let mut b = take(1 << 20);
+        let mut b = pool.take(1 << 20);
         assert!(b.capacity() >= 1 << 20);
         b.extend_from_slice(&[7; 1000]);
         let ptr = b.as_ptr();
-        give(b);
-        let again = take(1 << 20);
+        pool.give(b);
+        let again = pool.take(1 << 20);
         assert_eq!(again.as_ptr(), ptr);
         assert!(again.is_empty());
         // A request larger than any pooled buffer gets a new one.
-        give(again);
-        let bigger = take(2 << 20);
+        pool.give(again);
+        let bigger = pool.take(2 << 20);
         assert_ne!(bigger.as_ptr(), ptr);
         assert!(bigger.capacity() >= 2 << 20);
 
         // Never more than MAX_POOLED_BYTES of capacity wait.
         for _ in 0..40 {
-            give(Vec::with_capacity(1 << 20));
+            pool.give(Vec::with_capacity(1 << 20));
         }
-        let held = trim(Instant::now());
+        let held = pool.trim(Instant::now());
         assert!(held <= MAX_POOLED_BYTES, "{held}");
         assert!(held >= MAX_POOLED_BYTES - (2 << 20), "{held}");
 
         // Idle buffers go.
-        assert_eq!(trim(Instant::now() + IDLE), 0);
+        assert_eq!(pool.trim(Instant::now() + IDLE), 0);
         drop(bigger);
     }
 }
