@@ -919,6 +919,7 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
         tokio::time::sleep(SOURCE_REFRESH).await;
     };
     check_space(node, &blob, size).await?;
+    let fetch_started = Instant::now();
     let store = b.store.clone();
     let m2 = manifest.clone();
     let have = tokio::task::spawn_blocking(move || store.begin_partial(&blob, &m2))
@@ -1097,12 +1098,21 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
         h.abort();
     }
     update_view(node, &blob, |v| v.state = "verifying".into());
+    let received = fetch_started.elapsed();
     let store = b.store.clone();
     let m = manifest.clone();
     let ok = tokio::task::spawn_blocking(move || store.finish_partial(&blob, &m))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    tracing::info!(
+        blob = %hex_id(&blob),
+        chunks = n,
+        receive_secs = received.as_secs_f64(),
+        verify_secs = (fetch_started.elapsed() - received).as_secs_f64(),
+        ok,
+        "fetch finished"
+    );
     if !ok {
         return Err("the whole file does not match the blob id (every chunk matched the manifest: the publisher's manifest is wrong)".into());
     }
