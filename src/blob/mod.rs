@@ -8,6 +8,7 @@
 
 pub mod sched;
 pub mod store;
+pub mod whole;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -449,8 +450,11 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
                                 chunks: None,
                             })
                         } else {
+                            // Even with no chunk yet: the asker learns
+                            // it is not the only receiver (its chunk order
+                            // stays shuffled, see sched).
                             let have = store.have(&id).ok()??;
-                            (have.count() > 0).then_some(Held {
+                            Some(Held {
                                 blob: id,
                                 chunks: Some(have),
                             })
@@ -498,6 +502,7 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
             match res {
                 Ok(Ok((answer, data_len))) => {
                     take(&b.up, data_len as u64).await;
+                    tracing::trace!(%peer, chunk = index, "chunk served");
                     count_bytes(node, peer, "out", data_len as u64);
                     served("chunk", "ok");
                     return Served::Encoded(answer);
@@ -930,13 +935,24 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
     let mut sched = Sched::new(have.clone(), b.cfg.per_source, rand::random());
     let mut durable = have;
     let now = Instant::now();
+    // Whether another peer fetches this blob too: decided at the first
+    // source refresh (every receiver of a fan-out has begun by then).
+    let mut others = false;
+    let mut order_decided = false;
     for (p, chunks) in sources.drain(..) {
+        others |= chunks.is_some();
         sched.source(p, chunks, now);
     }
     if sched.have().count() > 0 {
         tracing::info!(blob = %hex_id(&blob), held = sched.have().count(), chunks = n, "resuming a fetch");
     }
     let manifest = Arc::new(manifest);
+    // The whole-file hash follows the arrivals (see whole.rs).
+    let whole = Arc::new(whole::WholeHash::new(
+        b.store.partial_path(&blob),
+        manifest.clone(),
+        &durable,
+    ));
     let mut inflight = FuturesUnordered::new();
     // A checkpoint (fsync + bitmap) and a source refresh run beside the
     // chunk pipeline, never in front of it.
@@ -955,6 +971,7 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
         for (peer, idx) in sched.assign(now) {
             let node = node.clone();
             let m = manifest.clone();
+            let whole = whole.clone();
             inflight.push(async move {
                 take(&node.blobs.down, m.chunk_len(idx)).await;
                 let r = tokio::time::timeout(
@@ -973,17 +990,21 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                             let want = m.chunks[idx as usize];
                             let off = m.offset(idx);
                             tokio::task::spawn_blocking(move || {
-                                let data = &buf[range];
-                                let done = if store::sha256(data) != want {
-                                    ChunkDone::Bad("hash")
-                                } else {
-                                    match store.write_chunk(&blob, off, data) {
-                                        Ok(()) => ChunkDone::Ok,
-                                        Err(e) => ChunkDone::Failed(format!("local write: {e}")),
+                                let data = &buf[range.clone()];
+                                if store::sha256(data) != want {
+                                    crate::bufpool::CHUNKS.give(buf);
+                                    return ChunkDone::Bad("hash");
+                                }
+                                match store.write_chunk(&blob, off, data) {
+                                    Ok(()) => {
+                                        whole.offer(idx, buf, range.start);
+                                        ChunkDone::Ok
                                     }
-                                };
-                                crate::bufpool::CHUNKS.give(buf);
-                                done
+                                    Err(e) => {
+                                        crate::bufpool::CHUNKS.give(buf);
+                                        ChunkDone::Failed(format!("local write: {e}"))
+                                    }
+                                }
                             })
                             .await
                             .unwrap_or_else(|e| ChunkDone::Failed(e.to_string()))
@@ -1031,7 +1052,15 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
             r = join_opt(refresh.as_mut()), if refresh.is_some() => {
                 refresh = None;
                 for (p, chunks) in r.unwrap_or_default() {
+                    others |= chunks.is_some();
                     sched.source(p, chunks, Instant::now());
+                }
+                if !order_decided {
+                    order_decided = true;
+                    if !others {
+                        tracing::debug!(blob = %hex_id(&blob), "no other receiver: chunks in index order");
+                        sched.sequential();
+                    }
                 }
             }
             _ = tick => {}
@@ -1101,15 +1130,20 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
     let received = fetch_started.elapsed();
     let store = b.store.clone();
     let m = manifest.clone();
-    let ok = tokio::task::spawn_blocking(move || store.finish_partial(&blob, &m))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let left = n as u32 - whole.position();
+    let ok = tokio::task::spawn_blocking(move || {
+        store.finish_partial_hashed(&blob, &m, |_| whole.finish())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     tracing::info!(
         blob = %hex_id(&blob),
         chunks = n,
         receive_secs = received.as_secs_f64(),
         verify_secs = (fetch_started.elapsed() - received).as_secs_f64(),
+        hashed_at_the_end = left,
+        in_order = sched.is_sequential(),
         ok,
         "fetch finished"
     );

@@ -2,7 +2,20 @@
 //! loop with explicit times.
 //!
 //! - Chunks are taken in an order shuffled per transfer, so receivers of the
-//!   same blob hold different chunks early and serve each other.
+//!   same blob hold different chunks early and serve each other. A receiver
+//!   that finds itself alone (no other peer fetching the blob) switches to
+//!   index order ([`Sched::sequential`]), so the whole-file hash can follow
+//!   the arrivals in memory instead of reading the file back.
+//! - A source holding the whole blob is asked for the chunks no partial
+//!   source holds ("rarest first" toward the origin): with several
+//!   receivers, the origin's upload goes to chunks the swarm lacks, not to a
+//!   second copy of one a receiver could trade. When the partial sources
+//!   cannot keep this receiver busy (fewer than `per_source` requests in
+//!   flight), the whole-blob source takes any missing chunk. Among other
+//!   receivers, each asks a whole-blob source for at most `2 * per_source /
+//!   (partial sources + 1)` chunks at once: a request queued behind many
+//!   others at a shared origin is invisible to the other receivers, who ask
+//!   for the same rare chunk meanwhile.
 //! - Each source gets up to `per_source` requests in flight.
 //! - A failing source is skipped for a backoff that doubles per failure in a
 //!   row (1 s to 30 s): a circuit breaker; a success closes it.
@@ -22,6 +35,10 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Bad chunks after which a source is dropped.
 const MAX_BAD: u32 = 2;
+/// Positions of the order a whole-blob source's pick looks at for a chunk
+/// no partial source holds before it falls back (bounds the work of one
+/// pick on blobs of many chunks).
+const RARE_SCAN: usize = 4096;
 
 #[derive(Debug)]
 struct Source {
@@ -49,6 +66,7 @@ pub struct Sched {
     retry: VecDeque<u32>,
     sources: HashMap<PeerId, Source>,
     per_source: usize,
+    sequential: bool,
 }
 
 impl Sched {
@@ -62,7 +80,32 @@ impl Sched {
             retry: VecDeque::new(),
             sources: HashMap::new(),
             per_source: per_source.max(1),
+            sequential: false,
         }
+    }
+
+    /// From now on, missing chunks in index order (this receiver is alone:
+    /// no order to spread among others, and the whole-file hash follows
+    /// the arrivals).
+    pub fn sequential(&mut self) {
+        if !self.sequential {
+            self.sequential = true;
+            self.order.sort_unstable();
+            for s in self.sources.values_mut() {
+                s.cursor = 0;
+            }
+        }
+    }
+
+    pub fn is_sequential(&self) -> bool {
+        self.sequential
+    }
+
+    /// Does a usable partial source hold chunk `i`?
+    fn held_by_partial(&self, i: u32, now: Instant) -> bool {
+        self.sources
+            .values()
+            .any(|s| s.chunks.as_ref().is_some_and(|b| b.get(i)) && Self::usable(s, now))
     }
 
     pub fn have(&self) -> &Bitmap {
@@ -129,10 +172,27 @@ impl Sched {
         let mut peers = self.usable_sources(now);
         // Whole-blob holders last: partial holders' chunks are the scarce ones.
         peers.sort_by_key(|p| self.sources[p].chunks.is_none());
+        let partials = peers
+            .iter()
+            .filter(|p| self.sources[p].chunks.is_some())
+            .count();
+        // Among other receivers, a whole-blob source's queue is shared:
+        // about twice `per_source` requests in all, split among them.
+        let whole_cap = if partials > 0 {
+            self.per_source.div_ceil(partials + 1).max(1)
+        } else {
+            self.per_source
+        };
+        let partials = partials > 0;
         for p in peers {
             loop {
                 let s = &self.sources[&p];
-                if s.inflight >= self.per_source {
+                let cap = if s.chunks.is_none() {
+                    whole_cap
+                } else {
+                    self.per_source
+                };
+                if s.inflight >= cap {
                     break;
                 }
                 // Retries first (if this source holds one).
@@ -140,8 +200,15 @@ impl Sched {
                     .retry
                     .iter()
                     .position(|i| self.wanted(*i) && self.sources[&p].holds(*i));
+                // A whole-blob source, with partial sources about: first
+                // a chunk none of them holds, unless they leave this
+                // receiver short of work.
+                let rare_only =
+                    s.chunks.is_none() && partials && self.inflight.len() >= self.per_source;
                 let pick = if let Some(k) = pos {
                     self.retry.remove(k)
+                } else if rare_only {
+                    self.pick_rare(p, now)
                 } else {
                     let mut c = s.cursor;
                     let mut found = None;
@@ -170,6 +237,37 @@ impl Sched {
             }
         }
         out
+    }
+
+    /// The first wanted chunk from `p`'s cursor that no usable partial
+    /// source holds. The cursor moves only past chunks that are done or in
+    /// flight (one skipped here may be wanted of `p` later).
+    fn pick_rare(&mut self, p: PeerId, now: Instant) -> Option<u32> {
+        let start = self.sources.get(&p)?.cursor;
+        let mut c = start;
+        let mut settled = start;
+        let mut found = None;
+        while c < self.order.len() && c - start < RARE_SCAN {
+            let i = self.order[c];
+            c += 1;
+            if !self.wanted(i) {
+                if settled == c - 1 {
+                    settled = c;
+                }
+                continue;
+            }
+            if !self.held_by_partial(i, now) {
+                found = Some(i);
+                if settled == c - 1 {
+                    settled = c;
+                }
+                break;
+            }
+        }
+        if let Some(s) = self.sources.get_mut(&p) {
+            s.cursor = settled;
+        }
+        found
     }
 
     fn release(&mut self, peer: PeerId, i: u32) -> Option<&mut Source> {
@@ -364,6 +462,93 @@ mod tests {
         assert!(s.is_dropped(&liar), "its next Have does not bring it back");
         s.source(honest, None, t);
         assert_eq!(drain(&mut s, t), 4);
+    }
+
+    #[test]
+    fn alone_a_receiver_takes_chunks_in_index_order() {
+        let mut have = Bitmap::new(64);
+        for i in [0, 5, 6, 40] {
+            have.set(i);
+        }
+        let mut s = Sched::new(have, 4, 7);
+        let now = Instant::now();
+        let (a, b) = (peer(), peer());
+        s.source(a, None, now);
+        // Shuffled before: some chunk of the first batch is out of order.
+        let first: Vec<u32> = s.assign(now).iter().map(|x| x.1).collect();
+        assert_eq!(first.len(), 4);
+        for i in &first {
+            s.on_ok(a, *i);
+        }
+        s.sequential();
+        assert!(s.is_sequential());
+        s.source(b, None, now);
+        let mut got = Vec::new();
+        loop {
+            let batch = s.assign(now);
+            if batch.is_empty() {
+                break;
+            }
+            for (p, i) in batch {
+                got.push(i);
+                s.on_ok(p, i);
+            }
+        }
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        assert_eq!(got, sorted, "every chunk after the switch in index order");
+        assert_eq!(got.len(), 64 - 4 - first.len());
+        assert!(s.have().is_full());
+    }
+
+    #[test]
+    fn the_origin_is_asked_for_what_no_partial_source_holds() {
+        let n = 32;
+        let mut s = Sched::new(Bitmap::new(n), 4, 9);
+        let now = Instant::now();
+        let (origin, peer_a) = (peer(), peer());
+        s.source(origin, None, now);
+        let mut traded = Bitmap::new(n);
+        for i in 0..16 {
+            traded.set(i);
+        }
+        s.source(peer_a, Some(traded), now);
+        let a = s.assign(now);
+        let from_peer: Vec<u32> = a.iter().filter(|x| x.0 == peer_a).map(|x| x.1).collect();
+        let from_origin: Vec<u32> = a.iter().filter(|x| x.0 == origin).map(|x| x.1).collect();
+        assert_eq!(from_peer.len(), 4);
+        assert!(from_peer.iter().all(|i| *i < 16));
+        assert_eq!(
+            from_origin.len(),
+            2,
+            "one other receiver: the origin's share of per_source is halved"
+        );
+        assert!(
+            from_origin.iter().all(|i| *i >= 16),
+            "the origin serves only chunks the swarm lacks: {from_origin:?}"
+        );
+        // Every rare chunk asked for: the origin gets nothing more while
+        // the partial source keeps this receiver busy...
+        for (p, i) in a.iter().filter(|x| x.0 == origin) {
+            s.on_ok(*p, *i);
+        }
+        loop {
+            let more = s.assign(now);
+            if more.is_empty() {
+                break;
+            }
+            assert!(more.iter().all(|x| x.0 == origin && x.1 >= 16));
+            for (p, i) in more {
+                s.on_ok(p, i);
+            }
+        }
+        // ...and once the partial source cannot (it failed), the origin
+        // takes the rest.
+        for i in from_peer {
+            s.on_fail(peer_a, i, now);
+        }
+        assert_eq!(drain(&mut s, now), 16);
+        assert!(s.have().is_full());
     }
 
     #[test]

@@ -241,6 +241,8 @@ thread_local! {
     /// One aligned staging buffer per blocking thread, reused chunk after
     /// chunk (fresh pages are what made the page-cache copy slow).
     static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Likewise for a chunk read back by [`hash_range`].
+    static READBACK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn write_direct(p: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -266,58 +268,87 @@ fn write_direct(p: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
 /// reading them back through it cost a copy into fresh pages), the caller
 /// hashes, two buffers of 4 MiB between them.
 pub fn hash_file(p: &Path) -> std::io::Result<BlobId> {
+    Ok(hash_range(p, Sha256::new(), 0, u64::MAX)?.finalize().into())
+}
+
+/// Feed bytes `start..end` of a file (or up to its end) to `h`, read as
+/// [`hash_file`] reads. `start` is a multiple of 4096, and so is `end`
+/// unless it is the file's end or beyond.
+pub fn hash_range(p: &Path, mut h: Sha256, start: u64, end: u64) -> std::io::Result<Sha256> {
     use std::os::unix::fs::OpenOptionsExt;
     const BUF: usize = 4 << 20;
+    let direct = start % DIRECT_ALIGN as u64 == 0;
     let f = match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
         .open(p)
     {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => File::open(p)?,
         Err(e) => return Err(e),
     };
+    let want = end.saturating_sub(start);
+    if want == 0 {
+        return Ok(h);
+    }
+    // One buffer when the range fits in it (a chunk read back), read here;
+    // two otherwise: a reader thread fills one while this one hashes the
+    // other.
+    let buf_len = (want.min(BUF as u64) as usize).next_multiple_of(DIRECT_ALIGN);
+    // Fill the buffer unless the file or the range ends: a short read in
+    // the middle would misalign the next direct read. Reads stay multiples
+    // of the alignment; the range's end cuts what is hashed.
+    let fill = |buf: &mut [u8], at: usize, off: u64| -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf_len && off + (n as u64) < end {
+            let r = f.read_at(&mut buf[at + n..at + buf_len], off + n as u64)?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        Ok(n.min(end.saturating_sub(off) as usize))
+    };
+    if want as usize <= buf_len {
+        return READBACK.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < buf_len + DIRECT_ALIGN {
+                *buf = vec![0u8; buf_len + DIRECT_ALIGN];
+            }
+            let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            let n = fill(&mut buf, at, start)?;
+            h.update(&buf[at..at + n]);
+            Ok(h)
+        });
+    }
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize, usize)>(2);
     let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
     for _ in 0..2 {
-        let _ = free_tx.send(vec![0u8; BUF + DIRECT_ALIGN]);
+        let _ = free_tx.send(vec![0u8; buf_len + DIRECT_ALIGN]);
     }
     std::thread::scope(|sc| {
         let reader = sc.spawn(move || -> std::io::Result<()> {
-            let mut off = 0u64;
+            let mut off = start;
             while let Ok(mut buf) = free_rx.recv() {
-                let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-                let mut n = 0;
-                // Fill the whole buffer unless the file ends: a short read
-                // in the middle would misalign the next direct read.
-                while n < BUF {
-                    let r = f.read_at(&mut buf[start + n..start + BUF], off + n as u64)?;
-                    if r == 0 {
-                        break;
-                    }
-                    n += r;
-                }
+                let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                let n = fill(&mut buf, at, off)?;
                 off += n as u64;
-                let end = n < BUF;
-                if full_tx.send((buf, start, n)).is_err() || end {
+                let last = n < buf_len || off >= end;
+                if full_tx.send((buf, at, n)).is_err() || last {
                     break;
                 }
             }
             Ok(())
         });
-        let mut h = Sha256::new();
-        while let Ok((buf, start, n)) = full_rx.recv() {
-            h.update(&buf[start..start + n]);
+        while let Ok((buf, at, n)) = full_rx.recv() {
+            h.update(&buf[at..at + n]);
             let _ = free_tx.send(buf);
-            if n < BUF {
-                break;
-            }
         }
         drop(free_tx);
         reader
             .join()
             .map_err(|_| std::io::Error::other("reader thread panicked"))??;
-        Ok(h.finalize().into())
+        Ok(h)
     })
 }
 
@@ -653,11 +684,23 @@ impl BlobStore {
     /// Check the whole partial file against the blob id, then make it a
     /// complete object. A mismatch discards the partial file.
     pub fn finish_partial(&self, id: &BlobId, m: &Manifest) -> Result<bool, BlobError> {
+        self.finish_partial_hashed(id, m, hash_file)
+    }
+
+    /// [`Self::finish_partial`] with the whole-file hash computed by `whole`
+    /// (given the partial file's path; e.g. a hash that ran beside the
+    /// transfer).
+    pub fn finish_partial_hashed(
+        &self,
+        id: &BlobId,
+        m: &Manifest,
+        whole: impl FnOnce(&Path) -> std::io::Result<BlobId>,
+    ) -> Result<bool, BlobError> {
         let p = self.partial_path(id);
         let f = File::open(&p).map_err(io("cannot open", &p))?;
         f.sync_all().map_err(io("cannot sync", &p))?;
         drop(f);
-        let got = hash_file(&p).map_err(io("cannot read", &p))?;
+        let got = whole(&p).map_err(io("cannot read", &p))?;
         if got != *id {
             let _ = std::fs::remove_file(&p);
             self.have.remove(id)?;

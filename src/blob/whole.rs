@@ -1,0 +1,348 @@
+//! The whole-file SHA-256 of a fetch, computed while its chunks arrive.
+//!
+//! Verified chunks are offered in any order; the hash takes them in index
+//! order. A chunk that arrives a little ahead of its turn waits in memory
+//! (within [`WholeHash::hold_bytes`] of the hash's position); one further
+//! ahead, or beyond that budget, is left on disk and read back when its turn
+//! comes, as are chunks held from before a restart. At the end whatever is
+//! left is read from the file. A receiver fetching alone takes its chunks in
+//! index order (see `sched`), so the hash keeps pace with the arrivals and
+//! the end has next to nothing left to read: the whole-file check no longer
+//! follows the transfer, it runs beside it.
+//!
+//! The bytes hashed are the verified bytes that were written; chunks read
+//! back are read from the file. A disk read that fails stops the running
+//! hash, and [`WholeHash::finish`] then hashes the whole file from the start.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sha2::{Digest, Sha256};
+
+use super::store::{hash_range, Bitmap, BlobId, Manifest};
+
+/// Bytes of chunks a fetch keeps in memory ahead of its hash (at least two
+/// chunks).
+pub const HOLD_BYTES: usize = 16 << 20;
+
+pub struct WholeHash {
+    path: PathBuf,
+    manifest: Arc<Manifest>,
+    hold: usize,
+    st: Mutex<State>,
+}
+
+struct State {
+    /// The next chunk to hash.
+    next: u32,
+    /// None while a thread hashes outside the lock.
+    sha: Option<Sha256>,
+    /// Verified chunks in memory: (pooled buffer, start of the chunk in it).
+    mem: BTreeMap<u32, (Vec<u8>, usize)>,
+    mem_bytes: usize,
+    /// Verified chunks on disk only.
+    disk: Bitmap,
+    /// A read back failed: the end hashes the whole file instead.
+    broken: bool,
+}
+
+impl WholeHash {
+    /// `held`: chunks already in the file (verified before a restart).
+    pub fn new(path: PathBuf, manifest: Arc<Manifest>, held: &Bitmap) -> WholeHash {
+        let hold = HOLD_BYTES.max(2 * manifest.chunk_size as usize);
+        WholeHash {
+            path,
+            manifest,
+            hold,
+            st: Mutex::new(State {
+                next: 0,
+                sha: Some(Sha256::new()),
+                mem: BTreeMap::new(),
+                mem_bytes: 0,
+                disk: held.clone(),
+                broken: false,
+            }),
+        }
+    }
+
+    /// Bytes this hash may keep in memory ahead of its position.
+    pub fn hold_bytes(&self) -> usize {
+        self.hold
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The chunks hashed so far (all below this index).
+    pub fn position(&self) -> u32 {
+        self.lock().next
+    }
+
+    /// Chunk `index`, verified and written, is `buf[start..start + len]`.
+    /// The buffer goes back to the chunk pool once hashed or not kept.
+    /// Blocking: may hash and read back chunks; call it off the async
+    /// threads.
+    pub fn offer(&self, index: u32, buf: Vec<u8>, start: usize) {
+        let len = self.manifest.chunk_len(index) as usize;
+        let mut st = self.lock();
+        let known = index < st.next || st.mem.contains_key(&index) || st.disk.get(index);
+        if known || index as usize >= self.manifest.chunks.len() || buf.len() < start + len {
+            drop(st);
+            crate::bufpool::CHUNKS.give(buf);
+            return;
+        }
+        // Within reach of the hash and of the budget: kept in memory.
+        let ahead = (index - st.next) as u64 * self.manifest.chunk_size as u64;
+        if index == st.next || (st.mem_bytes + len <= self.hold && ahead < self.hold as u64) {
+            st.mem_bytes += len;
+            st.mem.insert(index, (buf, start));
+        } else {
+            st.disk.set(index);
+            drop(st);
+            crate::bufpool::CHUNKS.give(buf);
+            st = self.lock();
+        }
+        self.advance(st);
+    }
+
+    /// Hash forward while the next chunk is at hand. One thread at a time
+    /// hashes (it takes `sha`); the others leave their chunk for it.
+    fn advance<'a>(&'a self, mut st: MutexGuard<'a, State>) {
+        loop {
+            if st.broken {
+                return;
+            }
+            let next = st.next;
+            let from_mem = st.mem.contains_key(&next);
+            if !from_mem && !st.disk.get(next) {
+                return;
+            }
+            let Some(mut sha) = st.sha.take() else {
+                return;
+            };
+            let mem = st.mem.remove(&next);
+            if mem.is_some() {
+                st.mem_bytes -= self.manifest.chunk_len(next) as usize;
+            }
+            drop(st);
+            let ok = match mem {
+                Some((buf, start)) => {
+                    let len = self.manifest.chunk_len(next) as usize;
+                    sha.update(&buf[start..start + len]);
+                    crate::bufpool::CHUNKS.give(buf);
+                    true
+                }
+                None => {
+                    let off = self.manifest.offset(next);
+                    let end = off + self.manifest.chunk_len(next);
+                    match hash_range(&self.path, sha.clone(), off, end) {
+                        Ok(h) => {
+                            sha = h;
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %self.path.display(), chunk = next, error = %e, "cannot read a chunk back for the whole-file hash; it will hash the whole file at the end");
+                            false
+                        }
+                    }
+                }
+            };
+            st = self.lock();
+            st.sha = Some(sha);
+            if !ok {
+                st.broken = true;
+                return;
+            }
+            st.next += 1;
+        }
+    }
+
+    /// The whole file's SHA-256, once every chunk has been offered (or was
+    /// held at the start). Reads what is left from the file.
+    pub fn finish(&self) -> std::io::Result<BlobId> {
+        let n = self.manifest.chunks.len() as u32;
+        let mut st = self.lock();
+        let sha = st.sha.take();
+        let (Some(mut sha), false) = (sha, st.broken) else {
+            drop(st);
+            return super::store::hash_file(&self.path);
+        };
+        let mut i = st.next;
+        while i < n {
+            if let Some((buf, start)) = st.mem.remove(&i) {
+                let len = self.manifest.chunk_len(i) as usize;
+                sha.update(&buf[start..start + len]);
+                crate::bufpool::CHUNKS.give(buf);
+                i += 1;
+                continue;
+            }
+            // A run of chunks on disk (or never offered: then the hash
+            // comes out wrong and the caller discards the file), read in
+            // one stream.
+            let mut j = i;
+            while j < n && !st.mem.contains_key(&j) {
+                j += 1;
+            }
+            let off = self.manifest.offset(i);
+            let end = if j == n {
+                self.manifest.size
+            } else {
+                self.manifest.offset(j)
+            };
+            sha = hash_range(&self.path, sha, off, end)?;
+            i = j;
+        }
+        st.next = n;
+        st.mem_bytes = 0;
+        Ok(sha.finalize().into())
+    }
+}
+
+impl Drop for WholeHash {
+    fn drop(&mut self) {
+        let st = self.st.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (_, (buf, _)) in std::mem::take(&mut st.mem) {
+            crate::bufpool::CHUNKS.give(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::store::{chunk_count, sha256};
+    use std::os::unix::fs::FileExt;
+
+    /// A file of `chunks` chunks of 64 KiB plus a short tail, its manifest
+    /// and its whole hash.
+    fn fixture(dir: &std::path::Path, chunks: u32) -> (PathBuf, Arc<Manifest>, Vec<u8>, BlobId) {
+        let cs = 64 * 1024u32;
+        let size = chunks as u64 * cs as u64 + 1000;
+        let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        let m = Manifest {
+            size,
+            chunk_size: cs,
+            chunks: data.chunks(cs as usize).map(sha256).collect(),
+        };
+        assert_eq!(m.chunks.len(), chunk_count(size, cs));
+        let p = dir.join("partial");
+        std::fs::write(&p, vec![0u8; size as usize]).unwrap();
+        let id = sha256(&data);
+        (p, Arc::new(m), data, id)
+    }
+
+    fn write(p: &std::path::Path, m: &Manifest, data: &[u8], i: u32) {
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        let off = m.offset(i) as usize;
+        let len = m.chunk_len(i) as usize;
+        f.write_all_at(&data[off..off + len], off as u64).unwrap();
+    }
+
+    fn buf_of(m: &Manifest, data: &[u8], i: u32, pad: usize) -> Vec<u8> {
+        let off = m.offset(i) as usize;
+        let len = m.chunk_len(i) as usize;
+        let mut b = vec![0xEE; pad];
+        b.extend_from_slice(&data[off..off + len]);
+        b
+    }
+
+    #[test]
+    fn any_arrival_order_gives_the_whole_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, m, data, id) = fixture(dir.path(), 600);
+        let n = m.chunks.len() as u32;
+        // Reversed: everything but the last few waits on disk, past the
+        // memory budget (600 chunks of 64 KiB is more than 16 MiB).
+        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
+        for i in (0..n).rev() {
+            write(&p, &m, &data, i);
+            w.offer(i, buf_of(&m, &data, i, 10), 10);
+            assert!(w.lock().mem_bytes <= w.hold_bytes() + m.chunk_size as usize);
+        }
+        assert_eq!(
+            w.position(),
+            n,
+            "chunk 0 came last and the rest was at hand"
+        );
+        assert_eq!(w.finish().unwrap(), id);
+
+        // In order: hashed as they come, nothing left for the end.
+        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
+        for i in 0..n {
+            w.offer(i, buf_of(&m, &data, i, 0), 0);
+            assert_eq!(w.position(), i + 1);
+        }
+        assert_eq!(w.finish().unwrap(), id);
+    }
+
+    #[test]
+    fn chunks_held_before_a_restart_are_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, m, data, id) = fixture(dir.path(), 40);
+        let n = m.chunks.len() as u32;
+        let mut held = Bitmap::new(n as usize);
+        for i in (0..n).filter(|i| i % 3 == 0) {
+            write(&p, &m, &data, i);
+            held.set(i);
+        }
+        let w = WholeHash::new(p.clone(), m.clone(), &held);
+        // Duplicates of held chunks are ignored; the rest arrive out of order.
+        w.offer(0, buf_of(&m, &data, 0, 0), 0);
+        let mut rest: Vec<u32> = (0..n).filter(|i| i % 3 != 0).collect();
+        rest.reverse();
+        rest.rotate_left(5);
+        for i in rest {
+            write(&p, &m, &data, i);
+            w.offer(i, buf_of(&m, &data, i, 3), 3);
+        }
+        assert_eq!(w.finish().unwrap(), id);
+    }
+
+    #[test]
+    fn a_wrong_or_missing_chunk_gives_a_wrong_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, m, data, id) = fixture(dir.path(), 8);
+        let n = m.chunks.len() as u32;
+        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
+        for i in 0..n {
+            let mut b = buf_of(&m, &data, i, 0);
+            if i == 4 {
+                b[7] ^= 1;
+            }
+            w.offer(i, b, 0);
+        }
+        assert_ne!(w.finish().unwrap(), id);
+        // Chunk 2 never offered nor written (zeros in the file).
+        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
+        for i in (0..n).filter(|i| *i != 2) {
+            write(&p, &m, &data, i);
+            w.offer(i, buf_of(&m, &data, i, 0), 0);
+        }
+        assert_eq!(w.position(), 2);
+        assert_ne!(w.finish().unwrap(), id);
+    }
+
+    #[test]
+    fn a_failed_read_back_falls_back_to_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, m, data, id) = fixture(dir.path(), 300);
+        let n = m.chunks.len() as u32;
+        for i in 0..n {
+            write(&p, &m, &data, i);
+        }
+        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
+        // Far ahead: left on disk. Then the file is briefly gone when its
+        // turn comes.
+        w.offer(n - 1, buf_of(&m, &data, n - 1, 0), 0);
+        let moved = dir.path().join("moved");
+        std::fs::rename(&p, &moved).unwrap();
+        for i in 0..n - 1 {
+            w.offer(i, buf_of(&m, &data, i, 0), 0);
+        }
+        assert!(w.lock().broken);
+        std::fs::rename(&moved, &p).unwrap();
+        assert_eq!(w.finish().unwrap(), id);
+    }
+}
