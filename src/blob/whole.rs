@@ -215,9 +215,19 @@ mod tests {
     use crate::blob::store::{chunk_count, sha256};
     use std::os::unix::fs::FileExt;
 
-    /// A file of `chunks` chunks of 64 KiB plus a short tail, its manifest
-    /// and its whole hash.
-    fn fixture(dir: &std::path::Path, chunks: u32) -> (PathBuf, Arc<Manifest>, Vec<u8>, BlobId) {
+    /// A partial file (zeros) for `chunks` chunks of 64 KiB plus a short
+    /// tail, its manifest, its content and whole hash.
+    struct Fx {
+        _dir: tempfile::TempDir,
+        p: PathBuf,
+        m: Arc<Manifest>,
+        data: Vec<u8>,
+        id: BlobId,
+        n: u32,
+    }
+
+    fn fixture(chunks: u32) -> Fx {
+        let dir = tempfile::tempdir().unwrap();
         let cs = 64 * 1024u32;
         let size = chunks as u64 * cs as u64 + 1000;
         let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
@@ -227,122 +237,136 @@ mod tests {
             chunks: data.chunks(cs as usize).map(sha256).collect(),
         };
         assert_eq!(m.chunks.len(), chunk_count(size, cs));
-        let p = dir.join("partial");
+        let p = dir.path().join("partial");
         std::fs::write(&p, vec![0u8; size as usize]).unwrap();
         let id = sha256(&data);
-        (p, Arc::new(m), data, id)
+        let n = m.chunks.len() as u32;
+        Fx {
+            _dir: dir,
+            p,
+            m: Arc::new(m),
+            data,
+            id,
+            n,
+        }
     }
 
-    fn write(p: &std::path::Path, m: &Manifest, data: &[u8], i: u32) {
-        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-        let off = m.offset(i) as usize;
-        let len = m.chunk_len(i) as usize;
-        f.write_all_at(&data[off..off + len], off as u64).unwrap();
-    }
+    impl Fx {
+        /// A hash of a fetch holding `held` (none: nothing).
+        fn hash(&self, held: Option<&Bitmap>) -> WholeHash {
+            let none = Bitmap::new(self.n as usize);
+            WholeHash::new(self.p.clone(), self.m.clone(), held.unwrap_or(&none))
+        }
 
-    fn buf_of(m: &Manifest, data: &[u8], i: u32, pad: usize) -> Vec<u8> {
-        let off = m.offset(i) as usize;
-        let len = m.chunk_len(i) as usize;
-        let mut b = vec![0xEE; pad];
-        b.extend_from_slice(&data[off..off + len]);
-        b
+        fn write(&self, i: u32) {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.p)
+                .unwrap();
+            let off = self.m.offset(i) as usize;
+            let len = self.m.chunk_len(i) as usize;
+            f.write_all_at(&self.data[off..off + len], off as u64)
+                .unwrap();
+        }
+
+        /// Chunk `i` behind `pad` bytes (a wire header), as a buffer.
+        fn buf(&self, i: u32, pad: usize) -> Vec<u8> {
+            let off = self.m.offset(i) as usize;
+            let len = self.m.chunk_len(i) as usize;
+            let mut b = vec![0xEE; pad];
+            b.extend_from_slice(&self.data[off..off + len]);
+            b
+        }
     }
 
     #[test]
     fn any_arrival_order_gives_the_whole_hash() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, m, data, id) = fixture(dir.path(), 600);
-        let n = m.chunks.len() as u32;
+        let f = fixture(600);
         // Reversed: everything but the last few waits on disk, past the
         // memory budget (600 chunks of 64 KiB is more than 16 MiB).
-        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
-        for i in (0..n).rev() {
-            write(&p, &m, &data, i);
-            w.offer(i, buf_of(&m, &data, i, 10), 10);
-            assert!(w.lock().mem_bytes <= w.hold_bytes() + m.chunk_size as usize);
+        let w = f.hash(None);
+        for i in (0..f.n).rev() {
+            f.write(i);
+            w.offer(i, f.buf(i, 10), 10);
+            assert!(w.lock().mem_bytes <= w.hold_bytes() + f.m.chunk_size as usize);
         }
         assert_eq!(
             w.position(),
-            n,
+            f.n,
             "chunk 0 came last and the rest was at hand"
         );
-        assert_eq!(w.finish().unwrap(), id);
+        assert_eq!(w.finish().unwrap(), f.id);
 
         // In order: hashed as they come, nothing left for the end.
-        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
-        for i in 0..n {
-            w.offer(i, buf_of(&m, &data, i, 0), 0);
+        let w = f.hash(None);
+        for i in 0..f.n {
+            w.offer(i, f.buf(i, 0), 0);
             assert_eq!(w.position(), i + 1);
         }
-        assert_eq!(w.finish().unwrap(), id);
+        assert_eq!(w.finish().unwrap(), f.id);
     }
 
     #[test]
     fn chunks_held_before_a_restart_are_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, m, data, id) = fixture(dir.path(), 40);
-        let n = m.chunks.len() as u32;
-        let mut held = Bitmap::new(n as usize);
-        for i in (0..n).filter(|i| i % 3 == 0) {
-            write(&p, &m, &data, i);
+        let f = fixture(40);
+        let mut held = Bitmap::new(f.n as usize);
+        for i in (0..f.n).filter(|i| i % 3 == 0) {
+            f.write(i);
             held.set(i);
         }
-        let w = WholeHash::new(p.clone(), m.clone(), &held);
+        let w = f.hash(Some(&held));
         // Duplicates of held chunks are ignored; the rest arrive out of order.
-        w.offer(0, buf_of(&m, &data, 0, 0), 0);
-        let mut rest: Vec<u32> = (0..n).filter(|i| i % 3 != 0).collect();
+        w.offer(0, f.buf(0, 0), 0);
+        let mut rest: Vec<u32> = (0..f.n).filter(|i| i % 3 != 0).collect();
         rest.reverse();
         rest.rotate_left(5);
         for i in rest {
-            write(&p, &m, &data, i);
-            w.offer(i, buf_of(&m, &data, i, 3), 3);
+            f.write(i);
+            w.offer(i, f.buf(i, 3), 3);
         }
-        assert_eq!(w.finish().unwrap(), id);
+        assert_eq!(w.finish().unwrap(), f.id);
     }
 
     #[test]
     fn a_wrong_or_missing_chunk_gives_a_wrong_hash() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, m, data, id) = fixture(dir.path(), 8);
-        let n = m.chunks.len() as u32;
-        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
-        for i in 0..n {
-            let mut b = buf_of(&m, &data, i, 0);
+        let f = fixture(8);
+        let w = f.hash(None);
+        for i in 0..f.n {
+            let mut b = f.buf(i, 0);
             if i == 4 {
                 b[7] ^= 1;
             }
             w.offer(i, b, 0);
         }
-        assert_ne!(w.finish().unwrap(), id);
+        assert_ne!(w.finish().unwrap(), f.id);
         // Chunk 2 never offered nor written (zeros in the file).
-        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
-        for i in (0..n).filter(|i| *i != 2) {
-            write(&p, &m, &data, i);
-            w.offer(i, buf_of(&m, &data, i, 0), 0);
+        let w = f.hash(None);
+        for i in (0..f.n).filter(|i| *i != 2) {
+            f.write(i);
+            w.offer(i, f.buf(i, 0), 0);
         }
         assert_eq!(w.position(), 2);
-        assert_ne!(w.finish().unwrap(), id);
+        assert_ne!(w.finish().unwrap(), f.id);
     }
 
     #[test]
     fn a_failed_read_back_falls_back_to_the_whole_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, m, data, id) = fixture(dir.path(), 300);
-        let n = m.chunks.len() as u32;
-        for i in 0..n {
-            write(&p, &m, &data, i);
+        let f = fixture(300);
+        for i in 0..f.n {
+            f.write(i);
         }
-        let w = WholeHash::new(p.clone(), m.clone(), &Bitmap::new(n as usize));
+        let w = f.hash(None);
         // Far ahead: left on disk. Then the file is briefly gone when its
         // turn comes.
-        w.offer(n - 1, buf_of(&m, &data, n - 1, 0), 0);
-        let moved = dir.path().join("moved");
-        std::fs::rename(&p, &moved).unwrap();
-        for i in 0..n - 1 {
-            w.offer(i, buf_of(&m, &data, i, 0), 0);
+        let last = f.n - 1;
+        w.offer(last, f.buf(last, 0), 0);
+        let moved = f.p.with_file_name("moved");
+        std::fs::rename(&f.p, &moved).unwrap();
+        for i in 0..last {
+            w.offer(i, f.buf(i, 0), 0);
         }
         assert!(w.lock().broken);
-        std::fs::rename(&moved, &p).unwrap();
-        assert_eq!(w.finish().unwrap(), id);
+        std::fs::rename(&moved, &f.p).unwrap();
+        assert_eq!(w.finish().unwrap(), f.id);
     }
 }
