@@ -85,10 +85,20 @@ impl WholeHash {
     /// Blocking: may hash and read back chunks; call it off the async
     /// threads.
     pub fn offer(&self, index: u32, buf: Vec<u8>, start: usize) {
+        if index as usize >= self.manifest.chunks.len()
+            || buf.len() < start + self.manifest.chunk_len(index) as usize
+        {
+            crate::bufpool::CHUNKS.give(buf);
+            return;
+        }
         let len = self.manifest.chunk_len(index) as usize;
         let mut st = self.lock();
-        let known = index < st.next || st.mem.contains_key(&index) || st.disk.get(index);
-        if known || index as usize >= self.manifest.chunks.len() || buf.len() < start + len {
+        // Hashed, being hashed (`sha` is out while `next` is), or waiting.
+        let known = index < st.next
+            || (index == st.next && st.sha.is_none())
+            || st.mem.contains_key(&index)
+            || st.disk.get(index);
+        if known {
             drop(st);
             crate::bufpool::CHUNKS.give(buf);
             return;
