@@ -302,7 +302,16 @@ def test_replay_moves_a_consumer_back(client: Client, uid: str) -> None:
     t = f"T{uid}_BACK"
     name = f"replay-{uid}"
     client.create_consumer(name, [t])
-    ps = [client.publish(t, {"n": n}) for n in range(3)]
+    ps = [client.publish(t, {"n": n}) for n in range(2)]
+    # `since` below is inclusive at millisecond resolution: the third event
+    # must be received in a later millisecond than the second.
+    second_ms = client.event(ps[1].id).received_ms
+    wait_until(
+        "the clock to pass the second event's millisecond",
+        lambda: time.time() * 1000 > second_ms + 1,
+        DEADLINE,
+    )
+    ps.append(client.publish(t, {"n": 2}))
     batch = client.fetch(name)
     assert [e.id for e in batch.events] == [p.id for p in ps]
     client.ack(name, ps[-1].seq)
