@@ -1131,12 +1131,11 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
     let store = b.store.clone();
     let m = manifest.clone();
     let left = n as u32 - whole.position();
-    let ok = tokio::task::spawn_blocking(move || {
-        store.finish_partial_hashed(&blob, &m, |_| whole.finish())
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let ok =
+        tokio::task::spawn_blocking(move || store.finish_partial(&blob, &m, |_| whole.finish()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     tracing::info!(
         blob = %hex_id(&blob),
         chunks = n,

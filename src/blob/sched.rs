@@ -12,8 +12,8 @@
 //!   second copy of one a receiver could trade. When the partial sources
 //!   cannot keep this receiver busy (fewer than `per_source` requests in
 //!   flight), the whole-blob source takes any missing chunk. Among other
-//!   receivers, each asks a whole-blob source for at most `2 * per_source /
-//!   (partial sources + 1)` chunks at once: a request queued behind many
+//!   receivers, each asks a whole-blob source for at most `per_source /
+//!   (partial sources + 1)` chunks at once (rounded up): a request queued behind many
 //!   others at a shared origin is invisible to the other receivers, who ask
 //!   for the same rare chunk meanwhile.
 //! - Each source gets up to `per_source` requests in flight.
@@ -177,7 +177,7 @@ impl Sched {
             .filter(|p| self.sources[p].chunks.is_some())
             .count();
         // Among other receivers, a whole-blob source's queue is shared:
-        // about twice `per_source` requests in all, split among them.
+        // about `per_source` requests in all, split among them.
         let whole_cap = if partials > 0 {
             self.per_source.div_ceil(partials + 1).max(1)
         } else {
@@ -207,26 +207,8 @@ impl Sched {
                     s.chunks.is_none() && partials && self.inflight.len() >= self.per_source;
                 let pick = if let Some(k) = pos {
                     self.retry.remove(k)
-                } else if rare_only {
-                    self.pick_rare(p, now)
                 } else {
-                    let mut c = s.cursor;
-                    let mut found = None;
-                    while c < self.order.len() {
-                        let i = self.order[c];
-                        c += 1;
-                        if self.wanted(i) && s.holds(i) {
-                            found = Some(i);
-                            break;
-                        }
-                    }
-                    // Skipped chunks are done, in flight elsewhere (a
-                    // failure puts them on `retry`) or not held here (a new
-                    // bitmap from this source rewinds its cursor).
-                    if let Some(s) = self.sources.get_mut(&p) {
-                        s.cursor = c;
-                    }
-                    found
+                    self.scan(p, rare_only.then_some(now))
                 };
                 let Some(i) = pick else { break };
                 self.inflight.insert(i, p);
@@ -239,30 +221,37 @@ impl Sched {
         out
     }
 
-    /// The first wanted chunk from `p`'s cursor that no usable partial
-    /// source holds. The cursor moves only past chunks that are done or in
-    /// flight (one skipped here may be wanted of `p` later).
-    fn pick_rare(&mut self, p: PeerId, now: Instant) -> Option<u32> {
-        let start = self.sources.get(&p)?.cursor;
+    /// The first chunk from `p`'s cursor that is wanted and held by `p`;
+    /// with `rare` (the time), also held by no usable partial source, looked
+    /// for among at most [`RARE_SCAN`] positions. The cursor moves past
+    /// chunks that are done, in flight elsewhere (a failure puts them on
+    /// `retry`) or not held by `p` (a new bitmap from it rewinds the
+    /// cursor), never past one skipped for rarity (`p` may be asked for it
+    /// later).
+    fn scan(&mut self, p: PeerId, rare: Option<Instant>) -> Option<u32> {
+        let s = self.sources.get(&p)?;
+        let start = s.cursor;
         let mut c = start;
         let mut settled = start;
         let mut found = None;
-        while c < self.order.len() && c - start < RARE_SCAN {
+        while c < self.order.len() && (rare.is_none() || c - start < RARE_SCAN) {
             let i = self.order[c];
             c += 1;
-            if !self.wanted(i) {
-                if settled == c - 1 {
+            let blocked = settled != c - 1;
+            if !self.wanted(i) || !s.holds(i) {
+                if !blocked {
                     settled = c;
                 }
                 continue;
             }
-            if !self.held_by_partial(i, now) {
-                found = Some(i);
-                if settled == c - 1 {
-                    settled = c;
-                }
-                break;
+            if rare.is_some_and(|now| self.held_by_partial(i, now)) {
+                continue;
             }
+            found = Some(i);
+            if !blocked {
+                settled = c;
+            }
+            break;
         }
         if let Some(s) = self.sources.get_mut(&p) {
             s.cursor = settled;

@@ -683,14 +683,9 @@ impl BlobStore {
 
     /// Check the whole partial file against the blob id, then make it a
     /// complete object. A mismatch discards the partial file.
-    pub fn finish_partial(&self, id: &BlobId, m: &Manifest) -> Result<bool, BlobError> {
-        self.finish_partial_hashed(id, m, hash_file)
-    }
-
-    /// [`Self::finish_partial`] with the whole-file hash computed by `whole`
-    /// (given the partial file's path; e.g. a hash that ran beside the
-    /// transfer).
-    pub fn finish_partial_hashed(
+    /// `whole` gives the file's hash, given its path: [`hash_file`], or a
+    /// hash that ran beside the transfer.
+    pub fn finish_partial(
         &self,
         id: &BlobId,
         m: &Manifest,
@@ -1070,7 +1065,7 @@ mod tests {
             have.set(i);
         }
         s.checkpoint(&id, &have).unwrap();
-        assert!(s.finish_partial(&id, &m).unwrap());
+        assert!(s.finish_partial(&id, &m, hash_file).unwrap());
         assert!(s.is_complete(&id).unwrap());
         assert_eq!(std::fs::read(s.object_path(&id)).unwrap(), data);
         let out = d.path().join("placed/x.bin");
@@ -1106,7 +1101,7 @@ mod tests {
         // Repaired: the good bytes written back, the whole checks out again.
         s.write_chunk(&a.id, 65_536 * 2, &data[65_536 * 2..65_536 * 3])
             .unwrap();
-        assert!(s.finish_partial(&a.id, &a.manifest).unwrap());
+        assert!(s.finish_partial(&a.id, &a.manifest, hash_file).unwrap());
         assert_eq!(std::fs::read(&obj).unwrap(), data);
     }
 
@@ -1126,7 +1121,7 @@ mod tests {
         assert!(!s.is_complete(&id).unwrap());
         let have = s.begin_partial(&id, &m).unwrap();
         assert!(have.is_full(), "the moved file holds every chunk");
-        assert!(s.finish_partial(&id, &m).unwrap());
+        assert!(s.finish_partial(&id, &m, hash_file).unwrap());
         assert!(s.is_complete(&id).unwrap());
         assert_eq!(std::fs::read(s.object_path(&id)).unwrap(), data);
     }
@@ -1188,7 +1183,7 @@ mod tests {
         let (id, m) = hash_stream(&data[..], data.len() as u64, MIN_CHUNK, None).unwrap();
         s.begin_partial(&id, &m).unwrap();
         s.write_chunk(&id, 0, &vec![6u8; 70_000]).unwrap();
-        assert!(!s.finish_partial(&id, &m).unwrap());
+        assert!(!s.finish_partial(&id, &m, hash_file).unwrap());
         assert!(!s.is_complete(&id).unwrap());
         assert!(s.have(&id).unwrap().is_none());
     }

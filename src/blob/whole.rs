@@ -85,13 +85,11 @@ impl WholeHash {
     /// Blocking: may hash and read back chunks; call it off the async
     /// threads.
     pub fn offer(&self, index: u32, buf: Vec<u8>, start: usize) {
-        if index as usize >= self.manifest.chunks.len()
-            || buf.len() < start + self.manifest.chunk_len(index) as usize
-        {
+        let len = self.manifest.chunk_len(index) as usize;
+        if index as usize >= self.manifest.chunks.len() || buf.len() < start + len {
             crate::bufpool::CHUNKS.give(buf);
             return;
         }
-        let len = self.manifest.chunk_len(index) as usize;
         let mut st = self.lock();
         // Hashed, being hashed (`sha` is out while `next` is), or waiting.
         let known = index < st.next
@@ -125,8 +123,7 @@ impl WholeHash {
                 return;
             }
             let next = st.next;
-            let from_mem = st.mem.contains_key(&next);
-            if !from_mem && !st.disk.get(next) {
+            if !st.mem.contains_key(&next) && !st.disk.get(next) {
                 return;
             }
             let Some(mut sha) = st.sha.take() else {
@@ -138,10 +135,8 @@ impl WholeHash {
             }
             drop(st);
             let ok = match mem {
-                Some((buf, start)) => {
-                    let len = self.manifest.chunk_len(next) as usize;
-                    sha.update(&buf[start..start + len]);
-                    crate::bufpool::CHUNKS.give(buf);
+                Some(held) => {
+                    self.hash_held(&mut sha, next, held);
                     true
                 }
                 None => {
@@ -169,6 +164,13 @@ impl WholeHash {
         }
     }
 
+    /// Hash chunk `i` from its buffer, and give the buffer back.
+    fn hash_held(&self, sha: &mut Sha256, i: u32, (buf, start): (Vec<u8>, usize)) {
+        let len = self.manifest.chunk_len(i) as usize;
+        sha.update(&buf[start..start + len]);
+        crate::bufpool::CHUNKS.give(buf);
+    }
+
     /// The whole file's SHA-256, once every chunk has been offered (or was
     /// held at the start). Reads what is left from the file.
     pub fn finish(&self) -> std::io::Result<BlobId> {
@@ -181,10 +183,8 @@ impl WholeHash {
         };
         let mut i = st.next;
         while i < n {
-            if let Some((buf, start)) = st.mem.remove(&i) {
-                let len = self.manifest.chunk_len(i) as usize;
-                sha.update(&buf[start..start + len]);
-                crate::bufpool::CHUNKS.give(buf);
+            if let Some(held) = st.mem.remove(&i) {
+                self.hash_held(&mut sha, i, held);
                 i += 1;
                 continue;
             }
