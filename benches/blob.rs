@@ -276,7 +276,53 @@ struct Report {
     fan_origin_share: f64,
     /// (row, seconds, CPU seconds of both ends)
     ceiling: Vec<(String, f64, f64)>,
+    /// Both hashes of every chunk (its own and the whole file's), over
+    /// SHA_BENCH_BYTES in memory: (one after the other, in one pass) in s.
+    sha_secs: (f64, f64),
     error: Option<String>,
+}
+
+/// Bytes of the hashing rows (in memory, 1 MiB chunks).
+const SHA_BENCH_BYTES: usize = 256 << 20;
+
+/// Seconds to give every 1 MiB chunk of SHA_BENCH_BYTES its own SHA-256 and
+/// feed the whole-content one: two sha2 passes, then the one pass the agent
+/// makes (blob::sha); the best of three runs each.
+fn sha_both() -> (f64, f64) {
+    use riftmesh::blob::sha::{chunk_and_whole, Running};
+    use sha2::{Digest, Sha256};
+    let data: Vec<u8> = (0..SHA_BENCH_BYTES)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[3])
+        .collect();
+    let best = |f: &dyn Fn() -> [u8; 32]| {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let two = best(&|| {
+        let mut whole = Sha256::new();
+        let mut x = [0u8; 32];
+        for c in data.chunks(1 << 20) {
+            whole.update(c);
+            x[0] ^= Sha256::digest(c)[0];
+        }
+        std::hint::black_box(x);
+        whole.finalize().into()
+    });
+    let one = best(&|| {
+        let mut whole = Running::new();
+        let mut x = [0u8; 32];
+        for c in data.chunks(1 << 20) {
+            x[0] ^= chunk_and_whole(c, &mut whole)[0];
+        }
+        std::hint::black_box(x);
+        whole.finalize()
+    });
+    (two, one)
 }
 
 async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
@@ -288,6 +334,7 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
     r.bytes = bytes;
     r.in_flight_per_source = 8;
     r.dd_secs = dd(root, bytes);
+    r.sha_secs = sha_both();
     // (2b) the transport's ceiling, layer by layer, before any agent runs;
     // with the CPU seconds this process (both ends) spent on each.
     let me = std::process::id();
@@ -645,6 +692,19 @@ async fn main() {
         row(name, format!("{} | {cpu:.1} CPU-s", rate(*secs)), "", None);
     }
     let stack_rate = r.ceiling.last().map(|c| mbps(r.bytes, c.1));
+    let sha_rate = |s: f64| format!("{:.0} MB/s", mbps(SHA_BENCH_BYTES as u64, s));
+    row(
+        "SHA-256 of each chunk and of the whole: two sha2 passes",
+        sha_rate(r.sha_secs.0),
+        "",
+        None,
+    );
+    row(
+        "  in one pass, two streams interleaved (the agent's)",
+        sha_rate(r.sha_secs.1),
+        "",
+        None,
+    );
     row(
         "blob add (hash + copy into the store)",
         rate(r.add_secs),
@@ -738,6 +798,9 @@ async fn main() {
         "dd_secs": r.dd_secs,
         "scp_secs": r.scp.as_ref().and_then(|s| s.as_ref().ok()),
         "add_secs": r.add_secs,
+        "sha_bytes": SHA_BENCH_BYTES,
+        "sha_two_passes_secs": r.sha_secs.0,
+        "sha_one_pass_secs": r.sha_secs.1,
         "transfer_secs": r.transfer_secs,
         "end_to_end_secs": r.end_to_end_secs,
         "rss_idle_kb": r.rss_idle_kb,

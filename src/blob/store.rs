@@ -20,6 +20,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::sha::{chunk_and_whole, Running};
+
 use crate::codec;
 
 pub type BlobId = [u8; 32];
@@ -268,13 +270,13 @@ fn write_direct(p: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
 /// reading them back through it cost a copy into fresh pages), the caller
 /// hashes, two buffers of 4 MiB between them.
 pub fn hash_file(p: &Path) -> std::io::Result<BlobId> {
-    Ok(hash_range(p, Sha256::new(), 0, u64::MAX)?.finalize().into())
+    Ok(hash_range(p, Running::new(), 0, u64::MAX)?.finalize())
 }
 
 /// Feed bytes `start..end` of a file (or up to its end) to `h`, read as
 /// [`hash_file`] reads. `start` is a multiple of 4096, and so is `end`
 /// unless it is the file's end or beyond.
-pub fn hash_range(p: &Path, mut h: Sha256, start: u64, end: u64) -> std::io::Result<Sha256> {
+pub fn hash_range(p: &Path, mut h: Running, start: u64, end: u64) -> std::io::Result<Running> {
     use std::os::unix::fs::OpenOptionsExt;
     const BUF: usize = 4 << 20;
     let direct = start % DIRECT_ALIGN as u64 == 0;
@@ -361,7 +363,7 @@ pub fn hash_stream(
     mut out: Option<&mut File>,
 ) -> std::io::Result<(BlobId, Manifest)> {
     let chunk_size = chunk_size_for(size_hint, preferred_chunk);
-    let mut whole = Sha256::new();
+    let mut whole = Running::new();
     let mut chunks = Vec::with_capacity(chunk_count(size_hint, chunk_size));
     let mut buf = vec![0u8; chunk_size as usize];
     let mut size = 0u64;
@@ -379,8 +381,8 @@ pub fn hash_stream(
             break;
         }
         let data = &buf[..n];
-        whole.update(data);
-        chunks.push(sha256(data));
+        // Both hashes in one pass over the chunk (see sha.rs).
+        chunks.push(chunk_and_whole(data, &mut whole));
         if let Some(f) = out.as_deref_mut() {
             f.write_all(data)?;
         }
@@ -399,7 +401,7 @@ pub fn hash_stream(
             "file of {size} bytes is too large for one blob ({MAX_CHUNKS} chunks of at most {MAX_CHUNK} bytes)"
         )));
     }
-    Ok((whole.finalize().into(), m))
+    Ok((whole.finalize(), m))
 }
 
 fn decode_rec<T: serde::de::DeserializeOwned>(

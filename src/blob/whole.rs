@@ -10,6 +10,14 @@
 //! the end has next to nothing left to read: the whole-file check no longer
 //! follows the transfer, it runs beside it.
 //!
+//! Every received chunk is hashed twice: its own check against the manifest
+//! and its turn in the whole hash. The two go in one pass where they can
+//! ([`WholeHash::check`]): the chunk that is the whole hash's next is
+//! checked and hashed together; any other chunk's check carries the whole
+//! hash's next waiting chunk beside it (two SHA-256 streams interleaved,
+//! see `sha.rs`). So that there is a waiting chunk to carry, the hash does
+//! not empty the memory eagerly: up to half the budget waits for checks.
+//!
 //! The bytes hashed are the verified bytes that were written; chunks read
 //! back are read from the file. A disk read that fails stops the running
 //! hash, and [`WholeHash::finish`] then hashes the whole file from the start.
@@ -18,8 +26,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sha2::{Digest, Sha256};
-
+use super::sha::{chunk_and_whole, chunk_beside, sha256, Running};
 use super::store::{hash_range, Bitmap, BlobId, Manifest};
 
 /// Bytes of chunks a fetch keeps in memory ahead of its hash (at least two
@@ -37,7 +44,7 @@ struct State {
     /// The next chunk to hash.
     next: u32,
     /// None while a thread hashes outside the lock.
-    sha: Option<Sha256>,
+    sha: Option<Running>,
     /// Verified chunks in memory: (pooled buffer, start of the chunk in it).
     mem: BTreeMap<u32, (Vec<u8>, usize)>,
     mem_bytes: usize,
@@ -45,6 +52,8 @@ struct State {
     disk: Bitmap,
     /// A read back failed: the end hashes the whole file instead.
     broken: bool,
+    /// Chunks checked and hashed in one pass (see [`WholeHash::check`]).
+    one_pass: u32,
 }
 
 impl WholeHash {
@@ -57,7 +66,8 @@ impl WholeHash {
             hold,
             st: Mutex::new(State {
                 next: 0,
-                sha: Some(Sha256::new()),
+                sha: Some(Running::new()),
+                one_pass: 0,
                 mem: BTreeMap::new(),
                 mem_bytes: 0,
                 disk: held.clone(),
@@ -78,6 +88,67 @@ impl WholeHash {
     /// The chunks hashed so far (all below this index).
     pub fn position(&self) -> u32 {
         self.lock().next
+    }
+
+    /// Chunks whose check against the manifest was also the whole hash's
+    /// pass over them.
+    pub fn one_pass(&self) -> u32 {
+        self.lock().one_pass
+    }
+
+    /// Check a received chunk `index` against its manifest hash `want`,
+    /// beside a step of the whole hash where one is ready: when the chunk
+    /// is the whole hash's next (the usual case of a fetch in index order)
+    /// both hashes take it in one pass, and the whole hash keeps it only if
+    /// it matched; otherwise, when the whole hash's next chunk waits in
+    /// memory, that chunk is hashed beside this one's check (see sha.rs).
+    /// Returns (matched, taken by the whole hash); a chunk not taken is
+    /// [`offer`](Self::offer)ed once written. Blocking.
+    pub fn check(&self, index: u32, data: &[u8], want: &[u8; 32]) -> (bool, bool) {
+        let mut st = self.lock();
+        let next = st.next;
+        let ready = !st.broken && st.sha.is_some();
+        if ready
+            && index == next
+            && !st.mem.contains_key(&index)
+            && !st.disk.get(index)
+            && data.len() as u64 == self.manifest.chunk_len(index)
+        {
+            let Some(mut sha) = st.sha.take() else {
+                return (sha256(data) == *want, false);
+            };
+            drop(st);
+            let before = sha.clone();
+            let ok = chunk_and_whole(data, &mut sha) == *want;
+            let mut st = self.lock();
+            if !ok {
+                // Chunks that came in meanwhile wait for its good copy.
+                st.sha = Some(before);
+                return (false, false);
+            }
+            st.sha = Some(sha);
+            st.next += 1;
+            st.one_pass += 1;
+            self.settle(st);
+            return (true, true);
+        }
+        if ready && st.mem.contains_key(&next) {
+            if let (Some(mut sha), Some((buf, start))) = (st.sha.take(), st.mem.remove(&next)) {
+                let len = self.manifest.chunk_len(next) as usize;
+                st.mem_bytes -= len;
+                drop(st);
+                let ok = chunk_beside(data, &mut sha, &buf[start..start + len]) == *want;
+                crate::bufpool::CHUNKS.give(buf);
+                let mut st = self.lock();
+                st.sha = Some(sha);
+                st.next += 1;
+                st.one_pass += 1;
+                self.settle(st);
+                return (ok, false);
+            }
+        }
+        drop(st);
+        (sha256(data) == *want, false)
     }
 
     /// Chunk `index`, verified and written, is `buf[start..start + len]`.
@@ -112,18 +183,27 @@ impl WholeHash {
             crate::bufpool::CHUNKS.give(buf);
             st = self.lock();
         }
-        self.advance(st);
+        self.settle(st);
     }
 
-    /// Hash forward while the next chunk is at hand. One thread at a time
-    /// hashes (it takes `sha`); the others leave their chunk for it.
-    fn advance<'a>(&'a self, mut st: MutexGuard<'a, State>) {
+    /// Chunks waiting in memory are left for later checks to hash beside
+    /// theirs ([`check`](Self::check)), up to half the memory budget; past
+    /// that, or when the next chunk is on disk, the hash moves on here.
+    fn settle<'a>(&'a self, st: MutexGuard<'a, State>) {
+        self.advance(st, self.hold / 2);
+    }
+
+    /// Hash forward while the next chunk is on disk, or in memory with
+    /// more than `keep` bytes waiting there. One thread at a time hashes (it
+    /// takes `sha`); the others leave their chunk for it.
+    fn advance<'a>(&'a self, mut st: MutexGuard<'a, State>, keep: usize) {
         loop {
             if st.broken {
                 return;
             }
             let next = st.next;
-            if !st.mem.contains_key(&next) && !st.disk.get(next) {
+            let due = st.mem.contains_key(&next) && st.mem_bytes > keep;
+            if !due && !st.disk.get(next) {
                 return;
             }
             let Some(mut sha) = st.sha.take() else {
@@ -165,7 +245,7 @@ impl WholeHash {
     }
 
     /// Hash chunk `i` from its buffer, and give the buffer back.
-    fn hash_held(&self, sha: &mut Sha256, i: u32, (buf, start): (Vec<u8>, usize)) {
+    fn hash_held(&self, sha: &mut Running, i: u32, (buf, start): (Vec<u8>, usize)) {
         let len = self.manifest.chunk_len(i) as usize;
         sha.update(&buf[start..start + len]);
         crate::bufpool::CHUNKS.give(buf);
@@ -206,7 +286,7 @@ impl WholeHash {
         }
         st.next = n;
         st.mem_bytes = 0;
-        Ok(sha.finalize().into())
+        Ok(sha.finalize())
     }
 }
 
@@ -300,19 +380,54 @@ mod tests {
             w.offer(i, f.buf(i, 10), 10);
             assert!(w.lock().mem_bytes <= w.hold_bytes() + f.m.chunk_size as usize);
         }
-        assert_eq!(
-            w.position(),
-            f.n,
-            "chunk 0 came last and the rest was at hand"
-        );
+        // Chunk 0 came last: the hash moved on until at most half the
+        // budget waits in memory (for checks to hash beside theirs).
+        assert!(w.position() > 0);
+        assert!(w.lock().mem_bytes <= w.hold_bytes() / 2);
         assert_eq!(w.finish().unwrap(), f.id);
 
-        // In order: hashed as they come, nothing left for the end.
+        // In order: the hash keeps within half the budget of the arrivals.
         let w = f.hash(None);
         for i in 0..f.n {
             w.offer(i, f.buf(i, 0), 0);
-            assert_eq!(w.position(), i + 1);
+            let st = w.lock();
+            assert!(st.mem_bytes <= w.hold_bytes() / 2);
+            assert_eq!(st.next as usize + st.mem.len(), i as usize + 1);
         }
+        assert_eq!(w.finish().unwrap(), f.id);
+    }
+
+    #[test]
+    fn a_check_in_turn_feeds_the_whole_hash_and_a_bad_chunk_does_not() {
+        let f = fixture(12);
+        let w = f.hash(None);
+        let check = |i: u32, bytes: &[u8]| w.check(i, bytes, &f.m.chunks[i as usize]);
+        let chunk = |i: u32| f.buf(i, 0);
+        // In turn: checked and hashed in one pass.
+        assert_eq!(check(0, &chunk(0)), (true, true));
+        assert_eq!(check(1, &chunk(1)), (true, true));
+        // Out of turn: checked alone, then offered as before.
+        assert_eq!(check(3, &chunk(3)), (true, false));
+        f.write(3);
+        w.offer(3, chunk(3), 0);
+        // A damaged chunk in turn is refused and leaves the hash as it was.
+        let mut bad = chunk(2);
+        bad[100] ^= 1;
+        assert_eq!(check(2, &bad), (false, false));
+        assert_eq!(w.position(), 2);
+        // Its good copy goes on; chunk 3 waits in memory.
+        assert_eq!(check(2, &chunk(2)), (true, true));
+        assert_eq!(w.position(), 3);
+        // Any other check takes the waiting chunk 3 beside it: here a
+        // damaged duplicate of chunk 0, refused; the hash still moves on.
+        let mut bad = chunk(0);
+        bad[5] ^= 1;
+        assert_eq!(check(0, &bad), (false, false));
+        assert_eq!(w.position(), 4);
+        for i in 4..f.n {
+            assert_eq!(check(i, &chunk(i)), (true, true));
+        }
+        assert_eq!(w.one_pass(), f.n);
         assert_eq!(w.finish().unwrap(), f.id);
     }
 
@@ -355,24 +470,25 @@ mod tests {
             f.write(i);
             w.offer(i, f.buf(i, 0), 0);
         }
-        assert_eq!(w.position(), 2);
+        assert!(w.position() <= 2);
         assert_ne!(w.finish().unwrap(), f.id);
     }
 
     #[test]
     fn a_failed_read_back_falls_back_to_the_whole_file() {
-        let f = fixture(300);
+        let f = fixture(600);
         for i in 0..f.n {
             f.write(i);
         }
         let w = f.hash(None);
-        // Far ahead: left on disk. Then the file is briefly gone when its
-        // turn comes.
-        let last = f.n - 1;
-        w.offer(last, f.buf(last, 0), 0);
+        // Far ahead (17.5 MiB): left on disk. Then the file is briefly gone
+        // when its turn comes.
+        let far = 280;
+        w.offer(far, f.buf(far, 0), 0);
+        assert!(w.lock().disk.get(far));
         let moved = f.p.with_file_name("moved");
         std::fs::rename(&f.p, &moved).unwrap();
-        for i in 0..last {
+        for i in (0..f.n).filter(|i| *i != far) {
             w.offer(i, f.buf(i, 0), 0);
         }
         assert!(w.lock().broken);
