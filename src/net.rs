@@ -440,8 +440,7 @@ async fn read_raw<R: futures::AsyncRead + Unpin + Send>(
     let len = wire::frame_len(&header, limit)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     // Chunk-sized bodies come from the pool and go back to it once used.
-    let mut body = crate::bufpool::CHUNKS.take(len);
-    body.resize(len, 0);
+    let mut body = crate::bufpool::CHUNKS.take_len(len);
     io.read_exact(&mut body).await?;
     Ok(body)
 }

@@ -400,11 +400,18 @@ enum Served {
 /// The encoding of `Response::Chunk` up to its data: the variant tag and
 /// the data's varint length (unit-tested against `codec::encode`).
 fn chunk_answer_header(len: usize) -> Vec<u8> {
-    // Room for the data too (the store appends it): tag, varint, chunk.
-    let mut h = crate::bufpool::CHUNKS.take(len + 10);
-    h.push(CHUNK_TAG);
+    let mut h = vec![CHUNK_TAG];
     h.extend(codec::encode(&(len as u64)).unwrap_or_default());
     h
+}
+
+/// A buffer for a chunk answer of `len` data bytes, its header written:
+/// (buffer, where the data goes).
+fn chunk_answer_buf(len: usize) -> (Vec<u8>, usize) {
+    let h = chunk_answer_header(len);
+    let mut b = crate::bufpool::CHUNKS.take_len(h.len() + len);
+    b[..h.len()].copy_from_slice(&h);
+    (b, h.len())
 }
 
 async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
@@ -497,7 +504,7 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
             };
             let store = b.store.clone();
             let res = tokio::task::spawn_blocking(move || {
-                store.read_verified_chunk_after(&blob, index, chunk_answer_header)
+                store.read_verified_chunk_after(&blob, index, chunk_answer_buf)
             })
             .await;
             match res {
@@ -1427,6 +1434,10 @@ mod tests {
             let h = chunk_answer_header(len);
             assert_eq!(&wire[..h.len()], &h[..], "header for {len} bytes");
             assert_eq!(wire.len(), h.len() + len);
+            // The server's buffer: that header, then room for the data.
+            let (b, at) = chunk_answer_buf(len);
+            assert_eq!((&b[..at], b.len()), (&h[..], at + len));
+            crate::bufpool::CHUNKS.give(b);
             match decode_answer(wire.clone()).unwrap() {
                 Answer::Chunk(buf, range) => assert_eq!(&buf[range], &data[..]),
                 Answer::Other(r) => panic!("chunk decoded as {r:?}"),

@@ -778,17 +778,18 @@ impl BlobStore {
 
     /// Read a chunk of a complete blob, or of a partial one if held.
     pub fn read_chunk(&self, id: &BlobId, index: u32) -> Result<Vec<u8>, BlobError> {
-        let (buf, _, _) = self.read_chunk_after(id, index, |_| Vec::new())?;
+        let (buf, _, _) = self.read_chunk_after(id, index, |len| (vec![0; len], 0))?;
         Ok(buf)
     }
 
-    /// Read a chunk into a buffer that starts with `header(chunk_len)`;
-    /// returns the buffer, the chunk's length and its manifest hash.
+    /// Read a chunk into the buffer `buffer(chunk_len)` gives, (buffer,
+    /// where the chunk goes: behind a header); returns the buffer, the
+    /// chunk's length and its manifest hash.
     fn read_chunk_after(
         &self,
         id: &BlobId,
         index: u32,
-        header: impl FnOnce(usize) -> Vec<u8>,
+        buffer: impl FnOnce(usize) -> (Vec<u8>, usize),
     ) -> Result<(Vec<u8>, usize, [u8; 32]), BlobError> {
         let meta = self
             .meta(id)?
@@ -809,8 +810,7 @@ impl BlobStore {
         };
         let f = File::open(&path).map_err(io("cannot open", &path))?;
         let len = m.chunk_len(index) as usize;
-        let mut buf = header(len);
-        let start = buf.len();
+        let (mut buf, start) = buffer(len);
         buf.resize(start + len, 0);
         f.read_exact_at(&mut buf[start..], m.offset(index))
             .map_err(io("cannot read", &path))?;
@@ -820,19 +820,21 @@ impl BlobStore {
     /// Read a chunk and check it against the manifest: a stored copy that
     /// rotted on disk is never served.
     pub fn read_verified_chunk(&self, id: &BlobId, index: u32) -> Result<Vec<u8>, BlobError> {
-        Ok(self.read_verified_chunk_after(id, index, |_| Vec::new())?.0)
+        Ok(self
+            .read_verified_chunk_after(id, index, |len| (vec![0; len], 0))?
+            .0)
     }
 
-    /// [`Self::read_verified_chunk`] into a buffer that starts with
-    /// `header(chunk_len)` (a peer answer's wire header); returns the buffer
-    /// and the chunk's length.
+    /// [`Self::read_verified_chunk`] into the buffer `buffer(chunk_len)`
+    /// gives, behind a header (a peer answer's wire header); returns the
+    /// buffer and the chunk's length.
     pub fn read_verified_chunk_after(
         &self,
         id: &BlobId,
         index: u32,
-        header: impl FnOnce(usize) -> Vec<u8>,
+        buffer: impl FnOnce(usize) -> (Vec<u8>, usize),
     ) -> Result<(Vec<u8>, usize), BlobError> {
-        let (buf, len, want) = self.read_chunk_after(id, index, header)?;
+        let (buf, len, want) = self.read_chunk_after(id, index, buffer)?;
         if sha256(&buf[buf.len() - len..]) != want {
             let path = if self.is_complete(id)? {
                 self.object_path(id)
