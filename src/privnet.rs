@@ -75,23 +75,58 @@ impl XorStream {
         }
     }
 
+    /// `out` = `src` XOR keystream from `block`; the two the same length.
+    fn xor_blocks_into(&self, src: &[u8], out: &mut [u8], block: u64) {
+        assert_eq!(src.len(), out.len());
+        // SAFETY: out and src are valid for out.len() bytes each and do not
+        // overlap (one is borrowed mutably); nonce is 24 bytes, key 32.
+        unsafe {
+            libsodium_sys::crypto_stream_xsalsa20_xor_ic(
+                out.as_mut_ptr(),
+                src.as_ptr(),
+                out.len() as u64,
+                self.nonce.as_ptr(),
+                block,
+                self.key.as_ptr(),
+            );
+        }
+    }
+
+    /// The rest of the keystream block `pos` is in, XORed into the first
+    /// bytes of `out` (from `src`, or in place): how many bytes that was.
+    fn partial_block(&mut self, src: Option<&[u8]>, out: &mut [u8]) -> usize {
+        let within = (self.pos % BLOCK) as usize;
+        if within == 0 || out.is_empty() {
+            return 0;
+        }
+        let mut ks = [0u8; BLOCK as usize];
+        self.xor_blocks(&mut ks, self.pos / BLOCK);
+        let n = (BLOCK as usize - within).min(out.len());
+        for (i, k) in ks[within..within + n].iter().enumerate() {
+            out[i] = src.map_or(out[i], |s| s[i]) ^ k;
+        }
+        self.pos += n as u64;
+        n
+    }
+
     /// XOR the next `data.len()` keystream bytes into `data`.
     pub fn apply(&mut self, data: &mut [u8]) {
-        let mut data = data;
-        let within = (self.pos % BLOCK) as usize;
-        if within != 0 && !data.is_empty() {
-            let mut ks = [0u8; BLOCK as usize];
-            self.xor_blocks(&mut ks, self.pos / BLOCK);
-            let n = (BLOCK as usize - within).min(data.len());
-            for (d, k) in data[..n].iter_mut().zip(&ks[within..within + n]) {
-                *d ^= k;
-            }
-            self.pos += n as u64;
-            data = &mut data[n..];
-        }
+        let n = self.partial_block(None, data);
+        let data = &mut data[n..];
         if !data.is_empty() {
             self.xor_blocks(data, self.pos / BLOCK);
             self.pos += data.len() as u64;
+        }
+    }
+
+    /// `out` = `src` XOR the next `src.len()` keystream bytes (no copy of
+    /// `src` first).
+    pub fn apply_into(&mut self, src: &[u8], out: &mut [u8]) {
+        let n = self.partial_block(Some(src), out);
+        let (src, out) = (&src[n..], &mut out[n..]);
+        if !src.is_empty() {
+            self.xor_blocks_into(src, out, self.pos / BLOCK);
+            self.pos += src.len() as u64;
         }
     }
 }
@@ -113,6 +148,7 @@ where
         read: XorStream::new(key, remote),
         write: XorStream::new(key, local),
         out: Vec::new(),
+        filled: 0,
         sent: 0,
     })
 }
@@ -123,20 +159,24 @@ pub struct PrivStream<S> {
     inner: S,
     read: XorStream,
     write: XorStream,
+    /// Ciphertext `out[sent..filled]` waits for the socket.
     out: Vec<u8>,
+    filled: usize,
     sent: usize,
 }
 
 impl<S: AsyncWrite + Unpin> PrivStream<S> {
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.out.len() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.sent..]))?;
+        while self.sent < self.filled {
+            let n = ready!(
+                Pin::new(&mut self.inner).poll_write(cx, &self.out[self.sent..self.filled])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.sent += n;
         }
-        self.out.clear();
+        self.filled = 0;
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -164,8 +204,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PrivStream<S> {
         let this = self.get_mut();
         ready!(this.poll_drain(cx))?;
         let n = buf.len().min(MAX_WRITE);
-        this.out.extend_from_slice(&buf[..n]);
-        this.write.apply(&mut this.out);
+        // The buffer grows to the largest write once; after that each write
+        // is encrypted straight into it.
+        if this.out.len() < n {
+            this.out.resize(n, 0);
+        }
+        this.write.apply_into(&buf[..n], &mut this.out[..n]);
+        this.filled = n;
         // Start sending now; what the socket does not take yet goes first
         // at the next write or flush.
         if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
@@ -211,6 +256,16 @@ mod tests {
                 off = end;
             }
             assert_eq!(got, want, "split {split}");
+            // Out of place, from the plaintext, at the same splits.
+            let mut out = vec![0u8; plain.len()];
+            let mut s = XorStream::new(key, nonce);
+            let mut off = 0;
+            while off < plain.len() {
+                let end = (off + split).min(plain.len());
+                s.apply_into(&plain[off..end], &mut out[off..end]);
+                off = end;
+            }
+            assert_eq!(out, want, "split {split}, out of place");
         }
     }
 
