@@ -60,14 +60,18 @@ impl XorStream {
         XorStream { key, nonce, pos: 0 }
     }
 
-    fn xor_blocks(&self, data: &mut [u8], block: u64) {
-        // SAFETY: in and out are the same valid buffer of data.len() bytes
-        // (libsodium allows in-place); nonce is 24 bytes, key 32.
+    /// `len` bytes at `src` XOR the keystream from `block`, to `out`.
+    ///
+    /// # Safety
+    /// `src` and `out` are valid for `len` bytes; they are the same buffer
+    /// or do not overlap (libsodium allows in-place).
+    unsafe fn xor_raw(&self, out: *mut u8, src: *const u8, len: usize, block: u64) {
+        // SAFETY: the caller's guarantee; nonce is 24 bytes, key 32.
         unsafe {
             libsodium_sys::crypto_stream_xsalsa20_xor_ic(
-                data.as_mut_ptr(),
-                data.as_ptr(),
-                data.len() as u64,
+                out,
+                src,
+                len as u64,
                 self.nonce.as_ptr(),
                 block,
                 self.key.as_ptr(),
@@ -75,21 +79,17 @@ impl XorStream {
         }
     }
 
+    fn xor_blocks(&self, data: &mut [u8], block: u64) {
+        // SAFETY: in place, over data's own length.
+        unsafe { self.xor_raw(data.as_mut_ptr(), data.as_ptr(), data.len(), block) }
+    }
+
     /// `out` = `src` XOR keystream from `block`; the two the same length.
     fn xor_blocks_into(&self, src: &[u8], out: &mut [u8], block: u64) {
         assert_eq!(src.len(), out.len());
-        // SAFETY: out and src are valid for out.len() bytes each and do not
-        // overlap (one is borrowed mutably); nonce is 24 bytes, key 32.
-        unsafe {
-            libsodium_sys::crypto_stream_xsalsa20_xor_ic(
-                out.as_mut_ptr(),
-                src.as_ptr(),
-                out.len() as u64,
-                self.nonce.as_ptr(),
-                block,
-                self.key.as_ptr(),
-            );
-        }
+        // SAFETY: both valid for out.len() bytes; distinct (one is
+        // borrowed mutably, the other shared).
+        unsafe { self.xor_raw(out.as_mut_ptr(), src.as_ptr(), out.len(), block) }
     }
 
     /// The rest of the keystream block `pos` is in, XORed into the first

@@ -257,18 +257,19 @@ mod x86 {
             rounds!(a1, b1, 1);
             rounds!(a2, b2, 2);
             rounds!(a3, b3, 3);
-            next!(a0, a1, a2, a3, b0, b1, b2, b3, 4);
-            next!(a1, a2, a3, a0, b1, b2, b3, b0, 5);
-            next!(a2, a3, a0, a1, b2, b3, b0, b1, 6);
-            next!(a3, a0, a1, a2, b3, b0, b1, b2, 7);
-            next!(a0, a1, a2, a3, b0, b1, b2, b3, 8);
-            next!(a1, a2, a3, a0, b1, b2, b3, b0, 9);
-            next!(a2, a3, a0, a1, b2, b3, b0, b1, 10);
-            next!(a3, a0, a1, a2, b3, b0, b1, b2, 11);
-            next!(a0, a1, a2, a3, b0, b1, b2, b3, 12);
-            next!(a1, a2, a3, a0, b1, b2, b3, b0, 13);
-            next!(a2, a3, a0, a1, b2, b3, b0, b1, 14);
-            next!(a3, a0, a1, a2, b3, b0, b1, b2, 15);
+            // Sixteen rounds from `$i` on: each group of four message
+            // words replaces the oldest of the last sixteen.
+            macro_rules! sixteen {
+                ($i:expr) => {{
+                    next!(a0, a1, a2, a3, b0, b1, b2, b3, $i);
+                    next!(a1, a2, a3, a0, b1, b2, b3, b0, $i + 1);
+                    next!(a2, a3, a0, a1, b2, b3, b0, b1, $i + 2);
+                    next!(a3, a0, a1, a2, b3, b0, b1, b2, $i + 3);
+                }};
+            }
+            sixteen!(4);
+            sixteen!(8);
+            sixteen!(12);
             xa = _mm_add_epi32(xa, xa0);
             ya = _mm_add_epi32(ya, ya0);
             xb = _mm_add_epi32(xb, xb0);
