@@ -408,12 +408,11 @@ fn copy_direct(src: &Path, dst: &Path) -> std::io::Result<()> {
                 Err(e) => return Err(e),
             }
         }
-        if buffered.is_none() {
-            buffered = Some(OpenOptions::new().write(true).open(dst)?);
-        }
-        if let Some(w) = &buffered {
-            w.write_all_at(b, off)?;
-        }
+        let w = match &buffered {
+            Some(w) => w,
+            None => buffered.insert(OpenOptions::new().write(true).open(dst)?),
+        };
+        w.write_all_at(b, off)?;
         off += b.len() as u64;
         Ok(())
     })

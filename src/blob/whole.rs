@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::sha::{chunk_and_whole, chunk_beside, sha256, Running};
-use super::store::{hash_range, Bitmap, BlobId, Manifest};
+use super::sha::{chunk_and_whole, chunk_beside, Running};
+use super::store::{hash_range, sha256, Bitmap, BlobId, Manifest};
 
 /// Bytes of chunks a fetch keeps in memory ahead of its hash (at least two
 /// chunks).
@@ -107,48 +107,46 @@ impl WholeHash {
     pub fn check(&self, index: u32, data: &[u8], want: &[u8; 32]) -> (bool, bool) {
         let mut st = self.lock();
         let next = st.next;
-        let ready = !st.broken && st.sha.is_some();
-        if ready
-            && index == next
+        let own = index == next
             && !st.mem.contains_key(&index)
             && !st.disk.get(index)
-            && data.len() as u64 == self.manifest.chunk_len(index)
-        {
-            let Some(mut sha) = st.sha.take() else {
-                return (sha256(data) == *want, false);
-            };
+            && data.len() as u64 == self.manifest.chunk_len(index);
+        let waiting = !own && st.mem.contains_key(&next);
+        let sha = if !st.broken && (own || waiting) {
+            st.sha.take()
+        } else {
+            None
+        };
+        let Some(mut sha) = sha else {
             drop(st);
-            let before = sha.clone();
-            let ok = chunk_and_whole(data, &mut sha) == *want;
-            let mut st = self.lock();
-            if !ok {
-                // Chunks that came in meanwhile wait for its good copy.
-                st.sha = Some(before);
-                return (false, false);
-            }
-            st.sha = Some(sha);
-            st.next += 1;
-            st.one_pass += 1;
-            self.settle(st);
-            return (true, true);
-        }
-        if ready && st.mem.contains_key(&next) {
-            if let (Some(mut sha), Some((buf, start))) = (st.sha.take(), st.mem.remove(&next)) {
-                let len = self.manifest.chunk_len(next) as usize;
-                st.mem_bytes -= len;
-                drop(st);
-                let ok = chunk_beside(data, &mut sha, &buf[start..start + len]) == *want;
-                crate::bufpool::CHUNKS.give(buf);
-                let mut st = self.lock();
-                st.sha = Some(sha);
-                st.next += 1;
-                st.one_pass += 1;
-                self.settle(st);
-                return (ok, false);
-            }
+            return (sha256(data) == *want, false);
+        };
+        let held = if waiting { st.mem.remove(&next) } else { None };
+        let len = self.manifest.chunk_len(next) as usize;
+        if held.is_some() {
+            st.mem_bytes -= len;
         }
         drop(st);
-        (sha256(data) == *want, false)
+        let before = own.then(|| sha.clone());
+        let ok = match &held {
+            Some((buf, start)) => chunk_beside(data, &mut sha, &buf[*start..*start + len]),
+            None => chunk_and_whole(data, &mut sha),
+        } == *want;
+        if let Some((buf, _)) = held {
+            crate::bufpool::CHUNKS.give(buf);
+        }
+        let mut st = self.lock();
+        if let (Some(before), false) = (before, ok) {
+            // Its own bytes did not match: the hash stays as it was, and
+            // chunks that came in meanwhile wait for the good copy.
+            st.sha = Some(before);
+            return (false, false);
+        }
+        st.sha = Some(sha);
+        st.next += 1;
+        st.one_pass += 1;
+        self.settle(st);
+        (ok, own)
     }
 
     /// Chunk `index`, verified and written, is `buf[start..start + len]`.
