@@ -83,6 +83,7 @@ pub struct Metrics {
     pub sync_active: Gauge,
     pub sync_chunks_rejected: Family<Labels, Counter>,
     pub sync_served: Family<Labels, Counter>,
+    pub sync_serve_checks: Family<Labels, Counter>,
     pub blob_store_bytes: Gauge,
     pub blob_store_blobs: Gauge,
 }
@@ -142,6 +143,7 @@ impl Metrics {
             sync_active: Gauge::default(),
             sync_chunks_rejected: Family::default(),
             sync_served: Family::default(),
+            sync_serve_checks: Family::default(),
             blob_store_bytes: Gauge::default(),
             blob_store_blobs: Gauge::default(),
         };
@@ -282,6 +284,7 @@ impl Metrics {
             "sync_transfer_seconds", "Duration of completed blob fetches", m.sync_seconds;
             "sync_chunks_rejected", "Chunks thrown away, by reason: hash or size (received), manifest, local_damage (a stored copy found damaged when serving)", m.sync_chunks_rejected;
             "sync_requests_served", "Blob sync requests answered, by kind and result", m.sync_served;
+            "sync_serve_checks", "Chunks served, by how the stored copy was checked: hashed against the manifest, or vouched (verified here before and its file unchanged since; hashed again after 10 min)", m.sync_serve_checks;
             "blob_store_bytes", "Bytes of blobs held (complete and partial, at full size)", m.blob_store_bytes;
             "blob_store_blobs", "Blobs held (complete and partial)", m.blob_store_blobs;
         }

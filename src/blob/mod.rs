@@ -9,6 +9,7 @@
 pub mod sched;
 pub mod sha;
 pub mod store;
+mod vouch;
 pub mod whole;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -508,7 +509,11 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
             })
             .await;
             match res {
-                Ok(Ok((answer, data_len))) => {
+                Ok(Ok((answer, data_len, hashed))) => {
+                    node.metrics
+                        .sync_serve_checks
+                        .get_or_create(&label("check", if hashed { "hashed" } else { "vouched" }))
+                        .inc();
                     take(&b.up, data_len as u64).await;
                     tracing::trace!(%peer, chunk = index, "chunk served");
                     count_bytes(node, peer, "out", data_len as u64);

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::sha::{chunk_and_whole, Running};
+use super::vouch::{Stamp, Vouched};
 
 use crate::codec;
 
@@ -212,6 +213,9 @@ pub struct BlobStore {
     /// some network filesystems): chunks are then written through the page
     /// cache.
     direct: std::sync::atomic::AtomicBool,
+    /// Chunks of complete objects known good since their file last changed
+    /// (vouch.rs): served without hashing them again.
+    vouched: Vouched,
     dir: PathBuf,
     meta: sled::Tree,
     manifests: sled::Tree,
@@ -484,6 +488,19 @@ fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, BlobError> {
     codec::encode(v).map_err(|e| BlobError::Invalid(e.to_string()))
 }
 
+/// A chunk read from the store.
+struct ChunkRead {
+    /// The buffer, the chunk in its last `len` bytes.
+    buf: Vec<u8>,
+    len: usize,
+    /// Its hash in the manifest, and the manifest's chunk count.
+    want: [u8; 32],
+    chunks: usize,
+    /// The object file's stamp before the read (complete blobs only).
+    stamp: Option<Stamp>,
+    path: PathBuf,
+}
+
 /// What [`BlobStore::add_file`] did.
 pub struct Added {
     pub id: BlobId,
@@ -508,6 +525,7 @@ impl BlobStore {
         Ok(BlobStore {
             cache: std::sync::Mutex::new(Vec::new()),
             direct: std::sync::atomic::AtomicBool::new(true),
+            vouched: Vouched::default(),
             dir: dir.to_path_buf(),
             meta: db.open_tree("blob_meta")?,
             manifests: db.open_tree("blob_manifest")?,
@@ -570,6 +588,8 @@ impl BlobStore {
             sync_dir(&dst);
             self.commit_complete(&id, &manifest)?;
             let _ = std::fs::remove_file(self.partial_path(&id));
+            // The object holds the bytes that were just hashed.
+            self.vouched.record_all(&id, &dst, manifest.chunks.len());
         }
         Ok(Added {
             id,
@@ -772,24 +792,26 @@ impl BlobStore {
         std::fs::rename(&p, &dst).map_err(io("cannot move into the store", &dst))?;
         sync_dir(&dst);
         self.commit_complete(id, m)?;
+        // Every chunk was verified before it was written, and the whole.
+        self.vouched.record_all(id, &dst, m.chunks.len());
         Ok(true)
     }
 
     /// Read a chunk of a complete blob, or of a partial one if held.
     pub fn read_chunk(&self, id: &BlobId, index: u32) -> Result<Vec<u8>, BlobError> {
-        let (buf, _, _) = self.read_chunk_after(id, index, |len| (vec![0; len], 0))?;
-        Ok(buf)
+        Ok(self
+            .read_chunk_after(id, index, |len| (vec![0; len], 0))?
+            .buf)
     }
 
     /// Read a chunk into the buffer `buffer(chunk_len)` gives, (buffer,
-    /// where the chunk goes: behind a header); returns the buffer, the
-    /// chunk's length and its manifest hash.
+    /// where the chunk goes: behind a header).
     fn read_chunk_after(
         &self,
         id: &BlobId,
         index: u32,
         buffer: impl FnOnce(usize) -> (Vec<u8>, usize),
-    ) -> Result<(Vec<u8>, usize, [u8; 32]), BlobError> {
+    ) -> Result<ChunkRead, BlobError> {
         let meta = self
             .meta(id)?
             .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
@@ -808,12 +830,25 @@ impl BlobStore {
             self.partial_path(id)
         };
         let f = File::open(&path).map_err(io("cannot open", &path))?;
+        // Taken before the read: a change after it gives a new stamp.
+        let stamp = if meta.complete {
+            Some(Stamp::of(&f.metadata().map_err(io("cannot stat", &path))?))
+        } else {
+            None
+        };
         let len = m.chunk_len(index) as usize;
         let (mut buf, start) = buffer(len);
         buf.resize(start + len, 0);
         f.read_exact_at(&mut buf[start..], m.offset(index))
             .map_err(io("cannot read", &path))?;
-        Ok((buf, len, m.chunks[index as usize]))
+        Ok(ChunkRead {
+            buf,
+            len,
+            want: m.chunks[index as usize],
+            chunks: m.chunks.len(),
+            stamp,
+            path,
+        })
     }
 
     /// Read a chunk and check it against the manifest: a stored copy that
@@ -826,26 +861,31 @@ impl BlobStore {
 
     /// [`Self::read_verified_chunk`] into the buffer `buffer(chunk_len)`
     /// gives, behind a header (a peer answer's wire header); returns the
-    /// buffer and the chunk's length.
+    /// buffer, the chunk's length, and whether it was hashed (false: the
+    /// object is unchanged since the chunk was verified, see vouch.rs).
     pub fn read_verified_chunk_after(
         &self,
         id: &BlobId,
         index: u32,
         buffer: impl FnOnce(usize) -> (Vec<u8>, usize),
-    ) -> Result<(Vec<u8>, usize), BlobError> {
-        let (buf, len, want) = self.read_chunk_after(id, index, buffer)?;
-        if sha256(&buf[buf.len() - len..]) != want {
-            let path = if self.is_complete(id)? {
-                self.object_path(id)
-            } else {
-                self.partial_path(id)
-            };
+    ) -> Result<(Vec<u8>, usize, bool), BlobError> {
+        let r = self.read_chunk_after(id, index, buffer)?;
+        if let Some(stamp) = &r.stamp {
+            if self.vouched.holds(id, stamp, index) {
+                return Ok((r.buf, r.len, false));
+            }
+        }
+        if sha256(&r.buf[r.buf.len() - r.len..]) != r.want {
+            self.vouched.forget(id);
             return Err(BlobError::DamagedChunk {
-                path: path.display().to_string(),
+                path: r.path.display().to_string(),
                 index,
             });
         }
-        Ok((buf, len))
+        if let Some(stamp) = &r.stamp {
+            self.vouched.record(id, stamp, index, r.chunks);
+        }
+        Ok((r.buf, r.len, true))
     }
 
     /// Check every held chunk of a blob; returns the damaged ones.
@@ -868,6 +908,7 @@ impl BlobStore {
     /// Forget damaged chunks: a complete blob becomes a partial one holding
     /// every other chunk, to be fetched again (repaired).
     pub fn demote(&self, id: &BlobId, bad: &[u32]) -> Result<(), BlobError> {
+        self.vouched.forget(id);
         let Some(mut meta) = self.meta(id)? else {
             return Err(BlobError::NotHeld(hex_id(id)));
         };
@@ -902,6 +943,7 @@ impl BlobStore {
 
     /// Remove a blob (object or partial) and its records.
     pub fn remove(&self, id: &BlobId) -> Result<(), BlobError> {
+        self.vouched.forget(id);
         for p in [self.object_path(id), self.partial_path(id)] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
@@ -1149,13 +1191,20 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
         std::fs::write(&src, &data).unwrap();
         let a = s.add_file(&src, MIN_CHUNK).unwrap();
+        let hashed = |i| {
+            s.read_verified_chunk_after(&a.id, i, |len| (vec![0; len], 0))
+                .map(|r| r.2)
+        };
+        // The add hashed what it stored: serving needs no second hash...
+        assert!(!hashed(2).unwrap() && !hashed(1).unwrap());
         let obj = s.object_path(&a.id);
         let mut perm = std::fs::metadata(&obj).unwrap().permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
         std::fs::set_permissions(&obj, perm).unwrap();
         let f = OpenOptions::new().write(true).open(&obj).unwrap();
         f.write_all_at(&[0xff; 10], 65_536 * 2 + 5).unwrap();
-        assert!(s.read_verified_chunk(&a.id, 1).is_ok());
+        // ...until the file changes: then every chunk is hashed again.
+        assert!(hashed(1).unwrap());
         assert!(matches!(
             s.read_verified_chunk(&a.id, 2),
             Err(BlobError::DamagedChunk { index: 2, .. })
@@ -1171,6 +1220,7 @@ mod tests {
             .unwrap();
         assert!(s.finish_partial(&a.id, &a.manifest, hash_file).unwrap());
         assert_eq!(std::fs::read(&obj).unwrap(), data);
+        assert!(!hashed(2).unwrap(), "a verified finish vouches again");
     }
 
     #[test]
