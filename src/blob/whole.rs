@@ -17,6 +17,10 @@
 //! hash's next waiting chunk beside it (two SHA-256 streams interleaved,
 //! see `sha.rs`). So that there is a waiting chunk to carry, the hash does
 //! not empty the memory eagerly: up to half the budget waits for checks.
+//! Chunks are checked on several threads at once, and only one can step
+//! the hash: a check that finds it out waits for it (a pass is well under a
+//! millisecond) instead of hashing alone, and then usually finds its own
+//! chunk next in turn.
 //!
 //! The bytes hashed are the verified bytes that were written; chunks read
 //! back are read from the file. A disk read that fails stops the running
@@ -24,7 +28,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::sha::{chunk_and_whole, chunk_beside, Running};
 use super::store::{hash_range, sha256, Bitmap, BlobId, Manifest};
@@ -33,11 +38,18 @@ use super::store::{hash_range, sha256, Bitmap, BlobId, Manifest};
 /// chunks).
 pub const HOLD_BYTES: usize = 16 << 20;
 
+/// Longest a check waits for the whole hash that another thread is
+/// stepping (one pass is well under a millisecond) before hashing alone.
+const SHARE_WAIT: Duration = Duration::from_millis(20);
+
 pub struct WholeHash {
     path: PathBuf,
     manifest: Arc<Manifest>,
     hold: usize,
     st: Mutex<State>,
+    /// Signalled whenever `sha` is put back.
+    freed: Condvar,
+    share_wait: Duration,
 }
 
 struct State {
@@ -54,6 +66,8 @@ struct State {
     broken: bool,
     /// Chunks checked and hashed in one pass (see [`WholeHash::check`]).
     one_pass: u32,
+    /// Checks waiting now for another thread's step of the hash.
+    waiting: u32,
 }
 
 impl WholeHash {
@@ -64,10 +78,13 @@ impl WholeHash {
             path,
             manifest,
             hold,
+            freed: Condvar::new(),
+            share_wait: SHARE_WAIT,
             st: Mutex::new(State {
                 next: 0,
                 sha: Some(Running::new()),
                 one_pass: 0,
+                waiting: 0,
                 mem: BTreeMap::new(),
                 mem_bytes: 0,
                 disk: held.clone(),
@@ -104,8 +121,27 @@ impl WholeHash {
     /// memory, that chunk is hashed beside this one's check (see sha.rs).
     /// Returns (matched, taken by the whole hash); a chunk not taken is
     /// [`offer`](Self::offer)ed once written. Blocking.
+    ///
+    /// While another thread steps the whole hash, the check waits for it
+    /// (up to [`SHARE_WAIT`]) rather than hash alone: chunks checked on
+    /// several threads at once then still each share their pass, the one
+    /// that is next in turn with its own step.
     pub fn check(&self, index: u32, data: &[u8], want: &[u8; 32]) -> (bool, bool) {
         let mut st = self.lock();
+        let deadline = Instant::now() + self.share_wait;
+        while st.sha.is_none() && !st.broken && index >= st.next {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st.waiting += 1;
+            st = self
+                .freed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            st.waiting -= 1;
+        }
         let next = st.next;
         let own = index == next
             && !st.mem.contains_key(&index)
@@ -140,9 +176,11 @@ impl WholeHash {
             // Its own bytes did not match: the hash stays as it was, and
             // chunks that came in meanwhile wait for the good copy.
             st.sha = Some(before);
+            self.freed.notify_all();
             return (false, false);
         }
         st.sha = Some(sha);
+        self.freed.notify_all();
         st.next += 1;
         st.one_pass += 1;
         self.settle(st);
@@ -234,6 +272,7 @@ impl WholeHash {
             };
             st = self.lock();
             st.sha = Some(sha);
+            self.freed.notify_all();
             if !ok {
                 st.broken = true;
                 return;
@@ -427,6 +466,49 @@ mod tests {
         }
         assert_eq!(w.one_pass(), f.n);
         assert_eq!(w.finish().unwrap(), f.id);
+    }
+
+    #[test]
+    fn a_check_waits_for_the_hash_another_thread_steps_and_shares_its_pass() {
+        let f = fixture(4);
+        let mut h = f.hash(None);
+        h.share_wait = Duration::from_secs(600);
+        let h = Arc::new(h);
+        // Another thread is hashing chunk 0: the whole hash is out.
+        let mut sha = h.lock().sha.take().unwrap();
+        let late = {
+            let (h, b, want) = (h.clone(), f.buf(1, 0), f.m.chunks[1]);
+            std::thread::spawn(move || h.check(1, &b, &want))
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while h.lock().waiting == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the check of chunk 1 never waited"
+            );
+            std::thread::yield_now();
+        }
+        // Chunk 0 done: the hash comes back, and chunk 1 is next in turn.
+        sha.update(&f.buf(0, 0));
+        {
+            let mut st = h.lock();
+            st.sha = Some(sha);
+            st.next = 1;
+            h.freed.notify_all();
+        }
+        assert_eq!(
+            late.join().unwrap(),
+            (true, true),
+            "checked and hashed in one pass"
+        );
+        assert_eq!((h.position(), h.one_pass()), (2, 1));
+        for i in 2..f.n {
+            assert_eq!(
+                h.check(i, &f.buf(i, 0), &f.m.chunks[i as usize]),
+                (true, true)
+            );
+        }
+        assert_eq!(h.finish().unwrap(), f.id);
     }
 
     #[test]
