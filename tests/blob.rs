@@ -273,7 +273,17 @@ async fn a_fetch_resumes_after_a_crash_and_routes_around_a_corrupt_source() {
         "after the restart only the missing chunks are fetched: {fetched} bytes, {held} chunks were held"
     );
 
+    // a0 hashed those bytes when it added them: it served them unhashed.
+    let vouched = a0
+        .metric("riftmesh_sync_serve_checks_total{check=\"vouched\"}")
+        .await;
+    assert!(
+        vouched >= 1.0,
+        "a0 served chunks it verified at the add without hashing them again"
+    );
+
     // Now a0's copy rots on disk; a2 must still get a verified file, from a1.
+    // The write changes the file's stamp, so a0 hashes before serving again.
     let obj = root.join("a0/blobs/objects").join(&id);
     let mut perm = std::fs::metadata(&obj).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
