@@ -116,15 +116,7 @@ impl Vouched {
             e.stamp != *stamp || e.since.elapsed() >= VOUCH_TTL || !e.chunks.fits(chunks)
         });
         if fresh {
-            Self::make_room(&mut map, id);
-            map.insert(
-                *id,
-                Entry {
-                    stamp: *stamp,
-                    since: Instant::now(),
-                    chunks: Bitmap::new(chunks),
-                },
-            );
+            Self::put(&mut map, id, *stamp, Bitmap::new(chunks));
         }
         if let Some(e) = map.get_mut(id) {
             e.chunks.set(index);
@@ -144,16 +136,7 @@ impl Vouched {
             };
             let stamp = Stamp::of(&md);
             if stamp.settled() {
-                let mut map = self.map();
-                Self::make_room(&mut map, id);
-                map.insert(
-                    *id,
-                    Entry {
-                        stamp,
-                        since: Instant::now(),
-                        chunks: Bitmap::full(chunks),
-                    },
-                );
+                Self::put(&mut self.map(), id, stamp, Bitmap::full(chunks));
                 return true;
             }
             if Instant::now() >= deadline {
@@ -167,13 +150,22 @@ impl Vouched {
         self.map().remove(id);
     }
 
-    fn make_room(map: &mut HashMap<BlobId, Entry>, keep: &BlobId) {
-        if map.len() < VOUCH_BLOBS || map.contains_key(keep) {
-            return;
+    /// A fresh entry for `id`, making room for it (the oldest goes).
+    fn put(map: &mut HashMap<BlobId, Entry>, id: &BlobId, stamp: Stamp, chunks: Bitmap) {
+        if map.len() >= VOUCH_BLOBS && !map.contains_key(id) {
+            if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.since).map(|(id, _)| *id) {
+                map.remove(&oldest);
+            }
         }
-        if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.since).map(|(id, _)| *id) {
-            map.remove(&oldest);
-        }
+        let since = Instant::now();
+        map.insert(
+            *id,
+            Entry {
+                stamp,
+                since,
+                chunks,
+            },
+        );
     }
 }
 

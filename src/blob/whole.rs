@@ -175,16 +175,21 @@ impl WholeHash {
         if let (Some(before), false) = (before, ok) {
             // Its own bytes did not match: the hash stays as it was, and
             // chunks that came in meanwhile wait for the good copy.
-            st.sha = Some(before);
-            self.freed.notify_all();
+            self.put_back(&mut st, before);
             return (false, false);
         }
-        st.sha = Some(sha);
-        self.freed.notify_all();
+        self.put_back(&mut st, sha);
         st.next += 1;
         st.one_pass += 1;
         self.settle(st);
         (ok, own)
+    }
+
+    /// Return the hash a thread took out to step it, and wake the checks
+    /// waiting for it.
+    fn put_back(&self, st: &mut State, sha: Running) {
+        st.sha = Some(sha);
+        self.freed.notify_all();
     }
 
     /// Chunk `index`, verified and written, is `buf[start..start + len]`.
@@ -271,8 +276,7 @@ impl WholeHash {
                 }
             };
             st = self.lock();
-            st.sha = Some(sha);
-            self.freed.notify_all();
+            self.put_back(&mut st, sha);
             if !ok {
                 st.broken = true;
                 return;
