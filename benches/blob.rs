@@ -276,6 +276,8 @@ struct Report {
     fan_origin_share: f64,
     /// (row, seconds, CPU seconds of both ends)
     ceiling: Vec<(String, f64, f64)>,
+    /// Which row of `ceiling` is the agent's whole stack (the target's).
+    stack_row: usize,
     /// Both hashes of every chunk (its own and the whole file's), over
     /// SHA_BENCH_BYTES in memory: (one after the other, in one pass) in s.
     sha_secs: (f64, f64),
@@ -345,6 +347,7 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
             _ => f64::NAN,
         };
         r.ceiling.push((name.to_string(), secs, cpu));
+        r.ceiling.len() - 1
     };
     let c = cpu_ticks(me);
     measure("transport ceiling: plain TCP", stack::tcp(bytes).await?, c);
@@ -379,7 +382,7 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
         c,
     );
     let c = cpu_ticks(me);
-    measure(
+    let stack_row = measure(
         "  + Yamux, 60 KiB frames: the agent's stack",
         stack::stack(
             bytes,
@@ -390,6 +393,19 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
         .await?,
         c,
     );
+    #[cfg(feature = "bench-quic")]
+    for (name, mtu) in [
+        ("QUIC instead (libp2p-quic, AES-GCM), not the agent's", None),
+        ("  the same, path MTU up to 65000 (loopback)", Some(65000)),
+    ] {
+        let c = cpu_ticks(me);
+        measure(
+            name,
+            stack::quic(bytes, CHUNK as usize, r.in_flight_per_source as usize, mtu).await?,
+            c,
+        );
+    }
+    r.stack_row = stack_row;
     if std::env::var("RIFTMESH_BENCH_ONLY").as_deref() == Ok("stack") {
         for (name, secs, cpu) in &r.ceiling {
             println!(
@@ -648,6 +664,14 @@ async fn main() {
     if let Err(e) = run(dir.path(), bytes, &mut r).await {
         r.error = Some(e.to_string());
     }
+    if std::env::var("RIFTMESH_BENCH_ONLY").as_deref() == Ok("stack") {
+        // The rows were printed; the results file keeps the last full run.
+        if let Some(e) = r.error {
+            eprintln!("blob bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = format!(
         "riftmesh blob bench: {} MiB blob in {} KiB chunks on loopback; {cpus} CPUs; {}\ncommand: RIFTMESH_BENCH_BLOB_MIB={mib} cargo bench --bench blob\n",
@@ -691,7 +715,7 @@ async fn main() {
     for (name, secs, cpu) in &r.ceiling {
         row(name, format!("{} | {cpu:.1} CPU-s", rate(*secs)), "", None);
     }
-    let stack_rate = r.ceiling.last().map(|c| mbps(r.bytes, c.1));
+    let stack_rate = r.ceiling.get(r.stack_row).map(|c| mbps(r.bytes, c.1));
     let sha_rate = |s: f64| format!("{:.0} MB/s", mbps(SHA_BENCH_BYTES as u64, s));
     row(
         "SHA-256 of each chunk and of the whole: two sha2 passes",

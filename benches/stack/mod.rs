@@ -12,6 +12,8 @@
 //!    request per chunk, `in_flight` requests outstanding, the answer a
 //!    chunk-sized buffer held in memory. This is the blob protocol's shape
 //!    without the store.
+//! 5. with `--features bench-quic`, for comparison: the same exchange over
+//!    libp2p-quic instead (not a layer of the agent).
 //!
 //! Each function returns the seconds from the first byte asked for to the
 //! last byte received.
@@ -141,26 +143,28 @@ pub async fn pnet_noise(bytes: u64) -> anyhow::Result<f64> {
 
 type Rr = request_response::Behaviour<riftmesh::net::RawCodec>;
 
+fn behaviour() -> Rr {
+    request_response::Behaviour::with_codec(
+        riftmesh::net::RawCodec::new(
+            riftmesh::net::MAX_BLOB_REQUEST,
+            riftmesh::net::MAX_BLOB_RESPONSE,
+        ),
+        [(
+            StreamProtocol::new("/bench/chunks/1"),
+            ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(60))
+            .with_max_concurrent_streams(256),
+    )
+}
+
 fn swarm(key: Keypair, psk: PreSharedKey, frames: usize) -> anyhow::Result<libp2p::Swarm<Rr>> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|k| riftmesh::net::transport_with_frames(k, psk, frames))
         .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                riftmesh::net::RawCodec::new(
-                    riftmesh::net::MAX_BLOB_REQUEST,
-                    riftmesh::net::MAX_BLOB_RESPONSE,
-                ),
-                [(
-                    StreamProtocol::new("/bench/chunks/1"),
-                    ProtocolSupport::Full,
-                )],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(60))
-                    .with_max_concurrent_streams(256),
-            )
-        })
+        .with_behaviour(|_| behaviour())
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build())
@@ -175,10 +179,72 @@ pub async fn stack(
     frames: usize,
 ) -> anyhow::Result<f64> {
     let k = psk();
-    let mut server = swarm(Keypair::generate_ed25519(), k, frames)?;
-    let mut client = swarm(Keypair::generate_ed25519(), k, frames)?;
+    let server = swarm(Keypair::generate_ed25519(), k, frames)?;
+    let client = swarm(Keypair::generate_ed25519(), k, frames)?;
+    chunks(
+        server,
+        client,
+        "/ip4/127.0.0.1/tcp/0",
+        bytes,
+        chunk,
+        in_flight,
+    )
+    .await
+}
+
+/// For comparison only (built with `--features bench-quic`; the agent does
+/// not speak it): the same request-response exchange over libp2p-quic
+/// (QUIC with TLS 1.3, AES-GCM) instead of TCP + pnet + Noise + Yamux.
+/// `mtu`: quinn's path-MTU discovery's upper bound (its default 1452).
+#[cfg(feature = "bench-quic")]
+pub async fn quic(
+    bytes: u64,
+    chunk: usize,
+    in_flight: usize,
+    mtu: Option<u16>,
+) -> anyhow::Result<f64> {
+    let build = || -> anyhow::Result<libp2p::Swarm<Rr>> {
+        let key = Keypair::generate_ed25519();
+        let mut cfg = libp2p::quic::Config::new(&key);
+        if let Some(m) = mtu {
+            cfg = cfg.mtu_upper_bound(m);
+        }
+        Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_other_transport(|_| {
+                use libp2p::Transport;
+                libp2p::quic::tokio::Transport::new(cfg)
+                    .map(|(p, c), _| (p, libp2p::core::muxing::StreamMuxerBox::new(c)))
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_behaviour(|_| behaviour())
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build())
+    };
+    chunks(
+        build()?,
+        build()?,
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        bytes,
+        chunk,
+        in_flight,
+    )
+    .await
+}
+
+/// Seconds for `client` to fetch `bytes` from `server` (listening on
+/// `listen`) as `chunk`-byte answers, `in_flight` requests outstanding.
+async fn chunks(
+    mut server: libp2p::Swarm<Rr>,
+    mut client: libp2p::Swarm<Rr>,
+    listen: &str,
+    bytes: u64,
+    chunk: usize,
+    in_flight: usize,
+) -> anyhow::Result<f64> {
     let server_id = *server.local_peer_id();
-    server.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
+    server.listen_on(listen.parse()?)?;
     let addr = loop {
         if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
             break address;
