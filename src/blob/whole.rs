@@ -496,9 +496,8 @@ mod tests {
         sha.update(&f.buf(0, 0));
         {
             let mut st = h.lock();
-            st.sha = Some(sha);
             st.next = 1;
-            h.freed.notify_all();
+            h.put_back(&mut st, sha);
         }
         assert_eq!(
             late.join().unwrap(),
