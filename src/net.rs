@@ -886,6 +886,10 @@ pub fn transport_with_frames(
     libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
     Box<dyn std::error::Error + Send + Sync>,
 > {
+    // Fail closed: no transport at all if the cipher library or the key
+    // is not usable (the agent stops at start with this message).
+    crate::privnet::init()?;
+    crate::privnet::key_bytes(&psk)?;
     let noise = noise::Config::new(key)?;
     Ok(
         tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))

@@ -12,6 +12,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 use std::task::{ready, Context, Poll};
 
@@ -25,26 +26,45 @@ const MAX_WRITE: usize = 256 << 10;
 const BLOCK: u64 = 64;
 
 /// The 32 raw bytes of a swarm key (libp2p-pnet keeps them private; its
-/// key-file text is the one public form).
-pub fn key_bytes(psk: &PreSharedKey) -> [u8; 32] {
-    let text = psk.to_string();
-    let hex_line = text.lines().nth(2).unwrap_or_default().trim();
-    let mut out = [0u8; 32];
-    // The text comes from the key's own formatter: always 64 hex digits.
-    if hex::decode_to_slice(hex_line, &mut out).is_err() {
-        tracing::error!("swarm key text not in the expected form");
-    }
-    out
+/// key-file text is the one public form). Fails closed: a text not in the
+/// form the key's own formatter writes is an error, never a zero key.
+pub fn key_bytes(psk: &PreSharedKey) -> io::Result<[u8; 32]> {
+    key_bytes_from_text(&psk.to_string())
 }
 
-fn sodium() {
+fn key_bytes_from_text(text: &str) -> io::Result<[u8; 32]> {
+    let mut lines = text.lines();
+    let (head, enc, hex_line) = (lines.next(), lines.next(), lines.next());
+    let mut out = [0u8; 32];
+    let well_formed = head.map(str::trim) == Some("/key/swarm/psk/1.0.0/")
+        && enc.map(str::trim) == Some("/base16/")
+        && hex_line.is_some_and(|h| hex::decode_to_slice(h.trim(), &mut out).is_ok());
+    if !well_formed {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "swarm key text not in the /key/swarm/psk/1.0.0/ base16 form",
+        ));
+    }
+    Ok(out)
+}
+
+/// libsodium's one-time initialisation. Fails closed: the agent stops at
+/// start (`net::start` calls this first) and a handshake fails, rather
+/// than running a cipher whose library did not initialise.
+pub fn init() -> io::Result<()> {
     static INIT: Once = Once::new();
+    static OK: AtomicBool = AtomicBool::new(false);
     // SAFETY: sodium_init is safe to call from any thread; Once runs it once.
     INIT.call_once(|| unsafe {
-        if libsodium_sys::sodium_init() < 0 {
-            tracing::error!("libsodium failed to initialise");
-        }
+        OK.store(libsodium_sys::sodium_init() >= 0, Ordering::Release);
     });
+    if OK.load(Ordering::Acquire) {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            "libsodium failed to initialise (sodium_init < 0): the private network cannot run",
+        ))
+    }
 }
 
 /// XSalsa20 keystream at a byte position.
@@ -56,7 +76,6 @@ pub struct XorStream {
 
 impl XorStream {
     pub fn new(key: [u8; 32], nonce: [u8; NONCE_SIZE]) -> Self {
-        sodium();
         XorStream { key, nonce, pos: 0 }
     }
 
@@ -137,7 +156,8 @@ pub async fn handshake<S>(psk: PreSharedKey, mut socket: S) -> io::Result<PrivSt
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let key = key_bytes(&psk);
+    init()?;
+    let key = key_bytes(&psk)?;
     let local: [u8; NONCE_SIZE] = rand::random();
     let mut remote = [0u8; NONCE_SIZE];
     socket.write_all(&local).await?;
@@ -243,6 +263,7 @@ mod tests {
     fn keystream_matches_reference_at_any_split() {
         let key: [u8; 32] = rand::random();
         let nonce: [u8; 24] = rand::random();
+        init().unwrap();
         let plain: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
         let mut want = plain.clone();
         salsa20::XSalsa20::new(&key.into(), &nonce.into()).apply_keystream(&mut want);
@@ -272,7 +293,30 @@ mod tests {
     #[test]
     fn key_bytes_round_trip() {
         let raw: [u8; 32] = rand::random();
-        assert_eq!(key_bytes(&PreSharedKey::new(raw)), raw);
+        assert_eq!(key_bytes(&PreSharedKey::new(raw)).unwrap(), raw);
+    }
+
+    #[test]
+    fn a_key_text_not_in_the_formatters_form_is_an_error_not_a_zero_key() {
+        let raw: [u8; 32] = rand::random();
+        let good = PreSharedKey::new(raw).to_string();
+        assert_eq!(key_bytes_from_text(&good).unwrap(), raw);
+        let bad = [
+            good.replace("/base16/", "/base64/"),
+            good.replace("/key/swarm/psk/1.0.0/", "/key/other/"),
+            good.lines().take(2).collect::<Vec<_>>().join("\n"),
+            good[..good.len() - 2].to_string(),
+            good.replacen(&hex::encode(raw)[..2], "zz", 1),
+            String::new(),
+        ];
+        for b in bad {
+            assert!(key_bytes_from_text(&b).is_err(), "{b:?} accepted");
+        }
+    }
+
+    #[test]
+    fn libsodium_initialises() {
+        init().unwrap();
     }
 
     /// Our layer talks to libp2p-pnet's on the same socket pair, both ways.
