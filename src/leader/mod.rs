@@ -174,8 +174,28 @@ pub enum LockError {
     NoLeader,
     #[error("the leader did not commit the call in time (no majority of voters reachable?): {0}")]
     Timeout(String),
+    /// The leader could not be reached or answered that it can't serve
+    /// now: retry (503, as NoLeader and Timeout).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Other(String),
+}
+
+impl LockError {
+    /// A forwarded call's error as the leader worded it: the reasons a
+    /// retry can cure (no leader there, no majority in time) stay 503 on
+    /// this side instead of becoming a 502. The wire carries the text
+    /// only (Reply::Lock is a string error for compatibility).
+    fn from_leader(text: String) -> Self {
+        let no_leader = LockError::NoLeader.to_string();
+        let timeout = LockError::Timeout(String::new()).to_string();
+        if text == no_leader || text.starts_with(timeout.trim_end()) {
+            LockError::Unavailable(text)
+        } else {
+            LockError::Other(text)
+        }
+    }
 }
 
 /// What `GET /v1/leader` shows.
@@ -385,9 +405,9 @@ impl Leader {
         let resp = tokio::time::timeout(Duration::from_secs(5), node.net.raft_request(peer, body))
             .await
             .map_err(|_| LockError::Timeout("no answer from the leader in 5 s".into()))?
-            .map_err(|e| LockError::Other(format!("cannot reach the leader: {e}")))?;
+            .map_err(|e| LockError::Unavailable(format!("cannot reach the leader: {e}")))?;
         match codec::decode::<Reply>(&resp, MAX_RAFT_MESSAGE) {
-            Ok(Reply::Lock(r)) => r.map_err(LockError::Other),
+            Ok(Reply::Lock(r)) => r.map_err(LockError::from_leader),
             Ok(Reply::Mismatch) => Err(LockError::Other(
                 "the leader has a different voter list than this agent; fix the config".into(),
             )),
@@ -906,6 +926,24 @@ async fn follow_elections(node: Arc<Node>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_forwarded_refusal_a_retry_can_cure_stays_unavailable() {
+        use super::LockError;
+        let from = |e: LockError| LockError::from_leader(e.to_string());
+        assert!(matches!(
+            from(LockError::NoLeader),
+            LockError::Unavailable(_)
+        ));
+        assert!(matches!(
+            from(LockError::Timeout("3 s".into())),
+            LockError::Unavailable(_)
+        ));
+        assert!(matches!(
+            from(LockError::Other("lock held".into())),
+            LockError::Other(_)
+        ));
+    }
+
     use super::*;
 
     /// One leader per term: a voter that voted for one candidate in a term
