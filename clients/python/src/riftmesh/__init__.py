@@ -14,6 +14,7 @@
 Only the standard library is used. See README.md for the whole interface.
 """
 
+from .aio import AsyncClient, AsyncLock, ErrorCallback
 from .client import Client, Handler, Subscription, TimeLike
 from .errors import (
     AgentUnavailable,
@@ -40,6 +41,7 @@ from .models import (
     ConsumerInfo,
     DeadLetter,
     Event,
+    HandlerFailure,
     HistoryPage,
     LeaderInfo,
     LockInfo,
@@ -53,6 +55,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "AsyncClient",
+    "AsyncLock",
+    "ErrorCallback",
+    "HandlerFailure",
     "Handler",
     "Subscription",
     "TimeLike",
