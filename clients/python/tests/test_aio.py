@@ -92,22 +92,25 @@ def test_the_loop_runs_while_requests_wait(agent: Agent, uid: str) -> None:
     async def main() -> None:
         async with AsyncClient(agent.api) as c:
             await c.create_consumer(f"aio-block-{uid}", [f"AIO_{uid}_NOTHING"])
-            ticks = 0
+            ticks: List[float] = []
 
             async def ticker() -> None:
-                nonlocal ticks
                 while True:
+                    ticks.append(time.monotonic())
                     await asyncio.sleep(0.01)
-                    ticks += 1
 
             tk = asyncio.ensure_future(ticker())
+            await asyncio.sleep(0)
             t0 = time.monotonic()
             b = await c.fetch(f"aio-block-{uid}", wait=1.0)
+            r = await c.publish(f"AIO_{uid}_TICK", {"n": 1})
             took = time.monotonic() - t0
             tk.cancel()
-            assert b.events == [] and took >= 0.9
-            # A blocking call would have let the ticker run at most once.
-            assert ticks >= 20, f"the loop ticked {ticks} times during a 1 s long poll"
+            assert b.events == [] and took >= 0.9 and not r.duplicate
+            # The ticker ran all along: a call that blocked the loop would leave a gap as long as itself.
+            gaps = [y - x for x, y in zip(ticks, ticks[1:])] + [t0 + took - ticks[-1]]
+            assert max(gaps) < 0.5, f"the loop stood still for {max(gaps):.2f} s during a 1 s long poll"
+            assert len(ticks) >= 20
 
     run(main())
 

@@ -196,6 +196,9 @@ def test_a_renamed_subscription_is_warned_about(agent: Agent, uid: str, caplog: 
         await old.start()
         await old.stop()
         c = AsyncClient(agent.api)
+        # A consumer of other types with a backlog too: not a candidate.
+        await c.create_consumer(f"aaa-other-{uid}", [f"{t}_OTHER"])
+        await c.publish(f"{t}_OTHER", {"n": 0})
         for n in range(3):
             await c.publish(t, {"n": n})  # the backlog of old-<uid>.<T>
         caplog.clear()
@@ -208,6 +211,7 @@ def test_a_renamed_subscription_is_warned_about(agent: Agent, uid: str, caplog: 
         assert len(warned) == 1, caplog.text
         assert f"old-{uid}.{t} has 3 unacknowledged event(s)" in warned[0]
         assert f"consumer='old-{uid}.{t}'" in warned[0]
+        assert "other" not in warned[0]
         # Taking the old name, as the warning says: no warning, and the backlog arrives.
         caplog.clear()
         got: List[int] = []
