@@ -32,7 +32,7 @@ from .errors import (
     ServerError,
     Unavailable,
 )
-from .event_types import ALIASES, CATEGORIES, DESCRIPTIONS, EventType
+from .event_types import ALIASES, CATEGORIES, DESCRIPTIONS, DataEventType, EventType
 from .lock import Lock
 from .models import (
     Batch,
@@ -63,6 +63,7 @@ __all__ = [
     "Subscription",
     "TimeLike",
     "EventType",
+    "DataEventType",
     "ALIASES",
     "CATEGORIES",
     "DESCRIPTIONS",
