@@ -262,6 +262,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         proc.kill()
         proc.wait(timeout=30)
+    for r in range(args.rounds):
+        w = next(x["rate"] for x in rows if x["kind"] == "wrk" and x["round"] == r + 1)
+        py_rate = next(x["rate"] for x in rows if x["kind"] == "python" and x["round"] == r + 1)
+        print(f"round {r + 1}: python at {py_rate / w:.0%} of wrk")
     best_wrk = max(x["rate"] for x in rows if x["kind"] == "wrk")
     best_py = max(x["rate"] for x in rows if x["kind"] == "python")
     ratio = best_py / best_wrk
