@@ -134,7 +134,7 @@ class Publisher:
         elif kind == "httpx":
             import httpx
 
-            self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=inflight))
+            self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=inflight), trust_env=False)
         else:
             raise ValueError(kind)
 
