@@ -242,3 +242,30 @@ def test_the_sync_client_warns_about_a_renamed_handler(agent: Agent, uid: str, c
     with caplog.at_level(logging.WARNING, logger="riftmesh"):
         fresh._ensure_consumer(fresh._make_groups()[0])
     assert f"consumer='mod.old_name_{uid}'" in caplog.text
+
+
+def test_module_level_subscribe_in_both_forms(agent: Agent, uid: str, fresh_router: Any) -> None:
+    """`subscribe(type, handler)` and `@subscribe(type)` at module level go to get_router()."""
+    t = f"RT_{uid}_MODULE"
+    got: List[Tuple[str, Any]] = []
+
+    def plain(event: dict) -> None:  # type: ignore[type-arg]
+        got.append(("plain", event.get("n")))
+
+    async def main() -> None:
+        rr.subscribe(t, plain)
+
+        @rr.subscribe(t)
+        async def decorated(event: dict) -> None:  # type: ignore[type-arg]
+            got.append(("decorated", event.get("n")))
+
+        assert rr.get_router().get_subscription_counts() == {t: 2}
+        await rr.publish(t, payload={"n": 7})
+        await until("both handlers", lambda: len(got) == 2)
+        await rr.get_router().stop()
+
+    run(main())
+    assert sorted(got) == [("decorated", 7), ("plain", 7)]
+    # publish without source: the router's name, from RIFTMESH_SERVICE.
+    ev = next(e for e in Client(agent.api).history(t))
+    assert ev.origin == f"seedport-{uid}"
