@@ -290,8 +290,8 @@ class Router:
         (``.2``, ``.3`` ... for further handlers of the same type, in the
         order they subscribe). A new consumer gets the events published from
         the moment of this call on (``from_start=True`` or ``since=``: from
-        the oldest retained, or from that time). A sync handler runs on the
-        event loop, as in the seeds: keep it short or make it ``async``.
+        the oldest retained, or from that time). A sync handler is called on
+        the event loop: keep it short or make it ``async``.
 
         A handler that raises is run again after ``backoff`` seconds (doubling
         up to ``max_backoff``) up to ``max_attempts`` runs in all, then the
