@@ -1,9 +1,12 @@
-"""HTTP/1.1 + JSON to the local agent on asyncio streams, with a keep-alive pool.
+"""HTTP/1.1 + JSON to the local agent on asyncio, with a keep-alive pool.
 
-Standard library only. One connection carries one request at a time; idle
-connections are kept for the next request (up to ``max_connections`` requests
-in flight, long polls aside). A pool belongs to one event loop: used from
-another loop (a second ``asyncio.run``) it starts over with new connections.
+Standard library only. Each pooled connection is a :class:`_Proto` that
+parses the answer as it arrives and hands it whole to the waiting request;
+one connection carries one request at a time, and idle connections are kept
+for the next request (up to ``max_connections`` requests in flight, long
+polls aside). Streamed answers (blob contents) use asyncio streams on a
+connection of their own. A pool belongs to one event loop: used from another
+loop (a second ``asyncio.run``) it starts over with new connections.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .errors import AgentUnavailable, RiftmeshTimeout, error_for
 __all__ = ["AsyncTransport", "AsyncReader"]
 
 T = TypeVar("T")
+_MAX_HEAD = 64 * 1024
 _STREAM_LIMIT = 1 << 20
 
 
@@ -59,6 +63,124 @@ class _Response:
             self.keep_alive = False  # body runs to the end of the connection
 
 
+def _parse_head(block: bytes) -> _Response:
+    lines = block.decode("latin-1").split("\r\n")
+    status_line = lines[0].split(" ", 2)
+    if len(status_line) < 2 or not status_line[0].startswith("HTTP/") or not status_line[1].isdigit():
+        raise ValueError(f"not an HTTP answer: {lines[0][:80]!r}")
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return _Response(int(status_line[1]), status_line[2] if len(status_line) > 2 else "", headers)
+
+
+def _parse_chunked(buf: bytearray, start: int) -> Optional[Tuple[bytes, int]]:
+    """A whole chunked body at ``buf[start:]``: ``(body, end)``, or None if incomplete."""
+    parts: List[bytes] = []
+    i = start
+    while True:
+        eol = buf.find(b"\r\n", i)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[i:eol]).split(b";", 1)[0].strip() or b"0", 16)
+        i = eol + 2
+        if size == 0:
+            while True:  # trailers, then the blank line
+                eol = buf.find(b"\r\n", i)
+                if eol < 0:
+                    return None
+                if eol == i:
+                    return b"".join(parts), eol + 2
+                i = eol + 2
+        if len(buf) < i + size + 2:
+            return None
+        parts.append(bytes(buf[i : i + size]))
+        i += size + 2
+
+
+class _Proto(asyncio.Protocol):
+    """One kept-alive connection for whole JSON answers: the answer is parsed as
+    it arrives and handed to the waiting request in one step."""
+
+    def __init__(self) -> None:
+        self.transport: Optional[asyncio.Transport] = None
+        self.buf = bytearray()
+        self.waiter: Optional["asyncio.Future[Tuple[_Response, bytes]]"] = None
+        self.head: Optional[_Response] = None
+        self.body_at = 0
+        self.closed = False
+        self.reused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        w = self.waiter
+        if w is None or w.done():
+            return
+        try:
+            done = self._complete()
+        except Exception as e:  # noqa: BLE001 - a malformed answer fails the request
+            self.waiter = None
+            w.set_exception(e)
+            return
+        if done is not None:
+            self.waiter = None
+            w.set_result(done)
+
+    def _complete(self) -> Optional[Tuple[_Response, bytes]]:
+        if self.head is None:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > _MAX_HEAD:
+                    raise ValueError("answer head too long")
+                return None
+            self.head = _parse_head(bytes(self.buf[:end]))
+            self.body_at = end + 4
+        head = self.head
+        if head.chunked:
+            r = _parse_chunked(self.buf, self.body_at)
+            if r is None:
+                return None
+            body, used = r
+        elif head.length is not None:
+            used = self.body_at + head.length
+            if len(self.buf) < used:
+                return None
+            body = bytes(self.buf[self.body_at : used])
+        else:
+            return None  # read to the end of the connection: connection_lost finishes it
+        del self.buf[:used]
+        self.head = None
+        return head, body
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        w = self.waiter
+        if w is None or w.done():
+            return
+        self.waiter = None
+        if self.head is not None and not self.head.chunked and self.head.length is None:
+            self.head.keep_alive = False
+            w.set_result((self.head, bytes(self.buf[self.body_at :])))
+        elif self.reused and not self.buf:
+            w.set_exception(_Stale())
+        else:
+            w.set_exception(exc if exc is not None else ConnectionResetError("the agent closed the connection"))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
 class AsyncTransport:
     def __init__(self, host: str, port: int, timeout: float, max_connections: int = 64) -> None:
         self.host = host
@@ -67,7 +189,7 @@ class AsyncTransport:
         self.address = format_address(host, port)
         self.max_connections = max(1, max_connections)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._idle: List[_Conn] = []
+        self._idle: List[_Proto] = []
         self._sem: Optional[asyncio.Semaphore] = None
         # Connections opened so far (a keep-alive pool opens few).
         self.connections_opened = 0
@@ -99,17 +221,32 @@ class AsyncTransport:
                 pass
         return _Conn(reader, writer)
 
-    def _take(self) -> Optional[_Conn]:
+    async def _connect_proto(self) -> _Proto:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, proto = await loop.create_connection(_Proto, self.host, self.port)
+        except OSError as e:
+            raise AgentUnavailable(self.address, e) from None
+        self.connections_opened += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return proto
+
+    def _take(self) -> Optional[_Proto]:
         while self._idle:
             c = self._idle.pop()
-            if c.reader.at_eof() or c.writer.is_closing():
+            if c.closed or c.buf or c.transport is None or c.transport.is_closing():
                 c.close()
                 continue
             c.reused = True
             return c
         return None
 
-    def _put(self, c: _Conn) -> None:
+    def _put(self, c: _Proto) -> None:
         if len(self._idle) < self.max_connections:
             self._idle.append(c)
         else:
@@ -120,11 +257,7 @@ class AsyncTransport:
         idle, self._idle = self._idle, []
         for c in idle:
             c.close()
-        for c in idle:
-            try:
-                await c.writer.wait_closed()
-            except Exception:  # noqa: BLE001
-                pass
+        await asyncio.sleep(0)  # let the transports finish closing
 
     # ------------------------------------------------------------ one exchange
 
@@ -180,33 +313,37 @@ class AsyncTransport:
             return await c.reader.readexactly(resp.length) if resp.length else b""
         return await c.reader.read()
 
-    async def _exchange(self, method: str, url: str, data: Optional[bytes]) -> Tuple[_Conn, _Response]:
-        """Send on a kept connection (once more on a new one if it was stale)."""
-        for _ in range(3):
-            c = self._take() or await self._connect()
+    async def _open_stream(self, method: str, url: str) -> Tuple[_Conn, _Response]:
+        """A new connection of its own for a streamed answer: send, read the head."""
+        c = await self._connect()
+        try:
+            return c, await self._send(c, self._head(method, url, None))
+        except BaseException:
+            c.close()
+            raise
+
+    async def _request(self, method: str, path: str, url: str, data: Optional[bytes]) -> Any:
+        wire = self._head(method, url, data)
+        loop = asyncio.get_running_loop()
+        for attempt in range(4):
+            c = (self._take() if attempt < 3 else None) or await self._connect_proto()
+            fut: "asyncio.Future[Tuple[_Response, bytes]]" = loop.create_future()
+            c.waiter = fut
             try:
-                return c, await self._send(c, self._head(method, url, data))
+                assert c.transport is not None
+                c.transport.write(wire)
+                resp, raw = await fut
+                break
             except _Stale:
                 c.close()
                 continue
             except BaseException:
                 c.close()
                 raise
-        c = await self._connect()
-        try:
-            return c, await self._send(c, self._head(method, url, data))
-        except BaseException:
-            c.close()
-            raise
-
-    async def _request(self, method: str, path: str, url: str, data: Optional[bytes]) -> Any:
-        c, resp = await self._exchange(method, url, data)
-        try:
-            raw = await self._body(c, resp)
-        except BaseException:
-            c.close()
-            raise
-        if resp.keep_alive:
+        else:  # pragma: no cover - the fourth attempt is on a new connection
+            raise AgentUnavailable(self.address, None)
+        if resp.keep_alive and not c.closed:
+            c.reused = False
             self._put(c)
         else:
             c.close()
@@ -253,25 +390,19 @@ class AsyncTransport:
         url = build_url(path, query)
         self._bind()
         try:
-            c, resp = await _within(t, self._exchange(method, url, None))
+            c, resp = await _within(t, self._open_stream(method, url))
         except asyncio.TimeoutError:
             raise RiftmeshTimeout(self.address, method, path, t) from None
         except (OSError, asyncio.IncompleteReadError) as e:
             raise AgentUnavailable(self.address, e) from None
-        ok = False
         try:
             if resp.status >= 400:
                 raw = await _within(t, self._body(c, resp))
                 message, decoded = _error_message(raw, resp.reason)
                 raise error_for(resp.status, message, method, path, decoded)
-            reader = AsyncReader(self, c, resp, method, path, t)
-            yield reader
-            ok = reader.done and resp.keep_alive
+            yield AsyncReader(self, c, resp, method, path, t)
         finally:
-            if ok:
-                self._put(c)
-            else:
-                c.close()
+            c.close()  # a stream's connection is its own, not kept
 
 
 class AsyncReader:
