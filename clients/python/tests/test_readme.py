@@ -19,7 +19,7 @@ from riftmesh import Client
 
 README = HERE.parent / "README.md"
 DEADLINE = 90.0
-TESTED = {"quickstart", "async", "publish", "history", "cluster", "blobs", "errors"}
+TESTED = {"quickstart", "async", "publish", "history", "cluster", "blobs", "errors", "asyncclient"}
 
 
 def examples() -> Dict[str, str]:
@@ -172,3 +172,11 @@ def test_errors_example(readme_agent: Agent, tmp_path: Path) -> None:
     assert out[0] == "127.0.0.1:1"
     assert out[1].startswith("no riftmesh agent is answering at 127.0.0.1:1")
     assert out[2].startswith('400 event type "1abc" is not a well-formed name')
+
+
+def test_asyncclient_example(readme_agent: Agent, tmp_path: Path) -> None:
+    out = run_script(readme_agent, "asyncclient", tmp_path).splitlines()
+    assert out[0].endswith(" 32")
+    assert any(line.endswith("TRAINING_COMPLETED") for line in out)
+    assert any(line.startswith("token ") and int(line.split()[1]) > 0 for line in out)
+    assert out[-1].startswith("py-readme ['py-readme'")

@@ -14,6 +14,7 @@
 Only the standard library is used. See README.md for the whole interface.
 """
 
+from .aio import AsyncClient, AsyncLock, ErrorCallback
 from .client import Client, Handler, Subscription, TimeLike
 from .errors import (
     AgentUnavailable,
@@ -31,7 +32,7 @@ from .errors import (
     ServerError,
     Unavailable,
 )
-from .event_types import ALIASES, CATEGORIES, DESCRIPTIONS, EventType
+from .event_types import ALIASES, CATEGORIES, DESCRIPTIONS, DataEventType, EventType
 from .lock import Lock
 from .models import (
     Batch,
@@ -40,6 +41,7 @@ from .models import (
     ConsumerInfo,
     DeadLetter,
     Event,
+    HandlerFailure,
     HistoryPage,
     LeaderInfo,
     LockInfo,
@@ -53,10 +55,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "AsyncClient",
+    "AsyncLock",
+    "ErrorCallback",
+    "HandlerFailure",
     "Handler",
     "Subscription",
     "TimeLike",
     "EventType",
+    "DataEventType",
     "ALIASES",
     "CATEGORIES",
     "DESCRIPTIONS",

@@ -83,6 +83,21 @@ def quote(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
 
 
+def build_url(path: str, query: Optional[Query]) -> str:
+    """``path`` with ``query`` encoded (``None`` values left out, booleans as true/false)."""
+    if not query:
+        return path
+    items = query.items() if isinstance(query, Mapping) else query
+    pairs = []
+    for k, v in items:
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        pairs.append((k, str(v)))
+    return path + ("?" + urllib.parse.urlencode(pairs) if pairs else "")
+
+
 class Transport:
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host = host
@@ -91,17 +106,7 @@ class Transport:
         self.address = format_address(host, port)
 
     def _url(self, path: str, query: Optional[Query]) -> str:
-        if not query:
-            return path
-        items = query.items() if isinstance(query, Mapping) else query
-        pairs = []
-        for k, v in items:
-            if v is None:
-                continue
-            if isinstance(v, bool):
-                v = "true" if v else "false"
-            pairs.append((k, str(v)))
-        return path + ("?" + urllib.parse.urlencode(pairs) if pairs else "")
+        return build_url(path, query)
 
     @contextmanager
     def _exchange(

@@ -127,6 +127,32 @@ def _default_consumer(fn: Callable[..., Any]) -> str:
     return name
 
 
+# Consumers with the same types that are looked at when a new one is created.
+_BACKLOG_CANDIDATES = 5
+_BACKLOG_PEEK = 100
+
+
+def _same_types(infos: Sequence[ConsumerInfo], name: str, types: Sequence[str]) -> List[ConsumerInfo]:
+    """Other consumers whose type patterns are exactly ``types`` (a renamed one looks so)."""
+    want = sorted(types)
+    out = [c for c in infos if c.name != name and sorted(c.types) == want]
+    return out[:_BACKLOG_CANDIDATES]
+
+
+def _backlog_warning(name: str, found: Sequence[Tuple[ConsumerInfo, int]]) -> str:
+    """The warning for a new consumer while consumers with its types have unacknowledged events."""
+    parts = "; ".join(
+        f"{c.name} has {n}{'+' if n >= _BACKLOG_PEEK else ''} unacknowledged event(s) after its cursor {c.cursor}"
+        for c, n in found
+    )
+    return (
+        f"consumer {name} does not exist yet and starts with the events published from now on, "
+        f"while another consumer with the same types has a backlog ({parts}). If this handler "
+        f"or service was renamed, pass consumer={found[0][0].name!r} to keep its place "
+        "(or from_start=True / since= to replay); if the old consumer is unused, delete it"
+    )
+
+
 def _truncate_utf8(text: str, limit: int) -> str:
     raw = text.encode("utf-8")
     if len(raw) <= limit:
@@ -172,6 +198,10 @@ class Subscription:
     index: int
     name: str = ""
     is_async: bool = False
+    # Called with a HandlerFailure each time the handler raises (AsyncClient, router).
+    on_error: Optional[Callable[[Any], Any]] = None
+    # AsyncClient: run a plain (non-async) handler in a worker thread (else on the loop).
+    in_thread: bool = True
 
     def matches(self, type_: str) -> bool:
         return not self.patterns or any(p.matches(type_) for p in self.patterns)
@@ -654,12 +684,28 @@ class Client:
         return list(groups.values())
 
     def _ensure_consumer(self, g: _Group) -> None:
-        exists = self.consumer(g.consumer) is not None
+        infos = self.consumers()
+        exists = any(c.name == g.consumer for c in infos)
         body: Dict[str, Any] = {"types": g.types()}
         if not exists and g.start is not None:
             body.update(g.start.body())
+        if not exists and g.start is None:
+            self._warn_backlog(g.consumer, body["types"], infos)
         self._http.request("PUT", f"/v1/consumers/{quote(g.consumer)}", body=body)
         log.info("consumer %s: types %s%s", g.consumer, body["types"] or "all", "" if exists else " (new)")
+
+    def _warn_backlog(self, name: str, types: List[str], infos: Sequence[ConsumerInfo]) -> None:
+        """Warn when a new consumer would leave another's backlog behind (a rename)."""
+        found: List[Tuple[ConsumerInfo, int]] = []
+        for c in _same_types(infos, name, types):
+            try:
+                n = len(self.fetch(c.name, max=_BACKLOG_PEEK).events)
+            except RiftmeshError:
+                continue
+            if n:
+                found.append((c, n))
+        if found:
+            log.warning("%s", _backlog_warning(name, found))
 
     # ---------------------------------------------------------------- stop
 

@@ -19,6 +19,7 @@ __all__ = [
     "LockInfo",
     "BlobAdded",
     "BlobInfo",
+    "HandlerFailure",
 ]
 
 
@@ -329,3 +330,23 @@ class BlobInfo:
             last_failure=v.get("last_failure"),
             raw=v,
         )
+
+
+@dataclass
+class HandlerFailure:
+    """What an ``on_error`` callback is given when a handler raised.
+
+    ``attempt`` counts this handler's runs on this event (1 on the first);
+    ``final`` is true when no retry follows: the event is dead-lettered for
+    this consumer (``consumer``) and the consumer moves on. Otherwise the
+    handler runs again after ``retry_in`` seconds.
+    """
+
+    consumer: str
+    handler: str
+    event: Event
+    error: BaseException
+    attempt: int
+    max_attempts: int
+    final: bool
+    retry_in: Optional[float]

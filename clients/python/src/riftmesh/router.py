@@ -1,0 +1,504 @@
+"""A drop-in for the seeds' event router (``app.coordination.event_router``).
+
+::
+
+    from riftmesh.router import get_router, publish, subscribe, DataEventType
+
+    router = get_router()
+    router.subscribe(DataEventType.TRAINING_COMPLETED, on_training_completed)
+
+    async def on_training_completed(event: dict) -> None:
+        config = event.get("config")
+
+    await publish(DataEventType.MODEL_PROMOTED, payload={"config": "hex8_2p"}, source="promoter")
+
+Events go through the local riftmesh agent, so they reach every process on
+every host. Each subscription is its own durable consumer of the agent
+(``<service>.<TYPE>``), run by its own task: a handler that fails and
+retries holds back nobody else's events. Handlers get a :class:`RouterEvent`,
+a ``dict`` with the payload's keys at the top level, the envelope's ``type``,
+``source`` (the publishing component), ``node`` (the publishing agent's peer
+id), ``timestamp`` (seconds), ``event_id`` and ``payload`` over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import inspect
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Union
+
+from .aio import AsyncClient, ErrorCallback
+from .client import _CONSUMER_NAME, Subscription, TimeLike, _callable_name, _Group, _since_param, _Start
+from .event_types import DataEventType
+from .models import Event, HandlerFailure, Published
+from .patterns import TypeLike, TypePattern, normalize_pattern
+
+__all__ = [
+    "Router",
+    "RouterEvent",
+    "RouterSubscription",
+    "DataEventType",
+    "HandlerFailure",
+    "get_router",
+    "set_router",
+    "reset_router",
+    "publish",
+    "subscribe",
+]
+
+log = logging.getLogger("riftmesh")
+
+RouterHandler = Callable[["RouterEvent"], Union[None, Awaitable[None], Any]]
+
+# Keys of the envelope: at the top level of a RouterEvent, over payload keys of the same name.
+ENVELOPE_KEYS = ("type", "source", "node", "timestamp", "event_id", "payload")
+
+
+class RouterEvent(Dict[str, Any]):
+    """An event as the seeds' handlers read it: a ``dict``.
+
+    ``event.get("config")`` reads the payload's ``config``; ``event["type"]``
+    is the canonical type name (``== DataEventType.X``); ``event["source"]``
+    the component that published it (``publish(..., source=...)``, the
+    agent's ``origin``), ``event["node"]`` the peer id of the agent it was
+    published on, ``event["timestamp"]`` the publish time in seconds since the
+    epoch (as ``time.time()``), ``event["event_id"]`` the cluster-wide id and
+    ``event["payload"]`` the whole payload. These envelope keys win over
+    payload keys of the same name (read those under ``payload``).
+
+    Attributes: ``event`` is the :class:`~riftmesh.Event` (``None`` for an
+    event this process published, in :meth:`Router.get_recent_events`), and
+    ``attempt`` the handler's attempt (1, then 2 on its first retry, ...).
+    """
+
+    event: Optional[Event]
+    attempt: int
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        type: str,
+        payload: Any,
+        source: Optional[str],
+        node: Optional[str],
+        timestamp: float,
+        event_id: str,
+        event: Optional[Event] = None,
+        attempt: int = 1,
+    ) -> "RouterEvent":
+        d = cls(payload) if isinstance(payload, dict) else cls()
+        d["type"] = type
+        d["source"] = source
+        d["node"] = node
+        d["timestamp"] = timestamp
+        d["event_id"] = event_id
+        d["payload"] = payload
+        d.event = event
+        d.attempt = attempt
+        return d
+
+    @classmethod
+    def from_event(cls, ev: Event) -> "RouterEvent":
+        return cls.build(
+            type=ev.type,
+            payload=ev.payload,
+            source=ev.origin,
+            node=ev.source,
+            timestamp=ev.ts_ms / 1000.0,
+            event_id=ev.id,
+            event=ev,
+            attempt=ev.attempt,
+        )
+
+
+def _service_name() -> str:
+    """``RIFTMESH_SERVICE``, else the script's name (the seeds run one daemon per script)."""
+    env = os.environ.get("RIFTMESH_SERVICE")
+    if env:
+        return env
+    script = os.path.splitext(os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else ""))[0]
+    return script if script and script not in ("-c", "-m") else "main"
+
+
+def _consumer_name(service: str, pattern: str, n: int) -> str:
+    """``<service>.<TYPE>`` (``.<n>`` for the n-th handler of that type), fit for the agent."""
+    text = pattern.replace("*", "ANY").replace("?", "ONE")
+    name = f"{service}.{text}" + (f".{n}" if n > 1 else "")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "handler"
+    if len(name) > 64:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = name[:55].rstrip("._-") + "-" + digest
+    return name
+
+
+class RouterSubscription:
+    """One ``router.subscribe(event_type, handler)``: its own durable consumer and task."""
+
+    def __init__(
+        self,
+        router: "Router",
+        sub: Subscription,
+        handler: RouterHandler,
+        pattern: str,
+        start: Optional[_Start],
+        auto_named: bool,
+    ) -> None:
+        self.router = router
+        self.handler = handler
+        self.auto_named = auto_named
+        self.event_type = pattern
+        self.consumer = sub.consumer
+        self._sub = sub
+        self._group = _Group(consumer=sub.consumer, subs=[sub], start=start)
+        self.created_ms = int(time.time() * 1000)
+        self._task: Optional["asyncio.Task[None]"] = None
+        self._ready: Optional[asyncio.Event] = None
+        self._stop: Optional[asyncio.Event] = None
+        self.error: Optional[BaseException] = None
+
+    def on_error(self, callback: ErrorCallback) -> ErrorCallback:
+        """Call ``callback(failure)`` (sync or async) each time this handler raises;
+        ``failure`` is a :class:`~riftmesh.HandlerFailure`. Usable as a decorator."""
+        self._sub.on_error = callback
+        return callback
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _start(self) -> None:
+        if self.running:
+            return
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        assert self._stop is not None and self._ready is not None
+        ready = self._ready
+        try:
+            await self.router.client._consume(
+                self._group,
+                self._stop,
+                since_ms=self.created_ms,
+                ready=ready.set,
+                extra_callbacks=lambda: self.router._on_error,
+            )
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - kept for ready() and logged
+            self.error = e
+            log.error("router subscription %s (%s) stopped: %s: %s", self.consumer, self.event_type, type(e).__name__, e)
+        finally:
+            ready.set()
+
+    async def _wait_ready(self) -> None:
+        if self._ready is None:
+            self._start()
+        assert self._ready is not None
+        await self._ready.wait()
+
+    async def ready(self) -> None:
+        """Wait until the consumer exists on the agent (events published from then on are this handler's)."""
+        if self._ready is None:
+            self._start()
+        assert self._ready is not None
+        await self._ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def stop(self) -> None:
+        """Stop this subscription (a running handler finishes first); the consumer stays."""
+        if self._stop is not None:
+            self._stop.set()
+        task = self._task
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def __repr__(self) -> str:
+        return f"<RouterSubscription {self.event_type} -> {_callable_name(self.handler)} consumer={self.consumer}>"
+
+
+class Router:
+    """The seeds' event router over a riftmesh agent.
+
+    ``name`` is the service name the consumers are named after
+    (``<name>.<TYPE>``): by default ``RIFTMESH_SERVICE``, else the script's
+    name. ``api`` is the agent's address (default ``RIFTMESH_API``, else
+    127.0.0.1:7411); or pass a ``client``. ``max_attempts``, ``backoff`` and
+    ``max_backoff`` are the retry defaults of the handlers. ``recent`` is how
+    many events :meth:`get_recent_events` keeps.
+
+    Subscriptions start as soon as an event loop runs: at once when
+    :meth:`subscribe` is called on one, else at the router's first ``await``
+    (``publish``, :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        *,
+        api: Optional[str] = None,
+        client: Optional[AsyncClient] = None,
+        max_attempts: int = 5,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        recent: int = 1000,
+    ) -> None:
+        self.name = name if name is not None else _service_name()
+        self.client = client if client is not None else AsyncClient(api)
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._subs: List[RouterSubscription] = []
+        self._on_error: List[ErrorCallback] = []
+        self._recent_max = max(1, recent)
+        self._recent: "collections.OrderedDict[str, RouterEvent]" = collections.OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<riftmesh.router.Router {self.name} at {self.client.address}: {len(self._subs)} subscription(s)>"
+
+    # ------------------------------------------------------------ subscribe
+
+    def subscribe(
+        self,
+        event_type: TypeLike,
+        handler: Optional[RouterHandler] = None,
+        *,
+        consumer: Optional[str] = None,
+        on_error: Optional[ErrorCallback] = None,
+        max_attempts: Optional[int] = None,
+        backoff: Optional[float] = None,
+        max_backoff: Optional[float] = None,
+        from_start: bool = False,
+        since: Optional[TimeLike] = None,
+    ) -> Any:
+        """Call ``handler(event)`` (sync or async) for each event of ``event_type``
+        (a name, an alias, a :class:`DataEventType` or a pattern such as
+        ``TRAINING_*``). Returns a :class:`RouterSubscription`; without
+        ``handler`` it is a decorator.
+
+        The consumer is ``consumer`` if given, else ``<router name>.<TYPE>``
+        (``.2``, ``.3`` ... for further handlers of the same type, in the
+        order they subscribe). A new consumer gets the events published from
+        the moment of this call on (``from_start=True`` or ``since=``: from
+        the oldest retained, or from that time). A sync handler is called on
+        the event loop: keep it short or make it ``async``.
+
+        A handler that raises is run again after ``backoff`` seconds (doubling
+        up to ``max_backoff``) up to ``max_attempts`` runs in all, then the
+        event is dead-lettered for this consumer; ``on_error`` (and the
+        router's :meth:`on_error` callbacks) hear of every failure.
+        """
+        if handler is None:
+
+            def deco(fn: RouterHandler) -> RouterHandler:
+                self.subscribe(
+                    event_type, fn, consumer=consumer, on_error=on_error, max_attempts=max_attempts,
+                    backoff=backoff, max_backoff=max_backoff, from_start=from_start, since=since,
+                )
+                return fn
+
+            return deco
+        if not callable(handler):
+            raise TypeError(f"subscribe(event_type, handler): {handler!r} is not callable")
+        if from_start and since is not None:
+            raise ValueError("give at most one of from_start=, since=")
+        pattern = normalize_pattern(event_type)
+        if consumer is None:
+            n = 1 + sum(1 for s in self._subs if s.event_type == pattern and s.auto_named)
+            name = _consumer_name(self.name, pattern, n)
+        else:
+            name = consumer
+        if not _CONSUMER_NAME.match(name):
+            raise ValueError(f"consumer name {name!r}: use 1-64 of A-Z a-z 0-9 - _ .")
+        if any(s.consumer == name for s in self._subs):
+            raise ValueError(f"consumer {name!r} already has a handler on this router")
+        start = None
+        if from_start or since is not None:
+            start = _Start(from_start=from_start, since=_since_param(since) if since is not None else None)
+        user = handler
+        is_async = inspect.iscoroutinefunction(user) or inspect.iscoroutinefunction(getattr(user, "__call__", None))
+        recent = self._remember
+
+        if is_async:
+
+            async def call(ev: Event) -> None:
+                d = RouterEvent.from_event(ev)
+                recent(d)
+                r = user(d)
+                if inspect.isawaitable(r):
+                    await r
+
+            fn: Callable[[Event], Any] = call
+        else:
+
+            def call_sync(ev: Event) -> Any:
+                d = RouterEvent.from_event(ev)
+                recent(d)
+                return user(d)
+
+            fn = call_sync
+        sub = Subscription(
+            handler=fn,
+            patterns=[TypePattern(pattern)],
+            consumer=name,
+            priority=0,
+            max_attempts=max(1, max_attempts if max_attempts is not None else self.max_attempts),
+            backoff=backoff if backoff is not None else self.backoff,
+            max_backoff=max_backoff if max_backoff is not None else self.max_backoff,
+            index=0,
+            name=_callable_name(user),
+            is_async=is_async,
+            on_error=on_error,
+            in_thread=False,
+        )
+        rs = RouterSubscription(self, sub, user, pattern, start, consumer is None)
+        self._subs.append(rs)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return rs  # started by the router's first await
+        rs._start()
+        return rs
+
+    def on_error(self, callback: ErrorCallback) -> ErrorCallback:
+        """Call ``callback(failure)`` (sync or async) each time any handler of this
+        router raises, after the subscription's own ``on_error``. Usable as a decorator."""
+        self._on_error.append(callback)
+        return callback
+
+    @property
+    def subscriptions(self) -> List[RouterSubscription]:
+        return list(self._subs)
+
+    def get_subscription_counts(self) -> Dict[str, int]:
+        """Handlers per event type (pattern) on this router."""
+        out: Dict[str, int] = {}
+        for s in self._subs:
+            out[s.event_type] = out.get(s.event_type, 0) + 1
+        return out
+
+    def get_recent_events(self, limit: int = 100) -> List[RouterEvent]:
+        """The last ``limit`` events this router published or handed to a handler,
+        each once, oldest first (kept in memory: no request). For the cluster's
+        retained log, use ``await router.client.history(...)``."""
+        if limit <= 0:
+            return []
+        items = list(self._recent.values())
+        return items[-limit:]
+
+    def _remember(self, ev: RouterEvent) -> None:
+        key = ev["event_id"] or f"local-{id(ev)}"
+        if key in self._recent:
+            return
+        self._recent[key] = ev
+        while len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
+
+    # ------------------------------------------------------------ run
+
+    async def start(self) -> None:
+        """Start every subscription not running yet and wait until their consumers exist."""
+        for s in self._subs:
+            if not s.running and s.error is None:
+                s._start()
+        for s in self._subs:
+            await s.ready()
+
+    async def stop(self) -> None:
+        """Stop every subscription (running handlers finish first) and close idle connections."""
+        await asyncio.gather(*(s.stop() for s in self._subs), return_exceptions=True)
+        await self.client.aclose()
+
+    async def wait(self) -> None:
+        """Run until :meth:`stop` or cancellation (for a daemon's main coroutine)."""
+        await self.start()
+        await asyncio.gather(*(s._task for s in self._subs if s._task is not None))
+
+    # ------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        event_type: TypeLike,
+        payload: Any = None,
+        source: Optional[str] = None,
+        *,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+    ) -> Published:
+        """Publish an event through the agent (to every subscriber on every host);
+        returns once it is on the agent's disk. ``source`` names the publishing
+        component (the router's name if not given). Subscriptions of this
+        router are started first and their consumers exist before the event
+        is written, so they get it."""
+        for s in self._subs:
+            if not s.running and s.error is None:
+                s._start()
+        for s in self._subs:
+            try:
+                await asyncio.wait_for(s._wait_ready(), self.client.timeout)
+            except asyncio.TimeoutError:
+                log.warning("consumer %s is not created yet (is the agent up?); publishing anyway", s.consumer)
+        src = source if source is not None else self.name
+        r = await self.client.publish(
+            event_type, payload, source=src, correlation_id=correlation_id, parent_id=parent_id
+        )
+        self._remember(
+            RouterEvent.build(
+                type=r.type, payload=payload if payload is not None else {}, source=src, node=None,
+                timestamp=time.time(), event_id=r.id,
+            )
+        )
+        return r
+
+
+_router: Optional[Router] = None
+
+
+def get_router() -> Router:
+    """The process's router (created on first use: ``Router()``)."""
+    global _router
+    if _router is None:
+        _router = Router()
+    return _router
+
+
+def set_router(router: Optional[Router]) -> None:
+    """Make ``router`` the one :func:`get_router` returns (``None``: a new one next time)."""
+    global _router
+    _router = router
+
+
+def reset_router() -> None:
+    """Forget the process's router (tests): the next :func:`get_router` makes a new one
+    from the environment. Its subscriptions are not stopped: ``await router.stop()`` first."""
+    set_router(None)
+
+
+async def publish(
+    event_type: TypeLike,
+    payload: Any = None,
+    source: Optional[str] = None,
+    *,
+    correlation_id: Optional[str] = None,
+    parent_id: Optional[str] = None,
+) -> Published:
+    """``await publish(DataEventType.X, payload={...}, source="component")`` on :func:`get_router`."""
+    return await get_router().publish(
+        event_type, payload, source, correlation_id=correlation_id, parent_id=parent_id
+    )
+
+
+def subscribe(event_type: TypeLike, handler: Optional[RouterHandler] = None, **kw: Any) -> Any:
+    """``subscribe(DataEventType.X, handler)`` on :func:`get_router` (or ``@subscribe(X)``)."""
+    return get_router().subscribe(event_type, handler, **kw)
+
