@@ -197,7 +197,11 @@ async fn start(
     agents: &mut Agents,
 ) -> anyhow::Result<(Node, String)> {
     let cfg = root.join(format!("{name}.toml"));
-    std::fs::write(&cfg, config)?;
+    // The bench's files live under its root: the agent may read them by path.
+    std::fs::write(
+        &cfg,
+        format!("blob_roots = [{:?}]\n{config}", root.display().to_string()),
+    )?;
     let mut child = spawn_agent_with(
         bin,
         root,

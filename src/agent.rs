@@ -65,6 +65,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let metrics_addr = metrics_listener.local_addr()?;
     if !api_addr.ip().is_loopback() {
         tracing::warn!(%api_addr, "the local API listens on a non-loopback address: anyone who can reach it can publish and consume");
+        if cfg.fault_injection {
+            tracing::warn!(%api_addr, "fault injection is on with a non-loopback API: anyone who can reach it can cut this agent off from its peers");
+        }
     }
     tracing::info!(
         name = %cfg.name,

@@ -1,6 +1,7 @@
 //! The local HTTP/JSON API (server) and the client the CLI uses.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -407,7 +408,7 @@ async fn history(
             .map(|t| t.split(',').map(str::to_string).collect::<Vec<_>>())
             .unwrap_or_default(),
     )?;
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_FETCH);
+    let limit = page_size("limit", q.limit)?;
     let after = match (q.after, q.since) {
         (Some(a), _) => a,
         (None, Some(s)) => node
@@ -590,7 +591,7 @@ async fn fetch(
     ApiQuery(q): ApiQuery<FetchQuery>,
 ) -> ApiResult<Json<FetchResp>> {
     valid_consumer(&name)?;
-    let max = q.max.unwrap_or(100).clamp(1, MAX_FETCH);
+    let max = page_size("max", q.max)?;
     let deadline = Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     let mut watch = node.store.watch_head();
     loop {
@@ -817,7 +818,9 @@ fn lock_err(e: crate::leader::LockError) -> ApiError {
     use crate::leader::LockError;
     let status = match e {
         LockError::NoVoters => StatusCode::BAD_REQUEST,
-        LockError::NoLeader | LockError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+        LockError::NoLeader | LockError::Timeout(_) | LockError::Unavailable(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         LockError::Other(_) => StatusCode::BAD_GATEWAY,
     };
     ApiError::new(status, e.to_string())
@@ -989,6 +992,61 @@ async fn types() -> Json<Value> {
     Json(json!({ "types": list }))
 }
 
+/// Refuse a request whose `Host` names anything but this agent on
+/// loopback: a web page that rebinds its own DNS name to 127.0.0.1 sends
+/// its name as `Host`, so refusing names we don't know keeps browsers out
+/// (proto-notes/security.md). Accepted: `localhost` and `*.localhost`, a
+/// loopback address, the address the API is bound to (any address when
+/// bound to 0.0.0.0 / ::), and names in `api_hosts`. A request without
+/// `Host` (HTTP/1.0 tools; browsers always send one) passes.
+async fn check_host(
+    State(node): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(h) = req.headers().get(axum::http::header::HOST) {
+        let ok = h
+            .to_str()
+            .is_ok_and(|h| host_allowed(h, node.cfg.api, &node.cfg.api_hosts));
+        if !ok {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Host {:?} is not this agent's: use 127.0.0.1, localhost or the API's \
+                     address, or list the name in api_hosts",
+                    String::from_utf8_lossy(h.as_bytes())
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+pub(crate) fn host_allowed(host: &str, api: SocketAddr, extra: &[String]) -> bool {
+    // Strip the port: `[::1]:7411`, `127.0.0.1:7411`, `localhost:7411`.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, tail)) if tail.is_empty() || tail.starts_with(':') => ip,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return ip.is_loopback() || ip == api.ip() || api.ip().is_unspecified();
+    }
+    extra.iter().any(|e| e.eq_ignore_ascii_case(&name))
+}
+
 async fn count_errors(
     State(node): State<AppState>,
     req: Request,
@@ -1010,7 +1068,8 @@ async fn count_errors(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BlobAddReq {
-    /// Absolute path of a file the agent can read.
+    /// Absolute path of a file under the configured `blob_roots`
+    /// (proto-notes/security.md); without roots, upload the bytes.
     path: String,
     name: String,
     /// Naming event type [default: BLOB_PUBLISHED].
@@ -1018,30 +1077,41 @@ struct BlobAddReq {
     event: Option<String>,
 }
 
-async fn blob_add(
-    State(node): State<AppState>,
-    ApiJson(req): ApiJson<BlobAddReq>,
-) -> ApiResult<Json<Value>> {
-    let path = std::path::PathBuf::from(&req.path);
-    if !path.is_absolute() {
-        return Err(ApiError::bad(format!(
-            "path {:?} must be absolute (the agent resolves it, not the caller's directory)",
-            req.path
-        )));
-    }
-    crate::blob::check_name(&req.name).map_err(ApiError::bad)?;
-    let ty = req.event.as_deref().unwrap_or("BLOB_PUBLISHED");
-    let ty = event::normalize_type(ty).map_err(|e| ApiError::bad(e.to_string()))?;
+/// The naming event's type, checked: one of the types that name blobs.
+fn naming_type(name: &str, event: Option<&str>) -> Result<String, ApiError> {
+    crate::blob::check_name(name).map_err(ApiError::bad)?;
+    let ty = event::normalize_type(event.unwrap_or("BLOB_PUBLISHED"))
+        .map_err(|e| ApiError::bad(e.to_string()))?;
     if !crate::blob::NAMING_TYPES.contains(&ty.as_str()) {
         return Err(ApiError::bad(format!(
             "event {ty} does not name blobs; use one of {:?}",
             crate::blob::NAMING_TYPES
         )));
     }
-    let (added, appended) = crate::blob::add(&node, path, &req.name, &ty)
+    Ok(ty)
+}
+
+/// Add the bytes of `src` and answer with what was stored and published.
+async fn add_and_answer(
+    node: &AppState,
+    src: Box<dyn std::io::Read + Send>,
+    len: u64,
+    label: std::path::PathBuf,
+    name: &str,
+    ty: &str,
+) -> ApiResult<Json<Value>> {
+    let (added, appended) = crate::blob::add(node, src, len, label, name, ty)
         .await
         .map_err(|e| {
-            if e.contains("cannot open") || e.contains("not a regular file") {
+            if [
+                "cannot open",
+                "not a regular file",
+                "cannot read",
+                "were announced",
+            ]
+            .iter()
+            .any(|m| e.contains(m))
+            {
                 ApiError::bad(e)
             } else {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)
@@ -1054,7 +1124,7 @@ async fn blob_add(
     };
     Ok(Json(json!({
         "blob": crate::blob::hex_id(&added.id),
-        "name": req.name,
+        "name": name,
         "size": added.manifest.size,
         "root": crate::blob::hex_id(&added.manifest.root()),
         "chunk_size": added.manifest.chunk_size,
@@ -1064,6 +1134,84 @@ async fn blob_add(
         "event_id": event_id,
         "event_duplicate": duplicate,
     })))
+}
+
+/// `POST /v1/blobs {"path": …}`: the agent reads a file under
+/// `blob_roots` (none by default: see `blob::source`).
+async fn blob_add(
+    State(node): State<AppState>,
+    ApiJson(req): ApiJson<BlobAddReq>,
+) -> ApiResult<Json<Value>> {
+    let ty = naming_type(&req.name, req.event.as_deref())?;
+    let policy = crate::blob::source::FilePolicy::new(
+        node.cfg.blob_roots.clone(),
+        &node.cfg.data_dir,
+        node.cfg.swarm_key.as_deref(),
+    );
+    let requested = req.path.clone();
+    let (f, len, canon) = tokio::task::spawn_blocking(move || policy.open(&requested))
+        .await
+        .map_err(store_err)?
+        .map_err(|e| match e {
+            crate::blob::source::SourceError::Forbidden(m) => {
+                ApiError::new(StatusCode::FORBIDDEN, m)
+            }
+            crate::blob::source::SourceError::Invalid(m) => ApiError::bad(m),
+        })?;
+    add_and_answer(&node, Box::new(f), len, canon, &req.name, &ty).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    name: String,
+    #[serde(default)]
+    event: Option<String>,
+}
+
+/// `POST /v1/blobs/upload?name=…&event=…` with the blob's bytes as the
+/// body (`Content-Length` required): the caller reads its file with its
+/// own permissions; the agent hashes and stores the bytes as they arrive.
+async fn blob_upload(
+    State(node): State<AppState>,
+    ApiQuery(q): ApiQuery<UploadQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Json<Value>> {
+    use futures::TryStreamExt;
+    let ty = naming_type(&q.name, q.event.as_deref())?;
+    let len = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::LENGTH_REQUIRED,
+                "send Content-Length: the blob's size in bytes",
+            )
+        })?;
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    add_and_answer(
+        &node,
+        Box::new(reader),
+        len,
+        std::path::PathBuf::from("the uploaded body"),
+        &q.name,
+        &ty,
+    )
+    .await
+}
+
+/// A page size: 1..=MAX_FETCH, default 100; 0 is refused (it would
+/// otherwise read as "one"), larger values are capped (proto-notes/api.md).
+fn page_size(key: &str, v: Option<usize>) -> Result<usize, ApiError> {
+    match v {
+        Some(0) => Err(ApiError::bad(format!(
+            "{key}=0: give 1..={MAX_FETCH} (default 100)"
+        ))),
+        v => Ok(v.unwrap_or(100).min(MAX_FETCH)),
+    }
 }
 
 fn store_err(e: impl std::fmt::Display) -> ApiError {
@@ -1253,34 +1401,79 @@ async fn blob_info(
 }
 
 /// The content of a complete blob, streamed.
+/// A held blob's bytes, verified chunk by chunk as they stream (chunks
+/// vouched for since the object last changed are not hashed again): a
+/// damaged copy is never served. `Content-Length` is the manifest's size and
+/// `x-riftmesh-blob` the blob id, so a client can check what it got; damage
+/// found in the first chunk is a 503 (retry: the copy is being repaired),
+/// later damage aborts the body (a short body, which clients treat as
+/// failure). Either way the damage is counted and repaired from peers.
 async fn blob_content(
     State(node): State<AppState>,
     ApiQuery(q): ApiQuery<BlobRef>,
 ) -> ApiResult<Response> {
+    use crate::blob::store::BlobError;
     let (id, _) = resolve_ref(&node, &q.r).await?;
     let store = node.blobs.store.clone();
-    let file = tokio::task::spawn_blocking(move || store.open_object(&id))
-        .await
-        .map_err(store_err)?
-        .map_err(|e| match e {
-            crate::blob::store::BlobError::NotHeld(_) => ApiError::new(
+    let first = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {
+        if !store.is_complete(&id)? {
+            return Err(BlobError::NotHeld(crate::blob::hex_id(&id)));
+        }
+        let m = store
+            .manifest(&id)?
+            .ok_or_else(|| BlobError::NotHeld(crate::blob::hex_id(&id)))?;
+        let first = match m.chunks.len() {
+            0 => Vec::new(),
+            _ => verified_chunk(&store, &id, 0)?,
+        };
+        Ok((m, first))
+    })
+    .await
+    .map_err(store_err)?;
+    let (m, first) = match first {
+        Ok(v) => v,
+        Err(e @ BlobError::NotHeld(_)) => {
+            return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("{e}: fetch it first (POST /v1/blob/fetch)"),
-            ),
-            other => store_err(other),
-        })?;
-    let len = file.metadata().map_err(store_err)?.len();
-    let file = tokio::fs::File::from_std(file);
-    let stream = futures::stream::unfold(file, |mut f| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 256 << 10];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), f))
+            ))
+        }
+        Err(e @ BlobError::DamagedChunk { .. }) => {
+            crate::blob::local_damage(&node, id, &e, "reading it for a local client");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{e}: the local copy is damaged and is being fetched again from peers; retry"
+                ),
+            ));
+        }
+        Err(e) => return Err(store_err(e)),
+    };
+    let (size, chunks) = (m.size, m.chunks.len() as u32);
+    let store = node.blobs.store.clone();
+    let state = (Some(first), 1u32);
+    let stream = futures::stream::unfold(state, move |(first, next)| {
+        let (store, node) = (store.clone(), node.clone());
+        async move {
+            if let Some(b) = first {
+                return Some((Ok(axum::body::Bytes::from(b)), (None, next)));
             }
-            Err(e) => Some((Err(e), f)),
+            if next >= chunks {
+                return None;
+            }
+            let s = store.clone();
+            let r = tokio::task::spawn_blocking(move || verified_chunk(&s, &id, next)).await;
+            match r {
+                Ok(Ok(b)) => Some((Ok(axum::body::Bytes::from(b)), (None, next + 1))),
+                Ok(Err(e)) => {
+                    if matches!(e, BlobError::DamagedChunk { .. }) {
+                        crate::blob::local_damage(&node, id, &e, "reading it for a local client");
+                    }
+                    // An error ends the body short of Content-Length.
+                    Some((Err(std::io::Error::other(e.to_string())), (None, chunks)))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), (None, chunks))),
+            }
         }
     });
     Ok((
@@ -1289,11 +1482,29 @@ async fn blob_content(
                 axum::http::header::CONTENT_TYPE,
                 "application/octet-stream".to_string(),
             ),
-            (axum::http::header::CONTENT_LENGTH, len.to_string()),
+            (axum::http::header::CONTENT_LENGTH, size.to_string()),
+            (
+                axum::http::HeaderName::from_static("x-riftmesh-blob"),
+                crate::blob::hex_id(&id),
+            ),
         ],
         axum::body::Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// One chunk of a complete object, checked; a read cut short (a truncated
+/// object) is damage too.
+fn verified_chunk(
+    store: &crate::blob::BlobStore,
+    id: &crate::blob::BlobId,
+    index: u32,
+) -> Result<Vec<u8>, crate::blob::store::BlobError> {
+    use crate::blob::store::BlobError;
+    match store.read_verified_chunk(id, index) {
+        Err(BlobError::Io { path, .. }) => Err(BlobError::DamagedChunk { path, index }),
+        r => r,
+    }
 }
 
 async fn sync_status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
@@ -1345,6 +1556,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/types", get(types))
         .route("/v1/blobs", post(blob_add).get(blob_list))
+        .route(
+            "/v1/blobs/upload",
+            // A blob is as large as the store takes, not a JSON body.
+            post(blob_upload).layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/blob", get(blob_info))
         .route("/v1/blob/fetch", post(blob_fetch))
         .route("/v1/blob/content", get(blob_content))
@@ -1362,6 +1578,10 @@ pub fn router(node: Arc<Node>) -> Router {
                 "method not allowed on this endpoint; see proto-notes/api.md",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            check_host,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             node.clone(),
             count_errors,
@@ -1386,6 +1606,9 @@ pub enum ClientError {
     Refused { status: u16, message: String },
     #[error("unexpected answer from the agent: {0}")]
     Protocol(String),
+    /// A local file the client was to send.
+    #[error("{0}")]
+    Local(String),
 }
 
 impl Client {
@@ -1426,6 +1649,42 @@ impl Client {
             });
         }
         Ok(body)
+    }
+
+    /// Upload a file's bytes (read with the caller's permissions) as a
+    /// blob: `POST /v1/blobs/upload`, streamed, with its length.
+    pub async fn upload_blob(
+        &self,
+        file: &std::path::Path,
+        name: &str,
+        event: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let local = |e: std::io::Error| ClientError::Local(format!("{}: {e}", file.display()));
+        let f = tokio::fs::File::open(file).await.map_err(local)?;
+        let md = f.metadata().await.map_err(local)?;
+        if !md.is_file() {
+            return Err(ClientError::Local(format!(
+                "{} is not a regular file",
+                file.display()
+            )));
+        }
+        let mut query = vec![("name", name)];
+        if let Some(e) = event {
+            query.push(("event", e));
+        }
+        let body =
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
+        self.send(
+            self.http
+                .post(format!("{}/v1/blobs/upload", self.base))
+                .query(&query)
+                .header(reqwest::header::CONTENT_LENGTH, md.len())
+                // Sending and hashing a large model takes longer than the
+                // client's usual 120 s.
+                .timeout(Duration::from_secs(6 * 3600))
+                .body(body),
+        )
+        .await
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
@@ -1476,6 +1735,17 @@ impl Client {
             });
         }
         let local = |e: std::io::Error| ClientError::Protocol(format!("{}: {e}", out.display()));
+        // The blob id the agent served: the whole content is checked
+        // against it before the file is renamed into place.
+        let expect = resp
+            .headers()
+            .get("x-riftmesh-blob")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let mut id = [0u8; 32];
+                hex::decode_to_slice(v, &mut id).ok().map(|_| id)
+            });
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
         let tmp = out.with_file_name(format!(
             ".{}.riftmesh-get",
             out.file_name()
@@ -1491,7 +1761,18 @@ impl Client {
                 .map_err(|e| ClientError::Protocol(e.to_string()))?
             {
                 f.write_all(&chunk).await.map_err(local)?;
+                sha2::Digest::update(&mut hasher, &chunk);
                 n += chunk.len() as u64;
+            }
+            if let Some(id) = expect {
+                let got: [u8; 32] = sha2::Digest::finalize(hasher).into();
+                if got != id {
+                    return Err(ClientError::Protocol(format!(
+                        "the content's SHA-256 is {}, not the blob id {}: not written",
+                        hex::encode(got),
+                        hex::encode(id)
+                    )));
+                }
             }
             f.sync_all().await.map_err(local)?;
             tokio::fs::rename(&tmp, out).await.map_err(local)
@@ -1511,4 +1792,45 @@ impl Client {
 
 pub fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ClientError> {
     serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_loopback_names_the_bound_address_and_listed_names_pass_as_host() {
+        let lo: std::net::SocketAddr = "127.0.0.1:7411".parse().unwrap();
+        let any: std::net::SocketAddr = "0.0.0.0:7411".parse().unwrap();
+        let at: std::net::SocketAddr = "10.0.0.5:7411".parse().unwrap();
+        let listed = ["gpu-07.lab".to_string()];
+        for h in [
+            "localhost",
+            "LOCALHOST:7411",
+            "api.localhost:1",
+            "127.0.0.1:7411",
+            "127.1.2.3",
+            "[::1]:7411",
+            "localhost.",
+        ] {
+            assert!(host_allowed(h, lo, &[]), "{h}");
+        }
+        for h in [
+            "attacker.example",
+            "attacker.example:7411",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.5",
+            "[::1]x",
+            "localhost:abc",
+            "",
+        ] {
+            assert!(!host_allowed(h, lo, &[]), "{h}");
+        }
+        assert!(host_allowed("10.0.0.5:7411", at, &[]));
+        assert!(!host_allowed("10.0.0.6:7411", at, &[]));
+        assert!(host_allowed("10.9.9.9", any, &[]));
+        assert!(!host_allowed("evil.example", any, &[]));
+        assert!(host_allowed("GPU-07.lab:7411", lo, &listed));
+    }
 }

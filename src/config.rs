@@ -52,6 +52,11 @@ pub struct AgentArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "RIFTMESH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// A directory under which `POST /v1/blobs {"path": …}` may make the
+    /// agent read files; repeatable [default: none: blobs come as uploaded
+    /// bytes, as `riftmesh blob add` sends them].
+    #[arg(long, env = "RIFTMESH_BLOB_ROOTS", value_delimiter = ',')]
+    pub blob_root: Vec<PathBuf>,
 }
 
 /// The TOML file. Every key is optional; unknown keys are an error.
@@ -106,6 +111,8 @@ pub struct FileConfig {
     pub peer_request_rate: Option<RequestRatesFile>,
     pub gossip_source_rate: Option<u32>,
     pub gossip_source_burst: Option<u32>,
+    pub blob_roots: Option<Vec<PathBuf>>,
+    pub api_hosts: Option<Vec<String>>,
 }
 
 /// `peer_request_rate = { catchup = 500, member = 200, raft = 2000, blob = 5000 }`:
@@ -176,6 +183,12 @@ pub struct AgentConfig {
     pub sync: crate::blob::SyncConfig,
     /// Connection limits and per-peer / per-source rates (proto-notes/security.md).
     pub limits: crate::limits::NetLimits,
+    /// Directories (canonical) under which the API may read a file named by
+    /// a request; empty by default (proto-notes/security.md).
+    pub blob_roots: Vec<PathBuf>,
+    /// Host names, besides loopback names and addresses, that the API
+    /// accepts in a request's `Host` header.
+    pub api_hosts: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -607,6 +620,32 @@ impl AgentConfig {
                 )?,
             }
         };
+        // Roots are canonical so that a request's canonical path compares
+        // with them directly; a root that does not exist is a mistake.
+        let roots_from_flag = !args.blob_root.is_empty();
+        let blob_roots = if roots_from_flag {
+            args.blob_root.clone()
+        } else {
+            file.blob_roots.unwrap_or_default()
+        };
+        let blob_roots = blob_roots
+            .into_iter()
+            .map(|r| {
+                std::fs::canonicalize(&r).map_err(|e| {
+                    let origin = if roots_from_flag {
+                        origin_of(matches, "blob_root", "RIFTMESH_BLOB_ROOTS")
+                    } else {
+                        file_origin.clone()
+                    };
+                    err(
+                        "blob_roots",
+                        &r.display().to_string(),
+                        origin,
+                        e.to_string(),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(AgentConfig {
             limits,
             name,
@@ -664,6 +703,8 @@ impl AgentConfig {
             voters,
             election_timeout,
             sync,
+            blob_roots,
+            api_hosts: file.api_hosts.unwrap_or_default(),
         })
     }
 }
@@ -680,6 +721,9 @@ mod tests {
         assert!(c.mdns);
         assert_eq!(c.dedup_window, Duration::from_secs(86400));
         assert_eq!(c.limits, crate::limits::NetLimits::default());
+        // Off unless asked for: fault injection, files read by path.
+        assert!(!c.fault_injection);
+        assert!(c.blob_roots.is_empty());
     }
 
     #[test]

@@ -302,14 +302,10 @@ async fn blob_cmd(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result
         BlobOp::Add {
             file, name, event, ..
         } => {
-            let abs = std::path::absolute(&file)
-                .with_context(|| format!("cannot resolve {}", file.display()))?;
-            let v = client
-                .post(
-                    "/v1/blobs",
-                    &json!({ "path": abs.display().to_string(), "name": name, "event": event }),
-                )
-                .await?;
+            // The CLI reads the file with the caller's permissions and
+            // sends its bytes: the agent reads no file for a request
+            // (proto-notes/security.md).
+            let v = client.upload_blob(&file, &name, Some(&event)).await?;
             if json_out {
                 return print_json(&v);
             }

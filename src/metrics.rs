@@ -282,7 +282,7 @@ impl Metrics {
             "sync_active", "Blob fetches in progress", m.sync_active;
             "sync_peer_bytes", "Blob chunk bytes moved, by peer and direction", m.sync_peer_bytes;
             "sync_transfer_seconds", "Duration of completed blob fetches", m.sync_seconds;
-            "sync_chunks_rejected", "Chunks thrown away, by reason: hash or size (received), manifest, local_damage (a stored copy found damaged when serving)", m.sync_chunks_rejected;
+            "sync_chunks_rejected", "Chunks thrown away, by reason: hash or size (received), manifest, local_damage (a stored copy found damaged when serving a peer, placing, or reading for a local client)", m.sync_chunks_rejected;
             "sync_requests_served", "Blob sync requests answered, by kind and result", m.sync_served;
             "sync_serve_checks", "Chunks served, by how the stored copy was checked: hashed against the manifest, or vouched (verified here before and its file unchanged since; hashed again after 10 min)", m.sync_serve_checks;
             "blob_store_bytes", "Bytes of blobs held (complete and partial, at full size)", m.blob_store_bytes;

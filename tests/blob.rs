@@ -30,7 +30,15 @@ fn random_file(path: &Path, len: usize, seed: u8) -> Vec<u8> {
 
 fn config(root: &Path, name: &str, body: &str) -> Vec<String> {
     let p = root.join(format!("{name}.toml"));
-    std::fs::write(&p, format!("blob_chunk_size = \"256KiB\"\n{body}")).unwrap();
+    // The test's files live under `root`: the agent may read them by path.
+    std::fs::write(
+        &p,
+        format!(
+            "blob_chunk_size = \"256KiB\"\nblob_roots = [{:?}]\n{body}",
+            root.display().to_string()
+        ),
+    )
+    .unwrap();
     vec!["--config".into(), p.display().to_string()]
 }
 

@@ -524,6 +524,7 @@ async fn api_bodies_are_parsed_and_validated_or_refused() {
         api: Some("127.0.0.1:0".into()),
         metrics: Some("127.0.0.1:0".into()),
         no_mdns: true,
+        blob_root: vec![tmp.path().to_path_buf()],
         ..Default::default()
     };
     let cfg = AgentConfig::resolve(&args, None).unwrap();

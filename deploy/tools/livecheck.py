@@ -467,7 +467,9 @@ def cmd_metrics(a):
     with open(smi, "w") as f:
         f.write(FAKE_NVIDIA_SMI)
     os.chmod(smi, 0o755)
-    common = f'mdns = false\nnvidia_smi = "{smi}"\nhealth_interval = "1s"\n'
+    # blob_roots: the check names its model file by path, under `work`.
+    common = (f'mdns = false\nnvidia_smi = "{smi}"\nhealth_interval = "1s"\n'
+              f'blob_roots = [{json.dumps(os.path.abspath(work))}]\n')
     voters = 'voters = ["v1", "v2", "v3"]\n'
     place = os.path.join(work, "placed")
     agents = []

@@ -8,6 +8,7 @@
 
 pub mod sched;
 pub mod sha;
+pub mod source;
 pub mod store;
 mod vouch;
 pub mod whole;
@@ -521,12 +522,7 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
                     return Served::Encoded(answer);
                 }
                 Ok(Err(e @ BlobError::DamagedChunk { .. })) => {
-                    node.metrics
-                        .sync_chunks_rejected
-                        .get_or_create(&label("reason", "local_damage"))
-                        .inc();
-                    tracing::error!(error = %e, "a stored blob is damaged; not serving it, repairing it from peers");
-                    tokio::spawn(repair(node.clone(), blob));
+                    local_damage(node, blob, &e, "serving it to a peer");
                     served("chunk", "damaged");
                     Response::NotFound
                 }
@@ -561,6 +557,18 @@ fn count_bytes(node: &Node, peer: PeerId, direction: &str, n: u64) {
             ("direction", direction.to_string()),
         ])
         .inc_by(n);
+}
+
+/// A stored copy failed verification while `doing` something with it:
+/// counted (`riftmesh_sync_chunks_rejected_total{reason="local_damage"}`),
+/// logged with the file's path, and repaired from peers.
+pub fn local_damage(node: &Arc<Node>, blob: BlobId, e: &BlobError, doing: &str) {
+    node.metrics
+        .sync_chunks_rejected
+        .get_or_create(&label("reason", "local_damage"))
+        .inc();
+    tracing::error!(error = %e, doing, "a stored blob is damaged; not using it, repairing it from peers");
+    tokio::spawn(repair(node.clone(), blob));
 }
 
 /// A stored copy failed verification: find every damaged chunk, forget them,
@@ -1233,6 +1241,12 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
                     match r {
                         Ok(Ok(false)) => continue,
                         Ok(Ok(true)) => path = Some(p),
+                        Ok(Err(e @ BlobError::DamagedChunk { .. })) => {
+                            // Placed once the repair completes the blob again.
+                            node.metrics.sync_place_failed.inc();
+                            local_damage(node, blob, &e, "placing it");
+                            continue;
+                        }
                         Ok(Err(e)) => {
                             node.metrics.sync_place_failed.inc();
                             report_failure(
@@ -1392,16 +1406,21 @@ pub async fn gc_once(node: &Node) -> Result<usize, String> {
 }
 
 /// Add a local file as a blob and publish `name` for it.
+/// Add `len` bytes from `src` (an opened file, or an upload's body read
+/// on this blocking thread as it arrives) under `name`, and publish the
+/// naming event. `label` names the source in errors.
 pub async fn add(
     node: &Arc<Node>,
-    path: PathBuf,
+    src: Box<dyn std::io::Read + Send>,
+    len: u64,
+    label: PathBuf,
     name: &str,
     event_type: &str,
 ) -> Result<(store::Added, crate::store::Appended), String> {
     check_name(name)?;
     let store = node.blobs.store.clone();
     let chunk = node.blobs.cfg.chunk_size;
-    let added = tokio::task::spawn_blocking(move || store.add_file(&path, chunk))
+    let added = tokio::task::spawn_blocking(move || store.add_reader(src, len, &label, chunk))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;

@@ -555,21 +555,44 @@ impl BlobStore {
                 src.display()
             )));
         }
+        self.add_reader(f, md.len(), src, preferred_chunk)
+    }
+
+    /// Add `len` bytes read from `r` (`label` names the source in errors):
+    /// hashed and copied into the store in one pass. Fewer or more bytes
+    /// than `len` is an error and stores nothing. Content the store
+    /// already holds replaces the held object with the bytes just hashed,
+    /// so re-adding the original repairs a damaged copy.
+    pub fn add_reader(
+        &self,
+        r: impl Read,
+        len: u64,
+        label: &Path,
+        preferred_chunk: u32,
+    ) -> Result<Added, BlobError> {
+        let src = label;
         let tmp = self
             .dir
             .join("tmp")
             .join(format!("add-{}", uuid::Uuid::now_v7()));
         let mut out = File::create(&tmp).map_err(io("cannot create", &tmp))?;
         let res = hash_stream(
-            std::io::BufReader::with_capacity(1 << 20, f),
-            md.len(),
+            std::io::BufReader::with_capacity(1 << 20, r.take(len.saturating_add(1))),
+            len,
             preferred_chunk,
             Some(&mut out),
         )
         .map_err(io("cannot read", src))
-        .and_then(|r| {
+        .and_then(|(id, m)| {
+            if m.size != len {
+                return Err(BlobError::Invalid(format!(
+                    "{}: {} bytes read where {len} were announced",
+                    src.display(),
+                    m.size
+                )));
+            }
             out.sync_all().map_err(io("cannot sync", &tmp))?;
-            Ok(r)
+            Ok((id, m))
         });
         let (id, manifest) = match res {
             Ok(r) => r,
@@ -580,7 +603,13 @@ impl BlobStore {
         };
         let existing = self.is_complete(&id)?;
         if existing {
-            let _ = std::fs::remove_file(&tmp);
+            // The bytes just hashed are the blob: they replace the held
+            // object, which may have been damaged on disk since.
+            let dst = self.object_path(&id);
+            set_readonly(&tmp);
+            std::fs::rename(&tmp, &dst).map_err(io("cannot move into the store", &dst))?;
+            sync_dir(&dst);
+            self.vouched.record_all(&id, &dst, manifest.chunks.len());
         } else {
             let dst = self.object_path(&id);
             set_readonly(&tmp);
@@ -888,6 +917,39 @@ impl BlobStore {
         Ok((r.buf, r.len, true))
     }
 
+    /// Check a complete object against its manifest before it is placed:
+    /// its length, then each chunk (chunks vouched for since the file last
+    /// changed are not read again, see vouch.rs). A short file or a chunk
+    /// that doesn't match is `DamagedChunk`.
+    pub fn verify_object(&self, id: &BlobId) -> Result<(), BlobError> {
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| BlobError::NotHeld(hex_id(id)))?;
+        let path = self.object_path(id);
+        let damaged = |index| BlobError::DamagedChunk {
+            path: path.display().to_string(),
+            index,
+        };
+        let md = std::fs::metadata(&path).map_err(io("cannot stat", &path))?;
+        if md.len() != m.size {
+            // The first chunk the file's length cuts or adds to.
+            let index = (md.len().min(m.size) / u64::from(m.chunk_size.max(1))) as u32;
+            return Err(damaged(index.min(m.chunks.len().saturating_sub(1) as u32)));
+        }
+        let stamp = Stamp::of(&md);
+        for i in 0..m.chunks.len() as u32 {
+            if self.vouched.holds(id, &stamp, i) {
+                continue;
+            }
+            match self.read_verified_chunk(id, i) {
+                Ok(_) => {}
+                Err(BlobError::Io { .. }) => return Err(damaged(i)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Check every held chunk of a blob; returns the damaged ones.
     pub fn scrub(&self, id: &BlobId) -> Result<Vec<u32>, BlobError> {
         let m = self
@@ -1038,7 +1100,10 @@ impl BlobStore {
 
     /// Copy a complete blob to `dst` atomically: a temporary file in the
     /// same directory, fsync, rename, fsync of the directory.
+    /// The object is verified first ([`Self::verify_object`]): a damaged
+    /// copy is never placed.
     pub fn place(&self, id: &BlobId, dst: &Path) -> Result<(), BlobError> {
+        self.verify_object(id)?;
         let src = self.object_path(id);
         let dir = dst
             .parent()
@@ -1221,6 +1286,45 @@ mod tests {
         assert!(s.finish_partial(&a.id, &a.manifest, hash_file).unwrap());
         assert_eq!(std::fs::read(&obj).unwrap(), data);
         assert!(!hashed(2).unwrap(), "a verified finish vouches again");
+    }
+
+    #[test]
+    fn a_damaged_or_truncated_object_is_never_placed_and_re_adding_repairs_it() {
+        let (d, _db, s) = store();
+        let src = d.path().join("f.bin");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&src, &data).unwrap();
+        let a = s.add_file(&src, MIN_CHUNK).unwrap();
+        let obj = s.object_path(&a.id);
+        let out = d.path().join("placed/m.bin");
+        let rot = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = std::fs::read(&obj).unwrap();
+            f(&mut b);
+            let mut perm = std::fs::metadata(&obj).unwrap().permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+            std::fs::set_permissions(&obj, perm).unwrap();
+            std::fs::write(&obj, &b).unwrap();
+        };
+        // A flipped byte in the last chunk; then a truncation.
+        rot(&|b| b[299_000] ^= 0xff);
+        assert!(matches!(
+            s.place(&a.id, &out),
+            Err(BlobError::DamagedChunk { .. })
+        ));
+        assert!(!out.exists());
+        // Adding the original again replaces the damaged object.
+        let again = s.add_file(&src, MIN_CHUNK).unwrap();
+        assert!(again.existing);
+        assert_eq!(std::fs::read(&obj).unwrap(), data);
+        s.place(&a.id, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        rot(&|b| b.truncate(100_000));
+        let out2 = d.path().join("placed/m2.bin");
+        assert!(matches!(
+            s.place(&a.id, &out2),
+            Err(BlobError::DamagedChunk { .. })
+        ));
+        assert!(!out2.exists());
     }
 
     #[test]

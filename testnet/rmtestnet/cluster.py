@@ -311,8 +311,10 @@ class Cluster:
             raise TestnetError(f"{h['name']} is already running (pid {h['pid']})")
         self.write_config(h)
         os.makedirs(h["data_dir"], exist_ok=True)
+        # --blob-root: the rounds write their blobs under the testnet's
+        # directory and name them by path (agents' data dirs stay refused).
         cmd = self.ns_cmd(h, [self.s["bin"], "agent", "--config", h["config"],
-                              "--fault-injection"])
+                              "--fault-injection", "--blob-root", self.dir])
         logf = open(h["log"], "ab")
         logf.write(f"\n==== testnet start {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
                    f" ====\n".encode())

@@ -9,7 +9,7 @@ import socket
 import threading
 import urllib.parse
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import AgentUnavailable, RiftmeshTimeout, error_for
 
@@ -117,14 +117,20 @@ class Transport:
         body: Any,
         timeout: Optional[float],
         abort: Optional[Abort],
+        raw: Optional[Tuple[BinaryIO, int]] = None,
     ) -> Iterator[http.client.HTTPResponse]:
         t = self.timeout if timeout is None else timeout
         url = self._url(path, query)
         headers: Dict[str, str] = {"Accept": "application/json"}
-        data: Optional[bytes] = None
+        data: Union[None, bytes, BinaryIO] = None
         if body is not None:
             data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
             headers["Content-Type"] = "application/json"
+        elif raw is not None:
+            # A file object: http.client streams it in blocks.
+            data = raw[0]
+            headers["Content-Type"] = "application/octet-stream"
+            headers["Content-Length"] = str(raw[1])
         conn = http.client.HTTPConnection(self.host, self.port, timeout=t)
         if abort is not None and not abort.attach(conn):
             raise Aborted()
@@ -186,6 +192,21 @@ class Transport:
         if not raw:
             return None
         return json.loads(raw)
+
+    def upload(
+        self,
+        path: str,
+        fileobj: BinaryIO,
+        length: int,
+        *,
+        query: Optional[Query] = None,
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """POST ``length`` bytes read from ``fileobj`` (streamed); the decoded JSON answer."""
+        t = self.timeout if timeout is None else timeout
+        with self._exchange("POST", path, query, None, timeout, None, raw=(fileobj, length)) as resp:
+            raw = self._read(resp, "POST", path, t, None)
+        return json.loads(raw) if raw else None
 
     @contextmanager
     def stream(

@@ -37,9 +37,10 @@ from typing import (
 )
 
 from ._aio_transport import AsyncTransport
-from ._transport import format_address, quote, resolve_address
+from ._transport import Transport, format_address, quote, resolve_address
 from .client import (
     _BACKLOG_PEEK,
+    blob_upload,
     _CONSUMER_NAME,
     MAX_REASON,
     MAX_WAIT,
@@ -752,10 +753,10 @@ class AsyncClient:
     async def blob_add(
         self, path: Union[str, "os.PathLike[str]"], *, name: str, event: Optional[TypeLike] = None
     ) -> BlobAdded:
-        body: Dict[str, Any] = {"path": os.path.abspath(os.fspath(path)), "name": name}
-        if event is not None:
-            body["event"] = type_name(event)
-        return BlobAdded.from_json(await self._http.request("POST", "/v1/blobs", body=body))
+        """Stream a local file (read with this process's permissions) to the
+        agent as a blob; the blocking file upload runs in a worker thread."""
+        sync = Transport(self._http.host, self._http.port, self._http.timeout)
+        return await asyncio.to_thread(blob_upload, sync, path, name, event)
 
     async def blobs(self) -> Dict[str, Any]:
         return await self._http.request("GET", "/v1/blobs")  # type: ignore[no-any-return]

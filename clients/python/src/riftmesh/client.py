@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import stat
 import socket
 import sys
 import tempfile
@@ -107,6 +108,22 @@ def _patterns(args: Sequence[Union[TypeLike, Iterable[TypeLike]]]) -> List[str]:
         else:
             out.extend(type_name(x) for x in a)
     return out
+
+
+def blob_upload(
+    http: "Transport", path: Union[str, "os.PathLike[str]"], name: str, event: Optional[TypeLike]
+) -> BlobAdded:
+    """Stream a local file to ``POST /v1/blobs/upload`` (shared by both clients)."""
+    query: Dict[str, Any] = {"name": name}
+    if event is not None:
+        query["event"] = type_name(event)
+    with open(os.fspath(path), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{os.fspath(path)!r} is not a regular file")
+        # Sending and hashing a large model outlasts the usual timeout.
+        v = http.upload("/v1/blobs/upload", f, st.st_size, query=query, timeout=max(http.timeout, 6 * 3600.0))
+    return BlobAdded.from_json(v)
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:
@@ -1117,12 +1134,12 @@ class Client:
     def blob_add(self, path: Union[str, "os.PathLike[str]"], *, name: str, event: Optional[TypeLike] = None) -> BlobAdded:
         """Add a file to the agent's blob store under ``name`` and publish the
         naming event (``event``: ``BLOB_PUBLISHED`` by default, or
-        ``MODEL_PROMOTED`` / ``GAME_BATCH_READY``). The agent reads the file
-        itself (it must be able to); the caller may delete it afterwards."""
-        body: Dict[str, Any] = {"path": os.path.abspath(os.fspath(path)), "name": name}
-        if event is not None:
-            body["event"] = type_name(event)
-        return BlobAdded.from_json(self._http.request("POST", "/v1/blobs", body=body))
+        ``MODEL_PROMOTED`` / ``GAME_BATCH_READY``). This process reads the
+        file with its own permissions and streams the bytes to the agent
+        (``POST /v1/blobs/upload``; the agent itself reads no file for a
+        request unless ``blob_roots`` allows it); the caller may delete the
+        file afterwards."""
+        return blob_upload(self._http, path, name, event)
 
     def blobs(self) -> Dict[str, Any]:
         """``GET /v1/blobs``: blobs held here and the names known."""

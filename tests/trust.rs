@@ -1,0 +1,360 @@
+//! The local API's trust boundary with a real agent (proto-notes/security.md):
+//! files named by a request are read only under `blob_roots`, never the
+//! agent's own keys, `/proc` or a FIFO; blobs otherwise come as uploaded
+//! bytes; a foreign `Host` is refused; fault injection is off by default.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{keygen, Agent, BIN};
+use serde_json::{json, Value};
+
+/// POST a JSON body with a short client timeout; (status, body).
+async fn post_quick(a: &Agent, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", a.api))
+        .timeout(Duration::from_secs(5))
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path} {body}: no answer within 5 s: {e}"));
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+fn mkfifo(p: &Path) {
+    let st = Command::new("mkfifo").arg(p).status().unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_named_by_a_request_are_read_only_under_blob_roots() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("swarm.key");
+    keygen(&key);
+    let root = t.path().join("models");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut a = Agent::start_with(
+        t.path(),
+        "a",
+        &key,
+        &[],
+        &["--blob-root".into(), root.display().to_string()],
+    )
+    .await;
+    let data = a.dir.clone();
+    std::fs::write(root.join("m.bin"), b"model bytes").unwrap();
+    std::fs::write(t.path().join("outside.bin"), b"outside").unwrap();
+    std::os::unix::fs::symlink(data.join("identity.key"), root.join("id-link")).unwrap();
+    mkfifo(&root.join("fifo"));
+
+    // Under the root: read.
+    let (s, v) = post_quick(
+        &a,
+        "/v1/blobs",
+        &json!({"path": root.join("m.bin"), "name": "models/m"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+
+    // The agent's secrets, /proc, a symlink out of the root, `..`: refused.
+    let refused = [
+        data.join("identity.key"),
+        data.join("agent.json"),
+        key.clone(),
+        "/proc/self/environ".into(),
+        root.join("id-link"),
+        root.join("../outside.bin"),
+        t.path().join("outside.bin"),
+    ];
+    for p in &refused {
+        let (s, v) = post_quick(&a, "/v1/blobs", &json!({"path": p, "name": "x/k"})).await;
+        assert_eq!(s, 403, "{} answered {s} {v}", p.display());
+        assert!(v["error"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    // Nothing was announced under the refused name.
+    let names = a.get("/v1/blobs").await.unwrap();
+    assert!(!names.to_string().contains("x/k"), "{names}");
+
+    // A FIFO: refused at once, five times; the agent still stops on SIGTERM.
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (s, v) = post_quick(
+            &a,
+            "/v1/blobs",
+            &json!({"path": root.join("fifo"), "name": "x/f"}),
+        )
+        .await;
+        assert_eq!(s, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("FIFO"), "{v}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    a.signal("TERM");
+    let st = a.wait_exit(Duration::from_secs(20)).await;
+    assert!(st.success(), "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_roots_no_path_is_read_and_uploads_work() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("swarm.key");
+    keygen(&key);
+    let a = Agent::start(t.path(), "a", &key, &[]).await;
+    let f = t.path().join("model.bin");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&f, &bytes).unwrap();
+
+    let (s, v) = post_quick(&a, "/v1/blobs", &json!({"path": f, "name": "models/m"})).await;
+    assert_eq!(s, 403, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("upload"), "{v}");
+
+    // The CLI sends the bytes; the content comes back byte for byte.
+    let out = Command::new(BIN)
+        .args(["blob", "add"])
+        .arg(&f)
+        .args([
+            "--name",
+            "models/m",
+            "--api",
+            a.api.trim_start_matches("http://"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let got = reqwest::get(format!("{}/v1/blob/content?ref=models/m", a.api))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got[..] == bytes[..], "content differs");
+
+    // An upload whose body ends before its Content-Length stores nothing:
+    // 10 bytes of 100, then the sender half-closes.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(a.api.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        c.write_all(
+            b"POST /v1/blobs/upload?name=models/short HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+              Content-Length: 100\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+        c.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+            .await
+            .expect("the agent answers or closes a short upload within 10 s");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let names = a.get("/v1/blobs").await.unwrap();
+    assert!(!names.to_string().contains("models/short"), "{names}");
+    // Without a length: 411.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/blobs/upload?name=models/x", a.api))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(vec![
+            Ok::<_, std::io::Error>(vec![1u8; 10]),
+        ])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 411);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_host_is_refused_and_fault_injection_is_off_by_default() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("swarm.key");
+    keygen(&key);
+    let a = Agent::start(t.path(), "a", &key, &[]).await;
+    let port = a.api.rsplit(':').next().unwrap().to_string();
+    let with_host = |h: String, post: bool| {
+        let c = reqwest::Client::new();
+        let url = format!("{}/v1/events", a.api);
+        let r = if post {
+            c.post(url)
+                .json(&json!({"type": "X_HOSTCHECK", "payload": {}}))
+        } else {
+            c.get(url)
+        };
+        async move { r.header("host", h).send().await.unwrap().status().as_u16() }
+    };
+    for h in [
+        "attacker.example",
+        "attacker.example:80",
+        "127.0.0.1.nip.io",
+    ] {
+        assert_eq!(
+            with_host(format!("{h}:{port}"), false).await,
+            403,
+            "GET {h}"
+        );
+        assert_eq!(
+            with_host(format!("{h}:{port}"), true).await,
+            403,
+            "POST {h}"
+        );
+    }
+    for h in ["localhost", "127.0.0.1", "[::1]"] {
+        assert_eq!(with_host(format!("{h}:{port}"), false).await, 200, "{h}");
+    }
+    // Nothing a refused POST carried reached the log.
+    let v = a.get("/v1/events?types=X_HOSTCHECK").await.unwrap();
+    assert_eq!(v["events"].as_array().unwrap().len(), 0, "{v}");
+    // A refusal is counted like any other API error.
+    assert!(a.metric("riftmesh_api_errors_total{code=\"403\"}").await >= 6.0);
+
+    // Off by default: the call is refused and blocks nothing.
+    let (s, v) = post_quick(&a, "/v1/debug/block", &json!({"peers": []})).await;
+    assert_eq!(s, 403, "{v}");
+    // Page sizes of 0 are refused, as api.md says.
+    let e = a.get("/v1/events?limit=0").await.unwrap_err();
+    assert!(e.starts_with("400"), "{e}");
+    let e = a.get("/v1/consumers/c1/events?max=0").await.unwrap_err();
+    assert!(e.starts_with("400"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_is_accepted_only_when_switched_on() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("swarm.key");
+    keygen(&key);
+    let a = Agent::start_with(t.path(), "a", &key, &[], &["--fault-injection".into()]).await;
+    let (s, v) = post_quick(&a, "/v1/debug/block", &json!({"peers": []})).await;
+    assert_eq!(s, 200, "{v}");
+}
+
+fn chunked_config(root: &Path, name: &str, body: &str) -> Vec<String> {
+    let p = root.join(format!("{name}.toml"));
+    std::fs::write(&p, format!("blob_chunk_size = \"256KiB\"\n{body}")).unwrap();
+    vec!["--config".into(), p.display().to_string()]
+}
+
+/// What `GET /v1/blob/content` gave: `Some(bytes)` for a whole 200 answer,
+/// `None` for a refusal or a body cut short.
+async fn content(a: &Agent, r: &str) -> Option<Vec<u8>> {
+    let resp = reqwest::get(format!("{}/v1/blob/content?ref={r}", a.api))
+        .await
+        .ok()?;
+    if resp.status() != 200 {
+        // 503: found damaged now; 404: demoted and being fetched again.
+        assert!(
+            [503, 404].contains(&resp.status().as_u16()),
+            "{}",
+            resp.status()
+        );
+        return None;
+    }
+    resp.bytes().await.ok().map(|b| b.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_local_copy_is_never_served_and_is_repaired_from_a_peer() {
+    use sha2::{Digest, Sha256};
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let key = root.join("swarm.key");
+    keygen(&key);
+    let a = Agent::start_with(root, "a", &key, &[], &chunked_config(root, "a", "")).await;
+    let boot = a.p2p_addr().await;
+    let placed_dir = root.join("placed");
+    let want = format!(
+        "[[want]]\nnames = \"models/*\"\nplace = \"{}/{{name}}.bin\"\n",
+        placed_dir.display()
+    );
+    let mut b =
+        Agent::start_with(root, "b", &key, &[boot], &chunked_config(root, "b", &want)).await;
+    common::wait_for("a and b connected", Duration::from_secs(60), || async {
+        (b.connected_peers().await >= 1).then_some(())
+    })
+    .await;
+
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let id = hex::encode(Sha256::digest(&data));
+    let src = root.join("m.bin");
+    std::fs::write(&src, &data).unwrap();
+    let out = Command::new(BIN)
+        .args(["blob", "add"])
+        .arg(&src)
+        .args(["--name", "models/m", "--event", "MODEL_PROMOTED"])
+        .args(["--api", a.api.trim_start_matches("http://")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let placed = placed_dir.join("m.bin");
+    common::wait_for("b placed the model", Duration::from_secs(60), || async {
+        (std::fs::read(&placed).ok()? == data).then_some(())
+    })
+    .await;
+
+    type Damage = fn(&mut Vec<u8>);
+    let flip: Damage = |b| b[1_500_000..1_500_004].iter_mut().for_each(|x| *x ^= 0x5a);
+    let truncate: Damage = |b| b.truncate(1_000_000);
+    let damages = [
+        ("four flipped bytes", flip),
+        ("a truncation to 1 MB", truncate),
+    ];
+    let obj = b.dir.join("blobs/objects").join(&id);
+    for (what, damage) in damages {
+        // Damage b's copy while it is down, as disk rot would.
+        b.kill9();
+        let mut bytes = std::fs::read(&obj).unwrap();
+        damage(&mut bytes);
+        let mut perm = std::fs::metadata(&obj).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+        std::fs::set_permissions(&obj, perm).unwrap();
+        std::fs::write(&obj, &bytes).unwrap();
+        b.spawn().await;
+        let before = b
+            .metric("riftmesh_sync_chunks_rejected_total{reason=\"local_damage\"}")
+            .await;
+
+        // The API never gives other bytes than the blob's.
+        if let Some(got) = content(&b, "models/m").await {
+            assert!(got == data, "{what}: damaged bytes served");
+        }
+        // Nor does the CLI write them.
+        let cli_out = root.join(format!("get-{}.bin", what.len()));
+        let st = Command::new(BIN)
+            .args(["blob", "get", "models/m", "--out"])
+            .arg(&cli_out)
+            .args(["--api", b.api.trim_start_matches("http://")])
+            .output()
+            .unwrap();
+        if st.status.success() {
+            assert!(
+                std::fs::read(&cli_out).unwrap() == data,
+                "{what}: CLI wrote damage"
+            );
+        } else {
+            assert!(!cli_out.exists(), "{what}: a failed get left a file");
+        }
+        // Repaired from a, and counted.
+        common::wait_for(
+            &format!("{what}: b's copy repaired"),
+            Duration::from_secs(60),
+            || async { (content(&b, &id).await? == data).then_some(()) },
+        )
+        .await;
+        assert!(
+            std::fs::read(&obj).unwrap() == data,
+            "{what}: object not repaired"
+        );
+        let after = b
+            .metric("riftmesh_sync_chunks_rejected_total{reason=\"local_damage\"}")
+            .await;
+        assert!(
+            after >= 1.0 && after >= before,
+            "{what}: damage not counted ({after})"
+        );
+        assert!(std::fs::read(&placed).unwrap() == data);
+    }
+}
