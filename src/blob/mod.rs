@@ -44,6 +44,13 @@ pub struct Naming {
     pub blob: String,
     pub size: u64,
     pub root: String,
+    /// When this naming was made (ms since the epoch), set by `blob add`:
+    /// each add is a new fact, so naming a version again (a rollback to an
+    /// earlier model) publishes a new event instead of being answered as
+    /// a duplicate of the first naming (proto-notes/events.md). Optional:
+    /// by-reference naming events without it are read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub named_ms: Option<u64>,
 }
 
 /// One `want` entry of the configuration: names matching `names` are
@@ -1429,6 +1436,7 @@ pub async fn add(
         blob: hex_id(&added.id),
         size: added.manifest.size,
         root: hex_id(&added.manifest.root()),
+        named_ms: Some(crate::event::now_ms()),
     };
     let payload = serde_json::to_value(&payload).map_err(|e| e.to_string())?;
     let d = Draft::new(

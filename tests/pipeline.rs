@@ -1,0 +1,98 @@
+//! The pipeline's own flows with real agents (proto-notes/events.md):
+//! a rollback to an earlier model is a new promotion that every wanting
+//! host places.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{keygen, wait_for, Agent, BIN};
+use serde_json::Value;
+
+fn config(root: &Path, name: &str, body: &str) -> Vec<String> {
+    let p = root.join(format!("{name}.toml"));
+    std::fs::write(&p, format!("blob_chunk_size = \"256KiB\"\n{body}")).unwrap();
+    vec!["--config".into(), p.display().to_string()]
+}
+
+fn promote(a: &Agent, file: &Path) -> Value {
+    let out = Command::new(BIN)
+        .args(["blob", "add"])
+        .arg(file)
+        .args([
+            "--name",
+            "models/hex8_2p",
+            "--event",
+            "MODEL_PROMOTED",
+            "--json",
+        ])
+        .args(["--api", a.api.trim_start_matches("http://")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_to_an_earlier_model_is_promoted_and_placed_again() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let key = root.join("swarm.key");
+    keygen(&key);
+    let a = Agent::start_with(root, "a", &key, &[], &config(root, "a", "")).await;
+    let boot = a.p2p_addr().await;
+    let placed_dir = root.join("placed");
+    let want = format!(
+        "[[want]]\nnames = \"models/*\"\nplace = \"{}/{{name}}.pth\"\n",
+        placed_dir.display()
+    );
+    let b = Agent::start_with(root, "b", &key, &[boot], &config(root, "b", &want)).await;
+    wait_for("a and b connected", Duration::from_secs(60), || async {
+        (b.connected_peers().await >= 1).then_some(())
+    })
+    .await;
+    let placed = placed_dir.join("hex8_2p.pth");
+    let version = |n: u8| -> Vec<u8> {
+        (0..700_000u32)
+            .map(|i| (i.wrapping_mul(31).wrapping_add(u32::from(n) * 7919) % 251) as u8)
+            .collect()
+    };
+    let (v3, v4) = (version(3), version(4));
+    let (f3, f4) = (root.join("hex8_2p_v3.pth"), root.join("hex8_2p_v4.pth"));
+    std::fs::write(&f3, &v3).unwrap();
+    std::fs::write(&f4, &v4).unwrap();
+
+    let mut ids = Vec::new();
+    for (file, data, what) in [
+        (&f3, &v3, "v3 promoted"),
+        (&f4, &v4, "v4 promoted"),
+        (&f3, &v3, "rolled back to v3"),
+    ] {
+        let v = promote(&a, file);
+        assert_eq!(v["event_duplicate"], false, "{what}: {v}");
+        let id = v["event_id"].as_str().unwrap().to_string();
+        assert!(!ids.contains(&id), "{what}: an earlier event id again: {v}");
+        ids.push(id);
+        wait_for(
+            &format!("b placed the model: {what}"),
+            Duration::from_secs(60),
+            || async { (std::fs::read(&placed).ok()? == *data).then_some(()) },
+        )
+        .await;
+    }
+    // Every promotion reached b's log, in order.
+    let v = b.get("/v1/events?types=MODEL_PROMOTED").await.unwrap();
+    let got: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(
+        got,
+        ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        "{v}"
+    );
+}
