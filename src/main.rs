@@ -418,6 +418,48 @@ fn spawn_cmd(cmd: &[String], env: &[(&str, String)]) -> anyhow::Result<tokio::pr
         .with_context(|| format!("cannot start {:?}", cmd[0]))
 }
 
+/// When the holder of a lease must have stopped its command, measured on
+/// this host's monotonic clock from *before* the request that got or
+/// renewed the lease was sent (the leader's lease starts no earlier than
+/// that): SIGTERM at `term`, SIGKILL at `kill`, both before `sent + ttl`
+/// (proto-notes/leader.md, "lock run").
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct HolderDeadline {
+    term: tokio::time::Instant,
+    kill: tokio::time::Instant,
+}
+
+impl HolderDeadline {
+    /// Clock-rate drift tolerated between this host and the leader, as a
+    /// fraction of the TTL, plus a fixed margin for the kill itself.
+    const DRIFT: f64 = 0.05;
+    const KILL_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
+
+    /// The grace between SIGTERM and SIGKILL: a quarter of the TTL, at
+    /// least 100 ms, at most 10 s.
+    fn grace(ttl: f64) -> std::time::Duration {
+        std::time::Duration::from_secs_f64((ttl * 0.25).clamp(0.1, 10.0))
+    }
+
+    fn new(sent: tokio::time::Instant, ttl: f64) -> Self {
+        let usable = std::time::Duration::from_secs_f64(ttl * (1.0 - Self::DRIFT));
+        let kill = (sent + usable)
+            .checked_sub(Self::KILL_MARGIN)
+            .unwrap_or(sent);
+        let term = kill.checked_sub(Self::grace(ttl)).unwrap_or(sent);
+        HolderDeadline { term, kill }
+    }
+}
+
+fn signal_child(child: &tokio::process::Child, sig: &str) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
 async fn lock_run(
     client: &Client,
     name: &str,
@@ -425,10 +467,12 @@ async fn lock_run(
     wait: bool,
     cmd: &[String],
 ) -> anyhow::Result<i32> {
+    use tokio::time::{sleep_until, Instant};
     let path = format!("/v1/locks/{name}/acquire");
-    let grant = loop {
+    let (grant, sent) = loop {
+        let sent = Instant::now();
         match client.post(&path, &json!({ "ttl_secs": ttl })).await {
-            Ok(v) => break v,
+            Ok(v) => break (v, sent),
             Err(api::ClientError::Refused { status: 409, .. }) if wait => {}
             Err(api::ClientError::Refused { status: 503, .. }) if wait => {}
             Err(e) => return Err(e.into()),
@@ -439,37 +483,80 @@ async fn lock_run(
         .await;
     };
     let token = grant["token"].as_u64().context("no token in the grant")?;
-    let mut expires = grant["expires_ms"].as_u64().unwrap_or(0);
+    let mut deadline = HolderDeadline::new(sent, ttl);
+    if Instant::now() >= deadline.term {
+        let _ = client
+            .post(
+                &format!("/v1/locks/{name}/release"),
+                &json!({ "token": token }),
+            )
+            .await;
+        bail!("lock {name} was granted too late to use (the grant took longer than its TTL allows); try a longer --ttl");
+    }
     eprintln!("riftmesh: holding lock {name} with token {token}");
     let mut child = spawn_cmd(cmd, &[("RIFTMESH_LOCK_TOKEN", token.to_string())])?;
     let mut renew = tokio::time::interval(std::time::Duration::from_secs_f64(ttl / 3.0));
     renew.tick().await;
     let stop = stop_signal();
     tokio::pin!(stop);
+    // One renew in flight at a time; it never holds up the deadlines (a
+    // renew on the minority side of a partition blocks for seconds).
+    type Renewal<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = (Instant, Result<Value, api::ClientError>)> + 'a>,
+    >;
+    let mut renewing: Option<Renewal> = None;
+    let mut termed = false;
+    let renew_path = format!("/v1/locks/{name}/renew");
     let code = loop {
         tokio::select! {
             st = child.wait() => break st?.code().unwrap_or(1),
             _ = &mut stop => {
-                stop_child(&mut child).await;
+                // Stopped by the user: SIGTERM, and SIGKILL no later than
+                // the lease allows (renewals stop here).
+                signal_child(&child, "TERM");
+                let by = deadline.kill.min(Instant::now() + std::time::Duration::from_secs(10));
+                if tokio::time::timeout_at(by, child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
                 break 143;
             }
-            _ = renew.tick() => {
-                match client.post(&format!("/v1/locks/{name}/renew"), &json!({ "token": token })).await {
-                    Ok(v) => expires = v["expires_ms"].as_u64().unwrap_or(expires),
-                    Err(e) => {
-                        let lost = matches!(e, api::ClientError::Refused { status: 409, .. })
-                            || riftmesh::event::now_ms() + (ttl * 1000.0 / 3.0) as u64 >= expires;
-                        if lost {
-                            eprintln!("riftmesh: lost lock {name} ({e}); stopping the command");
-                            stop_child(&mut child).await;
-                            return Ok(3);
+            _ = sleep_until(deadline.term), if !termed => {
+                eprintln!("riftmesh: lock {name} was not renewed in time; stopping the command (SIGTERM)");
+                signal_child(&child, "TERM");
+                termed = true;
+            }
+            _ = sleep_until(deadline.kill) => {
+                eprintln!("riftmesh: lock {name} expires: killing the command (SIGKILL)");
+                let _ = child.kill().await;
+                return Ok(3);
+            }
+            _ = renew.tick(), if renewing.is_none() && !termed => {
+                let (c, p) = (client, renew_path.clone());
+                renewing = Some(Box::pin(async move {
+                    let sent = Instant::now();
+                    (sent, c.post(&p, &json!({ "token": token })).await)
+                }));
+            }
+            (sent, r) = async { renewing.as_mut().expect("guarded").await }, if renewing.is_some() => {
+                renewing = None;
+                match r {
+                    Ok(_) if !termed => deadline = HolderDeadline::new(sent, ttl),
+                    Ok(_) => {}
+                    Err(e @ api::ClientError::Refused { status: 409, .. }) => {
+                        eprintln!("riftmesh: lost lock {name} ({e}); stopping the command");
+                        if !termed {
+                            signal_child(&child, "TERM");
+                            termed = true;
                         }
-                        eprintln!("riftmesh: cannot renew lock {name} yet ({e}); retrying");
                     }
+                    Err(e) => eprintln!("riftmesh: cannot renew lock {name} yet ({e}); retrying"),
                 }
             }
         }
     };
+    if termed {
+        return Ok(3);
+    }
     let _ = client
         .post(
             &format!("/v1/locks/{name}/release"),
@@ -1213,5 +1300,34 @@ async fn consume(
         if r.events.is_empty() && !follow {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HolderDeadline;
+    use std::time::Duration;
+
+    #[test]
+    fn the_holder_stops_its_command_before_the_lease_can_end() {
+        let sent = tokio::time::Instant::now();
+        for ttl in [0.5, 2.0, 6.0, 30.0, 600.0] {
+            let d = HolderDeadline::new(sent, ttl);
+            let lease_end = sent + Duration::from_secs_f64(ttl);
+            // SIGKILL before the lease ends, with room for clock-rate drift.
+            let slack = lease_end - d.kill;
+            assert!(
+                slack >= Duration::from_secs_f64(ttl * HolderDeadline::DRIFT),
+                "{ttl}"
+            );
+            // SIGTERM a grace before, and the grace scales with the TTL.
+            assert_eq!(
+                d.kill - d.term,
+                HolderDeadline::grace(ttl).min(d.kill - sent)
+            );
+            assert!(d.term >= sent);
+        }
+        assert_eq!(HolderDeadline::grace(2.0), Duration::from_millis(500));
+        assert_eq!(HolderDeadline::grace(600.0), Duration::from_secs(10));
     }
 }

@@ -1,0 +1,147 @@
+//! `riftmesh lock run` never overlaps (proto-notes/leader.md, "lock run"):
+//! with the holder's agent cut off from the voters, its command is stopped
+//! (SIGKILL included, for a command that ignores SIGTERM) before the
+//! majority is granted the same lock, and the majority gets it within
+//! TTL + election time + a margin. Real agents on loopback; the partition
+//! is the agents' own fault injection.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{mesh_with, wait_for, Agent, BIN};
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn leader_of(agents: &[&Agent]) -> usize {
+    wait_for("every agent to agree on one leader", LONG, || async {
+        let mut names = Vec::new();
+        for a in agents {
+            names.push(
+                a.get("/v1/leader").await.ok()?["leader"]
+                    .as_str()?
+                    .to_string(),
+            );
+        }
+        names.dedup();
+        (names.len() == 1)
+            .then(|| agents.iter().position(|a| a.name == names[0]))
+            .flatten()
+    })
+    .await
+}
+
+async fn block(from: &Agent, peers: Vec<String>, on: bool) {
+    from.post("/v1/debug/block", &json!({ "peers": peers, "block": on }))
+        .await
+        .unwrap();
+}
+
+/// Cut `x` off from every other agent, both ways (or heal).
+async fn cut(agents: &[&Agent], x: usize, on: bool) {
+    let others: Vec<String> = (0..agents.len())
+        .filter(|&i| i != x)
+        .map(|i| agents[i].peer_id.clone())
+        .collect();
+    block(agents[x], others, on).await;
+    for (i, a) in agents.iter().enumerate() {
+        if i != x {
+            block(a, vec![agents[x].peer_id.clone()], on).await;
+        }
+    }
+}
+
+/// A command that ignores SIGTERM and writes the time (ns) every 20 ms.
+fn start_lock_run(a: &Agent, lock: &str, ttl: f64, beat: &Path) -> Child {
+    let b = beat.display();
+    let script =
+        format!("trap '' TERM; while :; do date +%s%N > {b}.t && mv {b}.t {b}; sleep 0.02; done");
+    Command::new(BIN)
+        .args(["lock", "run", lock, "--ttl", &format!("{ttl}s")])
+        .args(["--api", a.api.trim_start_matches("http://")])
+        .args(["--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn round(agents: &[&Agent], root: &Path, ttl: f64, n: usize) -> (i64, u64) {
+    let x = leader_of(agents).await;
+    let lock = format!("job-{n}");
+    let beat = root.join(format!("beat-{n}"));
+    let mut run = start_lock_run(agents[x], &lock, ttl, &beat);
+    wait_for("the command to run", LONG, || async {
+        beat.exists().then_some(())
+    })
+    .await;
+    // The holder's agent (the leader) is cut off: its renewals can't commit.
+    let cut_ms = now_ms();
+    cut(agents, x, true).await;
+    let other = agents[(x + 1) % agents.len()];
+    let grant: Value = wait_for("the majority to be granted the lock", LONG, || async {
+        let (s, v) = other
+            .send(
+                reqwest::Method::POST,
+                &format!("/v1/locks/{lock}/acquire"),
+                &json!({ "ttl_secs": ttl }),
+            )
+            .await
+            .ok()?;
+        (s == 200).then_some(v)
+    })
+    .await;
+    let granted_ms = grant["expires_ms"].as_u64().unwrap() - (ttl * 1000.0) as u64;
+    let st = wait_for("lock run to stop", LONG, || {
+        let r = run.try_wait().unwrap();
+        async move { r }
+    })
+    .await;
+    assert_eq!(st.code(), Some(3), "lock run reports the lost lock");
+    let last_ns: u64 = std::fs::read_to_string(&beat)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let margin = granted_ms as i64 - (last_ns / 1_000_000) as i64;
+    assert!(
+        margin > 0,
+        "ttl {ttl}: the command ran {} ms after the majority was granted the lock",
+        -margin
+    );
+    cut(agents, x, false).await;
+    (margin, granted_ms - cut_ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_holders_command_is_stopped_before_the_lock_is_granted_elsewhere() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("cluster.toml");
+    std::fs::write(&cfg, "voters = [\"a0\", \"a1\", \"a2\"]\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let agents = mesh_with(t.path(), 3, &["--config", &cfg, "--fault-injection"]).await;
+    let all: Vec<&Agent> = agents.iter().collect();
+    let started = Instant::now();
+    for (n, ttl) in [2.0, 6.0, 2.0].into_iter().enumerate() {
+        let (margin, wait) = round(&all, t.path(), ttl, n).await;
+        eprintln!("ttl {ttl}s: command stopped {margin} ms before the grant elsewhere; majority granted {wait} ms after the cut");
+        // Liveness: TTL + the election (350-700 ms, then a commit) + margin.
+        let bound = (ttl * 1000.0) as u64 + 3_000;
+        assert!(
+            wait <= bound,
+            "ttl {ttl}: majority waited {wait} ms (bound {bound})"
+        );
+    }
+    eprintln!("three rounds in {:?}", started.elapsed());
+}
