@@ -113,8 +113,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = n.stop.notified() => {}
         }
     };
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let s2 = stopping.clone();
+    let shutdown = async move {
+        shutdown.await;
+        s2.notify_one();
+    };
     let server = axum::serve(api_listener, app).with_graceful_shutdown(shutdown);
-    server.await?;
+    // Connections still open 10 s after the stop (a stalled upload, a
+    // long poll) do not hold the agent up.
+    tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r?,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        } => tracing::warn!("local API connections still open 10 s after the stop; closing them"),
+    }
     tracing::info!("riftmesh agent stopping");
     Ok(())
 }

@@ -164,6 +164,10 @@ pub struct PublishReq {
     pub correlation_id: Option<String>,
     #[serde(default)]
     pub parent_id: Option<String>,
+    /// A type name near a catalog name is meant as a new type (otherwise
+    /// refused with `did you mean …`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub custom_type: bool,
 }
 
 #[derive(Deserialize, Serialize, Debug)]
@@ -200,6 +204,10 @@ pub struct ConsumerReq {
     /// Skip to the end: only events from now on.
     #[serde(default)]
     pub from_now: bool,
+    /// An exact type name near a catalog name is meant (otherwise refused
+    /// with `did you mean …`, as for publishes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub custom_type: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -311,16 +319,24 @@ pub fn parse_since(s: &str) -> Result<u64, String> {
     Err(format!("since {s:?}: write an RFC 3339 time (2026-11-23T10:00:00Z), milliseconds since the epoch, or a duration ago (10m)"))
 }
 
-fn draft(r: PublishReq) -> ApiResult<Draft> {
+fn draft(r: PublishReq, cfg: &crate::config::AgentConfig) -> ApiResult<Draft> {
     let payload = r.payload.unwrap_or_else(|| json!({}));
-    Draft::new(
+    let d = Draft::new(
         &r.event_type,
         &payload,
         r.origin,
         r.correlation_id,
         r.parent_id,
     )
-    .map_err(|e| ApiError::bad(e.to_string()))
+    .map_err(|e| ApiError::bad(e.to_string()))?;
+    event::check_local_type(
+        &d.event_type,
+        r.custom_type,
+        cfg.strict_types,
+        &cfg.custom_types,
+    )
+    .map_err(ApiError::bad)?;
+    Ok(d)
 }
 
 fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishResp {
@@ -356,7 +372,7 @@ async fn publish(
     State(node): State<AppState>,
     ApiJson(req): ApiJson<PublishReq>,
 ) -> ApiResult<Json<PublishResp>> {
-    let d = draft(req)?;
+    let d = draft(req, &node.cfg)?;
     let (t, h) = (d.event_type.clone(), d.hash);
     let out = node.publish(vec![d]).await?;
     Ok(Json(publish_resp(&out[0], &t, &h)))
@@ -384,7 +400,9 @@ async fn publish_batch(
         .events
         .into_iter()
         .enumerate()
-        .map(|(i, r)| draft(r).map_err(|e| ApiError::bad(format!("events[{i}]: {}", e.message))))
+        .map(|(i, r)| {
+            draft(r, &node.cfg).map_err(|e| ApiError::bad(format!("events[{i}]: {}", e.message)))
+        })
         .collect::<ApiResult<Vec<_>>>()?;
     let keys: Vec<(String, event::Hash)> = drafts
         .iter()
@@ -542,12 +560,23 @@ async fn upsert_consumer(
         ));
     }
     let types = match req.types {
-        Some(t) => Some(
-            patterns(&t)?
-                .iter()
-                .map(|p| p.as_str().to_string())
-                .collect(),
-        ),
+        Some(t) => {
+            let pats = patterns(&t)?;
+            // An exact name is checked like a publish's type: a typo would
+            // silently match nothing, ever.
+            for p in pats.iter().map(|p| p.as_str()) {
+                if !p.contains(['*', '?']) {
+                    event::check_local_type(
+                        p,
+                        req.custom_type,
+                        node.cfg.strict_types,
+                        &node.cfg.custom_types,
+                    )
+                    .map_err(ApiError::bad)?;
+                }
+            }
+            Some(pats.iter().map(|p| p.as_str().to_string()).collect())
+        }
         None => None,
     };
     let start = if req.from_start {
@@ -1004,6 +1033,24 @@ async fn check_host(
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // A browser marks its requests: `Origin` on every cross-origin POST
+    // (and on simple requests that need no preflight, such as a form's
+    // text/plain body), `Sec-Fetch-Site` on all of them. Local processes
+    // send neither, so a request carrying either from a foreign site is a
+    // web page's and is refused, whatever its Host.
+    let fetch_site = req
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok());
+    if req.headers().contains_key(axum::http::header::ORIGIN)
+        || fetch_site.is_some_and(|v| v != "none" && v != "same-origin")
+    {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "requests from web pages are refused (Origin or Sec-Fetch-Site present): the API is for local processes",
+        )
+        .into_response();
+    }
     if let Some(h) = req.headers().get(axum::http::header::HOST) {
         let ok = h
             .to_str()
@@ -1178,8 +1225,19 @@ async fn blob_upload(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> ApiResult<Json<Value>> {
-    use futures::TryStreamExt;
     let ty = naming_type(&q.name, q.event.as_deref())?;
+    // Only application/octet-stream: a web page can send text/plain or a
+    // form without a preflight, never this.
+    let ct = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/octet-stream") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("send the bytes as Content-Type: application/octet-stream (got {ct:?})"),
+        ));
+    }
     let len = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -1190,7 +1248,36 @@ async fn blob_upload(
                 "send Content-Length: the blob's size in bytes",
             )
         })?;
-    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let max = crate::blob::store::MAX_CHUNKS as u64 * u64::from(crate::blob::store::MAX_CHUNK);
+    if len > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a blob is at most {max} bytes; Content-Length is {len}"),
+        ));
+    }
+    crate::blob::check_space(&node, &[0; 32], len)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e))?;
+    // A sender that stops sending is cut off: an upload never holds a
+    // thread (and the agent's shutdown) for longer than this without bytes.
+    const IDLE: Duration = Duration::from_secs(30);
+    let stream = Box::pin(futures::stream::unfold(
+        body.into_data_stream(),
+        |mut s| async move {
+            use futures::StreamExt;
+            match tokio::time::timeout(IDLE, s.next()).await {
+                Ok(Some(r)) => Some((r.map_err(std::io::Error::other), s)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no bytes of the upload for {IDLE:?}"),
+                    )),
+                    s,
+                )),
+            }
+        },
+    ));
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     add_and_answer(
         &node,
@@ -1660,8 +1747,16 @@ impl Client {
         event: Option<&str>,
     ) -> Result<Value, ClientError> {
         let local = |e: std::io::Error| ClientError::Local(format!("{}: {e}", file.display()));
-        let f = tokio::fs::File::open(file).await.map_err(local)?;
-        let md = f.metadata().await.map_err(local)?;
+        // O_NONBLOCK: a FIFO's open would wait for a writer; the type is
+        // checked on the descriptor (regular files ignore the flag).
+        let f = std::os::unix::fs::OpenOptionsExt::custom_flags(
+            std::fs::OpenOptions::new().read(true),
+            libc::O_NONBLOCK,
+        )
+        .open(file)
+        .map_err(local)?;
+        let md = f.metadata().map_err(local)?;
+        let f = tokio::fs::File::from_std(f);
         if !md.is_file() {
             return Err(ClientError::Local(format!(
                 "{} is not a regular file",
@@ -1679,6 +1774,7 @@ impl Client {
                 .post(format!("{}/v1/blobs/upload", self.base))
                 .query(&query)
                 .header(reqwest::header::CONTENT_LENGTH, md.len())
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 // Sending and hashing a large model takes longer than the
                 // client's usual 120 s.
                 .timeout(Duration::from_secs(6 * 3600))

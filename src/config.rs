@@ -113,6 +113,8 @@ pub struct FileConfig {
     pub gossip_source_burst: Option<u32>,
     pub blob_roots: Option<Vec<PathBuf>>,
     pub api_hosts: Option<Vec<String>>,
+    pub strict_types: Option<bool>,
+    pub custom_types: Option<Vec<String>>,
 }
 
 /// `peer_request_rate = { catchup = 500, member = 200, raft = 2000, blob = 5000 }`:
@@ -189,6 +191,11 @@ pub struct AgentConfig {
     /// Host names, besides loopback names and addresses, that the API
     /// accepts in a request's `Host` header.
     pub api_hosts: Vec<String>,
+    /// Refuse local publishes and consumer filters naming a type that is
+    /// neither in the catalog nor in `custom_types`.
+    pub strict_types: bool,
+    /// Custom type names this cluster uses (canonical form).
+    pub custom_types: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -646,6 +653,15 @@ impl AgentConfig {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let custom_types = file
+            .custom_types
+            .unwrap_or_default()
+            .iter()
+            .map(|t| {
+                crate::event::normalize_type(t)
+                    .map_err(|e| err("custom_types", t, file_origin.clone(), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(AgentConfig {
             limits,
             name,
@@ -705,6 +721,8 @@ impl AgentConfig {
             sync,
             blob_roots,
             api_hosts: file.api_hosts.unwrap_or_default(),
+            strict_types: file.strict_types.unwrap_or(false),
+            custom_types,
         })
     }
 }

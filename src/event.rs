@@ -328,6 +328,10 @@ catalog! {
         "DATA_SYNC_STARTED" | "SYNC_STARTED" => "a data sync began",
         "DATA_SYNC_COMPLETED" | "DATA_SYNC_COMPLETE" | "SYNC_COMPLETE" => "a data sync finished",
         "DATA_SYNC_FAILED" => "a data sync failed",
+        "DATA_SYNC_TRIGGERED" => "a data sync was asked for",
+        "ORPHAN_GAMES_DETECTED" => "games were found that no sync has picked up",
+        "REPAIR_COMPLETED" | "REPAIR_COMPLETE" => "a repair of damaged data finished",
+        "REPAIR_FAILED" => "a repair of damaged data failed",
         "GAME_BATCH_READY" => "a batch of games was published as a blob",
         "BLOB_PUBLISHED" => "a name now points at a blob",
         "SYNC_COMPLETED" => "a wanted blob arrived and was placed",
@@ -343,16 +347,27 @@ catalog! {
         "TRAINING_PROGRESS" => "a training run reports progress",
         "TRAINING_COMPLETED" | "TRAINING_COMPLETE" | "TRAINING_DONE" | "TRAINING_FINISHED" => "a training run produced a model",
         "TRAINING_FAILED" => "a training run failed",
+        "TRAINING_EARLY_STOPPED" => "a training run stopped early (no more improvement)",
+        "HYPERPARAMETER_UPDATED" => "training hyperparameters were adjusted",
+        "ADAPTIVE_PARAMS_CHANGED" => "adaptive training parameters changed in real time",
     ],
     "evaluation": [
         "EVALUATION_STARTED" | "EVAL_STARTED" => "an evaluation began",
         "EVALUATION_COMPLETED" | "EVALUATION_COMPLETE" | "EVAL_COMPLETED" | "EVAL_COMPLETE" => "an evaluation finished with results",
         "EVALUATION_FAILED" | "EVAL_FAILED" => "an evaluation failed",
+        "EVALUATION_PROGRESS" | "EVAL_PROGRESS" => "an evaluation reports progress",
+        "EVALUATION_RESULT" | "EVAL_RESULT" => "an Elo evaluation produced its result",
+        "ELO_UPDATED" => "a model's Elo rating changed",
+        "ELO_SIGNIFICANT_CHANGE" => "a model's Elo moved by more than its threshold",
+        "ELO_VELOCITY_CHANGED" => "the rate of Elo improvement changed",
+        "REGRESSION_DETECTED" => "a model performs worse than the one before it",
+        "REGRESSION_CRITICAL" => "a model regressed badly enough to roll back",
     ],
     "promotion": [
         "MODEL_PROMOTED" | "PROMOTION_COMPLETE" | "PROMOTED" => "a model became the current best",
         "PROMOTION_REJECTED" => "a candidate model was not promoted",
         "PROMOTION_FAILED" => "the promotion step failed",
+        "MODEL_UPDATED" => "a model's registry metadata changed",
     ],
     "model_distribution": [
         "MODEL_DISTRIBUTED" | "MODEL_DISTRIBUTION_COMPLETE" => "a model arrived on a host",
@@ -365,11 +380,14 @@ catalog! {
         "NODE_RECOVERED" | "HOST_RECOVERED" => "a suspected host answered again",
         "HOST_LEFT" | "NODE_LEFT" => "a host left gracefully",
         "LEADER_ELECTED" => "a new leader won a term",
+        "IDLE_RESOURCE_DETECTED" => "a host's GPUs (or job counters) stayed idle",
     ],
     "daemon": [
         "DAEMON_STARTED" => "a local daemon started",
         "DAEMON_STOPPED" => "a local daemon stopped",
         "DAEMON_STATUS_CHANGED" => "a local daemon changed state",
+        "ALL_CRITICAL_DAEMONS_READY" => "every critical daemon of a host is up",
+        "TASK_ABANDONED" => "a job was cancelled or abandoned",
     ],
     "recovery": [
         "RECOVERY_STARTED" => "automatic recovery began",
@@ -377,10 +395,77 @@ catalog! {
         "RECOVERY_FAILED" => "automatic recovery failed",
     ],
     "quality": [
-        "CURRICULUM_UPDATED" | "CURRICULUM_ADVANCED" => "the curriculum changed its weights or stage",
+        "CURRICULUM_UPDATED" => "the curriculum changed its weights",
+        "CURRICULUM_ADVANCED" => "the curriculum moved to its next stage",
+        "CURRICULUM_REBALANCED" => "the curriculum rebalanced its configurations",
+        "QUALITY_DEGRADED" => "data quality went down",
         "QUALITY_SCORE_UPDATED" => "a data quality score was computed",
         "QUALITY_ALERT" | "DATA_QUALITY_ALERT" => "data quality fell below its threshold",
     ],
+}
+
+/// Whether a canonical name is a catalog type.
+pub fn is_known(canonical: &str) -> bool {
+    CATALOG.iter().any(|t| t.name == canonical)
+}
+
+/// The catalog name a custom name is most likely a typo of: a catalog name
+/// or alias within `max(1, len / 8)` edits (optimal string alignment:
+/// insertions, deletions, substitutions, adjacent swaps; `len` is the
+/// catalog spelling's length, so 1 edit up to 15 characters, 2 from 16).
+/// Names under 5 characters are never taken for typos.
+pub fn likely_typo(canonical: &str) -> Option<&'static str> {
+    if canonical.len() < 5 || is_known(canonical) {
+        return None;
+    }
+    CATALOG
+        .iter()
+        .flat_map(|t| {
+            std::iter::once(t.name)
+                .chain(t.aliases.iter().copied())
+                .map(move |s| (t.name, s))
+        })
+        .map(|(name, spelling)| {
+            (
+                strsim::osa_distance(canonical, spelling),
+                spelling.len(),
+                name,
+            )
+        })
+        .filter(|&(d, len, _)| d <= (len / 8).max(1))
+        .min_by_key(|&(d, _, _)| d)
+        .map(|(_, _, name)| name)
+}
+
+/// What a *local* publisher or consumer may name (proto-notes/events.md §2,
+/// "Names a local process may use"): a catalog type; a declared custom type;
+/// or, unless `strict`, any other well-formed name that is not a likely typo
+/// of a catalog name (`custom` lets a near name through on purpose). Never
+/// applied to events from peers: catalogs differ during a rolling upgrade.
+pub fn check_local_type(
+    canonical: &str,
+    custom: bool,
+    strict: bool,
+    declared: &[String],
+) -> Result<(), String> {
+    if is_known(canonical) || declared.iter().any(|d| d == canonical) {
+        return Ok(());
+    }
+    if strict {
+        return Err(format!(
+            "type {canonical} is not in the catalog (riftmesh types) and strict_types is on: \
+             declare it in the config's custom_types"
+        ));
+    }
+    if !custom {
+        if let Some(near) = likely_typo(canonical) {
+            return Err(format!(
+                "unknown type {canonical}: did you mean {near}? (to publish a new type of this \
+                 name on purpose, send \"custom_type\": true, or --custom with the CLI)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Normalize any accepted spelling to the canonical UPPER_SNAKE name.
@@ -473,6 +558,64 @@ pub fn matches_any(patterns: &[TypePattern], canonical: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn typos_of_catalog_names_are_caught_and_other_names_are_custom() {
+        use super::{check_local_type, likely_typo};
+        assert_eq!(likely_typo("TRAINING_COMPLTED"), Some("TRAINING_COMPLETED"));
+        assert_eq!(
+            likely_typo("TRAINIGN_COMPLETED"),
+            Some("TRAINING_COMPLETED")
+        );
+        assert_eq!(likely_typo("MODEL_PROMTED"), Some("MODEL_PROMOTED"));
+        // An alias's typo names the canonical type.
+        assert_eq!(likely_typo("TRAINING_DNOE"), Some("TRAINING_COMPLETED"));
+        for custom in [
+            "MY_OWN_STEP",
+            "TRAINING",
+            "SYNC",
+            "ABCD",
+            "DATA_SYNC_FAILURES_SEEN",
+        ] {
+            assert_eq!(likely_typo(custom), None, "{custom}");
+        }
+        assert!(check_local_type("TRAINING_COMPLETED", false, true, &[]).is_ok());
+        assert!(check_local_type("TRAINING_COMPLTED", false, false, &[]).is_err());
+        assert!(check_local_type("TRAINING_COMPLTED", true, false, &[]).is_ok());
+        assert!(check_local_type("MY_OWN_STEP", false, false, &[]).is_ok());
+        assert!(check_local_type("MY_OWN_STEP", false, true, &[]).is_err());
+        assert!(check_local_type("MY_OWN_STEP", false, true, &["MY_OWN_STEP".into()]).is_ok());
+    }
+
+    #[test]
+    fn every_name_of_the_seeds_is_a_catalog_type() {
+        for n in [
+            "ADAPTIVE_PARAMS_CHANGED",
+            "ALL_CRITICAL_DAEMONS_READY",
+            "CURRICULUM_REBALANCED",
+            "DATA_SYNC_TRIGGERED",
+            "ELO_SIGNIFICANT_CHANGE",
+            "ELO_UPDATED",
+            "ELO_VELOCITY_CHANGED",
+            "EVALUATION_PROGRESS",
+            "EVALUATION_RESULT",
+            "HYPERPARAMETER_UPDATED",
+            "IDLE_RESOURCE_DETECTED",
+            "MODEL_UPDATED",
+            "ORPHAN_GAMES_DETECTED",
+            "QUALITY_DEGRADED",
+            "REGRESSION_CRITICAL",
+            "REGRESSION_DETECTED",
+            "REPAIR_COMPLETED",
+            "REPAIR_FAILED",
+            "TASK_ABANDONED",
+            "TRAINING_EARLY_STOPPED",
+            "CURRICULUM_ADVANCED",
+        ] {
+            assert_eq!(super::normalize_type(n).unwrap(), n, "{n}");
+            assert!(super::is_known(n), "{n}");
+        }
+    }
+
     use super::*;
     use serde_json::json;
 

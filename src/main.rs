@@ -93,6 +93,10 @@ enum Cmd {
         /// Name of the publishing process.
         #[arg(long)]
         origin: Option<String>,
+        /// TYPE is a new custom type even though it is close to a catalog
+        /// name (otherwise refused with "did you mean …").
+        #[arg(long)]
+        custom: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -392,25 +396,37 @@ fn secs(s: &str, what: &str) -> anyhow::Result<f64> {
         .as_secs_f64())
 }
 
-/// Stop a child: SIGTERM, then SIGKILL after 10 s.
+/// Stop a child's process group: SIGTERM, then SIGKILL after 10 s.
 async fn stop_child(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status();
-    }
+    signal_child(child, libc::SIGTERM);
     if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
         .await
         .is_err()
     {
-        let _ = child.kill().await;
+        kill_child(child).await;
     }
+}
+
+/// Signal the child's whole process group (it leads one: `spawn_cmd`), so
+/// a shell's or a launcher's own children stop with it.
+fn signal_child(child: &tokio::process::Child, sig: libc::c_int) {
+    if let Some(pid) = child.id() {
+        // SAFETY: killpg with a process group id we created and a signal.
+        unsafe { libc::killpg(pid as libc::pid_t, sig) };
+    }
+}
+
+/// SIGKILL the child's process group and reap the child.
+async fn kill_child(child: &mut tokio::process::Child) {
+    signal_child(child, libc::SIGKILL);
+    let _ = child.wait().await;
 }
 
 fn spawn_cmd(cmd: &[String], env: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
     let mut c = tokio::process::Command::new(&cmd[0]);
     c.args(&cmd[1..]);
+    // Its own process group: stopping it stops what it started.
+    c.process_group(0);
     for (k, v) in env {
         c.env(k, v);
     }
@@ -448,15 +464,6 @@ impl HolderDeadline {
             .unwrap_or(sent);
         let term = kill.checked_sub(Self::grace(ttl)).unwrap_or(sent);
         HolderDeadline { term, kill }
-    }
-}
-
-fn signal_child(child: &tokio::process::Child, sig: &str) {
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status();
     }
 }
 
@@ -509,25 +516,31 @@ async fn lock_run(
     let renew_path = format!("/v1/locks/{name}/renew");
     let code = loop {
         tokio::select! {
-            st = child.wait() => break st?.code().unwrap_or(1),
+            st = child.wait() => {
+                let st = st?;
+                // Killed by a signal: 128 + the signal, as shells report it.
+                break st.code().unwrap_or_else(|| {
+                    128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
+                });
+            }
             _ = &mut stop => {
                 // Stopped by the user: SIGTERM, and SIGKILL no later than
                 // the lease allows (renewals stop here).
-                signal_child(&child, "TERM");
+                signal_child(&child, libc::SIGTERM);
                 let by = deadline.kill.min(Instant::now() + std::time::Duration::from_secs(10));
                 if tokio::time::timeout_at(by, child.wait()).await.is_err() {
-                    let _ = child.kill().await;
+                    kill_child(&mut child).await;
                 }
                 break 143;
             }
             _ = sleep_until(deadline.term), if !termed => {
                 eprintln!("riftmesh: lock {name} was not renewed in time; stopping the command (SIGTERM)");
-                signal_child(&child, "TERM");
+                signal_child(&child, libc::SIGTERM);
                 termed = true;
             }
             _ = sleep_until(deadline.kill) => {
                 eprintln!("riftmesh: lock {name} expires: killing the command (SIGKILL)");
-                let _ = child.kill().await;
+                kill_child(&mut child).await;
                 return Ok(3);
             }
             _ = renew.tick(), if renewing.is_none() && !termed => {
@@ -545,9 +558,13 @@ async fn lock_run(
                     Err(e @ api::ClientError::Refused { status: 409, .. }) => {
                         eprintln!("riftmesh: lost lock {name} ({e}); stopping the command");
                         if !termed {
-                            signal_child(&child, "TERM");
+                            signal_child(&child, libc::SIGTERM);
                             termed = true;
                         }
+                        // The lock is known gone: SIGKILL after a short
+                        // grace, not at the lease's deadline.
+                        let soon = Instant::now() + HolderDeadline::grace(ttl).min(std::time::Duration::from_secs(1));
+                        deadline.kill = deadline.kill.min(soon);
                     }
                     Err(e) => eprintln!("riftmesh: cannot renew lock {name} yet ({e}); retrying"),
                 }
@@ -822,13 +839,14 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             correlation_id,
             parent_id,
             origin,
+            custom,
             ..
         } => {
             let payload: Value =
                 serde_json::from_str(&payload).context("--payload is not valid JSON")?;
             let body = json!({
                 "type": event_type, "payload": payload, "correlation_id": correlation_id,
-                "parent_id": parent_id, "origin": origin,
+                "parent_id": parent_id, "origin": origin, "custom_type": custom,
             });
             let r: api::PublishResp = api::decode(client.post("/v1/events", &body).await?)?;
             if cli.json {

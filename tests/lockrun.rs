@@ -61,11 +61,13 @@ async fn cut(agents: &[&Agent], x: usize, on: bool) {
     }
 }
 
-/// A command that ignores SIGTERM and writes the time (ns) every 20 ms.
+/// A command whose work runs in a child of its own (as `sh -c`, torchrun
+/// or make would), ignoring SIGTERM, writing the time (ns) every 20 ms.
 fn start_lock_run(a: &Agent, lock: &str, ttl: f64, beat: &Path) -> Child {
     let b = beat.display();
-    let script =
-        format!("trap '' TERM; while :; do date +%s%N > {b}.t && mv {b}.t {b}; sleep 0.02; done");
+    let script = format!(
+        "trap '' TERM; (trap '' TERM; while :; do date +%s%N > {b}.t && mv {b}.t {b}; sleep 0.02; done) & wait"
+    );
     Command::new(BIN)
         .args(["lock", "run", lock, "--ttl", &format!("{ttl}s")])
         .args(["--api", a.api.trim_start_matches("http://")])
@@ -75,6 +77,22 @@ fn start_lock_run(a: &Agent, lock: &str, ttl: f64, beat: &Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// Whether a process whose command line names `beat` is alive.
+fn command_alive(beat: &Path) -> bool {
+    let needle = beat.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| String::from_utf8_lossy(&c).contains(&needle))
 }
 
 async fn round(agents: &[&Agent], root: &Path, ttl: f64, n: usize) -> (i64, u64) {
@@ -109,6 +127,17 @@ async fn round(agents: &[&Agent], root: &Path, ttl: f64, n: usize) -> (i64, u64)
     })
     .await;
     assert_eq!(st.code(), Some(3), "lock run reports the lost lock");
+    // Every process of the command is gone (its own children included),
+    // so the last beat is final.
+    wait_for(
+        "every process of the command to be gone",
+        Duration::from_secs(5),
+        || {
+            let alive = command_alive(&beat);
+            async move { (!alive).then_some(()) }
+        },
+    )
+    .await;
     let last_ns: u64 = std::fs::read_to_string(&beat)
         .unwrap()
         .trim()

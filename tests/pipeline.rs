@@ -96,3 +96,66 @@ async fn a_rollback_to_an_earlier_model_is_promoted_and_placed_again() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_of_a_catalog_name_is_refused_with_its_suggestion() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("swarm.key");
+    keygen(&key);
+    let a = Agent::start(t.path(), "a", &key, &[]).await;
+    let api = a.api.trim_start_matches("http://").to_string();
+    let publish = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("publish")
+            .args(args)
+            .args(["--api", &api])
+            .output()
+            .unwrap()
+    };
+    // The CLI: refused with the suggestion, nothing published.
+    let out = publish(&["TRAINING_COMPLTED"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did you mean TRAINING_COMPLETED"), "{err}");
+    // The API, dotted spelling, and a consumer filter too.
+    let (s, v) = a
+        .send(
+            reqwest::Method::POST,
+            "/v1/events",
+            &serde_json::json!({"type": "training.complted", "payload": {}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = a
+        .send(
+            reqwest::Method::PUT,
+            "/v1/consumers/watcher",
+            &serde_json::json!({"types": ["MODEL_PROMTED"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("MODEL_PROMOTED"),
+        "{v}"
+    );
+    // On purpose: --custom lets it through; a name far from every
+    // catalog name is a custom type without asking.
+    assert!(publish(&["TRAINING_COMPLTED", "--custom"]).status.success());
+    assert!(publish(&["MY_OWN_PIPELINE_STEP"]).status.success());
+    // The seeds' names are catalog types now, in any spelling.
+    for n in [
+        "REGRESSION_DETECTED",
+        "elo.significant_change",
+        "CURRICULUM_REBALANCED",
+    ] {
+        let out = publish(&[n, "--json"]);
+        assert!(out.status.success(), "{n}: {out:?}");
+    }
+    let v = a
+        .get("/v1/events?types=TRAINING_COMPLTED,TRAINING_COMPLETED")
+        .await
+        .unwrap();
+    assert_eq!(v["events"].as_array().unwrap().len(), 1, "{v}");
+}

@@ -35,21 +35,29 @@ async fn files_named_by_a_request_are_read_only_under_blob_roots() {
     let t = tempfile::tempdir().unwrap();
     let key = t.path().join("swarm.key");
     keygen(&key);
+    // The root holds the agent's data dir (t/a) and the swarm key, so the
+    // refusals below come from the never-list, not from being outside.
     let root = t.path().join("models");
     std::fs::create_dir_all(&root).unwrap();
+    let outside = tempfile::tempdir().unwrap();
     let mut a = Agent::start_with(
         t.path(),
         "a",
         &key,
         &[],
-        &["--blob-root".into(), root.display().to_string()],
+        &["--blob-root".into(), t.path().display().to_string()],
     )
     .await;
     let data = a.dir.clone();
     std::fs::write(root.join("m.bin"), b"model bytes").unwrap();
-    std::fs::write(t.path().join("outside.bin"), b"outside").unwrap();
+    std::fs::write(outside.path().join("outside.bin"), b"outside").unwrap();
     std::os::unix::fs::symlink(data.join("identity.key"), root.join("id-link")).unwrap();
     mkfifo(&root.join("fifo"));
+    let dotdot = t
+        .path()
+        .join("..")
+        .join(outside.path().file_name().unwrap())
+        .join("outside.bin");
 
     // Under the root: read.
     let (s, v) = post_quick(
@@ -67,8 +75,8 @@ async fn files_named_by_a_request_are_read_only_under_blob_roots() {
         key.clone(),
         "/proc/self/environ".into(),
         root.join("id-link"),
-        root.join("../outside.bin"),
-        t.path().join("outside.bin"),
+        dotdot,
+        outside.path().join("outside.bin"),
     ];
     for p in &refused {
         let (s, v) = post_quick(&a, "/v1/blobs", &json!({"path": p, "name": "x/k"})).await;
@@ -158,6 +166,7 @@ async fn without_roots_no_path_is_read_and_uploads_work() {
     // Without a length: 411.
     let r = reqwest::Client::new()
         .post(format!("{}/v1/blobs/upload?name=models/x", a.api))
+        .header("content-type", "application/octet-stream")
         .body(reqwest::Body::wrap_stream(futures::stream::iter(vec![
             Ok::<_, std::io::Error>(vec![1u8; 10]),
         ])))
@@ -165,6 +174,49 @@ async fn without_roots_no_path_is_read_and_uploads_work() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 411);
+    // What a web page can send without a preflight (text/plain), or
+    // anything carrying a browser's Origin: refused, nothing named.
+    let upload = |ct: &'static str, origin: Option<&'static str>| {
+        let mut r = reqwest::Client::new()
+            .post(format!(
+                "{}/v1/blobs/upload?name=models/evil&event=MODEL_PROMOTED",
+                a.api
+            ))
+            .header("content-type", ct)
+            .body(vec![7u8; 100]);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(upload("text/plain", None).await, 415);
+    assert_eq!(
+        upload("application/octet-stream", Some("https://evil.example")).await,
+        403
+    );
+    let left = reqwest::Client::new()
+        .post(format!("{}/v1/leave", a.api))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(left, 403, "a web page cannot stop the agent");
+    // A length no blob can have: refused before anything is read.
+    let huge = reqwest::Client::new()
+        .post(format!("{}/v1/blobs/upload?name=models/huge", a.api))
+        .header("content-type", "application/octet-stream")
+        .header("content-length", u64::MAX.to_string())
+        .body(Vec::<u8>::new())
+        .send()
+        .await;
+    if let Ok(r) = huge {
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    let names = a.get("/v1/blobs").await.unwrap();
+    assert!(!names.to_string().contains("models/evil"), "{names}");
+    assert!(a.get("/v1/health").await.is_ok(), "the agent is still up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -873,7 +873,7 @@ async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<bool, String> {
 }
 
 /// Check the disk budget and the free space for `size` more bytes.
-async fn check_space(node: &Node, blob: &BlobId, size: u64) -> Result<(), String> {
+pub(crate) async fn check_space(node: &Node, blob: &BlobId, size: u64) -> Result<(), String> {
     let b = &node.blobs;
     let store = b.store.clone();
     let id = *blob;

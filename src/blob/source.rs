@@ -17,6 +17,7 @@
 //! CLI and the Python client use with the caller's own permissions.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -76,15 +77,13 @@ impl FilePolicy {
             .map_err(|e| SourceError::Invalid(format!("cannot resolve {requested:?}: {e}")))?;
         if let Some(n) = self.never.iter().find(|n| canon.starts_with(n)) {
             return Err(SourceError::Forbidden(format!(
-                "{requested:?} resolves to {} inside {}, which the agent never reads for a request",
-                canon.display(),
+                "{requested:?} leads into {}, which the agent never reads for a request",
                 n.display()
             )));
         }
         if !self.roots.iter().any(|r| canon.starts_with(r)) {
             return Err(SourceError::Forbidden(format!(
-                "{requested:?} resolves to {}, outside blob_roots {:?}",
-                canon.display(),
+                "{requested:?} leads outside blob_roots {:?}",
                 self.roots
             )));
         }
@@ -112,8 +111,45 @@ impl FilePolicy {
                 canon.display()
             )));
         }
+        // The checks above named paths; a directory on the way may have
+        // been swapped for a symlink since. What was opened is what the
+        // kernel says the descriptor is: its path must pass the same
+        // checks, and its filesystem must not be a pseudo one.
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .map_err(|e| SourceError::Invalid(format!("cannot check what was opened: {e}")))?;
+        if self.never.iter().any(|n| real.starts_with(n))
+            || !self.roots.iter().any(|r| real.starts_with(r))
+        {
+            return Err(SourceError::Forbidden(format!(
+                "{requested:?} changed while it was opened and now leads outside blob_roots"
+            )));
+        }
+        if pseudo_fs(&f) {
+            return Err(SourceError::Forbidden(format!(
+                "{requested:?} is on a kernel pseudo-filesystem (proc, sysfs, devtmpfs …)"
+            )));
+        }
         Ok((f, fmd.len(), canon))
     }
+}
+
+/// proc, sysfs, devtmpfs, debugfs, securityfs, tracefs, configfs, bpf:
+/// never a blob, wherever they are mounted (`/host/proc` in a container).
+fn pseudo_fs(f: &File) -> bool {
+    const PSEUDO: [i64; 8] = [
+        0x9fa0,      // PROC_SUPER_MAGIC
+        0x6265_6572, // SYSFS_MAGIC
+        0x1cd1,      // DEVPTS_SUPER_MAGIC
+        0x6462_6720, // DEBUGFS_MAGIC
+        0x7363_6673, // SECURITYFS_MAGIC
+        0x7472_6163, // TRACEFS_MAGIC
+        0x6265_6570, // CONFIGFS_MAGIC
+        0xcafe_4a11, // BPF_FS_MAGIC
+    ];
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid open descriptor and a statfs buffer of the right size.
+    let r = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
+    r == 0 && PSEUDO.contains(&(st.f_type as i64))
 }
 
 fn kind(md: &std::fs::Metadata) -> &'static str {

@@ -432,7 +432,8 @@ pub fn hash_stream(
 ) -> std::io::Result<(BlobId, Manifest)> {
     let chunk_size = chunk_size_for(size_hint, preferred_chunk);
     let mut whole = Running::new();
-    let mut chunks = Vec::with_capacity(chunk_count(size_hint, chunk_size));
+    // The hint may come from a request: never trusted beyond MAX_CHUNKS.
+    let mut chunks = Vec::with_capacity(chunk_count(size_hint, chunk_size).min(MAX_CHUNKS));
     let mut buf = vec![0u8; chunk_size as usize];
     let mut size = 0u64;
     loop {

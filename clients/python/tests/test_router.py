@@ -133,7 +133,9 @@ def test_event_dict_shape_recent_events_and_counts(agent: Agent, uid: str) -> No
 
 def test_data_event_type_covers_the_seeds_and_matches_event_type(agent: Agent) -> None:
     assert DataEventType.TRAINING_COMPLETE is DataEventType.TRAINING_COMPLETED
-    assert DataEventType.CURRICULUM_ADVANCED == "CURRICULUM_UPDATED"
+    # The seeds tell CURRICULUM_ADVANCED and CURRICULUM_REBALANCED apart: so does the catalog.
+    assert DataEventType.CURRICULUM_ADVANCED == "CURRICULUM_ADVANCED"
+    assert DataEventType.CURRICULUM_REBALANCED == "CURRICULUM_REBALANCED"
     for name in ("TRAINING_EARLY_STOPPED", "REGRESSION_DETECTED", "EVALUATION_PROGRESS", "TASK_ABANDONED"):
         assert DataEventType[name].value == name
     # Every value is what the agent stores as the type, whichever spelling was published.

@@ -117,10 +117,14 @@ def blob_upload(
     query: Dict[str, Any] = {"name": name}
     if event is not None:
         query["event"] = type_name(event)
-    with open(os.fspath(path), "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{os.fspath(path)!r} is not a regular file")
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; the
+    # type is checked on the descriptor before anything is read.
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"{os.fspath(path)!r} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
         # Sending and hashing a large model outlasts the usual timeout.
         v = http.upload("/v1/blobs/upload", f, st.st_size, query=query, timeout=max(http.timeout, 6 * 3600.0))
     return BlobAdded.from_json(v)

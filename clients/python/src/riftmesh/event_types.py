@@ -35,6 +35,18 @@ class EventType(str, Enum):
     DATA_SYNC_FAILED = "DATA_SYNC_FAILED"
     "a data sync failed"
 
+    DATA_SYNC_TRIGGERED = "DATA_SYNC_TRIGGERED"
+    "a data sync was asked for"
+
+    ORPHAN_GAMES_DETECTED = "ORPHAN_GAMES_DETECTED"
+    "games were found that no sync has picked up"
+
+    REPAIR_COMPLETED = "REPAIR_COMPLETED"
+    "a repair of damaged data finished"
+
+    REPAIR_FAILED = "REPAIR_FAILED"
+    "a repair of damaged data failed"
+
     GAME_BATCH_READY = "GAME_BATCH_READY"
     "a batch of games was published as a blob"
 
@@ -68,6 +80,15 @@ class EventType(str, Enum):
     TRAINING_FAILED = "TRAINING_FAILED"
     "a training run failed"
 
+    TRAINING_EARLY_STOPPED = "TRAINING_EARLY_STOPPED"
+    "a training run stopped early (no more improvement)"
+
+    HYPERPARAMETER_UPDATED = "HYPERPARAMETER_UPDATED"
+    "training hyperparameters were adjusted"
+
+    ADAPTIVE_PARAMS_CHANGED = "ADAPTIVE_PARAMS_CHANGED"
+    "adaptive training parameters changed in real time"
+
     EVALUATION_STARTED = "EVALUATION_STARTED"
     "an evaluation began"
 
@@ -77,6 +98,27 @@ class EventType(str, Enum):
     EVALUATION_FAILED = "EVALUATION_FAILED"
     "an evaluation failed"
 
+    EVALUATION_PROGRESS = "EVALUATION_PROGRESS"
+    "an evaluation reports progress"
+
+    EVALUATION_RESULT = "EVALUATION_RESULT"
+    "an Elo evaluation produced its result"
+
+    ELO_UPDATED = "ELO_UPDATED"
+    "a model's Elo rating changed"
+
+    ELO_SIGNIFICANT_CHANGE = "ELO_SIGNIFICANT_CHANGE"
+    "a model's Elo moved by more than its threshold"
+
+    ELO_VELOCITY_CHANGED = "ELO_VELOCITY_CHANGED"
+    "the rate of Elo improvement changed"
+
+    REGRESSION_DETECTED = "REGRESSION_DETECTED"
+    "a model performs worse than the one before it"
+
+    REGRESSION_CRITICAL = "REGRESSION_CRITICAL"
+    "a model regressed badly enough to roll back"
+
     MODEL_PROMOTED = "MODEL_PROMOTED"
     "a model became the current best"
 
@@ -85,6 +127,9 @@ class EventType(str, Enum):
 
     PROMOTION_FAILED = "PROMOTION_FAILED"
     "the promotion step failed"
+
+    MODEL_UPDATED = "MODEL_UPDATED"
+    "a model's registry metadata changed"
 
     MODEL_DISTRIBUTED = "MODEL_DISTRIBUTED"
     "a model arrived on a host"
@@ -110,6 +155,9 @@ class EventType(str, Enum):
     LEADER_ELECTED = "LEADER_ELECTED"
     "a new leader won a term"
 
+    IDLE_RESOURCE_DETECTED = "IDLE_RESOURCE_DETECTED"
+    "a host's GPUs (or job counters) stayed idle"
+
     DAEMON_STARTED = "DAEMON_STARTED"
     "a local daemon started"
 
@@ -118,6 +166,12 @@ class EventType(str, Enum):
 
     DAEMON_STATUS_CHANGED = "DAEMON_STATUS_CHANGED"
     "a local daemon changed state"
+
+    ALL_CRITICAL_DAEMONS_READY = "ALL_CRITICAL_DAEMONS_READY"
+    "every critical daemon of a host is up"
+
+    TASK_ABANDONED = "TASK_ABANDONED"
+    "a job was cancelled or abandoned"
 
     RECOVERY_STARTED = "RECOVERY_STARTED"
     "automatic recovery began"
@@ -129,7 +183,16 @@ class EventType(str, Enum):
     "automatic recovery failed"
 
     CURRICULUM_UPDATED = "CURRICULUM_UPDATED"
-    "the curriculum changed its weights or stage"
+    "the curriculum changed its weights"
+
+    CURRICULUM_ADVANCED = "CURRICULUM_ADVANCED"
+    "the curriculum moved to its next stage"
+
+    CURRICULUM_REBALANCED = "CURRICULUM_REBALANCED"
+    "the curriculum rebalanced its configurations"
+
+    QUALITY_DEGRADED = "QUALITY_DEGRADED"
+    "data quality went down"
 
     QUALITY_SCORE_UPDATED = "QUALITY_SCORE_UPDATED"
     "a data quality score was computed"
@@ -149,6 +212,7 @@ ALIASES: Dict[str, str] = {
     "SYNC_STARTED": "DATA_SYNC_STARTED",
     "DATA_SYNC_COMPLETE": "DATA_SYNC_COMPLETED",
     "SYNC_COMPLETE": "DATA_SYNC_COMPLETED",
+    "REPAIR_COMPLETE": "REPAIR_COMPLETED",
     "EXPORT_STARTED": "NPZ_EXPORT_STARTED",
     "NPZ_EXPORT_COMPLETE": "NPZ_EXPORT_COMPLETED",
     "EXPORT_COMPLETE": "NPZ_EXPORT_COMPLETED",
@@ -163,6 +227,8 @@ ALIASES: Dict[str, str] = {
     "EVAL_COMPLETED": "EVALUATION_COMPLETED",
     "EVAL_COMPLETE": "EVALUATION_COMPLETED",
     "EVAL_FAILED": "EVALUATION_FAILED",
+    "EVAL_PROGRESS": "EVALUATION_PROGRESS",
+    "EVAL_RESULT": "EVALUATION_RESULT",
     "PROMOTION_COMPLETE": "MODEL_PROMOTED",
     "PROMOTED": "MODEL_PROMOTED",
     "MODEL_DISTRIBUTION_COMPLETE": "MODEL_DISTRIBUTED",
@@ -173,7 +239,6 @@ ALIASES: Dict[str, str] = {
     "HOST_RECOVERED": "NODE_RECOVERED",
     "NODE_LEFT": "HOST_LEFT",
     "RECOVERY_COMPLETE": "RECOVERY_COMPLETED",
-    "CURRICULUM_ADVANCED": "CURRICULUM_UPDATED",
     "DATA_QUALITY_ALERT": "QUALITY_ALERT",
 }
 
@@ -193,6 +258,10 @@ class DataEventType(str, Enum):
     DATA_SYNC_STARTED = "DATA_SYNC_STARTED"
     DATA_SYNC_COMPLETED = "DATA_SYNC_COMPLETED"
     DATA_SYNC_FAILED = "DATA_SYNC_FAILED"
+    DATA_SYNC_TRIGGERED = "DATA_SYNC_TRIGGERED"
+    ORPHAN_GAMES_DETECTED = "ORPHAN_GAMES_DETECTED"
+    REPAIR_COMPLETED = "REPAIR_COMPLETED"
+    REPAIR_FAILED = "REPAIR_FAILED"
     GAME_BATCH_READY = "GAME_BATCH_READY"
     BLOB_PUBLISHED = "BLOB_PUBLISHED"
     SYNC_COMPLETED = "SYNC_COMPLETED"
@@ -204,12 +273,23 @@ class DataEventType(str, Enum):
     TRAINING_PROGRESS = "TRAINING_PROGRESS"
     TRAINING_COMPLETED = "TRAINING_COMPLETED"
     TRAINING_FAILED = "TRAINING_FAILED"
+    TRAINING_EARLY_STOPPED = "TRAINING_EARLY_STOPPED"
+    HYPERPARAMETER_UPDATED = "HYPERPARAMETER_UPDATED"
+    ADAPTIVE_PARAMS_CHANGED = "ADAPTIVE_PARAMS_CHANGED"
     EVALUATION_STARTED = "EVALUATION_STARTED"
     EVALUATION_COMPLETED = "EVALUATION_COMPLETED"
     EVALUATION_FAILED = "EVALUATION_FAILED"
+    EVALUATION_PROGRESS = "EVALUATION_PROGRESS"
+    EVALUATION_RESULT = "EVALUATION_RESULT"
+    ELO_UPDATED = "ELO_UPDATED"
+    ELO_SIGNIFICANT_CHANGE = "ELO_SIGNIFICANT_CHANGE"
+    ELO_VELOCITY_CHANGED = "ELO_VELOCITY_CHANGED"
+    REGRESSION_DETECTED = "REGRESSION_DETECTED"
+    REGRESSION_CRITICAL = "REGRESSION_CRITICAL"
     MODEL_PROMOTED = "MODEL_PROMOTED"
     PROMOTION_REJECTED = "PROMOTION_REJECTED"
     PROMOTION_FAILED = "PROMOTION_FAILED"
+    MODEL_UPDATED = "MODEL_UPDATED"
     MODEL_DISTRIBUTED = "MODEL_DISTRIBUTED"
     MODEL_DISTRIBUTION_FAILED = "MODEL_DISTRIBUTION_FAILED"
     HOST_ONLINE = "HOST_ONLINE"
@@ -218,13 +298,19 @@ class DataEventType(str, Enum):
     NODE_RECOVERED = "NODE_RECOVERED"
     HOST_LEFT = "HOST_LEFT"
     LEADER_ELECTED = "LEADER_ELECTED"
+    IDLE_RESOURCE_DETECTED = "IDLE_RESOURCE_DETECTED"
     DAEMON_STARTED = "DAEMON_STARTED"
     DAEMON_STOPPED = "DAEMON_STOPPED"
     DAEMON_STATUS_CHANGED = "DAEMON_STATUS_CHANGED"
+    ALL_CRITICAL_DAEMONS_READY = "ALL_CRITICAL_DAEMONS_READY"
+    TASK_ABANDONED = "TASK_ABANDONED"
     RECOVERY_STARTED = "RECOVERY_STARTED"
     RECOVERY_COMPLETED = "RECOVERY_COMPLETED"
     RECOVERY_FAILED = "RECOVERY_FAILED"
     CURRICULUM_UPDATED = "CURRICULUM_UPDATED"
+    CURRICULUM_ADVANCED = "CURRICULUM_ADVANCED"
+    CURRICULUM_REBALANCED = "CURRICULUM_REBALANCED"
+    QUALITY_DEGRADED = "QUALITY_DEGRADED"
     QUALITY_SCORE_UPDATED = "QUALITY_SCORE_UPDATED"
     QUALITY_ALERT = "QUALITY_ALERT"
 
@@ -235,6 +321,7 @@ class DataEventType(str, Enum):
     SYNC_STARTED = "DATA_SYNC_STARTED"
     DATA_SYNC_COMPLETE = "DATA_SYNC_COMPLETED"
     SYNC_COMPLETE = "DATA_SYNC_COMPLETED"
+    REPAIR_COMPLETE = "REPAIR_COMPLETED"
     EXPORT_STARTED = "NPZ_EXPORT_STARTED"
     NPZ_EXPORT_COMPLETE = "NPZ_EXPORT_COMPLETED"
     EXPORT_COMPLETE = "NPZ_EXPORT_COMPLETED"
@@ -249,6 +336,8 @@ class DataEventType(str, Enum):
     EVAL_COMPLETED = "EVALUATION_COMPLETED"
     EVAL_COMPLETE = "EVALUATION_COMPLETED"
     EVAL_FAILED = "EVALUATION_FAILED"
+    EVAL_PROGRESS = "EVALUATION_PROGRESS"
+    EVAL_RESULT = "EVALUATION_RESULT"
     PROMOTION_COMPLETE = "MODEL_PROMOTED"
     PROMOTED = "MODEL_PROMOTED"
     MODEL_DISTRIBUTION_COMPLETE = "MODEL_DISTRIBUTED"
@@ -259,30 +348,9 @@ class DataEventType(str, Enum):
     HOST_RECOVERED = "NODE_RECOVERED"
     NODE_LEFT = "HOST_LEFT"
     RECOVERY_COMPLETE = "RECOVERY_COMPLETED"
-    CURRICULUM_ADVANCED = "CURRICULUM_UPDATED"
     DATA_QUALITY_ALERT = "QUALITY_ALERT"
 
     # Names of the seeds that are not in the catalog: custom types.
-    ADAPTIVE_PARAMS_CHANGED = "ADAPTIVE_PARAMS_CHANGED"
-    ALL_CRITICAL_DAEMONS_READY = "ALL_CRITICAL_DAEMONS_READY"
-    CURRICULUM_REBALANCED = "CURRICULUM_REBALANCED"
-    DATA_SYNC_TRIGGERED = "DATA_SYNC_TRIGGERED"
-    ELO_SIGNIFICANT_CHANGE = "ELO_SIGNIFICANT_CHANGE"
-    ELO_UPDATED = "ELO_UPDATED"
-    ELO_VELOCITY_CHANGED = "ELO_VELOCITY_CHANGED"
-    EVALUATION_PROGRESS = "EVALUATION_PROGRESS"
-    EVALUATION_RESULT = "EVALUATION_RESULT"
-    HYPERPARAMETER_UPDATED = "HYPERPARAMETER_UPDATED"
-    IDLE_RESOURCE_DETECTED = "IDLE_RESOURCE_DETECTED"
-    MODEL_UPDATED = "MODEL_UPDATED"
-    ORPHAN_GAMES_DETECTED = "ORPHAN_GAMES_DETECTED"
-    QUALITY_DEGRADED = "QUALITY_DEGRADED"
-    REGRESSION_CRITICAL = "REGRESSION_CRITICAL"
-    REGRESSION_DETECTED = "REGRESSION_DETECTED"
-    REPAIR_COMPLETED = "REPAIR_COMPLETED"
-    REPAIR_FAILED = "REPAIR_FAILED"
-    TASK_ABANDONED = "TASK_ABANDONED"
-    TRAINING_EARLY_STOPPED = "TRAINING_EARLY_STOPPED"
 
     def __str__(self) -> str:
         return self.value
@@ -290,16 +358,16 @@ class DataEventType(str, Enum):
 
 CATEGORIES: Dict[str, Tuple[str, ...]] = {
     "selfplay": ("SELFPLAY_STARTED", "SELFPLAY_COMPLETED", "SELFPLAY_FAILED", "NEW_GAMES_AVAILABLE",),
-    "sync": ("DATA_SYNC_STARTED", "DATA_SYNC_COMPLETED", "DATA_SYNC_FAILED", "GAME_BATCH_READY", "BLOB_PUBLISHED", "SYNC_COMPLETED", "SYNC_FAILED",),
+    "sync": ("DATA_SYNC_STARTED", "DATA_SYNC_COMPLETED", "DATA_SYNC_FAILED", "DATA_SYNC_TRIGGERED", "ORPHAN_GAMES_DETECTED", "REPAIR_COMPLETED", "REPAIR_FAILED", "GAME_BATCH_READY", "BLOB_PUBLISHED", "SYNC_COMPLETED", "SYNC_FAILED",),
     "export": ("NPZ_EXPORT_STARTED", "NPZ_EXPORT_COMPLETED", "NPZ_EXPORT_FAILED",),
-    "training": ("TRAINING_STARTED", "TRAINING_PROGRESS", "TRAINING_COMPLETED", "TRAINING_FAILED",),
-    "evaluation": ("EVALUATION_STARTED", "EVALUATION_COMPLETED", "EVALUATION_FAILED",),
-    "promotion": ("MODEL_PROMOTED", "PROMOTION_REJECTED", "PROMOTION_FAILED",),
+    "training": ("TRAINING_STARTED", "TRAINING_PROGRESS", "TRAINING_COMPLETED", "TRAINING_FAILED", "TRAINING_EARLY_STOPPED", "HYPERPARAMETER_UPDATED", "ADAPTIVE_PARAMS_CHANGED",),
+    "evaluation": ("EVALUATION_STARTED", "EVALUATION_COMPLETED", "EVALUATION_FAILED", "EVALUATION_PROGRESS", "EVALUATION_RESULT", "ELO_UPDATED", "ELO_SIGNIFICANT_CHANGE", "ELO_VELOCITY_CHANGED", "REGRESSION_DETECTED", "REGRESSION_CRITICAL",),
+    "promotion": ("MODEL_PROMOTED", "PROMOTION_REJECTED", "PROMOTION_FAILED", "MODEL_UPDATED",),
     "model_distribution": ("MODEL_DISTRIBUTED", "MODEL_DISTRIBUTION_FAILED",),
-    "cluster": ("HOST_ONLINE", "NODE_SUSPECT", "HOST_OFFLINE", "NODE_RECOVERED", "HOST_LEFT", "LEADER_ELECTED",),
-    "daemon": ("DAEMON_STARTED", "DAEMON_STOPPED", "DAEMON_STATUS_CHANGED",),
+    "cluster": ("HOST_ONLINE", "NODE_SUSPECT", "HOST_OFFLINE", "NODE_RECOVERED", "HOST_LEFT", "LEADER_ELECTED", "IDLE_RESOURCE_DETECTED",),
+    "daemon": ("DAEMON_STARTED", "DAEMON_STOPPED", "DAEMON_STATUS_CHANGED", "ALL_CRITICAL_DAEMONS_READY", "TASK_ABANDONED",),
     "recovery": ("RECOVERY_STARTED", "RECOVERY_COMPLETED", "RECOVERY_FAILED",),
-    "quality": ("CURRICULUM_UPDATED", "QUALITY_SCORE_UPDATED", "QUALITY_ALERT",),
+    "quality": ("CURRICULUM_UPDATED", "CURRICULUM_ADVANCED", "CURRICULUM_REBALANCED", "QUALITY_DEGRADED", "QUALITY_SCORE_UPDATED", "QUALITY_ALERT",),
 }
 
 DESCRIPTIONS: Dict[str, str] = {
@@ -310,6 +378,10 @@ DESCRIPTIONS: Dict[str, str] = {
     "DATA_SYNC_STARTED": "a data sync began",
     "DATA_SYNC_COMPLETED": "a data sync finished",
     "DATA_SYNC_FAILED": "a data sync failed",
+    "DATA_SYNC_TRIGGERED": "a data sync was asked for",
+    "ORPHAN_GAMES_DETECTED": "games were found that no sync has picked up",
+    "REPAIR_COMPLETED": "a repair of damaged data finished",
+    "REPAIR_FAILED": "a repair of damaged data failed",
     "GAME_BATCH_READY": "a batch of games was published as a blob",
     "BLOB_PUBLISHED": "a name now points at a blob",
     "SYNC_COMPLETED": "a wanted blob arrived and was placed",
@@ -321,12 +393,23 @@ DESCRIPTIONS: Dict[str, str] = {
     "TRAINING_PROGRESS": "a training run reports progress",
     "TRAINING_COMPLETED": "a training run produced a model",
     "TRAINING_FAILED": "a training run failed",
+    "TRAINING_EARLY_STOPPED": "a training run stopped early (no more improvement)",
+    "HYPERPARAMETER_UPDATED": "training hyperparameters were adjusted",
+    "ADAPTIVE_PARAMS_CHANGED": "adaptive training parameters changed in real time",
     "EVALUATION_STARTED": "an evaluation began",
     "EVALUATION_COMPLETED": "an evaluation finished with results",
     "EVALUATION_FAILED": "an evaluation failed",
+    "EVALUATION_PROGRESS": "an evaluation reports progress",
+    "EVALUATION_RESULT": "an Elo evaluation produced its result",
+    "ELO_UPDATED": "a model's Elo rating changed",
+    "ELO_SIGNIFICANT_CHANGE": "a model's Elo moved by more than its threshold",
+    "ELO_VELOCITY_CHANGED": "the rate of Elo improvement changed",
+    "REGRESSION_DETECTED": "a model performs worse than the one before it",
+    "REGRESSION_CRITICAL": "a model regressed badly enough to roll back",
     "MODEL_PROMOTED": "a model became the current best",
     "PROMOTION_REJECTED": "a candidate model was not promoted",
     "PROMOTION_FAILED": "the promotion step failed",
+    "MODEL_UPDATED": "a model's registry metadata changed",
     "MODEL_DISTRIBUTED": "a model arrived on a host",
     "MODEL_DISTRIBUTION_FAILED": "a model could not be distributed to a host",
     "HOST_ONLINE": "a host joined or came back",
@@ -335,13 +418,19 @@ DESCRIPTIONS: Dict[str, str] = {
     "NODE_RECOVERED": "a suspected host answered again",
     "HOST_LEFT": "a host left gracefully",
     "LEADER_ELECTED": "a new leader won a term",
+    "IDLE_RESOURCE_DETECTED": "a host's GPUs (or job counters) stayed idle",
     "DAEMON_STARTED": "a local daemon started",
     "DAEMON_STOPPED": "a local daemon stopped",
     "DAEMON_STATUS_CHANGED": "a local daemon changed state",
+    "ALL_CRITICAL_DAEMONS_READY": "every critical daemon of a host is up",
+    "TASK_ABANDONED": "a job was cancelled or abandoned",
     "RECOVERY_STARTED": "automatic recovery began",
     "RECOVERY_COMPLETED": "automatic recovery finished",
     "RECOVERY_FAILED": "automatic recovery failed",
-    "CURRICULUM_UPDATED": "the curriculum changed its weights or stage",
+    "CURRICULUM_UPDATED": "the curriculum changed its weights",
+    "CURRICULUM_ADVANCED": "the curriculum moved to its next stage",
+    "CURRICULUM_REBALANCED": "the curriculum rebalanced its configurations",
+    "QUALITY_DEGRADED": "data quality went down",
     "QUALITY_SCORE_UPDATED": "a data quality score was computed",
     "QUALITY_ALERT": "data quality fell below its threshold",
 }
