@@ -126,7 +126,7 @@ async fn a_gossip_flood_from_one_member_is_held_to_its_source_rate() {
     // allowance would need minutes to cover the whole flood.)
     let metric = r#"riftmesh_rate_limited_total{protocol="gossip",reason="source_rate"}"#;
     let limited = wait_for("the flood to be limited", LONG, || async {
-        let limited = a.metric(metric).await;
+        let limited = a.metric_or_zero(metric).await;
         let allowance = BURST + RATE * start.elapsed().as_secs_f64() + 10.0;
         (limited >= FLOOD as f64 - allowance).then_some(limited)
     })
@@ -272,7 +272,7 @@ async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() {
     }
     let metric = r#"riftmesh_connections_refused_total{limit="per_peer",direction="in"}"#;
     let refused = wait_for("refusals to be counted", LONG, || async {
-        let r = a.metric(metric).await;
+        let r = a.metric_or_zero(metric).await;
         (r >= (10 + 1 - LIMIT) as f64).then_some(r)
     })
     .await;
@@ -366,7 +366,7 @@ async fn connections_beyond_the_total_limit_are_refused_and_members_keep_theirs(
     // `a` already holds `b`, so at least PEERS + 1 - LIMIT are refused.
     let metric = r#"riftmesh_connections_refused_total{limit="total",direction="in"}"#;
     wait_for("refusals to be counted", LONG, || async {
-        let r = a.metric(metric).await;
+        let r = a.metric_or_zero(metric).await;
         (r >= (PEERS + 1 - LIMIT) as f64).then_some(r)
     })
     .await;
@@ -419,7 +419,7 @@ async fn silent_connections_are_refused_beyond_the_pending_limit_and_closed_at_t
     }
     let metric = r#"riftmesh_connections_refused_total{limit="pending_incoming",direction="in"}"#;
     let refused = wait_for("refusals to be counted", LONG, || async {
-        let r = a.metric(metric).await;
+        let r = a.metric_or_zero(metric).await;
         (r >= (SILENT - PENDING) as f64).then_some(r)
     })
     .await;
@@ -501,7 +501,7 @@ async fn a_replayed_gossip_message_is_stored_once_and_counted_as_duplicate() {
     })
     .await;
     let dup = r#"riftmesh_events_duplicate_total{via="peers"}"#;
-    let before = agents[1].metric(dup).await;
+    let before = agents[1].metric_or_zero(dup).await;
     let (replayer2, _i2, rep2_key) = hostile_peer(&agents[1], &key).await;
     subscribed_to(&replayer2, &agents[1]).await;
     for f in &frames {
@@ -512,7 +512,7 @@ async fn a_replayed_gossip_message_is_stored_once_and_counted_as_duplicate() {
     replayer2.publish_event(&marker2).await.unwrap();
     arrives(&agents[1], &marker2.id).await;
     wait_for("the replays to be counted as duplicates", LONG, || async {
-        (agents[1].metric(dup).await >= before + 2.0).then_some(())
+        (agents[1].metric_or_zero(dup).await >= before + 2.0).then_some(())
     })
     .await;
     for id in &ids {

@@ -190,7 +190,7 @@ async fn formats_and_operator_series() {
     .await
     .unwrap();
     wait_for("the job counter", T, || async {
-        (v0.metric("riftmesh_host_jobs{kind=\"selfplay_jobs\"} ")
+        (v0.metric_or_zero("riftmesh_host_jobs{kind=\"selfplay_jobs\"} ")
             .await
             == 6.0)
             .then_some(())
