@@ -100,7 +100,8 @@ async fn election_failover_and_fenced_locks() {
     // Exactly one agent says it is the leader: the one everyone names.
     let selves = claimants(&all).await;
     assert!(selves.len() <= 1, "{selves:?}");
-    let (sole, sole_term) = sole_leader_named_by_all(&all, "the named leader to claim leadership").await;
+    let (sole, sole_term) =
+        sole_leader_named_by_all(&all, "the named leader to claim leadership").await;
     assert_eq!((sole.as_str(), sole_term), (leader.as_str(), term));
     // LEADER_ELECTED reached a non-voter.
     wait_for("LEADER_ELECTED on a4", LONG, || async {
