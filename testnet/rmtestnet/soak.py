@@ -468,6 +468,7 @@ class FaultRunner:
     def start(self, f):
         s, c, kind = self.s, self.c, f["kind"]
         hs = [c.host(n) for n in f["hosts"]]
+        self.replaced = None      # set when the fault is replaced by another
         if any(s.state[n] != "running" for n in f["hosts"]):
             return False   # a crashed host: nothing to disturb
         if kind == "kill":
@@ -488,7 +489,8 @@ class FaultRunner:
             if not self.netem:
                 for h in hs:
                     F.shape(c, h, rate=NETEM_REPLACEMENT_RATE)
-                f["replaced"] = (f"no sch_netem: delay {f['delay']} / loss {f['loss']} replaced by "
+                # (Not written into the schedule: its digest stays as printed.)
+                self.replaced = (f"no sch_netem: delay {f['delay']} / loss {f['loss']} replaced by "
                                  f"rate {NETEM_REPLACEMENT_RATE} (tbf)")
                 return True
             for h in hs:
@@ -539,11 +541,12 @@ class FaultRunner:
                         "kill", "pause", "partition-route", "partition-api") else None
                     if self.start(f):
                         self.active[i] = f
-                        s.count(f["kind"] + (" (replaced)" if f.get("replaced") else ""))
-                        s.faults_done.append(dict(f, started_s=s.rel()))
+                        rep = self.replaced
+                        s.count(f["kind"] + (" (replaced)" if rep else ""))
+                        s.faults_done.append(dict(f, started_s=s.rel(), **({"replaced": rep} if rep else {})))
                         log(f"soak @{s.rel():.0f}s: {f['kind']} {','.join(f['hosts'])}"
                             + (f" rate {f['rate']}" if "rate" in f else "")
-                            + (f" ({f['replaced']})" if f.get("replaced") else ""))
+                            + (f" ({rep})" if rep else ""))
                         start_observers(s, i, f, leader)
                     else:
                         s.count(f"{f['kind']} not applied")
