@@ -15,8 +15,9 @@ their JSON copies and writes benches/results/report.txt and report.json
 needs root for its network namespaces; without root its row says
 "skipped (needs root)". Each bench's own output goes to
 target/report/<run>.log. The exit code is 0 when every run completed (a
-missed target is reported, not an error), 1 when a run failed or a figure
-is missing from its JSON: `benches/report.py --quick` is the smoke test of
+missed target is reported, not an error), 1 when a run failed, a figure
+is missing from its JSON, or a correctness row (each event once, each
+source in order) did not hold: `benches/report.py --quick` is the smoke test of
 the command and of every bench's parameters.
 """
 import argparse
@@ -217,9 +218,10 @@ class Table:
     def __init__(self):
         self.rows = []
 
-    def add(self, bench, name, value, comparison="-", result="-", data=None):
+    def add(self, bench, name, value, comparison="-", result="-", data=None, correctness=False):
         self.rows.append({"bench": bench, "measurement": name, "value": value,
-                          "comparison": comparison, "result": result, "data": data})
+                          "comparison": comparison, "result": result, "data": data,
+                          "correctness": correctness})
 
     def failed(self, bench, name, runner, run):
         err = runner.runs.get(run, {}).get("error") or "not run"
@@ -384,11 +386,28 @@ def idle_rows(t, ms, agents, runner, run):
           f"{ms['cpu_pct_mean']:.2f} / {ms['cpu_pct_max']:.2f} % of a core", "-", "-", None)
 
 
+# Rows of the catch-up bench that say whether the result is right, not how
+# fast: a duplicate or a reordering must reach the report and fail the run.
+CATCHUP_CORRECTNESS = [
+    ("(1) each event once, each source in order",
+     "2|3 split healed: each event once, each source in order, on all 5 agents"),
+    ("(2) c holds each event once, in order",
+     "restarted agent holds each event once, in order (catch-up + live)"),
+]
+
+
 def catchup_rows(t, c, runner, run):
     if not c:
         t.failed("catchup", "partition heal and catch-up", runner, run)
         return
     rows = c.get("rows") or []
+    for prefix, label in CATCHUP_CORRECTNESS:
+        r = next((r for r in rows if r["name"].startswith(prefix)), None)
+        if r is None:
+            t.add("catchup", label, "missing", "-", "missed", correctness=True)
+        else:
+            t.add("catchup", label, r["value"], r["target"], r["result"], r.get("data"),
+                  correctness=True)
     for prefix, label in [("(1) heal: every agent holds all", "2|3 split of 5 agents healed: every agent holds all"),
                           ("(2) c catch-up rate", "catch-up of an agent that missed the events"),
                           ("(2) live b->c consumer p99", "live latency during that catch-up, p99"),
@@ -658,7 +677,8 @@ def main():
     rep = {
         "date": now, "command": command, "quick": args.quick, "cpus": cpus,
         "load_average_end": load, "total_secs": round(total, 1), "build_secs": round(build_secs, 1),
-        "rows": [{k: r[k] for k in ("bench", "measurement", "value", "comparison", "result")}
+        "rows": [{k: r[k] for k in ("bench", "measurement", "value", "comparison", "result",
+                                    "correctness")}
                  for r in t.rows],
         "scaling": scaling,
         "runs": runner.runs,
@@ -667,10 +687,20 @@ def main():
         json.dump(rep, fh, indent=1, default=str)
         fh.write("\n")
     log(f"wrote {os.path.join(args.out_dir, 'report.txt')} and report.json")
+    return exit_code(t, runner)
+
+
+def exit_code(t, runner):
+    """0 when every run completed and every correctness row held; a missed
+    speed target is reported, not an error."""
     broken = [r["measurement"] for r in t.rows if r["value"] == "missing" or r["value"].startswith("error")]
     if broken:
         log(f"no figure for: {'; '.join(broken)}")
-    return 1 if broken or any(v["error"] for v in runner.runs.values()) else 0
+    wrong = [f"{r['measurement']}: {r['value']}" for r in t.rows
+             if r.get("correctness") and r["result"] != "met"]
+    if wrong:
+        log(f"correctness row not met: {'; '.join(wrong)}")
+    return 1 if broken or wrong or any(v["error"] for v in runner.runs.values()) else 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ WORK="$(mktemp -d /tmp/riftmesh-testnet-ci.XXXXXX)"
 STATE="$WORK/net"
 SOAK_STATE="$WORK/soak"
 SOAK_SECONDS="${TESTNET_CI_SOAK_SECONDS:-180}"
-SOAK_SEED="${TESTNET_CI_SOAK_SEED:-$(( $(date +%s) % 100000 ))}"
+# The soak's seed: from the commit under test, so a rerun of the same commit
+# draws the same schedule (printed below; TESTNET_CI_SOAK_SEED overrides).
+commit_seed=$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --short=7 HEAD 2>/dev/null || true)
+if [ -n "$commit_seed" ]; then commit_seed=$(( 16#$commit_seed % 100000 )); else commit_seed=$(( $(date +%s) % 100000 )); fi
+SOAK_SEED="${TESTNET_CI_SOAK_SEED:-$commit_seed}"
 PROM_PID=""
 made_policy=""
 tn() { "$HERE/testnet" --state "$STATE" "$@"; }

@@ -1,6 +1,6 @@
 //! Blob sync between real agents on loopback: add, fetch by want, verify,
-//! place, dedup by content, resume after a crash, a corrupt source, the disk
-//! budget and garbage collection.
+//! place, dedup by content, resume after a crash, a corrupt source, a source
+//! that serves wrong bytes, the disk budget and garbage collection.
 
 mod common;
 
@@ -306,7 +306,7 @@ async fn a_fetch_resumes_after_a_crash_and_routes_around_a_corrupt_source() {
         .await;
     assert!(found >= 1.0, "a0 found its stored copy damaged");
     assert_eq!(
-        a2.metric("riftmesh_sync_chunks_rejected_total{reason=\"hash\"}")
+        a2.metric_or_zero("riftmesh_sync_chunks_rejected_total{reason=\"hash\"}")
             .await,
         0.0,
         "no damaged chunk reached a2"
@@ -395,4 +395,96 @@ async fn the_disk_budget_refuses_and_unnamed_blobs_are_collected() {
     // The small one fits a1's budget and arrives.
     wait_file(&root.join("a1-placed/m.bin"), &second).await;
     let _ = first;
+}
+
+/// A source that serves wrong bytes for chunks it claims: a peer with the
+/// swarm key that answers `/riftmesh/sync/1` by relaying every request to
+/// the honest holder and flipping a byte of every chunk it passes on. The
+/// receiver must reject and count each such chunk, finish from the honest
+/// source, and place the right file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_serving_wrong_bytes_is_rejected_and_the_fetch_finishes_elsewhere() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let key = root.join("swarm.key");
+    keygen(&key);
+    let a0 = start(root, "a0", &[], "").await;
+    let boot = vec![a0.p2p_addr().await];
+    let a1 = start(root, "a1", &boot, &want_models(root, "a1")).await;
+    let a0_id: libp2p::PeerId = a0.peer_id.parse().unwrap();
+    let a1_id: libp2p::PeerId = a1.peer_id.parse().unwrap();
+
+    // The liar joins both agents.
+    let (liar, mut inbox, liar_key) = common::bare_peer(
+        &key,
+        riftmesh::limits::NetLimits::default(),
+        vec![a0.p2p_addr().await.parse().unwrap()],
+    );
+    liar.dial(a0.p2p_addr().await.parse().unwrap())
+        .await
+        .unwrap();
+    liar.dial(a1.p2p_addr().await.parse().unwrap())
+        .await
+        .unwrap();
+    let liar_id = liar_key.public().to_peer_id();
+    let served_bad = Arc::new(AtomicUsize::new(0));
+    let relay = {
+        let liar = liar.clone();
+        let served_bad = served_bad.clone();
+        tokio::spawn(async move {
+            while let Some(req) = inbox.blob.recv().await {
+                // Relay to a0 (never back to the asker a0 itself).
+                if req.peer != a1_id {
+                    liar.blob_respond(req.channel, Vec::new()).await;
+                    continue;
+                }
+                let mut answer: Vec<u8> = liar
+                    .blob_request(a0_id, req.request)
+                    .await
+                    .unwrap_or_default();
+                // A chunk answer: tag 2, then the bytes; change the last one.
+                if answer.first() == Some(&2) && answer.len() > 2 {
+                    *answer.last_mut().unwrap() ^= 0x5a;
+                    served_bad.fetch_add(1, Ordering::SeqCst);
+                }
+                liar.blob_respond(req.channel, answer).await;
+            }
+        })
+    };
+    wait_for(
+        "a1 to count the liar among its connected members",
+        T,
+        || async {
+            let v = a1.get("/v1/peers").await.ok()?;
+            v["peers"]
+                .as_array()?
+                .iter()
+                .any(|p| p["peer_id"] == liar_id.to_base58().as_str())
+                .then_some(())
+        },
+    )
+    .await;
+
+    let src = root.join("m.pth");
+    let data = random_file(&src, 6 * 1024 * 1024, 3);
+    a0.post(
+        "/v1/blobs",
+        &json!({ "path": src.display().to_string(), "name": "models/m", "event": "MODEL_PROMOTED" }),
+    )
+    .await
+    .unwrap();
+    wait_file(&root.join("a1-placed/m.bin"), &data).await;
+    let bad = served_bad.load(Ordering::SeqCst);
+    assert!(bad >= 1, "the liar was never asked for a chunk");
+    let rejected = a1
+        .metric("riftmesh_sync_chunks_rejected_total{reason=\"hash\"}")
+        .await;
+    assert!(
+        rejected >= bad as f64,
+        "{rejected} chunks rejected for their hash, {bad} wrong ones served"
+    );
+    println!("{bad} wrong chunks served, {rejected} rejected for their hash");
+    relay.abort();
 }

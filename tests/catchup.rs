@@ -357,12 +357,12 @@ async fn a_sources_order_holds_when_the_earlier_event_arrives_last() {
     assert_eq!(seqs, vec![1, 2, 3]);
 }
 
-/// Sum of the metric lines of `name` whose labels mention `label`.
+/// Sum of the metric lines of `name` whose labels mention `label`; no such
+/// line counts as zero (the callers wait for a count to grow), but a failed
+/// scrape or a family missing from /metrics fails the test.
 async fn metric_with(a: &Agent, name: &str, label: &str) -> f64 {
-    let text = match a.http.get(&a.metrics).send().await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => return 0.0,
-    };
+    a.metric_or_zero(name).await;
+    let text = a.scrape().await;
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -223,6 +223,13 @@ async fn paused_agent_is_suspected_then_alive_without_a_death() {
     }
 }
 
+/// "At once": the others list a leaving agent as left within this bound of
+/// its exit, less than the 3 s of silence (`suspect_after`) before failure
+/// detection even starts, so the leave message, not a timeout, did it. The
+/// leaving agent tells its peers and waits for their answers before it
+/// exits, so the state is normally there when the exit is seen.
+const AT_ONCE: Duration = Duration::from_secs(2);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leave_by_api_and_by_sigterm_is_marked_left_at_once() {
     let root = tempfile::tempdir().unwrap();
@@ -246,18 +253,32 @@ async fn leave_by_api_and_by_sigterm_is_marked_left_at_once() {
     assert_eq!(r["left"], true);
     assert_eq!(r["peers_told"], 3, "{r}");
     let st = agents[2].wait_exit(LONG).await;
+    let exited2 = std::time::Instant::now();
     assert!(st.success(), "{st:?}");
+    for a in &agents[..2] {
+        wait_for(
+            &format!("{} to see a2 left within {AT_ONCE:?} of its exit", a.name),
+            AT_ONCE.saturating_sub(exited2.elapsed()),
+            || async { (state_of(a, "a2").await? == "left").then_some(()) },
+        )
+        .await;
+    }
 
     agents[3].signal("TERM");
     let st = agents[3].wait_exit(LONG).await;
+    let exited3 = std::time::Instant::now();
     assert!(st.success(), "{st:?}");
+    for a in &agents[..2] {
+        wait_for(
+            &format!("{} to see a3 left within {AT_ONCE:?} of its exit", a.name),
+            AT_ONCE.saturating_sub(exited3.elapsed()),
+            || async { (state_of(a, "a3").await? == "left").then_some(()) },
+        )
+        .await;
+    }
 
     for a in &agents[..2] {
         for (name, peer) in [("a2", &p2), ("a3", &p3)] {
-            wait_for(&format!("{} to see {name} left", a.name), LONG, || async {
-                (state_of(a, name).await? == "left").then_some(())
-            })
-            .await;
             let left = wait_for(
                 &format!("HOST_LEFT of {name} in {}", a.name),
                 LONG,

@@ -8,6 +8,13 @@ publishes MODEL_PROMOTED -> every host places the model (MODEL_DISTRIBUTED).
 Faults: kill -9 + restart of a training host during selfplay, a partition
 (leader + a training host cut off) during training and evaluation, healed
 once both sides have seen it; optionally SIGSTOP of a host and link shaping.
+
+What each fault must make the cluster observe is an invariant with a time
+bound, not a note: the killed agent declared dead by every other agent
+within 30 s, the partition seen by both sides within 45 s, a leader agreed
+in the majority within 30 s, the paused agent seen as not alive within
+30 s. A fault that cannot run as asked (delay/loss without sch_netem) is
+replaced by one that can (the link rate alone), and the report says so.
 """
 
 import hashlib
@@ -31,6 +38,7 @@ class Round:
         self.stages = []
         self.faults = []
         self.notes = []
+        self.observations = []     # each fault's expected observation: invariants
         self.cfg = args.config_name
         self.round = f"r{int(time.time())}"
         self.cleanup = []          # callables undoing faults still in place
@@ -51,6 +59,12 @@ class Round:
         kw = {k: v for k, v in kw.items() if v is not None}
         self.faults.append(dict(at_s=self.rel(), fault=what, **kw))
         log(f"fault @{self.rel():.1f}s: {what} {json.dumps(kw)}")
+
+    def observe(self, name, ok, detail):
+        """Record the observation a fault must produce as an invariant."""
+        self.observations.append({"invariant": name, "ok": bool(ok), "detail": detail,
+                                  "at_s": self.rel()})
+        log(f"{'observed' if ok else 'NOT observed'}: {name}: {detail}")
 
     def live(self):
         return self.c.live_hosts()
@@ -128,6 +142,9 @@ def run_scenario(args):
             st["detail"] = f"{'all hold' if good else 'FAILED'} after {waited:.1f}s"
             if not good:
                 raise TestnetError("invariants failed")
+        missed = [o["invariant"] for o in r.observations if not o["ok"]]
+        if missed:
+            raise TestnetError(f"fault observations failed: {'; '.join(missed)}")
         ok = True
     except TestnetError as e:
         log(f"scenario failed: {e}")
@@ -207,22 +224,27 @@ def play(r):
                 r.fault("kill -9", host=victim["name"], note="training host, while batches are published")
                 r.cleanup.append(lambda v=victim: (not c.alive(v)) and c.start(v))
                 others = [h for h in r.live() if h is not victim]
+                t_kill = time.monotonic()
+                name = f"killed agent {victim['name']} declared dead by every other agent within 30 s"
                 try:
                     wait_for(lambda: all(_state_of(r, h, victim["name"]) in ("dead", "left")
                                          for h in others), r.left(30), 0.2,
                              f"every other agent to declare {victim['name']} dead")
                     r.fault("declared dead", host=victim["name"], note="by every other agent")
+                    r.observe(name, True, f"after {time.monotonic() - t_kill:.1f} s")
                 except TestnetError as e:
-                    r.notes.append(f"kill: {e}")
+                    r.observe(name, False, str(e))
         if "shape" in want:
             shaped = next((h for h in sp if h is not leader0), sp[0])
             try:
                 F.shape(c, shaped, a.shape_delay, a.shape_loss, a.shape_rate)
                 r.fault("shape", host=shaped["name"], delay=a.shape_delay, loss=a.shape_loss, rate=a.shape_rate)
             except TestnetError as e:
-                r.notes.append(f"shape with delay/loss not applied ({e}); rate only")
+                # No sch_netem here: the fault is replaced by the rate alone
+                # (tbf), and the report lists it under faults replaced.
                 F.shape(c, shaped, None, None, a.shape_rate)
-                r.fault("shape", host=shaped["name"], rate=a.shape_rate)
+                r.fault("shape", host=shaped["name"], rate=a.shape_rate,
+                        replaced=f"delay {a.shape_delay} / loss {a.shape_loss} not applied ({e}): rate only")
             r.cleanup.append(lambda h=shaped: F.unshape(c, h))
         st["detail"] = f"{len(batch_names)} batches of {a.batch_size} from {', '.join(h['name'] for h in sp)}"
 
@@ -289,21 +311,27 @@ def play(r):
                         if any(o["name"] in alive for o in other):
                             return False
                 return True
+            t_part = time.monotonic()
+            name = "partition seen by both sides (the other side not alive) within 45 s"
             try:
                 wait_for(seen, r.left(45), 0.5, "both sides to see the other side as not alive")
                 st["detail"] = "each side sees the other as suspect/dead"
+                r.observe(name, True, f"after {time.monotonic() - t_part:.1f} s")
             except TestnetError as e:
                 st["detail"] = f"not observed within 45 s: {e}"
-                r.notes.append("partition: not every agent saw the other side go down within 45 s")
+                r.observe(name, False, str(e))
+            t_lead = time.monotonic()
+            name = "the majority agrees on a leader of its own within 30 s"
             try:
                 def majority_leader():
                     lt = r.leader([h for h in majority if c.alive(h)])
                     return lt if lt and lt[0] in majority else None
                 nl = wait_for(majority_leader, r.left(30), 0.5, "a leader in the majority")
                 st["detail"] += f"; majority leader {nl[0]['name']} term {nl[1]}"
-            except TestnetError:
+                r.observe(name, True, f"{nl[0]['name']} term {nl[1]} after {time.monotonic() - t_lead:.1f} s")
+            except TestnetError as e:
                 st["detail"] += "; no leader agreed in the majority within 30 s"
-                r.notes.append("partition: the majority did not agree on a leader within 30 s")
+                r.observe(name, False, str(e))
         F.heal(c)
         r.fault("heal")
         r.cleanup.pop()
@@ -333,11 +361,14 @@ def play(r):
                 r.api(ev, "POST", f"/v1/consumers/{cons}/ack", {"seq": b["events"][-1]["seq"]})
         if paused:
             others = [h for h in r.live() if h is not paused]
+            name = f"paused agent {paused['name']} seen as not alive by every other agent within 30 s"
+            t_pause = time.monotonic()
             try:
                 wait_for(lambda: all(_state_of(r, h, paused["name"]) != "alive" for h in others),
                          r.left(30), 0.5, f"{paused['name']} seen as not alive")
+                r.observe(name, True, f"after {time.monotonic() - t_pause:.1f} s")
             except TestnetError as e:
-                r.notes.append(f"pause: {e}")
+                r.observe(name, False, str(e))
             c.resume(paused)
             r.fault("resume (SIGCONT)", host=paused["name"])
             r.cleanup.pop()
@@ -439,9 +470,11 @@ def _state_of(r, h, name):
 
 
 def make_report(r, ok, invariants):
-    return {"ok": ok, "round": r.round, "config": r.cfg, "hosts": len(r.c.hosts),
-            "total_s": r.rel(), "stages": r.stages, "faults": r.faults,
-            "invariants": invariants, "notes": r.notes}
+    obs = [{k: v for k, v in o.items() if k != "at_s"} for o in r.observations]
+    return {"ok": ok and all(o["ok"] for o in obs), "round": r.round, "config": r.cfg,
+            "hosts": len(r.c.hosts), "total_s": r.rel(), "stages": r.stages, "faults": r.faults,
+            "faults_replaced": [f for f in r.faults if f.get("replaced")],
+            "invariants": obs + invariants, "notes": r.notes}
 
 
 def print_report(rep):
@@ -459,6 +492,8 @@ def print_report(rep):
         print(f"  @{f['at_s']:7.1f}s  {f['fault']}  {rest}")
     if not rep["faults"]:
         print("  none")
+    for f in rep.get("faults_replaced", []):
+        print(f"  REPLACED: {f['fault']} on {f.get('host')}: {f['replaced']}")
     print("invariants:")
     for i in rep["invariants"]:
         print(f"  {'PASS' if i['ok'] else 'FAIL'}  {i['invariant']}: {i['detail']}")

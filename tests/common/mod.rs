@@ -285,16 +285,91 @@ impl Agent {
         }
     }
 
-    /// Value of a metric line (name with labels, exact prefix), summed.
+    /// This agent's /metrics text (the classic format). Fails the test when
+    /// the scrape fails: an unreachable endpoint is not a zero.
+    pub async fn scrape(&self) -> String {
+        let r = self
+            .http
+            .get(&self.metrics)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: scraping {}: {e}", self.name, self.metrics));
+        assert!(
+            r.status().is_success(),
+            "{}: scraping {}: {}",
+            self.name,
+            self.metrics,
+            r.status()
+        );
+        r.text()
+            .await
+            .unwrap_or_else(|e| panic!("{}: reading {}: {e}", self.name, self.metrics))
+    }
+
+    /// Value of a metric series (name with labels, exact prefix), summed over
+    /// the lines it matches. Fails the test when the scrape fails or no line
+    /// matches; see [`Agent::metric_or_zero`] for a series that may not exist yet.
     pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = match self.http.get(&self.metrics).send().await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => return 0.0,
-        };
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let text = self.scrape().await;
+        metric_in(&text, prefix).unwrap_or_else(|| {
+            panic!(
+                "{}: no series {prefix:?} in /metrics:\n{}",
+                self.name,
+                family_lines(&text, prefix)
+            )
+        })
+    }
+
+    /// [`Agent::metric`] where the caller says an absent series means zero (a
+    /// labelled family shows no line before its first increment). A failed
+    /// scrape still fails the test, and so does a `riftmesh_` name that
+    /// src/metrics.rs does not register, so a misspelt name is no zero.
+    pub async fn metric_or_zero(&self, prefix: &str) -> f64 {
+        let text = self.scrape().await;
+        if let Some(v) = metric_in(&text, prefix) {
+            return v;
+        }
+        let series = prefix.split(['{', ' ']).next().unwrap_or(prefix);
+        if let Some(base) = series.strip_prefix("riftmesh_") {
+            let base = ["_total", "_count", "_sum", "_bucket"]
+                .iter()
+                .find_map(|s| base.strip_suffix(s))
+                .unwrap_or(base);
+            assert!(
+                include_str!("../../src/metrics.rs").contains(&format!("\"{base}\"")),
+                "{}: {prefix:?} names no metric registered in src/metrics.rs",
+                self.name
+            );
+        }
+        0.0
+    }
+}
+
+/// The sum of the values of the lines of `text` that start with `prefix`;
+/// None when no line does.
+pub fn metric_in(text: &str, prefix: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("unparsable metric line {l:?}"))
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// The lines of the family `prefix` names, for a failure message.
+fn family_lines(text: &str, prefix: &str) -> String {
+    let series = prefix.split(['{', ' ']).next().unwrap_or(prefix);
+    let family = series.trim_end_matches("_total");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(family)).collect();
+    if lines.is_empty() {
+        format!("(nothing named {family})")
+    } else {
+        lines.join("\n")
     }
 }
 
