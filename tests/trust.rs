@@ -366,7 +366,7 @@ async fn a_damaged_local_copy_is_never_served_and_is_repaired_from_a_peer() {
         std::fs::write(&obj, &bytes).unwrap();
         b.spawn().await;
         let before = b
-            .metric("riftmesh_sync_chunks_rejected_total{reason=\"local_damage\"}")
+            .metric_or_zero("riftmesh_sync_chunks_rejected_total{reason=\"local_damage\"}")
             .await;
 
         // The API never gives other bytes than the blob's.
