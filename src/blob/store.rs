@@ -965,6 +965,18 @@ impl BlobStore {
                 Err(e) => return Err(e),
             }
         }
+        // Bytes past the manifest's size: every chunk may match and the
+        // object still be wrong. The last chunk is fetched again, and
+        // `demote` cuts the file to its size.
+        let longer = self.is_complete(id)?
+            && std::fs::metadata(self.object_path(id)).is_ok_and(|md| md.len() > m.size);
+        if longer {
+            if let Some(last) = (m.chunks.len() as u32).checked_sub(1) {
+                if !bad.contains(&last) {
+                    bad.push(last);
+                }
+            }
+        }
         Ok(bad)
     }
 
@@ -987,6 +999,14 @@ impl BlobStore {
                 let _ = std::fs::set_permissions(&obj, perm);
             }
             std::fs::rename(&obj, &part).map_err(io("cannot move for repair", &obj))?;
+            // A file longer than the blob: the excess goes.
+            if std::fs::metadata(&part).is_ok_and(|md| md.len() > m.size) {
+                OpenOptions::new()
+                    .write(true)
+                    .open(&part)
+                    .and_then(|f| f.set_len(m.size))
+                    .map_err(io("cannot cut to size", &part))?;
+            }
             Bitmap::full(m.chunks.len())
         } else {
             self.have(id)?
@@ -1319,6 +1339,21 @@ mod tests {
         assert_eq!(std::fs::read(&obj).unwrap(), data);
         s.place(&a.id, &out).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data);
+        // Bytes appended: found by scrub too (it cuts and refetches the last chunk).
+        rot(&|b| b.extend_from_slice(b"tail"));
+        assert!(matches!(
+            s.place(&a.id, &out),
+            Err(BlobError::DamagedChunk { .. })
+        ));
+        let bad = s.scrub(&a.id).unwrap();
+        assert_eq!(bad, vec![a.manifest.chunks.len() as u32 - 1]);
+        s.demote(&a.id, &bad).unwrap();
+        assert_eq!(
+            std::fs::metadata(s.partial_path(&a.id)).unwrap().len(),
+            data.len() as u64
+        );
+        let again = s.add_file(&src, MIN_CHUNK).unwrap();
+        assert!(!again.existing, "a demoted copy is not complete");
         rot(&|b| b.truncate(100_000));
         let out2 = d.path().join("placed/m2.bin");
         assert!(matches!(
