@@ -181,7 +181,7 @@ impl Event {
     /// Full check of an event received from anywhere: canonical forms, content
     /// hash, and the source's signature.
     pub fn verify(&self) -> Result<(), EventError> {
-        if normalize_type(&self.event_type)? != self.event_type {
+        if type_spelling(&self.event_type)? != self.event_type {
             return Err(EventError::NonCanonicalType(self.event_type.clone()));
         }
         for (field, v) in [
@@ -326,16 +326,14 @@ catalog! {
     ],
     "sync": [
         "DATA_SYNC_STARTED" | "SYNC_STARTED" => "a data sync began",
-        "DATA_SYNC_COMPLETED" | "DATA_SYNC_COMPLETE" | "SYNC_COMPLETE" => "a data sync finished",
-        "DATA_SYNC_FAILED" => "a data sync failed",
+        "DATA_SYNC_COMPLETED" | "DATA_SYNC_COMPLETE" | "SYNC_COMPLETE" | "SYNC_COMPLETED" => "a data sync finished (a wanted blob arrived and was placed)",
+        "DATA_SYNC_FAILED" | "SYNC_FAILED" => "a data sync failed (a wanted blob could not be fetched or placed)",
         "DATA_SYNC_TRIGGERED" => "a data sync was asked for",
         "ORPHAN_GAMES_DETECTED" => "games were found that no sync has picked up",
         "REPAIR_COMPLETED" | "REPAIR_COMPLETE" => "a repair of damaged data finished",
         "REPAIR_FAILED" => "a repair of damaged data failed",
         "GAME_BATCH_READY" => "a batch of games was published as a blob",
         "BLOB_PUBLISHED" => "a name now points at a blob",
-        "SYNC_COMPLETED" => "a wanted blob arrived and was placed",
-        "SYNC_FAILED" => "a wanted blob could not be fetched",
     ],
     "export": [
         "NPZ_EXPORT_STARTED" | "EXPORT_STARTED" => "training arrays export began",
@@ -472,6 +470,21 @@ pub fn check_local_type(
 /// `training.completed`, `training_complete` and `TRAINING_COMPLETED` all give
 /// `TRAINING_COMPLETED`; unknown well-formed names become custom types.
 pub fn normalize_type(raw: &str) -> Result<String, EventError> {
+    let out = type_spelling(raw)?;
+    for t in CATALOG {
+        if t.name == out || t.aliases.contains(&out.as_str()) {
+            return Ok(t.name.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The UPPER_SNAKE spelling of a well-formed type name, without the
+/// catalog's aliases: what a receiver requires of an event's type. A peer
+/// with another catalog (a rolling upgrade that made a name its own type,
+/// as CURRICULUM_ADVANCED) sends names this agent would alias; they are
+/// kept as sent, never refused.
+pub fn type_spelling(raw: &str) -> Result<String, EventError> {
     let bad = || EventError::BadType(raw.chars().take(MAX_TYPE_LEN + 8).collect());
     let s = raw.trim();
     if s.is_empty() || s.len() > MAX_TYPE_LEN || !s.starts_with(|c: char| c.is_ascii_alphabetic()) {
@@ -497,11 +510,6 @@ pub fn normalize_type(raw: &str) -> Result<String, EventError> {
     }
     if prev_sep {
         return Err(bad());
-    }
-    for t in CATALOG {
-        if t.name == out || t.aliases.contains(&out.as_str()) {
-            return Ok(t.name.to_string());
-        }
     }
     Ok(out)
 }
@@ -584,6 +592,37 @@ mod tests {
         assert!(check_local_type("MY_OWN_STEP", false, false, &[]).is_ok());
         assert!(check_local_type("MY_OWN_STEP", false, true, &[]).is_err());
         assert!(check_local_type("MY_OWN_STEP", false, true, &["MY_OWN_STEP".into()]).is_ok());
+    }
+
+    #[test]
+    fn an_event_whose_type_this_catalog_would_alias_still_verifies() {
+        // A peer whose catalog has CURRICULUM_UPDATED as its own type and
+        // one spelled as an alias here: both verify (rolling upgrades).
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        for t in ["CURRICULUM_ADVANCED", "SELFPLAY_DONE"] {
+            let payload = "{}".to_string();
+            let d = super::Draft {
+                event_type: t.into(),
+                origin: None,
+                correlation_id: None,
+                parent_id: None,
+                hash: super::content_hash(t, &payload),
+                payload,
+            };
+            let ev = d.seal(&key, 1, 1).unwrap();
+            ev.verify().unwrap();
+        }
+        // Not upper snake: still refused.
+        let payload = "{}".to_string();
+        let d = super::Draft {
+            event_type: "selfplay.done".into(),
+            origin: None,
+            correlation_id: None,
+            parent_id: None,
+            hash: super::content_hash("selfplay.done", &payload),
+            payload,
+        };
+        assert!(d.seal(&key, 1, 1).unwrap().verify().is_err());
     }
 
     #[test]

@@ -359,8 +359,13 @@ async fn the_disk_budget_refuses_and_unnamed_blobs_are_collected() {
         )
         .await
         .unwrap();
-    let failed = wait_for("SYNC_FAILED from a1", T, || async {
-        events_of(&a0, "SYNC_FAILED").await.into_iter().next()
+    // A model that can't be placed: MODEL_DISTRIBUTION_FAILED (the seeds'
+    // name; game data would give DATA_SYNC_FAILED).
+    let failed = wait_for("MODEL_DISTRIBUTION_FAILED from a1", T, || async {
+        events_of(&a0, "MODEL_DISTRIBUTION_FAILED")
+            .await
+            .into_iter()
+            .next()
     })
     .await;
     let p = payload(&failed);

@@ -45,7 +45,8 @@ async fn a_rollback_to_an_earlier_model_is_promoted_and_placed_again() {
     let boot = a.p2p_addr().await;
     let placed_dir = root.join("placed");
     let want = format!(
-        "[[want]]\nnames = \"models/*\"\nplace = \"{}/{{name}}.pth\"\n",
+        "[[want]]\nnames = \"models/*\"\nplace = \"{0}/{{name}}.pth\"\n\
+         [[want]]\nnames = \"games/*\"\nplace = \"{0}/games/{{name}}.npz\"\n",
         placed_dir.display()
     );
     let b = Agent::start_with(root, "b", &key, &[boot], &config(root, "b", &want)).await;
@@ -94,6 +95,63 @@ async fn a_rollback_to_an_earlier_model_is_promoted_and_placed_again() {
         got,
         ids.iter().map(String::as_str).collect::<Vec<_>>(),
         "{v}"
+    );
+    // Each placement on b is a MODEL_DISTRIBUTED caused by its promotion.
+    let v = a.get("/v1/events?types=MODEL_DISTRIBUTED").await.unwrap();
+    for e in v["events"].as_array().unwrap() {
+        let c = e["correlation_id"].as_str().unwrap_or("");
+        assert!(ids.iter().any(|i| i == c), "{e}");
+    }
+
+    // Game data: DATA_SYNC_STARTED then DATA_SYNC_COMPLETED from b, both
+    // carrying the GAME_BATCH_READY's id as correlation and parent.
+    let games = root.join("batch-0001.npz");
+    std::fs::write(&games, version(9)).unwrap();
+    let out = Command::new(BIN)
+        .args(["blob", "add"])
+        .arg(&games)
+        .args([
+            "--name",
+            "games/hex8_2p/batch-0001",
+            "--event",
+            "GAME_BATCH_READY",
+            "--json",
+        ])
+        .args(["--api", a.api.trim_start_matches("http://")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let cause = serde_json::from_slice::<Value>(&out.stdout).unwrap()["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let steps = wait_for(
+        "DATA_SYNC_STARTED and _COMPLETED from b",
+        Duration::from_secs(60),
+        || async {
+            let v = a
+                .get("/v1/events?types=DATA_SYNC_STARTED,DATA_SYNC_COMPLETED")
+                .await
+                .ok()?;
+            let evs: Vec<Value> = v["events"].as_array()?.to_vec();
+            (evs.len() >= 2).then_some(evs)
+        },
+    )
+    .await;
+    let types: Vec<&str> = steps.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        types,
+        ["DATA_SYNC_STARTED", "DATA_SYNC_COMPLETED"],
+        "{steps:?}"
+    );
+    for e in &steps {
+        assert_eq!(e["correlation_id"].as_str(), Some(cause.as_str()), "{e}");
+        assert_eq!(e["parent_id"].as_str(), Some(cause.as_str()), "{e}");
+        assert_eq!(e["payload"]["host"], "b", "{e}");
+    }
+    assert_eq!(
+        std::fs::read(placed_dir.join("games/hex8_2p/batch-0001.npz")).unwrap(),
+        version(9)
     );
 }
 

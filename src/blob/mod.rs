@@ -243,6 +243,52 @@ struct Transfer {
     started: Instant,
     /// Someone waits for it (`blob get`), wanted or not.
     wake: Arc<Notify>,
+    /// The id of the naming event that caused it ("" for a repair): the
+    /// correlation and parent id of the sync events it leads to.
+    cause: String,
+}
+
+/// The sync event types of a name (proto-notes/sync.md, "Events"): models
+/// are distributed, everything else is data that is synced.
+fn sync_event(name: &str, what: SyncStep) -> &'static str {
+    let model = name.starts_with("models/");
+    match (model, what) {
+        (true, SyncStep::Started) => "",
+        (true, SyncStep::Completed) => "MODEL_DISTRIBUTED",
+        (true, SyncStep::Failed) => "MODEL_DISTRIBUTION_FAILED",
+        (false, SyncStep::Started) => "DATA_SYNC_STARTED",
+        (false, SyncStep::Completed) => "DATA_SYNC_COMPLETED",
+        (false, SyncStep::Failed) => "DATA_SYNC_FAILED",
+    }
+}
+
+#[derive(Clone, Copy)]
+enum SyncStep {
+    Started,
+    Completed,
+    Failed,
+}
+
+/// Publish a sync event caused by the naming event `cause`.
+async fn publish_sync(node: &Arc<Node>, ty: &str, payload: &serde_json::Value, cause: &str) {
+    if ty.is_empty() {
+        return;
+    }
+    let link = (!cause.is_empty()).then(|| cause.to_string());
+    match Draft::new(
+        ty,
+        payload,
+        Some("riftmesh/sync".into()),
+        link.clone(),
+        link,
+    ) {
+        Ok(d) => {
+            if let Err(e) = node.publish(vec![d]).await {
+                tracing::warn!(error = %e, "cannot publish {ty}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot build {ty}"),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -826,6 +872,7 @@ pub fn want(node: &Arc<Node>, blob: BlobId, rec: NameRecord, names: Vec<String>)
             },
             started: Instant::now(),
             wake: wake.clone(),
+            cause: rec.event_id.clone(),
         },
     );
     drop(t);
@@ -861,11 +908,17 @@ async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<bool, String> {
         .acquire_owned()
         .await
         .map_err(|_| "shutting down".to_string())?;
-    let (size, root) = {
+    let (size, root, names, cause) = {
         let t = lock(&b.transfers);
         let tr = t.get(&blob).ok_or("transfer vanished")?;
-        (tr.size, tr.root)
+        (tr.size, tr.root, tr.names.clone(), tr.cause.clone())
     };
+    for name in &names {
+        let payload = json!({
+            "name": name, "blob": hex_id(&blob), "size": size, "host": node.cfg.name,
+        });
+        publish_sync(node, sync_event(name, SyncStep::Started), &payload, &cause).await;
+    }
     node.metrics.sync_active.inc();
     let r = fetch(node, blob, size, root).await;
     node.metrics.sync_active.dec();
@@ -1261,14 +1314,21 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
                                 blob,
                                 std::slice::from_ref(name),
                                 &format!("cannot place: {e}"),
+                                &tr.cause,
                             )
                             .await;
                             continue;
                         }
                         Err(e) => {
                             node.metrics.sync_place_failed.inc();
-                            report_failure(node, blob, std::slice::from_ref(name), &e.to_string())
-                                .await;
+                            report_failure(
+                                node,
+                                blob,
+                                std::slice::from_ref(name),
+                                &e.to_string(),
+                                &tr.cause,
+                            )
+                            .await;
                             continue;
                         }
                     }
@@ -1284,11 +1344,7 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
                         continue;
                     }
                 }
-                let ty = if name.starts_with("models/") {
-                    "MODEL_DISTRIBUTED"
-                } else {
-                    "SYNC_COMPLETED"
-                };
+                let ty = sync_event(name, SyncStep::Completed);
                 let payload = json!({
                     "name": name,
                     "blob": hex_id(&blob),
@@ -1299,11 +1355,7 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
                     "sources": sources.len(),
                 });
                 tracing::info!(%name, blob = %hex_id(&blob), path = ?path, secs, "blob arrived");
-                if let Ok(d) = Draft::new(ty, &payload, Some("riftmesh/sync".into()), None, None) {
-                    if let Err(e) = node.publish(vec![d]).await {
-                        tracing::warn!(error = %e, "cannot publish {ty}");
-                    }
-                }
+                publish_sync(node, ty, &payload, &tr.cause).await;
             }
         }
         Err(reason) => {
@@ -1311,14 +1363,20 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
                 .sync_transfers
                 .get_or_create(&label("result", "failed"))
                 .inc();
-            report_failure(node, blob, &tr.names, &reason).await;
+            report_failure(node, blob, &tr.names, &reason, &tr.cause).await;
         }
     }
     tr.wake.notify_waiters();
     refresh_gauges(node).await;
 }
 
-async fn report_failure(node: &Arc<Node>, blob: BlobId, names: &[String], reason: &str) {
+async fn report_failure(
+    node: &Arc<Node>,
+    blob: BlobId,
+    names: &[String],
+    reason: &str,
+    cause: &str,
+) {
     tracing::warn!(blob = %hex_id(&blob), ?names, reason, "blob sync failed");
     {
         let mut f = lock(&node.blobs.failures);
@@ -1340,15 +1398,7 @@ async fn report_failure(node: &Arc<Node>, blob: BlobId, names: &[String], reason
             "host": node.cfg.name,
             "reason": reason,
         });
-        if let Ok(d) = Draft::new(
-            "SYNC_FAILED",
-            &payload,
-            Some("riftmesh/sync".into()),
-            None,
-            None,
-        ) {
-            let _ = node.publish(vec![d]).await;
-        }
+        publish_sync(node, sync_event(name, SyncStep::Failed), &payload, cause).await;
     }
 }
 

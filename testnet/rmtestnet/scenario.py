@@ -455,11 +455,11 @@ def play(r):
                                f"(seen from {hs})")
     r.model_blob = model_blob
     # Transfers that failed on the way (retried by the agents), for the report.
-    fails = r.api(ev, "GET", "/v1/events?types=SYNC_FAILED&limit=1000")["events"]
+    fails = r.api(ev, "GET", "/v1/events?types=DATA_SYNC_FAILED,MODEL_DISTRIBUTION_FAILED&limit=1000")["events"]
     mine = [e["payload"] for e in fails if r.round in str(e["payload"].get("name", e["payload"].get("names", "")))
             or e["payload"].get("blob") == model_blob]
     for p in mine:
-        r.notes.append(f"SYNC_FAILED on {p.get('host')} for {p.get('name') or p.get('names')}: {p.get('reason')}")
+        r.notes.append(f"sync failure on {p.get('host')} for {p.get('name') or p.get('names')}: {p.get('reason')}")
 
 
 def _state_of(r, h, name):

@@ -30,10 +30,10 @@ class EventType(str, Enum):
     "a data sync began"
 
     DATA_SYNC_COMPLETED = "DATA_SYNC_COMPLETED"
-    "a data sync finished"
+    "a data sync finished (a wanted blob arrived and was placed)"
 
     DATA_SYNC_FAILED = "DATA_SYNC_FAILED"
-    "a data sync failed"
+    "a data sync failed (a wanted blob could not be fetched or placed)"
 
     DATA_SYNC_TRIGGERED = "DATA_SYNC_TRIGGERED"
     "a data sync was asked for"
@@ -52,12 +52,6 @@ class EventType(str, Enum):
 
     BLOB_PUBLISHED = "BLOB_PUBLISHED"
     "a name now points at a blob"
-
-    SYNC_COMPLETED = "SYNC_COMPLETED"
-    "a wanted blob arrived and was placed"
-
-    SYNC_FAILED = "SYNC_FAILED"
-    "a wanted blob could not be fetched"
 
     NPZ_EXPORT_STARTED = "NPZ_EXPORT_STARTED"
     "training arrays export began"
@@ -212,6 +206,8 @@ ALIASES: Dict[str, str] = {
     "SYNC_STARTED": "DATA_SYNC_STARTED",
     "DATA_SYNC_COMPLETE": "DATA_SYNC_COMPLETED",
     "SYNC_COMPLETE": "DATA_SYNC_COMPLETED",
+    "SYNC_COMPLETED": "DATA_SYNC_COMPLETED",
+    "SYNC_FAILED": "DATA_SYNC_FAILED",
     "REPAIR_COMPLETE": "REPAIR_COMPLETED",
     "EXPORT_STARTED": "NPZ_EXPORT_STARTED",
     "NPZ_EXPORT_COMPLETE": "NPZ_EXPORT_COMPLETED",
@@ -264,8 +260,6 @@ class DataEventType(str, Enum):
     REPAIR_FAILED = "REPAIR_FAILED"
     GAME_BATCH_READY = "GAME_BATCH_READY"
     BLOB_PUBLISHED = "BLOB_PUBLISHED"
-    SYNC_COMPLETED = "SYNC_COMPLETED"
-    SYNC_FAILED = "SYNC_FAILED"
     NPZ_EXPORT_STARTED = "NPZ_EXPORT_STARTED"
     NPZ_EXPORT_COMPLETED = "NPZ_EXPORT_COMPLETED"
     NPZ_EXPORT_FAILED = "NPZ_EXPORT_FAILED"
@@ -321,6 +315,8 @@ class DataEventType(str, Enum):
     SYNC_STARTED = "DATA_SYNC_STARTED"
     DATA_SYNC_COMPLETE = "DATA_SYNC_COMPLETED"
     SYNC_COMPLETE = "DATA_SYNC_COMPLETED"
+    SYNC_COMPLETED = "DATA_SYNC_COMPLETED"
+    SYNC_FAILED = "DATA_SYNC_FAILED"
     REPAIR_COMPLETE = "REPAIR_COMPLETED"
     EXPORT_STARTED = "NPZ_EXPORT_STARTED"
     NPZ_EXPORT_COMPLETE = "NPZ_EXPORT_COMPLETED"
@@ -358,7 +354,7 @@ class DataEventType(str, Enum):
 
 CATEGORIES: Dict[str, Tuple[str, ...]] = {
     "selfplay": ("SELFPLAY_STARTED", "SELFPLAY_COMPLETED", "SELFPLAY_FAILED", "NEW_GAMES_AVAILABLE",),
-    "sync": ("DATA_SYNC_STARTED", "DATA_SYNC_COMPLETED", "DATA_SYNC_FAILED", "DATA_SYNC_TRIGGERED", "ORPHAN_GAMES_DETECTED", "REPAIR_COMPLETED", "REPAIR_FAILED", "GAME_BATCH_READY", "BLOB_PUBLISHED", "SYNC_COMPLETED", "SYNC_FAILED",),
+    "sync": ("DATA_SYNC_STARTED", "DATA_SYNC_COMPLETED", "DATA_SYNC_FAILED", "DATA_SYNC_TRIGGERED", "ORPHAN_GAMES_DETECTED", "REPAIR_COMPLETED", "REPAIR_FAILED", "GAME_BATCH_READY", "BLOB_PUBLISHED",),
     "export": ("NPZ_EXPORT_STARTED", "NPZ_EXPORT_COMPLETED", "NPZ_EXPORT_FAILED",),
     "training": ("TRAINING_STARTED", "TRAINING_PROGRESS", "TRAINING_COMPLETED", "TRAINING_FAILED", "TRAINING_EARLY_STOPPED", "HYPERPARAMETER_UPDATED", "ADAPTIVE_PARAMS_CHANGED",),
     "evaluation": ("EVALUATION_STARTED", "EVALUATION_COMPLETED", "EVALUATION_FAILED", "EVALUATION_PROGRESS", "EVALUATION_RESULT", "ELO_UPDATED", "ELO_SIGNIFICANT_CHANGE", "ELO_VELOCITY_CHANGED", "REGRESSION_DETECTED", "REGRESSION_CRITICAL",),
@@ -376,16 +372,14 @@ DESCRIPTIONS: Dict[str, str] = {
     "SELFPLAY_FAILED": "a selfplay run failed",
     "NEW_GAMES_AVAILABLE": "fresh games are ready to be synced",
     "DATA_SYNC_STARTED": "a data sync began",
-    "DATA_SYNC_COMPLETED": "a data sync finished",
-    "DATA_SYNC_FAILED": "a data sync failed",
+    "DATA_SYNC_COMPLETED": "a data sync finished (a wanted blob arrived and was placed)",
+    "DATA_SYNC_FAILED": "a data sync failed (a wanted blob could not be fetched or placed)",
     "DATA_SYNC_TRIGGERED": "a data sync was asked for",
     "ORPHAN_GAMES_DETECTED": "games were found that no sync has picked up",
     "REPAIR_COMPLETED": "a repair of damaged data finished",
     "REPAIR_FAILED": "a repair of damaged data failed",
     "GAME_BATCH_READY": "a batch of games was published as a blob",
     "BLOB_PUBLISHED": "a name now points at a blob",
-    "SYNC_COMPLETED": "a wanted blob arrived and was placed",
-    "SYNC_FAILED": "a wanted blob could not be fetched",
     "NPZ_EXPORT_STARTED": "training arrays export began",
     "NPZ_EXPORT_COMPLETED": "training arrays are ready",
     "NPZ_EXPORT_FAILED": "training arrays export failed",
