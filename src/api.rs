@@ -1519,6 +1519,12 @@ async fn blob_content(
     .map_err(store_err)?;
     let (m, first) = match first {
         Ok(v) => v,
+        Err(e @ BlobError::NotHeld(_)) if node.blobs.fetching(&id) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e} yet: it is being fetched (or repaired) now; retry"),
+            ))
+        }
         Err(e @ BlobError::NotHeld(_)) => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -1860,7 +1866,14 @@ impl Client {
                 sha2::Digest::update(&mut hasher, &chunk);
                 n += chunk.len() as u64;
             }
-            if let Some(id) = expect {
+            // Fail closed: an answer that doesn't name its blob is not
+            // written (the agent always names it).
+            let id = expect.ok_or_else(|| {
+                ClientError::Protocol(
+                    "the agent did not name the blob it sent (x-riftmesh-blob): not written".into(),
+                )
+            })?;
+            {
                 let got: [u8; 32] = sha2::Digest::finalize(hasher).into();
                 if got != id {
                     return Err(ClientError::Protocol(format!(

@@ -398,6 +398,11 @@ impl Blobs {
             .find(|w| w.matches(name).is_some() && self.want_applies(w))
     }
 
+    /// Whether a transfer (a fetch or a repair) of `blob` is under way.
+    pub fn fetching(&self, blob: &BlobId) -> bool {
+        lock(&self.transfers).contains_key(blob)
+    }
+
     pub fn transfers(&self) -> Vec<TransferView> {
         let mut v: Vec<TransferView> = lock(&self.transfers)
             .values()
