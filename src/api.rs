@@ -1255,7 +1255,7 @@ async fn blob_upload(
             format!("a blob is at most {max} bytes; Content-Length is {len}"),
         ));
     }
-    crate::blob::check_space(&node, &[0; 32], len)
+    crate::blob::check_room(&node, len)
         .await
         .map_err(|e| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e))?;
     // A sender that stops sending is cut off: an upload never holds a
@@ -1511,7 +1511,7 @@ async fn blob_content(
             .ok_or_else(|| BlobError::NotHeld(crate::blob::hex_id(&id)))?;
         let first = match m.chunks.len() {
             0 => Vec::new(),
-            _ => verified_chunk(&store, &id, 0)?,
+            _ => store.read_verified_chunk(&id, 0)?,
         };
         Ok((m, first))
     })
@@ -1555,7 +1555,7 @@ async fn blob_content(
                 return None;
             }
             let s = store.clone();
-            let r = tokio::task::spawn_blocking(move || verified_chunk(&s, &id, next)).await;
+            let r = tokio::task::spawn_blocking(move || s.read_verified_chunk(&id, next)).await;
             match r {
                 Ok(Ok(b)) => Some((Ok(axum::body::Bytes::from(b)), (None, next + 1))),
                 Ok(Err(e)) => {
@@ -1584,20 +1584,6 @@ async fn blob_content(
         axum::body::Body::from_stream(stream),
     )
         .into_response())
-}
-
-/// One chunk of a complete object, checked; a read cut short (a truncated
-/// object) is damage too.
-fn verified_chunk(
-    store: &crate::blob::BlobStore,
-    id: &crate::blob::BlobId,
-    index: u32,
-) -> Result<Vec<u8>, crate::blob::store::BlobError> {
-    use crate::blob::store::BlobError;
-    match store.read_verified_chunk(id, index) {
-        Err(BlobError::Io { path, .. }) => Err(BlobError::DamagedChunk { path, index }),
-        r => r,
-    }
 }
 
 async fn sync_status(State(node): State<AppState>) -> ApiResult<Json<Value>> {

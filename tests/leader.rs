@@ -35,16 +35,19 @@ async fn agreed_leader(agents: &[&Agent], not: Option<&str>) -> (String, u64) {
     .await
 }
 
-/// Agents that say they lead right now. Every agent must answer: one whose
-/// API call fails is a failure, not an agent that claims nothing.
+/// An agent's `/v1/leader`. Every agent must answer: one whose API call
+/// fails is a failure, not an agent that claims nothing.
+async fn leader_view(a: &Agent) -> Value {
+    a.get("/v1/leader")
+        .await
+        .unwrap_or_else(|e| panic!("{}: GET /v1/leader: {e}", a.name))
+}
+
+/// Agents that say they lead right now.
 async fn claimants(agents: &[&Agent]) -> Vec<String> {
     let mut out = Vec::new();
     for a in agents {
-        let v = a
-            .get("/v1/leader")
-            .await
-            .unwrap_or_else(|e| panic!("{}: GET /v1/leader: {e}", a.name));
-        if v["is_self"] == true {
+        if leader_view(a).await["is_self"] == true {
             out.push(a.name.clone());
         }
     }
@@ -59,10 +62,7 @@ async fn sole_leader_named_by_all(agents: &[&Agent], what: &str) -> (String, u64
         let mut claims = Vec::new();
         let mut named = HashSet::new();
         for a in agents {
-            let v = a
-                .get("/v1/leader")
-                .await
-                .unwrap_or_else(|e| panic!("{}: GET /v1/leader: {e}", a.name));
+            let v = leader_view(a).await;
             if v["is_self"] == true {
                 claims.push(a.name.clone());
             }

@@ -250,16 +250,17 @@ struct Transfer {
 
 /// The sync event types of a name (proto-notes/sync.md, "Events"): models
 /// are distributed, everything else is data that is synced.
-fn sync_event(name: &str, what: SyncStep) -> &'static str {
+/// A model's distribution has no start event (the seeds have none).
+fn sync_event(name: &str, what: SyncStep) -> Option<&'static str> {
     let model = name.starts_with("models/");
-    match (model, what) {
-        (true, SyncStep::Started) => "",
+    Some(match (model, what) {
+        (true, SyncStep::Started) => return None,
         (true, SyncStep::Completed) => "MODEL_DISTRIBUTED",
         (true, SyncStep::Failed) => "MODEL_DISTRIBUTION_FAILED",
         (false, SyncStep::Started) => "DATA_SYNC_STARTED",
         (false, SyncStep::Completed) => "DATA_SYNC_COMPLETED",
         (false, SyncStep::Failed) => "DATA_SYNC_FAILED",
-    }
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -270,10 +271,15 @@ enum SyncStep {
 }
 
 /// Publish a sync event caused by the naming event `cause`.
-async fn publish_sync(node: &Arc<Node>, ty: &str, payload: &serde_json::Value, cause: &str) {
-    if ty.is_empty() {
+async fn publish_sync(
+    node: &Arc<Node>,
+    ty: Option<&str>,
+    payload: &serde_json::Value,
+    cause: &str,
+) {
+    let Some(ty) = ty else {
         return;
-    }
+    };
     let link = (!cause.is_empty()).then(|| cause.to_string());
     match Draft::new(
         ty,
@@ -931,18 +937,24 @@ async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<bool, String> {
 }
 
 /// Check the disk budget and the free space for `size` more bytes.
-pub(crate) async fn check_space(node: &Node, blob: &BlobId, size: u64) -> Result<(), String> {
+async fn check_space(node: &Node, blob: &BlobId, size: u64) -> Result<(), String> {
+    let store = node.blobs.store.clone();
+    let id = *blob;
+    let already =
+        tokio::task::spawn_blocking(move || store.meta(&id).ok().flatten().map_or(0, |m| m.size))
+            .await
+            .map_err(|e| e.to_string())?;
+    check_room(node, size.saturating_sub(already)).await
+}
+
+/// Check the disk budget and the free space for `need` more bytes (an
+/// upload: bytes not in the store yet).
+pub(crate) async fn check_room(node: &Node, need: u64) -> Result<(), String> {
     let b = &node.blobs;
     let store = b.store.clone();
-    let id = *blob;
-    let (used, already) = tokio::task::spawn_blocking(move || {
-        let used = store.used_bytes().unwrap_or(0);
-        let already = store.meta(&id).ok().flatten().map_or(0, |m| m.size);
-        (used, already)
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let need = size.saturating_sub(already);
+    let used = tokio::task::spawn_blocking(move || store.used_bytes().unwrap_or(0))
+        .await
+        .map_err(|e| e.to_string())?;
     if b.cfg.budget > 0 && used + need > b.cfg.budget {
         return Err(format!(
             "disk budget: {} bytes held + {} needed > blob_budget {}",

@@ -602,25 +602,20 @@ impl BlobStore {
                 return Err(e);
             }
         };
+        // Held already or not, the bytes just hashed become the object:
+        // re-adding held content replaces a copy that may have been damaged
+        // on disk since.
         let existing = self.is_complete(&id)?;
-        if existing {
-            // The bytes just hashed are the blob: they replace the held
-            // object, which may have been damaged on disk since.
-            let dst = self.object_path(&id);
-            set_readonly(&tmp);
-            std::fs::rename(&tmp, &dst).map_err(io("cannot move into the store", &dst))?;
-            sync_dir(&dst);
-            self.vouched.record_all(&id, &dst, manifest.chunks.len());
-        } else {
-            let dst = self.object_path(&id);
-            set_readonly(&tmp);
-            std::fs::rename(&tmp, &dst).map_err(io("cannot move into the store", &dst))?;
-            sync_dir(&dst);
+        let dst = self.object_path(&id);
+        set_readonly(&tmp);
+        std::fs::rename(&tmp, &dst).map_err(io("cannot move into the store", &dst))?;
+        sync_dir(&dst);
+        if !existing {
             self.commit_complete(&id, &manifest)?;
             let _ = std::fs::remove_file(self.partial_path(&id));
-            // The object holds the bytes that were just hashed.
-            self.vouched.record_all(&id, &dst, manifest.chunks.len());
         }
+        // The object holds the bytes that were just hashed.
+        self.vouched.record_all(&id, &dst, manifest.chunks.len());
         Ok(Added {
             id,
             manifest,
@@ -899,7 +894,12 @@ impl BlobStore {
         index: u32,
         buffer: impl FnOnce(usize) -> (Vec<u8>, usize),
     ) -> Result<(Vec<u8>, usize, bool), BlobError> {
-        let r = self.read_chunk_after(id, index, buffer)?;
+        // A held chunk that can't be read (a truncated or missing file) is
+        // damage like one that reads wrong.
+        let r = match self.read_chunk_after(id, index, buffer) {
+            Err(BlobError::Io { path, .. }) => return Err(BlobError::DamagedChunk { path, index }),
+            r => r?,
+        };
         if let Some(stamp) = &r.stamp {
             if self.vouched.holds(id, stamp, index) {
                 return Ok((r.buf, r.len, false));
@@ -942,11 +942,7 @@ impl BlobStore {
             if self.vouched.holds(id, &stamp, i) {
                 continue;
             }
-            match self.read_verified_chunk(id, i) {
-                Ok(_) => {}
-                Err(BlobError::Io { .. }) => return Err(damaged(i)),
-                Err(e) => return Err(e),
-            }
+            self.read_verified_chunk(id, i)?;
         }
         Ok(())
     }

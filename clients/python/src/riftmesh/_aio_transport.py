@@ -181,6 +181,15 @@ class _Proto(asyncio.Protocol):
             self.transport.close()
 
 
+def _nodelay(sock: Optional[socket.socket]) -> None:
+    """Small requests go out at once (no Nagle delay behind the last one)."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 class AsyncTransport:
     def __init__(self, host: str, port: int, timeout: float, max_connections: int = 64) -> None:
         self.host = host
@@ -213,12 +222,7 @@ class AsyncTransport:
         except OSError as e:
             raise AgentUnavailable(self.address, e) from None
         self.connections_opened += 1
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        _nodelay(writer.get_extra_info("socket"))
         return _Conn(reader, writer)
 
     async def _connect_proto(self) -> _Proto:
@@ -228,12 +232,7 @@ class AsyncTransport:
         except OSError as e:
             raise AgentUnavailable(self.address, e) from None
         self.connections_opened += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        _nodelay(transport.get_extra_info("socket"))
         return proto
 
     def _take(self) -> Optional[_Proto]:

@@ -50,35 +50,6 @@ def catalog_from_binary(binary: Optional[str] = None, timeout: float = 60.0) -> 
     return types
 
 
-# Event type names the seeds' pipeline uses (app.coordination.event_router's
-# DataEventType, ../shared/seeds/) that are neither a catalog name nor an
-# alias: DataEventType has them as custom types, valued as the agent stores
-# them (their own UPPER_SNAKE name). A name the catalog later gains, as a name
-# or an alias, is taken from the catalog instead.
-SEED_NAMES = (
-    "ADAPTIVE_PARAMS_CHANGED",
-    "ALL_CRITICAL_DAEMONS_READY",
-    "CURRICULUM_REBALANCED",
-    "DATA_SYNC_TRIGGERED",
-    "ELO_SIGNIFICANT_CHANGE",
-    "ELO_UPDATED",
-    "ELO_VELOCITY_CHANGED",
-    "EVALUATION_PROGRESS",
-    "EVALUATION_RESULT",
-    "HYPERPARAMETER_UPDATED",
-    "IDLE_RESOURCE_DETECTED",
-    "MODEL_UPDATED",
-    "ORPHAN_GAMES_DETECTED",
-    "QUALITY_DEGRADED",
-    "REGRESSION_CRITICAL",
-    "REGRESSION_DETECTED",
-    "REPAIR_COMPLETED",
-    "REPAIR_FAILED",
-    "TASK_ABANDONED",
-    "TRAINING_EARLY_STOPPED",
-)
-
-
 def _lit(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
@@ -130,7 +101,7 @@ def render(types: Sequence[Dict[str, Any]]) -> str:
         "    ``riftmesh.router``. Each value is the canonical name, as ``event[\"type\"]``",
         "    holds it: an alias is the same member as its name",
         "    (``DataEventType.TRAINING_COMPLETE is DataEventType.TRAINING_COMPLETED``),",
-        "    and a seed name the catalog lacks is a custom type valued as itself.",
+        "    and every name of the seeds is a catalog name (the agent's catalog holds them all).",
         '    """',
         "",
     ]
@@ -144,11 +115,6 @@ def render(types: Sequence[Dict[str, Any]]) -> str:
             if a.isidentifier() and a not in known:
                 lines.append(f"    {a} = {_lit(t['name'])}")
                 known.add(a)
-    lines += ["", "    # Names of the seeds that are not in the catalog: custom types."]
-    for n in SEED_NAMES:
-        if n not in known:
-            lines.append(f"    {n} = {_lit(n)}")
-            known.add(n)
     lines += [
         "",
         "    def __str__(self) -> str:",

@@ -244,7 +244,7 @@ class DataEventType(str, Enum):
     ``riftmesh.router``. Each value is the canonical name, as ``event["type"]``
     holds it: an alias is the same member as its name
     (``DataEventType.TRAINING_COMPLETE is DataEventType.TRAINING_COMPLETED``),
-    and a seed name the catalog lacks is a custom type valued as itself.
+    and every name of the seeds is a catalog name (the agent's catalog holds them all).
     """
 
     SELFPLAY_STARTED = "SELFPLAY_STARTED"
@@ -345,8 +345,6 @@ class DataEventType(str, Enum):
     NODE_LEFT = "HOST_LEFT"
     RECOVERY_COMPLETE = "RECOVERY_COMPLETED"
     DATA_QUALITY_ALERT = "QUALITY_ALERT"
-
-    # Names of the seeds that are not in the catalog: custom types.
 
     def __str__(self) -> str:
         return self.value
