@@ -117,7 +117,7 @@ class Transport:
         body: Any,
         timeout: Optional[float],
         abort: Optional[Abort],
-        raw: Optional[Tuple[BinaryIO, int]] = None,
+        upload: Optional[Tuple[BinaryIO, int]] = None,
     ) -> Iterator[http.client.HTTPResponse]:
         t = self.timeout if timeout is None else timeout
         url = self._url(path, query)
@@ -126,11 +126,11 @@ class Transport:
         if body is not None:
             data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        elif raw is not None:
+        elif upload is not None:
             # A file object: http.client streams it in blocks.
-            data = raw[0]
+            data = upload[0]
             headers["Content-Type"] = "application/octet-stream"
-            headers["Content-Length"] = str(raw[1])
+            headers["Content-Length"] = str(upload[1])
         conn = http.client.HTTPConnection(self.host, self.port, timeout=t)
         if abort is not None and not abort.attach(conn):
             raise Aborted()
@@ -204,7 +204,7 @@ class Transport:
     ) -> Any:
         """POST ``length`` bytes read from ``fileobj`` (streamed); the decoded JSON answer."""
         t = self.timeout if timeout is None else timeout
-        with self._exchange("POST", path, query, None, timeout, None, raw=(fileobj, length)) as resp:
+        with self._exchange("POST", path, query, None, timeout, None, upload=(fileobj, length)) as resp:
             raw = self._read(resp, "POST", path, t, None)
         return json.loads(raw) if raw else None
 
