@@ -120,6 +120,9 @@ pub struct EventView {
     pub received_ms: u64,
     pub correlation_id: Option<String>,
     pub parent_id: Option<String>,
+    /// The publisher's idempotency key, if it gave one (envelope version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     pub payload: Value,
     pub hash: String,
 }
@@ -143,6 +146,7 @@ impl EventView {
             received_ms: s.received_ms,
             correlation_id: e.correlation_id.clone(),
             parent_id: e.parent_id.clone(),
+            idempotency_key: e.idem_key.clone(),
             payload: e.payload_value(),
             hash: e.hash_hex(),
         }
@@ -164,6 +168,12 @@ pub struct PublishReq {
     pub correlation_id: Option<String>,
     #[serde(default)]
     pub parent_id: Option<String>,
+    /// Every publish of this type with this key is one fact: a retry is
+    /// answered `duplicate` with the first one's id, whatever its timing
+    /// and payload. Without one, the same type and payload is a duplicate
+    /// only within the type's repeat window (proto-notes/events.md §13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     /// A type name near a catalog name is meant as a new type (otherwise
     /// refused with `did you mean …`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -184,6 +194,13 @@ pub struct PublishResp {
     #[serde(rename = "type")]
     pub event_type: String,
     pub duplicate: bool,
+    /// For a duplicate: how long before this answer the first copy was
+    /// published, by its publication time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_ms: Option<u64>,
+    /// For a duplicate: "idempotency_key" or "content".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_by: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -328,6 +345,7 @@ fn draft(r: PublishReq, cfg: &crate::config::AgentConfig) -> ApiResult<Draft> {
         r.correlation_id,
         r.parent_id,
     )
+    .and_then(|d| d.with_idem_key(r.idempotency_key))
     .map_err(|e| ApiError::bad(e.to_string()))?;
     event::check_local_type(
         &d.event_type,
@@ -347,13 +365,29 @@ fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishRe
             seq: *seq,
             event_type: event.event_type.clone(),
             duplicate: false,
+            age_ms: None,
+            duplicate_by: None,
         },
-        Appended::Duplicate { seq, id } => PublishResp {
+        Appended::Duplicate {
+            seq,
+            id,
+            ts_ms,
+            by_key,
+        } => PublishResp {
             id: id.clone(),
             hash: hex::encode(hash),
             seq: *seq,
             event_type: event_type.to_string(),
             duplicate: true,
+            age_ms: Some(event::now_ms().saturating_sub(*ts_ms)),
+            duplicate_by: Some(
+                if *by_key {
+                    "idempotency_key"
+                } else {
+                    "content"
+                }
+                .into(),
+            ),
         },
         // Only peers' envelopes can be held already; kept for completeness.
         Appended::Held => PublishResp {
@@ -362,6 +396,8 @@ fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishRe
             seq: 0,
             event_type: event_type.to_string(),
             duplicate: true,
+            age_ms: None,
+            duplicate_by: None,
         },
     }
 }
@@ -370,8 +406,23 @@ fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishRe
 
 async fn publish(
     State(node): State<AppState>,
-    ApiJson(req): ApiJson<PublishReq>,
+    headers: axum::http::HeaderMap,
+    ApiJson(mut req): ApiJson<PublishReq>,
 ) -> ApiResult<Json<PublishResp>> {
+    // The key may come as an `Idempotency-Key` header instead.
+    if let Some(h) = headers.get("idempotency-key") {
+        let h = h
+            .to_str()
+            .map_err(|_| ApiError::bad("Idempotency-Key header is not visible ASCII"))?;
+        match &req.idempotency_key {
+            Some(k) if k != h => {
+                return Err(ApiError::bad(
+                    "the Idempotency-Key header and the body's idempotency_key differ",
+                ))
+            }
+            _ => req.idempotency_key = Some(h.to_string()),
+        }
+    }
     let d = draft(req, &node.cfg)?;
     let (t, h) = (d.event_type.clone(), d.hash);
     let out = node.publish(vec![d]).await?;

@@ -76,6 +76,8 @@ pub struct FileConfig {
     pub api_max_body_bytes: Option<usize>,
     pub dedup_window: Option<String>,
     pub dedup_max_entries: Option<u64>,
+    pub repeat_window: Option<String>,
+    pub repeat_windows: Option<std::collections::BTreeMap<String, String>>,
     pub retention_age: Option<String>,
     pub retention_max_events: Option<u64>,
     pub retention_max_bytes: Option<u64>,
@@ -151,6 +153,11 @@ pub struct AgentConfig {
     pub api_max_body_bytes: usize,
     pub dedup_window: Duration,
     pub dedup_max_entries: u64,
+    /// Without an idempotency key, the same type and content is one fact
+    /// only within this distance of publication times (0: never).
+    pub repeat_window: Duration,
+    /// Per canonical type, instead of `repeat_window`.
+    pub repeat_windows: std::collections::HashMap<String, Duration>,
     pub retention_age: Duration,
     pub retention_max_events: u64,
     pub retention_max_bytes: u64,
@@ -653,6 +660,19 @@ impl AgentConfig {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let repeat_windows = file
+            .repeat_windows
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(t, w)| {
+                let key = format!("repeat_windows.{t}");
+                let t = crate::event::normalize_type(&t)
+                    .map_err(|e| err(&key, &t, file_origin.clone(), e.to_string()))?;
+                let w = parse_duration(&w).map_err(|r| err(&key, &w, file_origin.clone(), r))?;
+                Ok((t, w))
+            })
+            .collect::<Result<std::collections::HashMap<_, _>, ConfigError>>()?;
         let custom_types = file
             .custom_types
             .unwrap_or_default()
@@ -685,6 +705,12 @@ impl AgentConfig {
                 Duration::from_secs(24 * 3600),
             )?,
             dedup_max_entries: positive("dedup_max_entries", file.dedup_max_entries, 5_000_000)?,
+            repeat_window: dur(
+                "repeat_window",
+                file.repeat_window.clone(),
+                Duration::from_secs(30),
+            )?,
+            repeat_windows,
             retention_age: dur(
                 "retention_age",
                 file.retention_age,

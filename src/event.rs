@@ -11,9 +11,13 @@ use crate::codec;
 /// Domain separation for the content hash and for signatures.
 pub const HASH_DOMAIN: &[u8] = b"riftmesh/event-hash/1\0";
 pub const SIGN_DOMAIN: &[u8] = b"riftmesh/event-sig/1\0";
+/// Signature domain of envelope version 2 (an event with an idempotency key).
+pub const SIGN_DOMAIN_V2: &[u8] = b"riftmesh/event-sig/2\0";
+/// Domain of the dedup digest of an idempotency key.
+pub const IDEM_DOMAIN: &[u8] = b"riftmesh/idem/1\0";
 /// Longest accepted type name.
 pub const MAX_TYPE_LEN: usize = 128;
-/// Longest accepted id-like field (correlation, parent, origin).
+/// Longest accepted id-like field (correlation, parent, origin, idempotency key).
 pub const MAX_ID_LEN: usize = 128;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -34,6 +38,8 @@ pub enum EventError {
     BadSignature,
     #[error("signing failed: {0}")]
     Signing(String),
+    #[error("idempotency key must be 1 to 128 bytes without control characters")]
+    BadIdemKey,
 }
 
 pub type Hash = [u8; 32];
@@ -55,12 +61,92 @@ pub struct Event {
     pub ts_ms: u64,
     pub correlation_id: Option<String>,
     pub parent_id: Option<String>,
+    /// The publisher's idempotency key (envelope version 2): every publication
+    /// with the same type and key is one fact (proto-notes/events.md §13).
+    /// None: envelope version 1, deduplicated by content within a short window.
+    pub idem_key: Option<String>,
     /// Canonical JSON text of the payload (object keys sorted, no whitespace).
     pub payload: String,
     /// SHA-256 content hash (see [`content_hash`]).
     pub hash: Hash,
     /// Source's signature over [`Event::signing_bytes`].
     pub signature: Vec<u8>,
+}
+
+/// Envelope version 1 as encoded: every field of [`Event`] but `idem_key`,
+/// in the same order. Events without a key travel and are stored in this
+/// form byte for byte as before version 2 existed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EventV1 {
+    pub id: String,
+    pub event_type: String,
+    pub source: String,
+    pub origin: Option<String>,
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub correlation_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub payload: String,
+    pub hash: Hash,
+    pub signature: Vec<u8>,
+}
+
+impl From<EventV1> for Event {
+    fn from(e: EventV1) -> Self {
+        Event {
+            id: e.id,
+            event_type: e.event_type,
+            source: e.source,
+            origin: e.origin,
+            seq: e.seq,
+            ts_ms: e.ts_ms,
+            correlation_id: e.correlation_id,
+            parent_id: e.parent_id,
+            idem_key: None,
+            payload: e.payload,
+            hash: e.hash,
+            signature: e.signature,
+        }
+    }
+}
+
+impl TryFrom<Event> for EventV1 {
+    /// An event with an idempotency key has no version-1 form.
+    type Error = Event;
+    fn try_from(e: Event) -> Result<Self, Event> {
+        if e.idem_key.is_some() {
+            return Err(e);
+        }
+        Ok(EventV1 {
+            id: e.id,
+            event_type: e.event_type,
+            source: e.source,
+            origin: e.origin,
+            seq: e.seq,
+            ts_ms: e.ts_ms,
+            correlation_id: e.correlation_id,
+            parent_id: e.parent_id,
+            payload: e.payload,
+            hash: e.hash,
+            signature: e.signature,
+        })
+    }
+}
+
+/// Borrowed version-1 form, for encoding without copying.
+#[derive(Serialize)]
+pub struct EventV1Ref<'a> {
+    id: &'a str,
+    event_type: &'a str,
+    source: &'a str,
+    origin: &'a Option<String>,
+    seq: u64,
+    ts_ms: u64,
+    correlation_id: &'a Option<String>,
+    parent_id: &'a Option<String>,
+    payload: &'a str,
+    hash: &'a Hash,
+    signature: &'a [u8],
 }
 
 /// What a local publisher supplies; sealed into an [`Event`] by the store writer,
@@ -71,6 +157,8 @@ pub struct Draft {
     pub origin: Option<String>,
     pub correlation_id: Option<String>,
     pub parent_id: Option<String>,
+    /// See [`Event::idem_key`].
+    pub idem_key: Option<String>,
     pub payload: String,
     pub hash: Hash,
 }
@@ -103,9 +191,25 @@ impl Draft {
             origin,
             correlation_id,
             parent_id,
+            idem_key: None,
             payload,
             hash,
         })
+    }
+
+    /// Give the draft an idempotency key (at most [`MAX_ID_LEN`] bytes, not
+    /// empty, no control characters).
+    pub fn with_idem_key(mut self, key: Option<String>) -> Result<Self, EventError> {
+        if let Some(k) = &key {
+            check_idem_key(k)?;
+        }
+        self.idem_key = key;
+        Ok(self)
+    }
+
+    /// The dedup digest of this draft (see [`dedup_digest`]).
+    pub fn dedup_digest(&self) -> Hash {
+        dedup_digest(&self.event_type, self.idem_key.as_deref(), &self.hash)
     }
 
     /// Assign id, sequence and time, and sign.
@@ -131,6 +235,7 @@ impl Draft {
             ts_ms: now_ms,
             correlation_id: self.correlation_id,
             parent_id: self.parent_id,
+            idem_key: self.idem_key,
             payload: self.payload,
             hash: self.hash,
             signature: Vec::new(),
@@ -156,10 +261,80 @@ struct Signed<'a> {
     hash: &'a Hash,
 }
 
+/// What version 2 signs: version 1's fields with the key after `parent_id`.
+#[derive(Serialize)]
+struct SignedV2<'a> {
+    id: &'a str,
+    event_type: &'a str,
+    source: &'a str,
+    origin: &'a Option<String>,
+    seq: u64,
+    ts_ms: u64,
+    correlation_id: &'a Option<String>,
+    parent_id: &'a Option<String>,
+    idem_key: &'a str,
+    payload: &'a str,
+    hash: &'a Hash,
+}
+
 impl Event {
-    /// The bytes the source signs: SIGN_DOMAIN followed by the bincode encoding
-    /// of every field but the signature, in declaration order.
+    /// Envelope version: 2 when the event carries an idempotency key, else 1.
+    pub fn version(&self) -> u8 {
+        if self.idem_key.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The version-1 encoding's borrowed form; None for a version-2 event.
+    pub fn as_v1(&self) -> Option<EventV1Ref<'_>> {
+        if self.idem_key.is_some() {
+            return None;
+        }
+        Some(EventV1Ref {
+            id: &self.id,
+            event_type: &self.event_type,
+            source: &self.source,
+            origin: &self.origin,
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            correlation_id: &self.correlation_id,
+            parent_id: &self.parent_id,
+            payload: &self.payload,
+            hash: &self.hash,
+            signature: &self.signature,
+        })
+    }
+
+    /// The dedup digest of this event (see [`dedup_digest`]).
+    pub fn dedup_digest(&self) -> Hash {
+        dedup_digest(&self.event_type, self.idem_key.as_deref(), &self.hash)
+    }
+
+    /// The bytes the source signs. Version 1: SIGN_DOMAIN followed by the
+    /// bincode encoding of every field but the signature, in declaration
+    /// order. Version 2: SIGN_DOMAIN_V2 and the same with the idempotency key
+    /// after `parent_id`.
     pub fn signing_bytes(&self) -> Vec<u8> {
+        if let Some(key) = &self.idem_key {
+            let signed = SignedV2 {
+                id: &self.id,
+                event_type: &self.event_type,
+                source: &self.source,
+                origin: &self.origin,
+                seq: self.seq,
+                ts_ms: self.ts_ms,
+                correlation_id: &self.correlation_id,
+                parent_id: &self.parent_id,
+                idem_key: key,
+                payload: &self.payload,
+                hash: &self.hash,
+            };
+            let mut out = SIGN_DOMAIN_V2.to_vec();
+            out.extend(codec::encode(&signed).unwrap_or_default());
+            return out;
+        }
         let signed = Signed {
             id: &self.id,
             event_type: &self.event_type,
@@ -196,6 +371,9 @@ impl Event {
                     max: MAX_ID_LEN,
                 });
             }
+        }
+        if let Some(k) = &self.idem_key {
+            check_idem_key(k)?;
         }
         let parsed: Value =
             serde_json::from_str(&self.payload).map_err(|_| EventError::NonCanonicalPayload)?;
@@ -242,6 +420,32 @@ pub fn content_hash(event_type: &str, canonical_payload: &str) -> Hash {
     h.update([0u8]);
     h.update(canonical_payload.as_bytes());
     h.finalize().into()
+}
+
+/// What the dedup index is keyed by (proto-notes/events.md §13): with an
+/// idempotency key, SHA-256 over IDEM_DOMAIN, the type, a zero byte and the
+/// key (every publication of that type and key is one fact, whatever its
+/// content); without one, the content hash.
+pub fn dedup_digest(event_type: &str, idem_key: Option<&str>, content: &Hash) -> Hash {
+    match idem_key {
+        None => *content,
+        Some(k) => {
+            let mut h = Sha256::new();
+            h.update(IDEM_DOMAIN);
+            h.update(event_type.as_bytes());
+            h.update([0u8]);
+            h.update(k.as_bytes());
+            h.finalize().into()
+        }
+    }
+}
+
+/// An idempotency key: 1 to [`MAX_ID_LEN`] bytes, no control characters.
+pub fn check_idem_key(k: &str) -> Result<(), EventError> {
+    if k.is_empty() || k.len() > MAX_ID_LEN || k.chars().any(char::is_control) {
+        return Err(EventError::BadIdemKey);
+    }
+    Ok(())
 }
 
 /// JSON with object keys sorted by their UTF-8 bytes, no insignificant
@@ -606,6 +810,7 @@ mod tests {
                 origin: None,
                 correlation_id: None,
                 parent_id: None,
+                idem_key: None,
                 hash: super::content_hash(t, &payload),
                 payload,
             };
@@ -619,10 +824,42 @@ mod tests {
             origin: None,
             correlation_id: None,
             parent_id: None,
+            idem_key: None,
             hash: super::content_hash("selfplay.done", &payload),
             payload,
         };
         assert!(d.seal(&key, 1, 1).unwrap().verify().is_err());
+    }
+
+    /// The key is signed: a relay can neither strip it (turning a keyed
+    /// fact into a key-less one), add one, nor change it.
+    #[test]
+    fn the_idempotency_key_is_signed() {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let d = Draft::new("CUSTOM_T", &json!({"a": 1}), None, None, None).unwrap();
+        let plain = d.clone().seal(&key, 1, 5).unwrap();
+        let keyed = d
+            .with_idem_key(Some("k-1".into()))
+            .unwrap()
+            .seal(&key, 1, 5)
+            .unwrap();
+        plain.verify().unwrap();
+        keyed.verify().unwrap();
+        assert_ne!(plain.dedup_digest(), keyed.dedup_digest());
+        let mut stripped = keyed.clone();
+        stripped.idem_key = None;
+        assert_eq!(stripped.verify(), Err(EventError::BadSignature));
+        let mut added = plain.clone();
+        added.idem_key = Some("k-1".into());
+        assert_eq!(added.verify(), Err(EventError::BadSignature));
+        let mut changed = keyed.clone();
+        changed.idem_key = Some("k-2".into());
+        assert_eq!(changed.verify(), Err(EventError::BadSignature));
+        for bad in ["", "a\nb", &"k".repeat(129)] {
+            let mut e = keyed.clone();
+            e.idem_key = Some(bad.to_string());
+            assert_eq!(e.verify(), Err(EventError::BadIdemKey), "{bad:?}");
+        }
     }
 
     #[test]

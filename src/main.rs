@@ -97,6 +97,18 @@ enum Cmd {
         /// name (otherwise refused with "did you mean …").
         #[arg(long)]
         custom: bool,
+        /// Idempotency key: every publish of TYPE with this key is one fact.
+        /// Default: a new key for this call, reused by its retries.
+        #[arg(long, conflicts_with = "by_content")]
+        idempotency_key: Option<String>,
+        /// Send no key: the same TYPE and payload published again within
+        /// the type's repeat window (30 s by default) is a duplicate.
+        #[arg(long)]
+        by_content: bool,
+        /// Retry for this long while the agent is unreachable or answers
+        /// 503 (with the same key, so a retry is never a second fact).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        retry_for: std::time::Duration,
         #[command(flatten)]
         conn: Conn,
     },
@@ -840,19 +852,60 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             parent_id,
             origin,
             custom,
+            idempotency_key,
+            by_content,
+            retry_for,
             ..
         } => {
             let payload: Value =
                 serde_json::from_str(&payload).context("--payload is not valid JSON")?;
+            let key = match (by_content, idempotency_key) {
+                (true, _) => None,
+                (false, Some(k)) => Some(k),
+                (false, None) => Some(riftmesh::event::new_event_id(riftmesh::event::now_ms())),
+            };
             let body = json!({
                 "type": event_type, "payload": payload, "correlation_id": correlation_id,
                 "parent_id": parent_id, "origin": origin, "custom_type": custom,
+                "idempotency_key": key,
             });
-            let r: api::PublishResp = api::decode(client.post("/v1/events", &body).await?)?;
+            let deadline = std::time::Instant::now() + retry_for;
+            let mut pause = std::time::Duration::from_millis(100);
+            let answer = loop {
+                match client.post("/v1/events", &body).await {
+                    Err(
+                        e @ (api::ClientError::Unreachable { .. }
+                        | api::ClientError::Refused { status: 503, .. }),
+                    ) if key.is_some() && std::time::Instant::now() + pause < deadline => {
+                        eprintln!("riftmesh: {e}; retrying with the same idempotency key");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                    }
+                    other => break other?,
+                }
+            };
+            let r: api::PublishResp = api::decode(answer)?;
             if cli.json {
                 print_json(&r)?;
             } else if r.duplicate {
-                println!("duplicate of {} ({}), hash {}", r.id, r.event_type, r.hash);
+                let age = r
+                    .age_ms
+                    .map(|ms| {
+                        format!(
+                            ", published {} ago",
+                            humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
+                        )
+                    })
+                    .unwrap_or_default();
+                let by = match r.duplicate_by.as_deref() {
+                    Some("idempotency_key") => ", same idempotency key",
+                    Some("content") => ", same type and payload within the repeat window",
+                    _ => "",
+                };
+                println!(
+                    "duplicate of {} ({}{age}{by}), hash {}",
+                    r.id, r.event_type, r.hash
+                );
             } else {
                 println!("published {} id {} hash {}", r.event_type, r.id, r.hash);
             }

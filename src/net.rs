@@ -35,8 +35,10 @@ pub const AGENT_VERSION: &str = concat!("riftmesh/", env!("CARGO_PKG_VERSION"));
 /// Gossip frames: `[version][kind][payload]`.
 pub mod wire {
     use crate::codec;
-    use crate::event::Event;
+    use crate::event::{Event, EventV1};
 
+    /// Version byte of request-response frames, and of event frames of
+    /// envelope version 1 (event frames of version 2 carry 2).
     pub const VERSION: u8 = 1;
     pub const KIND_EVENT: u8 = 1;
     /// Bytes before the bincode body of an event frame.
@@ -54,12 +56,17 @@ pub mod wire {
         Codec(#[from] codec::CodecError),
         #[error("header hash differs from the event's")]
         HeaderHash,
+        #[error("a version-2 event frame without an idempotency key")]
+        KeylessV2,
     }
 
     impl WireError {
         pub fn reason(&self) -> &'static str {
             match self {
-                WireError::Truncated | WireError::Kind(_) | WireError::HeaderHash => "decode",
+                WireError::Truncated
+                | WireError::Kind(_)
+                | WireError::HeaderHash
+                | WireError::KeylessV2 => "decode",
                 WireError::Version(_) => "version",
                 WireError::Codec(codec::CodecError::TooLarge { .. }) => "too_large",
                 WireError::Codec(_) => "decode",
@@ -67,30 +74,45 @@ pub mod wire {
         }
     }
 
-    /// Event frame: version, kind, the 32-byte content hash (the gossipsub
-    /// message id), then the bincode-encoded [`Event`].
+    /// Event frame: version, kind, the 32-byte content hash, then the
+    /// bincode-encoded envelope. Version 1 (an event without an idempotency
+    /// key) carries [`EventV1`], byte for byte as before version 2; version 2
+    /// carries [`Event`] with its key.
     pub fn encode_event(ev: &Event) -> Vec<u8> {
-        let body = codec::encode(ev).unwrap_or_default();
+        let body = match ev.as_v1() {
+            Some(v1) => codec::encode(&v1),
+            None => codec::encode(ev),
+        }
+        .unwrap_or_default();
         let mut out = Vec::with_capacity(EVENT_HEADER + body.len());
-        out.push(VERSION);
+        out.push(ev.version());
         out.push(KIND_EVENT);
         out.extend_from_slice(&ev.hash);
         out.extend(body);
         out
     }
 
-    /// Decode a gossip frame of at most `limit` bytes.
+    /// Decode a gossip frame of at most `limit` bytes (version 1 or 2).
     pub fn decode_event(data: &[u8], limit: usize) -> Result<Event, WireError> {
         if data.len() < EVENT_HEADER {
             return Err(WireError::Truncated);
         }
-        if data[0] != VERSION {
-            return Err(WireError::Version(data[0]));
-        }
-        if data[1] != KIND_EVENT {
+        if data[1] != KIND_EVENT && matches!(data[0], 1 | 2) {
             return Err(WireError::Kind(data[1]));
         }
-        let ev: Event = codec::decode(&data[EVENT_HEADER..], limit)?;
+        let body = &data[EVENT_HEADER..];
+        let ev: Event = match data[0] {
+            1 => codec::decode::<EventV1>(body, limit)?.into(),
+            2 => {
+                let ev: Event = codec::decode(body, limit)?;
+                // Version 2 is the envelope with a key: one encoding per event.
+                if ev.idem_key.is_none() {
+                    return Err(WireError::KeylessV2);
+                }
+                ev
+            }
+            v => return Err(WireError::Version(v)),
+        };
         if ev.hash[..] != data[2..EVENT_HEADER] {
             return Err(WireError::HeaderHash);
         }
@@ -127,11 +149,12 @@ pub mod wire {
         Summary {
             marks: Vec<Mark>,
         },
-        /// In sequence order. `floor`: the lowest sequence of the source the
+        /// In sequence order, every one of envelope version 1 (see
+        /// `EventsV2`). `floor`: the lowest sequence of the source the
         /// responder still holds (None: none), so a requester asking below it
         /// learns those are gone past retention there.
         Events {
-            events: Vec<Event>,
+            events: Vec<EventV1>,
             floor: Option<u64>,
         },
         Refused {
@@ -139,6 +162,28 @@ pub mod wire {
         },
         /// The digests match: nothing to exchange.
         Same,
+        /// As `Events`, when any of them is of envelope version 2 (carries an
+        /// idempotency key). An agent from before version 2 cannot decode it
+        /// and counts a failed fetch; it reads these events after upgrading.
+        EventsV2 {
+            events: Vec<Event>,
+            floor: Option<u64>,
+        },
+    }
+
+    impl SyncResponse {
+        /// The answer carrying `events`: `Events` when all are version 1.
+        pub fn events(events: Vec<Event>, floor: Option<u64>) -> SyncResponse {
+            if events.iter().all(|e| e.idem_key.is_none()) {
+                let events = events
+                    .into_iter()
+                    .filter_map(|e| EventV1::try_from(e).ok())
+                    .collect();
+                SyncResponse::Events { events, floor }
+            } else {
+                SyncResponse::EventsV2 { events, floor }
+            }
+        }
     }
 
     /// Digest of a summary: SHA-256 over the bincode of each mark, sorted by source.
@@ -298,7 +343,7 @@ pub struct PeerInfo {
 /// What the network hands to the node.
 pub enum Inbound {
     /// A verified event from gossip.
-    Gossip { event: Event, from: PeerId },
+    Gossip { event: Box<Event>, from: PeerId },
     /// A catch-up request to answer with [`NetHandle::respond`].
     Request {
         peer: PeerId,
@@ -1634,7 +1679,7 @@ impl EventLoop {
                             MessageAcceptance::Accept,
                         );
                         let inbound = Inbound::Gossip {
-                            event,
+                            event: Box::new(event),
                             from: propagation_source,
                         };
                         if self.in_tx.try_send(inbound).is_err() {

@@ -142,6 +142,8 @@ impl Node {
             StoreConfig {
                 dedup_window: cfg.dedup_window,
                 dedup_max_entries: cfg.dedup_max_entries,
+                repeat_window: cfg.repeat_window,
+                repeat_windows: cfg.repeat_windows.clone(),
                 retention_age: cfg.retention_age,
                 retention_max_events: cfg.retention_max_events,
                 retention_max_bytes: cfg.retention_max_bytes,
@@ -432,7 +434,7 @@ impl Ingest {
         match msg {
             Inbound::Gossip { event, from } => {
                 let gaps_before = out.gaps.len();
-                self.reorder.offer(event, Instant::now(), out);
+                self.reorder.offer(*event, Instant::now(), out);
                 // Ask the source itself for what is missing when it is
                 // connected (it surely holds its own events; a relay may
                 // share the hole: gossipsub drops an envelope whose content
@@ -617,6 +619,14 @@ impl Ingest {
                 .unwrap_or_else(|_| Err(net::NetError::Publish("fetch timed out".into())));
             let result = match answer {
                 Ok(wire::SyncResponse::Events { events, floor }) => {
+                    let events: Vec<Event> = events.into_iter().map(Event::from).collect();
+                    let full = events.len() as u32 >= FETCH_BATCH;
+                    let want = source.clone();
+                    tokio::task::spawn_blocking(move || verify_batch(events, &want, floor, full))
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Ok(wire::SyncResponse::EventsV2 { events, floor }) => {
                     let full = events.len() as u32 >= FETCH_BATCH;
                     let want = source.clone();
                     tokio::task::spawn_blocking(move || verify_batch(events, &want, floor, full))
@@ -915,7 +925,7 @@ async fn answer(
             })
             .await;
             match r {
-                Ok(Ok((events, floor))) => wire::SyncResponse::Events { events, floor },
+                Ok(Ok((events, floor))) => wire::SyncResponse::events(events, floor),
                 Ok(Err(e)) => wire::SyncResponse::Refused {
                     reason: e.to_string(),
                 },

@@ -4,8 +4,10 @@
 //!
 //! Layout (one sled tree, one-byte key prefixes, so a batch is atomic):
 //! - `l` seq:u64be                 → Stored (bincode)
-//! - `h` hash:32                   → (seq, accepted_ms)
-//! - `x` accepted_ms:u64be hash:32 → ()            dedup expiry order
+//! - `h` digest:32                 → (seq, accepted_ms, ts_ms)   dedup index
+//!   (digest: the idempotency key's, else the content hash; layout-1
+//!   entries lack ts_ms)
+//! - `x` accepted_ms:u64be digest:32 → ()          dedup expiry order, one per digest
 //! - `i` event-id                  → seq
 //! - `k` correlation 0x00 seq      → ()            trace index
 //! - `o` len:u8 source seq:u64be   → log seq       per-source index (catch-up)
@@ -77,10 +79,17 @@ impl StoreError {
 
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
-    /// Dedup window: a content hash accepted within it is refused again.
+    /// How long the dedup index remembers a fact (by receipt): an
+    /// idempotency key seen within it is a duplicate; a key-less content hash
+    /// only within it *and* its type's repeat window.
     pub dedup_window: Duration,
     /// Most dedup entries kept; the oldest go first beyond it.
     pub dedup_max_entries: u64,
+    /// Without an idempotency key, the same content is a duplicate only
+    /// when the two publication times are at most this far apart (0: never).
+    pub repeat_window: Duration,
+    /// Per canonical type, instead of `repeat_window`.
+    pub repeat_windows: HashMap<String, Duration>,
     /// Events older than this (by receipt) are removed.
     pub retention_age: Duration,
     /// Most events kept in the log.
@@ -98,6 +107,8 @@ impl Default for StoreConfig {
         Self {
             dedup_window: Duration::from_secs(24 * 3600),
             dedup_max_entries: 5_000_000,
+            repeat_window: Duration::from_secs(30),
+            repeat_windows: HashMap::new(),
             retention_age: Duration::from_secs(7 * 24 * 3600),
             retention_max_events: 10_000_000,
             retention_max_bytes: 4 << 30,
@@ -107,14 +118,71 @@ impl Default for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// The key-less repeat window of `event_type`, in ms.
+    pub fn repeat_window_ms(&self, event_type: &str) -> u64 {
+        self.repeat_windows
+            .get(event_type)
+            .unwrap_or(&self.repeat_window)
+            .as_millis() as u64
+    }
+}
+
 /// An event as the log holds it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stored {
     pub received_ms: u64,
     pub event: Event,
-    /// Set when this envelope repeats a fact already in the log (same content
-    /// hash, another source or sequence): kept for catch-up, never delivered.
+    /// Set when this envelope repeats a fact already in the log (same dedup
+    /// digest within its window; another source or sequence): kept for
+    /// catch-up, never delivered.
     pub dup_of: Option<u64>,
+}
+
+/// A log record written before envelope version 2 (store layout 1).
+#[derive(Deserialize)]
+struct StoredV1 {
+    received_ms: u64,
+    event: event::EventV1,
+    dup_of: Option<u64>,
+}
+
+/// First bytes of a record of layout 2. A layout-1 record is bare bincode
+/// of [`StoredV1`], whose first byte starts a varint: never 0xFF.
+const RECORD_V2: [u8; 2] = [0xFF, 2];
+
+impl Stored {
+    /// Layout 2: [`RECORD_V2`], then the bincode of [`Stored`] (its event in
+    /// envelope version 2's field order, with `idem_key`).
+    pub fn encode(&self) -> Result<Vec<u8>, codec::CodecError> {
+        let body = codec::encode(self)?;
+        let mut out = Vec::with_capacity(RECORD_V2.len() + body.len());
+        out.extend_from_slice(&RECORD_V2);
+        out.extend(body);
+        Ok(out)
+    }
+
+    /// Either layout.
+    pub fn decode(v: &[u8]) -> Result<Stored, codec::CodecError> {
+        match v.strip_prefix(&RECORD_V2) {
+            Some(body) => codec::decode(body, codec::MAX_DECODE),
+            None => {
+                let old: StoredV1 = codec::decode(v, codec::MAX_DECODE)?;
+                Ok(Stored {
+                    received_ms: old.received_ms,
+                    event: old.event.into(),
+                    dup_of: old.dup_of,
+                })
+            }
+        }
+    }
+}
+
+fn decode_stored(key: &[u8], v: &[u8]) -> Result<Stored, StoreError> {
+    Stored::decode(v).map_err(|source| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -154,10 +222,14 @@ pub enum Appended {
         seq: u64,
         event: Arc<Event>,
     },
-    /// The content hash was already accepted: `seq` and `id` are the first copy's.
+    /// The same fact was already accepted (the same idempotency key, or the
+    /// same content within its type's window): `seq`, `id` and `ts_ms` (its
+    /// publication time) are the first copy's.
     Duplicate {
         seq: u64,
         id: String,
+        ts_ms: u64,
+        by_key: bool,
     },
     /// This very envelope (source, sequence) is already held.
     Held,
@@ -215,7 +287,10 @@ const HEAD_MARK: &str = "riftmesh.head";
 const M_NEXT: &[u8] = b"mnext_seq";
 /// On-disk layout version; a store of another version is refused by path.
 const M_FORMAT: &[u8] = b"mformat";
-const STORE_FORMAT: u64 = 1;
+/// Layout 2: log records of envelope version 2 ([`RECORD_V2`]); dedup
+/// entries with the first copy's publication time. Layout 1 is read and
+/// upgraded in place (its records stay as they are).
+const STORE_FORMAT: u64 = 2;
 const M_SRC: &[u8] = b"msource_seq";
 const M_BYTES: &[u8] = b"mlog_bytes";
 const M_DEDUP: &[u8] = b"mdedup_count";
@@ -324,6 +399,7 @@ impl Store {
         })?;
         let unversioned = match db.get(M_FORMAT)?.map(|v| be(&v)) {
             Some(STORE_FORMAT) => false,
+            Some(1) => true,
             Some(other) => {
                 return Err(StoreError::Damaged {
                     path,
@@ -349,7 +425,7 @@ impl Store {
         // garbage is reported now, not on the first read.
         let mut last_received = 0;
         if let Some((k, v)) = db.scan_prefix(b"l").next_back().transpose()? {
-            let last = decode_at::<Stored>(&k, &v).map_err(|e| StoreError::Damaged {
+            let last = decode_stored(&k, &v).map_err(|e| StoreError::Damaged {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
@@ -580,7 +656,7 @@ impl Store {
 
     pub fn get(&self, seq: u64) -> Result<Option<Stored>, StoreError> {
         let k = key_l(seq);
-        self.tree.get(k)?.map(|v| decode_at(&k, &v)).transpose()
+        self.tree.get(k)?.map(|v| decode_stored(&k, &v)).transpose()
     }
 
     pub fn get_by_id(&self, id: &str) -> Result<Option<(u64, Stored)>, StoreError> {
@@ -635,7 +711,7 @@ impl Store {
             let (k, v) = r?;
             let seq = seq_of(&k);
             last = seq;
-            let s: Stored = decode_at(&k, &v)?;
+            let s = decode_stored(&k, &v)?;
             if s.dup_of.is_none() && event::matches_any(patterns, &s.event.event_type) {
                 out.push((seq, s));
             }
@@ -700,7 +776,7 @@ impl Store {
                 continue;
             };
             bytes += raw.len();
-            let st: Stored = decode_at(&k, &raw)?;
+            let st = decode_stored(&k, &raw)?;
             out.push(st.event);
             if out.len() >= max_events || bytes >= max_bytes {
                 break;
@@ -736,7 +812,7 @@ fn seq_before_time(tree: &sled::Tree, first: u64, end: u64, ms: u64) -> Result<u
         let mid = lo + (hi - lo) / 2;
         match tree.range(key_l(mid)..key_l(u64::MAX)).next().transpose()? {
             Some((k, v)) if seq_of(&k) < hi => {
-                let s: Stored = decode_at(&k, &v)?;
+                let s = decode_stored(&k, &v)?;
                 if s.received_ms < ms {
                     lo = seq_of(&k) + 1;
                 } else {
@@ -770,10 +846,21 @@ struct Writer {
     first: Arc<AtomicU64>,
 }
 
+/// The first copy of a fact, as the dedup index holds it.
+#[derive(Clone)]
+struct FirstCopy {
+    seq: u64,
+    received_ms: u64,
+    /// Its publication time (layout-1 entries: its receipt time).
+    ts_ms: u64,
+    /// Known when staged in this group; read from the log when needed.
+    id: Option<String>,
+}
+
 /// What earlier requests of the same group staged.
 struct Group<'a> {
     batch: &'a mut sled::Batch,
-    hashes: &'a mut HashMap<Hash, (u64, String)>,
+    hashes: &'a mut HashMap<Hash, FirstCopy>,
     held: &'a mut std::collections::HashSet<(String, u64)>,
     touched: &'a mut std::collections::HashSet<String>,
 }
@@ -828,7 +915,7 @@ impl Writer {
         let mut batch = sled::Batch::default();
         let mut replies: Vec<Reply> = Vec::new();
         // Hashes and consumers written earlier in this same group.
-        let mut hashes: HashMap<Hash, (u64, String)> = HashMap::new();
+        let mut hashes: HashMap<Hash, FirstCopy> = HashMap::new();
         let mut held: std::collections::HashSet<(String, u64)> = Default::default();
         let mut touched: std::collections::HashSet<String> = Default::default();
         let mut consumers: HashMap<String, Option<ConsumerRec>> = HashMap::new();
@@ -1013,32 +1100,57 @@ impl Writer {
                     continue;
                 }
             }
-            let h = match &item {
-                Item::Local(d) => d.hash,
-                Item::Remote(e) => e.hash,
+            // The dedup digest: the idempotency key's when there is one
+            // (one fact whatever its age within the index), else the
+            // content hash, a duplicate only within the type's window of
+            // publication times (proto-notes/events.md §13).
+            let (h, keyed, event_type, ts_ms) = match &item {
+                Item::Local(d) => (d.dedup_digest(), d.idem_key.is_some(), &d.event_type, now),
+                Item::Remote(e) => (
+                    e.dedup_digest(),
+                    e.idem_key.is_some(),
+                    &e.event_type,
+                    e.ts_ms,
+                ),
             };
-            let first_copy = match g.hashes.get(&h) {
-                Some((seq, id)) => Some((*seq, id.clone())),
-                None => match self.db.get(key_h(&h))? {
-                    Some(v) => {
-                        let seq = be(&v);
-                        let id = self
+            let earlier = match g.hashes.get(&h) {
+                Some(f) => Some(f.clone()),
+                None => self.db.get(key_h(&h))?.map(|v| FirstCopy {
+                    seq: be(&v),
+                    received_ms: be(&v[8..]),
+                    ts_ms: if v.len() >= 24 {
+                        be(&v[16..])
+                    } else {
+                        be(&v[8..])
+                    },
+                    id: None,
+                }),
+            };
+            let window = self.cfg.repeat_window_ms(event_type);
+            let first_copy = match earlier.clone() {
+                Some(f) if keyed || f.ts_ms.abs_diff(ts_ms) <= window => {
+                    let id = match f.id {
+                        Some(id) => id,
+                        None => self
                             .db
-                            .get(key_l(seq))?
-                            .and_then(|v| codec::decode::<Stored>(&v, codec::MAX_DECODE).ok())
+                            .get(key_l(f.seq))?
+                            .and_then(|v| Stored::decode(&v).ok())
                             .map(|s| s.event.id)
-                            .unwrap_or_default();
-                        Some((seq, id))
-                    }
-                    None => None,
-                },
+                            .unwrap_or_default(),
+                    };
+                    Some((f.seq, id, f.ts_ms))
+                }
+                // Outside the window: a new fact, which takes over the entry.
+                _ => None,
             };
             let event = match (item, &first_copy) {
                 // A local duplicate gets no sequence number: nothing to store.
-                (Item::Local(_), Some((seq, id))) => {
+                (Item::Local(_), Some((seq, id, ts))) => {
                     out.push(Appended::Duplicate {
                         seq: *seq,
                         id: id.clone(),
+                        ts_ms: *ts,
+                        by_key: keyed,
                     });
                     continue;
                 }
@@ -1055,9 +1167,9 @@ impl Writer {
             let stored = Stored {
                 received_ms,
                 event,
-                dup_of: first_copy.as_ref().map(|(s, _)| *s),
+                dup_of: first_copy.as_ref().map(|(s, _, _)| *s),
             };
-            let bytes = codec::encode(&stored).map_err(|source| StoreError::Corrupt {
+            let bytes = stored.encode().map_err(|source| StoreError::Corrupt {
                 key: format!("l{seq}"),
                 source,
             })?;
@@ -1071,21 +1183,45 @@ impl Writer {
                 m.last_ms = received_ms;
             }
             g.touched.insert(source);
-            if let Some((first, id)) = first_copy {
+            if let Some((first, id, ts)) = first_copy {
                 // Another envelope of a fact we hold: kept for catch-up only.
-                out.push(Appended::Duplicate { seq: first, id });
+                out.push(Appended::Duplicate {
+                    seq: first,
+                    id,
+                    ts_ms: ts,
+                    by_key: keyed,
+                });
                 continue;
             }
+            let ev_ts = stored.event.ts_ms;
             let mut hv = seq.to_be_bytes().to_vec();
             hv.extend(received_ms.to_be_bytes());
+            hv.extend(ev_ts.to_be_bytes());
             g.batch.insert(key_h(&h).as_slice(), hv);
+            match &earlier {
+                // A new fact with an earlier one's digest takes over its entry:
+                // one expiry entry per digest, the count unchanged.
+                Some(f) => {
+                    if f.received_ms != received_ms {
+                        g.batch.remove(key_x(f.received_ms, &h).as_slice());
+                    }
+                }
+                None => self.dedup_count += 1,
+            }
             g.batch.insert(key_x(received_ms, &h).as_slice(), &[]);
-            self.dedup_count += 1;
             g.batch.insert(key_i(&stored.event.id), &seq.to_be_bytes());
             if let Some(c) = &stored.event.correlation_id {
                 g.batch.insert(key_k(c, seq), &[]);
             }
-            g.hashes.insert(h, (seq, stored.event.id.clone()));
+            g.hashes.insert(
+                h,
+                FirstCopy {
+                    seq,
+                    received_ms,
+                    ts_ms: ev_ts,
+                    id: Some(stored.event.id.clone()),
+                },
+            );
             out.push(Appended::New {
                 seq,
                 event: Arc::new(stored.event),
@@ -1248,7 +1384,7 @@ impl Writer {
             }
             let (k, v) = r?;
             let count = self.next_seq - first;
-            let s: Stored = decode_at(&k, &v)?;
+            let s = decode_stored(&k, &v)?;
             let over = s.received_ms < age_cut
                 || count > self.cfg.retention_max_events
                 || self.log_bytes > self.cfg.retention_max_bytes;
@@ -1311,5 +1447,57 @@ impl Writer {
         self.first.store(first, Ordering::Release);
         tracing::debug!(removed = work, first, "retention pass");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(key: Option<&str>) -> Event {
+        let k = Keypair::generate_ed25519();
+        Draft::new("CUSTOM_T", &serde_json::json!({"n": 1}), None, None, None)
+            .unwrap()
+            .with_idem_key(key.map(str::to_string))
+            .unwrap()
+            .seal(&k, 3, 1_700_000_000_000)
+            .unwrap()
+    }
+
+    /// A record written before envelope version 2 (bare bincode of the
+    /// layout-1 struct) still reads, whatever its receipt time; records of
+    /// layout 2 read back with their key.
+    #[test]
+    fn records_of_both_layouts_read() {
+        #[derive(Serialize)]
+        struct OldStored<'a> {
+            received_ms: u64,
+            event: event::EventV1Ref<'a>,
+            dup_of: Option<u64>,
+        }
+        let ev = sealed(None);
+        for received_ms in [0, 1, 250, 1 << 20, 1_700_000_000_123, u64::MAX] {
+            let old = codec::encode(&OldStored {
+                received_ms,
+                event: ev.as_v1().unwrap(),
+                dup_of: Some(9),
+            })
+            .unwrap();
+            assert_ne!(old[0], RECORD_V2[0]);
+            let got = Stored::decode(&old).unwrap();
+            assert_eq!((got.received_ms, got.dup_of), (received_ms, Some(9)));
+            assert_eq!(got.event, ev);
+            got.event.verify().unwrap();
+        }
+        let keyed = sealed(Some("job-1"));
+        let rec = Stored {
+            received_ms: 5,
+            event: keyed.clone(),
+            dup_of: None,
+        };
+        let got = Stored::decode(&rec.encode().unwrap()).unwrap();
+        assert_eq!(got.event, keyed);
+        assert_eq!(got.event.idem_key.as_deref(), Some("job-1"));
+        got.event.verify().unwrap();
     }
 }

@@ -275,10 +275,10 @@ async fn altered_events_in_a_catch_up_answer_are_refused() {
                 wire::SyncRequest::Fetch { from, .. } => {
                     let set = if answered_altered { &genuine } else { &altered };
                     answered_altered = true;
-                    wire::SyncResponse::Events {
-                        events: set.iter().filter(|e| e.seq >= from).cloned().collect(),
-                        floor: Some(1),
-                    }
+                    wire::SyncResponse::events(
+                        set.iter().filter(|e| e.seq >= from).cloned().collect(),
+                        Some(1),
+                    )
                 }
             };
             evil.respond(channel, response).await.unwrap();

@@ -157,6 +157,17 @@ fn sealed_event(ty: &str, payload: serde_json::Value) -> riftmesh::event::Event 
     .unwrap()
 }
 
+/// An envelope of version 2 (with an idempotency key).
+fn keyed_event(ty: &str, payload: serde_json::Value) -> riftmesh::event::Event {
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    Draft::new(ty, &payload, Some("fuzz".into()), None, None)
+        .unwrap()
+        .with_idem_key(Some("job-7/attempt-1".into()))
+        .unwrap()
+        .seal(&key, 8, 1_700_000_000_000)
+        .unwrap()
+}
+
 #[test]
 fn gossip_event_frames() {
     let limit = 256 << 10;
@@ -166,7 +177,13 @@ fn gossip_event_frames() {
             serde_json::json!({"config": "hex8_2p", "epochs": 3}),
         )),
         wire::encode_event(&sealed_event("HOST_OFFLINE", serde_json::json!({}))),
+        wire::encode_event(&keyed_event(
+            "DAEMON_STATUS_CHANGED",
+            serde_json::json!({"daemon": "sync", "status": "running"}),
+        )),
     ];
+    assert_eq!(seeds[0][0], 1, "a key-less event travels as version 1");
+    assert_eq!(seeds[2][0], 2, "a keyed event travels as version 2");
     let valid = seeds.len();
     // A valid frame whose body is just above the limit: refused as it is,
     // and its mutations (truncated, spliced) exercise the edge.
@@ -205,14 +222,23 @@ fn gossip_event_frames() {
     assert!(ok >= valid, "the valid seeds must decode ({ok})");
 }
 
-/// A signature check rejects every mutation of a signed event's fields.
+/// A signature check rejects every mutation of a signed event's fields,
+/// in both envelope versions.
 #[test]
 fn mutated_events_never_verify() {
-    let ev = sealed_event("MODEL_PROMOTED", serde_json::json!({"model": "m.pth"}));
+    for ev in [
+        sealed_event("MODEL_PROMOTED", serde_json::json!({"model": "m.pth"})),
+        keyed_event("MODEL_PROMOTED", serde_json::json!({"model": "m.pth"})),
+    ] {
+        mutated_event_never_verifies(ev);
+    }
+}
+
+fn mutated_event_never_verifies(ev: riftmesh::event::Event) {
     let frame = wire::encode_event(&ev);
     let mut r = rng("mutated_events_never_verify");
     let mut decoded = 0;
-    for _ in 0..iters() / 4 {
+    for _ in 0..iters() / 8 {
         let m = mutate(&mut r, &frame, &frame);
         if let Ok(got) = wire::decode_event(&m, 256 << 10) {
             decoded += 1;
@@ -298,23 +324,35 @@ fn catchup_messages() {
     });
     assert!(ok >= 3);
     let resps = vec![
-        framed(&SyncResponse::Events {
-            events: vec![sealed_event(
+        framed(&SyncResponse::events(
+            vec![sealed_event(
                 "SELFPLAY_COMPLETE",
                 serde_json::json!({"games": 12}),
             )],
-            floor: Some(1),
-        }),
+            Some(1),
+        )),
+        framed(&SyncResponse::events(
+            vec![
+                sealed_event("SELFPLAY_COMPLETE", serde_json::json!({"games": 13})),
+                keyed_event("SELFPLAY_COMPLETE", serde_json::json!({"games": 14})),
+            ],
+            Some(1),
+        )),
         framed(&SyncResponse::Summary { marks: vec![mark] }),
         framed(&SyncResponse::Refused {
             reason: "busy".into(),
         }),
         framed(&SyncResponse::Same),
     ];
+    // One version-2 event makes the answer EventsV2; all version 1, Events.
+    for (i, v2) in [(0, false), (1, true)] {
+        let got = wire::decode_body::<SyncResponse>(&resps[i][5..], wire::MAX_SYNC_RESPONSE);
+        assert_eq!(matches!(got, Ok(SyncResponse::EventsV2 { .. })), v2, "{i}");
+    }
     let ok = fuzz("catchup_response", resps, |b| {
         decode_framed::<SyncResponse>(b, wire::MAX_SYNC_RESPONSE)
     });
-    assert!(ok >= 4);
+    assert!(ok >= 5);
 }
 
 #[test]

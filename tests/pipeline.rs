@@ -217,3 +217,146 @@ async fn a_typo_of_a_catalog_name_is_refused_with_its_suggestion() {
         .unwrap();
     assert_eq!(v["events"].as_array().unwrap().len(), 1, "{v}");
 }
+
+fn cli(a: &Agent, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RIFTMESH_API", a.api.trim_start_matches("http://"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Delivered events of `ty` in `a`'s history.
+async fn of_type(a: &Agent, ty: &str) -> Vec<Value> {
+    a.all_events()
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == ty)
+        .collect()
+}
+
+/// The seeds' repeats (proto-notes/events.md §13): a daemon status that
+/// flips back within the default repeat window is delivered every time (the
+/// CLI gives each publish its own key); a publish retried with one
+/// idempotency key is delivered once, whatever its payload; three hosts
+/// reporting one HOST_OFFLINE are one fact on every host even with that
+/// type's content dedup switched off (`HOST_OFFLINE = "0s"`: the agent's
+/// key decides); a key-less repeat within the window is a duplicate whose
+/// answer says how old the first copy is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeats_are_new_facts_and_retries_and_shared_observations_are_not() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let cfg = root.join("repeat.toml");
+    std::fs::write(&cfg, "[repeat_windows]\nHOST_OFFLINE = \"0s\"\n").unwrap();
+    let extra = ["--config", cfg.to_str().unwrap()];
+    let agents = common::mesh_with(root, 4, &extra).await;
+    let a = &agents[0];
+
+    // running -> stopped -> running from the CLI: three facts.
+    for status in ["running", "stopped", "running"] {
+        let payload = format!(r#"{{"daemon":"data_sync","status":"{status}"}}"#);
+        let (ok, out, err) = cli(
+            a,
+            &["publish", "DAEMON_STATUS_CHANGED", "--payload", &payload],
+        );
+        assert!(ok && out.starts_with("published"), "{out} {err}");
+    }
+    // One publish retried with its key, the retry with another payload.
+    for attempt in [1, 2] {
+        let status = a
+            .http
+            .post(format!("{}/v1/events", a.api))
+            .header("Idempotency-Key", "job-42")
+            .json(&serde_json::json!({"type": "TRAINING_STARTED", "payload": {"attempt": attempt}}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_success(), "{status}");
+    }
+    let hist = of_type(a, "TRAINING_STARTED").await;
+    assert_eq!(hist.len(), 1, "{hist:?}");
+    assert_eq!(hist[0]["idempotency_key"], "job-42");
+    assert_eq!(hist[0]["payload"]["attempt"], 1);
+    let first_id = hist[0]["id"].as_str().unwrap().to_string();
+    let again = a
+        .post(
+            "/v1/events",
+            &serde_json::json!({"type": "TRAINING_STARTED", "payload": {"attempt": 3}, "idempotency_key": "job-42"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["duplicate_by"], "idempotency_key", "{again}");
+    assert_eq!(again["id"], first_id.as_str(), "{again}");
+    // Key-less: the same content twice within the window is one fact.
+    let p1 = a
+        .publish("CUSTOM_PING", serde_json::json!({"n": 1}))
+        .await
+        .unwrap();
+    let p2 = a
+        .publish("CUSTOM_PING", serde_json::json!({"n": 1}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (p1["duplicate"].clone(), p2["duplicate"].clone()),
+        (false.into(), true.into())
+    );
+    assert_eq!(p2["duplicate_by"], "content", "{p2}");
+    assert!(p2["age_ms"].as_u64().is_some_and(|ms| ms < 30_000), "{p2}");
+
+    // Kill a3: every other host observes HOST_OFFLINE of a3 at one incarnation.
+    let victim = agents[3].peer_id.clone();
+    let mut agents = agents;
+    agents[3].kill9();
+    for x in &agents[..3] {
+        wait_for(
+            &format!("{} to log a3 offline", x.name),
+            Duration::from_secs(60),
+            || async {
+                let off = of_type(x, "HOST_OFFLINE").await;
+                off.iter()
+                    .any(|e| e["payload"]["node"] == victim.as_str())
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // A marker from every host after its observation: once a host holds
+    // all three markers it holds every host's earlier events too (each
+    // source is delivered in order).
+    for x in &agents[..3] {
+        x.publish("CUSTOM_MARKER", serde_json::json!({"from": x.name}))
+            .await
+            .unwrap();
+    }
+    for x in &agents[..3] {
+        wait_for(
+            &format!("three markers on {}", x.name),
+            Duration::from_secs(60),
+            || async { (of_type(x, "CUSTOM_MARKER").await.len() == 3).then_some(()) },
+        )
+        .await;
+        let flips = of_type(x, "DAEMON_STATUS_CHANGED").await;
+        let seen: Vec<&str> = flips
+            .iter()
+            .map(|e| e["payload"]["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(seen, ["running", "stopped", "running"], "{}", x.name);
+        assert_eq!(of_type(x, "TRAINING_STARTED").await.len(), 1, "{}", x.name);
+        assert_eq!(of_type(x, "CUSTOM_PING").await.len(), 1, "{}", x.name);
+        let off: Vec<Value> = of_type(x, "HOST_OFFLINE")
+            .await
+            .into_iter()
+            .filter(|e| e["payload"]["node"] == victim.as_str())
+            .collect();
+        assert_eq!(off.len(), 1, "{}: {off:?}", x.name);
+    }
+}

@@ -369,12 +369,23 @@ fn fact_draft(k: u8) -> Draft {
     Draft::new("PROP_DEDUP", &json!({ "k": k }), None, None, None).unwrap()
 }
 
+/// Fact `k`, with idempotency key `key` (of a small set, so keys repeat).
+fn keyed_draft(k: u8, key: Option<u8>) -> Draft {
+    fact_draft(k)
+        .with_idem_key(key.map(|i| format!("retry-{i}")))
+        .unwrap()
+}
+
+/// The key-less repeat window of the dedup property test.
+const PROP_WINDOW_MS: u64 = 10_000;
+
 #[derive(Clone, Debug)]
 enum StoreOp {
-    /// Publish fact `k` locally.
-    Local(u8),
-    /// Receive fact `k` from another agent (its own envelope).
-    Remote(u8, usize),
+    /// Publish fact `k` locally (now), with or without a key.
+    Local(u8, Option<u8>),
+    /// Receive fact `k` from peer `p`, published `offset` seconds from the
+    /// start (±5 s steps: both sides of the 10 s window and its edge).
+    Remote(u8, Option<u8>, usize, i64),
     /// Receive an envelope already received once (same source and seq).
     Replay(usize),
     Restart,
@@ -382,9 +393,11 @@ enum StoreOp {
 }
 
 fn arb_store_op() -> impl Strategy<Value = StoreOp> {
+    let key = prop::option::weighted(0.4, 0u8..2);
     prop_oneof![
-        4 => (0u8..6).prop_map(StoreOp::Local),
-        3 => (0u8..6, 0usize..2).prop_map(|(k, p)| StoreOp::Remote(k, p)),
+        4 => (0u8..4, key.clone()).prop_map(|(k, i)| StoreOp::Local(k, i)),
+        4 => (0u8..4, key, 0usize..2, -6i64..7)
+            .prop_map(|(k, i, p, o)| StoreOp::Remote(k, i, p, o * 5)),
         1 => any::<usize>().prop_map(StoreOp::Replay),
         1 => Just(StoreOp::Restart),
         1 => Just(StoreOp::Prune),
@@ -395,44 +408,92 @@ fn open_store(dir: &std::path::Path, key: &Keypair, cfg: &StoreConfig) -> Store 
     Store::open(dir, cfg.clone(), key.clone()).expect("open store")
 }
 
-proptest! {
-    #![proptest_config(config(12))]
+/// The model's entry for one dedup digest: the fact's log sequence and
+/// publication time.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    seq: u64,
+    ts: u64,
+}
 
-    /// Within the window an event is accepted once per content hash,
-    /// whichever path brings it (local publish, a peer's envelope) and across
-    /// restarts of the store; consumers see each fact once.
+/// What the rules of proto-notes/events.md §13 say of an item published at
+/// `ts`: `Some(seq)` of the fact it repeats, or None for a new fact.
+fn model_verdict(entry: Option<&Entry>, keyed: bool, ts: u64) -> Option<u64> {
+    entry
+        .filter(|e| keyed || e.ts.abs_diff(ts) <= PROP_WINDOW_MS)
+        .map(|e| e.seq)
+}
+
+proptest! {
+    #![proptest_config(config(16))]
+
+    /// The dedup rules, whichever path brings an item (a local publish, a
+    /// peer's envelope) and across restarts of the store: with an
+    /// idempotency key, every later item of that type and key is a
+    /// duplicate of the first whatever its timing and payload; without one,
+    /// the same content is a duplicate only within the repeat window of
+    /// publication times, and a repeat outside it is a new fact that takes
+    /// over the entry. Consumers see exactly the new facts.
     #[test]
-    fn dedup_accepts_each_hash_once_across_restarts(ops in prop::collection::vec(arb_store_op(), 1..24)) {
+    fn dedup_follows_keys_and_the_repeat_window_across_restarts(ops in prop::collection::vec(arb_store_op(), 1..28)) {
         let rt = runtime();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("events");
         let key = Keypair::generate_ed25519();
         let peers = [Keypair::generate_ed25519(), Keypair::generate_ed25519()];
-        let cfg = StoreConfig { dedup_window: Duration::from_secs(3600), ..Default::default() };
+        let cfg = StoreConfig {
+            dedup_window: Duration::from_secs(3600),
+            repeat_window: Duration::from_millis(PROP_WINDOW_MS),
+            ..Default::default()
+        };
         let mut store = open_store(&dir, &key, &cfg);
-        let mut first: HashMap<u8, u64> = HashMap::new();
+        let start = now_ms();
+        // Digest -> entry, as the rules keep it.
+        let mut model: HashMap<[u8; 32], Entry> = HashMap::new();
+        let mut new_facts: BTreeSet<u64> = BTreeSet::new();
         let mut peer_seq = [0u64; 2];
         let mut sent: Vec<Event> = Vec::new();
         let mut restarts = 0;
         for op in ops {
             match op {
-                StoreOp::Local(k) => {
-                    let out = rt.block_on(store.append_local(vec![fact_draft(k)])).unwrap();
-                    match (&out[0], first.get(&k)) {
-                        (Appended::New { seq, .. }, None) => { first.insert(k, *seq); }
-                        (Appended::Duplicate { seq, .. }, Some(f)) => prop_assert_eq!(seq, f),
-                        (a, f) => prop_assert!(false, "local {} gave {:?}, first copy {:?}", k, a, f),
+                StoreOp::Local(k, i) => {
+                    let d = keyed_draft(k, i);
+                    let digest = d.dedup_digest();
+                    let t0 = now_ms();
+                    let out = rt.block_on(store.append_local(vec![d])).unwrap();
+                    let t1 = now_ms();
+                    let entry = model.get(&digest).copied();
+                    // The writer stamps the time between t0 and t1: assert
+                    // only what holds at both ends.
+                    let (v0, v1) = (model_verdict(entry.as_ref(), i.is_some(), t0), model_verdict(entry.as_ref(), i.is_some(), t1));
+                    match &out[0] {
+                        Appended::New { seq, event } => {
+                            prop_assert!(v0.is_none() || v1.is_none(), "local {} {:?}: new, but the entry {:?} is within the window", k, i, entry);
+                            model.insert(digest, Entry { seq: *seq, ts: event.ts_ms });
+                            new_facts.insert(*seq);
+                        }
+                        Appended::Duplicate { seq, .. } => {
+                            prop_assert!(v0.is_some() || v1.is_some(), "local {} {:?}: duplicate of {}, model {:?}", k, i, seq, entry);
+                            prop_assert_eq!(Some(*seq), entry.map(|e| e.seq));
+                        }
+                        Appended::Held => prop_assert!(false, "local publish answered Held"),
                     }
                 }
-                StoreOp::Remote(k, p) => {
+                StoreOp::Remote(k, i, p, offset) => {
                     peer_seq[p] += 1;
-                    let ev = fact_draft(k).seal(&peers[p], peer_seq[p], 1_700_000_000_000).unwrap();
+                    let ts = start.saturating_add_signed(offset * 1000);
+                    let ev = keyed_draft(k, i).seal(&peers[p], peer_seq[p], ts).unwrap();
+                    let digest = ev.dedup_digest();
                     sent.push(ev.clone());
                     let out = rt.block_on(store.append_remote(vec![ev])).unwrap();
-                    match (&out[0], first.get(&k)) {
-                        (Appended::New { seq, .. }, None) => { first.insert(k, *seq); }
-                        (Appended::Duplicate { seq, .. }, Some(f)) => prop_assert_eq!(seq, f),
-                        (a, f) => prop_assert!(false, "remote {} gave {:?}, first copy {:?}", k, a, f),
+                    let entry = model.get(&digest).copied();
+                    match (&out[0], model_verdict(entry.as_ref(), i.is_some(), ts)) {
+                        (Appended::New { seq, .. }, None) => {
+                            model.insert(digest, Entry { seq: *seq, ts });
+                            new_facts.insert(*seq);
+                        }
+                        (Appended::Duplicate { seq, .. }, Some(f)) => prop_assert_eq!(*seq, f),
+                        (a, f) => prop_assert!(false, "remote {} {:?} at {:+} s gave {:?}, model says {:?} (entry {:?})", k, i, offset, a, f, entry),
                     }
                 }
                 StoreOp::Replay(i) => {
@@ -452,16 +513,83 @@ proptest! {
             }
         }
         let (events, _) = store.read_after(0, 10_000, 10_000, &[]).unwrap();
-        let mut seen: HashMap<[u8; 32], u64> = HashMap::new();
-        for (seq, s) in &events {
-            prop_assert!(seen.insert(s.event.hash, *seq).is_none(), "hash delivered twice");
-        }
-        prop_assert_eq!(seen.len(), first.len());
-        for (k, seq) in &first {
-            prop_assert_eq!(seen.get(&fact_draft(*k).hash), Some(seq));
-        }
+        let delivered: BTreeSet<u64> = events.iter().map(|(seq, _)| *seq).collect();
+        prop_assert_eq!(delivered, new_facts);
         store.close();
     }
+}
+
+/// Without a key, a repeat inside the window is a duplicate and one after
+/// it a new fact; with a key, a retry is a duplicate whatever its timing,
+/// even with a window of 0. On the real store and clock.
+#[test]
+fn a_keyless_repeat_after_the_window_is_new_and_a_keyed_retry_never_is() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = Keypair::generate_ed25519();
+    let cfg = StoreConfig {
+        repeat_window: Duration::from_millis(300),
+        repeat_windows: HashMap::from([("PROP_KEYED".to_string(), Duration::ZERO)]),
+        ..Default::default()
+    };
+    let store = open_store(&tmp.path().join("events"), &key, &cfg);
+    let publish = |d: Draft| rt.block_on(store.append_local(vec![d])).unwrap().remove(0);
+    let Appended::New { event: first, seq } = publish(fact_draft(7)) else {
+        panic!("first publish is not new")
+    };
+    match publish(fact_draft(7)) {
+        Appended::Duplicate {
+            seq: s,
+            id,
+            ts_ms,
+            by_key,
+        } => {
+            assert_eq!(
+                (s, id.as_str(), ts_ms, by_key),
+                (seq, first.id.as_str(), first.ts_ms, false)
+            );
+        }
+        other => panic!("a repeat inside the window: {other:?}"),
+    }
+    // Past the window (a condition on the clock, not a sleep).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while now_ms() <= first.ts_ms + 300 {
+        assert!(Instant::now() < deadline);
+        std::thread::yield_now();
+    }
+    let Appended::New { seq: later, .. } = publish(fact_draft(7)) else {
+        panic!("a repeat after the window is not new")
+    };
+    assert!(later > seq);
+    // A keyed type whose key-less window is 0: the key still decides.
+    let keyed = |k: Option<&str>, n: u64| {
+        Draft::new("PROP_KEYED", &json!({ "n": n }), None, None, None)
+            .unwrap()
+            .with_idem_key(k.map(str::to_string))
+            .unwrap()
+    };
+    let Appended::New { seq: ks, .. } = publish(keyed(Some("job-1"), 1)) else {
+        panic!("keyed first publish is not new")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let t = now_ms();
+    while now_ms() <= t + 300 {
+        assert!(Instant::now() < deadline);
+        std::thread::yield_now();
+    }
+    // Another payload, later: still the same fact by its key.
+    assert!(
+        matches!(publish(keyed(Some("job-1"), 2)), Appended::Duplicate { seq, by_key: true, .. } if seq == ks)
+    );
+    // Key-less with a window of 0: the same content twice is two facts.
+    assert!(matches!(publish(keyed(None, 1)), Appended::New { .. }));
+    assert!(matches!(publish(keyed(None, 1)), Appended::New { .. }));
+    // Another key, same content: a new fact.
+    assert!(matches!(
+        publish(keyed(Some("job-2"), 1)),
+        Appended::New { .. }
+    ));
+    store.close();
 }
 
 /// The window's edge, on the real store and clock: a hash received at
@@ -1194,6 +1322,7 @@ fn ev(source: &str, seq: u64) -> Event {
         ts_ms: 0,
         correlation_id: None,
         parent_id: None,
+        idem_key: None,
         payload: "{}".into(),
         hash: [0; 32],
         signature: Vec::new(),

@@ -55,7 +55,7 @@ async fn dedup_and_sequences_survive_restart() {
         .await
         .unwrap();
     match &out[0] {
-        Appended::Duplicate { seq, id } => {
+        Appended::Duplicate { seq, id, .. } => {
             assert_eq!(*seq, 1);
             assert_eq!(id, &e1.id);
         }
@@ -66,12 +66,22 @@ async fn dedup_and_sequences_survive_restart() {
         panic!("{out:?}")
     };
     assert_eq!(event.seq, 4);
-    // A remote copy of a known fact is dropped too.
+    // A remote copy of a known fact, published within the repeat window,
+    // is kept for catch-up but not delivered.
     let other = Keypair::generate_ed25519();
-    let remote = draft("TRAINING_COMPLETED", 2).seal(&other, 1, 1).unwrap();
+    let remote = draft("TRAINING_COMPLETED", 2)
+        .seal(&other, 1, riftmesh::event::now_ms())
+        .unwrap();
     assert!(matches!(
         s.append_remote(vec![remote]).await.unwrap()[0],
         Appended::Duplicate { seq: 2, .. }
+    ));
+    // The same content published long before (outside the window) is
+    // another fact.
+    let old = draft("TRAINING_COMPLETED", 2).seal(&other, 2, 1).unwrap();
+    assert!(matches!(
+        s.append_remote(vec![old]).await.unwrap()[0],
+        Appended::New { .. }
     ));
     s.close();
 }

@@ -861,13 +861,16 @@ async fn watch_leadership(node: Arc<Node>, raft: Raft) {
                 "leader": node.cfg.name,
                 "node": node.peer_id,
             });
+            // One fact per term, however often it is announced.
             if let Ok(d) = Draft::new(
                 "LEADER_ELECTED",
                 &payload,
                 Some("riftmesh/leader".into()),
                 None,
                 None,
-            ) {
+            )
+            .and_then(|d| d.with_idem_key(Some(format!("term/{}", m.current_term))))
+            {
                 let n = node.clone();
                 tokio::spawn(async move {
                     if let Err(e) = n.publish(vec![d]).await {

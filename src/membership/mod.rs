@@ -438,6 +438,8 @@ fn fact_draft(f: &Fact) -> Option<Draft> {
         "name": f.name,
         "incarnation": f.incarnation,
     });
+    // Several hosts report one observation: one fact per node and
+    // incarnation whoever reports it and however late (events.md §13).
     Draft::new(
         f.kind.event_type(),
         &payload,
@@ -445,6 +447,7 @@ fn fact_draft(f: &Fact) -> Option<Draft> {
         None,
         None,
     )
+    .and_then(|d| d.with_idem_key(Some(format!("{}/{}", f.peer.to_base58(), f.incarnation))))
     .ok()
 }
 
