@@ -261,6 +261,12 @@ pub struct HistoryQuery {
     pub types: Option<String>,
     #[serde(default)]
     pub limit: Option<usize>,
+    /// "asc" (default: oldest first, from `after` or `since`) or "desc"
+    /// (newest first, before `before`, default the head + 1).
+    #[serde(default)]
+    pub order: Option<String>,
+    #[serde(default)]
+    pub before: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -278,11 +284,20 @@ pub struct ConsumerView {
     pub name: String,
     pub types: Vec<String>,
     pub cursor: u64,
+    /// Events after the cursor that this consumer matches (not every log
+    /// entry): what it has still to handle.
     pub lag: u64,
+    /// False when `lag` stopped counting at [`LAG_SCAN`] entries (at least
+    /// that many).
+    #[serde(default = "yes")]
+    pub lag_exact: bool,
     pub dead_letters: u64,
     pub created: String,
     pub last_ack: Option<String>,
 }
+
+/// Most log entries a consumer's lag counts through.
+pub const LAG_SCAN: usize = 20_000;
 
 const MAX_FETCH: usize = 1000;
 const MAX_WAIT_MS: u64 = 60_000;
@@ -478,6 +493,37 @@ async fn history(
             .unwrap_or_default(),
     )?;
     let limit = page_size("limit", q.limit)?;
+    match q.order.as_deref() {
+        None | Some("asc") => {
+            if q.before.is_some() {
+                return Err(ApiError::bad("before goes with order=desc"));
+            }
+        }
+        Some("desc") => {
+            if q.after.is_some() || q.since.is_some() {
+                return Err(ApiError::bad(
+                    "order=desc pages with before; after and since go with order=asc",
+                ));
+            }
+            let before = q.before.unwrap_or(node.store.head().saturating_add(1));
+            let store = node.store.clone();
+            let (events, lowest) = tokio::task::spawn_blocking(move || {
+                store.read_before(before, limit, MAX_SCAN, &pats)
+            })
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            let views: Vec<EventView> = events.iter().map(|(s, e)| EventView::new(*s, e)).collect();
+            let first = node.store.first();
+            return Ok(Json(json!({
+                "events": views,
+                "next_before": lowest,
+                "first": first,
+                "head": node.store.head(),
+                "done": lowest <= first,
+            })));
+        }
+        Some(o) => return Err(ApiError::bad(format!("order {o:?}: write asc or desc"))),
+    }
     let after = match (q.after, q.since) {
         (Some(a), _) => a,
         (None, Some(s)) => node
@@ -647,14 +693,39 @@ async fn upsert_consumer(
 }
 
 fn consumer_view(node: &Node, c: &crate::store::ConsumerRec) -> ConsumerView {
+    let (lag, lag_exact) = consumer_lag(&node.store, c);
     ConsumerView {
         name: c.name.clone(),
         types: c.types.clone(),
         cursor: c.cursor,
-        lag: node.store.head().saturating_sub(c.cursor),
+        lag,
+        lag_exact,
         dead_letters: c.dead_letters,
         created: rfc3339(c.created_ms),
         last_ack: (c.acked_ms > 0).then(|| rfc3339(c.acked_ms)),
+    }
+}
+
+/// A consumer's matching events after its cursor (see [`ConsumerView::lag`]).
+pub fn consumer_lag(store: &crate::store::Store, c: &crate::store::ConsumerRec) -> (u64, bool) {
+    let pats: Vec<TypePattern> = c
+        .types
+        .iter()
+        .filter_map(|t| TypePattern::parse(t).ok())
+        .collect();
+    store
+        .pending(c.cursor, LAG_SCAN, &pats)
+        .unwrap_or((store.head().saturating_sub(c.cursor), false))
+}
+
+async fn get_consumer(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ConsumerView>> {
+    valid_consumer(&name)?;
+    match node.store.consumer(&name)? {
+        Some(c) => Ok(Json(consumer_view(&node, &c))),
+        None => Err(unknown_consumer(&name)),
     }
 }
 
@@ -1670,7 +1741,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/consumers", get(list_consumers))
         .route(
             "/v1/consumers/{name}",
-            axum::routing::put(upsert_consumer).delete(delete_consumer),
+            axum::routing::put(upsert_consumer)
+                .delete(delete_consumer)
+                .get(get_consumer),
         )
         .route("/v1/consumers/{name}/events", get(fetch))
         .route("/v1/consumers/{name}/ack", post(ack))
@@ -1928,6 +2001,11 @@ impl Client {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         res.map(|_| n)
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {

@@ -129,11 +129,22 @@ enum Cmd {
         /// Replay from a time (RFC 3339) or a duration ago (10m).
         #[arg(long)]
         since: Option<String>,
-        /// Most events per batch.
+        /// History: the newest MAX matching events (with --from-start or
+        /// --since: the first MAX, then pages on). Consumer: most per batch.
         #[arg(long, default_value_t = 100)]
         max: usize,
+        /// Change an existing consumer's type filter to --type (without
+        /// it, --type only applies when the consumer is created, and a
+        /// different filter is refused: looking never changes a consumer).
+        #[arg(long, requires = "consumer")]
+        update: bool,
         #[command(flatten)]
         conn: Conn,
+    },
+    /// Durable consumers: list, show, nack, dead letters, delete.
+    Consumer {
+        #[command(subcommand)]
+        op: ConsumerOp,
     },
     /// Peers this agent is connected to.
     Peers {
@@ -239,6 +250,54 @@ enum BlobOp {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+#[derive(Subcommand)]
+enum ConsumerOp {
+    /// Every consumer of this agent: types, cursor, matching events pending.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// One consumer.
+    Show {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Move the event at SEQ to the consumer's dead letters (and past it).
+    Nack {
+        name: String,
+        seq: u64,
+        #[arg(long, default_value = "nacked from the CLI")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The consumer's dead letters, with their reasons.
+    DeadLetters {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete the consumer, its cursor and its dead letters.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+impl ConsumerOp {
+    fn conn(&self) -> &Conn {
+        match self {
+            ConsumerOp::List { conn }
+            | ConsumerOp::Show { conn, .. }
+            | ConsumerOp::Nack { conn, .. }
+            | ConsumerOp::DeadLetters { conn, .. }
+            | ConsumerOp::Delete { conn, .. } => conn,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -817,6 +876,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
         | Cmd::Trace { conn, .. }
         | Cmd::Types { conn } => conn.api.clone(),
         Cmd::Lock { op } => op.conn().api.clone(),
+        Cmd::Consumer { op } => op.conn().api.clone(),
         Cmd::Blob {
             op: BlobOp::Add { conn, .. } | BlobOp::List { conn } | BlobOp::Get { conn, .. },
         }
@@ -917,16 +977,16 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             from_start,
             since,
             max,
+            update,
             ..
         } => match consumer {
             None => history(&client, cli.json, types, follow, from_start, since, max).await?,
             Some(name) => {
-                consume(
-                    &client, cli.json, &name, types, follow, from_start, since, max,
-                )
-                .await?
+                let start = Start { from_start, since };
+                consume(&client, cli.json, &name, types, update, follow, start, max).await?
             }
         },
+        Cmd::Consumer { op } => consumer_op(&client, cli.json, op).await?,
         Cmd::Peers { .. } => {
             let v = client.get("/v1/peers").await?;
             if cli.json {
@@ -1281,6 +1341,34 @@ fn emit(json_out: bool, events: &[EventView]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run `call` again while the agent is unreachable (restarting), saying so
+/// once; used by `--follow`, which rides out a restart.
+async fn riding<T, F, Fut>(follow: bool, mut call: F) -> Result<T, api::ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, api::ClientError>>,
+{
+    let mut said = false;
+    loop {
+        match call().await {
+            Err(e @ api::ClientError::Unreachable { .. }) if follow => {
+                if !said {
+                    eprintln!("riftmesh: {e}; waiting for the agent to come back");
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Ok(v) => {
+                if said {
+                    eprintln!("riftmesh: the agent answers again; following on");
+                }
+                return Ok(v);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn history(
     client: &Client,
     json_out: bool,
@@ -1298,10 +1386,32 @@ async fn history(
     if let Some(s) = since {
         q.push(("since", s));
     } else if !from_start {
-        // Without a start, show the latest `max` events.
-        let st = client.get("/v1/status").await?;
-        let head = st["store"]["head_seq"].as_u64().unwrap_or(0);
-        after = Some(head.saturating_sub(max as u64));
+        // Without a start: the newest `max` matching events, oldest first,
+        // paging back through at most a few scans of the log.
+        let mut newest: Vec<EventView> = Vec::new();
+        let mut before: Option<u64> = None;
+        let head = loop {
+            let mut query = q.clone();
+            query.push(("order", "desc".into()));
+            if let Some(b) = before {
+                query.push(("before", b.to_string()));
+            }
+            let v = client.get_query("/v1/events", &query).await?;
+            let page: Vec<EventView> = api::decode(v["events"].clone())?;
+            newest.extend(page);
+            let head = v["head"].as_u64().unwrap_or(0);
+            before = v["next_before"].as_u64();
+            if newest.len() >= max || v["done"].as_bool() != Some(false) {
+                break head;
+            }
+        };
+        newest.truncate(max);
+        newest.reverse();
+        emit(json_out, &newest)?;
+        if !follow {
+            return Ok(());
+        }
+        after = Some(head);
     }
     loop {
         let mut query = q.clone();
@@ -1309,7 +1419,7 @@ async fn history(
             query.retain(|(k, _)| *k != "since");
             query.push(("after", a.to_string()));
         }
-        let v = client.get_query("/v1/events", &query).await?;
+        let v = riding(follow, || client.get_query("/v1/events", &query)).await?;
         let events: Vec<EventView> = api::decode(v["events"].clone())?;
         emit(json_out, &events)?;
         let next = v["next_after"].as_u64().unwrap_or(0);
@@ -1324,36 +1434,85 @@ async fn history(
     }
 }
 
+/// Where a consumer created by `events --consumer` starts.
+struct Start {
+    from_start: bool,
+    since: Option<String>,
+}
+
+/// Read as a durable consumer. An existing consumer is looked at, never
+/// changed, unless `update` (then its type filter becomes `types`).
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     client: &Client,
     json_out: bool,
     name: &str,
     types: Vec<String>,
+    update: bool,
     follow: bool,
-    from_start: bool,
-    since: Option<String>,
+    start: Start,
     max: usize,
 ) -> anyhow::Result<()> {
+    let path = format!("/v1/consumers/{name}");
+    let existing = match client.get(&path).await {
+        Ok(v) => Some(api::decode::<api::ConsumerView>(v)?),
+        Err(api::ClientError::Refused { status: 404, .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
     let mut body = json!({});
-    if !types.is_empty() {
-        body["types"] = json!(types);
-    }
-    if from_start {
+    if start.from_start {
         body["from_start"] = json!(true);
     }
-    if let Some(s) = since {
+    if let Some(s) = &start.since {
         body["since"] = json!(s);
     }
-    client.put(&format!("/v1/consumers/{name}"), &body).await?;
+    match &existing {
+        None => {
+            if !types.is_empty() {
+                body["types"] = json!(types);
+            }
+            client.put(&path, &body).await?;
+        }
+        Some(c) => {
+            if update {
+                body["types"] = json!(types);
+                client.put(&path, &body).await?;
+            } else {
+                if !types.is_empty() {
+                    let want: Vec<String> = types
+                        .iter()
+                        .map(|t| {
+                            riftmesh::event::TypePattern::parse(t)
+                                .map(|p| p.as_str().to_string())
+                                .unwrap_or_else(|_| t.clone())
+                        })
+                        .collect();
+                    let (mut a, mut b) = (want.clone(), c.types.clone());
+                    a.sort();
+                    b.sort();
+                    if a != b {
+                        bail!(
+                            "consumer {name} reads types [{}], not [{}]; pass --update to change its filter",
+                            c.types.join(", "),
+                            want.join(", ")
+                        );
+                    }
+                }
+                if start.from_start || start.since.is_some() {
+                    // Moving an existing consumer's cursor is a change too.
+                    client.put(&path, &body).await?;
+                }
+            }
+        }
+    }
     let wait = if follow { 25_000 } else { 0 };
+    let (events_path, ack_path) = (
+        format!("/v1/consumers/{name}/events"),
+        format!("/v1/consumers/{name}/ack"),
+    );
     loop {
-        let v = client
-            .get_query(
-                &format!("/v1/consumers/{name}/events"),
-                &[("max", max.to_string()), ("wait_ms", wait.to_string())],
-            )
-            .await?;
+        let query = [("max", max.to_string()), ("wait_ms", wait.to_string())];
+        let v = riding(follow, || client.get_query(&events_path, &query)).await?;
         let r: FetchResp = api::decode(v)?;
         if r.missed > 0 {
             eprintln!("riftmesh: consumer {name} missed {} event(s) removed by retention before they were acknowledged", r.missed);
@@ -1361,17 +1520,101 @@ async fn consume(
         emit(json_out, &r.events)?;
         // Acknowledge only after the batch is written out.
         if let Some(last) = r.events.last() {
-            client
-                .post(
-                    &format!("/v1/consumers/{name}/ack"),
-                    &json!({ "seq": last.seq }),
-                )
-                .await?;
+            let ack = json!({ "seq": last.seq });
+            riding(follow, || client.post(&ack_path, &ack)).await?;
         }
         if r.events.is_empty() && !follow {
             return Ok(());
         }
     }
+}
+
+fn consumer_line(c: &api::ConsumerView) -> String {
+    let types = if c.types.is_empty() {
+        "*".to_string()
+    } else {
+        c.types.join(",")
+    };
+    format!(
+        "{:<24} {:<32} {:>8} {:>9}{} {:>6}  {}",
+        c.name,
+        types,
+        c.cursor,
+        c.lag,
+        if c.lag_exact { " " } else { "+" },
+        c.dead_letters,
+        c.last_ack.as_deref().unwrap_or("-")
+    )
+}
+
+async fn consumer_op(client: &Client, json_out: bool, op: ConsumerOp) -> anyhow::Result<()> {
+    let header = format!(
+        "{:<24} {:<32} {:>8} {:>10} {:>6}  {}",
+        "NAME", "TYPES", "CURSOR", "PENDING", "DEAD", "LAST ACK"
+    );
+    match op {
+        ConsumerOp::List { .. } => {
+            let v = client.get("/v1/consumers").await?;
+            if json_out {
+                return print_json(&v);
+            }
+            let cs: Vec<api::ConsumerView> = api::decode(v)?;
+            println!("{header}");
+            for c in &cs {
+                println!("{}", consumer_line(c));
+            }
+        }
+        ConsumerOp::Show { name, .. } => {
+            let v = client.get(&format!("/v1/consumers/{name}")).await?;
+            if json_out {
+                return print_json(&v);
+            }
+            let c: api::ConsumerView = api::decode(v)?;
+            println!("{header}\n{}", consumer_line(&c));
+        }
+        ConsumerOp::Nack {
+            name, seq, reason, ..
+        } => {
+            let v = client
+                .post(
+                    &format!("/v1/consumers/{name}/nack"),
+                    &json!({ "seq": seq, "reason": reason }),
+                )
+                .await?;
+            if json_out {
+                return print_json(&v);
+            }
+            println!("{name}: event {seq} moved to the dead letters ({reason})");
+        }
+        ConsumerOp::DeadLetters { name, .. } => {
+            let v = client
+                .get(&format!("/v1/consumers/{name}/dead-letters"))
+                .await?;
+            if json_out {
+                return print_json(&v);
+            }
+            let list = v["dead_letters"].as_array().cloned().unwrap_or_default();
+            println!("{} dead letter(s) of {name}", list.len());
+            for d in list {
+                let ev = &d["event"];
+                println!(
+                    "  {:>8}  {:<28} {}  {}",
+                    d["seq"].as_u64().unwrap_or(0),
+                    ev["type"].as_str().unwrap_or("(gone)"),
+                    ev["id"].as_str().unwrap_or("-"),
+                    d["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        ConsumerOp::Delete { name, .. } => {
+            let v = client.delete(&format!("/v1/consumers/{name}")).await?;
+            if json_out {
+                return print_json(&v);
+            }
+            println!("deleted consumer {name}");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

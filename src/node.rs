@@ -949,7 +949,6 @@ async fn housekeeping(node: Arc<Node>) {
         }
         crate::bufpool::CHUNKS.trim(Instant::now());
         n += 1;
-        let head = node.store.head();
         node.metrics.store_events.set(node.store.len() as i64);
         node.metrics
             .store_bytes
@@ -964,10 +963,19 @@ async fn housekeeping(node: Arc<Node>) {
                     .remove(&label("consumer", gone.clone()));
             }
             for c in consumers {
-                node.metrics
-                    .consumer_lag
-                    .get_or_create(&label("consumer", c.name))
-                    .set(head.saturating_sub(c.cursor) as i64);
+                // Matching events only; reading the log is blocking work.
+                let store = node.store.clone();
+                let lag = tokio::task::spawn_blocking(move || {
+                    let (lag, _) = crate::api::consumer_lag(&store, &c);
+                    (c.name, lag)
+                })
+                .await;
+                if let Ok((name, lag)) = lag {
+                    node.metrics
+                        .consumer_lag
+                        .get_or_create(&label("consumer", name))
+                        .set(lag as i64);
+                }
             }
             lagging = now;
         }

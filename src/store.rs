@@ -719,6 +719,61 @@ impl Store {
         Ok((out, last))
     }
 
+    /// Up to `limit` events before `before` (exclusive) whose type matches,
+    /// newest first, scanning at most `max_scan` entries backwards. Returns
+    /// them and the lowest sequence scanned (`before` when none was).
+    pub fn read_before(
+        &self,
+        before: u64,
+        limit: usize,
+        max_scan: usize,
+        patterns: &[TypePattern],
+    ) -> Result<(Vec<(u64, Stored)>, u64), StoreError> {
+        let mut out = Vec::new();
+        let mut lowest = before;
+        for (scanned, r) in self.tree.range(key_l(0)..key_l(before)).rev().enumerate() {
+            if out.len() >= limit || scanned >= max_scan {
+                break;
+            }
+            let (k, v) = r?;
+            let seq = seq_of(&k);
+            lowest = seq;
+            let s = decode_stored(&k, &v)?;
+            if s.dup_of.is_none() && event::matches_any(patterns, &s.event.event_type) {
+                out.push((seq, s));
+            }
+        }
+        Ok((out, lowest))
+    }
+
+    /// How many events after `cursor` a consumer of `patterns` has still to
+    /// see: delivered (not `dup_of`) entries whose type matches. Counts at
+    /// most `max_scan` entries; the bool says whether the count is exact
+    /// (false: at least this many).
+    pub fn pending(
+        &self,
+        cursor: u64,
+        max_scan: usize,
+        patterns: &[TypePattern],
+    ) -> Result<(u64, bool), StoreError> {
+        let mut n = 0;
+        for (scanned, r) in self
+            .tree
+            .range(key_l(cursor.saturating_add(1))..key_l(u64::MAX))
+            .enumerate()
+        {
+            if scanned >= max_scan {
+                return Ok((n, false));
+            }
+            let (k, v) = r?;
+            let s = decode_stored(&k, &v)?;
+            if s.dup_of.is_none() && event::matches_any(patterns, &s.event.event_type) {
+                n += 1;
+            }
+        }
+        Ok((n, true))
+    }
+
     /// Sequence just before the first event received at or after `ms`.
     pub fn seq_before_time(&self, ms: u64) -> Result<u64, StoreError> {
         seq_before_time(&self.tree, self.first(), self.head() + 1, ms)

@@ -360,3 +360,212 @@ async fn repeats_are_new_facts_and_retries_and_shared_observations_are_not() {
         assert_eq!(off.len(), 1, "{}: {off:?}", x.name);
     }
 }
+
+/// The seeds debug with "the last N of a type" and with their consumers:
+/// `events --type T --max N` gives the newest N matches (not a scan of the
+/// last N log entries); the API pages newest first; a consumer's lag counts
+/// only the events it matches; looking at a consumer never changes it;
+/// nack, dead letters and delete are CLI verbs; `--follow` rides out an
+/// agent restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_and_consumers_answer_the_seeds_questions() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let key = root.join("swarm.key");
+    keygen(&key);
+    // A fixed API port, so that a restarted agent answers where it did.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api = format!("127.0.0.1:{port}");
+    let mut a = Agent::start_with(root, "a", &key, &[], &["--api".into(), api.clone()]).await;
+    // Five TRAINING_COMPLETED, then 25 other events: the last 10 log
+    // entries are all of other types.
+    for n in 0..5 {
+        a.publish("TRAINING_COMPLETED", serde_json::json!({ "n": n }))
+            .await
+            .unwrap();
+        a.publish("CUSTOM_NOISE", serde_json::json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    for n in 5..25 {
+        a.publish("CUSTOM_NOISE", serde_json::json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    let ns = |out: &str| -> Vec<i64> {
+        out.lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["payload"]["n"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (ok, out, err) = cli(
+        &a,
+        &[
+            "events",
+            "--type",
+            "training.completed",
+            "--max",
+            "3",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(ns(&out), [2, 3, 4], "{out}");
+    // Newest first from the API, paged with before.
+    let v = a
+        .get("/v1/events?types=TRAINING_COMPLETED&order=desc&limit=2")
+        .await
+        .unwrap();
+    let page: Vec<i64> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(page, [4, 3], "{v}");
+    let before = v["next_before"].as_u64().unwrap();
+    let v = a
+        .get(&format!(
+            "/v1/events?types=TRAINING_COMPLETED&order=desc&limit=10&before={before}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(v["events"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["done"], true, "{v}");
+
+    // A consumer of one type: its lag is its 5 events, not the 30 entries.
+    a.put(
+        "/v1/consumers/watcher",
+        &serde_json::json!({"types": ["TRAINING_COMPLETED"], "from_start": true}),
+    )
+    .await
+    .unwrap();
+    let c = a.get("/v1/consumers/watcher").await.unwrap();
+    assert_eq!(
+        (c["lag"].as_u64(), c["lag_exact"].as_bool()),
+        (Some(5), Some(true)),
+        "{c}"
+    );
+    wait_for(
+        "the lag gauge to count matches",
+        Duration::from_secs(30),
+        || async {
+            (a.metric_or_zero(r#"riftmesh_consumer_lag{consumer="watcher"}"#)
+                .await
+                == 5.0)
+                .then_some(())
+        },
+    )
+    .await;
+    // Looking with another --type is refused and changes nothing.
+    let (ok, _, err) = cli(
+        &a,
+        &[
+            "events",
+            "--consumer",
+            "watcher",
+            "--type",
+            "MODEL_PROMOTED",
+        ],
+    );
+    assert!(!ok && err.contains("--update"), "{err}");
+    let c = a.get("/v1/consumers/watcher").await.unwrap();
+    assert_eq!(c["types"], serde_json::json!(["TRAINING_COMPLETED"]), "{c}");
+    assert_eq!(c["lag"], 5, "{c}");
+    // Reading acknowledges: nothing pending after.
+    let (ok, out, err) = cli(
+        &a,
+        &["events", "--consumer", "watcher", "--max", "2", "--json"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(ns(&out), [0, 1, 2, 3, 4]);
+    assert_eq!(a.get("/v1/consumers/watcher").await.unwrap()["lag"], 0);
+    // nack, dead letters, list, delete from the CLI.
+    let first = a
+        .get("/v1/events?types=TRAINING_COMPLETED&limit=1")
+        .await
+        .unwrap()["events"][0]["seq"]
+        .as_u64()
+        .unwrap();
+    let (ok, out, err) = cli(
+        &a,
+        &[
+            "consumer",
+            "nack",
+            "watcher",
+            &first.to_string(),
+            "--reason",
+            "bad model",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    let (ok, out, _) = cli(&a, &["consumer", "dead-letters", "watcher"]);
+    assert!(
+        ok && out.contains("bad model") && out.contains("TRAINING_COMPLETED"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&a, &["consumer", "list"]);
+    assert!(
+        ok && out.lines().nth(1).is_some_and(|l| l.starts_with("watcher")),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&a, &["consumer", "delete", "watcher"]);
+    assert!(ok, "{err}");
+    let (status, _) = a
+        .send(reqwest::Method::GET, "/v1/consumers/watcher", &Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    // --follow rides out a restart of the agent.
+    let mut follow = tokio::process::Command::new(BIN)
+        .args([
+            "events",
+            "--follow",
+            "--type",
+            "CUSTOM_AFTER",
+            "--max",
+            "1",
+            "--json",
+        ])
+        .env("RIFTMESH_API", &api)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(follow.stdout.take().unwrap()));
+    a.publish("CUSTOM_AFTER", serde_json::json!({"n": 100}))
+        .await
+        .unwrap();
+    let first_line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the follower printed the event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ns(&first_line), [100]);
+    a.restart().await;
+    assert_eq!(a.api, format!("http://{api}"));
+    a.publish("CUSTOM_AFTER", serde_json::json!({"n": 101}))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the follower printed the event published after the restart")
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(ns(&next), [101], "{next}");
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "the follower exited with the agent"
+    );
+}

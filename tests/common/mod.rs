@@ -97,15 +97,14 @@ impl Agent {
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(&self.dir)
-            .args([
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--api",
-                "127.0.0.1:0",
-                "--metrics",
-                "127.0.0.1:0",
-                "--no-mdns",
-            ])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            // A test may fix the API address (to keep it across restarts).
+            .args(if self.extra.iter().any(|a| a == "--api") {
+                &[][..]
+            } else {
+                &["--api", "127.0.0.1:0"][..]
+            })
+            .args(["--metrics", "127.0.0.1:0", "--no-mdns"])
             .arg("--swarm-key")
             .arg(&self.swarm_key)
             .args(&self.extra)
