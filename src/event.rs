@@ -576,13 +576,13 @@ catalog! {
         "MODEL_DISTRIBUTION_FAILED" => "a model could not be distributed to a host",
     ],
     "cluster": [
-        "HOST_ONLINE" | "NODE_ONLINE" => "a host joined or came back",
-        "NODE_SUSPECT" | "HOST_SUSPECT" => "a host stopped answering and is suspected",
-        "HOST_OFFLINE" | "NODE_OFFLINE" | "NODE_DEAD" => "a host was declared dead",
-        "NODE_RECOVERED" | "HOST_RECOVERED" => "a suspected host answered again",
-        "HOST_LEFT" | "NODE_LEFT" => "a host left gracefully",
-        "LEADER_ELECTED" => "a new leader won a term",
-        "IDLE_RESOURCE_DETECTED" => "a host's GPUs (or job counters) stayed idle",
+        "HOST_ONLINE" | "NODE_ONLINE" | "CLUSTER_NODE_JOINED" => "a host joined or came back",
+        "NODE_SUSPECT" | "HOST_SUSPECT" | "CLUSTER_NODE_SUSPECT" => "a host stopped answering and is suspected",
+        "HOST_OFFLINE" | "NODE_OFFLINE" | "NODE_DEAD" | "CLUSTER_NODE_LEFT" => "a host was declared dead",
+        "NODE_RECOVERED" | "HOST_RECOVERED" | "CLUSTER_NODE_RECOVERED" => "a suspected host answered again",
+        "HOST_LEFT" | "NODE_LEFT" | "CLUSTER_HOST_LEFT" => "a host left gracefully",
+        "LEADER_ELECTED" | "CLUSTER_LEADER_ELECTED" => "a new leader won a term",
+        "IDLE_RESOURCE_DETECTED" | "CLUSTER_IDLE_RESOURCE_DETECTED" => "a host's GPUs (or job counters) stayed idle",
     ],
     "daemon": [
         "DAEMON_STARTED" => "a local daemon started",
@@ -724,6 +724,9 @@ pub fn type_spelling(raw: &str) -> Result<String, EventError> {
 pub struct TypePattern {
     text: String,
     matcher: wildmatch::WildMatch,
+    /// Catalog names the pattern matches through one of their aliases
+    /// (`CLUSTER_*` matches HOST_ONLINE, alias CLUSTER_NODE_JOINED).
+    by_alias: Vec<&'static str>,
 }
 
 impl TypePattern {
@@ -738,6 +741,7 @@ impl TypePattern {
             return Ok(Self {
                 matcher: wildmatch::WildMatch::new(&text),
                 text,
+                by_alias: Vec::new(),
             });
         }
         let mut text = String::with_capacity(s.len());
@@ -748,14 +752,22 @@ impl TypePattern {
                 _ => return Err(bad()),
             }
         }
+        let matcher = wildmatch::WildMatch::new(&text);
+        let by_alias = CATALOG
+            .iter()
+            .filter(|t| !matcher.matches(t.name) && t.aliases.iter().any(|a| matcher.matches(a)))
+            .map(|t| t.name)
+            .collect();
         Ok(Self {
-            matcher: wildmatch::WildMatch::new(&text),
+            matcher,
             text,
+            by_alias,
         })
     }
 
+    /// Whether the canonical name, or one of its catalog aliases, matches.
     pub fn matches(&self, canonical: &str) -> bool {
-        self.matcher.matches(canonical)
+        self.matcher.matches(canonical) || self.by_alias.contains(&canonical)
     }
 
     pub fn as_str(&self) -> &str {
@@ -936,6 +948,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The seeds' `cluster.*` names are aliases of the agent's cluster
+    /// events, and a pattern matches a name through its aliases.
+    #[test]
+    fn cluster_patterns_match_the_agents_cluster_events_through_aliases() {
+        assert_eq!(normalize_type("cluster.node_joined").unwrap(), "HOST_ONLINE");
+        assert_eq!(normalize_type("cluster.leader_elected").unwrap(), "LEADER_ELECTED");
+        let p = TypePattern::parse("cluster.*").unwrap();
+        for t in CATALOG.iter().filter(|t| t.category == "cluster") {
+            assert!(p.matches(t.name), "{}", t.name);
+        }
+        assert!(!p.matches("TRAINING_COMPLETED"));
+        assert!(!p.matches("MY_CLUSTER_THING"));
+        // An alias-only match for other patterns too, never a prefix guess.
+        let p = TypePattern::parse("*_DONE").unwrap();
+        assert!(p.matches("TRAINING_COMPLETED") && p.matches("SELFPLAY_COMPLETED"));
+        assert!(!p.matches("EVALUATION_COMPLETED"));
     }
 
     #[test]
