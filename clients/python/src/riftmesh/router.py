@@ -434,12 +434,17 @@ class Router:
         *,
         correlation_id: Optional[str] = None,
         parent_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
     ) -> Published:
         """Publish an event through the agent (to every subscriber on every host);
         returns once it is on the agent's disk. ``source`` names the publishing
         component (the router's name if not given). Subscriptions of this
         router are started first and their consumers exist before the event
-        is written, so they get it."""
+        is written, so they get it. Every call is a new fact with its own
+        idempotency key, retried as :meth:`AsyncClient.publish` retries
+        (``idempotency_key=``, ``by_content=``, ``retry_for=`` as there)."""
         for s in self._subs:
             if not s.running and s.error is None:
                 s._start()
@@ -450,7 +455,14 @@ class Router:
                 log.warning("consumer %s is not created yet (is the agent up?); publishing anyway", s.consumer)
         src = source if source is not None else self.name
         r = await self.client.publish(
-            event_type, payload, source=src, correlation_id=correlation_id, parent_id=parent_id
+            event_type,
+            payload,
+            source=src,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            idempotency_key=idempotency_key,
+            by_content=by_content,
+            retry_for=retry_for,
         )
         self._remember(
             RouterEvent.build(
@@ -491,10 +503,20 @@ async def publish(
     *,
     correlation_id: Optional[str] = None,
     parent_id: Optional[str] = None,
+    idempotency_key: Optional[str] = None,
+    by_content: bool = False,
+    retry_for: Optional[float] = None,
 ) -> Published:
     """``await publish(DataEventType.X, payload={...}, source="component")`` on :func:`get_router`."""
     return await get_router().publish(
-        event_type, payload, source, correlation_id=correlation_id, parent_id=parent_id
+        event_type,
+        payload,
+        source,
+        correlation_id=correlation_id,
+        parent_id=parent_id,
+        idempotency_key=idempotency_key,
+        by_content=by_content,
+        retry_for=retry_for,
     )
 
 
