@@ -56,6 +56,9 @@ from .client import (
     _patterns,
     _publish_body,
     _Retry,
+    _flush_outcome,
+    _spool_for,
+    SPOOL_ON,
     _same_types,
     _since_param,
     _Start,
@@ -66,6 +69,7 @@ from .client import (
 from .errors import (
     AgentUnavailable,
     BlobFetchError,
+    ClientError,
     Conflict,
     LockHeld,
     LockLost,
@@ -88,9 +92,11 @@ from .models import (
     LockInfo,
     Member,
     Published,
+    Spooled,
     Trace,
 )
 from .patterns import TypeLike, TypePattern, type_name
+from .spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, FlushResult
 
 __all__ = ["AsyncClient", "AsyncLock", "ErrorCallback"]
 
@@ -164,6 +170,9 @@ class AsyncClient:
         max_backoff: float = 60.0,
         max_connections: int = 64,
         retry_for: float = 10.0,
+        spool_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        spool_max_files: int = DEFAULT_MAX_FILES,
+        spool_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         host, port = resolve_address(api)
         self.address = format_address(host, port)
@@ -174,6 +183,7 @@ class AsyncClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.retry_for = retry_for
+        self.spool = _spool_for(spool_dir, spool_max_files, spool_max_bytes)
         self._http = AsyncTransport(host, port, timeout, max_connections)
         self._subs: List[Subscription] = []
         self._starts: Dict[str, _Start] = {}
@@ -281,6 +291,73 @@ class AsyncClient:
                 if wait is None:
                     raise
             await asyncio.sleep(wait)
+
+    # ================================================================ spool
+
+    async def publish_or_spool(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        retry_for: Optional[float] = None,
+    ) -> Union[Published, Spooled]:
+        """As :meth:`Client.publish_or_spool`: a :class:`Published`, or a
+        :class:`Spooled` when the agent did not take it within ``retry_for``
+        (the spool's file I/O runs in a worker thread)."""
+        body, key = _publish_body(
+            type,
+            payload,
+            source=source,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            caused_by=caused_by,
+            idempotency_key=idempotency_key,
+            by_content=False,
+        )
+        assert key is not None
+        sp = self.spool
+        if await asyncio.to_thread(sp.has_pending) and (await self.flush_spool()).error is not None:
+            return Spooled(key=key, path=str(await asyncio.to_thread(sp.put, body)), type=body["type"])
+        try:
+            v = await self._post_retrying("/v1/events", body, True, retry_for)
+        except SPOOL_ON as e:
+            path = await asyncio.to_thread(sp.put, body)
+            log.warning("the agent did not take a %s publish (%s); spooled as %s", body["type"], e, path)
+            return Spooled(key=key, path=str(path), type=body["type"])
+        return Published.from_json(v, key)
+
+    async def flush_spool(self) -> FlushResult:
+        """As :meth:`Client.flush_spool` (file I/O in a worker thread)."""
+        res = FlushResult()
+        sp = self.spool
+        await asyncio.to_thread(sp.clean_tmp)
+        for path in await asyncio.to_thread(sp.pending):
+            try:
+                body = await asyncio.to_thread(sp.load, path)
+            except FileNotFoundError:
+                continue  # another flusher sent it meanwhile
+            except (OSError, ValueError) as e:
+                await asyncio.to_thread(sp.reject, path, f"unreadable spool file: {e}")
+                res.rejected += 1
+                continue
+            try:
+                v = await self._http.request("POST", "/v1/events", body=body)
+            except ClientError as e:
+                await asyncio.to_thread(sp.reject, path, str(e))
+                res.rejected += 1
+                continue
+            except RiftmeshError as e:
+                res.error = e
+                break
+            await asyncio.to_thread(sp.done, path)
+            _flush_outcome(res, v)
+        res.pending = len(await asyncio.to_thread(sp.pending))
+        return res
 
     # ================================================================ history
 

@@ -42,6 +42,7 @@ from ._transport import Abort, Aborted, Transport, format_address, quote, resolv
 from .errors import (
     AgentUnavailable,
     BlobFetchError,
+    ClientError,
     NotFound,
     RiftmeshError,
     RiftmeshTimeout,
@@ -61,9 +62,11 @@ from .models import (
     LockInfo,
     Member,
     Published,
+    Spooled,
     Trace,
 )
 from .patterns import TypeLike, TypePattern, type_name
+from .spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, FlushResult, Spool, default_spool_dir
 
 __all__ = ["Client", "Handler", "TimeLike"]
 
@@ -277,6 +280,22 @@ def _batch_bodies(
     return items, keys
 
 
+# Errors after which publish_or_spool spools: the agent did not take the
+# publish (unreachable, no answer in time, 5xx) after its retries.
+SPOOL_ON = (AgentUnavailable, RiftmeshTimeout, ServerError)
+
+
+def _spool_for(spool_dir: Optional[Union[str, "os.PathLike[str]"]], max_files: int, max_bytes: int) -> Spool:
+    return Spool(spool_dir if spool_dir is not None else default_spool_dir(), max_files=max_files, max_bytes=max_bytes)
+
+
+def _flush_outcome(res: FlushResult, answer: Dict[str, Any]) -> None:
+    if answer.get("duplicate"):
+        res.duplicates += 1
+    else:
+        res.sent += 1
+
+
 class _Retry:
     """When a keyed publish is sent again: after a :data:`RETRYABLE` error, for
     ``retry_for`` seconds in all, waiting 0.05 s, 0.1 s, ... up to 2 s between tries."""
@@ -433,6 +452,9 @@ class Client:
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         retry_for: float = 10.0,
+        spool_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        spool_max_files: int = DEFAULT_MAX_FILES,
+        spool_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         host, port = resolve_address(api)
         self.address = format_address(host, port)
@@ -443,6 +465,7 @@ class Client:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.retry_for = retry_for
+        self.spool = _spool_for(spool_dir, spool_max_files, spool_max_bytes)
         self._http = Transport(host, port, timeout)
         self._subs: List[Subscription] = []
         self._starts: Dict[str, _Start] = {}
@@ -565,6 +588,80 @@ class Client:
                 if wait is None:
                     raise
             time.sleep(wait)
+
+    # ================================================================ spool
+
+    def publish_or_spool(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        retry_for: Optional[float] = None,
+    ) -> Union[Published, Spooled]:
+        """:meth:`publish`, or, when the agent does not take it within
+        ``retry_for`` (unreachable, no answer, 5xx), a file in the local spool
+        (:attr:`spool`): returns a :class:`Published` or a :class:`Spooled`.
+        A 4xx answer raises as :meth:`publish` does; a full spool raises
+        :class:`~riftmesh.SpoolFull`. While older publishes wait in the spool,
+        they are flushed first (and if that fails this one is spooled behind
+        them at once), so events from one spool reach the agent in order.
+        """
+        body, key = _publish_body(
+            type,
+            payload,
+            source=source,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            caused_by=caused_by,
+            idempotency_key=idempotency_key,
+            by_content=False,
+        )
+        assert key is not None
+        if self.spool.has_pending() and self.flush_spool().error is not None:
+            return Spooled(key=key, path=str(self.spool.put(body)), type=body["type"])
+        try:
+            v = self._post_retrying("/v1/events", body, True, retry_for)
+        except SPOOL_ON as e:
+            path = self.spool.put(body)
+            log.warning("the agent did not take a %s publish (%s); spooled as %s", body["type"], e, path)
+            return Spooled(key=key, path=str(path), type=body["type"])
+        return Published.from_json(v, key)
+
+    def flush_spool(self) -> FlushResult:
+        """Send the spooled publishes, oldest first, each with its own key, and
+        delete each file once the agent answered it (new or duplicate). A 4xx
+        answer moves the file to ``rejected/``. Stops at the first error that
+        leaves the agent unable to take them (``FlushResult.error``)."""
+        res = FlushResult()
+        sp = self.spool
+        sp.clean_tmp()
+        for path in sp.pending():
+            try:
+                body = sp.load(path)
+            except FileNotFoundError:
+                continue  # another flusher sent it meanwhile
+            except (OSError, ValueError) as e:
+                sp.reject(path, f"unreadable spool file: {e}")
+                res.rejected += 1
+                continue
+            try:
+                v = self._http.request("POST", "/v1/events", body=body)
+            except ClientError as e:
+                sp.reject(path, str(e))
+                res.rejected += 1
+                continue
+            except RiftmeshError as e:
+                res.error = e
+                break
+            sp.done(path)
+            _flush_outcome(res, v)
+        res.pending = len(sp.pending())
+        return res
 
     # ================================================================ history
 
