@@ -30,7 +30,6 @@ import inspect
 import logging
 import os
 import re
-import sys
 import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Union
 
@@ -233,7 +232,8 @@ class Router:
     ``max_backoff`` are the retry defaults of the handlers. ``recent`` is how
     many events :meth:`get_recent_events` keeps. ``spool_dir`` is where
     :meth:`fire_and_forget` keeps what the agent could not take (default
-    ``RIFTMESH_SPOOL``, else ``$XDG_STATE_HOME/riftmesh/spool/<name>``), and
+    ``RIFTMESH_SPOOL``, else ``$XDG_STATE_HOME/riftmesh/spool/<name>``; with
+    a ``client`` and no ``spool_dir``, the client's spool), and
     every ``flush_interval`` seconds while the router runs those files are
     sent again.
 
