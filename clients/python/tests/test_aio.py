@@ -51,9 +51,12 @@ def test_publish_batch_history_event_trace(agent: Agent, uid: str) -> None:
         async with AsyncClient(agent.api) as c:
             t = f"AIO_{uid}_PUB"
             r = await c.publish(t, {"n": 1}, source="aio-test")
-            assert not r.duplicate and r.type == t and r.seq > 0
-            again = await c.publish(t.lower().replace("_", "."), {"n": 1})
-            assert again.duplicate and again.id == r.id
+            assert not r.duplicate and r.type == t and r.seq > 0 and r.idempotency_key
+            again = await c.publish(t.lower().replace("_", "."), {"n": 1}, idempotency_key=r.idempotency_key)
+            assert again.duplicate and again.id == r.id and again.duplicate_by == "idempotency_key"
+            c1 = await c.publish(t, {"n": 0}, by_content=True)
+            c2 = await c.publish(t, {"n": 0}, by_content=True)
+            assert c2.duplicate and c2.id == c1.id and c2.duplicate_by == "content" and c2.age_ms is not None
             ev = await c.event(r.id)
             assert ev.payload == {"n": 1} and ev.origin == "aio-test" and ev.source == agent.peer_id
             child = await c.publish(t, {"n": 2}, caused_by=ev)
@@ -61,8 +64,9 @@ def test_publish_batch_history_event_trace(agent: Agent, uid: str) -> None:
             assert [e.id for _, e in tr.events] == [r.id, child.id]
             rs = await c.publish_batch([(t, {"n": 3}), {"type": t, "payload": {"n": 4}, "source": "b"}])
             assert [x.duplicate for x in rs] == [False, False]
+            assert rs[0].idempotency_key != rs[1].idempotency_key
             got = [e.payload["n"] async for e in c.history(t, page_size=2)]
-            assert got == [1, 2, 3, 4]
+            assert got == [1, 0, 2, 3, 4]
             with pytest.raises(NotFound):
                 await c.event("no-such-id")
 
@@ -245,7 +249,7 @@ def test_async_blobs(spawn_agent: Callable[..., Agent], uid: str, tmp_path: Path
 def test_errors_are_the_sync_clients() -> None:
     async def main() -> None:
         with pytest.raises(AgentUnavailable) as ei:
-            await AsyncClient("127.0.0.1:1").publish("TRAINING_COMPLETED", {})
+            await AsyncClient("127.0.0.1:1", retry_for=0).publish("TRAINING_COMPLETED", {})
         assert ei.value.address == "127.0.0.1:1"
 
     run(main())

@@ -29,13 +29,36 @@ def closed_port() -> int:
 
 def test_agent_not_running_names_the_address() -> None:
     addr = f"127.0.0.1:{closed_port()}"
-    c = Client(addr, timeout=10)
+    c = Client(addr, timeout=10, retry_for=0)
     with pytest.raises(AgentUnavailable) as ei:
         c.publish("TRAINING_COMPLETED", {"x": 1})
     assert ei.value.address == addr
     assert addr in str(ei.value)
     assert "riftmesh agent" in str(ei.value)
     assert isinstance(ei.value, ConnectionError) and isinstance(ei.value, RiftmeshError)
+
+
+def test_a_keyed_publish_is_retried_for_retry_for_and_a_keyless_one_never() -> None:
+    addr = f"127.0.0.1:{closed_port()}"
+    c = Client(addr, timeout=10, retry_for=0.6)
+    t0 = time.monotonic()
+    with pytest.raises(AgentUnavailable):
+        c.publish("TRAINING_COMPLETED", {"x": 1})
+    took = time.monotonic() - t0
+    assert 0.6 <= took < 5, f"retried for {took:.2f} s, not the client's 0.6 s"
+    # A client that would retry for a minute: the per-call value wins, and
+    # nothing is retried without a key.
+    patient = Client(addr, timeout=10, retry_for=60)
+    t0 = time.monotonic()
+    with pytest.raises(AgentUnavailable):
+        patient.publish_batch([("TRAINING_COMPLETED", {"x": 1})], retry_for=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 5, "the per-call retry_for wins"
+    t0 = time.monotonic()
+    with pytest.raises(AgentUnavailable):
+        patient.publish("TRAINING_COMPLETED", {"x": 1}, by_content=True)
+    with pytest.raises(AgentUnavailable):
+        patient.publish_batch([("TRAINING_COMPLETED", {"x": 1})], by_content=True)
+    assert time.monotonic() - t0 < 5, "without a key nothing is retried"
 
 
 def test_address_comes_from_riftmesh_api(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,15 +18,15 @@ def test_event_published_on_one_agent_is_delivered_on_the_other(mesh2: List[Agen
     b.start()
     try:
         wait_until("the consumer on b", lambda: b.consumer(f"cross-{uid}"), DEADLINE)
-        p = a.publish(t, {"model": uid}, source="trainer", correlation_id=f"run-{uid}")
+        p = a.publish(t, {"model": uid}, source="trainer", correlation_id=f"run-{uid}", by_content=True)
         wait_until("delivery on b", lambda: got, DEADLINE)
         ev = got[0]
         assert ev.id == p.id and ev.hash == p.hash
         assert ev.source == a_agent.peer_id and ev.origin == "trainer"
         assert ev.correlation_id == f"run-{uid}" and ev.payload == {"model": uid}
-        # The same content published on b is a duplicate of a's event.
-        dup = b.publish(t, {"model": uid})
-        assert dup.duplicate and dup.id == p.id
+        # The same content published on b without a key is a duplicate of a's event.
+        dup = b.publish(t, {"model": uid}, by_content=True)
+        assert dup.duplicate and dup.id == p.id and dup.duplicate_by == "content"
         # And b's own event reaches a.
         back = b.publish(t, {"model": uid, "from": "b"})
         wait_until("b's event on a", lambda: any(e.id == back.id for e in a.history(t)), DEADLINE)

@@ -11,13 +11,24 @@ def test_publish_returns_id_and_duplicate(client: Client, uid: str) -> None:
     assert not first.duplicate
     assert first.id and first.seq > 0 and len(first.hash) == 64
     assert first.type == "TRAINING_COMPLETED"  # normalised by the agent
+    assert first.idempotency_key and first.age_ms is None and first.duplicate_by is None
 
+    # Every call has its own key: the same content published again is a new fact.
     again = client.publish(EventType.TRAINING_COMPLETED, dict(reversed(list(payload.items()))))
-    assert again.duplicate, "same type and payload (key order aside) is the same content"
-    assert (again.id, again.seq, again.hash) == (first.id, first.seq, first.hash)
+    assert not again.duplicate and again.id != first.id and again.hash == first.hash
+    assert again.idempotency_key and again.idempotency_key != first.idempotency_key
+
+    # Without keys, the same type and payload (key order aside) within 30 s is one fact.
+    plain = {**payload, "by": "content"}
+    c1 = client.publish("TRAINING_COMPLETED", plain, by_content=True)
+    c2 = client.publish("training.completed", dict(reversed(list(plain.items()))), by_content=True)
+    assert not c1.duplicate and c1.idempotency_key is None
+    assert c2.duplicate and c2.duplicate_by == "content" and c2.idempotency_key is None
+    assert (c2.id, c2.seq, c2.hash) == (c1.id, c1.seq, c1.hash)
+    assert c2.age_ms is not None and 0 <= c2.age_ms < 30_000
 
     other = client.publish("TRAINING_COMPLETED", {**payload, "attempt": 2})
-    assert not other.duplicate and other.id != first.id and other.seq > first.seq
+    assert not other.duplicate and other.id != first.id and other.seq > again.seq
 
     ev = client.event(first.id)
     assert ev.type == "TRAINING_COMPLETED"
@@ -25,6 +36,26 @@ def test_publish_returns_id_and_duplicate(client: Client, uid: str) -> None:
     assert ev.origin == "trainer"
     assert ev.seq == first.seq and ev.hash == first.hash
     assert ev.source == client.status()["peer_id"]
+    assert ev.idempotency_key == first.idempotency_key
+    assert client.event(c1.id).idempotency_key is None
+
+
+def test_a_keyed_retry_with_another_payload_is_the_first_event(client: Client, uid: str) -> None:
+    t = f"T{uid}_KEYED"
+    key = f"retry-{uid}"
+    first = client.publish(t, {"attempt": 1}, idempotency_key=key)
+    assert not first.duplicate and first.idempotency_key == key
+    retry = client.publish(t, {"attempt": 2}, idempotency_key=key)
+    assert retry.duplicate and retry.id == first.id and retry.seq == first.seq
+    assert retry.duplicate_by == "idempotency_key" and retry.idempotency_key == key
+    assert retry.age_ms is not None and retry.age_ms >= 0
+    # The key is per type: another type with the same key is its own fact.
+    elsewhere = client.publish(f"{t}_OTHER", {"attempt": 1}, idempotency_key=key)
+    assert not elsewhere.duplicate
+    evs = list(client.history(t))
+    assert [(e.id, e.payload, e.idempotency_key) for e in evs] == [(first.id, {"attempt": 1}, key)]
+    with pytest.raises(ValueError):
+        client.publish(t, {}, idempotency_key=key, by_content=True)
 
 
 def test_batch_publish_in_order_with_duplicates(client: Client, uid: str) -> None:
@@ -34,14 +65,28 @@ def test_batch_publish_in_order_with_duplicates(client: Client, uid: str) -> Non
             (t, {"n": 1}),
             {"type": t, "payload": {"n": 2}, "source": "selfplay", "correlation_id": f"run-{uid}"},
             (t, {"n": 1}),
-        ]
+        ],
+        by_content=True,
     )
     assert [r.duplicate for r in results] == [False, False, True]
-    assert results[2].id == results[0].id
+    assert results[2].id == results[0].id and results[2].duplicate_by == "content"
     assert results[0].seq < results[1].seq
     evs = list(client.history(t))
     assert [e.payload["n"] for e in evs] == [1, 2]
     assert evs[1].origin == "selfplay" and evs[1].correlation_id == f"run-{uid}"
+
+
+def test_batch_items_get_their_own_keys(client: Client, uid: str) -> None:
+    t = f"T{uid}_BATCHKEYS"
+    results = client.publish_batch(
+        [(t, {"n": 1}), (t, {"n": 1}), {"type": t, "payload": {"n": 9}, "idempotency_key": f"k-{uid}"}]
+    )
+    assert [r.duplicate for r in results] == [False, False, False], "equal content, different keys: two facts"
+    keys = [r.idempotency_key for r in results]
+    assert keys[0] and keys[1] and keys[0] != keys[1] and keys[2] == f"k-{uid}"
+    again = client.publish_batch([{"type": t, "payload": {"n": 10}, "idempotency_key": f"k-{uid}"}])
+    assert again[0].duplicate and again[0].id == results[2].id and again[0].duplicate_by == "idempotency_key"
+    assert [e.idempotency_key for e in client.history(t)] == keys
 
 
 def test_bad_batch_item_fails_the_whole_batch(client: Client, uid: str) -> None:

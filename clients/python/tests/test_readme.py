@@ -19,7 +19,7 @@ from riftmesh import Client
 
 README = HERE.parent / "README.md"
 DEADLINE = 90.0
-TESTED = {"quickstart", "async", "publish", "history", "cluster", "blobs", "errors", "asyncclient"}
+TESTED = {"quickstart", "async", "publish", "history", "cluster", "blobs", "errors", "asyncclient", "spool"}
 
 
 def examples() -> Dict[str, str]:
@@ -150,6 +150,14 @@ def test_publish_example(readme_agent: Agent, tmp_path: Path) -> None:
     chain = [e.type for _, e in mesh.trace(promoted[0].id).events]
     assert chain == ["TRAINING_COMPLETED", "EVALUATION_COMPLETED", "MODEL_PROMOTED"]
     assert "EVALUATION_COMPLETED" in out
+
+
+def test_spool_example(readme_agent: Agent, tmp_path: Path) -> None:
+    out = run_script(readme_agent, "spool", tmp_path).splitlines()
+    assert out[0].startswith("published ")
+    assert out[1] == "FlushResult(sent=0, duplicates=0, rejected=0, pending=0, error=None)"
+    ev = Client(readme_agent.api).event(out[0].split()[1])
+    assert ev.type == "DAEMON_STATUS_CHANGED" and ev.idempotency_key
 
 
 def test_history_example(readme_agent: Agent, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from .errors import (
     RiftmeshError,
     RiftmeshTimeout,
     ServerError,
+    SpoolFull,
     Unavailable,
 )
 from .event_types import ALIASES, CATEGORIES, DESCRIPTIONS, DataEventType, EventType
@@ -47,9 +48,11 @@ from .models import (
     LockInfo,
     Member,
     Published,
+    Spooled,
     Trace,
 )
 from .patterns import TypePattern, normalize_pattern, normalize_type
+from .spool import FlushResult, Spool
 
 __version__ = "0.1.0"
 
@@ -70,6 +73,9 @@ __all__ = [
     "Lock",
     "Event",
     "Published",
+    "Spooled",
+    "Spool",
+    "FlushResult",
     "HistoryPage",
     "Batch",
     "ConsumerInfo",
@@ -97,4 +103,5 @@ __all__ = [
     "LockHeld",
     "LockLost",
     "BlobFetchError",
+    "SpoolFull",
 ]

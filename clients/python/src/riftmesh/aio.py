@@ -50,10 +50,15 @@ from .client import (
     _backlog_warning,
     _callable_name,
     _default_consumer,
-    _event_body,
+    _batch_bodies,
     _Group,
     _Outcome,
     _patterns,
+    _publish_body,
+    _Retry,
+    _flush_outcome,
+    _spool_for,
+    SPOOL_ON,
     _same_types,
     _since_param,
     _Start,
@@ -64,6 +69,7 @@ from .client import (
 from .errors import (
     AgentUnavailable,
     BlobFetchError,
+    ClientError,
     Conflict,
     LockHeld,
     LockLost,
@@ -86,9 +92,11 @@ from .models import (
     LockInfo,
     Member,
     Published,
+    Spooled,
     Trace,
 )
 from .patterns import TypeLike, TypePattern, type_name
+from .spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, FlushResult
 
 __all__ = ["AsyncClient", "AsyncLock", "ErrorCallback"]
 
@@ -161,6 +169,10 @@ class AsyncClient:
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         max_connections: int = 64,
+        retry_for: float = 10.0,
+        spool_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        spool_max_files: int = DEFAULT_MAX_FILES,
+        spool_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         host, port = resolve_address(api)
         self.address = format_address(host, port)
@@ -170,6 +182,8 @@ class AsyncClient:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.retry_for = retry_for
+        self.spool = _spool_for(spool_dir, spool_max_files, spool_max_bytes)
         self._http = AsyncTransport(host, port, timeout, max_connections)
         self._subs: List[Subscription] = []
         self._starts: Dict[str, _Start] = {}
@@ -235,30 +249,115 @@ class AsyncClient:
         correlation_id: Optional[str] = None,
         parent_id: Optional[str] = None,
         caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
     ) -> Published:
-        """Publish one event (as :meth:`Client.publish`); returns once it is on the agent's disk."""
-        body = _event_body(
-            type, payload, source=source, correlation_id=correlation_id, parent_id=parent_id, caused_by=caused_by
+        """Publish one event (as :meth:`Client.publish`: a new idempotency key per
+        call, retried with it for ``retry_for`` seconds while the agent is
+        unreachable or answers 503); returns once it is on the agent's disk."""
+        body, key = _publish_body(
+            type,
+            payload,
+            source=source,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            caused_by=caused_by,
+            idempotency_key=idempotency_key,
+            by_content=by_content,
         )
-        return Published.from_json(await self._http.request("POST", "/v1/events", body=body))
+        v = await self._post_retrying("/v1/events", body, key is not None, retry_for)
+        return Published.from_json(v, key)
 
     async def publish_batch(
-        self, events: Iterable[Union[Mapping[str, Any], Tuple[TypeLike, Any]]]
+        self,
+        events: Iterable[Union[Mapping[str, Any], Tuple[TypeLike, Any]]],
+        *,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
     ) -> List[Published]:
         """Publish many events in one request (as :meth:`Client.publish_batch`)."""
-        items: List[Dict[str, Any]] = []
-        for e in events:
-            if isinstance(e, Mapping):
-                kw = dict(e)
-                unknown = set(kw) - {"type", "payload", "source", "correlation_id", "parent_id", "caused_by"}
-                if unknown:
-                    raise TypeError(f"unknown event fields {sorted(unknown)}")
-                items.append(_event_body(kw.pop("type"), kw.pop("payload", None), **kw))
-            else:
-                t, p = e
-                items.append(_event_body(t, p))
-        v = await self._http.request("POST", "/v1/events/batch", body={"events": items})
-        return [Published.from_json(r) for r in v["results"]]
+        items, keys = _batch_bodies(events, by_content)
+        v = await self._post_retrying("/v1/events/batch", {"events": items}, not by_content, retry_for)
+        return [Published.from_json(r, k) for r, k in zip(v["results"], keys)]
+
+    async def _post_retrying(self, path: str, body: Dict[str, Any], keyed: bool, retry_for: Optional[float]) -> Any:
+        retry = _Retry(self.retry_for if retry_for is None else retry_for, keyed)
+        while True:
+            try:
+                return await self._http.request("POST", path, body=body)
+            except RiftmeshError as e:
+                wait = retry.wait_after(e)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+
+    # ================================================================ spool
+
+    async def publish_or_spool(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        retry_for: Optional[float] = None,
+    ) -> Union[Published, Spooled]:
+        """As :meth:`Client.publish_or_spool`: a :class:`Published`, or a
+        :class:`Spooled` when the agent did not take it within ``retry_for``
+        (the spool's file I/O runs in a worker thread)."""
+        body, key = _publish_body(
+            type,
+            payload,
+            source=source,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            caused_by=caused_by,
+            idempotency_key=idempotency_key,
+            by_content=False,
+        )
+        assert key is not None
+        sp = self.spool
+        if await asyncio.to_thread(sp.has_pending) and (await self.flush_spool()).error is not None:
+            return Spooled(key=key, path=str(await asyncio.to_thread(sp.put, body)), type=body["type"])
+        try:
+            v = await self._post_retrying("/v1/events", body, True, retry_for)
+        except SPOOL_ON as e:
+            path = await asyncio.to_thread(sp.put, body)
+            log.warning("the agent did not take a %s publish (%s); spooled as %s", body["type"], e, path)
+            return Spooled(key=key, path=str(path), type=body["type"])
+        return Published.from_json(v, key)
+
+    async def flush_spool(self) -> FlushResult:
+        """As :meth:`Client.flush_spool` (file I/O in a worker thread)."""
+        res = FlushResult()
+        sp = self.spool
+        await asyncio.to_thread(sp.clean_tmp)
+        for path in await asyncio.to_thread(sp.pending):
+            try:
+                body = await asyncio.to_thread(sp.load, path)
+            except FileNotFoundError:
+                continue  # another flusher sent it meanwhile
+            except (OSError, ValueError) as e:
+                await asyncio.to_thread(sp.reject, path, f"unreadable spool file: {e}")
+                res.rejected += 1
+                continue
+            try:
+                v = await self._http.request("POST", "/v1/events", body=body)
+            except ClientError as e:
+                await asyncio.to_thread(sp.reject, path, str(e))
+                res.rejected += 1
+                continue
+            except RiftmeshError as e:
+                res.error = e
+                break
+            await asyncio.to_thread(sp.done, path)
+            _flush_outcome(res, v)
+        res.pending = len(await asyncio.to_thread(sp.pending))
+        return res
 
     # ================================================================ history
 

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -41,10 +42,12 @@ from ._transport import Abort, Aborted, Transport, format_address, quote, resolv
 from .errors import (
     AgentUnavailable,
     BlobFetchError,
+    ClientError,
     NotFound,
     RiftmeshError,
     RiftmeshTimeout,
     ServerError,
+    Unavailable,
 )
 from .lock import Lock
 from .models import (
@@ -59,9 +62,11 @@ from .models import (
     LockInfo,
     Member,
     Published,
+    Spooled,
     Trace,
 )
 from .patterns import TypeLike, TypePattern, type_name
+from .spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, FlushResult, Spool, default_spool_dir
 
 __all__ = ["Client", "Handler", "TimeLike"]
 
@@ -205,6 +210,117 @@ def _event_body(
     return body
 
 
+# ------------------------------------------------------------ idempotency keys and retries
+
+# Errors after which a keyed publish is sent again: nothing answered, no answer
+# in time, or 503. The key makes a second copy of a publish that did land a
+# duplicate of the first.
+RETRYABLE = (AgentUnavailable, RiftmeshTimeout, Unavailable)
+# Backoff of those retries: doubling from the first delay up to the cap.
+RETRY_FIRST_DELAY = 0.05
+RETRY_MAX_DELAY = 2.0
+_EVENT_FIELDS = frozenset({"type", "payload", "source", "correlation_id", "parent_id", "caused_by", "idempotency_key"})
+
+
+def new_key() -> str:
+    """A fresh idempotency key (a random UUID, 32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def _with_key(body: Dict[str, Any], idempotency_key: Optional[str], by_content: bool) -> Optional[str]:
+    """Put the publish's key in ``body`` (a new one unless given); none with ``by_content``."""
+    if by_content:
+        if idempotency_key is not None:
+            raise ValueError("give idempotency_key= or by_content=True, not both")
+        return None
+    key = new_key() if idempotency_key is None else idempotency_key
+    if not isinstance(key, str):
+        raise TypeError(f"idempotency_key must be a str, not {type(key).__name__}")
+    body["idempotency_key"] = key
+    return key
+
+
+def _publish_body(
+    type: TypeLike,
+    payload: Any,
+    *,
+    source: Optional[str],
+    correlation_id: Optional[str],
+    parent_id: Optional[str],
+    caused_by: Optional[Event],
+    idempotency_key: Optional[str],
+    by_content: bool,
+) -> Tuple[Dict[str, Any], Optional[str]]:
+    body = _event_body(
+        type, payload, source=source, correlation_id=correlation_id, parent_id=parent_id, caused_by=caused_by
+    )
+    return body, _with_key(body, idempotency_key, by_content)
+
+
+def _batch_bodies(
+    events: Iterable[Union[Mapping[str, Any], Tuple[TypeLike, Any]]], by_content: bool
+) -> Tuple[List[Dict[str, Any]], List[Optional[str]]]:
+    """The request items of a batch and their keys (one new key per item)."""
+    items: List[Dict[str, Any]] = []
+    keys: List[Optional[str]] = []
+    for e in events:
+        if isinstance(e, Mapping):
+            kw = dict(e)
+            unknown = set(kw) - _EVENT_FIELDS
+            if unknown:
+                raise TypeError(f"unknown event fields {sorted(unknown)}")
+            key = kw.pop("idempotency_key", None)
+            body = _event_body(kw.pop("type"), kw.pop("payload", None), **kw)
+        else:
+            t, p = e
+            key = None
+            body = _event_body(t, p)
+        keys.append(_with_key(body, key, by_content))
+        items.append(body)
+    return items, keys
+
+
+# Errors after which publish_or_spool spools: the agent did not take the
+# publish (unreachable, no answer in time, 5xx) after its retries.
+SPOOL_ON = (AgentUnavailable, RiftmeshTimeout, ServerError)
+
+
+def _spool_for(spool_dir: Optional[Union[str, "os.PathLike[str]"]], max_files: int, max_bytes: int) -> Spool:
+    return Spool(spool_dir if spool_dir is not None else default_spool_dir(), max_files=max_files, max_bytes=max_bytes)
+
+
+def _flush_outcome(res: FlushResult, answer: Dict[str, Any]) -> None:
+    if answer.get("duplicate"):
+        res.duplicates += 1
+    else:
+        res.sent += 1
+
+
+class _Retry:
+    """When a keyed publish is sent again: after a :data:`RETRYABLE` error, for
+    ``retry_for`` seconds in all, waiting 0.05 s, 0.1 s, ... up to 2 s between tries."""
+
+    def __init__(self, retry_for: float, keyed: bool) -> None:
+        self.keyed = keyed
+        self.deadline = time.monotonic() + max(0.0, float(retry_for))
+        self.delay = RETRY_FIRST_DELAY
+        self.tries = 0
+
+    def wait_after(self, err: BaseException) -> Optional[float]:
+        """Seconds to wait before the next try, or ``None``: give up and raise ``err``."""
+        self.tries += 1
+        if not self.keyed or not isinstance(err, RETRYABLE):
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return None
+        d = min(self.delay, left)
+        self.delay = min(self.delay * 2.0, RETRY_MAX_DELAY)
+        if self.tries == 1:
+            log.info("publish failed (%s: %s); retrying with the same key for up to %.1f s", type(err).__name__, err, left)
+        return d
+
+
 @dataclass
 class Subscription:
     """One handler registered with :meth:`Client.subscribe`."""
@@ -335,6 +451,10 @@ class Client:
         max_attempts: int = 5,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
+        retry_for: float = 10.0,
+        spool_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        spool_max_files: int = DEFAULT_MAX_FILES,
+        spool_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         host, port = resolve_address(api)
         self.address = format_address(host, port)
@@ -344,6 +464,8 @@ class Client:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.retry_for = retry_for
+        self.spool = _spool_for(spool_dir, spool_max_files, spool_max_bytes)
         self._http = Transport(host, port, timeout)
         self._subs: List[Subscription] = []
         self._starts: Dict[str, _Start] = {}
@@ -403,6 +525,9 @@ class Client:
         correlation_id: Optional[str] = None,
         parent_id: Optional[str] = None,
         caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
     ) -> Published:
         """Publish one event; returns its id and whether it was a duplicate.
 
@@ -411,39 +536,132 @@ class Client:
         ``origin``). ``correlation_id`` and ``parent_id`` link events into a
         chain (:meth:`trace`); ``caused_by=event`` sets both from the event
         that caused this one. The call returns once the event is on disk.
+
+        Every call is a new fact: it sends a new idempotency key
+        (``idempotency_key=`` sets it; every publish of this type with that
+        key is one event). While the agent is unreachable, does not answer
+        in time or answers 503, the same request (same key) is sent again for
+        ``retry_for`` seconds (the client's default, 10 s; 0: never).
+        ``by_content=True`` sends no key: the same type and payload within the
+        agent's repeat window (30 s) is then a duplicate, and nothing is retried.
         """
-        body = _event_body(
+        body, key = _publish_body(
             type,
             payload,
             source=source,
             correlation_id=correlation_id,
             parent_id=parent_id,
             caused_by=caused_by,
+            idempotency_key=idempotency_key,
+            by_content=by_content,
         )
-        return Published.from_json(self._http.request("POST", "/v1/events", body=body))
+        v = self._post_retrying("/v1/events", body, key is not None, retry_for)
+        return Published.from_json(v, key)
 
     def publish_batch(
-        self, events: Iterable[Union[Mapping[str, Any], Tuple[TypeLike, Any]]]
+        self,
+        events: Iterable[Union[Mapping[str, Any], Tuple[TypeLike, Any]]],
+        *,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
     ) -> List[Published]:
         """Publish many events in one request (all validated before any is written).
 
         Each item is a ``(type, payload)`` pair or a mapping with the keyword
         arguments of :meth:`publish` (``type``, ``payload``, ``source``,
-        ``correlation_id``, ``parent_id``, ``caused_by``). Results are in order.
+        ``correlation_id``, ``parent_id``, ``caused_by``, ``idempotency_key``).
+        Results are in order. Each item gets its own new key (unless it
+        gives one, or ``by_content=True``), and the request is retried as
+        :meth:`publish` is.
         """
-        items: List[Dict[str, Any]] = []
-        for e in events:
-            if isinstance(e, Mapping):
-                kw = dict(e)
-                unknown = set(kw) - {"type", "payload", "source", "correlation_id", "parent_id", "caused_by"}
-                if unknown:
-                    raise TypeError(f"unknown event fields {sorted(unknown)}")
-                items.append(_event_body(kw.pop("type"), kw.pop("payload", None), **kw))
-            else:
-                t, p = e
-                items.append(_event_body(t, p))
-        v = self._http.request("POST", "/v1/events/batch", body={"events": items})
-        return [Published.from_json(r) for r in v["results"]]
+        items, keys = _batch_bodies(events, by_content)
+        v = self._post_retrying("/v1/events/batch", {"events": items}, not by_content, retry_for)
+        return [Published.from_json(r, k) for r, k in zip(v["results"], keys)]
+
+    def _post_retrying(self, path: str, body: Dict[str, Any], keyed: bool, retry_for: Optional[float]) -> Any:
+        retry = _Retry(self.retry_for if retry_for is None else retry_for, keyed)
+        while True:
+            try:
+                return self._http.request("POST", path, body=body)
+            except RiftmeshError as e:
+                wait = retry.wait_after(e)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+
+    # ================================================================ spool
+
+    def publish_or_spool(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        retry_for: Optional[float] = None,
+    ) -> Union[Published, Spooled]:
+        """:meth:`publish`, or, when the agent does not take it within
+        ``retry_for`` (unreachable, no answer, 5xx), a file in the local spool
+        (:attr:`spool`): returns a :class:`Published` or a :class:`Spooled`.
+        A 4xx answer raises as :meth:`publish` does; a full spool raises
+        :class:`~riftmesh.SpoolFull`. While older publishes wait in the spool,
+        they are flushed first (and if that fails this one is spooled behind
+        them at once), so events from one spool reach the agent in order.
+        """
+        body, key = _publish_body(
+            type,
+            payload,
+            source=source,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            caused_by=caused_by,
+            idempotency_key=idempotency_key,
+            by_content=False,
+        )
+        assert key is not None
+        if self.spool.has_pending() and self.flush_spool().error is not None:
+            return Spooled(key=key, path=str(self.spool.put(body)), type=body["type"])
+        try:
+            v = self._post_retrying("/v1/events", body, True, retry_for)
+        except SPOOL_ON as e:
+            path = self.spool.put(body)
+            log.warning("the agent did not take a %s publish (%s); spooled as %s", body["type"], e, path)
+            return Spooled(key=key, path=str(path), type=body["type"])
+        return Published.from_json(v, key)
+
+    def flush_spool(self) -> FlushResult:
+        """Send the spooled publishes, oldest first, each with its own key, and
+        delete each file once the agent answered it (new or duplicate). A 4xx
+        answer moves the file to ``rejected/``. Stops at the first error that
+        leaves the agent unable to take them (``FlushResult.error``)."""
+        res = FlushResult()
+        sp = self.spool
+        sp.clean_tmp()
+        for path in sp.pending():
+            try:
+                body = sp.load(path)
+            except FileNotFoundError:
+                continue  # another flusher sent it meanwhile
+            except (OSError, ValueError) as e:
+                sp.reject(path, f"unreadable spool file: {e}")
+                res.rejected += 1
+                continue
+            try:
+                v = self._http.request("POST", "/v1/events", body=body)
+            except ClientError as e:
+                sp.reject(path, str(e))
+                res.rejected += 1
+                continue
+            except RiftmeshError as e:
+                res.error = e
+                break
+            sp.done(path)
+            _flush_outcome(res, v)
+        res.pending = len(sp.pending())
+        return res
 
     # ================================================================ history
 

@@ -31,6 +31,7 @@ __all__ = [
     "LockHeld",
     "LockLost",
     "BlobFetchError",
+    "SpoolFull",
 ]
 
 
@@ -140,6 +141,17 @@ class BlobFetchError(RiftmeshError):
         self.ref = ref
         self.reason = reason
         super().__init__(f"fetching blob {ref!r} failed: {reason}")
+
+
+class SpoolFull(RiftmeshError):
+    """The local spool is at its bound: this publish was not kept (see riftmesh.spool)."""
+
+    def __init__(self, directory: str, files: int, size: int, max_files: int, max_bytes: int) -> None:
+        self.directory = directory
+        super().__init__(
+            f"the spool {directory} is full ({files} file(s), {size} bytes; at most {max_files} "
+            f"files, {max_bytes} bytes): the publish was not spooled"
+        )
 
 
 _BY_STATUS: Dict[int, Type[ApiError]] = {

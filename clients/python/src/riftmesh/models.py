@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 __all__ = [
     "Event",
     "Published",
+    "Spooled",
     "HistoryPage",
     "Batch",
     "ConsumerInfo",
@@ -54,6 +55,7 @@ class Event:
     parent_id: Optional[str]
     raw: Dict[str, Any] = field(repr=False, compare=False)
     attempt: int = field(default=1, compare=False)
+    idempotency_key: Optional[str] = None
 
     @classmethod
     def from_json(cls, v: Dict[str, Any]) -> "Event":
@@ -71,6 +73,7 @@ class Event:
             correlation_id=v.get("correlation_id"),
             parent_id=v.get("parent_id"),
             raw=v,
+            idempotency_key=v.get("idempotency_key"),
         )
 
     @property
@@ -98,7 +101,12 @@ class Published:
     """The answer to a publish: the event id, and whether it was a duplicate.
 
     For a duplicate, ``id`` and ``seq`` are those of the original event (``id``
-    is ``""`` if retention already removed it).
+    is ``""`` if retention already removed it), ``age_ms`` is how long before
+    the answer the original was published and ``duplicate_by`` says which
+    rule matched: ``"idempotency_key"`` (the same type and key) or
+    ``"content"`` (the same type and payload within the repeat window, for a
+    publish without a key). ``idempotency_key`` is the key this publish sent
+    (``None`` with ``by_content=True``).
     """
 
     id: str
@@ -106,16 +114,38 @@ class Published:
     hash: str
     seq: int
     type: str
+    age_ms: Optional[int] = None
+    duplicate_by: Optional[str] = None
+    idempotency_key: Optional[str] = None
 
     @classmethod
-    def from_json(cls, v: Dict[str, Any]) -> "Published":
+    def from_json(cls, v: Dict[str, Any], key: Optional[str] = None) -> "Published":
+        age = v.get("age_ms")
+        by = v.get("duplicate_by")
         return cls(
             id=str(v["id"]),
             duplicate=bool(v["duplicate"]),
             hash=str(v["hash"]),
             seq=int(v["seq"]),
             type=str(v["type"]),
+            age_ms=int(age) if age is not None else None,
+            duplicate_by=str(by) if by is not None else None,
+            idempotency_key=key,
         )
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A publish the agent could not take: it waits in the local spool.
+
+    ``key`` is its idempotency key (the spool sends it again with that key,
+    so it becomes one event however often it is sent) and ``path`` the file
+    holding it until :meth:`Client.flush_spool` has handed it to the agent.
+    """
+
+    key: str
+    path: str
+    type: str
 
 
 @dataclass

@@ -30,14 +30,14 @@ import inspect
 import logging
 import os
 import re
-import sys
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Union
 
 from .aio import AsyncClient, ErrorCallback
 from .client import _CONSUMER_NAME, Subscription, TimeLike, _callable_name, _Group, _since_param, _Start
 from .event_types import DataEventType
 from .models import Event, HandlerFailure, Published
+from .spool import FlushResult, Spool, default_spool_dir, service_name
 from .patterns import TypeLike, TypePattern, normalize_pattern
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "set_router",
     "reset_router",
     "publish",
+    "fire_and_forget",
     "subscribe",
 ]
 
@@ -119,13 +120,7 @@ class RouterEvent(Dict[str, Any]):
         )
 
 
-def _service_name() -> str:
-    """``RIFTMESH_SERVICE``, else the script's name (the seeds run one daemon per script)."""
-    env = os.environ.get("RIFTMESH_SERVICE")
-    if env:
-        return env
-    script = os.path.splitext(os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else ""))[0]
-    return script if script and script not in ("-c", "-m") else "main"
+_service_name = service_name
 
 
 def _consumer_name(service: str, pattern: str, n: int) -> str:
@@ -235,7 +230,12 @@ class Router:
     name. ``api`` is the agent's address (default ``RIFTMESH_API``, else
     127.0.0.1:7411); or pass a ``client``. ``max_attempts``, ``backoff`` and
     ``max_backoff`` are the retry defaults of the handlers. ``recent`` is how
-    many events :meth:`get_recent_events` keeps.
+    many events :meth:`get_recent_events` keeps. ``spool_dir`` is where
+    :meth:`fire_and_forget` keeps what the agent could not take (default
+    ``RIFTMESH_SPOOL``, else ``$XDG_STATE_HOME/riftmesh/spool/<name>``; with
+    a ``client`` and no ``spool_dir``, the client's spool), and
+    every ``flush_interval`` seconds while the router runs those files are
+    sent again.
 
     Subscriptions start as soon as an event loop runs: at once when
     :meth:`subscribe` is called on one, else at the router's first ``await``
@@ -252,9 +252,24 @@ class Router:
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         recent: int = 1000,
+        spool_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        flush_interval: float = 5.0,
     ) -> None:
         self.name = name if name is not None else _service_name()
         self.client = client if client is not None else AsyncClient(api)
+        if spool_dir is not None or client is None:
+            c = self.client
+            c.spool = Spool(
+                spool_dir if spool_dir is not None else default_spool_dir(self.name),
+                max_files=c.spool.max_files,
+                max_bytes=c.spool.max_bytes,
+            )
+        self.flush_interval = flush_interval
+        # fire_and_forget calls that raised inside their task (logged; the spool was full, a 4xx ...).
+        self.fire_errors = 0
+        self._fires: Set["asyncio.Task[None]"] = set()
+        self._flusher: Optional["asyncio.Task[None]"] = None
+        self._kick: Optional[asyncio.Event] = None
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -407,17 +422,59 @@ class Router:
     # ------------------------------------------------------------ run
 
     async def start(self) -> None:
-        """Start every subscription not running yet and wait until their consumers exist."""
+        """Start every subscription not running yet and wait until their consumers exist;
+        send what waits in the spool and keep flushing it in the background."""
         for s in self._subs:
             if not s.running and s.error is None:
                 s._start()
+        await self.flush_spool()
+        self._ensure_flusher()
         for s in self._subs:
             await s.ready()
 
     async def stop(self) -> None:
-        """Stop every subscription (running handlers finish first) and close idle connections."""
+        """Stop every subscription (running handlers finish first), wait for the
+        :meth:`fire_and_forget` publishes under way (each sent or spooled), stop
+        the background flush and close idle connections."""
         await asyncio.gather(*(s.stop() for s in self._subs), return_exceptions=True)
+        if self._fires:
+            await asyncio.gather(*list(self._fires), return_exceptions=True)
+        f, self._flusher = self._flusher, None
+        if f is not None:
+            f.cancel()
+            await asyncio.gather(f, return_exceptions=True)
         await self.client.aclose()
+
+    # ------------------------------------------------------------ spool
+
+    async def flush_spool(self) -> FlushResult:
+        """Send what waits in the spool now (:meth:`AsyncClient.flush_spool`); errors are logged."""
+        try:
+            r = await self.client.flush_spool()
+        except Exception as e:  # noqa: BLE001 - the background flush must go on
+            log.error("flushing the spool %s failed: %s: %s", self.client.spool.directory, type(e).__name__, e)
+            return FlushResult(error=e)
+        if r.sent or r.duplicates or r.rejected:
+            log.info(
+                "spool %s: %d sent, %d already there, %d rejected, %d left",
+                self.client.spool.directory, r.sent, r.duplicates, r.rejected, r.pending,
+            )
+        return r
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            return
+        self._kick = asyncio.Event()
+        self._flusher = asyncio.ensure_future(self._flush_loop(self._kick))
+
+    async def _flush_loop(self, kick: asyncio.Event) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(kick.wait(), self.flush_interval)
+            except asyncio.TimeoutError:
+                pass
+            kick.clear()
+            await self.flush_spool()
 
     async def wait(self) -> None:
         """Run until :meth:`stop` or cancellation (for a daemon's main coroutine)."""
@@ -434,23 +491,29 @@ class Router:
         *,
         correlation_id: Optional[str] = None,
         parent_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
     ) -> Published:
         """Publish an event through the agent (to every subscriber on every host);
         returns once it is on the agent's disk. ``source`` names the publishing
         component (the router's name if not given). Subscriptions of this
         router are started first and their consumers exist before the event
-        is written, so they get it."""
-        for s in self._subs:
-            if not s.running and s.error is None:
-                s._start()
-        for s in self._subs:
-            try:
-                await asyncio.wait_for(s._wait_ready(), self.client.timeout)
-            except asyncio.TimeoutError:
-                log.warning("consumer %s is not created yet (is the agent up?); publishing anyway", s.consumer)
+        is written, so they get it. Every call is a new fact with its own
+        idempotency key, retried as :meth:`AsyncClient.publish` retries
+        (``idempotency_key=``, ``by_content=``, ``retry_for=`` as there)."""
+        await self._subscriptions_ready(self.client.timeout)
+        self._ensure_flusher()
         src = source if source is not None else self.name
         r = await self.client.publish(
-            event_type, payload, source=src, correlation_id=correlation_id, parent_id=parent_id
+            event_type,
+            payload,
+            source=src,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            idempotency_key=idempotency_key,
+            by_content=by_content,
+            retry_for=retry_for,
         )
         self._remember(
             RouterEvent.build(
@@ -459,6 +522,95 @@ class Router:
             )
         )
         return r
+
+
+    async def _subscriptions_ready(self, timeout: float, quiet: bool = False) -> None:
+        for s in self._subs:
+            if not s.running and s.error is None:
+                s._start()
+        for s in self._subs:
+            try:
+                await asyncio.wait_for(s._wait_ready(), timeout)
+            except asyncio.TimeoutError:
+                if not quiet:
+                    log.warning("consumer %s is not created yet (is the agent up?); publishing anyway", s.consumer)
+
+    def fire_and_forget(
+        self,
+        event_type: TypeLike,
+        payload: Any = None,
+        source: Optional[str] = None,
+        *,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> "Optional[asyncio.Task[None]]":
+        """Publish without waiting and without ever raising: the publish runs as a
+        task on the running loop (returned, for whoever wants to await it). If
+        the agent does not take it at once (unreachable, no answer, 5xx), it
+        goes to the local spool with its idempotency key, and the router's
+        background flush sends it when the agent is back (one event however
+        often it is sent). Errors (a full spool, a 4xx answer) are logged on
+        the ``riftmesh`` logger and counted in :attr:`fire_errors`.
+
+        Without a running loop the publish is made here, in this thread
+        (``Client.publish_or_spool`` with no retries), and ``None`` is returned."""
+        src = source if source is not None else self.name
+        kw: Dict[str, Any] = dict(
+            source=src, correlation_id=correlation_id, parent_id=parent_id, idempotency_key=idempotency_key
+        )
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._fire_blocking(event_type, payload, kw)
+            return None
+        self._ensure_flusher()
+        task = asyncio.ensure_future(self._fire(event_type, payload, kw))
+        self._fires.add(task)
+        task.add_done_callback(self._fires.discard)
+        return task
+
+    async def _fire(self, event_type: TypeLike, payload: Any, kw: Dict[str, Any]) -> None:
+        try:
+            # Its own subscriptions first (a process gets what it publishes), but
+            # not for long: an agent that is down means the spool.
+            await self._subscriptions_ready(min(2.0, self.client.timeout), quiet=True)
+            r = await self.client.publish_or_spool(event_type, payload, retry_for=0, **kw)
+        except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
+            self.fire_errors += 1
+            log.error("fire_and_forget %s failed: %s: %s", type_name_of(event_type), type(e).__name__, e)
+            return
+        if isinstance(r, Published):
+            self._remember(
+                RouterEvent.build(
+                    type=r.type, payload=payload if payload is not None else {}, source=kw["source"], node=None,
+                    timestamp=time.time(), event_id=r.id,
+                )
+            )
+
+    def _fire_blocking(self, event_type: TypeLike, payload: Any, kw: Dict[str, Any]) -> None:
+        from .client import Client
+
+        c = Client(
+            self.client.address,
+            timeout=self.client.timeout,
+            retry_for=0,
+            spool_dir=self.client.spool.directory,
+            spool_max_files=self.client.spool.max_files,
+            spool_max_bytes=self.client.spool.max_bytes,
+        )
+        try:
+            c.publish_or_spool(event_type, payload, **kw)
+        except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
+            self.fire_errors += 1
+            log.error("fire_and_forget %s failed: %s: %s", type_name_of(event_type), type(e).__name__, e)
+
+
+def type_name_of(t: TypeLike) -> str:
+    try:
+        return normalize_pattern(t)
+    except Exception:  # noqa: BLE001 - only for a log line
+        return repr(t)
 
 
 _router: Optional[Router] = None
@@ -491,11 +643,29 @@ async def publish(
     *,
     correlation_id: Optional[str] = None,
     parent_id: Optional[str] = None,
+    idempotency_key: Optional[str] = None,
+    by_content: bool = False,
+    retry_for: Optional[float] = None,
 ) -> Published:
     """``await publish(DataEventType.X, payload={...}, source="component")`` on :func:`get_router`."""
     return await get_router().publish(
-        event_type, payload, source, correlation_id=correlation_id, parent_id=parent_id
+        event_type,
+        payload,
+        source,
+        correlation_id=correlation_id,
+        parent_id=parent_id,
+        idempotency_key=idempotency_key,
+        by_content=by_content,
+        retry_for=retry_for,
     )
+
+
+def fire_and_forget(
+    event_type: TypeLike, payload: Any = None, source: Optional[str] = None, **kw: Any
+) -> "Optional[asyncio.Task[None]]":
+    """``fire_and_forget(DataEventType.X, payload={...}, source="component")`` on
+    :func:`get_router`: never raises; spools what the agent cannot take now."""
+    return get_router().fire_and_forget(event_type, payload, source, **kw)
 
 
 def subscribe(event_type: TypeLike, handler: Optional[RouterHandler] = None, **kw: Any) -> Any:

@@ -1,0 +1,258 @@
+"""A local spool of publishes the agent could not take yet.
+
+``Client.publish_or_spool`` (and ``AsyncClient.publish_or_spool``, the
+router's ``fire_and_forget``) write a publish the agent did not take, with its
+idempotency key, to a file of its own in the spool directory;
+``flush_spool`` sends the files again, oldest first, each with its own key,
+and deletes a file once the agent has answered it (a new event or a
+duplicate: either way the event is on the agent's disk). Because the key
+goes with the file, sending a file twice (two flushers, a crash between the
+answer and the delete) is one event.
+
+One file per publish, written atomically: a temporary file, fsync, rename,
+fsync of the directory, so a file in the spool is always whole. A file the
+agent refuses with a 4xx answer (a bad type name, too large) can never be
+sent: it is moved to ``rejected/`` with a ``.reason`` file beside it and
+logged, never sent again. The spool is bounded (``max_files``,
+``max_bytes``): beyond the bound a new publish is **refused**
+(:class:`~riftmesh.errors.SpoolFull`, counted in ``Spool.refused``) and what
+is spooled stays as it was. The oldest files are the facts that have waited
+longest and a consumer reads them in order; dropping them would leave a hole
+in the middle of the history, where refusing the newest leaves an unbroken
+prefix and tells the caller at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from .errors import SpoolFull
+
+__all__ = [
+    "Spool",
+    "FlushResult",
+    "SpoolFull",
+    "default_spool_dir",
+    "service_name",
+    "DEFAULT_MAX_FILES",
+    "DEFAULT_MAX_BYTES",
+]
+
+log = logging.getLogger("riftmesh")
+
+DEFAULT_MAX_FILES = 10_000
+DEFAULT_MAX_BYTES = 64 << 20
+REJECTED = "rejected"
+# A temporary file this old is left over from a crash mid-write.
+_STALE_TMP_SECS = 600.0
+_FORMAT = 1
+
+
+def service_name() -> str:
+    """``RIFTMESH_SERVICE``, else the script's name (the seeds run one daemon per script)."""
+    env = os.environ.get("RIFTMESH_SERVICE")
+    if env:
+        return env
+    script = os.path.splitext(os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else ""))[0]
+    return script if script and script not in ("-c", "-m") else "main"
+
+
+def default_spool_dir(service: Optional[str] = None) -> Path:
+    """``RIFTMESH_SPOOL``, else ``$XDG_STATE_HOME/riftmesh/spool/<service>``
+    (``~/.local/state/...`` without ``XDG_STATE_HOME``); ``service`` defaults to
+    :func:`service_name`."""
+    env = os.environ.get("RIFTMESH_SPOOL")
+    if env:
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in (service or service_name())) or "main"
+    return Path(state) / "riftmesh" / "spool" / name
+
+
+@dataclass
+class FlushResult:
+    """What one :meth:`Client.flush_spool` did.
+
+    ``sent`` files were new events, ``duplicates`` were already on the agent
+    (sent before, by this or another flusher), ``rejected`` were refused with
+    a 4xx answer and moved to ``rejected/``; ``pending`` files are left.
+    ``error`` is what stopped the flush early (the agent unreachable, 5xx),
+    else ``None``.
+    """
+
+    sent: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    pending: int = 0
+    error: Optional[BaseException] = None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The spool directory of one service (see the module's text)."""
+
+    def __init__(
+        self,
+        directory: Union[str, "os.PathLike[str]"],
+        *,
+        max_files: int = DEFAULT_MAX_FILES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.directory = Path(directory)
+        self.rejected_dir = self.directory / REJECTED
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        # Publishes refused because the spool was full (this process).
+        self.refused = 0
+        # Files moved to rejected/ (this process).
+        self.rejected = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<riftmesh.Spool {self.directory}>"
+
+    # ---------------------------------------------------------- files
+
+    def pending(self) -> List[Path]:
+        """The spooled files, oldest first."""
+        try:
+            names = [
+                e.name
+                for e in os.scandir(self.directory)
+                if e.name.endswith(".json") and not e.name.startswith(".") and e.is_file()
+            ]
+        except FileNotFoundError:
+            return []
+        return [self.directory / n for n in sorted(names)]
+
+    def has_pending(self) -> bool:
+        try:
+            with os.scandir(self.directory) as it:
+                return any(e.name.endswith(".json") and not e.name.startswith(".") for e in it)
+        except FileNotFoundError:
+            return False
+
+    def usage(self) -> Tuple[int, int]:
+        """``(files, bytes)`` pending."""
+        files = size = 0
+        for p in self.pending():
+            try:
+                size += p.stat().st_size
+                files += 1
+            except FileNotFoundError:
+                pass
+        return files, size
+
+    def put(self, body: Dict[str, Any]) -> Path:
+        """Write one publish request (with its ``idempotency_key``) atomically; its path.
+
+        Raises :class:`SpoolFull` when it would go beyond ``max_files`` or ``max_bytes``."""
+        key = body.get("idempotency_key")
+        if not isinstance(key, str) or not key:
+            raise ValueError("only a publish with an idempotency key can be spooled")
+        data = json.dumps(
+            {"format": _FORMAT, "spooled_ms": int(time.time() * 1000), "body": body},
+            separators=(",", ":"),
+            allow_nan=False,
+        ).encode("utf-8")
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        with self._lock:
+            files, size = self.usage()
+            if files + 1 > self.max_files or size + len(data) > self.max_bytes:
+                self.refused += 1
+                raise SpoolFull(str(self.directory), files, size, self.max_files, self.max_bytes)
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Names sort by time: a flush sends the oldest first.
+            name = f"{time.time_ns():020d}-{os.getpid()}-{digest}.json"
+            tmp = self.directory / f".tmp-{name}"
+            final = self.directory / name
+            fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+        return final
+
+    def load(self, path: Path) -> Dict[str, Any]:
+        """The request body in a spooled file (``ValueError`` if it is not one;
+        ``FileNotFoundError`` if another flusher took it meanwhile)."""
+        raw = path.read_bytes()
+        try:
+            v = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"not JSON: {e}") from None
+        body = v.get("body") if isinstance(v, dict) else None
+        if not isinstance(body, dict) or not isinstance(body.get("type"), str) or not body.get("idempotency_key"):
+            raise ValueError("not a spooled publish (no body with a type and an idempotency_key)")
+        return body
+
+    def done(self, path: Path) -> None:
+        """The agent has it: forget the file (a lost delete only means a duplicate later)."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def reject(self, path: Path, reason: str) -> None:
+        """Move a file the agent will never take to ``rejected/``, with its reason beside it."""
+        self.rejected_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dest = self.rejected_dir / path.name
+        try:
+            os.replace(path, dest)
+        except FileNotFoundError:
+            return
+        try:
+            (self.rejected_dir / (path.name + ".reason")).write_text(reason + "\n", encoding="utf-8")
+        except OSError:
+            pass
+        _fsync_dir(self.rejected_dir)
+        self.rejected += 1
+        log.error("spooled publish %s was refused by the agent and moved to %s: %s", path.name, dest, reason)
+
+    def clean_tmp(self) -> None:
+        """Remove temporary files left by a crash mid-write."""
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return
+        now = time.time()
+        for e in entries:
+            if e.name.startswith(".tmp-"):
+                try:
+                    if now - e.stat().st_mtime > _STALE_TMP_SECS:
+                        os.unlink(e.path)
+                except OSError:
+                    pass
