@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import riftmesh
-from harness import HERE
+from harness import HERE, wait_until
 from riftmesh import ALIASES, CATEGORIES, Client, EventType, normalize_type
 
 GENERATOR = HERE.parent / "src" / "riftmesh" / "_generate_types.py"
@@ -49,3 +49,32 @@ def test_enum_names_and_aliases_agree_with_the_agent(client: Client) -> None:
     spellings = [a.lower().replace("_", ".") for a in ALIASES] + [e.value.lower() for e in EventType]
     info = client.create_consumer("enum-check", spellings)
     assert info.types == [normalize_type(s) for s in spellings]
+
+
+def test_cluster_patterns_match_through_aliases_as_the_agent_does(client: Client) -> None:
+    from riftmesh.patterns import TypePattern
+
+    p = TypePattern("cluster.*")
+    for name in CATEGORIES["cluster"]:
+        assert p.matches(name), name
+    assert not p.matches("TRAINING_COMPLETED")
+    assert normalize_type("cluster.node_joined") == "HOST_ONLINE"
+    # The agent's own HOST_ONLINE is matched by cluster.* there too.
+    evs = wait_until(
+        "the agent's HOST_ONLINE under cluster.*",
+        lambda: [e for e in client.latest("cluster.*", 50) if e.type == "HOST_ONLINE"] or None,
+        30,
+    )
+    assert all(p.matches(e.type) for e in evs)
+
+
+def test_latest_gives_the_newest_matches_oldest_first(client: Client, uid: str) -> None:
+    t = f"CUSTOM_LATEST_{uid}".upper().replace("-", "_")
+    for n in range(5):
+        client.publish(t, {"n": n})
+        client.publish(f"{t}_NOISE", {"n": n})
+    for n in range(20):
+        client.publish(f"{t}_NOISE", {"n": n + 5})
+    got = [e.payload["n"] for e in client.latest(t, 3)]
+    assert got == [2, 3, 4]
+    assert [e.payload["n"] for e in client.latest(t, 10)] == [0, 1, 2, 3, 4]

@@ -53,6 +53,7 @@ from .client import (
     _batch_bodies,
     _Group,
     _Outcome,
+    _latest_query,
     _patterns,
     _publish_body,
     _Retry,
@@ -392,6 +393,18 @@ class AsyncClient:
         return HistoryPage(
             events=[Event.from_json(e) for e in v["events"]], next_after=int(v["next_after"]), head=int(v["head"])
         )
+
+    async def latest(self, types: Optional[Union[TypeLike, Iterable[TypeLike]]] = None, n: int = 10) -> List[Event]:
+        """The newest ``n`` retained events matching ``types``, oldest first (as :meth:`Client.latest`)."""
+        out: List[Event] = []
+        before: Optional[int] = None
+        while len(out) < n:
+            v = await self._http.request("GET", "/v1/events", query=_latest_query(types, n - len(out), before))
+            out.extend(Event.from_json(e) for e in v["events"])
+            if v.get("done", True):
+                break
+            before = int(v["next_before"])
+        return out[:n][::-1]
 
     async def history(
         self,

@@ -321,6 +321,20 @@ class _Retry:
         return d
 
 
+def _latest_query(
+    types: Optional[Union[TypeLike, Iterable[TypeLike]]], limit: int, before: Optional[int]
+) -> Dict[str, Any]:
+    """The query of one newest-first history page (``latest``)."""
+    q: Dict[str, Any] = {"order": "desc", "limit": max(1, min(limit, 1000))}
+    if types is not None:
+        pats = _patterns([types])
+        if pats:
+            q["types"] = ",".join(pats)
+    if before is not None:
+        q["before"] = before
+    return q
+
+
 @dataclass
 class Subscription:
     """One handler registered with :meth:`Client.subscribe`."""
@@ -701,6 +715,19 @@ class Client:
             next_after=int(v["next_after"]),
             head=int(v["head"]),
         )
+
+    def latest(self, types: Optional[Union[TypeLike, Iterable[TypeLike]]] = None, n: int = 10) -> List[Event]:
+        """The newest ``n`` retained events matching ``types``, oldest first
+        (``GET /v1/events?order=desc``, paged back until ``n`` or the oldest)."""
+        out: List[Event] = []
+        before: Optional[int] = None
+        while len(out) < n:
+            v = self._http.request("GET", "/v1/events", query=_latest_query(types, n - len(out), before))
+            out.extend(Event.from_json(e) for e in v["events"])
+            if v.get("done", True):
+                break
+            before = int(v["next_before"])
+        return out[:n][::-1]
 
     def history(
         self,

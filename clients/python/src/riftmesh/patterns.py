@@ -82,9 +82,15 @@ class TypePattern:
             ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in self.text
         )
         self._re: Pattern[str] = re.compile(body, re.DOTALL)
+        # Catalog names matched through one of their aliases (``cluster.*``
+        # matches HOST_ONLINE, alias CLUSTER_NODE_JOINED), as the agent does.
+        self._by_alias = frozenset(
+            name for alias, name in ALIASES.items()
+            if self._re.fullmatch(alias) is not None and self._re.fullmatch(name) is None
+        )
 
     def matches(self, canonical: str) -> bool:
-        return self._re.fullmatch(canonical) is not None
+        return self._re.fullmatch(canonical) is not None or canonical in self._by_alias
 
     def __repr__(self) -> str:
         return f"TypePattern({self.text!r})"
