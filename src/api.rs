@@ -201,6 +201,10 @@ pub struct PublishResp {
     /// For a duplicate: "idempotency_key" or "content".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate_by: Option<String>,
+    /// Accepted, but probably not what was meant (a MODEL_PROMOTED without
+    /// a blob reference: nothing will be transferred).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -351,7 +355,9 @@ pub fn parse_since(s: &str) -> Result<u64, String> {
     Err(format!("since {s:?}: write an RFC 3339 time (2026-11-23T10:00:00Z), milliseconds since the epoch, or a duration ago (10m)"))
 }
 
-fn draft(r: PublishReq, cfg: &crate::config::AgentConfig) -> ApiResult<Draft> {
+/// A checked draft, and the warning its answer carries if any.
+fn draft(r: PublishReq, node: &Node) -> ApiResult<(Draft, Option<String>)> {
+    let cfg = &node.cfg;
     let payload = r.payload.unwrap_or_else(|| json!({}));
     let d = Draft::new(
         &r.event_type,
@@ -369,7 +375,15 @@ fn draft(r: PublishReq, cfg: &crate::config::AgentConfig) -> ApiResult<Draft> {
         &cfg.custom_types,
     )
     .map_err(ApiError::bad)?;
-    Ok(d)
+    let warning =
+        crate::blob::check_naming_payload(&d.event_type, &payload).map_err(ApiError::bad)?;
+    if warning.is_some() {
+        node.metrics
+            .naming_without_blob
+            .get_or_create(&label("type", d.event_type.clone()))
+            .inc();
+    }
+    Ok((d, warning))
 }
 
 fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishResp {
@@ -382,6 +396,7 @@ fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishRe
             duplicate: false,
             age_ms: None,
             duplicate_by: None,
+            warning: None,
         },
         Appended::Duplicate {
             seq,
@@ -403,6 +418,7 @@ fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishRe
                 }
                 .into(),
             ),
+            warning: None,
         },
         // Only peers' envelopes can be held already; kept for completeness.
         Appended::Held => PublishResp {
@@ -413,6 +429,7 @@ fn publish_resp(a: &Appended, event_type: &str, hash: &event::Hash) -> PublishRe
             duplicate: true,
             age_ms: None,
             duplicate_by: None,
+            warning: None,
         },
     }
 }
@@ -438,10 +455,12 @@ async fn publish(
             _ => req.idempotency_key = Some(h.to_string()),
         }
     }
-    let d = draft(req, &node.cfg)?;
+    let (d, warning) = draft(req, &node)?;
     let (t, h) = (d.event_type.clone(), d.hash);
     let out = node.publish(vec![d]).await?;
-    Ok(Json(publish_resp(&out[0], &t, &h)))
+    let mut resp = publish_resp(&out[0], &t, &h);
+    resp.warning = warning;
+    Ok(Json(resp))
 }
 
 async fn publish_batch(
@@ -467,9 +486,10 @@ async fn publish_batch(
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            draft(r, &node.cfg).map_err(|e| ApiError::bad(format!("events[{i}]: {}", e.message)))
+            draft(r, &node).map_err(|e| ApiError::bad(format!("events[{i}]: {}", e.message)))
         })
         .collect::<ApiResult<Vec<_>>>()?;
+    let (drafts, warnings): (Vec<Draft>, Vec<Option<String>>) = drafts.into_iter().unzip();
     let keys: Vec<(String, event::Hash)> = drafts
         .iter()
         .map(|d| (d.event_type.clone(), d.hash))
@@ -478,7 +498,11 @@ async fn publish_batch(
     let results: Vec<PublishResp> = out
         .iter()
         .zip(&keys)
-        .map(|(a, (t, h))| publish_resp(a, t, h))
+        .zip(warnings)
+        .map(|((a, (t, h)), w)| PublishResp {
+            warning: w,
+            ..publish_resp(a, t, h)
+        })
         .collect();
     Ok(Json(json!({ "results": results })))
 }

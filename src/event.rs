@@ -954,8 +954,14 @@ mod tests {
     /// events, and a pattern matches a name through its aliases.
     #[test]
     fn cluster_patterns_match_the_agents_cluster_events_through_aliases() {
-        assert_eq!(normalize_type("cluster.node_joined").unwrap(), "HOST_ONLINE");
-        assert_eq!(normalize_type("cluster.leader_elected").unwrap(), "LEADER_ELECTED");
+        assert_eq!(
+            normalize_type("cluster.node_joined").unwrap(),
+            "HOST_ONLINE"
+        );
+        assert_eq!(
+            normalize_type("cluster.leader_elected").unwrap(),
+            "LEADER_ELECTED"
+        );
         let p = TypePattern::parse("cluster.*").unwrap();
         for t in CATALOG.iter().filter(|t| t.category == "cluster") {
             assert!(p.matches(t.name), "{}", t.name);

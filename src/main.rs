@@ -945,6 +945,9 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             let r: api::PublishResp = api::decode(answer)?;
+            if let Some(w) = &r.warning {
+                eprintln!("riftmesh: warning: {w}");
+            }
             if cli.json {
                 print_json(&r)?;
             } else if r.duplicate {

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub events_published: Counter,
     pub events_received: Family<Labels, Counter>,
     pub events_duplicate: Family<Labels, Counter>,
+    pub naming_without_blob: Family<Labels, Counter>,
     pub events_rejected: Family<Labels, Counter>,
     pub inbound_dropped: Family<Labels, Counter>,
     pub rate_limited: Family<Labels, Counter>,
@@ -94,6 +95,7 @@ impl Metrics {
             events_published: Counter::default(),
             events_received: Family::default(),
             events_duplicate: Family::default(),
+            naming_without_blob: Family::default(),
             events_rejected: Family::default(),
             inbound_dropped: Family::default(),
             rate_limited: Family::default(),
@@ -184,8 +186,13 @@ impl Metrics {
             m.connections_refused.clone(),
         );
         r.register(
+            "naming_events_without_blob",
+            "Local publishes of a naming type (MODEL_PROMOTED, GAME_BATCH_READY, BLOB_PUBLISHED) with no blob reference: accepted as plain events, nothing transferred, by type",
+            m.naming_without_blob.clone(),
+        );
+        r.register(
             "consumer_lag",
-            "Log entries after a durable consumer's acknowledged cursor",
+            "Events after a durable consumer's acknowledged cursor that it matches (counted through at most 20,000 log entries)",
             m.consumer_lag.clone(),
         );
         r.register(

@@ -569,3 +569,66 @@ async fn history_and_consumers_answer_the_seeds_questions() {
         "the follower exited with the agent"
     );
 }
+
+/// The seeds publish `MODEL_PROMOTED {"model_id": …}` with no blob
+/// reference: still a plain event, but the answer says nothing will be
+/// transferred, and a counter counts it; a malformed blob reference is
+/// refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_naming_event_without_a_blob_says_so_and_a_malformed_one_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let key = root.join("swarm.key");
+    keygen(&key);
+    let a = Agent::start(root, "a", &key, &[]).await;
+    let r = a
+        .publish(
+            "MODEL_PROMOTED",
+            serde_json::json!({"model_id": "v3", "elo": 1850}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["duplicate"], false, "{r}");
+    assert!(
+        r["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("no blob reference") && w.contains("blob add")),
+        "{r}"
+    );
+    assert_eq!(
+        a.metric(r#"riftmesh_naming_events_without_blob_total{type="MODEL_PROMOTED"}"#)
+            .await,
+        1.0
+    );
+    let (ok, _, err) = cli(
+        &a,
+        &[
+            "publish",
+            "GAME_BATCH_READY",
+            "--payload",
+            r#"{"games": 12}"#,
+        ],
+    );
+    assert!(
+        ok && err.contains("warning") && err.contains("GAME_BATCH_READY"),
+        "{err}"
+    );
+    // A blob reference that is malformed: 400 naming the field.
+    let (status, body) = a
+        .send(
+            reqwest::Method::POST,
+            "/v1/events",
+            &serde_json::json!({"type": "MODEL_PROMOTED", "payload": {
+                "name": "models/hex8_2p", "blob": "zz", "size": 1, "root": "00"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("blob"), "{body}");
+    // Other types are untouched.
+    let r = a
+        .publish("TRAINING_COMPLETED", serde_json::json!({"model_id": "v3"}))
+        .await
+        .unwrap();
+    assert!(r.get("warning").is_none(), "{r}");
+}

@@ -53,6 +53,39 @@ pub struct Naming {
     pub named_ms: Option<u64>,
 }
 
+/// What a local publish of `event_type` with `payload` means to blob
+/// transfer: `Ok(None)` a naming event (or not a naming type), `Ok(Some(w))`
+/// a naming type without a blob reference (no `blob` field: a plain event;
+/// nothing will be transferred: `w` says so), `Err` a blob reference that
+/// is malformed (naming the field, with an example).
+pub fn check_naming_payload(
+    event_type: &str,
+    payload: &serde_json::Value,
+) -> Result<Option<String>, String> {
+    if !NAMING_TYPES.contains(&event_type) {
+        return Ok(None);
+    }
+    let refers = payload.as_object().is_some_and(|o| o.contains_key("blob"));
+    if !refers {
+        return Ok(Some(format!(
+            "{event_type} carries no blob reference (name, blob, size, root): it is delivered as a plain event and nothing is transferred; to distribute a file, use `riftmesh blob add FILE --name NAME --event {event_type}` (or POST /v1/blobs/upload)"
+        )));
+    }
+    let example =
+        r#"{"name": "models/hex8_2p", "blob": "<64 hex>", "size": 1048576, "root": "<64 hex>"}"#;
+    let n: Naming = serde_json::from_value(payload.clone())
+        .map_err(|e| format!("{event_type} blob reference: {e}; expected e.g. {example}"))?;
+    for (field, v) in [("blob", &n.blob), ("root", &n.root)] {
+        if parse_id(v).is_none() {
+            return Err(format!(
+                "{event_type} blob reference: {field} {v:?} is not 64 hex digits; expected e.g. {example}"
+            ));
+        }
+    }
+    check_name(&n.name).map_err(|e| format!("{event_type} blob reference: name: {e}"))?;
+    Ok(None)
+}
+
 /// One `want` entry of the configuration: names matching `names` are
 /// fetched (on hosts carrying every tag of `if_tags`) and, with `place`,
 /// copied to a path.

@@ -128,3 +128,13 @@ def test_too_large_event_is_refused_with_the_agents_message(client: Client, uid:
         client.publish(f"T{uid}_BIG", {"blob": "x" * (limit + 10)})
     assert ei.value.status == 413
     assert "send large data as a blob" in ei.value.message
+
+
+def test_a_promotion_without_a_blob_reference_warns(client: Client, uid: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="riftmesh"):
+        r = client.publish("MODEL_PROMOTED", {"model_id": f"v3-{uid}", "elo": 1850})
+    assert not r.duplicate and r.warning and "no blob reference" in r.warning
+    assert any("no blob reference" in m for m in caplog.messages)
+    assert client.publish("TRAINING_COMPLETED", {"model_id": uid}).warning is None

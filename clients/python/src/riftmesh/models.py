@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
@@ -106,7 +107,9 @@ class Published:
     rule matched: ``"idempotency_key"`` (the same type and key) or
     ``"content"`` (the same type and payload within the repeat window, for a
     publish without a key). ``idempotency_key`` is the key this publish sent
-    (``None`` with ``by_content=True``).
+    (``None`` with ``by_content=True``). ``warning`` is set when the event was
+    accepted but probably not as meant (a MODEL_PROMOTED without a blob
+    reference: nothing is transferred); the client also logs it.
     """
 
     id: str
@@ -117,6 +120,7 @@ class Published:
     age_ms: Optional[int] = None
     duplicate_by: Optional[str] = None
     idempotency_key: Optional[str] = None
+    warning: Optional[str] = None
 
     @classmethod
     def from_json(cls, v: Dict[str, Any], key: Optional[str] = None) -> "Published":
@@ -131,7 +135,16 @@ class Published:
             age_ms=int(age) if age is not None else None,
             duplicate_by=str(by) if by is not None else None,
             idempotency_key=key,
+            warning=_warned(v.get("warning")),
         )
+
+
+def _warned(w: Any) -> Optional[str]:
+    """The agent's warning on a publish, logged once here."""
+    if w is None:
+        return None
+    logging.getLogger("riftmesh").warning("%s", w)
+    return str(w)
 
 
 @dataclass(frozen=True)
