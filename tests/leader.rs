@@ -103,11 +103,17 @@ async fn election_failover_and_fenced_locks() {
     let (sole, sole_term) =
         sole_leader_named_by_all(&all, "the named leader to claim leadership").await;
     assert_eq!((sole.as_str(), sole_term), (leader.as_str(), term));
-    // LEADER_ELECTED reached a non-voter.
+    // LEADER_ELECTED reached a non-voter, naming the leader as the seeds
+    // read it (leader_id), with its term as the idempotency key.
     wait_for("LEADER_ELECTED on a4", LONG, || async {
         let evs = agents[4].all_events().await;
         evs.iter()
-            .any(|e| e["type"] == "LEADER_ELECTED" && e["payload"]["term"] == term)
+            .any(|e| {
+                e["type"] == "LEADER_ELECTED"
+                    && e["payload"]["term"] == term
+                    && e["payload"]["leader_id"] == leader.as_str()
+                    && e["idempotency_key"] == format!("term/{term}").as_str()
+            })
             .then_some(())
     })
     .await;

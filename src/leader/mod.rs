@@ -856,9 +856,12 @@ async fn watch_leadership(node: Arc<Node>, raft: Raft) {
         }
         if m.state == ServerState::Leader && m.current_term > announced_term {
             announced_term = m.current_term;
+            // `leader_id` is the seeds' field (cluster.leader_elected);
+            // `leader` is kept for the agent's own readers.
             let payload = json!({
                 "term": m.current_term,
                 "leader": node.cfg.name,
+                "leader_id": node.cfg.name,
                 "node": node.peer_id,
             });
             // One fact per term, however often it is announced.

@@ -34,6 +34,7 @@ from .errors import (
     Unavailable,
 )
 from .event_types import ALIASES, CATEGORIES, DESCRIPTIONS, DataEventType, EventType
+from .fold import MemberFact, MemberFold
 from .lock import Lock
 from .models import (
     Batch,
@@ -82,6 +83,8 @@ __all__ = [
     "DeadLetter",
     "Trace",
     "Member",
+    "MemberFold",
+    "MemberFact",
     "LeaderInfo",
     "LockInfo",
     "BlobAdded",
