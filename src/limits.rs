@@ -310,3 +310,10 @@ mod tests {
         );
     }
 }
+
+/// Whether a transport error text is a failed handshake (the private
+/// network's or Noise's), as a peer with another swarm key causes. A refused
+/// or timed-out TCP connection is not.
+pub fn is_handshake_failure(error: &str) -> bool {
+    error.contains("Handshake failed") || error.contains("Failed to negotiate transport")
+}

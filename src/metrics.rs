@@ -39,6 +39,7 @@ pub struct Metrics {
     pub inbound_dropped: Family<Labels, Counter>,
     pub rate_limited: Family<Labels, Counter>,
     pub connections_refused: Family<Labels, Counter>,
+    pub handshake_failures: Family<Labels, Counter>,
     pub consumer_lag: Family<Labels, Gauge>,
     pub store_bytes: Gauge,
     pub store_events: Gauge,
@@ -100,6 +101,7 @@ impl Metrics {
             inbound_dropped: Family::default(),
             rate_limited: Family::default(),
             connections_refused: Family::default(),
+            handshake_failures: Family::default(),
             consumer_lag: Family::default(),
             store_bytes: Gauge::default(),
             store_events: Gauge::default(),
@@ -179,6 +181,11 @@ impl Metrics {
             "rate_limited",
             "Inbound messages refused because their peer or source exceeded its rate, by protocol (gossip, catchup, member, raft, blob) and reason (source_rate, peer_rate)",
             m.rate_limited.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "Connections that failed in the private-network or Noise handshake (most often a peer with another swarm key), by direction",
+            m.handshake_failures.clone(),
         );
         r.register(
             "connections_refused",

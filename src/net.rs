@@ -1524,6 +1524,11 @@ impl EventLoop {
                     let who = peer_id.map(|p| p.to_base58()).unwrap_or_default();
                     self.connection_denied(cause, "out", who);
                 }
+                if let libp2p::swarm::DialError::Transport(errs) = &error {
+                    for (addr, e) in errs {
+                        self.handshake_failed(addr.to_string(), "out", &error_chain(e));
+                    }
+                }
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
             SwarmEvent::IncomingConnectionError {
@@ -1545,6 +1550,18 @@ impl EventLoop {
                             .unwrap_or_default()
                     });
                     self.connection_denied(cause, "in", who);
+                }
+                if let libp2p::swarm::ListenError::Transport(_) = &error {
+                    // The remote's port is ephemeral: one line per IP.
+                    let ip = send_back_addr
+                        .iter()
+                        .find_map(|p| match p {
+                            Protocol::Ip4(ip) => Some(ip.to_string()),
+                            Protocol::Ip6(ip) => Some(ip.to_string()),
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| send_back_addr.to_string());
+                    self.handshake_failed(ip, "in", &error_chain(&error));
                 }
                 tracing::debug!(%send_back_addr, %error, "incoming connection failed");
             }
@@ -1721,6 +1738,19 @@ impl EventLoop {
     }
 }
 
+/// An error and its sources, as one line (libp2p's transport errors keep
+/// the cause in `source()`, their own text is often empty).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
 impl EventLoop {
     /// Count a refusal by rate and log it once per (who, protocol).
     fn rate_limited(&mut self, protocol: &'static str, reason: &'static str, who: String) {
@@ -1728,6 +1758,23 @@ impl EventLoop {
         self.metrics.rate_limited.get_or_create(&labels).inc();
         if self.log_once.note(&who, protocol, Instant::now()) == Log::First {
             tracing::warn!(peer = %who, protocol, reason, "rate limit exceeded: message refused (counted in riftmesh_rate_limited_total; later refusals are summarised once a minute)");
+        }
+    }
+
+    /// A connection that failed in the handshake (private network, then
+    /// Noise): with the swarm key XOR-ing every byte, a peer with another
+    /// key is read as garbage and the handshake fails, so this is the one
+    /// visible sign of a key mismatch. Warned once per address.
+    fn handshake_failed(&mut self, who: String, direction: &'static str, error: &str) {
+        if !crate::limits::is_handshake_failure(error) {
+            return;
+        }
+        self.metrics
+            .handshake_failures
+            .get_or_create(&label("direction", direction))
+            .inc();
+        if self.log_once.note(&who, "handshake", Instant::now()) == Log::First {
+            tracing::warn!(addr = %who, direction, error, "connection failed in its handshake: the peer most likely uses another swarm key (compare the fingerprint this agent logs at start, \"private network key loaded\", with the peer's); counted in riftmesh_handshake_failures_total, later failures from this address are summarised once a minute");
         }
     }
 

@@ -296,6 +296,18 @@ async fn agents_with_another_swarm_key_never_connect() {
     assert_eq!(a.connected_peers().await, 0);
     assert_eq!(x.connected_peers().await, 0);
     assert_eq!(count_hash(&a, before["hash"].as_str().unwrap()).await, 0);
+    // Both sides say why, once per address, and count every failure.
+    for (agent, dir) in [(&x, "out"), (&a, "in")] {
+        let series = format!("riftmesh_handshake_failures_total{{direction=\"{dir}\"}}");
+        wait_for(
+            &format!("{} to count 2 failed handshakes", agent.name),
+            LONG,
+            || async { (agent.metric_or_zero(&series).await >= 2.0).then_some(()) },
+        )
+        .await;
+        let warned = common::log_lines(agent, &["another swarm key"]);
+        assert_eq!(warned.len(), 1, "{}: {warned:?}", agent.name);
+    }
     // A legitimate member with the right key joins the same agent fine.
     let b = Agent::start(root.path(), "member", &k1, &boot).await;
     wait_for("the member to connect", LONG, || async {
