@@ -24,6 +24,7 @@ use super::sha::{chunk_and_whole, Running};
 use super::vouch::{Stamp, Vouched};
 
 use crate::codec;
+use crate::durable::{Durable, DurableError, What};
 
 pub type BlobId = [u8; 32];
 
@@ -45,6 +46,8 @@ pub enum BlobError {
     },
     #[error("blob store database: {0}")]
     Db(#[from] sled::Error),
+    #[error("{0}")]
+    ReadOnly(#[from] DurableError),
     #[error("damaged blob store record {tree}/{key}: {reason}")]
     Damaged {
         tree: &'static str,
@@ -222,6 +225,8 @@ pub struct BlobStore {
     have: sled::Tree,
     names: sled::Tree,
     placed: sled::Tree,
+    /// Every record above is made durable through it (durable.rs).
+    durable: Durable,
 }
 
 pub fn hex_id(id: &BlobId) -> String {
@@ -511,7 +516,8 @@ pub struct Added {
 }
 
 impl BlobStore {
-    pub fn open(dir: &Path, db: &sled::Db) -> Result<BlobStore, BlobError> {
+    pub fn open(dir: &Path, durable: &Durable) -> Result<BlobStore, BlobError> {
+        let db = durable.db();
         for sub in ["objects", "partial", "tmp"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io("cannot create blob directory", &p))?;
@@ -533,6 +539,7 @@ impl BlobStore {
             have: db.open_tree("blob_have")?,
             names: db.open_tree("blob_names")?,
             placed: db.open_tree("blob_placed")?,
+            durable: durable.clone(),
         })
     }
 
@@ -636,7 +643,7 @@ impl BlobStore {
         self.manifests.insert(id, enc(m)?)?;
         self.meta.insert(id, enc(&meta)?)?;
         self.have.remove(id)?;
-        self.meta.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(())
     }
 
@@ -745,7 +752,7 @@ impl BlobStore {
             self.meta.insert(id, enc(&meta)?)?;
         }
         self.have.insert(id, enc(&have)?)?;
-        self.have.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(have)
     }
 
@@ -788,7 +795,7 @@ impl BlobStore {
             .map_err(io("cannot open", &p))?;
         f.sync_data().map_err(io("cannot sync", &p))?;
         self.have.insert(id, enc(have)?)?;
-        self.have.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(())
     }
 
@@ -1016,7 +1023,7 @@ impl BlobStore {
         meta.complete = false;
         self.have.insert(id, enc(&have)?)?;
         self.meta.insert(id, enc(&meta)?)?;
-        self.meta.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(())
     }
 
@@ -1040,7 +1047,7 @@ impl BlobStore {
         self.meta.remove(id)?;
         self.manifests.remove(id)?;
         self.have.remove(id)?;
-        self.meta.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(())
     }
 
@@ -1081,7 +1088,7 @@ impl BlobStore {
             }
         }
         self.names.insert(name.as_bytes(), enc(rec)?)?;
-        self.names.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(Some(old))
     }
 
@@ -1104,7 +1111,7 @@ impl BlobStore {
             return Ok(false);
         }
         self.placed.insert(key, &blob[..])?;
-        self.placed.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(true)
     }
 
@@ -1192,12 +1199,19 @@ fn sync_dir(p: &Path) {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, sled::Db, BlobStore) {
+    fn store() -> (tempfile::TempDir, Durable, BlobStore) {
         let d = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
+        let sled = sled::Config::new()
             .path(d.path().join("db"))
             .open()
             .unwrap();
+        let db = Durable::open(
+            sled,
+            &d.path().join("db"),
+            std::time::Duration::from_secs(10),
+            0,
+        )
+        .unwrap();
         let s = BlobStore::open(&d.path().join("blobs"), &db).unwrap();
         (d, db, s)
     }
