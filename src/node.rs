@@ -150,6 +150,7 @@ impl Node {
                 retention_age: cfg.retention_age,
                 retention_max_events: cfg.retention_max_events,
                 retention_max_bytes: cfg.retention_max_bytes,
+                min_free: cfg.store_min_free,
                 ..Default::default()
             },
             key.clone(),

@@ -427,6 +427,11 @@ fn copy_direct(src: &Path, dst: &Path) -> std::io::Result<()> {
     })
 }
 
+/// A write to [`hash_stream`]'s output failed (not a read of its input).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct OutputFailed(std::io::Error);
+
 /// One pass over a reader: the whole-content hash and the chunk hashes,
 /// optionally writing the bytes to `out`.
 pub fn hash_stream(
@@ -458,7 +463,8 @@ pub fn hash_stream(
         // Both hashes in one pass over the chunk (see sha.rs).
         chunks.push(chunk_and_whole(data, &mut whole));
         if let Some(f) = out.as_deref_mut() {
-            f.write_all(data)?;
+            f.write_all(data)
+                .map_err(|e| std::io::Error::new(e.kind(), OutputFailed(e)))?;
         }
         size += n as u64;
         if n < buf.len() {
@@ -590,7 +596,15 @@ impl BlobStore {
             preferred_chunk,
             Some(&mut out),
         )
-        .map_err(io("cannot read", src))
+        .map_err(|e| {
+            // Name the file that failed: the store's copy (e.g. no space
+            // left on the data directory's disk) or the source.
+            if e.get_ref().is_some_and(|i| i.is::<OutputFailed>()) {
+                io("cannot write the store's copy", &tmp)(e)
+            } else {
+                io("cannot read", src)(e)
+            }
+        })
         .and_then(|(id, m)| {
             if m.size != len {
                 return Err(BlobError::Invalid(format!(
@@ -1407,6 +1421,27 @@ mod tests {
         drop(s);
         let s = BlobStore::open(&d.path().join("blobs"), &db).unwrap();
         assert_eq!(s.begin_partial(&id, &m).unwrap().count(), 0);
+    }
+
+    /// A failed write of the store's copy is told apart from a failed read
+    /// of the source (add_reader names the file that failed by it).
+    #[test]
+    fn a_failed_copy_is_not_reported_as_a_failed_read() {
+        let data = vec![7u8; 200_000];
+        let mut full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let e = hash_stream(&data[..], data.len() as u64, MIN_CHUNK, Some(&mut full)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
+        assert!(e.get_ref().is_some_and(|i| i.is::<OutputFailed>()), "{e:?}");
+        let (d, _db, s) = store();
+        let src = d.path().join("model.bin");
+        // A source that fails to read (a directory) is named as the source.
+        let dir = File::open(d.path()).unwrap();
+        match s.add_reader(dir, 10, &src, MIN_CHUNK) {
+            Err(BlobError::Io { what, path, .. }) => {
+                assert_eq!((what, path), ("cannot read", src.display().to_string()))
+            }
+            other => panic!("{:?}", other.map(|a| a.id)),
+        }
     }
 
     #[test]
