@@ -63,6 +63,13 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::UnknownConsumer(name) => unknown_consumer(&name),
             StoreError::BeyondHead { .. } | StoreError::Event(_) => ApiError::bad(e.to_string()),
+            // The store cannot write now (read-only, stuck, a failed
+            // commit): retry later, at this agent after its restart.
+            StoreError::ReadOnly(_)
+            | StoreError::Timeout { .. }
+            | StoreError::CommitFailed { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }
@@ -887,6 +894,30 @@ async fn peers(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "peer_id": node.peer_id, "peers": peers })))
 }
 
+/// The agent answers; `ok` is false while its store refuses writes.
+async fn health(State(node): State<AppState>) -> Json<Value> {
+    match node.store.durable().read_only() {
+        None => Json(json!({ "ok": true })),
+        Some(r) => Json(json!({
+            "ok": false,
+            "store": store_state(&node),
+            "reason": format!("the store is read-only: {}", r.reason),
+        })),
+    }
+}
+
+/// Writable, or read-only and why (durable.rs).
+fn store_state(node: &AppState) -> Value {
+    match node.store.durable().read_only() {
+        None => json!({ "writable": true }),
+        Some(r) => json!({
+            "writable": false,
+            "read_only_reason": r.reason,
+            "read_only_since_ms": r.since_ms,
+        }),
+    }
+}
+
 async fn status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let peers = node
         .net
@@ -918,6 +949,7 @@ async fn status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
             "size_bytes": node.store.size_on_disk(),
             "source_seq": node.store.source_seq(),
             "path": node.store.path().display().to_string(),
+            "state": store_state(&node),
         },
         "consumers": consumers,
         "max_event_bytes": node.cfg.max_event_bytes,
@@ -1351,6 +1383,14 @@ async fn blob_add(
             }
             crate::blob::source::SourceError::Invalid(m) => ApiError::bad(m),
         })?;
+    // Before copying, as an upload: a copy that cannot fit would fill the
+    // disk the event log and Raft share.
+    crate::blob::check_room(&node, len).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("cannot add {}: {e}", canon.display()),
+        )
+    })?;
     add_and_answer(&node, Box::new(f), len, canon, &req.name, &ty).await
 }
 
@@ -1757,7 +1797,7 @@ async fn sync_status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
 pub fn router(node: Arc<Node>) -> Router {
     let limit = node.cfg.api_max_body_bytes;
     Router::new()
-        .route("/v1/health", get(|| async { Json(json!({ "ok": true })) }))
+        .route("/v1/health", get(health))
         .route("/v1/events", post(publish).get(history))
         .route("/v1/events/batch", post(publish_batch))
         .route("/v1/events/{id}", get(get_event))

@@ -81,6 +81,7 @@ pub struct FileConfig {
     pub retention_age: Option<String>,
     pub retention_max_events: Option<u64>,
     pub retention_max_bytes: Option<u64>,
+    pub store_min_free: Option<String>,
     pub inbound_queue: Option<usize>,
     pub max_batch: Option<usize>,
     pub order_hold: Option<String>,
@@ -161,6 +162,9 @@ pub struct AgentConfig {
     pub retention_age: Duration,
     pub retention_max_events: u64,
     pub retention_max_bytes: u64,
+    /// Free bytes kept on the event store's filesystem: below it, publishes
+    /// and consumer changes are refused (Raft and blob records still write).
+    pub store_min_free: u64,
     pub inbound_queue: usize,
     /// Most events in one batch publish.
     pub max_batch: usize,
@@ -725,6 +729,11 @@ impl AgentConfig {
                 "retention_max_bytes",
                 file.retention_max_bytes,
                 4 << 30,
+            )?,
+            store_min_free: size(
+                "store_min_free",
+                file.store_min_free,
+                crate::store::DEFAULT_MIN_FREE,
             )?,
             inbound_queue: positive("inbound_queue", file.inbound_queue.map(|v| v as u64), 8192)?
                 as usize,

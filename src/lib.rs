@@ -8,6 +8,7 @@ pub mod bufpool;
 pub mod catchup;
 pub mod codec;
 pub mod config;
+pub mod durable;
 pub mod event;
 pub mod leader;
 pub mod limits;

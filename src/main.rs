@@ -380,7 +380,10 @@ async fn blob_cmd(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result
             // The CLI reads the file with the caller's permissions and
             // sends its bytes: the agent reads no file for a request
             // (proto-notes/security.md).
-            let v = client.upload_blob(&file, &name, Some(&event)).await?;
+            let v = client
+                .upload_blob(&file, &name, Some(&event))
+                .await
+                .with_context(|| format!("cannot add {}", file.display()))?;
             if json_out {
                 return print_json(&v);
             }
@@ -1211,6 +1214,12 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 s["size_bytes"],
                 s["path"].as_str().unwrap_or("?")
             );
+            if s["state"]["writable"] == false {
+                println!(
+                    "store      READ-ONLY: {}",
+                    s["state"]["read_only_reason"].as_str().unwrap_or("?")
+                );
+            }
             let consumers = v["consumers"].as_array().cloned().unwrap_or_default();
             println!("consumers  {}", consumers.len());
             for c in consumers {

@@ -127,6 +127,11 @@ pub fn load_swarm_key(cfg: &AgentConfig) -> Result<PreSharedKey, NodeError> {
     }
 }
 
+/// Exit status of an agent whose store became read-only (a failed or stuck
+/// write, e.g. a full disk) once the disk has room again: EX_TEMPFAIL, so
+/// that the service manager (`Restart=on-failure`) starts it again.
+pub const EXIT_STORE_READ_ONLY: i32 = 75;
+
 impl Node {
     /// Open the store and start the network. The registry receives every
     /// metric family (ours and libp2p's) before it is served.
@@ -147,13 +152,27 @@ impl Node {
                 retention_age: cfg.retention_age,
                 retention_max_events: cfg.retention_max_events,
                 retention_max_bytes: cfg.retention_max_bytes,
+                min_free: cfg.store_min_free,
                 ..Default::default()
             },
             key.clone(),
         )?;
+        registry.sub_registry_with_prefix("riftmesh").register(
+            "store_syncs",
+            "Completed durable commits of the agent's database (sled flush, then fdatasync), by what asked for them (events, raft, blob)",
+            store.durable().syncs_family(),
+        );
+        store
+            .durable()
+            .spawn_watchdog(|msg| {
+                tracing::error!("{msg}");
+                eprintln!("riftmesh: {msg}");
+                std::process::exit(EXIT_STORE_READ_ONLY);
+            })
+            .map_err(|e| file_err("cannot start the store watchdog", &cfg.data_dir, e))?;
         let blobs = crate::blob::Blobs::open(
             &cfg.data_dir.join("blobs"),
-            store.sled_db(),
+            store.durable(),
             cfg.sync.clone(),
             &cfg.tags,
         )

@@ -17,7 +17,6 @@
 //! - `m` name                      → counters (u64be)
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catchup::SourceMark;
 use crate::codec;
+use crate::durable::{Durable, DurableError, What};
 use crate::event::{self, Draft, Event, Hash, TypePattern};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,10 @@ pub enum StoreError {
     Closed,
     #[error("writing the store at {path} failed: {reason}; nothing of this request is guaranteed durable")]
     CommitFailed { path: PathBuf, reason: String },
+    #[error("{0}")]
+    ReadOnly(#[from] DurableError),
+    #[error("the store at {path} did not commit within {after:?}; this request may or may not be durable (retry: publishing is idempotent by content)")]
+    Timeout { path: PathBuf, after: Duration },
 }
 
 impl StoreError {
@@ -100,7 +104,18 @@ pub struct StoreConfig {
     pub cache_bytes: u64,
     /// Most requests folded into one group commit.
     pub max_group: usize,
+    /// Longest a request waits for its commit; a commit running longer
+    /// counts as stuck and makes the store read-only (durable.rs).
+    pub commit_timeout: Duration,
+    /// Free bytes kept on the store's filesystem (0: no guard): below it,
+    /// appends and consumer changes are refused before sled can run out of
+    /// space (which it cannot recover from in-process), and accepted again
+    /// as soon as space is back.
+    pub min_free: u64,
 }
+
+/// Default of [`StoreConfig::min_free`] (config `store_min_free`).
+pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -114,6 +129,8 @@ impl Default for StoreConfig {
             retention_max_bytes: 4 << 30,
             cache_bytes: 32 << 20,
             max_group: 4096,
+            commit_timeout: Duration::from_secs(10),
+            min_free: DEFAULT_MIN_FREE,
         }
     }
 }
@@ -280,6 +297,7 @@ pub struct Store {
     head: watch::Receiver<u64>,
     first: Arc<AtomicU64>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    durable: Durable,
 }
 
 /// File beside sled's holding a committed head, to detect a store that lost data.
@@ -391,12 +409,14 @@ impl Store {
                 })
             }
         };
-        // The file sled writes its log to; fsynced at every group commit since
-        // sled 0.34's flush uses sync_file_range, which leaves the disk cache.
-        let data_file = File::open(path.join("db")).map_err(|source| StoreError::Io {
-            path: path.join("db"),
-            source,
-        })?;
+        // Every commit of this database (events, Raft, blobs) goes through
+        // it: sled's flush plus fdatasync (durable.rs).
+        let durable = Durable::open(db.clone(), &path, cfg.commit_timeout, cfg.min_free).map_err(
+            |source| StoreError::Io {
+                path: path.join("db"),
+                source,
+            },
+        )?;
         let unversioned = match db.get(M_FORMAT)?.map(|v| be(&v)) {
             Some(STORE_FORMAT) => false,
             Some(1) => true,
@@ -462,7 +482,7 @@ impl Store {
         let (tx, rx) = mpsc::channel(cfg.max_group * 2);
         let mut writer = Writer {
             db: db.clone(),
-            data_file,
+            durable: durable.clone(),
             source: key.public().to_peer_id().to_base58(),
             sources,
             key,
@@ -474,7 +494,6 @@ impl Store {
             last_received,
             mark_path,
             mark_written: None,
-            synced_blobs: Default::default(),
             head: head_tx,
             first: first.clone(),
         };
@@ -492,6 +511,7 @@ impl Store {
             head: head_rx,
             first,
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+            durable,
         })
     }
 
@@ -519,16 +539,39 @@ impl Store {
         &self.path
     }
 
+    /// The durability rule of this database, shared with the Raft and blob
+    /// stores that keep their trees in it.
+    pub fn durable(&self) -> &Durable {
+        &self.durable
+    }
+
+    /// A write request: refused at once while the store is read-only, and
+    /// answered within the commit timeout in any case.
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.durable.room()?;
+        let after = self.durable.timeout();
+        let done = async {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(make(reply))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        };
+        match tokio::time::timeout(after, done).await {
+            Ok(r) => r,
+            // Stuck past the bound: the watchdog marks it read-only too.
+            Err(_) => Err(match self.durable.writable() {
+                Err(e) => StoreError::ReadOnly(e),
+                Ok(()) => StoreError::Timeout {
+                    path: self.path.clone(),
+                    after,
+                },
+            }),
+        }
     }
 
     /// Seal, dedup and durably append local drafts. Returns once on disk.
@@ -882,7 +925,7 @@ fn seq_before_time(tree: &sled::Tree, first: u64, end: u64, ms: u64) -> Result<u
 
 struct Writer {
     db: sled::Db,
-    data_file: File,
+    durable: Durable,
     key: Keypair,
     /// This agent's peer id text, the `source` of its events.
     source: String,
@@ -896,7 +939,6 @@ struct Writer {
     last_received: u64,
     mark_path: PathBuf,
     mark_written: Option<std::time::Instant>,
-    synced_blobs: std::collections::HashSet<std::ffi::OsString>,
     head: watch::Sender<u64>,
     first: Arc<AtomicU64>,
 }
@@ -1059,7 +1101,16 @@ impl Writer {
             batch.insert(M_SRC, &self.source_seq.to_be_bytes());
             batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
             batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
-            let res = match self.db.apply_batch(batch) {
+            let res = match self
+                .durable
+                .room()
+                .map_err(StoreError::from)
+                .and_then(|()| {
+                    self.db.apply_batch(batch).map_err(|e| {
+                        self.durable.write_failed(&e);
+                        StoreError::from(e)
+                    })
+                }) {
                 Err(e) => {
                     // Nothing applied: the sequence numbers are free again.
                     self.next_seq = saved_next;
@@ -1102,40 +1153,9 @@ impl Writer {
         durable
     }
 
-    fn sync(&mut self) -> sled::Result<()> {
-        self.db.flush()?;
-        self.data_file.sync_data()?;
-        self.sync_blobs()?;
-        Ok(())
-    }
-
-    /// sled writes large pages to files under `blobs/` without fsync; sync
-    /// the ones this writer has not synced yet, and the directory.
-    fn sync_blobs(&mut self) -> std::io::Result<()> {
-        let dir = self.mark_path.with_file_name("blobs");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        let mut present = std::collections::HashSet::new();
-        let mut new = false;
-        for e in entries {
-            let name = e?.file_name();
-            if !self.synced_blobs.contains(&name) {
-                match File::open(dir.join(&name)) {
-                    Ok(f) => f.sync_data()?,
-                    // Collected by sled between listing and opening.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                new = true;
-            }
-            present.insert(name);
-        }
-        if new {
-            File::open(&dir)?.sync_all()?;
-        }
-        self.synced_blobs = present;
-        Ok(())
+    /// The durability point of a group: nothing is answered before it.
+    fn sync(&mut self) -> Result<(), StoreError> {
+        Ok(self.durable.commit(What::Events)?)
     }
 
     fn stage_append(

@@ -404,3 +404,57 @@ async fn lock_run_and_run_if_leader_start_commands() {
         assert!(!st.success());
     }
 }
+
+/// A voter killed (-9) right after an election it took part in remembers
+/// its vote and term when it restarts alone: what it read back can only come
+/// from its own store (its peers are gone and it does not campaign within
+/// the long election timeout it restarts with). Its Raft writes were counted
+/// as synced before it was killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_killed_after_voting_remembers_its_vote() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = config(root.path());
+    let mut agents = mesh_with(root.path(), 3, &["--config", &cfg]).await;
+    let all: Vec<&Agent> = agents.iter().collect();
+    let (leader, term) = agreed_leader(&all, None).await;
+    let fi = agents.iter().position(|a| a.name != leader).unwrap();
+    // The follower's vote, once it names the leader of this term.
+    let vote = wait_for("the follower's vote for the leader", LONG, || async {
+        let v = agents[fi].get("/v1/leader").await.ok()?;
+        let vote = v["vote"].clone();
+        (vote["term"] == term && vote["voted_for"] == leader.as_str()).then_some(vote)
+    })
+    .await;
+    assert!(
+        agents[fi]
+            .metric("riftmesh_store_syncs_total{what=\"raft\"}")
+            .await
+            >= 1.0
+    );
+    for a in agents.iter_mut() {
+        a.kill9();
+    }
+    // Alone, with an election timeout too long to campaign during the test.
+    let alone = root.path().join("alone.toml");
+    std::fs::write(
+        &alone,
+        "voters = [\"a0\", \"a1\", \"a2\"]\nelection_timeout = \"10m\"\n",
+    )
+    .unwrap();
+    let b = &mut agents[fi];
+    b.extra = vec!["--config".into(), alone.display().to_string()];
+    b.spawn().await;
+    let back = wait_for(
+        "the restarted voter to read its vote back",
+        Duration::from_secs(20),
+        || async {
+            let v = b.get("/v1/leader").await.ok()?;
+            (v["vote"]["term"].as_u64()? > 0).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(back["vote"]["term"], vote["term"], "{back}");
+    assert_eq!(back["vote"]["voted_for"], vote["voted_for"], "{back}");
+    assert_eq!(back["term"], term, "{back}");
+    b.kill9();
+}

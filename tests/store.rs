@@ -297,3 +297,36 @@ async fn version_vector_tracks_each_source_and_serves_ranges() {
     );
     s.close();
 }
+
+/// Every acknowledged write (publish, consumer change, ack) completed a
+/// durable commit (sled flush + fdatasync) before it was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_was_synced_first() {
+    use riftmesh::durable::What;
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keypair::generate_ed25519();
+    let s = open(dir.path(), &key);
+    let d = s.durable().clone();
+    let synced = |before: u64, what: &str| {
+        let now = d.syncs(What::Events);
+        assert_eq!(
+            now,
+            before + 1,
+            "{what} was acknowledged without a durable commit first"
+        );
+        now
+    };
+    let mut n = d.syncs(What::Events);
+    for i in 0..5 {
+        let out = s.append_local(vec![draft("T", i)]).await.unwrap();
+        assert!(matches!(out[0], Appended::New { .. }));
+        n = synced(n, "a publish");
+    }
+    s.upsert_consumer("c", None, Some(StartAt::Start))
+        .await
+        .unwrap();
+    n = synced(n, "a new consumer");
+    s.ack("c", 3).await.unwrap();
+    synced(n, "an ack");
+    assert_eq!(d.syncs(What::Raft), 0);
+}

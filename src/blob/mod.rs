@@ -403,11 +403,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Blobs {
     pub fn open(
         dir: &Path,
-        db: &sled::Db,
+        durable: &crate::durable::Durable,
         cfg: SyncConfig,
         tags: &[(String, String)],
     ) -> Result<Blobs, BlobError> {
-        let store = Arc::new(BlobStore::open(dir, db)?);
+        let store = Arc::new(BlobStore::open(dir, durable)?);
         Ok(Blobs {
             store,
             slots: Arc::new(Semaphore::new(cfg.transfers.max(1))),

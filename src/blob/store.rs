@@ -24,6 +24,7 @@ use super::sha::{chunk_and_whole, Running};
 use super::vouch::{Stamp, Vouched};
 
 use crate::codec;
+use crate::durable::{Durable, DurableError, What};
 
 pub type BlobId = [u8; 32];
 
@@ -45,6 +46,8 @@ pub enum BlobError {
     },
     #[error("blob store database: {0}")]
     Db(#[from] sled::Error),
+    #[error("{0}")]
+    ReadOnly(#[from] DurableError),
     #[error("damaged blob store record {tree}/{key}: {reason}")]
     Damaged {
         tree: &'static str,
@@ -222,6 +225,8 @@ pub struct BlobStore {
     have: sled::Tree,
     names: sled::Tree,
     placed: sled::Tree,
+    /// Every record above is made durable through it (durable.rs).
+    durable: Durable,
 }
 
 pub fn hex_id(id: &BlobId) -> String {
@@ -422,6 +427,11 @@ fn copy_direct(src: &Path, dst: &Path) -> std::io::Result<()> {
     })
 }
 
+/// A write to [`hash_stream`]'s output failed (not a read of its input).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct OutputFailed(std::io::Error);
+
 /// One pass over a reader: the whole-content hash and the chunk hashes,
 /// optionally writing the bytes to `out`.
 pub fn hash_stream(
@@ -453,7 +463,8 @@ pub fn hash_stream(
         // Both hashes in one pass over the chunk (see sha.rs).
         chunks.push(chunk_and_whole(data, &mut whole));
         if let Some(f) = out.as_deref_mut() {
-            f.write_all(data)?;
+            f.write_all(data)
+                .map_err(|e| std::io::Error::new(e.kind(), OutputFailed(e)))?;
         }
         size += n as u64;
         if n < buf.len() {
@@ -511,7 +522,8 @@ pub struct Added {
 }
 
 impl BlobStore {
-    pub fn open(dir: &Path, db: &sled::Db) -> Result<BlobStore, BlobError> {
+    pub fn open(dir: &Path, durable: &Durable) -> Result<BlobStore, BlobError> {
+        let db = durable.db();
         for sub in ["objects", "partial", "tmp"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io("cannot create blob directory", &p))?;
@@ -533,6 +545,7 @@ impl BlobStore {
             have: db.open_tree("blob_have")?,
             names: db.open_tree("blob_names")?,
             placed: db.open_tree("blob_placed")?,
+            durable: durable.clone(),
         })
     }
 
@@ -583,7 +596,15 @@ impl BlobStore {
             preferred_chunk,
             Some(&mut out),
         )
-        .map_err(io("cannot read", src))
+        .map_err(|e| {
+            // Name the file that failed: the store's copy (e.g. no space
+            // left on the data directory's disk) or the source.
+            if e.get_ref().is_some_and(|i| i.is::<OutputFailed>()) {
+                io("cannot write the store's copy", &tmp)(e)
+            } else {
+                io("cannot read", src)(e)
+            }
+        })
         .and_then(|(id, m)| {
             if m.size != len {
                 return Err(BlobError::Invalid(format!(
@@ -636,7 +657,7 @@ impl BlobStore {
         self.manifests.insert(id, enc(m)?)?;
         self.meta.insert(id, enc(&meta)?)?;
         self.have.remove(id)?;
-        self.meta.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(())
     }
 
@@ -745,7 +766,7 @@ impl BlobStore {
             self.meta.insert(id, enc(&meta)?)?;
         }
         self.have.insert(id, enc(&have)?)?;
-        self.have.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(have)
     }
 
@@ -788,7 +809,7 @@ impl BlobStore {
             .map_err(io("cannot open", &p))?;
         f.sync_data().map_err(io("cannot sync", &p))?;
         self.have.insert(id, enc(have)?)?;
-        self.have.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(())
     }
 
@@ -1016,7 +1037,7 @@ impl BlobStore {
         meta.complete = false;
         self.have.insert(id, enc(&have)?)?;
         self.meta.insert(id, enc(&meta)?)?;
-        self.meta.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(())
     }
 
@@ -1040,7 +1061,7 @@ impl BlobStore {
         self.meta.remove(id)?;
         self.manifests.remove(id)?;
         self.have.remove(id)?;
-        self.meta.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(())
     }
 
@@ -1081,7 +1102,7 @@ impl BlobStore {
             }
         }
         self.names.insert(name.as_bytes(), enc(rec)?)?;
-        self.names.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(Some(old))
     }
 
@@ -1104,7 +1125,7 @@ impl BlobStore {
             return Ok(false);
         }
         self.placed.insert(key, &blob[..])?;
-        self.placed.flush()?;
+        self.durable.commit(What::Blob)?;
         Ok(true)
     }
 
@@ -1192,12 +1213,19 @@ fn sync_dir(p: &Path) {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, sled::Db, BlobStore) {
+    fn store() -> (tempfile::TempDir, Durable, BlobStore) {
         let d = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
+        let sled = sled::Config::new()
             .path(d.path().join("db"))
             .open()
             .unwrap();
+        let db = Durable::open(
+            sled,
+            &d.path().join("db"),
+            std::time::Duration::from_secs(10),
+            0,
+        )
+        .unwrap();
         let s = BlobStore::open(&d.path().join("blobs"), &db).unwrap();
         (d, db, s)
     }
@@ -1393,6 +1421,27 @@ mod tests {
         drop(s);
         let s = BlobStore::open(&d.path().join("blobs"), &db).unwrap();
         assert_eq!(s.begin_partial(&id, &m).unwrap().count(), 0);
+    }
+
+    /// A failed write of the store's copy is told apart from a failed read
+    /// of the source (add_reader names the file that failed by it).
+    #[test]
+    fn a_failed_copy_is_not_reported_as_a_failed_read() {
+        let data = vec![7u8; 200_000];
+        let mut full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let e = hash_stream(&data[..], data.len() as u64, MIN_CHUNK, Some(&mut full)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
+        assert!(e.get_ref().is_some_and(|i| i.is::<OutputFailed>()), "{e:?}");
+        let (d, _db, s) = store();
+        let src = d.path().join("model.bin");
+        // A source that fails to read (a directory) is named as the source.
+        let dir = File::open(d.path()).unwrap();
+        match s.add_reader(dir, 10, &src, MIN_CHUNK) {
+            Err(BlobError::Io { what, path, .. }) => {
+                assert_eq!((what, path), ("cannot read", src.display().to_string()))
+            }
+            other => panic!("{:?}", other.map(|a| a.id)),
+        }
     }
 
     #[test]

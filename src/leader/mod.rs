@@ -215,6 +215,18 @@ pub struct LeaderView {
     pub note: Option<String>,
     /// Members whose voter list differs from ours (by name).
     pub voter_list_mismatch: Vec<String>,
+    /// This voter's Raft vote as held (from its durable store at start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vote: Option<VoteView>,
+}
+
+/// A voter's vote: the term, whom it voted for, and whether that leader
+/// was granted by a majority.
+#[derive(Debug, Clone, Serialize)]
+pub struct VoteView {
+    pub term: u64,
+    pub voted_for: Option<String>,
+    pub committed: bool,
 }
 
 #[derive(Default, Clone)]
@@ -314,6 +326,7 @@ impl Leader {
             },
             note: None,
             voter_list_mismatch: mismatch,
+            vote: None,
         };
         if self.voters.is_empty() {
             v.note = Some(format!(
@@ -323,6 +336,14 @@ impl Leader {
             return v;
         }
         let known = lock_known(&self.known).clone();
+        if let Some(raft) = self.raft.get() {
+            let vote = raft.metrics().borrow().vote;
+            v.vote = Some(VoteView {
+                term: vote.leader_id.term,
+                voted_for: vote.leader_id.voted_for.and_then(|id| self.name_of(id)),
+                committed: vote.committed,
+            });
+        }
         if let Some((state, term, leader, fresh)) = self.raft_view() {
             v.role = format!("{state:?}").to_lowercase();
             v.term = term;
@@ -741,9 +762,9 @@ async fn start_raft(node: &Arc<Node>) -> Result<(Raft, store::LockStateMachine),
         ..Default::default()
     }
     .validate()?;
-    let db = node.store.sled_db();
-    let log = store::LogStore::open(db)?;
-    let sm = store::LockStateMachine::open(db)?;
+    let durable = node.store.durable();
+    let log = store::LogStore::open(durable)?;
+    let sm = store::LockStateMachine::open(durable)?;
     let factory = Factory {
         net: node.net.clone(),
         node: Arc::downgrade(node),

@@ -4,8 +4,14 @@
 //! `raft2_snapshot`. The `2` is the format: openraft with one leader per term
 //! (feature `single-term-leader`), whose votes and log ids encode differently
 //! from the earlier trees `raft_log`, `raft_meta`, `raft_snapshot`; those are
-//! dropped at open (their leases are short-lived; the voters form again). Every write that openraft must find after a crash is
-//! flushed (sled flush = write + fsync) before it is acknowledged.
+//! dropped at open (their leases are short-lived; the voters form again).
+//!
+//! Every write that openraft must find after a crash (vote, committed, log
+//! entries, truncation, purge, snapshot) is made durable through
+//! [`Durable::commit`] before the call returns or the log callback fires:
+//! sled's flush (on Linux only `sync_file_range`, which leaves the file's
+//! metadata and the disk's write cache) followed by an `fdatasync` of sled's
+//! files. openraft sends a vote, or acknowledges entries, only after that.
 // openraft's traits fix the error type (StorageError, over 200 bytes).
 #![allow(clippy::result_large_err)]
 
@@ -25,6 +31,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{LockRequest, LockResponse, NodeId, PeerNode, TypeConfig};
 use crate::codec::{self, CodecError};
+use crate::durable::{Durable, What};
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
     codec::encode(v)
@@ -57,6 +64,7 @@ fn key(i: u64) -> [u8; 8] {
 pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
+    durable: Durable,
 }
 
 /// Trees of the current format (see the module comment).
@@ -67,7 +75,8 @@ pub const SNAPSHOT_TREE: &str = "raft2_snapshot";
 const OLD_TREES: [&str; 3] = ["raft_log", "raft_meta", "raft_snapshot"];
 
 impl LogStore {
-    pub fn open(db: &sled::Db) -> sled::Result<Self> {
+    pub fn open(durable: &Durable) -> sled::Result<Self> {
+        let db = durable.db();
         let names = db.tree_names();
         for old in OLD_TREES {
             if names.iter().any(|n| n.as_ref() == old.as_bytes()) {
@@ -82,6 +91,7 @@ impl LogStore {
         Ok(Self {
             log: db.open_tree(LOG_TREE)?,
             meta: db.open_tree(META_TREE)?,
+            durable: durable.clone(),
         })
     }
     fn get_meta<T: DeserializeOwned>(&self, k: &str) -> Result<Option<T>, SErr> {
@@ -92,8 +102,32 @@ impl LogStore {
     }
     async fn put_meta<T: Serialize>(&self, k: &str, v: &T) -> Result<(), SErr> {
         self.meta.insert(k, encode(v).map_err(wr)?).map_err(wr)?;
-        self.meta.flush_async().await.map_err(wr)?; // durable before returning (required for vote)
-        Ok(())
+        // Durable before returning: openraft sends a vote only after this.
+        self.commit().await
+    }
+    async fn commit(&self) -> Result<(), SErr> {
+        self.durable.commit_async(What::Raft).await.map_err(wr)
+    }
+}
+
+impl LogStore {
+    /// Write entries and make them durable. The outer error: nothing was
+    /// written; the inner one: written but not durable (openraft learns it
+    /// through `append`'s callback).
+    async fn write_entries(
+        &mut self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+    ) -> Result<std::io::Result<()>, SErr> {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&key(e.log_id.index), encode(&e).map_err(wr)?);
+        }
+        self.log.apply_batch(batch).map_err(wr)?; // readable now
+        Ok(self
+            .durable
+            .commit_async(What::Raft)
+            .await
+            .map_err(std::io::Error::other))
     }
 }
 
@@ -162,19 +196,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for e in entries {
-            batch.insert(&key(e.log_id.index), encode(&e).map_err(wr)?);
-        }
-        self.log.apply_batch(batch).map_err(wr)?; // readable now
-                                                  // Durable now; only then tell openraft (it acks AppendEntries / counts the leader's own vote
-                                                  // after the callback fires).
-        let res = self
-            .log
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(std::io::Error::other);
+        // Only once durable is openraft told (it acknowledges AppendEntries,
+        // or counts the leader's own entries, after the callback fires).
+        let res = self.write_entries(entries).await?;
         callback.log_io_completed(res);
         Ok(())
     }
@@ -190,8 +214,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for k in keys {
             self.log.remove(k).map_err(wr)?;
         }
-        self.log.flush_async().await.map_err(wr)?;
-        Ok(())
+        self.commit().await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
@@ -206,8 +229,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for k in keys {
             self.log.remove(k).map_err(wr)?;
         }
-        self.log.flush_async().await.map_err(wr)?;
-        Ok(())
+        self.commit().await
     }
 }
 
@@ -309,11 +331,12 @@ pub struct LockStateMachine {
     pub state: Arc<Mutex<LockState>>,
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     snap_tree: sled::Tree,
+    durable: Durable,
 }
 
 impl LockStateMachine {
-    pub fn open(db: &sled::Db) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let snap_tree = db.open_tree(SNAPSHOT_TREE)?;
+    pub fn open(durable: &Durable) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let snap_tree = durable.db().open_tree(SNAPSHOT_TREE)?;
         let mut state = LockState::default();
         let mut snapshot = None;
         if let Some(b) = snap_tree.get("current")? {
@@ -328,6 +351,7 @@ impl LockStateMachine {
             state: Arc::new(Mutex::new(state)),
             snapshot: Arc::new(Mutex::new(snapshot)),
             snap_tree,
+            durable: durable.clone(),
         })
     }
 
@@ -350,8 +374,8 @@ impl LockStateMachine {
         self.snap_tree
             .insert("current", bytes)
             .map_err(|e| StorageIOError::write_snapshot(sig.clone(), AnyError::new(&e)))?;
-        self.snap_tree
-            .flush_async()
+        self.durable
+            .commit_async(What::Raft)
             .await
             .map_err(|e| StorageIOError::write_snapshot(sig, AnyError::new(&e)))?;
         *guard(&self.snapshot) = Some(s.clone());
@@ -450,5 +474,82 @@ impl RaftStateMachine<TypeConfig> for LockStateMachine {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{blank_ent, log_id};
+    use std::time::Duration;
+
+    fn open() -> (tempfile::TempDir, Durable) {
+        let d = tempfile::tempdir().unwrap();
+        let db = sled::open(d.path()).unwrap();
+        let dur = Durable::open(db, d.path(), Duration::from_secs(10), 0).unwrap();
+        (d, dur)
+    }
+
+    /// Runs `f` and checks that exactly one Raft commit (flush + fdatasync)
+    /// completed before it returned.
+    async fn synced<T>(dur: &Durable, what: &str, f: impl std::future::Future<Output = T>) -> T {
+        let before = dur.syncs(What::Raft);
+        let out = f.await;
+        assert_eq!(
+            dur.syncs(What::Raft),
+            before + 1,
+            "{what} returned without a durable commit (sled flush + fdatasync) first"
+        );
+        out
+    }
+
+    #[tokio::test]
+    async fn every_raft_write_is_synced_before_it_returns() {
+        let (d, dur) = open();
+        let mut log = LogStore::open(&dur).unwrap();
+        for term in 1..=3 {
+            let vote = Vote::new(term, 2);
+            synced(&dur, "save_vote", log.save_vote(&vote))
+                .await
+                .unwrap();
+            assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        }
+        let entries: Vec<Entry<TypeConfig>> = (1..=5).map(|i| blank_ent(3, 2, i)).collect();
+        synced(&dur, "append", log.write_entries(entries))
+            .await
+            .unwrap()
+            .unwrap();
+        synced(
+            &dur,
+            "save_committed",
+            log.save_committed(Some(log_id(3, 2, 4))),
+        )
+        .await
+        .unwrap();
+        synced(&dur, "truncate", log.truncate(log_id(3, 2, 5)))
+            .await
+            .unwrap();
+        // purge: its pointer, then the removal.
+        let before = dur.syncs(What::Raft);
+        log.purge(log_id(3, 2, 2)).await.unwrap();
+        assert_eq!(
+            dur.syncs(What::Raft),
+            before + 2,
+            "purge without its two commits"
+        );
+        let mut sm = LockStateMachine::open(&dur).unwrap();
+        synced(&dur, "build_snapshot", sm.build_snapshot())
+            .await
+            .unwrap();
+        // What was acknowledged is what a reopened store reads.
+        drop((log, sm, dur));
+        let db = sled::open(d.path()).unwrap();
+        let dur = Durable::open(db, d.path(), Duration::from_secs(10), 0).unwrap();
+        let mut log = LogStore::open(&dur).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3, 2, 4)));
+        let st = log.get_log_state().await.unwrap();
+        assert_eq!(st.last_purged_log_id, Some(log_id(3, 2, 2)));
+        assert_eq!(st.last_log_id, Some(log_id(3, 2, 4)));
     }
 }
