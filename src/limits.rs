@@ -225,6 +225,13 @@ impl LogOnce {
     }
 }
 
+/// Whether a transport error text is a failed handshake (the private
+/// network's or Noise's), as a peer with another swarm key causes. A refused
+/// or timed-out TCP connection is not.
+pub fn is_handshake_failure(error: &str) -> bool {
+    error.contains("Handshake failed") || error.contains("Failed to negotiate transport")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,11 +316,4 @@ mod tests {
             "pending_incoming"
         );
     }
-}
-
-/// Whether a transport error text is a failed handshake (the private
-/// network's or Noise's), as a peer with another swarm key causes. A refused
-/// or timed-out TCP connection is not.
-pub fn is_handshake_failure(error: &str) -> bool {
-    error.contains("Handshake failed") || error.contains("Failed to negotiate transport")
 }
