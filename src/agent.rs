@@ -6,23 +6,8 @@ use std::sync::Arc;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
-use crate::config::{AgentConfig, LogFormat};
+use crate::config::AgentConfig;
 use crate::node::{write_private, Node};
-
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "info,libp2p_gossipsub=warn,libp2p_mdns=warn,libp2p_kad=error,openraft=warn,openraft::core=off,openraft::replication=off",
-        )
-    });
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text => b.try_init(),
-    };
-}
 
 /// glibc's allocator serves the chunk-sized buffers of blob transfers
 /// (1-8 MiB) with fresh `mmap`s by default, so every chunk paid page faults

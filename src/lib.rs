@@ -11,6 +11,7 @@ pub mod config;
 pub mod event;
 pub mod leader;
 pub mod limits;
+pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod mux;

@@ -663,7 +663,7 @@ async fn async_main() {
             let sub = matches.subcommand_matches("agent");
             match AgentConfig::resolve(args, sub) {
                 Ok(cfg) => {
-                    riftmesh::agent::init_logging(cfg.log_format);
+                    riftmesh::logging::init(cfg.log_format);
                     riftmesh::agent::run(cfg).await
                 }
                 Err(e) => Err(e.into()),
