@@ -419,6 +419,8 @@ def parser():
     p.add_argument("--phases", default="voter-down,partition,flap",
                    help="comma list of voter-down, partition, flap (default all)")
     p.add_argument("--max-per-minute", type=int, default=10, help="most lines in any minute (default 10)")
+    p.add_argument("--flap-max-per-minute", type=int, default=14,
+                   help="most lines in any minute in the flap phase (default 14: two causes)")
     p.add_argument("--keep", action="store_true", help="leave its testnet up")
     p.add_argument("--report", help="write the per-agent counts as JSON here")
     p.set_defaults(fn=cmd_quiet)
