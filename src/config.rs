@@ -232,6 +232,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("{e} (write e.g. 1048576, 4MiB, 500GiB)"))
 }
 
+/// 1-based line and column (in characters) of a byte offset in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (write e.g. 30s, 10m, 24h, 7d)"))
 }
@@ -261,10 +269,13 @@ impl AgentConfig {
                         "config",
                         &path.display().to_string(),
                         format!("file {}", path.display()),
-                        e.message().to_string()
-                            + &e.span()
-                                .map(|s| format!(" (at byte {})", s.start))
-                                .unwrap_or_default(),
+                        e.span()
+                            .map(|s| {
+                                let (line, col) = line_col(&text, s.start);
+                                format!("line {line}, column {col}: ")
+                            })
+                            .unwrap_or_default()
+                            + e.message().trim_end(),
                     )
                 })?;
                 (f, format!("file {}", path.display()))
@@ -813,6 +824,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("apii"), "{e}");
+        assert!(e.to_string().contains("line 1, column 1"), "{e}");
+        std::fs::write(&p, "name = \"a\"\n\nmdns = tru\n").unwrap();
+        let e = AgentConfig::resolve(
+            &AgentArgs {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("line 3, column 8"), "{e}");
         std::fs::write(&p, "dedup_window = \"soon\"\n").unwrap();
         let e = AgentConfig::resolve(
             &AgentArgs {
