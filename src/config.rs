@@ -71,6 +71,7 @@ pub struct FileConfig {
     pub api: Option<String>,
     pub metrics: Option<String>,
     pub mdns: Option<bool>,
+    pub alone_warning_after: Option<String>,
     pub log_format: Option<String>,
     pub max_event_bytes: Option<usize>,
     pub api_max_body_bytes: Option<usize>,
@@ -145,6 +146,9 @@ pub struct AgentConfig {
     pub api: SocketAddr,
     pub metrics: SocketAddr,
     pub mdns: bool,
+    /// Without bootstrap addresses: how long without any peer before the
+    /// agent warns (once) that it is a cluster of one; zero: never.
+    pub alone_warning_after: Duration,
     pub log_format: LogFormat,
     /// Largest gossip frame; an event must fit in it.
     pub max_event_bytes: usize,
@@ -683,6 +687,11 @@ impl AgentConfig {
             api,
             metrics,
             mdns,
+            alone_warning_after: dur(
+                "alone_warning_after",
+                file.alone_warning_after,
+                Duration::from_secs(60),
+            )?,
             log_format,
             max_event_bytes,
             api_max_body_bytes: positive(
