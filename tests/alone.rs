@@ -1,6 +1,8 @@
 //! Default-config safety: an agent with no bootstrap address that has found
 //! no peer after `alone_warning_after` says so, once, with the fix; an agent
 //! with a bootstrap address, or one a peer reached in time, says nothing.
+//! (Its log, written to a file, also shows that text logs carry no ANSI
+//! colour codes off a terminal.)
 
 mod common;
 
@@ -48,6 +50,9 @@ async fn an_agent_alone_says_so_once_with_the_fix() {
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("bootstrap = ["), "the fix is named: {line}");
     assert!(line.contains("mDNS is off"), "{line}");
+    // stderr is a file here: no ANSI colour codes in it.
+    let log = std::fs::read_to_string(alone.dir.join("agent.log")).unwrap();
+    assert!(!log.contains('\x1b'), "escape codes in a log file");
 
     // A peer that dials in before the time: nothing said.
     let reached = Agent::start_with(
