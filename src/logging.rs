@@ -12,12 +12,14 @@
 //!   `openraft::engine::handler::replication_handler`, whose heartbeat and
 //!   progress errors are one cause), at most [`PER_CAUSE`] per window.
 //!
-//! Lines beyond the budget are dropped and counted; when the window ends,
-//! one line at the same level reports how many were dropped and quotes the
-//! first of them (target `riftmesh::log`). A window is [`WINDOW`] long and
-//! starts at the cause's first line.
+//! The budget holds for any [`WINDOW`]-long span (a sliding window: a line
+//! passes if fewer than the budget passed in the window before it). Lines
+//! beyond the budget are dropped and counted; a window after the first
+//! dropped line, one line at the same level reports how many were dropped
+//! and quotes the first of them (target `riftmesh::log`), so a cause that
+//! lasts writes at most its budget and one count a window.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
@@ -82,12 +84,14 @@ enum Key {
 }
 
 struct Entry {
-    start: Instant,
-    passed: u32,
+    /// When the lines that passed in the last window passed.
+    passed: VecDeque<Instant>,
+    /// Lines dropped since `since`, not yet reported.
     suppressed: u64,
+    since: Option<Instant>,
     level: Level,
     target: &'static str,
-    /// The first dropped line of this window.
+    /// The first dropped line since `since`.
     example: String,
 }
 
@@ -103,8 +107,6 @@ pub struct Dropped {
 #[derive(Default)]
 struct State {
     causes: HashMap<Key, Entry>,
-    /// Windows that ended on a new line before the flusher saw them.
-    pending: Vec<Dropped>,
 }
 
 /// The rate limit, as a per-layer filter (combined after the level filter,
@@ -171,33 +173,27 @@ impl RateLimit {
             None => (Key::Target(meta.target()), self.per_cause),
         };
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let st = &mut *st;
         let e = st.causes.entry(key).or_insert_with(|| Entry {
-            start: now,
-            passed: 0,
+            passed: VecDeque::new(),
             suppressed: 0,
+            since: None,
             level: *meta.level(),
             target: meta.target(),
             example: String::new(),
         });
-        if now.duration_since(e.start) >= self.window {
-            if e.suppressed > 0 {
-                st.pending.push(Dropped {
-                    level: e.level,
-                    target: e.target,
-                    count: e.suppressed,
-                    example: std::mem::take(&mut e.example),
-                });
-            }
-            e.start = now;
-            e.passed = 0;
-            e.suppressed = 0;
+        while e
+            .passed
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
+        {
+            e.passed.pop_front();
         }
-        if e.passed < budget {
-            e.passed += 1;
+        if e.passed.len() < budget as usize {
+            e.passed.push_back(now);
             return true;
         }
         if e.suppressed == 0 {
+            e.since = Some(now);
             let mut m = Fields {
                 want_message: true,
                 ..Default::default()
@@ -211,25 +207,29 @@ impl RateLimit {
         false
     }
 
-    /// Reports of the windows that have ended with lines dropped; forgets
-    /// causes quiet for a whole window.
+    /// Reports of the causes whose first unreported dropped line is a
+    /// window old; forgets causes quiet for a whole window.
     pub fn take_ended(&self, now: Instant) -> Vec<Dropped> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = std::mem::take(&mut st.pending);
+        let mut out = Vec::new();
         let window = self.window;
         st.causes.retain(|_, e| {
-            if now.duration_since(e.start) < window {
-                return true;
-            }
-            if e.suppressed > 0 {
+            if e.since
+                .is_some_and(|since| now.duration_since(since) >= window)
+            {
                 out.push(Dropped {
                     level: e.level,
                     target: e.target,
                     count: e.suppressed,
                     example: std::mem::take(&mut e.example),
                 });
+                e.suppressed = 0;
+                e.since = None;
             }
-            false
+            e.since.is_some()
+                || e.passed
+                    .back()
+                    .is_some_and(|t| now.duration_since(*t) < window)
         });
         out
     }
@@ -354,6 +354,58 @@ mod tests {
             tracing::warn!(target: "openraft::engine::handler::replication_handler", "heartbeat error");
             assert_eq!(passed.load(Ordering::SeqCst), 3 + 8 + 8 + 2 + 1);
         });
+    }
+
+    #[test]
+    fn no_sixty_second_span_holds_more_than_the_budget() {
+        // Fixed windows let twice the budget through around a window's
+        // end; the sliding window does not.
+        let limit = RateLimit::new(Duration::from_secs(60), 3, 8);
+        let t0 = Instant::now();
+        let now = Arc::new(Mutex::new(t0));
+        let passed_at = Arc::new(Mutex::new(Vec::new()));
+        struct Times {
+            limit: RateLimit,
+            now: Arc<Mutex<Instant>>,
+            passed_at: Arc<Mutex<Vec<Instant>>>,
+        }
+        impl<S: tracing::Subscriber> Layer<S> for Times {
+            fn on_event(&self, event: &Event<'_>, _cx: Context<'_, S>) {
+                let now = *self.now.lock().unwrap();
+                if self.limit.admit(event, now) {
+                    self.passed_at.lock().unwrap().push(now);
+                }
+            }
+        }
+        let sub = tracing_subscriber::registry().with(Times {
+            limit: limit.clone(),
+            now: now.clone(),
+            passed_at: passed_at.clone(),
+        });
+        let mut reports = 0;
+        tracing::subscriber::with_default(sub, || {
+            // A line every 7 s for 10 minutes, one every 0.5 s in bursts;
+            // the flusher looks every 0.5 s.
+            for i in 0..1200u64 {
+                let t = t0 + Duration::from_millis(i * 500);
+                *now.lock().unwrap() = t;
+                if i % 14 == 0 || (i / 100) % 2 == 0 {
+                    tracing::warn!(target: "dep", "again");
+                }
+                reports += limit.take_ended(t).len();
+            }
+        });
+        let times = passed_at.lock().unwrap().clone();
+        assert!(times.len() >= 25, "{}", times.len());
+        for (i, t) in times.iter().enumerate() {
+            let within = times[i..]
+                .iter()
+                .take_while(|u| u.duration_since(*t) < Duration::from_secs(60))
+                .count();
+            assert!(within <= 3, "{within} lines in the minute from {t:?}");
+        }
+        // At most one report per window while the cause lasts.
+        assert!((5..=10).contains(&reports), "{reports} reports");
     }
 
     #[test]
