@@ -11,7 +11,8 @@
 #      idempotence, an existing config kept, a bad key refused
 #   4. ansible-playbook --syntax-check; rendering every host's config;
 #      a check-mode run of site.yml on this machine for one host
-#   5. promtool check config / check rules / test rules
+#   5. promtool check config / check rules / test rules; every alert has a
+#      runbook_url naming a section of README.md and a test that fires it
 #   6. the Grafana dashboard: valid JSON, up to date with build.py
 #   7. live metrics: five real agents on 127.0.0.1; every metric and label the
 #      rules and the dashboard use is in their /metrics; a Prometheus on
@@ -232,6 +233,28 @@ if grep -q WARNING "$WORK/promtool-config.out"; then die "promtool warnings"; fi
 promtool check config "$P/prometheus.yml" >/dev/null 2>&1 || die "the shipped prometheus.yml"
 promtool check rules "$P/riftmesh-rules.yml"
 (cd "$P/tests" && promtool test rules riftmesh-rules.test.yml)
+# Every alert: a runbook_url naming a section of deploy/README.md, and at
+# least one unit test that expects it to fire.
+"$PY" - "$P/riftmesh-rules.yml" "$P/tests/riftmesh-rules.test.yml" "$DEPLOY/README.md" <<'EOF2'
+import re, sys, yaml
+rules, tests, readme = sys.argv[1:4]
+alerts = [r for g in yaml.safe_load(open(rules))["groups"] for r in g["rules"] if "alert" in r]
+heads = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+         for h in re.findall(r"^#+ (.*)$", open(readme).read(), re.M)}
+fired = {a["alertname"] for t in yaml.safe_load(open(tests))["tests"]
+         for a in t.get("alert_rule_test", []) if a.get("exp_alerts")}
+bad = []
+for r in alerts:
+    url = r.get("annotations", {}).get("runbook_url", "")
+    m = re.fullmatch(r"deploy/README\.md#([a-z0-9_-]+)", url)
+    if not m or m.group(1) not in heads:
+        bad.append(f"{r['alert']}: runbook_url {url!r} names no section of deploy/README.md")
+    if r["alert"] not in fired:
+        bad.append(f"{r['alert']}: no test in riftmesh-rules.test.yml expects it to fire")
+if bad:
+    sys.exit("\n".join(bad))
+print(f"{len(alerts)} alerts: each has a runbook section and a firing test")
+EOF2
 
 # --- 6. Grafana dashboard -----------------------------------------------------------------
 step "dashboard"

@@ -6,23 +6,8 @@ use std::sync::Arc;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
-use crate::config::{AgentConfig, LogFormat};
+use crate::config::AgentConfig;
 use crate::node::{write_private, Node};
-
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "info,libp2p_gossipsub=warn,libp2p_mdns=warn,libp2p_kad=error,openraft=warn,openraft::core=off,openraft::replication=off",
-        )
-    });
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text => b.try_init(),
-    };
-}
 
 /// glibc's allocator serves the chunk-sized buffers of blob transfers
 /// (1-8 MiB) with fresh `mmap`s by default, so every chunk paid page faults
@@ -92,6 +77,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     write_private(&info_path, info.to_string().as_bytes())
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", info_path.display()))?;
 
+    if cfg.bootstrap.is_empty() && !cfg.alone_warning_after.is_zero() {
+        tokio::spawn(warn_if_alone(
+            node.clone(),
+            cfg.alone_warning_after,
+            cfg.mdns,
+        ));
+    }
+
     let registry = Arc::new(registry);
     tokio::spawn(async move {
         if let Err(e) = crate::metrics::serve(metrics_listener, registry).await {
@@ -131,6 +124,31 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     tracing::info!("riftmesh agent stopping");
     Ok(())
+}
+
+/// An agent with no bootstrap address that has found no peer after `after`
+/// says so, once, with the fix: a default configuration on a network that
+/// drops multicast (most clouds) forms a cluster of one without a word.
+async fn warn_if_alone(node: Arc<Node>, after: std::time::Duration, mdns: bool) {
+    tokio::time::sleep(after).await;
+    let alone = node.net.peers().await.is_ok_and(|p| p.is_empty());
+    if !alone {
+        return;
+    }
+    let how = if mdns {
+        "mDNS found no peer on this network (cloud networks usually drop multicast)"
+    } else {
+        "mDNS is off"
+    };
+    tracing::warn!(
+        after = %humantime::format_duration(after),
+        mdns,
+        "no bootstrap address and no peer: this agent is a cluster of one ({how}). \
+         To join a cluster, set bootstrap = [\"/ip4/<peer-address>/tcp/4001\"] in the \
+         config (or --bootstrap / RIFTMESH_BOOTSTRAP) to one or more running hosts; \
+         if this host is the first, start the others with its address \
+         (alone_warning_after = \"0s\" silences this)"
+    );
 }
 
 async fn shutdown_signal() {

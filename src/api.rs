@@ -1873,6 +1873,9 @@ pub enum ClientError {
     Refused { status: u16, message: String },
     #[error("unexpected answer from the agent: {0}")]
     Protocol(String),
+    /// Something answers at the address, but not the agent's API.
+    #[error("{addr} is not a riftmesh agent's API: {detail}")]
+    NotApi { addr: String, detail: String },
     /// A local file the client was to send.
     #[error("{0}")]
     Local(String),
@@ -1900,10 +1903,14 @@ impl Client {
             reason: e.to_string(),
         })?;
         let status = resp.status();
-        let body: Value = resp
-            .json()
+        let bytes = resp
+            .bytes()
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let body: Value = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(_) => return Err(self.not_api(status).await),
+        };
         if !status.is_success() {
             let message = body
                 .get("error")
@@ -1916,6 +1923,37 @@ impl Client {
             });
         }
         Ok(body)
+    }
+
+    /// The error for an answer that is not JSON: says so, and whether the
+    /// address is the agent's metrics port (a common mix-up).
+    async fn not_api(&self, status: reqwest::StatusCode) -> ClientError {
+        let metrics = async {
+            let r = self
+                .http
+                .get(format!("{}/metrics", self.base))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            let text = r.text().await.ok()?;
+            text.contains("riftmesh_").then_some(())
+        }
+        .await;
+        let detail = match metrics {
+            Some(()) => format!(
+                "that is the agent's Prometheus metrics port; the API is on another port (the agent's --api or `api` setting, {} by default)",
+                crate::config::DEFAULT_API
+            ),
+            None => format!(
+                "it answered HTTP {status} without a JSON body (the API is at the agent's --api or `api` setting, {} by default)",
+                crate::config::DEFAULT_API
+            ),
+        };
+        ClientError::NotApi {
+            addr: self.base.clone(),
+            detail,
+        }
     }
 
     /// Upload a file's bytes (read with the caller's permissions) as a

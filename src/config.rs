@@ -71,6 +71,7 @@ pub struct FileConfig {
     pub api: Option<String>,
     pub metrics: Option<String>,
     pub mdns: Option<bool>,
+    pub alone_warning_after: Option<String>,
     pub log_format: Option<String>,
     pub max_event_bytes: Option<usize>,
     pub api_max_body_bytes: Option<usize>,
@@ -148,6 +149,9 @@ pub struct AgentConfig {
     pub api: SocketAddr,
     pub metrics: SocketAddr,
     pub mdns: bool,
+    /// Without bootstrap addresses: how long without any peer before the
+    /// agent warns (once) that it is a cluster of one; zero: never.
+    pub alone_warning_after: Duration,
     pub log_format: LogFormat,
     /// Largest gossip frame; an event must fit in it.
     pub max_event_bytes: usize,
@@ -243,6 +247,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("{e} (write e.g. 1048576, 4MiB, 500GiB)"))
 }
 
+/// 1-based line and column (in characters) of a byte offset in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (write e.g. 30s, 10m, 24h, 7d)"))
 }
@@ -272,10 +284,13 @@ impl AgentConfig {
                         "config",
                         &path.display().to_string(),
                         format!("file {}", path.display()),
-                        e.message().to_string()
-                            + &e.span()
-                                .map(|s| format!(" (at byte {})", s.start))
-                                .unwrap_or_default(),
+                        e.span()
+                            .map(|s| {
+                                let (line, col) = line_col(&text, s.start);
+                                format!("line {line}, column {col}: ")
+                            })
+                            .unwrap_or_default()
+                            + e.message().trim_end(),
                     )
                 })?;
                 (f, format!("file {}", path.display()))
@@ -696,6 +711,11 @@ impl AgentConfig {
             api,
             metrics,
             mdns,
+            alone_warning_after: dur(
+                "alone_warning_after",
+                file.alone_warning_after,
+                Duration::from_secs(60),
+            )?,
             log_format,
             max_event_bytes,
             api_max_body_bytes: positive(
@@ -848,6 +868,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("apii"), "{e}");
+        assert!(e.to_string().contains("line 1, column 1"), "{e}");
+        std::fs::write(&p, "name = \"a\"\n\nmdns = tru\n").unwrap();
+        let e = AgentConfig::resolve(
+            &AgentArgs {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("line 3, column 8"), "{e}");
         std::fs::write(&p, "dedup_window = \"soon\"\n").unwrap();
         let e = AgentConfig::resolve(
             &AgentArgs {

@@ -12,6 +12,7 @@ pub mod durable;
 pub mod event;
 pub mod leader;
 pub mod limits;
+pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod mux;

@@ -43,11 +43,106 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: Option<&'static u8> =
     Some(&b"tcache_max:65536,tcache_nslots_large:64,tcache_gc_incr_bytes:16777216\0"[0]);
 
+/// Exit status of every command (README.md, "Exit codes"). `run` and
+/// `lock run` exit with their command's status once it has started.
+mod exit {
+    /// Anything else that went wrong (the agent failed the request, a local
+    /// file could not be written, a wait gave up).
+    pub const FAILED: i32 = 1;
+    /// Bad arguments or configuration, or a request the agent calls malformed.
+    pub const USAGE: i32 = 2;
+    /// `lock run`: the lock was lost or not renewed in time; the command was stopped.
+    pub const LOCK_LOST: i32 = 3;
+    /// No riftmesh agent answers at the API address.
+    pub const UNREACHABLE: i32 = 4;
+    /// What was named does not exist (event, consumer, blob, lock, member).
+    pub const NOT_FOUND: i32 = 5;
+    /// It exists already or is taken: a lock held, a token that does not hold
+    /// the lock, a file that exists, a duplicate name.
+    pub const CONFLICT: i32 = 6;
+    /// Refused by the agent's policy (fault injection off, a path outside
+    /// the blob roots, a strict type list).
+    pub const POLICY: i32 = 7;
+}
+
+/// A mistake in how the command was called (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// An error with its exit status chosen where it happened.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+struct Classed {
+    code: i32,
+    msg: String,
+}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Usage(msg.into()).into()
+}
+
+/// The exit status for an error: the first cause in its chain that has a class.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<api::ClientError>() {
+            return match c {
+                api::ClientError::Unreachable { .. } | api::ClientError::NotApi { .. } => {
+                    exit::UNREACHABLE
+                }
+                api::ClientError::Refused { status, .. } => match status {
+                    400 | 411 | 413 | 415 | 422 => exit::USAGE,
+                    403 => exit::POLICY,
+                    404 => exit::NOT_FOUND,
+                    409 => exit::CONFLICT,
+                    _ => exit::FAILED,
+                },
+                api::ClientError::Protocol(_) | api::ClientError::Local(_) => exit::FAILED,
+            };
+        }
+        if cause.is::<Usage>() || cause.is::<riftmesh::config::ConfigError>() {
+            return exit::USAGE;
+        }
+        if let Some(c) = cause.downcast_ref::<Classed>() {
+            return c.code;
+        }
+    }
+    exit::FAILED
+}
+
+/// The agent's API address as given: `host:port` or an `http://` URL, with
+/// a port (`localhost` alone would mean port 80, where no agent listens).
+fn parse_api(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .unwrap_or(s);
+    let hostport = rest.split('/').next().unwrap_or("");
+    let port = match hostport.rfind(']') {
+        // [::1]:7411
+        Some(i) => hostport[i + 1..].strip_prefix(':'),
+        None => hostport.rsplit_once(':').map(|(_, p)| p),
+    };
+    match port {
+        Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(s.to_string()),
+        Some(p) => Err(format!(
+            "{p:?} is not a port: write host:port, e.g. {DEFAULT_API} (from --api or RIFTMESH_API)"
+        )),
+        None => Err(format!(
+            "{s:?} names no port: write {hostport}:7411, or the port the agent's --api / `api` setting uses \
+             (from --api or RIFTMESH_API)"
+        )),
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "riftmesh",
     version,
-    about = "Peer-to-peer cluster agent for GPU training fleets"
+    about = "Peer-to-peer cluster agent for GPU training fleets",
+    after_help = "Exit status: 0 ok, 1 failed, 2 usage, 3 lock lost (lock run), 4 agent unreachable, \
+                  5 not found, 6 conflict, 7 refused by policy; `run` and `lock run` pass on \
+                  their command's status."
 )]
 struct Cli {
     /// Print JSON instead of text.
@@ -60,8 +155,8 @@ struct Cli {
 /// How a client command finds the local agent.
 #[derive(clap::Args, Clone)]
 struct Conn {
-    /// Address of the local agent's API.
-    #[arg(long, env = "RIFTMESH_API", default_value = DEFAULT_API)]
+    /// Address of the local agent's API (host:port).
+    #[arg(long, env = "RIFTMESH_API", default_value = DEFAULT_API, value_parser = parse_api)]
     api: String,
 }
 
@@ -217,6 +312,32 @@ enum Cmd {
         #[command(subcommand)]
         op: SyncOp,
     },
+    /// Check an agent configuration without starting the agent.
+    Config {
+        #[command(subcommand)]
+        op: ConfigOp,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
+    /// Print the manual page (roff), or write one page per command into a directory.
+    Man {
+        /// Write riftmesh.1 and riftmesh-<command>.1 here instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigOp {
+    /// Resolve and validate everything `agent` would (file, environment,
+    /// flags, swarm key) and print the result; exit 2 if invalid.
+    Check {
+        /// The TOML file [default: --config or RIFTMESH_CONFIG; without
+        /// either, only the defaults, environment and flags].
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        args: AgentArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -331,11 +452,12 @@ enum LockOp {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Give the lock back.
+    /// Give the lock back. Without --token: only a lock this agent holds
+    /// (its holder is this agent's name).
     Release {
         name: String,
         #[arg(long)]
-        token: u64,
+        token: Option<u64>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -434,7 +556,7 @@ async fn blob_cmd(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result
         } => {
             let deadline = std::time::Instant::now()
                 + riftmesh::config::parse_duration(&timeout)
-                    .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+                    .map_err(|e| usage(format!("--timeout: {e}")))?;
             let v = client.post("/v1/blob/fetch", &json!({ "ref": r })).await?;
             let mut state = v["state"].as_str().unwrap_or("").to_string();
             while state != "complete" {
@@ -466,7 +588,7 @@ async fn blob_cmd(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result
 
 fn secs(s: &str, what: &str) -> anyhow::Result<f64> {
     Ok(riftmesh::config::parse_duration(s)
-        .map_err(|e| anyhow::anyhow!("{what} {s:?}: {e}"))?
+        .map_err(|e| usage(format!("{what} {s:?}: {e}")))?
         .as_secs_f64())
 }
 
@@ -615,7 +737,7 @@ async fn lock_run(
             _ = sleep_until(deadline.kill) => {
                 eprintln!("riftmesh: lock {name} expires: killing the command (SIGKILL)");
                 kill_child(&mut child).await;
-                return Ok(3);
+                return Ok(exit::LOCK_LOST);
             }
             _ = renew.tick(), if renewing.is_none() && !termed => {
                 let (c, p) = (client, renew_path.clone());
@@ -646,7 +768,7 @@ async fn lock_run(
         }
     };
     if termed {
-        return Ok(3);
+        return Ok(exit::LOCK_LOST);
     }
     let _ = client
         .post(
@@ -737,18 +859,171 @@ async fn async_main() {
             let sub = matches.subcommand_matches("agent");
             match AgentConfig::resolve(args, sub) {
                 Ok(cfg) => {
-                    riftmesh::agent::init_logging(cfg.log_format);
+                    riftmesh::logging::init(cfg.log_format);
                     riftmesh::agent::run(cfg).await
                 }
                 Err(e) => Err(e.into()),
             }
         }
+        Cmd::Config {
+            op: ConfigOp::Check { ref file, ref args },
+        } => {
+            let sub = matches
+                .subcommand_matches("config")
+                .and_then(|m| m.subcommand_matches("check"));
+            config_check(file.clone(), args, sub, cli.json)
+        }
+        Cmd::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "riftmesh", &mut script);
+            write_stdout(&script)
+        }
+        Cmd::Man { ref out_dir } => man(out_dir.as_deref()),
         _ => run_client(cli).await,
     };
     if let Err(e) = result {
         eprintln!("riftmesh: {e:#}");
-        std::process::exit(1);
+        std::process::exit(exit_code(&e));
     }
+}
+
+/// Write to standard output; a reader that stopped early (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `riftmesh man`: the page on standard output, or every command's page in a directory.
+fn man(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    match out_dir {
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page)?;
+            write_stdout(&page)?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("cannot write the pages into {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `riftmesh config check [FILE]`: what `agent` would resolve, validated,
+/// without binding a port or opening the store.
+fn config_check(
+    file: Option<PathBuf>,
+    args: &AgentArgs,
+    matches: Option<&clap::ArgMatches>,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let mut args = args.clone();
+    if file.is_some() {
+        args.config = file;
+    }
+    let cfg = AgentConfig::resolve(&args, matches)?;
+    // The swarm key must exist and parse if one is named; without one the
+    // agent makes <data-dir>/swarm.key at its first start.
+    let key = match &cfg.swarm_key {
+        Some(p) => {
+            let psk = riftmesh::node::load_swarm_key(&cfg).map_err(|e| usage(e.to_string()))?;
+            format!("{} (fingerprint {})", p.display(), psk.fingerprint())
+        }
+        None => {
+            let p = cfg.data_dir.join("swarm.key");
+            if p.exists() {
+                let psk = riftmesh::node::load_swarm_key(&cfg).map_err(|e| usage(e.to_string()))?;
+                format!("{} (fingerprint {})", p.display(), psk.fingerprint())
+            } else {
+                format!(
+                    "{} (made at the first start: copy it to every host)",
+                    p.display()
+                )
+            }
+        }
+    };
+    let mut warnings = Vec::new();
+    if cfg.bootstrap.is_empty() {
+        warnings.push(if cfg.mdns {
+            "no bootstrap: this host finds peers only by mDNS on its local network (set bootstrap = [\"/ip4/<peer>/tcp/4001\"])".to_string()
+        } else {
+            "no bootstrap and mDNS off: this host will form a cluster of one until a peer dials it (set bootstrap = [\"/ip4/<peer>/tcp/4001\"])".to_string()
+        });
+    }
+    if !cfg.api.ip().is_loopback() {
+        warnings.push(format!(
+            "the local API listens on {} (not loopback): anyone who can reach it can publish and consume",
+            cfg.api
+        ));
+    }
+    if json_out {
+        return print_json(&json!({
+            "valid": true,
+            "config": args.config.as_ref().map(|p| p.display().to_string()),
+            "name": cfg.name,
+            "data_dir": cfg.data_dir.display().to_string(),
+            "listen": cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "bootstrap": cfg.bootstrap.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "api": cfg.api.to_string(),
+            "metrics": cfg.metrics.to_string(),
+            "mdns": cfg.mdns,
+            "voters": cfg.voters,
+            "swarm_key": key,
+            "warnings": warnings,
+        }));
+    }
+    println!(
+        "{}: valid",
+        args.config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "configuration (no file)".into())
+    );
+    println!("name       {}", cfg.name);
+    println!("data dir   {}", cfg.data_dir.display());
+    println!(
+        "listen     {}",
+        cfg.listen
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "bootstrap  {}",
+        if cfg.bootstrap.is_empty() {
+            "none".to_string()
+        } else {
+            cfg.bootstrap
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    println!("mdns       {}", if cfg.mdns { "on" } else { "off" });
+    println!("api        {}   metrics {}", cfg.api, cfg.metrics);
+    println!(
+        "voters     {}",
+        if cfg.voters.is_empty() {
+            "none (no leader in this cluster)".to_string()
+        } else if cfg.voters.contains(&cfg.name) {
+            format!("{} (this host votes)", cfg.voters.join(", "))
+        } else {
+            cfg.voters.join(", ")
+        }
+    );
+    println!("swarm key  {key}");
+    for w in warnings {
+        println!("warning    {w}");
+    }
+    Ok(())
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -764,8 +1039,18 @@ fn fmt_bytes(b: u64) -> String {
 fn print_members(v: &Value) {
     let members = v["members"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<16} {:<8} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} jobs / tags",
-        "NAME", "STATE", "HEARD", "RTT", "CPUS", "CPU%", "MEM used/tot", "DISK free/tot", "GPU"
+        "{:<16} {:<8} {:<8} {:<21} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} jobs / tags",
+        "NAME",
+        "STATE",
+        "VERSION",
+        "ADDRESS",
+        "HEARD",
+        "RTT",
+        "CPUS",
+        "CPU%",
+        "MEM used/tot",
+        "DISK free/tot",
+        "GPU"
     );
     for m in members {
         let h = &m["health"];
@@ -809,10 +1094,20 @@ fn print_members(v: &Value) {
                 })
                 .unwrap_or_default()
         };
+        let version = m["agent_version"]
+            .as_str()
+            .map(|v| v.strip_prefix("riftmesh/").unwrap_or(v).to_string())
+            .unwrap_or_else(|| "-".into());
+        let address = m["addresses"]
+            .as_array()
+            .and_then(|a| a.iter().filter_map(Value::as_str).map(host_port).next())
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<16} {:<8} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} {} {}",
+            "{:<16} {:<8} {:<8} {:<21} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} {} {}",
             m["name"].as_str().unwrap_or("?"),
             m["state"].as_str().unwrap_or("?"),
+            version,
+            address,
             heard,
             rtt,
             h["cpu_count"]
@@ -837,6 +1132,18 @@ fn print_members(v: &Value) {
             kv(&m["jobs"]),
             kv(&m["tags"]),
         );
+    }
+}
+
+/// `/ip4/10.0.0.7/tcp/4001` as `10.0.0.7:4001`; other addresses as they are.
+fn host_port(addr: &str) -> String {
+    let parts: Vec<&str> = addr.split('/').collect();
+    match parts.as_slice() {
+        ["", "ip4" | "dns" | "dns4" | "dns6", host, "tcp" | "udp", port, ..] => {
+            format!("{host}:{port}")
+        }
+        ["", "ip6", host, "tcp" | "udp", port, ..] => format!("[{host}]:{port}"),
+        _ => addr.to_string(),
     }
 }
 
@@ -886,18 +1193,28 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
         | Cmd::Sync {
             op: SyncOp::Status { conn },
         } => conn.api.clone(),
-        Cmd::Agent(_) | Cmd::Keygen { .. } => DEFAULT_API.to_string(),
+        Cmd::Agent(_)
+        | Cmd::Keygen { .. }
+        | Cmd::Config { .. }
+        | Cmd::Completion { .. }
+        | Cmd::Man { .. } => DEFAULT_API.to_string(),
     };
     let client = Client::new(&api);
     match cli.cmd {
-        Cmd::Agent(_) => unreachable!("handled in main"),
+        Cmd::Agent(_) | Cmd::Config { .. } | Cmd::Completion { .. } | Cmd::Man { .. } => {
+            unreachable!("handled in main")
+        }
         Cmd::Keygen { out, force } => {
             let text = riftmesh::net::generate_psk().to_string();
             match out {
                 None => print!("{text}"),
                 Some(path) => {
                     if path.exists() && !force {
-                        bail!("{} exists; pass --force to overwrite it", path.display());
+                        return Err(Classed {
+                            code: exit::CONFLICT,
+                            msg: format!("{} exists; pass --force to overwrite it", path.display()),
+                        }
+                        .into());
                     }
                     riftmesh::node::write_private(&path, text.as_bytes())
                         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -920,8 +1237,8 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             retry_for,
             ..
         } => {
-            let payload: Value =
-                serde_json::from_str(&payload).context("--payload is not valid JSON")?;
+            let payload: Value = serde_json::from_str(&payload)
+                .map_err(|e| usage(format!("--payload is not valid JSON: {e}")))?;
             let key = match (by_content, idempotency_key) {
                 (true, _) => None,
                 (false, Some(k)) => Some(k),
@@ -1036,7 +1353,9 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             let mut jobs = serde_json::Map::new();
             for kv in values {
                 let Some((k, v)) = kv.split_once('=') else {
-                    bail!("{kv:?}: write NAME=VALUE (or NAME= to remove)");
+                    return Err(usage(format!(
+                        "{kv:?}: write NAME=VALUE (or NAME= to remove)"
+                    )));
                 };
                 let value = if v.trim().is_empty() {
                     Value::Null
@@ -1044,7 +1363,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                     let n: f64 = v
                         .trim()
                         .parse()
-                        .with_context(|| format!("{kv:?}: the value is not a number"))?;
+                        .map_err(|_| usage(format!("{kv:?}: the value is not a number")))?;
                     json!(n)
                 };
                 jobs.insert(k.trim().to_string(), value);
@@ -1052,7 +1371,7 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             let ttl_secs = match ttl {
                 Some(t) => Some(
                     riftmesh::config::parse_duration(&t)
-                        .map_err(|e| anyhow::anyhow!("--ttl {t:?}: {e}"))?
+                        .map_err(|e| usage(format!("--ttl {t:?}: {e}")))?
                         .as_secs(),
                 ),
                 None => None,
@@ -1137,9 +1456,19 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 if cli.json {
                     return print_json(&v);
                 }
-                println!("renewed {name} (token {token}) until {}", v["expires_ms"]);
+                let exp = v["expires_ms"].as_u64().unwrap_or(0);
+                println!(
+                    "renewed {name} (token {token}) until {}",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(exp)
+                    )
+                );
             }
             LockOp::Release { name, token, .. } => {
+                let token = match token {
+                    Some(t) => t,
+                    None => own_lock_token(&client, &name).await?,
+                };
                 let v = client
                     .post(
                         &format!("/v1/locks/{name}/release"),
@@ -1156,13 +1485,30 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
                 if cli.json {
                     return print_json(&v);
                 }
-                for l in v["locks"].as_array().cloned().unwrap_or_default() {
+                let locks = v["locks"].as_array().cloned().unwrap_or_default();
+                if locks.is_empty() {
+                    println!("no locks held");
+                    return Ok(());
+                }
+                println!(
+                    "{:<24} {:<20} {:>8}  {:<24} LEFT",
+                    "NAME", "HOLDER", "TOKEN", "EXPIRES"
+                );
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                for l in locks {
+                    let exp = l["expires_ms"].as_u64().unwrap_or(0);
                     println!(
-                        "{:<24} holder={} token={} expires_ms={}",
+                        "{:<24} {:<20} {:>8}  {:<24} {}",
                         l["name"].as_str().unwrap_or("?"),
                         l["holder"].as_str().unwrap_or("?"),
                         l["token"],
-                        l["expires_ms"]
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(exp)
+                        ),
+                        human_left(exp, now_ms)
                     );
                 }
             }
@@ -1338,6 +1684,50 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// "in 25s", "in 3m 10s", or "expired" (by this host's clock).
+fn human_left(expires_ms: u64, now_ms: u64) -> String {
+    if expires_ms <= now_ms {
+        return "expired".into();
+    }
+    let secs = (expires_ms - now_ms).div_ceil(1000);
+    format!(
+        "in {}",
+        humantime::format_duration(std::time::Duration::from_secs(secs))
+    )
+}
+
+/// The token of lock `name` if this agent holds it (its holder is this
+/// agent's name, the default holder); otherwise an error saying why.
+async fn own_lock_token(client: &Client, name: &str) -> anyhow::Result<u64> {
+    let me = client.get("/v1/status").await?;
+    let me = me["name"].as_str().unwrap_or_default().to_string();
+    let v = client.get("/v1/locks").await?;
+    let lock = v["locks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["name"].as_str() == Some(name));
+    match lock {
+        None => Err(Classed {
+            code: exit::NOT_FOUND,
+            msg: format!("lock {name} is not held"),
+        }
+        .into()),
+        Some(l) if l["holder"].as_str() == Some(me.as_str()) => l["token"]
+            .as_u64()
+            .context("the lock list has no token for this lock"),
+        Some(l) => Err(Classed {
+            code: exit::CONFLICT,
+            msg: format!(
+                "lock {name} is held by {} (token {}), not by this agent ({me}); to release it from here, pass --token",
+                l["holder"].as_str().unwrap_or("?"),
+                l["token"]
+            ),
+        }
+        .into()),
+    }
 }
 
 fn emit(json_out: bool, events: &[EventView]) -> anyhow::Result<()> {

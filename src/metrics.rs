@@ -59,7 +59,7 @@ pub struct Metrics {
     pub member_rtt: Family<Labels, FGauge>,
     pub member_transitions: Family<Labels, Counter>,
     pub incarnation: Gauge,
-    pub detector_stalls: Gauge,
+    pub detector_stalls: Counter,
     pub host_cpu_use: FGauge,
     pub host_load1: FGauge,
     pub host_mem_used: Gauge,
@@ -121,7 +121,7 @@ impl Metrics {
             member_rtt: Family::default(),
             member_transitions: Family::default(),
             incarnation: Gauge::default(),
-            detector_stalls: Gauge::default(),
+            detector_stalls: Counter::default(),
             host_cpu_use: FGauge::default(),
             host_load1: FGauge::default(),
             host_mem_used: Gauge::default(),
@@ -267,12 +267,12 @@ impl Metrics {
         }
         reg! {
             "members", "Known members by state (this agent counts as alive)", m.members;
-            "member_state", "1 for each known member (this agent too) in its current state, by peer, name and state", m.member_state;
+            "member_state", "Per known member (this agent too) and state (alive, suspect, dead, left): 1 for its current state, 0 for the others, by peer, name and state", m.member_state;
             "member_last_heard_seconds", "Seconds since this agent last heard directly from a member", m.member_last_heard;
             "member_rtt_seconds", "Last ping round-trip time to a member", m.member_rtt;
             "member_transitions", "Failure-detector state changes, by from and to state", m.member_transitions;
             "incarnation", "This agent's incarnation (raised at each start and each refutation)", m.incarnation;
-            "detector_stalls", "Times this agent found itself stalled and gave every member grace", m.detector_stalls;
+            "detector_stalls", "Times this agent found itself stalled and gave every member grace (riftmesh_detector_stalls_total)", m.detector_stalls;
             "host_cpu_use_ratio", "Host CPU use, 0-1", m.host_cpu_use;
             "host_load1", "Host 1-minute load average", m.host_load1;
             "host_memory_used_bytes", "Host memory in use", m.host_mem_used;

@@ -2,8 +2,10 @@
 # Testnet CI: 5 agents in network namespaces, one pipeline round with a kill -9,
 # a partition and a heal, every invariant checked; then Prometheus (Debian's
 # package, our own process) scrapes every agent, every target must be up, and
-# `promtool check metrics` must accept every agent's /metrics; then a 3-minute
-# soak of 20 agents under random faults (its own testnet). Root, no stdin,
+# `promtool check metrics` must accept every agent's /metrics; then the quiet
+# round (log lines a minute under a voter down, a partition, a flapping host;
+# its own testnet); then a 3-minute soak of 20 agents under random faults (its
+# own testnet). Root, no stdin,
 # a fresh Debian machine. Everything is torn down on exit.
 set -euo pipefail
 
@@ -17,6 +19,11 @@ T0=$(date +%s)
 WORK="$(mktemp -d /tmp/riftmesh-testnet-ci.XXXXXX)"
 STATE="$WORK/net"
 SOAK_STATE="$WORK/soak"
+QUIET_STATE="$WORK/quiet"
+# How long the quiet round keeps a voter down (the issue asks 2 minutes);
+# the partition and flapping phases take TESTNET_CI_QUIET_FAULT_SECONDS each.
+QUIET_SECONDS="${TESTNET_CI_QUIET_SECONDS:-120}"
+QUIET_FAULT_SECONDS="${TESTNET_CI_QUIET_FAULT_SECONDS:-60}"
 SOAK_SECONDS="${TESTNET_CI_SOAK_SECONDS:-180}"
 # The soak's seed: from the commit under test, so a rerun of the same commit
 # draws the same schedule (printed below; TESTNET_CI_SOAK_SEED overrides).
@@ -38,6 +45,7 @@ cleanup() {
   if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
   tn down || rc=1
   "$HERE/testnet" --state "$SOAK_STATE" down || rc=1
+  "$HERE/testnet" --state "$QUIET_STATE" down || rc=1
   if [ "$rc" -ne 0 ] && { [ -d "$STATE/hosts" ] || [ -d "$SOAK_STATE/hosts" ]; }; then
     keep="/tmp/riftmesh-testnet-ci-failed.$(date +%Y%m%dT%H%M%S)"
     mkdir -p "$keep"
@@ -196,12 +204,21 @@ if [ "${#promtool_failed[@]}" -gt 0 ]; then
   exit 1
 fi
 
-# ---- soak ----------------------------------------------------------------------
-# The 5-host testnet goes first (CPU for the 20 agents); the soak brings up its
-# own testnet (names rmt-dNN, 10.77.3.0/24) and tears it down; the trap runs
-# `down` on it too in case the soak itself is killed.
+# ---- quiet logs under faults ------------------------------------------------------
+# Its own 3-host testnet at the agents' default log level: a voter stopped for
+# QUIET_SECONDS, a partition and a flapping host for QUIET_FAULT_SECONDS each;
+# fails if any agent writes more than 10 lines in any minute.
 kill "$PROM_PID" 2>/dev/null || true
 tn down
+echo "quiet: a voter down ${QUIET_SECONDS} s, a partition and a flapping host ${QUIET_FAULT_SECONDS} s each"
+timeout --foreground -k 30 $(( QUIET_SECONDS + 2 * QUIET_FAULT_SECONDS + 400 )) "$HERE/testnet" \
+  --state "$QUIET_STATE" quiet --duration "$QUIET_SECONDS" --fault-duration "$QUIET_FAULT_SECONDS" \
+  --max-per-minute 10 --net-tag q --subnet 10.77.4
+
+# ---- soak ----------------------------------------------------------------------
+# The 5-host testnet is down (CPU for the 20 agents); the soak brings up its
+# own testnet (names rmt-dNN, 10.77.3.0/24) and tears it down; the trap runs
+# `down` on it too in case the soak itself is killed.
 echo "soak: 20 agents, ${SOAK_SECONDS} s, seed $SOAK_SEED (TESTNET_CI_SOAK_SEED=$SOAK_SEED reproduces the schedule)"
 timeout --foreground -k 30 $(( SOAK_SECONDS + 300 )) "$HERE/testnet" --state "$SOAK_STATE" soak \
   --hosts 20 --duration "$SOAK_SECONDS" --seed "$SOAK_SEED" --converge-timeout 120 \

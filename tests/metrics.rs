@@ -283,6 +283,8 @@ async fn formats_and_operator_series() {
     }
     let w2_peer = w2.peer_id.clone();
     w2.kill9();
+    // One series per state, 1 for the current one: a change of state
+    // changes values, not series.
     wait_for(
         "w2 dead on v0, and only dead",
         Duration::from_secs(90),
@@ -292,10 +294,18 @@ async fn formats_and_operator_series() {
                 .lines()
                 .filter(|l| l.starts_with("riftmesh_member_state{") && l.contains(&w2_peer))
                 .collect();
-            (ours.len() == 1 && ours[0].contains("state=\"dead\"")).then_some(())
+            let ones: Vec<&&str> = ours.iter().filter(|l| l.ends_with(" 1")).collect();
+            (ours.len() == 4 && ones.len() == 1 && ones[0].contains("state=\"dead\"")).then_some(())
         },
     )
     .await;
-    assert!(text(&v0).await.contains(&series("w2", "dead", &w2_peer)));
+    let t = text(&v0).await;
+    assert!(t.contains(&series("w2", "dead", &w2_peer)));
+    for state in ["alive", "suspect", "left"] {
+        let zero = format!(
+            "riftmesh_member_state{{peer=\"{w2_peer}\",name=\"w2\",state=\"{state}\"}} 0\n"
+        );
+        assert!(t.contains(&zero), "{zero}");
+    }
     check_formats(&v0).await;
 }

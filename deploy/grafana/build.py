@@ -159,7 +159,7 @@ panels += row("Cluster", [
         P("timeseries", "Lock operations (on the leader)", [target(
             f'sum by (op) (rate(riftmesh_lock_ops_total{{{SEL}}}[$__rate_interval]))', "{{op}}")], 8, unit="ops"),
         P("table", "Members not alive (by name, observers counted)", [target(
-            f'count by (name, peer, state) (riftmesh_member_state{{{SEL}, state!="alive"}})', "", instant=True, fmt="table")], 8,
+            f'count by (name, peer, state) (riftmesh_member_state{{{SEL}, state!="alive"}} == 1)', "", instant=True, fmt="table")], 8,
           desc="Members some agent sees suspect, dead or left, and how many agents see them so."),
     ),
 ])

@@ -488,7 +488,8 @@ struct Task {
     internal: mpsc::UnboundedSender<Internal>,
     patterns: Vec<TypePattern>,
     cursor: u64,
-    /// Per member, the labels of its `riftmesh_member_state` series.
+    /// Per member, the peer and name labels of its `riftmesh_member_state`
+    /// series (one per state).
     state_series: HashMap<PeerId, Labels>,
     /// Job counters with a `riftmesh_host_jobs` series.
     job_series: BTreeSet<String>,
@@ -979,39 +980,52 @@ impl Task {
         }
     }
 
-    /// `riftmesh_member_state`: one series per member at 1, for its current
-    /// state and name; the series of an old state or name, or of a forgotten
-    /// member, is removed.
+    /// `riftmesh_member_state`: per member, one series per state (the
+    /// kube-state-metrics pattern): 1 for its current state, 0 for the
+    /// others, so a change of state changes values, not series. The series
+    /// of a forgotten member, or of its old name, are removed.
     fn update_member_state(&mut self) {
-        let now: HashMap<PeerId, Labels> = {
+        const STATES: [&str; 4] = ["alive", "suspect", "dead", "left"];
+        let now: HashMap<PeerId, (Labels, &'static str)> = {
             let g = self.inner();
-            let row = |peer: &PeerId, name: &str, state: &str| -> Labels {
-                let mut l = peer_labels(peer, name);
-                l.push(("state", state.to_string()));
-                l
-            };
             g.det
                 .members()
                 .map(|m| {
-                    let l = row(&m.peer, m.name.as_deref().unwrap_or(""), m.state.as_str());
-                    (m.peer, l)
+                    let l = peer_labels(&m.peer, m.name.as_deref().unwrap_or(""));
+                    let state = STATES
+                        .iter()
+                        .find(|s| **s == m.state.as_str())
+                        .copied()
+                        .unwrap_or("dead");
+                    (m.peer, (l, state))
                 })
                 .chain(std::iter::once((
                     self.me,
-                    row(&self.me, &g.me.info.name, "alive"),
+                    (peer_labels(&self.me, &g.me.info.name), "alive"),
                 )))
                 .collect()
         };
+        let with_state = |l: &Labels, s: &str| -> Labels {
+            let mut l = l.clone();
+            l.push(("state", s.to_string()));
+            l
+        };
         let mx = &self.node.metrics;
         for (peer, old) in &self.state_series {
-            if now.get(peer) != Some(old) {
-                mx.member_state.remove(old);
+            if now.get(peer).map(|(l, _)| l) != Some(old) {
+                for s in STATES {
+                    mx.member_state.remove(&with_state(old, s));
+                }
             }
         }
-        for l in now.values() {
-            mx.member_state.get_or_create(l).set(1);
+        for (l, current) in now.values() {
+            for s in STATES {
+                mx.member_state
+                    .get_or_create(&with_state(l, s))
+                    .set(i64::from(s == *current));
+            }
         }
-        self.state_series = now;
+        self.state_series = now.into_iter().map(|(p, (l, _))| (p, l)).collect();
     }
 
     fn update_metrics(&mut self) {
@@ -1047,7 +1061,12 @@ impl Task {
         if !odd.is_empty() && every_minute {
             tracing::error!(members = ?odd, "these members have a different voter list than this agent: fix the config so every host has the same `voters`; raft traffic between different lists is refused");
         }
-        mx.detector_stalls.set(g.det.stalls as i64);
+        // The detector counts stalls; the counter follows it.
+        let stalls = g.det.stalls;
+        let seen = mx.detector_stalls.get();
+        if stalls > seen {
+            mx.detector_stalls.inc_by(stalls - seen);
+        }
     }
 
     fn update_host_metrics(&mut self) {

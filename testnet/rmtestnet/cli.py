@@ -18,7 +18,7 @@ from .check import check
 DEFAULT_STATE = os.environ.get("TESTNET_STATE", "/tmp/riftmesh-testnet")
 
 # Default whole-command timeouts (seconds), overridable with --timeout.
-TIMEOUTS = {"up": 300, "down": 120, "check": 120, "scenario": 900, "fanout": 1200, "soak": 2700,
+TIMEOUTS = {"quiet": 1200, "up": 300, "down": 120, "check": 120, "scenario": 900, "fanout": 1200, "soak": 2700,
             "restart": 120, "fill-disk": 120}
 
 
@@ -258,6 +258,11 @@ def cmd_soak(args):
     return run_soak(args)
 
 
+def cmd_quiet(args):
+    from .quiet import run_quiet
+    return run_quiet(args)
+
+
 def cmd_fanout(args):
     from .fanout import run_fanout
     return run_fanout(args)
@@ -400,6 +405,25 @@ def parser():
     p.add_argument("--keep", action="store_true", help="leave a testnet the soak brought up running")
     p.add_argument("--report", help="JSON report path (default <state>/soak-report-<seed>.json)")
     p.set_defaults(fn=cmd_soak)
+
+    p = sub.add_parser("quiet", help="log lines a minute under a voter down, a partition, a flapping peer "
+                                     "(default log level; fails above --max-per-minute)")
+    add_up_args(p)
+    p.set_defaults(hosts=3, voters=3)
+    p.add_argument("--duration", type=util.parse_duration, default=120,
+                   help="seconds the voter stays down (default 120)")
+    p.add_argument("--fault-duration", type=util.parse_duration, default=60,
+                   help="seconds of the partition and of the flapping (default 60)")
+    p.add_argument("--flap-every", type=util.parse_duration, default=10,
+                   help="seconds per kill-and-restart cycle of the flapping host (default 10)")
+    p.add_argument("--phases", default="voter-down,partition,flap",
+                   help="comma list of voter-down, partition, flap (default all)")
+    p.add_argument("--max-per-minute", type=int, default=10, help="most lines in any minute (default 10)")
+    p.add_argument("--flap-max-per-minute", type=int, default=14,
+                   help="most lines in any minute in the flap phase (default 14: two causes)")
+    p.add_argument("--keep", action="store_true", help="leave its testnet up")
+    p.add_argument("--report", help="write the per-agent counts as JSON here")
+    p.set_defaults(fn=cmd_quiet)
 
     p = sub.add_parser("fanout", help="blob fan-out benchmark: 1 source, 9 receivers, shaped links")
     p.add_argument("--rate", default="200mbit", help="every host's link rate (tc tbf), both directions")

@@ -320,7 +320,8 @@ class Cluster:
                    f" ====\n".encode())
         logf.flush()
         env = dict(os.environ)
-        env.setdefault("RUST_LOG", "info")
+        if not os.environ.get("TESTNET_DEFAULT_LOG"):
+            env.setdefault("RUST_LOG", "info")
         env.setdefault("NO_COLOR", "1")
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True, env=env)
