@@ -1798,7 +1798,7 @@ async fn history(
             if let Some(b) = before {
                 query.push(("before", b.to_string()));
             }
-            let v = client.get_query("/v1/events", &query).await?;
+            let v = riding(follow, || client.get_query("/v1/events", &query)).await?;
             let page: Vec<EventView> = api::decode(v["events"].clone())?;
             newest.extend(page);
             let head = v["head"].as_u64().unwrap_or(0);

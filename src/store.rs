@@ -1216,7 +1216,8 @@ impl Writer {
             };
             let window = self.cfg.repeat_window_ms(event_type);
             let first_copy = match earlier.clone() {
-                Some(f) if keyed || f.ts_ms.abs_diff(ts_ms) <= window => {
+                // A window of 0 means never, also within one millisecond.
+                Some(f) if keyed || (window > 0 && f.ts_ms.abs_diff(ts_ms) <= window) => {
                     let id = match f.id {
                         Some(id) => id,
                         None => self

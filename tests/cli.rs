@@ -106,8 +106,11 @@ fn bash_sources_the_completion_and_completes_subcommands() {
     let (script, _) = expect(&["completion", "bash"], 0);
     let path = dir.path().join("riftmesh.bash");
     std::fs::write(&path, script).unwrap();
-    let got = bash_complete(&path, "riftmesh con");
-    assert_eq!(got, ["config"], "riftmesh con<TAB>");
+    let mut got = bash_complete(&path, "riftmesh con");
+    got.sort();
+    assert_eq!(got, ["config", "consumer"], "riftmesh con<TAB>");
+    let got = bash_complete(&path, "riftmesh conf");
+    assert_eq!(got, ["config"], "riftmesh conf<TAB>");
     let got = bash_complete(&path, "riftmesh lock re");
     assert!(
         got.contains(&"release".to_string()) && got.contains(&"renew".to_string()),

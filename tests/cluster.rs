@@ -603,6 +603,8 @@ async fn cli_publishes_consumes_durably_and_traces() {
             "publish",
             "TRAINING_COMPLETED",
             "--json",
+            // Key-less, so that the repeat below is judged by content.
+            "--by-content",
             "--payload",
             r#"{"config":"hex8_2p","model_path":"models/hex8_2p.pth"}"#,
         ],

@@ -550,8 +550,15 @@ async fn history_and_consumers_answer_the_seeds_questions() {
     let first_line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .expect("the follower printed the event")
-        .unwrap()
         .unwrap();
+    let Some(first_line) = first_line else {
+        let out = follow.wait_with_output().await.unwrap();
+        panic!(
+            "the follower exited ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     assert_eq!(ns(&first_line), [100]);
     a.restart().await;
     assert_eq!(a.api, format!("http://{api}"));
