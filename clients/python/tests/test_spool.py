@@ -274,3 +274,50 @@ def test_module_level_fire_and_forget_and_the_default_spool_dir(
     finally:
         rr.reset_router()
     assert statuses(a.api, t) == ["running", "stopped"]
+
+
+PUBLISHER = """
+import asyncio, sys
+from riftmesh.router import Router
+
+async def main() -> None:
+    api, spool, t, name = sys.argv[1:5]
+    router = Router(name, api=api, spool_dir=spool, flush_interval=0.1)
+    for s in sys.argv[5:]:
+        task = router.fire_and_forget(t, {"status": s})
+        assert task is not None
+        await task        # one after the other: spooled in the calls' order
+    await router.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_spooled_events_survive_the_publishers_restart_and_arrive_once_in_order(
+    spawn_agent: Callable[..., Agent], uid: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    a = down_agent(spawn_agent, "py-spool-restart")
+    t = f"T{uid}_RESTART"
+    d = tmp_path / "spool"
+    script = tmp_path / "publisher.py"
+    script.write_text(PUBLISHER)
+    # A publisher process fires three events with the agent down, and exits.
+    p = subprocess.run(
+        [sys.executable, str(script), a.api, str(d), t, f"pub-{uid}", *FLIPS],
+        capture_output=True, text=True, timeout=DEADLINE,
+    )
+    assert p.returncode == 0, p.stderr
+    assert len(spooled(d)) == 3, p.stderr
+    # The agent comes back; a new publisher process (the daemon restarted)
+    # sends what the first one left, before anything of its own.
+    a.start()
+    p = subprocess.run(
+        [sys.executable, str(script), a.api, str(d), t, f"pub-{uid}", "after"],
+        capture_output=True, text=True, timeout=DEADLINE,
+    )
+    assert p.returncode == 0, p.stderr
+    assert statuses(a.api, t) == FLIPS + ["after"], "each once, in order, the spool before the new one"
+    assert not spooled(d)
