@@ -40,7 +40,11 @@ pub const DEFAULT_FILTER: &str = "info,libp2p_gossipsub=warn,libp2p_mdns=warn,li
 /// Length of a cause's window.
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Lines per window of one call site (riftmesh) or one target (dependencies).
-pub const PER_CAUSE: u32 = 3;
+/// 2, not 3: with a voter down, the leader's first minute held 3 lines of
+/// its own about the peer, 3 + 3 of openraft's at the two ends of a span a
+/// little over 60 s and the count: 10, the testnet's bound exactly
+/// (`testnet quiet`, voter-down, measured in CI's round).
+pub const PER_CAUSE: u32 = 2;
 /// Lines per window about one peer, all messages together: a peer that
 /// goes away writes about five (disconnected, suspect, dead, and the two
 /// membership facts), so a single failure is logged whole.
