@@ -1251,13 +1251,19 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             });
             let deadline = std::time::Instant::now() + retry_for;
             let mut pause = std::time::Duration::from_millis(100);
+            let mut retried = false;
+            // With a key, any failure that may have happened after the agent
+            // committed (unreachable, 503, an answer cut short) is retried:
+            // the key makes the retry the same fact.
             let answer = loop {
                 match client.post("/v1/events", &body).await {
                     Err(
                         e @ (api::ClientError::Unreachable { .. }
+                        | api::ClientError::Protocol(_)
                         | api::ClientError::Refused { status: 503, .. }),
                     ) if key.is_some() && std::time::Instant::now() + pause < deadline => {
                         eprintln!("riftmesh: {e}; retrying with the same idempotency key");
+                        retried = true;
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(std::time::Duration::from_secs(2));
                     }
@@ -1268,8 +1274,17 @@ async fn run_client(cli: Cli) -> anyhow::Result<()> {
             if let Some(w) = &r.warning {
                 eprintln!("riftmesh: warning: {w}");
             }
+            // A retry answered "duplicate by this call's key" confirms this
+            // call's own publish.
+            let confirmed =
+                retried && r.duplicate && r.duplicate_by.as_deref() == Some("idempotency_key");
             if cli.json {
                 print_json(&r)?;
+            } else if confirmed {
+                println!(
+                    "published {} id {} hash {} (confirmed on retry)",
+                    r.event_type, r.id, r.hash
+                );
             } else if r.duplicate {
                 let age = r
                     .age_ms

@@ -1229,7 +1229,8 @@ impl Writer {
                     };
                     Some((f.seq, id, f.ts_ms))
                 }
-                // Outside the window: a new fact, which takes over the entry.
+                // Outside the window: a new fact (it takes over the entry
+                // below when it is the later one).
                 _ => None,
             };
             let event = match (item, &first_copy) {
@@ -1283,34 +1284,40 @@ impl Writer {
                 continue;
             }
             let ev_ts = stored.event.ts_ms;
-            let mut hv = seq.to_be_bytes().to_vec();
-            hv.extend(received_ms.to_be_bytes());
-            hv.extend(ev_ts.to_be_bytes());
-            g.batch.insert(key_h(&h).as_slice(), hv);
-            match &earlier {
-                // A new fact with an earlier one's digest takes over its entry:
-                // one expiry entry per digest, the count unchanged.
-                Some(f) => {
-                    if f.received_ms != received_ms {
-                        g.batch.remove(key_x(f.received_ms, &h).as_slice());
+            // The entry holds the latest publication of the digest: a new
+            // fact published later takes it over; an older one (a late
+            // catch-up copy) leaves it, so later repeats are judged against
+            // the newest fact.
+            let take_over = earlier.as_ref().is_none_or(|f| ev_ts > f.ts_ms);
+            if take_over {
+                let mut hv = seq.to_be_bytes().to_vec();
+                hv.extend(received_ms.to_be_bytes());
+                hv.extend(ev_ts.to_be_bytes());
+                g.batch.insert(key_h(&h).as_slice(), hv);
+                match &earlier {
+                    // One expiry entry per digest, the count unchanged.
+                    Some(f) => {
+                        if f.received_ms != received_ms {
+                            g.batch.remove(key_x(f.received_ms, &h).as_slice());
+                        }
                     }
+                    None => self.dedup_count += 1,
                 }
-                None => self.dedup_count += 1,
+                g.batch.insert(key_x(received_ms, &h).as_slice(), &[]);
+                g.hashes.insert(
+                    h,
+                    FirstCopy {
+                        seq,
+                        received_ms,
+                        ts_ms: ev_ts,
+                        id: Some(stored.event.id.clone()),
+                    },
+                );
             }
-            g.batch.insert(key_x(received_ms, &h).as_slice(), &[]);
             g.batch.insert(key_i(&stored.event.id), &seq.to_be_bytes());
             if let Some(c) = &stored.event.correlation_id {
                 g.batch.insert(key_k(c, seq), &[]);
             }
-            g.hashes.insert(
-                h,
-                FirstCopy {
-                    seq,
-                    received_ms,
-                    ts_ms: ev_ts,
-                    id: Some(stored.event.id.clone()),
-                },
-            );
             out.push(Appended::New {
                 seq,
                 event: Arc::new(stored.event),

@@ -433,7 +433,8 @@ proptest! {
     /// duplicate of the first whatever its timing and payload; without one,
     /// the same content is a duplicate only within the repeat window of
     /// publication times, and a repeat outside it is a new fact that takes
-    /// over the entry. Consumers see exactly the new facts.
+    /// over the entry when it is the later one. Consumers see exactly the
+    /// new facts.
     #[test]
     fn dedup_follows_keys_and_the_repeat_window_across_restarts(ops in prop::collection::vec(arb_store_op(), 1..28)) {
         let rt = runtime();
@@ -469,7 +470,9 @@ proptest! {
                     match &out[0] {
                         Appended::New { seq, event } => {
                             prop_assert!(v0.is_none() || v1.is_none(), "local {} {:?}: new, but the entry {:?} is within the window", k, i, entry);
-                            model.insert(digest, Entry { seq: *seq, ts: event.ts_ms });
+                            if entry.is_none_or(|e| event.ts_ms > e.ts) {
+                                model.insert(digest, Entry { seq: *seq, ts: event.ts_ms });
+                            }
                             new_facts.insert(*seq);
                         }
                         Appended::Duplicate { seq, .. } => {
@@ -489,7 +492,10 @@ proptest! {
                     let entry = model.get(&digest).copied();
                     match (&out[0], model_verdict(entry.as_ref(), i.is_some(), ts)) {
                         (Appended::New { seq, .. }, None) => {
-                            model.insert(digest, Entry { seq: *seq, ts });
+                            // The entry keeps the latest publication.
+                            if entry.is_none_or(|e| ts > e.ts) {
+                                model.insert(digest, Entry { seq: *seq, ts });
+                            }
                             new_facts.insert(*seq);
                         }
                         (Appended::Duplicate { seq, .. }, Some(f)) => prop_assert_eq!(*seq, f),
