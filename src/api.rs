@@ -720,11 +720,34 @@ async fn upsert_consumer(
     };
     let rec = node.store.upsert_consumer(&name, types, start).await?;
     node.scan_hints.lock().map(|mut h| h.remove(&name)).ok();
-    Ok(Json(consumer_view(&node, &rec)))
+    Ok(Json(consumer_view(&node, rec).await?))
 }
 
-fn consumer_view(node: &Node, c: &crate::store::ConsumerRec) -> ConsumerView {
-    let (lag, lag_exact) = consumer_lag(&node.store, c);
+/// Views of `recs`. Counting a lag reads the log (up to [`LAG_SCAN`]
+/// entries each), so it runs on the blocking pool, one task for all.
+async fn consumer_views(
+    node: &Node,
+    recs: Vec<crate::store::ConsumerRec>,
+) -> ApiResult<Vec<ConsumerView>> {
+    let store = node.store.clone();
+    tokio::task::spawn_blocking(move || {
+        recs.iter()
+            .map(|c| consumer_view_with(consumer_lag(&store, c), c))
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn consumer_view(node: &Node, c: crate::store::ConsumerRec) -> ApiResult<ConsumerView> {
+    let mut v = consumer_views(node, vec![c]).await?;
+    Ok(v.remove(0))
+}
+
+fn consumer_view_with(
+    (lag, lag_exact): (u64, bool),
+    c: &crate::store::ConsumerRec,
+) -> ConsumerView {
     ConsumerView {
         name: c.name.clone(),
         types: c.types.clone(),
@@ -755,7 +778,7 @@ async fn get_consumer(
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
     match node.store.consumer(&name)? {
-        Some(c) => Ok(Json(consumer_view(&node, &c))),
+        Some(c) => Ok(Json(consumer_view(&node, c).await?)),
         None => Err(unknown_consumer(&name)),
     }
 }
@@ -822,7 +845,7 @@ async fn ack(
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
     let rec = node.store.ack(&name, req.seq).await?;
-    Ok(Json(consumer_view(&node, &rec)))
+    Ok(Json(consumer_view(&node, rec).await?))
 }
 
 async fn nack(
@@ -846,7 +869,7 @@ async fn nack(
         ));
     }
     let rec = node.store.nack(&name, req.seq, req.reason).await?;
-    Ok(Json(consumer_view(&node, &rec)))
+    Ok(Json(consumer_view(&node, rec).await?))
 }
 
 async fn dead_letters(
@@ -866,13 +889,7 @@ async fn dead_letters(
 }
 
 async fn list_consumers(State(node): State<AppState>) -> ApiResult<Json<Vec<ConsumerView>>> {
-    Ok(Json(
-        node.store
-            .consumers()?
-            .iter()
-            .map(|c| consumer_view(&node, c))
-            .collect(),
-    ))
+    Ok(Json(consumer_views(&node, node.store.consumers()?).await?))
 }
 
 async fn delete_consumer(
@@ -882,7 +899,7 @@ async fn delete_consumer(
     valid_consumer(&name)?;
     let rec = node.store.delete_consumer(&name).await?;
     node.metrics.consumer_lag.remove(&label("consumer", name));
-    Ok(Json(consumer_view(&node, &rec)))
+    Ok(Json(consumer_view(&node, rec).await?))
 }
 
 async fn peers(State(node): State<AppState>) -> ApiResult<Json<Value>> {
@@ -925,12 +942,7 @@ async fn status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let listen = node.net.listen_addrs().await.unwrap_or_default();
-    let consumers: Vec<ConsumerView> = node
-        .store
-        .consumers()?
-        .iter()
-        .map(|c| consumer_view(&node, c))
-        .collect();
+    let consumers = consumer_views(&node, node.store.consumers()?).await?;
     Ok(Json(json!({
         "name": node.cfg.name,
         "peer_id": node.peer_id,

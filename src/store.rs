@@ -169,6 +169,12 @@ struct StoredV1 {
 const RECORD_V2: [u8; 2] = [0xFF, 2];
 
 impl Stored {
+    /// Whether a consumer of `patterns` is given this entry (not a
+    /// duplicate's envelope, and of a matching type).
+    pub fn delivered_to(&self, patterns: &[TypePattern]) -> bool {
+        self.dup_of.is_none() && event::matches_any(patterns, &self.event.event_type)
+    }
+
     /// Layout 2: [`RECORD_V2`], then the bincode of [`Stored`] (its event in
     /// envelope version 2's field order, with `idem_key`).
     pub fn encode(&self) -> Result<Vec<u8>, codec::CodecError> {
@@ -768,7 +774,7 @@ impl Store {
             let seq = seq_of(&k);
             last = seq;
             let s = decode_stored(&k, &v)?;
-            if s.dup_of.is_none() && event::matches_any(patterns, &s.event.event_type) {
+            if s.delivered_to(patterns) {
                 out.push((seq, s));
             }
         }
@@ -795,7 +801,7 @@ impl Store {
             let seq = seq_of(&k);
             lowest = seq;
             let s = decode_stored(&k, &v)?;
-            if s.dup_of.is_none() && event::matches_any(patterns, &s.event.event_type) {
+            if s.delivered_to(patterns) {
                 out.push((seq, s));
             }
         }
@@ -823,7 +829,7 @@ impl Store {
             }
             let (k, v) = r?;
             let s = decode_stored(&k, &v)?;
-            if s.dup_of.is_none() && event::matches_any(patterns, &s.event.event_type) {
+            if s.delivered_to(patterns) {
                 n += 1;
             }
         }
