@@ -56,7 +56,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     tracing::info!(
         name = %cfg.name,
-        peer_id = %node.peer_id,
+        peer_id = %node.peer_id(),
         data_dir = %cfg.data_dir.display(),
         api = %format!("http://{api_addr}"),
         metrics = %format!("http://{metrics_addr}/metrics"),
@@ -68,7 +68,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Where everything is, for scripts and tests (ports may have been 0).
     let info = json!({
         "name": cfg.name,
-        "peer_id": node.peer_id,
+        "peer_id": node.peer_id(),
         "pid": std::process::id(),
         "api": api_addr.to_string(),
         "metrics": metrics_addr.to_string(),
@@ -99,11 +99,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 // SIGTERM / Ctrl-C: a graceful leave, so peers mark us `left`
                 // at once instead of suspecting us.
                 tracing::info!("stop signal: leaving the cluster");
-                if tokio::time::timeout(std::time::Duration::from_secs(5), n.membership.leave()).await.is_err() {
+                if tokio::time::timeout(std::time::Duration::from_secs(5), n.membership().leave()).await.is_err() {
                     tracing::warn!("leave did not finish in 5 s; stopping anyway");
                 }
             }
-            _ = n.stop.notified() => {}
+            _ = n.stop_signal().notified() => {}
         }
     };
     let stopping = Arc::new(tokio::sync::Notify::new());
@@ -131,7 +131,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 /// drops multicast (most clouds) forms a cluster of one without a word.
 async fn warn_if_alone(node: Arc<Node>, after: std::time::Duration, mdns: bool) {
     tokio::time::sleep(after).await;
-    let alone = node.net.peers().await.is_ok_and(|p| p.is_empty());
+    let alone = node.net().peers().await.is_ok_and(|p| p.is_empty());
     if !alone {
         return;
     }

@@ -364,7 +364,7 @@ pub fn parse_since(s: &str) -> Result<u64, String> {
 
 /// A checked draft, and the warning its answer carries if any.
 fn draft(r: PublishReq, node: &Node) -> ApiResult<(Draft, Option<String>)> {
-    let cfg = &node.cfg;
+    let cfg = &node.cfg();
     let payload = r.payload.unwrap_or_else(|| json!({}));
     let d = Draft::new(
         &r.event_type,
@@ -385,7 +385,7 @@ fn draft(r: PublishReq, node: &Node) -> ApiResult<(Draft, Option<String>)> {
     let warning =
         crate::blob::check_naming_payload(&d.event_type, &payload).map_err(ApiError::bad)?;
     if warning.is_some() {
-        node.metrics
+        node.metrics()
             .naming_without_blob
             .get_or_create(&label("type", d.event_type.clone()))
             .inc();
@@ -477,13 +477,13 @@ async fn publish_batch(
     if req.events.is_empty() {
         return Err(ApiError::bad("events is empty"));
     }
-    if req.events.len() > node.cfg.max_batch {
+    if req.events.len() > node.cfg().max_batch {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "batch of {} events exceeds max_batch = {}",
                 req.events.len(),
-                node.cfg.max_batch
+                node.cfg().max_batch
             ),
         ));
     }
@@ -536,20 +536,20 @@ async fn history(
                     "order=desc pages with before; after and since go with order=asc",
                 ));
             }
-            let before = q.before.unwrap_or(node.store.head().saturating_add(1));
-            let store = node.store.clone();
+            let before = q.before.unwrap_or(node.store().head().saturating_add(1));
+            let store = node.store().clone();
             let (events, lowest) = tokio::task::spawn_blocking(move || {
                 store.read_before(before, limit, MAX_SCAN, &pats)
             })
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
             let views: Vec<EventView> = events.iter().map(|(s, e)| EventView::new(*s, e)).collect();
-            let first = node.store.first();
+            let first = node.store().first();
             return Ok(Json(json!({
                 "events": views,
                 "next_before": lowest,
                 "first": first,
-                "head": node.store.head(),
+                "head": node.store().head(),
                 "done": lowest <= first,
             })));
         }
@@ -558,18 +558,18 @@ async fn history(
     let after = match (q.after, q.since) {
         (Some(a), _) => a,
         (None, Some(s)) => node
-            .store
+            .store()
             .seq_before_time(parse_since(&s).map_err(ApiError::bad)?)?,
-        (None, None) => node.store.first().saturating_sub(1),
+        (None, None) => node.store().first().saturating_sub(1),
     };
-    let store = node.store.clone();
+    let store = node.store().clone();
     let (events, last) =
         tokio::task::spawn_blocking(move || store.read_after(after, limit, MAX_SCAN, &pats))
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let views: Vec<EventView> = events.iter().map(|(s, e)| EventView::new(*s, e)).collect();
     Ok(Json(
-        json!({ "events": views, "next_after": last, "head": node.store.head() }),
+        json!({ "events": views, "next_after": last, "head": node.store().head() }),
     ))
 }
 
@@ -577,7 +577,7 @@ async fn get_event(
     State(node): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<EventView>> {
-    match node.store.get_by_id(&id)? {
+    match node.store().get_by_id(&id)? {
         Some((seq, s)) => Ok(Json(EventView::new(seq, &s))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -623,7 +623,7 @@ pub fn trace_tree(mut events: Vec<EventView>) -> Vec<TraceNode> {
 }
 
 async fn trace(State(node): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let Some((seq, s)) = node.store.get_by_id(&id)? else {
+    let Some((seq, s)) = node.store().get_by_id(&id)? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no event with id {id:?} is retained here"),
@@ -636,10 +636,10 @@ async fn trace(State(node): State<AppState>, Path(id): Path<String>) -> ApiResul
         .unwrap_or_else(|| s.event.id.clone());
     let mut found: HashMap<String, EventView> = HashMap::new();
     found.insert(s.event.id.clone(), EventView::new(seq, &s));
-    if let Some((rs, r)) = node.store.get_by_id(&corr)? {
+    if let Some((rs, r)) = node.store().get_by_id(&corr)? {
         found.insert(r.event.id.clone(), EventView::new(rs, &r));
     }
-    for (sq, e) in node.store.by_correlation(&corr)? {
+    for (sq, e) in node.store().by_correlation(&corr)? {
         found.insert(e.event.id.clone(), EventView::new(sq, &e));
     }
     // Follow parent links upwards from the asked event too.
@@ -647,7 +647,7 @@ async fn trace(State(node): State<AppState>, Path(id): Path<String>) -> ApiResul
     let mut hops = 0;
     while let (Some(p), true) = (cur.clone(), hops < 64) {
         hops += 1;
-        match node.store.get_by_id(&p)? {
+        match node.store().get_by_id(&p)? {
             Some((ps, pe)) => {
                 cur = pe.event.parent_id.clone();
                 found.insert(pe.event.id.clone(), EventView::new(ps, &pe));
@@ -697,8 +697,8 @@ async fn upsert_consumer(
                     event::check_local_type(
                         p,
                         req.custom_type,
-                        node.cfg.strict_types,
-                        &node.cfg.custom_types,
+                        node.cfg().strict_types,
+                        &node.cfg().custom_types,
                     )
                     .map_err(ApiError::bad)?;
                 }
@@ -718,8 +718,8 @@ async fn upsert_consumer(
     } else {
         None
     };
-    let rec = node.store.upsert_consumer(&name, types, start).await?;
-    node.scan_hints.lock().map(|mut h| h.remove(&name)).ok();
+    let rec = node.store().upsert_consumer(&name, types, start).await?;
+    node.scan_hints().lock().map(|mut h| h.remove(&name)).ok();
     Ok(Json(consumer_view(&node, rec).await?))
 }
 
@@ -729,7 +729,7 @@ async fn consumer_views(
     node: &Node,
     recs: Vec<crate::store::ConsumerRec>,
 ) -> ApiResult<Vec<ConsumerView>> {
-    let store = node.store.clone();
+    let store = node.store().clone();
     tokio::task::spawn_blocking(move || {
         recs.iter()
             .map(|c| consumer_view_with(consumer_lag(&store, c), c))
@@ -777,7 +777,7 @@ async fn get_consumer(
     Path(name): Path<String>,
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
-    match node.store.consumer(&name)? {
+    match node.store().consumer(&name)? {
         Some(c) => Ok(Json(consumer_view(&node, c).await?)),
         None => Err(unknown_consumer(&name)),
     }
@@ -798,31 +798,31 @@ async fn fetch(
     valid_consumer(&name)?;
     let max = page_size("max", q.max)?;
     let deadline = Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
-    let mut watch = node.store.watch_head();
+    let mut watch = node.store().watch_head();
     loop {
         watch.borrow_and_update();
         let rec = node
-            .store
+            .store()
             .consumer(&name)?
             .ok_or_else(|| unknown_consumer(&name))?;
         let pats = patterns(&rec.types)?;
-        let first = node.store.first();
+        let first = node.store().first();
         let missed = (first.saturating_sub(1)).saturating_sub(rec.cursor);
         let mut from = rec.cursor.max(first.saturating_sub(1));
-        if let Ok(h) = node.scan_hints.lock() {
+        if let Ok(h) = node.scan_hints().lock() {
             if let Some((c, scanned)) = h.get(&name) {
                 if *c == rec.cursor {
                     from = from.max(*scanned);
                 }
             }
         }
-        let store = node.store.clone();
+        let store = node.store().clone();
         let (events, last) =
             tokio::task::spawn_blocking(move || store.read_after(from, max, MAX_SCAN, &pats))
                 .await
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
         let scanned_to = events.first().map(|(s, _)| s - 1).unwrap_or(last);
-        if let Ok(mut h) = node.scan_hints.lock() {
+        if let Ok(mut h) = node.scan_hints().lock() {
             h.insert(name.clone(), (rec.cursor, scanned_to));
         }
         if !events.is_empty() || Instant::now() >= deadline {
@@ -831,7 +831,7 @@ async fn fetch(
                 events: events.iter().map(|(s, e)| EventView::new(*s, e)).collect(),
                 missed,
                 cursor: rec.cursor,
-                head: node.store.head(),
+                head: node.store().head(),
             }));
         }
         let _ = tokio::time::timeout_at(deadline.into(), watch.changed()).await;
@@ -844,7 +844,7 @@ async fn ack(
     ApiJson(req): ApiJson<AckReq>,
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
-    let rec = node.store.ack(&name, req.seq).await?;
+    let rec = node.store().ack(&name, req.seq).await?;
     Ok(Json(consumer_view(&node, rec).await?))
 }
 
@@ -862,13 +862,13 @@ async fn nack(
             "reason is empty: say why the event failed (it is kept with the dead letter)",
         ));
     }
-    if node.store.get(req.seq)?.is_none() {
+    if node.store().get(req.seq)?.is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no event at seq {} is retained", req.seq),
         ));
     }
-    let rec = node.store.nack(&name, req.seq, req.reason).await?;
+    let rec = node.store().nack(&name, req.seq, req.reason).await?;
     Ok(Json(consumer_view(&node, rec).await?))
 }
 
@@ -877,19 +877,21 @@ async fn dead_letters(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     valid_consumer(&name)?;
-    node.store
+    node.store()
         .consumer(&name)?
         .ok_or_else(|| unknown_consumer(&name))?;
     let mut out = Vec::new();
-    for d in node.store.dead_letters(&name)? {
-        let ev = node.store.get(d.seq)?.map(|s| EventView::new(d.seq, &s));
+    for d in node.store().dead_letters(&name)? {
+        let ev = node.store().get(d.seq)?.map(|s| EventView::new(d.seq, &s));
         out.push(json!({ "seq": d.seq, "reason": d.reason, "at": rfc3339(d.at_ms), "event": ev }));
     }
     Ok(Json(json!({ "consumer": name, "dead_letters": out })))
 }
 
 async fn list_consumers(State(node): State<AppState>) -> ApiResult<Json<Vec<ConsumerView>>> {
-    Ok(Json(consumer_views(&node, node.store.consumers()?).await?))
+    Ok(Json(
+        consumer_views(&node, node.store().consumers()?).await?,
+    ))
 }
 
 async fn delete_consumer(
@@ -897,23 +899,23 @@ async fn delete_consumer(
     Path(name): Path<String>,
 ) -> ApiResult<Json<ConsumerView>> {
     valid_consumer(&name)?;
-    let rec = node.store.delete_consumer(&name).await?;
-    node.metrics.consumer_lag.remove(&label("consumer", name));
+    let rec = node.store().delete_consumer(&name).await?;
+    node.metrics().consumer_lag.remove(&label("consumer", name));
     Ok(Json(consumer_view(&node, rec).await?))
 }
 
 async fn peers(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let peers = node
-        .net
+        .net()
         .peers()
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok(Json(json!({ "peer_id": node.peer_id, "peers": peers })))
+    Ok(Json(json!({ "peer_id": node.peer_id(), "peers": peers })))
 }
 
 /// The agent answers; `ok` is false while its store refuses writes.
 async fn health(State(node): State<AppState>) -> Json<Value> {
-    match node.store.durable().read_only() {
+    match node.store().durable().read_only() {
         None => Json(json!({ "ok": true })),
         Some(r) => Json(json!({
             "ok": false,
@@ -925,7 +927,7 @@ async fn health(State(node): State<AppState>) -> Json<Value> {
 
 /// Writable, or read-only and why (durable.rs).
 fn store_state(node: &AppState) -> Value {
-    match node.store.durable().read_only() {
+    match node.store().durable().read_only() {
         None => json!({ "writable": true }),
         Some(r) => json!({
             "writable": false,
@@ -937,52 +939,52 @@ fn store_state(node: &AppState) -> Value {
 
 async fn status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let peers = node
-        .net
+        .net()
         .peers()
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let listen = node.net.listen_addrs().await.unwrap_or_default();
-    let consumers = consumer_views(&node, node.store.consumers()?).await?;
+    let listen = node.net().listen_addrs().await.unwrap_or_default();
+    let consumers = consumer_views(&node, node.store().consumers()?).await?;
     Ok(Json(json!({
-        "name": node.cfg.name,
-        "peer_id": node.peer_id,
+        "name": node.cfg().name,
+        "peer_id": node.peer_id(),
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime_secs": node.started.elapsed().as_secs(),
+        "uptime_secs": node.started().elapsed().as_secs(),
         "listen_addrs": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        "data_dir": node.cfg.data_dir.display().to_string(),
-        "mdns": node.cfg.mdns,
-        "bootstrap": node.cfg.bootstrap.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "data_dir": node.cfg().data_dir.display().to_string(),
+        "mdns": node.cfg().mdns,
+        "bootstrap": node.cfg().bootstrap.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "connected_peers": peers.len(),
         "peers": peers.iter().map(|p| p.peer_id.clone()).collect::<Vec<_>>(),
         "store": {
-            "events": node.store.len(),
-            "first_seq": node.store.first(),
-            "head_seq": node.store.head(),
-            "size_bytes": node.store.size_on_disk(),
-            "source_seq": node.store.source_seq(),
-            "path": node.store.path().display().to_string(),
+            "events": node.store().len(),
+            "first_seq": node.store().first(),
+            "head_seq": node.store().head(),
+            "size_bytes": node.store().size_on_disk(),
+            "source_seq": node.store().source_seq(),
+            "path": node.store().path().display().to_string(),
             "state": store_state(&node),
         },
         "consumers": consumers,
-        "max_event_bytes": node.cfg.max_event_bytes,
+        "max_event_bytes": node.cfg().max_event_bytes,
         "max_event_payload_bytes": node.max_event_size(),
     })))
 }
 
 async fn members(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let listen: Vec<String> = node
-        .net
+        .net()
         .listen_addrs()
         .await
         .unwrap_or_default()
         .iter()
         .map(|a| a.to_string())
         .collect();
-    let mut list = node.membership.members(&listen);
+    let mut list = node.membership().members(&listen);
     if let Some(me) = list.first_mut() {
-        me.peer_id = node.peer_id.clone();
+        me.peer_id = node.peer_id().to_string();
     }
-    Ok(Json(json!({ "self": node.peer_id, "members": list })))
+    Ok(Json(json!({ "self": node.peer_id(), "members": list })))
 }
 
 #[derive(Deserialize, Debug)]
@@ -1011,7 +1013,7 @@ async fn set_jobs(
     }
     let ttl = req.ttl_secs.map(Duration::from_secs);
     let jobs = node
-        .membership
+        .membership()
         .set_jobs(req.jobs, ttl)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
@@ -1020,17 +1022,17 @@ async fn set_jobs(
 
 /// Graceful leave: tell the cluster, then stop the agent.
 async fn leave(State(node): State<AppState>) -> ApiResult<Json<Value>> {
-    let report = node.membership.leave().await.ok_or_else(|| {
+    let report = node.membership().leave().await.ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "membership is not running")
     })?;
-    node.stop.notify_one();
+    node.stop_signal().notify_one();
     Ok(Json(
         json!({ "left": true, "incarnation": report.incarnation, "peers_told": report.peers_told, "peers_acked": report.peers_acked, "stopping": true }),
     ))
 }
 
 async fn leader(State(node): State<AppState>) -> Json<Value> {
-    Json(json!(node.leader.view(&node)))
+    Json(json!(node.leader().view(node.leader_ctx())))
 }
 
 fn lock_err(e: crate::leader::LockError) -> ApiError {
@@ -1064,8 +1066,8 @@ fn lock_name_ok(name: &str) -> Result<(), ApiError> {
 async fn list_locks(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     use crate::leader::{LockAnswer, LockCall};
     match node
-        .leader
-        .call(&node, LockCall::List)
+        .leader()
+        .call(node.leader_ctx(), LockCall::List)
         .await
         .map_err(lock_err)?
     {
@@ -1125,7 +1127,10 @@ async fn lock_op(
             }
             LockCall::Acquire {
                 name: name.clone(),
-                holder: req.holder.clone().unwrap_or_else(|| node.cfg.name.clone()),
+                holder: req
+                    .holder
+                    .clone()
+                    .unwrap_or_else(|| node.cfg().name.clone()),
                 ttl_ms: (ttl * 1000.0) as u64,
             }
         }
@@ -1144,7 +1149,11 @@ async fn lock_op(
             ))
         }
     };
-    let ans = node.leader.call(&node, call).await.map_err(lock_err)?;
+    let ans = node
+        .leader()
+        .call(node.leader_ctx(), call)
+        .await
+        .map_err(lock_err)?;
     let (status, body) = match ans {
         LockAnswer::One(LockResponse::Granted {
             token, expires_ms, ..
@@ -1193,7 +1202,7 @@ async fn debug_block(
     State(node): State<AppState>,
     ApiJson(req): ApiJson<BlockReq>,
 ) -> ApiResult<Json<Value>> {
-    if !node.cfg.fault_injection {
+    if !node.cfg().fault_injection {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "fault injection is off; start the agent with --fault-injection (tests and testnet only)",
@@ -1244,7 +1253,7 @@ async fn check_host(
     if let Some(h) = req.headers().get(axum::http::header::HOST) {
         let ok = h
             .to_str()
-            .is_ok_and(|h| host_allowed(h, node.cfg.api, &node.cfg.api_hosts));
+            .is_ok_and(|h| host_allowed(h, node.cfg().api, &node.cfg().api_hosts));
         if !ok {
             return ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -1292,7 +1301,7 @@ async fn count_errors(
     let resp = next.run(req).await;
     let s = resp.status();
     if s.is_client_error() || s.is_server_error() {
-        node.metrics
+        node.metrics()
             .api_errors
             .get_or_create(&label("code", s.as_u16().to_string()))
             .inc();
@@ -1337,7 +1346,7 @@ async fn add_and_answer(
     name: &str,
     ty: &str,
 ) -> ApiResult<Json<Value>> {
-    let (added, appended) = crate::blob::add(node, src, len, label, name, ty)
+    let (added, appended) = crate::blob::add(node.blob(), src, len, label, name, ty)
         .await
         .map_err(|e| {
             if [
@@ -1381,9 +1390,9 @@ async fn blob_add(
 ) -> ApiResult<Json<Value>> {
     let ty = naming_type(&req.name, req.event.as_deref())?;
     let policy = crate::blob::source::FilePolicy::new(
-        node.cfg.blob_roots.clone(),
-        &node.cfg.data_dir,
-        node.cfg.swarm_key.as_deref(),
+        node.cfg().blob_roots.clone(),
+        &node.cfg().data_dir,
+        node.cfg().swarm_key.as_deref(),
     );
     let requested = req.path.clone();
     let (f, len, canon) = tokio::task::spawn_blocking(move || policy.open(&requested))
@@ -1397,12 +1406,14 @@ async fn blob_add(
         })?;
     // Before copying, as an upload: a copy that cannot fit would fill the
     // disk the event log and Raft share.
-    crate::blob::check_room(&node, len).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!("cannot add {}: {e}", canon.display()),
-        )
-    })?;
+    crate::blob::check_room(node.blob(), len)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("cannot add {}: {e}", canon.display()),
+            )
+        })?;
     add_and_answer(&node, Box::new(f), len, canon, &req.name, &ty).await
 }
 
@@ -1453,7 +1464,7 @@ async fn blob_upload(
             format!("a blob is at most {max} bytes; Content-Length is {len}"),
         ));
     }
-    crate::blob::check_room(&node, len)
+    crate::blob::check_room(node.blob(), len)
         .await
         .map_err(|e| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e))?;
     // A sender that stops sending is cut off: an upload never holds a
@@ -1504,7 +1515,7 @@ fn store_err(e: impl std::fmt::Display) -> ApiError {
 }
 
 async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Value>> {
-    let store = node.blobs.store.clone();
+    let store = node.blobs().store.clone();
     let (blobs, names) = tokio::task::spawn_blocking(move || {
         let blobs = store.list()?;
         let names = store.names()?;
@@ -1570,7 +1581,7 @@ async fn resolve_ref(
         crate::blob::check_name(r)
             .map_err(|e| ApiError::bad(format!("{e} (or give a blob id: 64 hex digits)")))?;
     }
-    let store = node.blobs.store.clone();
+    let store = node.blobs().store.clone();
     let r2 = r.to_string();
     let found = tokio::task::spawn_blocking(move || -> Result<_, crate::blob::store::BlobError> {
         if let Some(id) = crate::blob::parse_id(&r2) {
@@ -1594,13 +1605,13 @@ async fn resolve_ref(
     // A naming event already in the log may not be recorded as a name yet:
     // wait for the recorder to reach the log's head, then look again.
     if crate::blob::parse_id(r).is_none() {
-        let head = *node.store.watch_head().borrow();
+        let head = *node.store().watch_head().borrow();
         if node
-            .blobs
+            .blobs()
             .names_caught_up(head, std::time::Duration::from_secs(5))
             .await
         {
-            let store = node.blobs.store.clone();
+            let store = node.blobs().store.clone();
             let r2 = r.to_string();
             let again = tokio::task::spawn_blocking(move || store.name(&r2))
                 .await
@@ -1622,7 +1633,7 @@ async fn blob_fetch(
     ApiJson(req): ApiJson<BlobRef>,
 ) -> ApiResult<Json<Value>> {
     let (id, rec) = resolve_ref(&node, &req.r).await?;
-    let store = node.blobs.store.clone();
+    let store = node.blobs().store.clone();
     let complete = tokio::task::spawn_blocking(move || store.is_complete(&id))
         .await
         .map_err(store_err)?
@@ -1643,7 +1654,7 @@ async fn blob_fetch(
     } else {
         vec![req.r.clone()]
     };
-    crate::blob::want(&node, id, rec, names);
+    crate::blob::want(node.blob(), id, rec, names);
     Ok(Json(
         json!({ "blob": crate::blob::hex_id(&id), "state": "fetching" }),
     ))
@@ -1654,7 +1665,7 @@ async fn blob_info(
     ApiQuery(q): ApiQuery<BlobRef>,
 ) -> ApiResult<Json<Value>> {
     let (id, rec) = resolve_ref(&node, &q.r).await?;
-    let store = node.blobs.store.clone();
+    let store = node.blobs().store.clone();
     let (meta, have) = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::blob::store::BlobError>((store.meta(&id)?, store.have(&id)?))
     })
@@ -1662,9 +1673,9 @@ async fn blob_info(
     .map_err(store_err)?
     .map_err(store_err)?;
     let hex = crate::blob::hex_id(&id);
-    let transfer = node.blobs.transfers().into_iter().find(|t| t.blob == hex);
+    let transfer = node.blobs().transfers().into_iter().find(|t| t.blob == hex);
     let failure = node
-        .blobs
+        .blobs()
         .failures()
         .into_iter()
         .rev()
@@ -1699,7 +1710,7 @@ async fn blob_content(
 ) -> ApiResult<Response> {
     use crate::blob::store::BlobError;
     let (id, _) = resolve_ref(&node, &q.r).await?;
-    let store = node.blobs.store.clone();
+    let store = node.blobs().store.clone();
     let first = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {
         if !store.is_complete(&id)? {
             return Err(BlobError::NotHeld(crate::blob::hex_id(&id)));
@@ -1717,7 +1728,7 @@ async fn blob_content(
     .map_err(store_err)?;
     let (m, first) = match first {
         Ok(v) => v,
-        Err(e @ BlobError::NotHeld(_)) if node.blobs.fetching(&id) => {
+        Err(e @ BlobError::NotHeld(_)) if node.blobs().fetching(&id) => {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{e} yet: it is being fetched (or repaired) now; retry"),
@@ -1730,7 +1741,7 @@ async fn blob_content(
             ))
         }
         Err(e @ BlobError::DamagedChunk { .. }) => {
-            crate::blob::local_damage(&node, id, &e, "reading it for a local client");
+            crate::blob::local_damage(node.blob(), id, &e, "reading it for a local client");
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -1741,7 +1752,7 @@ async fn blob_content(
         Err(e) => return Err(store_err(e)),
     };
     let (size, chunks) = (m.size, m.chunks.len() as u32);
-    let store = node.blobs.store.clone();
+    let store = node.blobs().store.clone();
     let state = (Some(first), 1u32);
     let stream = futures::stream::unfold(state, move |(first, next)| {
         let (store, node) = (store.clone(), node.clone());
@@ -1758,7 +1769,12 @@ async fn blob_content(
                 Ok(Ok(b)) => Some((Ok(axum::body::Bytes::from(b)), (None, next + 1))),
                 Ok(Err(e)) => {
                     if matches!(e, BlobError::DamagedChunk { .. }) {
-                        crate::blob::local_damage(&node, id, &e, "reading it for a local client");
+                        crate::blob::local_damage(
+                            node.blob(),
+                            id,
+                            &e,
+                            "reading it for a local client",
+                        );
                     }
                     // An error ends the body short of Content-Length.
                     Some((Err(std::io::Error::other(e.to_string())), (None, chunks)))
@@ -1785,18 +1801,18 @@ async fn blob_content(
 }
 
 async fn sync_status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
-    let store = node.blobs.store.clone();
+    let store = node.blobs().store.clone();
     let used = tokio::task::spawn_blocking(move || store.used_bytes())
         .await
         .map_err(store_err)?
         .map_err(store_err)?;
-    let c = &node.blobs.cfg;
+    let c = &node.blobs().cfg;
     Ok(Json(json!({
-        "transfers": node.blobs.transfers(),
-        "failures": node.blobs.failures(),
+        "transfers": node.blobs().transfers(),
+        "failures": node.blobs().failures(),
         "wants": c.wants.iter().map(|w| json!({
             "names": w.names, "place": w.place, "if_tags": w.if_tags,
-            "active": node.blobs.want_applies(w),
+            "active": node.blobs().want_applies(w),
         })).collect::<Vec<_>>(),
         "store_bytes": used,
         "budget_bytes": (c.budget > 0).then_some(c.budget),
@@ -1807,7 +1823,7 @@ async fn sync_status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
 }
 
 pub fn router(node: Arc<Node>) -> Router {
-    let limit = node.cfg.api_max_body_bytes;
+    let limit = node.cfg().api_max_body_bytes;
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/events", post(publish).get(history))

@@ -661,6 +661,9 @@ enum Command {
     /// Fault injection: refuse and drop connections to these peers.
     Block(Vec<PeerId>),
     Unblock(Vec<PeerId>),
+    /// Stop the event loop and drop the swarm (its connections close);
+    /// answered once the swarm is gone.
+    Shutdown(oneshot::Sender<()>),
 }
 
 #[derive(Clone)]
@@ -856,6 +859,15 @@ impl NetHandle {
             Command::Unblock(peers)
         };
         self.tx.send(cmd).await.map_err(|_| NetError::Closed)
+    }
+
+    /// Stop the network: the swarm is dropped and every connection closed.
+    /// Returns when that is done (at once if it already stopped).
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
@@ -1246,15 +1258,20 @@ impl EventLoop {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(self.maintain_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let done = loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 cmd = self.cmd_rx.recv() => match cmd {
+                    Some(Command::Shutdown(done)) => break Some(done),
                     Some(cmd) => self.on_command(cmd),
-                    None => break,
+                    None => break None,
                 },
                 _ = tick.tick() => self.maintain(),
             }
+        };
+        drop(self);
+        if let Some(done) = done {
+            let _ = done.send(());
         }
     }
 
@@ -1433,6 +1450,7 @@ impl EventLoop {
                     Opaque::Blob => b.blob.send_response(channel, response),
                 };
             }
+            Command::Shutdown(_) => {}
             Command::Block(peers) => {
                 for p in peers {
                     self.swarm.behaviour_mut().blocked.block_peer(p);

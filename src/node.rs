@@ -1,130 +1,49 @@
-//! Wiring: opens the store, starts the network, routes events between them, and
-//! runs housekeeping. Knows no wire formats.
+//! Wiring: opens the store, starts the network, builds each part with the
+//! narrow handles it uses, and owns their lifecycle. Knows no wire formats.
 
-use std::io::Write;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libp2p::identity::Keypair;
-use libp2p::pnet::PreSharedKey;
-use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
-
-use crate::config::AgentConfig;
-use std::collections::{HashMap, HashSet, VecDeque};
-
 use libp2p::PeerId;
+use prometheus_client::registry::Registry;
 
-use crate::catchup::{self, Released, Reorder, ReorderConfig, SourceMark};
-use crate::event::{self, Draft, Event, EventError};
+use crate::blob;
+use crate::catchup::{self, ReorderConfig};
+use crate::config::AgentConfig;
+use crate::event::{self, Draft};
+use crate::leader;
+use crate::membership::Membership;
 use crate::metrics::{label, Metrics};
-use crate::net::{self, wire, Inbound, NetConfig, NetHandle};
-use crate::store::{Appended, Store, StoreConfig, StoreError};
+use crate::net::{self, NetConfig, NetHandle};
+use crate::publisher::Publisher;
+use crate::store::{Appended, Store, StoreConfig};
+use crate::tasks::Tasks;
 
-/// Room left in a gossip frame for the envelope around the payload
-/// (ids, signature, gossipsub's own framing).
-pub const ENVELOPE_ALLOWANCE: usize = 1024;
+use crate::keys::file_err;
+pub use crate::keys::{load_identity, load_swarm_key, write_private};
+pub use crate::publisher::{NodeError, ENVELOPE_ALLOWANCE};
 
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error(transparent)]
-    Event(#[from] event::EventError),
-    #[error("event of about {size} bytes exceeds the limit of {limit} bytes (max_event_bytes minus {ENVELOPE_ALLOWANCE} bytes of envelope); send large data as a blob")]
-    TooLarge { size: usize, limit: usize },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Net(#[from] net::NetError),
-    #[error("{what} at {path}: {reason}")]
-    File {
-        what: &'static str,
-        path: String,
-        reason: String,
-    },
-}
-
+/// One agent: the parts it is made of, built and wired by [`Node::start`].
+/// The API holds it; the parts themselves get narrow handles (their own
+/// `Ctx`), never the node.
 pub struct Node {
-    pub cfg: AgentConfig,
-    pub store: Store,
-    pub net: NetHandle,
-    pub metrics: Metrics,
-    pub peer_id: String,
-    pub started: Instant,
-    pub membership: Arc<crate::membership::Membership>,
-    pub leader: Arc<crate::leader::Leader>,
-    pub blobs: crate::blob::Blobs,
+    cfg: Arc<AgentConfig>,
+    store: Store,
+    net: NetHandle,
+    metrics: Metrics,
+    publisher: Publisher,
+    peer_id: String,
+    started: Instant,
+    membership: Arc<Membership>,
+    leader: Arc<leader::Ctx>,
+    blob: Arc<blob::Ctx>,
+    tasks: Tasks,
     /// Notified when the agent should stop (after a leave through the API).
-    pub stop: tokio::sync::Notify,
+    stop: tokio::sync::Notify,
     /// Per consumer: (cursor, last sequence scanned without a match), so
     /// long-polls do not rescan a run of non-matching events.
-    pub scan_hints: Mutex<std::collections::HashMap<String, (u64, u64)>>,
-}
-
-fn file_err(what: &'static str, path: &Path, e: impl ToString) -> NodeError {
-    NodeError::File {
-        what,
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    }
-}
-
-/// Write a file readable by the owner only, atomically.
-pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
-/// The node's identity: `<data>/identity.key`, made on first start.
-pub fn load_identity(data_dir: &Path) -> Result<Keypair, NodeError> {
-    let path = data_dir.join("identity.key");
-    match std::fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
-            .map_err(|e| file_err("identity key is unreadable (restore it from backup, or delete it to become a new member)", &path, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| file_err("cannot encode identity", &path, e))?;
-            write_private(&path, &bytes).map_err(|e| file_err("cannot write identity key", &path, e))?;
-            tracing::info!(path = %path.display(), "created a new node identity");
-            Ok(key)
-        }
-        Err(e) => Err(file_err("cannot read identity key", &path, e)),
-    }
-}
-
-/// The swarm key: the configured file, or `<data>/swarm.key` (made if missing).
-pub fn load_swarm_key(cfg: &AgentConfig) -> Result<PreSharedKey, NodeError> {
-    let (path, may_create) = match &cfg.swarm_key {
-        Some(p) => (p.clone(), false),
-        None => (cfg.data_dir.join("swarm.key"), true),
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => net::parse_psk(&text)
-            .map_err(|e| file_err("swarm key is not in /key/swarm/psk/1.0.0/ format", &path, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && may_create => {
-            let psk = net::generate_psk();
-            write_private(&path, psk.to_string().as_bytes())
-                .map_err(|e| file_err("cannot write swarm key", &path, e))?;
-            tracing::warn!(
-                path = %path.display(),
-                fingerprint = %psk.fingerprint(),
-                "no swarm key given: created a new private network key; copy this file to every host (or pass --swarm-key) so they can join"
-            );
-            Ok(psk)
-        }
-        Err(e) => Err(file_err("cannot read swarm key", &path, e)),
-    }
+    scan_hints: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 /// Exit status of an agent whose store became read-only (a failed or stuck
@@ -216,35 +135,161 @@ impl Node {
             registry,
             metrics.clone(),
         )?;
+        let tasks = Tasks::new();
         for addr in &cfg.bootstrap {
             let net = net.clone();
             let addr = addr.clone();
-            tokio::spawn(async move { net.dial(addr).await });
+            tasks.spawn(async move {
+                let _ = net.dial(addr).await;
+            });
         }
-        let node = Arc::new(Node {
+        let cfg = Arc::new(cfg);
+        let publisher = Publisher::new(
+            store.clone(),
+            net.clone(),
+            metrics.clone(),
+            cfg.max_event_bytes,
+        );
+
+        let leader = Arc::new(leader::Ctx {
+            leader,
+            cfg: cfg.clone(),
+            store: store.clone(),
+            net: net.clone(),
+            metrics: metrics.clone(),
+            membership: membership.clone(),
+            publisher: publisher.clone(),
+            peer_id: peer_id.clone(),
+            tasks: tasks.clone(),
+        });
+        let blob = Arc::new(blob::Ctx {
+            blobs,
+            store: store.clone(),
+            net: net.clone(),
+            metrics: metrics.clone(),
+            membership: membership.clone(),
+            publisher: publisher.clone(),
+            host: cfg.name.clone(),
+            data_dir: cfg.data_dir.clone(),
+            tasks: tasks.clone(),
+        });
+        let catchup = Arc::new(catchup::driver::Ctx {
+            store: store.clone(),
+            net: net.clone(),
+            metrics: metrics.clone(),
+            membership: membership.clone(),
+            order: ReorderConfig {
+                hold: cfg.order_hold,
+                max_held: cfg.order_max_held,
+            },
+            summary_every_secs: cfg.summary_every_secs,
+        });
+        let members = Arc::new(crate::membership::Ctx {
+            membership: membership.clone(),
+            cfg: cfg.clone(),
+            store: store.clone(),
+            net: net.clone(),
+            metrics: metrics.clone(),
+            publisher: publisher.clone(),
+            peer_id: peer_id.clone(),
+            tasks: tasks.clone(),
+        });
+        tasks.spawn(catchup::driver::run(catchup, inbox.events));
+        tasks.spawn(housekeeping(store.clone(), metrics.clone()));
+        tasks.spawn(crate::membership::run(members, inbox.member));
+        leader::start(leader.clone(), inbox.raft);
+        blob::start(blob.clone(), inbox.blob);
+        Ok(Arc::new(Node {
             cfg,
             store,
             net,
             metrics,
+            publisher,
             peer_id,
             started: Instant::now(),
             membership,
             leader,
-            blobs,
+            blob,
+            tasks,
             stop: tokio::sync::Notify::new(),
             scan_hints: Mutex::new(Default::default()),
-        });
-        tokio::spawn(ingest(node.clone(), inbox.events));
-        tokio::spawn(housekeeping(node.clone()));
-        tokio::spawn(crate::membership::run(node.clone(), inbox.member));
-        crate::leader::start(node.clone(), inbox.raft);
-        crate::blob::start(node.clone(), inbox.blob);
-        Ok(node)
+        }))
+    }
+
+    /// Stop this agent in order: its tasks (at most 5 s, then aborted), the
+    /// leader's Raft, the network (connections closed), then the store
+    /// (a last commit). In-process tests use it for a clean "kill".
+    pub async fn shutdown(&self) {
+        let aborted = self.tasks.stop(Duration::from_secs(5)).await;
+        if aborted > 0 {
+            tracing::warn!(aborted, "tasks did not stop within 5 s and were aborted");
+        }
+        self.leader.leader.shutdown().await;
+        self.net.shutdown().await;
+        // Every acknowledged write was committed already; this is the last
+        // flush. The writer thread ends with the last clone of the store.
+        if let Err(e) = self
+            .store
+            .durable()
+            .commit_async(crate::durable::What::Events)
+            .await
+        {
+            tracing::warn!(error = %e, "last store commit at shutdown failed");
+        }
+    }
+
+    pub fn cfg(&self) -> &AgentConfig {
+        &self.cfg
+    }
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    pub fn net(&self) -> &NetHandle {
+        &self.net
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+    pub fn peer_id(&self) -> &str {
+        &self.peer_id
+    }
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+    pub fn membership(&self) -> &Arc<Membership> {
+        &self.membership
+    }
+    pub fn leader(&self) -> &Arc<leader::Leader> {
+        &self.leader.leader
+    }
+    /// What the leader part works with (lock calls and views take it).
+    pub fn leader_ctx(&self) -> &leader::Ctx {
+        &self.leader
+    }
+    pub fn blobs(&self) -> &blob::Blobs {
+        &self.blob.blobs
+    }
+    /// What blob transfer works with (wants, room checks, gc take it).
+    pub fn blob(&self) -> &Arc<blob::Ctx> {
+        &self.blob
+    }
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+    /// Notified when the agent should stop (a leave through the API).
+    pub fn stop_signal(&self) -> &tokio::sync::Notify {
+        &self.stop
+    }
+    pub fn scan_hints(&self) -> &Mutex<HashMap<String, (u64, u64)>> {
+        &self.scan_hints
     }
 
     /// Largest payload-plus-metadata a local event may carry.
     pub fn max_event_size(&self) -> usize {
-        self.cfg.max_event_bytes.saturating_sub(ENVELOPE_ALLOWANCE)
+        self.publisher.max_event_size()
     }
 
     /// Fault injection: refuse and drop connections to these peers (or accept
@@ -263,734 +308,45 @@ impl Node {
         Ok(n)
     }
 
-    /// Accept local events: size check, durable append (dedup by content hash),
-    /// then gossip the new ones.
+    /// Accept local events: see [`Publisher::publish`].
     pub async fn publish(&self, drafts: Vec<Draft>) -> Result<Vec<Appended>, NodeError> {
-        let limit = self.max_event_size();
-        for d in &drafts {
-            let size = d.payload.len()
-                + d.event_type.len()
-                + d.origin.as_ref().map_or(0, |s| s.len())
-                + d.correlation_id.as_ref().map_or(0, |s| s.len())
-                + d.parent_id.as_ref().map_or(0, |s| s.len());
-            if size > limit {
-                return Err(NodeError::TooLarge { size, limit });
-            }
-        }
-        let out = self.store.append_local(drafts).await?;
-        for a in &out {
-            match a {
-                Appended::New { event, .. } => {
-                    self.metrics.events_published.inc();
-                    if let Err(e) = self.net.publish_event(event).await {
-                        tracing::warn!(id = %event.id, error = %e, "gossip publish failed; peers get the event through catch-up");
-                    }
-                }
-                Appended::Duplicate { .. } | Appended::Held => {
-                    self.metrics
-                        .events_duplicate
-                        .get_or_create(&label("via", "api"))
-                        .inc();
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// Events from peers → the store: gossip and catch-up both pass through the
-/// reorder buffer, so each source's events are appended in sequence order.
-struct Ingest {
-    node: Arc<Node>,
-    reorder: Reorder,
-    /// Peers with a fetch in flight (one at a time per peer: pacing).
-    busy: HashSet<PeerId>,
-    /// What to fetch from each peer next: (source, from).
-    queue: HashMap<PeerId, VecDeque<(String, u64)>>,
-    done_tx: mpsc::Sender<Done>,
-    /// Sources being fetched, and from which peer (one peer per source).
-    fetching: HashMap<String, PeerId>,
-    /// Released catch-up events waiting for the store, committed a chunk at a
-    /// time so live events are never queued behind a whole catch-up.
-    bulk: VecDeque<Event>,
-    /// Per source, how many of its events are in `bulk` (its later events queue behind).
-    bulk_sources: HashMap<String, usize>,
-    bulk_inflight: bool,
-    /// (peer, source) fetches that failed lately: a gap is then asked of
-    /// another peer (a fetch to one peer can hang after a connection was
-    /// cut and re-made; root cause not found).
-    fetch_failed: HashMap<(PeerId, String), Instant>,
-}
-
-/// Catch-up events per store commit.
-const BULK_CHUNK: usize = 128;
-/// Stop fetching while this many fetched events wait for the store.
-const BULK_HIGH: usize = 8 * FETCH_BATCH as usize;
-
-enum Done {
-    Summary(PeerId, Vec<wire::Mark>),
-    BulkCommitted,
-    Fetch {
-        peer: PeerId,
-        source: String,
-        from: u64,
-        result: Result<Fetched, String>,
-    },
-}
-
-struct Fetched {
-    events: Vec<Event>,
-    floor: Option<u64>,
-    rejected: Vec<&'static str>,
-    bytes: usize,
-    full: bool,
-}
-
-/// A fetch not answered in this time is given up (and asked again elsewhere).
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a failed fetch, that peer is not asked for that source for this long.
-const FETCH_AVOID: Duration = Duration::from_secs(30);
-
-/// Events asked for in one fetch.
-pub const FETCH_BATCH: u32 = 1000;
-/// Bytes of envelopes answered in one fetch, about.
-pub const FETCH_BYTES: usize = 4 << 20;
-
-fn marks(vv: Vec<SourceMark>) -> Vec<wire::Mark> {
-    vv.into_iter()
-        .map(|m| wire::Mark {
-            source: m.source,
-            contiguous: m.contiguous,
-            max_seen: m.max_seen,
-        })
-        .collect()
-}
-
-/// Bytes of a digest request or a `Same` answer on the wire, about.
-const DIGEST_BYTES: u64 = 38;
-
-/// Bytes of a summary on the wire (frame header included).
-fn summary_size(m: &[wire::Mark]) -> u64 {
-    wire::encode_frame(&wire::SyncRequest::Summary { marks: m.to_vec() })
-        .map(|f| f.len() as u64)
-        .unwrap_or(0)
-}
-
-fn from_wire(m: &[wire::Mark]) -> Vec<SourceMark> {
-    m.iter()
-        .map(|m| SourceMark {
-            source: m.source.clone(),
-            contiguous: m.contiguous,
-            max_seen: m.max_seen,
-            last_ms: 0,
-        })
-        .collect()
-}
-
-async fn ingest(node: Arc<Node>, mut rx: mpsc::Receiver<Inbound>) {
-    let (done_tx, mut done_rx) = mpsc::channel(256);
-    let mut ing = Ingest {
-        reorder: Reorder::new(ReorderConfig {
-            hold: node.cfg.order_hold,
-            max_held: node.cfg.order_max_held,
-        }),
-        node,
-        busy: HashSet::new(),
-        queue: HashMap::new(),
-        done_tx,
-        fetching: HashMap::new(),
-        bulk: VecDeque::new(),
-        bulk_sources: HashMap::new(),
-        bulk_inflight: false,
-        fetch_failed: HashMap::new(),
-    };
-    let now = Instant::now();
-    let mut out = Released::default();
-    for m in ing.node.store.version_vector().unwrap_or_default() {
-        ing.reorder
-            .set_contiguous(&m.source, m.contiguous, now, &mut out);
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ticks: u64 = 0;
-    loop {
-        let mut out = Released::default();
-        let mut bulk = false;
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break };
-                ing.on_inbound(msg, &mut out);
-                // Take what else is waiting, up to a batch.
-                for _ in 0..512 {
-                    match rx.try_recv() {
-                        Ok(m) => ing.on_inbound(m, &mut out),
-                        Err(_) => break,
-                    }
-                }
-            }
-            Some(done) = done_rx.recv() => {
-                bulk = true;
-                ing.on_done(done, &mut out).await
-            }
-            _ = tick.tick() => {
-                ticks += 1;
-                ing.reorder.tick(Instant::now(), &mut out);
-                ing.refetch_gaps();
-                if ticks % ing.node.cfg.summary_every_secs.max(1) == 0 {
-                    ing.summary_with_random_peer().await;
-                }
-                let (gaps, age) = ing.reorder.open_gaps(Instant::now());
-                ing.node.metrics.gaps_open.set(gaps as i64);
-                ing.node.metrics.gap_age.set(age.as_secs() as i64);
-            }
-        }
-        ing.apply(out, bulk).await;
-    }
-}
-
-impl Ingest {
-    fn on_inbound(&mut self, msg: Inbound, out: &mut Released) {
-        match msg {
-            Inbound::Gossip { event, from } => {
-                let gaps_before = out.gaps.len();
-                self.reorder.offer(*event, Instant::now(), out);
-                // Ask the source itself for what is missing when it is
-                // connected (it surely holds its own events; a relay may
-                // share the hole: gossipsub drops an envelope whose content
-                // it already saw from another source), else the relay.
-                let new_gaps: Vec<(String, u64)> = out.gaps[gaps_before..]
-                    .iter()
-                    .map(|(s, f, _)| (s.clone(), *f))
-                    .collect();
-                for (s, f) in new_gaps {
-                    let peer = s
-                        .parse::<PeerId>()
-                        .ok()
-                        .filter(|p| self.node.membership.is_connected(p))
-                        .unwrap_or(from);
-                    self.want(peer, s, f);
-                }
-            }
-            Inbound::Connected(peer) => self.start_summary(peer, false),
-            Inbound::Request {
-                peer,
-                request,
-                channel,
-            } => {
-                let node = self.node.clone();
-                let done = self.done_tx.clone();
-                tokio::spawn(async move {
-                    let response = answer(&node, request, peer, &done).await;
-                    let _ = node.net.respond(channel, response).await;
-                });
-            }
-        }
-    }
-
-    /// Every second: a source still waiting behind a gap with no fetch under
-    /// way is asked again, of the source itself when connected, else of a
-    /// connected peer chosen at random (an earlier relay may have had the
-    /// same hole). Events later ones were released past (the hold ended)
-    /// are asked of the source itself when connected; otherwise the summary
-    /// exchanges find the peers that hold them.
-    fn refetch_gaps(&mut self) {
-        let connected: Vec<PeerId> = self.node.membership.connected_peers();
-        if connected.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        self.fetch_failed
-            .retain(|_, at| now.duration_since(*at) < FETCH_AVOID);
-        for (source, next) in self.reorder.gapped() {
-            if self.fetching.contains_key(&source) {
-                continue;
-            }
-            let ok = |p: &PeerId| !self.fetch_failed.contains_key(&(*p, source.clone()));
-            let others: Vec<PeerId> = connected.iter().copied().filter(|p| ok(p)).collect();
-            let peer = source
-                .parse::<PeerId>()
-                .ok()
-                .filter(|p| connected.contains(p) && ok(p))
-                .or_else(|| {
-                    (!others.is_empty()).then(|| others[rand::random::<usize>() % others.len()])
-                })
-                .unwrap_or_else(|| connected[rand::random::<usize>() % connected.len()]);
-            self.want(peer, source, next);
-        }
-        for (source, first) in self.reorder.missing() {
-            if self.fetching.contains_key(&source) {
-                continue;
-            }
-            let Some(peer) = source.parse::<PeerId>().ok().filter(|p| {
-                connected.contains(p) && !self.fetch_failed.contains_key(&(*p, source.clone()))
-            }) else {
-                continue;
-            };
-            self.want(peer, source, first);
-        }
-    }
-
-    fn want(&mut self, peer: PeerId, source: String, from: u64) {
-        // One fetch chain per source: a chain continues by itself while answers
-        // are full, and asking two peers for the same range doubles the work.
-        if self.fetching.contains_key(&source) {
-            return;
-        }
-        let from = from.max(self.reorder.next_expected(&source));
-        let q = self.queue.entry(peer).or_default();
-        if let Some(w) = q.iter_mut().find(|(s, _)| *s == source) {
-            w.1 = w.1.min(from);
-        } else {
-            q.push_back((source, from));
-        }
-        self.pump(peer);
-    }
-
-    /// Exchange summaries with `peer`. With `digest_only`, first only the
-    /// digests (about 40 bytes each way); the full summaries follow if they differ.
-    fn start_summary(&self, peer: PeerId, digest_only: bool) {
-        let node = self.node.clone();
-        let done = self.done_tx.clone();
-        tokio::spawn(async move {
-            let ours = marks(node.store.version_vector().unwrap_or_default());
-            let m = &node.metrics;
-            m.antientropy_exchanges.inc();
-            if digest_only {
-                let digest = wire::marks_digest(&ours);
-                m.antientropy_bytes.inc_by(DIGEST_BYTES);
-                match node
-                    .net
-                    .request(peer, wire::SyncRequest::Digest { digest })
-                    .await
-                {
-                    Ok(wire::SyncResponse::Same) => {
-                        m.antientropy_bytes.inc_by(DIGEST_BYTES);
-                        return;
-                    }
-                    Ok(wire::SyncResponse::Summary { marks }) => {
-                        m.antientropy_bytes.inc_by(summary_size(&marks));
-                        let _ = done.send(Done::Summary(peer, marks)).await;
-                        // Then send ours, so the peer can fetch from us too.
-                    }
-                    Ok(_) => {
-                        return tracing::warn!(%peer, "peer answered a digest with something else")
-                    }
-                    Err(e) => return tracing::debug!(%peer, error = %e, "digest exchange failed"),
-                }
-            }
-            m.antientropy_bytes.inc_by(summary_size(&ours));
-            match node
-                .net
-                .request(peer, wire::SyncRequest::Summary { marks: ours })
-                .await
-            {
-                Ok(wire::SyncResponse::Summary { marks }) => {
-                    m.antientropy_bytes.inc_by(summary_size(&marks));
-                    let _ = done.send(Done::Summary(peer, marks)).await;
-                }
-                Ok(_) => tracing::warn!(%peer, "peer answered a summary with something else"),
-                Err(e) => tracing::debug!(%peer, error = %e, "summary exchange failed"),
-            }
-        });
-    }
-
-    async fn summary_with_random_peer(&self) {
-        let Ok(peers) = self.node.net.peers().await else {
-            return;
-        };
-        if peers.is_empty() {
-            return;
-        }
-        let pick = &peers[rand::random::<usize>() % peers.len()];
-        if let Ok(p) = pick.peer_id.parse::<PeerId>() {
-            self.start_summary(p, true);
-        }
-    }
-
-    /// Start the next fetch from `peer` if none is in flight.
-    fn pump(&mut self, peer: PeerId) {
-        if self.busy.contains(&peer) || self.bulk.len() >= BULK_HIGH {
-            return;
-        }
-        let Some((source, from)) = self.queue.get_mut(&peer).and_then(|q| q.pop_front()) else {
-            return;
-        };
-        if self.fetching.get(&source).is_some_and(|p| *p != peer) {
-            return self.pump(peer);
-        }
-        // What arrived since this want was queued is not asked for again.
-        let from = from.max(self.reorder.next_expected(&source));
-        tracing::debug!(%peer, %source, from, "fetch");
-        self.fetching.insert(source.clone(), peer);
-        self.busy.insert(peer);
-        let node = self.node.clone();
-        let done = self.done_tx.clone();
-        tokio::spawn(async move {
-            let req = wire::SyncRequest::Fetch {
-                source: source.clone(),
-                from,
-                max_events: FETCH_BATCH,
-            };
-            // A fetch that hangs (a connection torn down under it) must not
-            // hold its source's chain for the whole request timeout.
-            let answer = tokio::time::timeout(FETCH_TIMEOUT, node.net.request(peer, req))
-                .await
-                .unwrap_or_else(|_| Err(net::NetError::Publish("fetch timed out".into())));
-            let result = match answer {
-                Ok(wire::SyncResponse::Events { events, floor }) => {
-                    let events: Vec<Event> = events.into_iter().map(Event::from).collect();
-                    let full = events.len() as u32 >= FETCH_BATCH;
-                    let want = source.clone();
-                    tokio::task::spawn_blocking(move || verify_batch(events, &want, floor, full))
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-                Ok(wire::SyncResponse::EventsV2 { events, floor }) => {
-                    let full = events.len() as u32 >= FETCH_BATCH;
-                    let want = source.clone();
-                    tokio::task::spawn_blocking(move || verify_batch(events, &want, floor, full))
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-                Ok(wire::SyncResponse::Refused { reason }) => Err(reason),
-                Ok(_) => Err("unexpected answer to a fetch".into()),
-                Err(e) => Err(e.to_string()),
-            };
-            let _ = done
-                .send(Done::Fetch {
-                    peer,
-                    source,
-                    from,
-                    result,
-                })
-                .await;
-        });
-    }
-
-    async fn on_done(&mut self, done: Done, out: &mut Released) {
-        match done {
-            Done::Summary(peer, theirs) => {
-                let ours = self.node.store.version_vector().unwrap_or_default();
-                for (source, from) in catchup::wants(&ours, &from_wire(&theirs)) {
-                    self.want(peer, source, from);
-                }
-            }
-            Done::BulkCommitted => {
-                self.bulk_inflight = false;
-                if self.bulk.len() < BULK_HIGH {
-                    let peers: Vec<PeerId> = self.queue.keys().copied().collect();
-                    for p in peers {
-                        self.pump(p);
-                    }
-                }
-            }
-            Done::Fetch {
-                peer,
-                source,
-                from,
-                result,
-            } => {
-                self.busy.remove(&peer);
-                self.fetching.remove(&source);
-                match result {
-                    Err(e) => {
-                        tracing::debug!(%peer, %source, error = %e, "fetch failed");
-                        self.fetch_failed
-                            .insert((peer, source.clone()), Instant::now());
-                    }
-                    Ok(f) => {
-                        let m = &self.node.metrics;
-                        for reason in &f.rejected {
-                            m.events_rejected
-                                .get_or_create(&label("reason", *reason))
-                                .inc();
-                        }
-                        if !f.rejected.is_empty() {
-                            tracing::warn!(%peer, %source, refused = f.rejected.len(), "catch-up answer held events that fail verification");
-                        }
-                        tracing::debug!(%peer, %source, from, got = f.events.len(), floor = ?f.floor, "fetched");
-                        m.catchup_events.inc_by(f.events.len() as u64);
-                        m.catchup_bytes.inc_by(f.bytes as u64);
-                        let first = f.events.first().map(|e| e.seq);
-                        let last = f.events.last().map(|e| e.seq);
-                        // Below the source's own floor, its events are gone past
-                        // retention: stop waiting for them. Another peer's floor
-                        // may only mean that peer has a hole too.
-                        let from_source = source.parse::<PeerId>().ok() == Some(peer);
-                        if let (Some(floor), true) = (f.floor, from_source) {
-                            if floor > from && first.is_none_or(|s| s > from) {
-                                match self.node.store.skip_to(&source, floor - 1).await {
-                                    Ok(mark) => {
-                                        self.reorder.set_contiguous(
-                                            &source,
-                                            mark.contiguous,
-                                            Instant::now(),
-                                            out,
-                                        );
-                                        m.order_skipped.inc();
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "cannot record a retention gap")
-                                    }
-                                }
-                            }
-                        }
-                        let now = Instant::now();
-                        for ev in f.events {
-                            self.reorder.offer(ev, now, out);
-                        }
-                        if f.full {
-                            if let Some(last) = last {
-                                self.fetching.insert(source.clone(), peer);
-                                self.queue
-                                    .entry(peer)
-                                    .or_default()
-                                    .push_front((source, last + 1));
-                            }
-                        }
-                    }
-                }
-                self.pump(peer);
-            }
-        }
-    }
-
-    /// Append what the reorder buffer released; record given-up gaps. Live
-    /// events go to the store at once; catch-up events (`bulk`), and any later
-    /// event of a source that still has some waiting, go a chunk at a time.
-    async fn apply(&mut self, out: Released, bulk: bool) {
-        // The hold ended: later events go ahead, but the missing ones stay
-        // wanted (the store's contiguous mark stays below them, so summaries
-        // and the gap refetch keep asking for them). Only a source's own
-        // retention floor gives events up (see on_done).
-        for (source, from, to) in out.skipped {
-            tracing::warn!(%source, from, to, "missing events of a source still not here after the order hold; later ones go ahead, the missing ones are still fetched");
-            self.node.metrics.order_skipped.inc();
-        }
-        let mut live = Vec::new();
-        for ev in out.ready {
-            let waiting = self.bulk_sources.get(&ev.source).copied().unwrap_or(0);
-            if !bulk && waiting > 0 && waiting <= BULK_CHUNK {
-                // A live event whose source has a few fetched events still
-                // queued: take those along rather than wait behind the backlog.
-                let (mine, rest): (VecDeque<Event>, VecDeque<Event>) =
-                    std::mem::take(&mut self.bulk)
-                        .into_iter()
-                        .partition(|e| e.source == ev.source);
-                self.bulk = rest;
-                self.bulk_sources.remove(&ev.source);
-                live.extend(mine);
-                live.push(ev);
-            } else if bulk || waiting > 0 {
-                *self.bulk_sources.entry(ev.source.clone()).or_default() += 1;
-                self.bulk.push_back(ev);
-            } else {
-                live.push(ev);
-            }
-        }
-        if !live.is_empty() {
-            self.commit(live, false).await;
-        }
-        self.pump_bulk().await;
-    }
-
-    async fn pump_bulk(&mut self) {
-        if self.bulk_inflight || self.bulk.is_empty() {
-            return;
-        }
-        let n = self.bulk.len().min(BULK_CHUNK);
-        let chunk: Vec<Event> = self.bulk.drain(..n).collect();
-        for ev in &chunk {
-            if let Some(c) = self.bulk_sources.get_mut(&ev.source) {
-                *c -= 1;
-                if *c == 0 {
-                    self.bulk_sources.remove(&ev.source);
-                }
-            }
-        }
-        self.bulk_inflight = true;
-        self.commit(chunk, true).await;
-    }
-
-    /// Queue events on the store (in order) and account for the outcome in a
-    /// task of its own, so this loop goes on.
-    async fn commit(&mut self, events: Vec<Event>, bulk: bool) {
-        let rx = match self.node.store.append_remote_queued(events).await {
-            Ok(rx) => rx,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot store events from peers");
-                if bulk {
-                    self.bulk_inflight = false;
-                }
-                return;
-            }
-        };
-        let node = self.node.clone();
-        let done = self.done_tx.clone();
-        tokio::spawn(async move {
-            match rx.await {
-                Ok(Ok(res)) => {
-                    let now = event::now_ms();
-                    let m = &node.metrics;
-                    for a in res {
-                        match a {
-                            Appended::New { event, .. } => {
-                                m.events_received
-                                    .get_or_create(&label("via", "peers"))
-                                    .inc();
-                                m.remote_latency
-                                    .observe(now.saturating_sub(event.ts_ms) as f64 / 1000.0);
-                            }
-                            Appended::Duplicate { .. } | Appended::Held => {
-                                m.events_duplicate
-                                    .get_or_create(&label("via", "peers"))
-                                    .inc();
-                            }
-                        }
-                    }
-                }
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot store events from peers"),
-                Err(_) => tracing::error!("the store writer stopped"),
-            }
-            if bulk {
-                let _ = done.send(Done::BulkCommitted).await;
-            }
-        });
-    }
-}
-
-/// Check every envelope of a fetch answer: of the asked source, in order,
-/// hash and signature. The bad ones are dropped and their reasons returned.
-fn verify_batch(events: Vec<Event>, source: &str, floor: Option<u64>, full: bool) -> Fetched {
-    let mut ok = Vec::with_capacity(events.len());
-    let mut rejected = Vec::new();
-    let mut bytes = 0;
-    let mut last = 0;
-    for ev in events {
-        bytes += ev.payload.len() + ev.signature.len() + ev.id.len() + ev.source.len() + 64;
-        if ev.source != source || ev.seq <= last {
-            rejected.push("invalid");
-            continue;
-        }
-        match ev.verify() {
-            Ok(()) => {
-                last = ev.seq;
-                ok.push(ev);
-            }
-            Err(EventError::HashMismatch) => rejected.push("hash"),
-            Err(EventError::BadSignature | EventError::BadSource(_)) => rejected.push("signature"),
-            Err(_) => rejected.push("invalid"),
-        }
-    }
-    Fetched {
-        events: ok,
-        floor,
-        rejected,
-        bytes,
-        full,
-    }
-}
-
-/// Answer a catch-up request from `peer`.
-async fn answer(
-    node: &Arc<Node>,
-    request: wire::SyncRequest,
-    peer: PeerId,
-    done: &mpsc::Sender<Done>,
-) -> wire::SyncResponse {
-    match request {
-        wire::SyncRequest::Summary { marks: theirs } => {
-            node.metrics.antientropy_bytes.inc_by(summary_size(&theirs));
-            // Their summary also tells us what to fetch from them.
-            let _ = done.send(Done::Summary(peer, theirs)).await;
-            match node.store.version_vector() {
-                Ok(vv) => {
-                    let ours = marks(vv);
-                    node.metrics.antientropy_bytes.inc_by(summary_size(&ours));
-                    wire::SyncResponse::Summary { marks: ours }
-                }
-                Err(e) => wire::SyncResponse::Refused {
-                    reason: e.to_string(),
-                },
-            }
-        }
-        wire::SyncRequest::Digest { digest } => {
-            node.metrics.antientropy_bytes.inc_by(DIGEST_BYTES);
-            match node.store.version_vector() {
-                Ok(vv) => {
-                    let ours = marks(vv);
-                    if wire::marks_digest(&ours) == digest {
-                        node.metrics.antientropy_bytes.inc_by(DIGEST_BYTES);
-                        wire::SyncResponse::Same
-                    } else {
-                        node.metrics.antientropy_bytes.inc_by(summary_size(&ours));
-                        wire::SyncResponse::Summary { marks: ours }
-                    }
-                }
-                Err(e) => wire::SyncResponse::Refused {
-                    reason: e.to_string(),
-                },
-            }
-        }
-        wire::SyncRequest::Fetch {
-            source,
-            from,
-            max_events,
-        } => {
-            let store = node.store.clone();
-            let max = (max_events as usize).clamp(1, FETCH_BATCH as usize);
-            let r = tokio::task::spawn_blocking(move || {
-                store.source_events(&source, from, max, FETCH_BYTES)
-            })
-            .await;
-            match r {
-                Ok(Ok((events, floor))) => wire::SyncResponse::events(events, floor),
-                Ok(Err(e)) => wire::SyncResponse::Refused {
-                    reason: e.to_string(),
-                },
-                Err(e) => wire::SyncResponse::Refused {
-                    reason: e.to_string(),
-                },
-            }
-        }
+        self.publisher.publish(drafts).await
     }
 }
 
 /// Retention, dedup expiry and gauges.
-async fn housekeeping(node: Arc<Node>) {
+async fn housekeeping(store: Store, metrics: Metrics) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut n: u64 = 0;
     let mut lagging: HashSet<String> = HashSet::new();
     loop {
         tick.tick().await;
         if n % 6 == 0 {
-            node.store.prune().await;
+            store.prune().await;
         }
         crate::bufpool::CHUNKS.trim(Instant::now());
         n += 1;
-        node.metrics.store_events.set(node.store.len() as i64);
-        node.metrics
-            .store_bytes
-            .set(node.store.size_on_disk() as i64);
-        if let Ok(consumers) = node.store.consumers() {
+        metrics.store_events.set(store.len() as i64);
+        metrics.store_bytes.set(store.size_on_disk() as i64);
+        if let Ok(consumers) = store.consumers() {
             // A deleted consumer's series goes too (the API removes it at
             // once; this catches a delete racing this loop).
             let now: HashSet<String> = consumers.iter().map(|c| c.name.clone()).collect();
             for gone in lagging.difference(&now) {
-                node.metrics
+                metrics
                     .consumer_lag
                     .remove(&label("consumer", gone.clone()));
             }
             for c in consumers {
                 // Matching events only; reading the log is blocking work.
-                let store = node.store.clone();
+                let store = store.clone();
                 let lag = tokio::task::spawn_blocking(move || {
                     let (lag, _) = crate::api::consumer_lag(&store, &c);
                     (c.name, lag)
                 })
                 .await;
                 if let Ok((name, lag)) = lag {
-                    node.metrics
+                    metrics
                         .consumer_lag
                         .get_or_create(&label("consumer", name))
                         .set(lag as i64);

@@ -455,8 +455,8 @@ struct Snapshot {
 async fn snapshot(app: &Router, node: &Arc<Node>) -> Snapshot {
     let (_, blobs) = send(app, Method::GET, "/v1/blobs", Vec::new()).await;
     Snapshot {
-        head: node.store.head(),
-        consumers: node.store.consumers().unwrap(),
+        head: node.store().head(),
+        consumers: node.store().consumers().unwrap(),
         blobs,
     }
 }
@@ -480,7 +480,7 @@ fn unchanged(node: &Node, before: &Snapshot, after: &Snapshot) -> Result<(), Str
         let earlier = |n: &Value| {
             old.contains(n)
                 || n["event_id"].as_str().is_some_and(|id| {
-                    node.store
+                    node.store()
                         .get_by_id(id)
                         .ok()
                         .flatten()
@@ -493,7 +493,7 @@ fn unchanged(node: &Node, before: &Snapshot, after: &Snapshot) -> Result<(), Str
         }
     }
     let (events, _) = node
-        .store
+        .store()
         .read_after(before.head, 10_000, 10_000, &[])
         .unwrap();
     for (seq, s) in events {
@@ -587,7 +587,7 @@ async fn api_bodies_are_parsed_and_validated_or_refused() {
             *accepted.entry(t.name).or_default() += 1;
             if t.name == "publish" {
                 let seq = answer["seq"].as_u64().unwrap();
-                let stored = node.store.get(seq).unwrap().expect("the accepted event");
+                let stored = node.store().get(seq).unwrap().expect("the accepted event");
                 stored
                     .event
                     .verify()

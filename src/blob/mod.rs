@@ -27,9 +27,28 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::codec;
 use crate::event::{Draft, TypePattern};
+use crate::membership::Membership;
 use crate::metrics::label;
+use crate::metrics::Metrics;
+use crate::net::NetHandle;
 use crate::net::{BlobInbound, MAX_BLOB_REQUEST, MAX_BLOB_RESPONSE};
-use crate::node::Node;
+use crate::publisher::Publisher;
+
+/// What blob transfer works with (handed over by the node at start).
+pub struct Ctx {
+    pub blobs: Blobs,
+    pub store: crate::store::Store,
+    pub net: NetHandle,
+    pub metrics: Metrics,
+    pub membership: Arc<Membership>,
+    pub publisher: Publisher,
+    /// This agent's name, in sync events.
+    pub host: String,
+    /// The data directory (free-space checks).
+    pub data_dir: PathBuf,
+    /// Owner of the long-lived tasks (stopped with the agent).
+    pub tasks: crate::tasks::Tasks,
+}
 use sched::Sched;
 pub use store::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord};
 use store::{Bitmap, BlobError};
@@ -304,12 +323,7 @@ enum SyncStep {
 }
 
 /// Publish a sync event caused by the naming event `cause`.
-async fn publish_sync(
-    node: &Arc<Node>,
-    ty: Option<&str>,
-    payload: &serde_json::Value,
-    cause: &str,
-) {
+async fn publish_sync(ctx: &Arc<Ctx>, ty: Option<&str>, payload: &serde_json::Value, cause: &str) {
     let Some(ty) = ty else {
         return;
     };
@@ -322,7 +336,7 @@ async fn publish_sync(
         link,
     ) {
         Ok(d) => {
-            if let Err(e) = node.publish(vec![d]).await {
+            if let Err(e) = ctx.publisher.publish(vec![d]).await {
                 tracing::warn!(error = %e, "cannot publish {ty}");
             }
         }
@@ -475,15 +489,15 @@ impl Blobs {
 
 // ---- serving peers ----
 
-pub async fn serve_peers(node: Arc<Node>, mut inbound: tokio::sync::mpsc::Receiver<BlobInbound>) {
+pub async fn serve_peers(ctx: Arc<Ctx>, mut inbound: tokio::sync::mpsc::Receiver<BlobInbound>) {
     while let Some(msg) = inbound.recv().await {
-        let node = node.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            let body = match serve(&node, msg.peer, &msg.request).await {
+            let body = match serve(&ctx, msg.peer, &msg.request).await {
                 Served::Encoded(bytes) => bytes,
                 Served::Value(resp) => codec::encode(&resp).unwrap_or_default(),
             };
-            node.net.blob_respond(msg.channel, body).await;
+            ctx.net.blob_respond(msg.channel, body).await;
         });
     }
 }
@@ -513,10 +527,10 @@ fn chunk_answer_buf(len: usize) -> (Vec<u8>, usize) {
     (b, h.len())
 }
 
-async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
-    let b = &node.blobs;
+async fn serve(ctx: &Arc<Ctx>, peer: PeerId, body: &[u8]) -> Served {
+    let b = &ctx.blobs;
     let served = |kind: &str, result: &str| {
-        node.metrics
+        ctx.metrics
             .sync_served
             .get_or_create(&vec![
                 ("kind", kind.to_string()),
@@ -527,7 +541,7 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
     let req: Request = match codec::decode(body, MAX_BLOB_REQUEST) {
         Ok(r) => r,
         Err(e) => {
-            node.metrics
+            ctx.metrics
                 .events_rejected
                 .get_or_create(&label("reason", "blob_decode"))
                 .inc();
@@ -608,18 +622,18 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
             .await;
             match res {
                 Ok(Ok((answer, data_len, hashed))) => {
-                    node.metrics
+                    ctx.metrics
                         .sync_serve_checks
                         .get_or_create(&label("check", if hashed { "hashed" } else { "vouched" }))
                         .inc();
                     take(&b.up, data_len as u64).await;
                     tracing::trace!(%peer, chunk = index, "chunk served");
-                    count_bytes(node, peer, "out", data_len as u64);
+                    count_bytes(ctx, peer, "out", data_len as u64);
                     served("chunk", "ok");
                     return Served::Encoded(answer);
                 }
                 Ok(Err(e @ BlobError::DamagedChunk { .. })) => {
-                    local_damage(node, blob, &e, "serving it to a peer");
+                    local_damage(ctx, blob, &e, "serving it to a peer");
                     served("chunk", "damaged");
                     Response::NotFound
                 }
@@ -642,12 +656,12 @@ async fn serve(node: &Arc<Node>, peer: PeerId, body: &[u8]) -> Served {
     })
 }
 
-fn count_bytes(node: &Node, peer: PeerId, direction: &str, n: u64) {
-    node.metrics
+fn count_bytes(ctx: &Ctx, peer: PeerId, direction: &str, n: u64) {
+    ctx.metrics
         .sync_bytes
         .get_or_create(&label("direction", direction))
         .inc_by(n);
-    node.metrics
+    ctx.metrics
         .sync_peer_bytes
         .get_or_create(&vec![
             ("peer", peer.to_base58()),
@@ -659,23 +673,23 @@ fn count_bytes(node: &Node, peer: PeerId, direction: &str, n: u64) {
 /// A stored copy failed verification while `doing` something with it:
 /// counted (`riftmesh_sync_chunks_rejected_total{reason="local_damage"}`),
 /// logged with the file's path, and repaired from peers.
-pub fn local_damage(node: &Arc<Node>, blob: BlobId, e: &BlobError, doing: &str) {
-    node.metrics
+pub fn local_damage(ctx: &Arc<Ctx>, blob: BlobId, e: &BlobError, doing: &str) {
+    ctx.metrics
         .sync_chunks_rejected
         .get_or_create(&label("reason", "local_damage"))
         .inc();
     tracing::error!(error = %e, doing, "a stored blob is damaged; not using it, repairing it from peers");
-    tokio::spawn(repair(node.clone(), blob));
+    ctx.tasks.spawn(repair(ctx.clone(), blob));
 }
 
 /// A stored copy failed verification: find every damaged chunk, forget them,
 /// and fetch them again from peers (checked against our manifest, whose root
 /// was checked when the blob was stored).
-pub async fn repair(node: Arc<Node>, blob: BlobId) {
-    if lock(&node.blobs.transfers).contains_key(&blob) {
+pub async fn repair(ctx: Arc<Ctx>, blob: BlobId) {
+    if lock(&ctx.blobs.transfers).contains_key(&blob) {
         return;
     }
-    let store = node.blobs.store.clone();
+    let store = ctx.blobs.store.clone();
     let r = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {
         let bad = store.scrub(&blob)?;
         if !bad.is_empty() {
@@ -704,7 +718,7 @@ pub async fn repair(node: Arc<Node>, blob: BlobId) {
                 event_type: String::new(),
                 origin: "riftmesh/repair".into(),
             };
-            want(&node, blob, rec, names);
+            want(&ctx, blob, rec, names);
         }
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
@@ -716,8 +730,8 @@ pub async fn repair(node: Arc<Node>, blob: BlobId) {
 
 // ---- asking peers ----
 
-async fn ask(node: &Node, peer: PeerId, req: &Request) -> Result<Response, String> {
-    match ask_raw(node, peer, req).await? {
+async fn ask(ctx: &Ctx, peer: PeerId, req: &Request) -> Result<Response, String> {
+    match ask_raw(ctx, peer, req).await? {
         Answer::Chunk(buf, range) => {
             let data = buf[range].to_vec();
             crate::bufpool::CHUNKS.give(buf);
@@ -753,15 +767,15 @@ fn decode_answer(buf: Vec<u8>) -> Result<Answer, codec::CodecError> {
     codec::decode::<Response>(&buf, MAX_BLOB_RESPONSE).map(Answer::Other)
 }
 
-async fn ask_raw(node: &Node, peer: PeerId, req: &Request) -> Result<Answer, String> {
+async fn ask_raw(ctx: &Ctx, peer: PeerId, req: &Request) -> Result<Answer, String> {
     let body = codec::encode(req).map_err(|e| e.to_string())?;
-    let resp = node
+    let resp = ctx
         .net
         .blob_request(peer, body)
         .await
         .map_err(|e| e.to_string())?;
     decode_answer(resp).map_err(|e| {
-        node.metrics
+        ctx.metrics
             .events_rejected
             .get_or_create(&label("reason", "blob_decode"))
             .inc();
@@ -770,13 +784,13 @@ async fn ask_raw(node: &Node, peer: PeerId, req: &Request) -> Result<Answer, Str
 }
 
 /// Ask every connected peer which of `blobs` it holds.
-async fn who_has(node: &Node, blob: BlobId) -> Vec<(PeerId, Option<Bitmap>)> {
-    let peers = node.membership.connected_peers();
+async fn who_has(ctx: &Ctx, blob: BlobId) -> Vec<(PeerId, Option<Bitmap>)> {
+    let peers = ctx.membership.connected_peers();
     let req = Request::Have { blobs: vec![blob] };
     let futs = peers.into_iter().map(|p| {
         let req = req.clone();
         async move {
-            let r = tokio::time::timeout(Duration::from_secs(5), ask(node, p, &req)).await;
+            let r = tokio::time::timeout(Duration::from_secs(5), ask(ctx, p, &req)).await;
             match r {
                 Ok(Ok(Response::Have { held })) => held
                     .into_iter()
@@ -796,25 +810,26 @@ async fn who_has(node: &Node, blob: BlobId) -> Vec<(PeerId, Option<Bitmap>)> {
 // ---- names from events, wants, fetches ----
 
 /// Start blob sync: serving peers, following naming events, garbage collection.
-pub fn start(node: Arc<Node>, inbound: tokio::sync::mpsc::Receiver<BlobInbound>) {
-    tokio::spawn(serve_peers(node.clone(), inbound));
-    tokio::spawn(follow_names(node.clone()));
-    tokio::spawn(gc_loop(node));
+pub fn start(ctx: Arc<Ctx>, inbound: tokio::sync::mpsc::Receiver<BlobInbound>) {
+    ctx.tasks.spawn(serve_peers(ctx.clone(), inbound));
+    ctx.tasks.spawn(follow_names(ctx.clone()));
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(gc_loop(ctx));
 }
 
-async fn follow_names(node: Arc<Node>) {
+async fn follow_names(ctx: Arc<Ctx>) {
     let patterns: Vec<TypePattern> = NAMING_TYPES
         .iter()
         .filter_map(|t| TypePattern::parse(t).ok())
         .collect();
-    let mut head = node.store.watch_head();
+    let mut head = ctx.store.watch_head();
     let mut cursor = 0;
     // Names already recorded whose blob is missing or not placed (a restart).
-    resume_wants(&node).await;
+    resume_wants(&ctx).await;
     loop {
         let upto = *head.borrow_and_update();
         loop {
-            let Ok((batch, last)) = node.store.read_after(cursor, 256, 20_000, &patterns) else {
+            let Ok((batch, last)) = ctx.store.read_after(cursor, 256, 20_000, &patterns) else {
                 break;
             };
             for (_, s) in batch {
@@ -837,7 +852,7 @@ async fn follow_names(node: Arc<Node>) {
                     event_type: s.event.event_type.clone(),
                     origin: s.event.origin.clone().unwrap_or_default(),
                 };
-                let store = node.blobs.store.clone();
+                let store = ctx.blobs.store.clone();
                 let name = n.name.clone();
                 let r2 = rec.clone();
                 let changed = tokio::task::spawn_blocking(move || store.set_name(&name, &r2))
@@ -847,8 +862,8 @@ async fn follow_names(node: Arc<Node>) {
                     .flatten();
                 if changed.is_some() {
                     tracing::info!(name = %n.name, blob = %n.blob, size = n.size, "name updated");
-                    if node.blobs.want_for(&n.name).is_some() {
-                        want(&node, blob, rec, vec![n.name.clone()]);
+                    if ctx.blobs.want_for(&n.name).is_some() {
+                        want(&ctx, blob, rec, vec![n.name.clone()]);
                     }
                 }
             }
@@ -857,7 +872,7 @@ async fn follow_names(node: Arc<Node>) {
             }
             cursor = last;
         }
-        node.blobs.names_seen.send_if_modified(|s| {
+        ctx.blobs.names_seen.send_if_modified(|s| {
             let grew = upto > *s;
             *s = (*s).max(upto);
             grew
@@ -868,22 +883,22 @@ async fn follow_names(node: Arc<Node>) {
     }
 }
 
-async fn resume_wants(node: &Arc<Node>) {
-    let store = node.blobs.store.clone();
+async fn resume_wants(ctx: &Arc<Ctx>) {
+    let store = ctx.blobs.store.clone();
     let Ok(Ok(names)) = tokio::task::spawn_blocking(move || store.names()).await else {
         return;
     };
     for (name, rec) in names {
-        if node.blobs.want_for(&name).is_some() {
-            want(node, rec.blob, rec, vec![name]);
+        if ctx.blobs.want_for(&name).is_some() {
+            want(ctx, rec.blob, rec, vec![name]);
         }
     }
 }
 
 /// Make sure `blob` is here and placed for `names`: fetch it if missing.
 /// Returns a notifier that fires when the transfer ends.
-pub fn want(node: &Arc<Node>, blob: BlobId, rec: NameRecord, names: Vec<String>) -> Arc<Notify> {
-    let b = &node.blobs;
+pub fn want(ctx: &Arc<Ctx>, blob: BlobId, rec: NameRecord, names: Vec<String>) -> Arc<Notify> {
+    let b = &ctx.blobs;
     let mut t = lock(&b.transfers);
     if let Some(tr) = t.get_mut(&blob) {
         for n in names {
@@ -920,24 +935,25 @@ pub fn want(node: &Arc<Node>, blob: BlobId, rec: NameRecord, names: Vec<String>)
         },
     );
     drop(t);
-    let node = node.clone();
-    tokio::spawn(async move {
-        let result = run_transfer(&node, blob).await;
-        finish(&node, blob, result).await;
+    let ctx2 = ctx.clone();
+    ctx.tasks.spawn(async move {
+        let ctx = ctx2;
+        let result = run_transfer(&ctx, blob).await;
+        finish(&ctx, blob, result).await;
     });
     wake
 }
 
-fn update_view(node: &Node, blob: &BlobId, f: impl FnOnce(&mut TransferView)) {
-    if let Some(t) = lock(&node.blobs.transfers).get_mut(blob) {
+fn update_view(ctx: &Ctx, blob: &BlobId, f: impl FnOnce(&mut TransferView)) {
+    if let Some(t) = lock(&ctx.blobs.transfers).get_mut(blob) {
         f(&mut t.view);
     }
 }
 
 /// Fetch one blob (if not held) under the transfer limit. `Ok(true)`: it was
 /// fetched now; `Ok(false)`: it was here already (only placement is left).
-async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<bool, String> {
-    let b = &node.blobs;
+async fn run_transfer(ctx: &Arc<Ctx>, blob: BlobId) -> Result<bool, String> {
+    let b = &ctx.blobs;
     let store = b.store.clone();
     let complete = tokio::task::spawn_blocking(move || store.is_complete(&blob))
         .await
@@ -959,31 +975,31 @@ async fn run_transfer(node: &Arc<Node>, blob: BlobId) -> Result<bool, String> {
     };
     for name in &names {
         let payload = json!({
-            "name": name, "blob": hex_id(&blob), "size": size, "host": node.cfg.name,
+            "name": name, "blob": hex_id(&blob), "size": size, "host": ctx.host,
         });
-        publish_sync(node, sync_event(name, SyncStep::Started), &payload, &cause).await;
+        publish_sync(ctx, sync_event(name, SyncStep::Started), &payload, &cause).await;
     }
-    node.metrics.sync_active.inc();
-    let r = fetch(node, blob, size, root).await;
-    node.metrics.sync_active.dec();
+    ctx.metrics.sync_active.inc();
+    let r = fetch(ctx, blob, size, root).await;
+    ctx.metrics.sync_active.dec();
     r.map(|()| true)
 }
 
 /// Check the disk budget and the free space for `size` more bytes.
-async fn check_space(node: &Node, blob: &BlobId, size: u64) -> Result<(), String> {
-    let store = node.blobs.store.clone();
+async fn check_space(ctx: &Ctx, blob: &BlobId, size: u64) -> Result<(), String> {
+    let store = ctx.blobs.store.clone();
     let id = *blob;
     let already =
         tokio::task::spawn_blocking(move || store.meta(&id).ok().flatten().map_or(0, |m| m.size))
             .await
             .map_err(|e| e.to_string())?;
-    check_room(node, size.saturating_sub(already)).await
+    check_room(ctx, size.saturating_sub(already)).await
 }
 
 /// Check the disk budget and the free space for `need` more bytes (an
 /// upload: bytes not in the store yet).
-pub(crate) async fn check_room(node: &Node, need: u64) -> Result<(), String> {
-    let b = &node.blobs;
+pub(crate) async fn check_room(ctx: &Ctx, need: u64) -> Result<(), String> {
+    let b = &ctx.blobs;
     let store = b.store.clone();
     let used = tokio::task::spawn_blocking(move || store.used_bytes().unwrap_or(0))
         .await
@@ -994,7 +1010,7 @@ pub(crate) async fn check_room(node: &Node, need: u64) -> Result<(), String> {
             used, need, b.cfg.budget
         ));
     }
-    let dir = node.cfg.data_dir.clone();
+    let dir = ctx.data_dir.clone();
     let free = tokio::task::spawn_blocking(move || crate::membership::health::free_bytes(&dir))
         .await
         .ok()
@@ -1018,21 +1034,21 @@ enum ChunkDone {
     Missing,
 }
 
-async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Result<(), String> {
-    let b = &node.blobs;
-    update_view(node, &blob, |v| v.state = "finding sources".into());
+async fn fetch(ctx: &Arc<Ctx>, blob: BlobId, size: u64, root: [u8; 32]) -> Result<(), String> {
+    let b = &ctx.blobs;
+    update_view(ctx, &blob, |v| v.state = "finding sources".into());
     // Sources and the manifest.
     let mut last_seen_source = Instant::now();
     let (manifest, mut sources) = loop {
-        let found = who_has(node, blob).await;
+        let found = who_has(ctx, blob).await;
         let mut got = None;
         for (p, _) in &found {
-            if let Ok(Response::Manifest(m)) = ask(node, *p, &Request::Manifest { blob }).await {
+            if let Ok(Response::Manifest(m)) = ask(ctx, *p, &Request::Manifest { blob }).await {
                 if m.root() == root && m.size == size && m.check().is_ok() {
                     got = Some(m);
                     break;
                 }
-                node.metrics
+                ctx.metrics
                     .sync_chunks_rejected
                     .get_or_create(&label("reason", "manifest"))
                     .inc();
@@ -1054,7 +1070,7 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
         }
         tokio::time::sleep(SOURCE_REFRESH).await;
     };
-    check_space(node, &blob, size).await?;
+    check_space(ctx, &blob, size).await?;
     let fetch_started = Instant::now();
     let store = b.store.clone();
     let m2 = manifest.clone();
@@ -1093,21 +1109,21 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
     let mut last_ckpt = Instant::now();
     let mut last_progress = Instant::now();
     let mut window: Vec<(Instant, u64)> = Vec::new();
-    update_view(node, &blob, |v| {
+    update_view(ctx, &blob, |v| {
         v.state = "fetching".into();
         v.chunks = n;
     });
     while !sched.have().is_full() {
         let now = Instant::now();
         for (peer, idx) in sched.assign(now) {
-            let node = node.clone();
+            let ctx = ctx.clone();
             let m = manifest.clone();
             let whole = whole.clone();
             inflight.push(async move {
-                take(&node.blobs.down, m.chunk_len(idx)).await;
+                take(&ctx.blobs.down, m.chunk_len(idx)).await;
                 let r = tokio::time::timeout(
                     CHUNK_TIMEOUT,
-                    ask_raw(&node, peer, &Request::Chunk { blob, index: idx }),
+                    ask_raw(&ctx, peer, &Request::Chunk { blob, index: idx }),
                 )
                 .await;
                 let done = match r {
@@ -1117,7 +1133,7 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                         if range.len() as u64 != m.chunk_len(idx) {
                             ChunkDone::Bad("size")
                         } else {
-                            let store = node.blobs.store.clone();
+                            let store = ctx.blobs.store.clone();
                             let want = m.chunks[idx as usize];
                             let off = m.offset(idx);
                             tokio::task::spawn_blocking(move || {
@@ -1163,12 +1179,12 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                     ChunkDone::Ok => {
                         let len = manifest.chunk_len(idx);
                         sched.on_ok(peer, idx);
-                        count_bytes(node, peer, "in", len);
+                        count_bytes(ctx, peer, "in", len);
                         window.push((now, len));
                         last_progress = now;
                     }
                     ChunkDone::Bad(reason) => {
-                        node.metrics.sync_chunks_rejected.get_or_create(&label("reason", reason)).inc();
+                        ctx.metrics.sync_chunks_rejected.get_or_create(&label("reason", reason)).inc();
                         tracing::warn!(%peer, blob = %hex_id(&blob), chunk = idx, reason, "a peer served a chunk that fails verification; fetching it elsewhere");
                         sched.on_bad(peer, idx, now);
                     }
@@ -1228,7 +1244,7 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
                 .map(|i| manifest.chunk_len(i))
                 .sum();
             let srcs = sched.usable_sources(now);
-            update_view(node, &blob, |v| {
+            update_view(ctx, &blob, |v| {
                 v.have_bytes = have_bytes;
                 v.chunks_have = sched.have().count();
                 v.rate_bytes_per_sec = rate;
@@ -1242,7 +1258,7 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
             && (since >= SOURCE_REFRESH || (starved && since >= Duration::from_millis(500)))
         {
             last_refresh = now;
-            let n2 = node.clone();
+            let n2 = ctx.clone();
             refresh = Some(tokio::spawn(async move { who_has(&n2, blob).await }));
         }
         if inflight.is_empty() && now.duration_since(last_progress) > STALL {
@@ -1262,7 +1278,7 @@ async fn fetch(node: &Arc<Node>, blob: BlobId, size: u64, root: [u8; 32]) -> Res
     if let Some(h) = refresh.take() {
         h.abort();
     }
-    update_view(node, &blob, |v| v.state = "verifying".into());
+    update_view(ctx, &blob, |v| v.state = "verifying".into());
     let received = fetch_started.elapsed();
     let store = b.store.clone();
     let m = manifest.clone();
@@ -1307,20 +1323,20 @@ async fn join_opt<T>(
 /// After a transfer: place for every name that wants it, and report. Only a
 /// blob fetched now counts as a completed fetch (wants of held blobs are
 /// resumed every 30 s to retry their placement).
-async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
-    let b = &node.blobs;
+async fn finish(ctx: &Arc<Ctx>, blob: BlobId, result: Result<bool, String>) {
+    let b = &ctx.blobs;
     let Some(tr) = lock(&b.transfers).remove(&blob) else {
         return;
     };
     let secs = tr.started.elapsed().as_secs_f64();
     if result == Ok(true) {
-        node.metrics.sync_seconds.observe(secs);
+        ctx.metrics.sync_seconds.observe(secs);
     }
     let sources = tr.view.sources.clone();
     match result {
         Ok(fetched) => {
             if fetched {
-                node.metrics
+                ctx.metrics
                     .sync_transfers
                     .get_or_create(&label("result", "completed"))
                     .inc();
@@ -1353,14 +1369,14 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
                         Ok(Ok(true)) => path = Some(p),
                         Ok(Err(e @ BlobError::DamagedChunk { .. })) => {
                             // Placed once the repair completes the blob again.
-                            node.metrics.sync_place_failed.inc();
-                            local_damage(node, blob, &e, "placing it");
+                            ctx.metrics.sync_place_failed.inc();
+                            local_damage(ctx, blob, &e, "placing it");
                             continue;
                         }
                         Ok(Err(e)) => {
-                            node.metrics.sync_place_failed.inc();
+                            ctx.metrics.sync_place_failed.inc();
                             report_failure(
-                                node,
+                                ctx,
                                 blob,
                                 std::slice::from_ref(name),
                                 &format!("cannot place: {e}"),
@@ -1370,9 +1386,9 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
                             continue;
                         }
                         Err(e) => {
-                            node.metrics.sync_place_failed.inc();
+                            ctx.metrics.sync_place_failed.inc();
                             report_failure(
-                                node,
+                                ctx,
                                 blob,
                                 std::slice::from_ref(name),
                                 &e.to_string(),
@@ -1399,37 +1415,31 @@ async fn finish(node: &Arc<Node>, blob: BlobId, result: Result<bool, String>) {
                     "name": name,
                     "blob": hex_id(&blob),
                     "size": tr.size,
-                    "host": node.cfg.name,
+                    "host": ctx.host,
                     "path": path.as_ref().map(|p| p.display().to_string()),
                     "seconds": (secs * 1000.0).round() / 1000.0,
                     "sources": sources.len(),
                 });
                 tracing::info!(%name, blob = %hex_id(&blob), path = ?path, secs, "blob arrived");
-                publish_sync(node, ty, &payload, &tr.cause).await;
+                publish_sync(ctx, ty, &payload, &tr.cause).await;
             }
         }
         Err(reason) => {
-            node.metrics
+            ctx.metrics
                 .sync_transfers
                 .get_or_create(&label("result", "failed"))
                 .inc();
-            report_failure(node, blob, &tr.names, &reason, &tr.cause).await;
+            report_failure(ctx, blob, &tr.names, &reason, &tr.cause).await;
         }
     }
     tr.wake.notify_waiters();
-    refresh_gauges(node).await;
+    refresh_gauges(ctx).await;
 }
 
-async fn report_failure(
-    node: &Arc<Node>,
-    blob: BlobId,
-    names: &[String],
-    reason: &str,
-    cause: &str,
-) {
+async fn report_failure(ctx: &Arc<Ctx>, blob: BlobId, names: &[String], reason: &str, cause: &str) {
     tracing::warn!(blob = %hex_id(&blob), ?names, reason, "blob sync failed");
     {
-        let mut f = lock(&node.blobs.failures);
+        let mut f = lock(&ctx.blobs.failures);
         f.push(FailureView {
             blob: hex_id(&blob),
             names: names.to_vec(),
@@ -1445,44 +1455,44 @@ async fn report_failure(
         let payload = json!({
             "name": name,
             "blob": hex_id(&blob),
-            "host": node.cfg.name,
+            "host": ctx.host,
             "reason": reason,
         });
-        publish_sync(node, sync_event(name, SyncStep::Failed), &payload, cause).await;
+        publish_sync(ctx, sync_event(name, SyncStep::Failed), &payload, cause).await;
     }
 }
 
-async fn refresh_gauges(node: &Node) {
-    let store = node.blobs.store.clone();
+async fn refresh_gauges(ctx: &Ctx) {
+    let store = ctx.blobs.store.clone();
     if let Ok(Ok(list)) = tokio::task::spawn_blocking(move || store.list()).await {
-        node.metrics
+        ctx.metrics
             .blob_store_bytes
             .set(list.iter().map(|(_, m)| m.size as i64).sum());
-        node.metrics.blob_store_blobs.set(list.len() as i64);
+        ctx.metrics.blob_store_blobs.set(list.len() as i64);
     }
 }
 
 // ---- garbage collection and retries ----
 
-async fn gc_loop(node: Arc<Node>) {
+async fn gc_loop(ctx: Arc<Ctx>) {
     let every =
-        (node.blobs.cfg.retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        (ctx.blobs.cfg.retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        if let Err(e) = gc_once(&node).await {
+        if let Err(e) = gc_once(&ctx).await {
             tracing::warn!(error = %e, "blob garbage collection failed");
         }
         // Wanted names whose blob is still missing (a failed fetch): again.
-        resume_wants(&node).await;
-        refresh_gauges(&node).await;
+        resume_wants(&ctx).await;
+        refresh_gauges(&ctx).await;
     }
 }
 
 /// Remove blobs no name points at, unreferenced for longer than the
 /// retention, and not being fetched. Returns how many were removed.
-pub async fn gc_once(node: &Node) -> Result<usize, String> {
-    let b = &node.blobs;
+pub async fn gc_once(ctx: &Ctx) -> Result<usize, String> {
+    let b = &ctx.blobs;
     let busy: HashSet<BlobId> = lock(&b.transfers).keys().copied().collect();
     let store = b.store.clone();
     let retention = b.cfg.retention;
@@ -1517,7 +1527,7 @@ pub async fn gc_once(node: &Node) -> Result<usize, String> {
 /// on this blocking thread as it arrives) under `name`, and publish the
 /// naming event. `label` names the source in errors.
 pub async fn add(
-    node: &Arc<Node>,
+    ctx: &Arc<Ctx>,
     src: Box<dyn std::io::Read + Send>,
     len: u64,
     label: PathBuf,
@@ -1525,8 +1535,8 @@ pub async fn add(
     event_type: &str,
 ) -> Result<(store::Added, crate::store::Appended), String> {
     check_name(name)?;
-    let store = node.blobs.store.clone();
-    let chunk = node.blobs.cfg.chunk_size;
+    let store = ctx.blobs.store.clone();
+    let chunk = ctx.blobs.cfg.chunk_size;
     let added = tokio::task::spawn_blocking(move || store.add_reader(src, len, &label, chunk))
         .await
         .map_err(|e| e.to_string())?
@@ -1547,8 +1557,12 @@ pub async fn add(
         None,
     )
     .map_err(|e| e.to_string())?;
-    let mut out = node.publish(vec![d]).await.map_err(|e| e.to_string())?;
-    refresh_gauges(node).await;
+    let mut out = ctx
+        .publisher
+        .publish(vec![d])
+        .await
+        .map_err(|e| e.to_string())?;
+    refresh_gauges(ctx).await;
     Ok((added, out.remove(0)))
 }
 

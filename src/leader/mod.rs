@@ -28,9 +28,28 @@ use serde_json::json;
 use tokio::sync::{mpsc, OnceCell};
 
 use crate::codec;
+use crate::config::AgentConfig;
 use crate::event::{self, Draft, TypePattern};
+use crate::membership::Membership;
+use crate::metrics::Metrics;
 use crate::net::{NetHandle, RaftInbound, MAX_RAFT_MESSAGE};
-use crate::node::Node;
+use crate::publisher::Publisher;
+use crate::store::Store;
+
+/// What the leader part works with (handed over by the node at start).
+pub struct Ctx {
+    pub leader: Arc<Leader>,
+    pub cfg: Arc<AgentConfig>,
+    pub store: Store,
+    pub net: NetHandle,
+    pub metrics: Metrics,
+    pub membership: Arc<Membership>,
+    pub publisher: Publisher,
+    /// This agent's peer id (base58).
+    pub peer_id: String,
+    /// Owner of the long-lived tasks (stopped with the agent).
+    pub tasks: crate::tasks::Tasks,
+}
 
 pub type NodeId = u64;
 
@@ -304,13 +323,22 @@ impl Leader {
         Some((m.state, m.current_term, m.current_leader, fresh))
     }
 
+    /// Stop this voter's Raft (its own tasks end); nothing on a non-voter.
+    pub async fn shutdown(&self) {
+        if let Some(raft) = self.raft.get() {
+            if let Err(e) = raft.shutdown().await {
+                tracing::debug!(error = %e, "raft shutdown");
+            }
+        }
+    }
+
     fn name_of(&self, id: NodeId) -> Option<String> {
         self.voters.iter().find(|v| node_id(v) == id).cloned()
     }
 
     /// The leader as this agent knows it.
-    pub fn view(&self, node: &Node) -> LeaderView {
-        let mismatch = node.membership.voter_list_mismatch(self.voters_hash());
+    pub fn view(&self, ctx: &Ctx) -> LeaderView {
+        let mismatch = ctx.membership.voter_list_mismatch(self.voters_hash());
         let mut v = LeaderView {
             voters: self.voters.clone(),
             is_voter: self.is_voter,
@@ -366,9 +394,9 @@ impl Leader {
                 v.since_ms = known.since_ms;
             }
             v.leader_peer_id = if *l == self.me {
-                Some(node.peer_id.clone())
+                Some(ctx.peer_id.clone())
             } else {
-                node.membership.peer_by_name(l).map(|p| p.to_base58())
+                ctx.membership.peer_by_name(l).map(|p| p.to_base58())
             };
             // A leader the member table holds dead or gone is no leader.
             if *l != self.me && v.leader_peer_id.is_none() {
@@ -403,14 +431,14 @@ impl Leader {
     }
 
     /// Run a lock call here if this agent leads, else at the leader.
-    pub async fn call(&self, node: &Node, call: LockCall) -> Result<LockAnswer, LockError> {
+    pub async fn call(&self, ctx: &Ctx, call: LockCall) -> Result<LockAnswer, LockError> {
         if self.voters.is_empty() {
             return Err(LockError::NoVoters);
         }
         if let Some((ServerState::Leader, _, _, _)) = self.raft_view() {
-            return self.call_local(node, call).await;
+            return self.call_local(ctx, call).await;
         }
-        let view = self.view(node);
+        let view = self.view(ctx);
         let Some(peer) = view
             .leader_peer_id
             .as_deref()
@@ -423,7 +451,7 @@ impl Leader {
             msg: Msg::Lock(call),
         })
         .map_err(|e| LockError::Other(e.to_string()))?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), node.net.raft_request(peer, body))
+        let resp = tokio::time::timeout(Duration::from_secs(5), ctx.net.raft_request(peer, body))
             .await
             .map_err(|_| LockError::Timeout("no answer from the leader in 5 s".into()))?
             .map_err(|e| LockError::Unavailable(format!("cannot reach the leader: {e}")))?;
@@ -437,7 +465,7 @@ impl Leader {
         }
     }
 
-    async fn call_local(&self, node: &Node, call: LockCall) -> Result<LockAnswer, LockError> {
+    async fn call_local(&self, ctx: &Ctx, call: LockCall) -> Result<LockAnswer, LockError> {
         let Some(raft) = self.raft.get() else {
             return Err(LockError::NoLeader);
         };
@@ -461,7 +489,7 @@ impl Leader {
         let r = tokio::time::timeout(Duration::from_secs(3), raft.client_write(req))
             .await
             .map_err(|_| LockError::Timeout("3 s".into()))?;
-        let m = &node.metrics;
+        let m = &ctx.metrics;
         match r {
             Ok(resp) => {
                 match &resp.data {
@@ -496,7 +524,7 @@ type RpcErr<E> = RPCError<NodeId, PeerNode, RaftError<NodeId, E>>;
 
 struct Factory {
     net: NetHandle,
-    node: std::sync::Weak<Node>,
+    ctx: std::sync::Weak<Ctx>,
     hash: [u8; 32],
 }
 
@@ -504,7 +532,7 @@ struct Conn {
     target: NodeId,
     name: String,
     net: NetHandle,
-    node: std::sync::Weak<Node>,
+    ctx: std::sync::Weak<Ctx>,
     hash: [u8; 32],
 }
 
@@ -516,7 +544,7 @@ impl RaftNetworkFactory<TypeConfig> for Factory {
             target,
             name: n.name.clone(),
             net: self.net.clone(),
-            node: self.node.clone(),
+            ctx: self.ctx.clone(),
             hash: self.hash,
         }
     }
@@ -529,14 +557,14 @@ fn unreachable<E: std::error::Error>(why: String) -> RpcErr<E> {
 impl Conn {
     async fn call<E: std::error::Error>(&self, msg: Msg) -> Result<Reply, RpcErr<E>> {
         let peer = self
-            .node
+            .ctx
             .upgrade()
             .and_then(|n| n.membership.peer_for_name(&self.name))
             .ok_or_else(|| unreachable(format!("voter {} is not a known member", self.name)))?;
         // Not connected (it restarted, or we lost its address when it died):
         // dial the addresses it last reported and give the connection a
         // moment, rather than fail on a peer the swarm cannot find.
-        if let Some(n) = self.node.upgrade() {
+        if let Some(n) = self.ctx.upgrade() {
             if !n.membership.is_connected(&peer) {
                 for a in n.membership.dial_addrs(&peer) {
                     let _ = n.net.dial(a).await;
@@ -604,7 +632,7 @@ impl RaftNetwork<TypeConfig> for Conn {
         let mine = rpc.last_log_id.map(|l| l.index);
         match self.call(Msg::Vote(rpc)).await? {
             Reply::Vote(r) => {
-                if let (Ok(v), Some(n)) = (&r, self.node.upgrade()) {
+                if let (Ok(v), Some(n)) = (&r, self.ctx.upgrade()) {
                     // A voter with a longer log refused: ours is stale and
                     // cannot win; stand aside so that one can.
                     if !v.vote_granted && v.last_log_id.map(|l| l.index) > mine {
@@ -620,37 +648,38 @@ impl RaftNetwork<TypeConfig> for Conn {
 
 /// Start the leader part: Raft on voters, and on every agent the server of
 /// `/riftmesh/raft/2` and the follower of `LEADER_ELECTED` events.
-pub fn start(node: Arc<Node>, inbound: mpsc::Receiver<RaftInbound>) {
-    tokio::spawn(run(node, inbound));
+pub fn start(ctx: Arc<Ctx>, inbound: mpsc::Receiver<RaftInbound>) {
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(run(ctx, inbound));
 }
 
-async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<RaftInbound>) {
-    let l = node.leader.clone();
+async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<RaftInbound>) {
+    let l = ctx.leader.clone();
     if !l.voters.is_empty() {
         let mut listed: Vec<String> = l.voters.clone();
         listed.sort();
         tracing::info!(voters = ?listed, voter = l.is_voter, "leader election configured");
     }
     if l.is_voter {
-        match start_raft(&node).await {
+        match start_raft(&ctx).await {
             Ok((raft, sm)) => {
                 let _ = l.sm.set(sm);
                 let _ = l.raft.set(raft.clone());
-                tokio::spawn(watch_leadership(node.clone(), raft.clone()));
-                tokio::spawn(elector(node.clone(), raft));
+                ctx.tasks.spawn(watch_leadership(ctx.clone(), raft.clone()));
+                ctx.tasks.spawn(elector(ctx.clone(), raft));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the leader election; this agent takes no part")
             }
         }
     }
-    tokio::spawn(follow_elections(node.clone()));
+    ctx.tasks.spawn(follow_elections(ctx.clone()));
     while let Some(msg) = inbound.recv().await {
-        let node = node.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            let reply = serve(&node, &msg.request).await;
+            let reply = serve(&ctx, &msg.request).await;
             let body = codec::encode(&reply).unwrap_or_default();
-            node.net.raft_respond(msg.channel, body).await;
+            ctx.net.raft_respond(msg.channel, body).await;
         });
     }
 }
@@ -692,12 +721,12 @@ pub fn sample_envelopes() -> Vec<Vec<u8>> {
         .collect()
 }
 
-async fn serve(node: &Node, body: &[u8]) -> Reply {
-    let l = &node.leader;
+async fn serve(ctx: &Ctx, body: &[u8]) -> Reply {
+    let l = &ctx.leader;
     let env: Envelope = match codec::decode(body, MAX_RAFT_MESSAGE) {
         Ok(e) => e,
         Err(e) => {
-            node.metrics
+            ctx.metrics
                 .events_rejected
                 .get_or_create(&crate::metrics::label("reason", "raft_decode"))
                 .inc();
@@ -706,7 +735,7 @@ async fn serve(node: &Node, body: &[u8]) -> Reply {
         }
     };
     if env.voters_hash != l.hash {
-        node.metrics
+        ctx.metrics
             .events_rejected
             .get_or_create(&crate::metrics::label("reason", "voter_list"))
             .inc();
@@ -716,7 +745,7 @@ async fn serve(node: &Node, body: &[u8]) -> Reply {
         // Forwarded calls are served by the leader only: no forwarding chains.
         let leads = matches!(l.raft_view(), Some((ServerState::Leader, ..)));
         return Reply::Lock(if leads {
-            l.call_local(node, call).await.map_err(|e| e.to_string())
+            l.call_local(ctx, call).await.map_err(|e| e.to_string())
         } else {
             Err(LockError::NoLeader.to_string())
         });
@@ -746,8 +775,8 @@ async fn serve(node: &Node, body: &[u8]) -> Reply {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn start_raft(node: &Arc<Node>) -> Result<(Raft, store::LockStateMachine), BoxError> {
-    let et = node.cfg.election_timeout.as_millis() as u64;
+async fn start_raft(ctx: &Arc<Ctx>) -> Result<(Raft, store::LockStateMachine), BoxError> {
+    let et = ctx.cfg.election_timeout.as_millis() as u64;
     let config = openraft::Config {
         cluster_name: "riftmesh".into(),
         // openraft ticks every 1.5 heartbeats; a fifth of the election
@@ -762,17 +791,17 @@ async fn start_raft(node: &Arc<Node>) -> Result<(Raft, store::LockStateMachine),
         ..Default::default()
     }
     .validate()?;
-    let durable = node.store.durable();
+    let durable = ctx.store.durable();
     let log = store::LogStore::open(durable)?;
     let sm = store::LockStateMachine::open(durable)?;
     let factory = Factory {
-        net: node.net.clone(),
-        node: Arc::downgrade(node),
-        hash: node.leader.hash,
+        net: ctx.net.clone(),
+        ctx: Arc::downgrade(ctx),
+        hash: ctx.leader.hash,
     };
-    let me = node_id(&node.cfg.name);
+    let me = node_id(&ctx.cfg.name);
     let raft = openraft::Raft::new(me, Arc::new(config), factory, log, sm.clone()).await?;
-    let members: BTreeMap<NodeId, PeerNode> = node
+    let members: BTreeMap<NodeId, PeerNode> = ctx
         .cfg
         .voters
         .iter()
@@ -797,9 +826,9 @@ async fn start_raft(node: &Arc<Node>) -> Result<(Raft, store::LockStateMachine),
 /// A voter told by a voter with a longer log that its own is stale stands
 /// aside for 4 × `election_timeout` (openraft's own timer does the same), so
 /// a restarted voter cannot keep outbidding the one that can win.
-async fn elector(node: Arc<Node>, raft: Raft) {
+async fn elector(ctx: Arc<Ctx>, raft: Raft) {
     use rand::Rng;
-    let et = node.cfg.election_timeout;
+    let et = ctx.cfg.election_timeout;
     let lease = et * 2;
     let draw = || et + et.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
     let mut jitter = draw();
@@ -821,17 +850,17 @@ async fn elector(node: Arc<Node>, raft: Raft) {
             // openraft restores as leadership of that old term) would
             // otherwise never campaign, and a voter with a shorter log could
             // never win its vote: it campaigns like a follower.
-            let fresh = node.leader.voters.len() == 1
+            let fresh = ctx.leader.voters.len() == 1
                 || acked_ms.is_some_and(|ms| u128::from(ms) < lease.as_millis());
             if fresh {
                 attempt = None;
                 continue;
             }
         }
-        if node.leader.aside() {
+        if ctx.leader.aside() {
             continue;
         }
-        let heard = node.leader.heard();
+        let heard = ctx.leader.heard();
         let mut due = heard + lease + jitter;
         if let Some(a) = attempt.filter(|a| *a > heard) {
             due = due.max(a + jitter);
@@ -848,14 +877,14 @@ async fn elector(node: Arc<Node>, raft: Raft) {
 
 /// On every change of term or leader: metrics, and the new leader publishes
 /// `LEADER_ELECTED` once for its term.
-async fn watch_leadership(node: Arc<Node>, raft: Raft) {
+async fn watch_leadership(ctx: Arc<Ctx>, raft: Raft) {
     let mut rx = raft.metrics();
     let mut last: (u64, Option<NodeId>) = (0, None);
     let mut lost_at: Option<Instant> = None;
     let mut announced_term = 0;
     loop {
         let m = rx.borrow_and_update().clone();
-        let mx = &node.metrics;
+        let mx = &ctx.metrics;
         mx.raft_term.set(m.current_term as i64);
         mx.is_leader.set(i64::from(m.state == ServerState::Leader));
         if (m.current_term, m.current_leader) != last {
@@ -869,7 +898,7 @@ async fn watch_leadership(node: Arc<Node>, raft: Raft) {
                 }
                 let name = m
                     .current_leader
-                    .and_then(|id| node.leader.name_of(id))
+                    .and_then(|id| ctx.leader.name_of(id))
                     .unwrap_or_default();
                 tracing::info!(term = m.current_term, leader = %name, "leader known");
             }
@@ -881,9 +910,9 @@ async fn watch_leadership(node: Arc<Node>, raft: Raft) {
             // `leader` is kept for the agent's own readers.
             let payload = json!({
                 "term": m.current_term,
-                "leader": node.cfg.name,
-                "leader_id": node.cfg.name,
-                "node": node.peer_id,
+                "leader": ctx.cfg.name,
+                "leader_id": ctx.cfg.name,
+                "node": ctx.peer_id,
             });
             // One fact per term, however often it is announced.
             if let Ok(d) = Draft::new(
@@ -895,9 +924,9 @@ async fn watch_leadership(node: Arc<Node>, raft: Raft) {
             )
             .and_then(|d| d.with_idem_key(Some(format!("term/{}", m.current_term))))
             {
-                let n = node.clone();
+                let n = ctx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = n.publish(vec![d]).await {
+                    if let Err(e) = n.publisher.publish(vec![d]).await {
                         tracing::warn!(error = %e, "cannot publish LEADER_ELECTED");
                     }
                 });
@@ -917,22 +946,22 @@ struct Elected {
 
 /// Every agent keeps the newest `LEADER_ELECTED` it holds (non-voters learn
 /// the leader from it).
-async fn follow_elections(node: Arc<Node>) {
+async fn follow_elections(ctx: Arc<Ctx>) {
     let patterns: Vec<TypePattern> = TypePattern::parse("LEADER_ELECTED").into_iter().collect();
-    let mut head = node.store.watch_head();
-    let mut cursor = node.store.head().saturating_sub(100_000);
+    let mut head = ctx.store.watch_head();
+    let mut cursor = ctx.store.head().saturating_sub(100_000);
     loop {
         loop {
-            let Ok((batch, last)) = node.store.read_after(cursor, 256, 20_000, &patterns) else {
+            let Ok((batch, last)) = ctx.store.read_after(cursor, 256, 20_000, &patterns) else {
                 break;
             };
             for (_, s) in batch {
                 let Ok(e) = serde_json::from_str::<Elected>(&s.event.payload) else {
                     continue;
                 };
-                let mut k = lock_known(&node.leader.known);
+                let mut k = lock_known(&ctx.leader.known);
                 if e.term > k.term {
-                    node.metrics.leader_term.set(e.term as i64);
+                    ctx.metrics.leader_term.set(e.term as i64);
                     *k = Known {
                         term: e.term,
                         leader: Some(e.leader),

@@ -17,11 +17,30 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::AgentConfig;
 use crate::event::{self, Draft, TypePattern};
+use crate::keys::write_private;
+use crate::metrics::Metrics;
 use crate::metrics::{label, Labels};
 use crate::net::wire::{Heartbeat, MemberInfo, MemberRequest, MemberResponse};
+use crate::net::NetHandle;
 use crate::net::{MemberInbound, RequestError, AGENT_VERSION};
-use crate::node::{write_private, Node};
+use crate::publisher::Publisher;
+use crate::store::Store;
+
+/// What the membership task works with (handed over by the node at start).
+pub struct Ctx {
+    pub membership: Arc<Membership>,
+    pub cfg: Arc<AgentConfig>,
+    pub store: Store,
+    pub net: NetHandle,
+    pub metrics: Metrics,
+    pub publisher: Publisher,
+    /// This agent's peer id (base58).
+    pub peer_id: String,
+    /// Owner of the long-lived tasks (stopped with the agent).
+    pub tasks: crate::tasks::Tasks,
+}
 use detector::{Action, Detector, Fact, FactKind, Failure, State};
 use health::{GpuStatus, Health};
 
@@ -482,7 +501,7 @@ fn parse_fact(event_type: &str, payload: &str) -> Result<Option<Fact>, String> {
 }
 
 struct Task {
-    node: Arc<Node>,
+    ctx: Arc<Ctx>,
     m: Arc<Membership>,
     me: PeerId,
     internal: mpsc::UnboundedSender<Internal>,
@@ -497,21 +516,21 @@ struct Task {
 
 /// Run membership until the node stops. `inbound` is the network's
 /// membership channel.
-pub async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<MemberInbound>) {
-    let m = node.membership.clone();
+pub async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<MemberInbound>) {
+    let m = ctx.membership.clone();
     let Some(mut cmd_rx) = m.cmd_rx.lock().ok().and_then(|mut c| c.take()) else {
         return;
     };
-    let me: PeerId = match node.peer_id.parse() {
+    let me: PeerId = match ctx.peer_id.parse() {
         Ok(p) => p,
         Err(_) => return,
     };
     let (internal, mut internal_rx) = mpsc::unbounded_channel();
     let (health_tx, mut health_rx) = mpsc::channel(2);
-    tokio::spawn(sample_loop(
-        node.cfg.data_dir.clone(),
-        node.cfg.nvidia_smi.clone(),
-        node.cfg.health_interval,
+    ctx.tasks.spawn(sample_loop(
+        ctx.cfg.data_dir.clone(),
+        ctx.cfg.nvidia_smi.clone(),
+        ctx.cfg.health_interval,
         health_tx,
     ));
     let patterns = [
@@ -526,7 +545,7 @@ pub async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<MemberInbound>) {
     .collect();
     let mut t = Task {
         cursor: 0,
-        node: node.clone(),
+        ctx: ctx.clone(),
         m: m.clone(),
         me,
         internal,
@@ -535,10 +554,9 @@ pub async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<MemberInbound>) {
         job_series: BTreeSet::new(),
     };
     // Members we cannot reach yet are learned from recent membership events.
-    let head = node.store.head();
-    let since_ms =
-        event::now_ms().saturating_sub(node.cfg.detector.forget_after.as_millis() as u64);
-    t.cursor = node
+    let head = ctx.store.head();
+    let since_ms = event::now_ms().saturating_sub(ctx.cfg.detector.forget_after.as_millis() as u64);
+    t.cursor = ctx
         .store
         .seq_before_time(since_ms)
         .unwrap_or(0)
@@ -546,8 +564,8 @@ pub async fn run(node: Arc<Node>, mut inbound: mpsc::Receiver<MemberInbound>) {
     t.follow_log();
     t.announce_self(FactKind::Online);
 
-    let mut head_rx = node.store.watch_head();
-    let tick_every = node.cfg.detector.tick;
+    let mut head_rx = ctx.store.watch_head();
+    let tick_every = ctx.cfg.detector.tick;
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
@@ -645,7 +663,7 @@ impl Task {
                     }
                     MemberRequest::ProbeFor { target } => {
                         let Ok(target) = PeerId::from_bytes(&target) else {
-                            let net = self.node.net.clone();
+                            let net = self.ctx.net.clone();
                             tokio::spawn(async move {
                                 net.member_respond(
                                     channel,
@@ -658,9 +676,9 @@ impl Task {
                             return;
                         };
                         let gone = self.inner().det.settled_gone(&target);
-                        let net = self.node.net.clone();
+                        let net = self.ctx.net.clone();
                         let me = self.me;
-                        let timeout = self.node.cfg.detector.probe_timeout;
+                        let timeout = self.ctx.cfg.detector.probe_timeout;
                         let inc = self.m.incarnation();
                         tokio::spawn(async move {
                             let reached = if target == me {
@@ -686,7 +704,7 @@ impl Task {
                         return;
                     }
                 };
-                let net = self.node.net.clone();
+                let net = self.ctx.net.clone();
                 tokio::spawn(async move { net.member_respond(channel, response).await });
             }
         }
@@ -761,7 +779,7 @@ impl Task {
             )
         };
         let (request, sent_info) = req;
-        let net = self.node.net.clone();
+        let net = self.ctx.net.clone();
         let tx = self.internal.clone();
         tokio::spawn(async move {
             if let Ok(Ok(response)) =
@@ -797,7 +815,7 @@ impl Task {
 
     async fn on_health(&mut self, h: Health) {
         let addrs: Vec<String> = self
-            .node
+            .ctx
             .net
             .listen_addrs()
             .await
@@ -827,7 +845,7 @@ impl Task {
         loop {
             let (batch, last) =
                 match self
-                    .node
+                    .ctx
                     .store
                     .read_after(self.cursor, 512, 20_000, &self.patterns)
                 {
@@ -844,7 +862,7 @@ impl Task {
                     Ok(Some(f)) => self.inner().det.fact(&f, now),
                     Ok(None) => {}
                     Err(e) => {
-                        self.node
+                        self.ctx
                             .metrics
                             .events_rejected
                             .get_or_create(&label("reason", "membership_payload"))
@@ -865,9 +883,9 @@ impl Task {
             return;
         };
         tracing::info!(event = f.kind.event_type(), node = %f.peer, name = %f.name, incarnation = f.incarnation, "membership fact");
-        let node = self.node.clone();
+        let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = node.publish(vec![draft]).await {
+            if let Err(e) = ctx.publisher.publish(vec![draft]).await {
                 tracing::warn!(error = %e, "cannot publish a membership event");
             }
         });
@@ -888,11 +906,11 @@ impl Task {
 
     fn run_actions(&mut self) {
         let actions = self.inner().det.take_actions();
-        let timeout = self.node.cfg.detector.probe_timeout;
+        let timeout = self.ctx.cfg.detector.probe_timeout;
         for a in actions {
             match a {
                 Action::ProbeDirect(p) => {
-                    let net = self.node.net.clone();
+                    let net = self.ctx.net.clone();
                     let tx = self.internal.clone();
                     let inc = self.m.incarnation();
                     tokio::spawn(async move {
@@ -911,7 +929,7 @@ impl Task {
                 }
                 Action::ProbeIndirect { target, helpers } => {
                     for helper in helpers {
-                        let net = self.node.net.clone();
+                        let net = self.ctx.net.clone();
                         let tx = self.internal.clone();
                         let bytes = target.to_bytes();
                         tokio::spawn(async move {
@@ -941,7 +959,7 @@ impl Task {
                         incarnation,
                         "this agent was suspected or declared dead by a peer: refuting with a higher incarnation"
                     );
-                    save_incarnation(&self.node.cfg.data_dir, incarnation);
+                    save_incarnation(&self.ctx.cfg.data_dir, incarnation);
                     self.inner().me.beat.incarnation = incarnation;
                     self.exchange_all(true);
                 }
@@ -953,7 +971,7 @@ impl Task {
                         .and_then(|m| m.name.clone())
                         .unwrap_or_default();
                     tracing::info!(%peer, %name, from = from.as_str(), to = to.as_str(), "member state changed");
-                    self.node
+                    self.ctx
                         .metrics
                         .member_transitions
                         .get_or_create(&vec![
@@ -972,8 +990,8 @@ impl Task {
                         .unwrap_or_default();
                     tracing::info!(%peer, %name, "member forgotten");
                     let l = peer_labels(&peer, &name);
-                    self.node.metrics.member_last_heard.remove(&l);
-                    self.node.metrics.member_rtt.remove(&l);
+                    self.ctx.metrics.member_last_heard.remove(&l);
+                    self.ctx.metrics.member_rtt.remove(&l);
                     self.update_member_state();
                 }
             }
@@ -1010,7 +1028,7 @@ impl Task {
             l.push(("state", s.to_string()));
             l
         };
-        let mx = &self.node.metrics;
+        let mx = &self.ctx.metrics;
         for (peer, old) in &self.state_series {
             if now.get(peer).map(|(l, _)| l) != Some(old) {
                 for s in STATES {
@@ -1037,7 +1055,7 @@ impl Task {
             counts.insert(s, 0);
         }
         *counts.entry("alive").or_default() += 1; // this agent
-        let mx = &self.node.metrics;
+        let mx = &self.ctx.metrics;
         for m in g.det.members() {
             *counts.entry(m.state.as_str()).or_default() += 1;
             let l = peer_labels(&m.peer, m.name.as_deref().unwrap_or(""));
@@ -1072,7 +1090,7 @@ impl Task {
     fn update_host_metrics(&mut self) {
         let g = self.inner();
         let h = &g.me.beat.health;
-        let mx = &self.node.metrics;
+        let mx = &self.ctx.metrics;
         mx.host_cpu_use.set(h.cpu_use_pct as f64 / 100.0);
         mx.host_load1.set(h.load1 as f64);
         mx.host_mem_used.set(h.mem_used_bytes as i64);
@@ -1131,13 +1149,13 @@ impl Task {
             })
         };
         if let Some(d) = draft {
-            if let Err(e) = self.node.publish(vec![d]).await {
+            if let Err(e) = self.ctx.publisher.publish(vec![d]).await {
                 tracing::warn!(error = %e, "cannot publish HOST_LEFT");
             }
         }
         let mut tasks = Vec::new();
         for p in &peers {
-            let net = self.node.net.clone();
+            let net = self.ctx.net.clone();
             let p = *p;
             tasks.push(tokio::spawn(async move {
                 matches!(
@@ -1280,11 +1298,11 @@ mod tests {
         assert!(parse_fact("HOST_OFFLINE", "{}").is_err());
         assert!(parse_fact(
             "HOST_OFFLINE",
-            r#"{"node":"nope","name":"x","incarnation":1}"#
+            r#"{"ctx":"nope","name":"x","incarnation":1}"#
         )
         .is_err());
         let far = format!(
-            r#"{{"node":"{}","name":"x","incarnation":{}}}"#,
+            r#"{{"ctx":"{}","name":"x","incarnation":{}}}"#,
             PeerId::random(),
             u64::MAX
         );

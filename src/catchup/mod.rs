@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::Event;
 
+pub mod driver;
+
 /// What an agent holds of one source: every sequence number up to
 /// `contiguous` (less those removed by retention), and nothing above `max_seen`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
