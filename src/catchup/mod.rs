@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::Event;
 
 pub mod driver;
+pub mod plan;
 
 /// What an agent holds of one source: every sequence number up to
 /// `contiguous` (less those removed by retention), and nothing above `max_seen`.
@@ -117,7 +118,8 @@ pub struct Released {
 /// `hold` after the source last made progress.
 pub struct Reorder {
     cfg: ReorderConfig,
-    sources: HashMap<String, Pending>,
+    /// Ordered by source, so that the planner built on it replays exactly.
+    sources: BTreeMap<String, Pending>,
     held: usize,
 }
 
@@ -125,7 +127,7 @@ impl Reorder {
     pub fn new(cfg: ReorderConfig) -> Self {
         Self {
             cfg,
-            sources: HashMap::new(),
+            sources: BTreeMap::new(),
             held: 0,
         }
     }
