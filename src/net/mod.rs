@@ -2,6 +2,9 @@
 //! through [`NetHandle`] (commands with replies) and receives verified events on
 //! a bounded channel. Wire frames are defined in [`wire`].
 
+pub mod mux;
+pub mod privnet;
+
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
