@@ -266,6 +266,8 @@ impl EventLoop {
                         channel,
                     };
                     if self.in_tx.try_send(msg).is_err() {
+                        // The labels "sync" and "sync_frame" predate the name
+                        // catch-up; they stay, as metrics do.
                         self.metrics
                             .inbound_dropped
                             .get_or_create(&label("queue", "sync"))
