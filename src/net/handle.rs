@@ -1,0 +1,290 @@
+//! [`NetHandle`]: how the rest of the agent talks to the task that owns the
+//! Swarm. Each call is a `Command` on a bounded queue, with a oneshot for
+//! its reply.
+
+use libp2p::{request_response, Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{wire, NetError, PeerInfo, RequestError};
+use crate::event::Event;
+
+pub(super) type OpaqueReply = oneshot::Sender<Result<Vec<u8>, RequestError>>;
+
+/// The protocols with opaque bodies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Opaque {
+    Raft,
+    Blob,
+}
+
+impl Opaque {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Opaque::Raft => "raft",
+            Opaque::Blob => "blob",
+        }
+    }
+}
+
+pub(super) enum Command {
+    Publish {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial(Multiaddr),
+    CatchupRequest {
+        peer: PeerId,
+        request: wire::CatchupRequest,
+        reply: oneshot::Sender<Result<wire::CatchupResponse, String>>,
+    },
+    CatchupRespond {
+        channel: request_response::ResponseChannel<wire::CatchupResponse>,
+        response: wire::CatchupResponse,
+    },
+    MemberRequest {
+        peer: PeerId,
+        request: wire::MemberRequest,
+        reply: oneshot::Sender<Result<wire::MemberResponse, RequestError>>,
+    },
+    MemberRespond {
+        channel: request_response::ResponseChannel<wire::MemberResponse>,
+        response: wire::MemberResponse,
+    },
+    OpaqueRequest {
+        proto: Opaque,
+        peer: PeerId,
+        request: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, RequestError>>,
+    },
+    OpaqueRespond {
+        proto: Opaque,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        response: Vec<u8>,
+    },
+    /// Fault injection: refuse and drop connections to these peers.
+    Block(Vec<PeerId>),
+    Unblock(Vec<PeerId>),
+    /// Stop the event loop and drop the swarm (its connections close);
+    /// answered once the swarm is gone.
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct NetHandle {
+    tx: mpsc::Sender<Command>,
+    pub local_peer_id: PeerId,
+    pub max_message_bytes: usize,
+}
+
+impl NetHandle {
+    pub(super) fn new(
+        tx: mpsc::Sender<Command>,
+        local_peer_id: PeerId,
+        max_message_bytes: usize,
+    ) -> Self {
+        NetHandle {
+            tx,
+            local_peer_id,
+            max_message_bytes,
+        }
+    }
+
+    /// Send a command that carries a reply channel and wait for the reply.
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(cmd(reply))
+            .await
+            .map_err(|_| NetError::Closed)?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    /// Publish a raw gossip frame on the events topic.
+    pub async fn publish_frame(&self, data: Vec<u8>) -> Result<(), NetError> {
+        self.ask(|reply| Command::Publish { data, reply })
+            .await?
+            .map_err(NetError::Publish)
+    }
+
+    pub async fn publish_event(&self, ev: &Event) -> Result<(), NetError> {
+        self.publish_frame(wire::encode_event(ev)).await
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        self.ask(Command::Peers).await
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    /// Send a catch-up request and wait for the answer.
+    pub async fn catchup_request(
+        &self,
+        peer: PeerId,
+        request: wire::CatchupRequest,
+    ) -> Result<wire::CatchupResponse, NetError> {
+        self.ask(|reply| Command::CatchupRequest {
+            peer,
+            request,
+            reply,
+        })
+        .await?
+        .map_err(NetError::Publish)
+    }
+
+    /// Answer a catch-up request ([`super::Inbound::Request`]).
+    pub async fn catchup_respond(
+        &self,
+        channel: request_response::ResponseChannel<wire::CatchupResponse>,
+        response: wire::CatchupResponse,
+    ) -> Result<(), NetError> {
+        self.tx
+            .send(Command::CatchupRespond { channel, response })
+            .await
+            .map_err(|_| NetError::Closed)
+    }
+
+    /// Old name of [`NetHandle::catchup_request`]. rename pending
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: wire::CatchupRequest,
+    ) -> Result<wire::CatchupResponse, NetError> {
+        self.catchup_request(peer, request).await
+    }
+
+    /// Old name of [`NetHandle::catchup_respond`]. rename pending
+    pub async fn respond(
+        &self,
+        channel: request_response::ResponseChannel<wire::CatchupResponse>,
+        response: wire::CatchupResponse,
+    ) -> Result<(), NetError> {
+        self.catchup_respond(channel, response).await
+    }
+
+    /// Send a `/riftmesh/member/1` request (dialing the peer if needed).
+    pub async fn member_request(
+        &self,
+        peer: PeerId,
+        request: wire::MemberRequest,
+    ) -> Result<wire::MemberResponse, RequestError> {
+        self.ask(|reply| Command::MemberRequest {
+            peer,
+            request,
+            reply,
+        })
+        .await
+        .map_err(stopped)?
+    }
+
+    pub async fn member_respond(
+        &self,
+        channel: request_response::ResponseChannel<wire::MemberResponse>,
+        response: wire::MemberResponse,
+    ) {
+        let _ = self
+            .tx
+            .send(Command::MemberRespond { channel, response })
+            .await;
+    }
+
+    async fn opaque_request(
+        &self,
+        proto: Opaque,
+        peer: PeerId,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, RequestError> {
+        self.ask(|reply| Command::OpaqueRequest {
+            proto,
+            peer,
+            request,
+            reply,
+        })
+        .await
+        .map_err(stopped)?
+    }
+
+    async fn opaque_respond(
+        &self,
+        proto: Opaque,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        response: Vec<u8>,
+    ) {
+        let _ = self
+            .tx
+            .send(Command::OpaqueRespond {
+                proto,
+                channel,
+                response,
+            })
+            .await;
+    }
+
+    /// Send a `/riftmesh/raft/2` request (dialing the peer if needed).
+    pub async fn raft_request(
+        &self,
+        peer: PeerId,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, RequestError> {
+        self.opaque_request(Opaque::Raft, peer, request).await
+    }
+
+    pub async fn raft_respond(
+        &self,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        response: Vec<u8>,
+    ) {
+        self.opaque_respond(Opaque::Raft, channel, response).await
+    }
+
+    /// Send a `/riftmesh/sync/1` (blob transfer) request (dialing the peer if needed).
+    pub async fn blob_request(
+        &self,
+        peer: PeerId,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, RequestError> {
+        self.opaque_request(Opaque::Blob, peer, request).await
+    }
+
+    pub async fn blob_respond(
+        &self,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        response: Vec<u8>,
+    ) {
+        self.opaque_respond(Opaque::Blob, channel, response).await
+    }
+
+    /// Fault injection: cut this agent off from `peers` (and accept them again).
+    pub async fn block(&self, peers: Vec<PeerId>, block: bool) -> Result<(), NetError> {
+        let cmd = if block {
+            Command::Block(peers)
+        } else {
+            Command::Unblock(peers)
+        };
+        self.tx.send(cmd).await.map_err(|_| NetError::Closed)
+    }
+
+    /// Stop the network: the swarm is dropped and every connection closed.
+    /// Returns when that is done (at once if it already stopped).
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Dial(addr))
+            .await
+            .map_err(|_| NetError::Closed)
+    }
+}
+
+/// The [`RequestError`] of a request the network task was gone for.
+fn stopped(_: NetError) -> RequestError {
+    RequestError::Other("network task stopped".into())
+}

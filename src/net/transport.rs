@@ -1,0 +1,57 @@
+//! The agent's transport stack: TCP, the private network (the swarm key),
+//! multistream-select, Noise, Yamux; and the handshake deadline.
+
+use std::time::Duration;
+
+use libp2p::core::transport::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::pnet::PreSharedKey;
+use libp2p::{noise, tcp, PeerId, Transport};
+
+/// The agent's transport, every layer required: TCP (nodelay), the private
+/// network handshake with the swarm key ([`super::privnet`]),
+/// multistream-select, Noise, Yamux ([`super::mux`], 60 KiB data frames).
+/// Public so that the benchmark measures the same stack the agent runs.
+pub fn transport(
+    key: &Keypair,
+    psk: PreSharedKey,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    transport_with_frames(key, psk, super::mux::DEFAULT_FRAME_BYTES)
+}
+
+/// A connection's whole handshake (private-network nonces, Noise, Yamux) must
+/// finish within this, in both directions: a peer that opens TCP connections
+/// and then stays silent holds a pending-connection slot until then (with
+/// `max_pending_incoming` of them it would otherwise lock every peer out).
+/// libp2p's swarm builder applies it to the whole transport; its default is
+/// the same 10 s, set here so that it is ours and documented.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`transport`] with another Yamux data-frame size (the benchmark compares
+/// yamux's 16 KiB default with ours).
+pub fn transport_with_frames(
+    key: &Keypair,
+    psk: PreSharedKey,
+    frame_bytes: usize,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    // Fail closed: no transport at all if the cipher library or the key
+    // is not usable (the agent stops at start with this message).
+    super::privnet::init()?;
+    super::privnet::key_bytes(&psk)?;
+    let noise = noise::Config::new(key)?;
+    Ok(
+        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+            .and_then(move |socket, _| super::privnet::handshake(psk, socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(super::mux::Config::new(frame_bytes))
+            .map(|(p, m), _| (p, libp2p::core::muxing::StreamMuxerBox::new(m)))
+            .boxed(),
+    )
+}
