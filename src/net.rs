@@ -947,6 +947,41 @@ pub fn transport_with_frames(
     )
 }
 
+/// The in-process transport of tests: [`transport`]'s stack (private network,
+/// multistream-select, Noise, Yamux with our frame size) over libp2p's
+/// `MemoryTransport` instead of TCP, so that many agents run in one test
+/// process (tests/inproc.rs). Chosen by [`start`] only when every listen
+/// address is `/memory/<n>` (see [`memory_only`]); an agent given any other
+/// address runs TCP exactly as before. Keep the layers in step with
+/// [`transport_with_frames`].
+pub fn memory_transport(
+    key: &Keypair,
+    psk: PreSharedKey,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    crate::privnet::init()?;
+    crate::privnet::key_bytes(&psk)?;
+    let noise = noise::Config::new(key)?;
+    Ok(libp2p::core::transport::MemoryTransport::default()
+        .and_then(move |socket, _| crate::privnet::handshake(psk, socket))
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(crate::mux::Config::new(crate::mux::DEFAULT_FRAME_BYTES))
+        .map(|(p, m), _| (p, libp2p::core::muxing::StreamMuxerBox::new(m)))
+        .boxed())
+}
+
+/// Whether `listen` names only `/memory/<n>` addresses (and at least one):
+/// then the agent runs over [`memory_transport`], without mDNS.
+pub fn memory_only(listen: &[Multiaddr]) -> bool {
+    !listen.is_empty()
+        && listen
+            .iter()
+            .all(|a| matches!(a.iter().next(), Some(Protocol::Memory(_))))
+}
+
 /// Build the swarm, start listening, and spawn the task that owns it.
 /// Returns the handle and the receiver of verified inbound events.
 pub fn start(
@@ -960,9 +995,16 @@ pub fn start(
     let max_msg = cfg.max_message_bytes;
     let ping_interval = cfg.ping_interval;
     let limits = cfg.limits;
+    let memory = memory_only(&cfg.listen);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|key| transport(key, psk))
+        .with_other_transport(|key| {
+            if memory {
+                memory_transport(key, psk)
+            } else {
+                transport(key, psk)
+            }
+        })
         .map_err(|e| NetError::Build(e.to_string()))?
         .with_bandwidth_metrics(registry)
         .with_behaviour(
@@ -1020,7 +1062,7 @@ pub fn start(
                 kcfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(600)));
                 let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kcfg);
                 kad.set_mode(Some(kad::Mode::Server));
-                let mdns = if cfg.mdns {
+                let mdns = if cfg.mdns && !memory {
                     Some(mdns::tokio::Behaviour::new(
                         mdns::Config::default(),
                         peer_id,
