@@ -1,0 +1,114 @@
+//! Protocol scenarios on the in-process harness (tests/common/inproc.rs):
+//! real agents in this process over libp2p's memory transport. Each test
+//! prints how long its agents took to start and how long the scenario took
+//! once they were up (`--nocapture` shows it).
+
+#[path = "common/inproc.rs"]
+mod inproc;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use inproc::{wait_until, Agent, Cluster};
+use serde_json::json;
+
+/// Deadline of one wait: generous for a loaded machine; a pass takes far less.
+const T: Duration = Duration::from_secs(10);
+
+fn report(test: &str, started: Instant, up: Instant) {
+    println!(
+        "{test}: agents up in {:?}, scenario {:?}",
+        up - started,
+        up.elapsed()
+    );
+}
+
+/// Per source, the sequence numbers in the order the log holds them (every
+/// type: membership facts are events of their agent too).
+fn per_source(a: &Agent) -> HashMap<String, Vec<u64>> {
+    let mut m: HashMap<String, Vec<u64>> = HashMap::new();
+    for e in a.events() {
+        m.entry(e.source.clone()).or_default().push(e.seq);
+    }
+    m
+}
+
+/// Ids of the events of type `t` that `a` holds.
+fn ids_of(a: &Agent, t: &str) -> HashSet<String> {
+    a.events()
+        .into_iter()
+        .filter(|e| e.event_type == t)
+        .map(|e| e.id)
+        .collect()
+}
+
+/// Agent 2 is cut off while agents 0 and 1 publish; once healed it catches
+/// up every event, and each source's events sit in its log in sequence
+/// order, 1, 2, 3, … without a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_after_a_partition() {
+    let started = Instant::now();
+    let c = Cluster::start(3, |_| {}).await;
+    let up = Instant::now();
+    let (a0, a1, a2) = (&c.agents[0], &c.agents[1], &c.agents[2]);
+
+    // Before the cut: one event from a0, seen by all.
+    let first = a0.publish("TEST_EVENT", json!({"n": 0})).await;
+    for a in &c.agents {
+        wait_until(
+            &format!("{} to hold the first event", a.name),
+            T,
+            || async { ids_of(a, "TEST_EVENT").contains(&first.id).then_some(()) },
+        )
+        .await;
+    }
+
+    c.isolate(2).await;
+    wait_until("a2 to be cut off", T, || async {
+        (!a2.connected_to(&a0.peer).await && !a2.connected_to(&a1.peer).await).then_some(())
+    })
+    .await;
+    const N: u64 = 20;
+    let mut published = HashSet::new();
+    for n in 1..=N {
+        published.insert(
+            a0.publish("TEST_EVENT", json!({"from": "a0", "n": n}))
+                .await
+                .id,
+        );
+        published.insert(
+            a1.publish("TEST_EVENT", json!({"from": "a1", "n": n}))
+                .await
+                .id,
+        );
+    }
+    for a in [a0, a1] {
+        wait_until(&format!("{} to hold every event", a.name), T, || async {
+            ids_of(a, "TEST_EVENT")
+                .is_superset(&published)
+                .then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        ids_of(a2, "TEST_EVENT").len(),
+        1,
+        "a2 received events while cut off"
+    );
+
+    c.heal(2).await;
+    wait_until("a2 to catch up every event", T, || async {
+        ids_of(a2, "TEST_EVENT")
+            .is_superset(&published)
+            .then_some(())
+    })
+    .await;
+    for (source, seqs) in per_source(a2) {
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(
+            seqs, want,
+            "a2's log holds {source}'s events out of order or with a hole"
+        );
+    }
+    report("catch_up_after_a_partition", started, up);
+}
