@@ -112,3 +112,97 @@ async fn catch_up_after_a_partition() {
     }
     report("catch_up_after_a_partition", started, up);
 }
+
+/// The leader as every agent of `agents` sees it, when they all agree and it
+/// leads by its own view: (index of the leader, term).
+fn agreed_leader(c: &Cluster, agents: &[usize]) -> Option<(usize, u64)> {
+    let views: Vec<(Option<String>, u64, String)> =
+        agents.iter().map(|&i| c.agents[i].leader()).collect();
+    let (name, term, _) = views.first()?.clone();
+    let name = name?;
+    if views
+        .iter()
+        .any(|(l, t, _)| l.as_deref() != Some(&name) || *t != term)
+    {
+        return None;
+    }
+    let i = c.agents.iter().position(|a| a.name == name)?;
+    (agents.contains(&i) && c.agents[i].leader().2 == "leader").then_some((i, term))
+}
+
+/// Failover by isolation: three voters elect a leader; the leader is cut off
+/// from both others, who elect a new one in a higher term; once healed there
+/// is one leader all agree on, and no agent's term ever went down.
+///
+/// The old leader is isolated, not stopped: stopping an agent inside the
+/// process needs `Node::shutdown()`, which is not there yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_when_the_leader_is_cut_off() {
+    let started = Instant::now();
+    let voters: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
+    let c = Cluster::start(3, |cfg| {
+        cfg.voters = voters.clone();
+        cfg.election_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let up = Instant::now();
+    let all = [0, 1, 2];
+    // Every term each agent reported, in order: they must never go down.
+    let seen = std::sync::Mutex::new(vec![Vec::<u64>::new(); 3]);
+    let sample = || {
+        let mut s = seen.lock().unwrap();
+        for (i, a) in c.agents.iter().enumerate() {
+            s[i].push(a.leader().1);
+        }
+    };
+
+    let (old, t1) = wait_until("a leader all three agree on", T, || async {
+        sample();
+        agreed_leader(&c, &all)
+    })
+    .await;
+    let elected = Instant::now();
+
+    c.isolate(old).await;
+    let rest: Vec<usize> = all.iter().copied().filter(|&i| i != old).collect();
+    let (new, t2) = wait_until("the other two to elect a new leader", T, || async {
+        sample();
+        agreed_leader(&c, &rest).filter(|(_, t)| *t > t1)
+    })
+    .await;
+    assert_ne!(new, old);
+    let failed_over = Instant::now();
+
+    c.heal(old).await;
+    let (last, t3) = wait_until(
+        "one leader all three agree on after the heal",
+        T,
+        || async {
+            sample();
+            agreed_leader(&c, &all).filter(|(_, t)| *t >= t2)
+        },
+    )
+    .await;
+    // Exactly one agent calls itself leader.
+    let leaders: Vec<&str> = c
+        .agents
+        .iter()
+        .filter(|a| a.leader().2 == "leader")
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(leaders, vec![c.agents[last].name.as_str()]);
+    sample();
+    for (i, terms) in seen.lock().unwrap().iter().enumerate() {
+        assert!(
+            terms.windows(2).all(|w| w[0] <= w[1]),
+            "a{i}'s term went down: {terms:?}"
+        );
+    }
+    println!(
+        "leader a{old} term {t1} after {:?}; a{new} term {t2} {:?} after the cut; a{last} term {t3} {:?} after the heal",
+        elected - up,
+        failed_over - elected,
+        failed_over.elapsed()
+    );
+    report("failover_when_the_leader_is_cut_off", started, up);
+}
