@@ -206,3 +206,112 @@ async fn failover_when_the_leader_is_cut_off() {
     );
     report("failover_when_the_leader_is_cut_off", started, up);
 }
+
+/// Deterministic, incompressible bytes (the same generator as tests/blob.rs).
+fn random_bytes(len: usize, seed: u8) -> Vec<u8> {
+    let mut data = Vec::with_capacity(len + 8);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(seed);
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    data
+}
+
+/// A blob transfer with a lying source, in process: a bare peer with the
+/// swarm key answers `/riftmesh/sync/1` by relaying a1's requests to the
+/// honest holder a0 and flipping the last byte of every chunk it passes on.
+/// a1 must reject and count each such chunk (by its hash), finish from a0,
+/// and place the right bytes. The same scenario as tests/blob.rs
+/// `a_source_serving_wrong_bytes_is_rejected_and_the_fetch_finishes_elsewhere`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let started = Instant::now();
+    let placed = tempfile::tempdir().unwrap();
+    let place = format!("{}/{{name}}.bin", placed.path().display());
+    let c = Cluster::start(2, |cfg| {
+        cfg.sync.chunk_size = 256 * 1024;
+        if cfg.name == "a1" {
+            cfg.sync.wants = vec![riftmesh::blob::Want {
+                names: "models/*".into(),
+                place: Some(place.clone()),
+                if_tags: Default::default(),
+            }];
+        }
+    })
+    .await;
+    let up = Instant::now();
+    let (a0, a1) = (&c.agents[0], &c.agents[1]);
+
+    let (liar, mut inbox, liar_key) = inproc::bare_memory_peer(&c.swarm_key);
+    let liar_id = liar_key.public().to_peer_id();
+    liar.dial(a0.addr.clone()).await.unwrap();
+    liar.dial(a1.addr.clone()).await.unwrap();
+    let served_bad = Arc::new(AtomicUsize::new(0));
+    let relay = {
+        let liar = liar.clone();
+        let served_bad = served_bad.clone();
+        let (a0_id, a1_id) = (a0.peer, a1.peer);
+        tokio::spawn(async move {
+            while let Some(req) = inbox.blob.recv().await {
+                // Relay to a0 (never back to the asker a0 itself).
+                if req.peer != a1_id {
+                    liar.blob_respond(req.channel, Vec::new()).await;
+                    continue;
+                }
+                let mut answer: Vec<u8> = liar
+                    .blob_request(a0_id, req.request)
+                    .await
+                    .unwrap_or_default();
+                // A chunk answer: tag 2, then the bytes; change the last one.
+                if answer.first() == Some(&2) && answer.len() > 2 {
+                    *answer.last_mut().unwrap() ^= 0x5a;
+                    served_bad.fetch_add(1, Ordering::SeqCst);
+                }
+                liar.blob_respond(req.channel, answer).await;
+            }
+        })
+    };
+    wait_until("a1 to be connected to the liar", T, || async {
+        a1.connected_to(&liar_id).await.then_some(())
+    })
+    .await;
+
+    let data = random_bytes(6 * 1024 * 1024, 3);
+    let len = data.len() as u64;
+    riftmesh::blob::add(
+        a0.node(),
+        Box::new(std::io::Cursor::new(data.clone())),
+        len,
+        "m.pth".into(),
+        "models/m",
+        "MODEL_PROMOTED",
+    )
+    .await
+    .unwrap();
+    let target = placed.path().join("m.bin");
+    wait_until("a1 to place the blob", T, || async {
+        let meta = std::fs::metadata(&target).ok()?;
+        (meta.len() == len && std::fs::read(&target).ok()? == data).then_some(())
+    })
+    .await;
+    let bad = served_bad.load(Ordering::SeqCst);
+    assert!(bad >= 1, "the liar was never asked for a chunk");
+    let rejected = a1.metric("riftmesh_sync_chunks_rejected_total{reason=\"hash\"}");
+    assert!(
+        rejected >= bad as f64,
+        "{rejected} chunks rejected for their hash, {bad} wrong ones served"
+    );
+    println!("{bad} wrong chunks served, {rejected} rejected for their hash");
+    relay.abort();
+    report(
+        "a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere",
+        started,
+        up,
+    );
+}
