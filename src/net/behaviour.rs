@@ -13,6 +13,7 @@ use libp2p::{identify, mdns, ping, request_response, PeerId, StreamProtocol, Swa
 use prometheus_client::registry::Registry;
 
 use super::codec::{BlobCodec, CatchupCodec, MemberCodec, RaftCodec};
+use super::transport::{memory_only, memory_transport};
 use super::{
     transport, wire, NetConfig, NetError, AGENT_VERSION, BLOB_PROTOCOL, CATCHUP_PROTOCOL,
     EVENTS_TOPIC, HANDSHAKE_TIMEOUT, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_BLOB_REQUEST,
@@ -53,9 +54,16 @@ pub(super) fn build_swarm(
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let psk = cfg.psk;
+    let memory = memory_only(&cfg.listen);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|key| transport(key, psk))
+        .with_other_transport(|key| {
+            if memory {
+                memory_transport(key, psk)
+            } else {
+                transport(key, psk)
+            }
+        })
         .map_err(|e| NetError::Build(e.to_string()))?
         .with_bandwidth_metrics(registry)
         .with_behaviour(|key| behaviour(key, cfg))
@@ -81,7 +89,7 @@ pub(super) fn build_swarm(
 
 fn behaviour(key: &Keypair, cfg: &NetConfig) -> Result<Behaviour, BoxError> {
     let peer_id = key.public().to_peer_id();
-    let mdns = if cfg.mdns {
+    let mdns = if cfg.mdns && !memory_only(&cfg.listen) {
         Some(mdns::tokio::Behaviour::new(
             mdns::Config::default(),
             peer_id,

@@ -38,7 +38,9 @@ use crate::metrics::Metrics;
 
 pub use codec::{BlobCodec, CatchupCodec, FrameCodec, MemberCodec, RaftCodec, RawCodec};
 pub use handle::NetHandle;
-pub use transport::{transport, transport_with_frames, HANDSHAKE_TIMEOUT};
+pub use transport::{
+    memory_only, memory_transport, transport, transport_with_frames, HANDSHAKE_TIMEOUT,
+};
 
 // rename pending: the integrator replaces these old names across the tree.
 pub use codec::CatchupCodec as SyncCodec; // rename pending

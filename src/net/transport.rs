@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use libp2p::core::transport::upgrade::Version;
 use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
 use libp2p::pnet::PreSharedKey;
-use libp2p::{noise, tcp, PeerId, Transport};
+use libp2p::{noise, tcp, Multiaddr, PeerId, Transport};
 
 /// The agent's transport, every layer required: TCP (nodelay), the private
 /// network handshake with the swarm key ([`super::privnet`]),
@@ -40,18 +41,71 @@ pub fn transport_with_frames(
     libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
     Box<dyn std::error::Error + Send + Sync>,
 > {
+    secure(
+        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)),
+        key,
+        psk,
+        frame_bytes,
+    )
+}
+
+/// The in-process transport of tests: the same layers over libp2p's
+/// `MemoryTransport` instead of TCP, so that many agents run in one test
+/// process (tests/inproc.rs). Chosen by [`super::start`] only when every
+/// listen address is `/memory/<n>` ([`memory_only`]); an agent given any
+/// other address runs TCP exactly as before.
+pub fn memory_transport(
+    key: &Keypair,
+    psk: PreSharedKey,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    secure(
+        libp2p::core::transport::MemoryTransport::default(),
+        key,
+        psk,
+        super::mux::DEFAULT_FRAME_BYTES,
+    )
+}
+
+/// Whether `listen` names only `/memory/<n>` addresses (and at least one):
+/// then the agent runs over [`memory_transport`], without mDNS.
+pub fn memory_only(listen: &[Multiaddr]) -> bool {
+    !listen.is_empty()
+        && listen
+            .iter()
+            .all(|a| matches!(a.iter().next(), Some(Protocol::Memory(_))))
+}
+
+/// Every layer above the byte stream, whatever carries it: the private
+/// network handshake, multistream-select, Noise, Yamux.
+fn secure<T>(
+    base: T,
+    key: &Keypair,
+    psk: PreSharedKey,
+    frame_bytes: usize,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+>
+where
+    T: Transport + Send + Unpin + 'static,
+    T::Output: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+    T::Error: Send + Sync + 'static,
+    T::Dial: Send + 'static,
+    T::ListenerUpgrade: Send + 'static,
+{
     // Fail closed: no transport at all if the cipher library or the key
     // is not usable (the agent stops at start with this message).
     super::privnet::init()?;
     super::privnet::key_bytes(&psk)?;
     let noise = noise::Config::new(key)?;
-    Ok(
-        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-            .and_then(move |socket, _| super::privnet::handshake(psk, socket))
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(super::mux::Config::new(frame_bytes))
-            .map(|(p, m), _| (p, libp2p::core::muxing::StreamMuxerBox::new(m)))
-            .boxed(),
-    )
+    Ok(base
+        .and_then(move |socket, _| super::privnet::handshake(psk, socket))
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(super::mux::Config::new(frame_bytes))
+        .map(|(p, m), _| (p, libp2p::core::muxing::StreamMuxerBox::new(m)))
+        .boxed())
 }
