@@ -7,11 +7,25 @@ use serde_json::json;
 
 use super::detector::{Fact, FactKind};
 use super::ORIGIN;
-use crate::event::{self, Draft};
+use crate::event::{self, Draft, TypePattern};
 
 /// Incarnations further than this ahead of our clock are refused (a forged
 /// fact at u64::MAX could never be refuted).
 const MAX_INCARNATION_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
+/// The event types membership follows in the log.
+pub(super) fn fact_patterns() -> Vec<TypePattern> {
+    [
+        "HOST_ONLINE",
+        "NODE_SUSPECT",
+        "HOST_OFFLINE",
+        "NODE_RECOVERED",
+        "HOST_LEFT",
+    ]
+    .iter()
+    .filter_map(|p| TypePattern::parse(p).ok())
+    .collect()
+}
 
 pub(super) fn fact_draft(f: &Fact) -> Option<Draft> {
     let payload = json!({

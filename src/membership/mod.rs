@@ -9,6 +9,7 @@ mod facts;
 mod gauges;
 pub mod health;
 mod incarnation;
+mod probe;
 mod sampling;
 mod task;
 
@@ -226,7 +227,7 @@ impl Membership {
                 return Err(JobsError::TooMany);
             }
             g.me.jobs = next;
-            refresh_jobs(&mut g.me);
+            refresh_jobs(&mut g.me, Instant::now());
             g.me.jobs
                 .iter()
                 .map(|(k, j)| (k.clone(), j.value))
@@ -403,8 +404,7 @@ fn mismatched(g: &Inner, mine: Option<[u8; 32]>) -> Vec<String> {
 }
 
 /// Drop expired jobs and copy the rest into the heartbeat. True if it changed.
-fn refresh_jobs(me: &mut Local) -> bool {
-    let now = Instant::now();
+fn refresh_jobs(me: &mut Local, now: Instant) -> bool {
     me.jobs.retain(|_, j| j.expires.is_none_or(|e| e > now));
     let jobs: Vec<(String, f64)> = me.jobs.iter().map(|(k, j)| (k.clone(), j.value)).collect();
     if jobs != me.beat.jobs {
@@ -412,5 +412,32 @@ fn refresh_jobs(me: &mut Local) -> bool {
         true
     } else {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn expired_jobs_leave_the_heartbeat() {
+        let m = Membership::new(
+            PeerId::random(),
+            "gpu-01",
+            &[],
+            1,
+            detector::DetectorConfig::default(),
+        );
+        let ttl = Duration::from_secs(30);
+        let short = BTreeMap::from([("train".to_string(), Some(2.0))]);
+        m.set_jobs(short, Some(ttl)).await.expect("with a ttl");
+        let kept = BTreeMap::from([("serve".to_string(), Some(1.0))]);
+        m.set_jobs(kept, None).await.expect("without");
+        let mut g = lock(&m.inner);
+        let now = Instant::now();
+        assert!(!refresh_jobs(&mut g.me, now), "nothing expired yet");
+        assert_eq!(g.me.beat.jobs.len(), 2);
+        assert!(refresh_jobs(&mut g.me, now + ttl + Duration::from_secs(1)));
+        assert_eq!(g.me.beat.jobs, vec![("serve".to_string(), 1.0)]);
     }
 }

@@ -38,6 +38,15 @@ pub(super) fn significant_change(old: &Health, new: &Health) -> bool {
         )
 }
 
+/// When GPUs are sampled next: at the next tick, or a minute on when
+/// `nvidia-smi` was not found.
+fn gpu_recheck_at(gpu: &GpuStatus, now: Instant) -> Instant {
+    match gpu {
+        GpuStatus::Absent(why) if why.contains("not found") => now + Duration::from_secs(60),
+        _ => now,
+    }
+}
+
 /// Sample health every `every`; GPUs through `nvidia_smi` ("" = off). A
 /// missing `nvidia-smi` is looked for again once a minute only.
 pub(super) async fn sample_loop(
@@ -68,12 +77,7 @@ pub(super) async fn sample_loop(
             gpu = GpuStatus::Absent("GPU sampling is off (nvidia_smi = \"\")".into());
         } else if Instant::now() >= gpu_next {
             gpu = health::sample_gpus(&nvidia_smi, Duration::from_secs(5)).await;
-            gpu_next = match &gpu {
-                GpuStatus::Absent(why) if why.contains("not found") => {
-                    Instant::now() + Duration::from_secs(60)
-                }
-                _ => Instant::now(),
-            };
+            gpu_next = gpu_recheck_at(&gpu, Instant::now());
         }
         h.gpu = gpu.clone();
         if tx.send(h).await.is_err() {
@@ -127,5 +131,15 @@ mod tests {
             significant_change(&Health::default(), &base),
             "first sample"
         );
+    }
+
+    #[test]
+    fn a_missing_nvidia_smi_is_looked_for_once_a_minute() {
+        let now = Instant::now();
+        let missing = GpuStatus::Absent("nvidia-smi not found".into());
+        assert_eq!(gpu_recheck_at(&missing, now), now + Duration::from_secs(60));
+        let failed = GpuStatus::Absent("nvidia-smi exited with 9".into());
+        assert_eq!(gpu_recheck_at(&failed, now), now);
+        assert_eq!(gpu_recheck_at(&GpuStatus::Present(vec![]), now), now);
     }
 }

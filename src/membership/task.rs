@@ -11,22 +11,23 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 use super::detector::{Action, Fact, FactKind, Failure, State};
-use super::facts::{fact_draft, parse_fact};
+use super::facts::{fact_draft, fact_patterns, parse_fact};
 use super::gauges::peer_labels;
 use super::health::Health;
 use super::incarnation::save_incarnation;
+use super::probe;
 use super::sampling::{sample_loop, significant_change};
 use super::{lock, refresh_jobs, Cmd, Ctx, Inner, LeaveReport, Membership, Rec};
 use crate::event::{self, TypePattern};
 use crate::metrics::{label, Labels};
 use crate::net::wire::{Heartbeat, MemberInfo, MemberRequest, MemberResponse};
-use crate::net::{MemberInbound, RequestError};
+use crate::net::MemberInbound;
 
 /// Log entries replayed at start to learn members that are not reachable.
 const REPLAY_MAX: u64 = 200_000;
 
 /// Results of the requests the loop sent, back into the loop.
-enum Internal {
+pub(super) enum Internal {
     Direct(PeerId, Result<(), Failure>),
     Indirect {
         target: PeerId,
@@ -73,34 +74,16 @@ pub async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<MemberInbound>) {
         ctx.cfg.health_interval,
         health_tx,
     ));
-    let patterns = [
-        "HOST_ONLINE",
-        "NODE_SUSPECT",
-        "HOST_OFFLINE",
-        "NODE_RECOVERED",
-        "HOST_LEFT",
-    ]
-    .iter()
-    .filter_map(|p| TypePattern::parse(p).ok())
-    .collect();
     let mut t = Task {
-        cursor: 0,
+        cursor: replay_cursor(&ctx),
         ctx: ctx.clone(),
-        m: m.clone(),
+        m,
         me,
         internal,
-        patterns,
+        patterns: fact_patterns(),
         state_series: HashMap::new(),
         job_series: BTreeSet::new(),
     };
-    // Members we cannot reach yet are learned from recent membership events.
-    let head = ctx.store.head();
-    let since_ms = event::now_ms().saturating_sub(ctx.cfg.detector.forget_after.as_millis() as u64);
-    t.cursor = ctx
-        .store
-        .seq_before_time(since_ms)
-        .unwrap_or(0)
-        .max(head.saturating_sub(REPLAY_MAX));
     t.follow_log();
     t.announce_self(FactKind::Online);
 
@@ -132,26 +115,45 @@ pub async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<MemberInbound>) {
             }
             _ = tick.tick() => {
                 ticks += 1;
-                let jobs_changed = {
-                    let mut g = lock(&m.inner);
-                    g.det.tick(Instant::now());
-                    refresh_jobs(&mut g.me)
-                };
-                if jobs_changed {
-                    t.exchange_all(true);
-                }
-                if ticks % 4 == 0 {
-                    t.update_metrics();
-                }
+                t.on_tick(ticks);
             }
         }
         t.run_actions();
     }
 }
 
+/// Where the log is read from at start: members we cannot reach yet are
+/// learned from recent membership events (those younger than
+/// `forget_after`, at most [`REPLAY_MAX`] entries back).
+fn replay_cursor(ctx: &Ctx) -> u64 {
+    let head = ctx.store.head();
+    let since_ms = event::now_ms().saturating_sub(ctx.cfg.detector.forget_after.as_millis() as u64);
+    ctx.store
+        .seq_before_time(since_ms)
+        .unwrap_or(0)
+        .max(head.saturating_sub(REPLAY_MAX))
+}
+
 impl Task {
     pub(super) fn inner(&self) -> MutexGuard<'_, Inner> {
         lock(&self.m.inner)
+    }
+
+    /// The detector's clock, expired jobs (told to every peer at once), and
+    /// every fourth tick the metrics.
+    fn on_tick(&mut self, ticks: u64) {
+        let now = Instant::now();
+        let jobs_changed = {
+            let mut g = self.inner();
+            g.det.tick(now);
+            refresh_jobs(&mut g.me, now)
+        };
+        if jobs_changed {
+            self.exchange_all(true);
+        }
+        if ticks % 4 == 0 {
+            self.update_metrics();
+        }
     }
 
     fn on_inbound(&mut self, msg: MemberInbound) {
@@ -202,45 +204,17 @@ impl Task {
                         MemberResponse::Done
                     }
                     MemberRequest::ProbeFor { target } => {
-                        let Ok(target) = PeerId::from_bytes(&target) else {
-                            let net = self.ctx.net.clone();
-                            tokio::spawn(async move {
-                                net.member_respond(
-                                    channel,
-                                    MemberResponse::Refused {
-                                        reason: "target is not a peer id".into(),
-                                    },
-                                )
-                                .await
-                            });
-                            return;
-                        };
-                        let gone = self.inner().det.settled_gone(&target);
-                        let net = self.ctx.net.clone();
-                        let me = self.me;
-                        let timeout = self.ctx.cfg.detector.probe_timeout;
-                        let inc = self.m.incarnation();
-                        tokio::spawn(async move {
-                            let reached = if target == me {
-                                true
-                            } else if gone {
-                                false
-                            } else {
-                                matches!(
-                                    tokio::time::timeout(
-                                        timeout,
-                                        net.member_request(
-                                            target,
-                                            MemberRequest::Ping { incarnation: inc }
-                                        )
-                                    )
-                                    .await,
-                                    Ok(Ok(MemberResponse::Pong { .. }))
-                                )
-                            };
-                            net.member_respond(channel, MemberResponse::Probed { reached })
-                                .await
-                        });
+                        let target = PeerId::from_bytes(&target).ok();
+                        let gone = target.is_some_and(|t| self.inner().det.settled_gone(&t));
+                        probe::answer_for(
+                            self.ctx.net.clone(),
+                            channel,
+                            target,
+                            self.me,
+                            gone,
+                            self.m.incarnation(),
+                            self.ctx.cfg.detector.probe_timeout,
+                        );
                         return;
                     }
                 };
@@ -449,49 +423,15 @@ impl Task {
         let timeout = self.ctx.cfg.detector.probe_timeout;
         for a in actions {
             match a {
-                Action::ProbeDirect(p) => {
-                    let net = self.ctx.net.clone();
-                    let tx = self.internal.clone();
-                    let inc = self.m.incarnation();
-                    tokio::spawn(async move {
-                        let r = tokio::time::timeout(
-                            timeout,
-                            net.member_request(p, MemberRequest::Ping { incarnation: inc }),
-                        )
-                        .await;
-                        let result = match r {
-                            Ok(Ok(MemberResponse::Pong { .. })) => Ok(()),
-                            Ok(Err(RequestError::Dial(_))) => Err(Failure::Refused),
-                            _ => Err(Failure::Silent),
-                        };
-                        let _ = tx.send(Internal::Direct(p, result));
-                    });
-                }
+                Action::ProbeDirect(p) => probe::direct(
+                    self.ctx.net.clone(),
+                    self.internal.clone(),
+                    p,
+                    self.m.incarnation(),
+                    timeout,
+                ),
                 Action::ProbeIndirect { target, helpers } => {
-                    for helper in helpers {
-                        let net = self.ctx.net.clone();
-                        let tx = self.internal.clone();
-                        let bytes = target.to_bytes();
-                        tokio::spawn(async move {
-                            let r = tokio::time::timeout(
-                                timeout * 2,
-                                net.member_request(
-                                    helper,
-                                    MemberRequest::ProbeFor { target: bytes },
-                                ),
-                            )
-                            .await;
-                            let reached = match r {
-                                Ok(Ok(MemberResponse::Probed { reached })) => Some(reached),
-                                _ => None,
-                            };
-                            let _ = tx.send(Internal::Indirect {
-                                target,
-                                helper,
-                                reached,
-                            });
-                        });
-                    }
+                    probe::indirect(&self.ctx.net, &self.internal, target, helpers, timeout)
                 }
                 Action::Announce(f) => self.announce(f),
                 Action::Refute { incarnation } => {
