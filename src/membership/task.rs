@@ -1,0 +1,540 @@
+//! The membership task: one loop that feeds the [`Detector`] from the
+//! transport, the probes it asked for, the event log and a tick, and carries
+//! out its actions (probes, announcements, refutation); record exchange with
+//! each peer over `/riftmesh/member/1`; the graceful leave.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+
+use super::detector::{Action, Fact, FactKind, Failure, State};
+use super::facts::{fact_draft, fact_patterns, parse_fact};
+use super::gauges::peer_labels;
+use super::health::Health;
+use super::incarnation::save_incarnation;
+use super::probe;
+use super::sampling::{sample_loop, significant_change};
+use super::{lock, refresh_jobs, Cmd, Ctx, Inner, LeaveReport, Membership, Rec};
+use crate::event::{self, TypePattern};
+use crate::metrics::{label, Labels};
+use crate::net::wire::{Heartbeat, MemberInfo, MemberRequest, MemberResponse};
+use crate::net::MemberInbound;
+
+/// Log entries replayed at start to learn members that are not reachable.
+const REPLAY_MAX: u64 = 200_000;
+
+/// Results of the requests the loop sent, back into the loop.
+pub(super) enum Internal {
+    Direct(PeerId, Result<(), Failure>),
+    Indirect {
+        target: PeerId,
+        helper: PeerId,
+        reached: Option<bool>,
+    },
+    Exchanged {
+        peer: PeerId,
+        sent_info: u64,
+        response: Box<MemberResponse>,
+    },
+}
+
+pub(super) struct Task {
+    pub(super) ctx: Arc<Ctx>,
+    pub(super) m: Arc<Membership>,
+    pub(super) me: PeerId,
+    internal: mpsc::UnboundedSender<Internal>,
+    patterns: Vec<TypePattern>,
+    cursor: u64,
+    /// Per member, the peer and name labels of its `riftmesh_member_state`
+    /// series (one per state).
+    pub(super) state_series: HashMap<PeerId, Labels>,
+    /// Job counters with a `riftmesh_host_jobs` series.
+    pub(super) job_series: BTreeSet<String>,
+}
+
+/// Run membership until the node stops. `inbound` is the network's
+/// membership channel.
+pub async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<MemberInbound>) {
+    let m = ctx.membership.clone();
+    let Some(mut cmd_rx) = m.cmd_rx.lock().ok().and_then(|mut c| c.take()) else {
+        return;
+    };
+    let me: PeerId = match ctx.peer_id.parse() {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    let (internal, mut internal_rx) = mpsc::unbounded_channel();
+    let (health_tx, mut health_rx) = mpsc::channel(2);
+    ctx.tasks.spawn(sample_loop(
+        ctx.cfg.data_dir.clone(),
+        ctx.cfg.nvidia_smi.clone(),
+        ctx.cfg.health_interval,
+        health_tx,
+    ));
+    let mut t = Task {
+        cursor: replay_cursor(&ctx),
+        ctx: ctx.clone(),
+        m,
+        me,
+        internal,
+        patterns: fact_patterns(),
+        state_series: HashMap::new(),
+        job_series: BTreeSet::new(),
+    };
+    t.follow_log();
+    t.announce_self(FactKind::Online);
+
+    let mut head_rx = ctx.store.watch_head();
+    let tick_every = ctx.cfg.detector.tick;
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            msg = inbound.recv() => match msg {
+                Some(msg) => t.on_inbound(msg),
+                None => break,
+            },
+            Some(r) = internal_rx.recv() => t.on_internal(r),
+            Some(h) = health_rx.recv() => t.on_health(h).await,
+            Some(cmd) = cmd_rx.recv() => match cmd {
+                Cmd::JobsChanged => t.exchange_all(true),
+                Cmd::Leave(reply) => {
+                    let report = t.leave().await;
+                    let _ = reply.send(report);
+                }
+            },
+            changed = head_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                t.follow_log();
+            }
+            _ = tick.tick() => {
+                ticks += 1;
+                t.on_tick(ticks);
+            }
+        }
+        t.run_actions();
+    }
+}
+
+/// Where the log is read from at start: members we cannot reach yet are
+/// learned from recent membership events (those younger than
+/// `forget_after`, at most [`REPLAY_MAX`] entries back).
+fn replay_cursor(ctx: &Ctx) -> u64 {
+    let head = ctx.store.head();
+    let since_ms = event::now_ms().saturating_sub(ctx.cfg.detector.forget_after.as_millis() as u64);
+    ctx.store
+        .seq_before_time(since_ms)
+        .unwrap_or(0)
+        .max(head.saturating_sub(REPLAY_MAX))
+}
+
+impl Task {
+    pub(super) fn inner(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.m.inner)
+    }
+
+    /// The detector's clock, expired jobs (told to every peer at once), and
+    /// every fourth tick the metrics.
+    fn on_tick(&mut self, ticks: u64) {
+        let now = Instant::now();
+        let jobs_changed = {
+            let mut g = self.inner();
+            g.det.tick(now);
+            refresh_jobs(&mut g.me, now)
+        };
+        if jobs_changed {
+            self.exchange_all(true);
+        }
+        if ticks % 4 == 0 {
+            self.update_metrics();
+        }
+    }
+
+    fn on_inbound(&mut self, msg: MemberInbound) {
+        let now = Instant::now();
+        match msg {
+            MemberInbound::Connected(p) => {
+                {
+                    let mut g = self.inner();
+                    g.me.delivered.remove(&p);
+                    g.det.connected(p, now);
+                }
+                self.exchange(p);
+            }
+            MemberInbound::Disconnected(p) => {
+                let mut g = self.inner();
+                g.me.delivered.remove(&p);
+                g.det.disconnected(p, now);
+            }
+            MemberInbound::Rtt(p, rtt) => self.inner().det.rtt(p, rtt, now),
+            MemberInbound::Request {
+                peer,
+                request,
+                channel,
+            } => {
+                let response = match request {
+                    MemberRequest::Exchange {
+                        beat,
+                        info,
+                        have_yours,
+                    } => {
+                        let mut g = self.inner();
+                        Self::store_record(&mut g, peer, *beat, info.map(|i| *i), now);
+                        let include = have_yours != g.me.info.version;
+                        MemberResponse::Exchange {
+                            beat: Box::new(g.me.beat.clone()),
+                            info: include.then(|| Box::new(g.me.info.clone())),
+                        }
+                    }
+                    MemberRequest::Ping { .. } => {
+                        let mut g = self.inner();
+                        g.det.heard(peer, now);
+                        MemberResponse::Pong {
+                            incarnation: g.det.incarnation(),
+                        }
+                    }
+                    MemberRequest::Leave { incarnation } => {
+                        self.inner().det.left(peer, incarnation, now);
+                        MemberResponse::Done
+                    }
+                    MemberRequest::ProbeFor { target } => {
+                        let target = PeerId::from_bytes(&target).ok();
+                        let gone = target.is_some_and(|t| self.inner().det.settled_gone(&t));
+                        probe::answer_for(
+                            self.ctx.net.clone(),
+                            channel,
+                            target,
+                            self.me,
+                            gone,
+                            self.m.incarnation(),
+                            self.ctx.cfg.detector.probe_timeout,
+                        );
+                        return;
+                    }
+                };
+                let net = self.ctx.net.clone();
+                tokio::spawn(async move { net.member_respond(channel, response).await });
+            }
+        }
+    }
+
+    fn store_record(
+        g: &mut Inner,
+        peer: PeerId,
+        beat: Heartbeat,
+        info: Option<MemberInfo>,
+        now: Instant,
+    ) {
+        let rec = g.recs.entry(peer).or_insert(Rec {
+            info: None,
+            beat: None,
+        });
+        if let Some(info) = info {
+            rec.info = Some(info);
+        }
+        let inc = beat.incarnation;
+        rec.beat = Some(beat);
+        match rec.info.as_ref().map(|i| i.name.clone()) {
+            Some(name) => g.det.record(peer, &name, inc, now),
+            None => g.det.heard(peer, now),
+        }
+    }
+
+    fn on_internal(&mut self, r: Internal) {
+        let now = Instant::now();
+        match r {
+            Internal::Direct(p, result) => self.inner().det.probe_result(p, result, now),
+            Internal::Indirect {
+                target,
+                helper,
+                reached,
+            } => self
+                .inner()
+                .det
+                .indirect_result(target, helper, reached, now),
+            Internal::Exchanged {
+                peer,
+                sent_info,
+                response,
+            } => {
+                if let MemberResponse::Exchange { beat, info } = *response {
+                    let mut g = self.inner();
+                    g.me.delivered.insert(peer, sent_info);
+                    Self::store_record(&mut g, peer, *beat, info.map(|i| *i), now);
+                }
+            }
+        }
+    }
+
+    /// Send our record to `peer` and take its own back.
+    fn exchange(&self, peer: PeerId) {
+        let req = {
+            let g = self.inner();
+            let v = g.me.info.version;
+            let include = g.me.delivered.get(&peer) != Some(&v);
+            let have_yours = g
+                .recs
+                .get(&peer)
+                .and_then(|r| r.info.as_ref())
+                .map_or(0, |i| i.version);
+            (
+                MemberRequest::Exchange {
+                    beat: Box::new(g.me.beat.clone()),
+                    info: include.then(|| Box::new(g.me.info.clone())),
+                    have_yours,
+                },
+                v,
+            )
+        };
+        let (request, sent_info) = req;
+        let net = self.ctx.net.clone();
+        let tx = self.internal.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(response)) =
+                tokio::time::timeout(Duration::from_secs(10), net.member_request(peer, request))
+                    .await
+            {
+                let _ = tx.send(Internal::Exchanged {
+                    peer,
+                    sent_info,
+                    response: Box::new(response),
+                });
+            }
+        });
+    }
+
+    /// Exchange with connected peers: all of them (`all`: something changed),
+    /// or those whose peer id sorts after ours (the periodic round: one
+    /// exchange per pair carries both records).
+    fn exchange_all(&self, all: bool) {
+        let mine = self.me.to_bytes();
+        let peers: Vec<PeerId> = self
+            .inner()
+            .det
+            .members()
+            .filter(|m| m.connected && m.state != State::Left)
+            .filter(|m| all || m.peer.to_bytes() > mine)
+            .map(|m| m.peer)
+            .collect();
+        for p in peers {
+            self.exchange(p);
+        }
+    }
+
+    async fn on_health(&mut self, h: Health) {
+        let addrs: Vec<String> = self
+            .ctx
+            .net
+            .listen_addrs()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let significant = {
+            let mut g = self.inner();
+            let mut changed = false;
+            if !addrs.is_empty() && addrs != g.me.info.addrs {
+                g.me.info.addrs = addrs;
+                g.me.info.version += 1;
+                g.me.beat.info_version = g.me.info.version;
+                changed = true;
+            }
+            changed |= significant_change(&g.me.beat.health, &h);
+            g.me.beat.health = h;
+            changed
+        };
+        self.update_host_metrics();
+        // Periodic: one exchange per pair; a significant change: everyone now.
+        self.exchange_all(significant);
+    }
+
+    fn follow_log(&mut self) {
+        loop {
+            let (batch, last) =
+                match self
+                    .ctx
+                    .store
+                    .read_after(self.cursor, 512, 20_000, &self.patterns)
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "membership cannot read the event log");
+                        return;
+                    }
+                };
+            let now = Instant::now();
+            for (_, stored) in batch {
+                let ev = &stored.event;
+                match parse_fact(&ev.event_type, &ev.payload) {
+                    Ok(Some(f)) => self.inner().det.fact(&f, now),
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.ctx
+                            .metrics
+                            .events_rejected
+                            .get_or_create(&label("reason", "membership_payload"))
+                            .inc();
+                        tracing::warn!(id = %ev.id, source = %ev.source, error = %e, "membership event ignored");
+                    }
+                }
+            }
+            if last == self.cursor {
+                return;
+            }
+            self.cursor = last;
+        }
+    }
+
+    fn announce(&self, f: Fact) {
+        let Some(draft) = fact_draft(&f) else {
+            return;
+        };
+        tracing::info!(event = f.kind.event_type(), node = %f.peer, name = %f.name, incarnation = f.incarnation, "membership fact");
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ctx.publisher.publish(vec![draft]).await {
+                tracing::warn!(error = %e, "cannot publish a membership event");
+            }
+        });
+    }
+
+    fn announce_self(&self, kind: FactKind) {
+        let (name, inc) = {
+            let g = self.inner();
+            (g.me.info.name.clone(), g.det.incarnation())
+        };
+        self.announce(Fact {
+            kind,
+            peer: self.me,
+            name,
+            incarnation: inc,
+        });
+    }
+
+    fn run_actions(&mut self) {
+        let actions = self.inner().det.take_actions();
+        let timeout = self.ctx.cfg.detector.probe_timeout;
+        for a in actions {
+            match a {
+                Action::ProbeDirect(p) => probe::direct(
+                    self.ctx.net.clone(),
+                    self.internal.clone(),
+                    p,
+                    self.m.incarnation(),
+                    timeout,
+                ),
+                Action::ProbeIndirect { target, helpers } => {
+                    probe::indirect(&self.ctx.net, &self.internal, target, helpers, timeout)
+                }
+                Action::Announce(f) => self.announce(f),
+                Action::Refute { incarnation } => {
+                    tracing::warn!(
+                        incarnation,
+                        "this agent was suspected or declared dead by a peer: refuting with a higher incarnation"
+                    );
+                    save_incarnation(&self.ctx.cfg.data_dir, incarnation);
+                    self.inner().me.beat.incarnation = incarnation;
+                    self.exchange_all(true);
+                }
+                Action::Transition { peer, from, to } => {
+                    let name = self
+                        .inner()
+                        .det
+                        .member(&peer)
+                        .and_then(|m| m.name.clone())
+                        .unwrap_or_default();
+                    tracing::info!(%peer, %name, from = from.as_str(), to = to.as_str(), "member state changed");
+                    self.ctx
+                        .metrics
+                        .member_transitions
+                        .get_or_create(&vec![
+                            ("from", from.as_str().to_string()),
+                            ("to", to.as_str().to_string()),
+                        ])
+                        .inc();
+                    self.update_member_state();
+                }
+                Action::Forget(peer) => {
+                    let name = self
+                        .inner()
+                        .recs
+                        .remove(&peer)
+                        .and_then(|r| r.info.map(|i| i.name))
+                        .unwrap_or_default();
+                    tracing::info!(%peer, %name, "member forgotten");
+                    let l = peer_labels(&peer, &name);
+                    self.ctx.metrics.member_last_heard.remove(&l);
+                    self.ctx.metrics.member_rtt.remove(&l);
+                    self.update_member_state();
+                }
+            }
+        }
+    }
+
+    async fn leave(&mut self) -> LeaveReport {
+        let (inc, peers) = {
+            let mut g = self.inner();
+            g.me.leaving = true;
+            let peers: Vec<PeerId> = g
+                .det
+                .members()
+                .filter(|m| m.connected)
+                .map(|m| m.peer)
+                .collect();
+            (g.det.incarnation(), peers)
+        };
+        let draft = {
+            let g = self.inner();
+            fact_draft(&Fact {
+                kind: FactKind::Left,
+                peer: self.me,
+                name: g.me.info.name.clone(),
+                incarnation: inc,
+            })
+        };
+        if let Some(d) = draft {
+            if let Err(e) = self.ctx.publisher.publish(vec![d]).await {
+                tracing::warn!(error = %e, "cannot publish HOST_LEFT");
+            }
+        }
+        let mut tasks = Vec::new();
+        for p in &peers {
+            let net = self.ctx.net.clone();
+            let p = *p;
+            tasks.push(tokio::spawn(async move {
+                matches!(
+                    tokio::time::timeout(
+                        Duration::from_secs(2),
+                        net.member_request(p, MemberRequest::Leave { incarnation: inc })
+                    )
+                    .await,
+                    Ok(Ok(MemberResponse::Done))
+                )
+            }));
+        }
+        let mut acked = 0;
+        for t in tasks {
+            if matches!(t.await, Ok(true)) {
+                acked += 1;
+            }
+        }
+        tracing::info!(
+            incarnation = inc,
+            told = peers.len(),
+            acked,
+            "left the cluster"
+        );
+        LeaveReport {
+            incarnation: inc,
+            peers_told: peers.len(),
+            peers_acked: acked,
+        }
+    }
+}
