@@ -133,9 +133,6 @@ fn agreed_leader(c: &Cluster, agents: &[usize]) -> Option<(usize, u64)> {
 /// Failover by isolation: three voters elect a leader; the leader is cut off
 /// from both others, who elect a new one in a higher term; once healed there
 /// is one leader all agree on, and no agent's term ever went down.
-///
-/// The old leader is isolated, not stopped: stopping an agent inside the
-/// process needs `Node::shutdown()`, which is not there yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_when_the_leader_is_cut_off() {
     let started = Instant::now();
@@ -209,6 +206,46 @@ async fn failover_when_the_leader_is_cut_off() {
         failed_over.elapsed()
     );
     report("failover_when_the_leader_is_cut_off", started, up);
+}
+
+/// Failover when the leader stops (the in-process "kill"): its tasks,
+/// Raft and swarm are stopped by `Node::shutdown`, its connections close,
+/// and the two others elect a new leader in a higher term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_when_the_leader_stops() {
+    let started = Instant::now();
+    let voters: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
+    let c = Cluster::start(3, |cfg| {
+        cfg.voters = voters.clone();
+        // Below the resolver's floor: see failover_when_the_leader_is_cut_off.
+        cfg.election_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let up = Instant::now();
+    let all = [0, 1, 2];
+    let (old, t1) = wait_until("a leader all three agree on", T, || async {
+        agreed_leader(&c, &all)
+    })
+    .await;
+    c.agents[old].node().shutdown().await;
+    let rest: Vec<usize> = all.iter().copied().filter(|&i| i != old).collect();
+    let gone: libp2p::PeerId = c.agents[old].peer_id().parse().unwrap();
+    // Its connections are closed: no survivor still counts it connected.
+    wait_until("the stopped leader's connections to close", T, || async {
+        let mut open = false;
+        for &i in &rest {
+            open |= c.agents[i].connected_to(&gone).await;
+        }
+        (!open).then_some(())
+    })
+    .await;
+    let (new, t2) = wait_until("the other two to elect a new leader", T, || async {
+        agreed_leader(&c, &rest).filter(|(_, t)| *t > t1)
+    })
+    .await;
+    assert_ne!(new, old);
+    println!("a{old} (term {t1}) stopped; a{new} leads in term {t2}");
+    report("failover_when_the_leader_stops", started, up);
 }
 
 /// Deterministic, incompressible bytes (the same generator as tests/blob.rs).
