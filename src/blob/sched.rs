@@ -687,4 +687,86 @@ mod tests {
         s.source(p, Some(Bitmap::new(11)), Instant::now());
         assert!(s.usable_sources(Instant::now()).is_empty());
     }
+
+    #[test]
+    fn the_search_gives_up_after_a_stall_with_no_holder() {
+        let t0 = Instant::now();
+        let mut s = Search::new(t0);
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        assert_eq!(s.next_round(false, secs(1)), Some(SOURCE_REFRESH));
+        assert_eq!(s.next_round(false, secs(60)), Some(SOURCE_REFRESH));
+        // A holder whose manifest does not match keeps the search going.
+        assert!(s.next_round(true, secs(30)).is_some());
+        assert!(s.next_round(false, secs(90)).is_some());
+        assert_eq!(s.next_round(false, secs(91)), None);
+    }
+
+    #[test]
+    fn sources_are_refreshed_every_half_second_one_request_at_a_time() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        assert!(!p.refresh_due(false, true, ms(499)));
+        assert!(!p.refresh_due(true, true, ms(500)), "one already running");
+        assert!(p.refresh_due(false, false, ms(500)));
+        assert!(!p.refresh_due(false, false, ms(900)));
+        assert!(p.refresh_due(false, false, ms(1000)));
+    }
+
+    #[test]
+    fn checkpoints_follow_half_a_window_or_a_second() {
+        let t0 = Instant::now();
+        let p = Pace::new(t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        assert!(p.checkpoint_due(false, 4, 8, false, ms(10)));
+        assert!(!p.checkpoint_due(true, 4, 8, false, ms(10)), "one running");
+        assert!(!p.checkpoint_due(false, 3, 8, false, ms(999)));
+        assert!(p.checkpoint_due(false, 3, 8, false, ms(1000)));
+        assert!(
+            p.checkpoint_due(false, 1, 8, true, ms(10)),
+            "the last chunks"
+        );
+        assert!(!p.checkpoint_due(false, 0, 8, true, ms(5000)));
+        assert!(p.checkpoint_due(false, 1, 1, false, ms(0)));
+    }
+
+    #[test]
+    fn the_status_is_refreshed_every_second_with_the_rate_over_five_seconds() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        p.on_chunk(5 << 20, ms(100));
+        assert_eq!(p.status_due(false, ms(999)), None);
+        assert_eq!(p.status_due(false, ms(1000)), Some((1 << 20) as f64));
+        assert_eq!(p.status_due(false, ms(1500)), None);
+        assert!(p.status_due(true, ms(1500)).is_some(), "at the end");
+        // The chunk of 0.1 s is out of the window at 5.1 s.
+        assert_eq!(p.status_due(false, ms(5100)), Some(0.0));
+    }
+
+    #[test]
+    fn chunks_go_in_index_order_when_the_first_refresh_finds_no_other_receiver() {
+        let mut alone = Pace::new(Instant::now());
+        alone.on_sources(false);
+        alone.on_sources(false);
+        assert!(alone.on_refreshed());
+        assert!(!alone.on_refreshed(), "decided once");
+        let mut shared = Pace::new(Instant::now());
+        shared.on_sources(true);
+        shared.on_sources(false);
+        assert!(!shared.on_refreshed());
+    }
+
+    #[test]
+    fn a_fetch_stalls_only_idle_a_minute_after_its_last_chunk() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(t0);
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        assert!(!p.stalled(true, secs(60)));
+        assert!(p.stalled(true, secs(61)));
+        assert!(!p.stalled(false, secs(61)), "something in flight");
+        p.on_chunk(1, secs(61));
+        assert!(!p.stalled(true, secs(121)));
+        assert!(p.stalled(true, secs(122)));
+    }
 }
