@@ -76,7 +76,8 @@ pub struct Ctx {
     /// Owner of the long-lived tasks (stopped with the agent).
     pub tasks: crate::tasks::Tasks,
 }
-// ---- status ----
+
+// ---- status (what the API shows) ----
 
 #[derive(Serialize, Clone, Debug)]
 pub struct TransferView {
