@@ -1,5 +1,7 @@
-//! Which chunk to ask of which source next: sans-IO, driven by the fetch
-//! loop with explicit times.
+//! The plan of a fetch, sans-IO, driven by the fetch loop with explicit
+//! times: which chunk to ask of which source next ([`Sched`]), and when to
+//! ask peers who holds what, record progress, switch to index order or
+//! give up ([`Search`] before the manifest, [`Pace`] after).
 //!
 //! - Chunks are taken in an order shuffled per transfer, so receivers of the
 //!   same blob hold different chunks early and serve each other. A receiver
@@ -21,6 +23,8 @@
 //!   row (1 s to 30 s): a circuit breaker; a success closes it.
 //! - A source that serves a chunk failing verification is dropped for this
 //!   transfer after the second such chunk.
+//! - Sources are asked again every [`SOURCE_REFRESH`]; a transfer with no
+//!   source and nothing in flight for [`STALL`] fails.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -329,6 +333,142 @@ impl Sched {
     }
 }
 
+/// How often a transfer asks its peers who holds what.
+pub const SOURCE_REFRESH: Duration = Duration::from_millis(500);
+/// A starved transfer (no usable source, nothing in flight) asks again
+/// after this long, whatever [`SOURCE_REFRESH`] says.
+const STARVED_REFRESH: Duration = Duration::from_millis(500);
+/// A transfer with no source and nothing in flight for this long fails.
+pub const STALL: Duration = Duration::from_secs(60);
+/// Longest time verified chunks wait to be made durable and recorded; also
+/// how often the transfer's status is refreshed.
+pub const CHECKPOINT: Duration = Duration::from_secs(1);
+/// The span over which the transfer rate is averaged.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Before the manifest: peers are asked who holds the blob every
+/// [`SOURCE_REFRESH`] until one serves a manifest matching the signed
+/// root; the search gives up when no peer has held it for [`STALL`].
+pub struct Search {
+    last_seen: Instant,
+}
+
+impl Search {
+    pub fn new(now: Instant) -> Search {
+        Search { last_seen: now }
+    }
+
+    /// A round of asking ended at `now` without a manifest; `found`: some
+    /// peer said it holds the blob. The wait before the next round, or
+    /// `None`: give up.
+    pub fn next_round(&mut self, found: bool, now: Instant) -> Option<Duration> {
+        if found {
+            self.last_seen = now;
+        }
+        (now.duration_since(self.last_seen) <= STALL).then_some(SOURCE_REFRESH)
+    }
+}
+
+/// After the manifest, beside [`Sched`]: when to ask peers who holds what,
+/// when to record verified chunks and refresh the status, whether to take
+/// chunks in index order, and when to give up.
+pub struct Pace {
+    last_refresh: Instant,
+    /// The last status refresh (and the clock of the checkpoint's timer).
+    last_status: Instant,
+    last_progress: Instant,
+    /// Chunks received in the last [`RATE_WINDOW`]: (when, bytes).
+    window: Vec<(Instant, u64)>,
+    /// Whether another peer fetches this blob too (a source with only some
+    /// chunks), decided at the first source refresh (every receiver of a
+    /// fan-out has begun by then).
+    others: bool,
+    order_decided: bool,
+}
+
+impl Pace {
+    pub fn new(now: Instant) -> Pace {
+        Pace {
+            last_refresh: now,
+            last_status: now,
+            last_progress: now,
+            window: Vec::new(),
+            others: false,
+            order_decided: false,
+        }
+    }
+
+    /// Sources were learnt (at the start, or from a refresh); `partial`:
+    /// one of them holds only some chunks (it is fetching the blob too).
+    pub fn on_sources(&mut self, partial: bool) {
+        self.others |= partial;
+    }
+
+    /// A source refresh came back (after [`Pace::on_sources`] for what it
+    /// found). True once, at the first: nobody else fetches the blob, so
+    /// take the chunks in index order ([`Sched::sequential`]).
+    pub fn on_refreshed(&mut self) -> bool {
+        if self.order_decided {
+            return false;
+        }
+        self.order_decided = true;
+        !self.others
+    }
+
+    /// A verified chunk of `len` bytes arrived.
+    pub fn on_chunk(&mut self, len: u64, now: Instant) {
+        self.window.push((now, len));
+        self.last_progress = now;
+    }
+
+    /// Whether to start a checkpoint (make verified chunks durable and
+    /// record them) with `unrecorded` chunks verified since the last one
+    /// and none `running`: once half a source window has piled up (a crash
+    /// loses about a window of received work at most), or every
+    /// [`CHECKPOINT`], or when the blob is `full`.
+    pub fn checkpoint_due(
+        &self,
+        running: bool,
+        unrecorded: usize,
+        per_source: usize,
+        full: bool,
+        now: Instant,
+    ) -> bool {
+        !running
+            && (unrecorded >= (per_source / 2).max(1)
+                || (unrecorded > 0 && (now.duration_since(self.last_status) >= CHECKPOINT || full)))
+    }
+
+    /// Every [`CHECKPOINT`], and when the blob is `full`: time to refresh
+    /// the status, at this rate (bytes per second over [`RATE_WINDOW`]).
+    pub fn status_due(&mut self, full: bool, now: Instant) -> Option<f64> {
+        if now.duration_since(self.last_status) < CHECKPOINT && !full {
+            return None;
+        }
+        self.last_status = now;
+        self.window
+            .retain(|(t, _)| now.duration_since(*t) < RATE_WINDOW);
+        let bytes: u64 = self.window.iter().map(|(_, l)| *l).sum();
+        Some(bytes as f64 / RATE_WINDOW.as_secs_f64())
+    }
+
+    /// Whether to ask peers who holds what now, none such request
+    /// `running`; `starved`: no usable source and nothing in flight.
+    pub fn refresh_due(&mut self, running: bool, starved: bool, now: Instant) -> bool {
+        let since = now.duration_since(self.last_refresh);
+        let due = !running && (since >= SOURCE_REFRESH || (starved && since >= STARVED_REFRESH));
+        if due {
+            self.last_refresh = now;
+        }
+        due
+    }
+
+    /// Give up: nothing in flight (`idle`) and no chunk for [`STALL`].
+    pub fn stalled(&self, idle: bool, now: Instant) -> bool {
+        idle && now.duration_since(self.last_progress) > STALL
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,5 +686,87 @@ mod tests {
         let p = peer();
         s.source(p, Some(Bitmap::new(11)), Instant::now());
         assert!(s.usable_sources(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn the_search_gives_up_after_a_stall_with_no_holder() {
+        let t0 = Instant::now();
+        let mut s = Search::new(t0);
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        assert_eq!(s.next_round(false, secs(1)), Some(SOURCE_REFRESH));
+        assert_eq!(s.next_round(false, secs(60)), Some(SOURCE_REFRESH));
+        // A holder whose manifest does not match keeps the search going.
+        assert!(s.next_round(true, secs(30)).is_some());
+        assert!(s.next_round(false, secs(90)).is_some());
+        assert_eq!(s.next_round(false, secs(91)), None);
+    }
+
+    #[test]
+    fn sources_are_refreshed_every_half_second_one_request_at_a_time() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        assert!(!p.refresh_due(false, true, ms(499)));
+        assert!(!p.refresh_due(true, true, ms(500)), "one already running");
+        assert!(p.refresh_due(false, false, ms(500)));
+        assert!(!p.refresh_due(false, false, ms(900)));
+        assert!(p.refresh_due(false, false, ms(1000)));
+    }
+
+    #[test]
+    fn checkpoints_follow_half_a_window_or_a_second() {
+        let t0 = Instant::now();
+        let p = Pace::new(t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        assert!(p.checkpoint_due(false, 4, 8, false, ms(10)));
+        assert!(!p.checkpoint_due(true, 4, 8, false, ms(10)), "one running");
+        assert!(!p.checkpoint_due(false, 3, 8, false, ms(999)));
+        assert!(p.checkpoint_due(false, 3, 8, false, ms(1000)));
+        assert!(
+            p.checkpoint_due(false, 1, 8, true, ms(10)),
+            "the last chunks"
+        );
+        assert!(!p.checkpoint_due(false, 0, 8, true, ms(5000)));
+        assert!(p.checkpoint_due(false, 1, 1, false, ms(0)));
+    }
+
+    #[test]
+    fn the_status_is_refreshed_every_second_with_the_rate_over_five_seconds() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        p.on_chunk(5 << 20, ms(100));
+        assert_eq!(p.status_due(false, ms(999)), None);
+        assert_eq!(p.status_due(false, ms(1000)), Some((1 << 20) as f64));
+        assert_eq!(p.status_due(false, ms(1500)), None);
+        assert!(p.status_due(true, ms(1500)).is_some(), "at the end");
+        // The chunk of 0.1 s is out of the window at 5.1 s.
+        assert_eq!(p.status_due(false, ms(5100)), Some(0.0));
+    }
+
+    #[test]
+    fn chunks_go_in_index_order_when_the_first_refresh_finds_no_other_receiver() {
+        let mut alone = Pace::new(Instant::now());
+        alone.on_sources(false);
+        alone.on_sources(false);
+        assert!(alone.on_refreshed());
+        assert!(!alone.on_refreshed(), "decided once");
+        let mut shared = Pace::new(Instant::now());
+        shared.on_sources(true);
+        shared.on_sources(false);
+        assert!(!shared.on_refreshed());
+    }
+
+    #[test]
+    fn a_fetch_stalls_only_idle_a_minute_after_its_last_chunk() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(t0);
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        assert!(!p.stalled(true, secs(60)));
+        assert!(p.stalled(true, secs(61)));
+        assert!(!p.stalled(false, secs(61)), "something in flight");
+        p.on_chunk(1, secs(61));
+        assert!(!p.stalled(true, secs(121)));
+        assert!(p.stalled(true, secs(122)));
     }
 }
