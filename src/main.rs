@@ -435,8 +435,6 @@ impl LockOp {
 }
 
 fn main() {
-    // Before any thread exists, so every thread gets the limited arenas.
-    riftmesh::agent::tune_allocator();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -452,11 +450,11 @@ fn main() {
 
 async fn async_main() {
     let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+    let parsed = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    let result = match cli.cmd {
+    let result = match parsed.cmd {
         Cmd::Agent(ref args) => {
             let sub = matches.subcommand_matches("agent");
             match AgentConfig::resolve(args, sub) {
@@ -473,11 +471,11 @@ async fn async_main() {
             let sub = matches
                 .subcommand_matches("config")
                 .and_then(|m| m.subcommand_matches("check"));
-            cli::config::check(file.clone(), args, sub, cli.json)
+            cli::config::check(file.clone(), args, sub, parsed.json)
         }
         Cmd::Completion { shell } => cli::config::completion(shell),
         Cmd::Man { ref out_dir } => cli::config::man(out_dir.as_deref()),
-        _ => run_client(cli).await,
+        _ => run_client(parsed).await,
     };
     if let Err(e) = result {
         eprintln!("riftmesh: {e:#}");
@@ -516,11 +514,11 @@ fn api_of(cmd: &Cmd) -> String {
 }
 
 /// Every command but `agent`, `config`, `completion` and `man`.
-async fn run_client(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(&api_of(&cli.cmd));
-    let json_out = cli.json;
+async fn run_client(parsed: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&api_of(&parsed.cmd));
+    let json_out = parsed.json;
     let c = &client;
-    match cli.cmd {
+    match parsed.cmd {
         Cmd::Agent(_) | Cmd::Config { .. } | Cmd::Completion { .. } | Cmd::Man { .. } => {
             unreachable!("handled in main")
         }
