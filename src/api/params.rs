@@ -5,6 +5,7 @@ use crate::event::{self, TypePattern};
 
 use super::error::{ApiError, ApiResult};
 
+/// Most events one page of history or one consumer fetch returns.
 pub(super) const MAX_FETCH: usize = 1000;
 /// Most log entries one page of events reads through looking for matches.
 pub(super) const MAX_SCAN: usize = 50_000;

@@ -1,5 +1,5 @@
 //! What the API answers with that its client decodes too: events,
-//! publish answers, consumer views and batches, trace nodes.
+//! publish answers, consumer views and fetched batches, trace nodes.
 
 use std::time::Duration;
 
