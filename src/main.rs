@@ -214,7 +214,7 @@ enum Cmd {
     /// Blob transfers in flight and recent failures.
     Sync {
         #[command(subcommand)]
-        op: SyncOp,
+        op: TransfersOp,
     },
     /// Check an agent configuration without starting the agent.
     Config {
@@ -361,8 +361,10 @@ impl ConsumerOp {
     }
 }
 
+// `riftmesh sync …`: blob transfers (the command keeps its name; the Rust
+// names say "transfers", as "sync" also names catch-up and fsync).
 #[derive(Subcommand)]
-enum SyncOp {
+enum TransfersOp {
     /// Transfers in flight (bytes, rate, sources, ETA) and recent failures.
     Status {
         #[command(flatten)]
@@ -503,7 +505,7 @@ fn api_of(cmd: &Cmd) -> String {
             op: BlobOp::Add { conn, .. } | BlobOp::List { conn } | BlobOp::Get { conn, .. },
         }
         | Cmd::Sync {
-            op: SyncOp::Status { conn },
+            op: TransfersOp::Status { conn },
         } => conn.api.clone(),
         Cmd::Agent(_)
         | Cmd::Keygen { .. }
@@ -555,7 +557,7 @@ async fn run_client(parsed: Cli) -> anyhow::Result<()> {
         Cmd::Trace { id, .. } => cli::events::trace(c, json_out, &id).await,
         Cmd::Blob { op } => cli::blobs::run(c, op, json_out).await,
         Cmd::Sync {
-            op: SyncOp::Status { .. },
+            op: TransfersOp::Status { .. },
         } => cli::blobs::transfers(c, json_out).await,
         Cmd::Types { .. } => cli::events::types(c, json_out).await,
     }

@@ -488,7 +488,9 @@ pub(super) async fn blob_content(
         .into_response())
 }
 
-pub(super) async fn sync_status(State(node): State<AppState>) -> ApiResult<Json<Value>> {
+/// `GET /v1/sync` (the path keeps its name): blob transfers in flight,
+/// recent failures, the store's use and the transfer settings.
+pub(super) async fn transfers(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let store = node.blobs.store.clone();
     let used = tokio::task::spawn_blocking(move || store.used_bytes())
         .await
