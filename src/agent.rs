@@ -9,26 +9,6 @@ use serde_json::json;
 use crate::config::AgentConfig;
 use crate::node::{write_private, Node};
 
-/// glibc's allocator serves the chunk-sized buffers of blob transfers
-/// (1-8 MiB) with fresh `mmap`s by default, so every chunk paid page faults
-/// and zeroing of new pages (~10 % of a receiver's CPU). Below 16 MiB they
-/// now come from the heap and are reused; the heap is trimmed beyond 32 MiB
-/// of free space.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called once at start,
-    // before the runtime's threads exist.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
-        // glibc gives each thread that contends its own arena (up to 8 per
-        // core), and each arena keeps up to the trim threshold of freed
-        // 1 MiB chunk buffers: a 20-host soak grew from 44 to 85 MiB mean
-        // in 180 s. Two arenas are enough for a tokio runtime.
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let api_listener = tokio::net::TcpListener::bind(cfg.api).await.map_err(|e| {

@@ -1,0 +1,97 @@
+//! `consumer list|show|nack|dead-letters|delete`.
+
+use serde_json::json;
+
+use riftmesh::api::{self, Client};
+
+use super::print_json;
+use crate::ConsumerOp;
+
+fn consumer_line(c: &api::ConsumerView) -> String {
+    let types = if c.types.is_empty() {
+        "*".to_string()
+    } else {
+        c.types.join(",")
+    };
+    format!(
+        "{:<24} {:<32} {:>8} {:>9}{} {:>6}  {}",
+        c.name,
+        types,
+        c.cursor,
+        c.lag,
+        if c.lag_exact { " " } else { "+" },
+        c.dead_letters,
+        c.last_ack.as_deref().unwrap_or("-")
+    )
+}
+
+/// `riftmesh consumer …`.
+pub async fn run(client: &Client, json_out: bool, op: ConsumerOp) -> anyhow::Result<()> {
+    let header = format!(
+        "{:<24} {:<32} {:>8} {:>10} {:>6}  {}",
+        "NAME", "TYPES", "CURSOR", "PENDING", "DEAD", "LAST ACK"
+    );
+    match op {
+        ConsumerOp::List { .. } => {
+            let v = client.get("/v1/consumers").await?;
+            if json_out {
+                return print_json(&v);
+            }
+            let cs: Vec<api::ConsumerView> = api::decode(v)?;
+            println!("{header}");
+            for c in &cs {
+                println!("{}", consumer_line(c));
+            }
+        }
+        ConsumerOp::Show { name, .. } => {
+            let v = client.get(&format!("/v1/consumers/{name}")).await?;
+            if json_out {
+                return print_json(&v);
+            }
+            let c: api::ConsumerView = api::decode(v)?;
+            println!("{header}\n{}", consumer_line(&c));
+        }
+        ConsumerOp::Nack {
+            name, seq, reason, ..
+        } => {
+            let v = client
+                .post(
+                    &format!("/v1/consumers/{name}/nack"),
+                    &json!({ "seq": seq, "reason": reason }),
+                )
+                .await?;
+            if json_out {
+                return print_json(&v);
+            }
+            println!("{name}: event {seq} moved to the dead letters ({reason})");
+        }
+        ConsumerOp::DeadLetters { name, .. } => {
+            let v = client
+                .get(&format!("/v1/consumers/{name}/dead-letters"))
+                .await?;
+            if json_out {
+                return print_json(&v);
+            }
+            let list = v["dead_letters"].as_array().cloned().unwrap_or_default();
+            println!("{} dead letter(s) of {name}", list.len());
+            for d in list {
+                let ev = &d["event"];
+                println!(
+                    "  {:>8}  {:<28} {}  {}",
+                    d["seq"].as_u64().unwrap_or(0),
+                    ev["type"].as_str().unwrap_or("(gone)"),
+                    ev["id"].as_str().unwrap_or("-"),
+                    d["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        ConsumerOp::Delete { name, .. } => {
+            let v = client.delete(&format!("/v1/consumers/{name}")).await?;
+            if json_out {
+                return print_json(&v);
+            }
+            println!("deleted consumer {name}");
+        }
+    }
+    Ok(())
+}
