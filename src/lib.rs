@@ -1,5 +1,5 @@
 //! riftmesh: a peer-to-peer cluster agent for GPU training fleets.
-//! See ARCHITECTURE (shared) and proto-notes/ for the shape and the wire.
+//! See ARCHITECTURE.md (the map of the code) and proto-notes/ (the wire).
 
 pub mod agent;
 pub mod api;
