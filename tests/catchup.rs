@@ -253,9 +253,9 @@ async fn altered_events_in_a_catch_up_answer_are_refused() {
         let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await else {
             // Nudge: our summary makes the agent ask us.
             let _ = evil
-                .request(
+                .catchup_request(
                     a.peer_id.parse().unwrap(),
-                    wire::SyncRequest::Summary {
+                    wire::CatchupRequest::Summary {
                         marks: vec![mark.clone()],
                     },
                 )
@@ -267,21 +267,21 @@ async fn altered_events_in_a_catch_up_answer_are_refused() {
         } = msg
         {
             let response = match request {
-                wire::SyncRequest::Summary { .. } | wire::SyncRequest::Digest { .. } => {
-                    wire::SyncResponse::Summary {
+                wire::CatchupRequest::Summary { .. } | wire::CatchupRequest::Digest { .. } => {
+                    wire::CatchupResponse::Summary {
                         marks: vec![mark.clone()],
                     }
                 }
-                wire::SyncRequest::Fetch { from, .. } => {
+                wire::CatchupRequest::Fetch { from, .. } => {
                     let set = if answered_altered { &genuine } else { &altered };
                     answered_altered = true;
-                    wire::SyncResponse::events(
+                    wire::CatchupResponse::events(
                         set.iter().filter(|e| e.seq >= from).cloned().collect(),
                         Some(1),
                     )
                 }
             };
-            evil.respond(channel, response).await.unwrap();
+            evil.catchup_respond(channel, response).await.unwrap();
         }
     }
     assert!(answered_altered);
@@ -317,24 +317,29 @@ async fn a_sources_order_holds_when_the_earlier_event_arrives_last() {
             } = msg
             {
                 match request {
-                    wire::SyncRequest::Fetch { from, .. } => {
+                    wire::CatchupRequest::Fetch { from, .. } => {
                         assert_eq!(from, 1);
                         let _ = evil
-                            .respond(
+                            .catchup_respond(
                                 channel,
-                                wire::SyncResponse::Refused {
+                                wire::CatchupResponse::Refused {
                                     reason: "not now".into(),
                                 },
                             )
                             .await;
                         return;
                     }
-                    wire::SyncRequest::Digest { .. } => {
-                        let _ = evil.respond(channel, wire::SyncResponse::Same).await;
-                    }
-                    wire::SyncRequest::Summary { .. } => {
+                    wire::CatchupRequest::Digest { .. } => {
                         let _ = evil
-                            .respond(channel, wire::SyncResponse::Summary { marks: vec![] })
+                            .catchup_respond(channel, wire::CatchupResponse::Same)
+                            .await;
+                    }
+                    wire::CatchupRequest::Summary { .. } => {
+                        let _ = evil
+                            .catchup_respond(
+                                channel,
+                                wire::CatchupResponse::Summary { marks: vec![] },
+                            )
                             .await;
                     }
                 }

@@ -23,7 +23,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use riftmesh::blob::{Manifest, Request as BlobRequest, Response as BlobResponse};
 use riftmesh::codec;
 use riftmesh::event::{normalize_type, Draft, TypePattern};
-use riftmesh::net::wire::{self, MemberRequest, MemberResponse, SyncRequest, SyncResponse};
+use riftmesh::net::wire::{self, CatchupRequest, CatchupResponse, MemberRequest, MemberResponse};
 
 fn iters() -> usize {
     std::env::var("RIFTMESH_FUZZ_ITERS")
@@ -309,48 +309,52 @@ fn catchup_messages() {
         max_seen: 12,
     };
     let reqs = vec![
-        framed(&SyncRequest::Summary {
+        framed(&CatchupRequest::Summary {
             marks: vec![mark.clone(), mark.clone()],
         }),
-        framed(&SyncRequest::Fetch {
+        framed(&CatchupRequest::Fetch {
             source: "s".into(),
             from: 3,
             max_events: 1000,
         }),
-        framed(&SyncRequest::Digest { digest: [7; 32] }),
+        framed(&CatchupRequest::Digest { digest: [7; 32] }),
     ];
     let ok = fuzz("catchup_request", reqs, |b| {
-        decode_framed::<SyncRequest>(b, wire::MAX_SYNC_REQUEST)
+        decode_framed::<CatchupRequest>(b, wire::MAX_CATCHUP_REQUEST)
     });
     assert!(ok >= 3);
     let resps = vec![
-        framed(&SyncResponse::events(
+        framed(&CatchupResponse::events(
             vec![sealed_event(
                 "SELFPLAY_COMPLETE",
                 serde_json::json!({"games": 12}),
             )],
             Some(1),
         )),
-        framed(&SyncResponse::events(
+        framed(&CatchupResponse::events(
             vec![
                 sealed_event("SELFPLAY_COMPLETE", serde_json::json!({"games": 13})),
                 keyed_event("SELFPLAY_COMPLETE", serde_json::json!({"games": 14})),
             ],
             Some(1),
         )),
-        framed(&SyncResponse::Summary { marks: vec![mark] }),
-        framed(&SyncResponse::Refused {
+        framed(&CatchupResponse::Summary { marks: vec![mark] }),
+        framed(&CatchupResponse::Refused {
             reason: "busy".into(),
         }),
-        framed(&SyncResponse::Same),
+        framed(&CatchupResponse::Same),
     ];
     // One version-2 event makes the answer EventsV2; all version 1, Events.
     for (i, v2) in [(0, false), (1, true)] {
-        let got = wire::decode_body::<SyncResponse>(&resps[i][5..], wire::MAX_SYNC_RESPONSE);
-        assert_eq!(matches!(got, Ok(SyncResponse::EventsV2 { .. })), v2, "{i}");
+        let got = wire::decode_body::<CatchupResponse>(&resps[i][5..], wire::MAX_CATCHUP_RESPONSE);
+        assert_eq!(
+            matches!(got, Ok(CatchupResponse::EventsV2 { .. })),
+            v2,
+            "{i}"
+        );
     }
     let ok = fuzz("catchup_response", resps, |b| {
-        decode_framed::<SyncResponse>(b, wire::MAX_SYNC_RESPONSE)
+        decode_framed::<CatchupResponse>(b, wire::MAX_CATCHUP_RESPONSE)
     });
     assert!(ok >= 5);
 }
@@ -480,27 +484,30 @@ fn oversized_frames_are_refused() {
         max_seen: 2,
     };
     // /riftmesh/events/1 request: a summary above 1 MiB.
-    let n = wire::MAX_SYNC_REQUEST / 48 + 1;
+    let n = wire::MAX_CATCHUP_REQUEST / 48 + 1;
     let req = oversized_framed(
-        &SyncRequest::Summary {
+        &CatchupRequest::Summary {
             marks: (0..n).map(mark).collect(),
         },
-        wire::MAX_SYNC_REQUEST,
+        wire::MAX_CATCHUP_REQUEST,
     );
-    assert!(decode_framed::<SyncRequest>(&req, req.len()));
-    assert!(!decode_framed::<SyncRequest>(&req, wire::MAX_SYNC_REQUEST));
+    assert!(decode_framed::<CatchupRequest>(&req, req.len()));
+    assert!(!decode_framed::<CatchupRequest>(
+        &req,
+        wire::MAX_CATCHUP_REQUEST
+    ));
     // Its response: a summary above 8 MiB.
-    let n = wire::MAX_SYNC_RESPONSE / 48 + 1;
+    let n = wire::MAX_CATCHUP_RESPONSE / 48 + 1;
     let resp = oversized_framed(
-        &SyncResponse::Summary {
+        &CatchupResponse::Summary {
             marks: (0..n).map(mark).collect(),
         },
-        wire::MAX_SYNC_RESPONSE,
+        wire::MAX_CATCHUP_RESPONSE,
     );
-    assert!(decode_framed::<SyncResponse>(&resp, resp.len()));
-    assert!(!decode_framed::<SyncResponse>(
+    assert!(decode_framed::<CatchupResponse>(&resp, resp.len()));
+    assert!(!decode_framed::<CatchupResponse>(
         &resp,
-        wire::MAX_SYNC_RESPONSE
+        wire::MAX_CATCHUP_RESPONSE
     ));
     // /riftmesh/sync/1 response: a chunk above its limit.
     let limit = riftmesh::net::MAX_BLOB_RESPONSE;

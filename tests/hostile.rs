@@ -158,7 +158,7 @@ async fn a_gossip_flood_from_one_member_is_held_to_its_source_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_flood_from_one_member_is_refused_and_others_are_answered() {
-    use riftmesh::net::wire::{MemberRequest, MemberResponse, SyncRequest, SyncResponse};
+    use riftmesh::net::wire::{CatchupRequest, CatchupResponse, MemberRequest, MemberResponse};
     const RATE: f64 = 10.0;
     const BURST: f64 = 20.0;
     let root = tempfile::tempdir().unwrap();
@@ -181,13 +181,14 @@ async fn a_request_flood_from_one_member_is_refused_and_others_are_answered() {
     let flood = async {
         let (mut busy, mut answered, mut failed) = ([0usize; 2], [0usize; 2], [0usize; 2]);
         for _ in 0..10 {
-            let sync = futures::future::join_all(
-                (0..40).map(|_| evil.request(target, SyncRequest::Digest { digest: [0; 32] })),
-            )
-            .await;
+            let sync =
+                futures::future::join_all((0..40).map(|_| {
+                    evil.catchup_request(target, CatchupRequest::Digest { digest: [0; 32] })
+                }))
+                .await;
             for r in sync {
                 match r {
-                    Ok(SyncResponse::Refused { reason }) if reason == BUSY => busy[0] += 1,
+                    Ok(CatchupResponse::Refused { reason }) if reason == BUSY => busy[0] += 1,
                     Ok(_) => answered[0] += 1,
                     Err(_) => failed[0] += 1,
                 }
@@ -211,7 +212,7 @@ async fn a_request_flood_from_one_member_is_refused_and_others_are_answered() {
         let mut out = Vec::new();
         for _ in 0..10 {
             let s = good
-                .request(target, SyncRequest::Digest { digest: [0; 32] })
+                .catchup_request(target, CatchupRequest::Digest { digest: [0; 32] })
                 .await;
             let m = good
                 .member_request(target, MemberRequest::Ping { incarnation: 1 })
@@ -246,7 +247,10 @@ async fn a_request_flood_from_one_member_is_refused_and_others_are_answered() {
     // The other peer was answered every time.
     for (s, m) in &honest {
         assert!(
-            matches!(s, Ok(SyncResponse::Summary { .. }) | Ok(SyncResponse::Same)),
+            matches!(
+                s,
+                Ok(CatchupResponse::Summary { .. }) | Ok(CatchupResponse::Same)
+            ),
             "{s:?}"
         );
         assert!(matches!(m, Ok(MemberResponse::Pong { .. })), "{m:?}");

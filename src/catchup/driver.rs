@@ -68,7 +68,7 @@ fn marks(vv: Vec<SourceMark>) -> Vec<wire::Mark> {
 
 /// Bytes of a summary on the wire (frame header included).
 fn summary_size(m: &[wire::Mark]) -> u64 {
-    wire::encode_frame(&wire::SyncRequest::Summary { marks: m.to_vec() })
+    wire::encode_frame(&wire::CatchupRequest::Summary { marks: m.to_vec() })
         .map(|f| f.len() as u64)
         .unwrap_or(0)
 }
@@ -152,7 +152,7 @@ impl Shell {
                 let done = self.done_tx.clone();
                 tokio::spawn(async move {
                     let response = answer(&ctx, request, peer, &done).await;
-                    let _ = ctx.net.respond(channel, response).await;
+                    let _ = ctx.net.catchup_respond(channel, response).await;
                 });
             }
         }
@@ -258,14 +258,14 @@ impl Shell {
                 m.antientropy_bytes.inc_by(DIGEST_BYTES);
                 match ctx
                     .net
-                    .request(peer, wire::SyncRequest::Digest { digest })
+                    .catchup_request(peer, wire::CatchupRequest::Digest { digest })
                     .await
                 {
-                    Ok(wire::SyncResponse::Same) => {
+                    Ok(wire::CatchupResponse::Same) => {
                         m.antientropy_bytes.inc_by(DIGEST_BYTES);
                         return;
                     }
-                    Ok(wire::SyncResponse::Summary { marks }) => {
+                    Ok(wire::CatchupResponse::Summary { marks }) => {
                         m.antientropy_bytes.inc_by(summary_size(&marks));
                         let _ = done.send(Done::Summary(peer, marks)).await;
                         // Then send ours, so the peer can fetch from us too.
@@ -279,10 +279,10 @@ impl Shell {
             m.antientropy_bytes.inc_by(summary_size(&ours));
             match ctx
                 .net
-                .request(peer, wire::SyncRequest::Summary { marks: ours })
+                .catchup_request(peer, wire::CatchupRequest::Summary { marks: ours })
                 .await
             {
-                Ok(wire::SyncResponse::Summary { marks }) => {
+                Ok(wire::CatchupResponse::Summary { marks }) => {
                     m.antientropy_bytes.inc_by(summary_size(&marks));
                     let _ = done.send(Done::Summary(peer, marks)).await;
                 }
@@ -310,18 +310,18 @@ impl Shell {
         let ctx = self.ctx.clone();
         let done = self.done_tx.clone();
         tokio::spawn(async move {
-            let req = wire::SyncRequest::Fetch {
+            let req = wire::CatchupRequest::Fetch {
                 source: source.clone(),
                 from,
                 max_events: FETCH_BATCH,
             };
             // A fetch that hangs (a connection torn down under it) must not
             // hold its source's chain for the whole request timeout.
-            let answer = tokio::time::timeout(FETCH_TIMEOUT, ctx.net.request(peer, req))
+            let answer = tokio::time::timeout(FETCH_TIMEOUT, ctx.net.catchup_request(peer, req))
                 .await
                 .unwrap_or_else(|_| Err(net::NetError::Publish("fetch timed out".into())));
             let result = match answer {
-                Ok(wire::SyncResponse::Events { events, floor }) => {
+                Ok(wire::CatchupResponse::Events { events, floor }) => {
                     let events: Vec<Event> = events.into_iter().map(Event::from).collect();
                     let full = events.len() as u32 >= FETCH_BATCH;
                     let want = source.clone();
@@ -329,14 +329,14 @@ impl Shell {
                         .await
                         .map_err(|e| e.to_string())
                 }
-                Ok(wire::SyncResponse::EventsV2 { events, floor }) => {
+                Ok(wire::CatchupResponse::EventsV2 { events, floor }) => {
                     let full = events.len() as u32 >= FETCH_BATCH;
                     let want = source.clone();
                     tokio::task::spawn_blocking(move || verify_batch(events, &want, floor, full))
                         .await
                         .map_err(|e| e.to_string())
                 }
-                Ok(wire::SyncResponse::Refused { reason }) => Err(reason),
+                Ok(wire::CatchupResponse::Refused { reason }) => Err(reason),
                 Ok(_) => Err("unexpected answer to a fetch".into()),
                 Err(e) => Err(e.to_string()),
             };
@@ -435,12 +435,12 @@ fn verify_batch(events: Vec<Event>, source: &str, floor: Option<u64>, full: bool
 /// Answer a catch-up request from `peer`.
 async fn answer(
     ctx: &Arc<Ctx>,
-    request: wire::SyncRequest,
+    request: wire::CatchupRequest,
     peer: PeerId,
     done: &mpsc::Sender<Done>,
-) -> wire::SyncResponse {
+) -> wire::CatchupResponse {
     match request {
-        wire::SyncRequest::Summary { marks: theirs } => {
+        wire::CatchupRequest::Summary { marks: theirs } => {
             ctx.metrics.antientropy_bytes.inc_by(summary_size(&theirs));
             // Their summary also tells us what to fetch from them.
             let _ = done.send(Done::Summary(peer, theirs)).await;
@@ -448,32 +448,32 @@ async fn answer(
                 Ok(vv) => {
                     let ours = marks(vv);
                     ctx.metrics.antientropy_bytes.inc_by(summary_size(&ours));
-                    wire::SyncResponse::Summary { marks: ours }
+                    wire::CatchupResponse::Summary { marks: ours }
                 }
-                Err(e) => wire::SyncResponse::Refused {
+                Err(e) => wire::CatchupResponse::Refused {
                     reason: e.to_string(),
                 },
             }
         }
-        wire::SyncRequest::Digest { digest } => {
+        wire::CatchupRequest::Digest { digest } => {
             ctx.metrics.antientropy_bytes.inc_by(DIGEST_BYTES);
             match ctx.store.version_vector() {
                 Ok(vv) => {
                     let ours = marks(vv);
                     if wire::marks_digest(&ours) == digest {
                         ctx.metrics.antientropy_bytes.inc_by(DIGEST_BYTES);
-                        wire::SyncResponse::Same
+                        wire::CatchupResponse::Same
                     } else {
                         ctx.metrics.antientropy_bytes.inc_by(summary_size(&ours));
-                        wire::SyncResponse::Summary { marks: ours }
+                        wire::CatchupResponse::Summary { marks: ours }
                     }
                 }
-                Err(e) => wire::SyncResponse::Refused {
+                Err(e) => wire::CatchupResponse::Refused {
                     reason: e.to_string(),
                 },
             }
         }
-        wire::SyncRequest::Fetch {
+        wire::CatchupRequest::Fetch {
             source,
             from,
             max_events,
@@ -485,11 +485,11 @@ async fn answer(
             })
             .await;
             match r {
-                Ok(Ok((events, floor))) => wire::SyncResponse::events(events, floor),
-                Ok(Err(e)) => wire::SyncResponse::Refused {
+                Ok(Ok((events, floor))) => wire::CatchupResponse::events(events, floor),
+                Ok(Err(e)) => wire::CatchupResponse::Refused {
                     reason: e.to_string(),
                 },
-                Err(e) => wire::SyncResponse::Refused {
+                Err(e) => wire::CatchupResponse::Refused {
                     reason: e.to_string(),
                 },
             }

@@ -147,24 +147,6 @@ impl NetHandle {
             .map_err(|_| NetError::Closed)
     }
 
-    /// Old name of [`NetHandle::catchup_request`]. rename pending
-    pub async fn request(
-        &self,
-        peer: PeerId,
-        request: wire::CatchupRequest,
-    ) -> Result<wire::CatchupResponse, NetError> {
-        self.catchup_request(peer, request).await
-    }
-
-    /// Old name of [`NetHandle::catchup_respond`]. rename pending
-    pub async fn respond(
-        &self,
-        channel: request_response::ResponseChannel<wire::CatchupResponse>,
-        response: wire::CatchupResponse,
-    ) -> Result<(), NetError> {
-        self.catchup_respond(channel, response).await
-    }
-
     /// Send a `/riftmesh/member/1` request (dialing the peer if needed).
     pub async fn member_request(
         &self,

@@ -42,10 +42,6 @@ pub use transport::{
     memory_only, memory_transport, transport, transport_with_frames, HANDSHAKE_TIMEOUT,
 };
 
-// rename pending: the integrator replaces these old names across the tree.
-pub use codec::CatchupCodec as SyncCodec; // rename pending
-pub use CATCHUP_PROTOCOL as SYNC_PROTOCOL; // rename pending
-
 pub const EVENTS_TOPIC: &str = "riftmesh/events/1";
 pub const IDENTIFY_PROTOCOL: &str = "/riftmesh/id/1.0.0";
 pub const KAD_PROTOCOL: &str = "/riftmesh/kad/1.0.0";

@@ -154,12 +154,6 @@ impl CatchupResponse {
     }
 }
 
-// rename pending: the integrator replaces these old names across the tree.
-pub use CatchupRequest as SyncRequest; // rename pending
-pub use CatchupResponse as SyncResponse; // rename pending
-pub use MAX_CATCHUP_REQUEST as MAX_SYNC_REQUEST; // rename pending
-pub use MAX_CATCHUP_RESPONSE as MAX_SYNC_RESPONSE; // rename pending
-
 /// Digest of a summary: SHA-256 over the bincode of each mark, sorted by source.
 pub fn marks_digest(marks: &[Mark]) -> [u8; 32] {
     use sha2::Digest;
