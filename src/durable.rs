@@ -35,6 +35,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::metrics::{label, Labels};
+use crate::util::lock;
 
 /// Free bytes the data directory's filesystem needs before a read-only agent
 /// exits to be restarted: more than one sled segment (512 KiB) and its blob
@@ -94,10 +95,6 @@ struct Inner {
     in_flight: Mutex<HashMap<u64, (Instant, What)>>,
     next_id: AtomicU64,
     timeout: Duration,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Removes its commit from the in-flight set when the commit returns.
@@ -202,7 +199,7 @@ impl Durable {
                 return None;
             }
         };
-        let now = crate::event::now_ms();
+        let now = crate::util::now_ms();
         let since = match self.inner.low_since.compare_exchange(
             0,
             now,
@@ -319,7 +316,7 @@ impl Durable {
                 tracing::error!(path = %self.inner.dir.display(), %reason, "the store is read-only from now on");
                 *ro = Some(ReadOnly {
                     reason: reason.clone(),
-                    since_ms: crate::event::now_ms(),
+                    since_ms: crate::util::now_ms(),
                 });
                 self.error(&reason)
             }

@@ -496,12 +496,7 @@ pub fn new_event_id(now_ms: u64) -> String {
     uuid::Uuid::new_v7(ts).to_string()
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::util::now_ms;
 
 /// One entry of the type catalog.
 pub struct KnownType {

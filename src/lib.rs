@@ -20,3 +20,4 @@ pub mod net;
 pub mod node;
 pub mod privnet;
 pub mod store;
+pub mod util;

@@ -5,7 +5,8 @@
 //! learn the leader from `LEADER_ELECTED` events and forward lock calls to it.
 //! See proto-notes/leader.md.
 
-pub mod store;
+pub mod raft_log;
+pub use raft_log as store; // rename pending
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
