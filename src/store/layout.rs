@@ -148,6 +148,10 @@ pub(super) fn be(v: &[u8]) -> u64 {
     b[..n].copy_from_slice(&v[..n]);
     u64::from_be_bytes(b)
 }
+/// A counter kept under an `m` key (0 when absent).
+pub(super) fn counter(db: &sled::Db, k: &[u8]) -> Result<u64, StoreError> {
+    Ok(db.get(k)?.map(|v| be(&v)).unwrap_or(0))
+}
 pub(super) fn seq_of(key: &[u8]) -> u64 {
     be(&key[key.len().saturating_sub(8)..])
 }

@@ -43,23 +43,7 @@ impl Writer {
             first = seq + 1;
             work += 1;
         }
-        let dedup_cut = now.saturating_sub(self.cfg.dedup_window.as_millis() as u64);
-        for r in self.db.scan_prefix(b"x") {
-            if work >= MAX_WORK {
-                break;
-            }
-            let (k, _) = r?;
-            let ms = be(&k[1..9]);
-            if ms >= dedup_cut && self.dedup_count <= self.cfg.dedup_max_entries {
-                break;
-            }
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&k[9..41]);
-            batch.remove(&*k);
-            batch.remove(key_h(&h).as_slice());
-            self.dedup_count = self.dedup_count.saturating_sub(1);
-            work += 1;
-        }
+        self.expire_dedup(&mut batch, now, &mut work, MAX_WORK)?;
         // A source not heard from within retention, with nothing left in the
         // log, is forgotten.
         let forget: Vec<String> = self

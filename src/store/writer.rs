@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::dedup::FirstCopy;
 use super::layout::*;
@@ -41,14 +41,63 @@ pub(super) struct Writer {
 
 /// What earlier requests of the same group staged.
 pub(super) struct Group<'a> {
-    batch: &'a mut sled::Batch,
-    hashes: &'a mut HashMap<Hash, FirstCopy>,
-    held: &'a mut std::collections::HashSet<(String, u64)>,
-    touched: &'a mut std::collections::HashSet<String>,
+    pub(super) batch: &'a mut sled::Batch,
+    pub(super) hashes: &'a mut HashMap<Hash, FirstCopy>,
+    pub(super) held: &'a mut std::collections::HashSet<(String, u64)>,
+    pub(super) touched: &'a mut std::collections::HashSet<String>,
 }
 
 /// Outcome of one group before it is durable.
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// Queue the answer to one request of a group: a staged result is sent once
+/// the group is durable (or its commit failed); a refusal is sent at once.
+fn answer_after_commit<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    staged: Result<T, StoreError>,
+    replies: &mut Vec<Reply>,
+) {
+    match staged {
+        Ok(v) => replies.push(Box::new(move |err| {
+            let _ = reply.send(match err {
+                None => Ok(v),
+                Some(e) => Err(e.duplicate()),
+            });
+        })),
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
+    }
+}
+
+/// The writer's counters before a group, restored when its batch is refused.
+struct Saved {
+    next_seq: u64,
+    source_seq: u64,
+    log_bytes: u64,
+    dedup_count: u64,
+    sources: HashMap<String, SourceMark>,
+}
+
+impl Saved {
+    fn of(w: &Writer) -> Saved {
+        Saved {
+            next_seq: w.next_seq,
+            source_seq: w.source_seq,
+            log_bytes: w.log_bytes,
+            dedup_count: w.dedup_count,
+            sources: w.sources.clone(),
+        }
+    }
+
+    fn restore(self, w: &mut Writer) {
+        w.next_seq = self.next_seq;
+        w.source_seq = self.source_seq;
+        w.log_bytes = self.log_bytes;
+        w.dedup_count = self.dedup_count;
+        w.sources = self.sources;
+    }
+}
 
 impl Writer {
     pub(super) fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
@@ -101,13 +150,7 @@ impl Writer {
         let mut held: std::collections::HashSet<(String, u64)> = Default::default();
         let mut touched: std::collections::HashSet<String> = Default::default();
         let mut consumers: HashMap<String, Option<ConsumerRec>> = HashMap::new();
-        let saved_sources = self.sources.clone();
-        let (saved_next, saved_src, saved_bytes, saved_dedup) = (
-            self.next_seq,
-            self.source_seq,
-            self.log_bytes,
-            self.dedup_count,
-        );
+        let saved = Saved::of(self);
         let mut prune = false;
         let mut durable = true;
         let mut dirty = false;
@@ -122,17 +165,7 @@ impl Writer {
                     };
                     let r = self.stage_append(items, &mut g);
                     dirty = true;
-                    match r {
-                        Ok(out) => replies.push(Box::new(move |err| {
-                            let _ = reply.send(match err {
-                                None => Ok(out),
-                                Some(e) => Err(e.duplicate()),
-                            });
-                        })),
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
+                    answer_after_commit(reply, r, &mut replies);
                 }
                 Op::Consumer {
                     name,
@@ -141,17 +174,7 @@ impl Writer {
                 } => {
                     let r = self.stage_consumer(&name, change, &mut batch, &mut consumers);
                     dirty = true;
-                    match r {
-                        Ok(rec) => replies.push(Box::new(move |err| {
-                            let _ = reply.send(match err {
-                                None => Ok(rec),
-                                Some(e) => Err(e.duplicate()),
-                            });
-                        })),
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
+                    answer_after_commit(reply, r, &mut replies);
                 }
                 Op::Prune => prune = true,
                 Op::SkipTo { source, to, reply } => {
@@ -160,65 +183,12 @@ impl Writer {
                         touched.insert(source.clone());
                         self.sources.get(&source).cloned().unwrap_or_default()
                     });
-                    match r {
-                        Ok(m) => replies.push(Box::new(move |err| {
-                            let _ = reply.send(match err {
-                                None => Ok(m),
-                                Some(e) => Err(e.duplicate()),
-                            });
-                        })),
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
+                    answer_after_commit(reply, r, &mut replies);
                 }
             }
         }
         if dirty {
-            for src in &touched {
-                if let Some(m) = self.sources.get(src) {
-                    if let Ok(v) = codec::encode(m) {
-                        batch.insert(key_s(src), v);
-                    }
-                }
-            }
-            batch.insert(M_NEXT, &self.next_seq.to_be_bytes());
-            batch.insert(M_SRC, &self.source_seq.to_be_bytes());
-            batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
-            batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
-            let res = match self
-                .durable
-                .room()
-                .map_err(StoreError::from)
-                .and_then(|()| {
-                    self.db.apply_batch(batch).map_err(|e| {
-                        self.durable.write_failed(&e);
-                        StoreError::from(e)
-                    })
-                }) {
-                Err(e) => {
-                    // Nothing applied: the sequence numbers are free again.
-                    self.next_seq = saved_next;
-                    self.source_seq = saved_src;
-                    self.log_bytes = saved_bytes;
-                    self.dedup_count = saved_dedup;
-                    self.sources = saved_sources;
-                    Err(e)
-                }
-                // Applied in memory: keep the counters so no sequence is reused,
-                // even if making it durable failed.
-                Ok(()) => {
-                    let r = self.sync();
-                    if r.is_ok() {
-                        // Wake long-polls only when the log grew (not on acks).
-                        let head = self.next_seq - 1;
-                        self.head
-                            .send_if_modified(|h| std::mem::replace(h, head) != head);
-                    }
-                    r
-                }
-            };
-            let err = res.err().map(|e| {
+            let err = self.apply_group(batch, &touched, saved).err().map(|e| {
                 tracing::error!(error = %e, path = %self.mark_path.display(), "store commit failed");
                 StoreError::CommitFailed {
                     path: self.mark_path.with_file_name(""),
@@ -236,6 +206,56 @@ impl Writer {
             }
         }
         durable
+    }
+
+    /// Write the group's counters and source marks into its batch, apply it
+    /// and make it durable. On a refused batch the counters go back to
+    /// `saved`.
+    fn apply_group(
+        &mut self,
+        mut batch: sled::Batch,
+        touched: &std::collections::HashSet<String>,
+        saved: Saved,
+    ) -> Result<(), StoreError> {
+        for src in touched {
+            if let Some(m) = self.sources.get(src) {
+                if let Ok(v) = codec::encode(m) {
+                    batch.insert(key_s(src), v);
+                }
+            }
+        }
+        batch.insert(M_NEXT, &self.next_seq.to_be_bytes());
+        batch.insert(M_SRC, &self.source_seq.to_be_bytes());
+        batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
+        batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
+        match self
+            .durable
+            .room()
+            .map_err(StoreError::from)
+            .and_then(|()| {
+                self.db.apply_batch(batch).map_err(|e| {
+                    self.durable.write_failed(&e);
+                    StoreError::from(e)
+                })
+            }) {
+            Err(e) => {
+                // Nothing applied: the sequence numbers are free again.
+                saved.restore(self);
+                Err(e)
+            }
+            // Applied in memory: keep the counters so no sequence is reused,
+            // even if making it durable failed.
+            Ok(()) => {
+                let r = self.sync();
+                if r.is_ok() {
+                    // Wake long-polls only when the log grew (not on acks).
+                    let head = self.next_seq - 1;
+                    self.head
+                        .send_if_modified(|h| std::mem::replace(h, head) != head);
+                }
+                r
+            }
+        }
     }
 
     /// The durability point of a group: nothing is answered before it.
@@ -273,38 +293,9 @@ impl Writer {
                     e.ts_ms,
                 ),
             };
-            let earlier = match g.hashes.get(&h) {
-                Some(f) => Some(f.clone()),
-                None => self.db.get(key_h(&h))?.map(|v| FirstCopy {
-                    seq: be(&v),
-                    received_ms: be(&v[8..]),
-                    ts_ms: if v.len() >= 24 {
-                        be(&v[16..])
-                    } else {
-                        be(&v[8..])
-                    },
-                    id: None,
-                }),
-            };
+            let earlier = self.earlier_copy(&h, g)?;
             let window = self.cfg.repeat_window_ms(event_type);
-            let first_copy = match earlier.clone() {
-                // A window of 0 means never, also within one millisecond.
-                Some(f) if keyed || (window > 0 && f.ts_ms.abs_diff(ts_ms) <= window) => {
-                    let id = match f.id {
-                        Some(id) => id,
-                        None => self
-                            .db
-                            .get(key_l(f.seq))?
-                            .and_then(|v| Stored::decode(&v).ok())
-                            .map(|s| s.event.id)
-                            .unwrap_or_default(),
-                    };
-                    Some((f.seq, id, f.ts_ms))
-                }
-                // Outside the window: a new fact (it takes over the entry
-                // below when it is the later one).
-                _ => None,
-            };
+            let first_copy = self.repeats(earlier.clone(), keyed, window, ts_ms)?;
             let event = match (item, &first_copy) {
                 // A local duplicate gets no sequence number: nothing to store.
                 (Item::Local(_), Some((seq, id, ts))) => {
@@ -355,37 +346,13 @@ impl Writer {
                 });
                 continue;
             }
-            let ev_ts = stored.event.ts_ms;
-            // The entry holds the latest publication of the digest: a new
-            // fact published later takes it over; an older one (a late
-            // catch-up copy) leaves it, so later repeats are judged against
-            // the newest fact.
-            let take_over = earlier.as_ref().is_none_or(|f| ev_ts > f.ts_ms);
-            if take_over {
-                let mut hv = seq.to_be_bytes().to_vec();
-                hv.extend(received_ms.to_be_bytes());
-                hv.extend(ev_ts.to_be_bytes());
-                g.batch.insert(key_h(&h).as_slice(), hv);
-                match &earlier {
-                    // One expiry entry per digest, the count unchanged.
-                    Some(f) => {
-                        if f.received_ms != received_ms {
-                            g.batch.remove(key_x(f.received_ms, &h).as_slice());
-                        }
-                    }
-                    None => self.dedup_count += 1,
-                }
-                g.batch.insert(key_x(received_ms, &h).as_slice(), &[]);
-                g.hashes.insert(
-                    h,
-                    FirstCopy {
-                        seq,
-                        received_ms,
-                        ts_ms: ev_ts,
-                        id: Some(stored.event.id.clone()),
-                    },
-                );
-            }
+            let first = FirstCopy {
+                seq,
+                received_ms,
+                ts_ms: stored.event.ts_ms,
+                id: Some(stored.event.id.clone()),
+            };
+            self.take_over(h, earlier.as_ref(), first, g);
             g.batch.insert(key_i(&stored.event.id), &seq.to_be_bytes());
             if let Some(c) = &stored.event.correlation_id {
                 g.batch.insert(key_k(c, seq), &[]);
