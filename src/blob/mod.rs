@@ -13,7 +13,7 @@ pub mod store;
 mod vouch;
 pub mod whole;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -86,118 +86,7 @@ pub fn check_naming_payload(
     Ok(None)
 }
 
-/// One `want` entry of the configuration: names matching `names` are
-/// fetched (on hosts carrying every tag of `if_tags`) and, with `place`,
-/// copied to a path.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Want {
-    /// Name pattern, `*` matching any run of characters (`/` included).
-    pub names: String,
-    /// Where to put it: `{name}` is what `*` matched (the whole name if the
-    /// pattern has none), `{full}` the whole name, `{blob}` the hex id.
-    #[serde(default)]
-    pub place: Option<String>,
-    #[serde(default)]
-    pub if_tags: BTreeMap<String, String>,
-}
-
-impl Want {
-    pub fn check(&self) -> Result<(), String> {
-        check_name(&self.names.replace('*', "x"))?;
-        if let Some(p) = &self.place {
-            if !p.starts_with('/') {
-                return Err(format!("place {p:?} must be an absolute path"));
-            }
-        }
-        Ok(())
-    }
-
-    /// What `*` matched, if the name matches.
-    fn matches(&self, name: &str) -> Option<String> {
-        match self.names.split_once('*') {
-            None => (self.names == name).then(|| name.to_string()),
-            Some((pre, post)) => {
-                if !wildmatch::WildMatch::new(&self.names).matches(name) {
-                    return None;
-                }
-                let rest = name.strip_prefix(pre)?;
-                // With one '*' the match is what lies between; with more,
-                // everything after the prefix up to the final literal part.
-                let post_lit = post.rsplit('*').next().unwrap_or("");
-                Some(rest.strip_suffix(post_lit).unwrap_or(rest).to_string())
-            }
-        }
-    }
-
-    fn path_for(&self, name: &str, id: &BlobId) -> Option<PathBuf> {
-        let t = self.place.as_ref()?;
-        let m = self.matches(name)?;
-        Some(PathBuf::from(
-            t.replace("{name}", &m)
-                .replace("{full}", name)
-                .replace("{blob}", &hex_id(id)),
-        ))
-    }
-}
-
-/// Names: 1-256 bytes of letters, digits and `-_./:+`, no `..` segment, no
-/// leading `/`.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 256
-        && !name.starts_with('/')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:+".contains(c))
-        && !name
-            .split('/')
-            .any(|seg| seg == ".." || seg == "." || seg.is_empty());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "bad blob name {name:?}: use 1-256 letters, digits and -_./:+ in non-empty segments, no '.' or '..' segments, no leading '/'"
-        ))
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct SyncConfig {
-    pub wants: Vec<Want>,
-    /// Preferred chunk size (doubled for blobs that would need more than
-    /// 65,536 chunks).
-    pub chunk_size: u32,
-    /// Most bytes the blob store may hold (0: no limit but the disk's).
-    pub budget: u64,
-    /// Free bytes always left on the data directory's filesystem.
-    pub reserve: u64,
-    /// Fetches running at once.
-    pub transfers: usize,
-    /// Bytes per second, 0: unlimited.
-    pub upload_rate: u64,
-    pub download_rate: u64,
-    /// How long a blob no name points at is kept.
-    pub retention: Duration,
-    /// Chunk requests in flight per source.
-    pub per_source: usize,
-}
-
-impl Default for SyncConfig {
-    fn default() -> Self {
-        SyncConfig {
-            wants: Vec::new(),
-            chunk_size: 1 << 20,
-            budget: 0,
-            reserve: 1 << 30,
-            transfers: 4,
-            upload_rate: 0,
-            download_rate: 0,
-            retention: Duration::from_secs(24 * 3600),
-            per_source: 8,
-        }
-    }
-}
+pub use crate::config::{check_name, SyncConfig, Want};
 
 // ---- wire (`/riftmesh/sync/1`, bodies in raw frames, proto-notes/sync.md) ----
 

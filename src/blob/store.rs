@@ -29,8 +29,7 @@ use crate::durable::{Durable, DurableError, What};
 pub type BlobId = [u8; 32];
 
 /// Smallest and largest chunk a manifest may use.
-pub const MIN_CHUNK: u32 = 64 << 10;
-pub const MAX_CHUNK: u32 = 8 << 20;
+pub use crate::config::{MAX_CHUNK, MIN_CHUNK};
 /// Most chunks in one manifest; the chunk size doubles until a blob fits.
 pub const MAX_CHUNKS: usize = 65_536;
 /// Largest manifest body (65,536 hashes plus framing).

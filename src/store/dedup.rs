@@ -82,7 +82,7 @@ impl Writer {
         // fact published later takes it over; an older one (a late
         // catch-up copy) leaves it, so later repeats are judged against
         // the newest fact.
-        if !earlier.is_none_or(|f| new.ts_ms > f.ts_ms) {
+        if earlier.is_some_and(|f| new.ts_ms <= f.ts_ms) {
             return;
         }
         let mut hv = new.seq.to_be_bytes().to_vec();

@@ -136,14 +136,12 @@ fn layout_is_old(db: &sled::Db, path: &Path) -> Result<bool, StoreError> {
     match db.get(M_FORMAT)?.map(|v| be(&v)) {
         Some(STORE_FORMAT) => Ok(false),
         Some(1) => Ok(true),
-        Some(other) => {
-            return Err(StoreError::Damaged {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "store layout version {other}, this agent reads version {STORE_FORMAT}"
-                ),
-            })
-        }
+        Some(other) => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            reason: format!(
+                "store layout version {other}, this agent reads version {STORE_FORMAT}"
+            ),
+        }),
         None => Ok(true),
     }
 }
