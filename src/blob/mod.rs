@@ -6,11 +6,11 @@
 //! - this module: names from events, wants, transfers, serving peers,
 //!   placement, garbage collection.
 
+pub mod objects;
+pub use objects as store; // rename pending
 pub mod sched;
 pub mod sha;
 pub mod source;
-pub mod store;
-mod vouch;
 pub mod whole;
 
 use std::collections::{HashMap, HashSet};
