@@ -85,7 +85,7 @@ struct Inner {
     db: sled::Db,
     dir: PathBuf,
     data_file: File,
-    synced_blobs: Mutex<HashSet<OsString>>,
+    synced_large_values: Mutex<HashSet<OsString>>,
     syncs: Family<Labels, Counter>,
     /// Latched: a failed or stuck commit; only a restart clears it.
     read_only: Mutex<Option<ReadOnly>>,
@@ -124,7 +124,7 @@ impl Durable {
                 db,
                 dir: dir.to_path_buf(),
                 data_file,
-                synced_blobs: Mutex::new(HashSet::new()),
+                synced_large_values: Mutex::new(HashSet::new()),
                 syncs: Family::default(),
                 read_only: Mutex::new(None),
                 low_since: AtomicU64::new(0),
@@ -265,17 +265,17 @@ impl Durable {
     fn sync_files(&self) -> std::io::Result<()> {
         self.inner.db.flush().map_err(std::io::Error::other)?;
         self.inner.data_file.sync_data()?;
-        self.sync_blobs()
+        self.sync_large_values()
     }
 
     /// sled writes large values to files under `blobs/` without fsync; sync
     /// the ones not synced yet, and the directory.
-    fn sync_blobs(&self) -> std::io::Result<()> {
+    fn sync_large_values(&self) -> std::io::Result<()> {
         let dir = self.inner.dir.join("blobs");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(());
         };
-        let mut synced = lock(&self.inner.synced_blobs);
+        let mut synced = lock(&self.inner.synced_large_values);
         let mut present = HashSet::new();
         let mut new = false;
         for e in entries {
