@@ -1,6 +1,9 @@
 //! Agent configuration: embedded defaults, then a TOML file (`--config`), then
 //! `RIFTMESH_*` environment variables, then flags; later wins. Every value is
 //! checked at start and a bad one is reported with the key and where it came from.
+//!
+//! This file owns the shapes (flags, file, resolved config); `resolve` turns
+//! them into an [`AgentConfig`]; `transfer` holds the blob transfer settings.
 
 mod resolve;
 mod transfer;

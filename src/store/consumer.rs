@@ -75,7 +75,7 @@ impl Store {
     }
 
     pub fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StoreError> {
-        let prefix = [b"d", name.as_bytes(), b"\0"].concat();
+        let prefix = prefix_d(name);
         self.tree
             .scan_prefix(prefix)
             .map(|r| {
@@ -222,7 +222,7 @@ impl Writer {
             ConsumerChange::Delete => {
                 let rec = current.ok_or_else(|| StoreError::UnknownConsumer(name.into()))?;
                 batch.remove(key_c(name));
-                for r in self.db.scan_prefix([b"d", name.as_bytes(), b"\0"].concat()) {
+                for r in self.db.scan_prefix(prefix_d(name)) {
                     batch.remove(r?.0);
                 }
                 consumers.insert(name.to_string(), None);

@@ -142,6 +142,10 @@ pub(super) fn key_c(name: &str) -> Vec<u8> {
 pub(super) fn key_d(name: &str, seq: u64) -> Vec<u8> {
     [b"d", name.as_bytes(), b"\0", &seq.to_be_bytes()].concat()
 }
+/// Every dead letter of consumer `name`.
+pub(super) fn prefix_d(name: &str) -> Vec<u8> {
+    [b"d", name.as_bytes(), b"\0"].concat()
+}
 pub(super) fn be(v: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = v.len().min(8);
