@@ -12,7 +12,7 @@ use super::read::seq_before_time;
 use super::writer::Writer;
 use super::{Op, Store, StoreError};
 use crate::codec;
-use crate::event;
+use crate::util::now_ms;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ConsumerRec {
@@ -152,7 +152,7 @@ impl Writer {
             }
         };
         let head = self.next_seq - 1;
-        let now = event::now_ms();
+        let now = now_ms();
         let check = |seq: u64| {
             if seq > head {
                 Err(StoreError::BeyondHead { seq, head })

@@ -6,14 +6,14 @@ use std::sync::atomic::Ordering;
 use super::layout::*;
 use super::writer::Writer;
 use super::StoreError;
-use crate::event;
+use crate::util::now_ms;
 
 impl Writer {
     /// Retention by age, count and bytes; dedup expiry by window and count.
     /// Bounded work per pass; each pass is one durable batch.
     pub(super) fn prune(&mut self) -> Result<(), StoreError> {
         const MAX_WORK: usize = 20_000;
-        let now = event::now_ms();
+        let now = now_ms();
         let age_cut = now.saturating_sub(self.cfg.retention_age.as_millis() as u64);
         let mut batch = sled::Batch::default();
         let mut first = self.first.load(Ordering::Acquire);

@@ -17,7 +17,8 @@ use super::{Appended, ConsumerRec, Item, Op, StoreConfig, StoreError};
 use crate::catchup::SourceMark;
 use crate::codec;
 use crate::durable::{Durable, What};
-use crate::event::{self, Hash};
+use crate::event::Hash;
+use crate::util::now_ms;
 
 pub(super) struct Writer {
     pub(super) db: sled::Db,
@@ -268,7 +269,7 @@ impl Writer {
         items: Vec<Item>,
         g: &mut Group,
     ) -> Result<Vec<Appended>, StoreError> {
-        let now = event::now_ms();
+        let now = now_ms();
         // Receipt times never go backwards along the log, so time seeks can bisect.
         let received_ms = now.max(self.last_received);
         let mut out = Vec::with_capacity(items.len());
