@@ -35,6 +35,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::metrics::{label, Labels};
+use crate::util::lock;
 
 /// Free bytes the data directory's filesystem needs before a read-only agent
 /// exits to be restarted: more than one sled segment (512 KiB) and its blob
@@ -84,7 +85,7 @@ struct Inner {
     db: sled::Db,
     dir: PathBuf,
     data_file: File,
-    synced_blobs: Mutex<HashSet<OsString>>,
+    synced_large_values: Mutex<HashSet<OsString>>,
     syncs: Family<Labels, Counter>,
     /// Latched: a failed or stuck commit; only a restart clears it.
     read_only: Mutex<Option<ReadOnly>>,
@@ -94,10 +95,6 @@ struct Inner {
     in_flight: Mutex<HashMap<u64, (Instant, What)>>,
     next_id: AtomicU64,
     timeout: Duration,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Removes its commit from the in-flight set when the commit returns.
@@ -127,7 +124,7 @@ impl Durable {
                 db,
                 dir: dir.to_path_buf(),
                 data_file,
-                synced_blobs: Mutex::new(HashSet::new()),
+                synced_large_values: Mutex::new(HashSet::new()),
                 syncs: Family::default(),
                 read_only: Mutex::new(None),
                 low_since: AtomicU64::new(0),
@@ -202,7 +199,7 @@ impl Durable {
                 return None;
             }
         };
-        let now = crate::event::now_ms();
+        let now = crate::util::now_ms();
         let since = match self.inner.low_since.compare_exchange(
             0,
             now,
@@ -268,17 +265,17 @@ impl Durable {
     fn sync_files(&self) -> std::io::Result<()> {
         self.inner.db.flush().map_err(std::io::Error::other)?;
         self.inner.data_file.sync_data()?;
-        self.sync_blobs()
+        self.sync_large_values()
     }
 
     /// sled writes large values to files under `blobs/` without fsync; sync
     /// the ones not synced yet, and the directory.
-    fn sync_blobs(&self) -> std::io::Result<()> {
+    fn sync_large_values(&self) -> std::io::Result<()> {
         let dir = self.inner.dir.join("blobs");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(());
         };
-        let mut synced = lock(&self.inner.synced_blobs);
+        let mut synced = lock(&self.inner.synced_large_values);
         let mut present = HashSet::new();
         let mut new = false;
         for e in entries {
@@ -319,7 +316,7 @@ impl Durable {
                 tracing::error!(path = %self.inner.dir.display(), %reason, "the store is read-only from now on");
                 *ro = Some(ReadOnly {
                     reason: reason.clone(),
-                    since_ms: crate::event::now_ms(),
+                    since_ms: crate::util::now_ms(),
                 });
                 self.error(&reason)
             }

@@ -23,3 +23,4 @@ pub use net::privnet;
 pub mod publisher;
 pub mod store;
 pub mod tasks;
+pub mod util;

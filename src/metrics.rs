@@ -28,6 +28,12 @@ pub fn label(k: &'static str, v: impl Into<String>) -> Labels {
     vec![(k, v.into())]
 }
 
+/// Register each `name, help, family;` in `r` (the family cloned: every
+/// family is an Arc inside).
+macro_rules! reg {
+    ($r:expr; $($n:literal, $h:literal, $m:expr;)*) => { $( $r.register($n, $h, $m.clone()); )* };
+}
+
 /// riftmesh's own families. Cheap to clone (every family is an Arc inside).
 #[derive(Clone)]
 pub struct Metrics {
@@ -77,22 +83,34 @@ pub struct Metrics {
     pub election_seconds: Histogram,
     pub lock_ops: Family<Labels, Counter>,
     pub voter_mismatch: Gauge,
-    pub sync_transfers: Family<Labels, Counter>,
-    pub sync_place_failed: Counter,
-    pub sync_bytes: Family<Labels, Counter>,
-    pub sync_peer_bytes: Family<Labels, Counter>,
-    pub sync_seconds: Histogram,
-    pub sync_active: Gauge,
-    pub sync_chunks_rejected: Family<Labels, Counter>,
-    pub sync_served: Family<Labels, Counter>,
-    pub sync_serve_checks: Family<Labels, Counter>,
+    pub transfers_finished: Family<Labels, Counter>,
+    pub transfer_place_failed: Counter,
+    pub transfer_bytes: Family<Labels, Counter>,
+    pub transfer_peer_bytes: Family<Labels, Counter>,
+    pub transfer_seconds: Histogram,
+    pub transfer_active: Gauge,
+    pub transfer_chunks_rejected: Family<Labels, Counter>,
+    pub transfer_served: Family<Labels, Counter>,
+    pub transfer_serve_checks: Family<Labels, Counter>,
     pub blob_store_bytes: Gauge,
     pub blob_store_blobs: Gauge,
 }
 
 impl Metrics {
     pub fn register(reg: &mut Registry) -> Self {
-        let m = Metrics {
+        let m = Metrics::unregistered();
+        // Families appear in /metrics in the order they are registered.
+        let r = reg.sub_registry_with_prefix("riftmesh");
+        m.register_events(r);
+        m.register_members(r);
+        m.register_leader(r);
+        m.register_blobs(r);
+        m
+    }
+
+    /// Every family, empty, with its buckets.
+    fn unregistered() -> Metrics {
+        Metrics {
             events_published: Counter::default(),
             events_received: Family::default(),
             events_duplicate: Family::default(),
@@ -139,133 +157,53 @@ impl Metrics {
             election_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 10)),
             lock_ops: Family::default(),
             voter_mismatch: Gauge::default(),
-            sync_transfers: Family::default(),
-            sync_place_failed: Counter::default(),
-            sync_bytes: Family::default(),
-            sync_peer_bytes: Family::default(),
-            sync_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
-            sync_active: Gauge::default(),
-            sync_chunks_rejected: Family::default(),
-            sync_served: Family::default(),
-            sync_serve_checks: Family::default(),
+            transfers_finished: Family::default(),
+            transfer_place_failed: Counter::default(),
+            transfer_bytes: Family::default(),
+            transfer_peer_bytes: Family::default(),
+            transfer_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
+            transfer_active: Gauge::default(),
+            transfer_chunks_rejected: Family::default(),
+            transfer_served: Family::default(),
+            transfer_serve_checks: Family::default(),
             blob_store_bytes: Gauge::default(),
             blob_store_blobs: Gauge::default(),
-        };
-        let r = reg.sub_registry_with_prefix("riftmesh");
-        r.register(
-            "events_published",
-            "Events published by local processes and accepted into the log",
-            m.events_published.clone(),
-        );
-        r.register(
-            "events_received",
-            "Events from peers accepted into the log, by path",
-            m.events_received.clone(),
-        );
-        r.register(
-            "events_duplicate",
-            "Events dropped as duplicates of an accepted content hash, by path",
-            m.events_duplicate.clone(),
-        );
-        r.register(
-            "events_rejected",
-            "Events or messages refused, by reason (decode, version, too_large, hash, signature, invalid)",
-            m.events_rejected.clone(),
-        );
-        r.register(
-            "inbound_dropped",
-            "Valid inbound messages dropped because a bounded queue was full, by queue",
-            m.inbound_dropped.clone(),
-        );
-        r.register(
-            "rate_limited",
-            "Inbound messages refused because their peer or source exceeded its rate, by protocol (gossip, catchup, member, raft, blob) and reason (source_rate, peer_rate)",
-            m.rate_limited.clone(),
-        );
-        r.register(
-            "handshake_failures",
-            "Connections that failed in the private-network or Noise handshake (most often a peer with another swarm key), by direction",
-            m.handshake_failures.clone(),
-        );
-        r.register(
-            "connections_refused",
-            "Connections refused by a connection limit, by limit (per_peer, total, pending_incoming, pending_outgoing) and direction (in, out)",
-            m.connections_refused.clone(),
-        );
-        r.register(
-            "naming_events_without_blob",
-            "Local publishes of a naming type (MODEL_PROMOTED, GAME_BATCH_READY, BLOB_PUBLISHED) with no blob reference: accepted as plain events, nothing transferred, by type",
-            m.naming_without_blob.clone(),
-        );
-        r.register(
-            "consumer_lag",
-            "Events after a durable consumer's acknowledged cursor that it matches (counted through at most 20,000 log entries)",
-            m.consumer_lag.clone(),
-        );
-        r.register(
-            "store_size_bytes",
-            "Bytes the event store uses on disk",
-            m.store_bytes.clone(),
-        );
-        r.register(
-            "store_events",
-            "Events retained in the local log",
-            m.store_events.clone(),
-        );
-        r.register(
-            "connected_peers",
-            "Peers with an open connection",
-            m.connected_peers.clone(),
-        );
-        r.register(
-            "remote_event_latency_seconds",
-            "Time from publish at the source to acceptance here, for events from peers",
-            m.remote_latency.clone(),
-        );
-        r.register(
-            "api_errors",
-            "Local API requests answered with an error, by status code",
-            m.api_errors.clone(),
-        );
-        r.register(
-            "catchup_events",
-            "Verified events fetched from peers by catch-up",
-            m.catchup_events.clone(),
-        );
-        r.register(
-            "catchup_bytes",
-            "Approximate bytes of envelopes fetched by catch-up",
-            m.catchup_bytes.clone(),
-        );
-        r.register(
-            "antientropy_exchanges",
-            "Anti-entropy rounds started with a peer (a version-vector digest or summary sent)",
-            m.antientropy_exchanges.clone(),
-        );
-        r.register(
-            "antientropy_bytes",
-            "Bytes of version-vector digests and summaries sent and received (anti-entropy traffic)",
-            m.antientropy_bytes.clone(),
-        );
-        r.register(
-            "order_gaps_open",
-            "Sources whose later events wait for a missing earlier one",
-            m.gaps_open.clone(),
-        );
-        r.register(
-            "order_gap_age_seconds",
-            "How long the oldest open gap has waited",
-            m.gap_age.clone(),
-        );
-        r.register(
-            "order_gaps_skipped",
-            "Gaps later events were released past (hold expired or buffer full; the missing ones are still fetched), and ranges gone past the source's retention",
-            m.order_skipped.clone(),
-        );
-        macro_rules! reg {
-            ($($n:literal, $h:literal, $m:expr;)*) => { $( r.register($n, $h, $m.clone()); )* };
         }
-        reg! {
+    }
+
+    /// The event log, peers and catch-up.
+    fn register_events(&self, r: &mut Registry) {
+        let m = self;
+        reg! { r;
+            "events_published", "Events published by local processes and accepted into the log", m.events_published;
+            "events_received", "Events from peers accepted into the log, by path", m.events_received;
+            "events_duplicate", "Events dropped as duplicates of an accepted content hash, by path", m.events_duplicate;
+            "events_rejected", "Events or messages refused, by reason (decode, version, too_large, hash, signature, invalid)", m.events_rejected;
+            "inbound_dropped", "Valid inbound messages dropped because a bounded queue was full, by queue", m.inbound_dropped;
+            "rate_limited", "Inbound messages refused because their peer or source exceeded its rate, by protocol (gossip, catchup, member, raft, blob) and reason (source_rate, peer_rate)", m.rate_limited;
+            "handshake_failures", "Connections that failed in the private-network or Noise handshake (most often a peer with another swarm key), by direction", m.handshake_failures;
+            "connections_refused", "Connections refused by a connection limit, by limit (per_peer, total, pending_incoming, pending_outgoing) and direction (in, out)", m.connections_refused;
+            "naming_events_without_blob", "Local publishes of a naming type (MODEL_PROMOTED, GAME_BATCH_READY, BLOB_PUBLISHED) with no blob reference: accepted as plain events, nothing transferred, by type", m.naming_without_blob;
+            "consumer_lag", "Events after a durable consumer's acknowledged cursor that it matches (counted through at most 20,000 log entries)", m.consumer_lag;
+            "store_size_bytes", "Bytes the event store uses on disk", m.store_bytes;
+            "store_events", "Events retained in the local log", m.store_events;
+            "connected_peers", "Peers with an open connection", m.connected_peers;
+            "remote_event_latency_seconds", "Time from publish at the source to acceptance here, for events from peers", m.remote_latency;
+            "api_errors", "Local API requests answered with an error, by status code", m.api_errors;
+            "catchup_events", "Verified events fetched from peers by catch-up", m.catchup_events;
+            "catchup_bytes", "Approximate bytes of envelopes fetched by catch-up", m.catchup_bytes;
+            "antientropy_exchanges", "Anti-entropy rounds started with a peer (a version-vector digest or summary sent)", m.antientropy_exchanges;
+            "antientropy_bytes", "Bytes of version-vector digests and summaries sent and received (anti-entropy traffic)", m.antientropy_bytes;
+            "order_gaps_open", "Sources whose later events wait for a missing earlier one", m.gaps_open;
+            "order_gap_age_seconds", "How long the oldest open gap has waited", m.gap_age;
+            "order_gaps_skipped", "Gaps later events were released past (hold expired or buffer full; the missing ones are still fetched), and ranges gone past the source's retention", m.order_skipped;
+        }
+    }
+
+    /// Membership, the failure detector and host health.
+    fn register_members(&self, r: &mut Registry) {
+        let m = self;
+        reg! { r;
             "members", "Known members by state (this agent counts as alive)", m.members;
             "member_state", "Per known member (this agent too) and state (alive, suspect, dead, left): 1 for its current state, 0 for the others, by peer, name and state", m.member_state;
             "member_last_heard_seconds", "Seconds since this agent last heard directly from a member", m.member_last_heard;
@@ -283,6 +221,13 @@ impl Metrics {
             "host_gpu_temperature_celsius", "GPU temperature, by GPU index", m.host_gpu_temp;
             "host_gpu_memory_used_bytes", "GPU memory in use, by GPU index", m.host_gpu_mem_used;
             "host_jobs", "Job counters reported by local processes, by kind (the counter's name)", m.host_jobs;
+        }
+    }
+
+    /// The Raft leader and its locks.
+    fn register_leader(&self, r: &mut Registry) {
+        let m = self;
+        reg! { r;
             "raft_term", "Current Raft term on this voter (the leadership fencing token)", m.raft_term;
             "leader_term", "Term of the newest LEADER_ELECTED event this agent holds (every agent, voter or not)", m.leader_term;
             "is_leader", "1 while this agent is the Raft leader", m.is_leader;
@@ -290,19 +235,25 @@ impl Metrics {
             "election_duration_seconds", "Time from losing a leader to knowing the next one", m.election_seconds;
             "lock_ops", "Lock outcomes on the leader, by op (grant, deny, expired)", m.lock_ops;
             "voter_list_mismatch", "Live members whose voter list differs from this agent's", m.voter_mismatch;
-            "sync_transfers", "Blob fetches finished, by result (completed, failed)", m.sync_transfers;
-            "sync_place_failed", "Failed attempts to place a held blob at a want's `place` path, per name (retried every 30 s)", m.sync_place_failed;
-            "sync_bytes", "Blob chunk bytes moved, by direction (in, out)", m.sync_bytes;
-            "sync_active", "Blob fetches in progress", m.sync_active;
-            "sync_peer_bytes", "Blob chunk bytes moved, by peer and direction", m.sync_peer_bytes;
-            "sync_transfer_seconds", "Duration of completed blob fetches", m.sync_seconds;
-            "sync_chunks_rejected", "Chunks thrown away, by reason: hash or size (received), manifest, local_damage (a stored copy found damaged when serving a peer, placing, or reading for a local client)", m.sync_chunks_rejected;
-            "sync_requests_served", "Blob sync requests answered, by kind and result", m.sync_served;
-            "sync_serve_checks", "Chunks served, by how the stored copy was checked: hashed against the manifest, or vouched (verified here before and its file unchanged since; hashed again after 10 min)", m.sync_serve_checks;
+        }
+    }
+
+    /// Blob transfer and the blob store.
+    fn register_blobs(&self, r: &mut Registry) {
+        let m = self;
+        reg! { r;
+            "sync_transfers", "Blob fetches finished, by result (completed, failed)", m.transfers_finished;
+            "sync_place_failed", "Failed attempts to place a held blob at a want's `place` path, per name (retried every 30 s)", m.transfer_place_failed;
+            "sync_bytes", "Blob chunk bytes moved, by direction (in, out)", m.transfer_bytes;
+            "sync_active", "Blob fetches in progress", m.transfer_active;
+            "sync_peer_bytes", "Blob chunk bytes moved, by peer and direction", m.transfer_peer_bytes;
+            "sync_transfer_seconds", "Duration of completed blob fetches", m.transfer_seconds;
+            "sync_chunks_rejected", "Chunks thrown away, by reason: hash or size (received), manifest, local_damage (a stored copy found damaged when serving a peer, placing, or reading for a local client)", m.transfer_chunks_rejected;
+            "sync_requests_served", "Blob sync requests answered, by kind and result", m.transfer_served;
+            "sync_serve_checks", "Chunks served, by how the stored copy was checked: hashed against the manifest, or vouched (verified here before and its file unchanged since; hashed again after 10 min)", m.transfer_serve_checks;
             "blob_store_bytes", "Bytes of blobs held (complete and partial, at full size)", m.blob_store_bytes;
             "blob_store_blobs", "Blobs held (complete and partial)", m.blob_store_blobs;
         }
-        m
     }
 }
 

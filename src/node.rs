@@ -92,7 +92,7 @@ impl Node {
         let blobs = crate::blob::Blobs::open(
             &cfg.data_dir.join("blobs"),
             store.durable(),
-            cfg.sync.clone(),
+            cfg.transfer.clone(),
             &cfg.tags,
         )
         .map_err(|e| NodeError::File {
@@ -341,7 +341,7 @@ async fn housekeeping(store: Store, metrics: Metrics) {
                 // Matching events only; reading the log is blocking work.
                 let store = store.clone();
                 let lag = tokio::task::spawn_blocking(move || {
-                    let (lag, _) = crate::api::consumer_lag(&store, &c);
+                    let (lag, _) = store.consumer_lag(&c);
                     (c.name, lag)
                 })
                 .await;

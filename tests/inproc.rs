@@ -276,9 +276,9 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
     let placed = tempfile::tempdir().unwrap();
     let place = format!("{}/{{name}}.bin", placed.path().display());
     let c = Cluster::start(2, |cfg| {
-        cfg.sync.chunk_size = 256 * 1024;
+        cfg.transfer.chunk_size = 256 * 1024;
         if cfg.name == "a1" {
-            cfg.sync.wants = vec![riftmesh::blob::Want {
+            cfg.transfer.wants = vec![riftmesh::blob::Want {
                 names: "models/*".into(),
                 place: Some(place.clone()),
                 if_tags: Default::default(),

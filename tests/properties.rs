@@ -20,11 +20,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Number, Value};
 
+use riftmesh::blob::objects::Bitmap;
 use riftmesh::blob::sched::Sched;
-use riftmesh::blob::store::Bitmap;
 use riftmesh::catchup::{Released, Reorder, ReorderConfig};
 use riftmesh::event::{canonical_json, content_hash, Draft, Event};
-use riftmesh::leader::store::LockState;
+use riftmesh::leader::raft_log::LockState;
 use riftmesh::leader::{LockRequest, LockResponse};
 use riftmesh::membership::detector::{
     Action, Detector, DetectorConfig, Fact, FactKind, Failure, State,

@@ -163,7 +163,7 @@ pub(super) async fn blob_upload(
                 "send Content-Length: the blob's size in bytes",
             )
         })?;
-    let max = crate::blob::store::MAX_CHUNKS as u64 * u64::from(crate::blob::store::MAX_CHUNK);
+    let max = crate::blob::objects::MAX_CHUNKS as u64 * u64::from(crate::blob::objects::MAX_CHUNK);
     if len > max {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -247,7 +247,7 @@ pub(super) async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Va
                 })
             })
             .collect();
-        Ok::<_, crate::blob::store::BlobError>((out, names))
+        Ok::<_, crate::blob::objects::BlobError>((out, names))
     })
     .await
     .map_err(store_err)?
@@ -278,22 +278,23 @@ async fn resolve_ref(
     }
     let store = node.blobs().store.clone();
     let r2 = r.to_string();
-    let found = tokio::task::spawn_blocking(move || -> Result<_, crate::blob::store::BlobError> {
-        if let Some(id) = crate::blob::parse_id(&r2) {
-            // A name that points at it gives the signed root to check against.
-            let rec = store
-                .names()?
-                .into_iter()
-                .map(|(_, rec)| rec)
-                .find(|rec| rec.blob == id);
-            let known = rec.is_some() || store.meta(&id)?.is_some();
-            return Ok(known.then_some((id, rec)));
-        }
-        Ok(store.name(&r2)?.map(|rec| (rec.blob, Some(rec))))
-    })
-    .await
-    .map_err(store_err)?
-    .map_err(store_err)?;
+    let found =
+        tokio::task::spawn_blocking(move || -> Result<_, crate::blob::objects::BlobError> {
+            if let Some(id) = crate::blob::parse_id(&r2) {
+                // A name that points at it gives the signed root to check against.
+                let rec = store
+                    .names()?
+                    .into_iter()
+                    .map(|(_, rec)| rec)
+                    .find(|rec| rec.blob == id);
+                let known = rec.is_some() || store.meta(&id)?.is_some();
+                return Ok(known.then_some((id, rec)));
+            }
+            Ok(store.name(&r2)?.map(|rec| (rec.blob, Some(rec))))
+        })
+        .await
+        .map_err(store_err)?
+        .map_err(store_err)?;
     if let Some(f) = found {
         return Ok(f);
     }
@@ -349,7 +350,7 @@ pub(super) async fn blob_fetch(
     } else {
         vec![req.r.clone()]
     };
-    crate::blob::want(node.blob(), id, rec, names);
+    crate::blob::ensure_held(node.blob(), id, rec, names);
     Ok(Json(
         json!({ "blob": crate::blob::hex_id(&id), "state": "fetching" }),
     ))
@@ -362,7 +363,7 @@ pub(super) async fn blob_info(
     let (id, rec) = resolve_ref(&node, &q.r).await?;
     let store = node.blobs().store.clone();
     let (meta, have) = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::blob::store::BlobError>((store.meta(&id)?, store.have(&id)?))
+        Ok::<_, crate::blob::objects::BlobError>((store.meta(&id)?, store.have(&id)?))
     })
     .await
     .map_err(store_err)?
@@ -403,7 +404,7 @@ pub(super) async fn blob_content(
     State(node): State<AppState>,
     ApiQuery(q): ApiQuery<BlobRef>,
 ) -> ApiResult<Response> {
-    use crate::blob::store::BlobError;
+    use crate::blob::objects::BlobError;
     let (id, _) = resolve_ref(&node, &q.r).await?;
     let store = node.blobs().store.clone();
     let first = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {

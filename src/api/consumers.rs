@@ -9,12 +9,12 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::event::{self, TypePattern};
+use crate::event;
 use crate::metrics::label;
 use crate::node::Node;
 use crate::store::StartAt;
 
-use super::error::{ApiError, ApiJson, ApiQuery, ApiResult};
+use super::error::{unknown_consumer, ApiError, ApiJson, ApiQuery, ApiResult};
 use super::params::{page_size, parse_since, patterns, MAX_SCAN};
 use super::views::{rfc3339, ConsumerView, EventView, FetchResp};
 use super::AppState;
@@ -65,8 +65,7 @@ pub struct NackReq {
     pub reason: String,
 }
 
-/// Most log entries a consumer's lag counts through.
-pub const LAG_SCAN: usize = 20_000;
+pub use crate::store::LAG_SCAN;
 
 const MAX_WAIT_MS: u64 = 60_000;
 
@@ -157,7 +156,7 @@ pub(super) async fn consumer_views(
     let store = node.store().clone();
     tokio::task::spawn_blocking(move || {
         recs.iter()
-            .map(|c| consumer_view_with(consumer_lag(&store, c), c))
+            .map(|c| consumer_view_with(store.consumer_lag(c), c))
             .collect()
     })
     .await
@@ -185,18 +184,6 @@ fn consumer_view_with(
     }
 }
 
-/// A consumer's matching events after its cursor (see [`ConsumerView::lag`]).
-pub fn consumer_lag(store: &crate::store::Store, c: &crate::store::ConsumerRec) -> (u64, bool) {
-    let pats: Vec<TypePattern> = c
-        .types
-        .iter()
-        .filter_map(|t| TypePattern::parse(t).ok())
-        .collect();
-    store
-        .pending(c.cursor, LAG_SCAN, &pats)
-        .unwrap_or((store.head().saturating_sub(c.cursor), false))
-}
-
 pub(super) async fn get_consumer(
     State(node): State<AppState>,
     Path(name): Path<String>,
@@ -206,13 +193,6 @@ pub(super) async fn get_consumer(
         Some(c) => Ok(Json(consumer_view(&node, c).await?)),
         None => Err(unknown_consumer(&name)),
     }
-}
-
-pub(super) fn unknown_consumer(name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("unknown consumer {name:?}: create it first with PUT /v1/consumers/{name}"),
-    )
 }
 
 pub(super) async fn fetch(

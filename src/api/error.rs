@@ -12,8 +12,6 @@ use serde_json::json;
 use crate::node::NodeError;
 use crate::store::StoreError;
 
-use super::consumers::unknown_consumer;
-
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -101,3 +99,11 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
 }
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// 404 for a consumer that does not exist, saying how to create it.
+pub(super) fn unknown_consumer(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("unknown consumer {name:?}: create it first with PUT /v1/consumers/{name}"),
+    )
+}

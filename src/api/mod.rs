@@ -14,7 +14,7 @@ mod views;
 
 pub use client::{decode, Client, ClientError};
 pub use cluster::{BlockReq, JobsReq, MAX_JOBS_TTL_SECS};
-pub use consumers::{consumer_lag, AckReq, ConsumerReq, FetchQuery, NackReq, LAG_SCAN};
+pub use consumers::{AckReq, ConsumerReq, FetchQuery, NackReq, LAG_SCAN};
 pub use error::{ApiError, ApiJson, ApiQuery};
 pub use events::{trace_tree, BatchReq, HistoryQuery, PublishReq};
 pub use locks::LockReq;

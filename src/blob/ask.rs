@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 
-use super::store::{Bitmap, BlobId};
+use super::objects::{Bitmap, BlobId};
 use super::wire::{decode_answer, Answer, Request, Response};
 use super::Ctx;
 use crate::codec;

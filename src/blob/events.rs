@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::store::{hex_id, BlobId};
+use super::objects::{hex_id, BlobId};
 use super::{lock, now_ms, Ctx, FailureView};
 use crate::event::Draft;
 

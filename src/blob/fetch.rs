@@ -14,10 +14,10 @@ use tokio::task::JoinHandle;
 
 use super::ask::{ask, ask_raw, who_has, Sources};
 use super::events::{event_type, publish_event, TransferStep};
-use super::gc::check_space;
+use super::objects::{hex_id, Bitmap, BlobError, BlobId, BlobStore, Manifest};
 use super::rate::take;
+use super::room::check_space;
 use super::sched::{Pace, Sched, Search, STALL};
-use super::store::{hex_id, Bitmap, BlobError, BlobId, BlobStore, Manifest};
 use super::whole::WholeHash;
 use super::wire::{Answer, Request, Response};
 use super::{count_bytes, lock, Ctx, TransferView};
@@ -67,9 +67,9 @@ pub(super) async fn run_transfer(ctx: &Arc<Ctx>, blob: BlobId) -> Result<bool, S
         )
         .await;
     }
-    ctx.metrics.sync_active.inc();
+    ctx.metrics.transfer_active.inc();
     let r = fetch(ctx, blob, size, root).await;
-    ctx.metrics.sync_active.dec();
+    ctx.metrics.transfer_active.dec();
     r.map(|()| true)
 }
 
@@ -125,7 +125,7 @@ async fn matching_manifest(
                 return Some(m);
             }
             ctx.metrics
-                .sync_chunks_rejected
+                .transfer_chunks_rejected
                 .get_or_create(&label("reason", "manifest"))
                 .inc();
             tracing::warn!(peer = %p, blob = %hex_id(&blob), "a peer served a manifest that does not match the signed root");
@@ -269,7 +269,7 @@ impl Run {
             ChunkDone::Bad(reason) => {
                 self.ctx
                     .metrics
-                    .sync_chunks_rejected
+                    .transfer_chunks_rejected
                     .get_or_create(&label("reason", reason))
                     .inc();
                 tracing::warn!(%peer, blob = %hex_id(&self.blob), chunk = idx, reason, "a peer served a chunk that fails verification; fetching it elsewhere");

@@ -1,14 +1,13 @@
 //! Blob transfer: content-addressed files moved between agents over
 //! `/riftmesh/sync/1` (proto-notes/sync.md).
 //!
-//! - [`store`]: the files and their records (blocking; used off the async threads).
+//! - [`objects`]: the files and their records (blocking; used off the async threads).
 //! - [`sched`]: the plan of a fetch: which chunk to ask of which source
 //!   next, when to refresh sources, record progress, give up (sans-IO).
 //! - `wire`: requests and answers; `ask`: asking peers; `serve`: answering them.
 //! - `fetch`: one transfer, the shell around the plan; `place`: after it,
 //!   placement and the completion events; `events`: the sync events.
 //! - `names`: names from naming events, and the wants they raise;
-//!   `settings`: the `[sync]` section's types.
 //! - `gc`: garbage collection and room on disk; `repair`: damaged copies.
 //! - `rate`: the byte-rate limits.
 //! - this module: what transfer works with ([`Ctx`]), its state on one
@@ -19,19 +18,19 @@ mod events;
 mod fetch;
 mod gc;
 mod names;
+pub mod objects;
 mod place;
 mod rate;
 mod repair;
+mod room;
 pub mod sched;
 mod serve;
-mod settings;
 pub mod sha;
 pub mod source;
-pub mod store;
-mod vouch;
 pub mod whole;
 mod wire;
 
+pub(crate) use crate::util::{lock, now_ms};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -48,18 +47,18 @@ use crate::net::BlobInbound;
 use crate::net::NetHandle;
 use crate::publisher::Publisher;
 
-pub(crate) use gc::check_room;
+pub use crate::config::{check_name, TransferConfig, Want};
 pub use gc::gc_once;
-pub use names::{add, check_name, check_naming_payload, want, Naming, NAMING_TYPES};
+pub use names::{add, check_naming_payload, ensure_held, Naming, NAMING_TYPES};
+pub use objects::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord};
 pub use rate::Limiter;
-pub use repair::{local_damage, repair};
+pub use repair::local_damage;
+pub(crate) use room::check_room;
 pub use serve::serve_peers;
-pub use settings::{SyncConfig, Want};
-pub use store::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord};
 pub use wire::{Held, Request, Response, MAX_HAVE_IDS};
 
+use objects::BlobError;
 use rate::limiter;
-use store::BlobError;
 
 /// What blob transfer works with (handed over by the node at start).
 pub struct Ctx {
@@ -115,16 +114,10 @@ struct Transfer {
     cause: String,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Blob transfer on one agent.
 pub struct Blobs {
     pub store: Arc<BlobStore>,
-    pub cfg: SyncConfig,
+    pub cfg: TransferConfig,
     transfers: Mutex<HashMap<BlobId, Transfer>>,
     failures: Mutex<Vec<FailureView>>,
     slots: Arc<Semaphore>,
@@ -136,24 +129,30 @@ pub struct Blobs {
     /// as a name (the API waits on it, so that a name is known as soon as
     /// its event can be read).
     names_seen: tokio::sync::watch::Sender<u64>,
+    /// Blobs found damaged, waiting for their repair (see `repair`).
+    damaged: tokio::sync::mpsc::Sender<BlobId>,
+    damaged_rx: Mutex<Option<tokio::sync::mpsc::Receiver<BlobId>>>,
 }
+
+/// Damaged blobs waiting for repair; beyond this a report is dropped (the
+/// damage is found again the next time the copy is used).
+const DAMAGED_QUEUE: usize = 256;
 
 /// Most chunk uploads served at once; more get `Busy`.
 const MAX_UPLOADS: usize = 32;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Blobs {
     pub fn open(
         dir: &Path,
         durable: &crate::durable::Durable,
-        cfg: SyncConfig,
+        cfg: TransferConfig,
         tags: &[(String, String)],
     ) -> Result<Blobs, BlobError> {
         let store = Arc::new(BlobStore::open(dir, durable)?);
+        let (damaged, damaged_rx) = tokio::sync::mpsc::channel(DAMAGED_QUEUE);
         Ok(Blobs {
+            damaged,
+            damaged_rx: Mutex::new(Some(damaged_rx)),
             store,
             slots: Arc::new(Semaphore::new(cfg.transfers.max(1))),
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
@@ -221,11 +220,11 @@ impl Blobs {
 /// Count bytes moved to or from `peer` (`direction`: "in" or "out").
 fn count_bytes(ctx: &Ctx, peer: PeerId, direction: &str, n: u64) {
     ctx.metrics
-        .sync_bytes
+        .transfer_bytes
         .get_or_create(&label("direction", direction))
         .inc_by(n);
     ctx.metrics
-        .sync_peer_bytes
+        .transfer_peer_bytes
         .get_or_create(&vec![
             ("peer", peer.to_base58()),
             ("direction", direction.to_string()),
@@ -237,6 +236,9 @@ fn count_bytes(ctx: &Ctx, peer: PeerId, direction: &str, n: u64) {
 pub fn start(ctx: Arc<Ctx>, inbound: tokio::sync::mpsc::Receiver<BlobInbound>) {
     ctx.tasks.spawn(serve_peers(ctx.clone(), inbound));
     ctx.tasks.spawn(names::follow_names(ctx.clone()));
+    if let Some(rx) = lock(&ctx.blobs.damaged_rx).take() {
+        ctx.tasks.spawn(names::repair_loop(ctx.clone(), rx));
+    }
     let tasks = ctx.tasks.clone();
     tasks.spawn(gc::gc_loop(ctx));
 }

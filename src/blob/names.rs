@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::fetch::run_transfer;
-use super::gc::refresh_gauges;
+use super::objects::{self as store, hex_id, parse_id, BlobId, NameRecord};
 use super::place::finish;
-use super::store::{self, hex_id, parse_id, BlobId, NameRecord};
+use super::room::refresh_gauges;
 use super::{lock, now_ms, Ctx, Transfer, TransferView};
+use crate::config::check_name;
 use crate::event::{Draft, TypePattern};
 
 /// Event types that point a name at a blob (payload [`Naming`]).
@@ -69,27 +70,6 @@ pub fn check_naming_payload(
     Ok(None)
 }
 
-/// Names: 1-256 bytes of letters, digits and `-_./:+`, no `..` segment, no
-/// leading `/`.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 256
-        && !name.starts_with('/')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:+".contains(c))
-        && !name
-            .split('/')
-            .any(|seg| seg == ".." || seg == "." || seg.is_empty());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "bad blob name {name:?}: use 1-256 letters, digits and -_./:+ in non-empty segments, no '.' or '..' segments, no leading '/'"
-        ))
-    }
-}
-
 pub(super) async fn follow_names(ctx: Arc<Ctx>) {
     let patterns: Vec<TypePattern> = NAMING_TYPES
         .iter()
@@ -136,7 +116,7 @@ pub(super) async fn follow_names(ctx: Arc<Ctx>) {
                 if changed.is_some() {
                     tracing::info!(name = %n.name, blob = %n.blob, size = n.size, "name updated");
                     if ctx.blobs.want_for(&n.name).is_some() {
-                        want(&ctx, blob, rec, vec![n.name.clone()]);
+                        ensure_held(&ctx, blob, rec, vec![n.name.clone()]);
                     }
                 }
             }
@@ -163,14 +143,19 @@ pub(super) async fn resume_wants(ctx: &Arc<Ctx>) {
     };
     for (name, rec) in names {
         if ctx.blobs.want_for(&name).is_some() {
-            want(ctx, rec.blob, rec, vec![name]);
+            ensure_held(ctx, rec.blob, rec, vec![name]);
         }
     }
 }
 
 /// Make sure `blob` is here and placed for `names`: fetch it if missing.
 /// Returns a notifier that fires when the transfer ends.
-pub fn want(ctx: &Arc<Ctx>, blob: BlobId, rec: NameRecord, names: Vec<String>) -> Arc<Notify> {
+pub fn ensure_held(
+    ctx: &Arc<Ctx>,
+    blob: BlobId,
+    rec: NameRecord,
+    names: Vec<String>,
+) -> Arc<Notify> {
     let b = &ctx.blobs;
     let mut t = lock(&b.transfers);
     if let Some(tr) = t.get_mut(&blob) {
@@ -259,4 +244,15 @@ pub async fn add(
         .map_err(|e| e.to_string())?;
     refresh_gauges(ctx).await;
     Ok((added, out.remove(0)))
+}
+
+/// Repair damaged copies one at a time as they are reported
+/// ([`super::repair::local_damage`]): forget the damaged chunks, then want
+/// the blob again under the names that point at it.
+pub(super) async fn repair_loop(ctx: Arc<Ctx>, mut damaged: tokio::sync::mpsc::Receiver<BlobId>) {
+    while let Some(blob) = damaged.recv().await {
+        if let Some((rec, names)) = super::repair::scrub(&ctx, blob).await {
+            ensure_held(&ctx, blob, rec, names);
+        }
+    }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::events::{event_type, publish_event, report_failure, TransferStep};
-use super::gc::refresh_gauges;
+use super::objects::{hex_id, BlobError, BlobId};
 use super::repair::local_damage;
-use super::store::{hex_id, BlobError, BlobId};
+use super::room::refresh_gauges;
 use super::{lock, Ctx, Transfer};
 use crate::metrics::label;
 
@@ -24,13 +24,13 @@ pub(super) async fn finish(ctx: &Arc<Ctx>, blob: BlobId, result: Result<bool, St
     };
     let secs = tr.started.elapsed().as_secs_f64();
     if result == Ok(true) {
-        ctx.metrics.sync_seconds.observe(secs);
+        ctx.metrics.transfer_seconds.observe(secs);
     }
     match result {
         Ok(fetched) => {
             if fetched {
                 ctx.metrics
-                    .sync_transfers
+                    .transfers_finished
                     .get_or_create(&label("result", "completed"))
                     .inc();
             }
@@ -40,7 +40,7 @@ pub(super) async fn finish(ctx: &Arc<Ctx>, blob: BlobId, result: Result<bool, St
         }
         Err(reason) => {
             ctx.metrics
-                .sync_transfers
+                .transfers_finished
                 .get_or_create(&label("result", "failed"))
                 .inc();
             report_failure(ctx, blob, &tr.names, &reason, &tr.cause).await;
@@ -112,14 +112,14 @@ async fn place(ctx: &Arc<Ctx>, blob: BlobId, tr: &Transfer, name: &str) -> Optio
         Ok(Ok(true)) => return Some(Some(p)),
         Ok(Err(e @ BlobError::DamagedChunk { .. })) => {
             // Placed once the repair completes the blob again.
-            ctx.metrics.sync_place_failed.inc();
+            ctx.metrics.transfer_place_failed.inc();
             local_damage(ctx, blob, &e, "placing it");
             return None;
         }
         Ok(Err(e)) => format!("cannot place: {e}"),
         Err(e) => e.to_string(),
     };
-    ctx.metrics.sync_place_failed.inc();
+    ctx.metrics.transfer_place_failed.inc();
     let names = [name.to_string()];
     report_failure(ctx, blob, &names, &reason, &tr.cause).await;
     None

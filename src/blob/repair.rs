@@ -1,10 +1,10 @@
-//! Damaged copies: a stored blob that fails verification is not used; its
-//! damaged chunks are found, forgotten and fetched again from peers.
+//! Damaged copies: a stored blob that fails verification is not used; it is
+//! queued for repair, where its damaged chunks are found and forgotten (the
+//! repair loop in `names` then fetches them again from peers).
 
 use std::sync::Arc;
 
-use super::names::want;
-use super::store::{hex_id, BlobError, BlobId, NameRecord};
+use super::objects::{hex_id, BlobError, BlobId, NameRecord};
 use super::{lock, Ctx};
 use crate::metrics::label;
 
@@ -13,19 +13,22 @@ use crate::metrics::label;
 /// logged with the file's path, and repaired from peers.
 pub fn local_damage(ctx: &Arc<Ctx>, blob: BlobId, e: &BlobError, doing: &str) {
     ctx.metrics
-        .sync_chunks_rejected
+        .transfer_chunks_rejected
         .get_or_create(&label("reason", "local_damage"))
         .inc();
     tracing::error!(error = %e, doing, "a stored blob is damaged; not using it, repairing it from peers");
-    ctx.tasks.spawn(repair(ctx.clone(), blob));
+    if ctx.blobs.damaged.try_send(blob).is_err() {
+        tracing::warn!(blob = %hex_id(&blob), "repair queue full; the damage is found again when the copy is next used");
+    }
 }
 
-/// A stored copy failed verification: find every damaged chunk, forget them,
-/// and fetch them again from peers (checked against our manifest, whose root
-/// was checked when the blob was stored).
-pub async fn repair(ctx: Arc<Ctx>, blob: BlobId) {
+/// A stored copy failed verification: find every damaged chunk and forget
+/// them. Returns what to fetch again (checked against our manifest, whose
+/// root was checked when the blob was stored): the record and the names
+/// that point at the blob; `None` when nothing is to be fetched.
+pub(super) async fn scrub(ctx: &Ctx, blob: BlobId) -> Option<(NameRecord, Vec<String>)> {
     if lock(&ctx.blobs.transfers).contains_key(&blob) {
-        return;
+        return None;
     }
     let store = ctx.blobs.store.clone();
     let r = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {
@@ -56,12 +59,16 @@ pub async fn repair(ctx: Arc<Ctx>, blob: BlobId) {
                 event_type: String::new(),
                 origin: "riftmesh/repair".into(),
             };
-            want(&ctx, blob, rec, names);
+            Some((rec, names))
         }
-        Ok(Ok(_)) => {}
+        Ok(Ok(_)) => None,
         Ok(Err(e)) => {
-            tracing::error!(blob = %hex_id(&blob), error = %e, "cannot repair a damaged blob")
+            tracing::error!(blob = %hex_id(&blob), error = %e, "cannot repair a damaged blob");
+            None
         }
-        Err(e) => tracing::error!(error = %e, "repair task failed"),
+        Err(e) => {
+            tracing::error!(error = %e, "repair task failed");
+            None
+        }
     }
 }

@@ -33,7 +33,7 @@ use libp2p::PeerId;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::store::Bitmap;
+use super::objects::Bitmap;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 
+use super::objects::{BlobError, BlobId};
 use super::rate::take;
 use super::repair::local_damage;
-use super::store::{BlobError, BlobId};
 use super::wire::{chunk_answer_buf, Held, Request, Response, MAX_HAVE_IDS};
 use super::{count_bytes, Ctx};
 use crate::codec;
@@ -39,7 +39,7 @@ enum Served {
 /// Count a request answered (`riftmesh_sync_requests_served_total{kind, result}`).
 fn served(ctx: &Ctx, kind: &str, result: &str) {
     ctx.metrics
-        .sync_served
+        .transfer_served
         .get_or_create(&vec![
             ("kind", kind.to_string()),
             ("result", result.to_string()),
@@ -142,7 +142,7 @@ async fn serve_chunk(ctx: &Arc<Ctx>, peer: PeerId, blob: BlobId, index: u32) -> 
     Served::Value(match res {
         Ok(Ok((answer, data_len, hashed))) => {
             ctx.metrics
-                .sync_serve_checks
+                .transfer_serve_checks
                 .get_or_create(&label("check", if hashed { "hashed" } else { "vouched" }))
                 .inc();
             take(&b.up, data_len as u64).await;

@@ -31,8 +31,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::objects::{hash_range, sha256, Bitmap, BlobId, Manifest};
 use super::sha::{chunk_and_whole, chunk_beside, Running};
-use super::store::{hash_range, sha256, Bitmap, BlobId, Manifest};
 
 /// Bytes of chunks a fetch keeps in memory ahead of its hash (at least two
 /// chunks).
@@ -300,7 +300,7 @@ impl WholeHash {
         let sha = st.sha.take();
         let (Some(mut sha), false) = (sha, st.broken) else {
             drop(st);
-            return super::store::hash_file(&self.path);
+            return super::objects::hash_file(&self.path);
         };
         let mut i = st.next;
         while i < n {
@@ -343,7 +343,7 @@ impl Drop for WholeHash {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blob::store::{chunk_count, sha256};
+    use crate::blob::objects::{chunk_count, sha256};
     use std::os::unix::fs::FileExt;
 
     /// A partial file (zeros) for `chunks` chunks of 64 KiB plus a short

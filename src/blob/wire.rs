@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::store::{Bitmap, BlobId, Manifest};
+use super::objects::{Bitmap, BlobId, Manifest};
 use crate::codec;
 use crate::net::MAX_BLOB_RESPONSE;
 

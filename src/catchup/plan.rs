@@ -132,7 +132,7 @@ impl Planner {
                 .ok()
                 .filter(|p| connected(p))
                 .unwrap_or(from);
-            self.want(peer, s, f, acts);
+            self.ask_for(peer, s, f, acts);
         }
         self.release(out, false, acts);
     }
@@ -165,7 +165,7 @@ impl Planner {
         acts: &mut Vec<Action>,
     ) {
         for (source, from) in wants(ours, theirs) {
-            self.want(peer, source, from, acts);
+            self.ask_for(peer, source, from, acts);
         }
     }
 
@@ -204,7 +204,7 @@ impl Planner {
                 .filter(|p| connected.contains(p) && ok(p))
                 .or_else(|| (!others.is_empty()).then(|| others[rng.gen_range(0..others.len())]))
                 .unwrap_or_else(|| connected[rng.gen_range(0..connected.len())]);
-            self.want(peer, source, next, acts);
+            self.ask_for(peer, source, next, acts);
         }
         for (source, first) in self.reorder.missing() {
             if self.fetching.contains_key(&source) {
@@ -215,7 +215,7 @@ impl Planner {
             }) else {
                 continue;
             };
-            self.want(peer, source, first, acts);
+            self.ask_for(peer, source, first, acts);
         }
     }
 
@@ -308,7 +308,7 @@ impl Planner {
         self.bulk.len()
     }
 
-    fn want(&mut self, peer: PeerId, source: String, from: u64, acts: &mut Vec<Action>) {
+    fn ask_for(&mut self, peer: PeerId, source: String, from: u64, acts: &mut Vec<Action>) {
         // One fetch chain per source: a chain continues by itself while answers
         // are full, and asking two peers for the same range doubles the work.
         if self.fetching.contains_key(&source) {

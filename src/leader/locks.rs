@@ -10,7 +10,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
 use super::rpc::{Envelope, Msg, Reply};
-use super::{store, Ctx, Leader, LockRequest, LockResponse};
+use super::{raft_log, Ctx, Leader, LockRequest, LockResponse};
 use crate::codec;
 use crate::event;
 use crate::net::MAX_RAFT_MESSAGE;
@@ -37,7 +37,7 @@ pub enum LockCall {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LockAnswer {
     One(LockResponse),
-    List(Vec<(String, store::Lock)>),
+    List(Vec<(String, raft_log::Lock)>),
 }
 
 #[derive(Debug, thiserror::Error)]

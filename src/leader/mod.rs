@@ -7,8 +7,8 @@
 
 mod elector;
 mod locks;
+pub mod raft_log;
 mod rpc;
-pub mod store;
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -171,7 +171,7 @@ pub struct Leader {
     is_voter: bool,
     lease: Duration,
     raft: OnceCell<Raft>,
-    sm: OnceCell<store::LockStateMachine>,
+    sm: OnceCell<raft_log::LockStateMachine>,
     known: Mutex<Known>,
     /// Last time a leader's append was accepted here, or a vote granted:
     /// the election timer counts from it (see [`elector::elector`]).
@@ -356,7 +356,7 @@ async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<RaftInbound>) {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn start_raft(ctx: &Arc<Ctx>) -> Result<(Raft, store::LockStateMachine), BoxError> {
+async fn start_raft(ctx: &Arc<Ctx>) -> Result<(Raft, raft_log::LockStateMachine), BoxError> {
     let et = ctx.cfg.election_timeout.as_millis() as u64;
     let config = openraft::Config {
         cluster_name: "riftmesh".into(),
@@ -373,8 +373,8 @@ async fn start_raft(ctx: &Arc<Ctx>) -> Result<(Raft, store::LockStateMachine), B
     }
     .validate()?;
     let durable = ctx.store.durable();
-    let log = store::LogStore::open(durable)?;
-    let sm = store::LockStateMachine::open(durable)?;
+    let log = raft_log::LogStore::open(durable)?;
+    let sm = raft_log::LockStateMachine::open(durable)?;
     let factory = rpc::Factory::new(ctx);
     let me = node_id(&ctx.cfg.name);
     let raft = openraft::Raft::new(me, Arc::new(config), factory, log, sm.clone()).await?;
@@ -439,7 +439,7 @@ mod tests {
 
     #[test]
     fn lock_table_grants_denies_expires_and_fences() {
-        let mut st = store::LockState::default();
+        let mut st = raft_log::LockState::default();
         let acq = |holder: &str, now: u64| LockRequest::Acquire {
             name: "promote".into(),
             holder: holder.into(),

@@ -1,8 +1,9 @@
 //! Host health sampling: CPU, load, memory, disk of the data directory, uptime (sysinfo), GPUs (nvidia-smi).
 
+use crate::util::now_ms;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sysinfo::{DiskRefreshKind, Disks, MemoryRefreshKind, System};
@@ -166,13 +167,6 @@ fn pick_mount<'a>(dir: &Path, mounts: impl IntoIterator<Item = &'a Path>) -> Opt
         .filter(|(_, m)| dir.starts_with(m))
         .max_by_key(|(_, m)| m.components().count())
         .map(|(i, _)| i)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn clamp_pct(v: f32) -> f32 {

@@ -6,15 +6,15 @@
 
 pub mod detector;
 mod facts;
-mod gauges;
 pub mod health;
 mod incarnation;
 mod probe;
 mod sampling;
 mod task;
 
+use crate::util::lock;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -130,10 +130,6 @@ pub struct Membership {
     cmd_tx: mpsc::Sender<Cmd>,
     cmd_rx: Mutex<Option<mpsc::Receiver<Cmd>>>,
     started: Instant,
-}
-
-fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn valid_job_name(n: &str) -> bool {

@@ -10,9 +10,23 @@ use libp2p::PeerId;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detector::Failure;
-use super::task::Internal;
 use crate::net::wire::{MemberRequest, MemberResponse};
 use crate::net::{NetHandle, RequestError};
+
+/// Results of the requests the loop sent, back into the loop.
+pub(super) enum Internal {
+    Direct(PeerId, Result<(), Failure>),
+    Indirect {
+        target: PeerId,
+        helper: PeerId,
+        reached: Option<bool>,
+    },
+    Exchanged {
+        peer: PeerId,
+        sent_info: u64,
+        response: Box<MemberResponse>,
+    },
+}
 
 /// What a ping's outcome tells the detector: a pong is life, a refused
 /// connection is evidence of death, anything else is silence.

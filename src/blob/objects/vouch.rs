@@ -30,7 +30,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::store::{Bitmap, BlobId};
+use super::manifest::{Bitmap, BlobId};
 
 /// How long a verified chunk is served without being hashed again.
 pub const VOUCH_TTL: Duration = Duration::from_secs(600);
@@ -95,7 +95,7 @@ pub struct Vouched {
 
 impl Vouched {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<BlobId, Entry>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::lock(&self.map)
     }
 
     /// Whether chunk `index` of `id` was verified in the file as it is now.

@@ -1,6 +1,7 @@
-//! The types of the `[sync]` configuration section (its name stays, it is
-//! user-facing): which names this host fetches and places ([`Want`]), and
-//! the limits of blob transfer ([`SyncConfig`]). `config.rs` reads them.
+//! Blob transfer settings (`want`, `blob_*`, `sync_*` keys): what to fetch
+//! and where to place it, chunk sizes, budgets and rates. Here, with the
+//! rest of the configuration, so that config does not depend on blob; the
+//! blob module re-exports these types.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,8 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::names::check_name;
-use super::store::{hex_id, BlobId};
+/// Smallest and largest chunk a manifest may use (config `blob_chunk_size`
+/// is checked against them).
+pub const MIN_CHUNK: u32 = 64 << 10;
+pub const MAX_CHUNK: u32 = 8 << 20;
 
 /// One `want` entry of the configuration: names matching `names` are
 /// fetched (on hosts carrying every tag of `if_tags`) and, with `place`,
@@ -39,7 +42,7 @@ impl Want {
     }
 
     /// What `*` matched, if the name matches.
-    pub(super) fn matches(&self, name: &str) -> Option<String> {
+    pub fn matches(&self, name: &str) -> Option<String> {
         match self.names.split_once('*') {
             None => (self.names == name).then(|| name.to_string()),
             Some((pre, post)) => {
@@ -55,20 +58,40 @@ impl Want {
         }
     }
 
-    pub(super) fn path_for(&self, name: &str, id: &BlobId) -> Option<PathBuf> {
+    pub fn path_for(&self, name: &str, id: &[u8; 32]) -> Option<PathBuf> {
         let t = self.place.as_ref()?;
         let m = self.matches(name)?;
         Some(PathBuf::from(
             t.replace("{name}", &m)
                 .replace("{full}", name)
-                .replace("{blob}", &hex_id(id)),
+                .replace("{blob}", &hex::encode(id)),
         ))
     }
 }
 
-/// The `[sync]` section: how blobs are transferred and kept.
+/// Names: 1-256 bytes of letters, digits and `-_./:+`, no `..` segment, no
+/// leading `/`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && !name.starts_with('/')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:+".contains(c))
+        && !name
+            .split('/')
+            .any(|seg| seg == ".." || seg == "." || seg.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad blob name {name:?}: use 1-256 letters, digits and -_./:+ in non-empty segments, no '.' or '..' segments, no leading '/'"
+        ))
+    }
+}
+
 #[derive(Clone, Debug)]
-pub struct SyncConfig {
+pub struct TransferConfig {
     pub wants: Vec<Want>,
     /// Preferred chunk size (doubled for blobs that would need more than
     /// 65,536 chunks).
@@ -88,9 +111,9 @@ pub struct SyncConfig {
     pub per_source: usize,
 }
 
-impl Default for SyncConfig {
+impl Default for TransferConfig {
     fn default() -> Self {
-        SyncConfig {
+        TransferConfig {
             wants: Vec::new(),
             chunk_size: 1 << 20,
             budget: 0,

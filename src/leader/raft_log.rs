@@ -32,6 +32,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use super::{LockRequest, LockResponse, NodeId, PeerNode, TypeConfig};
 use crate::codec::{self, CodecError};
 use crate::durable::{Durable, What};
+use crate::util::lock;
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
     codec::encode(v)
@@ -39,10 +40,6 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
 /// Only our own bytes are decoded here; the limit is the codec's ceiling.
 fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, CodecError> {
     codec::decode(b, codec::MAX_DECODE)
-}
-
-fn guard<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 type SErr = StorageError<NodeId>;
@@ -357,7 +354,7 @@ impl LockStateMachine {
 
     /// The lock table as applied here.
     pub fn locks(&self) -> Vec<(String, Lock)> {
-        guard(&self.state)
+        lock(&self.state)
             .locks
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -378,7 +375,7 @@ impl LockStateMachine {
             .commit_async(What::Raft)
             .await
             .map_err(|e| StorageIOError::write_snapshot(sig, AnyError::new(&e)))?;
-        *guard(&self.snapshot) = Some(s.clone());
+        *lock(&self.snapshot) = Some(s.clone());
         Ok(())
     }
 }
@@ -386,7 +383,7 @@ impl LockStateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for LockStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let (data, last_log_id, last_membership) = {
-            let st = guard(&self.state);
+            let st = lock(&self.state);
             let data =
                 encode(&*st).map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
             (data, st.last_applied, st.last_membership.clone())
@@ -418,7 +415,7 @@ impl RaftStateMachine<TypeConfig> for LockStateMachine {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, PeerNode>), SErr> {
-        let st = guard(&self.state);
+        let st = lock(&self.state);
         Ok((st.last_applied, st.last_membership.clone()))
     }
 
@@ -427,7 +424,7 @@ impl RaftStateMachine<TypeConfig> for LockStateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut st = guard(&self.state);
+        let mut st = lock(&self.state);
         let mut out = Vec::new();
         for e in entries {
             st.last_applied = Some(e.log_id);
@@ -465,12 +462,12 @@ impl RaftStateMachine<TypeConfig> for LockStateMachine {
             data,
         };
         self.persist_snapshot(&s).await?;
-        *guard(&self.state) = new_state;
+        *lock(&self.state) = new_state;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        Ok(guard(&self.snapshot).clone().map(|s| Snapshot {
+        Ok(lock(&self.snapshot).clone().map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))

@@ -1,0 +1,101 @@
+//! Names (from the newest event naming each), arrival announcements, and
+//! placing a complete blob at a path.
+
+use super::*;
+
+impl BlobStore {
+    pub fn name(&self, name: &str) -> Result<Option<NameRecord>, BlobError> {
+        self.names
+            .get(name.as_bytes())?
+            .map(|v| decode_rec("blob_names", name.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Point `name` at a blob if `rec` is newer than what it points at
+    /// (event time, then event hash). Returns the record it replaced, or
+    /// None if nothing changed.
+    pub fn set_name(
+        &self,
+        name: &str,
+        rec: &NameRecord,
+    ) -> Result<Option<Option<NameRecord>>, BlobError> {
+        let old = self.name(name)?;
+        if let Some(o) = &old {
+            if (o.ts_ms, o.event_hash) >= (rec.ts_ms, rec.event_hash) {
+                return Ok(None);
+            }
+        }
+        self.names.insert(name.as_bytes(), enc(rec)?)?;
+        self.durable.commit(What::Blob)?;
+        Ok(Some(old))
+    }
+
+    pub fn names(&self) -> Result<Vec<(String, NameRecord)>, BlobError> {
+        let mut out = Vec::new();
+        for kv in self.names.iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            out.push((name, decode_rec("blob_names", &k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Record that the arrival of `blob` under `name` was announced; false
+    /// if it already was. Kept in the placement tree under a key no path
+    /// can have (paths are absolute).
+    pub fn announce(&self, name: &str, blob: &BlobId) -> Result<bool, BlobError> {
+        let key = [b"\0announced/".as_slice(), name.as_bytes()].concat();
+        if self.placed.get(&key)?.as_deref() == Some(&blob[..]) {
+            return Ok(false);
+        }
+        self.placed.insert(key, &blob[..])?;
+        self.durable.commit(What::Blob)?;
+        Ok(true)
+    }
+
+    pub fn placed(&self, path: &Path) -> Result<Option<BlobId>, BlobError> {
+        Ok(self
+            .placed
+            .get(path.as_os_str().as_encoded_bytes())?
+            .and_then(|v| <BlobId>::try_from(&v[..]).ok()))
+    }
+
+    /// Copy a complete blob to `dst` atomically: a temporary file in the
+    /// same directory, fsync, rename, fsync of the directory.
+    /// The object is verified first ([`Self::verify_object`]): a damaged
+    /// copy is never placed.
+    pub fn place(&self, id: &BlobId, dst: &Path) -> Result<(), BlobError> {
+        self.verify_object(id)?;
+        let src = self.object_path(id);
+        let dir = dst
+            .parent()
+            .ok_or_else(|| BlobError::Invalid(format!("{} has no directory", dst.display())))?;
+        std::fs::create_dir_all(dir).map_err(io("cannot create directory", dir))?;
+        let fname = dst
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{fname}.riftmesh-{}", uuid::Uuid::now_v7()));
+        let res = (|| {
+            copy_direct(&src, &tmp).map_err(io("cannot copy to", &tmp))?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io("cannot sync", &tmp))?;
+            // The store's copy is read-only; the placed one belongs to its user.
+            let mut perm = std::fs::metadata(&tmp)
+                .map_err(io("cannot stat", &tmp))?
+                .permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+            let _ = std::fs::set_permissions(&tmp, perm);
+            std::fs::rename(&tmp, dst).map_err(io("cannot rename to", dst))
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res?;
+        sync_dir(dst);
+        self.placed
+            .insert(dst.as_os_str().as_encoded_bytes(), id.to_vec())?;
+        Ok(())
+    }
+}
