@@ -61,34 +61,7 @@ impl Node {
         let psk = load_swarm_key(&cfg)?;
         tracing::info!(fingerprint = %psk.fingerprint(), "private network key loaded");
         let metrics = Metrics::register(registry);
-        let store = Store::open(
-            &cfg.data_dir.join("events"),
-            StoreConfig {
-                dedup_window: cfg.dedup_window,
-                dedup_max_entries: cfg.dedup_max_entries,
-                repeat_window: cfg.repeat_window,
-                repeat_windows: cfg.repeat_windows.clone(),
-                retention_age: cfg.retention_age,
-                retention_max_events: cfg.retention_max_events,
-                retention_max_bytes: cfg.retention_max_bytes,
-                min_free: cfg.store_min_free,
-                ..Default::default()
-            },
-            key.clone(),
-        )?;
-        registry.sub_registry_with_prefix("riftmesh").register(
-            "store_syncs",
-            "Completed durable commits of the agent's database (sled flush, then fdatasync), by what asked for them (events, raft, blob)",
-            store.durable().syncs_family(),
-        );
-        store
-            .durable()
-            .spawn_watchdog(|msg| {
-                tracing::error!("{msg}");
-                eprintln!("riftmesh: {msg}");
-                std::process::exit(EXIT_STORE_READ_ONLY);
-            })
-            .map_err(|e| file_err("cannot start the store watchdog", &cfg.data_dir, e))?;
+        let store = open_store(&cfg, &key, registry)?;
         let blobs = crate::blob::Blobs::open(
             &cfg.data_dir.join("blobs"),
             store.durable(),
@@ -119,22 +92,33 @@ impl Node {
         );
         let leader = crate::leader::Leader::new(&cfg.voters, &cfg.name, cfg.election_timeout);
         membership.set_voters_hash(leader.voters_hash());
-        let (net, inbox) = net::start(
-            key,
-            NetConfig {
-                listen: cfg.listen.clone(),
-                bootstrap: cfg.bootstrap.clone(),
-                mdns: cfg.mdns,
-                psk,
-                max_message_bytes: cfg.max_event_bytes,
-                inbound_queue: cfg.inbound_queue,
-                maintain_every: Duration::from_secs(2),
-                ping_interval: cfg.ping_interval,
-                limits: cfg.limits,
+        let (net, inbox) = net::start(key, net_config(&cfg, psk), registry, metrics.clone())?;
+        Ok(Self::wire(
+            cfg,
+            Parts {
+                store,
+                net,
+                metrics,
+                blobs,
+                membership,
+                leader,
+                peer_id,
             },
-            registry,
-            metrics.clone(),
-        )?;
+            inbox,
+        ))
+    }
+
+    /// Hand each part the handles it uses and start its tasks.
+    fn wire(cfg: AgentConfig, p: Parts, inbox: net::Inbox) -> Arc<Node> {
+        let Parts {
+            store,
+            net,
+            metrics,
+            blobs,
+            membership,
+            leader,
+            peer_id,
+        } = p;
         let tasks = Tasks::new();
         for addr in &cfg.bootstrap {
             let net = net.clone();
@@ -199,7 +183,7 @@ impl Node {
         tasks.spawn(crate::membership::run(members, inbox.member));
         leader::start(leader.clone(), inbox.raft);
         blob::start(blob.clone(), inbox.blob);
-        Ok(Arc::new(Node {
+        Arc::new(Node {
             cfg,
             store,
             net,
@@ -213,7 +197,7 @@ impl Node {
             tasks,
             stop: tokio::sync::Notify::new(),
             scan_hints: Mutex::new(Default::default()),
-        }))
+        })
     }
 
     /// Stop this agent in order: its tasks (at most 5 s, then aborted), the
@@ -311,6 +295,70 @@ impl Node {
     /// Accept local events: see [`Publisher::publish`].
     pub async fn publish(&self, drafts: Vec<Draft>) -> Result<Vec<Appended>, NodeError> {
         self.publisher.publish(drafts).await
+    }
+}
+
+/// What [`Node::start`] opened, before it is wired.
+struct Parts {
+    store: Store,
+    net: NetHandle,
+    metrics: Metrics,
+    blobs: blob::Blobs,
+    membership: Arc<Membership>,
+    leader: Arc<leader::Leader>,
+    peer_id: String,
+}
+
+/// Open the event store, register its commit counter and start its
+/// watchdog (a stuck or failed write ends the process with
+/// [`EXIT_STORE_READ_ONLY`]).
+fn open_store(
+    cfg: &AgentConfig,
+    key: &libp2p::identity::Keypair,
+    registry: &mut Registry,
+) -> Result<Store, NodeError> {
+    let store = Store::open(
+        &cfg.data_dir.join("events"),
+        StoreConfig {
+            dedup_window: cfg.dedup_window,
+            dedup_max_entries: cfg.dedup_max_entries,
+            repeat_window: cfg.repeat_window,
+            repeat_windows: cfg.repeat_windows.clone(),
+            retention_age: cfg.retention_age,
+            retention_max_events: cfg.retention_max_events,
+            retention_max_bytes: cfg.retention_max_bytes,
+            min_free: cfg.store_min_free,
+            ..Default::default()
+        },
+        key.clone(),
+    )?;
+    registry.sub_registry_with_prefix("riftmesh").register(
+            "store_syncs",
+            "Completed durable commits of the agent's database (sled flush, then fdatasync), by what asked for them (events, raft, blob)",
+            store.durable().syncs_family(),
+        );
+    store
+        .durable()
+        .spawn_watchdog(|msg| {
+            tracing::error!("{msg}");
+            eprintln!("riftmesh: {msg}");
+            std::process::exit(EXIT_STORE_READ_ONLY);
+        })
+        .map_err(|e| file_err("cannot start the store watchdog", &cfg.data_dir, e))?;
+    Ok(store)
+}
+
+fn net_config(cfg: &AgentConfig, psk: libp2p::pnet::PreSharedKey) -> NetConfig {
+    NetConfig {
+        listen: cfg.listen.clone(),
+        bootstrap: cfg.bootstrap.clone(),
+        mdns: cfg.mdns,
+        psk,
+        max_message_bytes: cfg.max_event_bytes,
+        inbound_queue: cfg.inbound_queue,
+        maintain_every: Duration::from_secs(2),
+        ping_interval: cfg.ping_interval,
+        limits: cfg.limits,
     }
 }
 
