@@ -103,6 +103,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         } => tracing::warn!("local API connections still open 10 s after the stop; closing them"),
     }
     tracing::info!("riftmesh agent stopping");
+    // In order: the parts' tasks, Raft, the swarm, a last store commit.
+    if tokio::time::timeout(std::time::Duration::from_secs(10), node.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the agent's parts did not stop within 10 s; exiting anyway");
+    }
     Ok(())
 }
 

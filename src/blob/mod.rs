@@ -132,6 +132,9 @@ pub struct Blobs {
     /// Blobs found damaged, waiting for their repair (see `repair`).
     damaged: tokio::sync::mpsc::Sender<BlobId>,
     damaged_rx: Mutex<Option<tokio::sync::mpsc::Receiver<BlobId>>>,
+    /// Blobs in that queue: a copy reported again while it waits is not
+    /// queued twice (a peer asking for its chunks reports it each time).
+    damaged_queued: Mutex<std::collections::HashSet<BlobId>>,
 }
 
 /// Damaged blobs waiting for repair; beyond this a report is dropped (the
@@ -153,6 +156,7 @@ impl Blobs {
         Ok(Blobs {
             damaged,
             damaged_rx: Mutex::new(Some(damaged_rx)),
+            damaged_queued: Mutex::new(Default::default()),
             store,
             slots: Arc::new(Semaphore::new(cfg.transfers.max(1))),
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),

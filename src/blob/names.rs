@@ -251,6 +251,7 @@ pub async fn add(
 /// the blob again under the names that point at it.
 pub(super) async fn repair_loop(ctx: Arc<Ctx>, mut damaged: tokio::sync::mpsc::Receiver<BlobId>) {
     while let Some(blob) = damaged.recv().await {
+        super::lock(&ctx.blobs.damaged_queued).remove(&blob);
         if let Some((rec, names)) = super::repair::scrub(&ctx, blob).await {
             ensure_held(&ctx, blob, rec, names);
         }

@@ -17,7 +17,11 @@ pub fn local_damage(ctx: &Arc<Ctx>, blob: BlobId, e: &BlobError, doing: &str) {
         .get_or_create(&label("reason", "local_damage"))
         .inc();
     tracing::error!(error = %e, doing, "a stored blob is damaged; not using it, repairing it from peers");
+    if !lock(&ctx.blobs.damaged_queued).insert(blob) {
+        return;
+    }
     if ctx.blobs.damaged.try_send(blob).is_err() {
+        lock(&ctx.blobs.damaged_queued).remove(&blob);
         tracing::warn!(blob = %hex_id(&blob), "repair queue full; the damage is found again when the copy is next used");
     }
 }

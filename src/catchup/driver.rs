@@ -219,18 +219,17 @@ impl Shell {
                         self.commit(events, true).await;
                     }
                     Action::SkipTo { source, to } => {
-                        match self.ctx.store.skip_to(&source, to).await {
+                        let mark = match self.ctx.store.skip_to(&source, to).await {
                             Ok(mark) => {
                                 self.ctx.metrics.order_skipped.inc();
-                                self.plan.skipped(
-                                    &source,
-                                    mark.contiguous,
-                                    Instant::now(),
-                                    &mut acts,
-                                );
+                                Some(mark.contiguous)
                             }
-                            Err(e) => tracing::warn!(error = %e, "cannot record a retention gap"),
-                        }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot record a retention gap");
+                                None
+                            }
+                        };
+                        self.plan.skipped(&source, mark, Instant::now(), &mut acts);
                     }
                     Action::Overtaken { source, from, to } => {
                         tracing::warn!(%source, from, to, "missing events of a source still not here after the order hold; later ones go ahead, the missing ones are still fetched");

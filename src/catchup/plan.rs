@@ -88,6 +88,9 @@ pub struct Planner {
     /// another peer (a fetch to one peer can hang after a connection was
     /// cut and re-made; root cause not found).
     fetch_failed: HashMap<(PeerId, String), Instant>,
+    /// Fetched answers waiting for their source's retention gap to be
+    /// recorded ([`Action::SkipTo`]), by source.
+    skipping: HashMap<String, (PeerId, Fetched)>,
 }
 
 impl Planner {
@@ -107,6 +110,7 @@ impl Planner {
             bulk_sources: HashMap::new(),
             bulk_inflight: false,
             fetch_failed: HashMap::new(),
+            skipping: HashMap::new(),
         }
     }
 
@@ -236,53 +240,89 @@ impl Planner {
     ) {
         self.busy.remove(&peer);
         self.fetching.remove(&source);
-        match result {
+        let f = match result {
             Err(_) => {
                 self.fetch_failed.insert((peer, source), now);
+                return self.pump(peer, acts);
             }
-            Ok(f) => {
-                let first = f.events.first().map(|e| e.seq);
-                let last = f.events.last().map(|e| e.seq);
-                // Below the source's own floor, its events are gone past
-                // retention: stop waiting for them. Another peer's floor may
-                // only mean that peer has a hole too.
-                let from_source = source.parse::<PeerId>().ok() == Some(peer);
-                if let (Some(floor), true) = (f.floor, from_source) {
-                    if floor > from && first.is_none_or(|s| s > from) {
-                        acts.push(Action::SkipTo {
-                            source: source.clone(),
-                            to: floor - 1,
-                        });
-                    }
-                }
-                let mut out = Released::default();
-                for ev in f.events {
-                    self.reorder.offer(ev, now, &mut out);
-                }
-                // Gaps inside a fetched range are left to the chain and the
-                // tick: the chain goes on from the last event it got.
-                out.gaps.clear();
-                self.release(out, true, acts);
-                if f.full {
-                    if let Some(last) = last {
-                        self.fetching.insert(source.clone(), peer);
-                        self.queue
-                            .entry(peer)
-                            .or_default()
-                            .push_front((source, last + 1));
-                    }
-                }
+            Ok(f) => f,
+        };
+        // Below the source's own floor, its events are gone past retention:
+        // stop waiting for them, before the fetched events are offered (so
+        // they are released with the floor, in bulk). Another peer's floor
+        // may only mean that peer has a hole too.
+        let first = f.events.first().map(|e| e.seq);
+        let from_source = source.parse::<PeerId>().ok() == Some(peer);
+        if let (Some(floor), true) = (f.floor, from_source) {
+            if floor > from && first.is_none_or(|s| s > from) {
+                acts.push(Action::SkipTo {
+                    source: source.clone(),
+                    to: floor - 1,
+                });
+                // The source's chain stays taken until the store answers.
+                self.fetching.insert(source.clone(), peer);
+                self.skipping.insert(source, (peer, f));
+                return;
             }
         }
-        self.pump(peer, acts);
+        self.take_fetched(peer, source, f, now, Released::default(), acts);
     }
 
-    /// The answer to an [`Action::SkipTo`]: the store's contiguous mark now.
-    pub fn skipped(&mut self, source: &str, contiguous: u64, now: Instant, acts: &mut Vec<Action>) {
+    /// The answer to an [`Action::SkipTo`]: the store's contiguous mark now,
+    /// or `None` if the store could not record the gap. The fetched events
+    /// that waited for it are offered then.
+    pub fn skipped(
+        &mut self,
+        source: &str,
+        contiguous: Option<u64>,
+        now: Instant,
+        acts: &mut Vec<Action>,
+    ) {
         let mut out = Released::default();
-        self.reorder
-            .set_contiguous(source, contiguous, now, &mut out);
-        self.release(out, false, acts);
+        if let Some(c) = contiguous {
+            self.reorder.set_contiguous(source, c, now, &mut out);
+        }
+        match self.skipping.remove(source) {
+            Some((peer, f)) => {
+                self.fetching.remove(source);
+                self.take_fetched(peer, source.to_string(), f, now, out, acts);
+            }
+            None => self.release(out, true, acts),
+        }
+    }
+
+    /// Offer fetched events (after `out`, what a skip released), go on
+    /// with the chain if the answer was full, start the peer's next fetch,
+    /// then hand what was released to the store in bulk.
+    fn take_fetched(
+        &mut self,
+        peer: PeerId,
+        source: String,
+        f: Fetched,
+        now: Instant,
+        mut out: Released,
+        acts: &mut Vec<Action>,
+    ) {
+        let last = f.events.last().map(|e| e.seq);
+        for ev in f.events {
+            self.reorder.offer(ev, now, &mut out);
+        }
+        // Gaps inside a fetched range are left to the chain and the tick:
+        // the chain goes on from the last event it got.
+        out.gaps.clear();
+        if f.full {
+            if let Some(last) = last {
+                self.fetching.insert(source.clone(), peer);
+                self.queue
+                    .entry(peer)
+                    .or_default()
+                    .push_front((source, last + 1));
+            }
+        }
+        // The peer's next fetch is decided before this answer's events join
+        // the bulk queue (its high-water mark counts what waited before).
+        self.pump(peer, acts);
+        self.release(out, true, acts);
     }
 
     /// A bulk [`Action::Commit`] is done: the next chunk may go, and fetches
@@ -624,10 +664,11 @@ mod tests {
             assert_eq!(skip.is_some(), skips, "floor from {peer}");
             if let Some((source, to)) = skip {
                 assert_eq!((source.as_str(), to), (s.as_str(), 49));
-                // The store answers: contiguous 49. The held events go.
+                assert!(committed(&acts).is_empty(), "the events wait for the skip");
+                // The store answers: contiguous 49. The fetched events go, in bulk.
                 let mut acts = Vec::new();
-                p.skipped(&s, to, t0, &mut acts);
-                assert_eq!(committed(&acts), vec![(50, false), (51, false)]);
+                p.skipped(&s, Some(to), t0, &mut acts);
+                assert_eq!(committed(&acts), vec![(50, true), (51, true)]);
             } else {
                 assert!(committed(&acts).is_empty(), "50 and 51 wait for 1..=49");
             }

@@ -230,11 +230,14 @@ impl Leader {
         Some((m.state, m.current_term, m.current_leader, fresh))
     }
 
-    /// Stop this voter's Raft (its own tasks end); nothing on a non-voter.
+    /// Stop this voter's Raft (its own tasks end; at most 3 s); nothing on a
+    /// non-voter.
     pub async fn shutdown(&self) {
         if let Some(raft) = self.raft.get() {
-            if let Err(e) = raft.shutdown().await {
-                tracing::debug!(error = %e, "raft shutdown");
+            match tokio::time::timeout(Duration::from_secs(3), raft.shutdown()).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "raft shutdown"),
+                Err(_) => tracing::warn!("raft did not stop within 3 s"),
+                Ok(Ok(())) => {}
             }
         }
     }
