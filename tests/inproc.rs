@@ -130,22 +130,27 @@ fn agreed_leader(c: &Cluster, agents: &[usize]) -> Option<(usize, u64)> {
     (agents.contains(&i) && c.agents[i].leader().2 == "leader").then_some((i, term))
 }
 
+/// Three agents, all voters, with a short election timeout: below the
+/// resolver's floor (150 ms), which an operator cannot set. An election
+/// takes 2 x this (the lease) plus a draw in [1, 2) x this, and a split vote
+/// another draw; at 150 ms the failover scenario took about 1.3 s, at 100 ms
+/// about 0.7 s.
+async fn three_voters() -> Cluster {
+    let voters: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
+    Cluster::start(3, |cfg| {
+        cfg.voters = voters.clone();
+        cfg.election_timeout = Duration::from_millis(100);
+    })
+    .await
+}
+
 /// Failover by isolation: three voters elect a leader; the leader is cut off
 /// from both others, who elect a new one in a higher term; once healed there
 /// is one leader all agree on, and no agent's term ever went down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_when_the_leader_is_cut_off() {
     let started = Instant::now();
-    let voters: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
-    let c = Cluster::start(3, |cfg| {
-        cfg.voters = voters.clone();
-        // Below the resolver's floor (150 ms), which an operator cannot set:
-        // an election takes 2 x this (the lease) plus a draw in [1, 2) x
-        // this, and a split vote another draw; at 150 ms the scenario took
-        // about 1.3 s, at 100 ms about 0.7 s.
-        cfg.election_timeout = Duration::from_millis(100);
-    })
-    .await;
+    let c = three_voters().await;
     let up = Instant::now();
     let all = [0, 1, 2];
     // Every term each agent reported, in order: they must never go down.
@@ -214,13 +219,7 @@ async fn failover_when_the_leader_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_when_the_leader_stops() {
     let started = Instant::now();
-    let voters: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
-    let c = Cluster::start(3, |cfg| {
-        cfg.voters = voters.clone();
-        // Below the resolver's floor: see failover_when_the_leader_is_cut_off.
-        cfg.election_timeout = Duration::from_millis(100);
-    })
-    .await;
+    let c = three_voters().await;
     let up = Instant::now();
     let all = [0, 1, 2];
     let (old, t1) = wait_until("a leader all three agree on", T, || async {

@@ -312,12 +312,13 @@ impl Reorder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::Draft;
     use libp2p::identity::Keypair;
 
-    fn ev(key: &Keypair, seq: u64) -> Event {
+    /// A sealed event of `key`'s source with sequence number `seq`.
+    pub(crate) fn ev(key: &Keypair, seq: u64) -> Event {
         Draft::new(
             "CUSTOM_T",
             &serde_json::json!({ "n": seq }),

@@ -453,22 +453,9 @@ mod tests {
     //! The planner in virtual time: `Instant`s are built by arithmetic and
     //! the rng is seeded, so each run is the same.
     use super::*;
-    use crate::event::Draft;
+    use crate::catchup::tests::ev;
     use libp2p::identity::Keypair;
     use rand::SeedableRng;
-
-    fn ev(key: &Keypair, seq: u64) -> Event {
-        Draft::new(
-            "CUSTOM_T",
-            &serde_json::json!({ "n": seq }),
-            None,
-            None,
-            None,
-        )
-        .unwrap()
-        .seal(key, seq, 1)
-        .unwrap()
-    }
 
     fn fetches(acts: &[Action]) -> Vec<(PeerId, String, u64)> {
         acts.iter()
