@@ -540,7 +540,19 @@ mod tests {
             .unwrap();
         // What was acknowledged is what a reopened store reads.
         drop((log, sm, dur));
-        let db = sled::open(d.path()).unwrap();
+        // sled's flusher thread lets go of the file lock a moment after the
+        // last handle is dropped: retry the open until a deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::open(d.path()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         let dur = Durable::open(db, d.path(), Duration::from_secs(10), 0).unwrap();
         let mut log = LogStore::open(&dur).unwrap();
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
