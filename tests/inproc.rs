@@ -265,8 +265,8 @@ fn random_bytes(len: usize, seed: u8) -> Vec<u8> {
 /// swarm key answers `/riftmesh/sync/1` by relaying a1's requests to the
 /// honest holder a0 and flipping the last byte of every chunk it passes on.
 /// a1 must reject and count each such chunk (by its hash), finish from a0,
-/// and place the right bytes. The same scenario as tests/blob.rs
-/// `a_source_serving_wrong_bytes_is_rejected_and_the_fetch_finishes_elsewhere`.
+/// and place the right bytes. (This scenario ran as agent processes in
+/// tests/blob.rs before; it needs no real process, so it runs here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
     use std::sync::atomic::{AtomicUsize, Ordering};
