@@ -410,41 +410,4 @@ mod tests {
         assert_eq!(d.syncs(What::Raft), 0);
         assert!(d.read_only().is_none());
     }
-
-    /// What the fdatasync adds to a Raft write: a small insert made durable
-    /// by sled's flush alone (before: sync_file_range) against the same
-    /// through [`Durable::commit`]. A measurement, not a check:
-    /// `cargo test --release --lib -- --ignored --nocapture commit_cost`.
-    #[test]
-    #[ignore]
-    fn commit_cost() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let d = Durable::open(db.clone(), dir.path(), Duration::from_secs(10), 0).unwrap();
-        let tree = db.open_tree("raft2_meta").unwrap();
-        let n: usize = 300;
-        let run = |durable: bool| {
-            let mut t: Vec<f64> = (0..n)
-                .map(|i| {
-                    let start = Instant::now();
-                    tree.insert("vote", &(i as u64).to_be_bytes()).unwrap();
-                    if durable {
-                        d.commit(What::Raft).unwrap();
-                    } else {
-                        db.flush().unwrap();
-                    }
-                    start.elapsed().as_secs_f64() * 1e3
-                })
-                .collect();
-            t.sort_by(f64::total_cmp);
-            (t[n / 2], t[n * 99 / 100])
-        };
-        for round in 0..2 {
-            let (f50, f99) = run(false);
-            let (c50, c99) = run(true);
-            println!(
-                "round {round}: sled flush only p50 {f50:.3} ms p99 {f99:.3} ms; flush + fdatasync p50 {c50:.3} ms p99 {c99:.3} ms"
-            );
-        }
-    }
 }
