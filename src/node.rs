@@ -234,9 +234,6 @@ impl Node {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
-    pub fn publisher(&self) -> &Publisher {
-        &self.publisher
-    }
     pub fn peer_id(&self) -> &str {
         &self.peer_id
     }
@@ -259,9 +256,6 @@ impl Node {
     /// What blob transfer works with (wants, room checks, gc take it).
     pub fn blob(&self) -> &Arc<blob::Ctx> {
         &self.blob
-    }
-    pub fn tasks(&self) -> &Tasks {
-        &self.tasks
     }
     /// Notified when the agent should stop (a leave through the API).
     pub fn stop_signal(&self) -> &tokio::sync::Notify {

@@ -45,11 +45,6 @@ impl Tasks {
         self.cancel.is_cancelled()
     }
 
-    /// Resolves when a stop is asked for.
-    pub async fn stopped(&self) {
-        self.cancel.cancelled().await
-    }
-
     /// Cancel every task and wait for them, at most `within`; the ones still
     /// running then are aborted. Returns how many had to be aborted.
     pub async fn stop(&self, within: Duration) -> usize {
