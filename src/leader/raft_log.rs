@@ -540,19 +540,9 @@ mod tests {
             .unwrap();
         // What was acknowledged is what a reopened store reads.
         drop((log, sm, dur));
-        // sled's flusher thread lets go of the file lock a moment after the
-        // last handle is dropped: retry the open until a deadline.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let db = loop {
-            match sled::open(d.path()) {
-                Ok(db) => break db,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
-                    std::thread::yield_now();
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
-        };
+        // The same open as the agent's: it waits for the lock sled's threads
+        // let go of a moment after the last handle drops.
+        let db = crate::store::open_sled(d.path(), 32 << 20).unwrap();
         let dur = Durable::open(db, d.path(), Duration::from_secs(10), 0).unwrap();
         let mut log = LogStore::open(&dur).unwrap();
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));

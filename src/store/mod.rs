@@ -16,6 +16,8 @@ mod consumer;
 mod dedup;
 mod layout;
 mod open;
+#[cfg(test)]
+pub(crate) use open::open_sled;
 mod read;
 mod retention;
 mod writer;

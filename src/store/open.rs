@@ -91,7 +91,7 @@ impl Store {
 
 /// Open sled at `path`, waiting briefly for a lock a closing store still
 /// holds; a panic in sled's recovery is reported as a damaged store.
-fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+pub(crate) fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let path = path.to_path_buf();
     let conf = sled::Config::new()
         .path(&path)
