@@ -82,14 +82,7 @@ pub(super) async fn status(State(node): State<AppState>) -> ApiResult<Json<Value
 }
 
 pub(super) async fn members(State(node): State<AppState>) -> ApiResult<Json<Value>> {
-    let listen: Vec<String> = node
-        .net()
-        .listen_addrs()
-        .await
-        .unwrap_or_default()
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+    let listen = node.net().listen_addr_texts().await;
     let mut list = node.membership().members(&listen);
     if let Some(me) = list.first_mut() {
         me.peer_id = node.peer_id().to_string();

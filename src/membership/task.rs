@@ -312,15 +312,7 @@ impl Task {
     }
 
     async fn on_health(&mut self, h: Health) {
-        let addrs: Vec<String> = self
-            .ctx
-            .net
-            .listen_addrs()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let addrs = self.ctx.net.listen_addr_texts().await;
         let significant = {
             let mut g = self.inner();
             let mut changed = false;

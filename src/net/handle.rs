@@ -120,6 +120,17 @@ impl NetHandle {
         self.ask(Command::ListenAddrs).await
     }
 
+    /// The listen addresses as text, as members report them (none if the
+    /// network has stopped).
+    pub async fn listen_addr_texts(&self) -> Vec<String> {
+        self.listen_addrs()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    }
+
     /// Send a catch-up request and wait for the answer.
     pub async fn catchup_request(
         &self,
