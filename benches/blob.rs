@@ -487,7 +487,7 @@ async fn run(root: &Path, bytes: u64, r: &mut Report) -> anyhow::Result<()> {
     .await;
     r.transfer_secs = evs["events"]
         .as_array()
-        .and_then(|a| a.iter().find(|e| e["origin"] == "riftmesh/sync"))
+        .and_then(|a| a.iter().find(|e| e["source"] == "riftmesh/sync"))
         .and_then(|e| {
             let p: Value = match &e["payload"] {
                 Value::String(s) => serde_json::from_str(s).ok()?,

@@ -406,7 +406,7 @@ fn check_log(events: &[Value], expected: &HashMap<String, u64>) -> LogCheck {
     let mut last: HashMap<&str, u64> = HashMap::new();
     let mut held: HashMap<&str, u64> = HashMap::new();
     for e in events {
-        let src = e["source"].as_str().unwrap_or("");
+        let src = e["node"].as_str().unwrap_or("");
         let seq = e["source_seq"].as_u64().unwrap_or(0);
         let new_hash = hashes.insert(e["hash"].as_str().unwrap_or("").to_string());
         let new_key = keys.insert((src.to_string(), seq));

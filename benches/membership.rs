@@ -494,7 +494,7 @@ async fn trial(cl: &mut Cluster, v: usize, fault: Fault) -> anyhow::Result<Trial
                 .and_then(|e| Some(e["received_ms"].as_f64()? - at_ms)),
             own_copy: e
                 .as_ref()
-                .is_some_and(|e| e["source"] == cl.peers[k].peer_id.as_str()),
+                .is_some_and(|e| e["node"] == cl.peers[k].peer_id.as_str()),
         })
         .collect();
     let everywhere_ms = observers

@@ -244,9 +244,10 @@ struct PublishArgs {
     correlation_id: Option<String>,
     #[arg(long)]
     parent_id: Option<String>,
-    /// Name of the publishing process.
-    #[arg(long)]
-    origin: Option<String>,
+    /// Name of the publishing component (the event's `source`, as in
+    /// `source="training_daemon"`); `--origin` is its older name.
+    #[arg(long, alias = "origin")]
+    source: Option<String>,
     /// TYPE is a new custom type even though it is close to a catalog
     /// name (otherwise refused with "did you mean …").
     #[arg(long)]

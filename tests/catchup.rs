@@ -32,7 +32,7 @@ async fn held(a: &Agent, etype: &str) -> Vec<Value> {
             "{}: event held twice: {e}",
             a.name
         );
-        let src = e["source"].as_str().unwrap().to_string();
+        let src = e["node"].as_str().unwrap().to_string();
         let seq = e["source_seq"].as_u64().unwrap();
         let prev = last.insert(src, seq).unwrap_or(0);
         assert!(

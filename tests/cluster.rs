@@ -36,7 +36,7 @@ async fn own_events(a: &Agent) -> Vec<serde_json::Value> {
     a.all_events()
         .await
         .into_iter()
-        .filter(|e| e["origin"] != "riftmesh/membership")
+        .filter(|e| e["source"] != "riftmesh/membership")
         .collect()
 }
 

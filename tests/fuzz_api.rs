@@ -105,7 +105,8 @@ fn targets(blob_file: &Path) -> Vec<Target> {
                 ev("training.completed"),
                 json!({ "type": "custom.thing" }),
                 json!({ "type": "MODEL_PROMOTED", "payload": [1, 2.5, null, "x", {"a": true}],
-                        "origin": "trainer", "correlation_id": "run-1", "parent_id": "p-1" }),
+                        "source": "trainer", "correlation_id": "run-1", "parent_id": "p-1" }),
+                json!({ "type": "custom.thing", "origin": "trainer" }),
             ],
         ),
         t(
@@ -215,6 +216,7 @@ fn targets(blob_file: &Path) -> Vec<Target> {
 const FIELDS: &[&str] = &[
     "type",
     "payload",
+    "source",
     "origin",
     "correlation_id",
     "parent_id",

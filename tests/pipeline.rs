@@ -639,3 +639,104 @@ async fn a_naming_event_without_a_blob_says_so_and_a_malformed_one_is_refused() 
         .unwrap();
     assert!(r.get("warning").is_none(), "{r}");
 }
+
+/// `source` means what the seeds mean at every local edge (api.md, "source
+/// and node"): the publishing component's name, with the signing agent's
+/// peer id under `node`, on the publishing host and on a peer alike; the
+/// older request field `origin` is still taken; both, differing, are a 400;
+/// the CLI's `--source` and its event lines say the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_is_the_publishing_component_and_node_the_signing_agent() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let key = root.join("swarm.key");
+    keygen(&key);
+    let a = Agent::start(root, "a", &key, &[]).await;
+    let b = Agent::start(root, "b", &key, &[a.p2p_addr().await]).await;
+    let body = |extra: Value| {
+        let mut v =
+            serde_json::json!({"type": "TRAINING_COMPLETED", "payload": {"config": "hex8_2p"}});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    a.post(
+        "/v1/events",
+        &body(serde_json::json!({"source": "training_daemon"})),
+    )
+    .await
+    .unwrap();
+    a.post(
+        "/v1/events",
+        &body(serde_json::json!({"origin": "old_daemon", "payload": {"n": 2}})),
+    )
+    .await
+    .unwrap();
+    let refused = a
+        .post(
+            "/v1/events",
+            &body(serde_json::json!({"source": "x", "origin": "y", "payload": {"n": 3}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("400") && refused.contains("origin"),
+        "{refused}"
+    );
+    let (ok, _, err) = cli(
+        &a,
+        &[
+            "publish",
+            "TRAINING_COMPLETED",
+            "--payload",
+            r#"{"n":4}"#,
+            "--source",
+            "cli_daemon",
+        ],
+    );
+    assert!(ok, "{err}");
+    for agent in [&a, &b] {
+        let evs = wait_for(
+            "three events with their sources",
+            Duration::from_secs(20),
+            || async {
+                let evs = of_type(agent, "TRAINING_COMPLETED").await;
+                (evs.len() == 3).then_some(evs)
+            },
+        )
+        .await;
+        let sources: Vec<&str> = evs.iter().map(|e| e["source"].as_str().unwrap()).collect();
+        assert_eq!(
+            sources,
+            ["training_daemon", "old_daemon", "cli_daemon"],
+            "{evs:?}"
+        );
+        for e in &evs {
+            assert_eq!(e["node"], a.peer_id.as_str(), "{e}");
+            assert_eq!(e["origin"], e["source"], "{e}");
+        }
+    }
+    let (ok, out, err) = cli(
+        &b,
+        &["events", "--type", "TRAINING_COMPLETED", "--max", "3"],
+    );
+    assert!(ok, "{err}");
+    let tail: String = a
+        .peer_id
+        .chars()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains(&format!("node=…{tail} source=")))
+            .count(),
+        3,
+        "{out}"
+    );
+    assert!(out.contains("source=cli_daemon"), "{out}");
+}

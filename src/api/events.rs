@@ -25,7 +25,11 @@ pub struct PublishReq {
     pub event_type: String,
     #[serde(default)]
     pub payload: Option<Value>,
-    #[serde(default)]
+    /// The publishing component's name (the seeds' `source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Deprecated name of `source`, still accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
     #[serde(default)]
     pub correlation_id: Option<String>,
@@ -73,10 +77,18 @@ pub struct HistoryQuery {
 fn draft(r: PublishReq, node: &Node) -> ApiResult<(Draft, Option<String>)> {
     let cfg = &node.cfg();
     let payload = r.payload.unwrap_or_else(|| json!({}));
+    let component = match (r.source, r.origin) {
+        (Some(s), Some(o)) if s != o => {
+            return Err(ApiError::bad(format!(
+                "`source` ({s:?}) and its deprecated name `origin` ({o:?}) differ: give one"
+            )))
+        }
+        (s, o) => s.or(o),
+    };
     let d = Draft::new(
         &r.event_type,
         &payload,
-        r.origin,
+        component,
         r.correlation_id,
         r.parent_id,
     )

@@ -16,8 +16,17 @@ pub struct EventView {
     pub id: String,
     #[serde(rename = "type")]
     pub event_type: String,
+    /// The publishing component's name, as the publisher gave it
+    /// (`"training_daemon"`, `"riftmesh/membership"`); empty when it gave
+    /// none. On the wire this is the envelope's `origin`.
     pub source: String,
+    /// The peer id of the agent that signed the event (the envelope's
+    /// signed `source`).
+    pub node: String,
+    /// Deprecated: the same name as `source` (null when none was given),
+    /// kept for clients written before `source` meant the component.
     pub origin: Option<String>,
+    /// The event's sequence number in `node`'s own log.
     pub source_seq: u64,
     pub ts_ms: u64,
     pub time: String,
@@ -42,7 +51,8 @@ impl EventView {
             seq,
             id: e.id.clone(),
             event_type: e.event_type.clone(),
-            source: e.source.clone(),
+            source: e.origin.clone().unwrap_or_default(),
+            node: e.source.clone(),
             origin: e.origin.clone(),
             source_seq: e.seq,
             ts_ms: e.ts_ms,

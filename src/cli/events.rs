@@ -20,7 +20,7 @@ pub async fn publish(client: &Client, json_out: bool, args: PublishArgs) -> anyh
         payload,
         correlation_id,
         parent_id,
-        origin,
+        source,
         custom,
         idempotency_key,
         by_content,
@@ -36,7 +36,7 @@ pub async fn publish(client: &Client, json_out: bool, args: PublishArgs) -> anyh
     };
     let body = json!({
         "type": event_type, "payload": payload, "correlation_id": correlation_id,
-        "parent_id": parent_id, "origin": origin, "custom_type": custom,
+        "parent_id": parent_id, "source": source, "custom_type": custom,
         "idempotency_key": key,
     });
     let deadline = std::time::Instant::now() + retry_for;
@@ -155,8 +155,8 @@ pub async fn types(client: &Client, json_out: bool) -> anyhow::Result<()> {
 }
 
 fn event_line(e: &EventView) -> String {
-    let src: String = e
-        .source
+    let node: String = e
+        .node
         .chars()
         .rev()
         .take(8)
@@ -165,16 +165,17 @@ fn event_line(e: &EventView) -> String {
         .rev()
         .collect();
     format!(
-        "{:>8}  {}  {:<24} {}  src=…{}{}  {}",
+        "{:>8}  {}  {:<24} {}  node=…{}{}  {}",
         e.seq,
         e.time,
         e.event_type,
         e.id,
-        src,
-        e.origin
-            .as_ref()
-            .map(|o| format!(" origin={o}"))
-            .unwrap_or_default(),
+        node,
+        if e.source.is_empty() {
+            String::new()
+        } else {
+            format!(" source={}", e.source)
+        },
         e.payload
     )
 }

@@ -290,7 +290,7 @@ def play(r):
             res = add_blob(r, h, path, name, "BLOB_PUBLISHED")
             games = [n for n, _, _ in batch_names]
             ev_ = r.api(h, "POST", "/v1/events", {
-                "type": "TRAINING_COMPLETED", "origin": "trainer", "correlation_id": r.round,
+                "type": "TRAINING_COMPLETED", "source": "trainer", "correlation_id": r.round,
                 "payload": {"round": r.round, "config": r.cfg, "host": h["name"], "candidate": name,
                             "blob": res["blob"], "games": len(games),
                             "games_digest": hashlib.sha256("\n".join(games).encode()).hexdigest()}})
@@ -382,7 +382,7 @@ def play(r):
         winner = got[best]
         r.api(ev, "DELETE", f"/v1/consumers/{cons}")
         res = r.api(ev, "POST", "/v1/events", {
-            "type": "EVALUATION_COMPLETED", "origin": "evaluator", "correlation_id": r.round,
+            "type": "EVALUATION_COMPLETED", "source": "evaluator", "correlation_id": r.round,
             "payload": {"round": r.round, "config": r.cfg, "scores": scores, "winner": winner["candidate"],
                         "blob": winner["blob"]}})
         st["detail"] = f"{ev['name']} scored {scores}; winner {best}; event {res['id']}"

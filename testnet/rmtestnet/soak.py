@@ -197,7 +197,7 @@ def publisher(s, idx, interval):
             host = rng.choice(live)
             n += 1
             typ = rng.choice(EVENT_TYPES)
-            body = {"type": typ, "origin": "soak", "correlation_id": s.run_id,
+            body = {"type": typ, "source": "soak", "correlation_id": s.run_id,
                     "payload": {"soak": s.run_id, "pub": idx, "n": n, "host": host}}
             t = time.time()
             try:

@@ -58,7 +58,7 @@ def test_publish_batch_history_event_trace(agent: Agent, uid: str) -> None:
             c2 = await c.publish(t, {"n": 0}, by_content=True)
             assert c2.duplicate and c2.id == c1.id and c2.duplicate_by == "content" and c2.age_ms is not None
             ev = await c.event(r.id)
-            assert ev.payload == {"n": 1} and ev.origin == "aio-test" and ev.source == agent.peer_id
+            assert ev.payload == {"n": 1} and ev.source == "aio-test" and ev.node == agent.peer_id
             child = await c.publish(t, {"n": 2}, caused_by=ev)
             tr = await c.trace(child.id)
             assert [e.id for _, e in tr.events] == [r.id, child.id]

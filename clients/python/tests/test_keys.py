@@ -74,7 +74,7 @@ def test_a_status_that_flips_back_is_delivered_every_time(agent: Agent, uid: str
         sub.stop()
     by: Dict[str, List[str]] = {}
     for e in got:
-        by.setdefault(str(e.origin), []).append(e.payload["status"])
+        by.setdefault(str(e.source), []).append(e.payload["status"])
     assert by == {"client": flips, "aio": flips, "router": flips}
     assert len({e.id for e in got}) == 9 and len({e.idempotency_key for e in got}) == 9
 

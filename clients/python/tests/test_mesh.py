@@ -22,7 +22,7 @@ def test_event_published_on_one_agent_is_delivered_on_the_other(mesh2: List[Agen
         wait_until("delivery on b", lambda: got, DEADLINE)
         ev = got[0]
         assert ev.id == p.id and ev.hash == p.hash
-        assert ev.source == a_agent.peer_id and ev.origin == "trainer"
+        assert ev.node == a_agent.peer_id and ev.source == "trainer"
         assert ev.correlation_id == f"run-{uid}" and ev.payload == {"model": uid}
         # The same content published on b without a key is a duplicate of a's event.
         dup = b.publish(t, {"model": uid}, by_content=True)

@@ -33,7 +33,7 @@ def test_publish_returns_id_and_duplicate(client: Client, uid: str) -> None:
     ev = client.event(first.id)
     assert ev.type == "TRAINING_COMPLETED"
     assert ev.payload == payload
-    assert ev.origin == "trainer"
+    assert ev.source == "trainer"
     assert ev.seq == first.seq and ev.hash == first.hash
     assert ev.source == client.status()["peer_id"]
     assert ev.idempotency_key == first.idempotency_key
@@ -73,7 +73,7 @@ def test_batch_publish_in_order_with_duplicates(client: Client, uid: str) -> Non
     assert results[0].seq < results[1].seq
     evs = list(client.history(t))
     assert [e.payload["n"] for e in evs] == [1, 2]
-    assert evs[1].origin == "selfplay" and evs[1].correlation_id == f"run-{uid}"
+    assert evs[1].source == "selfplay" and evs[1].correlation_id == f"run-{uid}"
 
 
 def test_batch_items_get_their_own_keys(client: Client, uid: str) -> None:

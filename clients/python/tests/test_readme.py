@@ -104,9 +104,9 @@ def test_quickstart(readme_agent: Agent, tmp_path: Path, sig: int) -> None:
     try:
         wait_until("the evaluator consumer", lambda: mesh.consumer("evaluator") or d.proc.poll() is not None, DEADLINE)
         assert d.proc.poll() is None, "\n".join(d.lines)
-        # Its own publish is in the log, with the origin it gave.
+        # Its own publish is in the log, with the source it gave.
         own = [e for e in mesh.history("TRAINING_COMPLETED") if e.payload.get("model_path") == "models/hex8_2p.pth"]
-        assert len(own) == 1 and own[0].origin == "trainer" and own[0].payload["config"] == "hex8_2p"
+        assert len(own) == 1 and own[0].source == "trainer" and own[0].payload["config"] == "hex8_2p"
         path = f"models/{uuid.uuid4().hex}.pth"
         mesh.publish("training.completed", {"config": "hex8_2p", "model_path": path}, source="tests")
         wait_until("the handler's output", lambda: f"evaluating {path} from tests" in d.lines, DEADLINE)

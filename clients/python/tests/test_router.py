@@ -270,4 +270,4 @@ def test_module_level_subscribe_in_both_forms(agent: Agent, uid: str, fresh_rout
     assert sorted(got) == [("decorated", 7), ("plain", 7)]
     # publish without source: the router's name, from RIFTMESH_SERVICE.
     ev = next(e for e in Client(agent.api).history(t))
-    assert ev.origin == f"seedport-{uid}"
+    assert ev.source == f"seedport-{uid}"

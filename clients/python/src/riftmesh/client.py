@@ -202,7 +202,7 @@ def _event_body(
         parent_id = parent_id or caused_by.id
         correlation_id = correlation_id or caused_by.chain_id
     if source is not None:
-        body["origin"] = source
+        body["source"] = source
     if correlation_id is not None:
         body["correlation_id"] = correlation_id
     if parent_id is not None:
@@ -546,8 +546,8 @@ class Client:
         """Publish one event; returns its id and whether it was a duplicate.
 
         ``type`` is any accepted spelling or an :class:`~riftmesh.EventType`.
-        ``source`` names the publishing process (stored as the event's
-        ``origin``). ``correlation_id`` and ``parent_id`` link events into a
+        ``source`` names the publishing component (the event's ``source``;
+        the agent that signed it is its ``node``). ``correlation_id`` and ``parent_id`` link events into a
         chain (:meth:`trace`); ``caused_by=event`` sets both from the event
         that caused this one. The call returns once the event is on disk.
 

@@ -36,8 +36,9 @@ class Event:
     """One event as this agent holds it (EventView in proto-notes/api.md).
 
     ``seq`` is local to this agent; ``id`` and ``hash`` name the event across
-    the cluster. ``source`` is the publishing agent's peer id and ``origin``
-    the name the publishing process gave (``publish(..., source=...)``).
+    the cluster. ``source`` is the name the publishing component gave
+    (``publish(..., source="training_daemon")``; ``""`` if none) and ``node``
+    the peer id of the agent that signed it.
     ``attempt`` is set by the subscription runner: 1 on the first delivery to a
     handler in this process, 2 on its first retry, and so on.
     """
@@ -48,7 +49,7 @@ class Event:
     payload: Any
     hash: str
     source: str
-    origin: Optional[str]
+    node: str
     source_seq: int
     ts_ms: int
     received_ms: int
@@ -66,8 +67,10 @@ class Event:
             type=str(v["type"]),
             payload=v.get("payload"),
             hash=str(v.get("hash", "")),
-            source=str(v.get("source", "")),
-            origin=v.get("origin"),
+            # An agent older than `node` sent the peer id as `source` and
+            # the component as `origin`.
+            source=str(v.get("source") or "") if "node" in v else str(v.get("origin") or ""),
+            node=str(v["node"]) if "node" in v else str(v.get("source", "")),
             source_seq=int(v.get("source_seq", 0)),
             ts_ms=int(v.get("ts_ms", 0)),
             received_ms=int(v.get("received_ms", 0)),
@@ -76,6 +79,11 @@ class Event:
             raw=v,
             idempotency_key=v.get("idempotency_key"),
         )
+
+    @property
+    def origin(self) -> Optional[str]:
+        """Deprecated: the component's name, now ``source`` (``None`` if none)."""
+        return self.source or None
 
     @property
     def time(self) -> datetime:

@@ -67,8 +67,8 @@ class RouterEvent(Dict[str, Any]):
 
     ``event.get("config")`` reads the payload's ``config``; ``event["type"]``
     is the canonical type name (``== DataEventType.X``); ``event["source"]``
-    the component that published it (``publish(..., source=...)``, the
-    agent's ``origin``), ``event["node"]`` the peer id of the agent it was
+    the component that published it (``publish(..., source=...)``),
+    ``event["node"]`` the peer id of the agent it was
     published on, ``event["timestamp"]`` the publish time in seconds since the
     epoch (as ``time.time()``), ``event["event_id"]`` the cluster-wide id and
     ``event["payload"]`` the whole payload. These envelope keys win over
@@ -111,8 +111,8 @@ class RouterEvent(Dict[str, Any]):
         return cls.build(
             type=ev.type,
             payload=ev.payload,
-            source=ev.origin,
-            node=ev.source,
+            source=ev.source,
+            node=ev.node,
             timestamp=ev.ts_ms / 1000.0,
             event_id=ev.id,
             event=ev,
