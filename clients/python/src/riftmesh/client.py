@@ -1047,20 +1047,42 @@ class Client:
         acknowledged first. Async handlers run on an event loop of their
         consumer's thread. Raises what ended a runner."""
         old: Any = None
+        old_int: Any = None
         in_main = threading.current_thread() is threading.main_thread()
         if handle_sigterm and in_main:
             old = signal.signal(signal.SIGTERM, lambda signum, frame: self._request_stop())
+        # Ctrl-C asks the runners to stop instead of raising KeyboardInterrupt
+        # into Thread.join: an interrupted join can mark a running thread as
+        # ended (CPython's _wait_for_tstate_lock), and the process would then
+        # exit while a handler runs, before its event is acknowledged. A second
+        # Ctrl-C raises KeyboardInterrupt as usual.
+        interrupted = threading.Event()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            interrupted.set()
+            self._request_stop()
+
+        if in_main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            old_int = signal.signal(signal.SIGINT, on_sigint)
         try:
             self.start()
             try:
+                logged = False
                 while any(t.is_alive() for t in self._threads):
                     for t in self._threads:
                         t.join(0.5)
+                        if interrupted.is_set() and not logged:
+                            logged = True
+                            log.info("interrupted: stopping")
             except KeyboardInterrupt:
                 log.info("interrupted: stopping")
             finally:
                 self.stop(None)
         finally:
+            if old_int is not None:
+                signal.signal(signal.SIGINT, old_int)
             if handle_sigterm and in_main:
                 signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
 
