@@ -431,3 +431,25 @@ def test_fire_and_forget_from_threads_keeps_each_threads_order_and_sends_each_on
     assert sorted(evs) == sorted((k, i) for k in range(6) for i in range(15)), "each once"
     for k in range(6):
         assert [i for th, i in evs if th == k] == list(range(15)), f"thread {k} in its order"
+
+
+def test_a_blocking_spooling_publish_on_an_event_loops_thread_does_not_hang(tmp_path: Path) -> None:
+    """A task of the loop holds the spool's turn; the blocking Client, called
+    on that loop's thread, cannot wait for it (the loop would never give it on)."""
+    d = tmp_path / "spool"
+    out: List[Any] = []
+
+    async def main() -> None:
+        ac = AsyncClient("127.0.0.1:1", spool_dir=d)
+        task = asyncio.ensure_future(ac.publish("T_LOOP", {"n": 0}, fire_and_forget=True))
+        await asyncio.sleep(0)  # its first step: it has the turn and waits for a worker thread
+        assert ac.spool.line.waiting == 1
+        out.append(Client("127.0.0.1:1", spool_dir=d).publish("T_LOOP", {"n": 1}, fire_and_forget=True))
+        out.append(await task)
+        await ac.aclose()
+
+    th = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    th.start()
+    th.join(DEADLINE)
+    assert not th.is_alive(), "the event loop's thread hangs"
+    assert len(out) == 2 and all(isinstance(r, Spooled) for r in out)

@@ -153,6 +153,17 @@ class Line:
             return False
 
     def wait(self, place: int) -> None:
+        """Block this thread until ``place``'s turn. On a thread that runs an
+        event loop it does not wait: the turn may belong to a task of that
+        very loop, which could then never give it on; the call goes out of
+        line (its order is not kept) rather than hang."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            log.warning("a spooling publish made with the blocking Client on an event loop's thread does not wait its turn")
+            return
         ev = threading.Event()
         if not self._register(place, ev.set):
             ev.wait()
