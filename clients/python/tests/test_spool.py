@@ -16,7 +16,7 @@ import pytest
 
 import riftmesh.router as rr
 from harness import Agent
-from riftmesh import AsyncClient, Client, FlushResult, Published, Spooled, SpoolFull
+from riftmesh import AgentUnavailable, AsyncClient, Client, FlushResult, Published, Spooled, SpoolFull
 from riftmesh.router import Router
 from test_aio import DEADLINE, until
 
@@ -321,3 +321,135 @@ def test_spooled_events_survive_the_publishers_restart_and_arrive_once_in_order(
     assert p.returncode == 0, p.stderr
     assert statuses(a.api, t) == FLIPS + ["after"], "each once, in order, the spool before the new one"
     assert not spooled(d)
+
+
+def test_publish_fire_and_forget_never_raises_and_its_events_arrive_once_in_order(
+    spawn_agent: Callable[..., Agent], uid: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = down_agent(spawn_agent, "py-spool-ffparam")
+    t = f"T{uid}_FFP"
+    d = tmp_path / "spool"
+    monkeypatch.setenv("RIFTMESH_API", a.api)
+    monkeypatch.setenv("RIFTMESH_SPOOL", str(d))
+    m = InMainThread(a)
+    c = Client(a.api, spool_dir=d, retry_for=0)
+    with pytest.raises(AgentUnavailable):
+        c.publish(t, {"n": -1})  # without it, an unreachable agent raises
+    # Client: sent at once, or spooled; never raised.
+    r0 = c.publish(t, {"n": 0}, fire_and_forget=True)
+    assert isinstance(r0, Spooled) and c.fire_errors == 0
+    with pytest.raises(ValueError):
+        c.publish(t, {"n": -2}, by_content=True, fire_and_forget=True)  # no key: nothing to spool with
+    rr.reset_router()
+
+    async def main() -> None:
+        async with AsyncClient(a.api, spool_dir=d) as ac:
+            r1 = await ac.publish(t, {"n": 1}, fire_and_forget=True)
+            assert isinstance(r1, Spooled) and ac.fire_errors == 0
+        router = Router(f"ffp-{uid}", api=a.api, spool_dir=d, flush_interval=3600)
+        await router.publish(t, {"n": 2}, fire_and_forget=True)  # awaited: sent or spooled by now
+        router.publish(t, {"n": 3}, fire_and_forget=True)  # not awaited: it acts all the same
+        await rr.publish(t, {"n": 4}, fire_and_forget=True)  # module level, on get_router()
+        rr.publish(t, {"n": 5}, fire_and_forget=True)
+        await until("six spool files", lambda: len(spooled(d)) == 6)
+        assert router.fire_errors == 0 and rr.get_router().fire_errors == 0
+        await m.start()
+        later = router.publish(t, {"n": 6}, fire_and_forget=True)  # goes after the spool
+        await later
+        assert not spooled(d)
+        await router.stop()
+        await rr.get_router().stop()
+
+    try:
+        m.run(main)
+    finally:
+        rr.reset_router()
+    evs = list(Client(a.api).history(t))
+    assert [e.payload["n"] for e in evs] == list(range(7)), "each once, in call order"
+
+
+def test_concurrent_fire_and_forget_calls_arrive_in_call_order(
+    spawn_agent: Callable[..., Agent], uid: str, tmp_path: Path
+) -> None:
+    a = down_agent(spawn_agent, "py-spool-conc")
+    t = f"T{uid}_CONC"
+    d = tmp_path / "spool"
+    m = InMainThread(a)
+    n = 60
+
+    async def main() -> None:
+        router = Router(f"conc-{uid}", api=a.api, spool_dir=d, flush_interval=3600)
+        ac = AsyncClient(a.api, spool_dir=d)
+        calls: List[Any] = []
+        for i in range(40):  # the router's take their place when called ...
+            if i % 2:
+                calls.append(router.fire_and_forget(t, {"n": i}))
+            else:
+                calls.append(router.publish(t, {"n": i}, fire_and_forget=True))
+        # ... a coroutine's when it starts (gather starts them in order); all in flight at once.
+        await asyncio.gather(*calls, *[ac.publish(t, {"n": i}, fire_and_forget=True) for i in range(40, n)])
+        assert router.fire_errors == 0 and ac.fire_errors == 0
+        files = [json.loads(p.read_text())["body"]["payload"]["n"] for p in spooled(d)]
+        assert files == list(range(n)), "spooled in call order"
+        await m.start()
+        # Calls made while the spool still holds the first ones go behind them.
+        await asyncio.gather(*[ac.publish(t, {"n": i}, fire_and_forget=True) for i in range(n, n + 20)])
+        assert not spooled(d)
+        await ac.aclose()
+        await router.stop()
+
+    m.run(main)
+    got = [e.payload["n"] for e in Client(a.api).history(t)]
+    assert got == list(range(n + 20)), "each once, in call order"
+
+
+def test_fire_and_forget_from_threads_keeps_each_threads_order_and_sends_each_once(
+    spawn_agent: Callable[..., Agent], uid: str, tmp_path: Path
+) -> None:
+    a = down_agent(spawn_agent, "py-spool-threads")
+    t = f"T{uid}_THREADS"
+    d = tmp_path / "spool"
+    c = Client(a.api, spool_dir=d)
+    go = threading.Barrier(6)
+    out: List[Any] = []
+
+    def publisher(k: int) -> None:
+        go.wait()
+        for i in range(15):
+            out.append(c.publish(t, {"th": k, "i": i}, fire_and_forget=True))
+
+    threads = [threading.Thread(target=publisher, args=(k,)) for k in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(DEADLINE)
+    assert len(out) == 90 and all(isinstance(r, Spooled) for r in out) and c.fire_errors == 0
+    a.start()
+    r = c.flush_spool()
+    assert (r.sent, r.pending, r.error) == (90, 0, None), r
+    evs = [(e.payload["th"], e.payload["i"]) for e in Client(a.api).history(t)]
+    assert sorted(evs) == sorted((k, i) for k in range(6) for i in range(15)), "each once"
+    for k in range(6):
+        assert [i for th, i in evs if th == k] == list(range(15)), f"thread {k} in its order"
+
+
+def test_a_blocking_spooling_publish_on_an_event_loops_thread_does_not_hang(tmp_path: Path) -> None:
+    """A task of the loop holds the spool's turn; the blocking Client, called
+    on that loop's thread, cannot wait for it (the loop would never give it on)."""
+    d = tmp_path / "spool"
+    out: List[Any] = []
+
+    async def main() -> None:
+        ac = AsyncClient("127.0.0.1:1", spool_dir=d)
+        task = asyncio.ensure_future(ac.publish("T_LOOP", {"n": 0}, fire_and_forget=True))
+        await asyncio.sleep(0)  # its first step: it has the turn and waits for a worker thread
+        assert ac.spool.line.waiting == 1
+        out.append(Client("127.0.0.1:1", spool_dir=d).publish("T_LOOP", {"n": 1}, fire_and_forget=True))
+        out.append(await task)
+        await ac.aclose()
+
+    th = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    th.start()
+    th.join(DEADLINE)
+    assert not th.is_alive(), "the event loop's thread hangs"
+    assert len(out) == 2 and all(isinstance(r, Spooled) for r in out)

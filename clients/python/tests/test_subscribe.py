@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from typing import List, Tuple
 
 import pytest
@@ -411,3 +412,70 @@ def test_runner_survives_an_agent_restart(spawn_agent, uid: str) -> None:  # typ
     finally:
         c.stop()
     assert got == [0, 1]
+
+
+# A daemon whose handler is still running when Ctrl-C comes: it says so, then
+# finishes only once the file named by its payload exists.
+_SLOW_HANDLER = """
+import logging, os, sys, time
+from riftmesh import Client
+logging.basicConfig(level=logging.INFO)
+mesh = Client(sys.argv[1])
+
+@mesh.subscribe(sys.argv[2], consumer=sys.argv[3])
+def slow(event):
+    print("started", event.seq, flush=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(event.payload["go"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("finished", event.seq, flush=True)
+
+mesh.run()
+"""
+
+
+def test_ctrl_c_while_a_handler_runs_lets_it_finish_and_acknowledges_it(
+    agent: Agent, uid: str, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    t = f"T{uid}_SIGINT"
+    name = f"sigint-{uid}"
+    go = tmp_path / "go"
+    mesh = Client(agent.api)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_HANDLER, agent.api, t, name],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: List[str] = []
+
+    def read() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until("the consumer", lambda: mesh.consumer(name) or p.poll() is not None, DEADLINE)
+        assert p.poll() is None, "\n".join(lines)
+        seq = mesh.publish(t, {"go": str(go)}).seq
+        wait_until("the handler to start", lambda: f"started {seq}" in lines, DEADLINE)
+        # Ctrl-C while the handler runs (the main thread is waiting for the runner) ...
+        p.send_signal(signal.SIGINT)
+        # ... is seen before the handler may end.
+        wait_until("the interrupt to be logged", lambda: p.poll() is not None or any("interrupted" in x for x in lines), DEADLINE)
+        go.touch()
+        rc = p.wait(timeout=DEADLINE)
+        reader.join(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+    out = "\n".join(lines)
+    assert rc == 0, out
+    assert f"finished {seq}" in lines, f"the handler was cut off:\n{out}"
+    info = mesh.consumer(name)
+    assert info is not None and info.cursor >= seq, f"not acknowledged:\n{out}"

@@ -27,6 +27,7 @@ from typing import (
     Dict,
     Iterable,
     List,
+    Literal,
     Mapping,
     Optional,
     Sequence,
@@ -58,6 +59,9 @@ from .client import (
     _publish_body,
     _Retry,
     _flush_outcome,
+    _fire_body,
+    _fire_failed,
+    FireResult,
     _spool_for,
     SPOOL_ON,
     _same_types,
@@ -185,6 +189,8 @@ class AsyncClient:
         self.max_backoff = max_backoff
         self.retry_for = retry_for
         self.spool = _spool_for(spool_dir, spool_max_files, spool_max_bytes)
+        # publish(..., fire_and_forget=True) calls that were dropped (logged: a full spool, a 4xx ...).
+        self.fire_errors = 0
         self._http = AsyncTransport(host, port, timeout, max_connections)
         self._subs: List[Subscription] = []
         self._starts: Dict[str, _Start] = {}
@@ -241,6 +247,7 @@ class AsyncClient:
 
     # ================================================================ publish
 
+    @overload
     async def publish(
         self,
         type: TypeLike,
@@ -253,10 +260,84 @@ class AsyncClient:
         idempotency_key: Optional[str] = None,
         by_content: bool = False,
         retry_for: Optional[float] = None,
-    ) -> Published:
+        fire_and_forget: Literal[False] = False,
+    ) -> Published: ...
+
+    @overload
+    async def publish(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: Literal[False] = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: Literal[True],
+    ) -> FireResult: ...
+
+    @overload
+    async def publish(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: bool,
+    ) -> FireResult: ...
+
+    async def publish(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: bool = False,
+    ) -> FireResult:
         """Publish one event (as :meth:`Client.publish`: a new idempotency key per
         call, retried with it for ``retry_for`` seconds while the agent is
-        unreachable or answers 503); returns once it is on the agent's disk."""
+        unreachable or answers 503); returns once it is on the agent's disk.
+
+        ``fire_and_forget=True`` as with :meth:`Client.publish`: tried once
+        (``retry_for`` defaults to 0), spooled if the agent does not take it,
+        never raises (errors are logged and counted in :attr:`fire_errors`);
+        the call's place in line is taken when the coroutine starts, so
+        ``asyncio.gather`` of such publishes keeps their order."""
+        if fire_and_forget:
+            kw: Dict[str, Any] = dict(
+                source=source, correlation_id=correlation_id, parent_id=parent_id, caused_by=caused_by,
+                idempotency_key=idempotency_key, by_content=by_content,
+            )
+            try:
+                fbody, fkey = _fire_body(type, payload, kw)
+                place = self.spool.line.take()
+            except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
+                if by_content:
+                    raise
+                self.fire_errors += 1
+                _fire_failed(type, e)
+                return None
+            try:
+                return await self._publish_in_line(place, fbody, fkey, 0.0 if retry_for is None else retry_for)
+            except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
+                self.fire_errors += 1
+                _fire_failed(fbody["type"], e)
+                return None
         body, key = _publish_body(
             type,
             payload,
@@ -321,16 +402,27 @@ class AsyncClient:
             by_content=False,
         )
         assert key is not None
+        return await self._publish_in_line(self.spool.line.take(), body, key, retry_for)
+
+    async def _publish_in_line(
+        self, place: int, body: Dict[str, Any], key: str, retry_for: Optional[float]
+    ) -> Union[Published, Spooled]:
+        """Send or spool ``body`` when ``place``'s turn in the spool's line comes
+        (as :meth:`Client.publish_or_spool`: call order holds)."""
         sp = self.spool
-        if await asyncio.to_thread(sp.has_pending) and (await self.flush_spool()).error is not None:
-            return Spooled(key=key, path=str(await asyncio.to_thread(sp.put, body)), type=body["type"])
         try:
-            v = await self._post_retrying("/v1/events", body, True, retry_for)
-        except SPOOL_ON as e:
-            path = await asyncio.to_thread(sp.put, body)
-            log.warning("the agent did not take a %s publish (%s); spooled as %s", body["type"], e, path)
-            return Spooled(key=key, path=str(path), type=body["type"])
-        return Published.from_json(v, key)
+            await sp.line.wait_async(place)
+            if await asyncio.to_thread(sp.has_pending) and (await self.flush_spool()).error is not None:
+                return Spooled(key=key, path=str(await asyncio.to_thread(sp.put, body)), type=body["type"])
+            try:
+                v = await self._post_retrying("/v1/events", body, True, retry_for)
+            except SPOOL_ON as e:
+                path = await asyncio.to_thread(sp.put, body)
+                log.warning("the agent did not take a %s publish (%s); spooled as %s", body["type"], e, path)
+                return Spooled(key=key, path=str(path), type=body["type"])
+            return Published.from_json(v, key)
+        finally:
+            sp.line.leave(place)
 
     async def flush_spool(self) -> FlushResult:
         """As :meth:`Client.flush_spool` (file I/O in a worker thread)."""

@@ -29,6 +29,7 @@ from typing import (
     Iterable,
     Iterator,
     List,
+    Literal,
     Mapping,
     Optional,
     Sequence,
@@ -284,6 +285,25 @@ def _batch_bodies(
 # publish (unreachable, no answer in time, 5xx) after its retries.
 SPOOL_ON = (AgentUnavailable, RiftmeshTimeout, ServerError)
 
+FireResult = Optional[Union[Published, Spooled]]
+"""What ``publish(..., fire_and_forget=True)`` returns: the :class:`Published`,
+the :class:`Spooled` file, or ``None`` when it was dropped (logged)."""
+
+
+def _fire_body(
+    type: TypeLike, payload: Any, kw: Dict[str, Any]
+) -> Tuple[Dict[str, Any], str]:
+    """The keyed request body of a fire-and-forget publish."""
+    if kw.pop("by_content", False):
+        raise ValueError("fire_and_forget=True needs an idempotency key: by_content=True cannot be spooled")
+    body, key = _publish_body(type, payload, by_content=False, **kw)
+    assert key is not None
+    return body, key
+
+
+def _fire_failed(what: Any, e: BaseException) -> None:
+    log.error("fire_and_forget %s failed: %s: %s", what, e.__class__.__name__, e)
+
 
 def _spool_for(spool_dir: Optional[Union[str, "os.PathLike[str]"]], max_files: int, max_bytes: int) -> Spool:
     return Spool(spool_dir if spool_dir is not None else default_spool_dir(), max_files=max_files, max_bytes=max_bytes)
@@ -480,6 +500,8 @@ class Client:
         self.max_backoff = max_backoff
         self.retry_for = retry_for
         self.spool = _spool_for(spool_dir, spool_max_files, spool_max_bytes)
+        # publish(..., fire_and_forget=True) calls that were dropped (logged: a full spool, a 4xx ...).
+        self.fire_errors = 0
         self._http = Transport(host, port, timeout)
         self._subs: List[Subscription] = []
         self._starts: Dict[str, _Start] = {}
@@ -530,6 +552,7 @@ class Client:
 
     # ================================================================ publish
 
+    @overload
     def publish(
         self,
         type: TypeLike,
@@ -542,7 +565,55 @@ class Client:
         idempotency_key: Optional[str] = None,
         by_content: bool = False,
         retry_for: Optional[float] = None,
-    ) -> Published:
+        fire_and_forget: Literal[False] = False,
+    ) -> Published: ...
+
+    @overload
+    def publish(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: Literal[False] = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: Literal[True],
+    ) -> FireResult: ...
+
+    @overload
+    def publish(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: bool,
+    ) -> FireResult: ...
+
+    def publish(
+        self,
+        type: TypeLike,
+        payload: Any = None,
+        *,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: bool = False,
+    ) -> FireResult:
         """Publish one event; returns its id and whether it was a duplicate.
 
         ``type`` is any accepted spelling or an :class:`~riftmesh.EventType`.
@@ -558,7 +629,24 @@ class Client:
         ``retry_for`` seconds (the client's default, 10 s; 0: never).
         ``by_content=True`` sends no key: the same type and payload within the
         agent's repeat window (30 s) is then a duplicate, and nothing is retried.
+
+        ``fire_and_forget=True`` never raises for an agent that does not take
+        the event: it is :meth:`publish_or_spool` tried once (``retry_for``
+        defaults to 0), so the event goes to the spool if the agent is
+        unreachable, does not answer or answers 5xx. Anything else (a full
+        spool, a 4xx answer, a payload that is not JSON) is logged as an error
+        on the ``riftmesh`` logger, counted in :attr:`fire_errors` and the
+        call returns ``None``. Returns the :class:`Published` or the
+        :class:`Spooled`. Concurrent calls keep their call order (see
+        :meth:`publish_or_spool`). ``by_content=True`` cannot be spooled and
+        raises ``ValueError``.
         """
+        if fire_and_forget:
+            kw: Dict[str, Any] = dict(
+                source=source, correlation_id=correlation_id, parent_id=parent_id, caused_by=caused_by,
+                idempotency_key=idempotency_key, by_content=by_content,
+            )
+            return self._fire(type, payload, kw, retry_for)
         body, key = _publish_body(
             type,
             payload,
@@ -571,6 +659,24 @@ class Client:
         )
         v = self._post_retrying("/v1/events", body, key is not None, retry_for)
         return Published.from_json(v, key)
+
+    def _fire(self, event_type: TypeLike, payload: Any, kw: Dict[str, Any], retry_for: Optional[float]) -> FireResult:
+        by_content = bool(kw.get("by_content"))
+        try:
+            body, key = _fire_body(event_type, payload, kw)
+            place = self.spool.line.take()
+        except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
+            if by_content:
+                raise
+            self.fire_errors += 1
+            _fire_failed(event_type, e)
+            return None
+        try:
+            return self._publish_in_line(place, body, key, 0.0 if retry_for is None else retry_for)
+        except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
+            self.fire_errors += 1
+            _fire_failed(body["type"], e)
+            return None
 
     def publish_batch(
         self,
@@ -624,6 +730,12 @@ class Client:
         :class:`~riftmesh.SpoolFull`. While older publishes wait in the spool,
         they are flushed first (and if that fails this one is spooled behind
         them at once), so events from one spool reach the agent in order.
+
+        Concurrent calls (threads, or tasks of an :class:`AsyncClient` on the
+        same spool directory) take their place in line when called and go
+        one at a time in that order: each is sent, or spooled, only after the
+        calls made before it, so they reach the spool and the agent in call
+        order even when they fail.
         """
         body, key = _publish_body(
             type,
@@ -636,15 +748,26 @@ class Client:
             by_content=False,
         )
         assert key is not None
-        if self.spool.has_pending() and self.flush_spool().error is not None:
-            return Spooled(key=key, path=str(self.spool.put(body)), type=body["type"])
+        return self._publish_in_line(self.spool.line.take(), body, key, retry_for)
+
+    def _publish_in_line(
+        self, place: int, body: Dict[str, Any], key: str, retry_for: Optional[float]
+    ) -> Union[Published, Spooled]:
+        """Send or spool ``body`` when ``place``'s turn in the spool's line comes."""
+        line = self.spool.line
         try:
-            v = self._post_retrying("/v1/events", body, True, retry_for)
-        except SPOOL_ON as e:
-            path = self.spool.put(body)
-            log.warning("the agent did not take a %s publish (%s); spooled as %s", body["type"], e, path)
-            return Spooled(key=key, path=str(path), type=body["type"])
-        return Published.from_json(v, key)
+            line.wait(place)
+            if self.spool.has_pending() and self.flush_spool().error is not None:
+                return Spooled(key=key, path=str(self.spool.put(body)), type=body["type"])
+            try:
+                v = self._post_retrying("/v1/events", body, True, retry_for)
+            except SPOOL_ON as e:
+                path = self.spool.put(body)
+                log.warning("the agent did not take a %s publish (%s); spooled as %s", body["type"], e, path)
+                return Spooled(key=key, path=str(path), type=body["type"])
+            return Published.from_json(v, key)
+        finally:
+            line.leave(place)
 
     def flush_spool(self) -> FlushResult:
         """Send the spooled publishes, oldest first, each with its own key, and
@@ -1047,20 +1170,42 @@ class Client:
         acknowledged first. Async handlers run on an event loop of their
         consumer's thread. Raises what ended a runner."""
         old: Any = None
+        old_int: Any = None
         in_main = threading.current_thread() is threading.main_thread()
         if handle_sigterm and in_main:
             old = signal.signal(signal.SIGTERM, lambda signum, frame: self._request_stop())
+        # Ctrl-C asks the runners to stop instead of raising KeyboardInterrupt
+        # into Thread.join: an interrupted join can mark a running thread as
+        # ended (CPython's _wait_for_tstate_lock), and the process would then
+        # exit while a handler runs, before its event is acknowledged. A second
+        # Ctrl-C raises KeyboardInterrupt as usual.
+        interrupted = threading.Event()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            interrupted.set()
+            self._request_stop()
+
+        if in_main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            old_int = signal.signal(signal.SIGINT, on_sigint)
         try:
             self.start()
             try:
+                logged = False
                 while any(t.is_alive() for t in self._threads):
                     for t in self._threads:
                         t.join(0.5)
+                        if interrupted.is_set() and not logged:
+                            logged = True
+                            log.info("interrupted: stopping")
             except KeyboardInterrupt:
                 log.info("interrupted: stopping")
             finally:
                 self.stop(None)
         finally:
+            if old_int is not None:
+                signal.signal(signal.SIGINT, old_int)
             if handle_sigterm and in_main:
                 signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
 

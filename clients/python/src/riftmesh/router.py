@@ -31,10 +31,10 @@ import logging
 import os
 import re
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Union
+from typing import Any, Awaitable, Callable, Dict, Generator, List, Literal, Optional, Set, Union, overload
 
 from .aio import AsyncClient, ErrorCallback
-from .client import _CONSUMER_NAME, Subscription, TimeLike, _callable_name, _Group, _since_param, _Start
+from .client import _CONSUMER_NAME, Subscription, TimeLike, _callable_name, _fire_body, _Group, _since_param, _Start
 from .event_types import DataEventType
 from .models import Event, HandlerFailure, Published
 from .spool import FlushResult, Spool, default_spool_dir, service_name
@@ -483,7 +483,83 @@ class Router:
 
     # ------------------------------------------------------------ publish
 
-    async def publish(
+    @overload
+    def publish(
+        self,
+        event_type: TypeLike,
+        payload: Any = None,
+        source: Optional[str] = None,
+        *,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: Literal[False] = False,
+    ) -> Awaitable[Published]: ...
+
+    @overload
+    def publish(
+        self,
+        event_type: TypeLike,
+        payload: Any = None,
+        source: Optional[str] = None,
+        *,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: Literal[False] = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: Literal[True],
+    ) -> Awaitable[None]: ...
+
+    @overload
+    def publish(
+        self,
+        event_type: TypeLike,
+        payload: Any = None,
+        source: Optional[str] = None,
+        *,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: bool,
+    ) -> Awaitable[Optional[Published]]: ...
+
+    def publish(
+        self,
+        event_type: TypeLike,
+        payload: Any = None,
+        source: Optional[str] = None,
+        *,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        by_content: bool = False,
+        retry_for: Optional[float] = None,
+        fire_and_forget: bool = False,
+    ) -> Awaitable[Optional[Published]]:
+        """``await router.publish(...)``: see :meth:`_publish`.
+
+        ``fire_and_forget=True`` is :meth:`fire_and_forget`: it acts when
+        called (awaiting the result is optional and waits until the event is
+        sent or spooled), takes its place in line at once and never raises."""
+        if fire_and_forget:
+            if by_content:
+                raise ValueError("fire_and_forget=True needs an idempotency key: by_content=True cannot be spooled")
+            task = self._fire_and_forget(
+                event_type, payload, source, correlation_id=correlation_id, parent_id=parent_id,
+                idempotency_key=idempotency_key, retry_for=retry_for,
+            )
+            return task if task is not None else _Done()
+        return self._publish(
+            event_type, payload, source, correlation_id=correlation_id, parent_id=parent_id,
+            idempotency_key=idempotency_key, by_content=by_content, retry_for=retry_for,
+        )
+
+    async def _publish(
         self,
         event_type: TypeLike,
         payload: Any = None,
@@ -554,7 +630,27 @@ class Router:
         the ``riftmesh`` logger and counted in :attr:`fire_errors`.
 
         Without a running loop the publish is made here, in this thread
-        (``Client.publish_or_spool`` with no retries), and ``None`` is returned."""
+        (``Client.publish_or_spool`` with no retries), and ``None`` is returned.
+
+        Concurrent calls reach the agent, or the spool, in call order: each
+        takes its place in the spool's line when called, before any request
+        (see :meth:`AsyncClient.publish_or_spool`)."""
+        return self._fire_and_forget(
+            event_type, payload, source, correlation_id=correlation_id, parent_id=parent_id,
+            idempotency_key=idempotency_key,
+        )
+
+    def _fire_and_forget(
+        self,
+        event_type: TypeLike,
+        payload: Any,
+        source: Optional[str],
+        *,
+        correlation_id: Optional[str],
+        parent_id: Optional[str],
+        idempotency_key: Optional[str],
+        retry_for: Optional[float] = None,
+    ) -> "Optional[asyncio.Task[None]]":
         src = source if source is not None else self.name
         kw: Dict[str, Any] = dict(
             source=src, correlation_id=correlation_id, parent_id=parent_id, idempotency_key=idempotency_key
@@ -562,24 +658,36 @@ class Router:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            self._fire_blocking(event_type, payload, kw)
+            self._fire_blocking(event_type, payload, kw, retry_for)
             return None
         self._ensure_flusher()
-        task = asyncio.ensure_future(self._fire(event_type, payload, kw))
+        try:
+            body, key = _fire_body(event_type, payload, dict(kw, caused_by=None))
+            place = self.client.spool.line.take()  # call order, before any request
+        except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
+            self.fire_errors += 1
+            log.error("fire_and_forget %s failed: %s: %s", type_name_of(event_type), type(e).__name__, e)
+            return None
+        task = asyncio.ensure_future(self._fire(place, body, key, payload, kw, retry_for))
         self._fires.add(task)
         task.add_done_callback(self._fires.discard)
         return task
 
-    async def _fire(self, event_type: TypeLike, payload: Any, kw: Dict[str, Any]) -> None:
+    async def _fire(
+        self, place: int, body: Dict[str, Any], key: str, payload: Any, kw: Dict[str, Any], retry_for: Optional[float]
+    ) -> None:
+        event_type = body["type"]
         try:
             # Its own subscriptions first (a process gets what it publishes), but
             # not for long: an agent that is down means the spool.
             await self._subscriptions_ready(min(2.0, self.client.timeout), quiet=True)
-            r = await self.client.publish_or_spool(event_type, payload, retry_for=0, **kw)
+            r = await self.client._publish_in_line(place, body, key, 0.0 if retry_for is None else retry_for)
         except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
             self.fire_errors += 1
             log.error("fire_and_forget %s failed: %s: %s", type_name_of(event_type), type(e).__name__, e)
             return
+        finally:
+            self.client.spool.line.leave(place)  # (if it did not get as far as its turn)
         if isinstance(r, Published):
             self._remember(
                 RouterEvent.build(
@@ -588,13 +696,15 @@ class Router:
                 )
             )
 
-    def _fire_blocking(self, event_type: TypeLike, payload: Any, kw: Dict[str, Any]) -> None:
+    def _fire_blocking(
+        self, event_type: TypeLike, payload: Any, kw: Dict[str, Any], retry_for: Optional[float] = None
+    ) -> None:
         from .client import Client
 
         c = Client(
             self.client.address,
             timeout=self.client.timeout,
-            retry_for=0,
+            retry_for=retry_for or 0,
             spool_dir=self.client.spool.directory,
             spool_max_files=self.client.spool.max_files,
             spool_max_bytes=self.client.spool.max_bytes,
@@ -604,6 +714,15 @@ class Router:
         except Exception as e:  # noqa: BLE001 - fire and forget: log, count, never raise
             self.fire_errors += 1
             log.error("fire_and_forget %s failed: %s: %s", type_name_of(event_type), type(e).__name__, e)
+
+
+class _Done:
+    """What ``publish(..., fire_and_forget=True)`` returns when it was made at
+    once, without an event loop: awaiting it returns ``None`` at once."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # a generator that yields nothing
 
 
 def type_name_of(t: TypeLike) -> str:
@@ -636,7 +755,8 @@ def reset_router() -> None:
     set_router(None)
 
 
-async def publish(
+@overload
+def publish(
     event_type: TypeLike,
     payload: Any = None,
     source: Optional[str] = None,
@@ -646,9 +766,56 @@ async def publish(
     idempotency_key: Optional[str] = None,
     by_content: bool = False,
     retry_for: Optional[float] = None,
-) -> Published:
-    """``await publish(DataEventType.X, payload={...}, source="component")`` on :func:`get_router`."""
-    return await get_router().publish(
+    fire_and_forget: Literal[False] = False,
+) -> Awaitable[Published]: ...
+
+
+@overload
+def publish(
+    event_type: TypeLike,
+    payload: Any = None,
+    source: Optional[str] = None,
+    *,
+    correlation_id: Optional[str] = None,
+    parent_id: Optional[str] = None,
+    idempotency_key: Optional[str] = None,
+    by_content: Literal[False] = False,
+    retry_for: Optional[float] = None,
+    fire_and_forget: Literal[True],
+) -> Awaitable[None]: ...
+
+
+@overload
+def publish(
+    event_type: TypeLike,
+    payload: Any = None,
+    source: Optional[str] = None,
+    *,
+    correlation_id: Optional[str] = None,
+    parent_id: Optional[str] = None,
+    idempotency_key: Optional[str] = None,
+    by_content: bool = False,
+    retry_for: Optional[float] = None,
+    fire_and_forget: bool,
+) -> Awaitable[Optional[Published]]: ...
+
+
+def publish(
+    event_type: TypeLike,
+    payload: Any = None,
+    source: Optional[str] = None,
+    *,
+    correlation_id: Optional[str] = None,
+    parent_id: Optional[str] = None,
+    idempotency_key: Optional[str] = None,
+    by_content: bool = False,
+    retry_for: Optional[float] = None,
+    fire_and_forget: bool = False,
+) -> Awaitable[Optional[Published]]:
+    """``await publish(DataEventType.X, payload={...}, source="component")`` on
+    :func:`get_router` (:meth:`Router.publish`; ``fire_and_forget=True`` acts
+    when called, awaited or not, and never raises)."""
+    return get_router().publish(
         event_type,
         payload,
         source,
@@ -657,6 +824,7 @@ async def publish(
         idempotency_key=idempotency_key,
         by_content=by_content,
         retry_for=retry_for,
+        fire_and_forget=fire_and_forget,
     )
 
 

@@ -24,6 +24,7 @@ prefix and tells the caller at once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from .errors import SpoolFull
 
@@ -109,6 +110,114 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class Line:
+    """The order of one spool directory's publishes in this process.
+
+    A publish that may end in the spool takes its place in line when it is
+    called (:meth:`take`, before any request), and makes its attempt (send,
+    or write its file) only when every earlier place is done (:meth:`wait`
+    from a thread, :meth:`wait_async` from a task), then gives its turn on
+    (:meth:`leave`). So concurrent calls, from threads or tasks, reach the
+    spool and the agent in the order they were made, whichever of them the
+    agent answers first. One line per directory: every :class:`Spool` of that
+    directory in this process shares it.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._next = 0
+        self._turn = 0
+        self._left: Set[int] = set()
+        self._wake: Dict[int, Callable[[], None]] = {}
+        # The last spool file's time stamp: names strictly increase.
+        self.last_ns = 0
+
+    @property
+    def waiting(self) -> int:
+        """Places taken and not yet done (the one whose turn it is included)."""
+        with self.lock:
+            return self._next - self._turn - len(self._left)
+
+    def take(self) -> int:
+        with self.lock:
+            n = self._next
+            self._next += 1
+            return n
+
+    def _register(self, place: int, wake: Callable[[], None]) -> bool:
+        """True if it is ``place``'s turn now; else ``wake`` is called when it is."""
+        with self.lock:
+            if self._turn == place:
+                return True
+            self._wake[place] = wake
+            return False
+
+    def wait(self, place: int) -> None:
+        """Block this thread until ``place``'s turn. On a thread that runs an
+        event loop it does not wait: the turn may belong to a task of that
+        very loop, which could then never give it on; the call goes out of
+        line (its order is not kept) rather than hang."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            log.warning("a spooling publish made with the blocking Client on an event loop's thread does not wait its turn")
+            return
+        ev = threading.Event()
+        if not self._register(place, ev.set):
+            ev.wait()
+
+    async def wait_async(self, place: int) -> None:
+        loop = asyncio.get_running_loop()
+        fut: "asyncio.Future[None]" = loop.create_future()
+
+        def set_fut() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(set_fut)
+
+        if not self._register(place, wake):
+            await fut
+
+    def leave(self, place: int) -> None:
+        """``place`` is done (or given up before its turn): the next one may go."""
+        wake: Optional[Callable[[], None]] = None
+        with self.lock:
+            self._wake.pop(place, None)
+            if place < self._turn:
+                return  # done already
+            if place != self._turn:
+                self._left.add(place)  # skipped when its turn comes
+                return
+            self._turn += 1
+            while self._turn in self._left:
+                self._left.discard(self._turn)
+                self._turn += 1
+            wake = self._wake.pop(self._turn, None)
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:
+                # Its loop is closed: nobody will take that turn.
+                self.leave(self._turn)
+
+
+_lines: Dict[str, Line] = {}
+_lines_lock = threading.Lock()
+
+
+def _line_for(directory: Path) -> Line:
+    key = os.path.abspath(str(directory))
+    with _lines_lock:
+        line = _lines.get(key)
+        if line is None:
+            line = _lines[key] = Line()
+        return line
+
+
 class Spool:
     """The spool directory of one service (see the module's text)."""
 
@@ -127,7 +236,9 @@ class Spool:
         self.refused = 0
         # Files moved to rejected/ (this process).
         self.rejected = 0
-        self._lock = threading.Lock()
+        # The order of this directory's publishes in this process (shared by its Spools).
+        self.line = _line_for(self.directory)
+        self._lock = self.line.lock
 
     def __repr__(self) -> str:
         return f"<riftmesh.Spool {self.directory}>"
@@ -183,8 +294,11 @@ class Spool:
                 self.refused += 1
                 raise SpoolFull(str(self.directory), files, size, self.max_files, self.max_bytes)
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Names sort by time: a flush sends the oldest first.
-            name = f"{time.time_ns():020d}-{os.getpid()}-{digest}.json"
+            # Names sort by time, strictly increasing in this process: a
+            # flush sends the oldest first.
+            ns = max(time.time_ns(), self.line.last_ns + 1)
+            self.line.last_ns = ns
+            name = f"{ns:020d}-{os.getpid()}-{digest}.json"
             tmp = self.directory / f".tmp-{name}"
             final = self.directory / name
             fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
