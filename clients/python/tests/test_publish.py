@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from riftmesh import BadRequest, Client, EventType, PayloadTooLarge
+from riftmesh import BadRequest, Client, Event, EventType, PayloadTooLarge
 
 
 def test_publish_returns_id_and_duplicate(client: Client, uid: str) -> None:
@@ -35,7 +35,7 @@ def test_publish_returns_id_and_duplicate(client: Client, uid: str) -> None:
     assert ev.payload == payload
     assert ev.source == "trainer"
     assert ev.seq == first.seq and ev.hash == first.hash
-    assert ev.source == client.status()["peer_id"]
+    assert ev.node == client.status()["peer_id"]
     assert ev.idempotency_key == first.idempotency_key
     assert client.event(c1.id).idempotency_key is None
 
@@ -138,3 +138,15 @@ def test_a_promotion_without_a_blob_reference_warns(client: Client, uid: str, ca
     assert not r.duplicate and r.warning and "no blob reference" in r.warning
     assert any("no blob reference" in m for m in caplog.messages)
     assert client.publish("TRAINING_COMPLETED", {"model_id": uid}).warning is None
+
+
+def test_an_older_agents_event_maps_to_source_and_node() -> None:
+    # An agent older than `node` answered the peer id as `source` and the
+    # component as `origin`; a current agent answers both names itself.
+    base = {"seq": 1, "id": "e-1", "type": "TRAINING_COMPLETED", "payload": {}}
+    old = Event.from_json({**base, "source": "12D3KooWpeer", "origin": "trainer"})
+    assert (old.source, old.node, old.origin) == ("trainer", "12D3KooWpeer", "trainer")
+    new = Event.from_json({**base, "source": "trainer", "node": "12D3KooWpeer", "origin": "trainer"})
+    assert (new.source, new.node) == ("trainer", "12D3KooWpeer")
+    anonymous = Event.from_json({**base, "source": "", "node": "12D3KooWpeer", "origin": None})
+    assert (anonymous.source, anonymous.origin) == ("", None)
