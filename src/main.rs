@@ -292,6 +292,19 @@ enum BlobOp {
         /// Naming event: BLOB_PUBLISHED, MODEL_PROMOTED or GAME_BATCH_READY.
         #[arg(long, default_value = "BLOB_PUBLISHED")]
         event: String,
+        /// The naming event's source: the component naming the blob
+        /// (default riftmesh/blob).
+        #[arg(long)]
+        source: Option<String>,
+        /// The run the naming event belongs to; every host's
+        /// MODEL_DISTRIBUTED / DATA_SYNC_* carries it, so `trace` of the run
+        /// reaches each placement.
+        #[arg(long)]
+        correlation_id: Option<String>,
+        /// Id of the event that led to this naming (e.g. the
+        /// EVALUATION_COMPLETED that promoted the model).
+        #[arg(long)]
+        parent_id: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },

@@ -331,6 +331,7 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
         "m.pth".into(),
         "models/m",
         "MODEL_PROMOTED",
+        riftmesh::blob::NamingLink::default(),
     )
     .await
     .unwrap();

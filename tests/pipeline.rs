@@ -740,3 +740,163 @@ async fn source_is_the_publishing_component_and_node_the_signing_agent() {
     );
     assert!(out.contains("source=cli_daemon"), "{out}");
 }
+
+/// `blob add` with the run's ids, as a promoter daemon would call it.
+fn add_linked(a: &Agent, file: &Path, name: &str, event: &str, run: &str, parent: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["blob", "add"])
+        .arg(file)
+        .args(["--name", name, "--event", event, "--source", "promoter"])
+        .args(["--correlation-id", run, "--parent-id", parent, "--json"])
+        .args(["--api", a.api.trim_start_matches("http://")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The seeds' run, traced end to end (proto-notes/sync.md, "Events"): a
+/// TRAINING_COMPLETED of run `run-7`, the model promoted and a game batch
+/// announced with the run's ids, and each of two wanting hosts placing
+/// both. Every sync event carries the run's correlation id and its naming
+/// event as parent, so a trace of the TRAINING_COMPLETED on any host shows
+/// the whole tree: training → promotion → each host's MODEL_DISTRIBUTED,
+/// and training → batch → each host's DATA_SYNC_STARTED / _COMPLETED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_of_the_run_reaches_every_hosts_placement() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let key = root.join("swarm.key");
+    keygen(&key);
+    let a = Agent::start_with(root, "a", &key, &[], &config(root, "a", "")).await;
+    let boot = a.p2p_addr().await;
+    let mut wanting = Vec::new();
+    for name in ["b", "c"] {
+        let want = format!(
+            "[[want]]\nnames = \"models/*\"\nplace = \"{0}/{name}/{{name}}.pth\"\n\
+             [[want]]\nnames = \"games/*\"\nplace = \"{0}/{name}/{{name}}.npz\"\n",
+            root.join("placed").display()
+        );
+        wanting.push(
+            Agent::start_with(
+                root,
+                name,
+                &key,
+                std::slice::from_ref(&boot),
+                &config(root, name, &want),
+            )
+            .await,
+        );
+    }
+    wait_for(
+        "b and c connected to a",
+        Duration::from_secs(60),
+        || async { (a.connected_peers().await >= 2).then_some(()) },
+    )
+    .await;
+    let trained = a
+        .post(
+            "/v1/events",
+            &serde_json::json!({"type": "TRAINING_COMPLETED", "source": "training_daemon",
+                "correlation_id": "run-7", "payload": {"config": "hex8_2p"}}),
+        )
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (model, games) = (root.join("hex8_2p.pth"), root.join("batch-7.npz"));
+    std::fs::write(&model, vec![7u8; 600_000]).unwrap();
+    std::fs::write(&games, vec![9u8; 300_000]).unwrap();
+    let promoted = add_linked(
+        &a,
+        &model,
+        "models/hex8_2p",
+        "MODEL_PROMOTED",
+        "run-7",
+        &trained,
+    );
+    let batch = add_linked(
+        &a,
+        &games,
+        "games/hex8_2p/b7",
+        "GAME_BATCH_READY",
+        "run-7",
+        &trained,
+    );
+
+    // Eight sync events reach a: per host a MODEL_DISTRIBUTED, and a
+    // DATA_SYNC_STARTED then _COMPLETED.
+    let want_under = |parent: &str, ty: &str| (parent.to_string(), ty.to_string());
+    let mut expected = Vec::new();
+    for _ in ["b", "c"] {
+        expected.push(want_under(&promoted, "MODEL_DISTRIBUTED"));
+        expected.push(want_under(&batch, "DATA_SYNC_STARTED"));
+        expected.push(want_under(&batch, "DATA_SYNC_COMPLETED"));
+    }
+    expected.sort();
+    for host in [&a, &wanting[0], &wanting[1]] {
+        let tree = wait_for(
+            "the whole run in the trace",
+            Duration::from_secs(90),
+            || async {
+                let v = host.get(&format!("/v1/trace/{trained}")).await.ok()?;
+                let nodes = v["events"].as_array()?.clone();
+                (nodes.len() == 3 + expected.len()).then_some(nodes)
+            },
+        )
+        .await;
+        let depth_of = |id: &str| {
+            tree.iter()
+                .find(|n| n["event"]["id"] == id)
+                .map(|n| n["depth"].as_u64().unwrap())
+        };
+        assert_eq!(depth_of(&trained), Some(0), "{tree:?}");
+        assert_eq!(depth_of(&promoted), Some(1), "{tree:?}");
+        assert_eq!(depth_of(&batch), Some(1), "{tree:?}");
+        let mut synced: Vec<(String, String)> = tree
+            .iter()
+            .filter(|n| n["depth"] == 2)
+            .map(|n| {
+                let e = &n["event"];
+                assert_eq!(e["correlation_id"], "run-7", "{e}");
+                assert_eq!(e["source"], "riftmesh/sync", "{e}");
+                (
+                    e["parent_id"].as_str().unwrap().into(),
+                    e["type"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        synced.sort();
+        assert_eq!(synced, expected, "{tree:?}");
+        let hosts: std::collections::BTreeSet<&str> = tree
+            .iter()
+            .filter(|n| n["depth"] == 2)
+            .filter_map(|n| n["event"]["payload"]["host"].as_str())
+            .collect();
+        assert_eq!(
+            hosts.into_iter().collect::<Vec<_>>(),
+            ["b", "c"],
+            "{tree:?}"
+        );
+    }
+    // The CLI prints the same tree, the asked event marked.
+    let (ok, out, err) = cli(&wanting[1], &["trace", &trained]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("correlation run-7"), "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("└─ MODEL_DISTRIBUTED"))
+            .count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("● TRAINING_COMPLETED") && l.ends_with("<=")),
+        "{out}"
+    );
+}

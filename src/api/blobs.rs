@@ -27,6 +27,38 @@ pub(super) struct BlobAddReq {
     /// Naming event type [default: BLOB_PUBLISHED].
     #[serde(default)]
     event: Option<String>,
+    /// The naming event's `source`, `correlation_id` and `parent_id`.
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    parent_id: Option<String>,
+}
+
+/// The naming event's link fields, checked before anything is stored.
+fn naming_link(
+    source: Option<String>,
+    correlation_id: Option<String>,
+    parent_id: Option<String>,
+) -> Result<crate::blob::NamingLink, ApiError> {
+    for (field, v) in [
+        ("source", &source),
+        ("correlation_id", &correlation_id),
+        ("parent_id", &parent_id),
+    ] {
+        if v.as_ref().is_some_and(|s| s.len() > event::MAX_ID_LEN) {
+            return Err(ApiError::bad(format!(
+                "`{field}` is longer than {} bytes",
+                event::MAX_ID_LEN
+            )));
+        }
+    }
+    Ok(crate::blob::NamingLink {
+        source,
+        correlation_id,
+        parent_id,
+    })
 }
 
 /// The naming event's type, checked: one of the types that name blobs.
@@ -51,8 +83,9 @@ async fn add_and_answer(
     label: std::path::PathBuf,
     name: &str,
     ty: &str,
+    link: crate::blob::NamingLink,
 ) -> ApiResult<Json<Value>> {
-    let (added, appended) = crate::blob::add(node.blob(), src, len, label, name, ty)
+    let (added, appended) = crate::blob::add(node.blob(), src, len, label, name, ty, link)
         .await
         .map_err(|e| {
             if [
@@ -95,6 +128,7 @@ pub(super) async fn blob_add(
     ApiJson(req): ApiJson<BlobAddReq>,
 ) -> ApiResult<Json<Value>> {
     let ty = naming_type(&req.name, req.event.as_deref())?;
+    let link = naming_link(req.source, req.correlation_id, req.parent_id)?;
     let policy = crate::blob::source::FilePolicy::new(
         node.cfg().blob_roots.clone(),
         &node.cfg().data_dir,
@@ -120,7 +154,7 @@ pub(super) async fn blob_add(
                 format!("cannot add {}: {e}", canon.display()),
             )
         })?;
-    add_and_answer(&node, Box::new(f), len, canon, &req.name, &ty).await
+    add_and_answer(&node, Box::new(f), len, canon, &req.name, &ty, link).await
 }
 
 #[derive(Deserialize)]
@@ -129,6 +163,12 @@ pub(super) struct UploadQuery {
     name: String,
     #[serde(default)]
     event: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    parent_id: Option<String>,
 }
 
 /// `POST /v1/blobs/upload?name=…&event=…` with the blob's bytes as the
@@ -141,6 +181,7 @@ pub(super) async fn blob_upload(
     body: axum::body::Body,
 ) -> ApiResult<Json<Value>> {
     let ty = naming_type(&q.name, q.event.as_deref())?;
+    let link = naming_link(q.source, q.correlation_id, q.parent_id)?;
     // Only application/octet-stream: a web page can send text/plain or a
     // form without a preflight, never this.
     let ct = headers
@@ -201,6 +242,7 @@ pub(super) async fn blob_upload(
         std::path::PathBuf::from("the uploaded body"),
         &q.name,
         &ty,
+        link,
     )
     .await
 }

@@ -108,6 +108,7 @@ impl Client {
         file: &std::path::Path,
         name: &str,
         event: Option<&str>,
+        link: &crate::blob::NamingLink,
     ) -> Result<Value, ClientError> {
         let local = |e: std::io::Error| ClientError::Local(format!("{}: {e}", file.display()));
         // O_NONBLOCK: a FIFO's open would wait for a writer; the type is
@@ -129,6 +130,15 @@ impl Client {
         let mut query = vec![("name", name)];
         if let Some(e) = event {
             query.push(("event", e));
+        }
+        for (k, v) in [
+            ("source", &link.source),
+            ("correlation_id", &link.correlation_id),
+            ("parent_id", &link.parent_id),
+        ] {
+            if let Some(v) = v {
+                query.push((k, v));
+            }
         }
         let body =
             reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));

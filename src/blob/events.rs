@@ -34,7 +34,11 @@ pub(super) enum TransferStep {
     Failed,
 }
 
-/// Publish a sync event (none for `None`) caused by the naming event `cause`.
+/// Publish a sync event (none for `None`) caused by the naming event
+/// `cause`: its parent is the naming event, and its correlation the naming
+/// event's own (the run that led to it), or the naming event's id when it
+/// has none or is no longer retained here; so a trace of the run reaches
+/// every host's placement (proto-notes/sync.md, "Events").
 pub(super) async fn publish_event(
     ctx: &Arc<Ctx>,
     ty: Option<&str>,
@@ -44,13 +48,21 @@ pub(super) async fn publish_event(
     let Some(ty) = ty else {
         return;
     };
-    let link = (!cause.is_empty()).then(|| cause.to_string());
+    let parent = (!cause.is_empty()).then(|| cause.to_string());
+    let correlation = parent.as_ref().map(|id| {
+        ctx.store
+            .get_by_id(id)
+            .ok()
+            .flatten()
+            .and_then(|(_, s)| s.event.correlation_id.clone())
+            .unwrap_or_else(|| id.clone())
+    });
     match Draft::new(
         ty,
         payload,
         Some("riftmesh/sync".into()),
-        link.clone(),
-        link,
+        correlation,
+        parent,
     ) {
         Ok(d) => {
             if let Err(e) = ctx.publisher.publish(vec![d]).await {

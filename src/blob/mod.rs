@@ -49,7 +49,7 @@ use crate::publisher::Publisher;
 
 pub use crate::config::{check_name, TransferConfig, Want};
 pub use gc::gc_once;
-pub use names::{add, check_naming_payload, ensure_held, Naming, NAMING_TYPES};
+pub use names::{add, check_naming_payload, ensure_held, Naming, NamingLink, NAMING_TYPES};
 pub use objects::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord};
 pub use rate::Limiter;
 pub use repair::local_damage;

@@ -202,6 +202,17 @@ pub fn ensure_held(
     wake
 }
 
+/// What the naming event of an add says about who named the blob and what
+/// led to it: its `source` (the component; `riftmesh/blob` if none), and
+/// the run's `correlation_id` and the causing event's `parent_id`, which
+/// the sync events of every host then carry (proto-notes/sync.md, "Events").
+#[derive(Clone, Debug, Default)]
+pub struct NamingLink {
+    pub source: Option<String>,
+    pub correlation_id: Option<String>,
+    pub parent_id: Option<String>,
+}
+
 /// Add a local file as a blob and publish `name` for it.
 /// Add `len` bytes from `src` (an opened file, or an upload's body read
 /// on this blocking thread as it arrives) under `name`, and publish the
@@ -213,6 +224,7 @@ pub async fn add(
     label: PathBuf,
     name: &str,
     event_type: &str,
+    link: NamingLink,
 ) -> Result<(store::Added, crate::store::Appended), String> {
     check_name(name)?;
     let store = ctx.blobs.store.clone();
@@ -232,9 +244,9 @@ pub async fn add(
     let d = Draft::new(
         event_type,
         &payload,
-        Some("riftmesh/blob".into()),
-        None,
-        None,
+        Some(link.source.unwrap_or_else(|| "riftmesh/blob".into())),
+        link.correlation_id,
+        link.parent_id,
     )
     .map_err(|e| e.to_string())?;
     let mut out = ctx

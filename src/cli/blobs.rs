@@ -13,13 +13,24 @@ use crate::BlobOp;
 pub async fn run(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result<()> {
     match op {
         BlobOp::Add {
-            file, name, event, ..
+            file,
+            name,
+            event,
+            source,
+            correlation_id,
+            parent_id,
+            ..
         } => {
+            let link = riftmesh::blob::NamingLink {
+                source,
+                correlation_id,
+                parent_id,
+            };
             // The CLI reads the file with the caller's permissions and
             // sends its bytes: the agent reads no file for a request
             // (proto-notes/security.md).
             let v = client
-                .upload_blob(&file, &name, Some(&event))
+                .upload_blob(&file, &name, Some(&event), &link)
                 .await
                 .with_context(|| format!("cannot add {}", file.display()))?;
             if json_out {

@@ -14,6 +14,21 @@ from riftmesh import BadRequest, Client, Event, EventType, NotFound
 DEADLINE = 90.0
 
 
+def test_blob_add_links_its_naming_event_into_the_run(client: Client, uid: str, tmp_path: Path) -> None:
+    trained = client.publish("TRAINING_COMPLETED", {"config": "hex8_2p"}, source="trainer", correlation_id=f"run-{uid}")
+    src = tmp_path / "model.pth"
+    src.write_bytes(os.urandom(1000) + uid.encode())
+    cause = client.event(trained.id)
+    added = client.blob_add(src, name=f"models/linked-{uid}", event=EventType.MODEL_PROMOTED, source="promoter", caused_by=cause)
+    ev = client.event(added.event_id)
+    assert (ev.source, ev.correlation_id, ev.parent_id) == ("promoter", f"run-{uid}", trained.id)
+    plain = client.blob_add(src, name=f"models/plain-{uid}")
+    ev = client.event(plain.event_id)
+    assert (ev.source, ev.correlation_id, ev.parent_id) == ("riftmesh/blob", None, None)
+    with pytest.raises(BadRequest, match="correlation_id"):
+        client.blob_add(src, name=f"models/long-{uid}", correlation_id="x" * 129)
+
+
 def test_blob_add_and_get(client: Client, uid: str, tmp_path: Path) -> None:
     data = os.urandom(300_000) + uid.encode()
     src = tmp_path / "model.pth"

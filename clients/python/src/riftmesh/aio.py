@@ -42,6 +42,7 @@ from ._transport import Transport, format_address, quote, resolve_address
 from .client import (
     _BACKLOG_PEEK,
     blob_upload,
+    naming_link,
     _CONSUMER_NAME,
     MAX_REASON,
     MAX_WAIT,
@@ -955,12 +956,22 @@ class AsyncClient:
     # ================================================================ blobs
 
     async def blob_add(
-        self, path: Union[str, "os.PathLike[str]"], *, name: str, event: Optional[TypeLike] = None
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        name: str,
+        event: Optional[TypeLike] = None,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
     ) -> BlobAdded:
         """Stream a local file (read with this process's permissions) to the
-        agent as a blob; the blocking file upload runs in a worker thread."""
+        agent as a blob; the blocking file upload runs in a worker thread.
+        The naming event's links as in :meth:`riftmesh.Client.blob_add`."""
         sync = Transport(self._http.host, self._http.port, self._http.timeout)
-        return await asyncio.to_thread(blob_upload, sync, path, name, event)
+        link = naming_link(source, correlation_id, parent_id, caused_by)
+        return await asyncio.to_thread(blob_upload, sync, path, name, event, link)
 
     async def blobs(self) -> Dict[str, Any]:
         return await self._http.request("GET", "/v1/blobs")  # type: ignore[no-any-return]

@@ -117,12 +117,19 @@ def _patterns(args: Sequence[Union[TypeLike, Iterable[TypeLike]]]) -> List[str]:
 
 
 def blob_upload(
-    http: "Transport", path: Union[str, "os.PathLike[str]"], name: str, event: Optional[TypeLike]
+    http: "Transport",
+    path: Union[str, "os.PathLike[str]"],
+    name: str,
+    event: Optional[TypeLike],
+    link: Optional[Dict[str, Optional[str]]] = None,
 ) -> BlobAdded:
     """Stream a local file to ``POST /v1/blobs/upload`` (shared by both clients)."""
     query: Dict[str, Any] = {"name": name}
     if event is not None:
         query["event"] = type_name(event)
+    for k, v in (link or {}).items():
+        if v is not None:
+            query[k] = v
     # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; the
     # type is checked on the descriptor before anything is read.
     fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -134,6 +141,16 @@ def blob_upload(
         # Sending and hashing a large model outlasts the usual timeout.
         v = http.upload("/v1/blobs/upload", f, st.st_size, query=query, timeout=max(http.timeout, 6 * 3600.0))
     return BlobAdded.from_json(v)
+
+
+def naming_link(
+    source: Optional[str], correlation_id: Optional[str], parent_id: Optional[str], caused_by: Optional[Event]
+) -> Dict[str, Optional[str]]:
+    """A naming event's ``source``, ``correlation_id`` and ``parent_id``."""
+    if caused_by is not None:
+        parent_id = parent_id or caused_by.id
+        correlation_id = correlation_id or caused_by.chain_id
+    return {"source": source, "correlation_id": correlation_id, "parent_id": parent_id}
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:
@@ -1525,15 +1542,30 @@ class Client:
 
     # ================================================================ blobs
 
-    def blob_add(self, path: Union[str, "os.PathLike[str]"], *, name: str, event: Optional[TypeLike] = None) -> BlobAdded:
+    def blob_add(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        name: str,
+        event: Optional[TypeLike] = None,
+        source: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        parent_id: Optional[str] = None,
+        caused_by: Optional[Event] = None,
+    ) -> BlobAdded:
         """Add a file to the agent's blob store under ``name`` and publish the
         naming event (``event``: ``BLOB_PUBLISHED`` by default, or
         ``MODEL_PROMOTED`` / ``GAME_BATCH_READY``). This process reads the
         file with its own permissions and streams the bytes to the agent
         (``POST /v1/blobs/upload``; the agent itself reads no file for a
         request unless ``blob_roots`` allows it); the caller may delete the
-        file afterwards."""
-        return blob_upload(self._http, path, name, event)
+        file afterwards.
+
+        ``source`` names the component (the naming event's ``source``);
+        ``caused_by=event`` (or ``correlation_id`` / ``parent_id``) links
+        the naming event into the run, and every host's MODEL_DISTRIBUTED /
+        DATA_SYNC_* then carries the run's correlation id (:meth:`trace`)."""
+        return blob_upload(self._http, path, name, event, naming_link(source, correlation_id, parent_id, caused_by))
 
     def blobs(self) -> Dict[str, Any]:
         """``GET /v1/blobs``: blobs held here and the names known."""
