@@ -331,6 +331,10 @@ enum BlobOp {
 enum ConsumerOp {
     /// Every consumer of this agent: types, cursor, matching events pending.
     List {
+        /// Instead: how many consumers each live host of the cluster has
+        /// per type pattern, and the total (from the health records).
+        #[arg(long)]
+        cluster: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -366,7 +370,7 @@ enum ConsumerOp {
 impl ConsumerOp {
     fn conn(&self) -> &Conn {
         match self {
-            ConsumerOp::List { conn }
+            ConsumerOp::List { conn, .. }
             | ConsumerOp::Show { conn, .. }
             | ConsumerOp::Nack { conn, .. }
             | ConsumerOp::DeadLetters { conn, .. }

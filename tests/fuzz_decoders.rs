@@ -1,6 +1,6 @@
 //! A mutation fuzzer on the stable toolchain for every decoder of bytes a
 //! peer sends: gossip event frames, `/riftmesh/events/1`,
-//! `/riftmesh/member/1`, `/riftmesh/sync/1` (blob), `/riftmesh/raft/2`, the
+//! `/riftmesh/member/1` and `/2`, `/riftmesh/sync/1` (blob), `/riftmesh/raft/2`, the
 //! frame header; and for the type-name normaliser and pattern parser.
 //!
 //! Seeds: valid encodings built here, plus every file under
@@ -23,7 +23,9 @@ use rand::{Rng, RngCore, SeedableRng};
 use riftmesh::blob::{Manifest, Request as BlobRequest, Response as BlobResponse};
 use riftmesh::codec;
 use riftmesh::event::{normalize_type, Draft, TypePattern};
-use riftmesh::net::wire::{self, CatchupRequest, CatchupResponse, MemberRequest, MemberResponse};
+use riftmesh::net::wire::{
+    self, CatchupRequest, CatchupResponse, MemberMessage, MemberRequest, MemberResponse,
+};
 
 fn iters() -> usize {
     std::env::var("RIFTMESH_FUZZ_ITERS")
@@ -366,6 +368,7 @@ fn membership_messages() {
         info_version: 2,
         health: Default::default(),
         jobs: vec![("selfplay_jobs".into(), 6.0)],
+        subs: Some(vec![("*".into(), 1), ("TRAINING_COMPLETED".into(), 3)]),
     };
     let info = wire::MemberInfo {
         version: 2,
@@ -413,7 +416,7 @@ fn membership_messages() {
     assert!(ok >= 4);
     let resps = vec![
         framed(&MemberResponse::Exchange {
-            beat: Box::new(beat),
+            beat: Box::new(beat.clone()),
             info: Some(Box::new(info)),
         }),
         framed(&MemberResponse::Pong { incarnation: 1 }),
@@ -424,6 +427,53 @@ fn membership_messages() {
         decode_framed::<MemberResponse>(b, wire::MAX_MEMBER_MESSAGE)
     });
     assert!(ok >= 4);
+
+    // `/riftmesh/member/2`: the message, then the heartbeat's consumer counts.
+    let v2 = vec![
+        wire::encode_member(
+            &MemberRequest::Exchange {
+                beat: Box::new(beat.clone()),
+                info: None,
+                have_yours: 2,
+            },
+            true,
+        )
+        .unwrap(),
+        wire::encode_member(&MemberRequest::Ping { incarnation: 9 }, true).unwrap(),
+        wire::encode_member(
+            &MemberResponse::Exchange {
+                beat: Box::new(beat),
+                info: None,
+            },
+            true,
+        )
+        .unwrap(),
+    ];
+    let ok = fuzz("member_v2", v2, |b| {
+        let Some(h) = b.get(..5) else { return false };
+        let Ok(n) = wire::frame_len(&h.try_into().unwrap(), wire::MAX_MEMBER_MESSAGE) else {
+            return false;
+        };
+        let Some(body) = b.get(5..5 + n) else {
+            return false;
+        };
+        let req = wire::decode_member::<MemberRequest>(body, wire::MAX_MEMBER_MESSAGE, true);
+        let resp = wire::decode_member::<MemberResponse>(body, wire::MAX_MEMBER_MESSAGE, true);
+        for beat in [
+            req.as_ref().ok().and_then(|m| m.beat()),
+            resp.as_ref().ok().and_then(|m| m.beat()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            assert!(beat
+                .subs
+                .as_ref()
+                .is_none_or(|s| s.len() <= wire::MAX_SUB_PATTERNS));
+        }
+        req.is_ok() || resp.is_ok()
+    });
+    assert!(ok >= 3);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The cluster as this agent sees it: peers, health, status, members,
 //! job counters, leave, leader, and the fault-injection block.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -10,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::consumers::consumer_views;
-use super::error::{ApiError, ApiJson, ApiResult};
+use super::error::{ApiError, ApiJson, ApiQuery, ApiResult};
+use super::params::patterns;
 use super::views::yes;
 use super::AppState;
 
@@ -88,6 +90,69 @@ pub(super) async fn members(State(node): State<AppState>) -> ApiResult<Json<Valu
         me.peer_id = node.peer_id().to_string();
     }
     Ok(Json(json!({ "self": node.peer_id(), "members": list })))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct SubsQuery {
+    /// Only these type patterns (comma-separated, exactly as consumers
+    /// name them; `*` for the consumers of every type).
+    #[serde(default)]
+    pub types: Option<String>,
+}
+
+/// Durable consumers per type pattern on every live host: this agent's
+/// counted now, the others' as their last health record carried them.
+pub(super) async fn subscriptions(
+    State(node): State<AppState>,
+    ApiQuery(q): ApiQuery<SubsQuery>,
+) -> ApiResult<Json<Value>> {
+    let only: Option<Vec<String>> = match q.types.as_deref() {
+        None => None,
+        Some(t) => {
+            let list: Vec<String> = t.split(',').map(str::to_string).collect();
+            let pats = patterns(&list)?;
+            if pats.is_empty() {
+                return Err(ApiError::bad(
+                    "types: give one or more type patterns, comma-separated",
+                ));
+            }
+            Some(pats.iter().map(|p| p.as_str().to_string()).collect())
+        }
+    };
+    let mine = crate::membership::subscription_counts(&node.store().consumers()?);
+    let mut hosts = node.membership().subscriptions();
+    if let Some(me) = hosts.first_mut() {
+        me.peer_id = node.peer_id().to_string();
+        me.subscriptions = Some(mine.into_iter().collect());
+    }
+    let mut types: BTreeMap<String, (u64, BTreeMap<String, u32>)> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for h in &mut hosts {
+        let label = h.name.clone().unwrap_or_else(|| h.peer_id.clone());
+        let Some(subs) = h.subscriptions.as_mut() else {
+            unknown.push(label);
+            continue;
+        };
+        if let Some(only) = &only {
+            subs.retain(|p, _| only.contains(p));
+        }
+        for (pattern, n) in subs.iter() {
+            let t = types.entry(pattern.clone()).or_default();
+            t.0 += u64::from(*n);
+            *t.1.entry(label.clone()).or_default() += n;
+        }
+    }
+    let types: BTreeMap<String, Value> = types
+        .into_iter()
+        .map(|(p, (total, by_host))| (p, json!({ "total": total, "hosts": by_host })))
+        .collect();
+    Ok(Json(json!({
+        "types": types,
+        "hosts": hosts,
+        "hosts_without_counts": unknown,
+        "health_interval_ms": node.cfg().health_interval.as_millis() as u64,
+    })))
 }
 
 #[derive(Deserialize, Debug)]

@@ -149,6 +149,7 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/peers", get(cluster::peers))
         .route("/v1/members", get(cluster::members))
+        .route("/v1/subscriptions", get(cluster::subscriptions))
         .route("/v1/jobs", post(cluster::set_jobs))
         .route("/v1/leave", post(cluster::leave))
         .route("/v1/leader", get(cluster::leader))

@@ -25,6 +25,40 @@ fn consumer_line(c: &api::ConsumerView) -> String {
     )
 }
 
+/// `consumer list --cluster`: one line per type pattern, its total and
+/// each host's count; then the hosts that do not send counts.
+fn print_cluster_counts(v: &serde_json::Value) {
+    println!("{:<32} {:>6}  HOSTS", "TYPES", "TOTAL");
+    if let Some(types) = v["types"].as_object() {
+        for (pattern, t) in types {
+            let hosts: Vec<String> = t["hosts"]
+                .as_object()
+                .map(|h| {
+                    h.iter()
+                        .map(|(name, n)| format!("{name}={}", n.as_u64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<32} {:>6}  {}",
+                pattern,
+                t["total"].as_u64().unwrap_or(0),
+                hosts.join(" ")
+            );
+        }
+    }
+    let without: Vec<&str> = v["hosts_without_counts"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
+        .unwrap_or_default();
+    if !without.is_empty() {
+        println!(
+            "no counts from: {} (an older agent, or no health record yet)",
+            without.join(", ")
+        );
+    }
+}
+
 /// `riftmesh consumer …`.
 pub async fn run(client: &Client, json_out: bool, op: ConsumerOp) -> anyhow::Result<()> {
     let header = format!(
@@ -32,6 +66,13 @@ pub async fn run(client: &Client, json_out: bool, op: ConsumerOp) -> anyhow::Res
         "NAME", "TYPES", "CURSOR", "PENDING", "DEAD", "LAST ACK"
     );
     match op {
+        ConsumerOp::List { cluster: true, .. } => {
+            let v = client.get("/v1/subscriptions").await?;
+            if json_out {
+                return print_json(&v);
+            }
+            print_cluster_counts(&v);
+        }
         ConsumerOp::List { .. } => {
             let v = client.get("/v1/consumers").await?;
             if json_out {

@@ -107,6 +107,8 @@ pub struct FileConfig {
     pub suspect_max: Option<String>,
     pub member_forget_after: Option<String>,
     pub nvidia_smi: Option<String>,
+    pub idle_after: Option<String>,
+    pub idle_gpu_util_pct: Option<f32>,
     pub voters: Option<Vec<String>>,
     pub election_timeout: Option<String>,
     pub want: Option<Vec<Want>>,
@@ -198,6 +200,10 @@ pub struct AgentConfig {
     pub detector: DetectorConfig,
     /// Command that reports GPUs ("" to not look for GPUs).
     pub nvidia_smi: String,
+    /// `IDLE_RESOURCE_DETECTED` after this long idle (zero: never).
+    pub idle_after: Duration,
+    /// A GPU below this utilization (percent) is idle.
+    pub idle_gpu_util_pct: f32,
     /// Names of the hosts that elect the leader (3 or 5), the same list on
     /// every host; empty: this cluster has no leader.
     pub voters: Vec<String>,

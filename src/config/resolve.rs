@@ -401,6 +401,24 @@ impl Sources<'_> {
         Ok((health_interval, ping_interval, detector))
     }
 
+    /// When a host counts as idle (`IDLE_RESOURCE_DETECTED`).
+    fn idle(&self, file: &mut FileConfig) -> Result<(Duration, f32), ConfigError> {
+        let after = self.dur(
+            "idle_after",
+            file.idle_after.take(),
+            Duration::from_secs(600),
+        )?;
+        let pct = file.idle_gpu_util_pct.take().unwrap_or(5.0);
+        if !(pct > 0.0 && pct <= 100.0) {
+            return Err(self.bad(
+                "idle_gpu_util_pct",
+                &pct.to_string(),
+                "must be above 0 and at most 100 (a GPU below it is idle)",
+            ));
+        }
+        Ok((after, pct))
+    }
+
     /// The voters and the election timeout.
     fn leader(&self, file: &mut FileConfig) -> Result<(Vec<String>, Duration), ConfigError> {
         let voters = file.voters.take().unwrap_or_default();
@@ -594,6 +612,7 @@ impl AgentConfig {
         let tags = s.tags(&mut file)?;
         let (health_interval, ping_interval, detector) = s.membership(&mut file)?;
         let (voters, election_timeout) = s.leader(&mut file)?;
+        let (idle_after, idle_gpu_util_pct) = s.idle(&mut file)?;
         let transfer = s.blob_transfer(&mut file)?;
         let limits = s.net_limits(&mut file)?;
         let blob_roots = s.blob_roots(args, &mut file)?;
@@ -660,6 +679,8 @@ impl AgentConfig {
             ping_interval,
             detector,
             nvidia_smi: f.nvidia_smi.unwrap_or_else(|| "nvidia-smi".into()),
+            idle_after,
+            idle_gpu_util_pct,
             voters,
             election_timeout,
             transfer,

@@ -7,6 +7,7 @@
 pub mod detector;
 mod facts;
 pub mod health;
+pub mod idle;
 mod incarnation;
 mod probe;
 mod sampling;
@@ -24,10 +25,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::AgentConfig;
 use crate::event;
 use crate::metrics::Metrics;
-use crate::net::wire::{Heartbeat, MemberInfo};
+use crate::net::wire::{Heartbeat, MemberInfo, SubCounts, MAX_SUB_PATTERNS};
 use crate::net::NetHandle;
 use crate::net::AGENT_VERSION;
 use crate::publisher::Publisher;
+use crate::store::ConsumerRec;
 use crate::store::Store;
 use detector::{Detector, State};
 use health::Health;
@@ -63,6 +65,8 @@ struct Job {
 struct Rec {
     info: Option<MemberInfo>,
     beat: Option<Heartbeat>,
+    /// When `beat` arrived.
+    beat_at: Option<Instant>,
 }
 
 struct Local {
@@ -114,6 +118,42 @@ pub struct MemberView {
     pub voters_hash: Option<String>,
 }
 
+/// One live host's durable consumers per type pattern, as this agent last
+/// heard them (`GET /v1/subscriptions`).
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSubs {
+    pub name: Option<String>,
+    pub peer_id: String,
+    pub is_self: bool,
+    pub state: &'static str,
+    /// None: the member's agent does not send them (`/riftmesh/member/1`),
+    /// or no record arrived yet.
+    pub subscriptions: Option<BTreeMap<String, u32>>,
+    /// Age of the record the counts came from.
+    pub age_ms: Option<u64>,
+}
+
+/// Consumers per type pattern (`*` for a consumer of every type), sorted
+/// by pattern, at most [`MAX_SUB_PATTERNS`] patterns.
+pub fn subscription_counts(consumers: &[ConsumerRec]) -> SubCounts {
+    let mut m: BTreeMap<&str, u32> = BTreeMap::new();
+    for c in consumers {
+        if c.types.is_empty() {
+            *m.entry("*").or_default() += 1;
+        }
+        let mut types: Vec<&str> = c.types.iter().map(String::as_str).collect();
+        types.sort_unstable();
+        types.dedup();
+        for t in types {
+            *m.entry(t).or_default() += 1;
+        }
+    }
+    m.into_iter()
+        .take(MAX_SUB_PATTERNS)
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
 /// Errors of the jobs API.
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -162,6 +202,7 @@ impl Membership {
             info_version: 1,
             health: Health::default(),
             jobs: Vec::new(),
+            subs: None,
         };
         let seed = rand::random();
         Arc::new(Membership {
@@ -317,6 +358,49 @@ impl Membership {
     /// Names of live members whose voter list hash differs from `mine`.
     pub fn voter_list_mismatch(&self, mine: Option<[u8; 32]>) -> Vec<String> {
         mismatched(&lock(&self.inner), mine)
+    }
+
+    /// Consumer counts of this host (as last announced) and of every live
+    /// member (alive or suspect), this host first.
+    pub fn subscriptions(&self) -> Vec<HostSubs> {
+        let g = self.inner();
+        let now = Instant::now();
+        let counts = |s: &Option<SubCounts>| s.as_ref().map(|s| s.iter().cloned().collect());
+        let mut out = vec![HostSubs {
+            name: Some(g.me.info.name.clone()),
+            peer_id: String::new(),
+            is_self: true,
+            state: if g.me.leaving { "left" } else { "alive" },
+            subscriptions: counts(&g.me.beat.subs),
+            age_ms: Some(0),
+        }];
+        let mut rest: Vec<HostSubs> = g
+            .det
+            .members()
+            .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+            .map(|m| {
+                let rec = g.recs.get(&m.peer);
+                HostSubs {
+                    name: m.name.clone(),
+                    peer_id: m.peer.to_base58(),
+                    is_self: false,
+                    state: m.state.as_str(),
+                    subscriptions: rec
+                        .and_then(|r| r.beat.as_ref())
+                        .and_then(|b| counts(&b.subs)),
+                    age_ms: rec
+                        .and_then(|r| r.beat_at)
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                }
+            })
+            .collect();
+        rest.sort_by(|a, b| a.name.cmp(&b.name).then(a.peer_id.cmp(&b.peer_id)));
+        out.extend(rest);
+        out
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        lock(&self.inner)
     }
 
     /// Every member this agent knows, itself first.

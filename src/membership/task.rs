@@ -11,12 +11,16 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 use super::detector::{Action, Fact, FactKind, State};
-use super::facts::{fact_draft, fact_patterns, parse_fact};
+use super::facts::{fact_draft, fact_patterns, idle_draft, parse_fact, HostFacts};
 use super::health::{GpuStatus, Health};
+use super::idle::{activity, IdleTracker};
 use super::incarnation::save_incarnation;
 use super::probe::{self, Internal};
 use super::sampling::{sample_loop, significant_change};
-use super::{lock, mismatched, refresh_jobs, Cmd, Ctx, Inner, LeaveReport, Membership, Rec};
+use super::{
+    lock, mismatched, refresh_jobs, subscription_counts, Cmd, Ctx, Inner, LeaveReport, Membership,
+    Rec,
+};
 use crate::event::{self, TypePattern};
 use crate::metrics::{label, Labels};
 use crate::net::wire::{Heartbeat, MemberInfo, MemberRequest, MemberResponse};
@@ -37,6 +41,10 @@ pub(super) struct Task {
     pub(super) state_series: HashMap<PeerId, Labels>,
     /// Job counters with a `riftmesh_host_jobs` series.
     pub(super) job_series: BTreeSet<String>,
+    /// `HOST_ONLINE` waits for the first health sample, whose hardware
+    /// figures it carries.
+    online_pending: bool,
+    idle: IdleTracker,
 }
 
 /// Run membership until the node stops. `inbound` is the network's
@@ -67,9 +75,10 @@ pub async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<MemberInbound>) {
         patterns: fact_patterns(),
         state_series: HashMap::new(),
         job_series: BTreeSet::new(),
+        online_pending: true,
+        idle: IdleTracker::default(),
     };
     t.follow_log();
-    t.announce_self(FactKind::Online);
 
     let mut head_rx = ctx.store.watch_head();
     let tick_every = ctx.cfg.detector.tick;
@@ -218,12 +227,14 @@ impl Task {
         let rec = g.recs.entry(peer).or_insert(Rec {
             info: None,
             beat: None,
+            beat_at: None,
         });
         if let Some(info) = info {
             rec.info = Some(info);
         }
         let inc = beat.incarnation;
         rec.beat = Some(beat);
+        rec.beat_at = Some(now);
         match rec.info.as_ref().map(|i| i.name.clone()) {
             Some(name) => g.det.record(peer, &name, inc, now),
             None => g.det.heard(peer, now),
@@ -313,6 +324,15 @@ impl Task {
 
     async fn on_health(&mut self, h: Health) {
         let addrs = self.ctx.net.listen_addr_texts().await;
+        // This host's consumers per type pattern, told to every peer at
+        // once when they change.
+        let subs = match self.ctx.store.consumers() {
+            Ok(cs) => Some(subscription_counts(&cs)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the consumers for the health record");
+                None
+            }
+        };
         let significant = {
             let mut g = self.inner();
             let mut changed = false;
@@ -324,11 +344,50 @@ impl Task {
             }
             changed |= significant_change(&g.me.beat.health, &h);
             g.me.beat.health = h;
+            if subs.is_some() && subs != g.me.beat.subs {
+                g.me.beat.subs = subs;
+                changed = true;
+            }
             changed
         };
         self.update_host_metrics();
         // Periodic: one exchange per pair; a significant change: everyone now.
         self.exchange_all(significant);
+        if std::mem::take(&mut self.online_pending) {
+            self.announce_online();
+        }
+        self.check_idle();
+    }
+
+    /// `IDLE_RESOURCE_DETECTED` about this host, once per idle period.
+    fn check_idle(&mut self) {
+        let after = self.ctx.cfg.idle_after;
+        let below = self.ctx.cfg.idle_gpu_util_pct;
+        let (a, name, tags) = {
+            let g = self.inner();
+            (
+                activity(&g.me.beat.health, &g.me.beat.jobs, below),
+                g.me.info.name.clone(),
+                g.me.info.tags.clone(),
+            )
+        };
+        let Some(report) = self.idle.observe(after, event::now_ms(), a) else {
+            return;
+        };
+        let Some(draft) = idle_draft(&self.me, &name, &tags, below, &report) else {
+            return;
+        };
+        tracing::info!(
+            idle_since_ms = report.idle_since_ms,
+            idle_for_ms = report.idle_for_ms,
+            "this host is idle: IDLE_RESOURCE_DETECTED"
+        );
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ctx.publisher.publish(vec![draft]).await {
+                tracing::warn!(error = %e, "cannot publish IDLE_RESOURCE_DETECTED");
+            }
+        });
     }
 
     fn follow_log(&mut self) {
@@ -369,7 +428,22 @@ impl Task {
     }
 
     fn announce(&self, f: Fact) {
-        let Some(draft) = fact_draft(&f) else {
+        // HOST_ONLINE carries the host's tags and hardware from its own
+        // record: this agent's own, or the one the member sent us. A member
+        // whose record has not arrived gets none (the key leaves them out,
+        // so the first copy stored is the fact).
+        let draft = {
+            let g = self.inner();
+            let own = (f.peer == self.me).then_some((&g.me.info.tags, &g.me.beat.health));
+            let host = own
+                .or_else(|| {
+                    let r = g.recs.get(&f.peer)?;
+                    Some((&r.info.as_ref()?.tags, &r.beat.as_ref()?.health))
+                })
+                .map(|(tags, health)| HostFacts { tags, health });
+            fact_draft(&f, host)
+        };
+        let Some(draft) = draft else {
             return;
         };
         tracing::info!(event = f.kind.event_type(), node = %f.peer, name = %f.name, incarnation = f.incarnation, "membership fact");
@@ -381,13 +455,14 @@ impl Task {
         });
     }
 
-    fn announce_self(&self, kind: FactKind) {
+    /// `HOST_ONLINE` of this agent, at its current incarnation.
+    fn announce_online(&self) {
         let (name, inc) = {
             let g = self.inner();
             (g.me.info.name.clone(), g.det.incarnation())
         };
         self.announce(Fact {
-            kind,
+            kind: FactKind::Online,
             peer: self.me,
             name,
             incarnation: inc,
@@ -468,12 +543,15 @@ impl Task {
         };
         let draft = {
             let g = self.inner();
-            fact_draft(&Fact {
-                kind: FactKind::Left,
-                peer: self.me,
-                name: g.me.info.name.clone(),
-                incarnation: inc,
-            })
+            fact_draft(
+                &Fact {
+                    kind: FactKind::Left,
+                    peer: self.me,
+                    name: g.me.info.name.clone(),
+                    incarnation: inc,
+                },
+                None,
+            )
         };
         if let Some(d) = draft {
             if let Err(e) = self.ctx.publisher.publish(vec![d]).await {

@@ -17,7 +17,7 @@ use super::transport::{memory_only, memory_transport};
 use super::{
     transport, wire, NetConfig, NetError, AGENT_VERSION, BLOB_PROTOCOL, CATCHUP_PROTOCOL,
     EVENTS_TOPIC, HANDSHAKE_TIMEOUT, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_BLOB_REQUEST,
-    MAX_BLOB_RESPONSE, MAX_RAFT_MESSAGE, MEMBER_PROTOCOL, RAFT_PROTOCOL,
+    MAX_BLOB_RESPONSE, MAX_RAFT_MESSAGE, MEMBER_PROTOCOL, MEMBER_PROTOCOL_V1, RAFT_PROTOCOL,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -117,9 +117,11 @@ fn behaviour(key: &Keypair, cfg: &NetConfig) -> Result<Behaviour, BoxError> {
             Duration::from_secs(30),
             64,
         ),
-        member: request_response(
-            MemberCodec::new(wire::MAX_MEMBER_MESSAGE, wire::MAX_MEMBER_MESSAGE),
-            MEMBER_PROTOCOL,
+        member: request_response_of(
+            MemberCodec::new(wire::MAX_MEMBER_MESSAGE),
+            // The newest first: an agent that knows only `/1` refuses `/2`
+            // in the protocol negotiation and the exchange goes on in `/1`.
+            &[MEMBER_PROTOCOL, MEMBER_PROTOCOL_V1],
             Duration::from_secs(10),
             256,
         ),
@@ -153,12 +155,28 @@ fn request_response<C>(
 where
     C: request_response::Codec<Protocol = StreamProtocol> + Clone + Send + 'static,
 {
+    request_response_of(codec, &[protocol], timeout, max_streams)
+}
+
+/// [`request_response`] speaking several versions of a protocol, the
+/// preferred first.
+fn request_response_of<C>(
+    codec: C,
+    protocols: &[&'static str],
+    timeout: Duration,
+    max_streams: usize,
+) -> request_response::Behaviour<C>
+where
+    C: request_response::Codec<Protocol = StreamProtocol> + Clone + Send + 'static,
+{
     request_response::Behaviour::with_codec(
         codec,
-        [(
-            StreamProtocol::new(protocol),
-            request_response::ProtocolSupport::Full,
-        )],
+        protocols.iter().copied().map(|p| {
+            (
+                StreamProtocol::new(p),
+                request_response::ProtocolSupport::Full,
+            )
+        }),
         request_response::Config::default()
             .with_request_timeout(timeout)
             .with_max_concurrent_streams(max_streams),

@@ -31,7 +31,6 @@ impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
 }
 
 pub type CatchupCodec = FrameCodec<wire::CatchupRequest, wire::CatchupResponse>;
-pub type MemberCodec = FrameCodec<wire::MemberRequest, wire::MemberResponse>;
 /// `/riftmesh/raft/2` carries opaque bodies: the leader module owns their format.
 pub type RaftCodec = FrameCodec<Vec<u8>, Vec<u8>>;
 /// `/riftmesh/sync/1` (blob transfer) carries raw frames: the blob module
@@ -126,30 +125,105 @@ impl request_response::Codec for RawCodec {
     }
 }
 
+fn invalid(e: wire::WireError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// The body of one frame, its length checked against `limit` first.
+async fn read_body<R: futures::AsyncRead + Unpin + Send>(
+    io: &mut R,
+    limit: usize,
+) -> std::io::Result<Vec<u8>> {
+    use futures::AsyncReadExt;
+    let mut header = [0u8; 5];
+    io.read_exact(&mut header).await?;
+    let len = wire::frame_len(&header, limit).map_err(invalid)?;
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    Ok(body)
+}
+
 async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + Unpin + Send>(
     io: &mut R,
     limit: usize,
 ) -> std::io::Result<T> {
-    use futures::AsyncReadExt;
-    let bad =
-        |e: wire::WireError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
-    let mut header = [0u8; 5];
-    io.read_exact(&mut header).await?;
-    let len = wire::frame_len(&header, limit).map_err(bad)?;
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
-    wire::decode_body(&body, limit).map_err(bad)
+    let body = read_body(io, limit).await?;
+    wire::decode_body(&body, limit).map_err(invalid)
+}
+
+async fn write_bytes<W: futures::AsyncWrite + Unpin + Send>(
+    io: &mut W,
+    frame: &[u8],
+) -> std::io::Result<()> {
+    use futures::AsyncWriteExt;
+    io.write_all(frame).await?;
+    io.close().await
 }
 
 async fn write_frame<T: serde::Serialize, W: futures::AsyncWrite + Unpin + Send>(
     io: &mut W,
     v: &T,
 ) -> std::io::Result<()> {
-    use futures::AsyncWriteExt;
-    let frame = wire::encode_frame(v)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    io.write_all(&frame).await?;
-    io.close().await
+    let frame = wire::encode_frame(v).map_err(invalid)?;
+    write_bytes(io, &frame).await
+}
+
+/// `/riftmesh/member/2` and `/1`: the same frames, the consumer counts of a
+/// heartbeat carried only on `/2` ([`wire::encode_member`]).
+#[derive(Clone)]
+pub struct MemberCodec {
+    limit: usize,
+}
+
+impl MemberCodec {
+    pub fn new(limit: usize) -> Self {
+        MemberCodec { limit }
+    }
+}
+
+fn is_v2(p: &StreamProtocol) -> bool {
+    p.as_ref() == super::MEMBER_PROTOCOL
+}
+
+impl request_response::Codec for MemberCodec {
+    type Protocol = StreamProtocol;
+    type Request = wire::MemberRequest;
+    type Response = wire::MemberResponse;
+
+    async fn read_request<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        p: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Self::Request> {
+        let body = read_body(io, self.limit).await?;
+        wire::decode_member(&body, self.limit, is_v2(p)).map_err(invalid)
+    }
+    async fn read_response<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        p: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Self::Response> {
+        let body = read_body(io, self.limit).await?;
+        wire::decode_member(&body, self.limit, is_v2(p)).map_err(invalid)
+    }
+    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        p: &StreamProtocol,
+        io: &mut T,
+        req: Self::Request,
+    ) -> std::io::Result<()> {
+        let frame = wire::encode_member(&req, is_v2(p)).map_err(invalid)?;
+        write_bytes(io, &frame).await
+    }
+    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        p: &StreamProtocol,
+        io: &mut T,
+        res: Self::Response,
+    ) -> std::io::Result<()> {
+        let frame = wire::encode_member(&res, is_v2(p)).map_err(invalid)?;
+        write_bytes(io, &frame).await
+    }
 }
 
 impl<Req, Resp> request_response::Codec for FrameCodec<Req, Resp>

@@ -50,7 +50,12 @@ pub const AGENT_VERSION: &str = concat!("riftmesh/", env!("CARGO_PKG_VERSION"));
 /// Catch-up: summaries, digests and event fetches ([`wire::CatchupRequest`]).
 pub const CATCHUP_PROTOCOL: &str = "/riftmesh/events/1";
 
-pub const MEMBER_PROTOCOL: &str = "/riftmesh/member/1";
+/// Membership records, probes and leaves; `/2` adds consumer counts to
+/// the heartbeat ([`wire::encode_member`]). Both are offered, `/2` first,
+/// so an agent that knows only `/1` answers in `/1`.
+pub const MEMBER_PROTOCOL: &str = "/riftmesh/member/2";
+/// The membership protocol of agents without consumer counts.
+pub const MEMBER_PROTOCOL_V1: &str = "/riftmesh/member/1";
 
 /// The `Refused` reason of a request over its peer's rate.
 pub const BUSY: &str = "busy: request rate exceeded";

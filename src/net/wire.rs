@@ -1,7 +1,8 @@
 //! Frame and message formats: gossip event frames (`[version][kind][hash]`
 //! then the envelope), the request-response frame (`[version][u32 length]`
 //! then bincode), and the messages of catch-up (`/riftmesh/events/1`) and
-//! membership (`/riftmesh/member/1`). Bytes only: no I/O here.
+//! membership (`/riftmesh/member/2`, and `/1` for older agents). Bytes
+//! only: no I/O here.
 use crate::codec;
 use crate::event::{Event, EventV1};
 
@@ -191,9 +192,92 @@ pub struct Heartbeat {
     pub health: crate::membership::health::Health,
     /// Job counters and gauges reported by local processes.
     pub jobs: Vec<(String, f64)>,
+    /// Durable consumers of the sender per type pattern, sorted by pattern
+    /// (at most [`MAX_SUB_PATTERNS`]). Not part of the bincode of the
+    /// heartbeat itself: `/riftmesh/member/2` carries it after the message
+    /// (see [`encode_member`]); `None` from a `/riftmesh/member/1` peer.
+    #[serde(skip)]
+    pub subs: Option<SubCounts>,
 }
 
-/// Requests of `/riftmesh/member/1`.
+/// Consumers per type pattern (`*` for a consumer of every type).
+pub type SubCounts = Vec<(String, u32)>;
+
+/// Most type patterns one heartbeat carries counts for.
+pub const MAX_SUB_PATTERNS: usize = 128;
+
+/// A member message whose heartbeat (if it has one) carries consumer counts
+/// on `/riftmesh/member/2`.
+pub trait MemberMessage: serde::Serialize + serde::de::DeserializeOwned {
+    fn beat(&self) -> Option<&Heartbeat>;
+    fn beat_mut(&mut self) -> Option<&mut Heartbeat>;
+}
+
+impl MemberMessage for MemberRequest {
+    fn beat(&self) -> Option<&Heartbeat> {
+        match self {
+            MemberRequest::Exchange { beat, .. } => Some(beat),
+            _ => None,
+        }
+    }
+    fn beat_mut(&mut self) -> Option<&mut Heartbeat> {
+        match self {
+            MemberRequest::Exchange { beat, .. } => Some(beat),
+            _ => None,
+        }
+    }
+}
+
+impl MemberMessage for MemberResponse {
+    fn beat(&self) -> Option<&Heartbeat> {
+        match self {
+            MemberResponse::Exchange { beat, .. } => Some(beat),
+            _ => None,
+        }
+    }
+    fn beat_mut(&mut self) -> Option<&mut Heartbeat> {
+        match self {
+            MemberResponse::Exchange { beat, .. } => Some(beat),
+            _ => None,
+        }
+    }
+}
+
+/// A member frame. `v2` (`/riftmesh/member/2`): the body is the bincode of
+/// the message followed by the bincode of `Option<SubCounts>` (the
+/// heartbeat's consumer counts, `None` for a message without a heartbeat);
+/// otherwise (`/riftmesh/member/1`) the message alone, byte for byte as
+/// before, the counts left out.
+pub fn encode_member<T: MemberMessage>(msg: &T, v2: bool) -> Result<Vec<u8>, WireError> {
+    if v2 {
+        let subs = msg.beat().and_then(|b| b.subs.as_ref());
+        encode_frame(&(msg, subs))
+    } else {
+        encode_frame(msg)
+    }
+}
+
+/// Decode a member frame body of at most `limit` bytes ([`encode_member`]).
+/// Counts beyond [`MAX_SUB_PATTERNS`] are dropped.
+pub fn decode_member<T: MemberMessage>(
+    body: &[u8],
+    limit: usize,
+    v2: bool,
+) -> Result<T, WireError> {
+    if !v2 {
+        return decode_body(body, limit);
+    }
+    let (mut msg, subs): (T, Option<SubCounts>) = decode_body(body, limit)?;
+    if let Some(beat) = msg.beat_mut() {
+        beat.subs = subs.map(|mut s| {
+            s.truncate(MAX_SUB_PATTERNS);
+            s
+        });
+    }
+    Ok(msg)
+}
+
+/// Requests of `/riftmesh/member/2` (and `/1`).
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub enum MemberRequest {
     /// "Here is my record"; answered with the responder's. `have_yours`:
@@ -211,7 +295,7 @@ pub enum MemberRequest {
     Leave { incarnation: u64 },
 }
 
-/// Responses of `/riftmesh/member/1`.
+/// Responses of `/riftmesh/member/2` (and `/1`).
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub enum MemberResponse {
     Exchange {
@@ -283,6 +367,88 @@ mod tests {
     use super::*;
     use crate::event::Draft;
     use libp2p::identity::Keypair;
+
+    fn exchange(subs: Option<SubCounts>) -> MemberRequest {
+        MemberRequest::Exchange {
+            beat: Box::new(Heartbeat {
+                incarnation: 1_763_900_000_000,
+                info_version: 3,
+                health: crate::membership::health::Health::default(),
+                jobs: vec![("selfplay_jobs".into(), 4.0)],
+                subs,
+            }),
+            info: None,
+            have_yours: 2,
+        }
+    }
+
+    /// A typical host: ten durable consumers over these patterns.
+    fn ten_consumers() -> SubCounts {
+        [
+            ("HOST_ONLINE", 2),
+            ("HOST_OFFLINE", 1),
+            ("IDLE_RESOURCE_DETECTED", 1),
+            ("MODEL_PROMOTED", 2),
+            ("SELFPLAY_*", 1),
+            ("TRAINING_COMPLETED", 2),
+            ("*", 1),
+        ]
+        .iter()
+        .map(|(p, n)| (p.to_string(), *n))
+        .collect()
+    }
+
+    #[test]
+    fn member_v1_frames_leave_the_counts_out_byte_for_byte() {
+        let with = exchange(Some(ten_consumers()));
+        let without = exchange(None);
+        let v1 = encode_member(&with, false).unwrap();
+        assert_eq!(v1, encode_frame(&without).unwrap());
+        // What an agent of /1 decodes: the message, no counts.
+        let back: MemberRequest = decode_member(&v1[5..], MAX_MEMBER_MESSAGE, false).unwrap();
+        assert_eq!(back.beat().unwrap().subs, None);
+        // /2 carries them after the message.
+        let v2 = encode_member(&with, true).unwrap();
+        let back: MemberRequest = decode_member(&v2[5..], MAX_MEMBER_MESSAGE, true).unwrap();
+        assert_eq!(back.beat().unwrap().subs, Some(ten_consumers()));
+        assert_eq!(back.beat().unwrap().jobs, with.beat().unwrap().jobs);
+        let none = encode_member(&without, true).unwrap();
+        assert_eq!(none.len(), v1.len() + 1, "None costs one byte");
+        // Messages without a heartbeat carry a None.
+        let ping = MemberRequest::Ping { incarnation: 7 };
+        let v2 = encode_member(&ping, true).unwrap();
+        assert!(matches!(
+            decode_member::<MemberRequest>(&v2[5..], MAX_MEMBER_MESSAGE, true).unwrap(),
+            MemberRequest::Ping { incarnation: 7 }
+        ));
+        // A /2 body read as /1 is refused (trailing bytes), never misread.
+        let v2 = encode_member(&with, true).unwrap();
+        assert!(decode_member::<MemberRequest>(&v2[5..], MAX_MEMBER_MESSAGE, false).is_err());
+        println!(
+            "consumer counts of ten consumers over {} patterns: {} bytes per heartbeat",
+            ten_consumers().len(),
+            v2.len() - v1.len()
+        );
+    }
+
+    #[test]
+    fn member_counts_are_bounded() {
+        let many: SubCounts = (0..MAX_SUB_PATTERNS + 50)
+            .map(|i| (format!("T{i}"), 1))
+            .collect();
+        let v2 = encode_member(&exchange(Some(many)), true).unwrap();
+        let back: MemberRequest = decode_member(&v2[5..], MAX_MEMBER_MESSAGE, true).unwrap();
+        assert_eq!(
+            back.beat().unwrap().subs.as_ref().unwrap().len(),
+            MAX_SUB_PATTERNS
+        );
+        // The largest heartbeat counts fit a member frame with room to spare.
+        let widest: SubCounts = (0..MAX_SUB_PATTERNS)
+            .map(|i| (format!("{i:0>128}"), u32::MAX))
+            .collect();
+        let v2 = encode_member(&exchange(Some(widest)), true).unwrap();
+        assert!(v2.len() < MAX_MEMBER_MESSAGE / 2, "{}", v2.len());
+    }
 
     #[test]
     fn frames_roundtrip_and_refuse_damage() {

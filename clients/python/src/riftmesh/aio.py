@@ -523,6 +523,12 @@ class AsyncClient:
 
     # ================================================================ consumers
 
+    async def subscription_counts(self, *, cluster: bool = True, by_host: bool = False) -> Dict[str, Any]:
+        """As ``Client.subscription_counts``."""
+        from .client import subscription_counts_of
+
+        return subscription_counts_of(await self._http.request("GET", "/v1/subscriptions"), cluster, by_host)
+
     async def consumers(self) -> List[ConsumerInfo]:
         return [ConsumerInfo.from_json(c) for c in await self._http.request("GET", "/v1/consumers")]
 

@@ -240,6 +240,21 @@ RETRY_MAX_DELAY = 2.0
 _EVENT_FIELDS = frozenset({"type", "payload", "source", "correlation_id", "parent_id", "caused_by", "idempotency_key"})
 
 
+def subscription_counts_of(v: Dict[str, Any], cluster: bool, by_host: bool) -> Dict[str, Any]:
+    """The counts of a ``GET /v1/subscriptions`` answer (see ``Client.subscription_counts``)."""
+    out: Dict[str, Any] = {}
+    for h in v.get("hosts", []):
+        if h.get("subscriptions") is None or not (cluster or h.get("is_self")):
+            continue
+        host = h.get("name") or h.get("peer_id")
+        for pattern, n in h["subscriptions"].items():
+            if by_host:
+                out.setdefault(pattern, {})[host] = n
+            else:
+                out[pattern] = out.get(pattern, 0) + n
+    return out
+
+
 def new_key() -> str:
     """A fresh idempotency key (a random UUID, 32 hex digits)."""
     return uuid.uuid4().hex
@@ -896,6 +911,14 @@ class Client:
             page = self.history_page(types, after=page.next_after, limit=page_size)
 
     # ================================================================ consumers
+
+    def subscription_counts(self, *, cluster: bool = True, by_host: bool = False) -> Dict[str, Any]:
+        """Durable consumers per type pattern (``GET /v1/subscriptions``):
+        ``{pattern: total}`` over every live host (``cluster=True``) or this
+        agent only; with ``by_host=True``, ``{pattern: {host: count}}``. Other
+        hosts' counts are as fresh as their last health record (about
+        ``health_interval``); hosts whose agent sends none are left out."""
+        return subscription_counts_of(self._http.request("GET", "/v1/subscriptions"), cluster, by_host)
 
     def consumers(self) -> List[ConsumerInfo]:
         return [ConsumerInfo.from_json(c) for c in self._http.request("GET", "/v1/consumers")]
