@@ -16,7 +16,7 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: u32 = 8;
 pub const DEFAULT_MAX_PENDING_INCOMING: u32 = 128;
 /// Default: inbound `/riftmesh/events/1` (catch-up) requests per second per peer.
 pub const DEFAULT_RATE_CATCHUP: u32 = 500;
-/// Default: inbound `/riftmesh/member/1` requests per second per peer.
+/// Default: inbound `/riftmesh/member/2` and `/1` requests per second per peer.
 pub const DEFAULT_RATE_MEMBER: u32 = 200;
 /// Default: inbound `/riftmesh/raft/1` requests per second per peer.
 pub const DEFAULT_RATE_RAFT: u32 = 2000;

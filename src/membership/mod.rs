@@ -1,5 +1,5 @@
 //! Membership: every agent's record (name, incarnation, health, jobs, tags)
-//! exchanged directly with each peer over `/riftmesh/member/1`, the failure
+//! exchanged directly with each peer over `/riftmesh/member/2` (`/1` with older agents), the failure
 //! detector of [`detector`] fed by the transport and by probes, and the
 //! membership events (`HOST_ONLINE`, `NODE_SUSPECT`, `HOST_OFFLINE`,
 //! `NODE_RECOVERED`, `HOST_LEFT`) through the normal event path.

@@ -1,4 +1,4 @@
-//! The I/O of the detector's probes over `/riftmesh/member/1`: a direct
+//! The I/O of the detector's probes over `/riftmesh/member/2` (`/1` with older agents): a direct
 //! ping, asking helpers to probe a suspect (`ProbeFor`), and this agent's
 //! answer when it is the helper. Results go back into the task's loop; what
 //! they mean is the detector's business.

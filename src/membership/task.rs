@@ -1,7 +1,7 @@
 //! The membership task: one loop that feeds the [`Detector`] from the
 //! transport, the probes it asked for, the event log and a tick, and carries
 //! out its actions (probes, announcements, refutation); record exchange with
-//! each peer over `/riftmesh/member/1`; the graceful leave.
+//! each peer over `/riftmesh/member/2` (`/1` with older agents); the graceful leave.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, MutexGuard};

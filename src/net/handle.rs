@@ -158,7 +158,7 @@ impl NetHandle {
             .map_err(|_| NetError::Closed)
     }
 
-    /// Send a `/riftmesh/member/1` request (dialing the peer if needed).
+    /// Send a `/riftmesh/member/2` request (`/1` to an older peer) (dialing the peer if needed).
     pub async fn member_request(
         &self,
         peer: PeerId,

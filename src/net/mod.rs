@@ -124,7 +124,7 @@ pub enum MemberInbound {
     Disconnected(PeerId),
     /// A ping answered.
     Rtt(PeerId, Duration),
-    /// A `/riftmesh/member/1` request to answer with [`NetHandle::member_respond`].
+    /// A `/riftmesh/member/2` (or `/1`) request to answer with [`NetHandle::member_respond`].
     Request {
         peer: PeerId,
         request: wire::MemberRequest,
