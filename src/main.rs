@@ -206,7 +206,7 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Content-addressed blobs (models, game data): add, list, get.
+    /// Content-addressed blobs (models, game data): add, list, get, forget.
     Blob {
         #[command(subcommand)]
         op: BlobOp,
@@ -322,6 +322,15 @@ enum BlobOp {
         /// Give up waiting for a fetch after this long.
         #[arg(long, default_value = "1h")]
         timeout: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Retract NAME cluster-wide (BLOB_FORGOTTEN): no host fetches it or
+    /// retries it any more and it no longer resolves, until it is named
+    /// again. Files already placed stay; the blob is collected once unnamed.
+    Forget {
+        /// The name, e.g. models/hex8_2p.
+        name: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -520,7 +529,11 @@ fn api_of(cmd: &Cmd) -> String {
         Cmd::Lock { op } => op.conn().api.clone(),
         Cmd::Consumer { op } => op.conn().api.clone(),
         Cmd::Blob {
-            op: BlobOp::Add { conn, .. } | BlobOp::List { conn } | BlobOp::Get { conn, .. },
+            op:
+                BlobOp::Add { conn, .. }
+                | BlobOp::List { conn }
+                | BlobOp::Get { conn, .. }
+                | BlobOp::Forget { conn, .. },
         }
         | Cmd::Sync {
             op: TransfersOp::Status { conn },

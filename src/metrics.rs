@@ -242,7 +242,7 @@ impl Metrics {
     fn register_blobs(&self, r: &mut Registry) {
         let m = self;
         reg! { r;
-            "sync_transfers", "Blob fetches finished, by result (completed, failed)", m.transfers_finished;
+            "sync_transfers", "Blob fetches finished, by result (completed, failed, forgotten: called off because every name it was for was retracted)", m.transfers_finished;
             "sync_place_failed", "Failed attempts to place a held blob at a want's `place` path, per name (retried every 30 s)", m.transfer_place_failed;
             "sync_bytes", "Blob chunk bytes moved, by direction (in, out)", m.transfer_bytes;
             "sync_active", "Blob fetches in progress", m.transfer_active;

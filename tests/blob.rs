@@ -1,6 +1,7 @@
 //! Blob sync between real agents on loopback: add, fetch by want, verify,
 //! place, dedup by content, resume after a crash, a corrupt source, a source
-//! that serves wrong bytes, the disk budget and garbage collection.
+//! that serves wrong bytes, the disk budget and garbage collection, and
+//! forgetting a name (retries stop everywhere, in either order of events).
 
 mod common;
 
@@ -400,4 +401,288 @@ async fn the_disk_budget_refuses_and_unnamed_blobs_are_collected() {
     // The small one fits a1's budget and arrives.
     wait_file(&root.join("a1-placed/m.bin"), &second).await;
     let _ = first;
+}
+
+/// `Have` requests an agent answered: while a peer looks for a blob it asks
+/// every connected agent every 500 ms.
+const HAVE_ASKED: &str = "riftmesh_sync_requests_served_total{kind=\"have\"";
+
+/// Wait until the name recorder of `a` has reached its log's head: a lookup
+/// of a name never bound waits for that before answering 404.
+async fn names_settled(a: &Agent) {
+    let (s, v) = a
+        .send(
+            reqwest::Method::GET,
+            "/v1/blob?ref=never/bound",
+            &Value::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 404, "{v}");
+}
+
+/// Wait until the series `prefix` of `a` has not moved for `quiet`: what it
+/// counts has stopped (it moves more often than that while it goes on).
+async fn wait_quiet(a: &Agent, prefix: &str, quiet: Duration) -> f64 {
+    let last = std::sync::Mutex::new((a.metric_or_zero(prefix).await, std::time::Instant::now()));
+    wait_for(
+        &format!("{prefix} on {} to stop moving", a.name),
+        T,
+        || async {
+            let v = a.metric_or_zero(prefix).await;
+            let mut last = last.lock().unwrap();
+            if v != last.0 {
+                *last = (v, std::time::Instant::now());
+            }
+            (last.1.elapsed() >= quiet).then_some(v)
+        },
+    )
+    .await
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_name_is_fetched_nowhere_any_more_until_it_is_named_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    keygen(&root.join("swarm.key"));
+    let mut a0 = start(root, "a0", &[], "").await;
+    let boot = vec![a0.p2p_addr().await];
+    let a1 = start(root, "a1", &boot, "").await;
+    wait_for("a1 connected", T, || async {
+        (a1.connected_peers().await >= 1).then_some(())
+    })
+    .await;
+    // a0 names a model only it holds, and a1 learns the name...
+    let src = root.join("lost.pth");
+    random_file(&src, 1024 * 1024, 5);
+    let lost = a0
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src.display().to_string(), "name": "models/lost", "event": "MODEL_PROMOTED" }),
+        )
+        .await
+        .unwrap();
+    wait_for("a1 to know models/lost", T, || async {
+        (blob_state(&a1, "models/lost").await["blob"] == lost["blob"]).then_some(())
+    })
+    .await;
+    // ...then a0 is gone for good. a2 wants models: it learns the name from
+    // a1 and looks for the blob without end (a failed search is retried).
+    a0.kill9();
+    let a2 = start(
+        root,
+        "a2",
+        &[a1.p2p_addr().await],
+        &format!("blob_retention = \"2s\"\n{}", want_models(root, "a2")),
+    )
+    .await;
+    wait_for("a2 looking for models/lost", T, || async {
+        let v = a2.get("/v1/sync").await.ok()?;
+        v["transfers"]
+            .as_array()?
+            .iter()
+            .any(|t| t["names"] == json!(["models/lost"]) && t["blob"] == lost["blob"])
+            .then_some(())
+    })
+    .await;
+    let asked = a1.metric_or_zero(HAVE_ASKED).await;
+    wait_for("a2 to keep asking a1 for the blob", T, || async {
+        (a1.metric_or_zero(HAVE_ASKED).await >= asked + 3.0).then_some(())
+    })
+    .await;
+
+    // Forgotten on a1.
+    let (ok, out, err) = cli(&a1, &["blob", "forget", "models/lost"]);
+    assert!(ok, "blob forget failed: {err}");
+    assert!(
+        out.contains(lost["blob"].as_str().unwrap()),
+        "says what it retracted: {out}"
+    );
+    // a2 calls its transfer off, stops asking, and the name resolves nowhere.
+    wait_for("a2 to call off its transfer", T, || async {
+        let v = a2.get("/v1/sync").await.ok()?;
+        let off = a2
+            .metric_or_zero("riftmesh_sync_transfers_total{result=\"forgotten\"}")
+            .await;
+        let active = a2.metric("riftmesh_sync_active").await;
+        (v["transfers"].as_array()?.is_empty() && off == 1.0 && active == 0.0).then_some(())
+    })
+    .await;
+    wait_quiet(&a1, HAVE_ASKED, Duration::from_secs(3)).await;
+    assert_eq!(
+        a2.metric_or_zero("riftmesh_sync_transfers_total{result=\"failed\"}")
+            .await,
+        0.0,
+        "called off, not given up"
+    );
+    for a in [&a1, &a2] {
+        let (s, v) = a
+            .send(
+                reqwest::Method::GET,
+                "/v1/blob?ref=models/lost",
+                &Value::Null,
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 404, "{}: {v}", a.name);
+        let list = a.get("/v1/blobs").await.unwrap();
+        assert!(
+            !list["names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "models/lost"),
+            "{list}"
+        );
+        assert_eq!(list["forgotten"][0]["name"], "models/lost", "{list}");
+    }
+    // What a forget of something else answers.
+    for (body, status, says) in [
+        (json!({ "name": "models/lost" }), 404, "forgotten at"),
+        (json!({ "name": "models/never" }), 404, "never bound"),
+        (json!({ "name": "../etc/passwd" }), 400, "name"),
+        (json!({ "ref": "models/lost" }), 422, "expected `name`"),
+    ] {
+        let (s, v) = a1
+            .send(reqwest::Method::POST, "/v1/blob/forget", &body)
+            .await
+            .unwrap();
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(
+            v["error"].as_str().unwrap_or("").contains(says),
+            "{body}: {v}"
+        );
+    }
+
+    // Named again, by a host that holds it: a2 fetches and places it.
+    let src2 = root.join("found.pth");
+    let found_data = random_file(&src2, 512 * 1024, 6);
+    let found = a1
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src2.display().to_string(), "name": "models/lost", "event": "MODEL_PROMOTED" }),
+        )
+        .await
+        .unwrap();
+    let placed = root.join("a2-placed/lost.bin");
+    wait_file(&placed, &found_data).await;
+
+    // A retraction older than that naming, arriving late, unbinds nothing.
+    let forgotten_ms = a2.get("/v1/blobs").await.unwrap()["forgotten"][0]["forgotten_ms"]
+        .as_u64()
+        .unwrap();
+    let stale = a1
+        .publish(
+            "BLOB_FORGOTTEN",
+            json!({ "name": "models/lost", "forgotten_ms": forgotten_ms }),
+        )
+        .await
+        .unwrap();
+    wait_for("a2 to receive the stale retraction", T, || async {
+        a2.get(&format!("/v1/events/{}", stale["id"].as_str().unwrap()))
+            .await
+            .ok()
+    })
+    .await;
+    names_settled(&a2).await;
+    assert_eq!(blob_state(&a2, "models/lost").await["blob"], found["blob"]);
+
+    // Forgetting a placed model leaves the placed file alone.
+    let (ok, _, err) = cli(&a2, &["blob", "forget", "models/lost"]);
+    assert!(ok, "blob forget failed: {err}");
+    let (s, _) = a2
+        .send(
+            reqwest::Method::GET,
+            "/v1/blob?ref=models/lost",
+            &Value::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 404, "applied on a2 before the answer");
+    wait_for("a1 to apply a2's retraction", T, || async {
+        let (s, _) = a1
+            .send(
+                reqwest::Method::GET,
+                "/v1/blob?ref=models/lost",
+                &Value::Null,
+            )
+            .await
+            .ok()?;
+        (s == 404).then_some(())
+    })
+    .await;
+    assert_eq!(std::fs::read(&placed).unwrap(), found_data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retraction_learnt_before_the_older_naming_it_retracts_still_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    keygen(&root.join("swarm.key"));
+    // a0, alone, names a model; nobody hears of it while it is down.
+    let mut a0 = start(root, "a0", &[], "").await;
+    let src = root.join("late.pth");
+    let data = random_file(&src, 512 * 1024, 7);
+    let naming = a0
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src.display().to_string(), "name": "models/late", "event": "MODEL_PROMOTED" }),
+        )
+        .await
+        .unwrap();
+    a0.kill9();
+    // a1 wants models and learns the retraction first.
+    let a1 = start(root, "a1", &[], &want_models(root, "a1")).await;
+    let retraction = a1
+        .publish(
+            "BLOB_FORGOTTEN",
+            json!({ "name": "models/late", "forgotten_ms": now_ms() }),
+        )
+        .await
+        .unwrap();
+    // a0 comes back and a1 catches up the older naming after it.
+    a0.bootstrap = vec![a1.p2p_addr().await];
+    a0.spawn().await;
+    let got = wait_for("a1 to catch up the naming", T, || async {
+        a1.get(&format!(
+            "/v1/events/{}",
+            naming["event_id"].as_str().unwrap()
+        ))
+        .await
+        .ok()
+    })
+    .await;
+    assert!(
+        got["seq"].as_u64().unwrap() > retraction["seq"].as_u64().unwrap(),
+        "the retraction came first: {got} {retraction}"
+    );
+    names_settled(&a1).await;
+    let (s, v) = a1
+        .send(
+            reqwest::Method::GET,
+            "/v1/blob?ref=models/late",
+            &Value::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 404, "the older naming binds nothing: {v}");
+    let st = a1.get("/v1/sync").await.unwrap();
+    assert!(st["transfers"].as_array().unwrap().is_empty(), "{st}");
+    // Named again after the retraction: bound, fetched from a0 and placed.
+    let again = a0
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src.display().to_string(), "name": "models/late", "event": "MODEL_PROMOTED" }),
+        )
+        .await
+        .unwrap();
+    assert_ne!(again["event_id"], naming["event_id"]);
+    wait_file(&root.join("a1-placed/late.bin"), &data).await;
 }

@@ -4,7 +4,7 @@
 //!
 //! Every body the API accepts is a target: publish (single and batch),
 //! consumer create, ack, nack, jobs, lock acquire/renew/release, blob add,
-//! blob fetch, fault injection. Each iteration takes a seed body, mutates it
+//! blob fetch, blob forget, fault injection. Each iteration takes a seed body, mutates it
 //! (structurally: values replaced by boundary values of other types, keys
 //! dropped or added, arrays blown up, deep nesting; then sometimes as bytes:
 //! flips, truncation, splices, junk) and sends it. The answer must be a JSON
@@ -197,6 +197,17 @@ fn targets(blob_file: &Path) -> Vec<Target> {
             vec![
                 json!({ "ref": "fz/games.bin" }),
                 json!({ "ref": "0".repeat(64) }),
+            ],
+        ),
+        // Names never bound here (a 404), a blob id (a 400): refused.
+        t(
+            "blob_forget",
+            Method::POST,
+            "/v1/blob/forget",
+            false,
+            vec![
+                json!({ "name": "fz/never-named" }),
+                json!({ "name": "0".repeat(64) }),
             ],
         ),
         // Fault injection is off: refused after parsing.

@@ -1,5 +1,6 @@
 //! Content-addressed blobs: add (a path under the roots, or uploaded
-//! bytes), list, info, fetch, content, and the transfers in flight.
+//! bytes), list, info, fetch, content, forget (retract a name), and the
+//! transfers in flight.
 
 use std::time::Duration;
 
@@ -253,7 +254,7 @@ fn store_err(e: impl std::fmt::Display) -> ApiError {
 
 pub(super) async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let store = node.blobs().store.clone();
-    let (blobs, names) = tokio::task::spawn_blocking(move || {
+    let (blobs, names, forgotten) = tokio::task::spawn_blocking(move || {
         let blobs = store.list()?;
         let names = store.names()?;
         let mut out = Vec::new();
@@ -289,12 +290,19 @@ pub(super) async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Va
                 })
             })
             .collect();
-        Ok::<_, crate::blob::objects::BlobError>((out, names))
+        let forgotten: Vec<Value> = store
+            .forgotten_names()?
+            .into_iter()
+            .map(|(n, at)| json!({ "name": n, "forgotten_ms": at }))
+            .collect();
+        Ok::<_, crate::blob::objects::BlobError>((out, names, forgotten))
     })
     .await
     .map_err(store_err)?
     .map_err(store_err)?;
-    Ok(Json(json!({ "blobs": blobs, "names": names })))
+    Ok(Json(
+        json!({ "blobs": blobs, "names": names, "forgotten": forgotten }),
+    ))
 }
 
 fn blobs_complete(store: &crate::blob::BlobStore, id: &crate::blob::BlobId) -> bool {
@@ -364,6 +372,79 @@ async fn resolve_ref(
         StatusCode::NOT_FOUND,
         format!("no blob or name {r:?} is known here"),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ForgetReq {
+    /// The name to retract (not a blob id: blobs are not retracted, names are).
+    name: String,
+}
+
+/// `POST /v1/blob/forget {"name": N}`: retract the name cluster-wide
+/// (`BLOB_FORGOTTEN`, proto-notes/sync.md "Forgetting a name"). Answers
+/// once the retraction is applied here: the name no longer resolves on
+/// this agent.
+pub(super) async fn blob_forget(
+    State(node): State<AppState>,
+    ApiJson(req): ApiJson<ForgetReq>,
+) -> ApiResult<Json<Value>> {
+    let name = req.name;
+    crate::blob::check_name(&name).map_err(|e| {
+        let hint = if crate::blob::parse_id(&name).is_some() {
+            " (a blob id: forget the names that point at it)"
+        } else {
+            ""
+        };
+        ApiError::bad(format!("name {name:?}: {e}{hint}"))
+    })?;
+    // The binding as this agent knows it, once every naming event already
+    // in its log is recorded.
+    let head = *node.store().watch_head().borrow();
+    node.blobs()
+        .names_caught_up(head, Duration::from_secs(5))
+        .await;
+    let store = node.blobs().store.clone();
+    let n2 = name.clone();
+    let (rec, forgotten) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::blob::objects::BlobError>((store.name(&n2)?, store.forgotten(&n2)?))
+    })
+    .await
+    .map_err(store_err)?
+    .map_err(store_err)?;
+    let Some(rec) = rec else {
+        let msg = match forgotten {
+            Some(at) => format!(
+                "name {name:?} is not bound here: it was forgotten at {at} (ms since the epoch) and not named again since"
+            ),
+            None => format!("name {name:?} was never bound here (no naming event for it)"),
+        };
+        return Err(ApiError::new(StatusCode::NOT_FOUND, msg));
+    };
+    let (f, appended) = crate::blob::forget(node.blob(), &name, &rec)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let (event_id, seq, duplicate) = match &appended {
+        Appended::New { event, seq } => (event.id.clone(), *seq, false),
+        Appended::Duplicate { id, seq, .. } => (id.clone(), *seq, true),
+        Appended::Held => (String::new(), 0, true),
+    };
+    // Applied here as on every agent, from the log: wait for it.
+    node.blobs()
+        .names_caught_up(seq, Duration::from_secs(5))
+        .await;
+    Ok(Json(json!({
+        "name": name,
+        "blob": crate::blob::hex_id(&rec.blob),
+        "size": rec.size,
+        "named_ms": rec.ts_ms,
+        "naming_event": rec.event_type,
+        "naming_event_id": rec.event_id,
+        "forgotten_ms": f.forgotten_ms,
+        "event": crate::blob::FORGET_TYPE,
+        "event_id": event_id,
+        "event_duplicate": duplicate,
+    })))
 }
 
 pub(super) async fn blob_fetch(

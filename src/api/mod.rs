@@ -165,6 +165,7 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/blob", get(blobs::blob_info))
         .route("/v1/blob/fetch", post(blobs::blob_fetch))
+        .route("/v1/blob/forget", post(blobs::blob_forget))
         .route("/v1/blob/content", get(blobs::blob_content))
         .route("/v1/sync", get(blobs::transfers))
         .route("/v1/debug/block", post(cluster::debug_block))

@@ -67,10 +67,25 @@ pub(super) async fn run_transfer(ctx: &Arc<Ctx>, blob: BlobId) -> Result<bool, S
         )
         .await;
     }
-    ctx.metrics.transfer_active.inc();
-    let r = fetch(ctx, blob, size, root).await;
-    ctx.metrics.transfer_active.dec();
-    r.map(|()| true)
+    let _active = Active::new(&ctx.metrics.transfer_active);
+    fetch(ctx, blob, size, root).await.map(|()| true)
+}
+
+/// `riftmesh_sync_active` counts a fetch while this lives: down again
+/// however the fetch ends, returned or dropped (called off).
+struct Active(prometheus_client::metrics::gauge::Gauge);
+
+impl Active {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Active {
+        g.inc();
+        Active(g.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The steps of a fetch: sources and the manifest, room on disk, the

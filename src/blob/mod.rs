@@ -7,7 +7,8 @@
 //! - `wire`: requests and answers; `ask`: asking peers; `serve`: answering them.
 //! - `fetch`: one transfer, the shell around the plan; `place`: after it,
 //!   placement and the completion events; `events`: the sync events.
-//! - `names`: names from naming events, and the wants they raise;
+//! - `names`: names from naming events (and their retractions), and the
+//!   wants they raise;
 //! - `gc`: garbage collection and room on disk; `repair`: damaged copies.
 //! - `rate`: the byte-rate limits.
 //! - this module: what transfer works with ([`Ctx`]), its state on one
@@ -49,7 +50,10 @@ use crate::publisher::Publisher;
 
 pub use crate::config::{check_name, TransferConfig, Want};
 pub use gc::gc_once;
-pub use names::{add, check_naming_payload, ensure_held, Naming, NamingLink, NAMING_TYPES};
+pub use names::{
+    add, check_naming_payload, ensure_held, forget, Forgetting, Naming, NamingLink, FORGET_TYPE,
+    NAMING_TYPES,
+};
 pub use objects::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord};
 pub use rate::Limiter;
 pub use repair::local_damage;
@@ -112,6 +116,12 @@ struct Transfer {
     /// The id of the naming event that caused it ("" for a repair): the
     /// correlation and parent id of the sync events it leads to.
     cause: String,
+    /// This transfer among those of the same blob over time: a transfer
+    /// called off ([`names::drop_name`]) leaves the table at once, and its
+    /// task, ending later, must not take a newer transfer of the blob with it.
+    gen: u64,
+    /// Called off: every name it was for was forgotten.
+    cancel: tokio_util::sync::CancellationToken,
 }
 
 /// Blob transfer on one agent.

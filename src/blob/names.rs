@@ -1,9 +1,12 @@
 //! Names: naming events (a name pointed at a blob) recorded as names, and
-//! the wants they raise on this host (fetch the blob, then place it).
-//! Also the checks of a naming payload and of a name, and `add`, which
-//! makes a local file a named blob.
+//! the wants they raise on this host (fetch the blob, then place it);
+//! retractions (`BLOB_FORGOTTEN`), which unbind a name and call off what
+//! it raised. Also the checks of a naming payload and of a name, `add`,
+//! which makes a local file a named blob, and `forget`, which retracts a
+//! name cluster-wide.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +15,7 @@ use tokio::sync::Notify;
 
 use super::fetch::run_transfer;
 use super::objects::{self as store, hex_id, parse_id, BlobId, NameRecord};
-use super::place::finish;
+use super::place::{called_off, finish};
 use super::room::refresh_gauges;
 use super::{lock, now_ms, Ctx, Transfer, TransferView};
 use crate::config::check_name;
@@ -20,6 +23,23 @@ use crate::event::{Draft, TypePattern};
 
 /// Event types that point a name at a blob (payload [`Naming`]).
 pub const NAMING_TYPES: [&str; 3] = ["BLOB_PUBLISHED", "MODEL_PROMOTED", "GAME_BATCH_READY"];
+
+/// The event type that retracts a name (payload [`Forgetting`]).
+pub const FORGET_TYPE: &str = "BLOB_FORGOTTEN";
+
+/// Payload of a retraction: the namings of `name` published at or before
+/// `forgotten_ms` (their event time, `ts_ms`) no longer bind it, on every
+/// agent, whichever of the two it learns first; a later naming binds it
+/// again.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Forgetting {
+    pub name: String,
+    pub forgotten_ms: u64,
+    /// The blob the name pointed at where the retraction was made
+    /// (information for readers of the event; receivers go by the time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
+}
 
 /// Payload of a naming event.
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -38,14 +58,18 @@ pub struct Naming {
 }
 
 /// What a local publish of `event_type` with `payload` means to blob
-/// transfer: `Ok(None)` a naming event (or not a naming type), `Ok(Some(w))`
-/// a naming type without a blob reference (no `blob` field: a plain event;
-/// nothing will be transferred: `w` says so), `Err` a blob reference that
-/// is malformed (naming the field, with an example).
+/// transfer: `Ok(None)` a naming event, a well-formed retraction, or
+/// neither type; `Ok(Some(w))` a naming type without a blob reference (no
+/// `blob` field: a plain event; nothing will be transferred: `w` says so),
+/// `Err` a blob reference or a retraction that is malformed (naming the
+/// field, with an example).
 pub fn check_naming_payload(
     event_type: &str,
     payload: &serde_json::Value,
 ) -> Result<Option<String>, String> {
+    if event_type == FORGET_TYPE {
+        return check_forgetting(payload).map(|_| None);
+    }
     if !NAMING_TYPES.contains(&event_type) {
         return Ok(None);
     }
@@ -70,9 +94,29 @@ pub fn check_naming_payload(
     Ok(None)
 }
 
+/// A retraction's payload, checked (`riftmesh blob forget` makes good ones;
+/// this is for one published as a plain event).
+fn check_forgetting(payload: &serde_json::Value) -> Result<Forgetting, String> {
+    let example = r#"{"name": "models/hex8_2p", "forgotten_ms": 1767772800000}"#;
+    let f: Forgetting = serde_json::from_value(payload.clone())
+        .map_err(|e| format!("{FORGET_TYPE}: {e}; expected e.g. {example}"))?;
+    check_name(&f.name).map_err(|e| format!("{FORGET_TYPE}: name: {e}"))?;
+    if let Some(b) = &f.blob {
+        if parse_id(b).is_none() {
+            return Err(format!(
+                "{FORGET_TYPE}: blob {b:?} is not 64 hex digits (or leave it out)"
+            ));
+        }
+    }
+    Ok(f)
+}
+
+/// Record naming events as names and retractions as unbindings, in log
+/// order, from the start of the log; raise and call off wants accordingly.
 pub(super) async fn follow_names(ctx: Arc<Ctx>) {
     let patterns: Vec<TypePattern> = NAMING_TYPES
         .iter()
+        .chain(std::iter::once(&FORGET_TYPE))
         .filter_map(|t| TypePattern::parse(t).ok())
         .collect();
     let mut head = ctx.store.watch_head();
@@ -86,6 +130,10 @@ pub(super) async fn follow_names(ctx: Arc<Ctx>) {
                 break;
             };
             for (_, s) in batch {
+                if s.event.event_type == FORGET_TYPE {
+                    apply_forget(&ctx, &s.event.payload).await;
+                    continue;
+                }
                 let Ok(n) = serde_json::from_str::<Naming>(&s.event.payload) else {
                     continue;
                 };
@@ -136,6 +184,58 @@ pub(super) async fn follow_names(ctx: Arc<Ctx>) {
     }
 }
 
+/// A retraction from the log (ours or a peer's): unbind the name if its
+/// binding is as old as the retraction or older, and call off what the
+/// binding raised here (its transfer leaves the table, nothing is retried:
+/// the name is no longer among those `resume_wants` goes through).
+async fn apply_forget(ctx: &Arc<Ctx>, payload: &str) {
+    let Ok(f) = serde_json::from_str::<Forgetting>(payload) else {
+        return;
+    };
+    if check_name(&f.name).is_err() {
+        return;
+    }
+    let store = ctx.blobs.store.clone();
+    let name = f.name.clone();
+    let at = f.forgotten_ms;
+    match tokio::task::spawn_blocking(move || store.forget(&name, at)).await {
+        Ok(Ok(Some(rec))) => {
+            tracing::info!(name = %f.name, blob = %hex_id(&rec.blob), named_ms = rec.ts_ms, forgotten_ms = at, "name forgotten");
+            drop_name(ctx, &f.name);
+        }
+        Ok(Ok(None)) => {
+            tracing::debug!(name = %f.name, forgotten_ms = at, "retraction recorded; it unbinds nothing here now");
+        }
+        Ok(Err(e)) => tracing::warn!(name = %f.name, error = %e, "cannot record a retraction"),
+        Err(e) => tracing::warn!(name = %f.name, error = %e, "cannot record a retraction"),
+    }
+}
+
+/// `name` no longer points at anything: no transfer is for it any more, and
+/// a transfer left for no name is called off (out of the table now; its
+/// task stops at its next step, see [`ensure_held`]). A transfer for other
+/// names too goes on for them.
+pub(super) fn drop_name(ctx: &Ctx, name: &str) {
+    let mut t = lock(&ctx.blobs.transfers);
+    let mut off = Vec::new();
+    for (blob, tr) in t.iter_mut() {
+        if tr.names.iter().any(|n| n == name) {
+            tr.names.retain(|n| n != name);
+            tr.view.names = tr.names.clone();
+            if tr.names.is_empty() {
+                off.push(*blob);
+            }
+        }
+    }
+    for blob in off {
+        if let Some(tr) = t.remove(&blob) {
+            tr.cancel.cancel();
+            tr.wake.notify_waiters();
+            tracing::info!(blob = %hex_id(&blob), %name, "transfer called off: its name was forgotten");
+        }
+    }
+}
+
 pub(super) async fn resume_wants(ctx: &Arc<Ctx>) {
     let store = ctx.blobs.store.clone();
     let Ok(Ok(names)) = tokio::task::spawn_blocking(move || store.names()).await else {
@@ -168,6 +268,9 @@ pub fn ensure_held(
         return tr.wake.clone();
     }
     let wake = Arc::new(Notify::new());
+    static GEN: AtomicU64 = AtomicU64::new(0);
+    let gen = GEN.fetch_add(1, Ordering::Relaxed);
+    let cancel = tokio_util::sync::CancellationToken::new();
     t.insert(
         blob,
         Transfer {
@@ -190,14 +293,22 @@ pub fn ensure_held(
             started: Instant::now(),
             wake: wake.clone(),
             cause: rec.event_id.clone(),
+            gen,
+            cancel: cancel.clone(),
         },
     );
     drop(t);
     let ctx2 = ctx.clone();
     ctx.tasks.spawn(async move {
         let ctx = ctx2;
-        let result = run_transfer(&ctx, blob).await;
-        finish(&ctx, blob, result).await;
+        // Called off (its names forgotten): the fetch stops where it is
+        // (waiting for a slot, looking for sources, between chunks); what
+        // it verified stays in the partial file for garbage collection.
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => called_off(&ctx).await,
+            result = run_transfer(&ctx, blob) => finish(&ctx, blob, gen, result).await,
+        }
     });
     wake
 }
@@ -256,6 +367,41 @@ pub async fn add(
         .map_err(|e| e.to_string())?;
     refresh_gauges(ctx).await;
     Ok((added, out.remove(0)))
+}
+
+/// Retract `name` cluster-wide: publish `BLOB_FORGOTTEN` for `rec`, the
+/// binding this agent knows. The retraction's time is now, or the naming's
+/// time if that is later (a naming stamped by a clock ahead of ours is
+/// still one this retraction covers). It is applied here as everywhere:
+/// when the event is read back from the log. Linked to the naming event
+/// (correlation and parent id), so `riftmesh trace` shows both.
+pub async fn forget(
+    ctx: &Arc<Ctx>,
+    name: &str,
+    rec: &NameRecord,
+) -> Result<(Forgetting, crate::store::Appended), String> {
+    check_name(name)?;
+    let f = Forgetting {
+        name: name.to_string(),
+        forgotten_ms: crate::event::now_ms().max(rec.ts_ms),
+        blob: Some(hex_id(&rec.blob)),
+    };
+    let payload = serde_json::to_value(&f).map_err(|e| e.to_string())?;
+    let link = (!rec.event_id.is_empty()).then(|| rec.event_id.clone());
+    let d = Draft::new(
+        FORGET_TYPE,
+        &payload,
+        Some("riftmesh/blob".into()),
+        link.clone(),
+        link,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = ctx
+        .publisher
+        .publish(vec![d])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((f, out.remove(0)))
 }
 
 /// Repair damaged copies one at a time as they are reported

@@ -16,10 +16,19 @@ use crate::metrics::label;
 
 /// After a transfer: place for every name that wants it, and report. Only a
 /// blob fetched now counts as a completed fetch (wants of held blobs are
-/// resumed every 30 s to retry their placement).
-pub(super) async fn finish(ctx: &Arc<Ctx>, blob: BlobId, result: Result<bool, String>) {
+/// resumed every 30 s to retry their placement). `gen`: the transfer's, so
+/// that one called off meanwhile (out of the table, perhaps replaced by a
+/// newer transfer of the same blob) reports nothing.
+pub(super) async fn finish(ctx: &Arc<Ctx>, blob: BlobId, gen: u64, result: Result<bool, String>) {
     let b = &ctx.blobs;
-    let Some(tr) = lock(&b.transfers).remove(&blob) else {
+    let tr = {
+        let mut t = lock(&b.transfers);
+        match t.get(&blob) {
+            Some(tr) if tr.gen == gen => t.remove(&blob),
+            _ => None,
+        }
+    };
+    let Some(tr) = tr else {
         return;
     };
     let secs = tr.started.elapsed().as_secs_f64();
@@ -50,11 +59,22 @@ pub(super) async fn finish(ctx: &Arc<Ctx>, blob: BlobId, result: Result<bool, St
     refresh_gauges(ctx).await;
 }
 
+/// A transfer called off because its names were forgotten: counted
+/// (`riftmesh_sync_transfers_total{result="forgotten"}`), no failure
+/// reported, nothing retried.
+pub(super) async fn called_off(ctx: &Arc<Ctx>) {
+    ctx.metrics
+        .transfers_finished
+        .get_or_create(&label("result", "forgotten"))
+        .inc();
+    refresh_gauges(ctx).await;
+}
+
 /// One name of a blob now held: placed if wanted, and its completed event
 /// published when there is something new to say.
 async fn complete_name(ctx: &Arc<Ctx>, blob: BlobId, tr: &Transfer, name: &str, secs: f64) {
     let b = &ctx.blobs;
-    // Only if the name still points here.
+    // Only if the name still points here (not elsewhere since, nor forgotten).
     let store = b.store.clone();
     let nm = name.to_string();
     let current = tokio::task::spawn_blocking(move || store.name(&nm))
@@ -62,7 +82,7 @@ async fn complete_name(ctx: &Arc<Ctx>, blob: BlobId, tr: &Transfer, name: &str, 
         .ok()
         .and_then(Result::ok)
         .flatten();
-    if current.as_ref().is_some_and(|c| c.blob != blob) {
+    if current.as_ref().is_none_or(|c| c.blob != blob) {
         return;
     }
     let Some(path) = place(ctx, blob, tr, name).await else {

@@ -1,4 +1,4 @@
-//! `blob add|list|get` and `sync status` (blob transfers in flight).
+//! `blob add|list|get|forget` and `sync status` (blob transfers in flight).
 
 use anyhow::{bail, Context};
 use serde_json::json;
@@ -77,6 +77,13 @@ pub async fn run(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result<
                     }
                 );
             }
+            for f in v["forgotten"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "forgotten {} (namings up to {} ms retracted)",
+                    f["name"].as_str().unwrap_or(""),
+                    f["forgotten_ms"]
+                );
+            }
         }
         BlobOp::Get {
             r, out, timeout, ..
@@ -108,6 +115,27 @@ pub async fn run(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result<
                 );
             }
             eprintln!("wrote {n} bytes to {}", out.display());
+        }
+        BlobOp::Forget { name, .. } => {
+            let v = client
+                .post("/v1/blob/forget", &json!({ "name": name }))
+                .await?;
+            if json_out {
+                return print_json(&v);
+            }
+            println!(
+                "forgot {} (was {}, {} bytes, named by {} {})",
+                v["name"].as_str().unwrap_or(""),
+                v["blob"].as_str().unwrap_or(""),
+                v["size"],
+                v["naming_event"].as_str().unwrap_or(""),
+                v["naming_event_id"].as_str().unwrap_or("")
+            );
+            eprintln!(
+                "{} {}: no host fetches it any more; files already placed are left alone",
+                v["event"].as_str().unwrap_or(""),
+                v["event_id"].as_str().unwrap_or("")
+            );
         }
     }
     Ok(())

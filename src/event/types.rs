@@ -38,6 +38,7 @@ catalog! {
         "REPAIR_FAILED" => "a repair of damaged data failed",
         "GAME_BATCH_READY" => "a batch of games was published as a blob",
         "BLOB_PUBLISHED" => "a name now points at a blob",
+        "BLOB_FORGOTTEN" => "a name was retracted: it points at no blob, and no host fetches it any more",
     ],
     "export": [
         "NPZ_EXPORT_STARTED" | "EXPORT_STARTED" => "training arrays export began",

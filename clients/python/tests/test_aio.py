@@ -240,6 +240,10 @@ def test_async_blobs(spawn_agent: Callable[..., Agent], uid: str, tmp_path: Path
             ev = await c.event(added.event_id)
             assert await c.blob_get(ev) == data
             assert (await c.blob_info(added.blob)).state == "complete"
+            forgot = await c.blob_forget(f"models/aio-{uid}")
+            assert forgot["blob"] == added.blob and forgot["event"] == "BLOB_FORGOTTEN"
+            with pytest.raises(NotFound):
+                await c.blob_info(f"models/aio-{uid}")
             # The pooled connection still works after streaming bodies.
             assert await c.health()
 

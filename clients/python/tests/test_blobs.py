@@ -100,3 +100,28 @@ def test_blob_fetched_from_another_agent(mesh2: List[Agent], uid: str, tmp_path:
     assert fetched[0].read_bytes() == data
     assert b.blob_info(added.blob).state == "complete"
     assert b.blob_get(name) == data
+
+
+def test_blob_forget(client: Client, uid: str, tmp_path: Path) -> None:
+    src = tmp_path / "forget.pth"
+    src.write_bytes(os.urandom(100_000) + uid.encode())
+    name = f"models/forget-{uid}"
+    added = client.blob_add(src, name=name, event=EventType.MODEL_PROMOTED)
+    r = client.blob_forget(name)
+    assert r["name"] == name and r["blob"] == added.blob and r["naming_event_id"] == added.event_id
+    assert r["forgotten_ms"] >= r["named_ms"] and r["event"] == "BLOB_FORGOTTEN"
+    ev = client.event(r["event_id"])
+    assert ev.type == "BLOB_FORGOTTEN" and ev.payload["name"] == name and ev.parent_id == added.event_id
+    # Applied on the agent before it answered: the name no longer resolves.
+    with pytest.raises(NotFound):
+        client.blob_info(name)
+    assert name not in [n["name"] for n in client.blobs()["names"]]
+    with pytest.raises(NotFound, match="forgotten"):
+        client.blob_forget(name)
+    with pytest.raises(NotFound, match="never bound"):
+        client.blob_forget(f"models/never-{uid}")
+    with pytest.raises(BadRequest):
+        client.blob_forget("../etc/passwd")
+    # Named again: bound again.
+    again = client.blob_add(src, name=name)
+    assert client.blob_info(name).blob == again.blob == added.blob

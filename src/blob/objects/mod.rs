@@ -8,7 +8,8 @@
 //! - `tmp/`: files being added.
 //! - sled trees `blob_meta` (id → [`BlobMeta`]), `blob_manifest` (id →
 //!   [`Manifest`]), `blob_have` (id → bitmap of durable verified chunks of a
-//!   partial blob), `blob_names` (name → [`NameRecord`]), `blob_placed`
+//!   partial blob), `blob_names` (name → [`NameRecord`]), `blob_forgotten`
+//!   (name → time up to which its namings are retracted), `blob_placed`
 //!   (path → id last placed there).
 //!
 //! By concept: `manifest` (ids, manifests, bitmaps), `direct` (I/O past
@@ -87,6 +88,9 @@ pub struct BlobStore {
     manifests: sled::Tree,
     have: sled::Tree,
     names: sled::Tree,
+    /// Retractions: name → the time (ms) up to which its namings are
+    /// forgotten (`BLOB_FORGOTTEN`, proto-notes/sync.md).
+    forgotten: sled::Tree,
     placed: sled::Tree,
     /// Every record above is made durable through it (durable.rs).
     durable: Durable,
@@ -152,6 +156,7 @@ impl BlobStore {
             manifests: db.open_tree("blob_manifest")?,
             have: db.open_tree("blob_have")?,
             names: db.open_tree("blob_names")?,
+            forgotten: db.open_tree("blob_forgotten")?,
             placed: db.open_tree("blob_placed")?,
             durable: durable.clone(),
         })

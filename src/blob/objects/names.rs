@@ -12,13 +12,18 @@ impl BlobStore {
     }
 
     /// Point `name` at a blob if `rec` is newer than what it points at
-    /// (event time, then event hash). Returns the record it replaced, or
-    /// None if nothing changed.
+    /// (event time, then event hash) and than the name's last retraction
+    /// ([`Self::forget`]: a naming published at or before it stays
+    /// retracted, in whatever order the two arrive). Returns the record it
+    /// replaced, or None if nothing changed.
     pub fn set_name(
         &self,
         name: &str,
         rec: &NameRecord,
     ) -> Result<Option<Option<NameRecord>>, BlobError> {
+        if self.forgotten(name)?.is_some_and(|at| rec.ts_ms <= at) {
+            return Ok(None);
+        }
         let old = self.name(name)?;
         if let Some(o) = &old {
             if (o.ts_ms, o.event_hash) >= (rec.ts_ms, rec.event_hash) {
@@ -28,6 +33,52 @@ impl BlobStore {
         self.names.insert(name.as_bytes(), enc(rec)?)?;
         self.durable.commit(What::Blob)?;
         Ok(Some(old))
+    }
+
+    /// The time (ms since the epoch) up to which the namings of `name` are
+    /// retracted, if it was ever forgotten.
+    pub fn forgotten(&self, name: &str) -> Result<Option<u64>, BlobError> {
+        Ok(self
+            .forgotten
+            .get(name.as_bytes())?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Retract the namings of `name` published at or before `at_ms`: the
+    /// retraction is kept (the latest one), so that such a naming arriving
+    /// later binds nothing, and the name's binding is removed if it is one
+    /// of them. Returns the binding removed, if any.
+    pub fn forget(&self, name: &str, at_ms: u64) -> Result<Option<NameRecord>, BlobError> {
+        let before = self.forgotten(name)?;
+        if before.is_none_or(|b| b < at_ms) {
+            self.forgotten
+                .insert(name.as_bytes(), &at_ms.to_be_bytes()[..])?;
+        }
+        let removed = match self.name(name)? {
+            Some(rec) if rec.ts_ms <= at_ms => {
+                self.names.remove(name.as_bytes())?;
+                Some(rec)
+            }
+            _ => None,
+        };
+        self.durable.commit(What::Blob)?;
+        Ok(removed)
+    }
+
+    /// Every retraction kept: (name, time up to which it is forgotten).
+    pub fn forgotten_names(&self) -> Result<Vec<(String, u64)>, BlobError> {
+        let mut out = Vec::new();
+        for kv in self.forgotten.iter() {
+            let (k, v) = kv?;
+            if let Ok(b) = <[u8; 8]>::try_from(&v[..]) {
+                out.push((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    u64::from_be_bytes(b),
+                ));
+            }
+        }
+        Ok(out)
     }
 
     pub fn names(&self) -> Result<Vec<(String, NameRecord)>, BlobError> {

@@ -336,6 +336,43 @@ fn names_keep_the_newest_event() {
 }
 
 #[test]
+fn a_retraction_wins_over_namings_at_or_before_it_in_any_order() {
+    let (_d, _db, s) = store();
+    let rec = |ts, b: u8| NameRecord {
+        blob: [b; 32],
+        size: 1,
+        root: [0; 32],
+        ts_ms: ts,
+        event_hash: [b; 32],
+        event_id: String::new(),
+        event_type: "MODEL_PROMOTED".into(),
+        origin: String::new(),
+    };
+    // Naming, then its retraction: unbound.
+    s.set_name("models/a", &rec(10, 1)).unwrap();
+    assert_eq!(s.forget("models/a", 10).unwrap(), Some(rec(10, 1)));
+    assert_eq!(s.name("models/a").unwrap(), None);
+    // Retraction first (catch-up order), then an older naming: stays unbound.
+    assert_eq!(s.forget("models/b", 30).unwrap(), None);
+    assert_eq!(s.set_name("models/b", &rec(30, 2)).unwrap(), None);
+    assert_eq!(s.set_name("models/b", &rec(29, 2)).unwrap(), None);
+    assert_eq!(s.name("models/b").unwrap(), None);
+    // A later naming binds again; a stale retraction does not unbind it,
+    // nor move the retraction back.
+    assert_eq!(s.set_name("models/b", &rec(31, 3)).unwrap(), Some(None));
+    assert_eq!(s.forget("models/b", 20).unwrap(), None);
+    assert_eq!(s.name("models/b").unwrap().unwrap().blob, [3; 32]);
+    assert_eq!(s.forgotten("models/b").unwrap(), Some(30));
+    assert_eq!(s.set_name("models/b", &rec(25, 4)).unwrap(), None);
+    let mut f = s.forgotten_names().unwrap();
+    f.sort();
+    assert_eq!(
+        f,
+        [("models/a".to_string(), 10), ("models/b".to_string(), 30)]
+    );
+}
+
+#[test]
 fn bitmaps() {
     let mut b = Bitmap::new(10);
     b.set(0);

@@ -985,6 +985,10 @@ class AsyncClient:
     async def blob_info(self, ref: str) -> BlobInfo:
         return BlobInfo.from_json(await self._http.request("GET", "/v1/blob", query={"ref": ref}))
 
+    async def blob_forget(self, name: str) -> Dict[str, Any]:
+        """Retract ``name`` cluster-wide (see ``Client.blob_forget``)."""
+        return await self._http.request("POST", "/v1/blob/forget", body={"name": name})  # type: ignore[no-any-return]
+
     @overload
     async def blob_get(
         self,

@@ -1598,6 +1598,17 @@ class Client:
         """State of a blob (by id or name) on this agent."""
         return BlobInfo.from_json(self._http.request("GET", "/v1/blob", query={"ref": ref}))
 
+    def blob_forget(self, name: str) -> Dict[str, Any]:
+        """Retract ``name`` cluster-wide (``POST /v1/blob/forget``): the agent
+        publishes ``BLOB_FORGOTTEN``; no host fetches the name or retries it
+        any more and it no longer resolves, until a later naming event binds
+        it again. Files already placed stay where they are. Returns what was
+        retracted: ``name``, ``blob``, ``size``, ``named_ms``,
+        ``naming_event``, ``naming_event_id``, ``forgotten_ms``, ``event_id``.
+        ``NotFound`` for a name not bound on this agent (never named, or
+        forgotten already), ``BadRequest`` for an invalid name."""
+        return self._http.request("POST", "/v1/blob/forget", body={"name": name})  # type: ignore[no-any-return]
+
     @overload
     def blob_get(
         self,

@@ -53,6 +53,9 @@ class EventType(str, Enum):
     BLOB_PUBLISHED = "BLOB_PUBLISHED"
     "a name now points at a blob"
 
+    BLOB_FORGOTTEN = "BLOB_FORGOTTEN"
+    "a name was retracted: it points at no blob, and no host fetches it any more"
+
     NPZ_EXPORT_STARTED = "NPZ_EXPORT_STARTED"
     "training arrays export began"
 
@@ -267,6 +270,7 @@ class DataEventType(str, Enum):
     REPAIR_FAILED = "REPAIR_FAILED"
     GAME_BATCH_READY = "GAME_BATCH_READY"
     BLOB_PUBLISHED = "BLOB_PUBLISHED"
+    BLOB_FORGOTTEN = "BLOB_FORGOTTEN"
     NPZ_EXPORT_STARTED = "NPZ_EXPORT_STARTED"
     NPZ_EXPORT_COMPLETED = "NPZ_EXPORT_COMPLETED"
     NPZ_EXPORT_FAILED = "NPZ_EXPORT_FAILED"
@@ -366,7 +370,7 @@ class DataEventType(str, Enum):
 
 CATEGORIES: Dict[str, Tuple[str, ...]] = {
     "selfplay": ("SELFPLAY_STARTED", "SELFPLAY_COMPLETED", "SELFPLAY_FAILED", "NEW_GAMES_AVAILABLE",),
-    "sync": ("DATA_SYNC_STARTED", "DATA_SYNC_COMPLETED", "DATA_SYNC_FAILED", "DATA_SYNC_TRIGGERED", "ORPHAN_GAMES_DETECTED", "REPAIR_COMPLETED", "REPAIR_FAILED", "GAME_BATCH_READY", "BLOB_PUBLISHED",),
+    "sync": ("DATA_SYNC_STARTED", "DATA_SYNC_COMPLETED", "DATA_SYNC_FAILED", "DATA_SYNC_TRIGGERED", "ORPHAN_GAMES_DETECTED", "REPAIR_COMPLETED", "REPAIR_FAILED", "GAME_BATCH_READY", "BLOB_PUBLISHED", "BLOB_FORGOTTEN",),
     "export": ("NPZ_EXPORT_STARTED", "NPZ_EXPORT_COMPLETED", "NPZ_EXPORT_FAILED",),
     "training": ("TRAINING_STARTED", "TRAINING_PROGRESS", "TRAINING_COMPLETED", "TRAINING_FAILED", "TRAINING_EARLY_STOPPED", "HYPERPARAMETER_UPDATED", "ADAPTIVE_PARAMS_CHANGED",),
     "evaluation": ("EVALUATION_STARTED", "EVALUATION_COMPLETED", "EVALUATION_FAILED", "EVALUATION_PROGRESS", "EVALUATION_RESULT", "ELO_UPDATED", "ELO_SIGNIFICANT_CHANGE", "ELO_VELOCITY_CHANGED", "REGRESSION_DETECTED", "REGRESSION_CRITICAL",),
@@ -392,6 +396,7 @@ DESCRIPTIONS: Dict[str, str] = {
     "REPAIR_FAILED": "a repair of damaged data failed",
     "GAME_BATCH_READY": "a batch of games was published as a blob",
     "BLOB_PUBLISHED": "a name now points at a blob",
+    "BLOB_FORGOTTEN": "a name was retracted: it points at no blob, and no host fetches it any more",
     "NPZ_EXPORT_STARTED": "training arrays export began",
     "NPZ_EXPORT_COMPLETED": "training arrays are ready",
     "NPZ_EXPORT_FAILED": "training arrays export failed",
