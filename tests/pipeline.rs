@@ -281,6 +281,22 @@ async fn repeats_are_new_facts_and_retries_and_shared_observations_are_not() {
             .status();
         assert!(status.is_success(), "{status}");
     }
+    // Two keys in two headers: which one decides is not guessed.
+    let two = a
+        .http
+        .post(format!("{}/v1/events", a.api))
+        .header("Idempotency-Key", "job-43")
+        .header("Idempotency-Key", "job-44")
+        .json(&serde_json::json!({"type": "TRAINING_STARTED", "payload": {"attempt": 9}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(two.status().as_u16(), 400);
+    assert!(two
+        .text()
+        .await
+        .unwrap()
+        .contains("several Idempotency-Key headers"));
     let hist = of_type(a, "TRAINING_STARTED").await;
     assert_eq!(hist.len(), 1, "{hist:?}");
     assert_eq!(hist[0]["idempotency_key"], "job-42");

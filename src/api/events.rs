@@ -165,7 +165,13 @@ pub(super) async fn publish(
     headers: axum::http::HeaderMap,
     ApiJson(mut req): ApiJson<PublishReq>,
 ) -> ApiResult<Json<PublishResp>> {
-    // The key may come as an `Idempotency-Key` header instead.
+    // The key may come as an `Idempotency-Key` header instead; one only,
+    // or which one decides would depend on the proxy in between.
+    if headers.get_all("idempotency-key").iter().nth(1).is_some() {
+        return Err(ApiError::bad(
+            "several Idempotency-Key headers: send one (a publish has one key)",
+        ));
+    }
     if let Some(h) = headers.get("idempotency-key") {
         let h = h
             .to_str()
