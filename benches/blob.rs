@@ -739,7 +739,9 @@ async fn main() {
         "",
         None,
     );
-    let tr = mbps(r.bytes, r.transfer_secs);
+    // The headline is timed from outside: from the naming event (the add's
+    // answer) until the file is placed at the receiver, polled every 50 ms.
+    let tr = mbps(r.bytes, r.end_to_end_secs);
     // At least scp, and at least 80 % of the lesser of the stack's ceiling
     // and the disk.
     let lesser = [stack_rate, dd_rate]
@@ -751,14 +753,14 @@ async fn main() {
         .flatten()
         .fold(f64::NAN, f64::max);
     row(
-        "one agent to another: fetch + verify (MODEL_DISTRIBUTED)",
-        rate(r.transfer_secs),
+        "one agent to another: naming event -> file placed",
+        rate(r.end_to_end_secs),
         &format!(">= {floor:.0} MB/s"),
         (tr.is_finite() && floor.is_finite()).then_some(tr >= floor),
     );
     row(
-        "  from the naming event to the file placed (incl. copy out)",
-        rate(r.end_to_end_secs),
+        "  of which fetch + verify (the receiver's MODEL_DISTRIBUTED seconds)",
+        rate(r.transfer_secs),
         "",
         None,
     );
@@ -810,8 +812,8 @@ async fn main() {
         row("error", e.clone(), "", Some(false));
     }
     out += &format!("{}\n", "-".repeat(120));
-    out += "rates are the blob's size over the time; fetch + verify runs from the start of the receiver's transfer to its whole-file check.\n";
-    out += "target of the fetch: at least scp, and at least 80 % of the lesser of the agent's stack ceiling and the disk.\n";
+    out += "rates are the blob's size over the time; the one-to-one row is timed from outside, from the naming event's publication (the add's answer) until the receiver's file is placed (polled every 50 ms); fetch + verify is the receiver's own figure, from the start of its transfer to its whole-file check.\n";
+    out += "target of the one-to-one row: at least scp, and at least 80 % of the lesser of the agent's stack ceiling and the disk.\n";
     out += "fan-out: all agents share this machine's 2 CPUs and loopback (no link shaping), so it shows how the load spreads, not the shaped-link target; 'one' is the fetch time of that size at the one-to-one rate above.\n";
     out += &format!(
         "total bench time {:.0} s\n",

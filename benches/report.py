@@ -426,18 +426,23 @@ def blob_rows(t, b, runner, run):
         t.failed("blob", "blob transfer", runner, run)
         return
     size = b["bytes"]
-    rate = size / b["transfer_secs"] / MBs
+    # The headline is timed from outside (naming event -> file placed); the
+    # receiver's own fetch + verify figure is a detail row.
+    rate = size / (b.get("end_to_end_secs") or b["transfer_secs"]) / MBs
+    fetch = size / b["transfer_secs"] / MBs
     scp = size / b["scp_secs"] / MBs if b.get("scp_secs") else None
     dd = size / b["dd_secs"] / MBs if b.get("dd_secs") else None
     stack = next((size / c["secs"] / MBs for c in reversed(b.get("ceiling") or []) if c.get("secs")), None)
     floor = 0.8 * min(x for x in (stack, dd) if x) if (stack or dd) else None
     target = max(x for x in (scp, floor) if x) if (scp or floor) else None
-    t.add("blob", f"blob fetch + verify, {size / MB:.0f} MiB one agent to another",
+    t.add("blob", f"blob naming event -> placed file, {size / MB:.0f} MiB one agent to another",
           f"{rate:.0f} MB/s",
           f"scp {fmt(scp, '.0f')} MB/s, dd conv=fdatasync {fmt(dd, '.0f')} MB/s, "
           f"stack ceiling {fmt(stack, '.0f')} MB/s; target >= {fmt(target, '.0f')}",
           verdict(target is not None and rate >= target),
           {"mb_per_s": rate, "scp": scp, "dd": dd, "stack": stack, "target": target})
+    t.add("blob", "  of which fetch + verify (receiver's own figure)", f"{fetch:.0f} MB/s", "-", "-",
+          {"mb_per_s": fetch})
     t.add("blob", "receiver RSS idle -> max during the transfer",
           f"{b['rss_idle_kb'] / 1024:.0f} -> {b['rss_max_kb'] / 1024:.0f} MB", "< 100 MB",
           verdict(b["rss_max_kb"] / 1024 < 100))
@@ -661,7 +666,8 @@ def main():
         f"- leader: {ltrials}; from just before the signal (or the /v1/debug/block partition of the leader) until every "
         "agent names the same new leader at a higher term, polled every 25 ms.",
         "- catchup: 2|3 split of 5 agents healed; an agent restarted after missing the events catches up; 20 idle agents' anti-entropy.",
-        "- blob: rates are the blob's size over the time (MB = 10^6 bytes; memory MB = 2^20); scp over loopback, dd bs=4M "
+        "- blob: rates are the blob's size over the time (MB = 10^6 bytes; memory MB = 2^20); the one-to-one headline is "
+        "timed from outside, naming event (the add's answer) -> file placed at the receiver, polled every 50 ms; scp over loopback, dd bs=4M "
         "conv=fdatasync on the same disk, all in the same run; the loopback fan-out shares 2 CPUs, so it shows how load "
         "spreads, not the shaped-link target; testnet fanout shapes every host's link with tc tbf (root, network namespaces).",
         "- growth table: 'all alive after' is the time from the first spawn until every agent lists all N alive; "
