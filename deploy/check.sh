@@ -13,7 +13,8 @@
 #      a check-mode run of site.yml on this machine for one host
 #   5. promtool check config / check rules / test rules; every alert has a
 #      runbook_url naming a section of README.md and a test that fires it
-#   6. the Grafana dashboard: valid JSON, up to date with build.py
+#   6. the Grafana dashboard: valid JSON, every panel with a query and a
+#      unit, up to date with build.py
 #   7. live metrics: five real agents on 127.0.0.1; every metric and label the
 #      rules and the dashboard use is in their /metrics; a Prometheus on
 #      127.0.0.1 with the deploy relabelling and rules runs every query and rule
@@ -270,6 +271,9 @@ def walk(ps):
         if p["type"] != "row":
             n += 1
             assert p.get("targets"), f"panel {p['title']} has no query"
+            unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit")
+            assert isinstance(unit, str) and unit.strip(), \
+                f"panel {p['title']} has no unit (fieldConfig.defaults.unit: bytes, s, percentunit, ops, short...)"
             for t in p["targets"]:
                 assert t["expr"].strip() and 'job="riftmesh"' in t["expr"], f"{p['title']}: {t['expr']}"
         walk(p.get("panels", []))

@@ -28,7 +28,10 @@ use std::time::{Duration, Instant};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Metadata};
 use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, JsonFields};
+use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -68,7 +71,12 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
     let layer = match format {
-        LogFormat::Json => fmt.json().with_filter(filter.and(limit.clone())).boxed(),
+        LogFormat::Json => fmt
+            .with_ansi(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
+            .with_filter(filter.and(limit.clone()))
+            .boxed(),
         LogFormat::Text => fmt.with_filter(filter.and(limit.clone())).boxed(),
     };
     if tracing_subscriber::registry()
@@ -78,6 +86,153 @@ pub fn init(format: LogFormat) {
     {
         limit.spawn_flusher();
     }
+}
+
+/// The JSON log format: one object a line, every field at the top level
+/// beside `timestamp`, `level`, `target` and `message` (and the fields of
+/// the spans the line is in, with `spans`: their names, outermost first),
+/// so `jq .peer` or a log shipper's field extraction finds it without
+/// knowing a nesting. A field logged as a list (`listen = ?addrs` with a
+/// `Vec<String>`, `chunks = ?bad`) is a JSON array: a `Debug` value that
+/// reads as a JSON array is written as one, any other as its text.
+///
+/// (tracing's `valuable` support would carry lists typed, but it needs
+/// `--cfg tracing_unstable` for every build of the crate and of its users;
+/// this format needs nothing.)
+pub struct FlatJson;
+
+/// Field names the line's own keys take; an event field of the same name
+/// is written as `field.<name>`.
+const RESERVED: [&str; 5] = ["timestamp", "level", "target", "message", "spans"];
+
+impl<S, N> FormatEvent<S, N> for FlatJson
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: format::Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        let mut fields = JsonVisit::default();
+        event.record(&mut fields);
+        // The line's own keys first, then the event's fields in the order
+        // logged, then its spans' fields.
+        let mut line: Vec<(String, serde_json::Value)> = vec![
+            (
+                "timestamp".into(),
+                humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                    .to_string()
+                    .into(),
+            ),
+            ("level".into(), meta.level().as_str().into()),
+            ("target".into(), meta.target().into()),
+            (
+                "message".into(),
+                fields.message.take().unwrap_or_default().into(),
+            ),
+        ];
+        for (k, v) in fields.fields {
+            let k = if RESERVED.contains(&k) {
+                format!("field.{k}")
+            } else {
+                k.to_string()
+            };
+            line.push((k, v));
+        }
+        if let Some(scope) = ctx.event_scope() {
+            let mut names = Vec::new();
+            for span in scope.from_root() {
+                names.push(serde_json::Value::from(span.name()));
+                let ext = span.extensions();
+                let Some(f) = ext.get::<FormattedFields<N>>() else {
+                    continue;
+                };
+                if let Ok(serde_json::Value::Object(o)) =
+                    serde_json::from_str::<serde_json::Value>(f.as_str())
+                {
+                    for (k, v) in o {
+                        if !RESERVED.contains(&k.as_str()) && !line.iter().any(|(l, _)| *l == k) {
+                            line.push((k, v));
+                        }
+                    }
+                }
+            }
+            if !names.is_empty() {
+                line.push(("spans".into(), names.into()));
+            }
+        }
+        let mut out = String::from("{");
+        for (i, (k, v)) in line.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&serde_json::to_string(k).map_err(|_| std::fmt::Error)?);
+            out.push(':');
+            out.push_str(&serde_json::to_string(v).map_err(|_| std::fmt::Error)?);
+        }
+        out.push('}');
+        writeln!(writer, "{out}")
+    }
+}
+
+/// An event's fields as JSON values, in the order logged.
+#[derive(Default)]
+struct JsonVisit {
+    message: Option<String>,
+    fields: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl JsonVisit {
+    fn put(&mut self, field: &Field, v: serde_json::Value) {
+        if field.name() == "message" {
+            self.message = Some(match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            });
+        } else {
+            self.fields.push((field.name(), v));
+        }
+    }
+}
+
+impl Visit for JsonVisit {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field, value.into());
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.put(field, value.to_string().into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        self.put(field, list_or_text(text));
+    }
+}
+
+/// A `Debug` rendering that is a JSON array (a `Vec<String>`, a list of
+/// numbers) as that array; anything else as its text.
+fn list_or_text(text: String) -> serde_json::Value {
+    if text.starts_with('[') {
+        if let Ok(v @ serde_json::Value::Array(_)) = serde_json::from_str(&text) {
+            return v;
+        }
+    }
+    text.into()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -410,6 +565,69 @@ mod tests {
         }
         // At most one report per window while the cause lasts.
         assert!((5..=10).contains(&reports), "{reports} reports");
+    }
+
+    #[test]
+    fn json_lines_carry_fields_flat_and_lists_as_arrays() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || w.clone())
+                .with_ansi(false)
+                .fmt_fields(JsonFields::new())
+                .event_format(FlatJson),
+        );
+        tracing::subscriber::with_default(sub, || {
+            let span = tracing::info_span!("transfer", blob = "ab12");
+            let _in = span.enter();
+            let listen = vec![
+                "/ip4/10.0.0.7/tcp/4001".to_string(),
+                "/ip6/::1/tcp/4001".into(),
+            ];
+            let odd = "[not json".to_string();
+            tracing::info!(
+                peer = "p1",
+                n = 3u64,
+                ok = true,
+                listen = ?listen,
+                chunks = ?vec![1u32, 5],
+                text = ?odd,
+                target = "x",
+                "hello {}",
+                "world"
+            );
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+        assert_eq!(line["message"], "hello world", "{out}");
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["peer"], "p1");
+        assert_eq!(line["n"], 3);
+        assert_eq!(line["ok"], true);
+        assert_eq!(
+            line["listen"],
+            serde_json::json!(["/ip4/10.0.0.7/tcp/4001", "/ip6/::1/tcp/4001"])
+        );
+        assert_eq!(line["chunks"], serde_json::json!([1, 5]));
+        assert_eq!(line["text"], "\"[not json\"");
+        assert_eq!(line["field.target"], "x");
+        assert_eq!(line["blob"], "ab12", "a span's field, flat too");
+        assert_eq!(line["spans"], serde_json::json!(["transfer"]));
+        assert!(line.get("fields").is_none() && line.get("span").is_none());
+        // The line's own keys come first.
+        assert!(out.starts_with("{\"timestamp\":"), "{out}");
     }
 
     #[test]

@@ -101,6 +101,7 @@ enum Cmd {
     /// Run the agent (one per host).
     Agent(AgentArgs),
     /// Write a new swarm key (go-libp2p /key/swarm/psk/1.0.0/ format).
+    /// With --json (which needs --out): what was written, as JSON, never the key.
     Keygen {
         /// Where to write it; standard output if absent.
         #[arg(long)]
@@ -394,6 +395,13 @@ impl ConsumerOp {
 enum TransfersOp {
     /// Transfers in flight (bytes, rate, sources, ETA) and recent failures.
     Status {
+        /// Refresh every --interval until ctrl-c (redrawn on a terminal; a
+        /// new table each time on a pipe, a JSON object a line with --json).
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
         #[command(flatten)]
         conn: Conn,
     },
@@ -410,6 +418,10 @@ enum LockOp {
         /// Who holds it [default: this agent's name].
         #[arg(long)]
         holder: Option<String>,
+        /// Wait for the lock while it is held (or no leader can grant it),
+        /// saying on stderr what it waits for, instead of failing.
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -536,7 +548,7 @@ fn api_of(cmd: &Cmd) -> String {
                 | BlobOp::Forget { conn, .. },
         }
         | Cmd::Sync {
-            op: TransfersOp::Status { conn },
+            op: TransfersOp::Status { conn, .. },
         } => conn.api.clone(),
         Cmd::Agent(_)
         | Cmd::Keygen { .. }
@@ -555,7 +567,7 @@ async fn run_client(parsed: Cli) -> anyhow::Result<()> {
         Cmd::Agent(_) | Cmd::Config { .. } | Cmd::Completion { .. } | Cmd::Man { .. } => {
             unreachable!("handled in main")
         }
-        Cmd::Keygen { out, force } => cli::config::keygen(out, force),
+        Cmd::Keygen { out, force } => cli::config::keygen(out, force, json_out),
         Cmd::Publish(args) => cli::events::publish(c, json_out, args).await,
         Cmd::Events {
             consumer,
@@ -588,8 +600,10 @@ async fn run_client(parsed: Cli) -> anyhow::Result<()> {
         Cmd::Trace { id, .. } => cli::events::trace(c, json_out, &id).await,
         Cmd::Blob { op } => cli::blobs::run(c, op, json_out).await,
         Cmd::Sync {
-            op: TransfersOp::Status { .. },
-        } => cli::blobs::transfers(c, json_out).await,
+            op: TransfersOp::Status {
+                watch, interval, ..
+            },
+        } => cli::blobs::transfers(c, json_out, watch.then_some(interval)).await,
         Cmd::Types { .. } => cli::events::types(c, json_out).await,
     }
 }

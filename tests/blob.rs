@@ -68,6 +68,19 @@ fn cli(a: &Agent, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Progress (bytes, rate, ETA, a redrawn line) is for a terminal only:
+/// none of it on a pipe.
+#[track_caller]
+fn assert_no_progress(stderr: &str) {
+    assert!(
+        !stderr.contains('\r')
+            && !stderr.contains('\x1b')
+            && !stderr.contains("B/s")
+            && !stderr.contains(" eta "),
+        "progress on a pipe: {stderr:?}"
+    );
+}
+
 async fn events_of(a: &Agent, ty: &str) -> Vec<Value> {
     a.all_events()
         .await
@@ -137,6 +150,7 @@ async fn blobs_reach_every_wanting_agent_verified_placed_and_deduplicated() {
         ],
     );
     assert!(ok, "blob add failed: {err}");
+    assert_no_progress(&err);
     let id = hex::encode(Sha256::digest(&data));
     assert_eq!(out.trim(), id, "blob add prints the blob id");
     // The producer may now rewrite its file without harm.
@@ -202,6 +216,8 @@ async fn blobs_reach_every_wanting_agent_verified_placed_and_deduplicated() {
         ],
     );
     assert!(ok, "blob get failed: {err}");
+    assert_no_progress(&err);
+    assert!(err.starts_with("wrote "), "{err}");
     assert_eq!(std::fs::read(&out_path).unwrap(), data);
 
     // Unknown references are clean 404s; a bad add is a 400.

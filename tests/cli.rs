@@ -161,9 +161,11 @@ fn man_renders_the_page() {
     assert!(o.status.success(), "man -l: {}", text(&o.stderr));
     // Rendered, not echoed: no roff requests left, the sections are there.
     assert!(!shown.contains(".TH") && !shown.contains(".SH"), "{shown}");
+    // man justifies lines by widening spaces: compare with single spaces.
+    let flat = shown.split_whitespace().collect::<Vec<_>>().join(" ");
     for want in ["NAME", "SYNOPSIS", "completion", "config", "Exit status"] {
         assert!(
-            shown.contains(want),
+            flat.contains(want),
             "man -l output lacks {want:?}:\n{shown}"
         );
     }
@@ -421,4 +423,343 @@ async fn exit_codes_tell_the_classes_apart_and_lock_commands_read_well() {
         row.contains(env!("CARGO_PKG_VERSION")) && row.contains("127.0.0.1:"),
         "{row}"
     );
+}
+
+#[test]
+fn keygen_json_says_what_was_written_and_never_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("swarm.key");
+    let p = path.to_str().unwrap();
+    let (out, _) = expect(&["keygen", "--out", p, "--json"], 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["path"], p, "{v}");
+    assert_eq!(v["written"], true, "{v}");
+    assert_eq!(v["replaced"], false, "{v}");
+    assert!(
+        v["fingerprint"].as_str().is_some_and(|f| f.len() == 32),
+        "{v}"
+    );
+    // The key (its hex line) is in the file, not on stdout.
+    let key = std::fs::read_to_string(&path).unwrap();
+    let secret = key.lines().last().unwrap();
+    assert_eq!(secret.len(), 64, "{key}");
+    assert!(!out.contains(secret), "{out}");
+    // Overwriting says so; without --out there is nothing to describe.
+    let (out, _) = expect(&["keygen", "--out", p, "--force", "--json"], 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["replaced"], true, "{v}");
+    let (out, err) = expect(&["keygen", "--json"], 2);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("--out"), "{err}");
+    // Without --json: the key on stdout, as before.
+    let (out, _) = expect(&["keygen"], 0);
+    assert!(out.starts_with("/key/swarm/psk/1.0.0/"), "{out}");
+}
+
+/// A CLI process left running, its stdout and stderr read as they come.
+struct Running {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    err: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env_remove("RIFTMESH_API")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pump = |mut r: Box<dyn std::io::Read + Send>| {
+            let buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let b = buf.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = r.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    b.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            });
+            buf
+        };
+        let out = pump(Box::new(child.stdout.take().unwrap()));
+        let err = pump(Box::new(child.stderr.take().unwrap()));
+        Running { child, out, err }
+    }
+
+    fn out(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn err(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Wait for the process to end; its exit status.
+    async fn exit(&mut self, what: &str) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        wait_for(what, LONG, || {
+            let r = child.try_wait().unwrap();
+            async move { r }
+        })
+        .await
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last 8 characters of a peer id, as the CLI shows them.
+fn tail8(id: &str) -> String {
+    id[id.len() - 8..].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_read_names_waits_and_flat_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("swarm.key");
+    keygen(&key);
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(&cfg, "voters = [\"a\"]\n").unwrap();
+    // a logs JSON; b text (both to a file: no terminal).
+    let a = Agent::start_with(
+        dir.path(),
+        "a",
+        &key,
+        &[],
+        &[
+            "--config".into(),
+            cfg.display().to_string(),
+            "--log-format".into(),
+            "json".into(),
+        ],
+    )
+    .await;
+    let boot = vec![a.p2p_addr().await];
+    let cfg_b = dir.path().join("b.toml");
+    std::fs::write(&cfg_b, "voters = [\"a\"]\n").unwrap();
+    let b = Agent::start_with(
+        dir.path(),
+        "b",
+        &key,
+        &boot,
+        &["--config".into(), cfg_b.display().to_string()],
+    )
+    .await;
+    wait_for("a to lead, known to b", LONG, || async {
+        let v = b.get("/v1/leader").await.ok()?;
+        (v["leader"] == "a").then_some(())
+    })
+    .await;
+    wait_for("each to know the other's name", LONG, || async {
+        a.member("b").await?;
+        b.member("a").await?;
+        Some(())
+    })
+    .await;
+    let (api_a, api_b) = (a.api.as_str(), b.api.as_str());
+    let (ta, tb) = (tail8(&a.peer_id), tail8(&b.peer_id));
+
+    // peers: the name beside the id.
+    let (out, _) = expect(&["peers", "--api", api_a], 0);
+    assert!(out.contains(&format!("b (…{tb})")), "{out}");
+    assert!(out.contains(&b.peer_id), "{out}");
+    // --json unchanged: ids only.
+    let (out, _) = expect(&["peers", "--api", api_a, "--json"], 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["peers"][0]["peer_id"], b.peer_id.as_str(), "{v}");
+    // members: a PEER column.
+    let (out, _) = expect(&["members", "--api", api_a], 0);
+    assert!(out.lines().next().unwrap().contains("PEER"), "{out}");
+    let row = out.lines().find(|l| l.starts_with("b ")).expect(&out);
+    assert!(row.contains(&format!("…{tb}")), "{row}");
+    // leader: the name with the id.
+    let (out, _) = expect(&["leader", "--api", api_b], 0);
+    assert!(out.contains(&format!("(a …{ta})")), "{out}");
+
+    // events, piped: no header line, one line per event, nodes by name.
+    a.publish("TRAINING_COMPLETED", serde_json::json!({ "n": 1 }))
+        .await
+        .unwrap();
+    wait_for("b to have a's event", LONG, || async {
+        let v = b.get("/v1/events?types=TRAINING_COMPLETED").await.ok()?;
+        (!v["events"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let (out, _) = expect(
+        &["events", "--type", "TRAINING_COMPLETED", "--api", api_b],
+        0,
+    );
+    assert_eq!(out.lines().count(), 1, "a header on a pipe:\n{out}");
+    assert!(!out.contains("SEQ"), "{out}");
+    assert!(
+        out.contains(&format!(" a (…{ta})")) && out.contains("TRAINING_COMPLETED"),
+        "{out}"
+    );
+
+    // lock list: a holder that is a member's name shows its id too.
+    let (tok, _) = expect(&["lock", "acquire", "job", "--api", api_a], 0);
+    let (out, _) = expect(&["lock", "list", "--api", api_a], 0);
+    let row = out.lines().find(|l| l.starts_with("job ")).expect(&out);
+    assert!(row.contains(&format!(" a (…{ta}) ")), "{row}");
+    expect(
+        &[
+            "lock",
+            "release",
+            "job",
+            "--token",
+            tok.trim(),
+            "--api",
+            api_a,
+        ],
+        0,
+    );
+
+    // lock acquire --wait says what it waits for, once (then every 30 s).
+    let (other, _) = expect(
+        &[
+            "lock", "acquire", "job", "--holder", "gpu-99", "--ttl", "60s", "--api", api_a,
+        ],
+        0,
+    );
+    let mut waiting = Running::start(&["lock", "acquire", "job", "--wait", "--api", api_a]);
+    wait_for("lock acquire --wait to say what it waits for", LONG, || {
+        let err = waiting.err();
+        async move { err.contains("waiting for lock job").then_some(()) }
+    })
+    .await;
+    let err = waiting.err();
+    assert!(
+        err.contains("waiting for lock job (held by gpu-99 (token ") && err.contains(" for 0s"),
+        "{err}"
+    );
+    expect(
+        &[
+            "lock",
+            "release",
+            "job",
+            "--token",
+            other.trim(),
+            "--api",
+            api_a,
+        ],
+        0,
+    );
+    let st = waiting.exit("lock acquire --wait to get the lock").await;
+    assert!(st.success(), "{st:?}: {}", waiting.err());
+    assert!(
+        waiting.out().trim().parse::<u64>().is_ok(),
+        "{}",
+        waiting.out()
+    );
+    assert_eq!(
+        waiting.err().matches("waiting for lock").count(),
+        1,
+        "{}",
+        waiting.err()
+    );
+
+    // run --if-leader on a follower says what it waits for; SIGTERM ends it.
+    let mut follower = Running::start(&["run", "--if-leader", "--api", api_b, "--", "true"]);
+    wait_for("run --if-leader to say what it waits for", LONG, || {
+        let err = follower.err();
+        async move { err.contains("waiting to become leader").then_some(()) }
+    })
+    .await;
+    let err = follower.err();
+    assert!(
+        err.contains("waiting to become leader (leader is a, term ")
+            && err.contains("this agent is not a voter) for 0s"),
+        "{err}"
+    );
+    follower.signal("TERM");
+    let st = follower.exit("run --if-leader to stop").await;
+    assert_eq!(st.code(), Some(143), "{st:?}");
+
+    // sync status --watch on a pipe: a new table each refresh, until
+    // SIGINT or SIGTERM (exit 0).
+    for sig in ["INT", "TERM"] {
+        let mut watch = Running::start(&[
+            "sync",
+            "status",
+            "--watch",
+            "--interval",
+            "200ms",
+            "--api",
+            api_a,
+        ]);
+        wait_for("two tables", LONG, || {
+            let out = watch.out();
+            async move {
+                (out.lines().filter(|l| l.starts_with("store ")).count() >= 2).then_some(())
+            }
+        })
+        .await;
+        let out = watch.out();
+        assert!(out.starts_with("--- sync status at "), "{out}");
+        assert!(!out.contains('\x1b'), "no redrawing on a pipe: {out:?}");
+        watch.signal(sig);
+        let st = watch.exit("sync status --watch to stop").await;
+        assert_eq!(st.code(), Some(0), "SIG{sig}: {st:?} {}", watch.err());
+    }
+    expect(
+        &[
+            "sync",
+            "status",
+            "--watch",
+            "--interval",
+            "0s",
+            "--api",
+            api_a,
+        ],
+        2,
+    );
+
+    // JSON log lines: every line an object, fields at the top level,
+    // lists as arrays.
+    let log = std::fs::read_to_string(a.dir.join("agent.log")).unwrap();
+    let mut started = None;
+    for l in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v.is_object(), "{l}");
+        assert!(v.get("fields").is_none(), "nested fields: {l}");
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+        if v["message"] == "riftmesh agent started" {
+            started = Some(v);
+        }
+    }
+    let started = started.expect(&log);
+    assert_eq!(started["name"], "a", "{started}");
+    assert_eq!(started["peer_id"], a.peer_id.as_str(), "{started}");
+    assert_eq!(
+        started["listen"],
+        serde_json::json!(["/ip4/127.0.0.1/tcp/0"]),
+        "{started}"
+    );
+    assert_eq!(started["bootstrap"], serde_json::json!([]), "{started}");
+    // Text logs into a file: no colour codes.
+    let log = std::fs::read(b.dir.join("agent.log")).unwrap();
+    assert!(!log.is_empty());
+    assert!(!log.contains(&0x1b), "ANSI codes in a log file");
 }

@@ -749,7 +749,7 @@ async fn source_is_the_publishing_component_and_node_the_signing_agent() {
         .collect();
     assert_eq!(
         out.lines()
-            .filter(|l| l.contains(&format!("node=…{tail} source=")))
+            .filter(|l| l.contains(&format!(" a (…{tail}) ")) && l.contains(" source="))
             .count(),
         3,
         "{out}"

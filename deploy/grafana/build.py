@@ -42,6 +42,11 @@ def targets(*pairs):
 
 
 def panel(kind, title, tgts, x, w, h, unit=None, desc="", **extra):
+    # Every panel says its unit (bytes, s, percentunit, ops, short for a
+    # plain count...): without one Grafana guesses, and a count of peers
+    # reads like a size. check.sh fails on a panel without one.
+    if not unit:
+        sys.exit(f"panel {title!r} has no unit")
     p = {
         "id": nid(),
         "type": kind,
@@ -53,8 +58,7 @@ def panel(kind, title, tgts, x, w, h, unit=None, desc="", **extra):
         "fieldConfig": {"defaults": {}, "overrides": []},
         "options": {},
     }
-    if unit:
-        p["fieldConfig"]["defaults"]["unit"] = unit
+    p["fieldConfig"]["defaults"]["unit"] = unit
     if kind == "timeseries":
         p["fieldConfig"]["defaults"]["custom"] = {"fillOpacity": 10, "lineWidth": 1, "showPoints": "never"}
         p["options"] = {
@@ -121,25 +125,25 @@ panels += row("Cluster", [
     line(
         P("stat", "Agents up", [target(f'sum(up{{{SEL}}})', instant=True)], 3, 4,
           desc="Targets answering /metrics, of those Prometheus knows.",
-          thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]),
+          thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}], unit="short"),
         P("stat", "Agents down", [target(f'count(up{{{SEL}}} == 0) or vector(0)', instant=True)], 3, 4,
-          thresholds=GREEN_RED),
+          thresholds=GREEN_RED, unit="short"),
         P("stat", "Members by state (max over agents)",
           [target(f'max by (state) (riftmesh_members{{{SEL}}})', "{{state}}", instant=True)], 6, 4,
-          desc="alive / suspect / dead / left, as the agents' failure detectors see them (this agent counts as alive)."),
+          desc="alive / suspect / dead / left, as the agents' failure detectors see them (this agent counts as alive).", unit="short"),
         P("stat", "Leader", [target(f'max by (instance) (riftmesh_is_leader{{{SEL}}}) == 1', "{{instance}}", instant=True)], 4, 4,
           desc="The voter that claims leadership (only voters export riftmesh_is_leader).",
-          options={"textMode": "name"}),
+          options={"textMode": "name"}, unit="short"),
         P("stat", "Term", [target(f'max(riftmesh_leader_term{{{SEL}}})', instant=True)], 3, 4,
-          desc="Term of the newest elected leader (LEADER_ELECTED, known to every agent): the fencing token. It rises at every election."),
+          desc="Term of the newest elected leader (LEADER_ELECTED, known to every agent): the fencing token. It rises at every election.", unit="short"),
         P("stat", "Voter list mismatches", [target(f'max(riftmesh_voter_list_mismatch{{{SEL}}})', instant=True)], 5, 4,
-          desc="Members whose `voters` list differs; must be 0.", thresholds=GREEN_RED),
+          desc="Members whose `voters` list differs; must be 0.", thresholds=GREEN_RED, unit="short"),
     ),
     line(
-        P("timeseries", "Members by state", [target(f'max by (state) (riftmesh_members{{{SEL}}})', "{{state}}")], 8),
+        P("timeseries", "Members by state", [target(f'max by (state) (riftmesh_members{{{SEL}}})', "{{state}}")], 8, unit="short"),
         P("timeseries", "Leader term and leader", targets(
             (f'max(riftmesh_leader_term{{{SEL}}})', "term"),
-            (f'riftmesh_is_leader{{{SEL}}} == 1', "leader: {{instance}}")), 8),
+            (f'riftmesh_is_leader{{{SEL}}} == 1', "leader: {{instance}}")), 8, unit="short"),
         P("timeseries", "Election duration (p50, p99)", targets(
             (f'histogram_quantile(0.5, sum by (le) (rate(riftmesh_election_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p50"),
             (f'histogram_quantile(0.99, sum by (le) (rate(riftmesh_election_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p99")),
@@ -147,8 +151,8 @@ panels += row("Cluster", [
     ),
     line(
         P("timeseries", "Failure-detector transitions", [target(
-            f'sum by (from, to) (increase(riftmesh_member_transitions_total{{{SEL}}}[$__rate_interval]))', "{{from}} → {{to}}")], 8),
-        P("timeseries", "Connected peers", [target(f'riftmesh_connected_peers{{{SEL}}}', "{{instance}}")], 8),
+            f'sum by (from, to) (increase(riftmesh_member_transitions_total{{{SEL}}}[$__rate_interval]))', "{{from}} → {{to}}")], 8, unit="short"),
+        P("timeseries", "Connected peers", [target(f'riftmesh_connected_peers{{{SEL}}}', "{{instance}}")], 8, unit="short"),
         P("timeseries", "Last heard from each member (max over observers)", [target(
             f'max by (name) (riftmesh_member_last_heard_seconds{{{SEL}}})', "{{name}}")], 8, unit="s",
           desc="Seconds since some agent last heard directly from the member; health goes every health_interval (5s). Left and dead members keep growing until forgotten."),
@@ -160,13 +164,13 @@ panels += row("Cluster", [
             f'sum by (op) (rate(riftmesh_lock_ops_total{{{SEL}}}[$__rate_interval]))', "{{op}}")], 8, unit="ops"),
         P("table", "Members not alive (by name, observers counted)", [target(
             f'count by (name, peer, state) (riftmesh_member_state{{{SEL}, state!="alive"}} == 1)', "", instant=True, fmt="table")], 8,
-          desc="Members some agent sees suspect, dead or left, and how many agents see them so."),
+          desc="Members some agent sees suspect, dead or left, and how many agents see them so.", unit="short"),
     ),
 ])
 panels += row("Hosts", [
     line(
         P("timeseries", "CPU use", [target(f'riftmesh_host_cpu_use_ratio{{{SEL}}}', "{{instance}}")], 8, unit="percentunit"),
-        P("timeseries", "Load (1 min)", [target(f'riftmesh_host_load1{{{SEL}}}', "{{instance}}")], 8),
+        P("timeseries", "Load (1 min)", [target(f'riftmesh_host_load1{{{SEL}}}', "{{instance}}")], 8, unit="short"),
         P("timeseries", "Memory used", [target(
             f'riftmesh_host_memory_used_bytes{{{SEL}}} / riftmesh_host_memory_total_bytes{{{SEL}}}', "{{instance}}")], 8, unit="percentunit"),
     ),
@@ -183,9 +187,9 @@ panels += row("Hosts", [
             f'sum by (instance) (riftmesh_host_gpu_memory_used_bytes{{{SEL}}})', "{{instance}}")], 8, unit="bytes"),
         P("timeseries", "Job counters (riftmesh report)", [target(
             f'sum by (kind) (riftmesh_host_jobs{{{SEL}}})', "{{kind}}")], 8,
-          desc="Counters local processes report (`riftmesh report selfplay_jobs=6`), summed over hosts, by kind (the counter's name)."),
+          desc="Counters local processes report (`riftmesh report selfplay_jobs=6`), summed over hosts, by kind (the counter's name).", unit="short"),
         P("table", "GPUs per host", [target(
-            f'count by (instance) (riftmesh_host_gpu_utilization_ratio{{{SEL}}})', "", instant=True, fmt="table")], 8),
+            f'count by (instance) (riftmesh_host_gpu_utilization_ratio{{{SEL}}})', "", instant=True, fmt="table")], 8, unit="short"),
     ),
 ])
 panels += row("Events", [
@@ -214,10 +218,10 @@ panels += row("Events", [
         P("timeseries", "Anti-entropy traffic", [target(
             f'sum by (instance) (rate(riftmesh_antientropy_bytes_total{{{SEL}}}[$__rate_interval]))', "{{instance}}")], 8, unit="Bps"),
         P("timeseries", "Order gaps open", [target(f'riftmesh_order_gaps_open{{{SEL}}}', "{{instance}}")], 8,
-          desc="Sources whose later events wait for a missing earlier one (order_hold)."),
+          desc="Sources whose later events wait for a missing earlier one (order_hold).", unit="short"),
     ),
     line(
-        P("timeseries", "Events retained", [target(f'riftmesh_store_events{{{SEL}}}', "{{instance}}")], 8),
+        P("timeseries", "Events retained", [target(f'riftmesh_store_events{{{SEL}}}', "{{instance}}")], 8, unit="short"),
         P("timeseries", "Event store on disk", [target(f'riftmesh_store_size_bytes{{{SEL}}}', "{{instance}}")], 8, unit="bytes"),
         P("timeseries", "API errors", [target(
             f'sum by (instance, code) (rate(riftmesh_api_errors_total{{{SEL}}}[$__rate_interval]))', "{{instance}} {{code}}")], 8, unit="ops"),
@@ -227,9 +231,9 @@ panels += row("Consumers", [
     line(
         P("timeseries", "Consumer lag", [target(
             f'riftmesh_consumer_lag{{{SEL}, consumer=~"$consumer"}}', "{{instance}} {{consumer}}")], 16,
-          desc="Log entries after the consumer's acknowledged cursor (every type, also those it does not match)."),
+          desc="Log entries after the consumer's acknowledged cursor (every type, also those it does not match).", unit="short"),
         P("table", "Lag now", [target(
-            f'sort_desc(riftmesh_consumer_lag{{{SEL}, consumer=~"$consumer"}})', "", instant=True, fmt="table")], 8),
+            f'sort_desc(riftmesh_consumer_lag{{{SEL}, consumer=~"$consumer"}})', "", instant=True, fmt="table")], 8, unit="short"),
     ),
 ])
 panels += row("Blob sync", [
@@ -240,8 +244,8 @@ panels += row("Blob sync", [
           12, unit="Bps", desc="Chunk bytes received (up) and served (down)."),
         P("timeseries", "Fetches finished, placements failed", targets(
             (f'sum by (result) (increase(riftmesh_sync_transfers_total{{{SEL}}}[$__rate_interval]))', "{{result}}"),
-            (f'sum by (instance) (increase(riftmesh_sync_place_failed_total{{{SEL}}}[$__rate_interval]))', "place failed {{instance}}")), 6),
-        P("timeseries", "Fetches in progress", [target(f'riftmesh_sync_active{{{SEL}}}', "{{instance}}")], 6),
+            (f'sum by (instance) (increase(riftmesh_sync_place_failed_total{{{SEL}}}[$__rate_interval]))', "place failed {{instance}}")), 6, unit="short"),
+        P("timeseries", "Fetches in progress", [target(f'riftmesh_sync_active{{{SEL}}}', "{{instance}}")], 6, unit="short"),
     ),
     line(
         P("timeseries", "Fetch duration (p50, p95)", targets(
@@ -261,7 +265,7 @@ panels += row("libp2p", [
             f'sum by (instance, direction) (rate(libp2p_bandwidth_bytes_total{{{SEL}}}[$__rate_interval]))', "{{instance}} {{direction}}")],
           12, unit="Bps"),
         P("timeseries", "Connections established", [target(
-            f'sum by (instance) (increase(libp2p_swarm_connections_established_total{{{SEL}}}[$__rate_interval]))', "{{instance}}")], 6),
+            f'sum by (instance) (increase(libp2p_swarm_connections_established_total{{{SEL}}}[$__rate_interval]))', "{{instance}}")], 6, unit="short"),
         P("timeseries", "Ping RTT (p99)", [target(
             f'histogram_quantile(0.99, sum by (instance, le) (rate(libp2p_ping_rtt_seconds_bucket{{{SEL}}}[$__rate_interval])))', "{{instance}}")],
           6, unit="s"),

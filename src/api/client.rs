@@ -110,6 +110,20 @@ impl Client {
         event: Option<&str>,
         link: &crate::blob::NamingLink,
     ) -> Result<Value, ClientError> {
+        self.upload_blob_with(file, name, event, link, |_, _| {})
+            .await
+    }
+
+    /// [`Client::upload_blob`], calling `sent(bytes_sent, file_size)` as
+    /// the file's bytes go out (for a progress display).
+    pub async fn upload_blob_with(
+        &self,
+        file: &std::path::Path,
+        name: &str,
+        event: Option<&str>,
+        link: &crate::blob::NamingLink,
+        sent: impl Fn(u64, u64) + Send + Sync + 'static,
+    ) -> Result<Value, ClientError> {
         let local = |e: std::io::Error| ClientError::Local(format!("{}: {e}", file.display()));
         // O_NONBLOCK: a FIFO's open would wait for a writer; the type is
         // checked on the descriptor (regular files ignore the flag).
@@ -140,8 +154,16 @@ impl Client {
                 query.push((k, v));
             }
         }
-        let body =
-            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
+        let (size, mut done) = (md.len(), 0u64);
+        let body = reqwest::Body::wrap_stream(futures::StreamExt::inspect(
+            tokio_util::io::ReaderStream::with_capacity(f, 1 << 20),
+            move |chunk| {
+                if let Ok(c) = chunk {
+                    done += c.len() as u64;
+                    sent(done, size);
+                }
+            },
+        ));
         self.send(
             self.http
                 .post(format!("{}/v1/blobs/upload", self.base))
@@ -183,6 +205,18 @@ impl Client {
         query: &[(&str, String)],
         out: &std::path::Path,
     ) -> Result<u64, ClientError> {
+        self.download_with(path, query, out, |_, _| {}).await
+    }
+
+    /// [`Client::download`], calling `got(bytes_written, content_length)`
+    /// as the answer arrives (a length of 0: not announced).
+    pub async fn download_with(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        out: &std::path::Path,
+        mut got: impl FnMut(u64, u64),
+    ) -> Result<u64, ClientError> {
         use tokio::io::AsyncWriteExt;
         let mut resp = self
             .http
@@ -214,6 +248,7 @@ impl Client {
                 let mut id = [0u8; 32];
                 hex::decode_to_slice(v, &mut id).ok().map(|_| id)
             });
+        let length = resp.content_length().unwrap_or(0);
         let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
         let tmp = out.with_file_name(format!(
             ".{}.riftmesh-get",
@@ -232,6 +267,7 @@ impl Client {
                 f.write_all(&chunk).await.map_err(local)?;
                 sha2::Digest::update(&mut hasher, &chunk);
                 n += chunk.len() as u64;
+                got(n, length);
             }
             // Fail closed: an answer that doesn't name its blob is not
             // written (the agent always names it).

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use riftmesh::api::Client;
 
 use super::exit::usage;
+use super::names::{short_id, Names};
 use super::print_json;
 
 /// `riftmesh peers`.
@@ -14,16 +15,20 @@ pub async fn peers(client: &Client, json_out: bool) -> anyhow::Result<()> {
     if json_out {
         return print_json(&v);
     }
+    let names = Names::fetch(client).await;
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    let me = v["peer_id"].as_str().unwrap_or("?");
     println!(
-        "{} peer(s) connected to {}",
+        "{} peer(s) connected to {} {me}",
         peers.len(),
-        v["peer_id"].as_str().unwrap_or("?")
+        names.name(me).unwrap_or("this agent"),
     );
     for p in peers {
+        let id = p["peer_id"].as_str().unwrap_or("?");
         println!(
-            "  {}  {}  rtt={}  up {}s  {}",
-            p["peer_id"].as_str().unwrap_or("?"),
+            "  {:<28} {}  {}  rtt={}  up {}s  {}",
+            names.label(id),
+            id,
             p["agent_version"].as_str().unwrap_or("-"),
             p["rtt_ms"]
                 .as_f64()
@@ -115,7 +120,13 @@ pub async fn leader(client: &Client, json_out: bool) -> anyhow::Result<()> {
                     ""
                 }
             );
-            println!("peer id    {}", v["leader_peer_id"].as_str().unwrap_or("-"));
+            println!(
+                "peer id    {}",
+                v["leader_peer_id"]
+                    .as_str()
+                    .map(|id| format!("{id} ({l} {})", short_id(id)))
+                    .unwrap_or_else(|| "-".into())
+            );
             println!("term       {}", v["term"]);
             if let Some(ms) = v["since_ms"].as_u64() {
                 println!(
@@ -211,8 +222,9 @@ fn fmt_bytes(b: u64) -> String {
 fn print_members(v: &Value) {
     let members = v["members"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<16} {:<8} {:<8} {:<21} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} jobs / tags",
+        "{:<16} {:<9} {:<8} {:<8} {:<21} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} jobs / tags",
         "NAME",
+        "PEER",
         "STATE",
         "VERSION",
         "ADDRESS",
@@ -275,8 +287,9 @@ fn print_members(v: &Value) {
             .and_then(|a| a.iter().filter_map(Value::as_str).map(host_port).next())
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<16} {:<8} {:<8} {:<21} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} {} {}",
+            "{:<16} {:<9} {:<8} {:<8} {:<21} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} {} {}",
             m["name"].as_str().unwrap_or("?"),
+            short_id(m["peer_id"].as_str().unwrap_or("?")),
             m["state"].as_str().unwrap_or("?"),
             version,
             address,

@@ -13,9 +13,19 @@ use super::{print_json, write_stdout};
 use crate::Cli;
 
 /// `riftmesh keygen`: a new swarm key on standard output or into a file.
-pub fn keygen(out: Option<PathBuf>, force: bool) -> anyhow::Result<()> {
-    let text = riftmesh::net::generate_psk().to_string();
+///
+/// With `--json`: a JSON object saying what was written (path, key
+/// fingerprint), never the key itself; so `--json` needs `--out`.
+pub fn keygen(out: Option<PathBuf>, force: bool, json_out: bool) -> anyhow::Result<()> {
+    let psk = riftmesh::net::generate_psk();
+    let text = psk.to_string();
     match out {
+        None if json_out => {
+            return Err(usage(
+                "keygen --json prints what was written, never the key: pass --out FILE \
+                 (or leave out --json to print the key)",
+            ))
+        }
         None => print!("{text}"),
         Some(path) => {
             if path.exists() && !force {
@@ -25,8 +35,18 @@ pub fn keygen(out: Option<PathBuf>, force: bool) -> anyhow::Result<()> {
                 }
                 .into());
             }
+            let replaced = path.exists();
             riftmesh::node::write_private(&path, text.as_bytes())
                 .with_context(|| format!("cannot write {}", path.display()))?;
+            if json_out {
+                return print_json(&json!({
+                    "path": path.display().to_string(),
+                    "written": true,
+                    "replaced": replaced,
+                    "kind": "swarm_key",
+                    "fingerprint": psk.fingerprint().to_string(),
+                }));
+            }
             eprintln!(
                 "wrote swarm key to {} (copy it to every host)",
                 path.display()

@@ -1,7 +1,7 @@
 //! `publish`, `events` (the history, or read as a durable consumer),
 //! `trace`, `types`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use anyhow::bail;
 use serde_json::{json, Value};
@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use riftmesh::api::{self, Client, EventView, FetchResp, TraceNode};
 
 use super::exit::usage;
+use super::names::Names;
 use super::print_json;
 use crate::PublishArgs;
 
@@ -154,43 +155,86 @@ pub async fn types(client: &Client, json_out: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn event_line(e: &EventView) -> String {
-    let node: String = e
-        .node
-        .chars()
-        .rev()
-        .take(8)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+/// The columns of an `events` line, for the header.
+fn header() -> String {
     format!(
-        "{:>8}  {}  {:<24} {}  node=…{}{}  {}",
+        "{:>8}  {:<24}  {:<24} {:<36}  {:<22}  SOURCE / PAYLOAD",
+        "SEQ", "TIME", "TYPE", "ID", "NODE"
+    )
+}
+
+fn event_line(e: &EventView, names: &Names) -> String {
+    format!(
+        "{:>8}  {}  {:<24} {}  {:<22}  {}{}",
         e.seq,
         e.time,
         e.event_type,
         e.id,
-        node,
+        names.label(&e.node),
         if e.source.is_empty() {
             String::new()
         } else {
-            format!(" source={}", e.source)
+            format!("source={}  ", e.source)
         },
         e.payload
     )
 }
 
-fn emit(json_out: bool, events: &[EventView]) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    for e in events {
-        if json_out {
-            writeln!(out, "{}", serde_json::to_string(e)?)?;
-        } else {
-            writeln!(out, "{}", event_line(e))?;
+/// How `events` prints: JSON lines, or text lines with the nodes' names
+/// and, on a terminal only, a header line first (a header on a pipe would
+/// be counted by `| wc -l` and read as an event by `| while read`).
+struct Printer {
+    json_out: bool,
+    header: bool,
+    names: Names,
+    names_at: Option<std::time::Instant>,
+}
+
+impl Printer {
+    fn new(json_out: bool) -> Self {
+        Printer {
+            json_out,
+            header: !json_out && std::io::stdout().is_terminal(),
+            names: Names::default(),
+            names_at: None,
         }
     }
-    out.flush()?;
-    Ok(())
+
+    /// Write the header (once, on a terminal) before any event.
+    fn start(&mut self) -> anyhow::Result<()> {
+        if std::mem::take(&mut self.header) {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", header())?;
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write `events`; in text, with the names of their nodes (asked of
+    /// the agent at the first line and again, at most every 10 s, when a
+    /// node it did not name shows up).
+    async fn emit(&mut self, client: &Client, events: &[EventView]) -> anyhow::Result<()> {
+        self.start()?;
+        if !self.json_out
+            && events.iter().any(|e| self.names.name(&e.node).is_none())
+            && self
+                .names_at
+                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10))
+        {
+            self.names = Names::fetch(client).await;
+            self.names_at = Some(std::time::Instant::now());
+        }
+        let mut out = std::io::stdout().lock();
+        for e in events {
+            if self.json_out {
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
+            } else {
+                writeln!(out, "{}", event_line(e, &self.names))?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
 }
 
 /// Run `call` again while the agent is unreachable (restarting), saying so
@@ -230,6 +274,8 @@ pub async fn history(
     since: Option<String>,
     max: usize,
 ) -> anyhow::Result<()> {
+    let mut printer = Printer::new(json_out);
+    printer.start()?;
     let mut q: Vec<(&str, String)> = vec![("limit", max.to_string())];
     if !types.is_empty() {
         q.push(("types", types.join(",")));
@@ -259,7 +305,7 @@ pub async fn history(
         };
         newest.truncate(max);
         newest.reverse();
-        emit(json_out, &newest)?;
+        printer.emit(client, &newest).await?;
         if !follow {
             return Ok(());
         }
@@ -273,7 +319,7 @@ pub async fn history(
         }
         let v = riding(follow, || client.get_query("/v1/events", &query)).await?;
         let events: Vec<EventView> = api::decode(v["events"].clone())?;
-        emit(json_out, &events)?;
+        printer.emit(client, &events).await?;
         let next = v["next_after"].as_u64().unwrap_or(0);
         let head = v["head"].as_u64().unwrap_or(0);
         after = Some(next.max(after.unwrap_or(0)));
@@ -358,6 +404,8 @@ pub async fn consume(
         }
     }
     let wait = if follow { 25_000 } else { 0 };
+    let mut printer = Printer::new(json_out);
+    printer.start()?;
     let (events_path, ack_path) = (
         format!("/v1/consumers/{name}/events"),
         format!("/v1/consumers/{name}/ack"),
@@ -369,7 +417,7 @@ pub async fn consume(
         if r.missed > 0 {
             eprintln!("riftmesh: consumer {name} missed {} event(s) removed by retention before they were acknowledged", r.missed);
         }
-        emit(json_out, &r.events)?;
+        printer.emit(client, &r.events).await?;
         // Acknowledge only after the batch is written out.
         if let Some(last) = r.events.last() {
             let ack = json!({ "seq": last.seq });

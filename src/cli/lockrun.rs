@@ -7,6 +7,20 @@ use serde_json::{json, Value};
 use riftmesh::api::{self, Client};
 
 use super::exit::{self};
+use super::wait::WaitNote;
+
+/// What a `--wait` for lock `name` waits for, from the refusal (409: held
+/// by someone; 503: no leader to grant it).
+pub fn waiting_for_lock(name: &str, status: u16, message: &str) -> String {
+    let prefix = format!("lock {name} is ");
+    match status {
+        409 => format!(
+            "waiting for lock {name} ({})",
+            message.strip_prefix(&prefix).unwrap_or(message)
+        ),
+        _ => format!("waiting for lock {name} (no leader can grant it now: {message})"),
+    }
+}
 
 /// Stop a child's process group: SIGTERM, then SIGKILL after 10 s.
 async fn stop_child(child: &mut tokio::process::Child) {
@@ -88,12 +102,15 @@ pub async fn lock_run(
 ) -> anyhow::Result<i32> {
     use tokio::time::{sleep_until, Instant};
     let path = format!("/v1/locks/{name}/acquire");
+    let mut note = WaitNote::new();
     let (grant, sent) = loop {
         let sent = Instant::now();
         match client.post(&path, &json!({ "ttl_secs": ttl })).await {
             Ok(v) => break (v, sent),
-            Err(api::ClientError::Refused { status: 409, .. }) if wait => {}
-            Err(api::ClientError::Refused { status: 503, .. }) if wait => {}
+            Err(api::ClientError::Refused {
+                status: status @ (409 | 503),
+                message,
+            }) if wait => note.tick(|| waiting_for_lock(name, status, &message)),
             Err(e) => return Err(e.into()),
         }
         tokio::time::sleep(std::time::Duration::from_secs_f64(
@@ -196,7 +213,7 @@ pub async fn lock_run(
 }
 
 /// SIGTERM or SIGINT.
-async fn stop_signal() {
+pub async fn stop_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,
@@ -210,6 +227,7 @@ async fn stop_signal() {
 pub async fn run_if_leader(client: &Client, cmd: &[String]) -> anyhow::Result<i32> {
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
     let mut child: Option<tokio::process::Child> = None;
+    let mut note = WaitNote::new();
     let stop = stop_signal();
     tokio::pin!(stop);
     loop {
@@ -237,15 +255,34 @@ pub async fn run_if_leader(client: &Client, cmd: &[String]) -> anyhow::Result<i3
                 eprintln!("riftmesh: leadership lost; stopping the command");
                 stop_child(c).await;
                 child = None;
+                note.reset();
             }
             (Some(c), true) => {
                 if let Some(st) = c.try_wait()? {
                     return Ok(st.code().unwrap_or(1));
                 }
             }
-            (None, false) => {}
+            (None, false) => note.tick(|| waiting_to_lead(&lead)),
         }
     }
+}
+
+/// What `run --if-leader` waits for, from the agent's leader view.
+fn waiting_to_lead(lead: &Result<Value, api::ClientError>) -> String {
+    let v = match lead {
+        Ok(v) => v,
+        Err(e) => return format!("waiting to become leader (the agent does not answer: {e})"),
+    };
+    let leader = match v["leader"].as_str() {
+        Some(l) => format!("leader is {l}, term {}", v["term"]),
+        None => "no leader known".to_string(),
+    };
+    let role = match v["role"].as_str() {
+        Some("none") => "; no voters are configured",
+        Some("member") => "; this agent is not a voter",
+        _ => "",
+    };
+    format!("waiting to become leader ({leader}{role})")
 }
 
 #[cfg(test)]

@@ -3,19 +3,25 @@
 use anyhow::Context;
 use serde_json::json;
 
-use riftmesh::api::Client;
+use riftmesh::api::{self, Client};
 
 use super::exit::{self, usage, Classed};
-use super::lockrun::lock_run;
+use super::lockrun::{lock_run, waiting_for_lock};
+use super::names::{short_id, Names};
 use super::print_json;
+use super::wait::WaitNote;
 use crate::LockOp;
 
 /// `riftmesh lock …`.
 pub async fn run(client: &Client, json_out: bool, op: LockOp) -> anyhow::Result<()> {
     match op {
         LockOp::Acquire {
-            name, ttl, holder, ..
-        } => acquire(client, json_out, &name, &ttl, holder).await,
+            name,
+            ttl,
+            holder,
+            wait,
+            ..
+        } => acquire(client, json_out, &name, &ttl, holder, wait).await,
         LockOp::Renew { name, token, .. } => renew(client, json_out, &name, token).await,
         LockOp::Release { name, token, .. } => release(client, json_out, &name, token).await,
         LockOp::List { .. } => list(client, json_out).await,
@@ -38,14 +44,28 @@ async fn acquire(
     name: &str,
     ttl: &str,
     holder: Option<String>,
+    wait: bool,
 ) -> anyhow::Result<()> {
-    let mut body = json!({ "ttl_secs": secs(ttl, "--ttl")? });
+    let ttl = secs(ttl, "--ttl")?;
+    let mut body = json!({ "ttl_secs": ttl });
     if let Some(h) = holder {
         body["holder"] = json!(h);
     }
-    let v = client
-        .post(&format!("/v1/locks/{name}/acquire"), &body)
-        .await?;
+    let path = format!("/v1/locks/{name}/acquire");
+    let mut note = WaitNote::new();
+    let v = loop {
+        match client.post(&path, &body).await {
+            Err(api::ClientError::Refused {
+                status: status @ (409 | 503),
+                message,
+            }) if wait => note.tick(|| waiting_for_lock(name, status, &message)),
+            other => break other?,
+        }
+        tokio::time::sleep(std::time::Duration::from_secs_f64(
+            (ttl / 6.0).clamp(0.2, 2.0),
+        ))
+        .await;
+    };
     if json_out {
         return print_json(&v);
     }
@@ -106,8 +126,9 @@ async fn list(client: &Client, json_out: bool) -> anyhow::Result<()> {
         println!("no locks held");
         return Ok(());
     }
+    let names = Names::fetch(client).await;
     println!(
-        "{:<24} {:<20} {:>8}  {:<24} LEFT",
+        "{:<24} {:<32} {:>8}  {:<24} LEFT",
         "NAME", "HOLDER", "TOKEN", "EXPIRES"
     );
     let now_ms = std::time::SystemTime::now()
@@ -117,9 +138,9 @@ async fn list(client: &Client, json_out: bool) -> anyhow::Result<()> {
     for l in locks {
         let exp = l["expires_ms"].as_u64().unwrap_or(0);
         println!(
-            "{:<24} {:<20} {:>8}  {:<24} {}",
+            "{:<24} {:<32} {:>8}  {:<24} {}",
             l["name"].as_str().unwrap_or("?"),
-            l["holder"].as_str().unwrap_or("?"),
+            holder_label(&names, l["holder"].as_str().unwrap_or("?")),
             l["token"],
             humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(exp)
@@ -128,6 +149,19 @@ async fn list(client: &Client, json_out: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A holder as a person reads it: a member's name with the tail of its
+/// peer id (the default holder is the agent's name), a peer id with its
+/// member's name, anything else as given.
+fn holder_label(names: &Names, holder: &str) -> String {
+    if let Some(id) = names.id_of(holder) {
+        return format!("{holder} ({})", short_id(id));
+    }
+    match names.name(holder) {
+        Some(_) => names.label(holder),
+        None => holder.to_string(),
+    }
 }
 
 fn secs(s: &str, what: &str) -> anyhow::Result<f64> {

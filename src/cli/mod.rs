@@ -9,6 +9,9 @@ pub mod events;
 pub mod exit;
 pub mod lockrun;
 pub mod locks;
+pub mod names;
+pub mod progress;
+pub mod wait;
 
 use std::io::Write;
 
