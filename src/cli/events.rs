@@ -35,9 +35,12 @@ pub async fn publish(client: &Client, json_out: bool, args: PublishArgs) -> anyh
         (false, Some(k)) => Some(k),
         (false, None) => Some(riftmesh::event::new_event_id(riftmesh::event::now_ms())),
     };
+    // The component goes under its older request name `origin`, which
+    // agents released before `source` also take (a rolling upgrade has
+    // both); the agent stores and answers the same.
     let body = json!({
         "type": event_type, "payload": payload, "correlation_id": correlation_id,
-        "parent_id": parent_id, "source": source, "custom_type": custom,
+        "parent_id": parent_id, "origin": source, "custom_type": custom,
         "idempotency_key": key,
     });
     let deadline = std::time::Instant::now() + retry_for;

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 
 import riftmesh.router as rr
 from harness import Agent
-from riftmesh import AgentUnavailable, AsyncClient, Client, FlushResult, Published, Spooled, SpoolFull
+from riftmesh import AgentUnavailable, AsyncClient, Client, FlushResult, Published, Spool, Spooled, SpoolFull
 from riftmesh.router import Router
 from test_aio import DEADLINE, until
 
@@ -453,3 +455,34 @@ def test_a_blocking_spooling_publish_on_an_event_loops_thread_does_not_hang(tmp_
     th.join(DEADLINE)
     assert not th.is_alive(), "the event loop's thread hangs"
     assert len(out) == 2 and all(isinstance(r, Spooled) for r in out)
+
+
+def test_a_forked_child_has_a_line_of_its_own(tmp_path: Path) -> None:
+    # The parent holds its turn across the fork; a child that inherited the
+    # parent's line would wait for a turn no thread of its own will give on.
+    line = Spool(tmp_path / "spool").line
+    place = line.take()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child = Spool(tmp_path / "spool").line
+            p = child.take()
+            child.wait(p)
+            child.leave(p)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 10
+        done, status = os.waitpid(pid, os.WNOHANG)
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.02)
+            done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child waited on its parent's line")
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        line.leave(place)

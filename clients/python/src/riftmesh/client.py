@@ -220,7 +220,9 @@ def _event_body(
         parent_id = parent_id or caused_by.id
         correlation_id = correlation_id or caused_by.chain_id
     if source is not None:
-        body["source"] = source
+        # Sent under its older request name, which agents before `source`
+        # also take (a rolling upgrade has both); the agent stores the same.
+        body["origin"] = source
     if correlation_id is not None:
         body["correlation_id"] = correlation_id
     if parent_id is not None:

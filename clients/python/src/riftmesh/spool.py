@@ -124,7 +124,13 @@ class Line:
     """
 
     def __init__(self) -> None:
+        # Guards the line's own counters only: taken on an event loop's
+        # thread too, so nothing slow (file I/O, fsync) runs under it.
         self.lock = threading.Lock()
+        # Serializes this process's writes to the spool directory (put): a
+        # thread may hold it across a write and an fsync, so an event
+        # loop's thread never takes it.
+        self.io_lock = threading.Lock()
         self._next = 0
         self._turn = 0
         self._left: Set[int] = set()
@@ -196,17 +202,31 @@ class Line:
             while self._turn in self._left:
                 self._left.discard(self._turn)
                 self._turn += 1
-            wake = self._wake.pop(self._turn, None)
+            turn = self._turn
+            wake = self._wake.pop(turn, None)
         if wake is not None:
             try:
                 wake()
             except RuntimeError:
                 # Its loop is closed: nobody will take that turn.
-                self.leave(self._turn)
+                self.leave(turn)
 
 
 _lines: Dict[str, Line] = {}
 _lines_lock = threading.Lock()
+
+
+def _forget_lines_in_child() -> None:
+    # A forked child inherits the parent's lines, perhaps with a turn held
+    # by a parent thread that will never give it on in the child (or a lock
+    # held at the fork): the child starts lines of its own.
+    global _lines_lock
+    _lines.clear()
+    _lines_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_lines_in_child)
 
 
 def _line_for(directory: Path) -> Line:
@@ -236,9 +256,12 @@ class Spool:
         self.refused = 0
         # Files moved to rejected/ (this process).
         self.rejected = 0
-        # The order of this directory's publishes in this process (shared by its Spools).
-        self.line = _line_for(self.directory)
-        self._lock = self.line.lock
+
+    @property
+    def line(self) -> Line:
+        """The order of this directory's publishes in this process (shared by
+        its Spools; a forked child has its own)."""
+        return _line_for(self.directory)
 
     def __repr__(self) -> str:
         return f"<riftmesh.Spool {self.directory}>"
@@ -288,7 +311,8 @@ class Spool:
             allow_nan=False,
         ).encode("utf-8")
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-        with self._lock:
+        line = self.line
+        with line.io_lock:
             files, size = self.usage()
             if files + 1 > self.max_files or size + len(data) > self.max_bytes:
                 self.refused += 1
@@ -296,8 +320,8 @@ class Spool:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Names sort by time, strictly increasing in this process: a
             # flush sends the oldest first.
-            ns = max(time.time_ns(), self.line.last_ns + 1)
-            self.line.last_ns = ns
+            ns = max(time.time_ns(), line.last_ns + 1)
+            line.last_ns = ns
             name = f"{ns:020d}-{os.getpid()}-{digest}.json"
             tmp = self.directory / f".tmp-{name}"
             final = self.directory / name
