@@ -58,6 +58,21 @@ grep -q '^ExecStart=/usr/bin/riftmesh agent --config /etc/riftmesh/riftmesh.toml
     || die "ExecStart of $UNIT_IN is not the expected one: update the sed above"
 if grep -n '/usr/local' "$UNIT"; then die "$UNIT still names /usr/local"; fi
 
+# A changelog entry for this version (dated by the last commit, so the same
+# tree gives the same package).
+VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
+MAINTAINER=$(sed -n 's/^maintainer = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
+if [ -z "$VERSION" ] || [ -z "$MAINTAINER" ]; then die "no version or maintainer in Cargo.toml"; fi
+when=$(git log -1 --format=%ct 2>/dev/null || date +%s)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+cat >"$ASSETS/changelog" <<CHANGELOG
+riftmesh ($VERSION-1) stable; urgency=medium
+
+  * riftmesh $VERSION, built from commit $commit.
+
+ -- $MAINTAINER  $(LC_ALL=C date -u -R -d "@$when")
+CHANGELOG
+
 # cargo-deb, pinned; kept in target/ (nothing installed outside the repo).
 CARGO_DEB=$TOOLS/bin/cargo-deb
 if ! [ -x "$CARGO_DEB" ]; then
