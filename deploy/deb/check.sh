@@ -47,6 +47,7 @@ step() {
 [ "$(id -u)" -eq 0 ] || die "run as root (debootstrap, chroot, namespaces)"
 # ansible-playbook and systemd-analyze: deploy/check.sh installs them.
 
+mkdir -p "$REPO/target"
 WORK=$(mktemp -d "$REPO/target/deb-check.XXXXXX")
 ROOT=$WORK/root
 cleanup() {
