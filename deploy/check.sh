@@ -5,7 +5,7 @@
 #
 # Installs what it needs from Debian (promtool from `prometheus`, shellcheck,
 # ansible-core, python3-yaml, systemd-analyze), then:
-#   1. shellcheck of the shell scripts
+#   1. shellcheck of the shell scripts (deb/ too; deb/check.sh checks the package)
 #   2. systemd-analyze verify and security of the unit
 #   3. install.sh into staging roots: files, modes, owners, enablement,
 #      idempotence, an existing config kept, a bad key refused
@@ -102,7 +102,8 @@ log "promtool $(promtool --version 2>&1 | sed -n '1s/^promtool, version \([^ ]*\
 
 # --- 1. shellcheck ------------------------------------------------------------------
 step "shellcheck"
-shellcheck "$DEPLOY/install.sh" "$DEPLOY/check.sh" "$DEPLOY/examples/render.sh" "$DEPLOY/tools/boot-test.sh"
+shellcheck "$DEPLOY/install.sh" "$DEPLOY/check.sh" "$DEPLOY/examples/render.sh" "$DEPLOY/tools/boot-test.sh" \
+    "$DEPLOY/deb/build.sh" "$DEPLOY/deb/check.sh" "$DEPLOY"/deb/scripts/*
 
 # --- 2. systemd unit ----------------------------------------------------------------
 step "systemd-analyze verify"
