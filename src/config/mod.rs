@@ -204,6 +204,10 @@ pub struct AgentConfig {
     pub idle_after: Duration,
     /// A GPU below this utilization (percent) is idle.
     pub idle_gpu_util_pct: f32,
+    /// How long `HOST_ONLINE` waits for the first health sample before it
+    /// is published without capabilities. Not a config key: 10 s (twice
+    /// the nvidia-smi timeout); in-process tests shorten it.
+    pub online_wait: Duration,
     /// Names of the hosts that elect the leader (3 or 5), the same list on
     /// every host; empty: this cluster has no leader.
     pub voters: Vec<String>,
