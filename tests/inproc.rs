@@ -516,3 +516,113 @@ async fn host_online_does_not_wait_for_a_slow_first_sample() {
         up,
     );
 }
+
+/// An agent that offers only `/riftmesh/member/1` among agents that offer
+/// `/2` first: records go both ways, it is seen alive and sees the others
+/// alive, it answers probes and probes for others, its leave is seen; and
+/// its consumer counts are unknown (`hosts_without_counts`) to the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_member_protocol_1_is_a_full_member() {
+    use riftmesh::net::wire::{MemberRequest, MemberResponse};
+    let started = Instant::now();
+    let c = Cluster::start(3, |cfg| {
+        if cfg.name == "a2" {
+            cfg.member_protocols = &[riftmesh::net::MEMBER_PROTOCOL_V1];
+        }
+    })
+    .await;
+    let up = Instant::now();
+    let old = &c.agents[2];
+    // Health travels only in exchanges: a record with a sample is one
+    // exchange done, in that direction.
+    for (a, b) in [(0, 2), (1, 2), (2, 0), (2, 1)] {
+        let (a, b) = (&c.agents[a], &c.agents[b]);
+        wait_until(
+            &format!("{} to hold {}'s record, alive", a.name, b.name),
+            T,
+            || async {
+                let m = member_of(a, b)?;
+                let sampled = m.health.as_ref().is_some_and(|h| h.sampled_ms != 0);
+                (m.state == "alive" && sampled && m.name.as_deref() == Some(b.name.as_str()))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // Probes both ways, direct and through a helper.
+    let inc = |a: &Agent| a.node().membership().incarnation();
+    for (from, to) in [(&c.agents[0], old), (old, &c.agents[0])] {
+        let r = from
+            .node()
+            .net()
+            .member_request(
+                to.peer,
+                MemberRequest::Ping {
+                    incarnation: inc(from),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, MemberResponse::Pong { incarnation } if incarnation == inc(to)),
+            "{} pinging {}: {r:?}",
+            from.name,
+            to.name
+        );
+    }
+    for (from, helper, target) in [
+        (&c.agents[0], old, &c.agents[1]),
+        (old, &c.agents[0], &c.agents[1]),
+    ] {
+        let r = from
+            .node()
+            .net()
+            .member_request(
+                helper.peer,
+                MemberRequest::ProbeFor {
+                    target: target.peer.to_bytes(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, MemberResponse::Probed { reached: true }),
+            "{} probing {} through {}: {r:?}",
+            from.name,
+            target.name,
+            helper.name
+        );
+    }
+    // Consumer counts: a1's (over /2) reach a0, the /1 agent's do not.
+    let without = wait_until("a0 to hold counts of all but a2", T, || async {
+        let mut hosts = c.agents[0].node().membership().subscriptions();
+        hosts[0].peer_id = c.agents[0].peer_id();
+        let with_a1 = hosts
+            .iter()
+            .any(|h| h.peer_id == c.agents[1].peer_id() && h.subscriptions.is_some());
+        let (_, without) = riftmesh::membership::cluster_counts(&mut hosts, None);
+        (with_a1 && without.len() == 1).then_some(without)
+    })
+    .await;
+    assert_eq!(
+        without,
+        vec![riftmesh::membership::HostRef {
+            peer_id: old.peer_id(),
+            name: Some("a2".into()),
+        }]
+    );
+    // Its leave reaches both.
+    let left = old.node().membership().leave().await.expect("leave");
+    assert_eq!(left.peers_acked, 2, "{left:?}");
+    for a in &c.agents[..2] {
+        wait_until(&format!("{} to see a2 left", a.name), T, || async {
+            (member_of(a, old)?.state == "left").then_some(())
+        })
+        .await;
+    }
+    report(
+        "an_agent_of_member_protocol_1_is_a_full_member",
+        started,
+        up,
+    );
+}

@@ -682,6 +682,7 @@ impl AgentConfig {
             idle_after,
             idle_gpu_util_pct,
             online_wait: Duration::from_secs(10),
+            member_protocols: crate::net::MEMBER_PROTOCOLS,
             voters,
             election_timeout,
             transfer,

@@ -447,11 +447,11 @@ mod tests {
         // A /2 body read as /1 is refused (trailing bytes), never misread.
         let v2 = encode_member(&with, true).unwrap();
         assert!(decode_member::<MemberRequest>(&v2[5..], MAX_MEMBER_MESSAGE, false).is_err());
-        println!(
-            "consumer counts of ten consumers over {} patterns: {} bytes per heartbeat",
-            ten_consumers().len(),
-            v2.len() - v1.len()
-        );
+        // The figure proto-notes/membership.md gives: ten consumers over
+        // seven patterns add 104 bytes to an exchange.
+        assert_eq!(ten_consumers().len(), 7);
+        assert_eq!(ten_consumers().iter().map(|(_, n)| n).sum::<u32>(), 10);
+        assert_eq!(v2.len() - v1.len(), 104);
     }
 
     #[test]
