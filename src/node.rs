@@ -353,6 +353,7 @@ fn net_config(cfg: &AgentConfig, psk: libp2p::pnet::PreSharedKey) -> NetConfig {
         maintain_every: Duration::from_secs(2),
         ping_interval: cfg.ping_interval,
         limits: cfg.limits,
+        member_protocols: cfg.member_protocols,
     }
 }
 

@@ -369,6 +369,7 @@ fn membership_messages() {
         health: Default::default(),
         jobs: vec![("selfplay_jobs".into(), 6.0)],
         subs: Some(vec![("*".into(), 1), ("TRAINING_COMPLETED".into(), 3)]),
+        subs_dropped: 0,
     };
     let info = wire::MemberInfo {
         version: 2,

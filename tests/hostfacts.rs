@@ -203,13 +203,29 @@ async fn idle_job_counters_on_a_host_without_gpus() {
     );
 }
 
-/// `types` of `/v1/subscriptions` as {pattern: (total, {host: n})}.
+/// `types` of `/v1/subscriptions` as {pattern: (total, {host name: n})}
+/// (the answer keys hosts by peer id, each with its name).
 fn counts(v: &Value) -> Vec<(String, u64, Value)> {
+    let by_name = |hosts: &Value| -> Value {
+        hosts
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|h| (h["name"].as_str().unwrap().to_string(), h["count"].clone()))
+            .collect::<serde_json::Map<String, Value>>()
+            .into()
+    };
     v["types"]
         .as_object()
         .map(|t| {
             t.iter()
-                .map(|(p, c)| (p.clone(), c["total"].as_u64().unwrap(), c["hosts"].clone()))
+                .map(|(p, c)| {
+                    (
+                        p.clone(),
+                        c["total"].as_u64().unwrap(),
+                        by_name(&c["hosts"]),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -268,6 +284,12 @@ async fn consumers_of_two_hosts_are_counted_on_a_third() {
     })
     .await;
     assert_eq!(v["hosts_without_counts"], json!([]), "{v}");
+    // Hosts are keyed by peer id, the name beside it.
+    assert_eq!(
+        v["types"]["TRAINING_COMPLETED"]["hosts"][agents[1].peer_id.as_str()],
+        json!({"name": "a1", "count": 3}),
+        "{v}"
+    );
     let hosts = v["hosts"].as_array().unwrap();
     assert_eq!(hosts.len(), 3, "{v}");
     assert_eq!(hosts[0]["name"], "a0");
@@ -306,7 +328,10 @@ async fn consumers_of_two_hosts_are_counted_on_a_third() {
         .unwrap();
     wait_for("train-b gone from a0's counts", LONG, || async {
         let v = agents[0].get("/v1/subscriptions").await.ok()?;
-        (v["types"]["TRAINING_COMPLETED"]["hosts"]["a1"] == 2).then_some(())
+        let tc = counts(&v)
+            .into_iter()
+            .find(|c| c.0 == "TRAINING_COMPLETED")?;
+        (tc.2["a1"] == 2).then_some(())
     })
     .await;
 

@@ -356,3 +356,273 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
         up,
     );
 }
+
+// ---- membership: what an agent says about itself, and `/riftmesh/member/1` ----
+
+/// Payloads of the events of type `t` about member `node` in `a`'s log.
+fn facts_about(a: &Agent, t: &str, node: &Agent) -> Vec<serde_json::Value> {
+    a.events()
+        .into_iter()
+        .filter(|e| e.event_type == t)
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.payload).ok())
+        .filter(|p| p["node"] == node.peer_id().as_str())
+        .collect()
+}
+
+/// `a`'s view of member `b`.
+fn member_of(a: &Agent, b: &Agent) -> Option<riftmesh::membership::MemberView> {
+    let id = b.peer_id();
+    a.node()
+        .membership()
+        .members(&[])
+        .into_iter()
+        .find(|m| m.peer_id == id)
+}
+
+/// Time of `a`'s own latest health sample (0: none yet).
+fn own_sampled_ms(a: &Agent) -> u64 {
+    a.node().membership().members(&[])[0]
+        .health
+        .as_ref()
+        .map_or(0, |h| h.sampled_ms)
+}
+
+/// Wait until `a` has taken `n` more health samples than at `from_ms`.
+async fn samples_after(a: &Agent, from_ms: u64, n: usize) {
+    let mut seen = from_ms;
+    for i in 0..n {
+        seen = wait_until(
+            &format!("{}'s health sample {} after {from_ms}", a.name, i + 1),
+            T,
+            || async {
+                let s = own_sampled_ms(a);
+                (s > seen).then_some(s)
+            },
+        )
+        .await;
+    }
+}
+
+/// A fake `nvidia-smi` that answers after `secs` seconds: two idle GPUs.
+fn slow_nvidia_smi(dir: &std::path::Path, secs: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("nvidia-smi");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nsleep {secs}\necho \"0, NVIDIA H100 80GB HBM3, 0, 10, 81559, 40\"\necho \"1, NVIDIA H100 80GB HBM3, 0, 10, 81559, 41\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script.display().to_string()
+}
+
+/// An agent that leaves before its first health sample (nvidia-smi takes
+/// 3 s) says nothing more about itself at that incarnation: no
+/// `HOST_ONLINE` after its `HOST_LEFT` when the sample comes, and no
+/// `IDLE_RESOURCE_DETECTED` however idle its GPUs. Its peer, which stays,
+/// publishes both from the same samples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_left_is_the_last_word_of_a_leaving_agent() {
+    let started = Instant::now();
+    let tools = tempfile::tempdir().unwrap();
+    let smi = slow_nvidia_smi(tools.path(), 3);
+    let c = Cluster::start(2, |cfg| {
+        cfg.nvidia_smi = smi.clone();
+        cfg.idle_after = Duration::from_millis(1);
+        cfg.online_wait = Duration::from_secs(60);
+    })
+    .await;
+    let up = Instant::now();
+    let (a0, a1) = (&c.agents[0], &c.agents[1]);
+    let left = a1.node().membership().leave().await.expect("leave");
+    assert_eq!(
+        own_sampled_ms(a1),
+        0,
+        "a1 sampled before it left: the scenario needs a slower nvidia-smi"
+    );
+    assert_eq!(left.peers_acked, 1);
+    wait_until("a0 to see a1 left", T, || async {
+        (member_of(a0, a1)?.state == "left").then_some(())
+    })
+    .await;
+    // Three samples on a1 after the leave: the first would announce it,
+    // the second report its GPUs idle.
+    samples_after(a1, 0, 3).await;
+    // The peer that stayed did both from its own samples.
+    wait_until("a0's HOST_ONLINE and idle report", T, || async {
+        let online = facts_about(a0, "HOST_ONLINE", a0);
+        let idle = facts_about(a0, "IDLE_RESOURCE_DETECTED", a0);
+        (online.len() == 1 && online[0]["capabilities"]["gpu_count"] == 2 && idle.len() == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(facts_about(a1, "HOST_LEFT", a1).len(), 1);
+    for a in [a0, a1] {
+        assert_eq!(
+            facts_about(a, "HOST_ONLINE", a1),
+            Vec::<serde_json::Value>::new(),
+            "{}",
+            a.name
+        );
+        assert_eq!(
+            facts_about(a, "IDLE_RESOURCE_DETECTED", a1),
+            Vec::<serde_json::Value>::new(),
+            "{}",
+            a.name
+        );
+    }
+    report("host_left_is_the_last_word_of_a_leaving_agent", started, up);
+}
+
+/// An agent whose first health sample is late (nvidia-smi takes 3 s)
+/// still announces itself after `online_wait`: `HOST_ONLINE` with its tags
+/// and without capabilities (unknown); the late sample adds no second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_online_does_not_wait_for_a_slow_first_sample() {
+    let started = Instant::now();
+    let tools = tempfile::tempdir().unwrap();
+    let smi = slow_nvidia_smi(tools.path(), 3);
+    let c = Cluster::start(1, |cfg| {
+        cfg.nvidia_smi = smi.clone();
+        cfg.online_wait = Duration::from_millis(300);
+        cfg.tags = vec![("role".into(), "training".into())];
+    })
+    .await;
+    let up = Instant::now();
+    let a0 = &c.agents[0];
+    let online = wait_until("a0's HOST_ONLINE", T, || async {
+        facts_about(a0, "HOST_ONLINE", a0).into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        own_sampled_ms(a0),
+        0,
+        "HOST_ONLINE came with the first sample"
+    );
+    assert_eq!(online["tags"], json!({"role": "training"}));
+    assert!(online.get("capabilities").is_none(), "{online}");
+    assert_eq!(
+        online["incarnation"],
+        a0.node().membership().incarnation(),
+        "{online}"
+    );
+    samples_after(a0, 0, 2).await;
+    assert_eq!(facts_about(a0, "HOST_ONLINE", a0).len(), 1);
+    report(
+        "host_online_does_not_wait_for_a_slow_first_sample",
+        started,
+        up,
+    );
+}
+
+/// An agent that offers only `/riftmesh/member/1` among agents that offer
+/// `/2` first: records go both ways, it is seen alive and sees the others
+/// alive, it answers probes and probes for others, its leave is seen; and
+/// its consumer counts are unknown (`hosts_without_counts`) to the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_member_protocol_1_is_a_full_member() {
+    use riftmesh::net::wire::{MemberRequest, MemberResponse};
+    let started = Instant::now();
+    let c = Cluster::start(3, |cfg| {
+        if cfg.name == "a2" {
+            cfg.member_protocols = &[riftmesh::net::MEMBER_PROTOCOL_V1];
+        }
+    })
+    .await;
+    let up = Instant::now();
+    let old = &c.agents[2];
+    // Health travels only in exchanges: a record with a sample is one
+    // exchange done, in that direction.
+    for (a, b) in [(0, 2), (1, 2), (2, 0), (2, 1)] {
+        let (a, b) = (&c.agents[a], &c.agents[b]);
+        wait_until(
+            &format!("{} to hold {}'s record, alive", a.name, b.name),
+            T,
+            || async {
+                let m = member_of(a, b)?;
+                let sampled = m.health.as_ref().is_some_and(|h| h.sampled_ms != 0);
+                (m.state == "alive" && sampled && m.name.as_deref() == Some(b.name.as_str()))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // Probes both ways, direct and through a helper.
+    let inc = |a: &Agent| a.node().membership().incarnation();
+    for (from, to) in [(&c.agents[0], old), (old, &c.agents[0])] {
+        let r = from
+            .node()
+            .net()
+            .member_request(
+                to.peer,
+                MemberRequest::Ping {
+                    incarnation: inc(from),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, MemberResponse::Pong { incarnation } if incarnation == inc(to)),
+            "{} pinging {}: {r:?}",
+            from.name,
+            to.name
+        );
+    }
+    for (from, helper, target) in [
+        (&c.agents[0], old, &c.agents[1]),
+        (old, &c.agents[0], &c.agents[1]),
+    ] {
+        let r = from
+            .node()
+            .net()
+            .member_request(
+                helper.peer,
+                MemberRequest::ProbeFor {
+                    target: target.peer.to_bytes(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, MemberResponse::Probed { reached: true }),
+            "{} probing {} through {}: {r:?}",
+            from.name,
+            target.name,
+            helper.name
+        );
+    }
+    // Consumer counts: a1's (over /2) reach a0, the /1 agent's do not.
+    let without = wait_until("a0 to hold counts of all but a2", T, || async {
+        let mut hosts = c.agents[0].node().membership().subscriptions();
+        hosts[0].peer_id = c.agents[0].peer_id();
+        let with_a1 = hosts
+            .iter()
+            .any(|h| h.peer_id == c.agents[1].peer_id() && h.subscriptions.is_some());
+        let (_, without) = riftmesh::membership::cluster_counts(&mut hosts, None);
+        (with_a1 && without.len() == 1).then_some(without)
+    })
+    .await;
+    assert_eq!(
+        without,
+        vec![riftmesh::membership::HostRef {
+            peer_id: old.peer_id(),
+            name: Some("a2".into()),
+        }]
+    );
+    // Its leave reaches both.
+    let left = old.node().membership().leave().await.expect("leave");
+    assert_eq!(left.peers_acked, 2, "{left:?}");
+    for a in &c.agents[..2] {
+        wait_until(&format!("{} to see a2 left", a.name), T, || async {
+            (member_of(a, old)?.state == "left").then_some(())
+        })
+        .await;
+    }
+    report(
+        "an_agent_of_member_protocol_1_is_a_full_member",
+        started,
+        up,
+    );
+}

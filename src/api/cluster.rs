@@ -1,7 +1,6 @@
 //! The cluster as this agent sees it: peers, health, status, members,
 //! job counters, leave, leader, and the fault-injection block.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -126,27 +125,7 @@ pub(super) async fn subscriptions(
         me.peer_id = node.peer_id().to_string();
         me.subscriptions = Some(mine.into_iter().collect());
     }
-    let mut types: BTreeMap<String, (u64, BTreeMap<String, u32>)> = BTreeMap::new();
-    let mut unknown = Vec::new();
-    for h in &mut hosts {
-        let label = h.name.clone().unwrap_or_else(|| h.peer_id.clone());
-        let Some(subs) = h.subscriptions.as_mut() else {
-            unknown.push(label);
-            continue;
-        };
-        if let Some(only) = &only {
-            subs.retain(|p, _| only.contains(p));
-        }
-        for (pattern, n) in subs.iter() {
-            let t = types.entry(pattern.clone()).or_default();
-            t.0 += u64::from(*n);
-            *t.1.entry(label.clone()).or_default() += n;
-        }
-    }
-    let types: BTreeMap<String, Value> = types
-        .into_iter()
-        .map(|(p, (total, by_host))| (p, json!({ "total": total, "hosts": by_host })))
-        .collect();
+    let (types, unknown) = crate::membership::cluster_counts(&mut hosts, only.as_deref());
     Ok(Json(json!({
         "types": types,
         "hosts": hosts,

@@ -25,6 +25,19 @@ fn consumer_line(c: &api::ConsumerView) -> String {
     )
 }
 
+/// A host of `/v1/subscriptions` as the table shows it: its name, with
+/// the end of its peer id when another host of `peers` has the same name.
+fn host_label(peer: &str, name: Option<&str>, names: &[Option<&str>]) -> String {
+    match name {
+        Some(n) if names.iter().filter(|m| **m == Some(n)).count() > 1 => {
+            let tail = &peer[peer.len().saturating_sub(6)..];
+            format!("{n}[..{tail}]")
+        }
+        Some(n) => n.to_string(),
+        None => peer.to_string(),
+    }
+}
+
 /// `consumer list --cluster`: one line per type pattern, its total and
 /// each host's count; then the hosts that do not send counts.
 fn print_cluster_counts(v: &serde_json::Value) {
@@ -34,11 +47,17 @@ fn print_cluster_counts(v: &serde_json::Value) {
             let hosts: Vec<String> = t["hosts"]
                 .as_object()
                 .map(|h| {
+                    let names: Vec<Option<&str>> = h.values().map(|c| c["name"].as_str()).collect();
                     h.iter()
-                        .map(|(name, n)| format!("{name}={}", n.as_u64().unwrap_or(0)))
+                        .map(|(peer, c)| {
+                            let label = host_label(peer, c["name"].as_str(), &names);
+                            format!("{label}={}", c["count"].as_u64().unwrap_or(0))
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
+            let mut hosts = hosts;
+            hosts.sort();
             println!(
                 "{:<32} {:>6}  {}",
                 pattern,
@@ -49,7 +68,11 @@ fn print_cluster_counts(v: &serde_json::Value) {
     }
     let without: Vec<&str> = v["hosts_without_counts"]
         .as_array()
-        .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|h| h["name"].as_str().or_else(|| h["peer_id"].as_str()))
+                .collect()
+        })
         .unwrap_or_default();
     if !without.is_empty() {
         println!(

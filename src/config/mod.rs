@@ -204,6 +204,14 @@ pub struct AgentConfig {
     pub idle_after: Duration,
     /// A GPU below this utilization (percent) is idle.
     pub idle_gpu_util_pct: f32,
+    /// How long `HOST_ONLINE` waits for the first health sample before it
+    /// is published without capabilities. Not a config key: 10 s (twice
+    /// the nvidia-smi timeout); in-process tests shorten it.
+    pub online_wait: Duration,
+    /// The member protocol versions this agent offers, the preferred first.
+    /// Not a config key: both (`crate::net::MEMBER_PROTOCOLS`); for
+    /// compatibility tests, which run an agent that knows only `/1`.
+    pub member_protocols: &'static [&'static str],
     /// Names of the hosts that elect the leader (3 or 5), the same list on
     /// every host; empty: this cluster has no leader.
     pub voters: Vec<String>,

@@ -681,6 +681,8 @@ impl AgentConfig {
             nvidia_smi: f.nvidia_smi.unwrap_or_else(|| "nvidia-smi".into()),
             idle_after,
             idle_gpu_util_pct,
+            online_wait: Duration::from_secs(10),
+            member_protocols: crate::net::MEMBER_PROTOCOLS,
             voters,
             election_timeout,
             transfer,

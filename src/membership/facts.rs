@@ -16,10 +16,11 @@ use crate::event::{self, Draft, TypePattern};
 
 /// What `HOST_ONLINE` says about the host besides the fact itself: its
 /// configured tags and a summary of its hardware, both from the host's own
-/// record.
+/// record. `health` is None before the host's first sample: the event then
+/// has no `capabilities` (unknown, never made up).
 pub(super) struct HostFacts<'a> {
     pub tags: &'a [(String, String)],
-    pub health: &'a Health,
+    pub health: Option<&'a Health>,
 }
 
 /// The hardware summary of `HOST_ONLINE`: what a scheduler picks a host
@@ -76,7 +77,9 @@ pub(super) fn fact_draft(f: &Fact, host: Option<HostFacts<'_>>) -> Option<Draft>
     });
     if let (FactKind::Online, Some(h)) = (f.kind, host) {
         payload["tags"] = json!(tags_object(h.tags));
-        payload["capabilities"] = capabilities(h.health);
+        if let Some(health) = h.health {
+            payload["capabilities"] = capabilities(health);
+        }
     }
     // Several hosts report one observation: one fact per node and
     // incarnation whoever reports it and however late (events.md §13).
@@ -229,7 +232,7 @@ mod tests {
             &f,
             Some(HostFacts {
                 tags: &tags,
-                health: &health,
+                health: Some(&health),
             }),
         )
         .expect("draft");
@@ -247,6 +250,19 @@ mod tests {
         let bare = fact_draft(&f, None).expect("draft");
         assert_eq!(full.idem_key, bare.idem_key);
         assert_eq!(back_of(&full), back_of(&bare));
+        // Before the first health sample: the tags, no capabilities.
+        let early = fact_draft(
+            &f,
+            Some(HostFacts {
+                tags: &tags,
+                health: None,
+            }),
+        )
+        .expect("draft");
+        let v: Value = serde_json::from_str(&early.payload).expect("json");
+        assert_eq!(v["tags"]["role"], "training");
+        assert!(v.get("capabilities").is_none(), "{v}");
+        assert_eq!(early.idem_key, bare.idem_key);
         // Only HOST_ONLINE carries them.
         let off = Fact {
             kind: FactKind::Offline,
@@ -256,7 +272,7 @@ mod tests {
             &off,
             Some(HostFacts {
                 tags: &tags,
-                health: &health,
+                health: Some(&health),
             }),
         )
         .expect("draft");

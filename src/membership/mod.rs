@@ -133,6 +133,65 @@ pub struct HostSubs {
     pub age_ms: Option<u64>,
 }
 
+/// One host's share of a pattern's consumers in [`cluster_counts`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostCount {
+    /// The member's name (a label: two members can share one).
+    pub name: Option<String>,
+    pub count: u64,
+}
+
+/// One type pattern's consumers over the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PatternCount {
+    pub total: u64,
+    /// Per host, by peer id.
+    pub hosts: BTreeMap<String, HostCount>,
+}
+
+/// A host without counts (`hosts_without_counts`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostRef {
+    pub peer_id: String,
+    pub name: Option<String>,
+}
+
+/// Consumers per type pattern over `hosts` (only the patterns in `only`
+/// when given), each host keyed by its peer id: two members with one name
+/// (a host re-keyed while its old peer id is still suspect) stay apart.
+/// Sums are `u64` and saturate: counts come from peers. Also the hosts
+/// without counts, in `hosts` order.
+pub fn cluster_counts(
+    hosts: &mut [HostSubs],
+    only: Option<&[String]>,
+) -> (BTreeMap<String, PatternCount>, Vec<HostRef>) {
+    let mut types: BTreeMap<String, PatternCount> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for h in hosts {
+        let Some(subs) = h.subscriptions.as_mut() else {
+            unknown.push(HostRef {
+                peer_id: h.peer_id.clone(),
+                name: h.name.clone(),
+            });
+            continue;
+        };
+        if let Some(only) = only {
+            subs.retain(|p, _| only.contains(p));
+        }
+        for (pattern, n) in subs.iter() {
+            let n = u64::from(*n);
+            let t = types.entry(pattern.clone()).or_default();
+            t.total = t.total.saturating_add(n);
+            let c = t.hosts.entry(h.peer_id.clone()).or_insert(HostCount {
+                name: h.name.clone(),
+                count: 0,
+            });
+            c.count = c.count.saturating_add(n);
+        }
+    }
+    (types, unknown)
+}
+
 /// Consumers per type pattern (`*` for a consumer of every type), sorted
 /// by pattern, at most [`MAX_SUB_PATTERNS`] patterns.
 pub fn subscription_counts(consumers: &[ConsumerRec]) -> SubCounts {
@@ -203,6 +262,7 @@ impl Membership {
             health: Health::default(),
             jobs: Vec::new(),
             subs: None,
+            subs_dropped: 0,
         };
         let seed = rand::random();
         Arc::new(Membership {
@@ -365,6 +425,8 @@ impl Membership {
     pub fn subscriptions(&self) -> Vec<HostSubs> {
         let g = self.inner();
         let now = Instant::now();
+        // One count per pattern: a peer that repeats a pattern is taken at
+        // its last count, never summed with itself.
         let counts = |s: &Option<SubCounts>| s.as_ref().map(|s| s.iter().cloned().collect());
         let mut out = vec![HostSubs {
             name: Some(g.me.info.name.clone()),
@@ -498,6 +560,58 @@ fn refresh_jobs(me: &mut Local, now: Instant) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn host(peer: &str, name: &str, subs: Option<&[(&str, u32)]>) -> HostSubs {
+        HostSubs {
+            name: Some(name.to_string()),
+            peer_id: peer.to_string(),
+            is_self: false,
+            state: "alive",
+            subscriptions: subs.map(|s| s.iter().map(|(p, n)| (p.to_string(), *n)).collect()),
+            age_ms: Some(1),
+        }
+    }
+
+    #[test]
+    fn cluster_counts_keep_hosts_apart_by_peer_and_never_overflow() {
+        let max = u64::from(u32::MAX);
+        let hosts = vec![
+            host(
+                "P1",
+                "gpu-07",
+                Some(&[("TRAINING_COMPLETED", u32::MAX), ("*", 1)]),
+            ),
+            // The same name under another peer id: a re-keyed host whose
+            // old peer id is still suspect.
+            host("P2", "gpu-07", Some(&[("TRAINING_COMPLETED", u32::MAX)])),
+            host("P3", "old", None),
+            host("P4", "gpu-08", Some(&[("TRAINING_COMPLETED", 2)])),
+        ];
+        let (types, unknown) = cluster_counts(&mut hosts.clone(), None);
+        let tc = &types["TRAINING_COMPLETED"];
+        assert_eq!(tc.total, 2 * max + 2);
+        let seven = |count| HostCount {
+            name: Some("gpu-07".into()),
+            count,
+        };
+        assert_eq!(tc.hosts.len(), 3);
+        assert_eq!(tc.hosts["P1"], seven(max));
+        assert_eq!(tc.hosts["P2"], seven(max));
+        assert_eq!(tc.hosts["P4"].count, 2);
+        assert_eq!(types["*"].total, 1);
+        assert_eq!(
+            unknown,
+            vec![HostRef {
+                peer_id: "P3".into(),
+                name: Some("old".into())
+            }]
+        );
+        // Only the patterns asked for.
+        let only = ["*".to_string()];
+        let (types, unknown) = cluster_counts(&mut hosts.clone(), Some(&only));
+        assert_eq!(types.keys().collect::<Vec<_>>(), ["*"]);
+        assert_eq!(unknown.len(), 1);
+    }
 
     #[tokio::test]
     async fn expired_jobs_leave_the_heartbeat() {

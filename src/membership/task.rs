@@ -42,8 +42,10 @@ pub(super) struct Task {
     /// Job counters with a `riftmesh_host_jobs` series.
     pub(super) job_series: BTreeSet<String>,
     /// `HOST_ONLINE` waits for the first health sample, whose hardware
-    /// figures it carries.
+    /// figures it carries, until `online_by`; then it goes without them.
+    /// Cleared by a leave.
     online_pending: bool,
+    online_by: Instant,
     idle: IdleTracker,
 }
 
@@ -76,6 +78,7 @@ pub async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<MemberInbound>) {
         state_series: HashMap::new(),
         job_series: BTreeSet::new(),
         online_pending: true,
+        online_by: Instant::now() + ctx.cfg.online_wait,
         idle: IdleTracker::default(),
     };
     t.follow_log();
@@ -143,6 +146,13 @@ impl Task {
         };
         if jobs_changed {
             self.exchange_all(true);
+        }
+        if self.online_pending && now >= self.online_by {
+            tracing::warn!(
+                wait = ?self.ctx.cfg.online_wait,
+                "no health sample yet: HOST_ONLINE goes without capabilities"
+            );
+            self.announce_online();
         }
         if ticks % 4 == 0 {
             self.update_metrics();
@@ -353,10 +363,20 @@ impl Task {
         self.update_host_metrics();
         // Periodic: one exchange per pair; a significant change: everyone now.
         self.exchange_all(significant);
-        if std::mem::take(&mut self.online_pending) {
+        // A leaving agent announces nothing more about itself: HOST_LEFT
+        // is its last word at this incarnation.
+        if self.leaving() {
+            return;
+        }
+        if self.online_pending {
             self.announce_online();
         }
         self.check_idle();
+    }
+
+    /// Whether this agent is leaving or left the cluster.
+    fn leaving(&self) -> bool {
+        self.inner().me.leaving
     }
 
     /// `IDLE_RESOURCE_DETECTED` about this host, once per idle period.
@@ -434,13 +454,17 @@ impl Task {
         // so the first copy stored is the fact).
         let draft = {
             let g = self.inner();
-            let own = (f.peer == self.me).then_some((&g.me.info.tags, &g.me.beat.health));
+            let own = (f.peer == self.me).then_some((&g.me.info.tags, Some(&g.me.beat.health)));
             let host = own
                 .or_else(|| {
                     let r = g.recs.get(&f.peer)?;
-                    Some((&r.info.as_ref()?.tags, &r.beat.as_ref()?.health))
+                    Some((&r.info.as_ref()?.tags, r.beat.as_ref().map(|b| &b.health)))
                 })
-                .map(|(tags, health)| HostFacts { tags, health });
+                .map(|(tags, health)| HostFacts {
+                    tags,
+                    // Not sampled yet: no capabilities rather than zeros.
+                    health: health.filter(|h| h.sampled_ms != 0),
+                });
             fact_draft(&f, host)
         };
         let Some(draft) = draft else {
@@ -455,8 +479,12 @@ impl Task {
         });
     }
 
-    /// `HOST_ONLINE` of this agent, at its current incarnation.
-    fn announce_online(&self) {
+    /// `HOST_ONLINE` of this agent, at its current incarnation (once; never
+    /// once it is leaving).
+    fn announce_online(&mut self) {
+        if !std::mem::take(&mut self.online_pending) || self.leaving() {
+            return;
+        }
         let (name, inc) = {
             let g = self.inner();
             (g.me.info.name.clone(), g.det.incarnation())
@@ -530,6 +558,10 @@ impl Task {
     }
 
     async fn leave(&mut self) -> LeaveReport {
+        // Nothing more about this agent at this incarnation after HOST_LEFT:
+        // no late HOST_ONLINE (a sample taken while the peers are told is
+        // handled after the leave), no idle report.
+        self.online_pending = false;
         let (inc, peers) = {
             let mut g = self.inner();
             g.me.leaving = true;

@@ -17,7 +17,7 @@ use super::transport::{memory_only, memory_transport};
 use super::{
     transport, wire, NetConfig, NetError, AGENT_VERSION, BLOB_PROTOCOL, CATCHUP_PROTOCOL,
     EVENTS_TOPIC, HANDSHAKE_TIMEOUT, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_BLOB_REQUEST,
-    MAX_BLOB_RESPONSE, MAX_RAFT_MESSAGE, MEMBER_PROTOCOL, MEMBER_PROTOCOL_V1, RAFT_PROTOCOL,
+    MAX_BLOB_RESPONSE, MAX_RAFT_MESSAGE, RAFT_PROTOCOL,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -119,9 +119,10 @@ fn behaviour(key: &Keypair, cfg: &NetConfig) -> Result<Behaviour, BoxError> {
         ),
         member: request_response_of(
             MemberCodec::new(wire::MAX_MEMBER_MESSAGE),
-            // The newest first: an agent that knows only `/1` refuses `/2`
-            // in the protocol negotiation and the exchange goes on in `/1`.
-            &[MEMBER_PROTOCOL, MEMBER_PROTOCOL_V1],
+            // The newest first (MEMBER_PROTOCOLS): an agent that knows only
+            // `/1` refuses `/2` in the protocol negotiation and the
+            // exchange goes on in `/1`.
+            cfg.member_protocols,
             Duration::from_secs(10),
             256,
         ),

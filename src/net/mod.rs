@@ -56,6 +56,8 @@ pub const CATCHUP_PROTOCOL: &str = "/riftmesh/events/1";
 pub const MEMBER_PROTOCOL: &str = "/riftmesh/member/2";
 /// The membership protocol of agents without consumer counts.
 pub const MEMBER_PROTOCOL_V1: &str = "/riftmesh/member/1";
+/// The member protocol versions an agent offers, the preferred first.
+pub const MEMBER_PROTOCOLS: &[&str] = &[MEMBER_PROTOCOL, MEMBER_PROTOCOL_V1];
 
 /// The `Refused` reason of a request over its peer's rate.
 pub const BUSY: &str = "busy: request rate exceeded";
@@ -88,6 +90,10 @@ pub struct NetConfig {
     pub ping_interval: Duration,
     /// Connection limits and per-peer / per-source rates.
     pub limits: NetLimits,
+    /// The member protocol versions offered, the preferred first:
+    /// [`MEMBER_PROTOCOLS`]; a shorter list only in compatibility tests
+    /// (an agent that knows only `/riftmesh/member/1`).
+    pub member_protocols: &'static [&'static str],
 }
 
 #[derive(Clone, Debug, Serialize)]

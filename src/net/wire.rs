@@ -198,6 +198,12 @@ pub struct Heartbeat {
     /// (see [`encode_member`]); `None` from a `/riftmesh/member/1` peer.
     #[serde(skip)]
     pub subs: Option<SubCounts>,
+    /// Counts the sender sent that [`decode_member`] dropped (a pattern
+    /// over [`MAX_SUB_PATTERN_BYTES`] or not a type pattern, or beyond
+    /// [`MAX_SUB_PATTERNS`]), for the network to count and log. Never
+    /// sent; 0 on every heartbeat made here.
+    #[serde(skip)]
+    pub subs_dropped: u32,
 }
 
 /// Consumers per type pattern (`*` for a consumer of every type).
@@ -205,6 +211,21 @@ pub type SubCounts = Vec<(String, u32)>;
 
 /// Most type patterns one heartbeat carries counts for.
 pub const MAX_SUB_PATTERNS: usize = 128;
+/// Longest type pattern a heartbeat carries a count for (a consumer's
+/// pattern is at most this long: `event::MAX_TYPE_LEN`).
+pub const MAX_SUB_PATTERN_BYTES: usize = crate::event::MAX_TYPE_LEN;
+
+/// Keep the counts a receiver accepts: the first [`MAX_SUB_PATTERNS`],
+/// each of a pattern of at most [`MAX_SUB_PATTERN_BYTES`] that parses as a
+/// type pattern. Returns how many were dropped.
+pub fn check_sub_counts(subs: &mut SubCounts) -> u32 {
+    let before = subs.len();
+    subs.truncate(MAX_SUB_PATTERNS);
+    subs.retain(|(p, _)| {
+        p.len() <= MAX_SUB_PATTERN_BYTES && crate::event::TypePattern::parse(p).is_ok()
+    });
+    u32::try_from(before - subs.len()).unwrap_or(u32::MAX)
+}
 
 /// A member message whose heartbeat (if it has one) carries consumer counts
 /// on `/riftmesh/member/2`.
@@ -258,7 +279,8 @@ pub fn encode_member<T: MemberMessage>(msg: &T, v2: bool) -> Result<Vec<u8>, Wir
 }
 
 /// Decode a member frame body of at most `limit` bytes ([`encode_member`]).
-/// Counts beyond [`MAX_SUB_PATTERNS`] are dropped.
+/// Counts [`check_sub_counts`] refuses are dropped and their number left in
+/// the heartbeat's `subs_dropped`.
 pub fn decode_member<T: MemberMessage>(
     body: &[u8],
     limit: usize,
@@ -270,7 +292,7 @@ pub fn decode_member<T: MemberMessage>(
     let (mut msg, subs): (T, Option<SubCounts>) = decode_body(body, limit)?;
     if let Some(beat) = msg.beat_mut() {
         beat.subs = subs.map(|mut s| {
-            s.truncate(MAX_SUB_PATTERNS);
+            beat.subs_dropped = check_sub_counts(&mut s);
             s
         });
     }
@@ -376,6 +398,7 @@ mod tests {
                 health: crate::membership::health::Health::default(),
                 jobs: vec![("selfplay_jobs".into(), 4.0)],
                 subs,
+                subs_dropped: 0,
             }),
             info: None,
             have_yours: 2,
@@ -424,11 +447,11 @@ mod tests {
         // A /2 body read as /1 is refused (trailing bytes), never misread.
         let v2 = encode_member(&with, true).unwrap();
         assert!(decode_member::<MemberRequest>(&v2[5..], MAX_MEMBER_MESSAGE, false).is_err());
-        println!(
-            "consumer counts of ten consumers over {} patterns: {} bytes per heartbeat",
-            ten_consumers().len(),
-            v2.len() - v1.len()
-        );
+        // The figure proto-notes/membership.md gives: ten consumers over
+        // seven patterns add 104 bytes to an exchange.
+        assert_eq!(ten_consumers().len(), 7);
+        assert_eq!(ten_consumers().iter().map(|(_, n)| n).sum::<u32>(), 10);
+        assert_eq!(v2.len() - v1.len(), 104);
     }
 
     #[test]
@@ -442,12 +465,52 @@ mod tests {
             back.beat().unwrap().subs.as_ref().unwrap().len(),
             MAX_SUB_PATTERNS
         );
+        assert_eq!(back.beat().unwrap().subs_dropped, 50);
         // The largest heartbeat counts fit a member frame with room to spare.
         let widest: SubCounts = (0..MAX_SUB_PATTERNS)
             .map(|i| (format!("{i:0>128}"), u32::MAX))
             .collect();
         let v2 = encode_member(&exchange(Some(widest)), true).unwrap();
         assert!(v2.len() < MAX_MEMBER_MESSAGE / 2, "{}", v2.len());
+    }
+
+    #[test]
+    fn member_counts_of_patterns_no_consumer_has_are_dropped() {
+        let at_most = format!("T{}", "X".repeat(MAX_SUB_PATTERN_BYTES - 1));
+        let subs: SubCounts = vec![
+            ("*".into(), 1),
+            ("A".repeat(MAX_SUB_PATTERN_BYTES + 1), 1),
+            (at_most.clone(), 4),
+            ("bad pattern!".into(), 2),
+            ("TRAINING_COMPLETED".into(), 3),
+            // One pattern of 60 KB: the frame still fits 64 KiB.
+            ("B".repeat(60_000), u32::MAX),
+        ];
+        let v2 = encode_member(&exchange(Some(subs)), true).unwrap();
+        assert!(v2.len() > 60_000 && v2.len() - 5 <= MAX_MEMBER_MESSAGE);
+        let back: MemberRequest = decode_member(&v2[5..], MAX_MEMBER_MESSAGE, true).unwrap();
+        let beat = back.beat().unwrap();
+        assert_eq!(
+            beat.subs,
+            Some(vec![
+                ("*".into(), 1),
+                (at_most, 4),
+                ("TRAINING_COMPLETED".into(), 3)
+            ])
+        );
+        assert_eq!(beat.subs_dropped, 3);
+        // A response carries them the same way.
+        let resp = MemberResponse::Exchange {
+            beat: Box::new(Heartbeat {
+                subs: Some(vec![("C".repeat(200), 1)]),
+                ..beat.clone()
+            }),
+            info: None,
+        };
+        let v2 = encode_member(&resp, true).unwrap();
+        let back: MemberResponse = decode_member(&v2[5..], MAX_MEMBER_MESSAGE, true).unwrap();
+        assert_eq!(back.beat().unwrap().subs, Some(vec![]));
+        assert_eq!(back.beat().unwrap().subs_dropped, 1);
     }
 
     #[test]

@@ -325,6 +325,7 @@ pub fn bare_memory_peer(
             maintain_every: Duration::from_secs(1),
             ping_interval: Duration::from_millis(200),
             limits: riftmesh::limits::NetLimits::default(),
+            member_protocols: riftmesh::net::MEMBER_PROTOCOLS,
         },
         &mut registry,
         metrics,

@@ -462,6 +462,7 @@ pub fn bare_peer(
             maintain_every: Duration::from_secs(1),
             ping_interval: Duration::from_secs(2),
             limits,
+            member_protocols: riftmesh::net::MEMBER_PROTOCOLS,
         },
         &mut registry,
         metrics,

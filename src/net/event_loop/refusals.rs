@@ -22,6 +22,22 @@ pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl EventLoop {
+    /// Consumer counts of `peer`'s heartbeat that decoding dropped
+    /// (`wire::check_sub_counts`): counted and logged once per peer.
+    pub(super) fn member_counts_dropped(&mut self, peer: &libp2p::PeerId, dropped: u32) {
+        if dropped == 0 {
+            return;
+        }
+        self.metrics
+            .events_rejected
+            .get_or_create(&label("reason", "member_subs"))
+            .inc_by(u64::from(dropped));
+        let who = peer.to_base58();
+        if self.log_once.note(&who, "member_subs", Instant::now()) == Log::First {
+            tracing::warn!(peer = %who, dropped, "consumer counts dropped from a member heartbeat: a pattern over 128 bytes or not a type pattern, or beyond 128 patterns (counted in riftmesh_events_rejected_total{{reason=\"member_subs\"}}; later ones from this peer are summarised once a minute)");
+        }
+    }
+
     /// Count a refusal by rate and log it once per (who, protocol).
     pub(super) fn rate_limited(
         &mut self,

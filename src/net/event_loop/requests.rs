@@ -9,7 +9,13 @@ use super::EventLoop;
 use crate::limits::{KeyedRate, NetLimits};
 use crate::metrics::label;
 use crate::net::handle::{Command, Opaque};
+use crate::net::wire::MemberMessage;
 use crate::net::{wire, Inbound, MemberInbound, OpaqueInbound, RequestError, BUSY};
+
+/// How many consumer counts decoding dropped from a member message.
+fn dropped_counts<M: MemberMessage>(m: &M) -> u32 {
+    m.beat().map_or(0, |b| b.subs_dropped)
+}
 
 /// One token bucket per peer for each request-response protocol.
 pub(super) struct PeerRates {
@@ -125,6 +131,7 @@ impl EventLoop {
                 Message::Request {
                     request, channel, ..
                 } => {
+                    self.member_counts_dropped(&peer, dropped_counts(&request));
                     if !self.rates.member.allow(&peer) {
                         self.rate_limited(MEMBER, "peer_rate", peer.to_base58());
                         let _ = self.swarm.behaviour_mut().member.send_response(
@@ -145,6 +152,7 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
+                    self.member_counts_dropped(&peer, dropped_counts(&response));
                     if let Some(reply) = self.member_pending.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
