@@ -51,10 +51,10 @@ use crate::publisher::Publisher;
 pub use crate::config::{check_name, TransferConfig, Want};
 pub use gc::gc_once;
 pub use names::{
-    add, check_naming_payload, ensure_held, forget, Forgetting, Naming, NamingLink, FORGET_TYPE,
-    NAMING_TYPES,
+    add, check_naming_payload, ensure_held, forget, Forgetting, Naming, NamingLink,
+    FORGET_MAX_AHEAD_MS, FORGET_TYPE, NAMING_TYPES,
 };
-pub use objects::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord};
+pub use objects::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord, Retraction};
 pub use rate::Limiter;
 pub use repair::local_damage;
 pub(crate) use room::check_room;
