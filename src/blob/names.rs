@@ -195,6 +195,7 @@ pub(super) async fn follow_names(ctx: Arc<Ctx>) {
                 let store = ctx.blobs.store.clone();
                 let name = n.name.clone();
                 let r2 = rec.clone();
+                let _names = ctx.blobs.names_lock.lock().await;
                 let changed = tokio::task::spawn_blocking(move || store.set_name(&name, &r2))
                     .await
                     .ok()
@@ -239,6 +240,10 @@ async fn apply_forget(ctx: &Arc<Ctx>, payload: &str, ts_ms: u64) {
     let name = f.name.clone();
     let r = retraction_of(&f, ts_ms);
     let at = r.at_ms;
+    // Unbinding and calling off under the names lock: `resume_wants` reads
+    // the names either before both (and its wants are then called off) or
+    // after both (and the name is not among them).
+    let _names = ctx.blobs.names_lock.lock().await;
     match tokio::task::spawn_blocking(move || store.forget(&name, r)).await {
         Ok(Ok(Some(rec))) => {
             tracing::info!(name = %f.name, blob = %hex_id(&rec.blob), named_ms = rec.ts_ms, forgotten_ms = at, "name forgotten");
@@ -277,7 +282,12 @@ pub(super) fn drop_name(ctx: &Ctx, name: &str) {
     }
 }
 
+/// Raise again the wants of the bound names (a restart, a failed fetch).
+/// The names are read and the wants raised under the names lock, which a
+/// retraction also holds while it unbinds and calls off: a name it unbinds
+/// is either called off after this or not read here.
 pub(super) async fn resume_wants(ctx: &Arc<Ctx>) {
+    let _names = ctx.blobs.names_lock.lock().await;
     let store = ctx.blobs.store.clone();
     let Ok(Ok(names)) = tokio::task::spawn_blocking(move || store.names()).await else {
         return;
@@ -454,6 +464,22 @@ pub(super) async fn repair_loop(ctx: Arc<Ctx>, mut damaged: tokio::sync::mpsc::R
     while let Some(blob) = damaged.recv().await {
         super::lock(&ctx.blobs.damaged_queued).remove(&blob);
         if let Some((rec, names)) = super::repair::scrub(&ctx, blob).await {
+            // The names as they are now, under the names lock: one a
+            // retraction unbound since the scrub read them is not wanted.
+            let _names = ctx.blobs.names_lock.lock().await;
+            let store = ctx.blobs.store.clone();
+            let had = !names.is_empty();
+            let names = tokio::task::spawn_blocking(move || {
+                names
+                    .into_iter()
+                    .filter(|n| store.name(n).ok().flatten().is_some_and(|r| r.blob == blob))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            if had && names.is_empty() {
+                continue;
+            }
             ensure_held(&ctx, blob, rec, names);
         }
     }
