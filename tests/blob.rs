@@ -783,3 +783,56 @@ async fn a_retraction_leaves_a_newer_naming_bound_even_one_its_maker_had_not_hea
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retractions_are_dropped_after_the_log_retention_and_listed_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    keygen(&root.join("swarm.key"));
+    // The log keeps events 5 s: a retraction is kept 10 s after its time.
+    let a = start(
+        root,
+        "a",
+        &[],
+        "retention_age = \"5s\"\nblob_retention = \"2s\"\n",
+    )
+    .await;
+    let src = root.join("p.pth");
+    random_file(&src, 64 * 1024, 10);
+    a.post(
+        "/v1/blobs",
+        &json!({ "path": src.display().to_string(), "name": "models/p" }),
+    )
+    .await
+    .unwrap();
+    a.post("/v1/blob/forget", &json!({ "name": "models/p" }))
+        .await
+        .unwrap();
+    let list = a.get("/v1/blobs").await.unwrap();
+    assert_eq!(list["forgotten"][0]["name"], "models/p", "{list}");
+    assert_eq!(list["forgotten_count"], 1, "{list}");
+    wait_for("the retraction to be dropped", T, || async {
+        let list = a.get("/v1/blobs").await.ok()?;
+        (list["forgotten_count"] == 0 && list["forgotten"] == json!([])).then_some(())
+    })
+    .await;
+    // Many retractions: the newest 100 are listed, with the count.
+    let base = now_ms() + 60_000;
+    for i in 0..102u64 {
+        a.publish(
+            "BLOB_FORGOTTEN",
+            json!({ "name": format!("models/f{i}"), "forgotten_ms": base + i }),
+        )
+        .await
+        .unwrap();
+    }
+    let list = wait_for("102 retractions recorded", T, || async {
+        let list = a.get("/v1/blobs").await.ok()?;
+        (list["forgotten_count"] == 102).then_some(list)
+    })
+    .await;
+    let listed = list["forgotten"].as_array().unwrap();
+    assert_eq!(listed.len(), 100, "{list}");
+    assert_eq!(listed[0]["name"], "models/f101");
+    assert_eq!(listed[99]["name"], "models/f2");
+}

@@ -252,6 +252,9 @@ fn store_err(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
+/// Most retractions listed by `GET /v1/blobs` (the newest).
+const FORGOTTEN_LISTED: usize = 100;
+
 pub(super) async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let store = node.blobs().store.clone();
     let (blobs, names, forgotten) = tokio::task::spawn_blocking(move || {
@@ -290,19 +293,27 @@ pub(super) async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Va
                 })
             })
             .collect();
-        let forgotten: Vec<Value> = store
-            .forgotten_names()?
+        // The newest retractions first, at most FORGOTTEN_LISTED of them.
+        let mut kept = store.forgotten_names()?;
+        let count = kept.len();
+        kept.sort_by(|a, b| b.1.at_ms.cmp(&a.1.at_ms).then_with(|| a.0.cmp(&b.0)));
+        let forgotten: Vec<Value> = kept
             .into_iter()
+            .take(FORGOTTEN_LISTED)
             .map(|(n, r)| json!({ "name": n, "forgotten_ms": r.at_ms }))
             .collect();
-        Ok::<_, crate::blob::objects::BlobError>((out, names, forgotten))
+        Ok::<_, crate::blob::objects::BlobError>((out, names, (forgotten, count)))
     })
     .await
     .map_err(store_err)?
     .map_err(store_err)?;
-    Ok(Json(
-        json!({ "blobs": blobs, "names": names, "forgotten": forgotten }),
-    ))
+    let (forgotten, forgotten_count) = forgotten;
+    Ok(Json(json!({
+        "blobs": blobs,
+        "names": names,
+        "forgotten": forgotten,
+        "forgotten_count": forgotten_count,
+    })))
 }
 
 fn blobs_complete(store: &crate::blob::BlobStore, id: &crate::blob::BlobId) -> bool {

@@ -110,6 +110,22 @@ impl BlobStore {
         Ok(removed)
     }
 
+    /// Drop the retractions up to `before_ms` (a naming they cover can no
+    /// longer arrive). Returns how many were dropped.
+    pub fn prune_forgotten(&self, before_ms: u64) -> Result<usize, BlobError> {
+        let mut n = 0;
+        for (name, r) in self.forgotten_names()? {
+            if r.at_ms < before_ms {
+                self.forgotten.remove(name.as_bytes())?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.durable.commit(What::Blob)?;
+        }
+        Ok(n)
+    }
+
     /// Every retraction kept: (name, retraction).
     pub fn forgotten_names(&self) -> Result<Vec<(String, Retraction)>, BlobError> {
         let mut out = Vec::new();

@@ -475,6 +475,20 @@ fn a_retraction_reaches_no_further_than_its_own_time_plus_the_skew() {
 }
 
 #[test]
+fn retractions_older_than_a_time_are_pruned() {
+    let (_d, _db, s) = store();
+    s.forget("models/old", Retraction::up_to(100)).unwrap();
+    s.forget("models/new", Retraction::up_to(200)).unwrap();
+    assert_eq!(s.prune_forgotten(200).unwrap(), 1);
+    assert_eq!(s.forgotten("models/old").unwrap(), None);
+    assert_eq!(
+        s.forgotten("models/new").unwrap(),
+        Some(Retraction::up_to(200))
+    );
+    assert_eq!(s.prune_forgotten(200).unwrap(), 0);
+}
+
+#[test]
 fn bitmaps() {
     let mut b = Bitmap::new(10);
     b.set(0);
