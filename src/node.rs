@@ -65,7 +65,10 @@ impl Node {
         let blobs = crate::blob::Blobs::open(
             &cfg.data_dir.join("blobs"),
             store.durable(),
-            cfg.transfer.clone(),
+            crate::blob::TransferConfig {
+                forgotten_kept: cfg.retention_age.saturating_mul(2),
+                ..cfg.transfer.clone()
+            },
             &cfg.tags,
         )
         .map_err(|e| NodeError::File {

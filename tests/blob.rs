@@ -702,3 +702,137 @@ async fn a_retraction_learnt_before_the_older_naming_it_retracts_still_wins() {
     assert_ne!(again["event_id"], naming["event_id"]);
     wait_file(&root.join("a1-placed/late.bin"), &data).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retraction_leaves_a_newer_naming_bound_even_one_its_maker_had_not_heard_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    keygen(&root.join("swarm.key"));
+    let mut a0 = start(root, "a0", &[], "").await;
+    let mut a1 = start(root, "a1", &[a0.p2p_addr().await], "").await;
+    // a0 names a model, and a1 learns the name.
+    let src1 = root.join("v1.pth");
+    random_file(&src1, 256 * 1024, 8);
+    let v1 = a0
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src1.display().to_string(), "name": "models/x", "event": "MODEL_PROMOTED" }),
+        )
+        .await
+        .unwrap();
+    wait_for("a1 to know models/x", T, || async {
+        (blob_state(&a1, "models/x").await["blob"] == v1["blob"]).then_some(())
+    })
+    .await;
+    // a0 is away while a1 names a newer version; then a1 is away while a0,
+    // which has not heard of it, retracts the name (the one it knows).
+    a0.kill9();
+    let src2 = root.join("v2.pth");
+    random_file(&src2, 256 * 1024, 9);
+    let v2 = a1
+        .post(
+            "/v1/blobs",
+            &json!({ "path": src2.display().to_string(), "name": "models/x", "event": "MODEL_PROMOTED" }),
+        )
+        .await
+        .unwrap();
+    a1.kill9();
+    a0.spawn().await;
+    let forgot = a0
+        .post("/v1/blob/forget", &json!({ "name": "models/x" }))
+        .await
+        .unwrap();
+    assert_eq!(forgot["blob"], v1["blob"], "{forgot}");
+    assert_eq!(forgot["naming_event_id"], v1["event_id"], "{forgot}");
+    // A hand-made retraction reaching far past now is refused.
+    for forgotten_ms in [now_ms() + 3_600_000, u64::MAX] {
+        let (s, v) = a0
+            .send(
+                reqwest::Method::POST,
+                "/v1/events",
+                &json!({ "type": "BLOB_FORGOTTEN", "payload": { "name": "models/x", "forgotten_ms": forgotten_ms } }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 400, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("ahead of this agent's clock"),
+            "{v}"
+        );
+    }
+    // Back together: each catches up what the other did. The newer naming
+    // stays bound on both, whichever order each learnt the two in.
+    a1.bootstrap = vec![a0.p2p_addr().await];
+    a1.spawn().await;
+    for (a, id) in [(&a0, &v2["event_id"]), (&a1, &forgot["event_id"])] {
+        wait_for(&format!("{} to catch up {id}", a.name), T, || async {
+            a.get(&format!("/v1/events/{}", id.as_str().unwrap()))
+                .await
+                .ok()
+        })
+        .await;
+        names_settled(a).await;
+        assert_eq!(
+            blob_state(a, "models/x").await["blob"],
+            v2["blob"],
+            "{}: the newer naming is bound",
+            a.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retractions_are_dropped_after_the_log_retention_and_listed_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    keygen(&root.join("swarm.key"));
+    // The log keeps events 5 s: a retraction is kept 10 s after its time.
+    let a = start(
+        root,
+        "a",
+        &[],
+        "retention_age = \"5s\"\nblob_retention = \"2s\"\n",
+    )
+    .await;
+    let src = root.join("p.pth");
+    random_file(&src, 64 * 1024, 10);
+    a.post(
+        "/v1/blobs",
+        &json!({ "path": src.display().to_string(), "name": "models/p" }),
+    )
+    .await
+    .unwrap();
+    a.post("/v1/blob/forget", &json!({ "name": "models/p" }))
+        .await
+        .unwrap();
+    let list = a.get("/v1/blobs").await.unwrap();
+    assert_eq!(list["forgotten"][0]["name"], "models/p", "{list}");
+    assert_eq!(list["forgotten_count"], 1, "{list}");
+    wait_for("the retraction to be dropped", T, || async {
+        let list = a.get("/v1/blobs").await.ok()?;
+        (list["forgotten_count"] == 0 && list["forgotten"] == json!([])).then_some(())
+    })
+    .await;
+    // Many retractions: the newest 100 are listed, with the count.
+    let base = now_ms() + 60_000;
+    for i in 0..102u64 {
+        a.publish(
+            "BLOB_FORGOTTEN",
+            json!({ "name": format!("models/f{i}"), "forgotten_ms": base + i }),
+        )
+        .await
+        .unwrap();
+    }
+    let list = wait_for("102 retractions recorded", T, || async {
+        let list = a.get("/v1/blobs").await.ok()?;
+        (list["forgotten_count"] == 102).then_some(list)
+    })
+    .await;
+    let listed = list["forgotten"].as_array().unwrap();
+    assert_eq!(listed.len(), 100, "{list}");
+    assert_eq!(listed[0]["name"], "models/f101");
+    assert_eq!(listed[99]["name"], "models/f2");
+}

@@ -252,6 +252,9 @@ fn store_err(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
+/// Most retractions listed by `GET /v1/blobs` (the newest).
+const FORGOTTEN_LISTED: usize = 100;
+
 pub(super) async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let store = node.blobs().store.clone();
     let (blobs, names, forgotten) = tokio::task::spawn_blocking(move || {
@@ -290,19 +293,27 @@ pub(super) async fn blob_list(State(node): State<AppState>) -> ApiResult<Json<Va
                 })
             })
             .collect();
-        let forgotten: Vec<Value> = store
-            .forgotten_names()?
+        // The newest retractions first, at most FORGOTTEN_LISTED of them.
+        let mut kept = store.forgotten_names()?;
+        let count = kept.len();
+        kept.sort_by(|a, b| b.1.at_ms.cmp(&a.1.at_ms).then_with(|| a.0.cmp(&b.0)));
+        let forgotten: Vec<Value> = kept
             .into_iter()
-            .map(|(n, at)| json!({ "name": n, "forgotten_ms": at }))
+            .take(FORGOTTEN_LISTED)
+            .map(|(n, r)| json!({ "name": n, "forgotten_ms": r.at_ms }))
             .collect();
-        Ok::<_, crate::blob::objects::BlobError>((out, names, forgotten))
+        Ok::<_, crate::blob::objects::BlobError>((out, names, (forgotten, count)))
     })
     .await
     .map_err(store_err)?
     .map_err(store_err)?;
-    Ok(Json(
-        json!({ "blobs": blobs, "names": names, "forgotten": forgotten }),
-    ))
+    let (forgotten, forgotten_count) = forgotten;
+    Ok(Json(json!({
+        "blobs": blobs,
+        "names": names,
+        "forgotten": forgotten,
+        "forgotten_count": forgotten_count,
+    })))
 }
 
 fn blobs_complete(store: &crate::blob::BlobStore, id: &crate::blob::BlobId) -> bool {
@@ -401,9 +412,16 @@ pub(super) async fn blob_forget(
     // The binding as this agent knows it, once every naming event already
     // in its log is recorded.
     let head = *node.store().watch_head().borrow();
-    node.blobs()
+    if !node
+        .blobs()
         .names_caught_up(head, Duration::from_secs(5))
-        .await;
+        .await
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot tell what {name:?} is bound to: this agent has not recorded the naming events in its log (up to position {head}) within 5 s; nothing was retracted, try again"),
+        ));
+    }
     let store = node.blobs().store.clone();
     let n2 = name.clone();
     let (rec, forgotten) = tokio::task::spawn_blocking(move || {
@@ -414,13 +432,28 @@ pub(super) async fn blob_forget(
     .map_err(store_err)?;
     let Some(rec) = rec else {
         let msg = match forgotten {
-            Some(at) => format!(
-                "name {name:?} is not bound here: it was forgotten at {at} (ms since the epoch) and not named again since"
+            Some(r) => format!(
+                "name {name:?} is not bound here: it was forgotten at {} (ms since the epoch) and not named again since", r.at_ms
             ),
             None => format!("name {name:?} was never bound here (no naming event for it)"),
         };
         return Err(ApiError::new(StatusCode::NOT_FOUND, msg));
     };
+    // Receivers bound a retraction's time by its own event time plus
+    // FORGET_MAX_AHEAD_MS: a naming stamped further ahead of this agent's
+    // clock cannot be retracted from here.
+    let now = event::now_ms();
+    if rec.ts_ms > now.saturating_add(crate::blob::FORGET_MAX_AHEAD_MS) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "name {name:?} is bound by a naming stamped {} ms ahead of this agent's clock (origin {:?}): a retraction from here would not cover it; retract it from a host whose clock is within {} min of the naming's, or fix the clocks and name it again",
+                rec.ts_ms - now,
+                rec.origin,
+                crate::blob::FORGET_MAX_AHEAD_MS / 60_000
+            ),
+        ));
+    }
     let (f, appended) = crate::blob::forget(node.blob(), &name, &rec)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
@@ -430,9 +463,16 @@ pub(super) async fn blob_forget(
         Appended::Held => (String::new(), 0, true),
     };
     // Applied here as on every agent, from the log: wait for it.
-    node.blobs()
+    if !node
+        .blobs()
         .names_caught_up(seq, Duration::from_secs(5))
-        .await;
+        .await
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the retraction of {name:?} is published (event {event_id}, log position {seq}) but not yet applied on this agent after 5 s; it will be, as on every agent: check with GET /v1/blob?ref={name}"),
+        ));
+    }
     Ok(Json(json!({
         "name": name,
         "blob": crate::blob::hex_id(&rec.blob),

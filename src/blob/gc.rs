@@ -1,6 +1,7 @@
 //! Garbage collection: blobs no name points at are removed after the
-//! retention. The collection's loop also resumes wants whose blob is still
-//! missing and refreshes the store's gauges.
+//! retention, and retractions of names once a naming they cover can no
+//! longer be caught up. The collection's loop also resumes wants whose blob
+//! is still missing and refreshes the store's gauges.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -33,7 +34,17 @@ pub async fn gc_once(ctx: &Ctx) -> Result<usize, String> {
     let busy: HashSet<BlobId> = lock(&b.transfers).keys().copied().collect();
     let store = b.store.clone();
     let retention = b.cfg.retention;
+    let kept = b.cfg.forgotten_kept.as_millis() as u64;
     tokio::task::spawn_blocking(move || -> Result<usize, BlobError> {
+        // A retraction whose time (the retracted naming's) is older than
+        // twice the log's retention: the namings it covers were received
+        // by their origin more than a retention ago, and by a host that
+        // caught them up late at most one more, so catch-up no longer
+        // brings them.
+        let pruned = store.prune_forgotten(now_ms().saturating_sub(kept))?;
+        if pruned > 0 {
+            tracing::info!(pruned, "dropped retractions of names past the log's retention");
+        }
         let named: HashSet<BlobId> = store.names()?.into_iter().map(|(_, r)| r.blob).collect();
         let now = now_ms();
         let mut removed = 0;

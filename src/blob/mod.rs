@@ -51,10 +51,10 @@ use crate::publisher::Publisher;
 pub use crate::config::{check_name, TransferConfig, Want};
 pub use gc::gc_once;
 pub use names::{
-    add, check_naming_payload, ensure_held, forget, Forgetting, Naming, NamingLink, FORGET_TYPE,
-    NAMING_TYPES,
+    add, check_naming_payload, ensure_held, forget, Forgetting, Naming, NamingLink,
+    FORGET_MAX_AHEAD_MS, FORGET_TYPE, NAMING_TYPES,
 };
-pub use objects::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord};
+pub use objects::{hex_id, parse_id, BlobId, BlobStore, Manifest, NameRecord, Retraction};
 pub use rate::Limiter;
 pub use repair::local_damage;
 pub(crate) use room::check_room;
@@ -139,6 +139,12 @@ pub struct Blobs {
     /// as a name (the API waits on it, so that a name is known as soon as
     /// its event can be read).
     names_seen: tokio::sync::watch::Sender<u64>,
+    /// Held while names are changed (a naming recorded, a retraction
+    /// applied) together with the wants that go with them, and while
+    /// `resume_wants` reads the names and raises their wants: a name
+    /// unbound by a retraction is then never wanted again from a reading
+    /// of the names made before it.
+    names_lock: tokio::sync::Mutex<()>,
     /// Blobs found damaged, waiting for their repair (see `repair`).
     damaged: tokio::sync::mpsc::Sender<BlobId>,
     damaged_rx: Mutex<Option<tokio::sync::mpsc::Receiver<BlobId>>>,
@@ -177,6 +183,7 @@ impl Blobs {
             failures: Mutex::new(Vec::new()),
             my_tags: tags.to_vec(),
             names_seen: tokio::sync::watch::Sender::new(0),
+            names_lock: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::fetch::run_transfer;
-use super::objects::{self as store, hex_id, parse_id, BlobId, NameRecord};
+use super::objects::{self as store, hex_id, parse_id, BlobId, NameRecord, Retraction};
 use super::place::{called_off, finish};
 use super::room::refresh_gauges;
 use super::{lock, now_ms, Ctx, Transfer, TransferView};
@@ -27,18 +27,46 @@ pub const NAMING_TYPES: [&str; 3] = ["BLOB_PUBLISHED", "MODEL_PROMOTED", "GAME_B
 /// The event type that retracts a name (payload [`Forgetting`]).
 pub const FORGET_TYPE: &str = "BLOB_FORGOTTEN";
 
-/// Payload of a retraction: the namings of `name` published at or before
-/// `forgotten_ms` (their event time, `ts_ms`) no longer bind it, on every
-/// agent, whichever of the two it learns first; a later naming binds it
-/// again.
+/// Payload of a retraction: the naming of `name` it retracts, at
+/// `forgotten_ms` (that naming's event time, `ts_ms`) with event hash
+/// `naming_hash`, and every naming older than it in naming order (event
+/// time, then event hash) no longer bind the name, on every agent,
+/// whichever of the two it learns first; a newer naming binds it again.
+/// Without `naming_hash` (a retraction made by hand, or by an agent built
+/// before the field) it covers every naming at or
+/// before `forgotten_ms`. Receivers bound `forgotten_ms` by the
+/// retraction's own event time plus [`FORGET_MAX_AHEAD_MS`].
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Forgetting {
     pub name: String,
     pub forgotten_ms: u64,
     /// The blob the name pointed at where the retraction was made
-    /// (information for readers of the event; receivers go by the time).
+    /// (information for readers of the event; receivers go by the naming).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<String>,
+    /// The event hash of the naming retracted (64 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub naming_hash: Option<String>,
+}
+
+/// How far a retraction's `forgotten_ms` may be ahead: of the agent's
+/// clock when it is published (`POST /v1/events`: else 400), and of the
+/// retraction's own event time where it is applied (clamped to that), so
+/// that no value, however large, retracts every later naming of a name.
+pub const FORGET_MAX_AHEAD_MS: u64 = 5 * 60 * 1000;
+
+/// What a retraction published at `event_ts_ms` covers: the naming it
+/// names and older ones; everything up to `forgotten_ms` if it names none;
+/// never anything after `event_ts_ms + FORGET_MAX_AHEAD_MS`.
+pub(crate) fn retraction_of(f: &Forgetting, event_ts_ms: u64) -> Retraction {
+    let bound = event_ts_ms.saturating_add(FORGET_MAX_AHEAD_MS);
+    match f.naming_hash.as_deref().and_then(parse_id) {
+        Some(h) if f.forgotten_ms <= bound => Retraction {
+            at_ms: f.forgotten_ms,
+            naming_hash: h,
+        },
+        _ => Retraction::up_to(f.forgotten_ms.min(bound)),
+    }
 }
 
 /// Payload of a naming event.
@@ -101,12 +129,23 @@ fn check_forgetting(payload: &serde_json::Value) -> Result<Forgetting, String> {
     let f: Forgetting = serde_json::from_value(payload.clone())
         .map_err(|e| format!("{FORGET_TYPE}: {e}; expected e.g. {example}"))?;
     check_name(&f.name).map_err(|e| format!("{FORGET_TYPE}: name: {e}"))?;
-    if let Some(b) = &f.blob {
-        if parse_id(b).is_none() {
-            return Err(format!(
-                "{FORGET_TYPE}: blob {b:?} is not 64 hex digits (or leave it out)"
-            ));
+    for (field, v) in [("blob", &f.blob), ("naming_hash", &f.naming_hash)] {
+        if let Some(b) = v {
+            if parse_id(b).is_none() {
+                return Err(format!(
+                    "{FORGET_TYPE}: {field} {b:?} is not 64 hex digits (or leave it out)"
+                ));
+            }
         }
+    }
+    let limit = crate::event::now_ms().saturating_add(FORGET_MAX_AHEAD_MS);
+    if f.forgotten_ms > limit {
+        return Err(format!(
+            "{FORGET_TYPE}: forgotten_ms {} is more than {} min ahead of this agent's clock ({} ms since the epoch): a retraction covers namings already made; use the retracted naming's time (`riftmesh blob forget NAME` sets it)",
+            f.forgotten_ms,
+            FORGET_MAX_AHEAD_MS / 60_000,
+            limit - FORGET_MAX_AHEAD_MS
+        ));
     }
     Ok(f)
 }
@@ -131,7 +170,7 @@ pub(super) async fn follow_names(ctx: Arc<Ctx>) {
             };
             for (_, s) in batch {
                 if s.event.event_type == FORGET_TYPE {
-                    apply_forget(&ctx, &s.event.payload).await;
+                    apply_forget(&ctx, &s.event.payload, s.event.ts_ms).await;
                     continue;
                 }
                 let Ok(n) = serde_json::from_str::<Naming>(&s.event.payload) else {
@@ -156,6 +195,7 @@ pub(super) async fn follow_names(ctx: Arc<Ctx>) {
                 let store = ctx.blobs.store.clone();
                 let name = n.name.clone();
                 let r2 = rec.clone();
+                let _names = ctx.blobs.names_lock.lock().await;
                 let changed = tokio::task::spawn_blocking(move || store.set_name(&name, &r2))
                     .await
                     .ok()
@@ -184,11 +224,12 @@ pub(super) async fn follow_names(ctx: Arc<Ctx>) {
     }
 }
 
-/// A retraction from the log (ours or a peer's): unbind the name if its
-/// binding is as old as the retraction or older, and call off what the
-/// binding raised here (its transfer leaves the table, nothing is retried:
-/// the name is no longer among those `resume_wants` goes through).
-async fn apply_forget(ctx: &Arc<Ctx>, payload: &str) {
+/// A retraction from the log (ours or a peer's), published at `ts_ms`:
+/// unbind the name if the retraction covers its binding
+/// ([`retraction_of`]), and call off what the binding raised here (its
+/// transfer leaves the table, nothing is retried: the name is no longer
+/// among those `resume_wants` goes through).
+async fn apply_forget(ctx: &Arc<Ctx>, payload: &str, ts_ms: u64) {
     let Ok(f) = serde_json::from_str::<Forgetting>(payload) else {
         return;
     };
@@ -197,8 +238,13 @@ async fn apply_forget(ctx: &Arc<Ctx>, payload: &str) {
     }
     let store = ctx.blobs.store.clone();
     let name = f.name.clone();
-    let at = f.forgotten_ms;
-    match tokio::task::spawn_blocking(move || store.forget(&name, at)).await {
+    let r = retraction_of(&f, ts_ms);
+    let at = r.at_ms;
+    // Unbinding and calling off under the names lock: `resume_wants` reads
+    // the names either before both (and its wants are then called off) or
+    // after both (and the name is not among them).
+    let _names = ctx.blobs.names_lock.lock().await;
+    match tokio::task::spawn_blocking(move || store.forget(&name, r)).await {
         Ok(Ok(Some(rec))) => {
             tracing::info!(name = %f.name, blob = %hex_id(&rec.blob), named_ms = rec.ts_ms, forgotten_ms = at, "name forgotten");
             drop_name(ctx, &f.name);
@@ -236,7 +282,12 @@ pub(super) fn drop_name(ctx: &Ctx, name: &str) {
     }
 }
 
+/// Raise again the wants of the bound names (a restart, a failed fetch).
+/// The names are read and the wants raised under the names lock, which a
+/// retraction also holds while it unbinds and calls off: a name it unbinds
+/// is either called off after this or not read here.
 pub(super) async fn resume_wants(ctx: &Arc<Ctx>) {
+    let _names = ctx.blobs.names_lock.lock().await;
     let store = ctx.blobs.store.clone();
     let Ok(Ok(names)) = tokio::task::spawn_blocking(move || store.names()).await else {
         return;
@@ -370,9 +421,10 @@ pub async fn add(
 }
 
 /// Retract `name` cluster-wide: publish `BLOB_FORGOTTEN` for `rec`, the
-/// binding this agent knows. The retraction's time is now, or the naming's
-/// time if that is later (a naming stamped by a clock ahead of ours is
-/// still one this retraction covers). It is applied here as everywhere:
+/// binding this agent knows: that naming (its time and event hash) and
+/// every older one are retracted, a newer one (made elsewhere, or not yet
+/// heard of here) stays bound, whatever the clocks. It is applied here as
+/// everywhere:
 /// when the event is read back from the log. Linked to the naming event
 /// (correlation and parent id), so `riftmesh trace` shows both.
 pub async fn forget(
@@ -383,8 +435,9 @@ pub async fn forget(
     check_name(name)?;
     let f = Forgetting {
         name: name.to_string(),
-        forgotten_ms: crate::event::now_ms().max(rec.ts_ms),
+        forgotten_ms: rec.ts_ms,
         blob: Some(hex_id(&rec.blob)),
+        naming_hash: Some(hex_id(&rec.event_hash)),
     };
     let payload = serde_json::to_value(&f).map_err(|e| e.to_string())?;
     let link = (!rec.event_id.is_empty()).then(|| rec.event_id.clone());
@@ -411,6 +464,22 @@ pub(super) async fn repair_loop(ctx: Arc<Ctx>, mut damaged: tokio::sync::mpsc::R
     while let Some(blob) = damaged.recv().await {
         super::lock(&ctx.blobs.damaged_queued).remove(&blob);
         if let Some((rec, names)) = super::repair::scrub(&ctx, blob).await {
+            // The names as they are now, under the names lock: one a
+            // retraction unbound since the scrub read them is not wanted.
+            let _names = ctx.blobs.names_lock.lock().await;
+            let store = ctx.blobs.store.clone();
+            let had = !names.is_empty();
+            let names = tokio::task::spawn_blocking(move || {
+                names
+                    .into_iter()
+                    .filter(|n| store.name(n).ok().flatten().is_some_and(|r| r.blob == blob))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            if had && names.is_empty() {
+                continue;
+            }
             ensure_held(&ctx, blob, rec, names);
         }
     }

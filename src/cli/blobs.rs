@@ -91,6 +91,11 @@ pub async fn run(client: &Client, op: BlobOp, json_out: bool) -> anyhow::Result<
                     f["forgotten_ms"]
                 );
             }
+            let listed = v["forgotten"].as_array().map_or(0, Vec::len) as u64;
+            let count = v["forgotten_count"].as_u64().unwrap_or(listed);
+            if count > listed {
+                println!("... and {} older retractions", count - listed);
+            }
         }
         BlobOp::Get {
             r, out, timeout, ..

@@ -478,6 +478,7 @@ impl Sources<'_> {
             download_rate: self.size("sync_download_rate", file.sync_download_rate.take(), 0)?,
             retention: self.dur("blob_retention", file.blob_retention.take(), sd.retention)?,
             per_source: sd.per_source,
+            forgotten_kept: sd.forgotten_kept,
         })
     }
 

@@ -109,6 +109,11 @@ pub struct TransferConfig {
     pub retention: Duration,
     /// Chunk requests in flight per source.
     pub per_source: usize,
+    /// How long after its time a retraction of a name is kept: twice the
+    /// event log's `retention_age` (set with it), past which a naming it
+    /// covers is no longer held to be caught up (proto-notes/sync.md,
+    /// "Forgetting a name").
+    pub forgotten_kept: Duration,
 }
 
 impl Default for TransferConfig {
@@ -123,6 +128,7 @@ impl Default for TransferConfig {
             download_rate: 0,
             retention: Duration::from_secs(24 * 3600),
             per_source: 8,
+            forgotten_kept: Duration::from_secs(2 * 7 * 24 * 3600),
         }
     }
 }

@@ -45,6 +45,7 @@ pub use direct::{hash_file, hash_range, hash_stream};
 pub(crate) use error::io;
 pub use error::BlobError;
 pub use manifest::*;
+pub use names::Retraction;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct BlobMeta {

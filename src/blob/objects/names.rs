@@ -3,6 +3,52 @@
 
 use super::*;
 
+/// What a retraction covers: the namings at or before `(at_ms,
+/// naming_hash)` in naming order (event time, then event hash), that is
+/// the binding it retracts and every older naming. A retraction that names
+/// no naming covers every naming of time `at_ms` (hash all ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retraction {
+    pub at_ms: u64,
+    pub naming_hash: [u8; 32],
+}
+
+impl Retraction {
+    /// Up to `at_ms` inclusive, whatever the hash.
+    pub fn up_to(at_ms: u64) -> Self {
+        Self {
+            at_ms,
+            naming_hash: [0xff; 32],
+        }
+    }
+
+    fn key(&self) -> (u64, [u8; 32]) {
+        (self.at_ms, self.naming_hash)
+    }
+
+    pub fn covers(&self, rec: &NameRecord) -> bool {
+        (rec.ts_ms, rec.event_hash) <= self.key()
+    }
+
+    /// 8 bytes of time, then the hash; 8 bytes alone (as stored before
+    /// the hash was kept) read as [`Self::up_to`].
+    fn encode(&self) -> Vec<u8> {
+        [&self.at_ms.to_be_bytes()[..], &self.naming_hash[..]].concat()
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        let at_ms = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+        match v.len() {
+            8 => Some(Self::up_to(at_ms)),
+            40 => Some(Self {
+                at_ms,
+                naming_hash: v[8..].try_into().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl BlobStore {
     pub fn name(&self, name: &str) -> Result<Option<NameRecord>, BlobError> {
         self.names
@@ -12,16 +58,16 @@ impl BlobStore {
     }
 
     /// Point `name` at a blob if `rec` is newer than what it points at
-    /// (event time, then event hash) and than the name's last retraction
-    /// ([`Self::forget`]: a naming published at or before it stays
-    /// retracted, in whatever order the two arrive). Returns the record it
-    /// replaced, or None if nothing changed.
+    /// (event time, then event hash) and is not covered by the name's last
+    /// retraction ([`Self::forget`]: a covered naming stays retracted, in
+    /// whatever order the two arrive). Returns the record it replaced, or
+    /// None if nothing changed.
     pub fn set_name(
         &self,
         name: &str,
         rec: &NameRecord,
     ) -> Result<Option<Option<NameRecord>>, BlobError> {
-        if self.forgotten(name)?.is_some_and(|at| rec.ts_ms <= at) {
+        if self.forgotten(name)?.is_some_and(|r| r.covers(rec)) {
             return Ok(None);
         }
         let old = self.name(name)?;
@@ -35,28 +81,26 @@ impl BlobStore {
         Ok(Some(old))
     }
 
-    /// The time (ms since the epoch) up to which the namings of `name` are
-    /// retracted, if it was ever forgotten.
-    pub fn forgotten(&self, name: &str) -> Result<Option<u64>, BlobError> {
+    /// The name's last retraction, if it was ever forgotten (and the
+    /// retraction is not yet pruned, [`Self::prune_forgotten`]).
+    pub fn forgotten(&self, name: &str) -> Result<Option<Retraction>, BlobError> {
         Ok(self
             .forgotten
             .get(name.as_bytes())?
-            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-            .map(u64::from_be_bytes))
+            .and_then(|v| Retraction::decode(&v)))
     }
 
-    /// Retract the namings of `name` published at or before `at_ms`: the
-    /// retraction is kept (the latest one), so that such a naming arriving
-    /// later binds nothing, and the name's binding is removed if it is one
-    /// of them. Returns the binding removed, if any.
-    pub fn forget(&self, name: &str, at_ms: u64) -> Result<Option<NameRecord>, BlobError> {
+    /// Retract the namings of `name` that `r` covers: the retraction is
+    /// kept (the latest one, in naming order), so that such a naming
+    /// arriving later binds nothing, and the name's binding is removed if
+    /// it is one of them. Returns the binding removed, if any.
+    pub fn forget(&self, name: &str, r: Retraction) -> Result<Option<NameRecord>, BlobError> {
         let before = self.forgotten(name)?;
-        if before.is_none_or(|b| b < at_ms) {
-            self.forgotten
-                .insert(name.as_bytes(), &at_ms.to_be_bytes()[..])?;
+        if before.is_none_or(|b| b.key() < r.key()) {
+            self.forgotten.insert(name.as_bytes(), r.encode())?;
         }
         let removed = match self.name(name)? {
-            Some(rec) if rec.ts_ms <= at_ms => {
+            Some(rec) if r.covers(&rec) => {
                 self.names.remove(name.as_bytes())?;
                 Some(rec)
             }
@@ -66,16 +110,29 @@ impl BlobStore {
         Ok(removed)
     }
 
-    /// Every retraction kept: (name, time up to which it is forgotten).
-    pub fn forgotten_names(&self) -> Result<Vec<(String, u64)>, BlobError> {
+    /// Drop the retractions up to `before_ms` (a naming they cover can no
+    /// longer arrive). Returns how many were dropped.
+    pub fn prune_forgotten(&self, before_ms: u64) -> Result<usize, BlobError> {
+        let mut n = 0;
+        for (name, r) in self.forgotten_names()? {
+            if r.at_ms < before_ms {
+                self.forgotten.remove(name.as_bytes())?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.durable.commit(What::Blob)?;
+        }
+        Ok(n)
+    }
+
+    /// Every retraction kept: (name, retraction).
+    pub fn forgotten_names(&self) -> Result<Vec<(String, Retraction)>, BlobError> {
         let mut out = Vec::new();
         for kv in self.forgotten.iter() {
             let (k, v) = kv?;
-            if let Ok(b) = <[u8; 8]>::try_from(&v[..]) {
-                out.push((
-                    String::from_utf8_lossy(&k).into_owned(),
-                    u64::from_be_bytes(b),
-                ));
+            if let Some(r) = Retraction::decode(&v) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), r));
             }
         }
         Ok(out)

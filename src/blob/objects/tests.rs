@@ -350,26 +350,142 @@ fn a_retraction_wins_over_namings_at_or_before_it_in_any_order() {
     };
     // Naming, then its retraction: unbound.
     s.set_name("models/a", &rec(10, 1)).unwrap();
-    assert_eq!(s.forget("models/a", 10).unwrap(), Some(rec(10, 1)));
+    assert_eq!(
+        s.forget("models/a", Retraction::up_to(10)).unwrap(),
+        Some(rec(10, 1))
+    );
     assert_eq!(s.name("models/a").unwrap(), None);
     // Retraction first (catch-up order), then an older naming: stays unbound.
-    assert_eq!(s.forget("models/b", 30).unwrap(), None);
+    assert_eq!(s.forget("models/b", Retraction::up_to(30)).unwrap(), None);
     assert_eq!(s.set_name("models/b", &rec(30, 2)).unwrap(), None);
     assert_eq!(s.set_name("models/b", &rec(29, 2)).unwrap(), None);
     assert_eq!(s.name("models/b").unwrap(), None);
     // A later naming binds again; a stale retraction does not unbind it,
     // nor move the retraction back.
     assert_eq!(s.set_name("models/b", &rec(31, 3)).unwrap(), Some(None));
-    assert_eq!(s.forget("models/b", 20).unwrap(), None);
+    assert_eq!(s.forget("models/b", Retraction::up_to(20)).unwrap(), None);
     assert_eq!(s.name("models/b").unwrap().unwrap().blob, [3; 32]);
-    assert_eq!(s.forgotten("models/b").unwrap(), Some(30));
+    assert_eq!(
+        s.forgotten("models/b").unwrap(),
+        Some(Retraction::up_to(30))
+    );
     assert_eq!(s.set_name("models/b", &rec(25, 4)).unwrap(), None);
-    let mut f = s.forgotten_names().unwrap();
+    let mut f: Vec<_> = s
+        .forgotten_names()
+        .unwrap()
+        .into_iter()
+        .map(|(n, r)| (n, r.at_ms))
+        .collect();
     f.sort();
     assert_eq!(
         f,
         [("models/a".to_string(), 10), ("models/b".to_string(), 30)]
     );
+}
+
+fn naming(ts: u64, h: u8) -> NameRecord {
+    NameRecord {
+        blob: [h; 32],
+        size: 1,
+        root: [0; 32],
+        ts_ms: ts,
+        event_hash: [h; 32],
+        event_id: String::new(),
+        event_type: "MODEL_PROMOTED".into(),
+        origin: String::new(),
+    }
+}
+
+#[test]
+fn a_retraction_covers_its_naming_and_older_ones_not_newer_ones() {
+    let (_d, _db, s) = store();
+    // The binding retracted: time 10, hash 5.
+    let r = Retraction {
+        at_ms: 10,
+        naming_hash: [5; 32],
+    };
+    s.set_name("models/a", &naming(10, 5)).unwrap();
+    assert_eq!(s.forget("models/a", r).unwrap(), Some(naming(10, 5)));
+    // Older (time, then hash at the same time): retracted.
+    for (ts, h) in [(10, 5), (10, 4), (9, 9)] {
+        assert_eq!(s.set_name("models/a", &naming(ts, h)).unwrap(), None);
+    }
+    // Newer, even within the same millisecond: bound.
+    assert_eq!(s.set_name("models/a", &naming(10, 6)).unwrap(), Some(None));
+    assert_eq!(
+        s.set_name("models/a", &naming(11, 0)).unwrap(),
+        Some(Some(naming(10, 6)))
+    );
+    // A naming newer than the retracted one that was bound first stays.
+    s.set_name("models/b", &naming(20, 7)).unwrap();
+    let older = Retraction {
+        at_ms: 20,
+        naming_hash: [6; 32],
+    };
+    assert_eq!(s.forget("models/b", older).unwrap(), None);
+    assert_eq!(s.name("models/b").unwrap(), Some(naming(20, 7)));
+    // A retraction stored as time alone (before the hash was kept)
+    // covers the whole millisecond.
+    s.forgotten
+        .insert("models/c", &30u64.to_be_bytes()[..])
+        .unwrap();
+    assert_eq!(
+        s.forgotten("models/c").unwrap(),
+        Some(Retraction::up_to(30))
+    );
+    assert_eq!(s.set_name("models/c", &naming(30, 0xfe)).unwrap(), None);
+    assert_eq!(s.set_name("models/c", &naming(31, 0)).unwrap(), Some(None));
+}
+
+#[test]
+fn a_retraction_reaches_no_further_than_its_own_time_plus_the_skew() {
+    use crate::blob::names::retraction_of;
+    use crate::blob::{Forgetting, FORGET_MAX_AHEAD_MS};
+    let (_d, _db, s) = store();
+    let t = 1_767_772_800_000u64;
+    let f = |forgotten_ms, naming_hash: Option<[u8; 32]>| Forgetting {
+        name: "models/a".into(),
+        forgotten_ms,
+        blob: None,
+        naming_hash: naming_hash.map(|h| hex_id(&h)),
+    };
+    // Within the bound: as published.
+    assert_eq!(
+        retraction_of(&f(t - 5, Some([3; 32])), t),
+        Retraction {
+            at_ms: t - 5,
+            naming_hash: [3; 32]
+        }
+    );
+    assert_eq!(retraction_of(&f(t, None), t), Retraction::up_to(t));
+    // Far ahead of the retraction's own time (a hand-made u64::MAX): cut
+    // to that time plus the skew, so later namings bind again.
+    let bound = t + FORGET_MAX_AHEAD_MS;
+    for h in [None, Some([3; 32])] {
+        assert_eq!(retraction_of(&f(u64::MAX, h), t), Retraction::up_to(bound));
+    }
+    s.set_name("models/a", &naming(bound, 1)).unwrap();
+    let r = retraction_of(&f(u64::MAX, None), t);
+    assert_eq!(s.forget("models/a", r).unwrap(), Some(naming(bound, 1)));
+    assert_eq!(s.set_name("models/a", &naming(bound, 2)).unwrap(), None);
+    assert_eq!(
+        s.set_name("models/a", &naming(bound + 1, 0)).unwrap(),
+        Some(None)
+    );
+}
+
+#[test]
+fn retractions_older_than_a_time_are_pruned() {
+    let (_d, _db, s) = store();
+    s.forget("models/old", Retraction::up_to(100)).unwrap();
+    s.forget("models/new", Retraction::up_to(200)).unwrap();
+    assert_eq!(s.prune_forgotten(200).unwrap(), 1);
+    assert_eq!(s.forgotten("models/old").unwrap(), None);
+    assert_eq!(
+        s.forgotten("models/new").unwrap(),
+        Some(Retraction::up_to(200))
+    );
+    assert_eq!(s.prune_forgotten(200).unwrap(), 0);
 }
 
 #[test]
