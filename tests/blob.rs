@@ -105,6 +105,17 @@ async fn wait_file(path: &Path, data: &[u8]) {
     .await;
 }
 
+/// `a` adds the file at `src` and names it `name` with a MODEL_PROMOTED
+/// (the agent reads it under its `blob_roots`); the add's answer.
+async fn promote(a: &Agent, src: &Path, name: &str) -> Value {
+    a.post(
+        "/v1/blobs",
+        &json!({ "path": src.display().to_string(), "name": name, "event": "MODEL_PROMOTED" }),
+    )
+    .await
+    .unwrap()
+}
+
 async fn blob_state(a: &Agent, r: &str) -> Value {
     a.get(&format!("/v1/blob?ref={r}"))
         .await
@@ -275,12 +286,7 @@ async fn a_fetch_resumes_after_a_crash_and_routes_around_a_corrupt_source() {
     let src = root.join("big.pth");
     let data = random_file(&src, 6 * 1024 * 1024, 2);
     let id = hex::encode(Sha256::digest(&data));
-    a0.post(
-        "/v1/blobs",
-        &json!({ "path": src.display().to_string(), "name": "models/big", "event": "MODEL_PROMOTED" }),
-    )
-    .await
-    .unwrap();
+    promote(&a0, &src, "models/big").await;
     let held = wait_for("a1 to hold some chunks durably", T, || async {
         let v = blob_state(&a1, &id).await;
         let n = v["chunks_have"].as_u64()?;
@@ -478,13 +484,7 @@ async fn a_forgotten_name_is_fetched_nowhere_any_more_until_it_is_named_again() 
     // a0 names a model only it holds, and a1 learns the name...
     let src = root.join("lost.pth");
     random_file(&src, 1024 * 1024, 5);
-    let lost = a0
-        .post(
-            "/v1/blobs",
-            &json!({ "path": src.display().to_string(), "name": "models/lost", "event": "MODEL_PROMOTED" }),
-        )
-        .await
-        .unwrap();
+    let lost = promote(&a0, &src, "models/lost").await;
     wait_for("a1 to know models/lost", T, || async {
         (blob_state(&a1, "models/lost").await["blob"] == lost["blob"]).then_some(())
     })
@@ -580,13 +580,7 @@ async fn a_forgotten_name_is_fetched_nowhere_any_more_until_it_is_named_again() 
     // Named again, by a host that holds it: a2 fetches and places it.
     let src2 = root.join("found.pth");
     let found_data = random_file(&src2, 512 * 1024, 6);
-    let found = a1
-        .post(
-            "/v1/blobs",
-            &json!({ "path": src2.display().to_string(), "name": "models/lost", "event": "MODEL_PROMOTED" }),
-        )
-        .await
-        .unwrap();
+    let found = promote(&a1, &src2, "models/lost").await;
     let placed = root.join("a2-placed/lost.bin");
     wait_file(&placed, &found_data).await;
 
@@ -646,13 +640,7 @@ async fn a_retraction_learnt_before_the_older_naming_it_retracts_still_wins() {
     let mut a0 = start(root, "a0", &[], "").await;
     let src = root.join("late.pth");
     let data = random_file(&src, 512 * 1024, 7);
-    let naming = a0
-        .post(
-            "/v1/blobs",
-            &json!({ "path": src.display().to_string(), "name": "models/late", "event": "MODEL_PROMOTED" }),
-        )
-        .await
-        .unwrap();
+    let naming = promote(&a0, &src, "models/late").await;
     a0.kill9();
     // a1 wants models and learns the retraction first.
     let a1 = start(root, "a1", &[], &want_models(root, "a1")).await;
@@ -692,13 +680,7 @@ async fn a_retraction_learnt_before_the_older_naming_it_retracts_still_wins() {
     let st = a1.get("/v1/sync").await.unwrap();
     assert!(st["transfers"].as_array().unwrap().is_empty(), "{st}");
     // Named again after the retraction: bound, fetched from a0 and placed.
-    let again = a0
-        .post(
-            "/v1/blobs",
-            &json!({ "path": src.display().to_string(), "name": "models/late", "event": "MODEL_PROMOTED" }),
-        )
-        .await
-        .unwrap();
+    let again = promote(&a0, &src, "models/late").await;
     assert_ne!(again["event_id"], naming["event_id"]);
     wait_file(&root.join("a1-placed/late.bin"), &data).await;
 }
@@ -713,13 +695,7 @@ async fn a_retraction_leaves_a_newer_naming_bound_even_one_its_maker_had_not_hea
     // a0 names a model, and a1 learns the name.
     let src1 = root.join("v1.pth");
     random_file(&src1, 256 * 1024, 8);
-    let v1 = a0
-        .post(
-            "/v1/blobs",
-            &json!({ "path": src1.display().to_string(), "name": "models/x", "event": "MODEL_PROMOTED" }),
-        )
-        .await
-        .unwrap();
+    let v1 = promote(&a0, &src1, "models/x").await;
     wait_for("a1 to know models/x", T, || async {
         (blob_state(&a1, "models/x").await["blob"] == v1["blob"]).then_some(())
     })
@@ -729,13 +705,7 @@ async fn a_retraction_leaves_a_newer_naming_bound_even_one_its_maker_had_not_hea
     a0.kill9();
     let src2 = root.join("v2.pth");
     random_file(&src2, 256 * 1024, 9);
-    let v2 = a1
-        .post(
-            "/v1/blobs",
-            &json!({ "path": src2.display().to_string(), "name": "models/x", "event": "MODEL_PROMOTED" }),
-        )
-        .await
-        .unwrap();
+    let v2 = promote(&a1, &src2, "models/x").await;
     a1.kill9();
     a0.spawn().await;
     let forgot = a0
