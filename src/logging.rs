@@ -436,6 +436,14 @@ impl<S> Filter<S> for RateLimit {
     fn enabled(&self, _meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
         true
     }
+    /// No level is filtered here. Without a hint the layer's combined hint
+    /// (`filter.and(limit)`) is none, the global maximum level becomes TRACE,
+    /// and every `log::trace!` of a dependency (sled writes several per
+    /// commit) is built and dispatched only to be refused by the filter:
+    /// 1 % of an API publish's CPU in a profile.
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
     fn event_enabled(&self, event: &Event<'_>, _cx: &Context<'_, S>) -> bool {
         self.admit(event, Instant::now())
     }

@@ -128,6 +128,11 @@ pub fn likely_typo(canonical: &str) -> Option<&'static str> {
                 .chain(t.aliases.iter().copied())
                 .map(move |s| (t.name, s))
         })
+        // The distance is at least the difference in length: most
+        // spellings are ruled out without computing it.
+        .filter(|&(_, spelling)| {
+            canonical.len().abs_diff(spelling.len()) <= (spelling.len() / 8).max(1)
+        })
         .map(|(name, spelling)| {
             (
                 strsim::osa_distance(canonical, spelling),
