@@ -1,6 +1,6 @@
 //! A mutation fuzzer on the stable toolchain for every decoder of bytes a
 //! peer sends: gossip event frames, `/riftmesh/events/1`,
-//! `/riftmesh/member/1` and `/2`, `/riftmesh/sync/1` (blob), `/riftmesh/raft/2`, the
+//! `/riftmesh/member/1` and `/2`, `/riftmesh/sync/1` (blob), `/riftmesh/raft/3`, the
 //! frame header; and for the type-name normaliser and pattern parser.
 //!
 //! Seeds: valid encodings built here, plus every file under
@@ -566,7 +566,7 @@ fn oversized_frames_are_refused() {
     assert!(chunk.len() > limit);
     assert!(codec::decode::<BlobResponse>(&chunk, chunk.len()).is_ok());
     assert!(codec::decode::<BlobResponse>(&chunk, limit).is_err());
-    // (/riftmesh/raft/2's envelope types are not built outside the crate;
+    // (/riftmesh/raft/3's envelope types are not built outside the crate;
     // its decoder is the same codec::decode with MAX_RAFT_MESSAGE, the size
     // check the chunk above exercises.)
 }

@@ -3,7 +3,12 @@
 //! (SIGKILL included, for a command that ignores SIGTERM) before the
 //! majority is granted the same lock, and the majority gets it within
 //! TTL + election time + a margin. Real agents on loopback; the partition
-//! is the agents' own fault injection.
+//! is the agents' own fault injection. The same with one voter's wall clock
+//! 10 minutes behind and one 10 minutes ahead (libfaketime): lock lifetimes
+//! are measured on monotonic clocks, so the skew changes nothing.
+//!
+//! `RIFTMESH_LOCKRUN_ROUNDS=N` runs N rounds of each kind instead of CI's
+//! few (benches/results/lockrun.txt holds a 10-round run's margins).
 
 mod common;
 
@@ -11,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{mesh_with, wait_for, Agent, BIN};
+use common::{mesh_with, mesh_with_env, wait_for, Agent, BIN};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -108,19 +113,22 @@ async fn round(agents: &[&Agent], root: &Path, ttl: f64, n: usize) -> (i64, u64)
     let cut_ms = now_ms();
     cut(agents, x, true).await;
     let other = agents[(x + 1) % agents.len()];
-    let grant: Value = wait_for("the majority to be granted the lock", LONG, || async {
-        let (s, v) = other
-            .send(
-                reqwest::Method::POST,
-                &format!("/v1/locks/{lock}/acquire"),
-                &json!({ "ttl_secs": ttl }),
-            )
-            .await
-            .ok()?;
-        (s == 200).then_some(v)
-    })
-    .await;
-    let granted_ms = grant["expires_ms"].as_u64().unwrap() - (ttl * 1000.0) as u64;
+    // The grant's time by this test's clock: the send time of the request
+    // that was granted (a lower bound, so the margin below is too).
+    let (_grant, granted_ms): (Value, u64) =
+        wait_for("the majority to be granted the lock", LONG, || async {
+            let sent = now_ms();
+            let (s, v) = other
+                .send(
+                    reqwest::Method::POST,
+                    &format!("/v1/locks/{lock}/acquire"),
+                    &json!({ "ttl_secs": ttl }),
+                )
+                .await
+                .ok()?;
+            (s == 200).then_some((v, sent))
+        })
+        .await;
     let st = wait_for("lock run to stop", LONG, || {
         let r = run.try_wait().unwrap();
         async move { r }
@@ -153,6 +161,22 @@ async fn round(agents: &[&Agent], root: &Path, ttl: f64, n: usize) -> (i64, u64)
     (margin, granted_ms - cut_ms)
 }
 
+fn rounds(ci: usize) -> usize {
+    std::env::var("RIFTMESH_LOCKRUN_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ci)
+}
+
+/// Liveness: TTL + the election (350-700 ms, then a commit) + margin.
+fn check_wait(ttl: f64, wait: u64) {
+    let bound = (ttl * 1000.0) as u64 + 3_000;
+    assert!(
+        wait <= bound,
+        "ttl {ttl}: majority waited {wait} ms (bound {bound})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_holders_command_is_stopped_before_the_lock_is_granted_elsewhere() {
     let t = tempfile::tempdir().unwrap();
@@ -162,15 +186,103 @@ async fn a_cut_off_holders_command_is_stopped_before_the_lock_is_granted_elsewhe
     let agents = mesh_with(t.path(), 3, &["--config", &cfg, "--fault-injection"]).await;
     let all: Vec<&Agent> = agents.iter().collect();
     let started = Instant::now();
-    for (n, ttl) in [2.0, 6.0, 2.0].into_iter().enumerate() {
-        let (margin, wait) = round(&all, t.path(), ttl, n).await;
-        eprintln!("ttl {ttl}s: command stopped {margin} ms before the grant elsewhere; majority granted {wait} ms after the cut");
-        // Liveness: TTL + the election (350-700 ms, then a commit) + margin.
-        let bound = (ttl * 1000.0) as u64 + 3_000;
-        assert!(
-            wait <= bound,
-            "ttl {ttl}: majority waited {wait} ms (bound {bound})"
-        );
+    let n = rounds(1);
+    let ttls = std::iter::repeat_n([2.0, 6.0], n).flatten();
+    for (i, ttl) in ttls.enumerate() {
+        let (margin, wait) = round(&all, t.path(), ttl, i).await;
+        eprintln!("lockrun flat ttl={ttl}s margin_ms={margin} wait_ms={wait}");
+        check_wait(ttl, wait);
     }
     eprintln!("three rounds in {:?}", started.elapsed());
+}
+
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Make `want` the leader: cut whoever leads off until `want` wins an
+/// election among the others, healing after each try.
+async fn steer(agents: &[&Agent], want: usize) {
+    for _ in 0..20 {
+        let x = leader_of(agents).await;
+        if x == want {
+            return;
+        }
+        cut(agents, x, true).await;
+        let others: Vec<&Agent> = (0..agents.len())
+            .filter(|&i| i != x)
+            .map(|i| agents[i])
+            .collect();
+        wait_for("a new leader among the others", LONG, || async {
+            let v = others[0].get("/v1/leader").await.ok()?;
+            let name = v["leader"].as_str()?;
+            (name != agents[x].name).then_some(())
+        })
+        .await;
+        cut(agents, x, false).await;
+    }
+    panic!("{} never became leader in 20 elections", agents[want].name);
+}
+
+/// Lock lifetimes don't trust wall clocks: a0 runs 10 minutes behind, a1
+/// 10 minutes ahead (libfaketime on the agent processes; the commands and
+/// this test keep the true time). Each skewed voter leads and is cut off
+/// while its host's `lock run` holds a lock: the command stops before the
+/// majority is granted the lock, and the majority gets it within the same
+/// bound as with true clocks. Before monotonic leases, the behind leader's
+/// side ran its command on after the grant (its grants looked already
+/// expired to the others) and the ahead one's grants blocked the majority
+/// for the 10 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_lifetimes_do_not_depend_on_the_voters_wall_clocks() {
+    if !Path::new(FAKETIME_LIB).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{FAKETIME_LIB} is missing (Debian's libfaketime): .ci/run installs it"
+        );
+        eprintln!("skipped: {FAKETIME_LIB} missing (apt-get install libfaketime)");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("cluster.toml");
+    std::fs::write(&cfg, "voters = [\"a0\", \"a1\", \"a2\"]\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let skew = |i: usize| -> Vec<(String, String)> {
+        let offset = match i {
+            0 => "-10m",
+            1 => "+10m",
+            _ => return Vec::new(),
+        };
+        vec![
+            ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
+            ("FAKETIME".into(), offset.into()),
+            // Wall clocks only: a host's monotonic clock is not what drifts.
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ]
+    };
+    let agents = mesh_with_env(t.path(), 3, &["--config", &cfg, "--fault-injection"], skew).await;
+    let all: Vec<&Agent> = agents.iter().collect();
+    // The skew took: events published by a0 and a1 carry their clocks.
+    for (i, sign) in [(0usize, -1i64), (1, 1)] {
+        let v = all[i].publish("CLOCK_PROBE", json!({})).await.unwrap();
+        let id = v["id"].as_str().unwrap().to_string();
+        let e = all[i].get(&format!("/v1/events/{id}")).await.unwrap();
+        let off = e["ts_ms"].as_i64().unwrap() - now_ms() as i64;
+        assert!(
+            (off * sign) > 9 * 60_000,
+            "{}'s clock is off by {off} ms, not 10 min",
+            all[i].name
+        );
+    }
+    let n = rounds(1);
+    let mut k = 0;
+    for _ in 0..n {
+        for (lead, label) in [(0usize, "behind"), (1, "ahead")] {
+            for ttl in [2.0, 6.0] {
+                steer(&all, lead).await;
+                let (margin, wait) = round(&all, t.path(), ttl, 100 + k).await;
+                k += 1;
+                eprintln!("lockrun skew={label} ttl={ttl}s margin_ms={margin} wait_ms={wait}");
+                check_wait(ttl, wait);
+            }
+        }
+    }
 }

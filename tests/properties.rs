@@ -1511,18 +1511,21 @@ proptest! {
                 held.get(name).copied().filter(|(_, until)| *until > now)
             };
             match (&req, ra) {
-                (LockRequest::Acquire { name, ttl_ms, .. }, LockResponse::Granted { token, expires_ms, .. }) => {
+                (LockRequest::Acquire { name, ttl_ms, .. }, LockResponse::Granted { token, ttl_ms: t, .. }) => {
                     prop_assert!(valid(name, &held).is_none(), "granted {} while held", name);
                     prop_assert!(token > last_token, "token did not increase");
+                    prop_assert_eq!(t, *ttl_ms);
+                    let expires_ms = a.locks[name].expires_ms;
                     prop_assert_eq!(expires_ms, now + ttl_ms);
                     last_token = token;
                     tokens.push(token);
                     held.insert(name.clone(), (token, expires_ms));
                 }
-                (LockRequest::Acquire { name, .. }, LockResponse::Denied { token, expires_ms, .. }) => {
-                    prop_assert_eq!(valid(name, &held), Some((token, expires_ms)), "denied by a grant not in force");
+                (LockRequest::Acquire { name, .. }, LockResponse::Denied { token, remaining_ms, .. }) => {
+                    prop_assert_eq!(valid(name, &held), Some((token, now + remaining_ms)), "denied by a grant not in force");
                 }
-                (LockRequest::Renew { name, token, .. }, LockResponse::Granted { token: t, expires_ms, .. }) => {
+                (LockRequest::Renew { name, token, .. }, LockResponse::Granted { token: t, .. }) => {
+                    let expires_ms = a.locks[name].expires_ms;
                     prop_assert_eq!(*token, t);
                     prop_assert_eq!(valid(name, &held).map(|g| g.0), Some(t), "renewed a grant not in force");
                     held.insert(name.clone(), (t, expires_ms));
@@ -1541,5 +1544,133 @@ proptest! {
             }
         }
         prop_assert_eq!(&a.locks, &b.locks);
+    }
+}
+
+// ====================================================== lock leases (v3)
+
+#[derive(Clone, Debug)]
+enum LeaseOp {
+    /// (lock, holder, ttl)
+    Acquire(u8, u8, u64),
+    /// (lock, which known grant) renewed by its holder
+    Renew(u8, prop::sample::Index),
+    Release(u8, prop::sample::Index),
+    Advance(u64),
+    /// The leader applies up to this many entries of its log.
+    Apply(u8),
+    /// Another voter becomes leader: it applied the same entries, each when
+    /// it was committed, at most `now`; its leases start now (the worst case
+    /// for liveness, never for safety).
+    NewLeader,
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Locks judged on the leader's monotonic leases (raft_log::Leases) and
+    /// applied later in log order: a grant to a new holder is never applied
+    /// before the previous holder's own deadline (its last successful
+    /// call's send time + TTL), however proposals interleave with renewals,
+    /// releases and leader changes. No wall clock is involved.
+    #[test]
+    fn a_lock_is_granted_only_after_the_holders_own_deadline(ops in prop::collection::vec(prop_oneof![
+        3 => (0u8..2, 0u8..3, 100u64..2000).prop_map(|(n, h, t)| LeaseOp::Acquire(n, h, t)),
+        3 => (0u8..2, any::<prop::sample::Index>()).prop_map(|(n, i)| LeaseOp::Renew(n, i)),
+        1 => (0u8..2, any::<prop::sample::Index>()).prop_map(|(n, i)| LeaseOp::Release(n, i)),
+        3 => (0u64..1500).prop_map(LeaseOp::Advance),
+        3 => (1u8..4).prop_map(LeaseOp::Apply),
+        1 => Just(LeaseOp::NewLeader),
+    ], 1..150)) {
+        use riftmesh::leader::raft_log::Leases;
+        let base = Instant::now();
+        let at = |t: u64| base + Duration::from_millis(t);
+        let mut now = 0u64;
+        let mut st = LockState::default();
+        let mut leases = Leases::default();
+        let mut applied: Vec<LockRequest> = Vec::new();
+        // Proposed, not yet applied: (entry, the call's send time).
+        let mut pending: std::collections::VecDeque<(LockRequest, u64)> = Default::default();
+        let mut index = 0u64;
+        // Per lock: (token, holder's own deadline) of the grant its holder uses.
+        let mut using: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut tokens: Vec<(String, u64)> = vec![("l0".into(), 0)];
+        for op in ops {
+            match op {
+                LeaseOp::Advance(ms) => now += ms,
+                LeaseOp::Acquire(n, h, ttl) => {
+                    let name = format!("l{n}");
+                    // The leader's judgement, as Leader::judge makes it.
+                    let expect = match st.locks.get(&name) {
+                        None => Some(None),
+                        Some(l) if leases.remaining(&name, l, at(now)).is_zero() => Some(Some((l.token, l.generation))),
+                        Some(_) => None,
+                    };
+                    if let Some(expect) = expect {
+                        pending.push_back((LockRequest::Grant { name, holder: format!("h{h}"), ttl_ms: ttl, expect, stamp_ms: 0 }, now));
+                    }
+                }
+                LeaseOp::Renew(n, i) => {
+                    let name = format!("l{n}");
+                    let token = tokens[i.index(tokens.len())].1;
+                    if let Some(l) = st.locks.get(&name) {
+                        if l.token == token && !leases.remaining(&name, l, at(now)).is_zero() {
+                            pending.push_back((LockRequest::Extend { name, token, stamp_ms: 0 }, now));
+                        }
+                    }
+                }
+                LeaseOp::Release(n, i) => {
+                    let (name, token) = tokens[i.index(tokens.len())].clone();
+                    if name == format!("l{n}") {
+                        pending.push_back((LockRequest::Release { name, token }, now));
+                    }
+                }
+                LeaseOp::Apply(k) => {
+                    for _ in 0..k {
+                        let Some((req, sent)) = pending.pop_front() else { break };
+                        index += 1;
+                        let r = st.apply(index, &req);
+                        let name = match &req {
+                            LockRequest::Grant { name, .. } | LockRequest::Extend { name, .. } | LockRequest::Release { name, .. } => name.clone(),
+                            _ => unreachable!(),
+                        };
+                        leases.on_applied(&name, &r, at(now));
+                        applied.push(req.clone());
+                        match (&req, &r) {
+                            (LockRequest::Grant { ttl_ms, .. }, LockResponse::Granted { token, .. }) => {
+                                if let Some((_, deadline)) = using.get(&name) {
+                                    prop_assert!(*deadline <= now,
+                                        "{} granted at {} ms while its holder may use it until {} ms", name, now, deadline);
+                                }
+                                using.insert(name.clone(), (*token, sent + ttl_ms));
+                                tokens.push((name, *token));
+                            }
+                            (LockRequest::Extend { token, .. }, LockResponse::Granted { ttl_ms, .. }) => {
+                                let u = using.get_mut(&name);
+                                prop_assert!(u.as_ref().is_some_and(|u| u.0 == *token), "renewed a grant not in use");
+                                if let Some(u) = u {
+                                    u.1 = u.1.max(sent + ttl_ms);
+                                }
+                            }
+                            (LockRequest::Release { token, .. }, LockResponse::Released)
+                                if using.get(&name).is_some_and(|u| u.0 == *token) =>
+                            {
+                                using.remove(&name);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                LeaseOp::NewLeader => {
+                    let mut fresh = LockState::default();
+                    for (i, req) in applied.iter().enumerate() {
+                        fresh.apply(i as u64 + 1, req);
+                    }
+                    prop_assert_eq!(&fresh.locks, &st.locks, "replicas disagree");
+                    leases = Leases::default();
+                    leases.reset(&st, at(now));
+                }
+            }
+        }
     }
 }

@@ -48,9 +48,11 @@ pub(super) async fn list_locks(State(node): State<AppState>) -> ApiResult<Json<V
         .map_err(lock_err)?
     {
         LockAnswer::List(l) => {
+            // Durations from the leader, instants on this agent's clock.
+            let now = crate::event::now_ms();
             let locks: Vec<Value> = l
                 .into_iter()
-                .map(|(name, l)| json!({"name": name, "holder": l.holder, "token": l.token, "ttl_ms": l.ttl_ms, "expires_ms": l.expires_ms}))
+                .map(|l| json!({"name": l.name, "holder": l.holder, "token": l.token, "ttl_ms": l.ttl_ms, "remaining_ms": l.remaining_ms, "expires_ms": now + l.remaining_ms}))
                 .collect();
             Ok(Json(json!({ "locks": locks })))
         }
@@ -130,12 +132,14 @@ pub(super) async fn lock_op(
         .call(node.leader_ctx(), call)
         .await
         .map_err(lock_err)?;
+    // The leader answers durations; `expires_ms` is this agent's clock plus
+    // the duration (display only: a holder counts its lease from when it
+    // sent the call, on its own monotonic clock).
+    let now = crate::event::now_ms();
     let (status, body) = match ans {
-        LockAnswer::One(LockResponse::Granted {
-            token, expires_ms, ..
-        }) => (
+        LockAnswer::One(LockResponse::Granted { token, ttl_ms, .. }) => (
             StatusCode::OK,
-            json!({"name": name, "granted": true, "token": token, "expires_ms": expires_ms}),
+            json!({"name": name, "granted": true, "token": token, "ttl_ms": ttl_ms, "expires_ms": now + ttl_ms}),
         ),
         LockAnswer::One(LockResponse::Released) => {
             (StatusCode::OK, json!({"name": name, "released": true}))
@@ -143,11 +147,14 @@ pub(super) async fn lock_op(
         LockAnswer::One(LockResponse::Denied {
             holder,
             token,
-            expires_ms,
-        }) => (
-            StatusCode::CONFLICT,
-            json!({"name": name, "granted": false, "error": format!("lock {name} is held by {holder} (token {token}) until {}", rfc3339(expires_ms)), "holder": holder, "token": token, "expires_ms": expires_ms}),
-        ),
+            remaining_ms,
+        }) => {
+            let expires_ms = now + remaining_ms;
+            (
+                StatusCode::CONFLICT,
+                json!({"name": name, "granted": false, "error": format!("lock {name} is held by {holder} (token {token}) until {} (for at most {:.1} s more)", rfc3339(expires_ms), remaining_ms as f64 / 1000.0), "holder": holder, "token": token, "remaining_ms": remaining_ms, "expires_ms": expires_ms}),
+            )
+        }
         LockAnswer::One(LockResponse::NotHolder) => (
             StatusCode::CONFLICT,
             json!({"name": name, "error": format!("token does not hold lock {name} (expired, released, or taken by someone else)")}),

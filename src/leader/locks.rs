@@ -1,6 +1,6 @@
 //! Distributed locks: the calls a client makes ([`LockCall`]), their answers
 //! and errors, and how a call is run — here when this agent leads, else
-//! forwarded to the leader over `/riftmesh/raft/2`.
+//! forwarded to the leader over `/riftmesh/raft/3`.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
 use super::rpc::{Envelope, Msg, Reply};
-use super::{raft_log, Ctx, Leader, LockRequest, LockResponse};
+use super::{Ctx, Leader, LockRequest, LockResponse};
 use crate::codec;
 use crate::event;
 use crate::net::MAX_RAFT_MESSAGE;
@@ -37,7 +37,26 @@ pub enum LockCall {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LockAnswer {
     One(LockResponse),
-    List(Vec<(String, raft_log::Lock)>),
+    List(Vec<LockInfo>),
+}
+
+/// A lock in force, as the leader sees it: times as durations (each agent
+/// turns them into its own clock's time).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub name: String,
+    pub holder: String,
+    pub token: u64,
+    pub ttl_ms: u64,
+    /// What the grant has left by the leader's monotonic clock.
+    pub remaining_ms: u64,
+}
+
+/// What the leader makes of a call: an entry to commit, or an answer at
+/// once (a lock held by a running grant, a renewal of one that ran out).
+enum Judged {
+    Write(LockRequest),
+    Answer(LockResponse),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,26 +92,59 @@ impl LockError {
 }
 
 impl Leader {
-    fn stamp(call: LockCall) -> Option<LockRequest> {
-        let now_ms = event::now_ms();
+    /// Judge a call against the table as applied here and this agent's
+    /// monotonic leases (raft_log::Leases): whether a grant still runs is
+    /// never read from a wall clock. A `Grant` carries the (token,
+    /// generation) it was judged against, so a renewal committed in between
+    /// makes it fail instead of taking a running lock.
+    fn judge(&self, call: LockCall) -> Option<Judged> {
+        let sm = self.sm.get()?;
+        let stamp_ms = event::now_ms();
+        let now = std::time::Instant::now();
+        let st = crate::util::lock(&sm.state);
+        let leases = crate::util::lock(&sm.leases);
         Some(match call {
             LockCall::Acquire {
                 name,
                 holder,
                 ttl_ms,
-            } => LockRequest::Acquire {
-                name,
-                holder,
-                ttl_ms,
-                now_ms,
+            } => {
+                let expect = match st.locks.get(&name) {
+                    None => None,
+                    Some(l) => {
+                        let left = leases.remaining(&name, l, now);
+                        if !left.is_zero() {
+                            return Some(Judged::Answer(LockResponse::Denied {
+                                holder: l.holder.clone(),
+                                token: l.token,
+                                remaining_ms: (left.as_millis() as u64).max(1),
+                            }));
+                        }
+                        Some((l.token, l.generation))
+                    }
+                };
+                Judged::Write(LockRequest::Grant {
+                    name,
+                    holder,
+                    ttl_ms,
+                    expect,
+                    stamp_ms,
+                })
+            }
+            LockCall::Renew { name, token } => match st.locks.get(&name) {
+                Some(l) if l.token == token && !leases.remaining(&name, l, now).is_zero() => {
+                    Judged::Write(LockRequest::Extend {
+                        name,
+                        token,
+                        stamp_ms,
+                    })
+                }
+                _ => Judged::Answer(LockResponse::NotHolder),
             },
-            LockCall::Renew { name, token } => LockRequest::Renew {
-                name,
-                token,
-                now_ms,
-            },
-            LockCall::Release { name, token } => LockRequest::Release { name, token },
-            LockCall::List => return None,
+            LockCall::Release { name, token } => {
+                Judged::Write(LockRequest::Release { name, token })
+            }
+            LockCall::List => Judged::Answer(LockResponse::Noop),
         })
     }
 
@@ -139,22 +191,46 @@ impl Leader {
         let Some(raft) = self.raft.get() else {
             return Err(LockError::NoLeader);
         };
-        let Some(req) = Self::stamp(call) else {
+        if matches!(call, LockCall::List) {
             // A list is read on the leader after checking it still leads.
             tokio::time::timeout(Duration::from_secs(3), raft.ensure_linearizable())
                 .await
                 .map_err(|_| LockError::Timeout("leadership check".into()))?
                 .map_err(|e| LockError::Other(e.to_string()))?;
-            let now = event::now_ms();
-            let locks = self
-                .sm
-                .get()
-                .map(|sm| sm.locks())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(_, l)| l.expires_ms > now)
+            let Some(sm) = self.sm.get() else {
+                return Ok(LockAnswer::List(Vec::new()));
+            };
+            let now = std::time::Instant::now();
+            let st = crate::util::lock(&sm.state);
+            let leases = crate::util::lock(&sm.leases);
+            let locks = st
+                .locks
+                .iter()
+                .filter_map(|(name, l)| {
+                    let left = leases.remaining(name, l, now);
+                    (!left.is_zero()).then(|| LockInfo {
+                        name: name.clone(),
+                        holder: l.holder.clone(),
+                        token: l.token,
+                        ttl_ms: l.ttl_ms,
+                        remaining_ms: (left.as_millis() as u64).max(1),
+                    })
+                })
                 .collect();
             return Ok(LockAnswer::List(locks));
+        }
+        let req = match self.judge(call) {
+            None => return Err(LockError::NoLeader),
+            Some(Judged::Answer(a)) => {
+                if matches!(a, LockResponse::Denied { .. }) {
+                    ctx.metrics
+                        .lock_ops
+                        .get_or_create(&vec![("op", "deny".into())])
+                        .inc();
+                }
+                return Ok(LockAnswer::One(a));
+            }
+            Some(Judged::Write(req)) => req,
         };
         let r = tokio::time::timeout(Duration::from_secs(3), raft.client_write(req))
             .await

@@ -1,5 +1,5 @@
 //! Leader election and distributed locks: openraft 0.9 among the configured
-//! voters, over `/riftmesh/raft/2`, its state in our sled database. The Raft
+//! voters, over `/riftmesh/raft/3`, its state in our sled database. The Raft
 //! term is the fencing token users see for leadership; a lock grant's token is
 //! the log index of the entry that granted it. Agents that are not voters
 //! learn the leader from `LEADER_ELECTED` events and forward lock calls to it.
@@ -27,7 +27,7 @@ use crate::net::{NetHandle, RaftInbound};
 use crate::publisher::Publisher;
 use crate::store::Store;
 
-pub use locks::{LockAnswer, LockCall, LockError};
+pub use locks::{LockAnswer, LockCall, LockError, LockInfo};
 pub use rpc::{decodes_as_envelope, sample_envelopes};
 
 /// What the leader part works with (handed over by the node at start).
@@ -53,7 +53,16 @@ pub struct PeerNode {
     pub name: String,
 }
 
-/// What the replicated lock table applies. `now_ms` is stamped by the leader.
+/// What the replicated lock table applies (proto-notes/leader.md, "Locks").
+///
+/// The leader decides whether a grant has run out on its own monotonic
+/// clock and proposes [`LockRequest::Grant`] / [`LockRequest::Extend`],
+/// which apply deterministically without any clock: a grant is a
+/// compare-and-set on the lock's (token, generation). `Acquire` and `Renew`
+/// (version 2 of the table: expiry compared with the proposing leader's
+/// *wall clock*, `now_ms`) are no longer proposed; they are still applied
+/// as before when a log or snapshot written by the previous release is
+/// replayed. New variants go at the end: the log is bincode (variant index).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LockRequest {
     Acquire {
@@ -71,20 +80,42 @@ pub enum LockRequest {
         name: String,
         token: u64,
     },
+    /// Grant `name` to `holder` if the table still holds what the leader
+    /// judged: `expect` = `None` (free) or `Some((token, generation))` of the
+    /// grant whose TTL the leader saw run out. `stamp_ms` is the leader's wall
+    /// clock, kept for display only.
+    Grant {
+        name: String,
+        holder: String,
+        ttl_ms: u64,
+        expect: Option<(u64, u64)>,
+        stamp_ms: u64,
+    },
+    /// Renew the grant `token` (the leader saw it still running): its
+    /// generation goes up, so a `Grant` judged before this renewal fails.
+    Extend {
+        name: String,
+        token: u64,
+        stamp_ms: u64,
+    },
 }
 
+/// The answer to a lock call. Times are durations, never instants: each
+/// agent turns them into its own clock's time for display.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LockResponse {
     Granted {
         token: u64,
-        expires_ms: u64,
+        ttl_ms: u64,
         /// The lock was held by someone whose TTL had run out.
         replaced_expired: bool,
     },
     Denied {
         holder: String,
         token: u64,
-        expires_ms: u64,
+        /// How long the grant in force has left, as the leader measures it
+        /// (an upper bound: it may end sooner).
+        remaining_ms: u64,
     },
     Released,
     NotHolder,
@@ -319,7 +350,7 @@ impl Leader {
 }
 
 /// Start the leader part: Raft on voters, and on every agent the server of
-/// `/riftmesh/raft/2` and the follower of `LEADER_ELECTED` events.
+/// `/riftmesh/raft/3` and the follower of `LEADER_ELECTED` events.
 pub fn start(ctx: Arc<Ctx>, inbound: mpsc::Receiver<RaftInbound>) {
     let tasks = ctx.tasks.clone();
     tasks.spawn(run(ctx, inbound));
@@ -440,8 +471,10 @@ mod tests {
         assert_eq!(voters_hash(&a), voters_hash(&a.clone()));
     }
 
+    /// Version-2 entries (wall time stamped by the leader) replay as the
+    /// previous release applied them.
     #[test]
-    fn lock_table_grants_denies_expires_and_fences() {
+    fn version_2_entries_grant_deny_expire_and_fence_as_before() {
         let mut st = raft_log::LockState::default();
         let acq = |holder: &str, now: u64| LockRequest::Acquire {
             name: "promote".into(),
@@ -454,13 +487,18 @@ mod tests {
             g,
             LockResponse::Granted {
                 token: 10,
-                expires_ms: 1000,
+                ttl_ms: 1000,
                 replaced_expired: false
             }
         );
+        assert_eq!(st.locks["promote"].expires_ms, 1000);
         assert!(matches!(
             st.apply(11, &acq("b", 500)),
-            LockResponse::Denied { token: 10, .. }
+            LockResponse::Denied {
+                token: 10,
+                remaining_ms: 500,
+                ..
+            }
         ));
         let renew = LockRequest::Renew {
             name: "promote".into(),
@@ -469,19 +507,16 @@ mod tests {
         };
         assert!(matches!(
             st.apply(12, &renew),
-            LockResponse::Granted {
-                token: 10,
-                expires_ms: 1900,
-                ..
-            }
+            LockResponse::Granted { token: 10, .. }
         ));
+        assert_eq!(st.locks["promote"].expires_ms, 1900);
         // Expired: b takes it with a higher token; a's token no longer works.
         let g = st.apply(13, &acq("b", 2000));
         assert_eq!(
             g,
             LockResponse::Granted {
                 token: 13,
-                expires_ms: 3000,
+                ttl_ms: 1000,
                 replaced_expired: true
             }
         );
@@ -495,5 +530,134 @@ mod tests {
             token: 13,
         };
         assert_eq!(st.apply(15, &rel), LockResponse::Released);
+    }
+
+    /// Version 3: a grant is a compare-and-set on what the leader judged
+    /// (token, generation); no clock is read in apply, so a wall time in
+    /// the entry, however wrong, changes nothing.
+    #[test]
+    fn a_grant_applies_only_to_the_state_it_was_judged_on() {
+        let mut st = raft_log::LockState::default();
+        let grant = |holder: &str, expect: Option<(u64, u64)>, stamp_ms: u64| LockRequest::Grant {
+            name: "promote".into(),
+            holder: holder.into(),
+            ttl_ms: 1000,
+            expect,
+            stamp_ms,
+        };
+        // A leader 10 minutes behind or ahead: the stamps don't matter.
+        assert!(matches!(
+            st.apply(10, &grant("a", None, 0)),
+            LockResponse::Granted {
+                token: 10,
+                replaced_expired: false,
+                ..
+            }
+        ));
+        let g1 = st.locks["promote"].generation;
+        // A second grant judged on "free" is refused: the lock is held.
+        assert!(matches!(
+            st.apply(11, &grant("b", None, u64::MAX / 2)),
+            LockResponse::Denied { token: 10, .. }
+        ));
+        // A renewal between the judgement and the grant wins.
+        let extend = LockRequest::Extend {
+            name: "promote".into(),
+            token: 10,
+            stamp_ms: 5,
+        };
+        assert!(matches!(
+            st.apply(12, &extend),
+            LockResponse::Granted { token: 10, .. }
+        ));
+        assert!(matches!(
+            st.apply(13, &grant("b", Some((10, g1)), 0)),
+            LockResponse::Denied { token: 10, .. }
+        ));
+        // Judged on the renewed grant: taken, with a higher token.
+        let g2 = st.locks["promote"].generation;
+        assert!(g2 > g1);
+        assert!(matches!(
+            st.apply(14, &grant("b", Some((10, g2)), 0)),
+            LockResponse::Granted {
+                token: 14,
+                replaced_expired: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            st.apply(15, &extend),
+            LockResponse::NotHolder,
+            "the old token renews nothing"
+        );
+        // A grant judged on a lock that has since been released.
+        assert_eq!(
+            st.apply(
+                16,
+                &LockRequest::Release {
+                    name: "promote".into(),
+                    token: 14
+                }
+            ),
+            LockResponse::Released
+        );
+        assert_eq!(
+            st.apply(17, &grant("c", Some((14, st_gen(&st))), 0)),
+            LockResponse::NotHolder
+        );
+    }
+
+    fn st_gen(st: &raft_log::LockState) -> u64 {
+        st.locks.get("promote").map_or(99, |l| l.generation)
+    }
+
+    /// Leases run on this agent's monotonic clock from the apply of the
+    /// last grant or renewal; a snapshot's grants count from its loading.
+    #[test]
+    fn leases_count_from_the_local_apply() {
+        use std::time::{Duration, Instant};
+        let mut leases = raft_log::Leases::default();
+        let t0 = Instant::now();
+        let l = raft_log::Lock {
+            holder: "a".into(),
+            token: 3,
+            ttl_ms: 1000,
+            expires_ms: 0,
+            generation: 1,
+        };
+        let granted = LockResponse::Granted {
+            token: 3,
+            ttl_ms: 1000,
+            replaced_expired: false,
+        };
+        leases.on_applied("x", &granted, t0);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(
+            leases.remaining("x", &l, at(400)),
+            Duration::from_millis(600)
+        );
+        assert!(leases.remaining("x", &l, at(1000)).is_zero());
+        leases.on_applied("x", &granted, at(900));
+        assert_eq!(
+            leases.remaining("x", &l, at(1000)),
+            Duration::from_millis(900)
+        );
+        // Unknown to this agent's record: counts as granted just now.
+        assert_eq!(
+            leases.remaining("y", &l, at(5000)),
+            Duration::from_millis(1000)
+        );
+        let mut st = raft_log::LockState::default();
+        st.locks.insert("x".into(), l.clone());
+        leases.reset(&st, at(7000));
+        assert_eq!(
+            leases.remaining("x", &l, at(7500)),
+            Duration::from_millis(500)
+        );
+        leases.on_applied("x", &LockResponse::Released, at(7600));
+        assert_eq!(
+            leases.remaining("x", &l, at(7600)),
+            Duration::from_millis(1000)
+        );
     }
 }

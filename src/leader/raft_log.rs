@@ -237,7 +237,13 @@ pub struct Lock {
     pub holder: String,
     pub token: u64,
     pub ttl_ms: u64,
+    /// The proposing leader's wall clock at the last grant or renewal, plus
+    /// the TTL: for display, and the expiry of version-2 entries only.
+    /// Whether a grant runs is decided by [`Leases`], never by this.
     pub expires_ms: u64,
+    /// Raised by every grant and renewal: what a [`LockRequest::Grant`]
+    /// compares, so a grant judged before a renewal is refused.
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -247,11 +253,70 @@ pub struct LockState {
     pub locks: BTreeMap<String, Lock>,
 }
 
+/// The lock table as the previous release snapshotted it (no generation).
+#[derive(Deserialize)]
+struct LockStateV2 {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, PeerNode>,
+    locks: BTreeMap<String, LockV2>,
+}
+
+#[derive(Deserialize)]
+struct LockV2 {
+    holder: String,
+    token: u64,
+    ttl_ms: u64,
+    expires_ms: u64,
+}
+
+/// Prefix of a snapshot of this version of the table. A version-2 snapshot
+/// starts with bincode's `Option` tag (0 or 1), never with this.
+const SNAPSHOT_V3: &[u8; 8] = b"RMLOCK3\0";
+
 impl LockState {
-    /// Deterministic: time comes from the request (`now_ms`, stamped by the
-    /// leader that proposed it); the fencing token is the log index of the
-    /// granting entry, so tokens strictly increase across all locks and terms.
+    fn encode_snapshot(&self) -> Result<Vec<u8>, CodecError> {
+        let mut out = SNAPSHOT_V3.to_vec();
+        out.extend(encode(self)?);
+        Ok(out)
+    }
+
+    fn decode_snapshot(b: &[u8]) -> Result<Self, CodecError> {
+        if let Some(rest) = b.strip_prefix(SNAPSHOT_V3.as_slice()) {
+            return decode(rest);
+        }
+        let old: LockStateV2 = decode(b)?;
+        Ok(LockState {
+            last_applied: old.last_applied,
+            last_membership: old.last_membership,
+            locks: old
+                .locks
+                .into_iter()
+                .map(|(k, l)| {
+                    let l = Lock {
+                        holder: l.holder,
+                        token: l.token,
+                        ttl_ms: l.ttl_ms,
+                        expires_ms: l.expires_ms,
+                        generation: 0,
+                    };
+                    (k, l)
+                })
+                .collect(),
+        })
+    }
+
+    /// Deterministic: no clock is read. The fencing token is the log index
+    /// of the granting entry, so tokens strictly increase across all locks
+    /// and terms. `Grant` and `Extend` carry the leader's judgement (made on
+    /// its monotonic clock, [`Leases`]); `Acquire` and `Renew` (version 2)
+    /// compare the wall time the proposing leader stamped, as they did.
     pub fn apply(&mut self, index: u64, req: &LockRequest) -> LockResponse {
+        let denied = |l: &Lock, remaining_ms: u64| LockResponse::Denied {
+            holder: l.holder.clone(),
+            token: l.token,
+            remaining_ms,
+        };
+        let generation = |l: Option<&Lock>| l.map_or(0, |l| l.generation) + 1;
         match req {
             LockRequest::Acquire {
                 name,
@@ -262,11 +327,7 @@ impl LockState {
                 let mut expired = false;
                 if let Some(l) = self.locks.get(name) {
                     if l.expires_ms > *now_ms {
-                        return LockResponse::Denied {
-                            holder: l.holder.clone(),
-                            token: l.token,
-                            expires_ms: l.expires_ms,
-                        };
+                        return denied(l, l.expires_ms - now_ms);
                     }
                     expired = true;
                 }
@@ -275,14 +336,14 @@ impl LockState {
                     token: index,
                     ttl_ms: *ttl_ms,
                     expires_ms: now_ms.saturating_add(*ttl_ms),
-                };
-                let r = LockResponse::Granted {
-                    token: l.token,
-                    expires_ms: l.expires_ms,
-                    replaced_expired: expired,
+                    generation: generation(self.locks.get(name)),
                 };
                 self.locks.insert(name.clone(), l);
-                r
+                LockResponse::Granted {
+                    token: index,
+                    ttl_ms: *ttl_ms,
+                    replaced_expired: expired,
+                }
             }
             LockRequest::Renew {
                 name,
@@ -291,9 +352,10 @@ impl LockState {
             } => match self.locks.get_mut(name) {
                 Some(l) if l.token == *token && l.expires_ms > *now_ms => {
                     l.expires_ms = now_ms.saturating_add(l.ttl_ms);
+                    l.generation += 1;
                     LockResponse::Granted {
                         token: l.token,
-                        expires_ms: l.expires_ms,
+                        ttl_ms: l.ttl_ms,
                         replaced_expired: false,
                     }
                 }
@@ -306,7 +368,105 @@ impl LockState {
                 }
                 _ => LockResponse::NotHolder,
             },
+            LockRequest::Grant {
+                name,
+                holder,
+                ttl_ms,
+                expect,
+                stamp_ms,
+            } => {
+                let current = self.locks.get(name);
+                if current.map(|l| (l.token, l.generation)) != *expect {
+                    // Renewed, released or granted since the leader judged:
+                    // the caller retries and is judged again. (The remaining
+                    // time is the leader's to fill in, from its leases.)
+                    return match current {
+                        Some(l) => denied(l, l.ttl_ms),
+                        None => LockResponse::NotHolder,
+                    };
+                }
+                let l = Lock {
+                    holder: holder.clone(),
+                    token: index,
+                    ttl_ms: *ttl_ms,
+                    expires_ms: stamp_ms.saturating_add(*ttl_ms),
+                    generation: generation(current),
+                };
+                self.locks.insert(name.clone(), l);
+                LockResponse::Granted {
+                    token: index,
+                    ttl_ms: *ttl_ms,
+                    replaced_expired: expect.is_some(),
+                }
+            }
+            LockRequest::Extend {
+                name,
+                token,
+                stamp_ms,
+            } => match self.locks.get_mut(name) {
+                Some(l) if l.token == *token => {
+                    l.expires_ms = stamp_ms.saturating_add(l.ttl_ms);
+                    l.generation += 1;
+                    LockResponse::Granted {
+                        token: l.token,
+                        ttl_ms: l.ttl_ms,
+                        replaced_expired: false,
+                    }
+                }
+                _ => LockResponse::NotHolder,
+            },
         }
+    }
+}
+
+/// When this agent applied each lock's last grant or renewal, on its
+/// monotonic clock: the only time a lease is measured from
+/// (proto-notes/leader.md, "Lock lifetimes"). Node-local, never replicated
+/// or persisted. An entry is applied only after the holder sent the call
+/// that made it, so on every agent `applied + ttl` comes after the holder's
+/// own deadline (`sent + ttl`, minus its margin), whatever the wall clocks
+/// say. Grants found in a snapshot or replayed at start count from then: a
+/// restarted leader waits one whole TTL before taking a lock from anyone.
+#[derive(Debug, Default)]
+pub struct Leases {
+    applied: BTreeMap<String, std::time::Instant>,
+}
+
+impl Leases {
+    /// Record what an applied entry did to `name`'s lease.
+    pub fn on_applied(&mut self, name: &str, resp: &LockResponse, now: std::time::Instant) {
+        match resp {
+            LockResponse::Granted { .. } => {
+                self.applied.insert(name.to_string(), now);
+            }
+            LockResponse::Released => {
+                self.applied.remove(name);
+            }
+            _ => {}
+        }
+    }
+
+    /// Every lock of `state` counts from `now` (a snapshot installed or
+    /// loaded: when its grants were made is not known here).
+    pub fn reset(&mut self, state: &LockState, now: std::time::Instant) {
+        self.applied = state.locks.keys().map(|k| (k.clone(), now)).collect();
+    }
+
+    /// What `l` (the grant in force for `name`) has left at `now`. A lock
+    /// with no record counts as granted just now.
+    pub fn remaining(&self, name: &str, l: &Lock, now: std::time::Instant) -> std::time::Duration {
+        let from = self.applied.get(name).copied().unwrap_or(now);
+        (from + std::time::Duration::from_millis(l.ttl_ms)).saturating_duration_since(now)
+    }
+}
+
+fn lock_name(req: &LockRequest) -> &str {
+    match req {
+        LockRequest::Acquire { name, .. }
+        | LockRequest::Renew { name, .. }
+        | LockRequest::Release { name, .. }
+        | LockRequest::Grant { name, .. }
+        | LockRequest::Extend { name, .. } => name,
     }
 }
 
@@ -326,6 +486,8 @@ struct PersistedSnapshot {
 #[derive(Clone)]
 pub struct LockStateMachine {
     pub state: Arc<Mutex<LockState>>,
+    /// This agent's monotonic record of the leases ([`Leases`]).
+    pub leases: Arc<Mutex<Leases>>,
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     snap_tree: sled::Tree,
     durable: Durable,
@@ -338,14 +500,17 @@ impl LockStateMachine {
         let mut snapshot = None;
         if let Some(b) = snap_tree.get("current")? {
             let p: PersistedSnapshot = decode(&b)?;
-            state = decode(&p.data)?;
+            state = LockState::decode_snapshot(&p.data)?;
             snapshot = Some(StoredSnapshot {
                 meta: p.meta,
                 data: p.data,
             });
         }
+        let mut leases = Leases::default();
+        leases.reset(&state, std::time::Instant::now());
         Ok(Self {
             state: Arc::new(Mutex::new(state)),
+            leases: Arc::new(Mutex::new(leases)),
             snapshot: Arc::new(Mutex::new(snapshot)),
             snap_tree,
             durable: durable.clone(),
@@ -384,8 +549,9 @@ impl RaftSnapshotBuilder<TypeConfig> for LockStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let (data, last_log_id, last_membership) = {
             let st = lock(&self.state);
-            let data =
-                encode(&*st).map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
+            let data = st
+                .encode_snapshot()
+                .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
             (data, st.last_applied, st.last_membership.clone())
         };
         let snapshot_id = match last_log_id {
@@ -425,12 +591,26 @@ impl RaftStateMachine<TypeConfig> for LockStateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut st = lock(&self.state);
+        let mut leases = lock(&self.leases);
         let mut out = Vec::new();
         for e in entries {
             st.last_applied = Some(e.log_id);
             out.push(match e.payload {
                 EntryPayload::Blank => LockResponse::Noop,
-                EntryPayload::Normal(ref req) => st.apply(e.log_id.index, req),
+                EntryPayload::Normal(ref req) => {
+                    let now = std::time::Instant::now();
+                    let mut r = st.apply(e.log_id.index, req);
+                    let name = lock_name(req);
+                    leases.on_applied(name, &r, now);
+                    if let (LockResponse::Denied { remaining_ms, .. }, Some(l)) =
+                        (&mut r, st.locks.get(name))
+                    {
+                        if matches!(req, LockRequest::Grant { .. }) {
+                            *remaining_ms = leases.remaining(name, l, now).as_millis() as u64;
+                        }
+                    }
+                    r
+                }
                 EntryPayload::Membership(m) => {
                     st.last_membership = StoredMembership::new(Some(e.log_id), m);
                     LockResponse::Noop
@@ -454,7 +634,7 @@ impl RaftStateMachine<TypeConfig> for LockStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
-        let new_state: LockState = decode(&data).map_err(|e| {
+        let new_state = LockState::decode_snapshot(&data).map_err(|e| {
             StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
         let s = StoredSnapshot {
@@ -462,6 +642,7 @@ impl RaftStateMachine<TypeConfig> for LockStateMachine {
             data,
         };
         self.persist_snapshot(&s).await?;
+        lock(&self.leases).reset(&new_state, std::time::Instant::now());
         *lock(&self.state) = new_state;
         Ok(())
     }
@@ -550,5 +731,59 @@ mod tests {
         let st = log.get_log_state().await.unwrap();
         assert_eq!(st.last_purged_log_id, Some(log_id(3, 2, 2)));
         assert_eq!(st.last_log_id, Some(log_id(3, 2, 4)));
+    }
+
+    /// A snapshot written by the previous release (no generation, no
+    /// prefix) still loads; this release's snapshots carry their prefix.
+    #[test]
+    fn a_version_2_snapshot_loads_and_version_3_round_trips() {
+        #[derive(Serialize)]
+        struct V2Lock {
+            holder: String,
+            token: u64,
+            ttl_ms: u64,
+            expires_ms: u64,
+        }
+        #[derive(Serialize)]
+        struct V2 {
+            last_applied: Option<LogId<NodeId>>,
+            last_membership: StoredMembership<NodeId, PeerNode>,
+            locks: BTreeMap<String, V2Lock>,
+        }
+        let old = V2 {
+            last_applied: Some(log_id(4, 1, 9)),
+            last_membership: StoredMembership::default(),
+            locks: [(
+                "promote".to_string(),
+                V2Lock {
+                    holder: "gpu-01".into(),
+                    token: 7,
+                    ttl_ms: 30_000,
+                    expires_ms: 123,
+                },
+            )]
+            .into(),
+        };
+        let st = LockState::decode_snapshot(&encode(&old).unwrap()).unwrap();
+        assert_eq!(st.last_applied, Some(log_id(4, 1, 9)));
+        let l = &st.locks["promote"];
+        assert_eq!(
+            (
+                l.holder.as_str(),
+                l.token,
+                l.ttl_ms,
+                l.expires_ms,
+                l.generation
+            ),
+            ("gpu-01", 7, 30_000, 123, 0)
+        );
+        let mut st2 = st.clone();
+        st2.locks.get_mut("promote").unwrap().generation = 5;
+        let b = st2.encode_snapshot().unwrap();
+        assert!(b.starts_with(SNAPSHOT_V3));
+        assert_eq!(
+            LockState::decode_snapshot(&b).unwrap().locks["promote"],
+            st2.locks["promote"]
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The Raft network: `/riftmesh/raft/2` bodies ([`Envelope`], [`Msg`],
+//! The Raft network: `/riftmesh/raft/3` bodies ([`Envelope`], [`Msg`],
 //! [`Reply`]), openraft's client side ([`Factory`], [`Conn`]), the server
 //! side ([`serve`]), and the fuzz harness's hooks into the decoder.
 
@@ -20,7 +20,7 @@ use super::{Ctx, LockAnswer, LockCall, LockError, NodeId, PeerNode, TypeConfig};
 use crate::codec;
 use crate::net::{NetHandle, MAX_RAFT_MESSAGE};
 
-/// `/riftmesh/raft/2` bodies: every request carries the sender's voter-list
+/// `/riftmesh/raft/3` bodies: every request carries the sender's voter-list
 /// hash, and a voter answers only peers with the same list.
 #[derive(Serialize, Deserialize)]
 pub(super) struct Envelope {
@@ -184,7 +184,7 @@ impl RaftNetwork<TypeConfig> for Conn {
     }
 }
 
-/// Whether `body` decodes as a `/riftmesh/raft/2` request (the fuzz
+/// Whether `body` decodes as a `/riftmesh/raft/3` request (the fuzz
 /// harness drives the decoder through this).
 #[doc(hidden)]
 pub fn decodes_as_envelope(body: &[u8]) -> bool {

@@ -31,7 +31,7 @@ impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
 }
 
 pub type CatchupCodec = FrameCodec<wire::CatchupRequest, wire::CatchupResponse>;
-/// `/riftmesh/raft/2` carries opaque bodies: the leader module owns their format.
+/// `/riftmesh/raft/3` carries opaque bodies: the leader module owns their format.
 pub type RaftCodec = FrameCodec<Vec<u8>, Vec<u8>>;
 /// `/riftmesh/sync/1` (blob transfer) carries raw frames: the blob module
 /// owns the body format; chunk data is never re-encoded on the way.

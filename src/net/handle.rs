@@ -216,7 +216,7 @@ impl NetHandle {
             .await;
     }
 
-    /// Send a `/riftmesh/raft/2` request (dialing the peer if needed).
+    /// Send a `/riftmesh/raft/3` request (dialing the peer if needed).
     pub async fn raft_request(
         &self,
         peer: PeerId,

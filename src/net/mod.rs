@@ -62,8 +62,8 @@ pub const MEMBER_PROTOCOLS: &[&str] = &[MEMBER_PROTOCOL, MEMBER_PROTOCOL_V1];
 /// The `Refused` reason of a request over its peer's rate.
 pub const BUSY: &str = "busy: request rate exceeded";
 
-pub const RAFT_PROTOCOL: &str = "/riftmesh/raft/2";
-/// Largest `/riftmesh/raft/2` body either way.
+pub const RAFT_PROTOCOL: &str = "/riftmesh/raft/3";
+/// Largest `/riftmesh/raft/3` body either way.
 pub const MAX_RAFT_MESSAGE: usize = 4 << 20;
 /// Largest `/riftmesh/sync/1` request body.
 pub const MAX_BLOB_REQUEST: usize = 64 << 10;

@@ -45,6 +45,8 @@ pub struct Agent {
     pub swarm_key: PathBuf,
     pub bootstrap: Vec<String>,
     pub extra: Vec<String>,
+    /// Extra environment of the agent process (e.g. libfaketime's).
+    pub env: Vec<(String, String)>,
     pub api: String,
     pub metrics: String,
     pub peer_id: String,
@@ -64,12 +66,25 @@ impl Agent {
         bootstrap: &[String],
         extra: &[String],
     ) -> Agent {
+        Self::start_env(root, name, swarm_key, bootstrap, extra, &[]).await
+    }
+
+    /// As [`Agent::start_with`], with extra environment variables.
+    pub async fn start_env(
+        root: &Path,
+        name: &str,
+        swarm_key: &Path,
+        bootstrap: &[String],
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> Agent {
         let mut a = Agent {
             name: name.into(),
             dir: root.join(name),
             swarm_key: swarm_key.into(),
             bootstrap: bootstrap.to_vec(),
             extra: extra.to_vec(),
+            env: env.to_vec(),
             api: String::new(),
             metrics: String::new(),
             peer_id: String::new(),
@@ -110,6 +125,7 @@ impl Agent {
             .args(&self.extra)
             .env("RUST_LOG", "info,riftmesh=debug")
             .env_remove("RIFTMESH_API")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -386,14 +402,24 @@ pub async fn mesh(root: &Path, n: usize) -> Vec<Agent> {
 
 /// [`mesh`] with extra agent flags.
 pub async fn mesh_with(root: &Path, n: usize, extra: &[&str]) -> Vec<Agent> {
+    mesh_with_env(root, n, extra, |_| Vec::new()).await
+}
+
+/// As [`mesh_with`], agent `i` with the environment `env(i)` added.
+pub async fn mesh_with_env(
+    root: &Path,
+    n: usize,
+    extra: &[&str],
+    env: impl Fn(usize) -> Vec<(String, String)>,
+) -> Vec<Agent> {
     let key = root.join("swarm.key");
     keygen(&key);
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    let first = Agent::start_with(root, "a0", &key, &[], &extra).await;
+    let first = Agent::start_env(root, "a0", &key, &[], &extra, &env(0)).await;
     let boot = vec![first.p2p_addr().await];
     let mut agents = vec![first];
     for i in 1..n {
-        agents.push(Agent::start_with(root, &format!("a{i}"), &key, &boot, &extra).await);
+        agents.push(Agent::start_env(root, &format!("a{i}"), &key, &boot, &extra, &env(i)).await);
     }
     wait_meshed(&agents, Duration::from_secs(60)).await;
     agents

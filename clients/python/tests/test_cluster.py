@@ -83,9 +83,11 @@ def test_lock_wait_gets_it_when_the_holder_releases(client: Client, uid: str) ->
 
 def test_lost_lock_is_reported(client: Client, uid: str) -> None:
     lost: List[Lock] = []
-    # Renewing only after the lease ran out: the agent refuses, the lock is lost.
-    lock = client.lock(f"lost-{uid}", ttl=0.3, renew_every=1.0, timeout=DEADLINE, on_lost=lost.append)
+    # The grant is released behind the holder's back: its next renewal is
+    # refused by the agent and the lock is lost.
+    lock = client.lock(f"lost-{uid}", ttl=30, renew_every=0.2, timeout=DEADLINE, on_lost=lost.append)
     with lock:
+        client._http.request("POST", f"/v1/locks/lost-{uid}/release", body={"token": lock.token})
         wait_until("the lock to be lost", lambda: lock.lost, DEADLINE)
         assert lost == [lock]
         assert lock.lost_reason and "does not hold" in lock.lost_reason
@@ -93,6 +95,28 @@ def test_lost_lock_is_reported(client: Client, uid: str) -> None:
             lock.check()
         with pytest.raises(Conflict):
             client._http.request("POST", f"/v1/locks/lost-{uid}/renew", body={"token": lock.token})
+
+
+def test_a_lock_is_lost_at_its_own_deadline_without_any_answer(client: Client, uid: str) -> None:
+    # No renewal is attempted (every 60 s): the holder alone must notice that
+    # its lease ran out, by the monotonic clock, from the acquire's send time.
+    lost: List[Lock] = []
+    sent = time.monotonic()
+    lock = client.lock(f"deadline-{uid}", ttl=0.5, renew_every=60, timeout=DEADLINE, on_lost=lost.append)
+    with lock:
+        assert lock.check() == lock.token
+
+        def gone() -> bool:
+            try:
+                lock.check()
+                return False
+            except LockLost:
+                return True
+
+        wait_until("check() to report the lease ran out", gone, 10.0)
+        assert time.monotonic() - sent >= 0.5 * 0.95
+        assert lock.renewals == 0 and lost == [lock]
+        assert lock.lost_reason and "ran out" in lock.lost_reason
 
 
 def test_async_lock(client: Client, uid: str) -> None:

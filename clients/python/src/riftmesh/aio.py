@@ -38,6 +38,7 @@ from typing import (
 )
 
 from ._aio_transport import AsyncTransport
+from .lock import _DRIFT
 from ._transport import Transport, format_address, quote, resolve_address
 from .client import (
     _BACKLOG_PEEK,
@@ -1132,6 +1133,11 @@ class AsyncLock:
         self.on_lost = on_lost
         self.token: Optional[int] = None
         self.expires_ms: Optional[int] = None
+        # When this holder stops counting on the lock, on time.monotonic():
+        # the send time of the last successful acquire or renewal plus the
+        # TTL less a 5 % margin for clock-rate drift. The agent's
+        # ``expires_ms`` is for display (proto-notes/leader.md, "Lock lifetimes").
+        self._deadline: Optional[float] = None
         self.renewals = 0
         self.attempts = 0
         self.lost_reason: Optional[str] = None
@@ -1150,6 +1156,8 @@ class AsyncLock:
     def check(self) -> int:
         if self.token is None or self._released:
             raise LockLost(f"lock {self.name} is not held")
+        if not self._lost and self._deadline is not None and time.monotonic() >= self._deadline:
+            self._mark_lost("the lease ran out before a renewal succeeded")
         if self._lost:
             raise LockLost(f"lock {self.name} (token {self.token}) was lost: {self.lost_reason}")
         return self.token
@@ -1167,6 +1175,7 @@ class AsyncLock:
         self.attempts = 0
         while True:
             self.attempts += 1
+            sent = time.monotonic()
             try:
                 r = await self.client._http.request("POST", self._path("acquire"), body=body)
                 break
@@ -1181,6 +1190,7 @@ class AsyncLock:
                 await asyncio.sleep(0.2)
         self.token = int(r["token"])
         self.expires_ms = int(r["expires_ms"])
+        self._deadline = sent + self.ttl * (1 - _DRIFT)
         self.renewals = 0
         self.lost_reason = None
         self._released = False
@@ -1190,10 +1200,17 @@ class AsyncLock:
 
     async def renew(self) -> None:
         token = self.check()
+        sent = time.monotonic()
+        # No longer than the lease has left: past it, the answer no longer matters.
+        left = (self._deadline - sent) if self._deadline is not None else self.ttl
         r = await self.client._http.request(
-            "POST", self._path("renew"), body={"token": token}, timeout=max(1.0, min(self.client.timeout, self.ttl))
+            "POST",
+            self._path("renew"),
+            body={"token": token},
+            timeout=max(0.05, min(self.client.timeout, self.ttl, left)),
         )
         self.expires_ms = int(r["expires_ms"])
+        self._deadline = sent + self.ttl * (1 - _DRIFT)
         self.renewals += 1
 
     async def release(self) -> None:
@@ -1235,7 +1252,7 @@ class AsyncLock:
                 self._mark_lost(e.message)
                 return
             except (Unavailable, AgentUnavailable, RiftmeshTimeout) as e:
-                if self.expires_ms is not None and time.time() * 1000 >= self.expires_ms:
+                if self._deadline is not None and time.monotonic() >= self._deadline:
                     self._mark_lost(f"could not renew before the lease ended: {e}")
                     return
                 interval = max(0.05, self.renew_every / 4)

@@ -23,6 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("riftmesh")
 
+# A holder stops counting on its lease 5 % of the TTL early: the leader's
+# monotonic clock may run slightly faster (as `riftmesh lock run`).
+_DRIFT = 0.05
+
 __all__ = ["Lock"]
 
 
@@ -67,6 +71,11 @@ class Lock:
         self.on_lost = on_lost
         self.token: Optional[int] = None
         self.expires_ms: Optional[int] = None
+        # When this holder stops counting on the lock, on time.monotonic():
+        # the send time of the last successful acquire or renewal plus the
+        # TTL less a 5 % margin for clock-rate drift. The agent's
+        # ``expires_ms`` is for display (proto-notes/leader.md, "Lock lifetimes").
+        self._deadline: Optional[float] = None
         self.renewals = 0
         # Acquire requests made by the last acquire() (it retries while held or leaderless).
         self.attempts = 0
@@ -91,6 +100,8 @@ class Lock:
         """The fencing token, or :class:`~riftmesh.LockLost` if the lock is not held."""
         if self.token is None or self._released:
             raise LockLost(f"lock {self.name} is not held")
+        if not self._lost.is_set() and self._deadline is not None and time.monotonic() >= self._deadline:
+            self._mark_lost("the lease ran out before a renewal succeeded")
         if self._lost.is_set():
             raise LockLost(f"lock {self.name} (token {self.token}) was lost: {self.lost_reason}")
         return self.token
@@ -114,6 +125,7 @@ class Lock:
         self.attempts = 0
         while True:
             self.attempts += 1
+            sent = time.monotonic()
             try:
                 r = self.client._http.request("POST", self._path("acquire"), body=body)
                 break
@@ -128,6 +140,7 @@ class Lock:
                 time.sleep(0.2)
         self.token = int(r["token"])
         self.expires_ms = int(r["expires_ms"])
+        self._deadline = sent + self.ttl * (1 - _DRIFT)
         self.renewals = 0
         self.lost_reason = None
         self._released = False
@@ -142,10 +155,17 @@ class Lock:
     def renew(self) -> None:
         """Renew once now (the background thread does this on its own)."""
         token = self.check()
+        sent = time.monotonic()
+        # No longer than the lease has left: past it, the answer no longer matters.
+        left = (self._deadline - sent) if self._deadline is not None else self.ttl
         r = self.client._http.request(
-            "POST", self._path("renew"), body={"token": token}, timeout=max(1.0, min(self.client.timeout, self.ttl))
+            "POST",
+            self._path("renew"),
+            body={"token": token},
+            timeout=max(0.05, min(self.client.timeout, self.ttl, left)),
         )
         self.expires_ms = int(r["expires_ms"])
+        self._deadline = sent + self.ttl * (1 - _DRIFT)
         self.renewals += 1
 
     def release(self) -> None:
@@ -188,8 +208,7 @@ class Lock:
                 return
             except (Unavailable, AgentUnavailable, RiftmeshTimeout) as e:
                 # Keep trying faster until the lease would have run out.
-                now_ms = time.time() * 1000
-                if self.expires_ms is not None and now_ms >= self.expires_ms:
+                if self._deadline is not None and time.monotonic() >= self._deadline:
                     self._mark_lost(f"could not renew before the lease ended: {e}")
                     return
                 interval = max(0.05, self.renew_every / 4)
