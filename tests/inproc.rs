@@ -357,6 +357,139 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
     );
 }
 
+/// A transfer whose only source lies gives up within its stall time and
+/// says why (proto-notes/sync.md, "Giving up"): a1 is cut off from a0, the
+/// only holder; the liar relays a0's answers to a1 with every chunk
+/// altered; a2 (which holds nothing) carries the naming event. a1 rejects
+/// the chunks, drops the liar, shows the last problem while it runs, and
+/// records a failure naming the chunk, the liar and the verification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_whose_only_source_lies_gives_up_and_says_why() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let started = Instant::now();
+    let placed = tempfile::tempdir().unwrap();
+    let place = format!("{}/{{name}}.bin", placed.path().display());
+    let stall = Duration::from_secs(3);
+    let c = Cluster::start(3, |cfg| {
+        cfg.transfer.chunk_size = 256 * 1024;
+        cfg.transfer.stall = stall;
+        if cfg.name == "a1" {
+            cfg.transfer.wants = vec![riftmesh::blob::Want {
+                names: "models/*".into(),
+                place: Some(place.clone()),
+                if_tags: Default::default(),
+            }];
+        }
+    })
+    .await;
+    let up = Instant::now();
+    let (a0, a1) = (&c.agents[0], &c.agents[1]);
+    let (liar, mut inbox, liar_key) = inproc::bare_memory_peer(&c.swarm_key);
+    let liar_id = liar_key.public().to_peer_id();
+    liar.dial(a0.addr.clone()).await.unwrap();
+    liar.dial(a1.addr.clone()).await.unwrap();
+    let served_bad = Arc::new(AtomicUsize::new(0));
+    let relay = {
+        let liar = liar.clone();
+        let served_bad = served_bad.clone();
+        let (a0_id, a1_id) = (a0.peer, a1.peer);
+        tokio::spawn(async move {
+            while let Some(req) = inbox.blob.recv().await {
+                if req.peer != a1_id {
+                    liar.blob_respond(req.channel, Vec::new()).await;
+                    continue;
+                }
+                let mut answer: Vec<u8> = liar
+                    .blob_request(a0_id, req.request)
+                    .await
+                    .unwrap_or_default();
+                if answer.first() == Some(&2) && answer.len() > 2 {
+                    *answer.last_mut().unwrap() ^= 0x5a;
+                    served_bad.fetch_add(1, Ordering::SeqCst);
+                }
+                liar.blob_respond(req.channel, answer).await;
+            }
+        })
+    };
+    a1.block(&[a0.peer], true).await;
+    a0.block(&[a1.peer], true).await;
+    wait_until(
+        "a1 to be cut off from a0 and connected to the liar",
+        T,
+        || async {
+            (!a1.connected_to(&a0.peer).await && a1.connected_to(&liar_id).await).then_some(())
+        },
+    )
+    .await;
+
+    let data = random_bytes(1024 * 1024, 5);
+    let len = data.len() as u64;
+    let added = riftmesh::blob::add(
+        a0.node().blob(),
+        Box::new(std::io::Cursor::new(data.clone())),
+        len,
+        "m.pth".into(),
+        "models/m",
+        "MODEL_PROMOTED",
+        riftmesh::blob::NamingLink::default(),
+    )
+    .await
+    .unwrap();
+    let hex = riftmesh::blob::hex_id(&added.0.id);
+    let liar_b58 = liar_id.to_base58();
+    // While it runs, the transfer says what goes wrong.
+    let problem = wait_until("a1's transfer to show its last problem", T, || async {
+        a1.node()
+            .blobs()
+            .transfers()
+            .into_iter()
+            .find(|t| t.blob == hex)
+            .and_then(|t| t.last_problem)
+    })
+    .await;
+    assert_eq!(problem.peer, liar_b58);
+    assert!(
+        problem.reason.contains("failed verification (hash)"),
+        "{}",
+        problem.reason
+    );
+    // Then it gives up, within the stall time of its last chunk, and says why.
+    let t_problem = Instant::now();
+    let failure = wait_until("a1's transfer to give up", T, || async {
+        a1.node()
+            .blobs()
+            .failures()
+            .into_iter()
+            .find(|f| f.blob == hex)
+    })
+    .await;
+    let waited = t_problem.elapsed();
+    assert!(
+        failure.reason.contains("no progress for 3s")
+            && failure.reason.contains(&liar_b58)
+            && failure.reason.contains("failed verification (hash)"),
+        "{}",
+        failure.reason
+    );
+    assert!(
+        waited < stall + Duration::from_secs(5),
+        "gave up {waited:?} after the first problem (stall {stall:?})"
+    );
+    assert!(served_bad.load(Ordering::SeqCst) >= 1);
+    assert!(!placed.path().join("m.bin").exists(), "nothing was placed");
+    println!(
+        "gave up {waited:?} after the first problem: {}",
+        failure.reason
+    );
+    relay.abort();
+    report(
+        "a_transfer_whose_only_source_lies_gives_up_and_says_why",
+        started,
+        up,
+    );
+}
+
 // ---- membership: what an agent says about itself, and `/riftmesh/member/1` ----
 
 /// Payloads of the events of type `t` about member `node` in `a`'s log.

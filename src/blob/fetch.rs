@@ -17,7 +17,7 @@ use super::events::{event_type, publish_event, TransferStep};
 use super::objects::{hex_id, Bitmap, BlobError, BlobId, BlobStore, Manifest};
 use super::rate::take;
 use super::room::check_space;
-use super::sched::{Pace, Sched, Search, STALL};
+use super::sched::{Pace, Sched, Search};
 use super::whole::WholeHash;
 use super::wire::{Answer, Request, Response};
 use super::{count_bytes, lock, Ctx, TransferView};
@@ -108,7 +108,8 @@ async fn find_manifest(
     size: u64,
     root: [u8; 32],
 ) -> Result<(Manifest, Sources), String> {
-    let mut search = Search::new(Instant::now());
+    let stall = ctx.blobs.cfg.stall;
+    let mut search = Search::new(Instant::now(), stall);
     loop {
         let found = who_has(ctx, blob).await;
         if let Some(m) = matching_manifest(ctx, blob, size, root, &found).await {
@@ -118,7 +119,7 @@ async fn find_manifest(
             return Err(format!(
                 "no connected peer holds blob {} (asked for {}s)",
                 hex_id(&blob),
-                STALL.as_secs()
+                stall.as_secs()
             ));
         };
         tokio::time::sleep(wait).await;
@@ -173,6 +174,8 @@ struct Run {
     // chunk pipeline, never in front of it.
     ckpt: Option<(JoinHandle<Result<(), BlobError>>, Bitmap)>,
     refresh: Option<JoinHandle<Sources>>,
+    /// The latest chunk problem, for the reason if the transfer gives up.
+    last_problem: Option<String>,
 }
 
 impl Run {
@@ -209,7 +212,7 @@ impl Run {
             manifest.clone(),
             &have,
         ));
-        let mut pace = Pace::new(Instant::now());
+        let mut pace = Pace::new(Instant::now(), b.cfg.stall);
         pace.on_sources(partial);
         update_view(ctx, &blob, |v| {
             v.state = "fetching".into();
@@ -225,6 +228,7 @@ impl Run {
             durable: have,
             ckpt: None,
             refresh: None,
+            last_problem: None,
         })
     }
 
@@ -289,14 +293,43 @@ impl Run {
                     .inc();
                 tracing::warn!(%peer, blob = %hex_id(&self.blob), chunk = idx, reason, "a peer served a chunk that fails verification; fetching it elsewhere");
                 sched.on_bad(peer, idx, now);
+                let dropped = sched.is_dropped(&peer);
+                self.problem(
+                    peer,
+                    idx,
+                    format!(
+                        "the chunk failed verification ({reason}){}",
+                        if dropped {
+                            "; source dropped for this transfer"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
             }
             ChunkDone::Failed(e) => {
                 tracing::debug!(%peer, chunk = idx, error = %e, "chunk request failed");
                 sched.on_fail(peer, idx, now);
+                self.problem(peer, idx, format!("request failed: {e}"));
             }
             ChunkDone::Busy => sched.on_busy(peer, idx, now),
             ChunkDone::Missing => sched.on_missing(peer, idx),
         }
+    }
+
+    /// Record why chunk `idx` from `peer` did not arrive: shown with the
+    /// transfer, and the reason if the transfer gives up.
+    fn problem(&mut self, peer: PeerId, idx: u32, reason: String) {
+        let text = format!("chunk {idx} from {peer}: {reason}");
+        update_view(&self.ctx, &self.blob, |v| {
+            v.last_problem = Some(super::ProblemView {
+                peer: peer.to_base58(),
+                chunk: idx,
+                reason,
+                at_ms: crate::event::now_ms(),
+            });
+        });
+        self.last_problem = Some(text);
     }
 
     /// A source refresh came back with `found`.
@@ -340,10 +373,14 @@ impl Run {
         }
         if self.pace.stalled(idle, now) {
             return Err(format!(
-                "no progress for {}s ({} of {} chunks; sources gone or failing)",
-                STALL.as_secs(),
+                "no progress for {}s ({} of {} chunks); {}",
+                self.ctx.blobs.cfg.stall.as_secs_f64(),
                 self.sched.have().count(),
-                self.manifest.chunks.len()
+                self.manifest.chunks.len(),
+                match &self.last_problem {
+                    Some(p) => format!("last problem: {p}"),
+                    None => "no source offered the missing chunks".into(),
+                }
             ));
         }
         Ok(())

@@ -95,6 +95,19 @@ pub struct TransferView {
     pub sources: Vec<String>,
     pub state: String,
     pub started_ms: u64,
+    /// The latest chunk that failed (a source's refusal, timeout or a chunk
+    /// failing verification): why a transfer is not progressing, while it
+    /// still runs. A transfer with nothing usable for `sync_stall` gives up
+    /// with this as its reason (proto-notes/sync.md, "Giving up").
+    pub last_problem: Option<ProblemView>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ProblemView {
+    pub peer: String,
+    pub chunk: u32,
+    pub reason: String,
+    pub at_ms: u64,
 }
 
 #[derive(Serialize, Clone, Debug)]

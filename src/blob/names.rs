@@ -340,6 +340,7 @@ pub fn ensure_held(
                 sources: Vec::new(),
                 state: "queued".into(),
                 started_ms: now_ms(),
+                last_problem: None,
             },
             started: Instant::now(),
             wake: wake.clone(),

@@ -24,7 +24,8 @@
 //! - A source that serves a chunk failing verification is dropped for this
 //!   transfer after the second such chunk.
 //! - Sources are asked again every [`SOURCE_REFRESH`]; a transfer with no
-//!   source and nothing in flight for [`STALL`] fails.
+//!   chunk and nothing in flight for its stall time ([`STALL`] unless
+//!   configured: `sync_stall`) fails.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -338,7 +339,8 @@ pub const SOURCE_REFRESH: Duration = Duration::from_millis(500);
 /// A starved transfer (no usable source, nothing in flight) asks again
 /// after this long, whatever [`SOURCE_REFRESH`] says.
 const STARVED_REFRESH: Duration = Duration::from_millis(500);
-/// A transfer with no source and nothing in flight for this long fails.
+/// A transfer with no chunk and nothing in flight for this long fails
+/// (the default of `sync_stall`).
 pub const STALL: Duration = Duration::from_secs(60);
 /// Longest time verified chunks wait to be made durable and recorded; also
 /// how often the transfer's status is refreshed.
@@ -351,11 +353,15 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// root; the search gives up when no peer has held it for [`STALL`].
 pub struct Search {
     last_seen: Instant,
+    stall: Duration,
 }
 
 impl Search {
-    pub fn new(now: Instant) -> Search {
-        Search { last_seen: now }
+    pub fn new(now: Instant, stall: Duration) -> Search {
+        Search {
+            last_seen: now,
+            stall,
+        }
     }
 
     /// A round of asking ended at `now` without a manifest; `found`: some
@@ -365,7 +371,7 @@ impl Search {
         if found {
             self.last_seen = now;
         }
-        (now.duration_since(self.last_seen) <= STALL).then_some(SOURCE_REFRESH)
+        (now.duration_since(self.last_seen) <= self.stall).then_some(SOURCE_REFRESH)
     }
 }
 
@@ -384,11 +390,13 @@ pub struct Pace {
     /// fan-out has begun by then).
     others: bool,
     order_decided: bool,
+    stall: Duration,
 }
 
 impl Pace {
-    pub fn new(now: Instant) -> Pace {
+    pub fn new(now: Instant, stall: Duration) -> Pace {
         Pace {
+            stall,
             last_refresh: now,
             last_status: now,
             last_progress: now,
@@ -463,9 +471,9 @@ impl Pace {
         due
     }
 
-    /// Give up: nothing in flight (`idle`) and no chunk for [`STALL`].
+    /// Give up: nothing in flight (`idle`) and no chunk for the stall time.
     pub fn stalled(&self, idle: bool, now: Instant) -> bool {
-        idle && now.duration_since(self.last_progress) > STALL
+        idle && now.duration_since(self.last_progress) > self.stall
     }
 }
 
@@ -691,7 +699,7 @@ mod tests {
     #[test]
     fn the_search_gives_up_after_a_stall_with_no_holder() {
         let t0 = Instant::now();
-        let mut s = Search::new(t0);
+        let mut s = Search::new(t0, STALL);
         let secs = |n: u64| t0 + Duration::from_secs(n);
         assert_eq!(s.next_round(false, secs(1)), Some(SOURCE_REFRESH));
         assert_eq!(s.next_round(false, secs(60)), Some(SOURCE_REFRESH));
@@ -704,7 +712,7 @@ mod tests {
     #[test]
     fn sources_are_refreshed_every_half_second_one_request_at_a_time() {
         let t0 = Instant::now();
-        let mut p = Pace::new(t0);
+        let mut p = Pace::new(t0, STALL);
         let ms = |n: u64| t0 + Duration::from_millis(n);
         assert!(!p.refresh_due(false, true, ms(499)));
         assert!(!p.refresh_due(true, true, ms(500)), "one already running");
@@ -716,7 +724,7 @@ mod tests {
     #[test]
     fn checkpoints_follow_half_a_window_or_a_second() {
         let t0 = Instant::now();
-        let p = Pace::new(t0);
+        let p = Pace::new(t0, STALL);
         let ms = |n: u64| t0 + Duration::from_millis(n);
         assert!(p.checkpoint_due(false, 4, 8, false, ms(10)));
         assert!(!p.checkpoint_due(true, 4, 8, false, ms(10)), "one running");
@@ -733,7 +741,7 @@ mod tests {
     #[test]
     fn the_status_is_refreshed_every_second_with_the_rate_over_five_seconds() {
         let t0 = Instant::now();
-        let mut p = Pace::new(t0);
+        let mut p = Pace::new(t0, STALL);
         let ms = |n: u64| t0 + Duration::from_millis(n);
         p.on_chunk(5 << 20, ms(100));
         assert_eq!(p.status_due(false, ms(999)), None);
@@ -746,12 +754,12 @@ mod tests {
 
     #[test]
     fn chunks_go_in_index_order_when_the_first_refresh_finds_no_other_receiver() {
-        let mut alone = Pace::new(Instant::now());
+        let mut alone = Pace::new(Instant::now(), STALL);
         alone.on_sources(false);
         alone.on_sources(false);
         assert!(alone.on_refreshed());
         assert!(!alone.on_refreshed(), "decided once");
-        let mut shared = Pace::new(Instant::now());
+        let mut shared = Pace::new(Instant::now(), STALL);
         shared.on_sources(true);
         shared.on_sources(false);
         assert!(!shared.on_refreshed());
@@ -760,7 +768,7 @@ mod tests {
     #[test]
     fn a_fetch_stalls_only_idle_a_minute_after_its_last_chunk() {
         let t0 = Instant::now();
-        let mut p = Pace::new(t0);
+        let mut p = Pace::new(t0, STALL);
         let secs = |n: u64| t0 + Duration::from_secs(n);
         assert!(!p.stalled(true, secs(60)));
         assert!(p.stalled(true, secs(61)));

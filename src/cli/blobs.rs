@@ -270,6 +270,15 @@ fn transfers_table(v: &Value, names: &Names) -> String {
             sources.join(","),
             t["state"].as_str().unwrap_or(""),
         );
+        if let Some(p) = t["last_problem"].as_object() {
+            let _ = writeln!(
+                o,
+                "  last problem: chunk {} from {}: {}",
+                p.get("chunk").and_then(Value::as_u64).unwrap_or(0),
+                names.name_or_short(p.get("peer").and_then(Value::as_str).unwrap_or("")),
+                p.get("reason").and_then(Value::as_str).unwrap_or("")
+            );
+        }
     }
     for f in v["failures"].as_array().cloned().unwrap_or_default() {
         let _ = writeln!(

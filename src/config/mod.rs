@@ -116,6 +116,9 @@ pub struct FileConfig {
     pub blob_budget: Option<String>,
     pub blob_reserve: Option<String>,
     pub blob_retention: Option<String>,
+    /// How long a transfer may go without a chunk (nothing in flight)
+    /// before it gives up, e.g. "60s".
+    pub sync_stall: Option<String>,
     pub sync_transfers: Option<usize>,
     pub sync_upload_rate: Option<String>,
     pub sync_download_rate: Option<String>,

@@ -479,6 +479,7 @@ impl Sources<'_> {
             retention: self.dur("blob_retention", file.blob_retention.take(), sd.retention)?,
             per_source: sd.per_source,
             forgotten_kept: sd.forgotten_kept,
+            stall: self.dur("sync_stall", file.sync_stall.take(), sd.stall)?,
         })
     }
 

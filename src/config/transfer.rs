@@ -114,6 +114,9 @@ pub struct TransferConfig {
     /// covers is no longer held to be caught up (proto-notes/sync.md,
     /// "Forgetting a name").
     pub forgotten_kept: Duration,
+    /// A transfer that receives no chunk for this long, with nothing in
+    /// flight, gives up (and is retried with the name's next attempt).
+    pub stall: Duration,
 }
 
 impl Default for TransferConfig {
@@ -129,6 +132,7 @@ impl Default for TransferConfig {
             retention: Duration::from_secs(24 * 3600),
             per_source: 8,
             forgotten_kept: Duration::from_secs(2 * 7 * 24 * 3600),
+            stall: crate::blob::sched::STALL,
         }
     }
 }
