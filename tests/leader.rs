@@ -234,6 +234,13 @@ async fn a_cut_off_leader_stops_leading_and_grants_nothing() {
     let _ = leader2;
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_lock_clients_never_overlap_and_tokens_increase() {
     let root = tempfile::tempdir().unwrap();
@@ -242,7 +249,10 @@ async fn concurrent_lock_clients_never_overlap_and_tokens_increase() {
     let all: Vec<&Agent> = agents.iter().collect();
     agreed_leader(&all, None).await;
     // Four clients, one per agent, race for one lock for a while; each holds
-    // a grant to its expiry (no release), so validity windows are exact.
+    // a grant to its expiry (no release). A grant's window on the holder's
+    // side is [send of its request, send + TTL]; the next grant must not be
+    // answered before that window ends (it is made at least a TTL after the
+    // previous grant was applied, which is after its request was sent).
     let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let deadline = std::time::Instant::now() + Duration::from_secs(6);
     let mut tasks = Vec::new();
@@ -251,9 +261,12 @@ async fn concurrent_lock_clients_never_overlap_and_tokens_increase() {
         let history = history.clone();
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
+            // Each client at its own phase, so no one is always first.
+            tokio::time::sleep(Duration::from_millis(13 * i as u64)).await;
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             while std::time::Instant::now() < deadline {
                 tick.tick().await;
+                let sent = now_ms();
                 let r = http
                     .post(format!("{api}/v1/locks/race/acquire"))
                     .json(&json!({ "ttl_secs": 0.3, "holder": format!("client{i}") }))
@@ -262,12 +275,11 @@ async fn concurrent_lock_clients_never_overlap_and_tokens_increase() {
                     .unwrap();
                 if r.status() == 200 {
                     let v: Value = r.json().await.unwrap();
-                    history.lock().unwrap().push((
-                        v["token"].as_u64().unwrap(),
-                        v["expires_ms"].as_u64().unwrap() - 300,
-                        v["expires_ms"].as_u64().unwrap(),
-                        i,
-                    ));
+                    let answered = now_ms();
+                    history
+                        .lock()
+                        .unwrap()
+                        .push((v["token"].as_u64().unwrap(), sent, answered, i));
                 }
             }
         }));
@@ -283,7 +295,10 @@ async fn concurrent_lock_clients_never_overlap_and_tokens_increase() {
     for w in h.windows(2) {
         let (a, b) = (w[0], w[1]);
         assert!(b.0 > a.0, "tokens strictly increase: {h:?}");
-        assert!(b.1 >= a.2, "grant {b:?} overlaps {a:?}");
+        assert!(
+            b.2 >= a.1 + 300,
+            "grant {b:?} answered before {a:?}'s holder's lease ended (sent + 300 ms)"
+        );
     }
 }
 

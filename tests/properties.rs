@@ -1559,10 +1559,11 @@ enum LeaseOp {
     Advance(u64),
     /// The leader applies up to this many entries of its log.
     Apply(u8),
-    /// Another voter becomes leader: it applied the same entries, each when
-    /// it was committed, at most `now`; its leases start now (the worst case
-    /// for liveness, never for safety).
-    NewLeader,
+    /// Another voter becomes leader. Adversarially: it applied every entry
+    /// but the last `k` at the same moments as the old leader (the earliest
+    /// a follower can), and applies those `k` later, in order, before
+    /// anything it proposes itself.
+    NewLeader(u8),
 }
 
 proptest! {
@@ -1580,7 +1581,7 @@ proptest! {
         1 => (0u8..2, any::<prop::sample::Index>()).prop_map(|(n, i)| LeaseOp::Release(n, i)),
         3 => (0u64..1500).prop_map(LeaseOp::Advance),
         3 => (1u8..4).prop_map(LeaseOp::Apply),
-        1 => Just(LeaseOp::NewLeader),
+        1 => (0u8..3).prop_map(LeaseOp::NewLeader),
     ], 1..150)) {
         use riftmesh::leader::raft_log::Leases;
         let base = Instant::now();
@@ -1588,13 +1589,18 @@ proptest! {
         let mut now = 0u64;
         let mut st = LockState::default();
         let mut leases = Leases::default();
-        let mut applied: Vec<LockRequest> = Vec::new();
-        // Proposed, not yet applied: (entry, the call's send time).
-        let mut pending: std::collections::VecDeque<(LockRequest, u64)> = Default::default();
+        // Applied: (entry, its index, the call's send time, when applied).
+        let mut applied: Vec<(LockRequest, u64, u64, u64)> = Vec::new();
+        // In the log, not yet applied: (entry, send time, index if it has one).
+        let mut pending: std::collections::VecDeque<(LockRequest, u64, Option<u64>)> = Default::default();
         let mut index = 0u64;
         // Per lock: (token, holder's own deadline) of the grant its holder uses.
         let mut using: HashMap<String, (u64, u64)> = HashMap::new();
         let mut tokens: Vec<(String, u64)> = vec![("l0".into(), 0)];
+        let name_of = |req: &LockRequest| match req {
+            LockRequest::Grant { name, .. } | LockRequest::Extend { name, .. } | LockRequest::Release { name, .. } => name.clone(),
+            _ => unreachable!(),
+        };
         for op in ops {
             match op {
                 LeaseOp::Advance(ms) => now += ms,
@@ -1603,11 +1609,11 @@ proptest! {
                     // The leader's judgement, as Leader::judge makes it.
                     let expect = match st.locks.get(&name) {
                         None => Some(None),
-                        Some(l) if leases.remaining(&name, l, at(now)).is_zero() => Some(Some((l.token, l.generation))),
+                        Some(l) if leases.remaining(&name, l, at(now)).is_zero() => Some(Some(l.version())),
                         Some(_) => None,
                     };
                     if let Some(expect) = expect {
-                        pending.push_back((LockRequest::Grant { name, holder: format!("h{h}"), ttl_ms: ttl, expect, stamp_ms: 0 }, now));
+                        pending.push_back((LockRequest::Grant { name, holder: format!("h{h}"), ttl_ms: ttl, expect, stamp_ms: 0 }, now, None));
                     }
                 }
                 LeaseOp::Renew(n, i) => {
@@ -1615,27 +1621,30 @@ proptest! {
                     let token = tokens[i.index(tokens.len())].1;
                     if let Some(l) = st.locks.get(&name) {
                         if l.token == token && !leases.remaining(&name, l, at(now)).is_zero() {
-                            pending.push_back((LockRequest::Extend { name, token, stamp_ms: 0 }, now));
+                            pending.push_back((LockRequest::Extend { name, token, stamp_ms: 0 }, now, None));
                         }
                     }
                 }
                 LeaseOp::Release(n, i) => {
                     let (name, token) = tokens[i.index(tokens.len())].clone();
                     if name == format!("l{n}") {
-                        pending.push_back((LockRequest::Release { name, token }, now));
+                        pending.push_back((LockRequest::Release { name, token }, now, None));
                     }
                 }
                 LeaseOp::Apply(k) => {
                     for _ in 0..k {
-                        let Some((req, sent)) = pending.pop_front() else { break };
-                        index += 1;
-                        let r = st.apply(index, &req);
-                        let name = match &req {
-                            LockRequest::Grant { name, .. } | LockRequest::Extend { name, .. } | LockRequest::Release { name, .. } => name.clone(),
-                            _ => unreachable!(),
-                        };
+                        let Some((req, sent, idx)) = pending.pop_front() else { break };
+                        // Applied again by a new leader: same state, same
+                        // outcome; its holders acted on it the first time.
+                        let again = idx.is_some();
+                        let idx = idx.unwrap_or_else(|| { index += 1; index });
+                        let r = st.apply(idx, &req);
+                        let name = name_of(&req);
                         leases.on_applied(&name, &r, at(now));
-                        applied.push(req.clone());
+                        applied.push((req.clone(), idx, sent, now));
+                        if again {
+                            continue;
+                        }
                         match (&req, &r) {
                             (LockRequest::Grant { ttl_ms, .. }, LockResponse::Granted { token, .. }) => {
                                 if let Some((_, deadline)) = using.get(&name) {
@@ -1661,14 +1670,22 @@ proptest! {
                         }
                     }
                 }
-                LeaseOp::NewLeader => {
+                LeaseOp::NewLeader(k) => {
+                    let keep = applied.len().saturating_sub(k as usize);
                     let mut fresh = LockState::default();
-                    for (i, req) in applied.iter().enumerate() {
-                        fresh.apply(i as u64 + 1, req);
+                    let mut fresh_leases = Leases::default();
+                    for (req, idx, _, t) in &applied[..keep] {
+                        let r = fresh.apply(*idx, req);
+                        fresh_leases.on_applied(&name_of(req), &r, at(*t));
                     }
-                    prop_assert_eq!(&fresh.locks, &st.locks, "replicas disagree");
-                    leases = Leases::default();
-                    leases.reset(&st, at(now));
+                    // The last k: in its log, applied later (before new ones).
+                    for (req, idx, sent, _) in applied.drain(keep..).rev() {
+                        pending.push_front((req, sent, Some(idx)));
+                    }
+                    // Its own proposals not yet in the log are lost.
+                    pending.retain(|p| p.2.is_some());
+                    st = fresh;
+                    leases = fresh_leases;
                 }
             }
         }

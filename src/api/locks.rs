@@ -152,7 +152,7 @@ pub(super) async fn lock_op(
             let expires_ms = now + remaining_ms;
             (
                 StatusCode::CONFLICT,
-                json!({"name": name, "granted": false, "error": format!("lock {name} is held by {holder} (token {token}) until {} (for at most {:.1} s more)", rfc3339(expires_ms), remaining_ms as f64 / 1000.0), "holder": holder, "token": token, "remaining_ms": remaining_ms, "expires_ms": expires_ms}),
+                json!({"name": name, "granted": false, "error": format!("lock {name} is held by {holder} (token {token}) until {} ({:.1} s from now unless renewed)", rfc3339(expires_ms), remaining_ms as f64 / 1000.0), "holder": holder, "token": token, "remaining_ms": remaining_ms, "expires_ms": expires_ms}),
             )
         }
         LockAnswer::One(LockResponse::NotHolder) => (

@@ -119,7 +119,7 @@ async fn find_manifest(
             return Err(format!(
                 "no connected peer holds blob {} (asked for {}s)",
                 hex_id(&blob),
-                stall.as_secs()
+                stall.as_secs_f64()
             ));
         };
         tokio::time::sleep(wait).await;
@@ -284,6 +284,10 @@ impl Run {
                 sched.on_ok(peer, idx);
                 count_bytes(&self.ctx, peer, "in", len);
                 self.pace.on_chunk(len, now);
+                // Progress: an earlier problem no longer explains anything.
+                if self.last_problem.take().is_some() {
+                    update_view(&self.ctx, &self.blob, |v| v.last_problem = None);
+                }
             }
             ChunkDone::Bad(reason) => {
                 self.ctx

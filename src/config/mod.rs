@@ -277,6 +277,24 @@ mod tests {
     }
 
     #[test]
+    fn sync_stall_is_read_and_under_a_second_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let args = AgentArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        std::fs::write(&p, "sync_stall = \"90s\"\n").unwrap();
+        let c = AgentConfig::resolve(&args, None).unwrap();
+        assert_eq!(c.transfer.stall, Duration::from_secs(90));
+        std::fs::write(&p, "sync_stall = \"0s\"\n").unwrap();
+        let e = AgentConfig::resolve(&args, None).unwrap_err();
+        assert_eq!(e.key, "sync_stall");
+        let d = AgentConfig::resolve(&AgentArgs::default(), None).unwrap();
+        assert_eq!(d.transfer.stall, Duration::from_secs(60));
+    }
+
+    #[test]
     fn limits_from_the_file_and_zero_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");

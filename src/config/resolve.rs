@@ -479,7 +479,17 @@ impl Sources<'_> {
             retention: self.dur("blob_retention", file.blob_retention.take(), sd.retention)?,
             per_source: sd.per_source,
             forgotten_kept: sd.forgotten_kept,
-            stall: self.dur("sync_stall", file.sync_stall.take(), sd.stall)?,
+            stall: {
+                let d = self.dur("sync_stall", file.sync_stall.take(), sd.stall)?;
+                if d < Duration::from_secs(1) {
+                    return Err(self.bad(
+                        "sync_stall",
+                        &format!("{d:?}"),
+                        "must be at least 1s (a transfer gives up after this long without a chunk)",
+                    ));
+                }
+                d
+            },
         })
     }
 

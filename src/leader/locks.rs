@@ -120,7 +120,7 @@ impl Leader {
                                 remaining_ms: (left.as_millis() as u64).max(1),
                             }));
                         }
-                        Some((l.token, l.generation))
+                        Some(l.version())
                     }
                 };
                 Judged::Write(LockRequest::Grant {
@@ -219,49 +219,75 @@ impl Leader {
                 .collect();
             return Ok(LockAnswer::List(locks));
         }
-        let req = match self.judge(call) {
-            None => return Err(LockError::NoLeader),
-            Some(Judged::Answer(a)) => {
-                if matches!(a, LockResponse::Denied { .. }) {
-                    ctx.metrics
-                        .lock_ops
-                        .get_or_create(&vec![("op", "deny".into())])
-                        .inc();
-                }
-                return Ok(LockAnswer::One(a));
-            }
-            Some(Judged::Write(req)) => req,
-        };
-        let r = tokio::time::timeout(Duration::from_secs(3), raft.client_write(req))
-            .await
-            .map_err(|_| LockError::Timeout("3 s".into()))?;
+        // A refusal judged on this leader's applied table could be stale (a
+        // new leader that has not applied its predecessor's last commits):
+        // before refusing, the leader confirms it leads and has applied
+        // everything committed (a read index), and judges again. A grant
+        // that missed its compare-and-set (renewed, released or granted
+        // since) is judged again once on the table that includes it.
+        let mut confirmed = false;
+        let mut missed = false;
         let m = &ctx.metrics;
-        match r {
-            Ok(resp) => {
-                match &resp.data {
-                    LockResponse::Granted {
-                        replaced_expired, ..
-                    } => {
-                        m.lock_ops
-                            .get_or_create(&vec![("op", "grant".into())])
-                            .inc();
-                        if *replaced_expired {
-                            m.lock_ops
-                                .get_or_create(&vec![("op", "expired".into())])
-                                .inc();
-                        }
-                    }
-                    LockResponse::Denied { .. } => {
+        loop {
+            let req = match self.judge(call.clone()) {
+                None => return Err(LockError::NoLeader),
+                Some(Judged::Answer(_)) if !confirmed => {
+                    tokio::time::timeout(Duration::from_secs(3), raft.ensure_linearizable())
+                        .await
+                        .map_err(|_| LockError::Timeout("leadership check".into()))?
+                        .map_err(|e| LockError::Other(e.to_string()))?;
+                    confirmed = true;
+                    continue;
+                }
+                Some(Judged::Answer(a)) => {
+                    if matches!(a, LockResponse::Denied { .. }) {
                         m.lock_ops.get_or_create(&vec![("op", "deny".into())]).inc();
                     }
-                    _ => {}
+                    return Ok(LockAnswer::One(a));
                 }
-                Ok(LockAnswer::One(resp.data))
+                Some(Judged::Write(req)) => req,
+            };
+            let is_grant = matches!(req, LockRequest::Grant { .. });
+            let r = tokio::time::timeout(Duration::from_secs(3), raft.client_write(req))
+                .await
+                .map_err(|_| LockError::Timeout("3 s".into()))?;
+            let resp = match r {
+                Ok(resp) => resp.data,
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    return Err(LockError::NoLeader)
+                }
+                Err(e) => return Err(LockError::Other(e.to_string())),
+            };
+            match &resp {
+                LockResponse::Granted {
+                    replaced_expired, ..
+                } => {
+                    m.lock_ops
+                        .get_or_create(&vec![("op", "grant".into())])
+                        .inc();
+                    if *replaced_expired {
+                        m.lock_ops
+                            .get_or_create(&vec![("op", "expired".into())])
+                            .inc();
+                    }
+                }
+                LockResponse::Denied { .. } | LockResponse::NotHolder if is_grant && !missed => {
+                    missed = true;
+                    continue;
+                }
+                LockResponse::NotHolder if is_grant => {
+                    // Released or changed again while granting: no holder
+                    // to name, and a retry will likely get it.
+                    return Err(LockError::Unavailable(
+                        "the lock changed twice while it was being granted; retry".into(),
+                    ));
+                }
+                LockResponse::Denied { .. } => {
+                    m.lock_ops.get_or_create(&vec![("op", "deny".into())]).inc();
+                }
+                _ => {}
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(LockError::NoLeader)
-            }
-            Err(e) => Err(LockError::Other(e.to_string())),
+            return Ok(LockAnswer::One(resp));
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct PeerNode {
 /// The leader decides whether a grant has run out on its own monotonic
 /// clock and proposes [`LockRequest::Grant`] / [`LockRequest::Extend`],
 /// which apply deterministically without any clock: a grant is a
-/// compare-and-set on the lock's (token, generation). `Acquire` and `Renew`
+/// compare-and-set on the lock's version (token, generation, expires_ms). `Acquire` and `Renew`
 /// (version 2 of the table: expiry compared with the proposing leader's
 /// *wall clock*, `now_ms`) are no longer proposed; they are still applied
 /// as before when a log or snapshot written by the previous release is
@@ -81,18 +81,20 @@ pub enum LockRequest {
         token: u64,
     },
     /// Grant `name` to `holder` if the table still holds what the leader
-    /// judged: `expect` = `None` (free) or `Some((token, generation))` of the
+    /// judged: `expect` = `None` (free) or the version
+    /// ([`raft_log::Lock::version`]: token, generation, `expires_ms`) of the
     /// grant whose TTL the leader saw run out. `stamp_ms` is the leader's wall
     /// clock, kept for display only.
     Grant {
         name: String,
         holder: String,
         ttl_ms: u64,
-        expect: Option<(u64, u64)>,
+        expect: Option<(u64, u64, u64)>,
         stamp_ms: u64,
     },
     /// Renew the grant `token` (the leader saw it still running): its
-    /// generation goes up, so a `Grant` judged before this renewal fails.
+    /// generation becomes this entry's index, so a `Grant` judged before
+    /// this renewal fails.
     Extend {
         name: String,
         token: u64,
@@ -114,7 +116,7 @@ pub enum LockResponse {
         holder: String,
         token: u64,
         /// How long the grant in force has left, as the leader measures it
-        /// (an upper bound: it may end sooner).
+        /// (a renewal extends it).
         remaining_ms: u64,
     },
     Released,
@@ -533,18 +535,20 @@ mod tests {
     }
 
     /// Version 3: a grant is a compare-and-set on what the leader judged
-    /// (token, generation); no clock is read in apply, so a wall time in
+    /// (the lock's version); no clock is read in apply, so a wall time in
     /// the entry, however wrong, changes nothing.
     #[test]
     fn a_grant_applies_only_to_the_state_it_was_judged_on() {
         let mut st = raft_log::LockState::default();
-        let grant = |holder: &str, expect: Option<(u64, u64)>, stamp_ms: u64| LockRequest::Grant {
-            name: "promote".into(),
-            holder: holder.into(),
-            ttl_ms: 1000,
-            expect,
-            stamp_ms,
-        };
+        let grant =
+            |holder: &str, expect: Option<(u64, u64, u64)>, stamp_ms: u64| LockRequest::Grant {
+                name: "promote".into(),
+                holder: holder.into(),
+                ttl_ms: 1000,
+                expect,
+                stamp_ms,
+            };
+        let version = |st: &raft_log::LockState| st.locks.get("promote").map(|l| l.version());
         // A leader 10 minutes behind or ahead: the stamps don't matter.
         assert!(matches!(
             st.apply(10, &grant("a", None, 0)),
@@ -554,31 +558,31 @@ mod tests {
                 ..
             }
         ));
-        let g1 = st.locks["promote"].generation;
+        let v1 = version(&st);
         // A second grant judged on "free" is refused: the lock is held.
         assert!(matches!(
             st.apply(11, &grant("b", None, u64::MAX / 2)),
             LockResponse::Denied { token: 10, .. }
         ));
-        // A renewal between the judgement and the grant wins.
+        // A renewal between the judgement and the grant wins, even one with
+        // the same stamp (the version holds the renewal's index).
         let extend = LockRequest::Extend {
             name: "promote".into(),
             token: 10,
-            stamp_ms: 5,
+            stamp_ms: 0,
         };
         assert!(matches!(
             st.apply(12, &extend),
             LockResponse::Granted { token: 10, .. }
         ));
+        assert_ne!(version(&st), v1);
         assert!(matches!(
-            st.apply(13, &grant("b", Some((10, g1)), 0)),
+            st.apply(13, &grant("b", v1, 0)),
             LockResponse::Denied { token: 10, .. }
         ));
         // Judged on the renewed grant: taken, with a higher token.
-        let g2 = st.locks["promote"].generation;
-        assert!(g2 > g1);
         assert!(matches!(
-            st.apply(14, &grant("b", Some((10, g2)), 0)),
+            st.apply(14, &grant("b", version(&st), 0)),
             LockResponse::Granted {
                 token: 14,
                 replaced_expired: true,
@@ -591,6 +595,7 @@ mod tests {
             "the old token renews nothing"
         );
         // A grant judged on a lock that has since been released.
+        let v14 = version(&st);
         assert_eq!(
             st.apply(
                 16,
@@ -601,14 +606,69 @@ mod tests {
             ),
             LockResponse::Released
         );
-        assert_eq!(
-            st.apply(17, &grant("c", Some((14, st_gen(&st))), 0)),
-            LockResponse::NotHolder
-        );
+        assert_eq!(st.apply(17, &grant("c", v14, 0)), LockResponse::NotHolder);
     }
 
-    fn st_gen(st: &raft_log::LockState) -> u64 {
-        st.locks.get("promote").map_or(99, |l| l.generation)
+    /// Replicas that reached one table by different paths (one loaded the
+    /// previous release's snapshot, one replayed its log) agree on every
+    /// lock's version, so a `Grant` has the same outcome on both.
+    #[test]
+    fn replicas_from_a_version_2_snapshot_and_from_a_replay_agree() {
+        let old = [
+            LockRequest::Acquire {
+                name: "promote".into(),
+                holder: "a".into(),
+                ttl_ms: 1000,
+                now_ms: 100,
+            },
+            LockRequest::Renew {
+                name: "promote".into(),
+                token: 1,
+                now_ms: 600,
+            },
+        ];
+        let mut replayed = raft_log::LockState::default();
+        for (i, r) in old.iter().enumerate() {
+            replayed.apply(i as u64 + 1, r);
+        }
+        // The snapshot a previous-release voter took after entry 2.
+        let mut loaded = raft_log::LockState::default();
+        loaded.apply(1, &old[0]);
+        let mut from_snapshot = raft_log::LockState {
+            locks: loaded
+                .locks
+                .into_iter()
+                .map(|(k, mut l)| {
+                    l.expires_ms = 1600;
+                    l.generation = 0;
+                    (k, l)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(from_snapshot.locks, replayed.locks);
+        let judged = replayed.locks["promote"].version();
+        let new = [
+            LockRequest::Extend {
+                name: "promote".into(),
+                token: 1,
+                stamp_ms: 5,
+            },
+            LockRequest::Grant {
+                name: "promote".into(),
+                holder: "b".into(),
+                ttl_ms: 1000,
+                expect: Some(judged),
+                stamp_ms: 9,
+            },
+        ];
+        for (i, r) in new.iter().enumerate() {
+            let a = replayed.apply(i as u64 + 3, r);
+            let b = from_snapshot.apply(i as u64 + 3, r);
+            assert_eq!(a, b, "{r:?}");
+        }
+        assert_eq!(from_snapshot.locks, replayed.locks);
+        assert_eq!(replayed.locks["promote"].holder, "a", "the renewal won");
     }
 
     /// Leases run on this agent's monotonic clock from the apply of the

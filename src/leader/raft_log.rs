@@ -241,9 +241,22 @@ pub struct Lock {
     /// the TTL: for display, and the expiry of version-2 entries only.
     /// Whether a grant runs is decided by [`Leases`], never by this.
     pub expires_ms: u64,
-    /// Raised by every grant and renewal: what a [`LockRequest::Grant`]
-    /// compares, so a grant judged before a renewal is refused.
+    /// The log index of the last `Grant` or `Extend` of this lock (0 when
+    /// its last change was a version-2 entry, or it came from a version-2
+    /// snapshot). With the token and `expires_ms` it is the lock's version
+    /// ([`Lock::version`]), what a [`LockRequest::Grant`] compares: a
+    /// function of the log alone, so every replica agrees on it however it
+    /// got its state (a snapshot of either version, or a replay).
     pub generation: u64,
+}
+
+impl Lock {
+    /// What a `Grant` judged on this grant expects to find: any grant or
+    /// renewal since changes it (a version-2 `Renew` changes `expires_ms`,
+    /// a version-3 `Extend` the generation).
+    pub fn version(&self) -> (u64, u64, u64) {
+        (self.token, self.generation, self.expires_ms)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -316,7 +329,6 @@ impl LockState {
             token: l.token,
             remaining_ms,
         };
-        let generation = |l: Option<&Lock>| l.map_or(0, |l| l.generation) + 1;
         match req {
             LockRequest::Acquire {
                 name,
@@ -336,7 +348,7 @@ impl LockState {
                     token: index,
                     ttl_ms: *ttl_ms,
                     expires_ms: now_ms.saturating_add(*ttl_ms),
-                    generation: generation(self.locks.get(name)),
+                    generation: 0,
                 };
                 self.locks.insert(name.clone(), l);
                 LockResponse::Granted {
@@ -352,7 +364,7 @@ impl LockState {
             } => match self.locks.get_mut(name) {
                 Some(l) if l.token == *token && l.expires_ms > *now_ms => {
                     l.expires_ms = now_ms.saturating_add(l.ttl_ms);
-                    l.generation += 1;
+                    l.generation = 0;
                     LockResponse::Granted {
                         token: l.token,
                         ttl_ms: l.ttl_ms,
@@ -376,7 +388,7 @@ impl LockState {
                 stamp_ms,
             } => {
                 let current = self.locks.get(name);
-                if current.map(|l| (l.token, l.generation)) != *expect {
+                if current.map(Lock::version) != *expect {
                     // Renewed, released or granted since the leader judged:
                     // the caller retries and is judged again. (The remaining
                     // time is the leader's to fill in, from its leases.)
@@ -390,7 +402,7 @@ impl LockState {
                     token: index,
                     ttl_ms: *ttl_ms,
                     expires_ms: stamp_ms.saturating_add(*ttl_ms),
-                    generation: generation(current),
+                    generation: index,
                 };
                 self.locks.insert(name.clone(), l);
                 LockResponse::Granted {
@@ -406,7 +418,7 @@ impl LockState {
             } => match self.locks.get_mut(name) {
                 Some(l) if l.token == *token => {
                     l.expires_ms = stamp_ms.saturating_add(l.ttl_ms);
-                    l.generation += 1;
+                    l.generation = index;
                     LockResponse::Granted {
                         token: l.token,
                         ttl_ms: l.ttl_ms,
@@ -606,7 +618,8 @@ impl RaftStateMachine<TypeConfig> for LockStateMachine {
                         (&mut r, st.locks.get(name))
                     {
                         if matches!(req, LockRequest::Grant { .. }) {
-                            *remaining_ms = leases.remaining(name, l, now).as_millis() as u64;
+                            *remaining_ms =
+                                (leases.remaining(name, l, now).as_millis() as u64).max(1);
                         }
                     }
                     r

@@ -1229,9 +1229,20 @@ class AsyncLock:
                 await self.client._http.request("POST", self._path("release"), body={"token": token})
             except Conflict:
                 pass
+        else:
+            # Lost by its own deadline: a renewal in flight may have kept it
+            # at the agent; the release names its token.
+            try:
+                await self.client._http.request(
+                    "POST", self._path("release"), body={"token": token}, timeout=min(self.client.timeout, 2.0)
+                )
+            except (Conflict, Unavailable, AgentUnavailable, RiftmeshTimeout):
+                pass
         self._released = True
 
     def _mark_lost(self, reason: str) -> None:
+        if self._lost:
+            return
         self.lost_reason = reason
         self._lost = True
         log.error("lock %s (token %s) lost: %s", self.name, self.token, reason)

@@ -81,6 +81,7 @@ class Lock:
         self.attempts = 0
         self.lost_reason: Optional[str] = None
         self._lost = threading.Event()
+        self._lost_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._released = False
@@ -169,7 +170,9 @@ class Lock:
         self.renewals += 1
 
     def release(self) -> None:
-        """Stop renewing and release the lock (a lost lock is not released).
+        """Stop renewing and release the lock. A lock lost by its own deadline is
+        released too, briefly (a renewal in flight may have kept it at the
+        agent): the release names its token, so it can't free another holder's.
 
         ``token`` keeps the value of the grant afterwards, for logs."""
         self._stop.set()
@@ -185,11 +188,23 @@ class Lock:
                 self.client._http.request("POST", self._path("release"), body={"token": token})
             except Conflict:
                 pass  # it expired or was taken meanwhile: nothing to release
+        else:
+            try:
+                self.client._http.request(
+                    "POST", self._path("release"), body={"token": token}, timeout=min(self.client.timeout, 2.0)
+                )
+            except (Conflict, Unavailable, AgentUnavailable, RiftmeshTimeout):
+                pass  # taken, expired, or the agent is out of reach: nothing to do
         self._released = True
 
     def _mark_lost(self, reason: str) -> None:
-        self.lost_reason = reason
-        self._lost.set()
+        # Once: check() on the caller's thread and the renewer may both find
+        # the lease over.
+        with self._lost_lock:
+            if self._lost.is_set():
+                return
+            self.lost_reason = reason
+            self._lost.set()
         log.error("lock %s (token %s) lost: %s", self.name, self.token, reason)
         if self.on_lost is not None:
             try:
