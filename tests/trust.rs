@@ -335,6 +335,27 @@ async fn exits(cmd: &mut Command) -> (std::process::ExitStatus, String) {
     (st, err)
 }
 
+/// The CLI's `status` against `a`, from a directory without a data dir;
+/// (exit code, stderr).
+fn cli_status(a: &Agent, args: &[&str], env: &[(&str, &Path)]) -> (Option<i32>, String) {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut c = Command::new(BIN);
+    c.current_dir(cwd.path())
+        .args(["status", "--api", a.api.trim_start_matches("http://")])
+        .args(args)
+        .env_remove("RIFTMESH_API_TOKEN_FILE")
+        .env_remove("RIFTMESH_DATA_DIR")
+        .env_remove("RIFTMESH_API");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_loopback_api_answers_only_with_its_token_fault_injection_included() {
     let t = tempfile::tempdir().unwrap();
@@ -451,6 +472,37 @@ async fn a_non_loopback_api_answers_only_with_its_token_fault_injection_included
         (a.connected_peers().await == 0).then_some(())
     })
     .await;
+
+    // The CLI: refused without a token (exit 7), and sends the token from
+    // --api-token-file, RIFTMESH_API_TOKEN_FILE, or the agent's own data
+    // directory; a data directory's token never goes to another agent.
+    let (code, err) = cli_status(&a, &[], &[]);
+    assert_eq!(code, Some(7), "{err}");
+    assert!(
+        err.contains("401") && err.contains("needs a token"),
+        "{err}"
+    );
+    let tf = token_file.to_str().unwrap();
+    assert_eq!(cli_status(&a, &["--api-token-file", tf], &[]).0, Some(0));
+    assert_eq!(
+        cli_status(&a, &[], &[("RIFTMESH_API_TOKEN_FILE", &token_file)]).0,
+        Some(0)
+    );
+    let dir = a.dir.to_str().unwrap();
+    assert_eq!(cli_status(&a, &["--data-dir", dir], &[]).0, Some(0));
+    assert_eq!(
+        cli_status(&a, &[], &[("RIFTMESH_DATA_DIR", &a.dir)]).0,
+        Some(0)
+    );
+    let (code, err) = cli_status(&b, &["--data-dir", dir], &[]);
+    assert_eq!(code, Some(7), "{err}");
+    assert!(
+        err.contains("needs a token"),
+        "a's token was sent to b: {err}"
+    );
+    let (code, err) = cli_status(&a, &["--api-token-file", "/nonexistent/api.token"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("/nonexistent/api.token"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
