@@ -55,6 +55,15 @@ def test_the_sync_client_sends_the_token_given_or_from_the_file(
         Client(exposed.api, token="0123456789abcdef-not-it", retry_for=0).status()
     assert "wrong API token" in ei.value.message
 
+    # An upload without it: the agent answers 401 before reading the body
+    # and closes; the client reads that answer instead of calling the agent
+    # unreachable (a broken pipe while sending).
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 << 20))
+    for _ in range(3):
+        with pytest.raises(Unauthorized):
+            Client(exposed.api, retry_for=0).blob_add(big, name=f"models/refused-{uid.lower()}")
+
     # token=: every kind of request carries it (JSON, upload, streamed content).
     c = Client(exposed.api, token=exposed.token, retry_for=0)
     assert c.status()["peer_id"] == exposed.peer_id

@@ -178,7 +178,14 @@ class Transport:
             raise Aborted()
         try:
             try:
-                conn.request(method, url, body=data, headers=headers)
+                try:
+                    conn.request(method, url, body=data, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The agent may answer before it has read the whole body
+                    # (a refused upload: 401, 403, 413) and close: its answer
+                    # is still there to read; failing that, the error stands.
+                    if upload is None:
+                        raise
                 resp = conn.getresponse()
             except (socket.timeout, TimeoutError):
                 if abort is not None and abort.aborted:
