@@ -10,6 +10,12 @@ use crate::config::AgentConfig;
 use crate::node::{write_private, Node};
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // The API's token and the fault-injection gate first: a bad token file
+    // or an unguarded fault injection stops the agent before it binds or
+    // opens anything.
+    let token = crate::keys::load_api_token(&cfg)?;
+    crate::api::check_fault_injection(cfg.api, cfg.fault_injection, token.is_some())
+        .map_err(anyhow::Error::msg)?;
     let mut registry = Registry::default();
     let api_listener = tokio::net::TcpListener::bind(cfg.api).await.map_err(|e| {
         anyhow::anyhow!(
@@ -28,10 +34,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let node = Node::start(cfg.clone(), &mut registry)?;
     let api_addr = api_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
-    if !api_addr.ip().is_loopback() {
-        tracing::warn!(%api_addr, "the local API listens on a non-loopback address: anyone who can reach it can publish and consume");
+    if let Some(t) = &token {
+        tracing::info!(%api_addr, token_file = %t.path.display(), "the local API takes only requests with `Authorization: Bearer <token>` (GET /v1/health without it: up or not)");
         if cfg.fault_injection {
-            tracing::warn!(%api_addr, "fault injection is on with a non-loopback API: anyone who can reach it can cut this agent off from its peers");
+            tracing::warn!(%api_addr, "fault injection is on: anyone with the API token can cut this agent off from its peers");
         }
     }
     tracing::info!(
@@ -71,7 +77,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             tracing::error!(error = %e, "metrics listener stopped");
         }
     });
-    let app = crate::api::router(node.clone());
+    let auth = Arc::new(crate::api::ApiAuth::new(token));
+    let a2 = auth.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::limits::LOG_SUMMARY_EVERY);
+        loop {
+            tick.tick().await;
+            a2.maintain();
+        }
+    });
+    // The peer's address reaches the token check (refusals are logged once
+    // per address).
+    let app = crate::api::router(node.clone(), auth)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let n = node.clone();
     let shutdown = async move {
         tokio::select! {

@@ -94,6 +94,15 @@ struct Conn {
     /// Address of the local agent's API (host:port).
     #[arg(long, env = "RIFTMESH_API", default_value = DEFAULT_API, value_parser = parse_api)]
     api: String,
+    /// File holding the agent's API token, sent as `Authorization: Bearer`
+    /// [default: <data-dir>/api.token, when that data directory's agent is
+    /// the one at --api].
+    #[arg(long, env = "RIFTMESH_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
+    /// The local agent's data directory, where its API token is looked for
+    /// [default: ./riftmesh-data].
+    #[arg(long, env = "RIFTMESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -524,8 +533,9 @@ async fn async_main() {
     }
 }
 
-/// The local agent's API address a client command was given.
-fn api_of(cmd: &Cmd) -> String {
+/// How a client command was told to reach the local agent (None: the
+/// command needs no agent).
+fn conn_of(cmd: &Cmd) -> Option<&Conn> {
     match cmd {
         Cmd::Publish(PublishArgs { conn, .. })
         | Cmd::Events { conn, .. }
@@ -537,9 +547,9 @@ fn api_of(cmd: &Cmd) -> String {
         | Cmd::Run { conn, .. }
         | Cmd::Status { conn }
         | Cmd::Trace { conn, .. }
-        | Cmd::Types { conn } => conn.api.clone(),
-        Cmd::Lock { op } => op.conn().api.clone(),
-        Cmd::Consumer { op } => op.conn().api.clone(),
+        | Cmd::Types { conn } => Some(conn),
+        Cmd::Lock { op } => Some(op.conn()),
+        Cmd::Consumer { op } => Some(op.conn()),
         Cmd::Blob {
             op:
                 BlobOp::Add { conn, .. }
@@ -549,18 +559,25 @@ fn api_of(cmd: &Cmd) -> String {
         }
         | Cmd::Sync {
             op: TransfersOp::Status { conn, .. },
-        } => conn.api.clone(),
+        } => Some(conn),
         Cmd::Agent(_)
         | Cmd::Keygen { .. }
         | Cmd::Config { .. }
         | Cmd::Completion { .. }
-        | Cmd::Man { .. } => DEFAULT_API.to_string(),
+        | Cmd::Man { .. } => None,
     }
 }
 
 /// Every command but `agent`, `config`, `completion` and `man`.
 async fn run_client(parsed: Cli) -> anyhow::Result<()> {
-    let client = Client::new(&api_of(&parsed.cmd));
+    let client = match conn_of(&parsed.cmd) {
+        Some(conn) => Client::new(&conn.api).with_token(cli::token::client_token(
+            &conn.api,
+            conn.api_token_file.as_deref(),
+            conn.data_dir.as_deref(),
+        )?),
+        None => Client::new(DEFAULT_API),
+    };
     let json_out = parsed.json;
     let c = &client;
     match parsed.cmd {

@@ -41,6 +41,8 @@ fn cli(args: &[&str]) -> Output {
         .args(args)
         .env_remove("RIFTMESH_API")
         .env_remove("RIFTMESH_CONFIG")
+        .env_remove("RIFTMESH_API_TOKEN_FILE")
+        .env_remove("RIFTMESH_DATA_DIR")
         .output()
         .unwrap()
 }
@@ -285,6 +287,40 @@ fn config_check_accepts_the_shipped_examples_and_points_at_mistakes() {
         out.contains("warning") && out.contains("bootstrap"),
         "{out}"
     );
+    // The API token: none on loopback; elsewhere the file the agent will
+    // make; a named file the agent would refuse is refused here too.
+    let d = dir.path().join("d");
+    let d = d.to_str().unwrap();
+    let check = |extra: &[&str], code: i32| {
+        let mut args = vec!["config", "check", "--data-dir", d, "--no-mdns", "--json"];
+        args.extend_from_slice(extra);
+        expect(&args, code)
+    };
+    let (out, _) = check(&[], 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["api_token_file"].as_str().unwrap().starts_with("none"),
+        "{v}"
+    );
+    let (out, _) = check(&["--api", "0.0.0.0:7411"], 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["api_token_file"],
+        format!("{d}/api.token (made at the first start)"),
+        "{v}"
+    );
+    let tf = dir.path().join("api-token");
+    std::fs::write(&tf, "short\n").unwrap();
+    std::fs::set_permissions(&tf, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (_, err) = check(&["--api-token-file", tf.to_str().unwrap()], 2);
+    assert!(
+        err.contains("API token file") && err.contains("16"),
+        "{err}"
+    );
+    std::fs::write(&tf, "a-token-of-twenty-characters\n").unwrap();
+    let (out, _) = check(&["--api-token-file", tf.to_str().unwrap()], 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["api_token_file"], tf.to_str().unwrap(), "{v}");
 }
 
 /// A port where nothing listens (bound, then closed).

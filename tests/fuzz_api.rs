@@ -543,7 +543,10 @@ async fn api_bodies_are_parsed_and_validated_or_refused() {
     let cfg = AgentConfig::resolve(&args, None).unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     let node = Node::start(cfg, &mut registry).unwrap();
-    let app = riftmesh::api::router(node.clone());
+    let app = riftmesh::api::router(
+        node.clone(),
+        std::sync::Arc::new(riftmesh::api::ApiAuth::open()),
+    );
     let targets = targets(&blob_file);
 
     let started = std::time::Instant::now();

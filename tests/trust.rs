@@ -1,7 +1,9 @@
 //! The local API's trust boundary with a real agent (proto-notes/security.md):
 //! files named by a request are read only under `blob_roots`, never the
 //! agent's own keys, `/proc` or a FIFO; blobs otherwise come as uploaded
-//! bytes; a foreign `Host` is refused; fault injection is off by default.
+//! bytes; a foreign `Host` is refused; fault injection is off by default;
+//! an API that is not on loopback (or has `api_token_file`) answers only
+//! requests with its token.
 
 mod common;
 
@@ -280,6 +282,319 @@ async fn fault_injection_is_accepted_only_when_switched_on() {
     let a = Agent::start_with(t.path(), "a", &key, &[], &["--fault-injection".into()]).await;
     let (s, v) = post_quick(&a, "/v1/debug/block", &json!({"peers": []})).await;
     assert_eq!(s, 200, "{v}");
+}
+
+/// A request without the token (or with `auth` as its Authorization
+/// value): (status, WWW-Authenticate, body).
+async fn no_token(
+    a: &Agent,
+    method: reqwest::Method,
+    path: &str,
+    auth: Option<&str>,
+) -> (u16, Option<String>, Value) {
+    let mut r = reqwest::Client::new()
+        .request(method, format!("{}{path}", a.api))
+        .timeout(Duration::from_secs(5));
+    if path != "/v1/health" {
+        r = r.json(&json!({"type": "X_NOTOKEN", "payload": {}, "peers": [], "name": "n"}));
+    }
+    if let Some(v) = auth {
+        r = r.header("authorization", v);
+    }
+    let resp = r.send().await.unwrap();
+    let s = resp.status().as_u16();
+    let www = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    (s, www, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Run a command that must exit by itself within 30 s; its status and stderr.
+async fn exits(cmd: &mut Command) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after 30 s: it was to refuse to start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (st, err)
+}
+
+/// The CLI's `status` against `a`, from a directory without a data dir;
+/// (exit code, stderr).
+fn cli_status(a: &Agent, args: &[&str], env: &[(&str, &Path)]) -> (Option<i32>, String) {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut c = Command::new(BIN);
+    c.current_dir(cwd.path())
+        .args(["status", "--api", a.api.trim_start_matches("http://")])
+        .args(args)
+        .env_remove("RIFTMESH_API_TOKEN_FILE")
+        .env_remove("RIFTMESH_DATA_DIR")
+        .env_remove("RIFTMESH_API");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_api_answers_only_with_its_token_fault_injection_included() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("swarm.key");
+    keygen(&key);
+    // Bound to every address (not loopback), fault injection on: the agent
+    // makes its token and starts.
+    let open_all = [
+        "--api".to_string(),
+        "0.0.0.0:0".into(),
+        "--fault-injection".into(),
+    ];
+    let a = Agent::start_with(t.path(), "a", &key, &[], &open_all).await;
+    let token_file = a.dir.join("api.token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert!(
+        token.trim().len() == 64 && token.trim().bytes().all(|b| b.is_ascii_hexdigit()),
+        "{token:?}"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let b = Agent::start_with(t.path(), "b", &key, &[a.p2p_addr().await], &open_all).await;
+    assert_ne!(a.token, b.token, "each agent makes its own token");
+    common::wait_for("a and b connected", Duration::from_secs(60), || async {
+        (a.connected_peers().await >= 1).then_some(())
+    })
+    .await;
+    let errors_before = a
+        .metric_or_zero("riftmesh_api_errors_total{code=\"401\"}")
+        .await;
+
+    // Without the token, or with another, or malformed: 401 before any
+    // handler (an unknown path too), with a JSON message and the scheme.
+    use reqwest::Method;
+    let block = "/v1/debug/block";
+    let mut refused = 0.0;
+    for (method, path, auth, says) in [
+        (Method::GET, "/v1/status", None, "needs a token"),
+        (Method::POST, "/v1/events", None, "needs a token"),
+        (Method::GET, "/v1/no-such-endpoint", None, "needs a token"),
+        (Method::POST, block, None, "needs a token"),
+        (
+            Method::POST,
+            block,
+            Some("Bearer 0123456789abcdef0123"),
+            "wrong API token",
+        ),
+        (Method::POST, block, Some("Basic YTpi"), "Bearer <token>"),
+        (
+            Method::GET,
+            "/v1/health",
+            Some("Bearer not-the-token-at-all"),
+            "wrong API token",
+        ),
+    ] {
+        let (s, www, v) = no_token(&a, method.clone(), path, auth).await;
+        assert_eq!(s, 401, "{method} {path} {auth:?}: {v}");
+        assert_eq!(www.as_deref(), Some("Bearer realm=\"riftmesh\""), "{path}");
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(says), "{method} {path} {auth:?}: {v}");
+        assert!(!msg.contains(token.trim()), "the token leaked: {v}");
+        refused += 1.0;
+    }
+    // The token itself with the wrong scheme is refused too.
+    let (s, _, _) = no_token(
+        &a,
+        Method::POST,
+        block,
+        Some(&format!("Token {}", token.trim())),
+    )
+    .await;
+    assert_eq!(s, 401);
+    refused += 1.0;
+    // Nothing a refused request carried got through: no event, no block.
+    let v = a.get("/v1/events?types=X_NOTOKEN").await.unwrap();
+    assert_eq!(v["events"].as_array().unwrap().len(), 0, "{v}");
+    let (s, _, v) = no_token(&a, Method::POST, block, None).await;
+    assert_eq!(s, 401, "{v}");
+    refused += 1.0;
+    let r = reqwest::Client::new()
+        .post(format!("{}{block}", a.api))
+        .json(&json!({"peers": [b.peer_id]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    refused += 1.0;
+    assert!(a.member("b").await.is_some_and(|m| m["connected"] == true));
+
+    // The health probe stays open without the header, and says only ok.
+    let (s, _, v) = no_token(&a, Method::GET, "/v1/health", None).await;
+    assert_eq!((s, v), (200, json!({"ok": true})));
+
+    // Counted like any API error; logged once for this address.
+    let errors = a.metric("riftmesh_api_errors_total{code=\"401\"}").await;
+    assert!(
+        errors - errors_before >= refused,
+        "{errors} - {errors_before} < {refused}"
+    );
+    let lines = common::log_lines(&a, &["API request refused", "127.0.0.1"]);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+
+    // With the token: fault injection answers and cuts b off.
+    let r = a
+        .request(Method::POST, block)
+        .json(&json!({"peers": [b.peer_id]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    common::wait_for("a to drop b", Duration::from_secs(30), || async {
+        (a.connected_peers().await == 0).then_some(())
+    })
+    .await;
+
+    // The CLI: refused without a token (exit 7), and sends the token from
+    // --api-token-file, RIFTMESH_API_TOKEN_FILE, or the agent's own data
+    // directory; a data directory's token never goes to another agent.
+    let (code, err) = cli_status(&a, &[], &[]);
+    assert_eq!(code, Some(7), "{err}");
+    assert!(
+        err.contains("401") && err.contains("needs a token"),
+        "{err}"
+    );
+    let tf = token_file.to_str().unwrap();
+    assert_eq!(cli_status(&a, &["--api-token-file", tf], &[]).0, Some(0));
+    assert_eq!(
+        cli_status(&a, &[], &[("RIFTMESH_API_TOKEN_FILE", &token_file)]).0,
+        Some(0)
+    );
+    let dir = a.dir.to_str().unwrap();
+    assert_eq!(cli_status(&a, &["--data-dir", dir], &[]).0, Some(0));
+    assert_eq!(
+        cli_status(&a, &[], &[("RIFTMESH_DATA_DIR", &a.dir)]).0,
+        Some(0)
+    );
+    let (code, err) = cli_status(&b, &["--data-dir", dir], &[]);
+    assert_eq!(code, Some(7), "{err}");
+    assert!(
+        err.contains("needs a token"),
+        "a's token was sent to b: {err}"
+    );
+    let (code, err) = cli_status(&a, &["--api-token-file", "/nonexistent/api.token"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("/nonexistent/api.token"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_token_file_must_be_usable_and_is_required_on_loopback_too() {
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("swarm.key");
+    keygen(&key);
+    let file = t.path().join("token");
+    let start = |file: &Path, api: &str| {
+        let mut c = Command::new(BIN);
+        c.arg("agent")
+            .args(["--name", "bad", "--data-dir"])
+            .arg(t.path().join("bad"))
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", api])
+            .args(["--metrics", "127.0.0.1:0", "--no-mdns", "--swarm-key"])
+            .arg(&key)
+            .arg("--api-token-file")
+            .arg(file)
+            .env_remove("RIFTMESH_API_TOKEN_FILE");
+        c
+    };
+    let set_mode = |mode: u32| {
+        let mut p = std::fs::metadata(&file).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut p, mode);
+        std::fs::set_permissions(&file, p).unwrap();
+    };
+    let good = "a-token-the-operator-chose-0123456789";
+    // Missing, empty, too short, two words, writable by others: the agent
+    // refuses to start and says why, whatever the API's address.
+    for (text, mode, says) in [
+        (None, 0o600, "No such file"),
+        (Some("\n"), 0o600, "empty"),
+        (Some("short\n"), 0o600, "16"),
+        (Some("two words-0123456789\n"), 0o600, "one line"),
+        (Some(good), 0o666, "writable by group or others"),
+        (Some(good), 0o620, "writable by group or others"),
+    ] {
+        let _ = std::fs::remove_file(&file);
+        if let Some(text) = text {
+            std::fs::write(&file, text).unwrap();
+            set_mode(mode);
+        }
+        for api in ["127.0.0.1:0", "0.0.0.0:0"] {
+            let (st, err) = exits(&mut start(&file, api)).await;
+            assert!(!st.success(), "{text:?} {mode:o} {api}: started");
+            assert!(
+                err.contains("API token file") && err.contains(says),
+                "{text:?} {mode:o}: {err}"
+            );
+        }
+    }
+    // A good file (group-readable is the operator's choice): required on
+    // loopback too, because it is configured. The store is made read-only
+    // (more free space asked than any disk has) so that health has details
+    // to keep from a caller without the token.
+    std::fs::write(&file, format!("{good}\n")).unwrap();
+    set_mode(0o640);
+    let cfg = t.path().join("a.toml");
+    std::fs::write(&cfg, "store_min_free = \"1000TiB\"\n").unwrap();
+    let a = Agent::start_with(
+        t.path(),
+        "a",
+        &key,
+        &[],
+        &[
+            "--api-token-file".into(),
+            file.display().to_string(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(a.api.starts_with("http://127.0.0.1:"), "{}", a.api);
+    assert_eq!(a.token.as_deref(), Some(good));
+    let (s, _, v) = no_token(&a, reqwest::Method::GET, "/v1/status", None).await;
+    assert_eq!(s, 401, "{v}");
+    assert!(a.get("/v1/status").await.is_ok(), "with the token");
+    assert!(
+        !a.dir.join("api.token").exists(),
+        "a configured file is not copied"
+    );
+    // Health: without the header only up or not; with the token, why.
+    let (s, _, v) = no_token(&a, reqwest::Method::GET, "/v1/health", None).await;
+    assert_eq!((s, v), (200, json!({"ok": false})));
+    let v = a.get("/v1/health").await.unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("store_min_free")),
+        "{v}"
+    );
 }
 
 fn chunked_config(root: &Path, name: &str, body: &str) -> Vec<String> {

@@ -8,6 +8,8 @@ use serde_json::Value;
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer <token>` with every API request.
+    token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,23 @@ impl Client {
                 .timeout(Duration::from_secs(120))
                 .build()
                 .unwrap_or_default(),
+            token: None,
+        }
+    }
+
+    /// Send `token` with every request (an API that is not on loopback, or
+    /// has `api_token_file`, refuses requests without it).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// A request to the API at `path`, with the token if there is one.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
         }
     }
 
@@ -165,8 +184,7 @@ impl Client {
             },
         ));
         self.send(
-            self.http
-                .post(format!("{}/v1/blobs/upload", self.base))
+            self.request(reqwest::Method::POST, "/v1/blobs/upload")
                 .query(&query)
                 .header(reqwest::header::CONTENT_LENGTH, md.len())
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -179,8 +197,7 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
-            .await
+        self.send(self.request(reqwest::Method::GET, path)).await
     }
 
     pub async fn get_query(
@@ -188,12 +205,12 @@ impl Client {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<Value, ClientError> {
-        self.send(self.http.get(format!("{}{path}", self.base)).query(query))
+        self.send(self.request(reqwest::Method::GET, path).query(query))
             .await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+        self.send(self.request(reqwest::Method::POST, path).json(body))
             .await
     }
 
@@ -219,8 +236,7 @@ impl Client {
     ) -> Result<u64, ClientError> {
         use tokio::io::AsyncWriteExt;
         let mut resp = self
-            .http
-            .get(format!("{}{path}", self.base))
+            .request(reqwest::Method::GET, path)
             .query(query)
             .timeout(Duration::from_secs(24 * 3600))
             .send()
@@ -297,12 +313,11 @@ impl Client {
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
-        self.send(self.http.delete(format!("{}{path}", self.base)))
-            .await
+        self.send(self.request(reqwest::Method::DELETE, path)).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+        self.send(self.request(reqwest::Method::PUT, path).json(body))
             .await
     }
 }

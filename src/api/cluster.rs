@@ -36,6 +36,12 @@ pub(super) async fn health(State(node): State<AppState>) -> Json<Value> {
     }
 }
 
+/// `GET /v1/health` without a token on an API that has one: up or not,
+/// nothing else (no reason, no paths).
+pub(super) fn health_open(node: &AppState) -> Json<Value> {
+    Json(json!({ "ok": node.store().durable().read_only().is_none() }))
+}
+
 /// Writable, or read-only and why (durable.rs).
 pub(super) fn store_state(node: &AppState) -> Value {
     match node.store().durable().read_only() {

@@ -1,7 +1,8 @@
-//! The local HTTP/JSON API: the router, the `Host`/`Origin` check and
-//! error counting; handlers by resource in the submodules, the CLI's
-//! client in `client`.
+//! The local HTTP/JSON API: the router, the `Host`/`Origin` check, the
+//! token check (`auth`) and error counting; handlers by resource in the
+//! submodules, the CLI's client in `client`.
 
+mod auth;
 mod blobs;
 mod client;
 mod cluster;
@@ -12,6 +13,7 @@ mod locks;
 mod params;
 mod views;
 
+pub use auth::ApiAuth;
 pub use client::{decode, Client, ClientError};
 pub use cluster::{BlockReq, JobsReq, MAX_JOBS_TTL_SECS};
 pub use consumers::{AckReq, ConsumerReq, FetchQuery, NackReq, LAG_SCAN};
@@ -125,7 +127,28 @@ async fn count_errors(
     resp
 }
 
-pub fn router(node: Arc<Node>) -> Router {
+/// Fault injection lets a caller cut the agent off from its peers, so it
+/// may only be on where every request is checked: the API on loopback, or
+/// with a token. (An API elsewhere than loopback always has one,
+/// `keys::load_api_token`; this refuses the start should that ever change.)
+pub fn check_fault_injection(
+    api: SocketAddr,
+    fault_injection: bool,
+    has_token: bool,
+) -> Result<(), String> {
+    if fault_injection && !api.ip().is_loopback() && !has_token {
+        return Err(format!(
+            "fault injection is on and the local API listens on {api}, not loopback, without a \
+             token: anyone who reaches it could cut this agent off from its peers. Bind the API \
+             to 127.0.0.1, or set api_token_file, or turn fault injection off"
+        ));
+    }
+    Ok(())
+}
+
+/// The API's routes behind its checks: `auth` holds the token, if any
+/// (`ApiAuth::open()`: none).
+pub fn router(node: Arc<Node>, auth: Arc<ApiAuth>) -> Router {
     let limit = node.cfg().api_max_body_bytes;
     Router::new()
         .route("/v1/health", get(cluster::health))
@@ -182,6 +205,13 @@ pub fn router(node: Arc<Node>) -> Router {
             )
         })
         .layer(axum::middleware::from_fn_with_state(
+            auth::AuthState {
+                node: node.clone(),
+                auth,
+            },
+            auth::check_token,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             node.clone(),
             check_host,
         ))
@@ -195,7 +225,24 @@ pub fn router(node: Arc<Node>) -> Router {
 
 #[cfg(test)]
 mod tests {
-    use super::host_allowed;
+    use super::{check_fault_injection, host_allowed};
+
+    #[test]
+    fn fault_injection_needs_loopback_or_a_token() {
+        let lo: std::net::SocketAddr = "127.0.0.1:7411".parse().unwrap();
+        let lo6: std::net::SocketAddr = "[::1]:7411".parse().unwrap();
+        let any: std::net::SocketAddr = "0.0.0.0:7411".parse().unwrap();
+        let at: std::net::SocketAddr = "10.0.0.5:7411".parse().unwrap();
+        for api in [any, at] {
+            let e = check_fault_injection(api, true, false).unwrap_err();
+            assert!(e.contains("fault injection") && e.contains("token"), "{e}");
+            check_fault_injection(api, true, true).unwrap();
+            check_fault_injection(api, false, false).unwrap();
+        }
+        for api in [lo, lo6] {
+            check_fault_injection(api, true, false).unwrap();
+        }
+    }
 
     #[test]
     fn only_loopback_names_the_bound_address_and_listed_names_pass_as_host() {

@@ -115,6 +115,22 @@ pub fn check(
             }
         }
     };
+    // The API token file: a named one must be usable now; the default
+    // one is made at the first start.
+    let token = match riftmesh::keys::api_token_path(&cfg) {
+        None => "none (the API is on loopback)".to_string(),
+        Some(p) if cfg.api_token_file.is_some() || p.exists() => {
+            riftmesh::keys::read_api_token_file(&p).map_err(|e| usage(e.to_string()))?;
+            p.display().to_string()
+        }
+        Some(p) => format!("{} (made at the first start)", p.display()),
+    };
+    riftmesh::api::check_fault_injection(
+        cfg.api,
+        cfg.fault_injection,
+        riftmesh::keys::api_token_needed(&cfg),
+    )
+    .map_err(usage)?;
     let mut warnings = Vec::new();
     if cfg.bootstrap.is_empty() {
         warnings.push(if cfg.mdns {
@@ -125,7 +141,8 @@ pub fn check(
     }
     if !cfg.api.ip().is_loopback() {
         warnings.push(format!(
-            "the local API listens on {} (not loopback): anyone who can reach it can publish and consume",
+            "the local API listens on {} (not loopback): clients need its token (riftmesh \
+             --api-token-file, or RIFTMESH_API_TOKEN_FILE)",
             cfg.api
         ));
     }
@@ -142,6 +159,7 @@ pub fn check(
             "mdns": cfg.mdns,
             "voters": cfg.voters,
             "swarm_key": key,
+            "api_token_file": token,
             "warnings": warnings,
         }));
     }
@@ -187,6 +205,7 @@ pub fn check(
         }
     );
     println!("swarm key  {key}");
+    println!("api token  {token}");
     for w in warnings {
         println!("warning    {w}");
     }

@@ -19,7 +19,7 @@ pub const NOT_FOUND: i32 = 5;
 /// the lock, a file that exists, a duplicate name.
 pub const CONFLICT: i32 = 6;
 /// Refused by the agent's policy (fault injection off, a path outside
-/// the blob roots, a strict type list).
+/// the blob roots, a strict type list, a missing or wrong API token).
 pub const POLICY: i32 = 7;
 
 /// A mistake in how the command was called (exit 2).
@@ -49,7 +49,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 }
                 api::ClientError::Refused { status, .. } => match status {
                     400 | 411 | 413 | 415 | 422 => USAGE,
-                    403 => POLICY,
+                    401 | 403 => POLICY,
                     404 => NOT_FOUND,
                     409 => CONFLICT,
                     _ => FAILED,

@@ -11,6 +11,7 @@ pub mod lockrun;
 pub mod locks;
 pub mod names;
 pub mod progress;
+pub mod token;
 pub mod wait;
 
 use std::io::Write;

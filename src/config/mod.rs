@@ -48,6 +48,11 @@ pub struct AgentArgs {
     /// Local HTTP API address [default: 127.0.0.1:7411].
     #[arg(long, env = "RIFTMESH_API")]
     pub api: Option<String>,
+    /// File holding the local API's bearer token; every request must then
+    /// carry `Authorization: Bearer <token>` [default: none on loopback;
+    /// <data-dir>/api.token, created if missing, when --api is not loopback].
+    #[arg(long, env = "RIFTMESH_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// Prometheus /metrics address [default: 0.0.0.0:9464].
     #[arg(long, env = "RIFTMESH_METRICS")]
     pub metrics: Option<String>,
@@ -130,6 +135,7 @@ pub struct FileConfig {
     pub gossip_source_burst: Option<u32>,
     pub blob_roots: Option<Vec<PathBuf>>,
     pub api_hosts: Option<Vec<String>>,
+    pub api_token_file: Option<PathBuf>,
     pub strict_types: Option<bool>,
     pub custom_types: Option<Vec<String>>,
 }
@@ -231,6 +237,10 @@ pub struct AgentConfig {
     /// Host names, besides loopback names and addresses, that the API
     /// accepts in a request's `Host` header.
     pub api_hosts: Vec<String>,
+    /// The local API's token file, when configured (`keys::load_api_token`
+    /// says which file is used: without one, `<data>/api.token` when the
+    /// API is not on loopback).
+    pub api_token_file: Option<PathBuf>,
     /// Refuse local publishes and consumer filters naming a type that is
     /// neither in the catalog nor in `custom_types`.
     pub strict_types: bool,
@@ -274,6 +284,50 @@ mod tests {
         // Off unless asked for: fault injection, files read by path.
         assert!(!c.fault_injection);
         assert!(c.blob_roots.is_empty());
+        // No API token on the default (loopback) API.
+        assert!(c.api_token_file.is_none());
+        assert!(!crate::keys::api_token_needed(&c));
+    }
+
+    #[test]
+    fn the_api_token_file_from_flag_or_file_and_when_one_is_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "api_token_file = \"/etc/riftmesh/api.token\"\n").unwrap();
+        let mut args = AgentArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let c = AgentConfig::resolve(&args, None).unwrap();
+        assert_eq!(
+            c.api_token_file,
+            Some(PathBuf::from("/etc/riftmesh/api.token"))
+        );
+        // Configured: needed on loopback too.
+        assert!(crate::keys::api_token_needed(&c));
+        args.api_token_file = Some("/run/t".into());
+        let c = AgentConfig::resolve(&args, None).unwrap();
+        assert_eq!(c.api_token_file, Some(PathBuf::from("/run/t")));
+        std::fs::write(&p, "api_token_file = \"\"\n").unwrap();
+        args.api_token_file = None;
+        let e = AgentConfig::resolve(&args, None).unwrap_err();
+        assert_eq!(e.key, "api_token_file");
+        // Not configured: needed only when the API is not on loopback, and
+        // then it is <data_dir>/api.token.
+        let c = AgentConfig::resolve(
+            &AgentArgs {
+                api: Some("0.0.0.0:7411".into()),
+                data_dir: Some("/d".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert!(crate::keys::api_token_needed(&c));
+        assert_eq!(
+            crate::keys::api_token_path(&c),
+            Some(PathBuf::from("/d/api.token"))
+        );
     }
 
     #[test]

@@ -577,6 +577,34 @@ impl Sources<'_> {
             .collect()
     }
 
+    /// The API token file, if one is named (its content is checked when the
+    /// agent starts: `keys::load_api_token`).
+    fn api_token_file(
+        &self,
+        args: &AgentArgs,
+        file: &mut FileConfig,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        let (path, origin) = match (&args.api_token_file, file.api_token_file.take()) {
+            (Some(p), _) => (
+                p.clone(),
+                origin_of(self.matches, "api_token_file", "RIFTMESH_API_TOKEN_FILE"),
+            ),
+            (None, Some(p)) => (p, self.file_origin.clone()),
+            (None, None) => return Ok(None),
+        };
+        if path.as_os_str().is_empty() {
+            return Err(err(
+                "api_token_file",
+                "",
+                origin,
+                "name a file holding the token (without one, an API not on loopback uses \
+                 <data_dir>/api.token)"
+                    .into(),
+            ));
+        }
+        Ok(Some(path))
+    }
+
     /// Per-type repeat windows and the custom types, in canonical form.
     fn types(
         &self,
@@ -629,6 +657,7 @@ impl AgentConfig {
         let limits = s.net_limits(&mut file)?;
         let blob_roots = s.blob_roots(args, &mut file)?;
         let (repeat_windows, custom_types) = s.types(&mut file)?;
+        let api_token_file = s.api_token_file(args, &mut file)?;
         let f = file;
         Ok(AgentConfig {
             limits,
@@ -700,6 +729,7 @@ impl AgentConfig {
             transfer,
             blob_roots,
             api_hosts: f.api_hosts.unwrap_or_default(),
+            api_token_file,
             strict_types: f.strict_types.unwrap_or(false),
             custom_types,
         })

@@ -44,7 +44,7 @@ def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True):
             raise TestnetError(f"a testnet is already up in {c.dir}; `testnet down` first")
         os.remove(c.path)
     # A fresh testnet: data, logs and key of an earlier one (torn down) go.
-    for leftover in ("hosts", "scenario", "fanout", "swarm.key", "state.json.down"):
+    for leftover in ("hosts", "scenario", "fanout", "swarm.key", "api.token", "state.json.down"):
         p = os.path.join(c.dir, leftover)
         if os.path.isdir(p):
             shutil.rmtree(p)
@@ -68,6 +68,7 @@ def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True):
     ok = False
     try:
         run([binp, "keygen", "--out", os.path.join(c.dir, "swarm.key")], timeout=30)
+        c.write_token()
         c.write_configs()
         c.make_network()
         log(f"{mode}: {n} hosts, voters {','.join(c.s['voters'])}, state in {c.dir}")

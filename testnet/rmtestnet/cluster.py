@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -60,6 +61,7 @@ class Cluster:
         self.s = None
         self._lockf = None
         self._lock_depth = 0
+        self._token = None
 
     # ---- persistence -------------------------------------------------------
 
@@ -138,11 +140,33 @@ class Cluster:
             raise TestnetError(f"no host {name!r}; hosts: {', '.join(self.s['hosts'])}")
         return self.s["hosts"][name]
 
+    # ---- the API token ------------------------------------------------------
+    # The agents' APIs listen on their namespace addresses with fault
+    # injection on, so each agent is given this testnet's token file
+    # (`api_token_file`) and answers only requests that carry it.
+
+    @property
+    def token_path(self):
+        return os.path.join(self.dir, "api.token")
+
+    def write_token(self):
+        """A new token for this testnet (0600; `up` removes an earlier one)."""
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+
+    @property
+    def token(self):
+        if self._token is None:
+            with open(self.token_path) as f:
+                self._token = f.read().strip()
+        return self._token
+
     def url(self, h, path):
         return f"http://{h['api']}{path}"
 
-    def api(self, h, method, path, body=None, timeout=10):
-        return http(method, self.url(h, path), body, timeout=timeout)
+    def api(self, h, method, path, body=None, timeout=10, raw=False):
+        return http(method, self.url(h, path), body, timeout=timeout, raw=raw, token=self.token)
 
     def metrics_text(self, h, timeout=10):
         return http("GET", f"http://{h['metrics']}/metrics", timeout=timeout, raw=True).decode()
@@ -211,6 +235,7 @@ class Cluster:
             "bootstrap = [" + ", ".join(toml_str(b) for b in boots if b != h["p2p"]) + "]",
             f"swarm_key = {toml_str(os.path.join(self.dir, 'swarm.key'))}",
             f"api = {toml_str(h['api'])}",
+            f"api_token_file = {toml_str(self.token_path)}",
             f"metrics = {toml_str(h['metrics'])}",
             "mdns = false",
             "fault_injection = true",

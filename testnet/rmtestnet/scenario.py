@@ -25,7 +25,7 @@ import time
 from . import faults as F
 from .check import check, place_path
 from .cluster import Cluster
-from .util import (ApiError, TestnetError, http, log, parse_size, sha256_file, wait_for,
+from .util import (ApiError, TestnetError, log, parse_size, sha256_file, wait_for,
                    write_random_file)
 
 
@@ -413,7 +413,7 @@ def play(r):
         out = os.path.join(work, lead["name"], "promoted.bin")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "wb") as f:
-            f.write(http("GET", r.c.url(lead, f"/v1/blob/content?ref={winner['candidate']}"), timeout=120, raw=True))
+            f.write(r.c.api(lead, "GET", f"/v1/blob/content?ref={winner['candidate']}", timeout=120, raw=True))
         if sha256_file(out) != winner["blob"]:
             raise TestnetError("content of the winning candidate does not hash to its blob id")
         # Still the lock holder (fencing): renew with the token before promoting.

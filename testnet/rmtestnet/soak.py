@@ -178,7 +178,7 @@ class Soak:
             return [n for n, s in self.state.items() if s == "running"]
 
     def call(self, host, method, path, body=None, timeout=10):
-        return http(method, f"http://{self.api_addr[host]}{path}", body, timeout=timeout)
+        return http(method, f"http://{self.api_addr[host]}{path}", body, timeout=timeout, token=self.c.token)
 
     def count(self, kind):
         self.fault_counts[kind] = self.fault_counts.get(kind, 0) + 1
@@ -367,7 +367,8 @@ def blob_publisher(s, interval, work):
                 blob = r["blob"]
             else:
                 p = subprocess.run([s.c.s["bin"], "blob", "add", path, "--name", name, "--event", event,
-                                    "--api", s.api_addr[host], "--json"],
+                                    "--api", s.api_addr[host], "--api-token-file", s.c.token_path,
+                                    "--json"],
                                    capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
                 if p.returncode != 0:
                     raise TestnetError(f"riftmesh blob add exit {p.returncode}: {p.stderr.strip()[:200]}")

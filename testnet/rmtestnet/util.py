@@ -55,11 +55,15 @@ class ApiError(Exception):
         self.message = message
 
 
-def http(method, url, body=None, timeout=10, raw=False):
+def http(method, url, body=None, timeout=10, raw=False, token=None):
+    """One request; with `token`, as `Authorization: Bearer` (the agents'
+    APIs listen on namespace addresses and want the testnet's token)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             content = resp.read()

@@ -52,6 +52,9 @@ pub struct Agent {
     pub peer_id: String,
     child: Option<Child>,
     pub http: reqwest::Client,
+    /// The API token the helpers send (`--api-token-file`, else the
+    /// agent's `api.token` when it made one).
+    pub token: Option<String>,
 }
 
 impl Agent {
@@ -93,6 +96,7 @@ impl Agent {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .unwrap(),
+            token: None,
         };
         a.spawn().await;
         a
@@ -151,6 +155,22 @@ impl Agent {
         self.api = format!("http://{}", v["api"].as_str().unwrap());
         self.metrics = format!("http://{}/metrics", v["metrics"].as_str().unwrap());
         self.peer_id = v["peer_id"].as_str().unwrap().into();
+        let token_file = match self.extra.iter().position(|a| a == "--api-token-file") {
+            Some(i) => PathBuf::from(&self.extra[i + 1]),
+            None => self.dir.join("api.token"),
+        };
+        self.token = std::fs::read_to_string(token_file)
+            .ok()
+            .map(|t| t.trim().to_string());
+    }
+
+    /// A request to this agent's API, with its token if it has one.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.api));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
     }
 
     pub fn kill9(&mut self) {
@@ -218,8 +238,7 @@ impl Agent {
 
     pub async fn get(&self, path: &str) -> Result<Value, String> {
         let r = self
-            .http
-            .get(format!("{}{path}", self.api))
+            .request(reqwest::Method::GET, path)
             .send()
             .await
             .map_err(|e| e.to_string())?;
@@ -240,8 +259,7 @@ impl Agent {
         body: &Value,
     ) -> Result<(u16, Value), String> {
         let r = self
-            .http
-            .request(method, format!("{}{path}", self.api))
+            .request(method, path)
             .json(body)
             .send()
             .await

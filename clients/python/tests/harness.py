@@ -67,12 +67,16 @@ def keygen(path: Path) -> Path:
     return path
 
 
-def http_json(api: str, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
+def http_json(
+    api: str, method: str, path: str, body: Any = None, timeout: float = 10.0, token: Optional[str] = None
+) -> Any:
     """A bare stdlib request, independent of the client under test."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(f"http://{api}{path}", data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.load(resp)
 
@@ -99,6 +103,9 @@ class Agent:
         self.proc: Optional[subprocess.Popen] = None
         self.api = ""
         self.peer_id = ""
+        # The API token the helpers send: --api-token-file, else the
+        # api.token the agent made (an API not on loopback).
+        self.token: Optional[str] = None
 
     # ---------------------------------------------------------- life
 
@@ -156,6 +163,7 @@ class Agent:
             v = wait_until(f"agent {self.name} to write agent.json", ready, START_DEADLINE)
             self.api = str(v["api"])
             self.peer_id = str(v["peer_id"])
+            self.token = self._token()
             wait_until(
                 f"agent {self.name} to answer GET /v1/health",
                 lambda: http_json(self.api, "GET", "/v1/health").get("ok") is True,
@@ -166,6 +174,16 @@ class Agent:
             self.kill()
             raise AssertionError(f"agent {self.name} did not start; log tail:\n{tail}")
         return self
+
+    def _token(self) -> Optional[str]:
+        if "--api-token-file" in self.extra:
+            f = Path(self.extra[self.extra.index("--api-token-file") + 1])
+        else:
+            f = self.dir / "api.token"
+        try:
+            return f.read_text().strip()
+        except FileNotFoundError:
+            return None
 
     def kill(self) -> None:
         """SIGKILL and reap (a crash, as far as the agent can tell)."""
@@ -196,7 +214,7 @@ class Agent:
         return "\n".join(lines[-n:])
 
     def get(self, path: str) -> Any:
-        return http_json(self.api, "GET", path)
+        return http_json(self.api, "GET", path, token=self.token)
 
     def p2p_addr(self) -> str:
         def addrs() -> Optional[List[str]]:

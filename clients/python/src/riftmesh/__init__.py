@@ -31,6 +31,7 @@ from .errors import (
     RiftmeshTimeout,
     ServerError,
     SpoolFull,
+    Unauthorized,
     Unavailable,
 )
 from .event_types import ALIASES, CATEGORIES, DESCRIPTIONS, DataEventType, EventType
@@ -98,6 +99,7 @@ __all__ = [
     "ApiError",
     "ClientError",
     "BadRequest",
+    "Unauthorized",
     "NotFound",
     "Conflict",
     "PayloadTooLarge",

@@ -191,11 +191,16 @@ def _nodelay(sock: Optional[socket.socket]) -> None:
 
 
 class AsyncTransport:
-    def __init__(self, host: str, port: int, timeout: float, max_connections: int = 64) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float, max_connections: int = 64, token: Optional[str] = None
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self.address = format_address(host, port)
+        # Sent as ``Authorization: Bearer`` with every request.
+        self.token = token
+        self._auth = f"Authorization: Bearer {token}\r\n" if token is not None else ""
         self.max_connections = max(1, max_connections)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._idle: List[_Proto] = []
@@ -263,11 +268,11 @@ class AsyncTransport:
     def _head(self, method: str, url: str, data: Optional[bytes]) -> bytes:
         if data is None:
             return (
-                f"{method} {url} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+                f"{method} {url} HTTP/1.1\r\nHost: {self._host_header}\r\n{self._auth}"
                 "Accept: application/json\r\nContent-Length: 0\r\n\r\n"
             ).encode("latin-1")
         return (
-            f"{method} {url} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+            f"{method} {url} HTTP/1.1\r\nHost: {self._host_header}\r\n{self._auth}"
             "Accept: application/json\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n\r\n"
         ).encode("latin-1") + data

@@ -40,6 +40,44 @@ def resolve_address(api: Optional[str] = None) -> Tuple[str, int]:
     return host, int(port)
 
 
+TOKEN_FILE_ENV = "RIFTMESH_API_TOKEN_FILE"
+
+
+def check_token(token: str, where: str) -> str:
+    """``token`` without surrounding whitespace; ValueError unless it is one
+    line of visible ASCII characters (what an HTTP header carries)."""
+    t = token.strip()
+    if not t:
+        raise ValueError(f"riftmesh API token {where}: empty")
+    if not all(0x21 <= ord(c) <= 0x7E for c in t):
+        raise ValueError(
+            f"riftmesh API token {where}: must be one line of visible ASCII characters "
+            "(no spaces or control characters)"
+        )
+    return t
+
+
+def resolve_token(token: Optional[str] = None) -> Optional[str]:
+    """The API token to send: ``token``, else the content of the file named by
+    ``RIFTMESH_API_TOKEN_FILE`` (the agent's ``api_token_file``, or the
+    ``api.token`` it made in its data directory), else none.
+
+    A named file that cannot be read, or holds no token, is a ValueError
+    at once rather than a 401 at the first request.
+    """
+    if token is not None:
+        return check_token(token, "given as token=")
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the riftmesh API token file {path!r} (from {TOKEN_FILE_ENV}): {e}") from None
+    return check_token(text, f"in {path!r} (from {TOKEN_FILE_ENV})")
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -99,11 +137,13 @@ def build_url(path: str, query: Optional[Query]) -> str:
 
 
 class Transport:
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    def __init__(self, host: str, port: int, timeout: float, token: Optional[str] = None) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self.address = format_address(host, port)
+        # Sent as ``Authorization: Bearer`` with every request.
+        self.token = token
 
     def _url(self, path: str, query: Optional[Query]) -> str:
         return build_url(path, query)
@@ -122,6 +162,8 @@ class Transport:
         t = self.timeout if timeout is None else timeout
         url = self._url(path, query)
         headers: Dict[str, str] = {"Accept": "application/json"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
         data: Union[None, bytes, BinaryIO] = None
         if body is not None:
             data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
@@ -136,7 +178,14 @@ class Transport:
             raise Aborted()
         try:
             try:
-                conn.request(method, url, body=data, headers=headers)
+                try:
+                    conn.request(method, url, body=data, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The agent may answer before it has read the whole body
+                    # (a refused upload: 401, 403, 413) and close: its answer
+                    # is still there to read; failing that, the error stands.
+                    if upload is None:
+                        raise
                 resp = conn.getresponse()
             except (socket.timeout, TimeoutError):
                 if abort is not None and abort.aborted:

@@ -39,7 +39,7 @@ from typing import (
 
 from ._aio_transport import AsyncTransport
 from .lock import _DRIFT
-from ._transport import Transport, format_address, quote, resolve_address
+from ._transport import Transport, format_address, quote, resolve_address, resolve_token
 from .client import (
     _BACKLOG_PEEK,
     blob_upload,
@@ -157,7 +157,7 @@ async def _until(stop: asyncio.Event, aw: Awaitable[Any]) -> Tuple[bool, Any]:
 class AsyncClient:
     """An asyncio client of the local riftmesh agent.
 
-    The same arguments as :class:`~riftmesh.Client`, plus ``max_connections``:
+    The same arguments as :class:`~riftmesh.Client` (``token`` included), plus ``max_connections``:
     the most requests in flight at once (long polls of the consumers aside);
     more wait for a free connection. Use one client per event loop; it may be
     used again from a later loop (its idle connections are then dropped).
@@ -169,6 +169,7 @@ class AsyncClient:
         self,
         api: Optional[str] = None,
         *,
+        token: Optional[str] = None,
         timeout: float = 30.0,
         poll_wait: float = 25.0,
         batch_size: int = 100,
@@ -182,6 +183,7 @@ class AsyncClient:
         spool_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         host, port = resolve_address(api)
+        token = resolve_token(token)
         self.address = format_address(host, port)
         self.timeout = timeout
         self.poll_wait = min(float(poll_wait), MAX_WAIT)
@@ -193,7 +195,7 @@ class AsyncClient:
         self.spool = _spool_for(spool_dir, spool_max_files, spool_max_bytes)
         # publish(..., fire_and_forget=True) calls that were dropped (logged: a full spool, a 4xx ...).
         self.fire_errors = 0
-        self._http = AsyncTransport(host, port, timeout, max_connections)
+        self._http = AsyncTransport(host, port, timeout, max_connections, token)
         self._subs: List[Subscription] = []
         self._starts: Dict[str, _Start] = {}
         self._on_error: List[ErrorCallback] = []
@@ -976,7 +978,7 @@ class AsyncClient:
         """Stream a local file (read with this process's permissions) to the
         agent as a blob; the blocking file upload runs in a worker thread.
         The naming event's links as in :meth:`riftmesh.Client.blob_add`."""
-        sync = Transport(self._http.host, self._http.port, self._http.timeout)
+        sync = Transport(self._http.host, self._http.port, self._http.timeout, self._http.token)
         link = naming_link(source, correlation_id, parent_id, caused_by)
         return await asyncio.to_thread(blob_upload, sync, path, name, event, link)
 

@@ -39,7 +39,7 @@ from typing import (
     overload,
 )
 
-from ._transport import Abort, Aborted, Transport, format_address, quote, resolve_address
+from ._transport import Abort, Aborted, Transport, format_address, quote, resolve_address, resolve_token
 from .errors import (
     AgentUnavailable,
     BlobFetchError,
@@ -503,7 +503,11 @@ class Client:
     """A client of the local riftmesh agent.
 
     ``api`` is ``HOST:PORT`` (or ``http://HOST:PORT``); without it the client
-    uses ``RIFTMESH_API``, else ``127.0.0.1:7411``. ``timeout`` bounds every
+    uses ``RIFTMESH_API``, else ``127.0.0.1:7411``. ``token`` is the agent's
+    API token, sent as ``Authorization: Bearer`` (an agent whose API is not
+    on loopback, or has ``api_token_file``, answers 401 without it:
+    :class:`~riftmesh.Unauthorized`); without it the client reads the file
+    named by ``RIFTMESH_API_TOKEN_FILE``, if set. ``timeout`` bounds every
     request (long polls get their wait on top). The subscription defaults
     (``max_attempts``, ``backoff``, ``max_backoff``) apply to handlers that do
     not set their own.
@@ -513,6 +517,7 @@ class Client:
         self,
         api: Optional[str] = None,
         *,
+        token: Optional[str] = None,
         timeout: float = 30.0,
         poll_wait: float = 25.0,
         batch_size: int = 100,
@@ -525,6 +530,7 @@ class Client:
         spool_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         host, port = resolve_address(api)
+        token = resolve_token(token)
         self.address = format_address(host, port)
         self.timeout = timeout
         self.poll_wait = min(float(poll_wait), MAX_WAIT)
@@ -536,7 +542,7 @@ class Client:
         self.spool = _spool_for(spool_dir, spool_max_files, spool_max_bytes)
         # publish(..., fire_and_forget=True) calls that were dropped (logged: a full spool, a 4xx ...).
         self.fire_errors = 0
-        self._http = Transport(host, port, timeout)
+        self._http = Transport(host, port, timeout, token)
         self._subs: List[Subscription] = []
         self._starts: Dict[str, _Start] = {}
         self._stop = threading.Event()

@@ -7,7 +7,7 @@ Every exception derives from :class:`RiftmeshError`:
 * :class:`RiftmeshTimeout`: the agent did not answer in time.
 * :class:`ApiError`: the agent answered with a 4xx or 5xx status. ``status`` is
   the HTTP status and ``message`` the agent's own error text. 4xx answers are
-  :class:`ClientError` (with :class:`BadRequest`, :class:`NotFound`,
+  :class:`ClientError` (with :class:`BadRequest`, :class:`Unauthorized`, :class:`NotFound`,
   :class:`Conflict`, :class:`PayloadTooLarge` for the common ones), 5xx answers
   :class:`ServerError` (:class:`Unavailable` for 503).
 """
@@ -23,6 +23,7 @@ __all__ = [
     "ApiError",
     "ClientError",
     "BadRequest",
+    "Unauthorized",
     "NotFound",
     "Conflict",
     "PayloadTooLarge",
@@ -99,6 +100,11 @@ class BadRequest(ClientError):
     """400: a malformed request (bad type name, bad pattern, bad time ...)."""
 
 
+class Unauthorized(ClientError):
+    """401: the agent's API needs its token (``Client(token=...)`` or
+    ``RIFTMESH_API_TOKEN_FILE``), or the one sent is not it."""
+
+
 class NotFound(ClientError):
     """404: unknown consumer, event, blob or route."""
 
@@ -156,6 +162,7 @@ class SpoolFull(RiftmeshError):
 
 _BY_STATUS: Dict[int, Type[ApiError]] = {
     400: BadRequest,
+    401: Unauthorized,
     404: NotFound,
     409: Conflict,
     413: PayloadTooLarge,

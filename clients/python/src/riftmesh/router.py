@@ -228,7 +228,8 @@ class Router:
     ``name`` is the service name the consumers are named after
     (``<name>.<TYPE>``): by default ``RIFTMESH_SERVICE``, else the script's
     name. ``api`` is the agent's address (default ``RIFTMESH_API``, else
-    127.0.0.1:7411); or pass a ``client``. ``max_attempts``, ``backoff`` and
+    127.0.0.1:7411) and ``token`` its API token (default: the file named by
+    ``RIFTMESH_API_TOKEN_FILE``, if set); or pass a ``client``. ``max_attempts``, ``backoff`` and
     ``max_backoff`` are the retry defaults of the handlers. ``recent`` is how
     many events :meth:`get_recent_events` keeps. ``spool_dir`` is where
     :meth:`fire_and_forget` keeps what the agent could not take (default
@@ -247,6 +248,7 @@ class Router:
         name: Optional[str] = None,
         *,
         api: Optional[str] = None,
+        token: Optional[str] = None,
         client: Optional[AsyncClient] = None,
         max_attempts: int = 5,
         backoff: float = 1.0,
@@ -256,7 +258,7 @@ class Router:
         flush_interval: float = 5.0,
     ) -> None:
         self.name = name if name is not None else _service_name()
-        self.client = client if client is not None else AsyncClient(api)
+        self.client = client if client is not None else AsyncClient(api, token=token)
         if spool_dir is not None or client is None:
             c = self.client
             c.spool = Spool(
@@ -703,6 +705,7 @@ class Router:
 
         c = Client(
             self.client.address,
+            token=self.client._http.token,
             timeout=self.client.timeout,
             retry_for=retry_for or 0,
             spool_dir=self.client.spool.directory,
