@@ -4,20 +4,33 @@
 //!     of the old design (synchronous=NORMAL and =FULL), same workload.
 //! (b) Publish → remote consumer latency across 5 real agents on loopback.
 //! (c) Resident memory of an idle agent in that mesh.
+//! (d) Local API durable publish throughput on one agent with no peers (a
+//!     fresh one per cell), driven by `wrk` (on PATH; else the in-process
+//!     reqwest loop, and the table says so): one
+//!     client, 8 clients, and batches of 100 (`POST /v1/events/batch`), each
+//!     a 1 s warm-up then RIFTMESH_BENCH_API_SECS timed; every answer must be
+//!     a 200 that made new events (checked in the agent's counters) or the
+//!     cell fails and so does the bench. Beside each cell, cell by cell, Redis
+//!     streams with the append-only file fsynced at every write
+//!     (`redis-server --appendonly yes --appendfsync always`, started by the
+//!     bench on a loopback port, driven by `redis-benchmark` XADD: 1 client, 8
+//!     clients, 1 client pipelining 100); its rows say "skipped" when
+//!     redis-server is not installed. Targets: API 1 client >= Redis 1
+//!     client, 8 clients >= Redis 8 clients, batches of 100 >= 5x (goal 10x)
+//!     the SQLite FULL 1-publisher rate of (a).
 //!
-//! Prints one plain-text table and writes a JSON copy to target/bench-queue.json.
+//! Prints two plain-text tables and writes a JSON copy to target/bench-queue.json.
 //! Environment: RIFTMESH_BENCH_EVENTS (events per throughput measurement,
 //! default 20000), RIFTMESH_BENCH_MAX_SECS (time cap per throughput
 //! measurement, default 15; a measurement that hits it reports the events it
 //! completed in that time), RIFTMESH_BENCH_AGENTS (agents in the mesh of (b),
 //! default 5), RIFTMESH_BENCH_LATENCY_EVENTS (events timed in (b), default
-//! 500), RIFTMESH_BENCH_API_EVENTS (events per local API publish measurement
-//! (d), default 5000; 0 skips it), RIFTMESH_BENCH_ONLY=mesh (only (b), (c) and
-//! (d)), RIFTMESH_BENCH_RESULTS (directory of the JSON copy).
-//!
-//! (d) Local API publish throughput on agent 1 of that mesh (HTTP on
-//!     loopback, durable append, gossip to the others): one client, 8
-//!     clients, and batches of 100 (`POST /v1/events/batch`).
+//! 500), RIFTMESH_BENCH_API_SECS (timed whole seconds per (d) cell, default 5,
+//! at most the time cap; 0 skips (d)), RIFTMESH_BENCH_API_DRIVER=reqwest (the
+//! in-process client instead of wrk; on a lone agent it gave the same rates
+//! within the noise, proto-notes/store.md),
+//! RIFTMESH_BENCH_ONLY=mesh (only (b), (c) and (d)), RIFTMESH_BENCH_RESULTS
+//! (directory of the JSON copy).
 
 mod common;
 
@@ -43,7 +56,8 @@ const PUBLISHERS: u64 = 8;
 const BATCH: u64 = 100;
 const DEFAULT_AGENTS: usize = 5;
 const DEFAULT_LATENCY_EVENTS: usize = 500;
-const DEFAULT_API_EVENTS: u64 = 5000;
+const DEFAULT_API_SECS: u64 = 5;
+const API_WARMUP_SECS: u64 = 1;
 const WARMUP_EVENTS: usize = 20;
 
 // ---------------------------------------------------------------- workload
@@ -119,8 +133,9 @@ struct Env {
     agents: usize,
     /// Events timed in (b).
     latency_events: usize,
-    /// Events per API publish measurement (d); 0 skips (d).
-    api_events: u64,
+    /// Timed seconds of each (d) cell, after a warm-up of
+    /// [`API_WARMUP_SECS`]; 0 skips (d).
+    api_secs: u64,
     /// Every temporary directory is removed at the end of the run.
     keep: Mutex<Vec<TempDir>>,
 }
@@ -524,8 +539,6 @@ struct MeshResult {
     /// Milliseconds each publish request took (durable append on agent 1).
     publish_ms: Vec<f64>,
     rss_mb: Vec<f64>,
-    /// (d): one client, 8 clients, batches of 100; None when skipped.
-    api: Option<[Tput; 3]>,
 }
 
 async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
@@ -736,19 +749,6 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
             .ok_or_else(|| anyhow::anyhow!("cannot read VmRSS of agent {}", names[k]))?;
         rss_mb.push(kb as f64 / 1024.0);
     }
-    let api = if env.api_events > 0 {
-        eprintln!(
-            "(d) local API publish on b1, {} events each",
-            env.api_events
-        );
-        Some([
-            api_publish(env, &client, &apis[0], 1, 1).await?,
-            api_publish(env, &client, &apis[0], PUBLISHERS, 1).await?,
-            api_publish(env, &client, &apis[0], 1, BATCH).await?,
-        ])
-    } else {
-        None
-    };
     drop(agents);
     Ok(MeshResult {
         connect_secs,
@@ -757,59 +757,585 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
         expected: latency_events * (agents_n - 1),
         publish_ms,
         rss_mb,
-        api,
     })
 }
 
-/// (d) `env.api_events` distinct events published to the agent at `api` by
-/// `clients` concurrent HTTP clients, in requests of `batch` events (1: `POST
-/// /v1/events`, more: `POST /v1/events/batch`), each request answered after
-/// the durable append; stops at the time cap.
-async fn api_publish(
-    env: &Env,
+// ---------------------------------------------------------------- (d) local API, lone agent
+
+/// The (d) cells: name, concurrent clients, events per request.
+const API_CELLS: [(&str, u64, u64); 3] = [
+    ("1 client", 1, 1),
+    ("8 clients", PUBLISHERS, 1),
+    ("batches of 100", 1, BATCH),
+];
+const API_EVENT_TYPE: &str = "BENCH_API";
+
+/// The wrk script of (d). Arguments after `--`: a run tag, events per
+/// request (1: `POST /v1/events`, more: `POST /v1/events/batch`), the event
+/// type. Every event has a distinct payload: the tag, the wrk thread's number
+/// (`setup` gives each thread its own, as each has its own Lua state) and a
+/// counter. `done` prints wrk's own counts as one JSON line.
+const WRK_SCRIPT: &str = r#"local next_tid = 0
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+end
+function init(args)
+  run, batch, evtype = args[1], tonumber(args[2]), args[3]
+  counter = 0
+  path = (batch == 1) and "/v1/events" or "/v1/events/batch"
+  headers = {["Content-Type"] = "application/json"}
+end
+local function event()
+  counter = counter + 1
+  return string.format('{"type":"%s","payload":{"job":"selfplay/hex8_2p","host":"gpu-node-0007","games":256,"model":"hex8_2p-v00042","batch":"%s-%d-%d","i":%d}}', evtype, run, tid, counter, counter)
+end
+function request()
+  if batch == 1 then
+    return wrk.format("POST", path, headers, event())
+  end
+  local parts = {}
+  for k = 1, batch do parts[k] = event() end
+  return wrk.format("POST", path, headers, '{"events":[' .. table.concat(parts, ",") .. ']}')
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRK_SUMMARY {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,"p50_us":%d,"p99_us":%d}\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"#;
+
+/// An executable named `name` on PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// What drives the (d) cells.
+enum Driver {
+    /// wrk, and the script written for it.
+    Wrk { bin: PathBuf, script: PathBuf },
+    /// The in-process reqwest loop; the reason wrk is not used.
+    Reqwest(String),
+}
+
+impl Driver {
+    fn pick(env: &Env) -> Driver {
+        if std::env::var("RIFTMESH_BENCH_API_DRIVER").as_deref() == Ok("reqwest") {
+            return Driver::Reqwest("RIFTMESH_BENCH_API_DRIVER=reqwest".into());
+        }
+        let Some(bin) = which("wrk") else {
+            return Driver::Reqwest("wrk not on PATH (apt-get install wrk)".into());
+        };
+        let script = env.tempdir("wrk-").join("publish.lua");
+        std::fs::write(&script, WRK_SCRIPT).expect("write the wrk script");
+        Driver::Wrk { bin, script }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Driver::Wrk { .. } => "wrk".into(),
+            Driver::Reqwest(why) => format!("reqwest in the bench process ({why})"),
+        }
+    }
+}
+
+/// One timed drive of the API: answered requests and client-side figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct Drive {
+    requests: u64,
+    secs: f64,
+    /// Answers that were not 2xx.
+    status_errors: u64,
+    /// Connect, read, write errors and timeouts.
+    socket_errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Drive {
+    fn json(&self) -> Value {
+        json!({
+            "requests": self.requests, "secs": self.secs, "status_errors": self.status_errors,
+            "socket_errors": self.socket_errors, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms,
+        })
+    }
+}
+
+async fn wrk_drive(
+    bin: &Path,
+    script: &Path,
+    api: &str,
+    clients: u64,
+    batch: u64,
+    tag: &str,
+    secs: u64,
+) -> anyhow::Result<Drive> {
+    use anyhow::Context;
+    let out = tokio::process::Command::new(bin)
+        .args(["-t1", &format!("-c{clients}"), &format!("-d{secs}s")])
+        .args(["--timeout", "30s", "-s"])
+        .arg(script)
+        .arg(format!("http://{api}"))
+        .args(["--", tag, &batch.to_string(), API_EVENT_TYPE])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(secs + 60), out)
+        .await
+        .context("wrk did not end")??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "wrk failed ({}): {}{}",
+        out.status,
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("WRK_SUMMARY "))
+        .with_context(|| format!("no summary in wrk's output:\n{text}"))?;
+    let v: Value = serde_json::from_str(line).context("wrk summary")?;
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    Ok(Drive {
+        requests: n("requests"),
+        secs: n("duration_us") as f64 / 1e6,
+        status_errors: n("status_errors"),
+        socket_errors: n("socket_errors"),
+        p50_ms: n("p50_us") as f64 / 1e3,
+        p99_ms: n("p99_us") as f64 / 1e3,
+    })
+}
+
+/// The fallback: `clients` tasks of this process posting until the time is
+/// up, each awaiting its answer (the same events as the wrk script).
+async fn reqwest_drive(
     client: &reqwest::Client,
     api: &str,
     clients: u64,
     batch: u64,
-) -> anyhow::Result<Tput> {
-    let run = format!("c{clients}-b{batch}");
-    let deadline = Instant::now() + env.cap;
+    tag: &str,
+    secs: u64,
+) -> anyhow::Result<Drive> {
+    let url = if batch == 1 {
+        format!("http://{api}/v1/events")
+    } else {
+        format!("http://{api}/v1/events/batch")
+    };
     let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (client, run, n) = (client.clone(), run.clone(), env.api_events);
-        let url = if batch == 1 {
-            format!("http://{api}/v1/events")
-        } else {
-            format!("http://{api}/v1/events/batch")
-        };
+        let (client, url, tag) = (client.clone(), url.clone(), tag.to_string());
         tasks.push(tokio::spawn(async move {
-            let mut done = 0u64;
-            // Client c takes every clients-th request of `batch` events.
-            let requests = n.div_ceil(batch);
-            for r in (c..requests).step_by(clients as usize) {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let range = r * batch..((r + 1) * batch).min(n);
-                let one =
-                    |i: u64| json!({ "type": "BENCH_API", "payload": { "run": run, "i": i } });
+            let mut ms = Vec::new();
+            let mut i = 0u64;
+            let mut event = || {
+                i += 1;
+                json!({ "type": API_EVENT_TYPE, "payload": {
+                    "job": "selfplay/hex8_2p", "host": "gpu-node-0007", "games": 256,
+                    "model": "hex8_2p-v00042", "batch": format!("{tag}-{c}-{i}"), "i": i,
+                }})
+            };
+            while Instant::now() < deadline {
                 let body = if batch == 1 {
-                    one(range.start)
+                    event()
                 } else {
-                    json!({ "events": range.clone().map(one).collect::<Vec<_>>() })
+                    json!({ "events": (0..batch).map(|_| event()).collect::<Vec<_>>() })
                 };
+                let t = Instant::now();
                 http_json(client.post(&url).json(&body)).await?;
-                done += range.end - range.start;
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
             }
-            anyhow::Ok(done)
+            anyhow::Ok(ms)
         }));
     }
-    let mut done = 0;
+    let mut ms = Vec::new();
     for t in tasks {
-        done += t.await??;
+        ms.extend(t.await??);
     }
-    Ok(Tput::new(done, t0, env.api_events))
+    let secs = t0.elapsed().as_secs_f64();
+    ms.sort_by(f64::total_cmp);
+    Ok(Drive {
+        requests: ms.len() as u64,
+        secs,
+        p50_ms: percentile(&ms, 50.0),
+        p99_ms: percentile(&ms, 99.0),
+        ..Drive::default()
+    })
+}
+
+/// What the agent counted: local publishes accepted as new events
+/// (`riftmesh_events_published_total`), publishes answered `duplicate`
+/// (`riftmesh_events_duplicate_total`), and the events in its store.
+#[derive(Clone, Copy, Debug)]
+struct Counts {
+    published: u64,
+    duplicates: u64,
+    stored: u64,
+}
+
+async fn agent_counts(
+    client: &reqwest::Client,
+    api: &str,
+    metrics: &str,
+) -> anyhow::Result<Counts> {
+    use anyhow::Context;
+    let text = client
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    anyhow::ensure!(
+        text.contains("riftmesh_events_published_total"),
+        "no riftmesh_events_published_total in the agent's metrics"
+    );
+    let status = http_json(client.get(format!("http://{api}/v1/status"))).await?;
+    Ok(Counts {
+        published: common::metric(&text, "riftmesh_events_published_total", "") as u64,
+        duplicates: common::metric(&text, "riftmesh_events_duplicate_total", "") as u64,
+        stored: status["store"]["events"]
+            .as_u64()
+            .context("no store.events in /v1/status")?,
+    })
+}
+
+/// One (d) cell, measured.
+struct ApiCell {
+    tput: Tput,
+    run: Drive,
+    warmup: Drive,
+    /// What the agent counted over warm-up and run.
+    published: u64,
+    stored: u64,
+}
+
+impl ApiCell {
+    fn json(&self, batch: u64, driver: &str) -> Value {
+        json!({
+            "events": self.tput.events, "secs": self.tput.secs, "events_per_sec": self.tput.rate(),
+            "capped": false, "busy_errors": 0, "driver": driver, "events_per_request": batch,
+            "run": self.run.json(), "warmup": self.warmup.json(),
+            "agent_new_events": self.published, "agent_stored_events": self.stored,
+            "answered_events": (self.run.requests + self.warmup.requests) * batch,
+        })
+    }
+}
+
+/// (d) cell `k` of [`API_CELLS`] on a fresh agent with no peers: a warm-up,
+/// then `env.api_secs` timed. Fails unless every answer was a 200 that made
+/// new events: no error, no `duplicate`, and the agent counted at least as
+/// many new events as were answered (requests in flight when the driver
+/// stopped may add a few; so may the agent's own HOST_ONLINE).
+async fn api_cell(env: &Env, driver: &Driver, k: usize) -> anyhow::Result<ApiCell> {
+    let (_, clients, batch) = API_CELLS[k];
+    let bin = env!("CARGO_BIN_EXE_riftmesh");
+    let root = env.tempdir("api-");
+    keygen(bin, &root.join("swarm.key"))?;
+    let mut agents = Agents {
+        children: vec![spawn_agent(bin, &root, "solo", None)?],
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = common::wait_agent_info(
+        &mut agents.children[0],
+        &root,
+        "solo",
+        deadline,
+        Duration::from_millis(20),
+    )
+    .await?;
+    let s = |k: &str| info[k].as_str().unwrap_or_default().to_string();
+    let (api, metrics) = (s("api"), s("metrics"));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let before = agent_counts(&client, &api, &metrics).await?;
+    // Distinct tags per cell and phase: no payload repeats another.
+    let tag = format!("{}-{k}", std::process::id());
+    let drive = |phase: &'static str, secs: u64| {
+        let (client, api, tag) = (client.clone(), api.clone(), format!("{tag}{phase}"));
+        async move {
+            match driver {
+                Driver::Wrk { bin, script } => {
+                    wrk_drive(bin, script, &api, clients, batch, &tag, secs).await
+                }
+                Driver::Reqwest(_) => {
+                    reqwest_drive(&client, &api, clients, batch, &tag, secs).await
+                }
+            }
+        }
+    };
+    let warmup = drive("w", API_WARMUP_SECS).await?;
+    let run = drive("r", env.api_secs).await?;
+    let after = agent_counts(&client, &api, &metrics).await?;
+    drop(agents);
+
+    let answered = (warmup.requests + run.requests) * batch;
+    let published = after.published - before.published;
+    let stored = after.stored - before.stored;
+    let duplicates = after.duplicates - before.duplicates;
+    let (status, socket) = (
+        warmup.status_errors + run.status_errors,
+        warmup.socket_errors + run.socket_errors,
+    );
+    anyhow::ensure!(
+        status == 0 && socket == 0,
+        "{status} answers were not 2xx and {socket} requests failed at the socket"
+    );
+    anyhow::ensure!(
+        duplicates == 0,
+        "{duplicates} events were answered `duplicate`: not every request made new events"
+    );
+    anyhow::ensure!(
+        published >= answered && stored >= answered,
+        "{answered} events answered, but the agent counted {published} new events and its store \
+         grew by {stored}"
+    );
+    anyhow::ensure!(run.requests > 0, "no request answered");
+    Ok(ApiCell {
+        tput: Tput {
+            events: run.requests * batch,
+            secs: run.secs,
+            capped: false,
+            busy: 0,
+        },
+        run,
+        warmup,
+        published,
+        stored,
+    })
+}
+
+// ---------------------------------------------------------------- (d) Redis streams
+
+/// The Redis cells beside the (d) cells: XADD from 1 client, 8 clients, and
+/// 1 client pipelining 100 XADDs per round trip.
+const REDIS_PIPELINE: u64 = 100;
+
+/// A child process killed when dropped.
+struct Killed(tokio::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// One command over RESP; the answer's lines joined by newlines (a simple
+/// string, an integer, a bulk string, or an array of bulk strings).
+async fn resp(port: u16, args: &[&str]) -> anyhow::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).await?;
+    let mut r = tokio::io::BufReader::new(s);
+    let read = async {
+        let mut lines = Vec::new();
+        let mut want = 1;
+        while lines.len() < want {
+            let mut line = String::new();
+            anyhow::ensure!(r.read_line(&mut line).await? > 0, "connection closed");
+            let line = line.trim_end().to_string();
+            if lines.is_empty() {
+                if let Some(n) = line.strip_prefix('*') {
+                    want += 2 * n.parse::<usize>().unwrap_or(0);
+                } else if line.starts_with('$') && line != "$-1" {
+                    want += 1;
+                }
+            }
+            lines.push(line);
+        }
+        anyhow::Ok(lines.join("\n"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await?
+}
+
+struct RedisCell {
+    tput: Tput,
+    /// XADDs of the warm-up run (its rate sized the timed run).
+    warmup: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    version: String,
+}
+
+impl RedisCell {
+    fn json(&self, clients: u64, pipeline: u64) -> Value {
+        json!({
+            "events": self.tput.events, "secs": self.tput.secs, "events_per_sec": self.tput.rate(),
+            "clients": clients, "pipeline": pipeline, "warmup_xadds": self.warmup,
+            "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "version": self.version,
+        })
+    }
+}
+
+/// `redis-benchmark ... --csv XADD ...`: requests/s, p50 and p99 (ms).
+async fn redis_benchmark(
+    bin: &Path,
+    port: u16,
+    clients: u64,
+    pipeline: u64,
+    n: u64,
+    limit: Duration,
+) -> anyhow::Result<(f64, f64, f64)> {
+    use anyhow::Context;
+    // The store's payload text with a random 12-digit number in its
+    // "batch" field (redis-benchmark's -r).
+    let payload = event::canonical_json(&payload(0)).replace("b-0000000000", "b-__rand_int__");
+    let out = tokio::process::Command::new(bin)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-c", &clients.to_string(), "-n", &n.to_string()])
+        .args(["-P", &pipeline.to_string(), "-r", "1000000000000", "--csv"])
+        .args([
+            "XADD", "bench", "*", "type", EVENT_TYPE, "payload", &payload,
+        ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    // It retries a refused connection forever: bounded here.
+    let out = tokio::time::timeout(limit, out)
+        .await
+        .context("redis-benchmark did not end")??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "redis-benchmark failed ({}): {text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "test","rps","avg","min","p50","p95","p99","max": the test name (the
+    // command, commas and all) first, so the numbers are counted from the end.
+    let nums = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<f64> = l
+                .rsplit(',')
+                .take(7)
+                .map_while(|x| x.trim_matches('"').parse().ok())
+                .collect();
+            (f.len() == 7).then_some(f)
+        })
+        .next()
+        .with_context(|| format!("no figures in redis-benchmark's output:\n{text}"))?;
+    // Reversed: max, p99, p95, p50, min, avg, rps.
+    Ok((nums[6], nums[3], nums[1]))
+}
+
+/// Redis cell `k` (1 client, 8 clients, 1 client pipelining 100) against a
+/// fresh `redis-server` on a free loopback port with an append-only file
+/// fsynced before every answer. Ok(Err(why)) when Redis is not installed.
+async fn redis_cell(env: &Env, k: usize) -> anyhow::Result<Result<RedisCell, String>> {
+    use anyhow::Context;
+    let (Some(server), Some(bench)) = (which("redis-server"), which("redis-benchmark")) else {
+        return Ok(Err(if which("redis-server").is_none() {
+            "skipped: redis-server not installed (apt-get install redis-server)".into()
+        } else {
+            "skipped: redis-benchmark not installed (apt-get install redis-tools)".into()
+        }));
+    };
+    let (clients, pipeline) = [(1, 1), (PUBLISHERS, 1), (1, REDIS_PIPELINE)][k];
+    let version = std::process::Command::new(&server)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let t = String::from_utf8_lossy(&o.stdout).to_string();
+            Some(
+                t.split_whitespace()
+                    .find_map(|w| w.strip_prefix("v="))?
+                    .to_string(),
+            )
+        })
+        .unwrap_or_else(|| "?".into());
+    let dir = env.tempdir("redis-");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let log = dir.join("redis.log");
+    let mut child = Killed(
+        tokio::process::Command::new(&server)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--logfile")
+            .arg(&log)
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--daemonize", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start redis-server")?,
+    );
+    let tail = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while resp(port, &["PING"]).await.ok().as_deref() != Some("+PONG") {
+        if let Some(st) = child.0.try_wait()? {
+            anyhow::bail!("redis-server exited ({st}):\n{}", tail());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "redis-server not answering PING on port {port} after 10 s:\n{}",
+            tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (key, want) in [("appendonly", "yes"), ("appendfsync", "always")] {
+        let got = resp(port, &["CONFIG", "GET", key]).await?;
+        anyhow::ensure!(
+            got.ends_with(&format!("\n{want}")),
+            "redis-server's {key} is not {want}: {got:?}"
+        );
+    }
+    let limit = Duration::from_secs(env.api_secs * 4 + 60);
+    // Warm-up, sized to take about a second, then the timed run sized from
+    // its rate to take about env.api_secs. Whole rounds of every client's
+    // pipeline.
+    let round = clients * pipeline;
+    let warmup = (if pipeline > 1 { 20_000 } else { 500 * clients }).div_ceil(round) * round;
+    let (rate, _, _) = redis_benchmark(&bench, port, clients, pipeline, warmup, limit).await?;
+    let n = ((rate * env.api_secs as f64) as u64).div_ceil(round).max(1) * round;
+    let (rps, p50, p99) = redis_benchmark(&bench, port, clients, pipeline, n, limit).await?;
+    let len = resp(port, &["XLEN", "bench"]).await?;
+    anyhow::ensure!(
+        len == format!(":{}", warmup + n),
+        "the stream holds {len} entries after {} XADDs",
+        warmup + n
+    );
+    drop(child);
+    // redis-benchmark's own rate (its clock, as wrk's for riftmesh).
+    Ok(Ok(RedisCell {
+        tput: Tput {
+            events: n,
+            secs: n as f64 / rps,
+            capped: false,
+            busy: 0,
+        },
+        warmup,
+        p50_ms: p50,
+        p99_ms: p99,
+        version,
+    }))
 }
 
 // ---------------------------------------------------------------- report
@@ -858,49 +1384,230 @@ fn print_table(rows: &[Row]) {
         "target",
         "result",
     ];
-    let cells: Vec<[&str; 8]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
-                r.name.as_str(),
-                r.riftmesh.as_str(),
-                r.normal.as_str(),
-                r.full.as_str(),
-                r.ratio_normal.as_str(),
-                r.ratio_full.as_str(),
-                r.target.as_str(),
-                r.result.as_str(),
+            vec![
+                r.name.clone(),
+                r.riftmesh.clone(),
+                r.normal.clone(),
+                r.full.clone(),
+                r.ratio_normal.clone(),
+                r.ratio_full.clone(),
+                r.target.clone(),
+                r.result.clone(),
             ]
         })
         .collect();
-    let mut width = headers.map(|h| h.chars().count());
-    for c in &cells {
+    print_grid(&headers, &cells, &[0, 6, 7]);
+}
+
+const REDIS_KINDS: [&str; 3] = ["1 client", "8 clients", "1 client, pipelined 100"];
+
+/// A (d) cell and its Redis counterpart, or why each has no figure.
+type ApiPair = (Result<ApiCell, String>, Result<RedisCell, String>);
+
+/// A row of the (d) table.
+struct ApiRow {
+    name: String,
+    cells: Vec<String>,
+    json: Value,
+}
+
+const API_HEADERS: [&str; 8] = [
+    "measurement",
+    "riftmesh API",
+    "store direct (a)",
+    "compared with (same run)",
+    "its rate",
+    "rm/it",
+    "target",
+    "result",
+];
+
+/// The (d) rows: each API cell beside its Redis counterpart (1 and 8
+/// clients), the batch cell against SQLite FULL's single-publish rate of (a)
+/// (the issue's target) and beside Redis pipelining 100.
+fn api_rows(
+    api: &[ApiPair],
+    driver: &str,
+    rm: &[Tput],
+    normal: &[Tput],
+    full: &[Tput],
+) -> Vec<ApiRow> {
+    let dash = || "-".to_string();
+    let mut rows = Vec::new();
+    for (k, (a, r)) in api.iter().enumerate() {
+        let (kind, clients, batch) = API_CELLS[k];
+        let direct = rm.get(k);
+        let rm_cell = match a {
+            Ok(c) => rate_cell(&c.tput),
+            Err(_) => "FAILED".into(),
+        };
+        let rm_json = match a {
+            Ok(c) => c.json(batch, driver),
+            Err(e) => json!({ "error": e, "driver": driver }),
+        };
+        let redis_json = match r {
+            Ok(c) => c.json([1, PUBLISHERS, 1][k], [1, 1, REDIS_PIPELINE][k]),
+            Err(e) => json!({ "skipped": e }),
+        };
+        // The comparison: Redis for 1 and 8 clients, SQLite FULL 1 publisher
+        // for batches; a missing one leaves the target unjudged.
+        let cmp: Result<(String, &Tput), String> = if k < 2 {
+            r.as_ref()
+                .map(|c| (format!("Redis XADD, {}", REDIS_KINDS[k]), &c.tput))
+                .map_err(|e| e.clone())
+        } else {
+            full.first()
+                .map(|t| ("SQLite FULL, 1 publisher (a)".to_string(), t))
+                .ok_or_else(|| "SQLite FULL, 1 publisher: (a) not run".to_string())
+        };
+        let ratio_v = match (a, &cmp) {
+            (Ok(c), Ok((_, t))) => Some(ratio(&c.tput, t)),
+            _ => None,
+        };
+        let (target, result, met, goal) = match k {
+            0 | 1 => {
+                let met = ratio_v.map(|x| x >= 1.0);
+                (format!("rm >= Redis, {kind}"), met.map(verdict), met, None)
+            }
+            _ => {
+                let (met, goal) = (ratio_v.map(|x| x >= 5.0), ratio_v.map(|x| x >= 10.0));
+                let result = match (met, goal) {
+                    (Some(true), Some(true)) => "met (goal 10x met)".into(),
+                    (Some(true), _) => "met (goal 10x missed)".into(),
+                    (Some(false), _) => "missed".into(),
+                    _ => dash(),
+                };
+                (
+                    "rm >= 5x SQLite FULL 1 pub; goal 10x".into(),
+                    Some(result),
+                    met,
+                    goal,
+                )
+            }
+        };
+        let result = if a.is_err() {
+            "FAILED".into()
+        } else {
+            result.unwrap_or_else(dash)
+        };
+        let (cmp_name, cmp_rate) = match &cmp {
+            Ok((name, t)) => (name.clone(), rate_cell(t)),
+            Err(e) if k < 2 => (
+                format!("Redis XADD, {}: {}", REDIS_KINDS[k], short(e)),
+                dash(),
+            ),
+            Err(e) => (e.clone(), dash()),
+        };
+        let name = format!("(d) API publish, {kind}, events/s");
+        rows.push(ApiRow {
+            name: name.clone(),
+            cells: vec![
+                name,
+                rm_cell.clone(),
+                direct.map(rate_cell).unwrap_or_else(dash),
+                cmp_name.clone(),
+                cmp_rate,
+                ratio_v.map(|x| format!("{x:.2}x")).unwrap_or_else(dash),
+                target.clone(),
+                result,
+            ],
+            json: json!({
+                "riftmesh": rm_json,
+                "clients": clients,
+                "events_per_request": batch,
+                "store_direct": direct.map(Tput::json),
+                "sqlite_normal": normal.get(k).map(Tput::json),
+                "sqlite_full": full.get(k).map(Tput::json),
+                "redis": redis_json,
+                "compared_with": cmp_name,
+                "ratio": ratio_v,
+                "target": target,
+                "met": met,
+                "goal_met": goal,
+            }),
+        });
+        if k == 2 {
+            // Context, no target: one round trip of 100 XADDs, one fsync of
+            // the append-only file (a pass of Redis's event loop), the
+            // counterpart of one HTTP batch and its one durable commit.
+            let ratio_p = match (a, r) {
+                (Ok(c), Ok(p)) => Some(ratio(&c.tput, &p.tput)),
+                _ => None,
+            };
+            let name = "(d) API batches of 100 vs Redis pipelined".to_string();
+            rows.push(ApiRow {
+                name: name.clone(),
+                cells: vec![
+                    name,
+                    rm_cell,
+                    direct.map(rate_cell).unwrap_or_else(dash),
+                    match r {
+                        Ok(_) => format!("Redis XADD, {}", REDIS_KINDS[k]),
+                        Err(e) => format!("Redis XADD, {}: {}", REDIS_KINDS[k], short(e)),
+                    },
+                    r.as_ref().map_or_else(|_| dash(), |p| rate_cell(&p.tput)),
+                    ratio_p.map(|x| format!("{x:.2}x")).unwrap_or_else(dash),
+                    dash(),
+                    dash(),
+                ],
+                json: json!({ "riftmesh": rm_json, "redis": redis_json, "ratio": ratio_p }),
+            });
+        }
+    }
+    rows
+}
+
+/// "skipped" or "failed", the first word of a Redis cell's reason.
+fn short(why: &str) -> &str {
+    why.split(':').next().unwrap_or(why)
+}
+
+/// `/proc/loadavg`: the 1, 5 and 15 minute load averages.
+fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut v = text
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(f64::NAN));
+    [(); 3].map(|_| v.next().unwrap_or(f64::NAN))
+}
+
+/// A plain-text table: columns padded to their widest cell, the columns in
+/// `left` aligned left, the others right.
+fn print_grid(headers: &[&str], cells: &[Vec<String>], left: &[usize]) {
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for c in cells {
         for (w, s) in width.iter_mut().zip(c) {
             *w = (*w).max(s.chars().count());
         }
     }
-    let line = |c: &[&str; 8]| {
+    let line = |c: &[&str]| {
         let mut out = String::new();
         for (k, s) in c.iter().enumerate() {
-            let pad = width[k] - s.chars().count();
-            if k == 0 || k >= 6 {
+            let pad = " ".repeat(width[k] - s.chars().count());
+            if left.contains(&k) {
                 out.push_str(s);
-                out.push_str(&" ".repeat(pad));
+                out.push_str(&pad);
             } else {
-                out.push_str(&" ".repeat(pad));
+                out.push_str(&pad);
                 out.push_str(s);
             }
-            if k < 7 {
+            if k + 1 < c.len() {
                 out.push_str("  ");
             }
         }
         out.trim_end().to_string()
     };
-    let rule = "-".repeat(width.iter().sum::<usize>() + 2 * 7);
-    println!("{}", line(&headers));
+    let rule = "-".repeat(width.iter().sum::<usize>() + 2 * (width.len() - 1));
+    println!("{}", line(headers));
     println!("{rule}");
-    for c in &cells {
-        println!("{}", line(c));
+    for c in cells {
+        println!(
+            "{}",
+            line(&c.iter().map(String::as_str).collect::<Vec<_>>())
+        );
     }
     println!("{rule}");
 }
@@ -928,7 +1635,8 @@ fn main() {
         DEFAULT_LATENCY_EVENTS as u64,
     ) as usize)
         .max(1);
-    let api_events = num("RIFTMESH_BENCH_API_EVENTS", DEFAULT_API_EVENTS);
+    // Whole seconds (wrk's -d), within the time cap.
+    let api_secs = num("RIFTMESH_BENCH_API_SECS", DEFAULT_API_SECS).min((cap_secs as u64).max(1));
     let only_mesh = std::env::var("RIFTMESH_BENCH_ONLY").as_deref() == Ok("mesh");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     std::fs::create_dir_all(&root).expect("target dir");
@@ -938,7 +1646,7 @@ fn main() {
         cap: Duration::from_secs_f64(cap_secs),
         agents,
         latency_events,
-        api_events,
+        api_secs,
         keep: Mutex::new(Vec::new()),
     };
     let payload_bytes = event::canonical_json(&payload(n / 2)).len();
@@ -947,6 +1655,7 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let started = Instant::now();
+    let load_start = loadavg();
 
     eprintln!("(a) durable queue throughput, N = {n}, payload {payload_bytes} bytes");
     // Row by row, riftmesh then SQLite NORMAL then FULL, so whatever else the
@@ -983,6 +1692,36 @@ fn main() {
                 SyncMode::Normal => normal.push(t),
                 SyncMode::Full => full.push(t),
             }
+        }
+    }
+
+    // (d) Cell by cell, the riftmesh API then its Redis counterpart, so
+    // whatever else the machine is doing weighs on both alike.
+    let driver = (env.api_secs > 0).then(|| Driver::pick(&env));
+    let mut api = Vec::new();
+    if let Some(driver) = &driver {
+        eprintln!(
+            "(d) local API publish on one agent with no peers, {}, {API_WARMUP_SECS} s warm-up + {} s per cell; Redis beside it",
+            driver.label(),
+            env.api_secs
+        );
+        for (k, (kind, _, _)) in API_CELLS.iter().enumerate() {
+            eprintln!("    riftmesh API, {kind} ...");
+            let a = rt
+                .block_on(api_cell(&env, driver, k))
+                .map_err(|e| format!("{e:#}"));
+            if let Err(e) = &a {
+                eprintln!("    FAILED: {e}");
+            }
+            eprintln!("    redis XADD, {} ...", REDIS_KINDS[k]);
+            let r = match rt.block_on(redis_cell(&env, k)) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("    FAILED: {e:#}");
+                    Err(format!("failed: {e:#}"))
+                }
+            };
+            api.push((a, r));
         }
     }
 
@@ -1080,36 +1819,6 @@ fn main() {
                 None,
                 json!({ "mb": rss_mean }),
             ));
-            for (k, t) in m.api.iter().flatten().enumerate() {
-                // Beside the SQLite cells and the store-direct rate of the
-                // same workload in (a), when (a) ran.
-                let (a, b, direct) = (normal.get(k), full.get(k), rm.get(k));
-                let cell = |x: Option<&Tput>| x.map(rate_cell).unwrap_or_else(dash);
-                let rat = |x: Option<&Tput>| {
-                    x.map(|x| format!("{:.2}x", ratio(t, x)))
-                        .unwrap_or_else(dash)
-                };
-                rows.push(Row {
-                    name: format!(
-                        "(d) API publish, {}, events/s",
-                        ["1 client", "8 clients", "batches of 100"][k]
-                    ),
-                    riftmesh: rate_cell(t),
-                    normal: cell(a),
-                    full: cell(b),
-                    ratio_normal: rat(a),
-                    ratio_full: rat(b),
-                    target: "-".into(),
-                    result: "-".into(),
-                    json: json!({
-                        "riftmesh": t.json(),
-                        "store_direct": direct.map(Tput::json),
-                        "sqlite_normal": a.map(Tput::json),
-                        "sqlite_full": b.map(Tput::json),
-                        "agents": agents,
-                    }),
-                });
-            }
             let mut pub_sorted = m.publish_ms.clone();
             pub_sorted.sort_by(|a, b| a.total_cmp(b));
             mesh_json = json!({
@@ -1191,14 +1900,101 @@ fn main() {
             ms(percentile(&p, 99.0))
         );
     }
+    let label = driver.as_ref().map(Driver::label).unwrap_or_default();
+    let api_table = api_rows(&api, &label, &rm, &normal, &full);
+    if !api_table.is_empty() {
+        println!();
+        println!(
+            "(d) local API durable publish vs Redis streams, events/s, measured cell by cell in this run"
+        );
+        let cells: Vec<Vec<String>> = api_table.iter().map(|r| r.cells.clone()).collect();
+        print_grid(&API_HEADERS, &cells, &[0, 3, 6, 7]);
+        println!(
+            "riftmesh API: one agent with no peers (a fresh one per cell), HTTP/1.1 keep-alive on \
+             loopback, each answer after the durable append (flush + fdatasync); driven by {label}, \
+             {API_WARMUP_SECS} s warm-up then {} s timed{}; every event has a distinct payload. Checked \
+             per cell: every answer 2xx, none `duplicate`, and the agent counted at least as many \
+             new events as were answered.",
+            env.api_secs,
+            if matches!(driver, Some(Driver::Wrk { .. })) {
+                " (wrk -t1 -cCLIENTS, Lua script in benches/queue.rs)"
+            } else {
+                ""
+            }
+        );
+        let version = api
+            .iter()
+            .find_map(|(_, r)| r.as_ref().ok().map(|c| c.version.clone()));
+        match version {
+            Some(version) => println!(
+                "Redis {version}: redis-server on a loopback port, --appendonly yes --appendfsync always \
+                 --save '' (the append-only file is fsynced before the answers of each event-loop pass), \
+                 a fresh one per cell, driven by redis-benchmark (one thread, as wrk -t1): XADD of the \
+                 same payload text with a random 12-digit number, about {} s after a ~1 s warm-up, \
+                 XLEN checked. 'pipelined 100': 100 XADDs per round trip, so one fsync per 100, as one \
+                 HTTP batch is one durable commit. Redis does not sign, hash or deduplicate events.",
+                env.api_secs
+            ),
+            None => {
+                if let Some(Err(e)) = api.first().map(|(_, r)| r) {
+                    println!("Redis: {e}");
+                }
+            }
+        }
+        println!(
+            "store direct (a): the store's own rate for the same shape in (a) (1 publisher, 8 \
+             publishers, batches of 100), no HTTP."
+        );
+        for ((kind, _, _), (a, r)) in API_CELLS.iter().zip(&api) {
+            if let Err(e) = a {
+                println!("(d) riftmesh API, {kind}: FAILED: {e}");
+            }
+            match r {
+                Err(e) if e.starts_with("failed") => println!("(d) redis, {kind}: {e}"),
+                _ => {}
+            }
+        }
+    }
+    let load_end = loadavg();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "load average 1/5/15 min: {:.2} {:.2} {:.2} at start, {:.2} {:.2} {:.2} at end, {cpus} CPUs",
+        load_start[0], load_start[1], load_start[2], load_end[0], load_end[1], load_end[2]
+    );
+    // With every CPU busy, a thread woken by a finished fsync can wait for
+    // the next scheduler tick: one-thread fsync loops (SQLite FULL 1
+    // publisher, Redis 1 client) fall to a few hundred per second, the
+    // agent's threads less so, and the (d) verdicts flip. Runs started at
+    // load 0.96 and 1.17 on 2 CPUs were not affected (SQLite FULL 9,721 and
+    // 9,027/s), runs at 3.7 and 3.8 were (265 and 274/s).
+    let loaded = load_start[0] >= cpus.max(1) as f64;
+    if loaded {
+        println!(
+            "LOADED MACHINE: load {:.2} at start on {cpus} CPUs; the fsync-bound cells are then bound \
+             by CPU wake-up latency, not the disk: do not judge the targets from this run \
+             (proto-notes/store.md, \"Where an API publish's time goes\").",
+            load_start[0]
+        );
+    }
     println!("total bench time {:.0} s", started.elapsed().as_secs_f64());
 
     let out = json!({
         "events": n,
         "payload_bytes": payload_bytes,
         "time_cap_secs": cap_secs,
-        "rows": rows.iter().map(|r| json!({ "name": r.name, "data": r.json })).collect::<Vec<_>>(),
+        "rows": rows
+            .iter()
+            .map(|r| json!({ "name": r.name, "data": r.json }))
+            .chain(api_table.iter().map(|r| json!({ "name": r.name, "data": r.json })))
+            .collect::<Vec<_>>(),
         "mesh": mesh_json,
+        "api_secs": env.api_secs,
+        "api_warmup_secs": API_WARMUP_SECS,
+        "api_driver": label,
+        "load_average_start": load_start,
+        "load_average_end": load_end,
+        "cpus": cpus,
+        "loaded_at_start": loaded,
         "total_secs": started.elapsed().as_secs_f64(),
     });
     let path = common::results_dir(root.clone()).join("bench-queue.json");
@@ -1211,6 +2007,15 @@ fn main() {
         Err(e) => eprintln!("cannot write {}: {e}", path.display()),
     }
     drop(rt);
+    // A (d) cell whose events were not all new, or a Redis that is installed
+    // but did not run, fails the bench.
+    if api
+        .iter()
+        .any(|(a, r)| a.is_err() || r.as_ref().is_err_and(|e| e.starts_with("failed")))
+    {
+        eprintln!("a (d) cell failed: see the table");
+        std::process::exit(1);
+    }
 }
 
 /// Two floors under the durable publish rows: the Ed25519 signature every

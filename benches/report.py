@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 FULL = {
     "sizes": [5, 20, 50],
     "queue": {"RIFTMESH_BENCH_EVENTS": "20000", "RIFTMESH_BENCH_MAX_SECS": "15",
-              "RIFTMESH_BENCH_LATENCY_EVENTS": "500", "RIFTMESH_BENCH_API_EVENTS": "5000"},
+              "RIFTMESH_BENCH_LATENCY_EVENTS": "500", "RIFTMESH_BENCH_API_SECS": "5"},
     "latency_events": "500",
     "membership": {5: (10, 5), 20: (20, 10), 50: (10, 5)},  # agents: (kills, stops)
     "membership_idle_secs": "30",
@@ -53,7 +53,7 @@ FULL = {
 QUICK = {
     "sizes": [3, 5],
     "queue": {"RIFTMESH_BENCH_EVENTS": "300", "RIFTMESH_BENCH_MAX_SECS": "2",
-              "RIFTMESH_BENCH_LATENCY_EVENTS": "40", "RIFTMESH_BENCH_API_EVENTS": "200"},
+              "RIFTMESH_BENCH_LATENCY_EVENTS": "40", "RIFTMESH_BENCH_API_SECS": "1"},
     "latency_events": "40",
     "membership": {3: (2, 1), 5: (2, 1)},
     "membership_idle_secs": "3",
@@ -253,16 +253,34 @@ def queue_rows(t, q, runner, run):
         if not d:
             t.add("queue", f"local API publish, {kind}", "missing", "-", "missed")
             continue
-        rm = d["riftmesh"]["events_per_sec"]
+        r = d.get("riftmesh") or {}
+        if r.get("error") or r.get("events_per_sec") is None:
+            t.add("queue", f"local API publish, {kind}, events/s",
+                  f"error: {r.get('error', 'no figure')}"[:60], "-", "missed", d)
+            continue
+        rm = r["events_per_sec"]
         direct = (d.get("store_direct") or {}).get("events_per_sec")
-        sn = (d.get("sqlite_normal") or {}).get("events_per_sec")
         cmp = []
+        if d.get("ratio") is not None:
+            cmp.append(f"{d.get('compared_with')} {rm / d['ratio']:.0f} ({d['ratio']:.2f}x)")
+        else:
+            cmp.append(f"{d.get('compared_with')}: {(d.get('redis') or {}).get('skipped', 'n/a')}")
+        if d.get("target"):
+            cmp.append(d["target"])
         if direct:
             cmp.append(f"store direct {direct:.0f}")
-        if sn:
-            cmp.append(f"SQLite NORMAL {sn:.0f} ({rm / sn:.2f}x)")
-        t.add("queue", f"local API publish, {kind}, events/s", f"{rm:.0f}",
-              ", ".join(cmp) or "-", "-", d)
+        if r.get("driver") and r["driver"] != "wrk":
+            cmp.append(f"driver: {r['driver']}")
+        result = verdict(d.get("met"))
+        if d.get("met") and d.get("goal_met") is not None:
+            result += " (goal " + ("met" if d["goal_met"] else "missed") + ")"
+        t.add("queue", f"local API publish, {kind}, events/s", f"{rm:.0f}", "; ".join(cmp), result, d)
+    d = rows.get("(d) API batches of 100 vs Redis pipelined")
+    if d and d.get("ratio") is not None:
+        redis = d["redis"]
+        t.add("queue", "  Redis XADD pipelined 100 (1 client, AOF fsync always), events/s",
+              f"{redis['events_per_sec']:.0f}",
+              f"riftmesh API batches of 100 / Redis: {d['ratio']:.2f}x", "-", d)
 
 
 def latency_rows(t, q, agents, runner, run):
@@ -564,7 +582,7 @@ def main():
         run = f"queue-{n}"
         q = runner.bench(run, "queue", {
             "RIFTMESH_BENCH_ONLY": "mesh", "RIFTMESH_BENCH_AGENTS": str(n),
-            "RIFTMESH_BENCH_API_EVENTS": "0", "RIFTMESH_BENCH_LATENCY_EVENTS": cfg["latency_events"],
+            "RIFTMESH_BENCH_API_SECS": "0", "RIFTMESH_BENCH_LATENCY_EVENTS": cfg["latency_events"],
         }, timeout)
         if n in lat_sizes:
             latency[n] = latency_rows(t, q, n, runner, run)
@@ -657,8 +675,10 @@ def main():
         "- queue: (a) the riftmesh store (append returns after flush + fsync) against an SQLite WAL queue of the old design "
         "(rusqlite, one transaction per publish; NORMAL does not fsync at commit, FULL does), same workload, "
         f"N = {cfg['queue']['RIFTMESH_BENCH_EVENTS']} events, cap {cfg['queue']['RIFTMESH_BENCH_MAX_SECS']} s per cell; "
-        "(d) local API publish: HTTP POSTs on loopback to agent 1 of the mesh (durable append + gossip), beside the "
-        "store-direct and SQLite rates of the same workload in (a); (b) publish -> remote consumer: POST on agent 1 "
+        "(d) local API publish: one agent with no peers driven by wrk (1 thread, unique payloads; every answer checked "
+        "to have made new events), 1 and 8 clients beside Redis 7 streams (XADD, appendfsync always, redis-benchmark) "
+        "in the same run, batches of 100 against the SQLite FULL 1-publisher rate of (a) (target 5x, goal 10x); "
+        "(b) publish -> remote consumer: POST on agent 1 "
         f"every 5 ms, {cfg['latency_events']} events, until each other agent's long-poll consumer returns it.",
         f"- membership: {mtrials}; 'everywhere' = until every other agent holds the victim's HOST_OFFLINE (its received_ms); "
         "p99 is nearest-rank, so with 20 trials or fewer it is the maximum. Idle: libp2p_bandwidth_bytes_total in+out, "
