@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{keygen, wait_for, Agent, BIN};
+use common::{keygen, now_ms, wait_for, Agent, BIN};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -460,13 +460,6 @@ async fn wait_quiet(a: &Agent, prefix: &str, quiet: Duration) -> f64 {
         },
     )
     .await
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -269,8 +269,7 @@ fn random_bytes(len: usize, seed: u8) -> Vec<u8> {
 /// tests/blob.rs before; it needs no real process, so it runs here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     let started = Instant::now();
     let placed = tempfile::tempdir().unwrap();
     let place = format!("{}/{{name}}.bin", placed.path().display());
@@ -288,35 +287,7 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
     let up = Instant::now();
     let (a0, a1) = (&c.agents[0], &c.agents[1]);
 
-    let (liar, mut inbox, liar_key) = inproc::bare_memory_peer(&c.swarm_key);
-    let liar_id = liar_key.public().to_peer_id();
-    liar.dial(a0.addr.clone()).await.unwrap();
-    liar.dial(a1.addr.clone()).await.unwrap();
-    let served_bad = Arc::new(AtomicUsize::new(0));
-    let relay = {
-        let liar = liar.clone();
-        let served_bad = served_bad.clone();
-        let (a0_id, a1_id) = (a0.peer, a1.peer);
-        tokio::spawn(async move {
-            while let Some(req) = inbox.blob.recv().await {
-                // Relay to a0 (never back to the asker a0 itself).
-                if req.peer != a1_id {
-                    liar.blob_respond(req.channel, Vec::new()).await;
-                    continue;
-                }
-                let mut answer: Vec<u8> = liar
-                    .blob_request(a0_id, req.request)
-                    .await
-                    .unwrap_or_default();
-                // A chunk answer: tag 2, then the bytes; change the last one.
-                if answer.first() == Some(&2) && answer.len() > 2 {
-                    *answer.last_mut().unwrap() ^= 0x5a;
-                    served_bad.fetch_add(1, Ordering::SeqCst);
-                }
-                liar.blob_respond(req.channel, answer).await;
-            }
-        })
-    };
+    let (liar_id, served_bad, relay) = start_liar(&c.swarm_key, a0, a1).await;
     wait_until("a1 to be connected to the liar", T, || async {
         a1.connected_to(&liar_id).await.then_some(())
     })
@@ -357,6 +328,47 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
     );
 }
 
+/// A bare peer that relays `asker`'s blob requests to `honest` and flips
+/// the last byte of every chunk it passes on (anyone else gets an empty
+/// answer): its id, how many chunks it altered, and the relay task.
+async fn start_liar(
+    swarm_key: &std::path::Path,
+    honest: &Agent,
+    asker: &Agent,
+) -> (
+    libp2p::PeerId,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (liar, mut inbox, liar_key) = inproc::bare_memory_peer(swarm_key);
+    liar.dial(honest.addr.clone()).await.unwrap();
+    liar.dial(asker.addr.clone()).await.unwrap();
+    let served_bad = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = served_bad.clone();
+    let (honest_id, asker_id) = (honest.peer, asker.peer);
+    let relay = tokio::spawn(async move {
+        while let Some(req) = inbox.blob.recv().await {
+            // Relay to the honest holder (never back to it).
+            if req.peer != asker_id {
+                liar.blob_respond(req.channel, Vec::new()).await;
+                continue;
+            }
+            let mut answer: Vec<u8> = liar
+                .blob_request(honest_id, req.request)
+                .await
+                .unwrap_or_default();
+            // A chunk answer: tag 2, then the bytes; change the last one.
+            if answer.first() == Some(&2) && answer.len() > 2 {
+                *answer.last_mut().unwrap() ^= 0x5a;
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            liar.blob_respond(req.channel, answer).await;
+        }
+    });
+    (liar_key.public().to_peer_id(), served_bad, relay)
+}
+
 /// A transfer whose only source lies gives up within its stall time and
 /// says why (proto-notes/sync.md, "Giving up"): a1 is cut off from a0, the
 /// only holder; the liar relays a0's answers to a1 with every chunk
@@ -365,8 +377,7 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
 /// records a failure naming the chunk, the liar and the verification.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_whose_only_source_lies_gives_up_and_says_why() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     let started = Instant::now();
     let placed = tempfile::tempdir().unwrap();
     let place = format!("{}/{{name}}.bin", placed.path().display());
@@ -385,33 +396,7 @@ async fn a_transfer_whose_only_source_lies_gives_up_and_says_why() {
     .await;
     let up = Instant::now();
     let (a0, a1) = (&c.agents[0], &c.agents[1]);
-    let (liar, mut inbox, liar_key) = inproc::bare_memory_peer(&c.swarm_key);
-    let liar_id = liar_key.public().to_peer_id();
-    liar.dial(a0.addr.clone()).await.unwrap();
-    liar.dial(a1.addr.clone()).await.unwrap();
-    let served_bad = Arc::new(AtomicUsize::new(0));
-    let relay = {
-        let liar = liar.clone();
-        let served_bad = served_bad.clone();
-        let (a0_id, a1_id) = (a0.peer, a1.peer);
-        tokio::spawn(async move {
-            while let Some(req) = inbox.blob.recv().await {
-                if req.peer != a1_id {
-                    liar.blob_respond(req.channel, Vec::new()).await;
-                    continue;
-                }
-                let mut answer: Vec<u8> = liar
-                    .blob_request(a0_id, req.request)
-                    .await
-                    .unwrap_or_default();
-                if answer.first() == Some(&2) && answer.len() > 2 {
-                    *answer.last_mut().unwrap() ^= 0x5a;
-                    served_bad.fetch_add(1, Ordering::SeqCst);
-                }
-                liar.blob_respond(req.channel, answer).await;
-            }
-        })
-    };
+    let (liar_id, served_bad, relay) = start_liar(&c.swarm_key, a0, a1).await;
     a1.block(&[a0.peer], true).await;
     a0.block(&[a1.peer], true).await;
     wait_until(

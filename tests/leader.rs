@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{mesh_with, wait_for, Agent};
+use common::{mesh_with, now_ms, wait_for, Agent};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -232,13 +232,6 @@ async fn a_cut_off_leader_stops_leading_and_grants_nothing() {
     let (_, term4) = sole_leader_named_by_all(&all, "one leader after healing, named by all").await;
     assert!(term4 >= term2, "{term4} >= {term2}");
     let _ = leader2;
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,17 +16,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{mesh_with, mesh_with_env, wait_for, Agent, BIN};
+use common::{mesh_with, mesh_with_env, now_ms, wait_for, Agent, BIN};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 async fn leader_of(agents: &[&Agent]) -> usize {
     wait_for("every agent to agree on one leader", LONG, || async {

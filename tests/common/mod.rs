@@ -30,6 +30,14 @@ where
     }
 }
 
+/// This machine's wall clock, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 pub fn keygen(path: &Path) {
     let st = Command::new(BIN)
         .args(["keygen", "--out"])
