@@ -396,7 +396,7 @@ def parser():
     p.add_argument("--lock-ttl", type=int, default=5, help="lock ttl in seconds (default 5)")
     p.add_argument("--blob-interval", type=float, default=10.0, help="seconds between blob publishes")
     p.add_argument("--warmup", type=float,
-                   help="seconds before the start RSS sample (default a third of the duration, "
+                   help="seconds before the start RSS sample (default half the duration, "
                         "at most 300)")
     p.add_argument("--rss-factor", type=float, default=1.5,
                    help="RSS bound at the end: start x this + --rss-extra-mib (default 1.5)")
