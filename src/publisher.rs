@@ -69,13 +69,12 @@ impl Publisher {
             }
         }
         let out = self.store.append_local(drafts).await?;
+        let mut fresh = Vec::new();
         for a in &out {
             match a {
                 Appended::New { event, .. } => {
                     self.metrics.events_published.inc();
-                    if let Err(e) = self.net.publish_event(event).await {
-                        tracing::warn!(id = %event.id, error = %e, "gossip publish failed; peers get the event through catch-up");
-                    }
+                    fresh.push(event);
                 }
                 Appended::Duplicate { .. } | Appended::Held => {
                     self.metrics
@@ -84,6 +83,21 @@ impl Publisher {
                         .inc();
                 }
             }
+        }
+        // All new events of the request in one hand-over to the network task.
+        let frames = fresh.iter().map(|e| net::wire::encode_event(e)).collect();
+        match self.net.publish_frames(frames).await {
+            Ok(results) => {
+                for (event, r) in fresh.iter().zip(results) {
+                    if let Err(e) = r {
+                        tracing::warn!(id = %event.id, error = %e, "gossip publish failed; peers get the event through catch-up");
+                    }
+                }
+            }
+            Err(e) if !fresh.is_empty() => {
+                tracing::warn!(events = fresh.len(), error = %e, "gossip publish failed; peers get the events through catch-up");
+            }
+            Err(_) => {}
         }
         Ok(out)
     }

@@ -27,9 +27,10 @@ impl Opaque {
 }
 
 pub(super) enum Command {
+    /// Gossip frames on the events topic, in order; one answer per frame.
     Publish {
-        data: Vec<u8>,
-        reply: oneshot::Sender<Result<(), String>>,
+        frames: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Vec<Result<(), String>>>,
     },
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -103,9 +104,29 @@ impl NetHandle {
 
     /// Publish a raw gossip frame on the events topic.
     pub async fn publish_frame(&self, data: Vec<u8>) -> Result<(), NetError> {
-        self.ask(|reply| Command::Publish { data, reply })
+        self.publish_frames(vec![data])
             .await?
-            .map_err(NetError::Publish)
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Publish frames on the events topic, in order, with one round trip to
+    /// the network task for all of them (a batch of 100 events was 100
+    /// round trips); one result per frame. `Err` only if the network has
+    /// stopped.
+    pub async fn publish_frames(
+        &self,
+        frames: Vec<Vec<u8>>,
+    ) -> Result<Vec<Result<(), NetError>>, NetError> {
+        if frames.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .ask(|reply| Command::Publish { frames, reply })
+            .await?
+            .into_iter()
+            .map(|r| r.map_err(NetError::Publish))
+            .collect())
     }
 
     pub async fn publish_event(&self, ev: &Event) -> Result<(), NetError> {

@@ -236,8 +236,8 @@ impl EventLoop {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Publish { data, reply } => {
-                let _ = reply.send(self.publish(data));
+            Command::Publish { frames, reply } => {
+                let _ = reply.send(frames.into_iter().map(|f| self.publish(f)).collect());
             }
             Command::Peers(reply) => {
                 let _ = reply.send(self.peer_list());
