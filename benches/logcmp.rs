@@ -1,12 +1,16 @@
 //! Log-engine comparison for the event log (issue 26): `cargo bench --bench
-//! logcmp --features bench-logcmp` (~1 minute; the engines compared are
-//! optional dependencies, built only with that feature).
+//! logcmp --features bench-logcmp` (~2.5 minutes; the engines compared are
+//! optional dependencies, built only with that feature, so CI neither builds
+//! nor lints this file).
 //!
 //! Every engine makes the same records durable: real sealed event envelopes
 //! (`Draft::seal`, the bytes the store keeps for a ~120-byte payload), each
 //! commit ending in an fsync before it returns. Three shapes, each a fresh
-//! directory on the same filesystem and RIFTMESH_BENCH_LOGCMP_SECS timed
-//! seconds (default 3) after a short warm-up:
+//! directory under RIFTMESH_BENCH_DIR (default the temp dir: it must be on a
+//! real disk, not tmpfs; the bench says so when it cannot read the device's
+//! statistics) and RIFTMESH_BENCH_LOGCMP_SECS timed seconds (default 3)
+//! after a short warm-up, RIFTMESH_BENCH_LOGCMP_REPEATS times (default 3,
+//! the engines' order turned by one each time; median and range printed):
 //! - `1 writer`: one record per commit, one commit at a time (a lone
 //!   publisher; bounded by the device's fsync round trip);
 //! - `8 writers`: eight threads, one record per commit each (the engine's
@@ -15,24 +19,26 @@
 //!
 //! Engines:
 //! - `riftmesh store`: the agent's event store as it is (sled + indexes +
-//!   dedup + signing in its writer thread + `Durable::commit`), fed drafts;
-//!   the only row that also signs (~12 µs per event) and indexes.
-//! - `segment file`: the floor of the planned design: one preallocated,
-//!   pre-zeroed segment, records framed `len u32 | crc32 u32 | bytes`, one
-//!   writer thread that takes every waiting commit, writes them with one
-//!   `pwrite` and one `fdatasync`, then answers them all. Written here only to
-//!   measure what the design can reach; not the agent's code.
+//!   dedup + signing in its writer thread + `Durable::commit`), fed drafts
+//!   built inside the timed commit (canonical JSON and a hash, a few µs per
+//!   event); the only row that also signs (~12 µs per event) and indexes.
+//! - `segment file`: the floor of the design in proto-notes/store.md, the
+//!   log alone (no index, no signing): 64 MiB segments zeroed ahead by a
+//!   second thread (counted), group header with CRCs, records framed with
+//!   length, CRC, seq and kind, groups padded to 4 KiB, one writer thread
+//!   taking every waiting commit, one `pwrite` + `fdatasync` per group.
+//!   Written here to measure the design, not the agent's code.
 //! - `okaywal 0.3`: its multi-threaded WAL (it groups concurrent commits into
 //!   one fsync), segments of 64 MiB preallocated, a checkpointer that does
-//!   nothing (the WAL alone is measured; in a design with it, sled would be
-//!   written behind it and flushed at checkpoints).
+//!   nothing (the WAL alone is measured).
 //! - `raft-engine 0.4` (TiKV's): entries appended per region (one region per
-//!   writer thread), `write(batch, sync = true)`, compression off (records
-//!   are small and the other engines do not compress).
+//!   writer thread), `write(batch, sync = true)`, compression off.
 //!
 //! Per cell: records/s, commit latency p50/p99, and bytes the block device
-//! wrote per record during the cell (data, the filesystem's journal and
-//! metadata: the engine's whole write amplification).
+//! wrote per record during the cell (data, journal, metadata), net of what it
+//! wrote while idle in the 0.5 s before the cell.
+//! RIFTMESH_BENCH_LOGCMP_MEMORY=N instead prints raft-engine's resident
+//! memory for N entries, after writing them and after reopening.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -52,7 +58,7 @@ const WRITERS: usize = 8;
 const BATCH: usize = 100;
 /// Distinct sealed records cycled through by the byte-level engines.
 const POOL: usize = 4096;
-const SEGMENT_BYTES: u64 = 128 << 20;
+const SEGMENT_BYTES: u64 = 64 << 20;
 
 fn draft(i: u64) -> Draft {
     let payload = json!({
@@ -117,47 +123,118 @@ impl Log for RmStore {
 // ------------------------------------------------------------ segment file
 
 type Reply = mpsc::SyncSender<std::io::Result<()>>;
+/// A commit for the segment writer: framed records, their count, the reply.
+type SegCommit = (Vec<u8>, u64, Reply);
 
 struct Segment {
-    tx: Mutex<mpsc::Sender<(Vec<u8>, Reply)>>,
+    tx: Mutex<Option<mpsc::Sender<SegCommit>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     pool: Arc<Vec<Vec<u8>>>,
 }
 
+/// Page size groups are padded to: a group never shares a block with the
+/// acknowledged group before it, so a torn write cannot damage that one.
+const PAGE: usize = 4096;
+const GROUP_MAGIC: u32 = 0x5247_4d31;
+
+/// A segment made ready for writing: written full of zeros under a
+/// temporary name, fsynced, renamed, directory fsynced.
+fn zeroed_segment(dir: &Path, n: u64) -> std::io::Result<File> {
+    let tmp = dir.join(format!("seg-{n:06}.tmp"));
+    let path = dir.join(format!("seg-{n:06}"));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&tmp)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(SEGMENT_BYTES >> 20) {
+        f.write_all(&zeros)?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(f)
+}
+
 impl Segment {
+    /// The floor of the design in proto-notes/store.md: 64 MiB segments,
+    /// each zeroed and fsynced by a second thread while the one before
+    /// fills (the writer waits if it is not ready: that stall is counted);
+    /// a full segment is deleted by that thread (standing in for recycling,
+    /// which re-zeroes it: the same bytes). Per group: a 32-byte header
+    /// (magic, length, CRC of the records, first seq, count, CRC of the
+    /// header), the framed records, zero padding to a 4 KiB boundary; one
+    /// `pwrite` and one `fdatasync`.
     fn open(dir: &Path, pool: Arc<Vec<Vec<u8>>>) -> anyhow::Result<Segment> {
-        let path = dir.join("seg-000001");
-        let mut f = File::create(&path)?;
-        // Pre-zeroed: writing into allocated, written blocks changes no file
-        // metadata, so fdatasync is one data flush (fallocate would leave
-        // unwritten extents whose conversion is journalled at each sync).
-        let zeros = vec![0u8; 1 << 20];
-        for _ in 0..(SEGMENT_BYTES >> 20) {
-            f.write_all(&zeros)?;
-        }
-        f.sync_all()?;
-        File::open(dir)?.sync_all()?;
-        let (tx, rx) = mpsc::channel::<(Vec<u8>, Reply)>();
+        let first = zeroed_segment(dir, 1)?;
+        // The next segment is ready before the first commit; each later one
+        // is prepared when the writer moves on, so its zeroing falls inside
+        // the timed cell and is counted.
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<std::io::Result<File>>(1);
+        ready_tx
+            .send(zeroed_segment(dir, 2))
+            .expect("channel has room");
+        let (done_tx, done_rx) = mpsc::channel::<u64>();
+        let zdir = dir.to_path_buf();
         std::thread::Builder::new()
+            .name("logcmp-zeroer".into())
+            .spawn(move || {
+                let mut n = 3;
+                while let Ok(old) = done_rx.recv() {
+                    let _ = std::fs::remove_file(zdir.join(format!("seg-{old:06}")));
+                    if ready_tx.send(zeroed_segment(&zdir, n)).is_err() {
+                        break;
+                    }
+                    n += 1;
+                }
+            })?;
+        let (tx, rx) = mpsc::channel::<SegCommit>();
+        let writer = std::thread::Builder::new()
             .name("logcmp-segment".into())
             .spawn(move || {
+                let mut f = first;
+                let mut seg = 1u64;
                 let mut off = 0u64;
-                let mut buf = Vec::with_capacity(1 << 20);
+                let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
                 let mut replies = Vec::new();
                 while let Ok(first) = rx.recv() {
                     buf.clear();
                     replies.clear();
+                    buf.resize(32, 0);
+                    let mut count = first.1;
                     buf.extend_from_slice(&first.0);
-                    replies.push(first.1);
-                    while let Ok((b, r)) = rx.try_recv() {
+                    replies.push(first.2);
+                    while let Ok((b, c, r)) = rx.try_recv() {
                         buf.extend_from_slice(&b);
+                        count += c;
                         replies.push(r);
                     }
-                    if off + buf.len() as u64 > SEGMENT_BYTES {
-                        // The next segment would be a recycled, pre-zeroed one:
-                        // the same cost as wrapping this one.
-                        off = 0;
-                    }
-                    let res = f.write_all_at(&buf, off).and_then(|_| f.sync_data());
+                    let body = (buf.len() - 32) as u32;
+                    let crc = crc32fast::hash(&buf[32..]);
+                    buf[0..4].copy_from_slice(&GROUP_MAGIC.to_le_bytes());
+                    buf[4..8].copy_from_slice(&body.to_le_bytes());
+                    buf[8..12].copy_from_slice(&crc.to_le_bytes());
+                    buf[12..20].copy_from_slice(&off.to_le_bytes());
+                    buf[20..28].copy_from_slice(&count.to_le_bytes());
+                    let hcrc = crc32fast::hash(&buf[..28]);
+                    buf[28..32].copy_from_slice(&hcrc.to_le_bytes());
+                    buf.resize(buf.len().div_ceil(PAGE) * PAGE, 0);
+                    let res = (|| {
+                        if off + buf.len() as u64 > SEGMENT_BYTES {
+                            // The rest of this one stays zero; the design
+                            // writes an end-of-segment record there.
+                            f = ready_rx
+                                .recv()
+                                .map_err(|_| std::io::Error::other("zeroer thread gone"))??;
+                            let _ = done_tx.send(seg);
+                            seg += 1;
+                            off = 0;
+                        }
+                        f.write_all_at(&buf, off)?;
+                        f.sync_data()
+                    })();
                     off += buf.len() as u64;
                     for r in replies.drain(..) {
                         let _ = r.send(match &res {
@@ -168,7 +245,8 @@ impl Segment {
                 }
             })?;
         Ok(Segment {
-            tx: Mutex::new(tx),
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
             pool,
         })
     }
@@ -179,18 +257,34 @@ impl Log for Segment {
         let mut framed = Vec::with_capacity(n * 400);
         for k in 0..n as u64 {
             let rec = &self.pool[((writer as u64 * 997 + first + k) as usize) % POOL];
+            // len | crc | seq | kind | body; the seq stands for the one the
+            // writer would assign.
+            let seq = first + k;
+            let start = framed.len();
             framed.extend_from_slice(&(rec.len() as u32).to_le_bytes());
-            framed.extend_from_slice(&crc32fast::hash(rec).to_le_bytes());
+            framed.extend_from_slice(&[0; 4]);
+            framed.extend_from_slice(&seq.to_le_bytes());
+            framed.push(1);
             framed.extend_from_slice(rec);
+            let crc = crc32fast::hash(&framed[start + 8..]);
+            framed[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         }
         let (rtx, rrx) = mpsc::sync_channel(1);
         self.tx
             .lock()
             .unwrap()
-            .send((framed, rtx))
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("segment log closed"))?
+            .send((framed, n as u64, rtx))
             .map_err(|_| anyhow::anyhow!("segment writer gone"))?;
         rrx.recv()??;
         Ok(())
+    }
+    fn close(&self) {
+        drop(self.tx.lock().unwrap().take());
+        if let Some(h) = self.writer.lock().unwrap().take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -236,6 +330,11 @@ impl Log for OkayWal {
         }
         entry.commit()?;
         Ok(())
+    }
+    fn close(&self) {
+        if let Err(e) = self.wal.clone().shutdown() {
+            eprintln!("okaywal shutdown: {e}");
+        }
     }
 }
 
@@ -365,6 +464,15 @@ fn measure(log: Arc<dyn Log>, dir: &Path, shape: Shape, secs: f64) -> anyhow::Re
             log.commit(64 + w, k * per as u64, per)?;
         }
     }
+    // What the device writes while this bench writes nothing (other
+    // processes, the filesystem's own flushes): subtracted below.
+    let idle0 = device_written(dir);
+    let idle_t = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_rate = match (idle0, device_written(dir)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / idle_t.elapsed().as_secs_f64()),
+        _ => None,
+    };
     let bytes0 = device_written(dir);
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(secs);
@@ -392,8 +500,8 @@ fn measure(log: Arc<dyn Log>, dir: &Path, shape: Shape, secs: f64) -> anyhow::Re
         lat.extend(l);
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let bytes = match (bytes0, device_written(dir)) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+    let bytes = match (bytes0, device_written(dir), idle_rate) {
+        (Some(a), Some(b), Some(r)) => Some((b.saturating_sub(a) as f64 - r * elapsed).max(0.0)),
         _ => None,
     };
     lat.sort_by(|a, b| a.total_cmp(b));
@@ -401,8 +509,53 @@ fn measure(log: Arc<dyn Log>, dir: &Path, shape: Shape, secs: f64) -> anyhow::Re
         recs_per_s: total as f64 / elapsed,
         p50_us: pct(&lat, 0.50),
         p99_us: pct(&lat, 0.99),
-        bytes_per_rec: bytes.map(|b| b as f64 / total.max(1) as f64),
+        bytes_per_rec: bytes.map(|b| b / total.max(1) as f64),
     })
+}
+
+fn vm_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// RIFTMESH_BENCH_LOGCMP_MEMORY=N: raft-engine's resident memory for N
+/// entries (in commits of 1,000), then after reopening them; printed
+/// instead of the throughput table.
+fn raft_engine_memory(base: &Path, pool: Arc<Vec<Vec<u8>>>, n: u64) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("logcmp-mem-")
+        .tempdir_in(base)?;
+    let rss0 = vm_rss_kib();
+    let e = RaftEngine::open(dir.path(), pool.clone())?;
+    let mut i = 0;
+    while i < n {
+        let k = 1000.min(n - i) as usize;
+        e.commit(0, i, k)?;
+        i += k as u64;
+    }
+    let rss1 = vm_rss_kib();
+    drop(e);
+    let rss2 = vm_rss_kib();
+    let e = RaftEngine::open(dir.path(), pool)?;
+    let rss3 = vm_rss_kib();
+    println!(
+        "raft-engine, {n} entries: RSS {} MiB before, {} MiB after writing (+{:.0} bytes/entry), \
+         {} MiB after closing, {} MiB after reopening (+{:.0} bytes/entry)",
+        rss0 >> 10,
+        rss1 >> 10,
+        (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64,
+        rss2 >> 10,
+        rss3 >> 10,
+        (rss3.saturating_sub(rss2) * 1024) as f64 / n as f64
+    );
+    drop(e);
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -452,37 +605,89 @@ fn main() -> anyhow::Result<()> {
     let base = std::env::var_os("RIFTMESH_BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
+    if device_written(&base).is_none() {
+        println!(
+            "note: {} is not on a block device whose statistics are readable (tmpfs?): \
+             bytes are not measured, and fsync may cost nothing there; set RIFTMESH_BENCH_DIR",
+            base.display()
+        );
+    }
+    if let Some(n) = std::env::var("RIFTMESH_BENCH_LOGCMP_MEMORY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return raft_engine_memory(&base, pool.clone(), n);
+    }
+    let repeats: usize = std::env::var("RIFTMESH_BENCH_LOGCMP_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let shapes = [Shape::One, Shape::Writers, Shape::Batch];
+    // cells[shape][engine]: one Cell per repeat; the engines' order turns
+    // by one each repeat, so none always runs first or last.
+    let mut cells: Vec<Vec<Vec<Cell>>> = (0..shapes.len())
+        .map(|_| (0..engines.len()).map(|_| Vec::new()).collect())
+        .collect();
+    for r in 0..repeats {
+        for (si, shape) in shapes.iter().enumerate() {
+            for k in 0..engines.len() {
+                let ei = (k + r) % engines.len();
+                let dir = tempfile::Builder::new()
+                    .prefix("logcmp-")
+                    .tempdir_in(&base)?;
+                let log = (engines[ei].1)(dir.path())?;
+                let c = measure(log.clone(), dir.path(), *shape, secs)?;
+                log.close();
+                drop(log);
+                cells[si][ei].push(c);
+            }
+        }
+        eprintln!("logcmp: repeat {} of {repeats} done", r + 1);
+    }
+    println!("median of {repeats} repeats [min-max]");
     println!(
-        "{:<26} {:<16} {:>11} {:>10} {:>10} {:>11}",
+        "{:<26} {:<16} {:>26} {:>8} {:>8} {:>22}",
         "shape", "engine", "records/s", "p50 µs", "p99 µs", "device B/rec"
     );
     let mut json_rows = Vec::new();
-    for shape in [Shape::One, Shape::Writers, Shape::Batch] {
-        for (name, open) in &engines {
-            let dir = tempfile::Builder::new()
-                .prefix("logcmp-")
-                .tempdir_in(&base)?;
-            let log = open(dir.path())?;
-            let c = measure(log.clone(), dir.path(), shape, secs)?;
-            log.close();
-            drop(log);
+    for (si, shape) in shapes.iter().enumerate() {
+        for (ei, (name, _)) in engines.iter().enumerate() {
+            let cs = &cells[si][ei];
+            let stat = |f: &dyn Fn(&Cell) -> Option<f64>| -> Option<(f64, f64, f64)> {
+                let mut v: Vec<f64> = cs.iter().filter_map(f).collect();
+                if v.is_empty() {
+                    return None;
+                }
+                v.sort_by(|a, b| a.total_cmp(b));
+                Some((v[v.len() / 2], v[0], v[v.len() - 1]))
+            };
+            let rate = stat(&|c| Some(c.recs_per_s)).unwrap_or_default();
+            let p50 = stat(&|c| Some(c.p50_us)).unwrap_or_default();
+            let p99 = stat(&|c| Some(c.p99_us)).unwrap_or_default();
+            let bytes = stat(&|c| c.bytes_per_rec);
             println!(
-                "{:<26} {:<16} {:>11.0} {:>10.0} {:>10.0} {:>11}",
+                "{:<26} {:<16} {:>26} {:>8.0} {:>8.0} {:>22}",
                 shape.label(),
                 name,
-                c.recs_per_s,
-                c.p50_us,
-                c.p99_us,
-                c.bytes_per_rec
-                    .map_or("n/a".to_string(), |b| format!("{b:.0}"))
+                format!("{:.0} [{:.0}-{:.0}]", rate.0, rate.1, rate.2),
+                p50.0,
+                p99.0,
+                bytes.map_or("n/a".to_string(), |b| format!(
+                    "{:.0} [{:.0}-{:.0}]",
+                    b.0, b.1, b.2
+                ))
             );
             json_rows.push(json!({
-                "shape": shape.label(), "engine": name, "records_per_s": c.recs_per_s,
-                "p50_us": c.p50_us, "p99_us": c.p99_us, "bytes_per_record": c.bytes_per_rec,
+                "shape": shape.label(), "engine": name,
+                "records_per_s": cs.iter().map(|c| c.recs_per_s).collect::<Vec<_>>(),
+                "p50_us": cs.iter().map(|c| c.p50_us).collect::<Vec<_>>(),
+                "p99_us": cs.iter().map(|c| c.p99_us).collect::<Vec<_>>(),
+                "device_bytes_per_record": cs.iter().map(|c| c.bytes_per_rec).collect::<Vec<_>>(),
             }));
         }
     }
-    let out = json!({"record_bytes": mean, "secs": secs, "load1": load1, "cpus": cpus, "rows": json_rows});
+    let out = json!({"record_bytes": mean, "secs": secs, "repeats": repeats, "load1": load1, "cpus": cpus, "rows": json_rows});
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-logcmp.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&out)?)?;
     println!("JSON: {}", path.display());
