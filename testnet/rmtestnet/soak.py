@@ -64,13 +64,14 @@ OBSERVE_BOUND_S = {
 # --rss-factor and --rss-extra-mib): end <= start * 1.5 + 32 MiB. The sample is
 # taken after half the run (at most 300 s), once the cluster has formed, been
 # through faults and caught up, the clients' steady load runs and blobs have
-# moved. What may still grow after that is bounded: the blob chunk pool
-# (16 MiB), sled's I/O buffers and page table, the gossip seen-cache, peer
-# tables, the decoded-manifest cache (8). x1.5 + 32 MiB leaves room for those;
-# a leak of a few KiB per event, transfer or connection over a long run
-# exceeds it. A third of a 3-minute run (60 s) was too early: the pool and
-# sled's buffers were still filling, and one CI run ended at 100 MiB against
-# 92 with a live heap of about 40 MiB (testnet/README.md, "The RSS bound").
+# moved. What may still grow after that is bounded: the sled cache (32 MiB),
+# the blob chunk pool (16 MiB), sled's I/O buffers, the gossip seen-cache,
+# peer tables, the decoded-manifest cache (8). The bound catches gross leaks
+# and unbounded buffers (more than ~130 KiB per event in a 3-minute run), not
+# slow ones (testnet/README.md, the paragraphs on the RSS bound). A third of a
+# 3-minute run (60 s) was too early: the pool and sled's buffers were still
+# filling, and one CI run ended an agent at 100 MiB against a bound of 92 with
+# a live heap of about 40 MiB.
 
 FAULT_KINDS = ("kill", "pause", "partition-route", "partition-api", "shape", "netem")
 EVENT_TYPES = ("SOAK_WORK_DONE", "SOAK_WORK_FAILED", "SOAK_EVAL_RESULT", "SOAK_NOTE")
