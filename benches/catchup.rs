@@ -690,17 +690,6 @@ impl DowntimeResult {
     }
 }
 
-fn catchup_payload(i: usize) -> Value {
-    json!({
-        "job": "selfplay/hex8_2p",
-        "host": "gpu-node-0007",
-        "games": 256,
-        "model": "hex8_2p-v00042",
-        "batch": format!("b-{i:010}"),
-        "i": i,
-    })
-}
-
 /// Publish `n` events on `p` in batches, from several tasks; returns the id of
 /// the event with the highest log sequence (a's last, in its source order).
 async fn publish_many(b: &Bench, p: &Peer, n: usize) -> anyhow::Result<String> {
@@ -715,7 +704,7 @@ async fn publish_many(b: &Bench, p: &Peer, n: usize) -> anyhow::Result<String> {
                 return anyhow::Ok(last);
             }
             let events: Vec<Value> = (lo..(lo + DOWNTIME_BATCH).min(n))
-                .map(|i| json!({ "type": "BENCH_CATCHUP", "payload": catchup_payload(i) }))
+                .map(|i| json!({ "type": "BENCH_CATCHUP", "payload": common::event_payload(i as u64) }))
                 .collect();
             let v = b.post(url, &json!({ "events": events })).await?;
             for res in v["results"].as_array().into_iter().flatten() {

@@ -48,6 +48,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use libp2p::identity::Keypair;
 use riftmesh::event::Draft;
 use riftmesh::store::{Appended, Store, StoreConfig};
@@ -61,15 +63,7 @@ const POOL: usize = 4096;
 const SEGMENT_BYTES: u64 = 64 << 20;
 
 fn draft(i: u64) -> Draft {
-    let payload = json!({
-        "job": "selfplay/hex8_2p",
-        "host": "gpu-node-0007",
-        "games": 256,
-        "model": "hex8_2p-v00042",
-        "batch": format!("b-{i:010}"),
-        "i": i,
-    });
-    Draft::new(EVENT_TYPE, &payload, None, None, None).expect("valid draft")
+    Draft::new(EVENT_TYPE, &common::event_payload(i), None, None, None).expect("valid draft")
 }
 
 /// `POOL` real sealed envelopes, encoded as the store keeps them.

@@ -62,17 +62,9 @@ const WARMUP_EVENTS: usize = 20;
 
 // ---------------------------------------------------------------- workload
 
-/// The same event body for both queues: ~120 bytes of canonical JSON with a
-/// counter, so every event has distinct content.
+/// The same event body for both queues (`common::event_payload`).
 fn payload(i: u64) -> Value {
-    json!({
-        "job": "selfplay/hex8_2p",
-        "host": "gpu-node-0007",
-        "games": 256,
-        "model": "hex8_2p-v00042",
-        "batch": format!("b-{i:010}"),
-        "i": i,
-    })
+    common::event_payload(i)
 }
 
 fn draft(i: u64) -> Draft {

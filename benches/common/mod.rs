@@ -237,3 +237,17 @@ pub fn results_dir(default: std::path::PathBuf) -> std::path::PathBuf {
         _ => default,
     }
 }
+
+/// The benches' event body: ~120 bytes of canonical JSON with a counter, so
+/// every event has distinct content (the queue, catch-up and log benches
+/// publish the same shape).
+pub fn event_payload(i: u64) -> Value {
+    serde_json::json!({
+        "job": "selfplay/hex8_2p",
+        "host": "gpu-node-0007",
+        "games": 256,
+        "model": "hex8_2p-v00042",
+        "batch": format!("b-{i:010}"),
+        "i": i,
+    })
+}
