@@ -500,3 +500,25 @@ async fn block_list_partition_then_heal_loses_no_event() {
         held(a, "CUSTOM_CUT").await;
     }
 }
+
+/// The events of one batch publish reach a peer by gossip, all of them:
+/// catch-up is the safety net, not the path. With gossip carrying only the
+/// first event of a request, catch-up fetched the other 99 and this failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_travels_by_gossip_not_by_catch_up() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = mesh(root.path(), 2).await;
+    publish_n(&agents[0], "CUSTOM_BATCH_GOSSIP", "g", 100).await;
+    let a1 = &agents[1];
+    wait_for("a1 to hold the batch's 100 events", LONG, || async {
+        (held(a1, "CUSTOM_BATCH_GOSSIP").await.len() == 100).then_some(())
+    })
+    .await;
+    // Catch-up may fetch a few that were still in flight when a summary
+    // arrived (it runs every few seconds); most must have come by gossip.
+    let caught = a1.metric_or_zero("riftmesh_catchup_events_total").await;
+    assert!(
+        caught < 50.0,
+        "catch-up fetched {caught} of the batch's 100 events: gossip did not carry them"
+    );
+}
