@@ -522,6 +522,22 @@ fn vm_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// One line of the memory mode: RSS (KiB) before, after writing `n`
+/// records, after reopening, and after closing (the reopen's base).
+fn report_memory(what: &str, n: u64, [before, written, reopened, closed]: [u64; 4]) {
+    let per = |hi: u64, lo: u64| (hi.saturating_sub(lo) * 1024) as f64 / n as f64;
+    println!(
+        "{what}: RSS {} MiB before, {} MiB after writing (+{:.0} bytes/record), \
+         {} MiB after closing, {} MiB after reopening (+{:.0} bytes/record)",
+        before >> 10,
+        written >> 10,
+        per(written, before),
+        closed >> 10,
+        reopened >> 10,
+        per(reopened, closed)
+    );
+}
+
 /// RIFTMESH_BENCH_LOGCMP_MEMORY=N: raft-engine's resident memory for N
 /// entries (in commits of 1,000), then after reopening them; printed
 /// instead of the throughput table.
@@ -541,16 +557,10 @@ fn raft_engine_memory(base: &Path, pool: Arc<Vec<Vec<u8>>>, n: u64) -> anyhow::R
     drop(e);
     let rss2 = vm_rss_kib();
     let e = RaftEngine::open(dir.path(), pool)?;
-    let rss3 = vm_rss_kib();
-    println!(
-        "raft-engine, {n} entries: RSS {} MiB before, {} MiB after writing (+{:.0} bytes/entry), \
-         {} MiB after closing, {} MiB after reopening (+{:.0} bytes/entry)",
-        rss0 >> 10,
-        rss1 >> 10,
-        (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64,
-        rss2 >> 10,
-        rss3 >> 10,
-        (rss3.saturating_sub(rss2) * 1024) as f64 / n as f64
+    report_memory(
+        &format!("raft-engine, {n} entries"),
+        n,
+        [rss0, rss1, vm_rss_kib(), rss2],
     );
     drop(e);
     Ok(())
@@ -606,16 +616,10 @@ fn sled_index_memory(base: &Path, n: u64) -> anyhow::Result<()> {
     drop(db);
     let rss2 = vm_rss_kib();
     let db = open()?;
-    let rss3 = vm_rss_kib();
-    println!(
-        "sled index only, {n} events: RSS {} MiB before, {} MiB after writing (+{:.0} bytes/event), \
-         {} MiB after closing, {} MiB after reopening (+{:.0} bytes/event)",
-        rss0 >> 10,
-        rss1 >> 10,
-        (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64,
-        rss2 >> 10,
-        rss3 >> 10,
-        (rss3.saturating_sub(rss2) * 1024) as f64 / n as f64
+    report_memory(
+        &format!("sled index only, {n} events"),
+        n,
+        [rss0, rss1, vm_rss_kib(), rss2],
     );
     drop(db);
     Ok(())

@@ -860,6 +860,31 @@ impl Drive {
     }
 }
 
+/// Run a load tool with no input, killed if it has not ended within
+/// `limit`; its standard output, or an error with both outputs if it failed.
+async fn run_bounded(
+    mut cmd: tokio::process::Command,
+    limit: Duration,
+    what: &str,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(limit, out)
+        .await
+        .with_context(|| format!("{what} did not end"))??;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed ({}): {text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text)
+}
+
 async fn wrk_drive(
     bin: &Path,
     script: &Path,
@@ -870,26 +895,13 @@ async fn wrk_drive(
     secs: u64,
 ) -> anyhow::Result<Drive> {
     use anyhow::Context;
-    let out = tokio::process::Command::new(bin)
-        .args(["-t1", &format!("-c{clients}"), &format!("-d{secs}s")])
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(["-t1", &format!("-c{clients}"), &format!("-d{secs}s")])
         .args(["--timeout", "30s", "-s"])
         .arg(script)
         .arg(format!("http://{api}"))
-        .args(["--", tag, &batch.to_string(), API_EVENT_TYPE])
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(secs + 60), out)
-        .await
-        .context("wrk did not end")??;
-    let text = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "wrk failed ({}): {}{}",
-        out.status,
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["--", tag, &batch.to_string(), API_EVENT_TYPE]);
+    let text = run_bounded(cmd, Duration::from_secs(secs + 60), "wrk").await?;
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix("WRK_SUMMARY "))
@@ -1186,27 +1198,15 @@ async fn redis_benchmark(
     // The store's payload text with a random 12-digit number in its
     // "batch" field (redis-benchmark's -r).
     let payload = event::canonical_json(&payload(0)).replace("b-0000000000", "b-__rand_int__");
-    let out = tokio::process::Command::new(bin)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-c", &clients.to_string(), "-n", &n.to_string()])
         .args(["-P", &pipeline.to_string(), "-r", "1000000000000", "--csv"])
         .args([
             "XADD", "bench", "*", "type", EVENT_TYPE, "payload", &payload,
-        ])
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
+        ]);
     // It retries a refused connection forever: bounded here.
-    let out = tokio::time::timeout(limit, out)
-        .await
-        .context("redis-benchmark did not end")??;
-    let text = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "redis-benchmark failed ({}): {text}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = run_bounded(cmd, limit, "redis-benchmark").await?;
     // "test","rps","avg","min","p50","p95","p99","max": the test name (the
     // command, commas and all) first, so the numbers are counted from the end.
     let nums = text

@@ -94,10 +94,10 @@ impl Publisher {
                     }
                 }
             }
-            Err(e) if !fresh.is_empty() => {
+            // Only when there were frames: none is answered without asking.
+            Err(e) => {
                 tracing::warn!(events = fresh.len(), error = %e, "gossip publish failed; peers get the events through catch-up");
             }
-            Err(_) => {}
         }
         Ok(out)
     }

@@ -276,11 +276,7 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
     let c = Cluster::start(2, |cfg| {
         cfg.transfer.chunk_size = 256 * 1024;
         if cfg.name == "a1" {
-            cfg.transfer.wants = vec![riftmesh::blob::Want {
-                names: "models/*".into(),
-                place: Some(place.clone()),
-                if_tags: Default::default(),
-            }];
+            cfg.transfer.wants = wants_models_at(&place);
         }
     })
     .await;
@@ -326,6 +322,15 @@ async fn a_lying_source_is_rejected_and_the_transfer_finishes_elsewhere() {
         started,
         up,
     );
+}
+
+/// A want of every `models/*` blob, placed at `place` (`{name}` in it).
+fn wants_models_at(place: &str) -> Vec<riftmesh::blob::Want> {
+    vec![riftmesh::blob::Want {
+        names: "models/*".into(),
+        place: Some(place.to_string()),
+        if_tags: Default::default(),
+    }]
 }
 
 /// A bare peer that relays `asker`'s blob requests to `honest` and flips
@@ -386,11 +391,7 @@ async fn a_transfer_whose_only_source_lies_gives_up_and_says_why() {
         cfg.transfer.chunk_size = 256 * 1024;
         cfg.transfer.stall = stall;
         if cfg.name == "a1" {
-            cfg.transfer.wants = vec![riftmesh::blob::Want {
-                names: "models/*".into(),
-                place: Some(place.clone()),
-                if_tags: Default::default(),
-            }];
+            cfg.transfer.wants = wants_models_at(&place);
         }
     })
     .await;
