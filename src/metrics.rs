@@ -50,6 +50,9 @@ pub struct Metrics {
     pub store_bytes: Gauge,
     pub store_events: Gauge,
     pub connected_peers: Gauge,
+    pub peers_by_via: Family<Labels, Gauge>,
+    pub reachability: Family<Labels, Gauge>,
+    pub relay_reservations: Gauge,
     pub remote_latency: Histogram,
     pub api_errors: Family<Labels, Counter>,
     pub catchup_events: Counter,
@@ -124,6 +127,9 @@ impl Metrics {
             store_bytes: Gauge::default(),
             store_events: Gauge::default(),
             connected_peers: Gauge::default(),
+            peers_by_via: Family::default(),
+            reachability: Family::default(),
+            relay_reservations: Gauge::default(),
             remote_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             api_errors: Family::default(),
             catchup_events: Counter::default(),
@@ -188,6 +194,9 @@ impl Metrics {
             "store_size_bytes", "Bytes the event store uses on disk", m.store_bytes;
             "store_events", "Events retained in the local log", m.store_events;
             "connected_peers", "Peers with an open connection", m.connected_peers;
+            "connected_peers_by_via", "Peers with an open connection, by how the best one reaches them (direct, hole-punched, relayed)", m.peers_by_via;
+            "reachability", "Whether peers can dial this agent (AutoNAT): 1 for the current state, 0 for the others, by state (public, private, unknown)", m.reachability;
+            "relay_reservations", "Relays holding an accepted reservation for this agent (only while it is private)", m.relay_reservations;
             "remote_event_latency_seconds", "Time from publish at the source to acceptance here, for events from peers", m.remote_latency;
             "api_errors", "Local API requests answered with an error, by status code", m.api_errors;
             "catchup_events", "Verified events fetched from peers by catch-up", m.catchup_events;

@@ -61,6 +61,7 @@ pub(super) async fn status(State(node): State<AppState>) -> ApiResult<Json<Value
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let listen = node.net().listen_addrs().await.unwrap_or_default();
+    let reach = node.net().reach().await.ok();
     let consumers = consumer_views(&node, node.store().consumers()?).await?;
     Ok(Json(json!({
         "name": node.cfg().name,
@@ -73,6 +74,7 @@ pub(super) async fn status(State(node): State<AppState>) -> ApiResult<Json<Value
         "bootstrap": node.cfg().bootstrap.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "connected_peers": peers.len(),
         "peers": peers.iter().map(|p| p.peer_id.clone()).collect::<Vec<_>>(),
+        "reach": reach,
         "store": {
             "events": node.store().len(),
             "first_seq": node.store().first(),
@@ -90,9 +92,20 @@ pub(super) async fn status(State(node): State<AppState>) -> ApiResult<Json<Value
 
 pub(super) async fn members(State(node): State<AppState>) -> ApiResult<Json<Value>> {
     let listen = node.net().listen_addr_texts().await;
+    let via: std::collections::HashMap<String, &'static str> = node
+        .net()
+        .peers()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| (p.peer_id, p.via))
+        .collect();
     let mut list = node.membership().members(&listen);
     if let Some(me) = list.first_mut() {
         me.peer_id = node.peer_id().to_string();
+    }
+    for m in list.iter_mut().skip(1) {
+        m.via = via.get(&m.peer_id).copied();
     }
     Ok(Json(json!({ "self": node.peer_id(), "members": list })))
 }

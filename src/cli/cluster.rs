@@ -26,10 +26,11 @@ pub async fn peers(client: &Client, json_out: bool) -> anyhow::Result<()> {
     for p in peers {
         let id = p["peer_id"].as_str().unwrap_or("?");
         println!(
-            "  {:<28} {}  {}  rtt={}  up {}s  {}",
+            "  {:<28} {}  {}  {}  rtt={}  up {}s  {}",
             names.label(id),
             id,
             p["agent_version"].as_str().unwrap_or("-"),
+            p["via"].as_str().unwrap_or("-"),
             p["rtt_ms"]
                 .as_f64()
                 .map(|r| format!("{r:.1}ms"))
@@ -184,6 +185,28 @@ pub async fn status(client: &Client, json_out: bool) -> anyhow::Result<()> {
     );
     println!("listening  {}", v["listen_addrs"]);
     println!("peers      {} connected", v["connected_peers"]);
+    let r = &v["reach"];
+    if let Some(state) = r["state"].as_str() {
+        let list = |k: &str, f: fn(&str) -> String| {
+            r[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(f)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        match state {
+            "private" => println!(
+                "reach      private: peers dial it through relays ({})",
+                list("relays", short_id)
+            ),
+            "public" => println!("reach      public at {}", list("external", str::to_string)),
+            other => println!("reach      {other} (not tested yet)"),
+        }
+    }
     let s = &v["store"];
     println!(
         "store      {} events (seq {}..{}), {} bytes at {}",
@@ -222,12 +245,13 @@ fn fmt_bytes(b: u64) -> String {
 fn print_members(v: &Value) {
     let members = v["members"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<16} {:<9} {:<8} {:<8} {:<21} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} jobs / tags",
+        "{:<16} {:<9} {:<8} {:<8} {:<21} {:<12} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} jobs / tags",
         "NAME",
         "PEER",
         "STATE",
         "VERSION",
         "ADDRESS",
+        "VIA",
         "HEARD",
         "RTT",
         "CPUS",
@@ -287,12 +311,17 @@ fn print_members(v: &Value) {
             .and_then(|a| a.iter().filter_map(Value::as_str).map(host_port).next())
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<16} {:<9} {:<8} {:<8} {:<21} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} {} {}",
+            "{:<16} {:<9} {:<8} {:<8} {:<21} {:<12} {:>6} {:>8} {:>5} {:>6} {:>13} {:>13}  {:<28} {} {}",
             m["name"].as_str().unwrap_or("?"),
             short_id(m["peer_id"].as_str().unwrap_or("?")),
             m["state"].as_str().unwrap_or("?"),
             version,
             address,
+            match m["via"].as_str() {
+                _ if m["is_self"].as_bool() == Some(true) => "self",
+                Some(v) => v,
+                None => "-",
+            },
             heard,
             rtt,
             h["cpu_count"]

@@ -116,6 +116,10 @@ pub struct MemberView {
     pub jobs: BTreeMap<String, f64>,
     pub health: Option<Health>,
     pub voters_hash: Option<String>,
+    /// How this agent's connection reaches it (`direct`, `hole-punched`,
+    /// `relayed`; none for itself and hosts it holds no connection to):
+    /// filled in by the API from the network's peer list.
+    pub via: Option<&'static str>,
 }
 
 /// One live host's durable consumers per type pattern, as this agent last
@@ -492,6 +496,7 @@ impl Membership {
             jobs: me.beat.jobs.iter().cloned().collect(),
             health: Some(me.beat.health.clone()),
             voters_hash: me.info.voters_hash.map(hex::encode),
+            via: None,
         }];
         let mut rest: Vec<MemberView> = g
             .det
@@ -521,6 +526,7 @@ impl Membership {
                         .unwrap_or_default(),
                     health: beat.map(|b| b.health.clone()),
                     voters_hash: info.and_then(|i| i.voters_hash.map(hex::encode)),
+                    via: None,
                 }
             })
             .collect();

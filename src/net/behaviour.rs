@@ -1,6 +1,7 @@
 //! The libp2p behaviours the agent runs (gossipsub, identify, ping, kad,
 //! mDNS, four request-response protocols, the block list and connection
-//! limits), each configured here, and the Swarm built from them.
+//! limits, and for hosts behind NAT: AutoNAT v2, circuit relay v2 server
+//! and client, DCUtR), each configured here, and the Swarm built from them.
 
 use std::time::Duration;
 
@@ -9,15 +10,17 @@ use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, mdns, ping, request_response, PeerId, StreamProtocol, Swarm};
+use libp2p::{
+    autonat, dcutr, identify, mdns, ping, relay, request_response, PeerId, StreamProtocol, Swarm,
+};
 use prometheus_client::registry::Registry;
 
 use super::codec::{BlobCodec, CatchupCodec, MemberCodec, RaftCodec};
-use super::transport::{memory_only, memory_transport};
+use super::transport::{agent_transport, memory_only};
 use super::{
-    transport, wire, NetConfig, NetError, AGENT_VERSION, BLOB_PROTOCOL, CATCHUP_PROTOCOL,
-    EVENTS_TOPIC, HANDSHAKE_TIMEOUT, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_BLOB_REQUEST,
-    MAX_BLOB_RESPONSE, MAX_RAFT_MESSAGE, RAFT_PROTOCOL,
+    wire, NetConfig, NetError, AGENT_VERSION, BLOB_PROTOCOL, CATCHUP_PROTOCOL, EVENTS_TOPIC,
+    HANDSHAKE_TIMEOUT, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_BLOB_REQUEST, MAX_BLOB_RESPONSE,
+    MAX_RAFT_MESSAGE, RAFT_PROTOCOL,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -44,7 +47,31 @@ pub(super) struct Behaviour {
     pub(super) member: request_response::Behaviour<MemberCodec>,
     pub(super) raft: request_response::Behaviour<RaftCodec>,
     pub(super) blob: request_response::Behaviour<BlobCodec>,
+    /// Whether our own addresses can be dialled: asks peers to dial back.
+    pub(super) autonat: autonat::v2::client::Behaviour,
+    /// Dials back the addresses peers ask about.
+    pub(super) autonat_server: autonat::v2::server::Behaviour,
+    /// Serves circuits for members behind NAT; enabled only while we are
+    /// reachable ourselves (the event loop's `reach`).
+    pub(super) relay: relay::Behaviour,
+    /// Reservations on relays while we are not reachable, and the circuits
+    /// of [`agent_transport`]'s relay half.
+    pub(super) relay_client: relay::client::Behaviour,
+    /// Hole punching: upgrades a relayed connection to a direct one.
+    pub(super) dcutr: dcutr::Behaviour,
 }
+
+/// How long one relayed connection may last and how many bytes it may
+/// carry, both ways together, before the relay closes it (the two ends
+/// reconnect through the relay or directly if they need to). Sized for
+/// control traffic (membership, Raft, gossip, catch-up: well under a MB
+/// a minute at 20 events/s) and for blobs between two agents that only
+/// meet through a relay (proto-notes/nat.md).
+pub const RELAY_CIRCUIT_SECS: u64 = 3600;
+pub const RELAY_CIRCUIT_BYTES: u64 = 256 << 20;
+/// Circuits one relay serves at once, in all and to one source.
+pub const RELAY_MAX_CIRCUITS: usize = 64;
+pub const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
 
 /// Build the swarm on [`transport`], subscribed to the events topic and
 /// listening on `cfg.listen`.
@@ -55,18 +82,13 @@ pub(super) fn build_swarm(
 ) -> Result<Swarm<Behaviour>, NetError> {
     let psk = cfg.psk;
     let memory = memory_only(&cfg.listen);
+    let (relay_transport, relay_client) = relay::client::new(key.public().to_peer_id());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|key| {
-            if memory {
-                memory_transport(key, psk)
-            } else {
-                transport(key, psk)
-            }
-        })
+        .with_other_transport(|key| agent_transport(key, psk, relay_transport, memory))
         .map_err(|e| NetError::Build(e.to_string()))?
         .with_bandwidth_metrics(registry)
-        .with_behaviour(|key| behaviour(key, cfg))
+        .with_behaviour(|key| behaviour(key, cfg, relay_client))
         .map_err(|e| NetError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
         .with_connection_timeout(HANDSHAKE_TIMEOUT)
@@ -87,7 +109,11 @@ pub(super) fn build_swarm(
     Ok(swarm)
 }
 
-fn behaviour(key: &Keypair, cfg: &NetConfig) -> Result<Behaviour, BoxError> {
+fn behaviour(
+    key: &Keypair,
+    cfg: &NetConfig,
+    relay_client: relay::client::Behaviour,
+) -> Result<Behaviour, BoxError> {
     let peer_id = key.public().to_peer_id();
     let mdns = if cfg.mdns && !memory_only(&cfg.listen) {
         Some(mdns::tokio::Behaviour::new(
@@ -142,7 +168,31 @@ fn behaviour(key: &Keypair, cfg: &NetConfig) -> Result<Behaviour, BoxError> {
         ),
         blocked: Default::default(),
         limits: libp2p::connection_limits::Behaviour::new(cfg.limits.connection_limits()),
+        autonat: autonat::v2::client::Behaviour::default(),
+        autonat_server: autonat::v2::server::Behaviour::default(),
+        relay: relay_server(peer_id),
+        relay_client,
+        dcutr: dcutr::Behaviour::new(peer_id),
     })
+}
+
+/// The relay server: libp2p's defaults (reservations: 128, 4 per peer,
+/// an hour each, rate-limited per peer and per IP) but for the circuits'
+/// limits ([`RELAY_CIRCUIT_SECS`] and the constants beside it; libp2p's
+/// 2 minutes and 128 KiB are for strangers on the open internet, here
+/// every client is a member: the private network admits no one else).
+/// Starts disabled; the event loop enables it while we are reachable.
+fn relay_server(peer_id: PeerId) -> relay::Behaviour {
+    let config = relay::Config {
+        max_circuits: RELAY_MAX_CIRCUITS,
+        max_circuits_per_peer: RELAY_MAX_CIRCUITS_PER_PEER,
+        max_circuit_duration: Duration::from_secs(RELAY_CIRCUIT_SECS),
+        max_circuit_bytes: RELAY_CIRCUIT_BYTES,
+        ..Default::default()
+    };
+    let mut relay = relay::Behaviour::new(peer_id, config);
+    relay.set_status(Some(relay::Status::Disable));
+    relay
 }
 
 /// One request-response protocol, both directions, with its request

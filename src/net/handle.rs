@@ -5,7 +5,7 @@
 use libp2p::{request_response, Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{wire, NetError, PeerInfo, RequestError};
+use super::{wire, NetError, PeerInfo, ReachInfo, RequestError};
 use crate::event::Event;
 
 pub(super) type OpaqueReply = oneshot::Sender<Result<Vec<u8>, RequestError>>;
@@ -33,6 +33,7 @@ pub(super) enum Command {
         reply: oneshot::Sender<Vec<Result<(), String>>>,
     },
     Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Reach(oneshot::Sender<ReachInfo>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr),
     CatchupRequest {
@@ -135,6 +136,11 @@ impl NetHandle {
 
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
         self.ask(Command::Peers).await
+    }
+
+    /// Whether peers can dial us, our relays and confirmed addresses.
+    pub async fn reach(&self) -> Result<ReachInfo, NetError> {
+        self.ask(Command::Reach).await
     }
 
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {

@@ -105,6 +105,22 @@ pub struct PeerInfo {
     pub connected_secs: u64,
     pub rtt_ms: Option<f64>,
     pub gossip_subscribed: bool,
+    /// How the best of its connections reaches it: `direct`,
+    /// `hole-punched` or `relayed`.
+    pub via: &'static str,
+}
+
+/// Whether peers can dial this agent, and what it does about it
+/// (proto-notes/nat.md).
+#[derive(Clone, Debug, Serialize)]
+pub struct ReachInfo {
+    /// `public` (a peer dialled one of our addresses back), `private` (a
+    /// peer failed to and none is confirmed), or `unknown`.
+    pub state: &'static str,
+    /// Relays holding a reservation for us (only while `private`).
+    pub relays: Vec<String>,
+    /// Our addresses confirmed dialable from outside.
+    pub external: Vec<String>,
 }
 
 /// What the network hands to the node.

@@ -1,5 +1,6 @@
-//! The agent's transport stack: TCP, the private network (the swarm key),
-//! multistream-select, Noise, Yamux; and the handshake deadline.
+//! The agent's transport stack: TCP (or a relay circuit), the private
+//! network (the swarm key), multistream-select, Noise, Yamux; and the
+//! handshake deadline.
 
 use std::time::Duration;
 
@@ -30,6 +31,39 @@ pub fn transport(
 /// libp2p's swarm builder applies it to the whole transport; its default is
 /// the same 10 s, set here so that it is ours and documented.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent's transport: [`transport`]'s TCP or, for `/p2p-circuit`
+/// addresses, a circuit through a relay (`relay`, the client half of
+/// libp2p's circuit relay v2, whose behaviour runs beside it). A circuit
+/// goes through the same layers as a TCP connection, end to end between
+/// the two agents: the private-network handshake with the swarm key, Noise,
+/// Yamux; the relay forwards bytes it cannot read (proto-notes/nat.md).
+pub fn agent_transport(
+    key: &Keypair,
+    psk: PreSharedKey,
+    relay: libp2p::relay::client::Transport,
+    memory: bool,
+) -> Result<
+    libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    let frames = super::mux::DEFAULT_FRAME_BYTES;
+    if memory {
+        secure(
+            libp2p::core::transport::MemoryTransport::default().or_transport(relay),
+            key,
+            psk,
+            frames,
+        )
+    } else {
+        secure(
+            tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)).or_transport(relay),
+            key,
+            psk,
+            frames,
+        )
+    }
+}
 
 /// [`transport`] with another Yamux data-frame size (the benchmark compares
 /// yamux's 16 KiB default with ours).

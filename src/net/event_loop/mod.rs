@@ -1,10 +1,12 @@
 //! The task that owns the Swarm: one loop over swarm events, commands from
 //! [`NetHandle`](super::NetHandle)s and a maintenance tick. This file keeps the
 //! loop, the commands, connections and redialing; [`gossip`] validates gossip
-//! events, [`requests`] carries the request-response protocols, and
-//! [`refusals`] counts and logs what the limits refuse.
+//! events, [`requests`] carries the request-response protocols,
+//! [`refusals`] counts and logs what the limits refuse, and [`reach`] keeps
+//! track of NAT traversal (AutoNAT, relays, hole punching).
 
 mod gossip;
+mod reach;
 mod refusals;
 mod requests;
 
@@ -17,7 +19,7 @@ use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{identify, mdns, request_response, Multiaddr, PeerId, Swarm};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
@@ -30,6 +32,7 @@ use super::{
 };
 use crate::limits::{KeyedRate, LogOnce};
 use crate::metrics::{label, Metrics};
+use reach::{Reach, Via};
 use refusals::error_chain;
 use requests::PeerRates;
 
@@ -68,6 +71,8 @@ pub(super) struct EventLoop {
     gossip_rate: KeyedRate<String>,
     /// First refusal per (peer, reason) warns; later ones are summarised.
     log_once: LogOnce,
+    /// NAT traversal: our reachability, relay reservations.
+    reach: Reach,
 }
 
 struct PeerState {
@@ -77,6 +82,20 @@ struct PeerState {
     listen_addrs: Vec<Multiaddr>,
     rtt: Option<Duration>,
     subscribed: bool,
+    /// Each open connection and how it reaches the peer.
+    conns: HashMap<ConnectionId, Via>,
+    /// The address we dialled it at directly (not through a relay), while
+    /// such a connection is open: where to ask it for a relay reservation.
+    dialled: Option<Multiaddr>,
+    /// It serves as a relay (identify lists the hop protocol).
+    relay: bool,
+}
+
+impl PeerState {
+    /// How its best connection reaches it.
+    fn via(&self) -> Via {
+        self.conns.values().copied().min().unwrap_or(Via::Direct)
+    }
 }
 
 /// Lost peers are redialed at every maintenance tick for this long,
@@ -135,6 +154,7 @@ impl EventLoop {
             rates: PeerRates::new(&limits),
             gossip_rate: KeyedRate::new(limits.gossip_source_rate, limits.gossip_source_burst),
             log_once: LogOnce::default(),
+            reach: Reach::new(),
         };
         let inbox = Inbox {
             events: in_rx,
@@ -197,6 +217,8 @@ impl EventLoop {
                 .build();
             let _ = self.swarm.dial(opts);
         }
+        self.keep_relays();
+        self.reach_metrics();
         // Bootstrap addresses we are not connected to are dialed again, so an
         // agent that restarted or a healed partition reconnects by itself.
         let connected_addrs: HashSet<Multiaddr> = self
@@ -241,6 +263,9 @@ impl EventLoop {
             }
             Command::Peers(reply) => {
                 let _ = reply.send(self.peer_list());
+            }
+            Command::Reach(reply) => {
+                let _ = reply.send(self.reach.info());
             }
             Command::ListenAddrs(reply) => {
                 let addrs = if self.local_addrs.is_empty() {
@@ -315,6 +340,7 @@ impl EventLoop {
                 connected_secs: p.since.elapsed().as_secs(),
                 rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 gossip_subscribed: subscribed.contains(id),
+                via: p.via().as_str(),
             })
             .collect();
         out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
@@ -335,15 +361,21 @@ impl EventLoop {
                 tracing::info!(%address, peer_id = %self.swarm.local_peer_id(), "listening for peers");
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
-            } => self.on_connected(peer_id, &endpoint),
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => self.on_connected(peer_id, connection_id, &endpoint),
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 cause,
-                ..
-            } => self.on_closed(peer_id, &endpoint, num_established, cause),
+            } => self.on_closed(peer_id, connection_id, &endpoint, num_established, cause),
+            SwarmEvent::ExternalAddrConfirmed { address } => self.on_external_confirmed(address),
+            SwarmEvent::ExternalAddrExpired { address } => self.on_external_expired(&address),
+            SwarmEvent::ListenerClosed { listener_id, .. } => self.on_listener_closed(listener_id),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let libp2p::swarm::DialError::Denied { cause } = &error {
                     let who = peer_id.map(|p| p.to_base58()).unwrap_or_default();
@@ -381,10 +413,11 @@ impl EventLoop {
         }
     }
 
-    fn on_connected(&mut self, peer_id: PeerId, endpoint: &ConnectedPoint) {
+    fn on_connected(&mut self, peer_id: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
         let addr = endpoint.get_remote_address().clone();
         let new = !self.peers.contains_key(&peer_id);
         self.lost.remove(&peer_id);
+        let via = self.reach.via_of(id, endpoint);
         let st = self.peers.entry(peer_id).or_insert_with(|| PeerState {
             addresses: HashSet::new(),
             since: Instant::now(),
@@ -392,10 +425,17 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             rtt: None,
             subscribed: false,
+            conns: HashMap::new(),
+            dialled: None,
+            relay: false,
         });
         st.addresses.insert(addr.clone());
+        st.conns.insert(id, via);
+        if endpoint.is_dialer() && via != Via::Relayed {
+            st.dialled = Some(addr.clone());
+        }
         if new {
-            tracing::info!(peer = %peer_id, %addr, "peer connected");
+            tracing::info!(peer = %peer_id, %addr, via = via.as_str(), "peer connected");
             let _ = self.in_tx.try_send(Inbound::Connected(peer_id));
             self.send_member(MemberInbound::Connected(peer_id));
             if endpoint.is_dialer() {
@@ -409,11 +449,14 @@ impl EventLoop {
     fn on_closed(
         &mut self,
         peer_id: PeerId,
+        id: ConnectionId,
         endpoint: &ConnectedPoint,
         num_established: u32,
         cause: Option<libp2p::swarm::ConnectionError>,
     ) {
+        self.reach.forget(id);
         if num_established == 0 {
+            self.drop_relay(&peer_id);
             if let Some(st) = self.peers.remove(&peer_id) {
                 // Keep dialing it for a while: a healed partition or a
                 // restarted peer reconnects without waiting for the DHT.
@@ -429,7 +472,12 @@ impl EventLoop {
             tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
             self.send_member(MemberInbound::Disconnected(peer_id));
         } else if let Some(st) = self.peers.get_mut(&peer_id) {
-            st.addresses.remove(endpoint.get_remote_address());
+            let addr = endpoint.get_remote_address();
+            st.addresses.remove(addr);
+            st.conns.remove(&id);
+            if st.dialled.as_ref() == Some(addr) {
+                st.dialled = None;
+            }
         }
         self.metrics.connected_peers.set(self.peers.len() as i64);
     }
@@ -465,7 +513,9 @@ impl EventLoop {
                     if let Some(st) = self.peers.get_mut(&peer_id) {
                         st.agent_version = Some(info.agent_version);
                         st.listen_addrs = info.listen_addrs;
+                        st.relay = info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME);
                     }
+                    self.keep_relays();
                 }
             }
             BehaviourEvent::Ping(ev) => {
@@ -516,6 +566,19 @@ impl EventLoop {
             BehaviourEvent::Blob(ev) => self.on_opaque(Opaque::Blob, ev),
             BehaviourEvent::Blocked(v) => match v {},
             BehaviourEvent::Limits(v) => match v {},
+            BehaviourEvent::Autonat(ev) => self.on_autonat(ev),
+            BehaviourEvent::AutonatServer(ev) => {
+                tracing::debug!(client = %ev.client, addr = %ev.tested_addr, result = ?ev.result.as_ref().map_err(|e| e.to_string()), "AutoNAT: dialled a peer back")
+            }
+            BehaviourEvent::Relay(ev) => {
+                self.p2p_metrics.record(&ev);
+                tracing::debug!(event = ?ev, "relay server");
+            }
+            BehaviourEvent::RelayClient(ev) => self.on_relay_client(ev),
+            BehaviourEvent::Dcutr(ev) => {
+                self.p2p_metrics.record(&ev);
+                self.on_dcutr(ev);
+            }
         }
     }
 }

@@ -1,0 +1,381 @@
+//! Reachability and NAT traversal (proto-notes/nat.md): whether peers can
+//! dial us (AutoNAT v2), relay reservations while they can't, the relay
+//! server while they can, and how each peer is reached (direct,
+//! hole-punched by DCUtR, relayed).
+
+use std::collections::{HashMap, HashSet};
+
+use libp2p::core::transport::ListenerId;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::ConnectionId;
+use libp2p::{autonat, dcutr, relay, Multiaddr, PeerId};
+use serde::Serialize;
+
+use super::{peer_of, EventLoop};
+use crate::metrics::label;
+use crate::net::ReachInfo;
+
+/// Relays a host that peers can't dial keeps a reservation with.
+pub(super) const RELAYS_WANTED: usize = 2;
+
+/// How a connection reaches its peer, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// Dialled or accepted on the peer's own address.
+    Direct,
+    /// Direct, made by DCUtR's simultaneous open through both NATs.
+    HolePunched,
+    /// Through a third agent's relay (circuit relay v2).
+    Relayed,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::HolePunched => "hole-punched",
+            Via::Relayed => "relayed",
+        }
+    }
+}
+
+/// Whether peers can dial us, as AutoNAT found. A peer on our own LAN
+/// can dial us back at our own address even when we are behind a NAT for
+/// everyone else: so an address *mapped by a NAT* (one a peer saw us at
+/// that is not one of our own) that could not be dialled back makes us
+/// private, whatever else was confirmed, unless a mapped address was
+/// confirmed too (a NAT with a port forward).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum State {
+    /// Nothing tested yet (or the last confirmed address expired).
+    Unknown,
+    /// A peer dialled one of our addresses back, and no NAT hides us from
+    /// others.
+    Public,
+    /// A peer failed to dial us back at the address it saw us at, and no
+    /// address a NAT maps to us is confirmed.
+    Private,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Unknown => "unknown",
+            State::Public => "public",
+            State::Private => "private",
+        }
+    }
+}
+
+struct Reservation {
+    listener: ListenerId,
+    accepted: bool,
+}
+
+pub(super) struct Reach {
+    state: State,
+    /// Confirmed external addresses that are not relay circuits.
+    external: HashSet<Multiaddr>,
+    /// A peer could not dial us back at an address a NAT maps to us (one
+    /// that is not our own).
+    mapped_failed: bool,
+    relays: HashMap<PeerId, Reservation>,
+    /// Connections DCUtR made (their `ConnectionEstablished` came first).
+    punched: HashSet<ConnectionId>,
+}
+
+impl Reach {
+    pub(super) fn new() -> Self {
+        Reach {
+            state: State::Unknown,
+            external: HashSet::new(),
+            mapped_failed: false,
+            relays: HashMap::new(),
+            punched: HashSet::new(),
+        }
+    }
+
+    pub(super) fn info(&self) -> ReachInfo {
+        let mut relays: Vec<String> = self
+            .relays
+            .iter()
+            .filter(|(_, r)| r.accepted)
+            .map(|(p, _)| p.to_base58())
+            .collect();
+        relays.sort();
+        let mut external: Vec<String> = self.external.iter().map(|a| a.to_string()).collect();
+        external.sort();
+        ReachInfo {
+            state: self.state.as_str(),
+            relays,
+            external,
+        }
+    }
+
+    /// A connection closed.
+    pub(super) fn forget(&mut self, id: ConnectionId) {
+        self.punched.remove(&id);
+    }
+
+    /// How a new connection reaches its peer. A circuit we dialled has the
+    /// relay in its remote address; one we accepted, in its local address
+    /// (its remote address is only the peer's id).
+    pub(super) fn via_of(&mut self, id: ConnectionId, endpoint: &ConnectedPoint) -> Via {
+        let relayed = match endpoint {
+            ConnectedPoint::Dialer { address, .. } => is_relayed(address),
+            ConnectedPoint::Listener { local_addr, .. } => is_relayed(local_addr),
+        };
+        if relayed {
+            Via::Relayed
+        } else if self.punched.remove(&id) {
+            Via::HolePunched
+        } else {
+            Via::Direct
+        }
+    }
+}
+
+/// Whether `addr` goes through a relay.
+pub(super) fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// `addr` (the relay's own address, with or without its `/p2p/<id>`) as
+/// the address to listen on through it.
+fn circuit_through(addr: &Multiaddr, relay: PeerId) -> Multiaddr {
+    let mut base: Multiaddr = addr
+        .iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect();
+    base.push(Protocol::P2p(relay));
+    base.push(Protocol::P2pCircuit);
+    base
+}
+
+/// The IP address in `addr`.
+fn ip_in(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    })
+}
+
+impl EventLoop {
+    /// Whether `addr` is one a NAT maps to us: its IP is none of the
+    /// addresses we listen on.
+    fn is_mapped(&self, addr: &Multiaddr) -> bool {
+        let Some(ip) = ip_in(addr) else {
+            return false;
+        };
+        !self
+            .local_addrs
+            .iter()
+            .chain(self.swarm.listeners())
+            .any(|a| !is_relayed(a) && ip_in(a) == Some(ip))
+    }
+
+    /// The state the findings so far make.
+    fn reach_now(&self) -> State {
+        let mapped_ok = self.reach.external.iter().any(|a| self.is_mapped(a));
+        if self.reach.mapped_failed && !mapped_ok {
+            State::Private
+        } else if !self.reach.external.is_empty() {
+            State::Public
+        } else if self.reach.state == State::Private {
+            // Our own address failed and nothing is confirmed.
+            State::Private
+        } else {
+            State::Unknown
+        }
+    }
+
+    pub(super) fn on_external_confirmed(&mut self, addr: Multiaddr) {
+        if is_relayed(&addr) {
+            return;
+        }
+        if self.reach.external.insert(addr.clone()) {
+            tracing::info!(%addr, "a peer dialled this agent back at this address (AutoNAT)");
+        }
+        self.set_reach(self.reach_now());
+    }
+
+    pub(super) fn on_external_expired(&mut self, addr: &Multiaddr) {
+        if self.reach.external.remove(addr) {
+            self.set_reach(self.reach_now());
+        }
+    }
+
+    pub(super) fn on_autonat(&mut self, ev: autonat::v2::client::Event) {
+        match ev.result {
+            Ok(()) => {
+                tracing::debug!(addr = %ev.tested_addr, server = %ev.server, "AutoNAT: dialled back")
+            }
+            Err(e) => {
+                tracing::debug!(addr = %ev.tested_addr, server = %ev.server, error = %e, "AutoNAT: not dialled back");
+                if is_relayed(&ev.tested_addr) {
+                    return;
+                }
+                if self.is_mapped(&ev.tested_addr) {
+                    self.reach.mapped_failed = true;
+                    self.set_reach(self.reach_now());
+                } else if self.reach.external.is_empty() {
+                    self.set_reach(State::Private);
+                }
+            }
+        }
+    }
+
+    /// The reachability gauges, set at each maintenance tick.
+    pub(super) fn reach_metrics(&self) {
+        let m = &self.metrics;
+        for st in [State::Public, State::Private, State::Unknown] {
+            m.reachability
+                .get_or_create(&label("state", st.as_str()))
+                .set(i64::from(st == self.reach.state));
+        }
+        m.relay_reservations
+            .set(self.reach.relays.values().filter(|r| r.accepted).count() as i64);
+        for via in [Via::Direct, Via::HolePunched, Via::Relayed] {
+            let n = self.peers.values().filter(|p| p.via() == via).count();
+            m.peers_by_via
+                .get_or_create(&label("via", via.as_str()))
+                .set(n as i64);
+        }
+    }
+
+    fn set_reach(&mut self, state: State) {
+        if self.reach.state == state {
+            return;
+        }
+        tracing::info!(
+            from = self.reach.state.as_str(),
+            to = state.as_str(),
+            "reachability changed"
+        );
+        self.reach.state = state;
+        // Serve as a relay exactly while peers can dial us.
+        self.swarm
+            .behaviour_mut()
+            .relay
+            .set_status(Some(if state == State::Public {
+                relay::Status::Enable
+            } else {
+                relay::Status::Disable
+            }));
+        if state == State::Public {
+            for (_, r) in self.reach.relays.drain() {
+                self.swarm.remove_listener(r.listener);
+            }
+        } else if state == State::Private {
+            self.keep_relays();
+        }
+    }
+
+    /// While peers can't dial us, keep [`RELAYS_WANTED`] reservations with
+    /// connected peers that serve as relays and that we reach directly
+    /// (bootstrap peers first). Called when that changes and at each
+    /// maintenance tick.
+    pub(super) fn keep_relays(&mut self) {
+        if self.reach.state != State::Private || self.reach.relays.len() >= RELAYS_WANTED {
+            return;
+        }
+        let boot: HashSet<PeerId> = self.bootstrap.iter().filter_map(peer_of).collect();
+        let mut candidates: Vec<(bool, PeerId, Multiaddr)> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| p.relay && !self.reach.relays.contains_key(id))
+            .filter_map(|(id, p)| p.dialled.clone().map(|a| (!boot.contains(id), *id, a)))
+            .collect();
+        candidates.sort();
+        for (_, peer, addr) in candidates {
+            if self.reach.relays.len() >= RELAYS_WANTED {
+                break;
+            }
+            let circuit = circuit_through(&addr, peer);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(listener) => {
+                    tracing::debug!(relay = %peer, addr = %circuit, "asking for a relay reservation");
+                    self.reach.relays.insert(
+                        peer,
+                        Reservation {
+                            listener,
+                            accepted: false,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %peer, addr = %circuit, error = %e, "cannot listen through relay")
+                }
+            }
+        }
+    }
+
+    /// A listener closed: if it was a relay reservation, another is sought.
+    pub(super) fn on_listener_closed(&mut self, id: ListenerId) {
+        let gone: Vec<PeerId> = self
+            .reach
+            .relays
+            .iter()
+            .filter(|(_, r)| r.listener == id)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            self.reach.relays.remove(&p);
+            tracing::info!(relay = %p, "relay reservation ended");
+        }
+        self.keep_relays();
+    }
+
+    /// The last connection to `peer` closed: its reservation went with it.
+    pub(super) fn drop_relay(&mut self, peer: &PeerId) {
+        if let Some(r) = self.reach.relays.remove(peer) {
+            self.swarm.remove_listener(r.listener);
+            tracing::info!(relay = %peer, "relay gone; reservation dropped");
+        }
+    }
+
+    pub(super) fn on_relay_client(&mut self, ev: relay::client::Event) {
+        match ev {
+            relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            } => {
+                if let Some(r) = self.reach.relays.get_mut(&relay_peer_id) {
+                    r.accepted = true;
+                }
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted: peers can reach this agent through it");
+                }
+            }
+            relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+                tracing::debug!(relay = %relay_peer_id, "circuit out through relay")
+            }
+            relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+                tracing::debug!(peer = %src_peer_id, "circuit in through relay")
+            }
+        }
+    }
+
+    pub(super) fn on_dcutr(&mut self, ev: dcutr::Event) {
+        match ev.result {
+            Ok(conn) => {
+                tracing::info!(peer = %ev.remote_peer_id, "hole punched: direct connection through both NATs");
+                match self.peers.get_mut(&ev.remote_peer_id) {
+                    Some(p) if p.conns.contains_key(&conn) => {
+                        p.conns.insert(conn, Via::HolePunched);
+                    }
+                    _ => {
+                        self.reach.punched.insert(conn);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(peer = %ev.remote_peer_id, error = %e, "hole punching failed; the relayed connection stays")
+            }
+        }
+    }
+}
