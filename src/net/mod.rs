@@ -7,12 +7,13 @@
 //! the agent, and [`start`]. The parts:
 //! - [`wire`]: frame and message formats (gossip events, catch-up, membership);
 //! - `codec`: request-response codecs (bincode frames, raw frames);
-//! - `transport`: TCP, the private network ([`privnet`]), Noise, Yamux ([`mux`]);
+//! - `transport`: TCP or a relay circuit, the private network ([`privnet`]),
+//!   Noise, Yamux ([`mux`]);
 //! - `behaviour`: the libp2p behaviours and the swarm built from them;
 //! - `handle`: [`NetHandle`], the commands other tasks send;
 //! - `event_loop`: the task that owns the Swarm (commands, connections and
-//!   maintenance; gossip validation, request-response traffic and the
-//!   refusals it counts in files of their own).
+//!   maintenance; gossip validation, request-response traffic, the
+//!   refusals it counts and NAT traversal in files of their own).
 
 mod behaviour;
 mod codec;
