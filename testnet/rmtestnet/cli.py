@@ -29,14 +29,24 @@ def load(args):
     return c.load()
 
 
-def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True):
+def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True, formed=True, prepare=None):
+    """Bring a testnet up. With args.nat, the NAT layout (nat.py: 6 hosts,
+    3 voters). formed=False returns once every API answers, without waiting
+    for full membership and a leader (the NAT scenario measures that itself).
+    prepare(c), if given, runs after the state is made and before the
+    configs are written (per-host settings)."""
     tag = tag or getattr(args, "net_tag", None) or "t"
     subnet = subnet or getattr(args, "subnet", None) or "10.77.0"
+    nat = None
+    if getattr(args, "nat", False):
+        nat = {"a": args.lan_a, "b": args.lan_b}
+        n, args.voters = 6, 3
     if not (tag.isalnum() and tag.islower() and len(tag) <= 3):
         raise TestnetError("--net-tag: 1-3 lowercase letters or digits")
-    parts = subnet.split(".")
-    if len(parts) != 3 or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
-        raise TestnetError("--subnet: the first three octets of a /24, e.g. 10.77.0")
+    for opt, net in [("--subnet", subnet)] + [(f"--lan-{k}", v) for k, v in (nat or {}).items()]:
+        parts = net.split(".")
+        if len(parts) != 3 or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
+            raise TestnetError(f"{opt}: the first three octets of a /24, e.g. 10.77.0")
     c = Cluster(args.state)
     if c.exists():
         c.load()
@@ -58,15 +68,19 @@ def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True):
         raise TestnetError(f"riftmesh binary {binp} not found or not executable "
                            "(set RIFTMESH_BIN or --bin)")
     mode = "netns" if can_netns() and not args.loopback else "loopback"
+    if nat and mode != "netns":
+        raise TestnetError("the NAT layout needs network namespaces (root, `ip netns`)")
     if mode == "loopback":
         log("network namespaces cannot be made here (not root, or no `ip netns`): "
             "falling back to loopback ports on 127.0.0.1 (no shaping; partitions through "
             "/v1/debug/block)")
     roles = args.roles.split(",") if args.roles else DEFAULT_ROLES
     voters = min(args.voters, n)
-    c.init(n, voters, binp, tag, subnet, roles, args.blob_budget, extra_wants or [], mode)
+    c.init(n, voters, binp, tag, subnet, roles, args.blob_budget, extra_wants or [], mode, nat=nat)
     ok = False
     try:
+        if prepare:
+            prepare(c)
         run([binp, "keygen", "--out", os.path.join(c.dir, "swarm.key")], timeout=30)
         c.write_token()
         c.write_configs()
@@ -77,8 +91,10 @@ def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True):
         deadline = time.monotonic() + args.ready_timeout
         for h in c.hosts.values():
             c.wait_ready(h, deadline)
-        log("every agent's API answers; waiting for full membership and a leader")
-        wait_for(lambda: _formed(c), deadline, 0.5, "every agent to see every other alive and agree on a leader")
+        if formed:
+            log("every agent's API answers; waiting for full membership and a leader")
+            wait_for(lambda: _formed(c), deadline, 0.5,
+                     "every agent to see every other alive and agree on a leader")
         ok = True
         if show:
             print_status(c)
@@ -292,6 +308,11 @@ def add_up_args(p):
                    help="seconds for every agent to answer, see all others and agree on a leader")
 
 
+def add_lan_args(p):
+    p.add_argument("--lan-a", default="10.78.1", help="the /24 behind router a (NAT layout; default 10.78.1)")
+    p.add_argument("--lan-b", default="10.78.2", help="the /24 behind router b (NAT layout; default 10.78.2)")
+
+
 def parser():
     ap = argparse.ArgumentParser(prog="testnet", description="A many-host riftmesh cluster on one machine.")
     ap.add_argument("--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE}, or $TESTNET_STATE)")
@@ -301,6 +322,10 @@ def parser():
 
     p = sub.add_parser("up", help="bring up N agents")
     add_up_args(p)
+    p.add_argument("--nat", action="store_true",
+                   help="the NAT layout (6 hosts, 3 voters): h01-h02 public, h03-h04 behind a "
+                        "cone-like NAT, h05-h06 behind a symmetric NAT (README: NAT)")
+    add_lan_args(p)
     p.set_defaults(fn=cmd_up)
 
     p = sub.add_parser("down", help="stop everything and remove every namespace, link, qdisc, route, process")

@@ -178,7 +178,12 @@ class Cluster:
 
     # ---- creation ----------------------------------------------------------
 
-    def init(self, n, voters, bin_path, tag, subnet, roles, budget, extra_wants, mode):
+    def init(self, n, voters, bin_path, tag, subnet, roles, budget, extra_wants, mode, nat=None):
+        """nat: None for the flat layout (every host on the bridge), or
+        {"a": "10.78.1", "b": "10.78.2"}: the NAT layout of nat.py (h01,
+        h02 on the bridge, h03-h04 behind router a, h05-h06 behind b)."""
+        if nat and (n != 6 or mode != "netns"):
+            raise TestnetError("the NAT layout has 6 hosts and needs the netns mode (root)")
         if n < 1 or n > 60:
             raise TestnetError("hosts must be between 1 and 60")
         os.makedirs(self.dir, exist_ok=True)
@@ -213,6 +218,9 @@ class Cluster:
                 "budget": budget, "budget_override": None, "peer_id": None,
                 "extra_wants": extra_wants,
             }
+        if nat:
+            from .nat import layout
+            layout(self.s, nat)
         self.save()
 
     def write_configs(self):
@@ -255,13 +263,21 @@ class Cluster:
             "",
         ]
         for w in h.get("extra_wants") or []:
-            lines += ["[[want]]", f"names = {toml_str(w)}", ""]
+            # A name pattern, or {"names": …, "place": …} (place optional).
+            w = w if isinstance(w, dict) else {"names": w}
+            lines += ["[[want]]", f"names = {toml_str(w['names'])}"]
+            if w.get("place"):
+                lines.append(f"place = {toml_str(w['place'])}")
+            lines.append("")
         with open(h["config"], "w") as f:
             f.write("\n".join(lines))
 
     def make_network(self):
         if self.mode != "netns":
             return
+        if self.s.get("routers"):
+            from .nat import make_network
+            return make_network(self)
         br, subnet = self.s["bridge"], self.s["subnet"]
         # Names in use belong to someone else (another testnet): refuse
         # before recording anything, so our cleanup never touches them.
@@ -506,6 +522,15 @@ def teardown(state_dir, remove_dir=False, timeout=60):
                 run(cmd, check=False)
             elif k == "route":
                 run(["ip", "-n", r["ns"], "route", "del", r["route"]], check=False)
+            elif k == "root_route":
+                # A route in the root namespace (the NAT layout's way to the
+                # APIs behind the routers); its own kind, so `heal` (which
+                # forgets every "route") leaves it alone.
+                run(["ip", "route", "del", r["route"]], check=False)
+            elif k == "nslink":
+                # A link inside a namespace of ours (NAT routers' LAN bridge
+                # and ports): gone with the namespace, deleted first anyway.
+                run(["ip", "-n", r["ns"], "link", "del", r["name"]], check=False)
             elif k == "veth":
                 run(["ip", "link", "del", r["name"]], check=False)
             elif k == "netns":
@@ -524,6 +549,11 @@ def teardown(state_dir, remove_dir=False, timeout=60):
                 if r["kind"] in ("veth", "bridge") and f" {r['name']}:" in links or \
                         (r["kind"] in ("veth", "bridge") and f" {r['name']}@" in links):
                     left.append(r["name"])
+        for r in c.s["resources"]:
+            if r["kind"] == "root_route":
+                dst = r["route"].split()[0]
+                if run(["ip", "route", "show", "exact", dst], check=False).stdout.strip():
+                    left.append(f"route {dst}")
         if left:
             log("still present after teardown: " + ", ".join(left))
             ok = False

@@ -166,7 +166,8 @@ def shape(c, h, delay=None, loss=None, rate=None, jitter=None):
             "this kernel has no netem qdisc (sch_netem): --delay/--loss cannot be applied here; "
             "--rate (tbf) works")
     unshape(c, h, quiet=True)
-    for ns, dev in ((None, h["veth"]), (h["ns"], "eth0")):
+    # Behind a NAT router the outer end of the link is in the router's namespace.
+    for ns, dev in ((h.get("veth_ns"), h["veth"]), (h["ns"], "eth0")):
         pre = ["ip", "netns", "exec", ns] if ns else []
         c.record(kind="qdisc", ns=ns, dev=dev, host=h["name"])
         if delay or loss:
