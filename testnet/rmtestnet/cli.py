@@ -18,7 +18,7 @@ from .check import check
 DEFAULT_STATE = os.environ.get("TESTNET_STATE", "/tmp/riftmesh-testnet")
 
 # Default whole-command timeouts (seconds), overridable with --timeout.
-TIMEOUTS = {"quiet": 1200, "up": 300, "down": 120, "check": 120, "scenario": 900, "fanout": 1200, "soak": 2700,
+TIMEOUTS = {"nat": 600, "quiet": 1200, "up": 300, "down": 120, "check": 120, "scenario": 900, "fanout": 1200, "soak": 2700,
             "restart": 120, "fill-disk": 120}
 
 
@@ -54,7 +54,7 @@ def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True, formed=
             raise TestnetError(f"a testnet is already up in {c.dir}; `testnet down` first")
         os.remove(c.path)
     # A fresh testnet: data, logs and key of an earlier one (torn down) go.
-    for leftover in ("hosts", "scenario", "fanout", "swarm.key", "api.token", "state.json.down"):
+    for leftover in ("hosts", "scenario", "fanout", "nat", "swarm.key", "api.token", "state.json.down"):
         p = os.path.join(c.dir, leftover)
         if os.path.isdir(p):
             shutil.rmtree(p)
@@ -280,6 +280,11 @@ def cmd_quiet(args):
     return run_quiet(args)
 
 
+def cmd_nat(args):
+    from .natscenario import run_nat
+    return run_nat(args)
+
+
 def cmd_fanout(args):
     from .fanout import run_fanout
     return run_fanout(args)
@@ -405,6 +410,19 @@ def parser():
     p.add_argument("--report", help="write the JSON report to this file")
     p.set_defaults(fn=cmd_scenario)
 
+    p = sub.add_parser("nat", help="the NAT layout (its own testnet): joins, reachability, events, "
+                                   "blobs and leadership across two NATs, a kill; then a report")
+    p.add_argument("--bin", help="riftmesh binary (default $RIFTMESH_BIN, else <repo>/target/release/riftmesh)")
+    p.add_argument("--net-tag", default="n", help="names: namespaces rmt-<tag>NN, rmt-<tag>ra/rb (default n)")
+    p.add_argument("--subnet", default="10.77.5", help="the /24 of the public segment (default 10.77.5)")
+    add_lan_args(p)
+    p.add_argument("--ready-timeout", type=float, default=60, help="seconds for every agent's API to answer")
+    p.add_argument("--deadline", type=util.parse_duration, default=300, help="whole scenario bound (s)")
+    p.add_argument("--keep", action="store_true", help="leave the testnet up at the end (`down` removes it)")
+    p.add_argument("--json", action="store_true", help="also print the report as JSON at the end")
+    p.add_argument("--report", help="write the JSON report to this file (default <state>/nat-report.json)")
+    p.set_defaults(fn=cmd_nat, nat=True, loopback=False, roles=None, blob_budget="0", voters=3, hosts=6)
+
     p = sub.add_parser("soak", help="random faults for a long time with steady clients, then invariants")
     add_up_args(p)
     p.set_defaults(hosts=20, voters=5)
@@ -470,7 +488,7 @@ def main(argv=None):
     util.VERBOSE = args.verbose
     util.install_signal_handlers()
     timeout = args.timeout or TIMEOUTS.get(args.cmd, 60)
-    if args.cmd == "scenario" and not args.timeout:
+    if args.cmd in ("scenario", "nat") and not args.timeout:
         timeout = max(timeout, args.deadline + 300)
     if args.cmd == "soak":
         if args.seed is None:
