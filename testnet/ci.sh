@@ -5,7 +5,8 @@
 # `promtool check metrics` must accept every agent's /metrics; then the quiet
 # round (log lines a minute under a voter down, a partition, a flapping host;
 # its own testnet); then a 3-minute soak of 20 agents under random faults (its
-# own testnet). Root, no stdin,
+# own testnet); then the NAT round (6 agents, two behind a cone-like and two
+# behind a symmetric NAT; its own testnet). Root, no stdin,
 # a fresh Debian machine. Everything is torn down on exit.
 set -euo pipefail
 
@@ -20,6 +21,9 @@ WORK="$(mktemp -d /tmp/riftmesh-testnet-ci.XXXXXX)"
 STATE="$WORK/net"
 SOAK_STATE="$WORK/soak"
 QUIET_STATE="$WORK/quiet"
+NAT_STATE="$WORK/nat"
+# The NAT round's whole-scenario bound (the scenario's own --deadline).
+NAT_SECONDS="${TESTNET_CI_NAT_SECONDS:-300}"
 # How long the quiet round keeps a voter down (the issue asks 2 minutes);
 # the partition and flapping phases take TESTNET_CI_QUIET_FAULT_SECONDS each.
 QUIET_SECONDS="${TESTNET_CI_QUIET_SECONDS:-120}"
@@ -46,7 +50,8 @@ cleanup() {
   tn down || rc=1
   "$HERE/testnet" --state "$SOAK_STATE" down || rc=1
   "$HERE/testnet" --state "$QUIET_STATE" down || rc=1
-  if [ "$rc" -ne 0 ] && { [ -d "$STATE/hosts" ] || [ -d "$SOAK_STATE/hosts" ]; }; then
+  "$HERE/testnet" --state "$NAT_STATE" down || rc=1
+  if [ "$rc" -ne 0 ] && { [ -d "$STATE/hosts" ] || [ -d "$SOAK_STATE/hosts" ] || [ -d "$NAT_STATE/hosts" ]; }; then
     keep="/tmp/riftmesh-testnet-ci-failed.$(date +%Y%m%dT%H%M%S)"
     mkdir -p "$keep"
     for d in "$STATE"/hosts/*/; do
@@ -61,6 +66,12 @@ cleanup() {
       cp "$d/agent.log" "$keep/soak/$(basename "$d").log" 2>/dev/null || true
     done
     cp "$SOAK_STATE"/soak-report-*.json "$keep/soak/" 2>/dev/null || true
+    for d in "$NAT_STATE"/hosts/*/; do
+      [ -d "$d" ] || continue
+      mkdir -p "$keep/nat"
+      cp "$d/agent.log" "$keep/nat/$(basename "$d").log" 2>/dev/null || true
+    done
+    cp "$NAT_STATE"/nat-report.json "$keep/nat/" 2>/dev/null || true
     cp "$WORK"/scenario.json "$WORK"/prometheus.yml "$WORK"/prometheus.log "$keep/" 2>/dev/null || true
     echo "agent logs and the scenario and soak reports kept in $keep"
   fi
@@ -81,6 +92,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v tc >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 command -v curl >/dev/null || need+=(curl)
+command -v iptables >/dev/null || need+=(iptables)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 if [ "${#need[@]}" -gt 0 ]; then
   # Keep the packaged services from starting during the install.
@@ -223,4 +235,20 @@ echo "soak: 20 agents, ${SOAK_SECONDS} s, seed $SOAK_SEED (TESTNET_CI_SOAK_SEED=
 timeout --foreground -k 30 $(( SOAK_SECONDS + 300 )) "$HERE/testnet" --state "$SOAK_STATE" soak \
   --hosts 20 --duration "$SOAK_SECONDS" --seed "$SOAK_SEED" --converge-timeout 120 \
   --net-tag d --subnet 10.77.3
+
+# ---- NAT -----------------------------------------------------------------------
+# Last, so the rounds above run and report the same as without it: until the
+# agent has NAT traversal (relay v2, DCUtR, AutoNAT v2) its `reach`, `via`
+# and cross-NAT blob checks fail, and a failure here then costs nothing
+# above. Its own testnet (names rmt-nNN, rmt-nra/rmt-nrb; public segment
+# 10.77.5.0/24, LANs 10.78.1.0/24 and 10.78.2.0/24), torn down by the
+# scenario and by the trap.
+echo "nat: 6 agents, 2 behind a cone-like and 2 behind a symmetric NAT; budget ${NAT_SECONDS} s" \
+  "(scenario) + 120 s (up, teardown)"
+nat_t0=$(date +%s)
+nat_rc=0
+timeout --foreground -k 30 $(( NAT_SECONDS + 120 )) "$HERE/testnet" --state "$NAT_STATE" nat \
+  --deadline "$NAT_SECONDS" --net-tag n --subnet 10.77.5 --lan-a 10.78.1 --lan-b 10.78.2 || nat_rc=$?
+echo "nat: exit $nat_rc after $(( $(date +%s) - nat_t0 )) s of its $(( NAT_SECONDS + 120 )) s budget"
+[ "$nat_rc" -eq 0 ]
 echo "ci.sh: all checks passed"
