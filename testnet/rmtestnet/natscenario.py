@@ -187,7 +187,8 @@ def run_nat(args):
                 "hosts": {n: {"addr": h["addr"], "behind": h.get("router"), "voter": h["voter"]}
                           for n, h in r.c.hosts.items()}}
         print_report(rep)
-        print_nat(rep["nat"])
+        if rep["nat"].get("layout"):
+            print_nat(rep["nat"])
         if os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
             with open(report_path, "w") as f:
                 json.dump(rep, f, indent=1)
