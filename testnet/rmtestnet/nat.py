@@ -1,12 +1,14 @@
-"""The NAT layout: two hosts on the public segment, two NAT routers with two
-hosts behind each.
+"""The NAT layout: two hosts on the public segment, three NAT routers: two
+hosts behind each of the first two, one behind the third.
 
     root namespace: bridge rmt-<tag>br, <subnet>.1/24 (the checker)
       ├─ h01 <subnet>.11, h02 <subnet>.12       public, the bootstrap peers
       ├─ router a (ns rmt-<tag>ra, eth0 <subnet>.2)   MASQUERADE: cone-like
       │    └─ bridge lan0 <lan a>.1/24 ─ h03 <lan a>.13, h04 <lan a>.14
-      └─ router b (ns rmt-<tag>rb, eth0 <subnet>.3)   MASQUERADE --random-fully:
-           └─ bridge lan0 <lan b>.1/24 ─ h05 <lan b>.15, h06 <lan b>.16   symmetric
+      ├─ router b (ns rmt-<tag>rb, eth0 <subnet>.3)   MASQUERADE --random-fully:
+      │    └─ bridge lan0 <lan b>.1/24 ─ h05 <lan b>.15, h06 <lan b>.16   symmetric
+      └─ router c (ns rmt-<tag>rc, eth0 <subnet>.4)   MASQUERADE: cone-like
+           └─ bridge lan0 <lan c>.1/24 ─ h07 <lan c>.17
 
 The LAN bridges live inside the router namespaces, so neither the root
 namespace nor the public hosts are on a LAN. The public hosts have no route
@@ -15,9 +17,13 @@ masquerades them), and from outside only the replies (ESTABLISHED,RELATED)
 plus new connections from the root namespace's bridge address to the API
 and metrics ports: the checker reaches every API through a route in the root
 namespace (<lan>.0/24 via the router), and nothing reaches an agent behind
-NAT on its p2p port from outside. The routers' rules are iptables rules in
-the routers' namespaces (gone with them); the root namespace gets two routes
-and no rule.
+NAT on its p2p port from outside. Like home and cloud NATs, a router drops
+an unsolicited connection to its own address instead of answering it with a
+reset (a reset would kill a hole punch whose SYN crosses the other's in
+flight). The routers' rules are iptables rules in the routers' namespaces
+(gone with them); the root namespace gets three routes and no rule. Two
+cone-like NATs (a, c) let DCUtR punch through; the symmetric one (b) does
+not, and its hosts stay relayed to every host behind another NAT.
 """
 
 import shutil
@@ -26,16 +32,17 @@ from .cluster import API_PORT, METRICS_PORT, P2P_PORT
 from .util import TestnetError, log, run
 
 # Host index -> router; hosts 1 and 2 are public.
-BEHIND = {3: "a", 4: "a", 5: "b", 6: "b"}
+BEHIND = {3: "a", 4: "a", 5: "b", 6: "b", 7: "c"}
+ROUTERS = (("a", "cone"), ("b", "symmetric"), ("c", "cone"))
 LAN_BRIDGE = "lan0"
 
 
 def layout(s, lans):
-    """Turn the flat 6-host state `s` (Cluster.init) into the NAT layout:
+    """Turn the flat 7-host state `s` (Cluster.init) into the NAT layout:
     the routers, and the hosts behind them with their LAN addresses."""
     tag, subnet = s["tag"], s["subnet"]
     s["routers"] = {}
-    for i, (r, kind) in enumerate((("a", "cone"), ("b", "symmetric")), start=2):
+    for i, (r, kind) in enumerate(ROUTERS, start=2):
         lan = lans[r]
         s["routers"][r] = {
             "name": r, "ns": f"rmt-{tag}r{r}", "veth": f"rmt-{tag}vr{r}",
@@ -83,9 +90,9 @@ def make_network(c):
     for net in [subnet] + [r["lan"] for r in routers]:
         if f" {net}." in addrs or any(l.startswith(f"{net}.") for l in routes.splitlines()):
             raise TestnetError(f"{net}.0/24 is already on an interface or routed here; "
-                               "use --subnet / --lan-a / --lan-b")
-    if len({subnet} | {r["lan"] for r in routers}) != 3:
-        raise TestnetError("the public subnet and the two LANs must differ")
+                               "use --subnet / --lan-a / --lan-b / --lan-c")
+    if len({subnet} | {r["lan"] for r in routers}) != 1 + len(routers):
+        raise TestnetError("the public subnet and the LANs must differ")
 
     # The public segment: the bridge and the public hosts, as in the flat layout.
     c.record(kind="bridge", name=br)
@@ -121,6 +128,8 @@ def make_network(c):
         run(fwd + ["-s", s["bridge_addr"], "-p", "tcp", "-m", "multiport", "--dports",
                    f"{API_PORT},{METRICS_PORT}", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"])
         run(fwd + ["-j", "DROP"])
+        # To the router itself from outside: dropped, not reset (above).
+        run(x + ["-A", "INPUT", "-i", "eth0", "-p", "tcp", "-j", "DROP"])
 
     for h in c.hosts.values():
         if not h["router"]:

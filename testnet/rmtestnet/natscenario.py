@@ -1,4 +1,4 @@
-"""`testnet nat`: the cluster across two NATs (the layout of nat.py).
+"""`testnet nat`: the cluster across three NATs (the layout of nat.py).
 
 One command: brings the NAT layout up (its own testnet), plays, checks,
 reports, tears down (unless --keep). Every check waits on its condition
@@ -9,7 +9,7 @@ and does not work behind NAT.
   join      every host alive in every host's members view within 10 s of
             its process start (the time is reported per host);
   reach     /v1/status `reach.state` "public" on h01-h02, "private" on
-            h03-h06, and a relay reservation (`reach.relays`) on each host
+            h03-h07, and a relay reservation (`reach.relays`) on each host
             behind NAT, within 30 s;
   via       every /v1/peers entry says how it is reached (`via`); pairs that
             can reach each other without help (a public host in the pair,
@@ -20,6 +20,12 @@ and does not work behind NAT.
             placed on h06 and its SHA-256 verified (h04 is the only source:
             the transfer must cross both NATs);
   symmetric h05 and h06 (both behind the symmetric NAT) are connected;
+  punch     h07 (NAT c) and a host behind NAT a (both cone-like) end up
+            connected "hole-punched" on both sides (DCUtR) within 30 s (only
+            one of h03, h04 keeps the public port its peers saw); h05 (behind
+            the symmetric NAT) and h03 are connected "relayed" on both sides
+            (no hole can be punched through a symmetric NAT: a "direct" or
+            "hole-punched" there would be a wrong label);
   leader    one leader agreed by all; kill -9 it; a new one among the
             remaining voters (h03, behind NAT, is one of the three) agreed by
             every live host within 30 s; the old one restarted and back;
@@ -44,6 +50,7 @@ REACH_S = 30       # reach.state and a relay reservation
 EVENT_S = 30
 BLOB_S = 60
 PAIR_S = 30
+PUNCH_S = 30
 LEAD_S = 30
 DEAD_S = 30
 BLOB_SIZE = 1 << 20
@@ -149,12 +156,13 @@ def run_nat(args):
             up(args, show=False, formed=False, prepare=prepare)
             brought_up = True
             r.c = c = Cluster(args.state).load()
-            st["detail"] = (f"6 agents, every API answers after {r.rel():.1f}s; routers "
+            st["detail"] = (f"{len(c.hosts)} agents, every API answers after {r.rel():.1f}s; routers "
                             + ", ".join(f"{x['name']} {x['nat']} ({' '.join(x['masquerade'])})"
                                         for x in c.s["routers"].values()))
         for name, fn in (("join", check_join), ("reach", check_reach), ("via", check_via),
                          ("events", check_events), ("blob", check_blob),
-                         ("symmetric pair", check_pair), ("leader", check_leader),
+                         ("symmetric pair", check_pair), ("punch", check_punch),
+                         ("leader", check_leader),
                          ("kill NATed host", check_kill)):
             n_obs = len(r.observations)
             try:
@@ -257,7 +265,8 @@ def check_reach(r, st):
     r.observe(f"every host behind NAT holds a relay reservation (reach.relays) within {REACH_S} s",
               not bad, "; ".join(f"{n} after {relay_at[n]}s" for n in nat_hosts) if not bad
               else "; ".join(why(n) for n in bad))
-    st["detail"] = f"state ok on {len(state_at)}/6, relays on {len(relay_at)}/4"
+    st["detail"] = (f"state ok on {len(state_at)}/{len(want)}, "
+                    f"relays on {len(relay_at)}/{len(nat_hosts)}")
 
 
 def via_table(c):
@@ -295,7 +304,7 @@ def check_via(r, st):
               + (f"; no `via` on {len(unknown)} more" if unknown else ""))
     cross = sorted({tuple(sorted((a, b))) for a, b, _ in entries
                     if b in c.hosts and not direct_pair(c, a, b)})
-    st["detail"] = (f"{len(entries)} connections; across the two NATs: "
+    st["detail"] = (f"{len(entries)} connections; across NATs: "
                     + (", ".join(f"{a}-{b} {table.get(a, {}).get(b)!r}" for a, b in cross) or "none"))
 
 
@@ -407,6 +416,46 @@ def check_pair(r, st):
         st["detail"] = f"via {v[0]!r} / {v[1]!r}"
     except TestnetError as e:
         r.observe(name, False, str(e))
+
+
+def pair_via(r, a, b):
+    """(a's via for b, b's via for a), None where not connected."""
+    va = {p["peer_id"]: p.get("via") for p in r.api(a, "GET", "/v1/peers", timeout=5)["peers"]}
+    vb = {p["peer_id"]: p.get("via") for p in r.api(b, "GET", "/v1/peers", timeout=5)["peers"]}
+    return va.get(b["peer_id"]), vb.get(a["peer_id"])
+
+
+def check_punch(r, st):
+    c = r.c
+    details = []
+    # Two hosts behind one NAT both listen on port 4001, and the NAT keeps
+    # that public port for one of them only: only that one can be punched
+    # through to (proto-notes/nat.md). So the cone pair is h07 with either
+    # host behind NAT a.
+    for a_names, b, want, why in (
+            (("h03", "h04"), "h07", "hole-punched", "two cone-like NATs"),
+            (("h03",), "h05", "relayed", "one of them behind the symmetric NAT")):
+        a_hosts, b = [c.host(a) for a in a_names], c.host(b)
+        who = " or ".join(a["name"] for a in a_hosts)
+        name = (f"{who} ({where(a_hosts[0])}) and {b['name']} ({where(b)}): {want!r} on both "
+                f"sides ({why}) within {PUNCH_S} s")
+        t0 = time.monotonic()
+        last = {}
+
+        def reached():
+            for a in a_hosts:
+                last[a["name"]] = pair_via(r, a, b)
+                if last[a["name"]] == (want, want):
+                    return a
+        try:
+            a = wait_for(reached, r.left(PUNCH_S), 0.5, name)
+            r.observe(name, True, f"{a['name']} after {time.monotonic() - t0:.1f} s")
+            details.append(f"{a['name']}-{b['name']} {want} after {time.monotonic() - t0:.1f}s")
+        except TestnetError:
+            seen = "; ".join(f"{n} says {v[0]!r}, {b['name']} says {v[1]!r}" for n, v in last.items())
+            r.observe(name, False, f"last seen: {seen}")
+            details.append(f"{who}-{b['name']}: {seen}")
+    st["detail"] = "; ".join(details)
 
 
 def check_leader(r, st):

@@ -154,6 +154,33 @@ fn circuit_through(addr: &Multiaddr, relay: PeerId) -> Multiaddr {
     base
 }
 
+/// What AutoNAT found so far.
+#[derive(Clone, Copy, Debug)]
+struct Findings {
+    /// A peer could not dial us back at an address a NAT maps to us.
+    mapped_failed: bool,
+    /// A peer dialled us back at an address a NAT maps to us (a port
+    /// forward).
+    mapped_confirmed: bool,
+    /// A peer dialled us back at some address.
+    any_confirmed: bool,
+    was: State,
+}
+
+/// The reachability [`Findings`] make (the rule is in [`State`]'s text).
+fn decide(f: Findings) -> State {
+    if f.mapped_failed && !f.mapped_confirmed {
+        State::Private
+    } else if f.any_confirmed {
+        State::Public
+    } else if f.was == State::Private {
+        // Our own address failed and nothing is confirmed.
+        State::Private
+    } else {
+        State::Unknown
+    }
+}
+
 /// The IP address in `addr`.
 fn ip_in(addr: &Multiaddr) -> Option<std::net::IpAddr> {
     addr.iter().find_map(|p| match p {
@@ -179,17 +206,12 @@ impl EventLoop {
 
     /// The state the findings so far make.
     fn reach_now(&self) -> State {
-        let mapped_ok = self.reach.external.iter().any(|a| self.is_mapped(a));
-        if self.reach.mapped_failed && !mapped_ok {
-            State::Private
-        } else if !self.reach.external.is_empty() {
-            State::Public
-        } else if self.reach.state == State::Private {
-            // Our own address failed and nothing is confirmed.
-            State::Private
-        } else {
-            State::Unknown
-        }
+        decide(Findings {
+            mapped_failed: self.reach.mapped_failed,
+            mapped_confirmed: self.reach.external.iter().any(|a| self.is_mapped(a)),
+            any_confirmed: !self.reach.external.is_empty(),
+            was: self.reach.state,
+        })
     }
 
     pub(super) fn on_external_confirmed(&mut self, addr: Multiaddr) {
@@ -377,5 +399,84 @@ impl EventLoop {
                 tracing::debug!(peer = %ev.remote_peer_id, error = %e, "hole punching failed; the relayed connection stays")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(mapped_failed: bool, mapped_confirmed: bool, any_confirmed: bool) -> State {
+        decide(Findings {
+            mapped_failed,
+            mapped_confirmed,
+            any_confirmed,
+            was: State::Unknown,
+        })
+    }
+
+    #[test]
+    fn a_neighbour_behind_the_same_nat_does_not_make_us_public() {
+        // Our own LAN address dialled back by a neighbour, the address the
+        // NAT maps to us not dialled back by a peer outside: private.
+        assert_eq!(found(true, false, true), State::Private);
+        // A port forward: the mapped address dialled back too.
+        assert_eq!(found(true, true, true), State::Public);
+        // A flat network: our own address confirmed, nothing mapped.
+        assert_eq!(found(false, false, true), State::Public);
+        assert_eq!(found(false, false, false), State::Unknown);
+        // Our own address failed, nothing confirmed: stays private.
+        let f = Findings {
+            mapped_failed: false,
+            mapped_confirmed: false,
+            any_confirmed: false,
+            was: State::Private,
+        };
+        assert_eq!(decide(f), State::Private);
+        // The last confirmed address expired: no longer public.
+        let f = Findings {
+            was: State::Public,
+            ..f
+        };
+        assert_eq!(decide(f), State::Unknown);
+    }
+
+    #[test]
+    fn an_accepted_circuit_is_relayed_though_its_remote_address_is_a_peer_id() {
+        let peer = PeerId::random();
+        let relay = PeerId::random();
+        let relay_addr: Multiaddr = "/ip4/10.0.0.5/tcp/4001".parse().unwrap();
+        let circuit = circuit_through(&relay_addr, relay);
+        assert_eq!(
+            circuit.to_string(),
+            format!("/ip4/10.0.0.5/tcp/4001/p2p/{relay}/p2p-circuit")
+        );
+        // With the relay's id already on its address: not doubled.
+        let with_id = relay_addr.clone().with(Protocol::P2p(relay));
+        assert_eq!(circuit_through(&with_id, relay), circuit);
+
+        let mut reach = Reach::new();
+        let accepted = ConnectedPoint::Listener {
+            local_addr: circuit.clone(),
+            send_back_addr: Multiaddr::empty().with(Protocol::P2p(peer)),
+        };
+        assert_eq!(reach.via_of(ConnectionId::new_unchecked(1), &accepted), Via::Relayed);
+        let dialled = ConnectedPoint::Dialer {
+            address: circuit.with(Protocol::P2p(peer)),
+            role_override: libp2p::core::Endpoint::Dialer,
+            port_use: libp2p::core::transport::PortUse::Reuse,
+        };
+        assert_eq!(reach.via_of(ConnectionId::new_unchecked(2), &dialled), Via::Relayed);
+        let direct = ConnectedPoint::Dialer {
+            address: relay_addr,
+            role_override: libp2p::core::Endpoint::Dialer,
+            port_use: libp2p::core::transport::PortUse::Reuse,
+        };
+        // DCUtR's success named this connection before it was established.
+        reach.punched.insert(ConnectionId::new_unchecked(3));
+        assert_eq!(reach.via_of(ConnectionId::new_unchecked(3), &direct), Via::HolePunched);
+        assert_eq!(reach.via_of(ConnectionId::new_unchecked(4), &direct), Via::Direct);
+        // The best connection names the peer's way.
+        assert!(Via::Direct < Via::HolePunched && Via::HolePunched < Via::Relayed);
     }
 }
