@@ -5,7 +5,7 @@
 # `promtool check metrics` must accept every agent's /metrics; then the quiet
 # round (log lines a minute under a voter down, a partition, a flapping host;
 # its own testnet); then a 3-minute soak of 20 agents under random faults (its
-# own testnet); then the NAT round (7 agents, three behind two cone-like NATs, two
+# own testnet); then the NAT round (8 agents, four behind three cone-like NATs, two
 # behind a symmetric NAT; its own testnet). Root, no stdin,
 # a fresh Debian machine. Everything is torn down on exit.
 set -euo pipefail
@@ -241,14 +241,14 @@ timeout --foreground -k 30 $(( SOAK_SECONDS + 300 )) "$HERE/testnet" --state "$S
 # agent has NAT traversal (relay v2, DCUtR, AutoNAT v2) its `reach`, `via`
 # and cross-NAT blob checks fail, and a failure here then costs nothing
 # above. Its own testnet (names rmt-nNN, rmt-nra/rmt-nrb; public segment
-# 10.77.5.0/24, LANs 10.78.1.0/24, 10.78.2.0/24 and 10.78.3.0/24), torn down by the
+# 10.77.5.0/24, LANs 10.78.1.0/24 to 10.78.4.0/24), torn down by the
 # scenario and by the trap.
-echo "nat: 7 agents, 3 behind two cone-like NATs and 2 behind a symmetric one; budget ${NAT_SECONDS} s" \
+echo "nat: 8 agents, 4 behind three cone-like NATs and 2 behind a symmetric one; budget ${NAT_SECONDS} s" \
   "(scenario) + 120 s (up, teardown)"
 nat_t0=$(date +%s)
 nat_rc=0
 timeout --foreground -k 30 $(( NAT_SECONDS + 120 )) "$HERE/testnet" --state "$NAT_STATE" nat \
-  --deadline "$NAT_SECONDS" --net-tag n --subnet 10.77.5 --lan-a 10.78.1 --lan-b 10.78.2 --lan-c 10.78.3 || nat_rc=$?
+  --deadline "$NAT_SECONDS" --net-tag n --subnet 10.77.5 --lan-a 10.78.1 --lan-b 10.78.2 --lan-c 10.78.3 --lan-d 10.78.4 || nat_rc=$?
 echo "nat: exit $nat_rc after $(( $(date +%s) - nat_t0 )) s of its $(( NAT_SECONDS + 120 )) s budget"
 [ "$nat_rc" -eq 0 ]
 echo "ci.sh: all checks passed"

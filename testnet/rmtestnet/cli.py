@@ -30,7 +30,7 @@ def load(args):
 
 
 def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True, formed=True, prepare=None):
-    """Bring a testnet up. With args.nat, the NAT layout (nat.py: 7 hosts,
+    """Bring a testnet up. With args.nat, the NAT layout (nat.py: 8 hosts,
     3 voters). formed=False returns once every API answers, without waiting
     for full membership and a leader (the NAT scenario measures that itself).
     prepare(c), if given, runs after the state is made and before the
@@ -39,8 +39,8 @@ def up(args, tag=None, subnet=None, extra_wants=None, n=None, show=True, formed=
     subnet = subnet or getattr(args, "subnet", None) or "10.77.0"
     nat = None
     if getattr(args, "nat", False):
-        nat = {"a": args.lan_a, "b": args.lan_b, "c": args.lan_c}
-        n, args.voters = 7, 3
+        nat = {"a": args.lan_a, "b": args.lan_b, "c": args.lan_c, "d": args.lan_d}
+        n, args.voters = 8, 3
     if not (tag.isalnum() and tag.islower() and len(tag) <= 3):
         raise TestnetError("--net-tag: 1-3 lowercase letters or digits")
     for opt, net in [("--subnet", subnet)] + [(f"--lan-{k}", v) for k, v in (nat or {}).items()]:
@@ -317,6 +317,7 @@ def add_lan_args(p):
     p.add_argument("--lan-a", default="10.78.1", help="the /24 behind router a (NAT layout; default 10.78.1)")
     p.add_argument("--lan-b", default="10.78.2", help="the /24 behind router b (NAT layout; default 10.78.2)")
     p.add_argument("--lan-c", default="10.78.3", help="the /24 behind router c (NAT layout; default 10.78.3)")
+    p.add_argument("--lan-d", default="10.78.4", help="the /24 behind router d (NAT layout; default 10.78.4)")
 
 
 def parser():
@@ -329,9 +330,9 @@ def parser():
     p = sub.add_parser("up", help="bring up N agents")
     add_up_args(p)
     p.add_argument("--nat", action="store_true",
-                   help="the NAT layout (7 hosts, 3 voters): h01-h02 public, h03-h04 behind a "
-                        "cone-like NAT, h05-h06 behind a symmetric NAT, h07 behind another "
-                        "cone-like NAT (README: NAT)")
+                   help="the NAT layout (8 hosts, 3 voters): h01-h02 public, h03-h04 behind a "
+                        "cone-like NAT, h05-h06 behind a symmetric NAT, h07 and h08 each behind "
+                        "a cone-like NAT of its own (README: NAT)")
     add_lan_args(p)
     p.set_defaults(fn=cmd_up)
 
@@ -415,7 +416,7 @@ def parser():
     p = sub.add_parser("nat", help="the NAT layout (its own testnet): joins, reachability, events, "
                                    "blobs and leadership across NATs, hole punching, a kill; then a report")
     p.add_argument("--bin", help="riftmesh binary (default $RIFTMESH_BIN, else <repo>/target/release/riftmesh)")
-    p.add_argument("--net-tag", default="n", help="names: namespaces rmt-<tag>NN, rmt-<tag>ra/rb/rc (default n)")
+    p.add_argument("--net-tag", default="n", help="names: namespaces rmt-<tag>NN, rmt-<tag>ra..rd (default n)")
     p.add_argument("--subnet", default="10.77.5", help="the /24 of the public segment (default 10.77.5)")
     add_lan_args(p)
     p.add_argument("--ready-timeout", type=float, default=60, help="seconds for every agent's API to answer")
@@ -423,7 +424,7 @@ def parser():
     p.add_argument("--keep", action="store_true", help="leave the testnet up at the end (`down` removes it)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON at the end")
     p.add_argument("--report", help="write the JSON report to this file (default <state>/nat-report.json)")
-    p.set_defaults(fn=cmd_nat, nat=True, loopback=False, roles=None, blob_budget="0", voters=3, hosts=7)
+    p.set_defaults(fn=cmd_nat, nat=True, loopback=False, roles=None, blob_budget="0", voters=3, hosts=8)
 
     p = sub.add_parser("soak", help="random faults for a long time with steady clients, then invariants")
     add_up_args(p)

@@ -180,11 +180,11 @@ class Cluster:
 
     def init(self, n, voters, bin_path, tag, subnet, roles, budget, extra_wants, mode, nat=None):
         """nat: None for the flat layout (every host on the bridge), or
-        {"a": "10.78.1", "b": "10.78.2", "c": "10.78.3"}: the NAT layout of
-        nat.py (h01, h02 on the bridge, h03-h04 behind router a, h05-h06
-        behind b, h07 behind c)."""
-        if nat and (n != 7 or mode != "netns"):
-            raise TestnetError("the NAT layout has 7 hosts and needs the netns mode (root)")
+        {"a": "10.78.1", "b": "10.78.2", "c": "10.78.3", "d": "10.78.4"}: the
+        NAT layout of nat.py (h01, h02 on the bridge, h03-h04 behind router
+        a, h05-h06 behind b, h07 behind c, h08 behind d)."""
+        if nat and (n != 8 or mode != "netns"):
+            raise TestnetError("the NAT layout has 8 hosts and needs the netns mode (root)")
         if n < 1 or n > 60:
             raise TestnetError("hosts must be between 1 and 60")
         os.makedirs(self.dir, exist_ok=True)

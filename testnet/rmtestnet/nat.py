@@ -1,5 +1,5 @@
-"""The NAT layout: two hosts on the public segment, three NAT routers: two
-hosts behind each of the first two, one behind the third.
+"""The NAT layout: two hosts on the public segment, four NAT routers: two
+hosts behind each of the first two, one behind each of the others.
 
     root namespace: bridge rmt-<tag>br, <subnet>.1/24 (the checker)
       ├─ h01 <subnet>.11, h02 <subnet>.12       public, the bootstrap peers
@@ -7,8 +7,10 @@ hosts behind each of the first two, one behind the third.
       │    └─ bridge lan0 <lan a>.1/24 ─ h03 <lan a>.13, h04 <lan a>.14
       ├─ router b (ns rmt-<tag>rb, eth0 <subnet>.3)   MASQUERADE --random-fully:
       │    └─ bridge lan0 <lan b>.1/24 ─ h05 <lan b>.15, h06 <lan b>.16   symmetric
-      └─ router c (ns rmt-<tag>rc, eth0 <subnet>.4)   MASQUERADE: cone-like
-           └─ bridge lan0 <lan c>.1/24 ─ h07 <lan c>.17
+      ├─ router c (ns rmt-<tag>rc, eth0 <subnet>.4)   MASQUERADE: cone-like
+      │    └─ bridge lan0 <lan c>.1/24 ─ h07 <lan c>.17
+      └─ router d (ns rmt-<tag>rd, eth0 <subnet>.5)   MASQUERADE: cone-like
+           └─ bridge lan0 <lan d>.1/24 ─ h08 <lan d>.18
 
 The LAN bridges live inside the router namespaces, so neither the root
 namespace nor the public hosts are on a LAN. The public hosts have no route
@@ -21,9 +23,12 @@ NAT on its p2p port from outside. Like home and cloud NATs, a router drops
 an unsolicited connection to its own address instead of answering it with a
 reset (a reset would kill a hole punch whose SYN crosses the other's in
 flight). The routers' rules are iptables rules in the routers' namespaces
-(gone with them); the root namespace gets three routes and no rule. Two
-cone-like NATs (a, c) let DCUtR punch through; the symmetric one (b) does
-not, and its hosts stay relayed to every host behind another NAT.
+(gone with them); the root namespace gets four routes and no rule.
+Cone-like NATs (a, c, d) let DCUtR punch through; the symmetric one (b)
+does not, and its hosts stay relayed to every host behind another NAT. The
+two hosts behind router a share its public port 4001 (only one of them can
+hold it), so the punch that must succeed is between the lone hosts behind
+c and d.
 """
 
 import shutil
@@ -32,13 +37,13 @@ from .cluster import API_PORT, METRICS_PORT, P2P_PORT
 from .util import TestnetError, log, run
 
 # Host index -> router; hosts 1 and 2 are public.
-BEHIND = {3: "a", 4: "a", 5: "b", 6: "b", 7: "c"}
-ROUTERS = (("a", "cone"), ("b", "symmetric"), ("c", "cone"))
+BEHIND = {3: "a", 4: "a", 5: "b", 6: "b", 7: "c", 8: "d"}
+ROUTERS = (("a", "cone"), ("b", "symmetric"), ("c", "cone"), ("d", "cone"))
 LAN_BRIDGE = "lan0"
 
 
 def layout(s, lans):
-    """Turn the flat 7-host state `s` (Cluster.init) into the NAT layout:
+    """Turn the flat 8-host state `s` (Cluster.init) into the NAT layout:
     the routers, and the hosts behind them with their LAN addresses."""
     tag, subnet = s["tag"], s["subnet"]
     s["routers"] = {}
@@ -90,7 +95,7 @@ def make_network(c):
     for net in [subnet] + [r["lan"] for r in routers]:
         if f" {net}." in addrs or any(l.startswith(f"{net}.") for l in routes.splitlines()):
             raise TestnetError(f"{net}.0/24 is already on an interface or routed here; "
-                               "use --subnet / --lan-a / --lan-b / --lan-c")
+                               "use --subnet / --lan-a / --lan-b / --lan-c / --lan-d")
     if len({subnet} | {r["lan"] for r in routers}) != 1 + len(routers):
         raise TestnetError("the public subnet and the LANs must differ")
 

@@ -89,6 +89,10 @@ struct PeerState {
     dialled: Option<Multiaddr>,
     /// It serves as a relay (identify lists the hop protocol).
     relay: bool,
+    /// Hole punching tried again (a new relayed connection) this many
+    /// times, and when next (only while it is reached through a relay).
+    punch_tries: u8,
+    punch_at: Option<Instant>,
 }
 
 impl PeerState {
@@ -218,6 +222,7 @@ impl EventLoop {
             let _ = self.swarm.dial(opts);
         }
         self.keep_relays();
+        self.punch_again(now);
         self.reach_metrics();
         // Bootstrap addresses we are not connected to are dialed again, so an
         // agent that restarted or a healed partition reconnects by itself.
@@ -428,12 +433,15 @@ impl EventLoop {
             conns: HashMap::new(),
             dialled: None,
             relay: false,
+            punch_tries: 0,
+            punch_at: None,
         });
         st.addresses.insert(addr.clone());
         st.conns.insert(id, via);
         if endpoint.is_dialer() && via != Via::Relayed {
             st.dialled = Some(addr.clone());
         }
+        self.drop_relayed_if_direct(peer_id);
         if new {
             tracing::info!(peer = %peer_id, %addr, via = via.as_str(), "peer connected");
             let _ = self.in_tx.try_send(Inbound::Connected(peer_id));
@@ -501,7 +509,13 @@ impl EventLoop {
             }
             BehaviourEvent::Identify(ev) => {
                 self.p2p_metrics.record(&ev);
-                if let identify::Event::Received { peer_id, info, .. } = ev {
+                if let identify::Event::Received {
+                    peer_id,
+                    connection_id,
+                    info,
+                } = ev
+                {
+                    self.on_observed(peer_id, connection_id, &info.observed_addr);
                     for addr in &info.listen_addrs {
                         if is_dialable(addr) {
                             self.swarm

@@ -4,10 +4,12 @@
 //! hole-punched by DCUtR, relayed).
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use libp2p::core::transport::ListenerId;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::ConnectionId;
 use libp2p::{autonat, dcutr, relay, Multiaddr, PeerId};
 use serde::Serialize;
@@ -18,6 +20,14 @@ use crate::net::ReachInfo;
 
 /// Relays a host that peers can't dial keeps a reservation with.
 pub(super) const RELAYS_WANTED: usize = 2;
+
+/// Hole punching is tried again this many times for a peer still reached
+/// only through a relay (DCUtR itself gives up after 3 dials in a row and
+/// does not come back): a new relayed connection, whose accepting end starts
+/// DCUtR again; the first after [`PUNCH_RETRY_FIRST`], each next after
+/// twice as long, each up to half again at random.
+pub(super) const PUNCH_RETRIES: u8 = 3;
+pub(super) const PUNCH_RETRY_FIRST: Duration = Duration::from_secs(10);
 
 /// How a connection reaches its peer, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -41,12 +51,14 @@ impl Via {
     }
 }
 
-/// Whether peers can dial us, as AutoNAT found. A peer on our own LAN
-/// can dial us back at our own address even when we are behind a NAT for
-/// everyone else: so an address *mapped by a NAT* (one a peer saw us at
-/// that is not one of our own) that could not be dialled back makes us
-/// private, whatever else was confirmed, unless a mapped address was
-/// confirmed too (a NAT with a port forward).
+/// Whether peers can dial us. A peer that sees our connection come from
+/// an address that is not one of our own (identify's observed address)
+/// sees us through a NAT: then we are private unless AutoNAT confirms one
+/// such mapped address (a port forward, a cloud's 1:1 NAT). Without a NAT
+/// in the way, we are public once AutoNAT confirms an address. A peer on
+/// our own LAN dials us back at our own address even when we are behind a
+/// NAT for everyone else, so that confirmation alone never outweighs a
+/// mapped address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum State {
     /// Nothing tested yet (or the last confirmed address expired).
@@ -54,8 +66,8 @@ pub(super) enum State {
     /// A peer dialled one of our addresses back, and no NAT hides us from
     /// others.
     Public,
-    /// A peer failed to dial us back at the address it saw us at, and no
-    /// address a NAT maps to us is confirmed.
+    /// A peer sees us through a NAT and no mapped address is confirmed; or
+    /// a peer failed to dial our own address back and none is confirmed.
     Private,
 }
 
@@ -78,9 +90,9 @@ pub(super) struct Reach {
     state: State,
     /// Confirmed external addresses that are not relay circuits.
     external: HashSet<Multiaddr>,
-    /// A peer could not dial us back at an address a NAT maps to us (one
-    /// that is not our own).
-    mapped_failed: bool,
+    /// A peer saw a connection of ours come from an address that is not
+    /// one of our own: a NAT is between us.
+    mapped_seen: bool,
     relays: HashMap<PeerId, Reservation>,
     /// Connections DCUtR made (their `ConnectionEstablished` came first).
     punched: HashSet<ConnectionId>,
@@ -91,7 +103,7 @@ impl Reach {
         Reach {
             state: State::Unknown,
             external: HashSet::new(),
-            mapped_failed: false,
+            mapped_seen: false,
             relays: HashMap::new(),
             punched: HashSet::new(),
         }
@@ -157,8 +169,8 @@ fn circuit_through(addr: &Multiaddr, relay: PeerId) -> Multiaddr {
 /// What AutoNAT found so far.
 #[derive(Clone, Copy, Debug)]
 struct Findings {
-    /// A peer could not dial us back at an address a NAT maps to us.
-    mapped_failed: bool,
+    /// A peer sees us through a NAT.
+    mapped_seen: bool,
     /// A peer dialled us back at an address a NAT maps to us (a port
     /// forward).
     mapped_confirmed: bool,
@@ -169,7 +181,7 @@ struct Findings {
 
 /// The reachability [`Findings`] make (the rule is in [`State`]'s text).
 fn decide(f: Findings) -> State {
-    if f.mapped_failed && !f.mapped_confirmed {
+    if f.mapped_seen && !f.mapped_confirmed {
         State::Private
     } else if f.any_confirmed {
         State::Public
@@ -207,7 +219,7 @@ impl EventLoop {
     /// The state the findings so far make.
     fn reach_now(&self) -> State {
         decide(Findings {
-            mapped_failed: self.reach.mapped_failed,
+            mapped_seen: self.reach.mapped_seen,
             mapped_confirmed: self.reach.external.iter().any(|a| self.is_mapped(a)),
             any_confirmed: !self.reach.external.is_empty(),
             was: self.reach.state,
@@ -230,20 +242,37 @@ impl EventLoop {
         }
     }
 
+    /// A peer told us (identify) the address it sees our connection come
+    /// from; over a relay that says nothing about NAT.
+    pub(super) fn on_observed(&mut self, peer: PeerId, conn: ConnectionId, observed: &Multiaddr) {
+        let relayed = self
+            .peers
+            .get(&peer)
+            .and_then(|p| p.conns.get(&conn))
+            .is_none_or(|v| *v == Via::Relayed);
+        if relayed || is_relayed(observed) || !self.is_mapped(observed) {
+            return;
+        }
+        if !self.reach.mapped_seen {
+            tracing::info!(%peer, %observed, "a peer sees this agent at an address that is not its own: a NAT is in the way");
+            self.reach.mapped_seen = true;
+        }
+        self.set_reach(self.reach_now());
+    }
+
     pub(super) fn on_autonat(&mut self, ev: autonat::v2::client::Event) {
         match ev.result {
-            Ok(()) => {
-                tracing::debug!(addr = %ev.tested_addr, server = %ev.server, "AutoNAT: dialled back")
-            }
+            Ok(()) => tracing::debug!(addr = %ev.tested_addr, server = %ev.server, "AutoNAT: dialled back"),
             Err(e) => {
                 tracing::debug!(addr = %ev.tested_addr, server = %ev.server, error = %e, "AutoNAT: not dialled back");
-                if is_relayed(&ev.tested_addr) {
-                    return;
-                }
-                if self.is_mapped(&ev.tested_addr) {
-                    self.reach.mapped_failed = true;
-                    self.set_reach(self.reach_now());
-                } else if self.reach.external.is_empty() {
+                // Only a failure at our own address says something the
+                // observed addresses don't (a peer that cannot reach our
+                // network at all); a candidate without an IP (a relayed
+                // connection's) says nothing.
+                let own = ip_in(&ev.tested_addr).is_some()
+                    && !is_relayed(&ev.tested_addr)
+                    && !self.is_mapped(&ev.tested_addr);
+                if own && self.reach.external.is_empty() {
                     self.set_reach(State::Private);
                 }
             }
@@ -383,10 +412,11 @@ impl EventLoop {
     }
 
     pub(super) fn on_dcutr(&mut self, ev: dcutr::Event) {
+        let peer = ev.remote_peer_id;
         match ev.result {
             Ok(conn) => {
-                tracing::info!(peer = %ev.remote_peer_id, "hole punched: direct connection through both NATs");
-                match self.peers.get_mut(&ev.remote_peer_id) {
+                tracing::info!(%peer, "hole punched: direct connection through both NATs");
+                match self.peers.get_mut(&peer) {
                     Some(p) if p.conns.contains_key(&conn) => {
                         p.conns.insert(conn, Via::HolePunched);
                     }
@@ -394,10 +424,68 @@ impl EventLoop {
                         self.reach.punched.insert(conn);
                     }
                 }
+                self.drop_relayed_if_direct(peer);
             }
             Err(e) => {
-                tracing::debug!(peer = %ev.remote_peer_id, error = %e, "hole punching failed; the relayed connection stays")
+                tracing::debug!(%peer, error = %e, "hole punching failed; the relayed connection stays");
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    if p.via() == Via::Relayed && p.punch_tries < PUNCH_RETRIES && p.punch_at.is_none() {
+                        // Up to half again at random: peers that failed
+                        // together (two behind one NAT) retry apart.
+                        let wait = PUNCH_RETRY_FIRST * (1u32 << p.punch_tries);
+                        let jitter = wait.mul_f64(rand::random::<f64>() / 2.0);
+                        p.punch_at = Some(Instant::now() + wait + jitter);
+                    }
+                }
             }
+        }
+    }
+
+    /// Peers whose hole punching failed and whose retry is due: a new
+    /// connection through one of their relays, so that DCUtR runs again.
+    pub(super) fn punch_again(&mut self, now: Instant) {
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .peers
+            .iter_mut()
+            .filter(|(_, p)| p.punch_at.is_some_and(|t| t <= now))
+            .map(|(id, p)| {
+                p.punch_at = None;
+                p.punch_tries += 1;
+                let via_relay = p.listen_addrs.iter().filter(|a| is_relayed(a)).cloned().collect();
+                (*id, via_relay)
+            })
+            .collect();
+        for (peer, addrs) in due {
+            if addrs.is_empty() || self.peers.get(&peer).is_some_and(|p| p.via() != Via::Relayed) {
+                continue;
+            }
+            tracing::debug!(%peer, "hole punching again: a new connection through its relay");
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::Always)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
+    }
+
+    /// Once a peer is reached directly (or hole-punched), its relayed
+    /// connections only cost the relay: close them.
+    pub(super) fn drop_relayed_if_direct(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.via() == Via::Relayed {
+            return;
+        }
+        p.punch_at = None;
+        let relayed: Vec<ConnectionId> = p
+            .conns
+            .iter()
+            .filter(|(_, v)| **v == Via::Relayed)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in relayed {
+            self.swarm.close_connection(id);
         }
     }
 }
@@ -406,9 +494,9 @@ impl EventLoop {
 mod tests {
     use super::*;
 
-    fn found(mapped_failed: bool, mapped_confirmed: bool, any_confirmed: bool) -> State {
+    fn found(mapped_seen: bool, mapped_confirmed: bool, any_confirmed: bool) -> State {
         decide(Findings {
-            mapped_failed,
+            mapped_seen,
             mapped_confirmed,
             any_confirmed,
             was: State::Unknown,
@@ -417,17 +505,18 @@ mod tests {
 
     #[test]
     fn a_neighbour_behind_the_same_nat_does_not_make_us_public() {
-        // Our own LAN address dialled back by a neighbour, the address the
-        // NAT maps to us not dialled back by a peer outside: private.
+        // Our own LAN address dialled back by a neighbour while a peer
+        // outside sees us at an address the NAT maps to us: private.
         assert_eq!(found(true, false, true), State::Private);
-        // A port forward: the mapped address dialled back too.
+        // A port forward (or a cloud's 1:1 NAT): the mapped address dialled
+        // back.
         assert_eq!(found(true, true, true), State::Public);
         // A flat network: our own address confirmed, nothing mapped.
         assert_eq!(found(false, false, true), State::Public);
         assert_eq!(found(false, false, false), State::Unknown);
         // Our own address failed, nothing confirmed: stays private.
         let f = Findings {
-            mapped_failed: false,
+            mapped_seen: false,
             mapped_confirmed: false,
             any_confirmed: false,
             was: State::Private,
