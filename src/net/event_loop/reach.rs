@@ -262,7 +262,9 @@ impl EventLoop {
 
     pub(super) fn on_autonat(&mut self, ev: autonat::v2::client::Event) {
         match ev.result {
-            Ok(()) => tracing::debug!(addr = %ev.tested_addr, server = %ev.server, "AutoNAT: dialled back"),
+            Ok(()) => {
+                tracing::debug!(addr = %ev.tested_addr, server = %ev.server, "AutoNAT: dialled back")
+            }
             Err(e) => {
                 tracing::debug!(addr = %ev.tested_addr, server = %ev.server, error = %e, "AutoNAT: not dialled back");
                 // Only a failure at our own address says something the
@@ -429,7 +431,10 @@ impl EventLoop {
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "hole punching failed; the relayed connection stays");
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    if p.via() == Via::Relayed && p.punch_tries < PUNCH_RETRIES && p.punch_at.is_none() {
+                    if p.via() == Via::Relayed
+                        && p.punch_tries < PUNCH_RETRIES
+                        && p.punch_at.is_none()
+                    {
                         // Up to half again at random: peers that failed
                         // together (two behind one NAT) retry apart.
                         let wait = PUNCH_RETRY_FIRST * (1u32 << p.punch_tries);
@@ -451,12 +456,22 @@ impl EventLoop {
             .map(|(id, p)| {
                 p.punch_at = None;
                 p.punch_tries += 1;
-                let via_relay = p.listen_addrs.iter().filter(|a| is_relayed(a)).cloned().collect();
+                let via_relay = p
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| is_relayed(a))
+                    .cloned()
+                    .collect();
                 (*id, via_relay)
             })
             .collect();
         for (peer, addrs) in due {
-            if addrs.is_empty() || self.peers.get(&peer).is_some_and(|p| p.via() != Via::Relayed) {
+            if addrs.is_empty()
+                || self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|p| p.via() != Via::Relayed)
+            {
                 continue;
             }
             tracing::debug!(%peer, "hole punching again: a new connection through its relay");
@@ -549,13 +564,19 @@ mod tests {
             local_addr: circuit.clone(),
             send_back_addr: Multiaddr::empty().with(Protocol::P2p(peer)),
         };
-        assert_eq!(reach.via_of(ConnectionId::new_unchecked(1), &accepted), Via::Relayed);
+        assert_eq!(
+            reach.via_of(ConnectionId::new_unchecked(1), &accepted),
+            Via::Relayed
+        );
         let dialled = ConnectedPoint::Dialer {
             address: circuit.with(Protocol::P2p(peer)),
             role_override: libp2p::core::Endpoint::Dialer,
             port_use: libp2p::core::transport::PortUse::Reuse,
         };
-        assert_eq!(reach.via_of(ConnectionId::new_unchecked(2), &dialled), Via::Relayed);
+        assert_eq!(
+            reach.via_of(ConnectionId::new_unchecked(2), &dialled),
+            Via::Relayed
+        );
         let direct = ConnectedPoint::Dialer {
             address: relay_addr,
             role_override: libp2p::core::Endpoint::Dialer,
@@ -563,8 +584,14 @@ mod tests {
         };
         // DCUtR's success named this connection before it was established.
         reach.punched.insert(ConnectionId::new_unchecked(3));
-        assert_eq!(reach.via_of(ConnectionId::new_unchecked(3), &direct), Via::HolePunched);
-        assert_eq!(reach.via_of(ConnectionId::new_unchecked(4), &direct), Via::Direct);
+        assert_eq!(
+            reach.via_of(ConnectionId::new_unchecked(3), &direct),
+            Via::HolePunched
+        );
+        assert_eq!(
+            reach.via_of(ConnectionId::new_unchecked(4), &direct),
+            Via::Direct
+        );
         // The best connection names the peer's way.
         assert!(Via::Direct < Via::HolePunched && Via::HolePunched < Via::Relayed);
     }
