@@ -93,6 +93,8 @@ struct PeerState {
     /// times, and when next (only while it is reached through a relay).
     punch_tries: u8,
     punch_at: Option<Instant>,
+    /// Relayed connections to close once the retry's new one is up.
+    retire: Vec<ConnectionId>,
 }
 
 impl PeerState {
@@ -223,6 +225,7 @@ impl EventLoop {
         }
         self.keep_relays();
         self.punch_again(now);
+        self.seek_autonat_server(now);
         self.reach_metrics();
         // Bootstrap addresses we are not connected to are dialed again, so an
         // agent that restarted or a healed partition reconnects by itself.
@@ -435,6 +438,7 @@ impl EventLoop {
             relay: false,
             punch_tries: 0,
             punch_at: None,
+            retire: Vec::new(),
         });
         st.addresses.insert(addr.clone());
         st.conns.insert(id, via);
@@ -442,6 +446,7 @@ impl EventLoop {
             st.dialled = Some(addr.clone());
         }
         self.drop_relayed_if_direct(peer_id);
+        self.retire_replaced(peer_id, id);
         if new {
             tracing::info!(peer = %peer_id, %addr, via = via.as_str(), "peer connected");
             let _ = self.in_tx.try_send(Inbound::Connected(peer_id));
@@ -468,9 +473,15 @@ impl EventLoop {
             if let Some(st) = self.peers.remove(&peer_id) {
                 // Keep dialing it for a while: a healed partition or a
                 // restarted peer reconnects without waiting for the DHT.
-                let mut addrs: Vec<Multiaddr> =
-                    st.listen_addrs.into_iter().filter(is_dialable).collect();
-                if endpoint.is_dialer() {
+                // Not through relays: each try costs a circuit of the
+                // relay's rate limits; the peer's relayed address comes
+                // back by identify and the DHT once it is up again.
+                let mut addrs: Vec<Multiaddr> = st
+                    .listen_addrs
+                    .into_iter()
+                    .filter(|a| is_dialable(a) && !reach::is_relayed(a))
+                    .collect();
+                if endpoint.is_dialer() && !reach::is_relayed(endpoint.get_remote_address()) {
                     addrs.push(endpoint.get_remote_address().clone());
                 }
                 if !addrs.is_empty() {
@@ -524,10 +535,25 @@ impl EventLoop {
                                 .add_address(&peer_id, addr.clone());
                         }
                     }
+                    let mut stopped_relaying = false;
                     if let Some(st) = self.peers.get_mut(&peer_id) {
                         st.agent_version = Some(info.agent_version);
                         st.listen_addrs = info.listen_addrs;
-                        st.relay = info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME);
+                        // Over a relayed connection a relay lists no hop
+                        // protocol (its handler there is a dummy): only a
+                        // direct connection's identify says.
+                        if st
+                            .conns
+                            .get(&connection_id)
+                            .is_some_and(|v| *v != Via::Relayed)
+                        {
+                            let relay = info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME);
+                            stopped_relaying = st.relay && !relay;
+                            st.relay = relay;
+                        }
+                    }
+                    if stopped_relaying {
+                        self.drop_relay(&peer_id);
                     }
                     self.keep_relays();
                 }

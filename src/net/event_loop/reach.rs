@@ -29,6 +29,12 @@ pub(super) const RELAYS_WANTED: usize = 2;
 pub(super) const PUNCH_RETRIES: u8 = 3;
 pub(super) const PUNCH_RETRY_FIRST: Duration = Duration::from_secs(10);
 
+/// A relay whose reservation was refused or ended is not asked again for
+/// this long, doubling up to [`RELAY_BACKOFF_MAX`] while it keeps failing
+/// (a relay at its limits, or one that just turned private).
+pub(super) const RELAY_BACKOFF_FIRST: Duration = Duration::from_secs(30);
+pub(super) const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(600);
+
 /// How a connection reaches its peer, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -94,9 +100,20 @@ pub(super) struct Reach {
     /// one of our own: a NAT is between us.
     mapped_seen: bool,
     relays: HashMap<PeerId, Reservation>,
+    /// Relays not to ask before a time, and the wait after their next
+    /// failure.
+    relay_backoff: HashMap<PeerId, (Instant, Duration)>,
     /// Connections DCUtR made (their `ConnectionEstablished` came first).
     punched: HashSet<ConnectionId>,
+    /// Since when the state is unknown, and when we last dialled a peer
+    /// only to have an AutoNAT server (see [`EventLoop::seek_autonat_server`]).
+    unknown_since: Instant,
+    server_dial: Option<Instant>,
 }
+
+/// Unknown this long with no connection we dialled (AutoNAT asks only
+/// peers we dialled): dial one, at most once per this long.
+pub(super) const SEEK_SERVER_AFTER: Duration = Duration::from_secs(20);
 
 impl Reach {
     pub(super) fn new() -> Self {
@@ -105,7 +122,10 @@ impl Reach {
             external: HashSet::new(),
             mapped_seen: false,
             relays: HashMap::new(),
+            relay_backoff: HashMap::new(),
             punched: HashSet::new(),
+            unknown_since: Instant::now(),
+            server_dial: None,
         }
     }
 
@@ -191,6 +211,15 @@ fn decide(f: Findings) -> State {
     } else {
         State::Unknown
     }
+}
+
+/// An order of relays particular to this agent: a hash of both ids.
+fn spread(me: &PeerId, relay: &PeerId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    me.hash(&mut h);
+    relay.hash(&mut h);
+    h.finish()
 }
 
 /// The IP address in `addr`.
@@ -309,6 +338,9 @@ impl EventLoop {
             "reachability changed"
         );
         self.reach.state = state;
+        if state == State::Unknown {
+            self.reach.unknown_since = Instant::now();
+        }
         // Serve as a relay exactly while peers can dial us.
         self.swarm
             .behaviour_mut()
@@ -336,14 +368,28 @@ impl EventLoop {
             return;
         }
         let boot: HashSet<PeerId> = self.bootstrap.iter().filter_map(peer_of).collect();
-        let mut candidates: Vec<(bool, PeerId, Multiaddr)> = self
+        let now = Instant::now();
+        let me = *self.swarm.local_peer_id();
+        // Bootstrap peers first, then an order of our own (a hash of both
+        // ids), so that the fleet's private agents spread over the relays.
+        let mut candidates: Vec<(bool, u64, PeerId, Multiaddr)> = self
             .peers
             .iter()
             .filter(|(id, p)| p.relay && !self.reach.relays.contains_key(id))
-            .filter_map(|(id, p)| p.dialled.clone().map(|a| (!boot.contains(id), *id, a)))
+            .filter(|(id, _)| {
+                self.reach
+                    .relay_backoff
+                    .get(id)
+                    .is_none_or(|(t, _)| *t <= now)
+            })
+            .filter_map(|(id, p)| {
+                p.dialled
+                    .clone()
+                    .map(|a| (!boot.contains(id), spread(&me, id), *id, a))
+            })
             .collect();
         candidates.sort();
-        for (_, peer, addr) in candidates {
+        for (_, _, peer, addr) in candidates {
             if self.reach.relays.len() >= RELAYS_WANTED {
                 break;
             }
@@ -366,7 +412,23 @@ impl EventLoop {
         }
     }
 
-    /// A listener closed: if it was a relay reservation, another is sought.
+    /// Don't ask `relay` again for a while (longer each time in a row).
+    fn back_off(&mut self, relay: PeerId) {
+        let wait = self
+            .reach
+            .relay_backoff
+            .get(&relay)
+            .map_or(RELAY_BACKOFF_FIRST, |(_, w)| *w);
+        self.reach.relay_backoff.insert(
+            relay,
+            (Instant::now() + wait, (wait * 2).min(RELAY_BACKOFF_MAX)),
+        );
+    }
+
+    /// A listener closed: if it was a relay reservation, that relay is
+    /// left alone for a while ([`RELAY_BACKOFF_FIRST`]) and another is
+    /// sought at the next maintenance tick, never at once (a relay that
+    /// refuses would otherwise be asked again at round-trip speed).
     pub(super) fn on_listener_closed(&mut self, id: ListenerId) {
         let gone: Vec<PeerId> = self
             .reach
@@ -376,10 +438,10 @@ impl EventLoop {
             .map(|(p, _)| *p)
             .collect();
         for p in gone {
-            self.reach.relays.remove(&p);
-            tracing::info!(relay = %p, "relay reservation ended");
+            let accepted = self.reach.relays.remove(&p).is_some_and(|r| r.accepted);
+            self.back_off(p);
+            tracing::info!(relay = %p, accepted, "relay reservation ended");
         }
-        self.keep_relays();
     }
 
     /// The last connection to `peer` closed: its reservation went with it.
@@ -399,6 +461,7 @@ impl EventLoop {
             } => {
                 if let Some(r) = self.reach.relays.get_mut(&relay_peer_id) {
                     r.accepted = true;
+                    self.reach.relay_backoff.remove(&relay_peer_id);
                 }
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, "relay reservation accepted: peers can reach this agent through it");
@@ -446,6 +509,41 @@ impl EventLoop {
         }
     }
 
+    /// AutoNAT asks only peers we dialled, and a public agent that
+    /// restarted may hold only connections its peers dialled (they redial
+    /// it): then it would stay unknown and never relay. After
+    /// [`SEEK_SERVER_AFTER`] so, dial a connected peer directly once more.
+    pub(super) fn seek_autonat_server(&mut self, now: Instant) {
+        if self.reach.state != State::Unknown
+            || now.duration_since(self.reach.unknown_since) < SEEK_SERVER_AFTER
+            || self
+                .reach
+                .server_dial
+                .is_some_and(|t| now.duration_since(t) < SEEK_SERVER_AFTER)
+            || self.peers.values().any(|p| p.dialled.is_some())
+        {
+            return;
+        }
+        let target = self.peers.iter().find_map(|(id, p)| {
+            let addrs: Vec<Multiaddr> = p
+                .listen_addrs
+                .iter()
+                .filter(|a| !is_relayed(a) && ip_in(a).is_some_and(|ip| !ip.is_unspecified()))
+                .cloned()
+                .collect();
+            (!addrs.is_empty()).then_some((*id, addrs))
+        });
+        if let Some((peer, addrs)) = target {
+            self.reach.server_dial = Some(now);
+            tracing::debug!(%peer, "reachability unknown and no connection dialled: dialling a peer to ask AutoNAT");
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::Always)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
+    }
+
     /// Peers whose hole punching failed and whose retry is due: a new
     /// connection through one of their relays, so that DCUtR runs again.
     pub(super) fn punch_again(&mut self, now: Instant) {
@@ -456,6 +554,13 @@ impl EventLoop {
             .map(|(id, p)| {
                 p.punch_at = None;
                 p.punch_tries += 1;
+                // The new circuit replaces these once it is up.
+                p.retire = p
+                    .conns
+                    .iter()
+                    .filter(|(_, v)| **v == Via::Relayed)
+                    .map(|(c, _)| *c)
+                    .collect();
                 let via_relay = p
                     .listen_addrs
                     .iter()
@@ -480,6 +585,23 @@ impl EventLoop {
                 .condition(PeerCondition::Always)
                 .build();
             let _ = self.swarm.dial(opts);
+        }
+    }
+
+    /// A new connection to `peer` is up: relayed connections a hole-punch
+    /// retry replaces are closed (only by the side that retried, so the two
+    /// ends never both close theirs).
+    pub(super) fn retire_replaced(&mut self, peer: PeerId, new: ConnectionId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.retire.is_empty() || p.retire.contains(&new) {
+            return;
+        }
+        for id in std::mem::take(&mut p.retire) {
+            if p.conns.contains_key(&id) {
+                self.swarm.close_connection(id);
+            }
         }
     }
 
