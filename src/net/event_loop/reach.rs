@@ -260,7 +260,9 @@ impl EventLoop {
             return;
         }
         if self.reach.external.insert(addr.clone()) {
-            tracing::info!(%addr, "a peer dialled this agent back at this address (AutoNAT)");
+            // At debug: the state change below says it once per start
+            // (the quiet round counts every info line).
+            tracing::debug!(%addr, "a peer dialled this agent back at this address (AutoNAT)");
         }
         self.set_reach(self.reach_now());
     }
@@ -335,6 +337,7 @@ impl EventLoop {
         tracing::info!(
             from = self.reach.state.as_str(),
             to = state.as_str(),
+            external = ?self.reach.external.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "reachability changed"
         );
         self.reach.state = state;
