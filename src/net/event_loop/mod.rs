@@ -93,8 +93,9 @@ struct PeerState {
     /// times, and when next (only while it is reached through a relay).
     punch_tries: u8,
     punch_at: Option<Instant>,
-    /// Relayed connections to close once the retry's new one is up.
-    retire: Vec<ConnectionId>,
+    /// A hole-punch retry's new circuit, and the relayed connections to
+    /// close once it is up.
+    retire: Option<(ConnectionId, Vec<ConnectionId>)>,
 }
 
 impl PeerState {
@@ -208,13 +209,26 @@ impl EventLoop {
         self.ticks += 1;
         self.lost
             .retain(|_, (_, since)| now.duration_since(*since) < LOST_FORGET);
+        // Through a relay only while we are connected to it, and only every
+        // LOST_SLOW_EVERY ticks: each try takes one of the relay's circuit
+        // tokens (30, then one per 2 minutes, per source).
+        let slow = self.ticks % LOST_SLOW_EVERY == 0;
         let redial: Vec<(PeerId, Vec<Multiaddr>)> = self
             .lost
             .iter()
-            .filter(|(_, (_, since))| {
-                now.duration_since(*since) < LOST_FAST || self.ticks % LOST_SLOW_EVERY == 0
+            .filter(|(_, (_, since))| now.duration_since(*since) < LOST_FAST || slow)
+            .map(|(p, (a, _))| {
+                let addrs = a
+                    .iter()
+                    .filter(|a| match reach::relay_of(a) {
+                        None => true,
+                        Some(relay) => slow && self.peers.contains_key(&relay),
+                    })
+                    .cloned()
+                    .collect::<Vec<_>>();
+                (*p, addrs)
             })
-            .map(|(p, (a, _))| (*p, a.clone()))
+            .filter(|(_, a)| !a.is_empty())
             .collect();
         for (peer, addrs) in redial {
             let opts = DialOpts::peer_id(peer)
@@ -438,7 +452,7 @@ impl EventLoop {
             relay: false,
             punch_tries: 0,
             punch_at: None,
-            retire: Vec::new(),
+            retire: None,
         });
         st.addresses.insert(addr.clone());
         st.conns.insert(id, via);
@@ -473,15 +487,9 @@ impl EventLoop {
             if let Some(st) = self.peers.remove(&peer_id) {
                 // Keep dialing it for a while: a healed partition or a
                 // restarted peer reconnects without waiting for the DHT.
-                // Not through relays: each try costs a circuit of the
-                // relay's rate limits; the peer's relayed address comes
-                // back by identify and the DHT once it is up again.
-                let mut addrs: Vec<Multiaddr> = st
-                    .listen_addrs
-                    .into_iter()
-                    .filter(|a| is_dialable(a) && !reach::is_relayed(a))
-                    .collect();
-                if endpoint.is_dialer() && !reach::is_relayed(endpoint.get_remote_address()) {
+                let mut addrs: Vec<Multiaddr> =
+                    st.listen_addrs.into_iter().filter(is_dialable).collect();
+                if endpoint.is_dialer() {
                     addrs.push(endpoint.get_remote_address().clone());
                 }
                 if !addrs.is_empty() {

@@ -109,6 +109,8 @@ pub(super) struct Reach {
     /// only to have an AutoNAT server (see [`EventLoop::seek_autonat_server`]).
     unknown_since: Instant,
     server_dial: Option<Instant>,
+    /// Peers dialled for that already, so the next try asks another.
+    server_tried: HashSet<PeerId>,
 }
 
 /// Unknown this long with no connection we dialled (AutoNAT asks only
@@ -126,6 +128,7 @@ impl Reach {
             punched: HashSet::new(),
             unknown_since: Instant::now(),
             server_dial: None,
+            server_tried: HashSet::new(),
         }
     }
 
@@ -172,6 +175,20 @@ impl Reach {
 /// Whether `addr` goes through a relay.
 pub(super) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// The relay a `/p2p-circuit` address goes through (the peer id before
+/// `p2p-circuit`), or none for a direct address.
+pub(super) fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => last = Some(id),
+            Protocol::P2pCircuit => return last,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// `addr` (the relay's own address, with or without its `/p2p/<id>`) as
@@ -370,12 +387,12 @@ impl EventLoop {
         if self.reach.state != State::Private || self.reach.relays.len() >= RELAYS_WANTED {
             return;
         }
-        let boot: HashSet<PeerId> = self.bootstrap.iter().filter_map(peer_of).collect();
         let now = Instant::now();
         let me = *self.swarm.local_peer_id();
-        // Bootstrap peers first, then an order of our own (a hash of both
-        // ids), so that the fleet's private agents spread over the relays.
-        let mut candidates: Vec<(bool, u64, PeerId, Multiaddr)> = self
+        // In an order of our own (a hash of both ids), so that the fleet's
+        // private agents spread over the relays (bootstrap peers first
+        // would put every one of them on the same two).
+        let mut candidates: Vec<(u64, PeerId, Multiaddr)> = self
             .peers
             .iter()
             .filter(|(id, p)| p.relay && !self.reach.relays.contains_key(id))
@@ -385,14 +402,10 @@ impl EventLoop {
                     .get(id)
                     .is_none_or(|(t, _)| *t <= now)
             })
-            .filter_map(|(id, p)| {
-                p.dialled
-                    .clone()
-                    .map(|a| (!boot.contains(id), spread(&me, id), *id, a))
-            })
+            .filter_map(|(id, p)| p.dialled.clone().map(|a| (spread(&me, id), *id, a)))
             .collect();
         candidates.sort();
-        for (_, _, peer, addr) in candidates {
+        for (_, peer, addr) in candidates {
             if self.reach.relays.len() >= RELAYS_WANTED {
                 break;
             }
@@ -527,7 +540,15 @@ impl EventLoop {
         {
             return;
         }
-        let target = self.peers.iter().find_map(|(id, p)| {
+        // Connected bootstrap peers at their configured addresses first
+        // (reachable by design), then other peers at their listen
+        // addresses, each asked once in turn.
+        let boot = self.bootstrap.iter().filter_map(|a| {
+            peer_of(a)
+                .filter(|p| self.peers.contains_key(p))
+                .map(|p| (p, vec![a.clone()]))
+        });
+        let others = self.peers.iter().filter_map(|(id, p)| {
             let addrs: Vec<Multiaddr> = p
                 .listen_addrs
                 .iter()
@@ -536,7 +557,14 @@ impl EventLoop {
                 .collect();
             (!addrs.is_empty()).then_some((*id, addrs))
         });
-        if let Some((peer, addrs)) = target {
+        let mut target = boot
+            .chain(others)
+            .find(|(p, _)| !self.reach.server_tried.contains(p));
+        if target.is_none() {
+            self.reach.server_tried.clear();
+        }
+        if let Some((peer, addrs)) = target.take() {
+            self.reach.server_tried.insert(peer);
             self.reach.server_dial = Some(now);
             tracing::debug!(%peer, "reachability unknown and no connection dialled: dialling a peer to ask AutoNAT");
             let opts = DialOpts::peer_id(peer)
@@ -550,58 +578,61 @@ impl EventLoop {
     /// Peers whose hole punching failed and whose retry is due: a new
     /// connection through one of their relays, so that DCUtR runs again.
     pub(super) fn punch_again(&mut self, now: Instant) {
-        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+        let due: Vec<PeerId> = self
             .peers
             .iter_mut()
             .filter(|(_, p)| p.punch_at.is_some_and(|t| t <= now))
             .map(|(id, p)| {
                 p.punch_at = None;
-                p.punch_tries += 1;
-                // The new circuit replaces these once it is up.
-                p.retire = p
-                    .conns
-                    .iter()
-                    .filter(|(_, v)| **v == Via::Relayed)
-                    .map(|(c, _)| *c)
-                    .collect();
-                let via_relay = p
-                    .listen_addrs
-                    .iter()
-                    .filter(|a| is_relayed(a))
-                    .cloned()
-                    .collect();
-                (*id, via_relay)
+                *id
             })
             .collect();
-        for (peer, addrs) in due {
-            if addrs.is_empty()
-                || self
-                    .peers
-                    .get(&peer)
-                    .is_some_and(|p| p.via() != Via::Relayed)
-            {
+        for peer in due {
+            let Some(p) = self.peers.get(&peer) else {
+                continue;
+            };
+            let addrs: Vec<Multiaddr> = p
+                .listen_addrs
+                .iter()
+                .filter(|a| is_relayed(a))
+                .cloned()
+                .collect();
+            if addrs.is_empty() || p.via() != Via::Relayed {
                 continue;
             }
+            let old: Vec<ConnectionId> = p
+                .conns
+                .iter()
+                .filter(|(_, v)| **v == Via::Relayed)
+                .map(|(c, _)| *c)
+                .collect();
             tracing::debug!(%peer, "hole punching again: a new connection through its relay");
             let opts = DialOpts::peer_id(peer)
                 .addresses(addrs)
                 .condition(PeerCondition::Always)
                 .build();
-            let _ = self.swarm.dial(opts);
+            let new = opts.connection_id();
+            if self.swarm.dial(opts).is_ok() {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.punch_tries += 1;
+                    // The new circuit replaces these once it is up.
+                    p.retire = Some((new, old));
+                }
+            }
         }
     }
 
-    /// A new connection to `peer` is up: relayed connections a hole-punch
-    /// retry replaces are closed (only by the side that retried, so the two
-    /// ends never both close theirs).
+    /// A new connection to `peer` is up: if it is a hole-punch retry's
+    /// circuit, the relayed connections it replaces are closed (only by the
+    /// side that retried; the new one carries the next punch).
     pub(super) fn retire_replaced(&mut self, peer: PeerId, new: ConnectionId) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
-        if p.retire.is_empty() || p.retire.contains(&new) {
+        let Some((_, old)) = p.retire.take_if(|(id, _)| *id == new) else {
             return;
-        }
-        for id in std::mem::take(&mut p.retire) {
+        };
+        for id in old {
             if p.conns.contains_key(&id) {
                 self.swarm.close_connection(id);
             }
@@ -684,6 +715,15 @@ mod tests {
         let with_id = relay_addr.clone().with(Protocol::P2p(relay));
         assert_eq!(circuit_through(&with_id, relay), circuit);
 
+        // The relay a circuit address goes through; none for a direct one.
+        assert_eq!(
+            relay_of(&circuit.clone().with(Protocol::P2p(peer))),
+            Some(relay)
+        );
+        assert_eq!(
+            relay_of(&relay_addr.clone().with(Protocol::P2p(relay))),
+            None
+        );
         let mut reach = Reach::new();
         let accepted = ConnectedPoint::Listener {
             local_addr: circuit.clone(),
