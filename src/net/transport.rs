@@ -56,12 +56,7 @@ pub fn agent_transport(
             frames,
         )
     } else {
-        secure(
-            tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)).or_transport(relay),
-            key,
-            psk,
-            frames,
-        )
+        secure(tcp_base().or_transport(relay), key, psk, frames)
     }
 }
 
@@ -75,12 +70,12 @@ pub fn transport_with_frames(
     libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>,
     Box<dyn std::error::Error + Send + Sync>,
 > {
-    secure(
-        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)),
-        key,
-        psk,
-        frame_bytes,
-    )
+    secure(tcp_base(), key, psk, frame_bytes)
+}
+
+/// TCP with nodelay, under every other layer.
+fn tcp_base() -> tcp::tokio::Transport {
+    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
 }
 
 /// The in-process transport of tests: the same layers over libp2p's

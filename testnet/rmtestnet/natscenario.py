@@ -406,10 +406,9 @@ def check_pair(r, st):
     name = f"{a['name']} and {b['name']} (both behind the symmetric NAT) connected within {PAIR_S} s"
 
     def connected():
-        va = {p["peer_id"]: p.get("via") for p in r.api(a, "GET", "/v1/peers", timeout=5)["peers"]}
-        vb = {p["peer_id"]: p.get("via") for p in r.api(b, "GET", "/v1/peers", timeout=5)["peers"]}
-        if b["peer_id"] in va and a["peer_id"] in vb:
-            return va[b["peer_id"]], vb[a["peer_id"]]
+        v = pair_via(r, a, b)
+        if None not in v:
+            return v
     try:
         v = wait_for(connected, r.left(PAIR_S), 0.5, name)
         r.observe(name, True, f"after {time.monotonic() - t0:.1f} s; via {v[0]!r} / {v[1]!r}")
@@ -419,9 +418,10 @@ def check_pair(r, st):
 
 
 def pair_via(r, a, b):
-    """(a's via for b, b's via for a), None where not connected."""
-    va = {p["peer_id"]: p.get("via") for p in r.api(a, "GET", "/v1/peers", timeout=5)["peers"]}
-    vb = {p["peer_id"]: p.get("via") for p in r.api(b, "GET", "/v1/peers", timeout=5)["peers"]}
+    """(a's via for b, b's via for a): None where not connected, "?" where
+    connected but without a `via` field (an agent without NAT support)."""
+    va = {p["peer_id"]: p.get("via", "?") for p in r.api(a, "GET", "/v1/peers", timeout=5)["peers"]}
+    vb = {p["peer_id"]: p.get("via", "?") for p in r.api(b, "GET", "/v1/peers", timeout=5)["peers"]}
     return va.get(b["peer_id"]), vb.get(a["peer_id"])
 
 

@@ -76,17 +76,14 @@ pub(super) struct EventLoop {
 }
 
 struct PeerState {
-    addresses: HashSet<Multiaddr>,
     since: Instant,
     agent_version: Option<String>,
     listen_addrs: Vec<Multiaddr>,
     rtt: Option<Duration>,
     subscribed: bool,
-    /// Each open connection and how it reaches the peer.
-    conns: HashMap<ConnectionId, Via>,
-    /// The address we dialled it at directly (not through a relay), while
-    /// such a connection is open: where to ask it for a relay reservation.
-    dialled: Option<Multiaddr>,
+    /// Each open connection: its remote address, how it reaches the peer,
+    /// whether we dialled it.
+    conns: HashMap<ConnectionId, Conn>,
     /// It serves as a relay (identify lists the hop protocol).
     relay: bool,
     /// Hole punching tried again (a new relayed connection) this many
@@ -98,10 +95,43 @@ struct PeerState {
     retire: Option<(ConnectionId, Vec<ConnectionId>)>,
 }
 
+struct Conn {
+    addr: Multiaddr,
+    via: Via,
+    dialled: bool,
+}
+
 impl PeerState {
     /// How its best connection reaches it.
     fn via(&self) -> Via {
-        self.conns.values().copied().min().unwrap_or(Via::Direct)
+        self.conns
+            .values()
+            .map(|c| c.via)
+            .min()
+            .unwrap_or(Via::Direct)
+    }
+
+    /// The remote addresses of its connections, each once.
+    fn addresses(&self) -> HashSet<&Multiaddr> {
+        self.conns.values().map(|c| &c.addr).collect()
+    }
+
+    /// An address we dialled it at directly (not through a relay), while
+    /// such a connection is open: where to ask it for a relay reservation.
+    fn dialled(&self) -> Option<&Multiaddr> {
+        self.conns
+            .values()
+            .find(|c| c.dialled && c.via != Via::Relayed)
+            .map(|c| &c.addr)
+    }
+
+    /// Its relayed connections.
+    fn relayed(&self) -> Vec<ConnectionId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.via == Via::Relayed)
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
 
@@ -246,7 +276,7 @@ impl EventLoop {
         let connected_addrs: HashSet<Multiaddr> = self
             .peers
             .values()
-            .flat_map(|p| p.addresses.iter().cloned())
+            .flat_map(|p| p.addresses().into_iter().cloned())
             .collect();
         for addr in self.bootstrap.clone() {
             if let Some(peer) = peer_of(&addr) {
@@ -356,7 +386,7 @@ impl EventLoop {
             .iter()
             .map(|(id, p)| PeerInfo {
                 peer_id: id.to_base58(),
-                addresses: p.addresses.iter().map(|a| a.to_string()).collect(),
+                addresses: p.addresses().iter().map(|a| a.to_string()).collect(),
                 agent_version: p.agent_version.clone(),
                 listen_addrs: p.listen_addrs.iter().map(|a| a.to_string()).collect(),
                 connected_secs: p.since.elapsed().as_secs(),
@@ -439,26 +469,27 @@ impl EventLoop {
         let addr = endpoint.get_remote_address().clone();
         let new = !self.peers.contains_key(&peer_id);
         self.lost.remove(&peer_id);
-        let via = self.reach.via_of(id, endpoint);
+        let via = reach::via_of(endpoint);
         let st = self.peers.entry(peer_id).or_insert_with(|| PeerState {
-            addresses: HashSet::new(),
             since: Instant::now(),
             agent_version: None,
             listen_addrs: Vec::new(),
             rtt: None,
             subscribed: false,
             conns: HashMap::new(),
-            dialled: None,
             relay: false,
             punch_tries: 0,
             punch_at: None,
             retire: None,
         });
-        st.addresses.insert(addr.clone());
-        st.conns.insert(id, via);
-        if endpoint.is_dialer() && via != Via::Relayed {
-            st.dialled = Some(addr.clone());
-        }
+        st.conns.insert(
+            id,
+            Conn {
+                addr: addr.clone(),
+                via,
+                dialled: endpoint.is_dialer(),
+            },
+        );
         self.drop_relayed_if_direct(peer_id);
         self.retire_replaced(peer_id, id);
         if new {
@@ -481,7 +512,6 @@ impl EventLoop {
         num_established: u32,
         cause: Option<libp2p::swarm::ConnectionError>,
     ) {
-        self.reach.forget(id);
         if num_established == 0 {
             self.drop_relay(&peer_id);
             if let Some(st) = self.peers.remove(&peer_id) {
@@ -499,12 +529,7 @@ impl EventLoop {
             tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
             self.send_member(MemberInbound::Disconnected(peer_id));
         } else if let Some(st) = self.peers.get_mut(&peer_id) {
-            let addr = endpoint.get_remote_address();
-            st.addresses.remove(addr);
             st.conns.remove(&id);
-            if st.dialled.as_ref() == Some(addr) {
-                st.dialled = None;
-            }
         }
         self.metrics.connected_peers.set(self.peers.len() as i64);
     }
@@ -553,7 +578,7 @@ impl EventLoop {
                         if st
                             .conns
                             .get(&connection_id)
-                            .is_some_and(|v| *v != Via::Relayed)
+                            .is_some_and(|c| c.via != Via::Relayed)
                         {
                             let relay = info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME);
                             stopped_relaying = st.relay && !relay;

@@ -103,8 +103,6 @@ pub(super) struct Reach {
     /// Relays not to ask before a time, and the wait after their next
     /// failure.
     relay_backoff: HashMap<PeerId, (Instant, Duration)>,
-    /// Connections DCUtR made (their `ConnectionEstablished` came first).
-    punched: HashSet<ConnectionId>,
     /// Since when the state is unknown, and when we last dialled a peer
     /// only to have an AutoNAT server (see [`EventLoop::seek_autonat_server`]).
     unknown_since: Instant,
@@ -125,20 +123,22 @@ impl Reach {
             mapped_seen: false,
             relays: HashMap::new(),
             relay_backoff: HashMap::new(),
-            punched: HashSet::new(),
             unknown_since: Instant::now(),
             server_dial: None,
             server_tried: HashSet::new(),
         }
     }
 
-    pub(super) fn info(&self) -> ReachInfo {
-        let mut relays: Vec<String> = self
-            .relays
+    /// Relays that accepted our reservation.
+    fn accepted(&self) -> impl Iterator<Item = &PeerId> {
+        self.relays
             .iter()
             .filter(|(_, r)| r.accepted)
-            .map(|(p, _)| p.to_base58())
-            .collect();
+            .map(|(p, _)| p)
+    }
+
+    pub(super) fn info(&self) -> ReachInfo {
+        let mut relays: Vec<String> = self.accepted().map(|p| p.to_base58()).collect();
         relays.sort();
         let mut external: Vec<String> = self.external.iter().map(|a| a.to_string()).collect();
         external.sort();
@@ -148,27 +148,17 @@ impl Reach {
             external,
         }
     }
+}
 
-    /// A connection closed.
-    pub(super) fn forget(&mut self, id: ConnectionId) {
-        self.punched.remove(&id);
-    }
-
-    /// How a new connection reaches its peer. A circuit we dialled has the
-    /// relay in its remote address; one we accepted, in its local address
-    /// (its remote address is only the peer's id).
-    pub(super) fn via_of(&mut self, id: ConnectionId, endpoint: &ConnectedPoint) -> Via {
-        let relayed = match endpoint {
-            ConnectedPoint::Dialer { address, .. } => is_relayed(address),
-            ConnectedPoint::Listener { local_addr, .. } => is_relayed(local_addr),
-        };
-        if relayed {
-            Via::Relayed
-        } else if self.punched.remove(&id) {
-            Via::HolePunched
-        } else {
-            Via::Direct
-        }
+/// How a new connection reaches its peer: a circuit we dialled has the
+/// relay in its remote address, one we accepted in its local address (its
+/// remote address is only the peer's id); a hole-punched one is known only
+/// later, from DCUtR's event.
+pub(super) fn via_of(endpoint: &ConnectedPoint) -> Via {
+    if endpoint.is_relayed() {
+        Via::Relayed
+    } else {
+        Via::Direct
     }
 }
 
@@ -297,7 +287,7 @@ impl EventLoop {
             .peers
             .get(&peer)
             .and_then(|p| p.conns.get(&conn))
-            .is_none_or(|v| *v == Via::Relayed);
+            .is_none_or(|c| c.via == Via::Relayed);
         if relayed || is_relayed(observed) || !self.is_mapped(observed) {
             return;
         }
@@ -338,7 +328,7 @@ impl EventLoop {
                 .set(i64::from(st == self.reach.state));
         }
         m.relay_reservations
-            .set(self.reach.relays.values().filter(|r| r.accepted).count() as i64);
+            .set(self.reach.accepted().count() as i64);
         for via in [Via::Direct, Via::HolePunched, Via::Relayed] {
             let n = self.peers.values().filter(|p| p.via() == via).count();
             m.peers_by_via
@@ -380,9 +370,8 @@ impl EventLoop {
     }
 
     /// While peers can't dial us, keep [`RELAYS_WANTED`] reservations with
-    /// connected peers that serve as relays and that we reach directly
-    /// (bootstrap peers first). Called when that changes and at each
-    /// maintenance tick.
+    /// connected peers that serve as relays and that we reach directly.
+    /// Called when that changes and at each maintenance tick.
     pub(super) fn keep_relays(&mut self) {
         if self.reach.state != State::Private || self.reach.relays.len() >= RELAYS_WANTED {
             return;
@@ -402,7 +391,7 @@ impl EventLoop {
                     .get(id)
                     .is_none_or(|(t, _)| *t <= now)
             })
-            .filter_map(|(id, p)| p.dialled.clone().map(|a| (spread(&me, id), *id, a)))
+            .filter_map(|(id, p)| p.dialled().map(|a| (spread(&me, id), *id, a.clone())))
             .collect();
         candidates.sort();
         for (_, peer, addr) in candidates {
@@ -446,14 +435,13 @@ impl EventLoop {
     /// sought at the next maintenance tick, never at once (a relay that
     /// refuses would otherwise be asked again at round-trip speed).
     pub(super) fn on_listener_closed(&mut self, id: ListenerId) {
-        let gone: Vec<PeerId> = self
+        let gone = self
             .reach
             .relays
             .iter()
-            .filter(|(_, r)| r.listener == id)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in gone {
+            .find(|(_, r)| r.listener == id)
+            .map(|(p, _)| *p);
+        if let Some(p) = gone {
             let accepted = self.reach.relays.remove(&p).is_some_and(|r| r.accepted);
             self.back_off(p);
             tracing::info!(relay = %p, accepted, "relay reservation ended");
@@ -497,13 +485,15 @@ impl EventLoop {
         match ev.result {
             Ok(conn) => {
                 tracing::info!(%peer, "hole punched: direct connection through both NATs");
-                match self.peers.get_mut(&peer) {
-                    Some(p) if p.conns.contains_key(&conn) => {
-                        p.conns.insert(conn, Via::HolePunched);
-                    }
-                    _ => {
-                        self.reach.punched.insert(conn);
-                    }
+                // The swarm hands out a connection's `ConnectionEstablished`
+                // before any behaviour event that follows it, so the
+                // connection is known here (or already closed).
+                if let Some(c) = self
+                    .peers
+                    .get_mut(&peer)
+                    .and_then(|p| p.conns.get_mut(&conn))
+                {
+                    c.via = Via::HolePunched;
                 }
                 self.drop_relayed_if_direct(peer);
             }
@@ -536,7 +526,7 @@ impl EventLoop {
                 .reach
                 .server_dial
                 .is_some_and(|t| now.duration_since(t) < SEEK_SERVER_AFTER)
-            || self.peers.values().any(|p| p.dialled.is_some())
+            || self.peers.values().any(|p| p.dialled().is_some())
         {
             return;
         }
@@ -567,11 +557,7 @@ impl EventLoop {
             self.reach.server_tried.insert(peer);
             self.reach.server_dial = Some(now);
             tracing::debug!(%peer, "reachability unknown and no connection dialled: dialling a peer to ask AutoNAT");
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::Always)
-                .build();
-            let _ = self.swarm.dial(opts);
+            self.dial_another(peer, addrs);
         }
     }
 
@@ -600,19 +586,9 @@ impl EventLoop {
             if addrs.is_empty() || p.via() != Via::Relayed {
                 continue;
             }
-            let old: Vec<ConnectionId> = p
-                .conns
-                .iter()
-                .filter(|(_, v)| **v == Via::Relayed)
-                .map(|(c, _)| *c)
-                .collect();
+            let old = p.relayed();
             tracing::debug!(%peer, "hole punching again: a new connection through its relay");
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::Always)
-                .build();
-            let new = opts.connection_id();
-            if self.swarm.dial(opts).is_ok() {
+            if let Some(new) = self.dial_another(peer, addrs) {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.punch_tries += 1;
                     // The new circuit replaces these once it is up.
@@ -649,15 +625,21 @@ impl EventLoop {
             return;
         }
         p.punch_at = None;
-        let relayed: Vec<ConnectionId> = p
-            .conns
-            .iter()
-            .filter(|(_, v)| **v == Via::Relayed)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in relayed {
+        for id in p.relayed() {
             self.swarm.close_connection(id);
         }
+    }
+
+    /// Dial `peer` at `addrs` even though we are connected to it (a new
+    /// circuit for a punch, a connection for AutoNAT): the new
+    /// connection's id, if the dial started.
+    fn dial_another(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) -> Option<ConnectionId> {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::Always)
+            .build();
+        let id = opts.connection_id();
+        self.swarm.dial(opts).ok().map(|_| id)
     }
 }
 
@@ -724,39 +706,23 @@ mod tests {
             relay_of(&relay_addr.clone().with(Protocol::P2p(relay))),
             None
         );
-        let mut reach = Reach::new();
         let accepted = ConnectedPoint::Listener {
             local_addr: circuit.clone(),
             send_back_addr: Multiaddr::empty().with(Protocol::P2p(peer)),
         };
-        assert_eq!(
-            reach.via_of(ConnectionId::new_unchecked(1), &accepted),
-            Via::Relayed
-        );
+        assert_eq!(via_of(&accepted), Via::Relayed);
         let dialled = ConnectedPoint::Dialer {
             address: circuit.with(Protocol::P2p(peer)),
             role_override: libp2p::core::Endpoint::Dialer,
             port_use: libp2p::core::transport::PortUse::Reuse,
         };
-        assert_eq!(
-            reach.via_of(ConnectionId::new_unchecked(2), &dialled),
-            Via::Relayed
-        );
+        assert_eq!(via_of(&dialled), Via::Relayed);
         let direct = ConnectedPoint::Dialer {
             address: relay_addr,
             role_override: libp2p::core::Endpoint::Dialer,
             port_use: libp2p::core::transport::PortUse::Reuse,
         };
-        // DCUtR's success named this connection before it was established.
-        reach.punched.insert(ConnectionId::new_unchecked(3));
-        assert_eq!(
-            reach.via_of(ConnectionId::new_unchecked(3), &direct),
-            Via::HolePunched
-        );
-        assert_eq!(
-            reach.via_of(ConnectionId::new_unchecked(4), &direct),
-            Via::Direct
-        );
+        assert_eq!(via_of(&direct), Via::Direct);
         // The best connection names the peer's way.
         assert!(Via::Direct < Via::HolePunched && Via::HolePunched < Via::Relayed);
     }
