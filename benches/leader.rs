@@ -1,8 +1,10 @@
 //! Leader failover with real agents on loopback: N agents (default 20) of
 //! which 3, then 5, are voters. For each voter count: kill -9 of the leader
 //! (RIFTMESH_BENCH_KILLS, default 20) and SIGSTOP of the leader
-//! (RIFTMESH_BENCH_STOPS, default 10), timed until every other agent's
-//! `GET /v1/leader` names the same new leader at a higher term; then a
+//! (RIFTMESH_BENCH_STOPS, default 10), timed until every other agent holds
+//! the new leader's `LEADER_ELECTED` (its `received_ms` there, against the
+//! wall clock just before the signal), then checked that every agent's
+//! `GET /v1/leader` names it; then a
 //! partition of the leader (the minority) from everyone else: how soon it
 //! stops claiming leadership, whether it grants a lock, and how soon everyone
 //! agrees after healing. Every poll of every agent is checked for two agents
@@ -17,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    keygen, percentile, spawn_agent_at, spawn_agent_with, verdict, wait_agent_info, Agents,
+    keygen, percentile, spawn_agent_at, spawn_agent_with, unix_ms, verdict, wait_agent_info, Agents,
 };
 use serde_json::{json, Value};
 
@@ -254,6 +256,60 @@ impl Cluster {
         }
     }
 
+    /// Wait until every agent not in `skip` holds a `LEADER_ELECTED` of a
+    /// term above `above`; returns the latest of the first such event's
+    /// `received_ms` over those agents, minus `t0_ms` (the wall clock just
+    /// before the signal: agents and bench share this machine's clock).
+    /// Each agent's log is read every 250 ms: the time comes from the
+    /// agents' own stamps, so polling less often costs nothing in accuracy
+    /// and loads the shared CPU less than polling every agent's
+    /// `/v1/leader` every 25 ms.
+    async fn elected_everywhere(
+        &mut self,
+        skip: &HashSet<usize>,
+        above: u64,
+        t0_ms: f64,
+    ) -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let n = self.names.len();
+        let mut got: Vec<Option<f64>> = vec![None; n];
+        loop {
+            let this: &Cluster = self;
+            let want: Vec<usize> = (0..n)
+                .filter(|i| !skip.contains(i) && !this.down.contains(i) && got[*i].is_none())
+                .collect();
+            let futs = want.iter().map(|&i| async move {
+                let v = this
+                    .get(i, "/v1/events?types=LEADER_ELECTED&after=0&limit=1000")
+                    .await
+                    .ok()?;
+                v["events"]
+                    .as_array()?
+                    .iter()
+                    .filter(|e| e["payload"]["term"].as_u64().is_some_and(|t| t > above))
+                    .filter_map(|e| e["received_ms"].as_f64())
+                    .reduce(f64::min)
+            });
+            let found = futures::future::join_all(futs).await;
+            for (&i, f) in want.iter().zip(found) {
+                got[i] = f;
+            }
+            let missing = (0..n)
+                .filter(|i| !skip.contains(i) && !self.down.contains(i))
+                .filter(|&i| got[i].is_none())
+                .count();
+            if missing == 0 {
+                let last = got.iter().flatten().copied().fold(f64::MIN, f64::max);
+                return Ok(last - t0_ms);
+            }
+            anyhow::ensure!(
+                start.elapsed() < DEADLINE,
+                "{missing} agents hold no LEADER_ELECTED above term {above} within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     fn signal(&self, i: usize, sig: &str) {
         let pid = self.agents.children[i].id();
         let _ = std::process::Command::new("kill")
@@ -327,24 +383,30 @@ async fn run(root: &Path, n: usize, voters: usize, r: &mut Result1) -> anyhow::R
     let kills = env_num("RIFTMESH_BENCH_KILLS", 20);
     let stops = env_num("RIFTMESH_BENCH_STOPS", 10);
     for _ in 0..kills {
-        let t0 = Instant::now();
+        let t0_ms = unix_ms();
         let _ = cl.agents.children[leader].kill();
         let _ = cl.agents.children[leader].wait();
         cl.down.insert(leader);
-        let (l2, t2) = cl.agreed(&none, Some(leader), term).await?;
-        r.kills.push(t0.elapsed().as_secs_f64() * 1000.0);
+        r.kills
+            .push(cl.elected_everywhere(&none, term, t0_ms).await?);
+        // Every agent's view agrees too (and is checked for two claims).
+        let (_, t2) = cl.agreed(&none, Some(leader), term).await?;
         cl.restart(leader).await?;
         (leader, term) = cl.agreed(&none, None, t2 - 1).await?;
-        let _ = l2;
     }
     for _ in 0..stops {
+        let t0_ms = unix_ms();
         cl.signal(leader, "STOP");
-        let t0 = Instant::now();
         let skip: HashSet<usize> = [leader].into();
-        let res = cl.agreed(&skip, Some(leader), term).await;
+        let res = match cl.elected_everywhere(&skip, term, t0_ms).await {
+            Ok(ms) => {
+                r.stops.push(ms);
+                cl.agreed(&skip, Some(leader), term).await
+            }
+            Err(e) => Err(e),
+        };
         cl.signal(leader, "CONT");
         let (_, t2) = res?;
-        r.stops.push(t0.elapsed().as_secs_f64() * 1000.0);
         (leader, term) = cl.agreed(&none, None, t2 - 1).await?;
     }
     // Partition: the leader alone (a minority of the voters) against the rest.
@@ -472,7 +534,7 @@ async fn main() {
         let (kp50, kp99, kmax) = stats(&r.kills);
         row(
             format!(
-                "{v} voters: kill -9 leader -> new leader on every agent ({} trials)",
+                "{v} voters: kill -9 leader -> LEADER_ELECTED on every agent ({} trials)",
                 r.kills.len()
             ),
             format!("{kp50:.0} / {kp99:.0} / {kmax:.0} ms"),
@@ -482,7 +544,7 @@ async fn main() {
         let (sp50, sp99, smax) = stats(&r.stops);
         row(
             format!(
-                "{v} voters: SIGSTOP leader -> new leader everywhere ({} trials)",
+                "{v} voters: SIGSTOP leader -> LEADER_ELECTED everywhere ({} trials)",
                 r.stops.len()
             ),
             format!("{sp50:.0} / {sp99:.0} / {smax:.0} ms"),
@@ -543,7 +605,7 @@ async fn main() {
         }));
     }
     out += &format!("{}\n", "-".repeat(112));
-    out += "times: from just before the signal (or the block) until every agent polled (every 25 ms) names the same new leader at a higher term; the killed or stopped leader is not polled until restarted or resumed.\n";
+    out += "kill -9 and SIGSTOP times: from the wall clock just before the signal until the latest received_ms, over the other agents, of the first LEADER_ELECTED of a higher term each stored (agents and bench share one clock); every agent's /v1/leader is then checked to agree. Partition and heal times: until every agent polled (every 25 ms) names the same leader; the killed or stopped leader is not polled until restarted or resumed.\n";
     out += &format!(
         "total bench time {:.0} s\n",
         started.elapsed().as_secs_f64()
