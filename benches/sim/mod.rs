@@ -1,0 +1,1412 @@
+//! The membership simulation's engine and scenarios: N hosts in virtual
+//! time, each running the agent's own failure detector over a modelled
+//! network. Used by `benches/simulate.rs` (the report) and `tests/sim.rs`
+//! (its assertions at small N); what is modelled is written at the top of
+//! benches/simulate.rs and in proto-notes/membership.md.
+#![allow(dead_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use riftmesh::membership::detector::{
+    Action, Detector, DetectorConfig, Fact, FactKind, Failure, State,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+// ------------------------------------------------------------ wire sizes
+
+const PING_BYTES: u64 = 32;
+const EXCHANGE_REQ_BYTES: u64 = 203;
+const EXCHANGE_RESP_BYTES: u64 = 203;
+const MEMBER_PING_BYTES: u64 = 60;
+const PROBE_FOR_BYTES: u64 = 90;
+const PROBED_BYTES: u64 = 50;
+const FACT_BYTES: u64 = 600;
+const RECORD_BYTES: u64 = 250;
+/// Catch-up's digest (each way), when the two hold the same events.
+const DIGEST_BYTES: u64 = 80;
+const DIAL_BYTES: u64 = 2000;
+
+// ------------------------------------------------------------ the agent's timings
+
+const PING_EVERY: u64 = 2_000_000;
+const HEALTH_EVERY: u64 = 5_000_000;
+const TICK: u64 = 250_000;
+const CATCHUP_EVERY: u64 = 5_000_000;
+/// TCP: first retransmission after a lost segment (Linux's minimum RTO).
+const RTO: u64 = 200_000;
+/// TCP: first SYN retransmission.
+const SYN_RTO: u64 = 1_000_000;
+/// `bounded`: record versions the whole cluster makes per health
+/// interval (each host refreshes its own every N / this intervals), unless
+/// RIFTMESH_SIM_RECORD_RATE says otherwise.
+const RECORD_VERSIONS_PER_INTERVAL: usize = 10;
+/// Seconds (virtual) the cluster runs before anything is measured.
+const WARMUP: u64 = 20_000_000;
+
+type Host = u32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Topology {
+    Full,
+    Bounded,
+}
+
+#[derive(Clone, Debug)]
+struct Params {
+    n: usize,
+    topology: Topology,
+    /// `bounded`: ring neighbours on each side, random links dialled per host.
+    ring: usize,
+    random: usize,
+    /// Gossip mesh degree (gossipsub's D) and the record fan-out.
+    mesh: usize,
+    fanout: usize,
+    /// One-way latency range, µs.
+    lat: (u64, u64),
+    loss: f64,
+    seed: u64,
+    /// `bounded`: record versions the cluster makes per health interval.
+    record_rate: usize,
+    /// Upper bound of the random delay before a verdict about another host
+    /// is published (µs; 0: at once, as the agent does today).
+    publish_jitter: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proc {
+    Up,
+    /// The process died; the host's kernel answers (closes, refuses).
+    Crashed,
+    /// The host vanished: nothing answers.
+    Cut,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FactKey {
+    kind: u8,
+    peer: Host,
+    inc: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Msg {
+    Ping,
+    PingBack,
+    /// A record exchange half: carries the sender's incarnation.
+    Exchange {
+        inc: u64,
+        respond: bool,
+    },
+    MemberPing {
+        probe: u64,
+    },
+    Pong {
+        probe: u64,
+    },
+    ProbeFor {
+        target: Host,
+        probe: u64,
+    },
+    Probed {
+        probe: u64,
+        reached: bool,
+    },
+    Fact {
+        key: FactKey,
+        publisher: Host,
+    },
+    Record {
+        origin: Host,
+        version: u32,
+    },
+}
+
+impl Msg {
+    fn bytes(&self) -> u64 {
+        match self {
+            Msg::Ping | Msg::PingBack => PING_BYTES,
+            Msg::Exchange { respond: true, .. } => EXCHANGE_REQ_BYTES,
+            Msg::Exchange { respond: false, .. } => EXCHANGE_RESP_BYTES,
+            Msg::MemberPing { .. } | Msg::Pong { .. } => MEMBER_PING_BYTES,
+            Msg::ProbeFor { .. } => PROBE_FOR_BYTES,
+            Msg::Probed { .. } => PROBED_BYTES,
+            Msg::Fact { .. } => FACT_BYTES,
+            Msg::Record { .. } => RECORD_BYTES,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Ev {
+    Tick(Host),
+    PingTimer(Host, Host),
+    Health(Host),
+    /// Catch-up's digest to one random link (every 5 s).
+    Catchup(Host),
+    Deliver {
+        from: Host,
+        to: Host,
+        msg: Msg,
+    },
+    /// `to` learns that its connection to `from` closed.
+    Closed {
+        from: Host,
+        to: Host,
+    },
+    /// A dial from `from` to `to` completed: both sides connected.
+    Linked {
+        from: Host,
+        to: Host,
+    },
+    /// A verdict about another host, published after a random delay
+    /// unless it arrived from someone else meanwhile.
+    Publish {
+        host: Host,
+        fact: Fact,
+    },
+    /// A probe's own deadline (the agent's tokio timeout).
+    ProbeDeadline {
+        host: Host,
+        probe: u64,
+    },
+}
+
+/// A scheduled event, ordered by time, then by when it was scheduled.
+struct Queued {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// What a host waits for: its direct probe of `target`, or a helper's
+/// answer about `target`, or (as a helper) its ping for an asker.
+#[derive(Clone, Debug)]
+enum Pending {
+    Direct { target: Host },
+    Helper { target: Host, helper: Host },
+    ForAsker { asker: Host, probe: u64 },
+}
+
+struct HostState {
+    det: Detector,
+    proc: Proc,
+    inc: u64,
+    links: HashSet<Host>,
+    mesh: Vec<Host>,
+    facts: HashSet<FactKey>,
+    seen_msgs: HashSet<(FactKey, Host)>,
+    /// `bounded`: newest record version held, per origin (0: none).
+    records: Vec<u32>,
+    pending: HashMap<u64, Pending>,
+    bytes_out: u64,
+    bytes_in: u64,
+    msgs_out: u64,
+    msgs_in: u64,
+}
+
+#[derive(Default, Debug, Serialize, Clone)]
+pub struct Counts {
+    pub suspect_facts: u64,
+    pub offline_facts: u64,
+}
+
+struct Sim {
+    p: Params,
+    now: u64,
+    base: Instant,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Queued>>,
+    /// Events handled so far.
+    handled: u64,
+    hosts: Vec<HostState>,
+    ids: Vec<PeerId>,
+    index: HashMap<PeerId, Host>,
+    rng: StdRng,
+    next_probe: u64,
+    /// Partition: host -> side; messages across are lost while set.
+    side: Option<Vec<u8>>,
+    /// `bounded`: when each origin's current version was made.
+    version_made: Vec<Vec<u64>>,
+    /// `bounded`: versions made in [from, until) are followed: how many,
+    /// and each receipt's delay since it was made.
+    record_window: Option<(u64, u64)>,
+    records_followed: u64,
+    record_delays: Vec<u64>,
+    /// First time each host held each fact.
+    fact_at: HashMap<FactKey, HashMap<Host, u64>>,
+    /// Direct probes started and failed.
+    probes: u64,
+    probes_failed: u64,
+    /// Facts about hosts that were never signalled (false).
+    false_facts: Counts,
+    signalled: HashSet<Host>,
+}
+
+fn name(h: Host) -> String {
+    format!("h{h:05}")
+}
+
+fn ring_key(id: &PeerId) -> [u8; 32] {
+    Sha256::digest(id.to_bytes()).into()
+}
+
+impl Sim {
+    fn new(p: Params) -> Sim {
+        let mut rng = StdRng::seed_from_u64(p.seed);
+        let ids: Vec<PeerId> = (0..p.n)
+            .map(|_| {
+                let mut b = [0u8; 32];
+                rng.fill(&mut b);
+                libp2p::identity::Keypair::ed25519_from_bytes(b)
+                    .expect("32 bytes")
+                    .public()
+                    .to_peer_id()
+            })
+            .collect();
+        let index = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i as Host))
+            .collect();
+        let cfg = DetectorConfig::default();
+        let hosts = (0..p.n)
+            .map(|i| HostState {
+                det: Detector::new(cfg.clone(), ids[i], name(i as Host), 1, p.seed ^ i as u64),
+                proc: Proc::Up,
+                inc: 1,
+                links: HashSet::new(),
+                mesh: Vec::new(),
+                facts: HashSet::new(),
+                seen_msgs: HashSet::new(),
+                records: if p.topology == Topology::Bounded {
+                    vec![0; p.n]
+                } else {
+                    Vec::new()
+                },
+                pending: HashMap::new(),
+                bytes_out: 0,
+                bytes_in: 0,
+                msgs_out: 0,
+                msgs_in: 0,
+            })
+            .collect();
+        let version_made = if p.topology == Topology::Bounded {
+            vec![vec![0; 1]; p.n]
+        } else {
+            Vec::new()
+        };
+        let mut sim = Sim {
+            p,
+            now: 0,
+            base: Instant::now(),
+            seq: 0,
+            queue: BinaryHeap::new(),
+            handled: 0,
+            hosts,
+            ids,
+            index,
+            rng,
+            next_probe: 1,
+            side: None,
+            version_made,
+            record_window: None,
+            records_followed: 0,
+            record_delays: Vec::new(),
+            fact_at: HashMap::new(),
+            false_facts: Counts::default(),
+            probes: 0,
+            probes_failed: 0,
+            signalled: HashSet::new(),
+        };
+        sim.build_links();
+        sim
+    }
+
+    fn at(&self) -> Instant {
+        self.base + Duration::from_micros(self.now)
+    }
+
+    fn push(&mut self, delay: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Queued {
+            at: self.now + delay,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    /// Fixed one-way latency of the pair, from a hash of it.
+    fn latency(&self, a: Host, b: Host) -> u64 {
+        let (x, y) = (a.min(b) as u64, a.max(b) as u64);
+        let mut h = (x << 32 | y) ^ self.p.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        let (lo, hi) = self.p.lat;
+        lo + h % (hi - lo + 1)
+    }
+
+    /// TCP's delay for one segment: latency plus retransmissions.
+    fn transit(&mut self, a: Host, b: Host) -> u64 {
+        let mut d = self.latency(a, b);
+        let mut rto = RTO;
+        while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss) {
+            d += rto;
+            rto *= 2;
+        }
+        d
+    }
+
+    fn dial_time(&mut self, a: Host, b: Host) -> u64 {
+        let mut d = 0;
+        let mut rto = SYN_RTO;
+        while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss) {
+            d += rto;
+            rto *= 2;
+        }
+        // SYN/SYN-ACK, then the private-network, Noise and Yamux handshakes.
+        d + 2 * self.latency(a, b) + 2 * self.transit(a, b)
+    }
+
+    fn across(&self, a: Host, b: Host) -> bool {
+        self.side
+            .as_ref()
+            .is_some_and(|s| s[a as usize] != s[b as usize])
+    }
+
+    fn build_links(&mut self) {
+        let n = self.p.n;
+        let mut pairs: Vec<(Host, Host)> = Vec::new();
+        match self.p.topology {
+            Topology::Full => {
+                for a in 0..n {
+                    for b in a + 1..n {
+                        pairs.push((a as Host, b as Host));
+                    }
+                }
+            }
+            Topology::Bounded => {
+                let mut order: Vec<Host> = (0..n as Host).collect();
+                order.sort_by_key(|&h| ring_key(&self.ids[h as usize]));
+                for (i, &a) in order.iter().enumerate() {
+                    for k in 1..=self.p.ring.min(n - 1) {
+                        pairs.push((a, order[(i + k) % n]));
+                    }
+                    for _ in 0..self.p.random {
+                        let b = self.rng.gen_range(0..n) as Host;
+                        if b != a {
+                            pairs.push((a, b));
+                        }
+                    }
+                }
+            }
+        }
+        for (a, b) in pairs {
+            self.hosts[a as usize].links.insert(b);
+            self.hosts[b as usize].links.insert(a);
+        }
+        for h in 0..n {
+            self.choose_mesh(h as Host);
+        }
+        // Every host starts knowing its linked peers (their records came
+        // with the first exchange) and pinging them.
+        let now = self.at();
+        for h in 0..n as Host {
+            let links: Vec<Host> = self.hosts[h as usize].links.iter().copied().collect();
+            for l in links {
+                let id = self.ids[l as usize];
+                let det = &mut self.hosts[h as usize].det;
+                det.connected(id, now);
+                det.record(id, &name(l), 1, now);
+                let jitter = self.rng.gen_range(0..PING_EVERY);
+                self.push(jitter, Ev::PingTimer(h, l));
+            }
+            let j = self.rng.gen_range(0..TICK);
+            self.push(j, Ev::Tick(h));
+            let j = self.rng.gen_range(0..HEALTH_EVERY);
+            self.push(j, Ev::Health(h));
+            let j = self.rng.gen_range(0..CATCHUP_EVERY);
+            self.push(j, Ev::Catchup(h));
+        }
+    }
+
+    /// Gossipsub's mesh: symmetric (a GRAFT adds both sides), topped up
+    /// to `mesh` from the host's links when it falls short.
+    fn choose_mesh(&mut self, h: Host) {
+        let links = &self.hosts[h as usize].links;
+        let mut kept: Vec<Host> = self.hosts[h as usize]
+            .mesh
+            .iter()
+            .copied()
+            .filter(|m| links.contains(m))
+            .collect();
+        let mut cand: Vec<Host> = links
+            .iter()
+            .copied()
+            .filter(|l| !kept.contains(l))
+            .collect();
+        cand.sort();
+        cand.shuffle(&mut self.rng);
+        for c in cand {
+            if kept.len() >= self.p.mesh {
+                break;
+            }
+            kept.push(c);
+            let other = &mut self.hosts[c as usize].mesh;
+            if !other.contains(&h) {
+                other.push(h);
+            }
+        }
+        self.hosts[h as usize].mesh = kept;
+    }
+
+    fn send(&mut self, from: Host, to: Host, msg: Msg) {
+        let b = msg.bytes();
+        let s = &mut self.hosts[from as usize];
+        s.bytes_out += b;
+        s.msgs_out += 1;
+        if self.across(from, to) {
+            return;
+        }
+        let d = self.transit(from, to);
+        self.push(d, Ev::Deliver { from, to, msg });
+    }
+
+    fn account_dial(&mut self, a: Host, b: Host) {
+        self.hosts[a as usize].bytes_out += DIAL_BYTES;
+        self.hosts[a as usize].bytes_in += DIAL_BYTES;
+        self.hosts[b as usize].bytes_out += DIAL_BYTES;
+        self.hosts[b as usize].bytes_in += DIAL_BYTES;
+    }
+
+    /// A member request that dials if there is no link: the reply path for
+    /// a dead or unreachable target is decided here.
+    fn request(&mut self, from: Host, to: Host, msg: Msg, probe: u64) {
+        if self.hosts[from as usize].links.contains(&to) {
+            self.send(from, to, msg);
+            return;
+        }
+        let up = self.hosts[to as usize].proc;
+        let reachable = !self.across(from, to) && up != Proc::Cut;
+        if !reachable {
+            // Nothing answers: the caller's deadline decides.
+            return;
+        }
+        if up == Proc::Crashed {
+            // The kernel refuses: the request fails after one round trip.
+            let d = 2 * self.latency(from, to);
+            self.hosts[from as usize].bytes_out += 60;
+            self.push(
+                d,
+                Ev::Deliver {
+                    from: to,
+                    to: from,
+                    msg: Msg::Probed {
+                        probe,
+                        reached: false,
+                    },
+                },
+            );
+            return;
+        }
+        // An on-demand connection (the agent closes it when idle; kept here
+        // only for the request).
+        self.account_dial(from, to);
+        let d = self.dial_time(from, to);
+        let b = msg.bytes();
+        self.hosts[from as usize].bytes_out += b;
+        self.hosts[from as usize].msgs_out += 1;
+        let d = d + self.transit(from, to);
+        self.push(d, Ev::Deliver { from, to, msg });
+    }
+
+    fn run_until(&mut self, t: u64) {
+        while self.queue.peek().is_some_and(|q| q.0.at <= t) {
+            let Some(Reverse(q)) = self.queue.pop() else {
+                break;
+            };
+            self.now = q.at;
+            self.handled += 1;
+            self.handle(q.ev);
+        }
+        self.now = t;
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Tick(h) => {
+                self.push(TICK, Ev::Tick(h));
+                if self.hosts[h as usize].proc != Proc::Up {
+                    return;
+                }
+                let now = self.at();
+                self.hosts[h as usize].det.tick(now);
+                self.run_actions(h);
+            }
+            Ev::PingTimer(h, l) => {
+                if !self.hosts[h as usize].links.contains(&l) {
+                    return;
+                }
+                self.push(PING_EVERY, Ev::PingTimer(h, l));
+                if self.hosts[h as usize].proc == Proc::Up {
+                    self.send(h, l, Msg::Ping);
+                }
+            }
+            Ev::Health(h) => self.on_health(h),
+            Ev::Publish { host, fact } => {
+                if self.hosts[host as usize].proc == Proc::Up {
+                    self.publish(host, fact);
+                }
+            }
+            Ev::Catchup(h) => self.on_catchup(h),
+            Ev::Deliver { from, to, msg } => self.deliver(from, to, msg),
+            Ev::Closed { from, to } => {
+                let s = &mut self.hosts[to as usize];
+                if s.proc != Proc::Up || !s.links.remove(&from) {
+                    return;
+                }
+                if s.mesh.contains(&from) {
+                    s.mesh.retain(|&m| m != from);
+                    self.choose_mesh(to);
+                }
+                let now = self.at();
+                let id = self.ids[from as usize];
+                self.hosts[to as usize].det.disconnected(id, now);
+                self.run_actions(to);
+            }
+            Ev::Linked { from, to } => {
+                if self.hosts[from as usize].proc != Proc::Up
+                    || self.hosts[to as usize].proc != Proc::Up
+                {
+                    return;
+                }
+                for (a, b) in [(from, to), (to, from)] {
+                    if self.hosts[a as usize].links.insert(b) {
+                        let now = self.at();
+                        let id = self.ids[b as usize];
+                        self.hosts[a as usize].det.connected(id, now);
+                        self.push(PING_EVERY, Ev::PingTimer(a, b));
+                        self.choose_mesh(a);
+                    }
+                }
+                self.account_dial(from, to);
+                let inc = self.hosts[from as usize].inc;
+                self.send(from, to, Msg::Exchange { inc, respond: true });
+            }
+            Ev::ProbeDeadline { host, probe } => {
+                let Some(pend) = self.hosts[host as usize].pending.remove(&probe) else {
+                    return;
+                };
+                let now = self.at();
+                match pend {
+                    Pending::Direct { target } => {
+                        let id = self.ids[target as usize];
+                        let det = &mut self.hosts[host as usize].det;
+                        det.probe_result(id, Err(Failure::Silent), now);
+                        self.probes_failed += 1;
+                    }
+                    Pending::Helper { target, helper } => {
+                        let (t, hp) = (self.ids[target as usize], self.ids[helper as usize]);
+                        let det = &mut self.hosts[host as usize].det;
+                        det.indirect_result(t, hp, None, now);
+                    }
+                    Pending::ForAsker { asker, probe } => {
+                        self.send(
+                            host,
+                            asker,
+                            Msg::Probed {
+                                probe,
+                                reached: false,
+                            },
+                        );
+                    }
+                }
+                self.run_actions(host);
+            }
+        }
+    }
+
+    fn on_health(&mut self, h: Host) {
+        self.push(HEALTH_EVERY, Ev::Health(h));
+        if self.hosts[h as usize].proc != Proc::Up {
+            return;
+        }
+        match self.p.topology {
+            Topology::Full => {
+                // One exchange per pair: the side whose id sorts lower.
+                let me = self.ids[h as usize].to_bytes();
+                let mut peers: Vec<Host> = self.hosts[h as usize]
+                    .links
+                    .iter()
+                    .copied()
+                    .filter(|&l| self.ids[l as usize].to_bytes() > me)
+                    .collect();
+                peers.sort();
+                let inc = self.hosts[h as usize].inc;
+                for l in peers {
+                    self.send(h, l, Msg::Exchange { inc, respond: true });
+                }
+            }
+            Topology::Bounded => {
+                // A new version every `scale` intervals (phase spread by host).
+                let scale = (self.p.n / self.p.record_rate).max(1) as u64;
+                let round = self.now / HEALTH_EVERY;
+                if (round + h as u64) % scale != 0 {
+                    return;
+                }
+                let v = self.hosts[h as usize].records[h as usize] + 1;
+                self.hosts[h as usize].records[h as usize] = v;
+                self.version_made[h as usize].push(self.now);
+                if self
+                    .record_window
+                    .is_some_and(|(a, b)| (a..b).contains(&self.now))
+                {
+                    self.records_followed += 1;
+                }
+                self.spread_record(h, h, v, None);
+            }
+        }
+    }
+
+    /// Catch-up: digests with one random link; facts the other holds and
+    /// this host lacks are fetched (stored, not gossiped again).
+    fn on_catchup(&mut self, h: Host) {
+        self.push(CATCHUP_EVERY, Ev::Catchup(h));
+        if self.hosts[h as usize].proc != Proc::Up {
+            return;
+        }
+        let mut links: Vec<Host> = self.hosts[h as usize].links.iter().copied().collect();
+        if links.is_empty() {
+            return;
+        }
+        links.sort();
+        let l = links[self.rng.gen_range(0..links.len())];
+        if self.across(h, l) || self.hosts[l as usize].proc != Proc::Up {
+            self.hosts[h as usize].bytes_out += DIGEST_BYTES;
+            return;
+        }
+        for (a, b) in [(h, l), (l, h)] {
+            self.hosts[a as usize].bytes_out += DIGEST_BYTES;
+            self.hosts[b as usize].bytes_in += DIGEST_BYTES;
+        }
+        let mut missing: Vec<FactKey> = self.hosts[l as usize]
+            .facts
+            .difference(&self.hosts[h as usize].facts)
+            .copied()
+            .collect();
+        missing.sort_by_key(|k| (k.peer, k.inc, k.kind));
+        let bytes = FACT_BYTES * missing.len() as u64;
+        self.hosts[l as usize].bytes_out += bytes;
+        self.hosts[h as usize].bytes_in += bytes;
+        let now = self.at();
+        for key in missing {
+            if !self.hosts[h as usize].facts.insert(key) {
+                continue;
+            }
+            self.fact_at
+                .entry(key)
+                .or_default()
+                .entry(h)
+                .or_insert(self.now);
+            let f = Fact {
+                kind: kind_of(key.kind),
+                peer: self.ids[key.peer as usize],
+                name: name(key.peer),
+                incarnation: key.inc,
+            };
+            self.hosts[h as usize].det.fact(&f, now);
+        }
+        self.run_actions(h);
+    }
+
+    fn spread_record(&mut self, h: Host, origin: Host, version: u32, except: Option<Host>) {
+        let mut l: Vec<Host> = self.hosts[h as usize]
+            .links
+            .iter()
+            .copied()
+            .filter(|&x| Some(x) != except && x != origin)
+            .collect();
+        l.sort();
+        l.shuffle(&mut self.rng);
+        l.truncate(self.p.fanout);
+        for to in l {
+            self.send(h, to, Msg::Record { origin, version });
+        }
+    }
+
+    fn deliver(&mut self, from: Host, to: Host, msg: Msg) {
+        if self.hosts[to as usize].proc != Proc::Up || self.across(from, to) {
+            return;
+        }
+        let linked = self.hosts[to as usize].links.contains(&from);
+        {
+            let s = &mut self.hosts[to as usize];
+            s.bytes_in += msg.bytes();
+            s.msgs_in += 1;
+        }
+        let now = self.at();
+        let from_id = self.ids[from as usize];
+        match msg {
+            Msg::Ping => self.send(to, from, Msg::PingBack),
+            Msg::PingBack => {
+                if linked {
+                    let rtt = Duration::from_micros(2 * self.latency(from, to));
+                    self.hosts[to as usize].det.rtt(from_id, rtt, now);
+                }
+            }
+            Msg::Exchange { inc, respond } => {
+                self.hosts[to as usize]
+                    .det
+                    .record(from_id, &name(from), inc, now);
+                if respond {
+                    let inc = self.hosts[to as usize].inc;
+                    self.send(
+                        to,
+                        from,
+                        Msg::Exchange {
+                            inc,
+                            respond: false,
+                        },
+                    );
+                }
+            }
+            Msg::MemberPing { probe } => {
+                self.hosts[to as usize].det.heard(from_id, now);
+                self.send(to, from, Msg::Pong { probe });
+            }
+            Msg::Pong { probe } => match self.hosts[to as usize].pending.remove(&probe) {
+                Some(Pending::Direct { target }) => {
+                    let id = self.ids[target as usize];
+                    self.hosts[to as usize].det.probe_result(id, Ok(()), now);
+                }
+                Some(Pending::ForAsker { asker, probe }) => self.send(
+                    to,
+                    asker,
+                    Msg::Probed {
+                        probe,
+                        reached: true,
+                    },
+                ),
+                other => {
+                    if let Some(o) = other {
+                        self.hosts[to as usize].pending.insert(probe, o);
+                    }
+                }
+            },
+            Msg::ProbeFor { target, probe } => {
+                let gone = self.hosts[to as usize]
+                    .det
+                    .settled_gone(&self.ids[target as usize]);
+                if gone {
+                    self.send(
+                        to,
+                        from,
+                        Msg::Probed {
+                            probe,
+                            reached: false,
+                        },
+                    );
+                } else {
+                    let mine = self.next_probe;
+                    self.next_probe += 1;
+                    self.hosts[to as usize]
+                        .pending
+                        .insert(mine, Pending::ForAsker { asker: from, probe });
+                    let t = DetectorConfig::default().probe_timeout.as_micros() as u64;
+                    self.push(
+                        t,
+                        Ev::ProbeDeadline {
+                            host: to,
+                            probe: mine,
+                        },
+                    );
+                    self.request(to, target, Msg::MemberPing { probe: mine }, mine);
+                }
+            }
+            Msg::Probed { probe, reached } => {
+                // Either a helper's answer to us, or a refused dial of ours.
+                match self.hosts[to as usize].pending.remove(&probe) {
+                    Some(Pending::Direct { target }) => {
+                        let id = self.ids[target as usize];
+                        self.hosts[to as usize]
+                            .det
+                            .probe_result(id, Err(Failure::Refused), now);
+                        self.probes_failed += 1;
+                    }
+                    Some(Pending::Helper { target, helper }) => {
+                        let (t, hp) = (self.ids[target as usize], self.ids[helper as usize]);
+                        self.hosts[to as usize]
+                            .det
+                            .indirect_result(t, hp, Some(reached), now);
+                    }
+                    Some(Pending::ForAsker { asker, probe }) => self.send(
+                        to,
+                        asker,
+                        Msg::Probed {
+                            probe,
+                            reached: false,
+                        },
+                    ),
+                    None => {}
+                }
+            }
+            Msg::Fact { key, publisher } => self.on_fact(to, key, publisher, Some(from)),
+            Msg::Record { origin, version } => {
+                let held = &mut self.hosts[to as usize].records[origin as usize];
+                if version > *held {
+                    *held = version;
+                    let made = self.version_made[origin as usize][version as usize];
+                    if self
+                        .record_window
+                        .is_some_and(|(a, b)| (a..b).contains(&made))
+                    {
+                        self.record_delays.push(self.now - made);
+                    }
+                    self.spread_record(to, origin, version, Some(from));
+                }
+            }
+        }
+        self.run_actions(to);
+    }
+
+    /// A gossiped fact message reaches `h` (or `h` publishes it: `via` None).
+    fn on_fact(&mut self, h: Host, key: FactKey, publisher: Host, via: Option<Host>) {
+        if !self.hosts[h as usize].seen_msgs.insert((key, publisher)) {
+            return;
+        }
+        let mesh: Vec<Host> = self.hosts[h as usize]
+            .mesh
+            .iter()
+            .copied()
+            .filter(|&m| Some(m) != via && self.hosts[h as usize].links.contains(&m))
+            .collect();
+        for m in mesh {
+            self.send(h, m, Msg::Fact { key, publisher });
+        }
+        if !self.hosts[h as usize].facts.insert(key) {
+            return;
+        }
+        self.fact_at
+            .entry(key)
+            .or_default()
+            .entry(h)
+            .or_insert(self.now);
+        let f = Fact {
+            kind: kind_of(key.kind),
+            peer: self.ids[key.peer as usize],
+            name: name(key.peer),
+            incarnation: key.inc,
+        };
+        let now = self.at();
+        self.hosts[h as usize].det.fact(&f, now);
+    }
+
+    fn publish(&mut self, h: Host, f: Fact) {
+        let peer = self.index[&f.peer];
+        let key = FactKey {
+            kind: kind_code(f.kind),
+            peer,
+            inc: f.incarnation,
+        };
+        // The publisher finds a fact it already holds in its store.
+        if self.hosts[h as usize].facts.contains(&key) {
+            return;
+        }
+        if !self.signalled.contains(&peer) {
+            match f.kind {
+                FactKind::Suspect => self.false_facts.suspect_facts += 1,
+                FactKind::Offline => self.false_facts.offline_facts += 1,
+                _ => {}
+            }
+        }
+        self.on_fact(h, key, h, None);
+    }
+
+    fn run_actions(&mut self, h: Host) {
+        loop {
+            let actions = self.hosts[h as usize].det.take_actions();
+            if actions.is_empty() {
+                return;
+            }
+            for a in actions {
+                self.action(h, a);
+            }
+        }
+    }
+
+    fn action(&mut self, h: Host, a: Action) {
+        let timeout = DetectorConfig::default().probe_timeout.as_micros() as u64;
+        match a {
+            Action::ProbeDirect(p) => {
+                self.probes += 1;
+                let target = self.index[&p];
+                let probe = self.next_probe;
+                self.next_probe += 1;
+                self.hosts[h as usize]
+                    .pending
+                    .insert(probe, Pending::Direct { target });
+                self.push(timeout, Ev::ProbeDeadline { host: h, probe });
+                self.request(h, target, Msg::MemberPing { probe }, probe);
+            }
+            Action::ProbeIndirect { target, helpers } => {
+                let target = self.index[&target];
+                for hp in helpers {
+                    let helper = self.index[&hp];
+                    let probe = self.next_probe;
+                    self.next_probe += 1;
+                    self.hosts[h as usize]
+                        .pending
+                        .insert(probe, Pending::Helper { target, helper });
+                    self.push(2 * timeout, Ev::ProbeDeadline { host: h, probe });
+                    self.request(h, helper, Msg::ProbeFor { target, probe }, probe);
+                }
+            }
+            Action::Announce(f) => {
+                let other = f.peer != self.ids[h as usize];
+                let verdict = matches!(f.kind, FactKind::Suspect | FactKind::Offline);
+                if other && verdict && self.p.publish_jitter > 0 {
+                    let d = self.rng.gen_range(0..self.p.publish_jitter);
+                    self.push(d, Ev::Publish { host: h, fact: f });
+                } else {
+                    self.publish(h, f);
+                }
+            }
+            Action::Refute { incarnation } => {
+                self.hosts[h as usize].inc = incarnation;
+                let mut links: Vec<Host> = self.hosts[h as usize].links.iter().copied().collect();
+                links.sort();
+                for l in links {
+                    self.send(
+                        h,
+                        l,
+                        Msg::Exchange {
+                            inc: incarnation,
+                            respond: true,
+                        },
+                    );
+                }
+            }
+            Action::Transition { .. } | Action::Forget(_) => {}
+        }
+    }
+
+    // -------------------------------------------------------- faults
+
+    fn crash(&mut self, v: Host, mode: Proc) {
+        self.signalled.insert(v);
+        self.hosts[v as usize].proc = mode;
+        self.hosts[v as usize].pending.clear();
+        let links: Vec<Host> = self.hosts[v as usize].links.drain().collect();
+        if mode == Proc::Crashed {
+            for l in links {
+                let d = self.latency(v, l);
+                self.push(d, Ev::Closed { from: v, to: l });
+            }
+        }
+    }
+
+    /// The host comes back (same data dir): a higher incarnation, its
+    /// links dialled again, HOST_ONLINE.
+    fn restart(&mut self, v: Host, links: &[Host]) {
+        let inc = self.hosts[v as usize].inc + 1;
+        let cfg = DetectorConfig::default();
+        let seed = self.rng.gen();
+        let s = &mut self.hosts[v as usize];
+        s.proc = Proc::Up;
+        s.inc = inc;
+        s.det = Detector::new(cfg, self.ids[v as usize], name(v), inc, seed);
+        s.links.clear();
+        s.mesh.clear();
+        for &l in links {
+            if self.hosts[l as usize].proc == Proc::Up {
+                let d = self.dial_time(v, l);
+                self.push(d, Ev::Linked { from: v, to: l });
+            }
+        }
+        let f = Fact {
+            kind: FactKind::Online,
+            peer: self.ids[v as usize],
+            name: name(v),
+            incarnation: inc,
+        };
+        let d = 2 * self.latency(v, *links.first().unwrap_or(&v)) + 100_000;
+        self.run_until(self.now + d);
+        self.publish(v, f);
+    }
+
+    fn alive_hosts(&self) -> Vec<Host> {
+        (0..self.p.n as Host)
+            .filter(|&h| self.hosts[h as usize].proc == Proc::Up)
+            .collect()
+    }
+
+    /// Runs until every other live host holds HOST_OFFLINE of `v` at
+    /// `inc`, or `limit` µs pass; returns each host's delay (None: missing).
+    fn wait_offline(&mut self, v: Host, inc: u64, start: u64, limit: u64) -> Vec<Option<u64>> {
+        let key = FactKey {
+            kind: kind_code(FactKind::Offline),
+            peer: v,
+            inc,
+        };
+        let step = 100_000;
+        loop {
+            let others: Vec<Host> = self.alive_hosts();
+            let held = self.fact_at.get(&key);
+            let all = others
+                .iter()
+                .all(|h| held.is_some_and(|m| m.contains_key(h)));
+            if all || self.now >= start + limit {
+                return others
+                    .iter()
+                    .map(|h| held.and_then(|m| m.get(h)).map(|t| t - start))
+                    .collect();
+            }
+            self.run_until(self.now + step);
+        }
+    }
+
+    fn traffic(&self) -> Vec<(u64, u64, u64, u64)> {
+        self.hosts
+            .iter()
+            .map(|s| (s.bytes_in, s.bytes_out, s.msgs_in, s.msgs_out))
+            .collect()
+    }
+}
+
+fn kind_code(k: FactKind) -> u8 {
+    match k {
+        FactKind::Online => 0,
+        FactKind::Suspect => 1,
+        FactKind::Offline => 2,
+        FactKind::Recovered => 3,
+        FactKind::Left => 4,
+    }
+}
+
+fn kind_of(c: u8) -> FactKind {
+    match c {
+        0 => FactKind::Online,
+        1 => FactKind::Suspect,
+        2 => FactKind::Offline,
+        3 => FactKind::Recovered,
+        _ => FactKind::Left,
+    }
+}
+
+// ------------------------------------------------------------ scenarios
+
+#[derive(Debug, Serialize, Default, Clone)]
+pub struct Row {
+    pub topology: Option<Topology>,
+    pub n: usize,
+    pub links_mean: f64,
+    pub links_max: usize,
+    /// Idle, per host: bytes/s (in + out), messages/s (in + out).
+    pub idle_bps_mean: f64,
+    pub idle_bps_max: f64,
+    pub idle_msgs_mean: f64,
+    /// How often a host's record is renewed, s.
+    pub record_refresh_s: f64,
+    /// `bounded`: of the versions made in the idle window, the share of
+    /// the other hosts each reached, and the p99 delay of a receipt (ms).
+    pub record_reach: Option<f64>,
+    pub record_spread_p99_ms: Option<f64>,
+    /// kill (process dies): per trial, max over hosts of the time until
+    /// HOST_OFFLINE was held, ms; and how many hosts missed it.
+    pub kill_ms: Vec<f64>,
+    pub kill_missing: usize,
+    /// cut (host vanishes): the same.
+    pub cut_ms: Vec<f64>,
+    pub cut_missing: usize,
+    /// Burst while one kill is detected: bytes per host (mean, max).
+    pub kill_burst_bytes_mean: f64,
+    pub kill_burst_bytes_max: f64,
+    pub loss: Option<LossRow>,
+    pub heal: Option<HealRow>,
+    pub false_during_trials: Counts,
+    pub wall_secs: f64,
+}
+
+#[derive(Debug, Serialize, Default, Clone)]
+pub struct LossRow {
+    pub loss: f64,
+    pub secs: f64,
+    pub false_offline: u64,
+    pub false_suspect: u64,
+    /// Direct probes started, and those that failed (the suspicions the
+    /// helpers then had to settle).
+    pub probes: u64,
+    pub probes_failed: u64,
+}
+
+#[derive(Debug, Serialize, Default, Clone)]
+pub struct HealRow {
+    pub partition_secs: f64,
+    /// From the heal until every host holds every other alive (ms), or None.
+    pub converged_ms: Option<f64>,
+    /// Bytes per host from the cut until convergence (mean, max).
+    pub bytes_mean: f64,
+    pub bytes_max: f64,
+}
+
+fn idle(sim: &mut Sim, row: &mut Row, secs: u64) {
+    let before = sim.traffic();
+    // Versions made in all but the last 10 s are followed to the end.
+    sim.record_window = Some((sim.now, sim.now + (secs.saturating_sub(10)) * 1_000_000));
+    sim.run_until(sim.now + secs * 1_000_000);
+    let after = sim.traffic();
+    let n = sim.p.n as f64;
+    let mut bps = Vec::new();
+    let mut msgs = 0.0;
+    for (b, a) in before.iter().zip(&after) {
+        bps.push(((a.0 - b.0) + (a.1 - b.1)) as f64 / secs as f64);
+        msgs += ((a.2 - b.2) + (a.3 - b.3)) as f64 / secs as f64;
+    }
+    row.idle_bps_mean = bps.iter().sum::<f64>() / n;
+    row.idle_bps_max = bps.iter().copied().fold(0.0, f64::max);
+    row.idle_msgs_mean = msgs / n;
+    let degrees: Vec<usize> = sim.hosts.iter().map(|s| s.links.len()).collect();
+    row.links_mean = degrees.iter().sum::<usize>() as f64 / n;
+    row.links_max = degrees.into_iter().max().unwrap_or(0);
+    if sim.p.topology == Topology::Bounded {
+        let made = sim.records_followed as f64 * (n - 1.0);
+        let mut d: Vec<f64> = sim
+            .record_delays
+            .iter()
+            .map(|&x| x as f64 / 1000.0)
+            .collect();
+        d.sort_by(|a, b| a.total_cmp(b));
+        row.record_reach = Some(d.len() as f64 / made.max(1.0));
+        row.record_spread_p99_ms = Some(percentile(&d, 99.0));
+    }
+    row.record_refresh_s = match sim.p.topology {
+        Topology::Full => HEALTH_EVERY as f64 / 1e6,
+        Topology::Bounded => {
+            (sim.p.n / sim.p.record_rate).max(1) as f64 * HEALTH_EVERY as f64 / 1e6
+        }
+    };
+}
+
+/// `count` trials of `mode`; each victim restarts before the next trial.
+fn trials(sim: &mut Sim, row: &mut Row, count: usize, mode: Proc) {
+    for _ in 0..count {
+        let alive = sim.alive_hosts();
+        let v = alive[sim.rng.gen_range(0..alive.len())];
+        let inc = sim.hosts[v as usize].inc;
+        let links: Vec<Host> = sim.hosts[v as usize].links.iter().copied().collect();
+        let before = sim.traffic();
+        let start = sim.now;
+        sim.crash(v, mode);
+        let got = sim.wait_offline(v, inc, start, 30_000_000);
+        let worst = got.iter().flatten().copied().max().unwrap_or(0) as f64 / 1000.0;
+        let missing = got.iter().filter(|g| g.is_none()).count();
+        let after = sim.traffic();
+        if mode == Proc::Crashed {
+            row.kill_ms.push(worst);
+            row.kill_missing += missing;
+            let burst: Vec<f64> = before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| ((a.0 - b.0) + (a.1 - b.1)) as f64)
+                .collect();
+            row.kill_burst_bytes_mean = row
+                .kill_burst_bytes_mean
+                .max(burst.iter().sum::<f64>() / burst.len() as f64);
+            row.kill_burst_bytes_max = row
+                .kill_burst_bytes_max
+                .max(burst.iter().copied().fold(0.0, f64::max));
+        } else {
+            row.cut_ms.push(worst);
+            row.cut_missing += missing;
+        }
+        // Settle, then the victim comes back.
+        sim.run_until(sim.now + 5_000_000);
+        sim.restart(v, &links);
+        sim.run_until(sim.now + 10_000_000);
+    }
+}
+
+/// Two halves cut apart for `secs`, then healed: time until every host
+/// holds every other alive.
+fn partition(sim: &mut Sim, secs: u64) -> HealRow {
+    let n = sim.p.n;
+    let side: Vec<u8> = (0..n).map(|h| (h % 2) as u8).collect();
+    for h in 0..n as Host {
+        sim.signalled.insert(h);
+    }
+    sim.side = Some(side);
+    let before = sim.traffic();
+    sim.run_until(sim.now + secs * 1_000_000);
+    sim.side = None;
+    let healed = sim.now;
+    // The agent redials lost peers and bootstrap addresses; here each host
+    // dials again the links it lost.
+    let mut redial = Vec::new();
+    for h in 0..n as Host {
+        let lost: Vec<Host> = match sim.p.topology {
+            Topology::Full => (0..n as Host).filter(|&o| o != h).collect(),
+            Topology::Bounded => Vec::new(),
+        };
+        for o in lost {
+            if o > h && !sim.hosts[h as usize].links.contains(&o) {
+                redial.push((h, o));
+            }
+        }
+    }
+    for (a, b) in redial {
+        let d = sim.dial_time(a, b) + sim.rng.gen_range(0..5_000_000);
+        sim.push(d, Ev::Linked { from: a, to: b });
+    }
+    let deadline = healed + 120_000_000;
+    let converged_ms = loop {
+        let all_alive = (0..n).all(|h| {
+            let det = &sim.hosts[h].det;
+            (0..n).filter(|&o| o != h).all(|o| {
+                det.member(&sim.ids[o])
+                    .is_some_and(|m| m.state == State::Alive)
+            })
+        });
+        if all_alive {
+            break Some((sim.now - healed) as f64 / 1000.0);
+        }
+        if sim.now >= deadline {
+            break None;
+        }
+        sim.run_until(sim.now + 250_000);
+    };
+    let after = sim.traffic();
+    let bytes: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| ((a.0 - b.0) + (a.1 - b.1)) as f64)
+        .collect();
+    HealRow {
+        partition_secs: secs as f64,
+        converged_ms,
+        bytes_mean: bytes.iter().sum::<f64>() / n as f64,
+        bytes_max: bytes.iter().copied().fold(0.0, f64::max),
+    }
+}
+
+pub struct Plan {
+    pub sizes: Vec<usize>,
+    pub topologies: Vec<Topology>,
+    pub full_max: usize,
+    pub loss_secs: u64,
+    pub loss_max: usize,
+    pub loss: f64,
+    pub kills: usize,
+    pub heal_max: usize,
+    pub seed: u64,
+}
+
+pub fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn params(n: usize, topology: Topology, loss: f64, seed: u64) -> Params {
+    Params {
+        n,
+        topology,
+        ring: 4,
+        random: 4,
+        mesh: 6,
+        fanout: env("RIFTMESH_SIM_FANOUT", 3),
+        lat: (2_000, 40_000),
+        loss,
+        seed,
+        record_rate: env("RIFTMESH_SIM_RECORD_RATE", RECORD_VERSIONS_PER_INTERVAL).max(1),
+        publish_jitter: env("RIFTMESH_SIM_PUBLISH_JITTER_MS", 0u64) * 1000,
+    }
+}
+
+pub fn run_one(plan: &Plan, n: usize, topology: Topology) -> Row {
+    let wall = Instant::now();
+    let mut row = Row {
+        topology: Some(topology),
+        n,
+        ..Row::default()
+    };
+    let mut sim = Sim::new(params(n, topology, 0.0, plan.seed));
+    sim.run_until(WARMUP);
+    idle(&mut sim, &mut row, 60);
+    sim.false_facts = Counts::default();
+    trials(&mut sim, &mut row, plan.kills, Proc::Crashed);
+    trials(&mut sim, &mut row, plan.kills.div_ceil(2), Proc::Cut);
+    row.false_during_trials = sim.false_facts.clone();
+    eprintln!(
+        "  idle and trials: {} events, {:.1} s",
+        sim.handled,
+        wall.elapsed().as_secs_f64()
+    );
+    if plan.loss_secs > 0 && n <= plan.loss_max {
+        let t = Instant::now();
+        let mut sim = Sim::new(params(n, topology, plan.loss, plan.seed + 1));
+        sim.run_until(WARMUP);
+        sim.false_facts = Counts::default();
+        sim.run_until(sim.now + plan.loss_secs * 1_000_000);
+        eprintln!(
+            "  loss: {} events, {:.1} s",
+            sim.handled,
+            t.elapsed().as_secs_f64()
+        );
+        row.loss = Some(LossRow {
+            loss: plan.loss,
+            secs: plan.loss_secs as f64,
+            false_offline: sim.false_facts.offline_facts,
+            false_suspect: sim.false_facts.suspect_facts,
+            probes: sim.probes,
+            probes_failed: sim.probes_failed,
+        });
+    }
+    if n <= plan.heal_max {
+        let t = Instant::now();
+        let mut sim = Sim::new(params(n, topology, 0.0, plan.seed + 2));
+        sim.run_until(WARMUP);
+        row.heal = Some(partition(&mut sim, 30));
+        eprintln!(
+            "  partition: {} events, {:.1} s",
+            sim.handled,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    row.wall_secs = wall.elapsed().as_secs_f64();
+    row
+}
+
+/// Nearest-rank percentile (`p` in percent) of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}

@@ -1,0 +1,81 @@
+//! The membership simulation's verdicts at small N, in virtual time (the
+//! same engine as `cargo bench --bench simulate`; see benches/simulate.rs
+//! and proto-notes/membership.md): the agent's own failure detector, run on
+//! 50 simulated hosts, full mesh and the bounded design. Deterministic (a
+//! fixed seed, no wall clock): these assert what the detector promises of
+//! a cluster, not how fast this machine is.
+
+#[path = "../benches/sim/mod.rs"]
+mod sim;
+
+use sim::{run_one, Plan, Row, Topology};
+
+fn plan(kills: usize, loss_secs: u64, loss: f64, heal: bool) -> Plan {
+    Plan {
+        sizes: vec![],
+        topologies: vec![],
+        full_max: 1000,
+        loss_secs,
+        loss_max: 1000,
+        loss,
+        kills,
+        heal_max: if heal { 1000 } else { 0 },
+        seed: 7,
+    }
+}
+
+fn both(p: &Plan, n: usize) -> Vec<Row> {
+    [Topology::Full, Topology::Bounded]
+        .into_iter()
+        .map(|t| run_one(p, n, t))
+        .collect()
+}
+
+#[test]
+fn a_killed_host_is_offline_everywhere_within_a_second_and_a_vanished_one_within_six() {
+    for r in both(&plan(4, 0, 0.0, false), 50) {
+        let t = r.topology;
+        assert_eq!(r.kill_ms.len(), 4, "{t:?}");
+        assert_eq!(r.kill_missing + r.cut_missing, 0, "{t:?}: {r:?}");
+        // The transport's hint: a closed connection and a refused dial.
+        assert!(
+            r.kill_ms.iter().all(|&ms| ms < 1000.0),
+            "{t:?}: {:?}",
+            r.kill_ms
+        );
+        // suspect_after 3 s + the direct probe + the helpers' round.
+        assert!(
+            r.cut_ms.iter().all(|&ms| ms < 6000.0),
+            "{t:?}: {:?}",
+            r.cut_ms
+        );
+        let f = &r.false_during_trials;
+        assert_eq!((f.offline_facts, f.suspect_facts), (0, 0), "{t:?}");
+    }
+}
+
+#[test]
+fn twenty_percent_segment_loss_buries_nobody_and_publishes_no_suspicion() {
+    for r in both(&plan(0, 300, 0.2, false), 50) {
+        let l = r.loss.expect("the lossy run ran");
+        // The run tests something: retransmissions made links fall
+        // silent and direct probes fail, which the helpers then settle.
+        assert!(l.probes_failed > 0, "{:?}: {l:?}", r.topology);
+        assert_eq!(
+            (l.false_offline, l.false_suspect),
+            (0, 0),
+            "{:?}",
+            r.topology
+        );
+    }
+}
+
+#[test]
+fn both_sides_of_a_healed_partition_hold_everyone_alive_again() {
+    for r in both(&plan(0, 0, 0.0, true), 20) {
+        let h = r.heal.expect("the partition ran");
+        let ms = h.converged_ms.expect("converged within 120 s");
+        // Catch-up every 5 s, then the refutations' gossip.
+        assert!(ms < 30_000.0, "{:?}: {ms} ms", r.topology);
+    }
+}
