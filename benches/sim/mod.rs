@@ -32,6 +32,8 @@ const RECORD_BYTES: u64 = 250;
 /// Catch-up's digest (each way), when the two hold the same events.
 const DIGEST_BYTES: u64 = 80;
 const DIAL_BYTES: u64 = 2000;
+/// Gossipsub's D_high: a mesh never grows past it.
+const MESH_HIGH: usize = 12;
 
 // ------------------------------------------------------------ the agent's timings
 
@@ -98,8 +100,21 @@ struct FactKey {
 
 #[derive(Clone, Debug)]
 enum Msg {
-    Ping,
-    PingBack,
+    Ping {
+        seq: u64,
+    },
+    PingBack {
+        seq: u64,
+    },
+    /// A dial the target's kernel refused: the request fails.
+    Refused {
+        probe: u64,
+    },
+    /// Catch-up: a digest, and the facts the other lacked.
+    Digest,
+    Facts {
+        keys: Vec<FactKey>,
+    },
     /// A record exchange half: carries the sender's incarnation.
     Exchange {
         inc: u64,
@@ -132,7 +147,10 @@ enum Msg {
 impl Msg {
     fn bytes(&self) -> u64 {
         match self {
-            Msg::Ping | Msg::PingBack => PING_BYTES,
+            Msg::Ping { .. } | Msg::PingBack { .. } => PING_BYTES,
+            Msg::Refused { .. } => 0,
+            Msg::Digest => DIGEST_BYTES,
+            Msg::Facts { keys } => DIGEST_BYTES + FACT_BYTES * keys.len() as u64,
             Msg::Exchange { respond: true, .. } => EXCHANGE_REQ_BYTES,
             Msg::Exchange { respond: false, .. } => EXCHANGE_RESP_BYTES,
             Msg::MemberPing { .. } | Msg::Pong { .. } => MEMBER_PING_BYTES,
@@ -148,6 +166,8 @@ impl Msg {
 enum Ev {
     Tick(Host),
     PingTimer(Host, Host),
+    /// libp2p ping's timeout (4 intervals) for ping `seq` on a link.
+    PingTimeout(Host, Host, u64),
     Health(Host),
     /// Catch-up's digest to one random link (every 5 s).
     Catchup(Host),
@@ -171,6 +191,7 @@ enum Ev {
     Publish {
         host: Host,
         fact: Fact,
+        life: u64,
     },
     /// A probe's own deadline (the agent's tokio timeout).
     ProbeDeadline {
@@ -216,6 +237,10 @@ struct HostState {
     det: Detector,
     proc: Proc,
     inc: u64,
+    /// Bumped at every restart: events of an earlier life are dropped.
+    life: u64,
+    /// Per link: the ping in flight (libp2p ping keeps one).
+    ping_out: HashMap<Host, u64>,
     links: HashSet<Host>,
     mesh: Vec<Host>,
     facts: HashSet<FactKey>,
@@ -248,8 +273,16 @@ struct Sim {
     index: HashMap<PeerId, Host>,
     rng: StdRng,
     next_probe: u64,
-    /// Partition: host -> side; messages across are lost while set.
+    /// Partition: host -> side; while set, segments across wait in `held`
+    /// (TCP retransmits them with backoff) and dials across fail.
     side: Option<Vec<u8>>,
+    held: Vec<(Host, Host, Msg)>,
+    /// Per directed link: when its first segment stalled in a partition.
+    stalled: HashMap<(Host, Host), u64>,
+    /// Per directed link: the latest delivery scheduled (one TCP stream:
+    /// nothing overtakes what was sent before it).
+    fifo: HashMap<(Host, Host), u64>,
+    next_ping: u64,
     /// `bounded`: when each origin's current version was made.
     version_made: Vec<Vec<u64>>,
     /// `bounded`: versions made in [from, until) are followed: how many,
@@ -259,12 +292,14 @@ struct Sim {
     record_delays: Vec<u64>,
     /// First time each host held each fact.
     fact_at: HashMap<FactKey, HashMap<Host, u64>>,
-    /// Direct probes started and failed.
+    /// Direct probes started and failed, and helper rounds started.
     probes: u64,
     probes_failed: u64,
-    /// Facts about hosts that were never signalled (false).
+    helper_rounds: u64,
+    /// Facts about a host at an incarnation that was never signalled
+    /// (false).
     false_facts: Counts,
-    signalled: HashSet<Host>,
+    signalled: HashSet<(Host, u64)>,
 }
 
 fn name(h: Host) -> String {
@@ -299,6 +334,8 @@ impl Sim {
                 det: Detector::new(cfg.clone(), ids[i], name(i as Host), 1, p.seed ^ i as u64),
                 proc: Proc::Up,
                 inc: 1,
+                life: 0,
+                ping_out: HashMap::new(),
                 links: HashSet::new(),
                 mesh: Vec::new(),
                 facts: HashSet::new(),
@@ -333,6 +370,10 @@ impl Sim {
             rng,
             next_probe: 1,
             side: None,
+            held: Vec::new(),
+            stalled: HashMap::new(),
+            fifo: HashMap::new(),
+            next_ping: 1,
             version_made,
             record_window: None,
             records_followed: 0,
@@ -341,6 +382,7 @@ impl Sim {
             false_facts: Counts::default(),
             probes: 0,
             probes_failed: 0,
+            helper_rounds: 0,
             signalled: HashSet::new(),
         };
         sim.build_links();
@@ -375,7 +417,7 @@ impl Sim {
     fn transit(&mut self, a: Host, b: Host) -> u64 {
         let mut d = self.latency(a, b);
         let mut rto = RTO;
-        while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss) {
+        while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss.min(0.5)) {
             d += rto;
             rto *= 2;
         }
@@ -385,7 +427,7 @@ impl Sim {
     fn dial_time(&mut self, a: Host, b: Host) -> u64 {
         let mut d = 0;
         let mut rto = SYN_RTO;
-        while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss) {
+        while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss.min(0.5)) {
             d += rto;
             rto *= 2;
         }
@@ -437,7 +479,8 @@ impl Sim {
         // with the first exchange) and pinging them.
         let now = self.at();
         for h in 0..n as Host {
-            let links: Vec<Host> = self.hosts[h as usize].links.iter().copied().collect();
+            let mut links: Vec<Host> = self.hosts[h as usize].links.iter().copied().collect();
+            links.sort();
             for l in links {
                 let id = self.ids[l as usize];
                 let det = &mut self.hosts[h as usize].det;
@@ -476,8 +519,12 @@ impl Sim {
             if kept.len() >= self.p.mesh {
                 break;
             }
-            kept.push(c);
             let other = &mut self.hosts[c as usize].mesh;
+            if other.len() >= MESH_HIGH && !other.contains(&h) {
+                // Full (gossipsub's D_high): it would prune us.
+                continue;
+            }
+            kept.push(c);
             if !other.contains(&h) {
                 other.push(h);
             }
@@ -490,11 +537,51 @@ impl Sim {
         let s = &mut self.hosts[from as usize];
         s.bytes_out += b;
         s.msgs_out += 1;
+        self.transmit(from, to, msg);
+    }
+
+    /// One message on the `from` → `to` TCP stream: held while a partition
+    /// separates them, never before what was sent on it earlier.
+    fn transmit(&mut self, from: Host, to: Host, msg: Msg) {
         if self.across(from, to) {
+            self.stalled.entry((from, to)).or_insert(self.now);
+            self.held.push((from, to, msg));
             return;
         }
         let d = self.transit(from, to);
-        self.push(d, Ev::Deliver { from, to, msg });
+        let at = (self.now + d).max(self.fifo.get(&(from, to)).copied().unwrap_or(0));
+        self.fifo.insert((from, to), at);
+        self.push(at - self.now, Ev::Deliver { from, to, msg });
+    }
+
+    /// The partition ends: each stalled stream resumes at its next
+    /// retransmission (RTO 200 ms doubling from when it stalled), with
+    /// everything held on it, in order.
+    fn heal(&mut self) {
+        self.side = None;
+        let held = std::mem::take(&mut self.held);
+        let mut resume: HashMap<(Host, Host), u64> = HashMap::new();
+        let mut stalled: Vec<((Host, Host), u64)> = self.stalled.drain().collect();
+        stalled.sort();
+        for (pair, since) in stalled {
+            let mut t = since + RTO;
+            let mut rto = RTO;
+            while t < self.now {
+                rto *= 2;
+                t += rto;
+            }
+            let at = t + self.latency(pair.0, pair.1);
+            resume.insert(pair, at);
+            let f = self.fifo.entry(pair).or_insert(0);
+            *f = (*f).max(at);
+        }
+        for (from, to, msg) in held {
+            if !self.hosts[from as usize].links.contains(&to) {
+                continue;
+            }
+            let at = resume[&(from, to)];
+            self.push(at - self.now, Ev::Deliver { from, to, msg });
+        }
     }
 
     fn account_dial(&mut self, a: Host, b: Host) {
@@ -520,22 +607,20 @@ impl Sim {
         if up == Proc::Crashed {
             // The kernel refuses: the request fails after one round trip.
             let d = 2 * self.latency(from, to);
-            self.hosts[from as usize].bytes_out += 60;
             self.push(
                 d,
                 Ev::Deliver {
                     from: to,
                     to: from,
-                    msg: Msg::Probed {
-                        probe,
-                        reached: false,
-                    },
+                    msg: Msg::Refused { probe },
                 },
             );
             return;
         }
-        // An on-demand connection (the agent closes it when idle; kept here
-        // only for the request).
+        // An on-demand connection, modelled as closed after the request
+        // (the agent keeps idle connections for an hour today; the bounded
+        // design closes those it does not need, so only the dial's bytes
+        // count here).
         self.account_dial(from, to);
         let d = self.dial_time(from, to);
         let b = msg.bytes();
@@ -569,18 +654,30 @@ impl Sim {
                 self.run_actions(h);
             }
             Ev::PingTimer(h, l) => {
-                if !self.hosts[h as usize].links.contains(&l) {
+                let s = &self.hosts[h as usize];
+                if !s.links.contains(&l) || s.proc != Proc::Up || s.ping_out.contains_key(&l) {
                     return;
                 }
-                self.push(PING_EVERY, Ev::PingTimer(h, l));
-                if self.hosts[h as usize].proc == Proc::Up {
-                    self.send(h, l, Msg::Ping);
+                let seq = self.next_ping;
+                self.next_ping += 1;
+                self.hosts[h as usize].ping_out.insert(l, seq);
+                self.push(4 * PING_EVERY, Ev::PingTimeout(h, l, seq));
+                self.send(h, l, Msg::Ping { seq });
+            }
+            Ev::PingTimeout(h, l, seq) => {
+                // libp2p ping reports the failure and pings again after
+                // the interval.
+                if self.hosts[h as usize].ping_out.get(&l) == Some(&seq) {
+                    self.hosts[h as usize].ping_out.remove(&l);
+                    self.push(PING_EVERY, Ev::PingTimer(h, l));
                 }
             }
             Ev::Health(h) => self.on_health(h),
-            Ev::Publish { host, fact } => {
-                if self.hosts[host as usize].proc == Proc::Up {
+            Ev::Publish { host, fact, life } => {
+                let s = &self.hosts[host as usize];
+                if s.proc == Proc::Up && s.life == life {
                     self.publish(host, fact);
+                    self.run_actions(host);
                 }
             }
             Ev::Catchup(h) => self.on_catchup(h),
@@ -590,11 +687,42 @@ impl Sim {
                 if s.proc != Proc::Up || !s.links.remove(&from) {
                     return;
                 }
+                s.ping_out.remove(&from);
                 if s.mesh.contains(&from) {
                     s.mesh.retain(|&m| m != from);
                     self.choose_mesh(to);
                 }
                 let now = self.at();
+                // Requests in flight on the closed connection fail at once
+                // (ConnectionClosed: silence to the detector).
+                let mut failed: Vec<(u64, Pending)> = self.hosts[to as usize]
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| match p {
+                        Pending::Direct { target } => *target == from,
+                        Pending::Helper { helper, .. } => *helper == from,
+                        Pending::ForAsker { .. } => false,
+                    })
+                    .map(|(k, p)| (*k, p.clone()))
+                    .collect();
+                failed.sort_by_key(|(k, _)| *k);
+                for (k, p) in failed {
+                    self.hosts[to as usize].pending.remove(&k);
+                    let det = &mut self.hosts[to as usize].det;
+                    match p {
+                        Pending::Direct { target } => {
+                            det.probe_result(self.ids[target as usize], Err(Failure::Silent), now);
+                            self.probes_failed += 1;
+                        }
+                        Pending::Helper { target, helper } => det.indirect_result(
+                            self.ids[target as usize],
+                            self.ids[helper as usize],
+                            None,
+                            now,
+                        ),
+                        Pending::ForAsker { .. } => {}
+                    }
+                }
                 let id = self.ids[from as usize];
                 self.hosts[to as usize].det.disconnected(id, now);
                 self.run_actions(to);
@@ -615,8 +743,11 @@ impl Sim {
                     }
                 }
                 self.account_dial(from, to);
-                let inc = self.hosts[from as usize].inc;
-                self.send(from, to, Msg::Exchange { inc, respond: true });
+                // Both sides exchange records on a new connection.
+                for (a, b) in [(from, to), (to, from)] {
+                    let inc = self.hosts[a as usize].inc;
+                    self.send(a, b, Msg::Exchange { inc, respond: true });
+                }
             }
             Ev::ProbeDeadline { host, probe } => {
                 let Some(pend) = self.hosts[host as usize].pending.remove(&probe) else {
@@ -693,8 +824,9 @@ impl Sim {
         }
     }
 
-    /// Catch-up: digests with one random link; facts the other holds and
-    /// this host lacks are fetched (stored, not gossiped again).
+    /// Catch-up: a digest to one random link, which answers with the facts
+    /// it holds and this host lacks. (The agent also fetches a gap as soon
+    /// as a gossiped event shows one; not modelled.)
     fn on_catchup(&mut self, h: Host) {
         self.push(CATCHUP_EVERY, Ev::Catchup(h));
         if self.hosts[h as usize].proc != Proc::Up {
@@ -706,25 +838,14 @@ impl Sim {
         }
         links.sort();
         let l = links[self.rng.gen_range(0..links.len())];
-        if self.across(h, l) || self.hosts[l as usize].proc != Proc::Up {
-            self.hosts[h as usize].bytes_out += DIGEST_BYTES;
-            return;
-        }
-        for (a, b) in [(h, l), (l, h)] {
-            self.hosts[a as usize].bytes_out += DIGEST_BYTES;
-            self.hosts[b as usize].bytes_in += DIGEST_BYTES;
-        }
-        let mut missing: Vec<FactKey> = self.hosts[l as usize]
-            .facts
-            .difference(&self.hosts[h as usize].facts)
-            .copied()
-            .collect();
-        missing.sort_by_key(|k| (k.peer, k.inc, k.kind));
-        let bytes = FACT_BYTES * missing.len() as u64;
-        self.hosts[l as usize].bytes_out += bytes;
-        self.hosts[h as usize].bytes_in += bytes;
+        self.send(h, l, Msg::Digest);
+    }
+
+    /// Catch-up's answer arrives: the facts `h` lacked (stored, not
+    /// gossiped again).
+    fn on_facts(&mut self, h: Host, keys: Vec<FactKey>) {
         let now = self.at();
-        for key in missing {
+        for key in keys {
             if !self.hosts[h as usize].facts.insert(key) {
                 continue;
             }
@@ -741,7 +862,6 @@ impl Sim {
             };
             self.hosts[h as usize].det.fact(&f, now);
         }
-        self.run_actions(h);
     }
 
     fn spread_record(&mut self, h: Host, origin: Host, version: u32, except: Option<Host>) {
@@ -760,7 +880,13 @@ impl Sim {
     }
 
     fn deliver(&mut self, from: Host, to: Host, msg: Msg) {
-        if self.hosts[to as usize].proc != Proc::Up || self.across(from, to) {
+        if self.hosts[to as usize].proc != Proc::Up {
+            return;
+        }
+        if self.across(from, to) {
+            // Cut off in flight: TCP retransmits it after the heal.
+            self.stalled.entry((from, to)).or_insert(self.now);
+            self.held.push((from, to, msg));
             return;
         }
         let linked = self.hosts[to as usize].links.contains(&from);
@@ -772,13 +898,54 @@ impl Sim {
         let now = self.at();
         let from_id = self.ids[from as usize];
         match msg {
-            Msg::Ping => self.send(to, from, Msg::PingBack),
-            Msg::PingBack => {
-                if linked {
-                    let rtt = Duration::from_micros(2 * self.latency(from, to));
-                    self.hosts[to as usize].det.rtt(from_id, rtt, now);
+            Msg::Ping { seq } => self.send(to, from, Msg::PingBack { seq }),
+            Msg::PingBack { seq } => {
+                if self.hosts[to as usize].ping_out.get(&from) == Some(&seq) {
+                    self.hosts[to as usize].ping_out.remove(&from);
+                    // The next ping goes one interval after this answer.
+                    self.push(PING_EVERY, Ev::PingTimer(to, from));
+                    if linked {
+                        let rtt = Duration::from_micros(2 * self.latency(from, to));
+                        self.hosts[to as usize].det.rtt(from_id, rtt, now);
+                    }
                 }
             }
+            Msg::Refused { probe } => match self.hosts[to as usize].pending.remove(&probe) {
+                Some(Pending::Direct { target }) => {
+                    let id = self.ids[target as usize];
+                    self.hosts[to as usize]
+                        .det
+                        .probe_result(id, Err(Failure::Refused), now);
+                    self.probes_failed += 1;
+                }
+                // A helper that could not be reached gives no answer.
+                Some(Pending::Helper { target, helper }) => {
+                    let (t, hp) = (self.ids[target as usize], self.ids[helper as usize]);
+                    self.hosts[to as usize]
+                        .det
+                        .indirect_result(t, hp, None, now);
+                }
+                // The helper's own ping was refused: not reached.
+                Some(Pending::ForAsker { asker, probe }) => self.send(
+                    to,
+                    asker,
+                    Msg::Probed {
+                        probe,
+                        reached: false,
+                    },
+                ),
+                None => {}
+            },
+            Msg::Digest => {
+                let mut keys: Vec<FactKey> = self.hosts[to as usize]
+                    .facts
+                    .difference(&self.hosts[from as usize].facts)
+                    .copied()
+                    .collect();
+                keys.sort_by_key(|k| (k.peer, k.inc, k.kind));
+                self.send(to, from, Msg::Facts { keys });
+            }
+            Msg::Facts { keys } => self.on_facts(to, keys),
             Msg::Exchange { inc, respond } => {
                 self.hosts[to as usize]
                     .det
@@ -849,30 +1016,15 @@ impl Sim {
                 }
             }
             Msg::Probed { probe, reached } => {
-                // Either a helper's answer to us, or a refused dial of ours.
-                match self.hosts[to as usize].pending.remove(&probe) {
-                    Some(Pending::Direct { target }) => {
-                        let id = self.ids[target as usize];
-                        self.hosts[to as usize]
-                            .det
-                            .probe_result(id, Err(Failure::Refused), now);
-                        self.probes_failed += 1;
-                    }
-                    Some(Pending::Helper { target, helper }) => {
-                        let (t, hp) = (self.ids[target as usize], self.ids[helper as usize]);
-                        self.hosts[to as usize]
-                            .det
-                            .indirect_result(t, hp, Some(reached), now);
-                    }
-                    Some(Pending::ForAsker { asker, probe }) => self.send(
-                        to,
-                        asker,
-                        Msg::Probed {
-                            probe,
-                            reached: false,
-                        },
-                    ),
-                    None => {}
+                // A helper's answer about a suspect of ours.
+                if let Some(Pending::Helper { target, helper }) =
+                    self.hosts[to as usize].pending.get(&probe).cloned()
+                {
+                    self.hosts[to as usize].pending.remove(&probe);
+                    let (t, hp) = (self.ids[target as usize], self.ids[helper as usize]);
+                    self.hosts[to as usize]
+                        .det
+                        .indirect_result(t, hp, Some(reached), now);
                 }
             }
             Msg::Fact { key, publisher } => self.on_fact(to, key, publisher, Some(from)),
@@ -899,12 +1051,18 @@ impl Sim {
         if !self.hosts[h as usize].seen_msgs.insert((key, publisher)) {
             return;
         }
-        let mesh: Vec<Host> = self.hosts[h as usize]
-            .mesh
-            .iter()
-            .copied()
-            .filter(|&m| Some(m) != via && self.hosts[h as usize].links.contains(&m))
-            .collect();
+        // Gossipsub's flood publishing: the publisher sends its own message
+        // to every connected subscriber; others forward along the mesh.
+        let mut mesh: Vec<Host> = match via {
+            None => self.hosts[h as usize].links.iter().copied().collect(),
+            Some(_) => self.hosts[h as usize]
+                .mesh
+                .iter()
+                .copied()
+                .filter(|&m| Some(m) != via && self.hosts[h as usize].links.contains(&m))
+                .collect(),
+        };
+        mesh.sort();
         for m in mesh {
             self.send(h, m, Msg::Fact { key, publisher });
         }
@@ -937,7 +1095,7 @@ impl Sim {
         if self.hosts[h as usize].facts.contains(&key) {
             return;
         }
-        if !self.signalled.contains(&peer) {
+        if !self.signalled.contains(&(peer, f.incarnation)) {
             match f.kind {
                 FactKind::Suspect => self.false_facts.suspect_facts += 1,
                 FactKind::Offline => self.false_facts.offline_facts += 1,
@@ -974,6 +1132,7 @@ impl Sim {
                 self.request(h, target, Msg::MemberPing { probe }, probe);
             }
             Action::ProbeIndirect { target, helpers } => {
+                self.helper_rounds += 1;
                 let target = self.index[&target];
                 for hp in helpers {
                     let helper = self.index[&hp];
@@ -991,7 +1150,15 @@ impl Sim {
                 let verdict = matches!(f.kind, FactKind::Suspect | FactKind::Offline);
                 if other && verdict && self.p.publish_jitter > 0 {
                     let d = self.rng.gen_range(0..self.p.publish_jitter);
-                    self.push(d, Ev::Publish { host: h, fact: f });
+                    let life = self.hosts[h as usize].life;
+                    self.push(
+                        d,
+                        Ev::Publish {
+                            host: h,
+                            fact: f,
+                            life,
+                        },
+                    );
                 } else {
                     self.publish(h, f);
                 }
@@ -1018,10 +1185,13 @@ impl Sim {
     // -------------------------------------------------------- faults
 
     fn crash(&mut self, v: Host, mode: Proc) {
-        self.signalled.insert(v);
+        let inc = self.hosts[v as usize].inc;
+        self.signalled.insert((v, inc));
         self.hosts[v as usize].proc = mode;
         self.hosts[v as usize].pending.clear();
-        let links: Vec<Host> = self.hosts[v as usize].links.drain().collect();
+        self.hosts[v as usize].ping_out.clear();
+        let mut links: Vec<Host> = self.hosts[v as usize].links.drain().collect();
+        links.sort();
         if mode == Proc::Crashed {
             for l in links {
                 let d = self.latency(v, l);
@@ -1039,9 +1209,33 @@ impl Sim {
         let s = &mut self.hosts[v as usize];
         s.proc = Proc::Up;
         s.inc = inc;
+        s.life += 1;
         s.det = Detector::new(cfg, self.ids[v as usize], name(v), inc, seed);
         s.links.clear();
         s.mesh.clear();
+        s.ping_out.clear();
+        // Gossipsub's seen cache and the records of others lived in memory.
+        s.seen_msgs.clear();
+        for (o, r) in s.records.iter_mut().enumerate() {
+            if o != v as usize {
+                *r = 0;
+            }
+        }
+        // The agent replays its stored membership facts into the new
+        // detector at start (membership::task, replay_cursor).
+        let mut keys: Vec<FactKey> = s.facts.iter().copied().collect();
+        keys.sort_by_key(|k| (k.peer, k.inc, k.kind));
+        let now = self.at();
+        for key in keys {
+            let f = Fact {
+                kind: kind_of(key.kind),
+                peer: self.ids[key.peer as usize],
+                name: name(key.peer),
+                incarnation: key.inc,
+            };
+            self.hosts[v as usize].det.fact(&f, now);
+        }
+        self.hosts[v as usize].det.take_actions();
         for &l in links {
             if self.hosts[l as usize].proc == Proc::Up {
                 let d = self.dial_time(v, l);
@@ -1083,11 +1277,19 @@ impl Sim {
             if all || self.now >= start + limit {
                 return others
                     .iter()
-                    .map(|h| held.and_then(|m| m.get(h)).map(|t| t - start))
+                    .map(|h| held.and_then(|m| m.get(h)).map(|t| t.saturating_sub(start)))
                     .collect();
             }
             self.run_until(self.now + step);
         }
+    }
+
+    /// Start counting probes and verdicts afresh.
+    fn reset_counts(&mut self) {
+        self.false_facts = Counts::default();
+        self.probes = 0;
+        self.probes_failed = 0;
+        self.helper_rounds = 0;
     }
 
     fn traffic(&self) -> Vec<(u64, u64, u64, u64)> {
@@ -1143,9 +1345,9 @@ pub struct Row {
     /// cut (host vanishes): the same.
     pub cut_ms: Vec<f64>,
     pub cut_missing: usize,
-    /// Burst while one kill is detected: bytes per host (mean, max).
-    pub kill_burst_bytes_mean: f64,
-    pub kill_burst_bytes_max: f64,
+    /// Per kill trial: bytes per host beyond the idle rate until every
+    /// host held the verdict (mean over hosts).
+    pub kill_burst_bytes: Vec<f64>,
     pub loss: Option<LossRow>,
     pub heal: Option<HealRow>,
     pub false_during_trials: Counts,
@@ -1162,6 +1364,8 @@ pub struct LossRow {
     /// helpers then had to settle).
     pub probes: u64,
     pub probes_failed: u64,
+    /// Helper rounds started (a failed direct probe that stood).
+    pub helper_rounds: u64,
 }
 
 #[derive(Debug, Serialize, Default, Clone)]
@@ -1218,28 +1422,34 @@ fn trials(sim: &mut Sim, row: &mut Row, count: usize, mode: Proc) {
         let alive = sim.alive_hosts();
         let v = alive[sim.rng.gen_range(0..alive.len())];
         let inc = sim.hosts[v as usize].inc;
-        let links: Vec<Host> = sim.hosts[v as usize].links.iter().copied().collect();
+        let mut links: Vec<Host> = sim.hosts[v as usize].links.iter().copied().collect();
+        links.sort();
         let before = sim.traffic();
         let start = sim.now;
         sim.crash(v, mode);
         let got = sim.wait_offline(v, inc, start, 30_000_000);
-        let worst = got.iter().flatten().copied().max().unwrap_or(0) as f64 / 1000.0;
         let missing = got.iter().filter(|g| g.is_none()).count();
+        // A host that never held it counts as the whole 30 s.
+        let worst = got
+            .iter()
+            .map(|g| g.unwrap_or(30_000_000))
+            .max()
+            .unwrap_or(0) as f64
+            / 1000.0;
         let after = sim.traffic();
         if mode == Proc::Crashed {
             row.kill_ms.push(worst);
             row.kill_missing += missing;
-            let burst: Vec<f64> = before
+            // Bytes per host beyond its idle rate, from the kill until
+            // every host held the verdict.
+            let secs = (sim.now - start) as f64 / 1e6;
+            let extra: f64 = before
                 .iter()
                 .zip(&after)
-                .map(|(b, a)| ((a.0 - b.0) + (a.1 - b.1)) as f64)
-                .collect();
-            row.kill_burst_bytes_mean = row
-                .kill_burst_bytes_mean
-                .max(burst.iter().sum::<f64>() / burst.len() as f64);
-            row.kill_burst_bytes_max = row
-                .kill_burst_bytes_max
-                .max(burst.iter().copied().fold(0.0, f64::max));
+                .map(|(b, a)| ((a.0 - b.0) + (a.1 - b.1)) as f64 - row.idle_bps_mean * secs)
+                .sum::<f64>()
+                / before.len() as f64;
+            row.kill_burst_bytes.push(extra.max(0.0));
         } else {
             row.cut_ms.push(worst);
             row.cut_missing += missing;
@@ -1256,38 +1466,38 @@ fn trials(sim: &mut Sim, row: &mut Row, count: usize, mode: Proc) {
 fn partition(sim: &mut Sim, secs: u64) -> HealRow {
     let n = sim.p.n;
     let side: Vec<u8> = (0..n).map(|h| (h % 2) as u8).collect();
-    for h in 0..n as Host {
-        sim.signalled.insert(h);
+    // Every verdict from here on is expected: nobody counts as false.
+    for h in 0..n {
+        let inc = sim.hosts[h].inc;
+        sim.signalled.insert((h as Host, inc));
     }
+    // Who knows whom before: convergence is every host holding those alive
+    // again (a bounded host need not know every other).
+    let known: Vec<Vec<Host>> = (0..n)
+        .map(|h| {
+            let det = &sim.hosts[h].det;
+            (0..n as Host)
+                .filter(|&o| o as usize != h)
+                .filter(|&o| {
+                    det.member(&sim.ids[o as usize])
+                        .is_some_and(|m| m.state == State::Alive)
+                })
+                .collect()
+        })
+        .collect();
     sim.side = Some(side);
     let before = sim.traffic();
     sim.run_until(sim.now + secs * 1_000_000);
-    sim.side = None;
+    // Connections stay open through the cut (libp2p ping failures do not
+    // close them); TCP resumes each stream at its next retransmission.
+    sim.heal();
     let healed = sim.now;
-    // The agent redials lost peers and bootstrap addresses; here each host
-    // dials again the links it lost.
-    let mut redial = Vec::new();
-    for h in 0..n as Host {
-        let lost: Vec<Host> = match sim.p.topology {
-            Topology::Full => (0..n as Host).filter(|&o| o != h).collect(),
-            Topology::Bounded => Vec::new(),
-        };
-        for o in lost {
-            if o > h && !sim.hosts[h as usize].links.contains(&o) {
-                redial.push((h, o));
-            }
-        }
-    }
-    for (a, b) in redial {
-        let d = sim.dial_time(a, b) + sim.rng.gen_range(0..5_000_000);
-        sim.push(d, Ev::Linked { from: a, to: b });
-    }
     let deadline = healed + 120_000_000;
     let converged_ms = loop {
         let all_alive = (0..n).all(|h| {
             let det = &sim.hosts[h].det;
-            (0..n).filter(|&o| o != h).all(|o| {
-                det.member(&sim.ids[o])
+            known[h].iter().all(|&o| {
+                det.member(&sim.ids[o as usize])
                     .is_some_and(|m| m.state == State::Alive)
             })
         });
@@ -1358,7 +1568,7 @@ pub fn run_one(plan: &Plan, n: usize, topology: Topology) -> Row {
     let mut sim = Sim::new(params(n, topology, 0.0, plan.seed));
     sim.run_until(WARMUP);
     idle(&mut sim, &mut row, 60);
-    sim.false_facts = Counts::default();
+    sim.reset_counts();
     trials(&mut sim, &mut row, plan.kills, Proc::Crashed);
     trials(&mut sim, &mut row, plan.kills.div_ceil(2), Proc::Cut);
     row.false_during_trials = sim.false_facts.clone();
@@ -1371,7 +1581,7 @@ pub fn run_one(plan: &Plan, n: usize, topology: Topology) -> Row {
         let t = Instant::now();
         let mut sim = Sim::new(params(n, topology, plan.loss, plan.seed + 1));
         sim.run_until(WARMUP);
-        sim.false_facts = Counts::default();
+        sim.reset_counts();
         sim.run_until(sim.now + plan.loss_secs * 1_000_000);
         eprintln!(
             "  loss: {} events, {:.1} s",
@@ -1385,6 +1595,7 @@ pub fn run_one(plan: &Plan, n: usize, topology: Topology) -> Row {
             false_suspect: sim.false_facts.suspect_facts,
             probes: sim.probes,
             probes_failed: sim.probes_failed,
+            helper_rounds: sim.helper_rounds,
         });
     }
     if n <= plan.heal_max {
