@@ -155,7 +155,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "{:<8} {:>5} {:>7} {:>14} {:>9} {:>20} {:>15} {:>15} {:>14} {:>16} {:>9}",
+        "{:<8} {:>5} {:>7} {:>14} {:>9} {:>20} {:>15} {:>15} {:>24} {:>16} {:>9}",
         "topology",
         "N",
         "links",
@@ -174,7 +174,10 @@ fn main() -> anyhow::Result<()> {
             _ => "bounded",
         };
         let loss = r.loss.as_ref().map_or("-".to_string(), |l| {
-            format!("{}/{} in {:.0}s", l.false_offline, l.false_suspect, l.secs)
+            format!(
+                "{}/{} in {:.0}s ({} rounds)",
+                l.false_offline, l.false_suspect, l.secs, l.helper_rounds
+            )
         });
         let heal = r
             .heal
@@ -196,7 +199,7 @@ fn main() -> anyhow::Result<()> {
         };
         writeln!(
             out,
-            "{:<8} {:>5} {:>7.1} {:>14} {:>9.1} {:>20} {:>15} {:>15} {:>14} {:>16} {:>9.1}",
+            "{:<8} {:>5} {:>7.1} {:>14} {:>9.1} {:>20} {:>15} {:>15} {:>24} {:>16} {:>9.1}",
             t,
             r.n,
             r.links_mean,
@@ -229,7 +232,7 @@ fn main() -> anyhow::Result<()> {
         "idle B/s: application bytes on streams per host, in + out, mean / max (what libp2p_bandwidth_bytes_total counts). \
 records: how often each host renews its record; bounded: the share of the other hosts a new version reached and the p99 delay of those receipts (a host it missed gets the next one); full: every pair exchanges every 5 s. \
 kill: the process dies (connections closed, dials refused); cut: the host vanishes; median/max over trials of the time until every live host held HOST_OFFLINE (a host that never did counts as 30 s). \
-false (loss): HOST_OFFLINE/NODE_SUSPECT published about hosts never signalled, at the given TCP segment loss. \
+false (loss): HOST_OFFLINE/NODE_SUSPECT published about hosts never signalled, at the given TCP segment loss, and the helper rounds the run started (how much it exercised the detector). \
 heal: two halves apart for 30 s, then the time until every host holds every other alive, and the bytes per host from the cut until then."
     )?;
     writeln!(out, "total {:.0} s", started.elapsed().as_secs_f64())?;

@@ -51,6 +51,8 @@ const SYN_RTO: u64 = 1_000_000;
 const RECORD_VERSIONS_PER_INTERVAL: usize = 10;
 /// Seconds (virtual) the cluster runs before anything is measured.
 const WARMUP: u64 = 20_000_000;
+/// A kill's burst is counted over this long after the kill.
+const BURST_WINDOW: u64 = 5_000_000;
 
 type Host = u32;
 
@@ -165,16 +167,22 @@ impl Msg {
 #[derive(Clone, Debug)]
 enum Ev {
     Tick(Host),
-    PingTimer(Host, Host),
+    /// The next ping of a link's chain (`token`: a replaced link's old
+    /// chain stops).
+    PingTimer(Host, Host, u64),
     /// libp2p ping's timeout (4 intervals) for ping `seq` on a link.
     PingTimeout(Host, Host, u64),
     Health(Host),
     /// Catch-up's digest to one random link (every 5 s).
     Catchup(Host),
+    /// `msg` reaches `to` (sent at `sent`, to `to`'s life `life`: a
+    /// message for an earlier life of a restarted host is dropped).
     Deliver {
         from: Host,
         to: Host,
         msg: Msg,
+        sent: u64,
+        life: u64,
     },
     /// `to` learns that its connection to `from` closed.
     Closed {
@@ -228,9 +236,18 @@ impl Ord for Queued {
 /// answer about `target`, or (as a helper) its ping for an asker.
 #[derive(Clone, Debug)]
 enum Pending {
-    Direct { target: Host },
-    Helper { target: Host, helper: Host },
-    ForAsker { asker: Host, probe: u64 },
+    Direct {
+        target: Host,
+    },
+    Helper {
+        target: Host,
+        helper: Host,
+    },
+    ForAsker {
+        target: Host,
+        asker: Host,
+        probe: u64,
+    },
 }
 
 struct HostState {
@@ -239,8 +256,10 @@ struct HostState {
     inc: u64,
     /// Bumped at every restart: events of an earlier life are dropped.
     life: u64,
-    /// Per link: the ping in flight (libp2p ping keeps one).
+    /// Per link: the ping in flight (libp2p ping keeps one), and the
+    /// current ping chain.
     ping_out: HashMap<Host, u64>,
+    ping_chain: HashMap<Host, u64>,
     links: HashSet<Host>,
     mesh: Vec<Host>,
     facts: HashSet<FactKey>,
@@ -276,7 +295,7 @@ struct Sim {
     /// Partition: host -> side; while set, segments across wait in `held`
     /// (TCP retransmits them with backoff) and dials across fail.
     side: Option<Vec<u8>>,
-    held: Vec<(Host, Host, Msg)>,
+    held: Vec<(Host, Host, Msg, u64)>,
     /// Per directed link: when its first segment stalled in a partition.
     stalled: HashMap<(Host, Host), u64>,
     /// Per directed link: the latest delivery scheduled (one TCP stream:
@@ -296,6 +315,8 @@ struct Sim {
     probes: u64,
     probes_failed: u64,
     helper_rounds: u64,
+    /// HOST_OFFLINE messages published (every publisher's copy).
+    offline_published: u64,
     /// Facts about a host at an incarnation that was never signalled
     /// (false).
     false_facts: Counts,
@@ -336,6 +357,7 @@ impl Sim {
                 inc: 1,
                 life: 0,
                 ping_out: HashMap::new(),
+                ping_chain: HashMap::new(),
                 links: HashSet::new(),
                 mesh: Vec::new(),
                 facts: HashSet::new(),
@@ -383,6 +405,7 @@ impl Sim {
             probes: 0,
             probes_failed: 0,
             helper_rounds: 0,
+            offline_published: 0,
             signalled: HashSet::new(),
         };
         sim.build_links();
@@ -416,7 +439,7 @@ impl Sim {
     /// TCP's delay for one segment: latency plus retransmissions.
     fn transit(&mut self, a: Host, b: Host) -> u64 {
         let mut d = self.latency(a, b);
-        let mut rto = RTO;
+        let mut rto = RTO + 2 * self.latency(a, b);
         while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss.min(0.5)) {
             d += rto;
             rto *= 2;
@@ -487,7 +510,7 @@ impl Sim {
                 det.connected(id, now);
                 det.record(id, &name(l), 1, now);
                 let jitter = self.rng.gen_range(0..PING_EVERY);
-                self.push(jitter, Ev::PingTimer(h, l));
+                self.start_pings(h, l, jitter);
             }
             let j = self.rng.gen_range(0..TICK);
             self.push(j, Ev::Tick(h));
@@ -500,6 +523,24 @@ impl Sim {
 
     /// Gossipsub's mesh: symmetric (a GRAFT adds both sides), topped up
     /// to `mesh` from the host's links when it falls short.
+    /// A new ping chain on the link `h` → `l` (a new connection), the old
+    /// one (if any) abandoned.
+    fn start_pings(&mut self, h: Host, l: Host, after: u64) {
+        self.seq += 1;
+        let token = self.seq;
+        let s = &mut self.hosts[h as usize];
+        s.ping_chain.insert(l, token);
+        s.ping_out.remove(&l);
+        self.push(after, Ev::PingTimer(h, l, token));
+    }
+
+    /// The next ping of the current chain on `h` → `l`, `after` µs from now.
+    fn next_ping_in(&mut self, h: Host, l: Host, after: u64) {
+        if let Some(&token) = self.hosts[h as usize].ping_chain.get(&l) {
+            self.push(after, Ev::PingTimer(h, l, token));
+        }
+    }
+
     fn choose_mesh(&mut self, h: Host) {
         let links = &self.hosts[h as usize].links;
         let mut kept: Vec<Host> = self.hosts[h as usize]
@@ -543,15 +584,26 @@ impl Sim {
     /// One message on the `from` → `to` TCP stream: held while a partition
     /// separates them, never before what was sent on it earlier.
     fn transmit(&mut self, from: Host, to: Host, msg: Msg) {
+        let sent = self.now;
         if self.across(from, to) {
-            self.stalled.entry((from, to)).or_insert(self.now);
-            self.held.push((from, to, msg));
+            self.stalled.entry((from, to)).or_insert(sent);
+            self.held.push((from, to, msg, sent));
             return;
         }
         let d = self.transit(from, to);
         let at = (self.now + d).max(self.fifo.get(&(from, to)).copied().unwrap_or(0));
         self.fifo.insert((from, to), at);
-        self.push(at - self.now, Ev::Deliver { from, to, msg });
+        let life = self.hosts[to as usize].life;
+        self.push(
+            at - self.now,
+            Ev::Deliver {
+                from,
+                to,
+                msg,
+                sent,
+                life,
+            },
+        );
     }
 
     /// The partition ends: each stalled stream resumes at its next
@@ -559,13 +611,17 @@ impl Sim {
     /// everything held on it, in order.
     fn heal(&mut self) {
         self.side = None;
-        let held = std::mem::take(&mut self.held);
+        let mut held = std::mem::take(&mut self.held);
+        // In send order on each stream (a segment caught in flight is held
+        // when it would have arrived, after later ones held at sending).
+        held.sort_by_key(|(f, t, _, sent)| (*f, *t, *sent));
         let mut resume: HashMap<(Host, Host), u64> = HashMap::new();
         let mut stalled: Vec<((Host, Host), u64)> = self.stalled.drain().collect();
         stalled.sort();
         for (pair, since) in stalled {
-            let mut t = since + RTO;
-            let mut rto = RTO;
+            // Linux: the minimum RTO plus the round trip, doubling.
+            let mut rto = RTO + 2 * self.latency(pair.0, pair.1);
+            let mut t = since + rto;
             while t < self.now {
                 rto *= 2;
                 t += rto;
@@ -575,12 +631,24 @@ impl Sim {
             let f = self.fifo.entry(pair).or_insert(0);
             *f = (*f).max(at);
         }
-        for (from, to, msg) in held {
-            if !self.hosts[from as usize].links.contains(&to) {
+        for (from, to, msg, sent) in held {
+            if !self.hosts[from as usize].links.contains(&to)
+                || !self.hosts[to as usize].links.contains(&from)
+            {
                 continue;
             }
             let at = resume[&(from, to)];
-            self.push(at - self.now, Ev::Deliver { from, to, msg });
+            let life = self.hosts[to as usize].life;
+            self.push(
+                at - self.now,
+                Ev::Deliver {
+                    from,
+                    to,
+                    msg,
+                    sent,
+                    life,
+                },
+            );
         }
     }
 
@@ -607,12 +675,15 @@ impl Sim {
         if up == Proc::Crashed {
             // The kernel refuses: the request fails after one round trip.
             let d = 2 * self.latency(from, to);
+            let life = self.hosts[from as usize].life;
             self.push(
                 d,
                 Ev::Deliver {
                     from: to,
                     to: from,
                     msg: Msg::Refused { probe },
+                    sent: self.now,
+                    life,
                 },
             );
             return;
@@ -627,7 +698,17 @@ impl Sim {
         self.hosts[from as usize].bytes_out += b;
         self.hosts[from as usize].msgs_out += 1;
         let d = d + self.transit(from, to);
-        self.push(d, Ev::Deliver { from, to, msg });
+        let life = self.hosts[to as usize].life;
+        self.push(
+            d,
+            Ev::Deliver {
+                from,
+                to,
+                msg,
+                sent: self.now,
+                life,
+            },
+        );
     }
 
     fn run_until(&mut self, t: u64) {
@@ -653,9 +734,13 @@ impl Sim {
                 self.hosts[h as usize].det.tick(now);
                 self.run_actions(h);
             }
-            Ev::PingTimer(h, l) => {
+            Ev::PingTimer(h, l, token) => {
                 let s = &self.hosts[h as usize];
-                if !s.links.contains(&l) || s.proc != Proc::Up || s.ping_out.contains_key(&l) {
+                if !s.links.contains(&l)
+                    || s.proc != Proc::Up
+                    || s.ping_out.contains_key(&l)
+                    || s.ping_chain.get(&l) != Some(&token)
+                {
                     return;
                 }
                 let seq = self.next_ping;
@@ -669,7 +754,7 @@ impl Sim {
                 // the interval.
                 if self.hosts[h as usize].ping_out.get(&l) == Some(&seq) {
                     self.hosts[h as usize].ping_out.remove(&l);
-                    self.push(PING_EVERY, Ev::PingTimer(h, l));
+                    self.next_ping_in(h, l, PING_EVERY);
                 }
             }
             Ev::Health(h) => self.on_health(h),
@@ -681,7 +766,13 @@ impl Sim {
                 }
             }
             Ev::Catchup(h) => self.on_catchup(h),
-            Ev::Deliver { from, to, msg } => self.deliver(from, to, msg),
+            Ev::Deliver {
+                from,
+                to,
+                msg,
+                sent,
+                life,
+            } => self.deliver(from, to, msg, sent, life),
             Ev::Closed { from, to } => {
                 let s = &mut self.hosts[to as usize];
                 if s.proc != Proc::Up || !s.links.remove(&from) {
@@ -701,7 +792,7 @@ impl Sim {
                     .filter(|(_, p)| match p {
                         Pending::Direct { target } => *target == from,
                         Pending::Helper { helper, .. } => *helper == from,
-                        Pending::ForAsker { .. } => false,
+                        Pending::ForAsker { target, .. } => *target == from,
                     })
                     .map(|(k, p)| (*k, p.clone()))
                     .collect();
@@ -720,7 +811,15 @@ impl Sim {
                             None,
                             now,
                         ),
-                        Pending::ForAsker { .. } => {}
+                        // Our ping for an asker failed: not reached.
+                        Pending::ForAsker { asker, probe, .. } => self.send(
+                            to,
+                            asker,
+                            Msg::Probed {
+                                probe,
+                                reached: false,
+                            },
+                        ),
                     }
                 }
                 let id = self.ids[from as usize];
@@ -734,13 +833,15 @@ impl Sim {
                     return;
                 }
                 for (a, b) in [(from, to), (to, from)] {
+                    // A link the other side still held (a host that vanished
+                    // and came back) is replaced by the new connection.
                     if self.hosts[a as usize].links.insert(b) {
                         let now = self.at();
                         let id = self.ids[b as usize];
                         self.hosts[a as usize].det.connected(id, now);
-                        self.push(PING_EVERY, Ev::PingTimer(a, b));
-                        self.choose_mesh(a);
                     }
+                    self.start_pings(a, b, PING_EVERY);
+                    self.choose_mesh(a);
                 }
                 self.account_dial(from, to);
                 // Both sides exchange records on a new connection.
@@ -766,7 +867,7 @@ impl Sim {
                         let det = &mut self.hosts[host as usize].det;
                         det.indirect_result(t, hp, None, now);
                     }
-                    Pending::ForAsker { asker, probe } => {
+                    Pending::ForAsker { asker, probe, .. } => {
                         self.send(
                             host,
                             asker,
@@ -879,14 +980,15 @@ impl Sim {
         }
     }
 
-    fn deliver(&mut self, from: Host, to: Host, msg: Msg) {
-        if self.hosts[to as usize].proc != Proc::Up {
+    fn deliver(&mut self, from: Host, to: Host, msg: Msg, sent: u64, life: u64) {
+        if self.hosts[to as usize].proc != Proc::Up || self.hosts[to as usize].life != life {
             return;
         }
         if self.across(from, to) {
-            // Cut off in flight: TCP retransmits it after the heal.
-            self.stalled.entry((from, to)).or_insert(self.now);
-            self.held.push((from, to, msg));
+            // Cut off in flight: TCP retransmits it after the heal (its
+            // timer started when it was sent).
+            self.stalled.entry((from, to)).or_insert(sent);
+            self.held.push((from, to, msg, sent));
             return;
         }
         let linked = self.hosts[to as usize].links.contains(&from);
@@ -903,7 +1005,7 @@ impl Sim {
                 if self.hosts[to as usize].ping_out.get(&from) == Some(&seq) {
                     self.hosts[to as usize].ping_out.remove(&from);
                     // The next ping goes one interval after this answer.
-                    self.push(PING_EVERY, Ev::PingTimer(to, from));
+                    self.next_ping_in(to, from, PING_EVERY);
                     if linked {
                         let rtt = Duration::from_micros(2 * self.latency(from, to));
                         self.hosts[to as usize].det.rtt(from_id, rtt, now);
@@ -926,7 +1028,7 @@ impl Sim {
                         .indirect_result(t, hp, None, now);
                 }
                 // The helper's own ping was refused: not reached.
-                Some(Pending::ForAsker { asker, probe }) => self.send(
+                Some(Pending::ForAsker { asker, probe, .. }) => self.send(
                     to,
                     asker,
                     Msg::Probed {
@@ -971,7 +1073,7 @@ impl Sim {
                     let id = self.ids[target as usize];
                     self.hosts[to as usize].det.probe_result(id, Ok(()), now);
                 }
-                Some(Pending::ForAsker { asker, probe }) => self.send(
+                Some(Pending::ForAsker { asker, probe, .. }) => self.send(
                     to,
                     asker,
                     Msg::Probed {
@@ -1001,9 +1103,14 @@ impl Sim {
                 } else {
                     let mine = self.next_probe;
                     self.next_probe += 1;
-                    self.hosts[to as usize]
-                        .pending
-                        .insert(mine, Pending::ForAsker { asker: from, probe });
+                    self.hosts[to as usize].pending.insert(
+                        mine,
+                        Pending::ForAsker {
+                            target,
+                            asker: from,
+                            probe,
+                        },
+                    );
                     let t = DetectorConfig::default().probe_timeout.as_micros() as u64;
                     self.push(
                         t,
@@ -1094,6 +1201,9 @@ impl Sim {
         // The publisher finds a fact it already holds in its store.
         if self.hosts[h as usize].facts.contains(&key) {
             return;
+        }
+        if f.kind == FactKind::Offline {
+            self.offline_published += 1;
         }
         if !self.signalled.contains(&(peer, f.incarnation)) {
             match f.kind {
@@ -1194,8 +1304,10 @@ impl Sim {
         links.sort();
         if mode == Proc::Crashed {
             for l in links {
-                let d = self.latency(v, l);
-                self.push(d, Ev::Closed { from: v, to: l });
+                // The FIN/RST comes after what was sent before it.
+                let at = (self.now + self.latency(v, l))
+                    .max(self.fifo.get(&(v, l)).copied().unwrap_or(0));
+                self.push(at - self.now, Ev::Closed { from: v, to: l });
             }
         }
     }
@@ -1235,7 +1347,7 @@ impl Sim {
             };
             self.hosts[v as usize].det.fact(&f, now);
         }
-        self.hosts[v as usize].det.take_actions();
+        self.run_actions(v);
         for &l in links {
             if self.hosts[l as usize].proc == Proc::Up {
                 let d = self.dial_time(v, l);
@@ -1345,8 +1457,8 @@ pub struct Row {
     /// cut (host vanishes): the same.
     pub cut_ms: Vec<f64>,
     pub cut_missing: usize,
-    /// Per kill trial: bytes per host beyond the idle rate until every
-    /// host held the verdict (mean over hosts).
+    /// Per kill trial: bytes per surviving host beyond the idle rate in
+    /// the 5 s after the kill (mean over hosts).
     pub kill_burst_bytes: Vec<f64>,
     pub loss: Option<LossRow>,
     pub heal: Option<HealRow>,
@@ -1373,6 +1485,9 @@ pub struct HealRow {
     pub partition_secs: f64,
     /// From the heal until every host holds every other alive (ms), or None.
     pub converged_ms: Option<f64>,
+    /// HOST_OFFLINE copies published during the cut (each side burying
+    /// the other).
+    pub offline_published: u64,
     /// Bytes per host from the cut until convergence (mean, max).
     pub bytes_mean: f64,
     pub bytes_max: f64,
@@ -1436,19 +1551,23 @@ fn trials(sim: &mut Sim, row: &mut Row, count: usize, mode: Proc) {
             .max()
             .unwrap_or(0) as f64
             / 1000.0;
-        let after = sim.traffic();
         if mode == Proc::Crashed {
             row.kill_ms.push(worst);
             row.kill_missing += missing;
-            // Bytes per host beyond its idle rate, from the kill until
-            // every host held the verdict.
+            // Bytes per surviving host beyond its idle rate, over the 5 s
+            // after the kill (the verdict's copies included).
+            sim.run_until((start + BURST_WINDOW).max(sim.now));
+            let after = sim.traffic();
             let secs = (sim.now - start) as f64 / 1e6;
-            let extra: f64 = before
+            let alive = sim.alive_hosts();
+            let extra: f64 = alive
                 .iter()
-                .zip(&after)
-                .map(|(b, a)| ((a.0 - b.0) + (a.1 - b.1)) as f64 - row.idle_bps_mean * secs)
+                .map(|&h| {
+                    let (b, a) = (before[h as usize], after[h as usize]);
+                    ((a.0 - b.0) + (a.1 - b.1)) as f64 - row.idle_bps_mean * secs
+                })
                 .sum::<f64>()
-                / before.len() as f64;
+                / alive.len().max(1) as f64;
             row.kill_burst_bytes.push(extra.max(0.0));
         } else {
             row.cut_ms.push(worst);
@@ -1487,7 +1606,9 @@ fn partition(sim: &mut Sim, secs: u64) -> HealRow {
         .collect();
     sim.side = Some(side);
     let before = sim.traffic();
+    let buried_before = sim.offline_published;
     sim.run_until(sim.now + secs * 1_000_000);
+    let offline_published = sim.offline_published - buried_before;
     // Connections stay open through the cut (libp2p ping failures do not
     // close them); TCP resumes each stream at its next retransmission.
     sim.heal();
@@ -1518,6 +1639,7 @@ fn partition(sim: &mut Sim, secs: u64) -> HealRow {
     HealRow {
         partition_secs: secs as f64,
         converged_ms,
+        offline_published,
         bytes_mean: bytes.iter().sum::<f64>() / n as f64,
         bytes_max: bytes.iter().copied().fold(0.0, f64::max),
     }
