@@ -1195,29 +1195,7 @@ fn main() {
         .prefix("bench-membership-")
         .tempdir_in(&target)
         .expect("temp dir in target/");
-    let mut vars: Vec<String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("RIFTMESH_BENCH_"))
-        .map(|(k, v)| format!("{k}={v} "))
-        .collect();
-    vars.sort();
-    let command = format!("{}cargo bench --bench membership", vars.concat());
-    // The source measured (the work tree may differ from the commit).
-    let source = Command::new("git")
-        .args([
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "describe",
-            "--always",
-            "--dirty",
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let (command, source, date) = common::run_header("RIFTMESH_BENCH_", "membership");
     let started = Instant::now();
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -61,7 +61,6 @@ mod common;
 mod sim;
 
 use std::fmt::Write as _;
-use std::process::Command;
 use std::time::Instant;
 
 use sim::{env, percentile, run_one, Plan, Topology};
@@ -123,36 +122,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let mut out = String::new();
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let source = Command::new("git")
-        .args([
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "describe",
-            "--always",
-            "--dirty",
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let mut vars: Vec<String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("RIFTMESH_SIM_"))
-        .map(|(k, v)| format!("{k}={v} "))
-        .collect();
-    vars.sort();
+    let (command, source, date) = common::run_header("RIFTMESH_SIM_", "simulate");
     writeln!(
         out,
         "riftmesh membership simulation (virtual time; the agent's own detector); {date}"
     )?;
-    writeln!(
-        out,
-        "command: {}cargo bench --bench simulate  (source: git {source})",
-        vars.concat()
-    )?;
+    writeln!(out, "command: {command}  (source: git {source})")?;
     writeln!(
         out,
         "{:<8} {:>5} {:>7} {:>14} {:>9} {:>20} {:>15} {:>15} {:>24} {:>16} {:>9}",

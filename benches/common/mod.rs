@@ -227,6 +227,33 @@ pub fn unix_ms() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// What a report's header says of its run: the command (with the given
+/// prefix's environment variables), the source measured (`git describe
+/// --always --dirty`: the work tree may differ from the commit) and the UTC
+/// date.
+pub fn run_header(env_prefix: &str, bench: &str) -> (String, String, String) {
+    let mut vars: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(env_prefix))
+        .map(|(k, v)| format!("{k}={v} "))
+        .collect();
+    vars.sort();
+    let command = format!("{}cargo bench --bench {bench}", vars.concat());
+    let out = |cmd: &mut Command| {
+        cmd.output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let source = out(Command::new("git").args([
+        "-C",
+        env!("CARGO_MANIFEST_DIR"),
+        "describe",
+        "--always",
+        "--dirty",
+    ]));
+    let date = out(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+    (command, source, date)
+}
+
 /// The directory a bench writes its report files to: `RIFTMESH_BENCH_RESULTS`
 /// when set (the report runner, `benches/report.py`, points every bench at its
 /// own scratch directory so a short run does not replace the kept reports),

@@ -945,23 +945,8 @@ impl Sim {
     /// Catch-up's answer arrives: the facts `h` lacked (stored, not
     /// gossiped again).
     fn on_facts(&mut self, h: Host, keys: Vec<FactKey>) {
-        let now = self.at();
         for key in keys {
-            if !self.hosts[h as usize].facts.insert(key) {
-                continue;
-            }
-            self.fact_at
-                .entry(key)
-                .or_default()
-                .entry(h)
-                .or_insert(self.now);
-            let f = Fact {
-                kind: kind_of(key.kind),
-                peer: self.ids[key.peer as usize],
-                name: name(key.peer),
-                incarnation: key.inc,
-            };
-            self.hosts[h as usize].det.fact(&f, now);
+            self.hold_fact(h, key);
         }
     }
 
@@ -1173,6 +1158,12 @@ impl Sim {
         for m in mesh {
             self.send(h, m, Msg::Fact { key, publisher });
         }
+        self.hold_fact(h, key);
+    }
+
+    /// `h` stores a fact it did not hold and feeds it to its detector (as
+    /// the agent's membership task follows its event log).
+    fn hold_fact(&mut self, h: Host, key: FactKey) {
         if !self.hosts[h as usize].facts.insert(key) {
             return;
         }
@@ -1181,14 +1172,18 @@ impl Sim {
             .or_default()
             .entry(h)
             .or_insert(self.now);
-        let f = Fact {
+        let f = self.fact_of(key);
+        let now = self.at();
+        self.hosts[h as usize].det.fact(&f, now);
+    }
+
+    fn fact_of(&self, key: FactKey) -> Fact {
+        Fact {
             kind: kind_of(key.kind),
             peer: self.ids[key.peer as usize],
             name: name(key.peer),
             incarnation: key.inc,
-        };
-        let now = self.at();
-        self.hosts[h as usize].det.fact(&f, now);
+        }
     }
 
     fn publish(&mut self, h: Host, f: Fact) {
@@ -1339,12 +1334,7 @@ impl Sim {
         keys.sort_by_key(|k| (k.peer, k.inc, k.kind));
         let now = self.at();
         for key in keys {
-            let f = Fact {
-                kind: kind_of(key.kind),
-                peer: self.ids[key.peer as usize],
-                name: name(key.peer),
-                incarnation: key.inc,
-            };
+            let f = self.fact_of(key);
             self.hosts[v as usize].det.fact(&f, now);
         }
         self.run_actions(v);
