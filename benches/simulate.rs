@@ -63,7 +63,8 @@ mod sim;
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use sim::{env, percentile, run_one, Plan, Topology};
+use common::percentile;
+use sim::{env, run_one, Plan, Topology};
 
 /// Median and max of a trial's times (nearest rank: with 10 trials a p99
 /// would be the max).

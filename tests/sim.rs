@@ -5,6 +5,8 @@
 //! fixed seed, no wall clock): these assert what the detector promises of
 //! a cluster, not how fast this machine is.
 
+#[path = "../benches/common/mod.rs"]
+mod common;
 #[path = "../benches/sim/mod.rs"]
 mod sim;
 

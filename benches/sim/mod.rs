@@ -19,6 +19,8 @@ use riftmesh::membership::detector::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::common::percentile;
+
 // ------------------------------------------------------------ wire sizes
 
 const PING_BYTES: u64 = 32;
@@ -95,7 +97,7 @@ enum Proc {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct FactKey {
-    kind: u8,
+    kind: FactKind,
     peer: Host,
     inc: u64,
 }
@@ -436,10 +438,10 @@ impl Sim {
         lo + h % (hi - lo + 1)
     }
 
-    /// TCP's delay for one segment: latency plus retransmissions.
-    fn transit(&mut self, a: Host, b: Host) -> u64 {
-        let mut d = self.latency(a, b);
-        let mut rto = RTO + 2 * self.latency(a, b);
+    /// Time lost to retransmissions of one packet: each loss costs the
+    /// current timeout, which doubles.
+    fn backoff(&mut self, first_rto: u64) -> u64 {
+        let (mut d, mut rto) = (0, first_rto);
         while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss.min(0.5)) {
             d += rto;
             rto *= 2;
@@ -447,15 +449,17 @@ impl Sim {
         d
     }
 
+    /// TCP's delay for one segment: latency plus retransmissions (Linux's
+    /// timeout: the 200 ms minimum plus the round trip).
+    fn transit(&mut self, a: Host, b: Host) -> u64 {
+        let lat = self.latency(a, b);
+        lat + self.backoff(RTO + 2 * lat)
+    }
+
     fn dial_time(&mut self, a: Host, b: Host) -> u64 {
-        let mut d = 0;
-        let mut rto = SYN_RTO;
-        while self.p.loss > 0.0 && self.rng.gen_bool(self.p.loss.min(0.5)) {
-            d += rto;
-            rto *= 2;
-        }
+        let syn = self.backoff(SYN_RTO);
         // SYN/SYN-ACK, then the private-network, Noise and Yamux handshakes.
-        d + 2 * self.latency(a, b) + 2 * self.transit(a, b)
+        syn + 2 * self.latency(a, b) + 2 * self.transit(a, b)
     }
 
     fn across(&self, a: Host, b: Host) -> bool {
@@ -586,13 +590,24 @@ impl Sim {
     fn transmit(&mut self, from: Host, to: Host, msg: Msg) {
         let sent = self.now;
         if self.across(from, to) {
-            self.stalled.entry((from, to)).or_insert(sent);
-            self.held.push((from, to, msg, sent));
+            self.hold(from, to, msg, sent);
             return;
         }
         let d = self.transit(from, to);
         let at = (self.now + d).max(self.fifo.get(&(from, to)).copied().unwrap_or(0));
         self.fifo.insert((from, to), at);
+        self.deliver_at(at, from, to, msg, sent);
+    }
+
+    /// A segment a partition stops: TCP retransmits it after the heal, its
+    /// stream's timer running from the first one that stalled.
+    fn hold(&mut self, from: Host, to: Host, msg: Msg, sent: u64) {
+        self.stalled.entry((from, to)).or_insert(sent);
+        self.held.push((from, to, msg, sent));
+    }
+
+    /// `msg` reaches `to` at `at`, for the life `to` is in now.
+    fn deliver_at(&mut self, at: u64, from: Host, to: Host, msg: Msg, sent: u64) {
         let life = self.hosts[to as usize].life;
         self.push(
             at - self.now,
@@ -607,7 +622,7 @@ impl Sim {
     }
 
     /// The partition ends: each stalled stream resumes at its next
-    /// retransmission (RTO 200 ms doubling from when it stalled), with
+    /// retransmission (the timeout doubling from when it stalled), with
     /// everything held on it, in order.
     fn heal(&mut self) {
         self.side = None;
@@ -638,17 +653,7 @@ impl Sim {
                 continue;
             }
             let at = resume[&(from, to)];
-            let life = self.hosts[to as usize].life;
-            self.push(
-                at - self.now,
-                Ev::Deliver {
-                    from,
-                    to,
-                    msg,
-                    sent,
-                    life,
-                },
-            );
+            self.deliver_at(at, from, to, msg, sent);
         }
     }
 
@@ -674,18 +679,8 @@ impl Sim {
         }
         if up == Proc::Crashed {
             // The kernel refuses: the request fails after one round trip.
-            let d = 2 * self.latency(from, to);
-            let life = self.hosts[from as usize].life;
-            self.push(
-                d,
-                Ev::Deliver {
-                    from: to,
-                    to: from,
-                    msg: Msg::Refused { probe },
-                    sent: self.now,
-                    life,
-                },
-            );
+            let at = self.now + 2 * self.latency(from, to);
+            self.deliver_at(at, to, from, Msg::Refused { probe }, self.now);
             return;
         }
         // An on-demand connection, modelled as closed after the request
@@ -697,18 +692,8 @@ impl Sim {
         let b = msg.bytes();
         self.hosts[from as usize].bytes_out += b;
         self.hosts[from as usize].msgs_out += 1;
-        let d = d + self.transit(from, to);
-        let life = self.hosts[to as usize].life;
-        self.push(
-            d,
-            Ev::Deliver {
-                from,
-                to,
-                msg,
-                sent: self.now,
-                life,
-            },
-        );
+        let at = self.now + d + self.transit(from, to);
+        self.deliver_at(at, from, to, msg, self.now);
     }
 
     fn run_until(&mut self, t: u64) {
@@ -970,10 +955,8 @@ impl Sim {
             return;
         }
         if self.across(from, to) {
-            // Cut off in flight: TCP retransmits it after the heal (its
-            // timer started when it was sent).
-            self.stalled.entry((from, to)).or_insert(sent);
-            self.held.push((from, to, msg, sent));
+            // Cut off in flight (its timer started when it was sent).
+            self.hold(from, to, msg, sent);
             return;
         }
         let linked = self.hosts[to as usize].links.contains(&from);
@@ -1029,7 +1012,7 @@ impl Sim {
                     .difference(&self.hosts[from as usize].facts)
                     .copied()
                     .collect();
-                keys.sort_by_key(|k| (k.peer, k.inc, k.kind));
+                keys.sort_by_key(|k| (k.peer, k.inc, k.kind as u8));
                 self.send(to, from, Msg::Facts { keys });
             }
             Msg::Facts { keys } => self.on_facts(to, keys),
@@ -1179,7 +1162,7 @@ impl Sim {
 
     fn fact_of(&self, key: FactKey) -> Fact {
         Fact {
-            kind: kind_of(key.kind),
+            kind: key.kind,
             peer: self.ids[key.peer as usize],
             name: name(key.peer),
             incarnation: key.inc,
@@ -1189,7 +1172,7 @@ impl Sim {
     fn publish(&mut self, h: Host, f: Fact) {
         let peer = self.index[&f.peer];
         let key = FactKey {
-            kind: kind_code(f.kind),
+            kind: f.kind,
             peer,
             inc: f.incarnation,
         };
@@ -1331,7 +1314,7 @@ impl Sim {
         // The agent replays its stored membership facts into the new
         // detector at start (membership::task, replay_cursor).
         let mut keys: Vec<FactKey> = s.facts.iter().copied().collect();
-        keys.sort_by_key(|k| (k.peer, k.inc, k.kind));
+        keys.sort_by_key(|k| (k.peer, k.inc, k.kind as u8));
         let now = self.at();
         for key in keys {
             let f = self.fact_of(key);
@@ -1365,7 +1348,7 @@ impl Sim {
     /// `inc`, or `limit` µs pass; returns each host's delay (None: missing).
     fn wait_offline(&mut self, v: Host, inc: u64, start: u64, limit: u64) -> Vec<Option<u64>> {
         let key = FactKey {
-            kind: kind_code(FactKind::Offline),
+            kind: FactKind::Offline,
             peer: v,
             inc,
         };
@@ -1399,26 +1382,6 @@ impl Sim {
             .iter()
             .map(|s| (s.bytes_in, s.bytes_out, s.msgs_in, s.msgs_out))
             .collect()
-    }
-}
-
-fn kind_code(k: FactKind) -> u8 {
-    match k {
-        FactKind::Online => 0,
-        FactKind::Suspect => 1,
-        FactKind::Offline => 2,
-        FactKind::Recovered => 3,
-        FactKind::Left => 4,
-    }
-}
-
-fn kind_of(c: u8) -> FactKind {
-    match c {
-        0 => FactKind::Online,
-        1 => FactKind::Suspect,
-        2 => FactKind::Offline,
-        3 => FactKind::Recovered,
-        _ => FactKind::Left,
     }
 }
 
@@ -1723,13 +1686,4 @@ pub fn run_one(plan: &Plan, n: usize, topology: Topology) -> Row {
     }
     row.wall_secs = wall.elapsed().as_secs_f64();
     row
-}
-
-/// Nearest-rank percentile (`p` in percent) of sorted values.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
