@@ -984,7 +984,12 @@ struct Counts {
     published: u64,
     duplicates: u64,
     stored: u64,
+    /// `riftmesh_store_commit_seconds` by step (stage, apply, sync): sum of
+    /// seconds and number of group commits.
+    steps: [(f64, f64); 3],
 }
+
+const STEPS: [&str; 3] = ["stage", "apply", "sync"];
 
 async fn agent_counts(
     client: &reqwest::Client,
@@ -1010,6 +1015,13 @@ async fn agent_counts(
         stored: status["store"]["events"]
             .as_u64()
             .context("no store.events in /v1/status")?,
+        steps: STEPS.map(|step| {
+            let f = format!("step=\"{step}\"");
+            (
+                common::metric(&text, "riftmesh_store_commit_seconds_sum", &f),
+                common::metric(&text, "riftmesh_store_commit_seconds_count", &f),
+            )
+        }),
     })
 }
 
@@ -1021,6 +1033,10 @@ struct ApiCell {
     /// What the agent counted over warm-up and run.
     published: u64,
     stored: u64,
+    /// Group commits over warm-up and run, and the mean time per group of
+    /// each commit step (stage, apply, sync), µs.
+    groups: u64,
+    step_us: [f64; 3],
 }
 
 impl ApiCell {
@@ -1031,6 +1047,10 @@ impl ApiCell {
             "run": self.run.json(), "warmup": self.warmup.json(),
             "agent_new_events": self.published, "agent_stored_events": self.stored,
             "answered_events": (self.run.requests + self.warmup.requests) * batch,
+            "group_commits": self.groups,
+            "commit_step_mean_us": {
+                "stage": self.step_us[0], "apply": self.step_us[1], "sync": self.step_us[2],
+            },
         })
     }
 }
@@ -1105,7 +1125,18 @@ async fn api_cell(env: &Env, driver: &Driver, k: usize) -> anyhow::Result<ApiCel
          grew by {stored}"
     );
     anyhow::ensure!(run.requests > 0, "no request answered");
+    let groups = after.steps[2].1 - before.steps[2].1;
+    let step_us = std::array::from_fn(|i| {
+        let n = after.steps[i].1 - before.steps[i].1;
+        if n > 0.0 {
+            (after.steps[i].0 - before.steps[i].0) / n * 1e6
+        } else {
+            0.0
+        }
+    });
     Ok(ApiCell {
+        groups: groups as u64,
+        step_us,
         tput: Tput {
             events: run.requests * batch,
             secs: run.secs,
@@ -1937,6 +1968,21 @@ fn main() {
             "store direct (a): the store's own rate for the same shape in (a) (1 publisher, 8 \
              publishers, batches of 100), no HTTP."
         );
+        for ((kind, _, batch), (a, _)) in API_CELLS.iter().zip(&api) {
+            if let Ok(c) = a {
+                let answered = (c.run.requests + c.warmup.requests) * batch;
+                println!(
+                    "(d) {kind}: request p50 {:.0} us; {:.1} events per group commit; a group's \
+                     commit steps, mean: stage {:.0} us, apply {:.0} us, sync {:.0} us \
+                     (riftmesh_store_commit_seconds)",
+                    c.run.p50_ms * 1e3,
+                    answered as f64 / c.groups.max(1) as f64,
+                    c.step_us[0],
+                    c.step_us[1],
+                    c.step_us[2]
+                );
+            }
+        }
         for ((kind, _, _), (a, r)) in API_CELLS.iter().zip(&api) {
             if let Err(e) = a {
                 println!("(d) riftmesh API, {kind}: FAILED: {e}");

@@ -334,6 +334,11 @@ fn open_store(
             "Completed durable commits of the agent's database (sled flush, then fdatasync), by what asked for them (events, raft, blob)",
             store.durable().syncs_family(),
         );
+    registry.sub_registry_with_prefix("riftmesh").register(
+        "store_commit_seconds",
+        "Time a group commit of the event store spends in each step: stage (dedup lookups, sealing and signing, building the batch), apply (the storage engine's batch apply), sync (its flush and the fdatasyncs)",
+        store.commit_steps(),
+    );
     store
         .durable()
         .spawn_watchdog(|msg| {

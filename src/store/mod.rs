@@ -33,6 +33,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::catchup::SourceMark;
 use crate::codec;
 use crate::durable::{Durable, DurableError};
+use crate::metrics::Labels;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use crate::event::{self, Draft, Event};
 
 use consumer::ConsumerChange;
@@ -196,6 +199,22 @@ enum Op {
     },
 }
 
+/// Time a group commit spends in each step (`riftmesh_store_commit_seconds`),
+/// labelled `step`: `stage` (dedup lookups, sealing and signing local
+/// events, building the batch), `apply` (sled's `apply_batch`), `sync` (the
+/// durable commit: sled's flush and the fdatasyncs). One observation per
+/// step per group that changed anything.
+pub type CommitSteps = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn commit_step_histogram() -> Histogram {
+    // 10 µs .. ~0.33 s.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 16))
+}
+
+pub(crate) fn new_commit_steps() -> CommitSteps {
+    Family::new_with_constructor(commit_step_histogram)
+}
+
 #[derive(Clone)]
 pub struct Store {
     tree: sled::Db,
@@ -205,6 +224,7 @@ pub struct Store {
     first: Arc<AtomicU64>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     durable: Durable,
+    steps: CommitSteps,
 }
 
 impl Store {
@@ -230,6 +250,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The histogram family `store_commit_seconds` (register it once).
+    pub fn commit_steps(&self) -> CommitSteps {
+        self.steps.clone()
     }
 
     /// The durability rule of this database, shared with the Raft and blob

@@ -53,6 +53,7 @@ impl Store {
             sources.insert(m.source.clone(), m);
         }
         let (tx, rx) = mpsc::channel(cfg.max_group * 2);
+        let steps = super::new_commit_steps();
         let mut writer = Writer {
             db: db.clone(),
             durable: durable.clone(),
@@ -69,6 +70,7 @@ impl Store {
             mark_written: None,
             head: head_tx,
             first: first.clone(),
+            steps: steps.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("riftmesh-store".into())
@@ -85,6 +87,7 @@ impl Store {
             first,
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
             durable,
+            steps,
         })
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::identity::Keypair;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -38,6 +38,7 @@ pub(super) struct Writer {
     pub(super) mark_written: Option<std::time::Instant>,
     pub(super) head: watch::Sender<u64>,
     pub(super) first: Arc<AtomicU64>,
+    pub(super) steps: super::CommitSteps,
 }
 
 /// What earlier requests of the same group staged.
@@ -144,6 +145,7 @@ impl Writer {
 
     /// Returns false when the group could not be made durable.
     fn commit_group(&mut self, ops: Vec<Op>) -> bool {
+        let started = Instant::now();
         let mut batch = sled::Batch::default();
         let mut replies: Vec<Reply> = Vec::new();
         // Hashes and consumers written earlier in this same group.
@@ -189,7 +191,7 @@ impl Writer {
             }
         }
         if dirty {
-            let err = self.apply_group(batch, &touched, saved).err().map(|e| {
+            let err = self.apply_group(batch, &touched, saved, started).err().map(|e| {
                 tracing::error!(error = %e, path = %self.mark_path.display(), "store commit failed");
                 StoreError::CommitFailed {
                     path: self.mark_path.with_file_name(""),
@@ -217,6 +219,7 @@ impl Writer {
         mut batch: sled::Batch,
         touched: &std::collections::HashSet<String>,
         saved: Saved,
+        started: Instant,
     ) -> Result<(), StoreError> {
         for src in touched {
             if let Some(m) = self.sources.get(src) {
@@ -229,6 +232,8 @@ impl Writer {
         batch.insert(M_SRC, &self.source_seq.to_be_bytes());
         batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
         batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
+        let applying = Instant::now();
+        self.observe("stage", applying - started);
         match self
             .durable
             .room()
@@ -247,7 +252,10 @@ impl Writer {
             // Applied in memory: keep the counters so no sequence is reused,
             // even if making it durable failed.
             Ok(()) => {
+                let syncing = Instant::now();
+                self.observe("apply", syncing - applying);
                 let r = self.sync();
+                self.observe("sync", syncing.elapsed());
                 if r.is_ok() {
                     // Wake long-polls only when the log grew (not on acks).
                     let head = self.next_seq - 1;
@@ -257,6 +265,12 @@ impl Writer {
                 r
             }
         }
+    }
+
+    fn observe(&self, step: &'static str, d: Duration) {
+        self.steps
+            .get_or_create(&crate::metrics::label("step", step))
+            .observe(d.as_secs_f64());
     }
 
     /// The durability point of a group: nothing is answered before it.
