@@ -29,6 +29,9 @@
 //! at most the time cap; 0 skips (d)), RIFTMESH_BENCH_API_DRIVER=reqwest (the
 //! in-process client instead of wrk; on a lone agent it gave the same rates
 //! within the noise, proto-notes/store.md),
+//! RIFTMESH_BENCH_PACE_MS (time between two publishes of (b), default 5),
+//! RIFTMESH_BENCH_DIR (where the stores live, default target/; a tmpfs such
+//! as /dev/shm takes the disk out of every figure),
 //! RIFTMESH_BENCH_ONLY=mesh (only (b), (c) and (d)), RIFTMESH_BENCH_RESULTS
 //! (directory of the JSON copy).
 
@@ -56,6 +59,7 @@ const PUBLISHERS: u64 = 8;
 const BATCH: u64 = 100;
 const DEFAULT_AGENTS: usize = 5;
 const DEFAULT_LATENCY_EVENTS: usize = 500;
+const DEFAULT_PACE_MS: u64 = 5;
 const DEFAULT_API_SECS: u64 = 5;
 const API_WARMUP_SECS: u64 = 1;
 const WARMUP_EVENTS: usize = 20;
@@ -125,6 +129,8 @@ struct Env {
     agents: usize,
     /// Events timed in (b).
     latency_events: usize,
+    /// Time between two publishes of (b), ms.
+    pace_ms: u64,
     /// Timed seconds of each (d) cell, after a warm-up of
     /// [`API_WARMUP_SECS`]; 0 skips (d).
     api_secs: u64,
@@ -137,7 +143,7 @@ impl Env {
         let d = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir_in(&self.root)
-            .expect("tempdir in target/");
+            .expect("tempdir in the bench's data directory");
         let p = d.path().to_path_buf();
         self.keep.lock().unwrap().push(d);
         p
@@ -585,7 +591,9 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
 
     // Full mesh: every agent has the others as connected peers (status), and
     // sees them subscribed to the events topic (peers).
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // A mesh of many agents on two CPUs forms more slowly.
+    let form_secs = 60 + agents_n as u64;
+    let deadline = Instant::now() + Duration::from_secs(form_secs);
     loop {
         let mut ready = true;
         let mut seen = Vec::new();
@@ -628,7 +636,7 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "mesh not formed within 60 s (peers/subscribed per agent: {seen:?})"
+            "mesh not formed within {form_secs} s (peers/subscribed per agent: {seen:?})"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -655,7 +663,7 @@ async fn mesh(env: &Env) -> anyhow::Result<MeshResult> {
     }
 
     let publish_url = format!("http://{}/v1/events", apis[0]);
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut tick = tokio::time::interval(Duration::from_millis(env.pace_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     // Warm-up: gossip mesh, connections of the HTTP pool, the long-polls.
@@ -1658,17 +1666,24 @@ fn main() {
         DEFAULT_LATENCY_EVENTS as u64,
     ) as usize)
         .max(1);
+    let pace_ms = num("RIFTMESH_BENCH_PACE_MS", DEFAULT_PACE_MS).max(1);
     // Whole seconds (wrk's -d), within the time cap.
     let api_secs = num("RIFTMESH_BENCH_API_SECS", DEFAULT_API_SECS).min((cap_secs as u64).max(1));
     let only_mesh = std::env::var("RIFTMESH_BENCH_ONLY").as_deref() == Ok("mesh");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-    std::fs::create_dir_all(&root).expect("target dir");
+    // RIFTMESH_BENCH_DIR: where the stores live (target/ by default). On a
+    // tmpfs (/dev/shm) fdatasync returns at once: the same run there and
+    // on the disk tells the disk's share of a figure.
+    let root = std::env::var_os("RIFTMESH_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    std::fs::create_dir_all(&root).expect("the bench's data directory");
     let env = Env {
         root: root.clone(),
         n,
         cap: Duration::from_secs_f64(cap_secs),
         agents,
         latency_events,
+        pace_ms,
         api_secs,
         keep: Mutex::new(Vec::new()),
     };
@@ -1850,7 +1865,7 @@ fn main() {
                     "p99": percentile(&pub_sorted, 99.0),
                     "max": pub_sorted.last().copied().unwrap_or(f64::NAN),
                 },
-                "agents": agents, "events": latency_events, "pace_ms": 5,
+                "agents": agents, "events": latency_events, "pace_ms": env.pace_ms,
                 "mesh_ready_secs": m.connect_secs, "rss_mb_per_agent": m.rss_mb,
             });
         }
@@ -1894,7 +1909,8 @@ fn main() {
     println!();
     println!(
         "riftmesh queue bench: N = {n} events per throughput cell, payload {payload_bytes} bytes, \
-         time cap {cap_secs} s per cell; {agents} agents, {latency_events} events paced 5 ms"
+         time cap {cap_secs} s per cell; {agents} agents, {latency_events} events paced {} ms",
+        env.pace_ms
     );
     print_table(&rows);
     let all: Vec<&Tput> = rm.iter().chain(&normal).chain(&full).collect();

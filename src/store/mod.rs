@@ -33,10 +33,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::catchup::SourceMark;
 use crate::codec;
 use crate::durable::{Durable, DurableError};
+use crate::event::{self, Draft, Event};
 use crate::metrics::Labels;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use crate::event::{self, Draft, Event};
 
 use consumer::ConsumerChange;
 pub use consumer::{ConsumerRec, DeadLetter, StartAt, LAG_SCAN};
