@@ -19,7 +19,8 @@
 //!     client, 8 clients >= Redis 8 clients, batches of 100 >= 5x (goal 10x)
 //!     the SQLite FULL 1-publisher rate of (a).
 //!
-//! Prints two plain-text tables and writes a JSON copy to target/bench-queue.json.
+//! Prints two plain-text tables and writes a JSON copy to target/bench-queue.json
+//! (RIFTMESH_BENCH_RESULTS moves it).
 //! Environment: RIFTMESH_BENCH_EVENTS (events per throughput measurement,
 //! default 20000), RIFTMESH_BENCH_MAX_SECS (time cap per throughput
 //! measurement, default 15; a measurement that hits it reports the events it
@@ -30,8 +31,10 @@
 //! in-process client instead of wrk; on a lone agent it gave the same rates
 //! within the noise, proto-notes/store.md),
 //! RIFTMESH_BENCH_PACE_MS (time between two publishes of (b), default 5),
-//! RIFTMESH_BENCH_DIR (where the stores live, default target/; a tmpfs such
-//! as /dev/shm takes the disk out of every figure),
+//! RIFTMESH_BENCH_QUEUE_DIR (where the stores, SQLite files, Redis files and
+//! the floors' sled live, default target/; on a tmpfs such as /dev/shm,
+//! where fdatasync returns at once, every figure is without the disk, and
+//! the report says so; everything stays there until the bench ends),
 //! RIFTMESH_BENCH_ONLY=mesh (only (b), (c) and (d)), RIFTMESH_BENCH_RESULTS
 //! (directory of the JSON copy).
 
@@ -997,7 +1000,9 @@ struct Counts {
     steps: [(f64, f64); 3],
 }
 
-const STEPS: [&str; 3] = ["stage", "apply", "sync"];
+const STEPS: [&str; 3] = ["prepare", "apply", "sync"];
+/// Index of the `sync` step in [`STEPS`]: one observation per group applied.
+const SYNC: usize = 2;
 
 async fn agent_counts(
     client: &reqwest::Client,
@@ -1041,9 +1046,10 @@ struct ApiCell {
     /// What the agent counted over warm-up and run.
     published: u64,
     stored: u64,
-    /// Group commits over warm-up and run, and the mean time per group of
-    /// each commit step (stage, apply, sync), µs.
+    /// Over the timed run only: group commits, new events, and the mean
+    /// time per group of each commit step (prepare, apply, sync), µs.
     groups: u64,
+    run_events: u64,
     step_us: [f64; 3],
 }
 
@@ -1055,9 +1061,10 @@ impl ApiCell {
             "run": self.run.json(), "warmup": self.warmup.json(),
             "agent_new_events": self.published, "agent_stored_events": self.stored,
             "answered_events": (self.run.requests + self.warmup.requests) * batch,
-            "group_commits": self.groups,
-            "commit_step_mean_us": {
-                "stage": self.step_us[0], "apply": self.step_us[1], "sync": self.step_us[2],
+            "run_group_commits": self.groups,
+            "run_new_events": self.run_events,
+            "run_commit_step_mean_us": {
+                "prepare": self.step_us[0], "apply": self.step_us[1], "sync": self.step_us[2],
             },
         })
     }
@@ -1107,6 +1114,7 @@ async fn api_cell(env: &Env, driver: &Driver, k: usize) -> anyhow::Result<ApiCel
         }
     };
     let warmup = drive("w", API_WARMUP_SECS).await?;
+    let mid = agent_counts(&client, &api, &metrics).await?;
     let run = drive("r", env.api_secs).await?;
     let after = agent_counts(&client, &api, &metrics).await?;
     drop(agents);
@@ -1133,17 +1141,19 @@ async fn api_cell(env: &Env, driver: &Driver, k: usize) -> anyhow::Result<ApiCel
          grew by {stored}"
     );
     anyhow::ensure!(run.requests > 0, "no request answered");
-    let groups = after.steps[2].1 - before.steps[2].1;
+    // The commit steps over the timed run only, as its rate and latency.
+    let groups = after.steps[SYNC].1 - mid.steps[SYNC].1;
+    anyhow::ensure!(
+        groups > 0.0,
+        "no riftmesh_store_commit_seconds observation during the run"
+    );
     let step_us = std::array::from_fn(|i| {
-        let n = after.steps[i].1 - before.steps[i].1;
-        if n > 0.0 {
-            (after.steps[i].0 - before.steps[i].0) / n * 1e6
-        } else {
-            0.0
-        }
+        let n = after.steps[i].1 - mid.steps[i].1;
+        (after.steps[i].0 - mid.steps[i].0) / n.max(1.0) * 1e6
     });
     Ok(ApiCell {
         groups: groups as u64,
+        run_events: after.published - mid.published,
         step_us,
         tput: Tput {
             events: run.requests * batch,
@@ -1670,10 +1680,10 @@ fn main() {
     // Whole seconds (wrk's -d), within the time cap.
     let api_secs = num("RIFTMESH_BENCH_API_SECS", DEFAULT_API_SECS).min((cap_secs as u64).max(1));
     let only_mesh = std::env::var("RIFTMESH_BENCH_ONLY").as_deref() == Ok("mesh");
-    // RIFTMESH_BENCH_DIR: where the stores live (target/ by default). On a
-    // tmpfs (/dev/shm) fdatasync returns at once: the same run there and
-    // on the disk tells the disk's share of a figure.
-    let root = std::env::var_os("RIFTMESH_BENCH_DIR")
+    // Where the stores live (target/ by default). On a tmpfs (/dev/shm)
+    // fdatasync returns at once: the same run there and on the disk tells
+    // the disk's share of a figure.
+    let root = std::env::var_os("RIFTMESH_BENCH_QUEUE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
     std::fs::create_dir_all(&root).expect("the bench's data directory");
@@ -1889,7 +1899,7 @@ fn main() {
 
     // Cost floors that bound the (a) rows on this machine, measured here.
     if !only_mesh {
-        let (sign_us, commit_us) = floors();
+        let (sign_us, commit_us) = floors(&env.root);
         rows.push(plain(
             "(a) floor: ed25519 sign per event",
             format!("{sign_us:.1} us"),
@@ -1984,15 +1994,16 @@ fn main() {
             "store direct (a): the store's own rate for the same shape in (a) (1 publisher, 8 \
              publishers, batches of 100), no HTTP."
         );
-        for ((kind, _, batch), (a, _)) in API_CELLS.iter().zip(&api) {
+        for ((kind, clients, _), (a, _)) in API_CELLS.iter().zip(&api) {
             if let Ok(c) = a {
-                let answered = (c.run.requests + c.warmup.requests) * batch;
+                // Mean time a request is open: clients over requests per second.
+                let mean_us = *clients as f64 * c.run.secs / c.run.requests.max(1) as f64 * 1e6;
                 println!(
-                    "(d) {kind}: request p50 {:.0} us; {:.1} events per group commit; a group's \
-                     commit steps, mean: stage {:.0} us, apply {:.0} us, sync {:.0} us \
-                     (riftmesh_store_commit_seconds)",
+                    "(d) {kind}, timed run: request mean {mean_us:.0} us (p50 {:.0} us); {:.1} \
+                     events per group commit; a group's commit steps, mean: prepare {:.0} us, \
+                     apply {:.0} us, sync {:.0} us (riftmesh_store_commit_seconds)",
                     c.run.p50_ms * 1e3,
-                    answered as f64 / c.groups.max(1) as f64,
+                    c.run_events as f64 / c.groups as f64,
                     c.step_us[0],
                     c.step_us[1],
                     c.step_us[2]
@@ -2030,9 +2041,22 @@ fn main() {
             load_start[0]
         );
     }
+    let tmpfs = on_tmpfs(&root);
+    println!(
+        "stores, SQLite and Redis files in {}{}",
+        root.display(),
+        if tmpfs {
+            " (a tmpfs: fdatasync returns at once, so no figure here includes the disk and \
+             the durable rows are not durable; compare with a run on the disk)"
+        } else {
+            ""
+        }
+    );
     println!("total bench time {:.0} s", started.elapsed().as_secs_f64());
 
     let out = json!({
+        "data_dir": root.display().to_string(),
+        "data_dir_is_tmpfs": tmpfs,
         "events": n,
         "payload_bytes": payload_bytes,
         "time_cap_secs": cap_secs,
@@ -2051,7 +2075,8 @@ fn main() {
         "loaded_at_start": loaded,
         "total_secs": started.elapsed().as_secs_f64(),
     });
-    let path = common::results_dir(root.clone()).join("bench-queue.json");
+    let path = common::results_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench-queue.json");
     let _ = std::fs::create_dir_all(path.parent().unwrap_or(&root));
     match std::fs::write(
         &path,
@@ -2072,10 +2097,22 @@ fn main() {
     }
 }
 
+/// Whether `p` is on a tmpfs (where fdatasync does not reach a disk).
+fn on_tmpfs(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a writable statfs.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == TMPFS_MAGIC }
+}
+
 /// Two floors under the durable publish rows: the Ed25519 signature every
 /// local event carries, and one sled commit of a single small key (apply,
 /// sled flush, fdatasync of its file) as the store does per group.
-fn floors() -> (f64, f64) {
+fn floors(root: &Path) -> (f64, f64) {
     let key = Keypair::generate_ed25519();
     let msg = vec![5u8; 400];
     let n = 5000;
@@ -2085,7 +2122,7 @@ fn floors() -> (f64, f64) {
     }
     let sign_us = t.elapsed().as_secs_f64() / n as f64 * 1e6;
 
-    let dir = tempfile::tempdir_in("target").expect("tempdir");
+    let dir = tempfile::tempdir_in(root).expect("tempdir");
     let db = sled::Config::new().path(dir.path()).open().expect("sled");
     let file = std::fs::File::open(dir.path().join("db")).expect("db file");
     let commits = 1000u64;

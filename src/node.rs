@@ -336,7 +336,7 @@ fn open_store(
         );
     registry.sub_registry_with_prefix("riftmesh").register(
         "store_commit_seconds",
-        "Time a group commit of the event store spends in each step: stage (dedup lookups, sealing and signing, building the batch), apply (the storage engine's batch apply), sync (its flush and the fdatasyncs)",
+        "Time a group commit of the event store spends in each step, per group applied: prepare (on the writer thread: dedup lookups, sealing and signing, building the batch), apply (the storage engine's batch apply), sync (its flush and the fdatasyncs)",
         store.commit_steps(),
     );
     store

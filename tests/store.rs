@@ -331,7 +331,7 @@ async fn every_acknowledged_write_was_synced_first() {
     assert_eq!(d.syncs(What::Raft), 0);
 }
 
-/// Every group commit that changed something is timed in each of its three
+/// Every group commit applied to the database is timed in each of its three
 /// steps (`riftmesh_store_commit_seconds{step}`), once per group: the
 /// figures an operator reads to tell a slow disk from a busy CPU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,14 +344,22 @@ async fn every_commit_is_timed_by_step() {
     let s = open(dir.path(), &key);
     let mut reg = Registry::default();
     reg.register("store_commit_seconds", "", s.commit_steps());
-    let count = |reg: &Registry, step: &str| -> u64 {
+    // (observations, sum of seconds) of one step.
+    let step = |reg: &Registry, step: &str| -> (u64, f64) {
         let mut text = String::new();
         encode(&mut text, reg).unwrap();
-        let prefix = format!("store_commit_seconds_count{{step=\"{step}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .map_or(0, |v| v.trim().parse().unwrap())
+        let value = |series: &str| {
+            let prefix = format!("store_commit_seconds_{series}{{step=\"{step}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(|v| v.trim().to_string())
+        };
+        (
+            value("count").map_or(0, |v| v.parse().unwrap()),
+            value("sum").map_or(0.0, |v| v.parse().unwrap()),
+        )
     };
+    let started = std::time::Instant::now();
     let syncs = s.durable().syncs(What::Events);
     for i in 0..5 {
         s.append_local(vec![draft("T", i)]).await.unwrap();
@@ -359,13 +367,23 @@ async fn every_commit_is_timed_by_step() {
     s.upsert_consumer("c", None, Some(StartAt::Start))
         .await
         .unwrap();
-    // A duplicate stages and commits a group too (nothing new in it but the
-    // counters), so it is timed as well.
-    s.append_local(vec![draft("T", 0)]).await.unwrap();
+    // A duplicate is a group too (nothing new in it but the counters):
+    // applied, synced and timed like the others.
+    let dup = s.append_local(vec![draft("T", 0)]).await.unwrap();
+    assert!(matches!(dup[0], Appended::Duplicate { .. }), "{dup:?}");
+    let elapsed = started.elapsed().as_secs_f64();
     let groups = s.durable().syncs(What::Events) - syncs;
     assert_eq!(groups, 7, "one durable commit per request here");
-    for step in ["stage", "apply", "sync"] {
-        assert_eq!(count(&reg, step), groups, "step {step}");
+    let mut total = 0.0;
+    for name in ["prepare", "apply", "sync"] {
+        let (n, sum) = step(&reg, name);
+        assert_eq!(n, groups, "observations of step {name}");
+        assert!(sum > 0.0, "step {name} timed as zero");
+        total += sum;
     }
+    assert!(
+        total <= elapsed,
+        "the steps add up to {total} s, more than the {elapsed} s the requests took"
+    );
     s.close();
 }

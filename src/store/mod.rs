@@ -200,19 +200,50 @@ enum Op {
 }
 
 /// Time a group commit spends in each step (`riftmesh_store_commit_seconds`),
-/// labelled `step`: `stage` (dedup lookups, sealing and signing local
-/// events, building the batch), `apply` (sled's `apply_batch`), `sync` (the
+/// labelled `step`: `prepare` (on the writer thread: dedup lookups, sealing
+/// and signing local drafts, building the batch; drafts are built and
+/// hashed before, by the API), `apply` (sled's `apply_batch`), `sync` (the
 /// durable commit: sled's flush and the fdatasyncs). One observation per
-/// step per group that changed anything.
+/// step per group applied to the database (a group refused before that is
+/// not timed; retention passes are not timed).
 pub type CommitSteps = Family<Labels, Histogram, fn() -> Histogram>;
 
 fn commit_step_histogram() -> Histogram {
-    // 10 µs .. ~0.33 s.
-    Histogram::new(exponential_buckets(1e-5, 2.0, 16))
+    // 10 µs .. ~10.5 s: a commit may take up to the commit timeout (10 s).
+    Histogram::new(exponential_buckets(1e-5, 2.0, 21))
 }
 
 pub(crate) fn new_commit_steps() -> CommitSteps {
     Family::new_with_constructor(commit_step_histogram)
+}
+
+/// The three histograms of [`CommitSteps`], looked up once: the writer
+/// observes them without building labels or locking the family.
+pub(crate) struct StepTimers {
+    prepare: Histogram,
+    apply: Histogram,
+    sync: Histogram,
+}
+
+impl StepTimers {
+    pub(crate) fn new(family: &CommitSteps) -> Self {
+        let get = |step: &str| {
+            family
+                .get_or_create(&crate::metrics::label("step", step))
+                .clone()
+        };
+        StepTimers {
+            prepare: get("prepare"),
+            apply: get("apply"),
+            sync: get("sync"),
+        }
+    }
+
+    pub(crate) fn observe(&self, prepare: Duration, apply: Duration, sync: Duration) {
+        self.prepare.observe(prepare.as_secs_f64());
+        self.apply.observe(apply.as_secs_f64());
+        self.sync.observe(sync.as_secs_f64());
+    }
 }
 
 #[derive(Clone)]

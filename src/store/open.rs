@@ -70,7 +70,7 @@ impl Store {
             mark_written: None,
             head: head_tx,
             first: first.clone(),
-            steps: steps.clone(),
+            steps: super::StepTimers::new(&steps),
         };
         let handle = std::thread::Builder::new()
             .name("riftmesh-store".into())

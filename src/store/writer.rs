@@ -38,7 +38,7 @@ pub(super) struct Writer {
     pub(super) mark_written: Option<std::time::Instant>,
     pub(super) head: watch::Sender<u64>,
     pub(super) first: Arc<AtomicU64>,
-    pub(super) steps: super::CommitSteps,
+    pub(super) steps: super::StepTimers,
 }
 
 /// What earlier requests of the same group staged.
@@ -232,18 +232,20 @@ impl Writer {
         batch.insert(M_SRC, &self.source_seq.to_be_bytes());
         batch.insert(M_BYTES, &self.log_bytes.to_be_bytes());
         batch.insert(M_DEDUP, &self.dedup_count.to_be_bytes());
-        let applying = Instant::now();
-        self.observe("stage", applying - started);
-        match self
+        let prepared = started.elapsed();
+        let applied = self
             .durable
             .room()
             .map_err(StoreError::from)
             .and_then(|()| {
-                self.db.apply_batch(batch).map_err(|e| {
+                let applying = Instant::now();
+                let r = self.db.apply_batch(batch).map_err(|e| {
                     self.durable.write_failed(&e);
                     StoreError::from(e)
-                })
-            }) {
+                });
+                r.map(|()| applying.elapsed())
+            });
+        match applied {
             Err(e) => {
                 // Nothing applied: the sequence numbers are free again.
                 saved.restore(self);
@@ -251,11 +253,11 @@ impl Writer {
             }
             // Applied in memory: keep the counters so no sequence is reused,
             // even if making it durable failed.
-            Ok(()) => {
+            Ok(apply) => {
                 let syncing = Instant::now();
-                self.observe("apply", syncing - applying);
                 let r = self.sync();
-                self.observe("sync", syncing.elapsed());
+                // Timed only when applied; a failed sync took its time too.
+                self.steps.observe(prepared, apply, syncing.elapsed());
                 if r.is_ok() {
                     // Wake long-polls only when the log grew (not on acks).
                     let head = self.next_seq - 1;
@@ -265,12 +267,6 @@ impl Writer {
                 r
             }
         }
-    }
-
-    fn observe(&self, step: &'static str, d: Duration) {
-        self.steps
-            .get_or_create(&crate::metrics::label("step", step))
-            .observe(d.as_secs_f64());
     }
 
     /// The durability point of a group: nothing is answered before it.
