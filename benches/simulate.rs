@@ -55,7 +55,9 @@
 //! RIFTMESH_SIM_SEED (1); the design's knobs: RIFTMESH_SIM_FANOUT (3),
 //! RIFTMESH_SIM_RECORD_RATE (10 record versions per 5 s cluster-wide),
 //! RIFTMESH_SIM_PUBLISH_JITTER_MS (0: a verdict about another host is
-//! published at once, as the agent does).
+//! published at once, as the agent does), RIFTMESH_SIM_HELPERS (`near`: the
+//! bounded design's helpers are the suspect's ring neighbours; `linked`:
+//! random members linked to the prober, the agent's choice today).
 //! Writes benches/results/simulate.txt and simulate.json.
 mod common;
 mod sim;
@@ -108,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         kills: env("RIFTMESH_SIM_KILLS", 10),
         heal_max: env("RIFTMESH_SIM_HEAL_MAX", 1000),
         seed: env("RIFTMESH_SIM_SEED", 1),
+        linked_helpers: std::env::var("RIFTMESH_SIM_HELPERS").as_deref() == Ok("linked"),
     };
     let started = Instant::now();
     let mut rows = Vec::new();

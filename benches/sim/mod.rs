@@ -16,8 +16,8 @@ use rand::{Rng, SeedableRng};
 use riftmesh::membership::detector::{
     Action, Detector, DetectorConfig, Fact, FactKind, Failure, State,
 };
+use riftmesh::membership::ring::ring_key;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::common::percentile;
 
@@ -84,6 +84,20 @@ struct Params {
     /// Upper bound of the random delay before a verdict about another host
     /// is published (µs; 0: at once, as the agent does today).
     publish_jitter: u64,
+    /// Helpers are the suspect's ring neighbours
+    /// (`DetectorConfig::helpers_near_target`), not random linked members.
+    helpers_near: bool,
+}
+
+impl Params {
+    /// The detector every host runs: the agent's defaults, with helpers
+    /// chosen as the topology asks.
+    fn detector(&self) -> DetectorConfig {
+        DetectorConfig {
+            helpers_near_target: self.helpers_near,
+            ..DetectorConfig::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -329,10 +343,6 @@ fn name(h: Host) -> String {
     format!("h{h:05}")
 }
 
-fn ring_key(id: &PeerId) -> [u8; 32] {
-    Sha256::digest(id.to_bytes()).into()
-}
-
 impl Sim {
     fn new(p: Params) -> Sim {
         let mut rng = StdRng::seed_from_u64(p.seed);
@@ -351,7 +361,7 @@ impl Sim {
             .enumerate()
             .map(|(i, id)| (*id, i as Host))
             .collect();
-        let cfg = DetectorConfig::default();
+        let cfg = p.detector();
         let hosts = (0..p.n)
             .map(|i| HostState {
                 det: Detector::new(cfg.clone(), ids[i], name(i as Host), 1, p.seed ^ i as u64),
@@ -1294,7 +1304,7 @@ impl Sim {
     /// links dialled again, HOST_ONLINE.
     fn restart(&mut self, v: Host, links: &[Host]) {
         let inc = self.hosts[v as usize].inc + 1;
-        let cfg = DetectorConfig::default();
+        let cfg = self.p.detector();
         let seed = self.rng.gen();
         let s = &mut self.hosts[v as usize];
         s.proc = Proc::Up;
@@ -1608,6 +1618,9 @@ pub struct Plan {
     pub kills: usize,
     pub heal_max: usize,
     pub seed: u64,
+    /// `bounded` with the agent's helper choice today (random members
+    /// linked to the prober) instead of the suspect's ring neighbours.
+    pub linked_helpers: bool,
 }
 
 pub fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -1617,7 +1630,7 @@ pub fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
         .unwrap_or(d)
 }
 
-fn params(n: usize, topology: Topology, loss: f64, seed: u64) -> Params {
+fn params(plan: &Plan, n: usize, topology: Topology, loss: f64, seed: u64) -> Params {
     Params {
         n,
         topology,
@@ -1630,6 +1643,9 @@ fn params(n: usize, topology: Topology, loss: f64, seed: u64) -> Params {
         seed,
         record_rate: env("RIFTMESH_SIM_RECORD_RATE", RECORD_VERSIONS_PER_INTERVAL).max(1),
         publish_jitter: env("RIFTMESH_SIM_PUBLISH_JITTER_MS", 0u64) * 1000,
+        // The bounded design asks the suspect's ring neighbours (they hold
+        // a link to it).
+        helpers_near: topology == Topology::Bounded && !plan.linked_helpers,
     }
 }
 
@@ -1640,7 +1656,7 @@ pub fn run_one(plan: &Plan, n: usize, topology: Topology) -> Row {
         n,
         ..Row::default()
     };
-    let mut sim = Sim::new(params(n, topology, 0.0, plan.seed));
+    let mut sim = Sim::new(params(plan, n, topology, 0.0, plan.seed));
     sim.run_until(WARMUP);
     idle(&mut sim, &mut row, 60);
     sim.reset_counts();
@@ -1654,7 +1670,7 @@ pub fn run_one(plan: &Plan, n: usize, topology: Topology) -> Row {
     );
     if plan.loss_secs > 0 && n <= plan.loss_max {
         let t = Instant::now();
-        let mut sim = Sim::new(params(n, topology, plan.loss, plan.seed + 1));
+        let mut sim = Sim::new(params(plan, n, topology, plan.loss, plan.seed + 1));
         sim.run_until(WARMUP);
         sim.reset_counts();
         sim.run_until(sim.now + plan.loss_secs * 1_000_000);
@@ -1675,7 +1691,7 @@ pub fn run_one(plan: &Plan, n: usize, topology: Topology) -> Row {
     }
     if n <= plan.heal_max {
         let t = Instant::now();
-        let mut sim = Sim::new(params(n, topology, 0.0, plan.seed + 2));
+        let mut sim = Sim::new(params(plan, n, topology, 0.0, plan.seed + 2));
         sim.run_until(WARMUP);
         row.heal = Some(partition(&mut sim, 30));
         eprintln!(

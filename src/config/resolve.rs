@@ -374,6 +374,7 @@ impl Sources<'_> {
                 dflt.forget_after,
             )?,
             tick: dflt.tick,
+            helpers_near_target: dflt.helpers_near_target,
         };
         for (key, d) in [
             ("health_interval", health_interval),

@@ -40,6 +40,13 @@ pub struct DetectorConfig {
     /// Expected time between ticks; a tick this many times late means the
     /// agent itself stalled, and silence is not held against anyone.
     pub tick: Duration,
+    /// Ask the suspect's nearest ring neighbours (membership::ring) to probe
+    /// it, whether or not this agent holds a connection to them, instead of
+    /// random members it is connected to. For the bounded design, where only
+    /// a suspect's ring neighbours are sure to hold a connection to it (a
+    /// helper that must dial the suspect can lose its SYN and run out its
+    /// whole deadline); off while every agent connects to every other.
+    pub helpers_near_target: bool,
 }
 
 impl Default for DetectorConfig {
@@ -52,6 +59,7 @@ impl Default for DetectorConfig {
             suspect_max: Duration::from_secs(5),
             forget_after: Duration::from_secs(24 * 3600),
             tick: Duration::from_millis(250),
+            helpers_near_target: false,
         }
     }
 }
@@ -481,14 +489,23 @@ impl Detector {
     }
 
     fn ask_helpers(&mut self, target: PeerId, now: Instant) {
+        let near = self.cfg.helpers_near_target;
         let mut pool: Vec<PeerId> = self
             .members
             .values()
-            .filter(|m| m.peer != target && m.state == State::Alive && m.connected)
+            .filter(|m| m.peer != target && m.state == State::Alive && (near || m.connected))
             .map(|m| m.peer)
             .collect();
         pool.sort();
-        pool.shuffle(&mut self.rng);
+        if near {
+            // This agent is on the ring too but cannot help itself.
+            pool.push(self.self_id);
+            let per_side = self.cfg.indirect_probes.div_ceil(2);
+            pool = super::ring::ring_neighbours(&target, &pool, per_side);
+            pool.retain(|p| *p != self.self_id);
+        } else {
+            pool.shuffle(&mut self.rng);
+        }
         pool.truncate(self.cfg.indirect_probes);
         let deadline = now + self.cfg.probe_timeout * 2;
         let others = self
@@ -777,6 +794,37 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn with_helpers_near_target_the_suspects_ring_neighbours_are_asked() {
+        let cfg = DetectorConfig {
+            helpers_near_target: true,
+            ..Default::default()
+        };
+        let mut t = T::new(cfg);
+        let x = t.join("x", 5, 0);
+        let others: Vec<PeerId> = (0..12).map(|i| t.join(&format!("h{i}"), 1, 0)).collect();
+        // Members this agent holds no connection to are asked too.
+        t.d.disconnected(others[0], t.at(50));
+        t.d.take_actions();
+        t.d.disconnected(x, t.at(100));
+        assert_eq!(t.d.take_actions(), vec![Action::ProbeDirect(x)]);
+        t.d.probe_result(x, Err(Failure::Silent), t.at(110));
+        let asked = match t.d.take_actions().pop() {
+            Some(Action::ProbeIndirect { target, helpers }) => {
+                assert_eq!(target, x);
+                helpers
+            }
+            other => panic!("expected indirect probes, got {other:?}"),
+        };
+        // The ring includes this agent, which cannot help itself.
+        let mut ring = others.clone();
+        ring.push(t.d.self_id);
+        let mut want = crate::membership::ring::ring_neighbours(&x, &ring, 2);
+        want.retain(|p| *p != t.d.self_id);
+        want.truncate(3);
+        assert_eq!(asked, want);
     }
 
     #[test]

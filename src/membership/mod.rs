@@ -10,6 +10,7 @@ pub mod health;
 pub mod idle;
 mod incarnation;
 mod probe;
+pub mod ring;
 mod sampling;
 mod task;
 
