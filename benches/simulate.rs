@@ -110,7 +110,11 @@ fn main() -> anyhow::Result<()> {
         kills: env("RIFTMESH_SIM_KILLS", 10),
         heal_max: env("RIFTMESH_SIM_HEAL_MAX", 1000),
         seed: env("RIFTMESH_SIM_SEED", 1),
-        linked_helpers: std::env::var("RIFTMESH_SIM_HELPERS").as_deref() == Ok("linked"),
+        linked_helpers: match std::env::var("RIFTMESH_SIM_HELPERS").as_deref() {
+            Err(_) | Ok("near") => false,
+            Ok("linked") => true,
+            Ok(other) => panic!("RIFTMESH_SIM_HELPERS={other}: `near` or `linked`"),
+        },
     };
     let started = Instant::now();
     let mut rows = Vec::new();

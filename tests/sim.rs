@@ -89,16 +89,16 @@ fn both_sides_of_a_healed_partition_hold_everyone_alive_again() {
 /// The bounded design under the same 20 % loss: helpers chosen among the
 /// prober's links must often dial a suspect they hold no connection to, and
 /// a lost SYN costs them 1 s, their whole probe deadline, so they confirm a
-/// live host; the suspect's ring neighbours hold a connection to it
-/// (`DetectorConfig::helpers_near_target`). Over seeds 1 to 6 the ring
-/// neighbours must bury at most half as many live hosts, and some must
-/// have been buried with linked helpers (what the comparison rests on).
-/// Measured over seeds 1 to 20: 44 burials with linked helpers, 9 with
-/// ring neighbours, 2 in a full mesh (proto-notes/membership.md).
+/// live host. The suspect's ring neighbours
+/// (`DetectorConfig::helpers_near_target`) hold a connection to it; the
+/// prober may have to dial them instead, and a helper it cannot reach gives
+/// no answer, not a confirmation. Over seeds 1 to 6 the ring neighbours
+/// must bury at most half as many live hosts, and some must have been
+/// buried with linked helpers (what the comparison rests on).
 #[test]
 fn in_the_bounded_design_ring_neighbours_as_helpers_bury_fewer_live_hosts_under_loss() {
-    let buried = |linked: bool| -> (u64, u64) {
-        let (mut buried, mut rounds) = (0, 0);
+    let buried = |linked: bool| -> u64 {
+        let mut buried = 0;
         for seed in 1..=6 {
             let p = Plan {
                 seed,
@@ -108,17 +108,14 @@ fn in_the_bounded_design_ring_neighbours_as_helpers_bury_fewer_live_hosts_under_
             let l = run_one(&p, 50, Topology::Bounded)
                 .loss
                 .expect("the lossy run ran");
+            // Each run exercised the detector.
+            assert!(l.helper_rounds > 600, "seed {seed}, linked {linked}: {l:?}");
             buried += l.false_offline;
-            rounds += l.helper_rounds;
         }
-        (buried, rounds)
+        buried
     };
-    let (linked, linked_rounds) = buried(true);
-    let (near, near_rounds) = buried(false);
-    assert!(
-        linked_rounds > 600 && near_rounds > 600,
-        "{linked_rounds} {near_rounds}"
-    );
+    let linked = buried(true);
+    let near = buried(false);
     assert!(
         linked >= 4,
         "linked helpers buried {linked}: the run shows nothing"

@@ -306,6 +306,9 @@ struct Sim {
     hosts: Vec<HostState>,
     ids: Vec<PeerId>,
     index: HashMap<PeerId, Host>,
+    /// `bounded`: the hosts in ring order, and each host's position in it.
+    ring_order: Vec<Host>,
+    ring_pos: Vec<usize>,
     rng: StdRng,
     next_probe: u64,
     /// Partition: host -> side; while set, segments across wait in `held`
@@ -401,6 +404,8 @@ impl Sim {
             hosts,
             ids,
             index,
+            ring_order: Vec::new(),
+            ring_pos: Vec::new(),
             rng,
             next_probe: 1,
             side: None,
@@ -492,6 +497,11 @@ impl Sim {
             Topology::Bounded => {
                 let mut order: Vec<Host> = (0..n as Host).collect();
                 order.sort_by_key(|&h| ring_key(&self.ids[h as usize]));
+                self.ring_pos = vec![0; n];
+                for (i, &h) in order.iter().enumerate() {
+                    self.ring_pos[h as usize] = i;
+                }
+                self.ring_order = order.clone();
                 for (i, &a) in order.iter().enumerate() {
                     for k in 1..=self.p.ring.min(n - 1) {
                         pairs.push((a, order[(i + k) % n]));
@@ -526,12 +536,51 @@ impl Sim {
                 let jitter = self.rng.gen_range(0..PING_EVERY);
                 self.start_pings(h, l, jitter);
             }
+            self.know_ring_of_links(h);
             let j = self.rng.gen_range(0..TICK);
             self.push(j, Ev::Tick(h));
             let j = self.rng.gen_range(0..HEALTH_EVERY);
             self.push(j, Ev::Health(h));
             let j = self.rng.gen_range(0..CATCHUP_EVERY);
             self.push(j, Ev::Catchup(h));
+        }
+    }
+
+    /// `bounded`: the members `h` holds besides its links. In the design
+    /// every host holds every member (joins arrive as facts, records by
+    /// gossip); what the detector's choice of helpers reads of that table
+    /// is the ring around each member it may probe, its links: their
+    /// nearest ring neighbours on each side, as many as it would ask. Only
+    /// those are entered (not every member: 5,000 tables of 5,000), so the
+    /// helpers are the ones a full table would give.
+    fn know_ring_of_links(&mut self, h: Host) {
+        let mut links: Vec<Host> = self.hosts[h as usize].links.iter().copied().collect();
+        links.sort();
+        for l in links {
+            self.know_ring_of(h, l);
+        }
+    }
+
+    /// [`Sim::know_ring_of_links`] for one link `l` of `h`.
+    fn know_ring_of(&mut self, h: Host, l: Host) {
+        if !self.p.helpers_near {
+            return;
+        }
+        let n = self.ring_order.len();
+        let per_side = self.p.detector().helpers_per_side();
+        let now = self.at();
+        let at = self.ring_pos[l as usize];
+        for i in 1..=per_side.min(n / 2) {
+            for q in [
+                self.ring_order[(at + i) % n],
+                self.ring_order[(at + n - i) % n],
+            ] {
+                let up = self.hosts[q as usize].proc == Proc::Up;
+                if up && q != h && !self.hosts[h as usize].links.contains(&q) {
+                    let (id, inc) = (self.ids[q as usize], self.hosts[q as usize].inc);
+                    self.hosts[h as usize].det.record(id, &name(q), inc, now);
+                }
+            }
         }
     }
 
@@ -834,6 +883,7 @@ impl Sim {
                         let now = self.at();
                         let id = self.ids[b as usize];
                         self.hosts[a as usize].det.connected(id, now);
+                        self.know_ring_of(a, b);
                     }
                     self.start_pings(a, b, PING_EVERY);
                     self.choose_mesh(a);

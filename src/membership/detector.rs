@@ -40,13 +40,29 @@ pub struct DetectorConfig {
     /// Expected time between ticks; a tick this many times late means the
     /// agent itself stalled, and silence is not held against anyone.
     pub tick: Duration,
-    /// Ask the suspect's nearest ring neighbours (membership::ring) to probe
-    /// it, whether or not this agent holds a connection to them, instead of
-    /// random members it is connected to. For the bounded design, where only
-    /// a suspect's ring neighbours are sure to hold a connection to it (a
-    /// helper that must dial the suspect can lose its SYN and run out its
-    /// whole deadline); off while every agent connects to every other.
+    /// Ask the suspect's nearest ring neighbours (membership::ring) among
+    /// the members this agent holds alive, whether or not it holds a
+    /// connection to them, instead of random members it is connected to.
+    /// For the bounded design, where only a suspect's ring neighbours are
+    /// sure to hold a connection to it (a helper that must dial the suspect
+    /// can lose its SYN and run out its whole deadline). Off while every
+    /// agent connects to every other. Before it is turned on in the agent:
+    /// a helper reached by an on-demand connection gets no keep-alive (the
+    /// idle timeout would keep it open an hour, and it would count as a
+    /// link), and an agent cut off from everyone no longer finds its pool
+    /// empty (it asks helpers it cannot reach, which answer nothing, so a
+    /// refused suspect waits instead of being announced with the longest
+    /// window).
     pub helpers_near_target: bool,
+}
+
+impl DetectorConfig {
+    /// Ring neighbours named on each side of a suspect when
+    /// `helpers_near_target` is set: enough for `indirect_probes` helpers
+    /// even when this agent is one of the nearest.
+    pub fn helpers_per_side(&self) -> usize {
+        self.indirect_probes / 2 + 1
+    }
 }
 
 impl Default for DetectorConfig {
@@ -500,7 +516,7 @@ impl Detector {
         if near {
             // This agent is on the ring too but cannot help itself.
             pool.push(self.self_id);
-            let per_side = self.cfg.indirect_probes.div_ceil(2);
+            let per_side = self.cfg.helpers_per_side();
             pool = super::ring::ring_neighbours(&target, &pool, per_side);
             pool.retain(|p| *p != self.self_id);
         } else {
@@ -803,10 +819,23 @@ mod tests {
             ..Default::default()
         };
         let mut t = T::new(cfg);
+        let me = t.d.self_id;
         let x = t.join("x", 5, 0);
         let others: Vec<PeerId> = (0..12).map(|i| t.join(&format!("h{i}"), 1, 0)).collect();
-        // Members this agent holds no connection to are asked too.
-        t.d.disconnected(others[0], t.at(50));
+        // The whole ring in order, this agent included.
+        let mut ring: Vec<PeerId> = others.iter().copied().chain([x, me]).collect();
+        ring.sort_by_key(crate::membership::ring::ring_key);
+        let at = ring.iter().position(|p| *p == x).unwrap();
+        let n = ring.len();
+        // x's neighbours, nearest first, alternating sides, without this agent.
+        let want: Vec<PeerId> = [1, n - 1, 2, n - 2]
+            .iter()
+            .map(|d| ring[(at + d) % n])
+            .filter(|p| *p != me)
+            .take(3)
+            .collect();
+        // The nearest one is not connected to this agent: asked all the same.
+        t.d.disconnected(want[0], t.at(50));
         t.d.take_actions();
         t.d.disconnected(x, t.at(100));
         assert_eq!(t.d.take_actions(), vec![Action::ProbeDirect(x)]);
@@ -818,12 +847,6 @@ mod tests {
             }
             other => panic!("expected indirect probes, got {other:?}"),
         };
-        // The ring includes this agent, which cannot help itself.
-        let mut ring = others.clone();
-        ring.push(t.d.self_id);
-        let mut want = crate::membership::ring::ring_neighbours(&x, &ring, 2);
-        want.retain(|p| *p != t.d.self_id);
-        want.truncate(3);
         assert_eq!(asked, want);
     }
 
