@@ -533,10 +533,10 @@ impl Sim {
                 let det = &mut self.hosts[h as usize].det;
                 det.connected(id, now);
                 det.record(id, &name(l), 1, now);
+                self.know_ring_of(h, l);
                 let jitter = self.rng.gen_range(0..PING_EVERY);
                 self.start_pings(h, l, jitter);
             }
-            self.know_ring_of_links(h);
             let j = self.rng.gen_range(0..TICK);
             self.push(j, Ev::Tick(h));
             let j = self.rng.gen_range(0..HEALTH_EVERY);
@@ -546,22 +546,14 @@ impl Sim {
         }
     }
 
-    /// `bounded`: the members `h` holds besides its links. In the design
+    /// `bounded`: the members `h` holds besides its links, for its link `l`
+    /// (called per link as it is made). In the design
     /// every host holds every member (joins arrive as facts, records by
     /// gossip); what the detector's choice of helpers reads of that table
     /// is the ring around each member it may probe, its links: their
     /// nearest ring neighbours on each side, as many as it would ask. Only
     /// those are entered (not every member: 5,000 tables of 5,000), so the
     /// helpers are the ones a full table would give.
-    fn know_ring_of_links(&mut self, h: Host) {
-        let mut links: Vec<Host> = self.hosts[h as usize].links.iter().copied().collect();
-        links.sort();
-        for l in links {
-            self.know_ring_of(h, l);
-        }
-    }
-
-    /// [`Sim::know_ring_of_links`] for one link `l` of `h`.
     fn know_ring_of(&mut self, h: Host, l: Host) {
         if !self.p.helpers_near {
             return;

@@ -512,7 +512,6 @@ impl Detector {
             .filter(|m| m.peer != target && m.state == State::Alive && (near || m.connected))
             .map(|m| m.peer)
             .collect();
-        pool.sort();
         if near {
             // This agent is on the ring too but cannot help itself.
             pool.push(self.self_id);
@@ -520,6 +519,8 @@ impl Detector {
             pool = super::ring::ring_neighbours(&target, &pool, per_side);
             pool.retain(|p| *p != self.self_id);
         } else {
+            // Sorted first: the same members and seed give the same helpers.
+            pool.sort();
             pool.shuffle(&mut self.rng);
         }
         pool.truncate(self.cfg.indirect_probes);

@@ -34,16 +34,11 @@ pub fn ring_neighbours(target: &PeerId, members: &[PeerId], per_side: usize) -> 
     // Index of the first member after the target's place (wrapping).
     let after = ring.partition_point(|(k, _)| *k < key) % n;
     let mut out = Vec::with_capacity((2 * per_side).min(n));
-    for i in 0..per_side {
-        let succ = ring[(after + i) % n].1;
-        let pred = ring[(after + n - 1 - i % n) % n].1;
-        for p in [succ, pred] {
-            if out.len() < n && !out.contains(&p) {
+    for i in 0..per_side.min(n) {
+        for p in [ring[(after + i) % n].1, ring[(after + n - 1 - i) % n].1] {
+            if !out.contains(&p) {
                 out.push(p);
             }
-        }
-        if out.len() == n {
-            break;
         }
     }
     out
