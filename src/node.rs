@@ -362,6 +362,7 @@ fn net_config(cfg: &AgentConfig, psk: libp2p::pnet::PreSharedKey) -> NetConfig {
         ping_interval: cfg.ping_interval,
         limits: cfg.limits,
         member_protocols: cfg.member_protocols,
+        link_idle: cfg.link_idle,
     }
 }
 

@@ -108,6 +108,7 @@ pub struct FileConfig {
     pub suspect_after: Option<String>,
     pub probe_timeout: Option<String>,
     pub indirect_probes: Option<usize>,
+    pub full_mesh_max: Option<usize>,
     pub suspect_min: Option<String>,
     pub suspect_max: Option<String>,
     pub member_forget_after: Option<String>,
@@ -207,6 +208,18 @@ pub struct AgentConfig {
     pub ping_interval: Duration,
     /// Failure detector thresholds: the same on every node (see proto-notes/membership.md).
     pub detector: DetectorConfig,
+    /// The largest cluster (live members, this agent included) in which
+    /// every agent connects to every other; above it each keeps a bounded
+    /// set of links (membership::links).
+    pub full_mesh_max: usize,
+    /// Ring neighbours linked on each side, random links, and how long a
+    /// connection dialled to a member that is not a link stays open idle.
+    /// Not config keys: 4, 4 and 30 s (membership::links, net); in-process
+    /// tests shrink them so that a handful of agents has members that are
+    /// not links.
+    pub link_ring_per_side: usize,
+    pub link_random: usize,
+    pub link_idle: Duration,
     /// Command that reports GPUs ("" to not look for GPUs).
     pub nvidia_smi: String,
     /// `IDLE_RESOURCE_DETECTED` after this long idle (zero: never).

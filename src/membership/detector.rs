@@ -12,7 +12,7 @@
 //! private suspicion; only the member itself ends a public one, by raising
 //! its incarnation (refutation). See proto-notes/membership.md.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -223,6 +223,10 @@ pub struct Detector {
     rng: StdRng,
     /// Times the agent itself was found stalled.
     pub stalls: u64,
+    /// The members this agent watches when it holds a bounded set of links
+    /// ([`Detector::set_links`]); `None`: it connects to every member and
+    /// watches every connected one.
+    links: Option<HashSet<PeerId>>,
 }
 
 impl Detector {
@@ -244,7 +248,32 @@ impl Detector {
             grace_until: None,
             rng: StdRng::seed_from_u64(seed),
             stalls: 0,
+            links: None,
         }
+    }
+
+    /// The members this agent keeps a link to (the bounded design of
+    /// proto-notes/membership.md), or `None` while it connects to every
+    /// member. With links, only they are watched: a link that closes is
+    /// probed at once, a link that stays silent or that this agent cannot
+    /// open is probed after `suspect_after`, and a closed connection to any
+    /// other member is no hint at all (connections that are not links open
+    /// for one transfer or request and close when idle; the member's own
+    /// ring neighbours watch it). A suspect's helpers are then its ring
+    /// neighbours, as with `helpers_near_target`.
+    pub fn set_links(&mut self, links: Option<HashSet<PeerId>>) {
+        self.links = links;
+    }
+
+    /// Whether this agent holds a bounded set of links.
+    pub fn links_bounded(&self) -> bool {
+        self.links.is_some()
+    }
+
+    /// Whether this agent watches `peer` (a link, or every member while it
+    /// holds no bounded set).
+    pub fn is_link(&self, peer: &PeerId) -> bool {
+        self.links.as_ref().is_none_or(|l| l.contains(peer))
     }
 
     pub fn config(&self) -> &DetectorConfig {
@@ -370,11 +399,12 @@ impl Detector {
     /// Last connection to `peer` closed: a strong hint, checked at once.
     pub fn disconnected(&mut self, peer: PeerId, now: Instant) {
         let probe_timeout = self.cfg.probe_timeout;
+        let watched = self.is_link(&peer);
         let Some(m) = self.members.get_mut(&peer) else {
             return;
         };
         m.connected = false;
-        if m.state == State::Alive && m.probe.is_none() {
+        if watched && m.state == State::Alive && m.probe.is_none() {
             m.probe = Some(Phase::Direct {
                 deadline: now + probe_timeout * 2,
             });
@@ -505,7 +535,7 @@ impl Detector {
     }
 
     fn ask_helpers(&mut self, target: PeerId, now: Instant) {
-        let near = self.cfg.helpers_near_target;
+        let near = self.cfg.helpers_near_target || self.links.is_some();
         let mut pool: Vec<PeerId> = self
             .members
             .values()
@@ -679,6 +709,8 @@ impl Detector {
         }
         self.last_tick = Some(now);
         let in_grace = self.grace_until.is_some_and(|g| now < g);
+        // Cloned: the helpers chosen below read `self.links` too.
+        let links = self.links.clone();
         // In a fixed order: one member's verdict can change another's (the
         // helpers a suspect gets), and the same inputs must give the same
         // decisions.
@@ -696,10 +728,19 @@ impl Detector {
             };
             match (&m.state, m.probe.clone()) {
                 (State::Alive, None) => {
-                    let silent = m
-                        .last_heard
-                        .is_some_and(|h| now.saturating_duration_since(h) > self.cfg.suspect_after);
-                    if m.connected && silent && !in_grace {
+                    let silent_since =
+                        |t: Instant| now.saturating_duration_since(t) > self.cfg.suspect_after;
+                    let watch = match &links {
+                        // Every connected member, silent since last heard.
+                        None => m.connected && m.last_heard.is_some_and(silent_since),
+                        // A link, connected or not: one this agent cannot
+                        // open is checked like one that went silent.
+                        Some(l) => {
+                            l.contains(&peer)
+                                && silent_since(m.last_heard.unwrap_or(m.since).max(m.since))
+                        }
+                    };
+                    if watch && !in_grace {
                         m.evidence = Failure::Silent;
                         m.probe = Some(Phase::Direct {
                             deadline: now + self.cfg.probe_timeout * 2,
@@ -1181,6 +1222,77 @@ mod tests {
         );
         for _ in 0..16 {
             assert_eq!(run(), first);
+        }
+    }
+
+    #[test]
+    fn with_bounded_links_only_links_are_watched() {
+        let mut t = T::new(DetectorConfig::default());
+        let link = t.join("link", 1, 0);
+        let other = t.join("other", 1, 0);
+        t.d.set_links(Some([link].into_iter().collect()));
+        t.d.take_actions();
+        // A connection to a member that is not a link closes: no hint.
+        t.d.disconnected(other, t.at(100));
+        assert_eq!(t.d.take_actions(), vec![]);
+        // Nor is its silence.
+        t.d.connected(other, t.at(200));
+        t.d.heard(link, t.at(4_000));
+        assert!(!probes(&t.run(250, 4_000)).contains(&other));
+        // A link that closes is checked at once.
+        t.d.disconnected(link, t.at(4_100));
+        assert_eq!(t.d.take_actions(), vec![Action::ProbeDirect(link)]);
+    }
+
+    #[test]
+    fn with_bounded_links_a_link_never_reached_is_probed() {
+        let mut t = T::new(DetectorConfig::default());
+        // Known from the log only (its HOST_ONLINE), never connected.
+        let far = pid();
+        let fact = Fact {
+            kind: FactKind::Online,
+            peer: far,
+            name: "far".into(),
+            incarnation: 3,
+        };
+        t.d.fact(&fact, t.at(0));
+        assert!(probes(&t.run(250, 10_000)).is_empty(), "not a link yet");
+        t.d.set_links(Some([far].into_iter().collect()));
+        let p = probes(&t.run(10_250, 10_500));
+        assert_eq!(p, vec![far], "a link that cannot be opened is checked");
+    }
+
+    #[test]
+    fn with_bounded_links_a_suspects_helpers_are_its_ring_neighbours() {
+        let mut t = T::new(DetectorConfig::default());
+        let me = t.d.self_id;
+        let x = t.join("x", 5, 0);
+        let others: Vec<PeerId> = (0..12).map(|i| t.join(&format!("h{i}"), 1, 0)).collect();
+        let mut ring: Vec<PeerId> = others.iter().copied().chain([x, me]).collect();
+        ring.sort_by_key(crate::membership::ring::ring_key);
+        let at = ring.iter().position(|p| *p == x).unwrap();
+        let n = ring.len();
+        let want: Vec<PeerId> = [1, n - 1, 2, n - 2]
+            .iter()
+            .map(|d| ring[(at + d) % n])
+            .filter(|p| *p != me)
+            .take(3)
+            .collect();
+        t.d.set_links(Some([x].into_iter().collect()));
+        // The helpers are not links and not connected: asked all the same.
+        for h in &want {
+            t.d.disconnected(*h, t.at(50));
+        }
+        t.d.take_actions();
+        t.d.disconnected(x, t.at(100));
+        assert_eq!(t.d.take_actions(), vec![Action::ProbeDirect(x)]);
+        t.d.probe_result(x, Err(Failure::Silent), t.at(110));
+        match t.d.take_actions().pop() {
+            Some(Action::ProbeIndirect { target, helpers }) => {
+                assert_eq!(target, x);
+                assert_eq!(helpers, want);
+            }
+            other => panic!("expected indirect probes, got {other:?}"),
         }
     }
 }

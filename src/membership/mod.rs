@@ -9,6 +9,7 @@ mod facts;
 pub mod health;
 pub mod idle;
 mod incarnation;
+pub mod links;
 mod probe;
 pub mod ring;
 mod sampling;
@@ -108,6 +109,10 @@ pub struct MemberView {
     pub incarnation: u64,
     pub state_since_ms_ago: u64,
     pub connected: bool,
+    /// This agent keeps a connection to it and watches it: every member
+    /// while the cluster has at most `full_mesh_max` members, else its
+    /// ring neighbours and a few random members (proto-notes/membership.md).
+    pub link: bool,
     pub last_heard_ms_ago: Option<u64>,
     pub rtt_ms: Option<f64>,
     pub addresses: Vec<String>,
@@ -488,6 +493,7 @@ impl Membership {
             incarnation: g.det.incarnation(),
             state_since_ms_ago: ms(now.duration_since(self.started)),
             connected: true,
+            link: false,
             last_heard_ms_ago: Some(0),
             rtt_ms: None,
             addresses: addrs,
@@ -514,6 +520,7 @@ impl Membership {
                     incarnation: m.incarnation,
                     state_since_ms_ago: ms(now.saturating_duration_since(m.since)),
                     connected: m.connected,
+                    link: g.det.is_link(&m.peer),
                     last_heard_ms_ago: m.last_heard.map(|h| ms(now.saturating_duration_since(h))),
                     rtt_ms: m.rtt.map(|r| r.as_secs_f64() * 1000.0),
                     addresses: info.map(|i| i.addrs.clone()).unwrap_or_default(),

@@ -15,6 +15,7 @@ use super::facts::{fact_draft, fact_patterns, idle_draft, parse_fact, HostFacts}
 use super::health::{GpuStatus, Health};
 use super::idle::{activity, IdleTracker};
 use super::incarnation::save_incarnation;
+use super::links::Links;
 use super::probe::{self, Internal};
 use super::sampling::{sample_loop, significant_change};
 use super::{
@@ -47,6 +48,10 @@ pub(super) struct Task {
     online_pending: bool,
     online_by: Instant,
     idle: IdleTracker,
+    /// The link choice, and the set last handed to the network and the
+    /// detector (`Some(None)`: every member).
+    links: Links,
+    links_sent: Option<Option<BTreeSet<PeerId>>>,
 }
 
 /// Run membership until the node stops. `inbound` is the network's
@@ -80,6 +85,13 @@ pub async fn run(ctx: Arc<Ctx>, mut inbound: mpsc::Receiver<MemberInbound>) {
         online_pending: true,
         online_by: Instant::now() + ctx.cfg.online_wait,
         idle: IdleTracker::default(),
+        links: Links::new(
+            ctx.cfg.full_mesh_max,
+            ctx.cfg.link_ring_per_side,
+            ctx.cfg.link_random,
+            rand::random(),
+        ),
+        links_sent: None,
     };
     t.follow_log();
 
@@ -156,7 +168,44 @@ impl Task {
         }
         if ticks % 4 == 0 {
             self.update_metrics();
+            self.choose_links();
         }
+    }
+
+    /// The links for the members held live now; handed to the network and
+    /// the detector when they changed.
+    fn choose_links(&mut self) {
+        let live: Vec<PeerId> = self
+            .inner()
+            .det
+            .members()
+            .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+            .map(|m| m.peer)
+            .collect();
+        let links = self.links.choose(&self.me, &live);
+        if self.links_sent.as_ref() == Some(&links) {
+            return;
+        }
+        let was_bounded = matches!(self.links_sent, Some(Some(_)));
+        match &links {
+            Some(l) if was_bounded => {
+                tracing::debug!(links = l.len(), members = live.len() + 1, "links changed")
+            }
+            Some(l) => tracing::info!(links = l.len(), members = live.len() + 1, "links bounded"),
+            None if self.links_sent.is_some() => {
+                tracing::info!(members = live.len() + 1, "links to every member")
+            }
+            None => {}
+        }
+        self.inner()
+            .det
+            .set_links(links.as_ref().map(|l| l.iter().copied().collect()));
+        let net = self.ctx.net.clone();
+        let to_net = links.as_ref().map(|l| l.iter().copied().collect());
+        tokio::spawn(async move {
+            let _ = net.set_links(to_net).await;
+        });
+        self.links_sent = Some(links);
     }
 
     fn on_inbound(&mut self, msg: MemberInbound) {
@@ -316,17 +365,27 @@ impl Task {
 
     /// Exchange with connected peers: all of them (`all`: something changed),
     /// or those whose peer id sorts after ours (the periodic round: one
-    /// exchange per pair carries both records).
+    /// exchange per pair carries both records). With bounded links, with
+    /// every connected link, each side with its own (a random link is one
+    /// side's only; no other connection is kept in use by exchanges).
     fn exchange_all(&self, all: bool) {
         let mine = self.me.to_bytes();
-        let peers: Vec<PeerId> = self
-            .inner()
+        let g = self.inner();
+        let bounded = g.det.links_bounded();
+        let peers: Vec<PeerId> = g
             .det
             .members()
             .filter(|m| m.connected && m.state != State::Left)
-            .filter(|m| all || m.peer.to_bytes() > mine)
+            .filter(|m| {
+                if bounded {
+                    g.det.is_link(&m.peer)
+                } else {
+                    all || m.peer.to_bytes() > mine
+                }
+            })
             .map(|m| m.peer)
             .collect();
+        drop(g);
         for p in peers {
             self.exchange(p);
         }

@@ -36,6 +36,8 @@ pub(super) enum Command {
     Reach(oneshot::Sender<ReachInfo>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr),
+    /// Membership's links: `None` every peer, else these.
+    SetLinks(Option<Vec<PeerId>>),
     CatchupRequest {
         peer: PeerId,
         request: wire::CatchupRequest,
@@ -294,6 +296,16 @@ impl NetHandle {
         if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// The peers to hold a connection to: `None` every member (the loop
+    /// dials every peer it hears of), else only these (it dials them,
+    /// and closes idle connections it dialled to others).
+    pub async fn set_links(&self, links: Option<Vec<PeerId>>) -> Result<(), NetError> {
+        self.tx
+            .send(Command::SetLinks(links))
+            .await
+            .map_err(|_| NetError::Closed)
     }
 
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {

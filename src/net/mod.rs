@@ -95,7 +95,13 @@ pub struct NetConfig {
     /// [`MEMBER_PROTOCOLS`]; a shorter list only in compatibility tests
     /// (an agent that knows only `/riftmesh/member/1`).
     pub member_protocols: &'static [&'static str],
+    /// A connection dialled to a peer that is not a link closes after
+    /// carrying no request for this long ([`LINK_IDLE`]).
+    pub link_idle: Duration,
 }
+
+/// Default of [`NetConfig::link_idle`].
+pub const LINK_IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PeerInfo {

@@ -515,6 +515,7 @@ pub fn bare_peer(
             ping_interval: Duration::from_secs(2),
             limits,
             member_protocols: riftmesh::net::MEMBER_PROTOCOLS,
+            link_idle: riftmesh::net::LINK_IDLE,
         },
         &mut registry,
         metrics,

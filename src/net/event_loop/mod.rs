@@ -6,6 +6,7 @@
 //! track of NAT traversal (AutoNAT, relays, hole punching).
 
 mod gossip;
+mod links;
 mod reach;
 mod refusals;
 mod requests;
@@ -32,6 +33,7 @@ use super::{
 };
 use crate::limits::{KeyedRate, LogOnce};
 use crate::metrics::{label, Metrics};
+use links::LinkSet;
 use reach::{Reach, Via};
 use refusals::error_chain;
 use requests::PeerRates;
@@ -73,6 +75,8 @@ pub(super) struct EventLoop {
     log_once: LogOnce,
     /// NAT traversal: our reachability, relay reservations.
     reach: Reach,
+    /// Which peers to hold a connection to (membership's links).
+    links: LinkSet,
 }
 
 struct PeerState {
@@ -192,6 +196,7 @@ impl EventLoop {
             gossip_rate: KeyedRate::new(limits.gossip_source_rate, limits.gossip_source_burst),
             log_once: LogOnce::default(),
             reach: Reach::new(),
+            links: LinkSet::new(cfg.link_idle),
         };
         let inbox = Inbox {
             events: in_rx,
@@ -247,6 +252,7 @@ impl EventLoop {
             .lost
             .iter()
             .filter(|(_, (_, since))| now.duration_since(*since) < LOST_FAST || slow)
+            .filter(|(p, _)| self.links.wants(p))
             .map(|(p, (a, _))| {
                 let addrs = a
                     .iter()
@@ -267,6 +273,7 @@ impl EventLoop {
                 .build();
             let _ = self.swarm.dial(opts);
         }
+        self.keep_links(now);
         self.keep_relays();
         self.punch_again(now);
         self.seek_autonat_server(now);
@@ -278,6 +285,12 @@ impl EventLoop {
             .values()
             .flat_map(|p| p.addresses().into_iter().cloned())
             .collect();
+        // With bounded links, only while no peer is connected: the links
+        // are dialled by themselves, and a bootstrap peer every agent
+        // kept a connection to would hold one to every member.
+        if self.links.is_bounded() && !self.peers.is_empty() {
+            return;
+        }
         for addr in self.bootstrap.clone() {
             if let Some(peer) = peer_of(&addr) {
                 if self.peers.contains_key(&peer) || peer == *self.swarm.local_peer_id() {
@@ -346,6 +359,7 @@ impl EventLoop {
                     tracing::warn!(peer = %p, "fault injection: peer unblocked");
                 }
             }
+            Command::SetLinks(links) => self.set_links(links),
             Command::Dial(addr) => {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     tracing::debug!(%addr, error = %e, "dial failed");
@@ -514,6 +528,7 @@ impl EventLoop {
     ) {
         if num_established == 0 {
             self.drop_relay(&peer_id);
+            self.links.forget_use(&peer_id);
             if let Some(st) = self.peers.remove(&peer_id) {
                 // Keep dialing it for a while: a healed partition or a
                 // restarted peer reconnects without waiting for the DHT.
@@ -560,6 +575,14 @@ impl EventLoop {
                 } = ev
                 {
                     self.on_observed(peer_id, connection_id, &info.observed_addr);
+                    self.links.learn(
+                        peer_id,
+                        info.listen_addrs
+                            .iter()
+                            .filter(|a| is_dialable(a))
+                            .cloned()
+                            .collect(),
+                    );
                     for addr in &info.listen_addrs {
                         if is_dialable(addr) {
                             self.swarm
@@ -602,18 +625,18 @@ impl EventLoop {
             }
             BehaviourEvent::Kad(ev) => {
                 self.p2p_metrics.record(&ev);
-                if let kad::Event::RoutingUpdated {
-                    peer, addresses, ..
-                } = ev
-                {
-                    // Peers learned from peers: connect to every member we hear of.
-                    if !self.peers.contains_key(&peer) && peer != *self.swarm.local_peer_id() {
-                        let opts = DialOpts::peer_id(peer)
-                            .addresses(addresses.into_vec())
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .build();
-                        let _ = self.swarm.dial(opts);
-                    }
+                match ev {
+                    kad::Event::RoutingUpdated {
+                        peer, addresses, ..
+                    } => self.on_routing_updated(peer, addresses.into_vec()),
+                    kad::Event::OutboundQueryProgressed {
+                        result: kad::QueryResult::GetClosestPeers(r),
+                        ..
+                    } => self.on_lookup(match r {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    }),
+                    _ => {}
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
@@ -623,7 +646,8 @@ impl EventLoop {
                         .behaviour_mut()
                         .kad
                         .add_address(&peer, addr.clone());
-                    if !self.peers.contains_key(&peer) {
+                    self.links.learn_one(peer, addr.clone());
+                    if !self.peers.contains_key(&peer) && self.links.wants(&peer) {
                         let opts = DialOpts::peer_id(peer)
                             .addresses(vec![addr])
                             .condition(PeerCondition::DisconnectedAndNotDialing)

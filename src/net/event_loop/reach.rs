@@ -129,6 +129,11 @@ impl Reach {
         }
     }
 
+    /// Whether we hold (or asked for) a reservation on `peer`.
+    pub(super) fn is_relay(&self, peer: &PeerId) -> bool {
+        self.relays.contains_key(peer)
+    }
+
     /// Relays that accepted our reservation.
     fn accepted(&self) -> impl Iterator<Item = &PeerId> {
         self.relays

@@ -50,6 +50,20 @@ const CATCHUP: &str = "catchup";
 const MEMBER: &str = "member";
 
 impl EventLoop {
+    /// A request is about to go to `peer`: its connection is in use
+    /// (`use_it`), and if there is none, the addresses to dial besides
+    /// those the DHT and identify know.
+    fn request_to(&mut self, peer: PeerId, use_it: bool) -> Vec<libp2p::Multiaddr> {
+        if use_it {
+            self.links.used(peer);
+        }
+        if self.peers.contains_key(&peer) {
+            Vec::new()
+        } else {
+            self.links.addrs(&peer)
+        }
+    }
+
     /// A command of the request-response protocols: a request to send (its
     /// reply waits by request id) or an answer to one received.
     pub(super) fn on_request_command(&mut self, cmd: Command) {
@@ -59,11 +73,13 @@ impl EventLoop {
                 request,
                 reply,
             } => {
+                let fetch = matches!(request, wire::CatchupRequest::Fetch { .. });
+                let addrs = self.request_to(peer, fetch);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .catchup
-                    .send_request(&peer, request);
+                    .send_request_with_addresses(&peer, request, addrs);
                 self.catchup_pending.insert(id, reply);
             }
             Command::CatchupRespond { channel, response } => {
@@ -79,11 +95,12 @@ impl EventLoop {
                 request,
                 reply,
             } => {
+                let addrs = self.request_to(peer, true);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .member
-                    .send_request(&peer, request);
+                    .send_request_with_addresses(&peer, request, addrs);
                 self.member_pending.insert(id, reply);
             }
             Command::MemberRespond { channel, response } => {
@@ -99,10 +116,11 @@ impl EventLoop {
                 request,
                 reply,
             } => {
+                let addrs = self.request_to(peer, true);
                 let b = self.swarm.behaviour_mut();
                 let id = match proto {
-                    Opaque::Raft => b.raft.send_request(&peer, request),
-                    Opaque::Blob => b.blob.send_request(&peer, request),
+                    Opaque::Raft => b.raft.send_request_with_addresses(&peer, request, addrs),
+                    Opaque::Blob => b.blob.send_request_with_addresses(&peer, request, addrs),
                 };
                 self.opaque_pending.insert((proto, id), reply);
             }
@@ -126,6 +144,10 @@ impl EventLoop {
         ev: request_response::Event<wire::MemberRequest, wire::MemberResponse>,
     ) {
         use request_response::{Event, Message};
+        if let Event::Message { peer, .. } = &ev {
+            // A request or an answer: the connection is in use.
+            self.links.used(*peer);
+        }
         match ev {
             Event::Message { peer, message, .. } => match message {
                 Message::Request {
@@ -185,6 +207,10 @@ impl EventLoop {
         ev: request_response::Event<Vec<u8>, Vec<u8>>,
     ) {
         use request_response::{Event, Message};
+        if let Event::Message { peer, .. } = &ev {
+            // A request or an answer: the connection is in use.
+            self.links.used(*peer);
+        }
         match ev {
             Event::Message { peer, message, .. } => match message {
                 Message::Request {
@@ -253,6 +279,20 @@ impl EventLoop {
         ev: request_response::Event<wire::CatchupRequest, wire::CatchupResponse>,
     ) {
         use request_response::{Event, Message};
+        // A fetch, not the periodic summaries: those go to a random
+        // connection and would keep every one of them open.
+        if let Event::Message {
+            peer,
+            message:
+                Message::Request {
+                    request: wire::CatchupRequest::Fetch { .. },
+                    ..
+                },
+            ..
+        } = &ev
+        {
+            self.links.used(*peer);
+        }
         match ev {
             Event::Message { peer, message, .. } => match message {
                 Message::Request {

@@ -1,0 +1,150 @@
+//! Bounded links on the in-process harness (tests/common/inproc.rs): above
+//! `full_mesh_max` members each agent keeps connections to its ring
+//! neighbours and a few random members only (membership::links), closes the
+//! others it dialled once idle, and events and membership verdicts still
+//! reach every agent over those links.
+
+#[path = "common/inproc.rs"]
+mod inproc;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use inproc::{wait_until, Agent, Cluster};
+use serde_json::json;
+
+const N: usize = 8;
+/// Deadline of one wait: generous for a loaded machine; a pass takes far less.
+const T: Duration = Duration::from_secs(60);
+
+/// The members `a` holds as links, by peer id.
+fn links_of(a: &Agent) -> HashSet<String> {
+    a.node()
+        .membership()
+        .members(&[])
+        .into_iter()
+        .filter(|m| !m.is_self && m.link)
+        .map(|m| m.peer_id)
+        .collect()
+}
+
+fn alive_count(a: &Agent) -> usize {
+    a.node()
+        .membership()
+        .members(&[])
+        .into_iter()
+        .filter(|m| m.state == "alive")
+        .count()
+}
+
+/// Peer ids `a` is connected to.
+async fn connected(a: &Agent) -> HashSet<String> {
+    a.node()
+        .net()
+        .peers()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.peer_id)
+        .collect()
+}
+
+/// Events of type `t` about `node` in `a`'s log.
+fn facts_about(a: &Agent, t: &str, node: &str) -> usize {
+    a.events()
+        .into_iter()
+        .filter(|e| e.event_type == t)
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.payload).ok())
+        .filter(|p| p["node"] == node)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_links_carry_events_and_verdicts() {
+    let started = Instant::now();
+    // Eight members, above full_mesh_max = 2: each agent links to one ring
+    // neighbour on each side and one random member (three at most of seven).
+    let c = Cluster::start_unmeshed(N, |cfg| {
+        cfg.full_mesh_max = 2;
+        cfg.link_ring_per_side = 1;
+        cfg.link_random = 1;
+        cfg.link_idle = Duration::from_millis(1500);
+    });
+    wait_until("every agent to list every member alive", T, || async {
+        c.agents.iter().all(|a| alive_count(a) == N).then_some(())
+    })
+    .await;
+    let up = Instant::now();
+    // Every connection is a link of one of its two ends: those dialled to
+    // anyone else (the bootstrap agent, peers heard of by the DHT) closed.
+    let by_id: HashMap<String, &Agent> = c.agents.iter().map(|a| (a.peer_id(), a)).collect();
+    let settled = wait_until("connections to be links only", T, || async {
+        let mut pairs = 0;
+        for a in &c.agents {
+            let mine = links_of(a);
+            if mine.is_empty() || mine.len() > 3 {
+                return None;
+            }
+            for p in connected(a).await {
+                let theirs = links_of(by_id.get(&p)?);
+                if !mine.contains(&p) && !theirs.contains(&a.peer_id()) {
+                    return None;
+                }
+                pairs += 1;
+            }
+        }
+        Some(pairs / 2)
+    })
+    .await;
+    assert!(
+        settled < N * (N - 1) / 2,
+        "{settled} connections: a full mesh"
+    );
+    // An event reaches every agent over the links.
+    let ev = c.agents[5]
+        .publish("TRAINING_COMPLETED", json!({"model": "m1"}))
+        .await;
+    wait_until("the event on every agent", T, || async {
+        c.agents
+            .iter()
+            .all(|a| a.events().iter().any(|e| e.id == ev.id))
+            .then_some(())
+    })
+    .await;
+    // A stopped agent is declared dead everywhere, and nobody else is.
+    let victim = c.agents[3].peer_id();
+    c.agents[3].node().shutdown().await;
+    wait_until(
+        "HOST_OFFLINE of the stopped agent everywhere",
+        T,
+        || async {
+            c.agents
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 3)
+                .all(|(_, a)| facts_about(a, "HOST_OFFLINE", &victim) >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    for (i, a) in c.agents.iter().enumerate().filter(|(i, _)| *i != 3) {
+        for b in &c.agents {
+            if b.peer_id() == victim {
+                continue;
+            }
+            for t in ["NODE_SUSPECT", "HOST_OFFLINE"] {
+                assert_eq!(
+                    facts_about(a, t, &b.peer_id()),
+                    0,
+                    "a{i} holds {t} about live {}",
+                    b.name
+                );
+            }
+        }
+    }
+    println!(
+        "bounded_links_carry_events_and_verdicts: {settled} connections among {N}; agents up in {:?}, scenario {:?}",
+        up - started,
+        up.elapsed()
+    );
+}
