@@ -466,10 +466,14 @@ impl Detector {
                 self.raise_incarnation(f.peer, f.incarnation, now)
             }
             FactKind::Suspect => {
-                // Someone suspects it: check for ourselves (it refutes if alive).
+                // Someone suspects it: check for ourselves (it refutes if
+                // alive). With bounded links, only its links check: every
+                // agent dialling a struggling host would undo the bound.
+                let watched = self.links.as_ref().is_none_or(|l| l.contains(&f.peer));
+                let m = self.members.get_mut(&f.peer).expect("entered above");
                 if f.incarnation >= m.incarnation {
                     m.incarnation = f.incarnation;
-                    if m.state == State::Alive && m.probe.is_none() {
+                    if watched && m.state == State::Alive && m.probe.is_none() {
                         m.probe = Some(Phase::Direct {
                             deadline: now + probe_timeout * 2,
                         });

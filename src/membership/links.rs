@@ -35,7 +35,13 @@ pub struct Links {
     /// does not churn at every membership change.
     random: Vec<PeerId>,
     rng: StdRng,
+    /// Whether the last choice was bounded.
+    bounded: bool,
 }
+
+/// Members below `full_mesh_max` before bounded links turn back into a
+/// full mesh.
+pub const HYSTERESIS: usize = 2;
 
 impl Links {
     /// `per_side` ring neighbours on each side and `random_links` random
@@ -47,19 +53,37 @@ impl Links {
             random_links,
             random: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
+            bounded: false,
         }
     }
 
     /// The links of `me` among `live` (alive or suspect members, `me` left
     /// out or not): `None` while the cluster is at most `full_mesh_max`
     /// (every member is a link), else its ring neighbours and random
-    /// members.
-    pub fn choose(&mut self, me: &PeerId, live: &[PeerId]) -> Option<BTreeSet<PeerId>> {
+    /// members. Once bounded, the links stay bounded until the cluster is
+    /// [`HYSTERESIS`] members below the limit, so that a cluster at the
+    /// limit does not switch at every death and return. A random link in
+    /// `unreachable` (one this agent has not been able to open for a
+    /// while) is replaced; ring neighbours are kept, since they are the
+    /// ones that watch.
+    pub fn choose(
+        &mut self,
+        me: &PeerId,
+        live: &[PeerId],
+        unreachable: &BTreeSet<PeerId>,
+    ) -> Option<BTreeSet<PeerId>> {
         let others: BTreeSet<PeerId> = live.iter().filter(|p| *p != me).copied().collect();
-        if others.len() < self.full_mesh_max {
+        let limit = if self.bounded {
+            self.full_mesh_max.saturating_sub(HYSTERESIS)
+        } else {
+            self.full_mesh_max
+        };
+        if others.len() < limit {
             self.random.clear();
+            self.bounded = false;
             return None;
         }
+        self.bounded = true;
         let mut pool: Vec<PeerId> = others.iter().copied().collect();
         pool.push(*me);
         let mut links: BTreeSet<PeerId> = ring_neighbours(me, &pool, self.per_side)
@@ -67,11 +91,13 @@ impl Links {
             .collect();
         // Random links that are still live and not ring neighbours now.
         self.random
-            .retain(|p| others.contains(p) && !links.contains(p));
+            .retain(|p| others.contains(p) && !links.contains(p) && !unreachable.contains(p));
         if self.random.len() < self.random_links {
             let mut rest: Vec<PeerId> = others
                 .iter()
-                .filter(|p| !links.contains(p) && !self.random.contains(p))
+                .filter(|p| {
+                    !links.contains(p) && !self.random.contains(p) && !unreachable.contains(p)
+                })
                 .copied()
                 .collect();
             rest.shuffle(&mut self.rng);
@@ -92,14 +118,44 @@ mod tests {
         (0..n).map(|_| PeerId::random()).collect()
     }
 
+    fn none() -> BTreeSet<PeerId> {
+        BTreeSet::new()
+    }
+
     #[test]
     fn a_small_cluster_links_everyone() {
         let all = peers(24);
         let mut l = Links::new(24, RING_PER_SIDE, RANDOM_LINKS, 1);
         // 23 others and this agent: 24 members, at the limit.
-        assert_eq!(l.choose(&all[0], &all), None);
+        assert_eq!(l.choose(&all[0], &all, &none()), None);
         let more = [all.clone(), peers(1)].concat();
-        assert!(l.choose(&all[0], &more).is_some());
+        assert!(l.choose(&all[0], &more, &none()).is_some());
+        // Back at the limit, and one below: still bounded; two below: not.
+        assert!(l.choose(&all[0], &all, &none()).is_some());
+        assert!(l.choose(&all[0], &all[..23], &none()).is_some());
+        assert_eq!(l.choose(&all[0], &all[..22], &none()), None);
+    }
+
+    #[test]
+    fn an_unreachable_random_link_is_replaced_and_ring_neighbours_kept() {
+        let all = peers(60);
+        let me = all[0];
+        let mut l = Links::new(24, RING_PER_SIDE, RANDOM_LINKS, 5);
+        let links = l.choose(&me, &all, &none()).expect("bounded");
+        let ring: BTreeSet<PeerId> = ring_neighbours(&me, &all, RING_PER_SIDE)
+            .into_iter()
+            .collect();
+        let random: Vec<PeerId> = links.difference(&ring).copied().collect();
+        let bad: BTreeSet<PeerId> = [random[0], *ring.iter().next().unwrap()]
+            .into_iter()
+            .collect();
+        let after = l.choose(&me, &all, &bad).expect("bounded");
+        assert!(
+            !after.contains(&random[0]),
+            "the unreachable random link stayed"
+        );
+        assert!(ring.is_subset(&after), "a ring neighbour was dropped");
+        assert_eq!(after.len(), 2 * RING_PER_SIDE + RANDOM_LINKS);
     }
 
     #[test]
@@ -107,7 +163,7 @@ mod tests {
         let all = peers(100);
         let me = all[7];
         let mut l = Links::new(24, RING_PER_SIDE, RANDOM_LINKS, 1);
-        let links = l.choose(&me, &all).expect("bounded");
+        let links = l.choose(&me, &all, &none()).expect("bounded");
         assert_eq!(links.len(), 2 * RING_PER_SIDE + RANDOM_LINKS);
         assert!(!links.contains(&me));
         // The ring neighbours, computed from the ring order here.
@@ -122,7 +178,7 @@ mod tests {
             );
         }
         // The same members again: the same links (the random ones are kept).
-        assert_eq!(l.choose(&me, &all), Some(links.clone()));
+        assert_eq!(l.choose(&me, &all, &none()), Some(links.clone()));
     }
 
     #[test]
@@ -130,7 +186,7 @@ mod tests {
         let all = peers(60);
         let me = all[0];
         let mut l = Links::new(24, RING_PER_SIDE, RANDOM_LINKS, 3);
-        let links = l.choose(&me, &all).expect("bounded");
+        let links = l.choose(&me, &all, &none()).expect("bounded");
         let ring: BTreeSet<PeerId> = ring_neighbours(&me, &all, RING_PER_SIDE)
             .into_iter()
             .collect();
@@ -138,7 +194,7 @@ mod tests {
         assert_eq!(random.len(), RANDOM_LINKS);
         let gone = random[0];
         let live: Vec<PeerId> = all.iter().filter(|p| **p != gone).copied().collect();
-        let after = l.choose(&me, &live).expect("bounded");
+        let after = l.choose(&me, &live, &none()).expect("bounded");
         assert_eq!(after.len(), 2 * RING_PER_SIDE + RANDOM_LINKS);
         assert!(!after.contains(&gone));
         for p in &random[1..] {

@@ -27,6 +27,13 @@ use crate::metrics::{label, Labels};
 use crate::net::wire::{Heartbeat, MemberInfo, MemberRequest, MemberResponse};
 use crate::net::MemberInbound;
 
+/// A link not opened or heard for this long is replaced, if it is a
+/// random one (membership::links).
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(30);
+/// Ticks (250 ms) between two checks of a member held dead, with bounded
+/// links: 5 s.
+const DEAD_CHECK_TICKS: u64 = 20;
+
 /// Log entries replayed at start to learn members that are not reachable.
 const REPLAY_MAX: u64 = 200_000;
 
@@ -170,23 +177,53 @@ impl Task {
             self.update_metrics();
             self.choose_links();
         }
+        if ticks % DEAD_CHECK_TICKS == 0 {
+            self.check_one_dead();
+        }
     }
 
     /// The links for the members held live now; handed to the network and
-    /// the detector when they changed.
+    /// the detector when they changed. A random link this agent has not
+    /// been able to open or hear for [`UNREACHABLE_AFTER`] is replaced.
     fn choose_links(&mut self) {
-        let live: Vec<PeerId> = self
-            .inner()
-            .det
-            .members()
-            .filter(|m| matches!(m.state, State::Alive | State::Suspect))
-            .map(|m| m.peer)
-            .collect();
-        let links = self.links.choose(&self.me, &live);
+        let now = Instant::now();
+        let (live, unreachable) = {
+            let g = self.inner();
+            let live: Vec<PeerId> = g
+                .det
+                .members()
+                .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+                .map(|m| m.peer)
+                .collect();
+            let unreachable: BTreeSet<PeerId> = g
+                .det
+                .members()
+                .filter(|m| g.det.links_bounded() && g.det.is_link(&m.peer) && !m.connected)
+                .filter(|m| {
+                    let last = m.last_heard.unwrap_or(m.since).max(m.since);
+                    now.saturating_duration_since(last) > UNREACHABLE_AFTER
+                })
+                .map(|m| m.peer)
+                .collect();
+            (live, unreachable)
+        };
+        let links = self.links.choose(&self.me, &live, &unreachable);
         if self.links_sent.as_ref() == Some(&links) {
             return;
         }
         let was_bounded = matches!(self.links_sent, Some(Some(_)));
+        // Back to a full mesh: the network dials every live member once
+        // (none of the earlier non-links is connected).
+        let dial = if was_bounded && links.is_none() {
+            live.clone()
+        } else {
+            Vec::new()
+        };
+        let to_net = links.as_ref().map(|l| l.iter().copied().collect());
+        if !self.ctx.net.try_set_links(to_net, dial) {
+            // The network's queue is full: again at the next choice.
+            return;
+        }
         match &links {
             Some(l) if was_bounded => {
                 tracing::debug!(links = l.len(), members = live.len() + 1, "links changed")
@@ -200,12 +237,30 @@ impl Task {
         self.inner()
             .det
             .set_links(links.as_ref().map(|l| l.iter().copied().collect()));
-        let net = self.ctx.net.clone();
-        let to_net = links.as_ref().map(|l| l.iter().copied().collect());
-        tokio::spawn(async move {
-            let _ = net.set_links(to_net).await;
-        });
         self.links_sent = Some(links);
+    }
+
+    /// With bounded links, every [`DEAD_CHECK_TICKS`] ticks: an exchange
+    /// with one member held dead (not left), dialling it. A partition that
+    /// lasted long enough for each side to bury the other heals this way:
+    /// no dead member is a link, and nothing else would dial across. A
+    /// member that is alive learns from this agent's log (catch-up on the
+    /// new connection) that it was declared dead, and refutes.
+    fn check_one_dead(&mut self) {
+        let dead: Vec<PeerId> = {
+            let g = self.inner();
+            if !g.det.links_bounded() {
+                return;
+            }
+            g.det
+                .members()
+                .filter(|m| m.state == State::Dead && !m.connected)
+                .map(|m| m.peer)
+                .collect()
+        };
+        if let Some(p) = dead.get(rand::random::<usize>() % dead.len().max(1)) {
+            self.exchange(*p);
+        }
     }
 
     fn on_inbound(&mut self, msg: MemberInbound) {

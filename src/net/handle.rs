@@ -36,8 +36,12 @@ pub(super) enum Command {
     Reach(oneshot::Sender<ReachInfo>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr),
-    /// Membership's links: `None` every peer, else these.
-    SetLinks(Option<Vec<PeerId>>),
+    /// Membership's links: `None` every peer, else these; and peers to
+    /// dial now.
+    SetLinks {
+        bounded: Option<Vec<PeerId>>,
+        dial: Vec<PeerId>,
+    },
     CatchupRequest {
         peer: PeerId,
         request: wire::CatchupRequest,
@@ -300,12 +304,14 @@ impl NetHandle {
 
     /// The peers to hold a connection to: `None` every member (the loop
     /// dials every peer it hears of), else only these (it dials them,
-    /// and closes idle connections it dialled to others).
-    pub async fn set_links(&self, links: Option<Vec<PeerId>>) -> Result<(), NetError> {
+    /// and closes idle connections it dialled to others); and peers to
+    /// dial at once (every member, when links stop being bounded). `false`
+    /// when the network's queue is full (or it stopped): try again later.
+    /// Not async, so that two changes cannot arrive out of order.
+    pub fn try_set_links(&self, bounded: Option<Vec<PeerId>>, dial: Vec<PeerId>) -> bool {
         self.tx
-            .send(Command::SetLinks(links))
-            .await
-            .map_err(|_| NetError::Closed)
+            .try_send(Command::SetLinks { bounded, dial })
+            .is_ok()
     }
 
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {

@@ -22,6 +22,8 @@ use super::EventLoop;
 
 /// Least time between two DHT lookups of the same peer.
 const LOOKUP_GAP: Duration = Duration::from_secs(10);
+/// Addresses kept per peer (the newest).
+const MAX_ADDRS: usize = 8;
 /// Addresses of a peer not connected are forgotten after this long.
 const BOOK_FORGET: Duration = Duration::from_secs(3600);
 
@@ -71,7 +73,8 @@ impl LinkSet {
     }
 
     /// Addresses `peer` listens on (replacing those known).
-    pub(super) fn learn(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+    pub(super) fn learn(&mut self, peer: PeerId, mut addrs: Vec<Multiaddr>) {
+        addrs.truncate(MAX_ADDRS);
         if !addrs.is_empty() {
             self.book.insert(peer, (addrs, Instant::now()));
         }
@@ -84,6 +87,9 @@ impl LinkSet {
             .entry(peer)
             .or_insert_with(|| (Vec::new(), Instant::now()));
         if !e.0.contains(&addr) {
+            if e.0.len() >= MAX_ADDRS {
+                e.0.remove(0);
+            }
             e.0.push(addr);
         }
         e.1 = Instant::now();
@@ -99,16 +105,35 @@ impl LinkSet {
 }
 
 impl EventLoop {
-    /// Membership's link set: `None` every peer, else these.
-    pub(super) fn set_links(&mut self, links: Option<Vec<PeerId>>) {
-        let was_bounded = self.links.is_bounded();
+    /// Membership's link set: `None` every peer, else these; and peers to
+    /// dial now.
+    pub(super) fn set_links(&mut self, links: Option<Vec<PeerId>>, dial: Vec<PeerId>) {
         self.links.bounded = links.map(|l| l.into_iter().collect());
-        match (&self.links.bounded, was_bounded) {
-            (Some(b), _) => tracing::debug!(links = b.len(), "links bounded"),
-            (None, true) => tracing::info!("links: every member again"),
-            (None, false) => {}
+        for peer in dial {
+            if !self.peers.contains_key(&peer) && peer != *self.swarm.local_peer_id() {
+                self.dial_peer(peer);
+            }
         }
         self.keep_links(Instant::now());
+    }
+
+    /// Dial `peer` at the book's addresses and those the behaviours know
+    /// (the DHT, identify), unless connected or being dialled.
+    fn dial_peer(&mut self, peer: PeerId) {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(self.links.addrs(&peer))
+            .extend_addresses_through_behaviour()
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        let _ = self.swarm.dial(opts);
+    }
+
+    /// Every address of `peer` failed: forget them, so that the next try
+    /// looks it up in the DHT (a host that came back elsewhere).
+    pub(super) fn dial_failed(&mut self, peer: PeerId) {
+        if self.links.is_bounded() {
+            self.links.book.remove(&peer);
+        }
     }
 
     /// Dial the links not connected, close the connections no longer
@@ -122,23 +147,19 @@ impl EventLoop {
         self.links
             .looked_up
             .retain(|_, at| now.duration_since(*at) < LOOKUP_GAP);
+        let idle = self.links.idle;
+        self.links
+            .used
+            .retain(|p, at| connected.contains(p) && now.duration_since(*at) < idle);
         let Some(want) = self.links.bounded.clone() else {
             return;
         };
         for peer in want.iter().filter(|p| !connected.contains(p) && **p != me) {
-            let addrs = self.links.addrs(peer);
-            if addrs.is_empty() {
-                if !self.links.looked_up.contains_key(peer) {
-                    self.links.looked_up.insert(*peer, now);
-                    self.swarm.behaviour_mut().kad.get_closest_peers(*peer);
-                }
+            if self.links.addrs(peer).is_empty() {
+                self.look_up(*peer, now);
                 continue;
             }
-            let opts = DialOpts::peer_id(*peer)
-                .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            let _ = self.swarm.dial(opts);
+            self.dial_peer(*peer);
         }
         // Close only once some links are up: a new agent holds on to its
         // bootstrap peer until then.
@@ -177,6 +198,15 @@ impl EventLoop {
             for id in ours {
                 self.swarm.close_connection(id);
             }
+        }
+    }
+
+    /// A DHT lookup of `peer`, unless one started in the last
+    /// `LOOKUP_GAP`.
+    pub(super) fn look_up(&mut self, peer: PeerId, now: Instant) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.links.looked_up.entry(peer) {
+            e.insert(now);
+            self.swarm.behaviour_mut().kad.get_closest_peers(peer);
         }
     }
 

@@ -359,7 +359,7 @@ impl EventLoop {
                     tracing::warn!(peer = %p, "fault injection: peer unblocked");
                 }
             }
-            Command::SetLinks(links) => self.set_links(links),
+            Command::SetLinks { bounded, dial } => self.set_links(bounded, dial),
             Command::Dial(addr) => {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     tracing::debug!(%addr, error = %e, "dial failed");
@@ -451,6 +451,13 @@ impl EventLoop {
                     for (addr, e) in errs {
                         self.handshake_failed(addr.to_string(), "out", &error_chain(e));
                     }
+                }
+                if let (
+                    Some(p),
+                    libp2p::swarm::DialError::Transport(_) | libp2p::swarm::DialError::NoAddresses,
+                ) = (peer_id, &error)
+                {
+                    self.dial_failed(p);
                 }
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }

@@ -95,6 +95,20 @@ impl EventLoop {
                 request,
                 reply,
             } => {
+                // With bounded links, a member this agent never met may have
+                // no address yet: a dial would fail at once, and a failed
+                // dial reads as a refusal (evidence of death). Say so
+                // instead, and look it up.
+                if self.links.is_bounded()
+                    && !self.peers.contains_key(&peer)
+                    && self.links.addrs(&peer).is_empty()
+                {
+                    self.look_up(peer, std::time::Instant::now());
+                    let _ = reply.send(Err(RequestError::Other(
+                        "no address known for the peer yet".into(),
+                    )));
+                    return;
+                }
                 let addrs = self.request_to(peer, true);
                 let id = self
                     .swarm
