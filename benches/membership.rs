@@ -320,6 +320,11 @@ struct Idle {
     /// Per agent, Kademlia requests it answered (libp2p_kad_inbound_requests_total), per minute.
     kad_per_min: Vec<f64>,
     rss_mb: Vec<f64>,
+    /// Per agent, peers it held a connection to at the end of the window
+    /// (riftmesh_connected_peers).
+    peers: Vec<f64>,
+    /// Per agent, connections opened per minute in the window (churn).
+    opened_per_min: Vec<f64>,
 }
 
 struct Sample {
@@ -327,6 +332,8 @@ struct Sample {
     bw_in: f64,
     bw_out: f64,
     kad: f64,
+    peers: f64,
+    opened: f64,
     ticks: u64,
 }
 
@@ -339,6 +346,8 @@ async fn sample(cl: &Cluster, k: usize) -> anyhow::Result<Sample> {
         bw_in: metric(&m, "libp2p_bandwidth_bytes_total", "direction=\"Inbound\""),
         bw_out: metric(&m, "libp2p_bandwidth_bytes_total", "direction=\"Outbound\""),
         kad: metric(&m, "libp2p_kad_inbound_requests_total", ""),
+        peers: metric(&m, "riftmesh_connected_peers", ""),
+        opened: metric(&m, "libp2p_swarm_connections_established_total", ""),
         ticks,
     })
 }
@@ -367,6 +376,8 @@ async fn idle(cl: &mut Cluster, secs: f64) -> anyhow::Result<Idle> {
         r.cpu_pct
             .push((s1.ticks - s0.ticks) as f64 / hz / dt * 100.0);
         r.kad_per_min.push((s1.kad - s0.kad) / dt * 60.0);
+        r.peers.push(s1.peers);
+        r.opened_per_min.push((s1.opened - s0.opened) / dt * 60.0);
         let kb = vm_rss_kb(cl.peers[k].pid).ok_or_else(|| anyhow::anyhow!("cannot read VmRSS"))?;
         r.rss_mb.push(kb as f64 / 1024.0);
     }
@@ -986,6 +997,24 @@ fn rows(cfg: &Config, r: &Results) -> Vec<Row> {
             &mut rows,
             "(2) idle libp2p out per agent, mean",
             format!("{:.0} B/s", mean(&i.out_bps)),
+            "-",
+            None,
+        );
+        row(
+            &mut rows,
+            "(2) idle connected peers per agent, mean / max",
+            format!("{:.1} / {:.0}", mean(&i.peers), max(&i.peers)),
+            "-",
+            None,
+        );
+        row(
+            &mut rows,
+            "(2) idle connections opened per agent, mean / max",
+            format!(
+                "{:.1} / {:.1} per min",
+                mean(&i.opened_per_min),
+                max(&i.opened_per_min)
+            ),
             "-",
             None,
         );

@@ -363,6 +363,7 @@ fn net_config(cfg: &AgentConfig, psk: libp2p::pnet::PreSharedKey) -> NetConfig {
         limits: cfg.limits,
         member_protocols: cfg.member_protocols,
         link_idle: cfg.link_idle,
+        full_mesh_max: cfg.full_mesh_max,
     }
 }
 

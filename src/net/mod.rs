@@ -98,6 +98,9 @@ pub struct NetConfig {
     /// A connection dialled to a peer that is not a link closes after
     /// carrying no request for this long ([`LINK_IDLE`]).
     pub link_idle: Duration,
+    /// Peers heard of are dialled only while fewer than this many are
+    /// connected, until membership names the links (`full_mesh_max`).
+    pub full_mesh_max: usize,
 }
 
 /// Default of [`NetConfig::link_idle`].

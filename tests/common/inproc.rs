@@ -336,6 +336,7 @@ pub fn bare_memory_peer(
             limits: riftmesh::limits::NetLimits::default(),
             member_protocols: riftmesh::net::MEMBER_PROTOCOLS,
             link_idle: riftmesh::net::LINK_IDLE,
+            full_mesh_max: riftmesh::membership::links::FULL_MESH_MAX,
         },
         &mut registry,
         metrics,

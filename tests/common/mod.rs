@@ -516,6 +516,7 @@ pub fn bare_peer(
             limits,
             member_protocols: riftmesh::net::MEMBER_PROTOCOLS,
             link_idle: riftmesh::net::LINK_IDLE,
+            full_mesh_max: riftmesh::membership::links::FULL_MESH_MAX,
         },
         &mut registry,
         metrics,

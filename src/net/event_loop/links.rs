@@ -31,6 +31,11 @@ const BOOK_FORGET: Duration = Duration::from_secs(3600);
 pub(super) struct LinkSet {
     /// How long a connection that is not a link may stay idle.
     idle: Duration,
+    /// While links are not bounded, peers heard of are dialled only while
+    /// fewer than this many are connected: membership bounds the links
+    /// above it, and 100 agents starting at once would otherwise all dial
+    /// each other first.
+    full_mesh_max: usize,
     /// `None`: every peer is a link.
     bounded: Option<HashSet<PeerId>>,
     /// Last request sent or received per peer.
@@ -43,9 +48,10 @@ pub(super) struct LinkSet {
 }
 
 impl LinkSet {
-    pub(super) fn new(idle: Duration) -> Self {
+    pub(super) fn new(idle: Duration, full_mesh_max: usize) -> Self {
         LinkSet {
             idle,
+            full_mesh_max,
             bounded: None,
             used: HashMap::new(),
             book: HashMap::new(),
@@ -56,6 +62,15 @@ impl LinkSet {
     /// Whether `peer` is a link (every peer while links are not bounded).
     pub(super) fn wants(&self, peer: &PeerId) -> bool {
         self.bounded.as_ref().is_none_or(|b| b.contains(peer))
+    }
+
+    /// Whether to dial `peer`, heard of (DHT, mDNS), with `connected`
+    /// peers connected.
+    pub(super) fn dial_heard_of(&self, peer: &PeerId, connected: usize) -> bool {
+        match &self.bounded {
+            Some(b) => b.contains(peer),
+            None => connected < self.full_mesh_max,
+        }
     }
 
     pub(super) fn is_bounded(&self) -> bool {
@@ -219,7 +234,7 @@ impl EventLoop {
         }
         if !self.peers.contains_key(&peer)
             && peer != *self.swarm.local_peer_id()
-            && self.links.wants(&peer)
+            && self.links.dial_heard_of(&peer, self.peers.len())
         {
             let opts = DialOpts::peer_id(peer)
                 .addresses(addresses)

@@ -146,6 +146,10 @@ const LOST_SLOW_EVERY: u64 = 15;
 /// and forgotten after this long.
 const LOST_FORGET: Duration = Duration::from_secs(3600);
 
+/// With bounded links, new connections start DHT rounds only while the
+/// agent holds fewer connections than this.
+const JOINING_PEERS: usize = 4;
+
 /// Least time between two DHT bootstrap rounds started by new connections.
 const DHT_BOOTSTRAP_GAP: Duration = Duration::from_secs(10);
 
@@ -196,7 +200,7 @@ impl EventLoop {
             gossip_rate: KeyedRate::new(limits.gossip_source_rate, limits.gossip_source_burst),
             log_once: LogOnce::default(),
             reach: Reach::new(),
-            links: LinkSet::new(cfg.link_idle),
+            links: LinkSet::new(cfg.link_idle, cfg.full_mesh_max),
         };
         let inbox = Inbox {
             events: in_rx,
@@ -514,13 +518,18 @@ impl EventLoop {
         self.drop_relayed_if_direct(peer_id);
         self.retire_replaced(peer_id, id);
         if new {
-            tracing::info!(peer = %peer_id, %addr, via = via.as_str(), "peer connected");
+            tracing::info!(peer = %peer_id, %addr, via = via.as_str(), dialled = endpoint.is_dialer(), "peer connected");
             let _ = self.in_tx.try_send(Inbound::Connected(peer_id));
             self.send_member(MemberInbound::Connected(peer_id));
             if endpoint.is_dialer() {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
             }
-            self.bootstrap_dht();
+            // With bounded links only while joining: a DHT round dials
+            // peers that are not links, each new connection would start
+            // another, and the closing of idle ones would never catch up.
+            if !self.links.is_bounded() || self.peers.len() < JOINING_PEERS {
+                self.bootstrap_dht();
+            }
         }
         self.metrics.connected_peers.set(self.peers.len() as i64);
     }
@@ -654,7 +663,9 @@ impl EventLoop {
                         .kad
                         .add_address(&peer, addr.clone());
                     self.links.learn_one(peer, addr.clone());
-                    if !self.peers.contains_key(&peer) && self.links.wants(&peer) {
+                    if !self.peers.contains_key(&peer)
+                        && self.links.dial_heard_of(&peer, self.peers.len())
+                    {
                         let opts = DialOpts::peer_id(peer)
                             .addresses(vec![addr])
                             .condition(PeerCondition::DisconnectedAndNotDialing)
