@@ -86,17 +86,17 @@ fn both_sides_of_a_healed_partition_hold_everyone_alive_again() {
     }
 }
 
-/// The bounded design under the same 20 % loss: helpers chosen among the
-/// prober's links must often dial a suspect they hold no connection to, and
-/// a lost SYN costs them 1 s, their whole probe deadline, so they confirm a
-/// live host. The suspect's ring neighbours
-/// (`DetectorConfig::helpers_near_target`) hold a connection to it; the
-/// prober may have to dial them instead, and a helper it cannot reach gives
-/// no answer, not a confirmation. Over seeds 1 to 6 the ring neighbours
-/// must bury at most half as many live hosts, and some must have been
-/// buried with linked helpers (what the comparison rests on).
+/// The bounded design under the same 20 % loss, with both helper choices:
+/// the suspect's ring neighbours (`DetectorConfig::helpers_near_target`,
+/// what the agent asks with bounded links) and random members linked to
+/// the prober. Before the suspicion window lasted `suspect_min` past the
+/// published `NODE_SUSPECT`, a helpers' round slowed by retransmissions
+/// often outlasted the window, the suspicion and the death went out
+/// together, and live hosts were buried over seeds 1 to 6: 2 with ring
+/// neighbours, 13 with linked helpers. With it, the member has time to
+/// refute, and none may be buried.
 #[test]
-fn in_the_bounded_design_ring_neighbours_as_helpers_bury_fewer_live_hosts_under_loss() {
+fn in_the_bounded_design_no_live_host_is_buried_under_loss() {
     let buried = |linked: bool| -> u64 {
         let mut buried = 0;
         for seed in 1..=6 {
@@ -114,14 +114,11 @@ fn in_the_bounded_design_ring_neighbours_as_helpers_bury_fewer_live_hosts_under_
         }
         buried
     };
-    let linked = buried(true);
     let near = buried(false);
-    assert!(
-        linked >= 4,
-        "linked helpers buried {linked}: the run shows nothing"
-    );
-    assert!(
-        near * 2 <= linked,
-        "ring neighbours buried {near} live hosts, linked helpers {linked}"
+    let linked = buried(true);
+    assert_eq!(
+        (near, linked),
+        (0, 0),
+        "live hosts buried (ring neighbours, linked helpers)"
     );
 }

@@ -668,7 +668,13 @@ impl Detector {
         // probe failed), so the helpers' round counts towards it.
         let since = m.since;
         if confirmed > 0 {
-            let w = self.window(evidence, confirmed, asked);
+            let mut w = self.window(evidence, confirmed, asked);
+            if already.is_none() && evidence == Failure::Silent {
+                // Announced now: the member gets at least `suspect_min`
+                // from now to refute, however long the helpers' round
+                // took (on a saturated host it can outlast the window).
+                w = w.max(now.saturating_duration_since(since) + self.cfg.suspect_min);
+            }
             let m = self.members.get_mut(&target).expect("present");
             m.announced = Some(match already {
                 Some((at, old)) => (at, old.min(w)),
@@ -953,12 +959,13 @@ mod tests {
         t.d.indirect_result(x, h, Some(false), t.at(probed + 1500));
         assert_eq!(t.announced(), vec![(FactKind::Suspect, x, 5)]);
         assert_eq!(t.state(&x), State::Suspect);
-        // suspect_min = 1 s from the failed direct probe.
-        t.d.heard(h, t.at(probed + 1750));
-        t.d.tick(t.at(probed + 1750));
+        // suspect_min = 1 s from the failed direct probe, and at least
+        // suspect_min from the public suspicion (announced at +1500).
+        t.d.heard(h, t.at(probed + 2250));
+        t.d.tick(t.at(probed + 2250));
         assert_eq!(t.state(&x), State::Suspect);
-        t.d.heard(h, t.at(probed + 2000));
-        t.d.tick(t.at(probed + 2000));
+        t.d.heard(h, t.at(probed + 2500));
+        t.d.tick(t.at(probed + 2500));
         assert_eq!(t.state(&x), State::Dead);
         assert_eq!(t.announced(), vec![(FactKind::Offline, x, 5)]);
     }
@@ -1298,5 +1305,31 @@ mod tests {
             }
             other => panic!("expected indirect probes, got {other:?}"),
         }
+    }
+
+    /// Regression (100 agents on 2 cores): when the helpers' round outlasts
+    /// the window, the suspicion and the death went out together, leaving
+    /// the member no time to refute.
+    #[test]
+    fn a_silent_member_gets_suspect_min_after_the_public_suspicion() {
+        let cfg = DetectorConfig::default();
+        let min = cfg.suspect_min.as_millis() as u64;
+        let mut t = T::new(cfg);
+        let x = t.join("x", 5, 0);
+        let helpers: Vec<PeerId> = (0..3).map(|i| t.join(&format!("h{i}"), 1, 0)).collect();
+        t.d.take_actions();
+        t.d.disconnected(x, t.at(100));
+        t.d.probe_result(x, Err(Failure::Silent), t.at(200));
+        t.d.take_actions();
+        // Every helper confirms, the last one 3 s later (the window is 1 s).
+        for (i, h) in helpers.iter().enumerate() {
+            t.d.indirect_result(x, *h, Some(false), t.at(3_000 + i as u64));
+        }
+        assert_eq!(t.announced(), vec![(FactKind::Suspect, x, 5)]);
+        assert_eq!(t.state(&x), State::Suspect, "buried with its suspicion");
+        t.d.tick(t.at(3_002 + min - 10));
+        assert_eq!(t.state(&x), State::Suspect);
+        t.d.tick(t.at(3_002 + min + 10));
+        assert_eq!(t.state(&x), State::Dead);
     }
 }
