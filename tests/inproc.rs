@@ -480,12 +480,7 @@ async fn a_transfer_whose_only_source_lies_gives_up_and_says_why() {
 
 /// Payloads of the events of type `t` about member `node` in `a`'s log.
 fn facts_about(a: &Agent, t: &str, node: &Agent) -> Vec<serde_json::Value> {
-    a.events()
-        .into_iter()
-        .filter(|e| e.event_type == t)
-        .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.payload).ok())
-        .filter(|p| p["node"] == node.peer_id().as_str())
-        .collect()
+    a.facts_about(t, &node.peer_id())
 }
 
 /// `a`'s view of member `b`.

@@ -37,26 +37,21 @@ fn alive_count(a: &Agent) -> usize {
         .count()
 }
 
-/// Peer ids `a` is connected to.
-async fn connected(a: &Agent) -> HashSet<String> {
-    a.node()
-        .net()
-        .peers()
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| p.peer_id)
-        .collect()
-}
-
-/// Events of type `t` about `node` in `a`'s log.
-fn facts_about(a: &Agent, t: &str, node: &str) -> usize {
-    a.events()
-        .into_iter()
-        .filter(|e| e.event_type == t)
-        .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.payload).ok())
-        .filter(|p| p["node"] == node)
-        .count()
+/// Eight agents above `full_mesh_max` = 2, each linking to one ring
+/// neighbour on each side and one random member (three at most of
+/// seven), once every one lists every member alive.
+async fn bounded_cluster() -> Cluster {
+    let c = Cluster::start_unmeshed(N, |cfg| {
+        cfg.full_mesh_max = 2;
+        cfg.link_ring_per_side = 1;
+        cfg.link_random = 1;
+        cfg.link_idle = Duration::from_millis(1500);
+    });
+    wait_until("every agent to list every member alive", T, || async {
+        c.agents.iter().all(|a| alive_count(a) == N).then_some(())
+    })
+    .await;
+    c
 }
 
 /// Wait until every agent holds bounded links (1 to 3) and every
@@ -70,7 +65,7 @@ async fn links_only(c: &Cluster) -> usize {
             if mine.is_empty() || mine.len() > 3 {
                 return None;
             }
-            for p in connected(a).await {
+            for p in a.connected_peers().await {
                 let theirs = links_of(by_id.get(&p)?);
                 if !mine.contains(&p) && !theirs.contains(&a.peer_id()) {
                     return None;
@@ -86,18 +81,7 @@ async fn links_only(c: &Cluster) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_links_carry_events_and_verdicts() {
     let started = Instant::now();
-    // Eight members, above full_mesh_max = 2: each agent links to one ring
-    // neighbour on each side and one random member (three at most of seven).
-    let c = Cluster::start_unmeshed(N, |cfg| {
-        cfg.full_mesh_max = 2;
-        cfg.link_ring_per_side = 1;
-        cfg.link_random = 1;
-        cfg.link_idle = Duration::from_millis(1500);
-    });
-    wait_until("every agent to list every member alive", T, || async {
-        c.agents.iter().all(|a| alive_count(a) == N).then_some(())
-    })
-    .await;
+    let c = bounded_cluster().await;
     let up = Instant::now();
     // Every connection is a link of one of its two ends: those dialled to
     // anyone else (the bootstrap agent, peers heard of by the DHT) closed.
@@ -124,7 +108,7 @@ async fn bounded_links_carry_events_and_verdicts() {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| *i != 3)
-                .all(|(_, a)| facts_about(a, "HOST_OFFLINE", &victim) >= 1)
+                .all(|(_, a)| !a.facts_about("HOST_OFFLINE", &victim).is_empty())
                 .then_some(())
         },
     )
@@ -136,7 +120,7 @@ async fn bounded_links_carry_events_and_verdicts() {
             }
             for t in ["NODE_SUSPECT", "HOST_OFFLINE"] {
                 assert_eq!(
-                    facts_about(a, t, &b.peer_id()),
+                    a.facts_about(t, &b.peer_id()).len(),
                     0,
                     "a{i} holds {t} about live {}",
                     b.name
@@ -167,16 +151,7 @@ fn state_of(a: &Agent, b: &Agent) -> Option<&'static str> {
 /// members they hold dead dial across.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn halves_that_buried_each_other_rejoin() {
-    let c = Cluster::start_unmeshed(N, |cfg| {
-        cfg.full_mesh_max = 2;
-        cfg.link_ring_per_side = 1;
-        cfg.link_random = 1;
-        cfg.link_idle = Duration::from_millis(1500);
-    });
-    wait_until("every agent to list every member alive", T, || async {
-        c.agents.iter().all(|a| alive_count(a) == N).then_some(())
-    })
-    .await;
+    let c = bounded_cluster().await;
     // Links bounded and the other connections closed: no agent holds a
     // connection the cut could leave open, nor one a heal would revive.
     links_only(&c).await;

@@ -211,6 +211,14 @@ pub struct Member {
     announced: Option<(Instant, Duration)>,
 }
 
+impl Member {
+    /// Since when nothing was heard from it: its last sign of life, or
+    /// when it entered its state if that is later (or nothing was heard).
+    pub fn quiet_since(&self) -> Instant {
+        self.last_heard.unwrap_or(self.since).max(self.since)
+    }
+}
+
 pub struct Detector {
     cfg: DetectorConfig,
     self_id: PeerId,
@@ -446,6 +454,7 @@ impl Detector {
         }
         let new = !self.members.contains_key(&f.peer);
         let probe_timeout = self.cfg.probe_timeout;
+        let watched = self.is_link(&f.peer);
         let m = self.entry(f.peer, now);
         if m.name.is_none() {
             m.name = Some(f.name.clone());
@@ -469,8 +478,6 @@ impl Detector {
                 // Someone suspects it: check for ourselves (it refutes if
                 // alive). With bounded links, only its links check: every
                 // agent dialling a struggling host would undo the bound.
-                let watched = self.links.as_ref().is_none_or(|l| l.contains(&f.peer));
-                let m = self.members.get_mut(&f.peer).expect("entered above");
                 if f.incarnation >= m.incarnation {
                     m.incarnation = f.incarnation;
                     if watched && m.state == State::Alive && m.probe.is_none() {
@@ -719,8 +726,7 @@ impl Detector {
         }
         self.last_tick = Some(now);
         let in_grace = self.grace_until.is_some_and(|g| now < g);
-        // Cloned: the helpers chosen below read `self.links` too.
-        let links = self.links.clone();
+        let bounded = self.links.is_some();
         // In a fixed order: one member's verdict can change another's (the
         // helpers a suspect gets), and the same inputs must give the same
         // decisions.
@@ -733,6 +739,7 @@ impl Detector {
             if m.state == State::Suspect {
                 self.maybe_bury(peer, now);
             }
+            let link = self.is_link(&peer);
             let Some(m) = self.members.get_mut(&peer) else {
                 continue;
             };
@@ -740,15 +747,13 @@ impl Detector {
                 (State::Alive, None) => {
                     let silent_since =
                         |t: Instant| now.saturating_duration_since(t) > self.cfg.suspect_after;
-                    let watch = match &links {
-                        // Every connected member, silent since last heard.
-                        None => m.connected && m.last_heard.is_some_and(silent_since),
+                    let watch = if bounded {
                         // A link, connected or not: one this agent cannot
                         // open is checked like one that went silent.
-                        Some(l) => {
-                            l.contains(&peer)
-                                && silent_since(m.last_heard.unwrap_or(m.since).max(m.since))
-                        }
+                        link && silent_since(m.quiet_since())
+                    } else {
+                        // Every connected member, silent since last heard.
+                        m.connected && m.last_heard.is_some_and(silent_since)
                     };
                     if watch && !in_grace {
                         m.evidence = Failure::Silent;
@@ -854,6 +859,40 @@ mod tests {
         }
     }
 
+    /// A member `x` joined among 12 others, and the helpers its ring
+    /// neighbours make: the three nearest on the ring (this agent
+    /// included in the ring, left out of the helpers), nearest first,
+    /// alternating sides.
+    fn suspect_among_twelve(t: &mut T) -> (PeerId, Vec<PeerId>) {
+        let me = t.d.self_id;
+        let x = t.join("x", 5, 0);
+        let others: Vec<PeerId> = (0..12).map(|i| t.join(&format!("h{i}"), 1, 0)).collect();
+        let mut ring: Vec<PeerId> = others.iter().copied().chain([x, me]).collect();
+        ring.sort_by_key(crate::membership::ring::ring_key);
+        let at = ring.iter().position(|p| *p == x).unwrap();
+        let n = ring.len();
+        let want = [1, n - 1, 2, n - 2]
+            .iter()
+            .map(|d| ring[(at + d) % n])
+            .filter(|p| *p != me)
+            .take(3)
+            .collect();
+        (x, want)
+    }
+
+    /// After `x`'s direct probe (already sent) fails silent: the helpers
+    /// asked to probe it.
+    fn helpers_asked(t: &mut T, x: PeerId) -> Vec<PeerId> {
+        t.d.probe_result(x, Err(Failure::Silent), t.at(110));
+        match t.d.take_actions().pop() {
+            Some(Action::ProbeIndirect { target, helpers }) => {
+                assert_eq!(target, x);
+                helpers
+            }
+            other => panic!("expected indirect probes, got {other:?}"),
+        }
+    }
+
     fn probes(actions: &[Action]) -> Vec<PeerId> {
         actions
             .iter()
@@ -871,35 +910,13 @@ mod tests {
             ..Default::default()
         };
         let mut t = T::new(cfg);
-        let me = t.d.self_id;
-        let x = t.join("x", 5, 0);
-        let others: Vec<PeerId> = (0..12).map(|i| t.join(&format!("h{i}"), 1, 0)).collect();
-        // The whole ring in order, this agent included.
-        let mut ring: Vec<PeerId> = others.iter().copied().chain([x, me]).collect();
-        ring.sort_by_key(crate::membership::ring::ring_key);
-        let at = ring.iter().position(|p| *p == x).unwrap();
-        let n = ring.len();
-        // x's neighbours, nearest first, alternating sides, without this agent.
-        let want: Vec<PeerId> = [1, n - 1, 2, n - 2]
-            .iter()
-            .map(|d| ring[(at + d) % n])
-            .filter(|p| *p != me)
-            .take(3)
-            .collect();
+        let (x, want) = suspect_among_twelve(&mut t);
         // The nearest one is not connected to this agent: asked all the same.
         t.d.disconnected(want[0], t.at(50));
         t.d.take_actions();
         t.d.disconnected(x, t.at(100));
         assert_eq!(t.d.take_actions(), vec![Action::ProbeDirect(x)]);
-        t.d.probe_result(x, Err(Failure::Silent), t.at(110));
-        let asked = match t.d.take_actions().pop() {
-            Some(Action::ProbeIndirect { target, helpers }) => {
-                assert_eq!(target, x);
-                helpers
-            }
-            other => panic!("expected indirect probes, got {other:?}"),
-        };
-        assert_eq!(asked, want);
+        assert_eq!(helpers_asked(&mut t, x), want);
     }
 
     #[test]
@@ -1276,19 +1293,7 @@ mod tests {
     #[test]
     fn with_bounded_links_a_suspects_helpers_are_its_ring_neighbours() {
         let mut t = T::new(DetectorConfig::default());
-        let me = t.d.self_id;
-        let x = t.join("x", 5, 0);
-        let others: Vec<PeerId> = (0..12).map(|i| t.join(&format!("h{i}"), 1, 0)).collect();
-        let mut ring: Vec<PeerId> = others.iter().copied().chain([x, me]).collect();
-        ring.sort_by_key(crate::membership::ring::ring_key);
-        let at = ring.iter().position(|p| *p == x).unwrap();
-        let n = ring.len();
-        let want: Vec<PeerId> = [1, n - 1, 2, n - 2]
-            .iter()
-            .map(|d| ring[(at + d) % n])
-            .filter(|p| *p != me)
-            .take(3)
-            .collect();
+        let (x, want) = suspect_among_twelve(&mut t);
         t.d.set_links(Some([x].into_iter().collect()));
         // The helpers are not links and not connected: asked all the same.
         for h in &want {
@@ -1297,14 +1302,7 @@ mod tests {
         t.d.take_actions();
         t.d.disconnected(x, t.at(100));
         assert_eq!(t.d.take_actions(), vec![Action::ProbeDirect(x)]);
-        t.d.probe_result(x, Err(Failure::Silent), t.at(110));
-        match t.d.take_actions().pop() {
-            Some(Action::ProbeIndirect { target, helpers }) => {
-                assert_eq!(target, x);
-                assert_eq!(helpers, want);
-            }
-            other => panic!("expected indirect probes, got {other:?}"),
-        }
+        assert_eq!(helpers_asked(&mut t, x), want);
     }
 
     /// Regression (100 agents on 2 cores): when the helpers' round outlasts

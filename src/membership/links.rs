@@ -122,6 +122,17 @@ mod tests {
         BTreeSet::new()
     }
 
+    /// `l`'s first bounded choice for `me` among `all`: its ring
+    /// neighbours and its random links.
+    fn first_choice(l: &mut Links, me: &PeerId, all: &[PeerId]) -> (BTreeSet<PeerId>, Vec<PeerId>) {
+        let links = l.choose(me, all, &none()).expect("bounded");
+        let ring: BTreeSet<PeerId> = ring_neighbours(me, all, RING_PER_SIDE)
+            .into_iter()
+            .collect();
+        let random = links.difference(&ring).copied().collect();
+        (ring, random)
+    }
+
     #[test]
     fn a_small_cluster_links_everyone() {
         let all = peers(24);
@@ -141,11 +152,7 @@ mod tests {
         let all = peers(60);
         let me = all[0];
         let mut l = Links::new(24, RING_PER_SIDE, RANDOM_LINKS, 5);
-        let links = l.choose(&me, &all, &none()).expect("bounded");
-        let ring: BTreeSet<PeerId> = ring_neighbours(&me, &all, RING_PER_SIDE)
-            .into_iter()
-            .collect();
-        let random: Vec<PeerId> = links.difference(&ring).copied().collect();
+        let (ring, random) = first_choice(&mut l, &me, &all);
         let bad: BTreeSet<PeerId> = [random[0], *ring.iter().next().unwrap()]
             .into_iter()
             .collect();
@@ -186,11 +193,7 @@ mod tests {
         let all = peers(60);
         let me = all[0];
         let mut l = Links::new(24, RING_PER_SIDE, RANDOM_LINKS, 3);
-        let links = l.choose(&me, &all, &none()).expect("bounded");
-        let ring: BTreeSet<PeerId> = ring_neighbours(&me, &all, RING_PER_SIDE)
-            .into_iter()
-            .collect();
-        let random: Vec<PeerId> = links.difference(&ring).copied().collect();
+        let (_, random) = first_choice(&mut l, &me, &all);
         assert_eq!(random.len(), RANDOM_LINKS);
         let gone = random[0];
         let live: Vec<PeerId> = all.iter().filter(|p| **p != gone).copied().collect();

@@ -8,6 +8,7 @@ use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use rand::seq::SliceRandom;
 use tokio::sync::mpsc;
 
 use super::detector::{Action, Fact, FactKind, State};
@@ -195,14 +196,12 @@ impl Task {
                 .filter(|m| matches!(m.state, State::Alive | State::Suspect))
                 .map(|m| m.peer)
                 .collect();
+            let bounded = g.det.links_bounded();
             let unreachable: BTreeSet<PeerId> = g
                 .det
                 .members()
-                .filter(|m| g.det.links_bounded() && g.det.is_link(&m.peer) && !m.connected)
-                .filter(|m| {
-                    let last = m.last_heard.unwrap_or(m.since).max(m.since);
-                    now.saturating_duration_since(last) > UNREACHABLE_AFTER
-                })
+                .filter(|m| bounded && g.det.is_link(&m.peer) && !m.connected)
+                .filter(|m| now.saturating_duration_since(m.quiet_since()) > UNREACHABLE_AFTER)
                 .map(|m| m.peer)
                 .collect();
             (live, unreachable)
@@ -258,7 +257,7 @@ impl Task {
                 .map(|m| m.peer)
                 .collect()
         };
-        if let Some(p) = dead.get(rand::random::<usize>() % dead.len().max(1)) {
+        if let Some(p) = dead.choose(&mut rand::thread_rng()) {
             self.exchange(*p);
         }
     }

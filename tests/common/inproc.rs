@@ -174,15 +174,31 @@ impl Agent {
             .collect()
     }
 
-    pub async fn connected_to(&self, peer: &PeerId) -> bool {
-        let p = peer.to_base58();
+    /// Peer ids (base58) this agent holds a connection to.
+    pub async fn connected_peers(&self) -> std::collections::HashSet<String> {
         self.node
             .net()
             .peers()
             .await
             .unwrap_or_default()
-            .iter()
-            .any(|i| i.peer_id == p)
+            .into_iter()
+            .map(|p| p.peer_id)
+            .collect()
+    }
+
+    pub async fn connected_to(&self, peer: &PeerId) -> bool {
+        self.connected_peers().await.contains(&peer.to_base58())
+    }
+
+    /// Payloads of the events of type `t` about member `node` (peer id,
+    /// base58) in this agent's log.
+    pub fn facts_about(&self, t: &str, node: &str) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e.event_type == t)
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.payload).ok())
+            .filter(|p| p["node"] == node)
+            .collect()
     }
 
     /// Refuse (or accept again) connections with `peers` (fault injection).

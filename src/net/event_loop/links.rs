@@ -1,5 +1,5 @@
 //! Which connections the agent holds. Membership names its links
-//! ([`NetHandle::set_links`](crate::net::NetHandle::set_links)): every
+//! ([`NetHandle::try_set_links`](crate::net::NetHandle::try_set_links)): every
 //! member while the cluster is small (the loop then dials every peer it
 //! hears of, as it always did), or a bounded set above `full_mesh_max`
 //! members. With a bounded set the loop dials the links it is not
@@ -82,11 +82,6 @@ impl LinkSet {
         self.used.insert(peer, Instant::now());
     }
 
-    /// Its connections are gone.
-    pub(super) fn forget_use(&mut self, peer: &PeerId) {
-        self.used.remove(peer);
-    }
-
     /// Addresses `peer` listens on (replacing those known).
     pub(super) fn learn(&mut self, peer: PeerId, mut addrs: Vec<Multiaddr>) {
         addrs.truncate(MAX_ADDRS);
@@ -134,7 +129,7 @@ impl EventLoop {
 
     /// Dial `peer` at the book's addresses and those the behaviours know
     /// (the DHT, identify), unless connected or being dialled.
-    fn dial_peer(&mut self, peer: PeerId) {
+    pub(super) fn dial_peer(&mut self, peer: PeerId) {
         let opts = DialOpts::peer_id(peer)
             .addresses(self.links.addrs(&peer))
             .extend_addresses_through_behaviour()
@@ -182,20 +177,16 @@ impl EventLoop {
         if linked < want.len().min(2) {
             return;
         }
-        let idle = |p: &PeerId| {
-            self.links
-                .used
-                .get(p)
-                .is_none_or(|t| now.duration_since(*t) >= self.links.idle)
-        };
+        // `used` holds only uses younger than `idle` (pruned above).
+        let unused = |p: &PeerId| !self.links.used.contains_key(p);
         let close: Vec<(PeerId, Vec<libp2p::swarm::ConnectionId>)> = self
             .peers
             .iter()
             .filter(|(p, st)| {
                 !want.contains(p)
                     && !self.reach.is_relay(p)
-                    && now.duration_since(st.since) >= self.links.idle
-                    && idle(p)
+                    && now.duration_since(st.since) >= idle
+                    && unused(p)
             })
             .map(|(p, st)| {
                 let ours = st
@@ -236,11 +227,7 @@ impl EventLoop {
             && peer != *self.swarm.local_peer_id()
             && self.links.dial_heard_of(&peer, self.peers.len())
         {
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addresses)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            let _ = self.swarm.dial(opts);
+            self.dial_peer(peer);
         }
     }
 
@@ -252,16 +239,12 @@ impl EventLoop {
                 continue;
             }
             let addrs: Vec<Multiaddr> = p.addrs.into_iter().filter(super::is_dialable).collect();
-            self.links.learn(p.peer_id, addrs.clone());
+            self.links.learn(p.peer_id, addrs);
             if self.links.is_bounded()
                 && self.links.wants(&p.peer_id)
                 && !self.peers.contains_key(&p.peer_id)
             {
-                let opts = DialOpts::peer_id(p.peer_id)
-                    .addresses(addrs)
-                    .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .build();
-                let _ = self.swarm.dial(opts);
+                self.dial_peer(p.peer_id);
             }
         }
     }

@@ -544,7 +544,6 @@ impl EventLoop {
     ) {
         if num_established == 0 {
             self.drop_relay(&peer_id);
-            self.links.forget_use(&peer_id);
             if let Some(st) = self.peers.remove(&peer_id) {
                 // Keep dialing it for a while: a healed partition or a
                 // restarted peer reconnects without waiting for the DHT.
@@ -666,11 +665,7 @@ impl EventLoop {
                     if !self.peers.contains_key(&peer)
                         && self.links.dial_heard_of(&peer, self.peers.len())
                     {
-                        let opts = DialOpts::peer_id(peer)
-                            .addresses(vec![addr])
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .build();
-                        let _ = self.swarm.dial(opts);
+                        self.dial_peer(peer);
                     }
                 }
             }
